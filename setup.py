@@ -1,0 +1,65 @@
+"""Install stop_kernels; build the CUDA extension stop_kernels._C when the machine can.
+
+The extension (every csrc/*.cu and csrc/*.cpp) is built when torch has CUDA, nvcc is found, and
+either a GPU is visible or TORCH_CUDA_ARCH_LIST names the targets (defaults to the visible GPU's
+architecture: sm_90 on Hopper). Otherwise the pure-Python package is installed and one line says
+why. STOP_KERNELS_NO_CUDA=1 skips the build on purpose.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    if os.environ.get("STOP_KERNELS_NO_CUDA") == "1":
+        return [], {}, "STOP_KERNELS_NO_CUDA=1"
+    if not sources:
+        return [], {}, "csrc/ has no sources"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}, "torch is not installed yet"
+    if torch.version.cuda is None:
+        return [], {}, "this torch has no CUDA"
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return [], {}, "nvcc not found"
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return [], {}, "no GPU visible and TORCH_CUDA_ARCH_LIST unset"
+    ext = CUDAExtension(
+        name="stop_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}, None
+
+
+ext_modules, cmdclass, why_not = cuda_extensions()
+if why_not and any(cmd in sys.argv for cmd in ("install", "develop", "build_ext", "bdist_wheel", "editable_wheel")):
+    print(f"stop_kernels: building without the CUDA extension ({why_not}); Triton and reference backends only",
+          file=sys.stderr)
+
+setup(
+    name="stop_kernels",
+    version="0.1.0",
+    description="Fused Triton/CUDA kernels and an FSDP training pipeline for I-JEPA with Stochastic Positional Embeddings",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["stop_kernels", "stop_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "triton>=3.2", "numpy", "torchvision", "pyyaml"],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "matplotlib"],
+        "xformers": ["xformers"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,75 @@
+"""Argument validation shared by every public function.
+
+Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, range or
+value) with a message that names the argument and says what was expected, so a user sees
+``ValueError: idx: values must lie in [0, 256) (pos_embed has 256 rows), got max 300`` rather than
+a CUDA assert or a silently wrong result.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
+           dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank and dtype; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    return t
+
+
+def float_tensor(name: str, t, **kw) -> torch.Tensor:
+    return tensor(name, t, dtypes=FLOAT_DTYPES, **kw)
+
+
+def index_tensor(name: str, t, *, upper: int, what: str = "", **kw) -> torch.Tensor:
+    """Check an integer index tensor whose values must lie in [0, upper)."""
+    tensor(name, t, dtypes=INDEX_DTYPES, **kw)
+    if t.numel() > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= upper:
+            bad = lo if lo < 0 else hi
+            extra = f" ({what})" if what else ""
+            raise ValueError(f"{name}: values must lie in [0, {upper}){extra}, got {bad}")
+    return t
+
+
+def same_device(**named: Optional[torch.Tensor]) -> torch.device:
+    """All given tensors (None skipped) live on one device; return it."""
+    items = [(k, v) for k, v in named.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{k}: expected device {dev} (that of {items[0][0]}), got {v.device}")
+    return dev
+
+
+def dim_equals(name: str, t: torch.Tensor, dim: int, expected: int, why: str) -> None:
+    if t.shape[dim] != expected:
+        raise ValueError(f"{name}: expected size {expected} at dim {dim} ({why}), got shape {tuple(t.shape)}")
+
+
+def non_negative(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not value >= 0:  # also rejects NaN
+        raise ValueError(f"{name}: expected a value >= 0, got {value}")
+    return float(value)
+
+
+def choice(name: str, value, options: Iterable) -> None:
+    options = tuple(options)
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")

@@ -1,0 +1,94 @@
+"""The I-JEPA predictor with Stochastic Positional Embeddings.
+
+Input assembly (the only part StoP changes) is one call to
+:func:`stop_kernels.ops.predictor_input.assemble_predictor_input`: context rows are
+``predictor_embed(ctx) + ψ[ctx_idx]``; each masked row is
+
+* ``noise_mode="learned"`` (StoP): ``ψ_j + predictor_embed(n_j)``, n_j ~ N(0, σ² I_E), so the
+  covariance σ²·A·Aᵀ is tied to the context projection A and cannot collapse;
+* ``"isotropic"``: ``ψ_j + n_j``, n_j ~ N(0, σ² I_D) (the paper's fixed-covariance ablation);
+* ``"none"``: ``ψ_j + mask_token`` (plain I-JEPA).
+
+Parameter names follow the official code so checkpoints load by name.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .. import _checks as chk
+from .. import reference
+from .vit import LN_EPS, INIT_STD, Block, grid_size, init_weights
+
+Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class VisionTransformerPredictor(nn.Module):
+    """Narrow transformer predicting target-block features from context tokens.
+
+    ``forward(x[B, Nc, E], masks_x, masks)`` → ``[npred·B, Nt, E]`` where ``masks_x`` is the
+    context index tensor ``[B, Nc]`` (or a one-element list) and ``masks`` the ``npred`` target
+    index tensors ``[B, Nt]``; row ``k·B + b`` is target block k of image b.
+    """
+
+    def __init__(self, num_patches: int, embed_dim: int = 768, predictor_embed_dim: int = 384, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 noise_mode: str = "learned", noise_std: float = 0.25):
+        super().__init__()
+        chk.choice("noise_mode", noise_mode, reference.NOISE_MODES)
+        self.noise_std = chk.non_negative("noise_std", noise_std)
+        self.noise_mode = noise_mode
+        g = int(round(num_patches ** 0.5))
+        if g * g != num_patches:
+            raise ValueError(f"num_patches: expected a square number of patches, got {num_patches}")
+        self.num_patches, self.embed_dim = num_patches, embed_dim
+        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
+        self.register_buffer("predictor_pos_embed", reference.sincos_pos_embed_2d(predictor_embed_dim, g))
+        self.predictor_blocks = nn.ModuleList(
+            [Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LN_EPS)
+        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
+        init_weights(self, self.predictor_blocks)
+        nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
+
+    def assemble(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The predictor's input ``[npred·B, Nc+Nt, D]`` (see the module docstring)."""
+        from ..reference import assemble_predictor_input
+
+        ctx_idx = masks_x
+        if not isinstance(masks_x, torch.Tensor):
+            if len(masks_x) != 1:
+                raise ValueError(f"masks_x: expected one context mask (I-JEPA uses one), got {len(masks_x)}")
+            ctx_idx = masks_x[0]
+        tgt = [masks] if isinstance(masks, torch.Tensor) and masks.dim() == 2 else masks
+        emb = self.predictor_embed
+        return assemble_predictor_input(x, ctx_idx, tgt, emb.weight, emb.bias, self.predictor_pos_embed,
+                                        noise_mode=self.noise_mode, noise_std=self.noise_std,
+                                        mask_token=self.mask_token, noise=noise, generator=generator)
+
+    def forward(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        chk.float_tensor("x", x, ndim=3)
+        n_ctx = x.shape[1]
+        z = self.assemble(x, masks_x, masks, noise=noise, generator=generator)
+        for blk in self.predictor_blocks:
+            z = blk(z)
+        z = self.predictor_norm(z)
+        return self.predictor_proj(z[:, n_ctx:])
+
+
+def vit_predictor(*, num_patches: int, embed_dim: int, num_heads: int, predictor_embed_dim: int = 384,
+                  depth: int = 12, noise_mode: str = "learned", noise_std: float = 0.25) -> VisionTransformerPredictor:
+    return VisionTransformerPredictor(num_patches=num_patches, embed_dim=embed_dim,
+                                      predictor_embed_dim=predictor_embed_dim, depth=depth, num_heads=num_heads,
+                                      noise_mode=noise_mode, noise_std=noise_std)
+
+
+def predictor_for(encoder, *, img_size: int, patch_size: int, **kw) -> VisionTransformerPredictor:
+    """The predictor matching an encoder (heads = encoder heads, as in I-JEPA)."""
+    return vit_predictor(num_patches=grid_size(img_size, patch_size) ** 2, embed_dim=encoder.embed_dim,
+                         num_heads=encoder.num_heads, **kw)

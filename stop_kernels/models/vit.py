@@ -1,0 +1,211 @@
+"""Vision Transformer encoder of I-JEPA (context and target encoder), with a timm-style registry.
+
+The module and parameter names follow the official I-JEPA code (``patch_embed.proj``,
+``blocks.{i}.attn.qkv`` …) so official checkpoints load by name (see :mod:`.official`).
+Attention goes through :func:`stop_kernels.ops.attention.dispatch_attention`, which picks the
+fused Triton kernel on CUDA and SDPA / the reference elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .. import _checks as chk
+from .. import reference
+from ..ops.attention import dispatch_attention
+
+LN_EPS = 1e-6
+INIT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Width, depth, heads and MLP ratio of a ViT preset (as in I-JEPA)."""
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+
+
+VIT_PRESETS: Dict[str, ViTSpec] = {
+    "vit_tiny": ViTSpec(192, 12, 3),
+    "vit_small": ViTSpec(384, 12, 6),
+    "vit_base": ViTSpec(768, 12, 12),
+    "vit_large": ViTSpec(1024, 24, 16),
+    "vit_huge": ViTSpec(1280, 32, 16),
+    "vit_giant": ViTSpec(1408, 40, 16, 48 / 11),
+}
+# short aliases used on the command line (`--model vit_h`)
+ALIASES = {"vit_t": "vit_tiny", "vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large",
+           "vit_h": "vit_huge", "vit_g": "vit_giant"}
+
+
+def resolve_model_name(name: str) -> str:
+    name = ALIASES.get(name, name)
+    chk.choice("model", name, VIT_PRESETS)
+    return name
+
+
+def grid_size(img_size: int, patch_size: int) -> int:
+    """Patches per side; validates that the image size is a positive multiple of the patch size."""
+    if not isinstance(img_size, int) or img_size <= 0:
+        raise ValueError(f"img_size: expected a positive integer, got {img_size!r}")
+    if not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size: expected a positive integer, got {patch_size!r}")
+    if img_size % patch_size:
+        raise ValueError(f"img_size: expected a multiple of patch_size={patch_size}, got {img_size}")
+    return img_size // patch_size
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+# ----------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Image ``[B, C, H, W]`` → patch tokens ``[B, (H/p)·(W/p), E]`` by a strided convolution."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size, self.patch_size = img_size, patch_size
+        self.num_patches = grid_size(img_size, patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; q, k, v are strided views of the fused QKV projection."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads: expected a divisor of the width {dim}, got {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
+        # [..., N, 3·C] → [..., N, 3, H, Dh]: q, k, v are views, no permute or copy
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k, v = qkv.unbind(-3)
+        if cu_seqlens is None:
+            o = dispatch_attention(q, k, v, scale=self.scale)
+        else:
+            o = dispatch_attention(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.proj(o.flatten(-2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module, blocks: Sequence[Block]) -> None:
+    """The official initialisation: truncated normal (std 0.02) weights, zero biases, unit LayerNorm,
+    and each block's output projections scaled by 1/sqrt(2·layer)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer_id, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder
+# ----------------------------------------------------------------------------------------------
+class VisionTransformer(nn.Module):
+    """I-JEPA encoder: patch embedding + fixed 2-D sin-cos positions + blocks + LayerNorm.
+
+    ``forward(imgs[B, C, H, W], masks=None)`` returns ``[B, N, E]`` for all patches, or with
+    ``masks`` (a ``[B, K]`` index tensor or a list of them) only the kept tokens of each mask,
+    stacked as ``[nmask·B, K, E]`` (the official ``apply_masks`` order).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+        super().__init__()
+        g = grid_size(img_size, patch_size)
+        self.img_size, self.patch_size, self.grid = img_size, patch_size, g
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        self.register_buffer("pos_embed", reference.sincos_pos_embed_2d(embed_dim, g))
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        init_weights(self, self.blocks)
+
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        chk.float_tensor("imgs", imgs, ndim=4)
+        C, H, W = imgs.shape[1:]
+        if (H, W) != (self.img_size, self.img_size) or C != self.patch_embed.proj.in_channels:
+            raise ValueError(f"imgs: expected [B, {self.patch_embed.proj.in_channels}, {self.img_size}, "
+                             f"{self.img_size}], got {tuple(imgs.shape)}")
+        return self.patch_embed(imgs) + self.pos_embed.to(imgs.dtype)
+
+    def forward(self, imgs: torch.Tensor, masks: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None
+                ) -> torch.Tensor:
+        x = self.embed(imgs)
+        if masks is not None:
+            idx = reference.stack_target_indices([masks] if isinstance(masks, torch.Tensor) else masks, "masks")
+            chk.index_tensor("masks", idx, upper=self.num_patches, what=f"{self.num_patches} patches")
+            if idx.shape[1] != x.shape[0]:
+                raise ValueError(f"masks: expected batch size {x.shape[0]}, got shape {tuple(idx.shape)}")
+            x = reference.gather_tokens(x, idx)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+
+def vit_encoder(name: str, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3) -> VisionTransformer:
+    """Build an encoder preset by name (``vit_tiny`` … ``vit_giant``, or ``vit_h`` style aliases)."""
+    spec = VIT_PRESETS[resolve_model_name(name)]
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                             embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                             mlp_ratio=spec.mlp_ratio)
+
+
+def _preset(name: str) -> Callable[..., VisionTransformer]:
+    def build(**kw) -> VisionTransformer:
+        return vit_encoder(name, **kw)
+    build.__name__ = name
+    build.__doc__ = f"{name}: {VIT_PRESETS[name]}"
+    return build
+
+
+vit_tiny, vit_small, vit_base, vit_large, vit_huge, vit_giant = (_preset(n) for n in VIT_PRESETS)

@@ -1,0 +1,7 @@
+"""Fused ops: one module per op holding its Triton kernels, launch wrappers and autograd.Function.
+
+* :mod:`.philox`          the StoP noise stream shared by every backend
+* :mod:`.stop_embed`      ψ[idx] + A·n + b with n generated in registers
+* :mod:`.predictor_input` the I-JEPA+StoP predictor input assembly
+* :mod:`.attention`       flash attention for the encoder and predictor shapes
+"""

@@ -1,0 +1,259 @@
+"""Pure-PyTorch reference implementations: the ground truth every fused kernel is tested against.
+
+Everything here is written for clarity, in the order of operations of the official I-JEPA / StoP
+code, and runs on any device. The fused ops in :mod:`stop_kernels.ops` must agree with these
+functions (to float rounding) on every valid input.
+
+Notation (shapes):
+    P  number of patch positions (rows of the positional table ψ)
+    E  encoder width, D predictor width
+    B  images in the batch, npred target blocks per image
+    Nc context tokens per image, Nt tokens per target block
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks as chk
+
+NOISE_MODES = ("learned", "isotropic", "none")
+
+TargetIndices = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------
+# token gathering (the official `apply_masks`)
+# ----------------------------------------------------------------------------------------------
+def stack_target_indices(tgt_idx: TargetIndices, name: str = "tgt_idx") -> torch.Tensor:
+    """Normalise target indices to one ``[npred, B, Nt]`` tensor.
+
+    Accepts the official layout (a list of ``npred`` tensors ``[B, Nt]``) or an already stacked
+    ``[npred, B, Nt]`` tensor.
+    """
+    if isinstance(tgt_idx, torch.Tensor):
+        chk.tensor(name, tgt_idx, ndim=3, dtypes=chk.INDEX_DTYPES)
+        return tgt_idx
+    if not isinstance(tgt_idx, (list, tuple)) or len(tgt_idx) == 0:
+        raise TypeError(f"{name}: expected a non-empty list of [B, Nt] index tensors or a [npred, B, Nt] tensor")
+    for i, t in enumerate(tgt_idx):
+        chk.tensor(f"{name}[{i}]", t, ndim=2, dtypes=chk.INDEX_DTYPES)
+        if t.shape != tgt_idx[0].shape:
+            raise ValueError(f"{name}[{i}]: expected shape {tuple(tgt_idx[0].shape)} like {name}[0], got {tuple(t.shape)}")
+    return torch.stack(list(tgt_idx), 0)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather tokens per sample: ``x[B, N, C]``, ``idx[..., B, K]`` → ``[prod(...)·B, K, C]``.
+
+    With ``idx`` of shape ``[npred, B, K]`` block k of sample b lands at row ``k·B + b``: the
+    official ``apply_masks``.
+    """
+    B = x.shape[0]
+    if idx.dim() == 2:
+        idx = idx.unsqueeze(0)
+    rows = torch.arange(B, device=x.device).view(1, B, 1)
+    out = x[rows, idx]  # [npred, B, K, C]
+    return out.reshape(-1, idx.shape[-1], x.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# StoP: ψ̂ = ψ[idx] + n·Wᵀ + b
+# ----------------------------------------------------------------------------------------------
+def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+    """Stochastic positional embedding of masked tokens, given the noise.
+
+    ``out[..., m, :] = pos_embed[idx[..., m]] + noise[..., m, :] @ weight.T + bias``
+
+    Args:
+        pos_embed: ``[P, D]`` positional table ψ.
+        idx: ``[..., M]`` integer positions in ``[0, P)``.
+        weight: ``[D, E]`` the predictor's context projection (A = B in the paper).
+        bias: ``[D]`` or None.
+        noise: ``[..., M, E]`` the already scaled noise n ~ N(0, σ² I).
+    Returns:
+        ``[..., M, D]`` in the dtype of ``noise``/``weight`` promotion.
+    """
+    chk.float_tensor("pos_embed", pos_embed, ndim=2)
+    chk.float_tensor("weight", weight, ndim=2)
+    chk.float_tensor("noise", noise, min_ndim=2)
+    chk.index_tensor("idx", idx, upper=pos_embed.shape[0], what=f"pos_embed has {pos_embed.shape[0]} rows", min_ndim=1)
+    chk.same_device(pos_embed=pos_embed, idx=idx, weight=weight, bias=bias, noise=noise)
+    D, E = weight.shape
+    chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
+    if noise.shape[:-1] != idx.shape or noise.shape[-1] != E:
+        raise ValueError(f"noise: expected shape {tuple(idx.shape) + (E,)} (idx shape + encoder width), got {tuple(noise.shape)}")
+    if bias is not None:
+        chk.float_tensor("bias", bias, ndim=1)
+        chk.dim_equals("bias", bias, 0, D, "predictor width D")
+    return F.linear(noise, weight, bias) + pos_embed[idx]
+
+
+def draw_noise(shape, *, noise_std: float, dtype, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """n ~ N(0, noise_std² I) of the given shape (the official ``torch.randn(...) * std``)."""
+    return torch.randn(shape, dtype=dtype, device=device, generator=generator) * noise_std
+
+
+# ----------------------------------------------------------------------------------------------
+# predictor input assembly
+# ----------------------------------------------------------------------------------------------
+def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token):
+    """Validate the arguments of :func:`assemble_predictor_input` (shared with the fused op).
+
+    Returns the stacked ``[npred, B, Nt]`` target indices.
+    """
+    chk.float_tensor("ctx", ctx, ndim=3)
+    chk.float_tensor("weight", weight, ndim=2)
+    chk.float_tensor("pos_embed", pos_embed, ndim=2)
+    chk.choice("noise_mode", noise_mode, NOISE_MODES)
+    chk.non_negative("noise_std", noise_std)
+    B, Nc, E = ctx.shape
+    D = weight.shape[0]
+    P = pos_embed.shape[0]
+    chk.dim_equals("weight", weight, 1, E, "encoder width E = ctx.shape[-1]")
+    chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
+    chk.index_tensor("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows", ndim=2)
+    if tuple(ctx_idx.shape) != (B, Nc):
+        raise ValueError(f"ctx_idx: expected shape {(B, Nc)} (ctx.shape[:2]), got {tuple(ctx_idx.shape)}")
+    tgt = stack_target_indices(tgt_idx)
+    chk.index_tensor("tgt_idx", tgt, upper=P, what=f"pos_embed has {P} rows")
+    if tgt.shape[1] != B:
+        raise ValueError(f"tgt_idx: expected batch size {B} (ctx.shape[0]), got shape {tuple(tgt.shape)}")
+    if bias is not None:
+        chk.float_tensor("bias", bias, ndim=1)
+        chk.dim_equals("bias", bias, 0, D, "predictor width D")
+    if noise_mode == "none":
+        if mask_token is None:
+            raise ValueError("mask_token: required when noise_mode='none'")
+        chk.float_tensor("mask_token", mask_token)
+        if mask_token.numel() != D:
+            raise ValueError(f"mask_token: expected {D} elements (predictor width), got shape {tuple(mask_token.shape)}")
+    chk.same_device(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=weight, bias=bias, pos_embed=pos_embed,
+                    mask_token=mask_token)
+    return tgt
+
+
+def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: TargetIndices,
+                             weight: torch.Tensor, bias: Optional[torch.Tensor], pos_embed: torch.Tensor, *,
+                             noise_mode: str = "learned", noise_std: float = 0.25,
+                             mask_token: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The I-JEPA predictor's input sequence, exactly as the official predictor builds it.
+
+    Args:
+        ctx: ``[B, Nc, E]`` context-encoder output.
+        ctx_idx: ``[B, Nc]`` patch index of each context token.
+        tgt_idx: ``npred`` tensors ``[B, Nt]`` (or one ``[npred, B, Nt]``): target positions.
+        weight, bias: the predictor's context projection ``[D, E]``, ``[D]``.
+        pos_embed: ``[P, D]`` the predictor's positional table ψ.
+        noise_mode: ``"learned"`` (StoP: ψ + W n + b, n in the encoder width), ``"isotropic"``
+            (ψ + n, n ~ N(0, σ² I) in the predictor width), ``"none"`` (ψ + mask_token).
+        noise: optional explicit noise (``[npred, B, Nt, E]`` learned, ``[npred, B, Nt, D]``
+            isotropic), already scaled; drawn from ``generator`` when None.
+    Returns:
+        ``[npred·B, Nc + Nt, D]``; rows ``k·B + b`` hold sample b's context followed by its k-th
+        target block.
+    """
+    tgt = check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token)
+    npred, B, Nt = tgt.shape
+    Nc, E = ctx.shape[1:]
+    D = weight.shape[0]
+    # context rows: predictor_embed(x) + ψ[ctx_idx], shared by every target block
+    x = F.linear(ctx, weight, bias) + pos_embed[ctx_idx]
+    dtype = x.dtype
+    if noise_mode == "learned":
+        if noise is None:
+            noise = draw_noise((npred, B, Nt, E), noise_std=noise_std, dtype=dtype, device=ctx.device, generator=generator)
+        masked = stop_embed(pos_embed, tgt, weight, bias, noise)
+    elif noise_mode == "isotropic":
+        if noise is None:
+            noise = draw_noise((npred, B, Nt, D), noise_std=noise_std, dtype=dtype, device=ctx.device, generator=generator)
+        chk.float_tensor("noise", noise)
+        if tuple(noise.shape) != (npred, B, Nt, D):
+            raise ValueError(f"noise: expected shape {(npred, B, Nt, D)} for noise_mode='isotropic', got {tuple(noise.shape)}")
+        masked = pos_embed[tgt] + noise
+    else:
+        masked = mask_token.reshape(D) + pos_embed[tgt]
+    x = x.unsqueeze(0).expand(npred, B, Nc, D)
+    return torch.cat([x, masked.to(x.dtype)], dim=2).reshape(npred * B, Nc + Nt, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+              cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Non-causal softmax attention ``softmax(q kᵀ · scale) v`` per head.
+
+    Layout ``[B, N, H, Dh]`` (or ``[T, H, Dh]`` packed with ``cu_seqlens`` [n+1], block-diagonal).
+    Computed in float32 (float64 when given float64); returned in the input dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        chk.float_tensor(name, t)
+    if k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or q.shape[-2:] != k.shape[-2:]:
+        raise ValueError(f"k, v: shapes must match q's batch, heads and head dim: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if cu_seqlens is not None:
+        chk.tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=chk.INDEX_DTYPES)
+        bounds = cu_seqlens.tolist()
+        outs = [attention(q[None, a:b], k[None, a:b], v[None, a:b], scale=scale)[0]
+                for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
+    s = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), k.to(acc)) * scale
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("bhnm,bmhd->bnhd", p, v.to(acc)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# targets and loss
+# ----------------------------------------------------------------------------------------------
+def target_features(h: torch.Tensor, tgt_idx: TargetIndices) -> torch.Tensor:
+    """I-JEPA targets: LayerNorm over features (no affine, eps 1e-5), then the target blocks.
+
+    ``h[B, N, E]`` target-encoder output → ``[npred·B, Nt, E]``.
+    """
+    h = F.layer_norm(h, (h.size(-1),))
+    return gather_tokens(h, stack_target_indices(tgt_idx))
+
+
+def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between predictor output and targets (mean over all elements)."""
+    return F.smooth_l1_loss(pred, target)
+
+
+def sincos_pos_embed_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """1-D sin-cos table ``[len(pos), dim]`` in float64: [sin(pos·ω), cos(pos·ω)], ω_i = 10000^(-2i/dim)."""
+    if dim % 2:
+        raise ValueError(f"dim: expected an even width for sin-cos positions, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: Optional[int] = None) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions ``[grid_h·grid_w, dim]`` (float32), as the official code builds them.
+
+    Row-major over the grid. As in the official code (``np.meshgrid(grid_w, grid_h)`` feeding the
+    "h" half), the first half of the channels encodes the column index and the second half the row
+    index. Computed in float64 then rounded once, like the official numpy code.
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    if dim % 4:
+        raise ValueError(f"dim: expected a width divisible by 4 for 2-D sin-cos positions, got {dim}")
+    hh, ww = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                            indexing="ij")
+    emb = torch.cat([sincos_pos_embed_1d(dim // 2, ww), sincos_pos_embed_1d(dim // 2, hh)], dim=1)
+    return emb.float()
+
+
+__all__ = [
+    "NOISE_MODES", "stack_target_indices", "gather_tokens", "stop_embed", "draw_noise",
+    "check_assembly_args", "assemble_predictor_input", "attention", "target_features", "jepa_loss",
+    "sincos_pos_embed_1d", "sincos_pos_embed_2d",
+]

@@ -1,0 +1,32 @@
+"""Test configuration shared by every test module.
+
+* Without a CUDA GPU, Triton kernels run through the interpreter: TRITON_INTERPRET=1 is exported
+  before anything imports triton.
+* ``official_fixture`` loads a case computed by the official StoP / I-JEPA code from
+  ``../shared/fixtures`` (or ``$STOP_KERNELS_FIXTURES``); the test is skipped, with that reason,
+  only where the folder is absent.
+"""
+import os
+import pathlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get("STOP_KERNELS_FIXTURES", REPO.parent / "shared" / "fixtures"))
+
+
+@pytest.fixture
+def official_fixture():
+    def load(name: str):
+        path = FIXTURES / name
+        if not FIXTURES.is_dir():
+            pytest.skip(f"official fixtures folder {FIXTURES} is absent (set STOP_KERNELS_FIXTURES)")
+        if not path.is_file():
+            pytest.fail(f"fixtures folder {FIXTURES} exists but {name} is missing")
+        return torch.load(path, weights_only=True)
+    return load

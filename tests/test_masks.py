@@ -1,0 +1,114 @@
+"""The multi-block mask collator: counts, disjointness, scales, truncation, determinism."""
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from stop_kernels.data import MultiBlockMaskCollator, SyntheticImages
+
+
+def batch(n=8, size=32):
+    return [(torch.randn(3, size, size), i) for i in range(n)]
+
+
+def test_counts_and_shapes():
+    c = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=3)
+    (imgs, labels), enc, pred = c(batch(8, 224))
+    assert imgs.shape == (8, 3, 224, 224) and labels.shape == (8,)
+    assert len(enc) == 1 and len(pred) == 4
+    assert all(m.shape == pred[0].shape and m.dtype == torch.int64 for m in pred)
+    assert enc[0].shape[0] == 8 and enc[0].shape[1] > c.min_keep
+    for m in enc + pred:
+        assert int(m.min()) >= 0 and int(m.max()) < 14 * 14
+
+
+def test_disjoint_and_scales_ragged():
+    g = 14
+    c = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=0, truncate=False)
+    for _ in range(5):
+        _, enc, pred = c(batch(16, 224))
+        for b in range(16):
+            ctx = set(enc[0][b].tolist())
+            sizes = []
+            for k in range(4):
+                t = pred[k][b]
+                assert not ctx & set(t.tolist()), "context and targets overlap"
+                # a target block is a rectangle of scale ≤ 0.2 of the grid
+                rows, cols = t // g, t % g
+                h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+                assert h * w == len(t)
+                assert len(t) <= 0.2 * g * g
+                sizes.append(len(t))
+            assert len(set(sizes)) == 1, "one target size per batch"
+            # the context block had scale ≥ 0.85 before the targets were removed: at least 0.85·g² − 4 targets
+            assert len(ctx) + sum(sizes) >= int(0.85 * g * g) - 2 * g
+            assert len(ctx) > c.min_keep
+            assert list(enc[0][b]) == sorted(enc[0][b].tolist())
+
+
+def test_truncated_to_batch_minimum():
+    c_r = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=5, truncate=False)
+    c_t = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=5)
+    _, enc_r, pred_r = c_r(batch(8, 224))
+    _, enc_t, pred_t = c_t(batch(8, 224))
+    k_enc = min(len(m) for m in enc_r[0])
+    assert enc_t[0].shape[1] == k_enc
+    for b in range(8):
+        assert enc_t[0][b].tolist() == enc_r[0][b][:k_enc].tolist()
+        for k in range(4):
+            assert pred_t[k][b].tolist() == pred_r[k][b][: pred_t[k].shape[1]].tolist()
+
+
+def test_deterministic_and_varies_per_batch():
+    a = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=1)
+    b = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=1)
+    x1, x2 = a(batch()), a(batch())
+    y1 = b(batch())
+    assert all(torch.equal(u, v) for u, v in zip(x1[2], y1[2]))
+    assert not all(torch.equal(u, v) for u, v in zip(x1[2], x2[2])) or x1[2][0].shape != x2[2][0].shape
+    # resume: a fresh collator told to start at batch 1 reproduces the second batch
+    c = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=1)
+    c.set_epoch(0, start_batch=1)
+    z2 = c(batch())
+    assert all(torch.equal(u, v) for u, v in zip(x2[1] + x2[2], z2[1] + z2[2]))
+
+
+def test_same_masks_with_workers():
+    ds = SyntheticImages(length=12, img_size=32, seed=0)
+    masks = []
+    for workers in (0, 2):
+        c = MultiBlockMaskCollator(input_size=32, patch_size=4, seed=9, min_keep=2)
+        dl = DataLoader(ds, batch_size=3, collate_fn=c, num_workers=workers)
+        masks.append([(e[0], p[0]) for _, e, p in dl])
+    assert len(masks[0]) == 4
+    for (e0, p0), (e1, p1) in zip(*masks):
+        assert torch.equal(e0, e1) and torch.equal(p0, p1)
+
+
+def test_block_size_formula():
+    c = MultiBlockMaskCollator(input_size=224, patch_size=16)
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
+    h, w = c._sample_block_size(g, (0.15, 0.2), (0.75, 1.5))
+    keep = int(196 * (0.15 + r * 0.05))
+    ar = 0.75 + r * 0.75
+    assert (h, w) == (round(math.sqrt(keep * ar)), round(math.sqrt(keep / ar)))
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(input_size=225, patch_size=16), "img_size"),
+    (dict(pred_mask_scale=(0.3, 0.2)), "pred_mask_scale"),
+    (dict(enc_mask_scale=(0.5, 1.5)), "enc_mask_scale"),
+    (dict(npred=0), "npred"),
+    (dict(min_keep=10_000), "min_keep"),
+])
+def test_bad_config(kw, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        MultiBlockMaskCollator(**kw)
+
+
+def test_unsatisfiable_min_keep_is_an_error_not_a_hang():
+    c = MultiBlockMaskCollator(input_size=32, patch_size=8, min_keep=12, pred_mask_scale=(0.15, 0.2))
+    with pytest.raises(ValueError, match="min_keep"):
+        c(batch(2, 32))

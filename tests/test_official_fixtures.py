@@ -1,0 +1,91 @@
+"""The project reproduces the official StoP and I-JEPA code on their own weights and inputs (≤ 1e-5, float32)."""
+import pytest
+import torch
+
+from stop_kernels import load_official_checkpoint, reference
+from stop_kernels.models import infer_encoder_sizes
+from stop_kernels.models.official import strip_prefix
+
+CASES = [("official_stop_small.pt", "learned"), ("official_ijepa_small.pt", "none")]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("name, mode", CASES)
+def test_reproduces_official_outputs(official_fixture, name, mode):
+    case = official_fixture(name)
+    cfg = case["config"]
+    m = load_official_checkpoint(case["checkpoint"], num_heads=cfg["heads"], noise_mode=mode,
+                                 noise_std=cfg["noise"])
+    enc, pred, tgt = (x.eval() for x in (m.encoder, m.predictor, m.target_encoder))
+    assert (enc.img_size, enc.patch_size, enc.embed_dim, len(enc.blocks)) == (cfg["img"], cfg["patch"], cfg["dim"], cfg["depth"])
+    # the fixed sin-cos tables are rebuilt exactly, not only loaded
+    torch.testing.assert_close(enc.pos_embed, reference.sincos_pos_embed_2d(cfg["dim"], cfg["img"] // cfg["patch"]),
+                               rtol=0, atol=0)
+    noise = torch.stack(case["stop_noise"]) if case["stop_noise"] else None
+    if mode == "learned":
+        assert noise is not None and noise.shape[-1] == cfg["dim"]
+    with torch.no_grad():
+        z = enc(case["imgs"], case["masks_enc"])
+        assert rel(z, case["encoder_out"]) <= 1e-5
+        p = pred(z, case["masks_enc"], case["masks_pred"], noise=noise)
+        assert rel(p, case["predictor_out"]) <= 1e-5
+        h = reference.target_features(tgt(case["imgs"]), case["masks_pred"])
+        assert rel(h, case["target_out"]) <= 1e-5
+        loss = reference.jepa_loss(p, h)
+    assert abs(loss.item() - case["loss"].item()) <= 1e-5 * case["loss"].item()
+
+
+def test_stop_noise_matters(official_fixture):
+    """The StoP case cannot be reproduced without its noise: the masked rows depend on it."""
+    case = official_fixture("official_stop_small.pt")
+    m = load_official_checkpoint(case["checkpoint"], num_heads=4, noise_mode="learned")
+    with torch.no_grad():
+        z = m.encoder.eval()(case["imgs"], case["masks_enc"])
+        p = m.predictor.eval()(z, case["masks_enc"], case["masks_pred"],
+                               noise=torch.zeros_like(torch.stack(case["stop_noise"])))
+    assert rel(p, case["predictor_out"]) > 1e-3
+
+
+def test_loader_accepts_paths(official_fixture, tmp_path):
+    case = official_fixture("official_ijepa_small.pt")
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save(case["checkpoint"], path)
+    m = load_official_checkpoint(str(path), num_heads=4, noise_mode="none")
+    assert m.epoch == case["checkpoint"]["epoch"]
+    sd = strip_prefix(case["checkpoint"]["encoder"])
+    torch.testing.assert_close(m.encoder.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+
+
+def test_loader_lists_missing_and_unexpected_keys(official_fixture):
+    case = official_fixture("official_stop_small.pt")
+    ck = {k: dict(v) if isinstance(v, dict) else v for k, v in case["checkpoint"].items()}
+    del ck["predictor"]["module.predictor_norm.weight"]
+    ck["predictor"]["module.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing \['predictor_norm.weight'\], unexpected \['extra.weight'\]"):
+        load_official_checkpoint(ck, num_heads=4)
+
+
+def test_loader_bad_input(official_fixture, tmp_path):
+    case = official_fixture("official_stop_small.pt")
+    ck = case["checkpoint"]
+    with pytest.raises(ValueError, match="num_heads"):
+        load_official_checkpoint(ck)  # width 64 matches no preset
+    with pytest.raises(ValueError, match="patch_size"):
+        load_official_checkpoint(ck, num_heads=4, patch_size=16)
+    with pytest.raises(ValueError, match="model"):
+        load_official_checkpoint(ck, model="vit_huge")
+    with pytest.raises(ValueError, match="ckpt: missing key 'predictor'"):
+        load_official_checkpoint({"encoder": ck["encoder"]}, num_heads=4)
+    with pytest.raises(FileNotFoundError, match="ckpt"):
+        load_official_checkpoint(tmp_path / "nope.pth.tar")
+    with pytest.raises(TypeError, match="ckpt"):
+        load_official_checkpoint(42)
+
+
+def test_infer_sizes(official_fixture):
+    sd = strip_prefix(official_fixture("official_stop_small.pt")["checkpoint"]["encoder"])
+    s = infer_encoder_sizes(sd)
+    assert (s.embed_dim, s.depth, s.patch_size, s.img_size, s.mlp_ratio, s.in_chans) == (64, 2, 8, 64, 4.0, 3)

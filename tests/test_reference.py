@@ -1,0 +1,210 @@
+"""The reference ops against explicit loops (the official code's formulation), and their bad inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stop_kernels import reference as R
+
+DT = torch.float64
+
+
+def rand_idx(shape, P, g):
+    return torch.randint(0, P, shape, generator=g)
+
+
+def test_stop_embed_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    P, D, E = 17, 6, 5
+    pos = torch.randn(P, D, dtype=DT, generator=g)
+    W = torch.randn(D, E, dtype=DT, generator=g)
+    b = torch.randn(D, dtype=DT, generator=g)
+    idx = rand_idx((2, 3, 4), P, g)
+    n = torch.randn(2, 3, 4, E, dtype=DT, generator=g)
+    out = R.stop_embed(pos, idx, W, b, n)
+    assert out.shape == (2, 3, 4, D)
+    for i in range(2):
+        for j in range(3):
+            for m in range(4):
+                for d in range(D):
+                    want = pos[idx[i, j, m], d] + b[d] + sum(n[i, j, m, e] * W[d, e] for e in range(E))
+                    assert math.isclose(out[i, j, m, d].item(), want.item(), rel_tol=1e-12, abs_tol=1e-12)
+    # bias None
+    torch.testing.assert_close(R.stop_embed(pos, idx, W, None, n), out - b)
+
+
+def official_assembly(ctx, ctx_idx, tgt_list, W, b, pos, masked_fn):
+    """The official predictor's input code, written out with apply_masks / repeat / cat."""
+    B = ctx.shape[0]
+
+    def apply_masks(x, masks):
+        return torch.cat([torch.gather(x, 1, m.unsqueeze(-1).repeat(1, 1, x.size(-1))) for m in masks], 0)
+
+    x = F.linear(ctx, W, b)
+    x = x + apply_masks(pos.unsqueeze(0).repeat(B, 1, 1), [ctx_idx])
+    pos_embs = apply_masks(pos.unsqueeze(0).repeat(B, 1, 1), tgt_list)
+    pred_tokens = masked_fn(pos_embs)
+    x = x.repeat(len(tgt_list), 1, 1)
+    return torch.cat([x, pred_tokens], dim=1)
+
+
+@pytest.mark.parametrize("mode", ["learned", "isotropic", "none"])
+@pytest.mark.parametrize("npred", [1, 4])
+def test_assembly_matches_official_formulation(mode, npred):
+    g = torch.Generator().manual_seed(2)
+    B, Nc, Nt, E, D, P = 3, 5, 4, 7, 6, 25
+    ctx = torch.randn(B, Nc, E, dtype=DT, generator=g)
+    ctx_idx = rand_idx((B, Nc), P, g)
+    tgt = [rand_idx((B, Nt), P, g) for _ in range(npred)]
+    W = torch.randn(D, E, dtype=DT, generator=g)
+    b = torch.randn(D, dtype=DT, generator=g)
+    pos = torch.randn(P, D, dtype=DT, generator=g)
+    tok = torch.randn(1, 1, D, dtype=DT, generator=g)
+    noise = torch.randn(npred, B, Nt, E if mode == "learned" else D, dtype=DT, generator=g)
+    fns = {
+        "learned": lambda pe: F.linear(noise.reshape(npred * B, Nt, E), W, b) + pe,
+        "isotropic": lambda pe: pe + noise.reshape(npred * B, Nt, D),
+        "none": lambda pe: tok.repeat(pe.shape[0], pe.shape[1], 1) + pe,
+    }
+    want = official_assembly(ctx, ctx_idx, tgt, W, b, pos, fns[mode])
+    got = R.assemble_predictor_input(ctx, ctx_idx, tgt, W, b, pos, noise_mode=mode, mask_token=tok,
+                                     noise=None if mode == "none" else noise)
+    assert got.shape == (npred * B, Nc + Nt, D)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # stacked [npred, B, Nt] indices give the same result
+    got2 = R.assemble_predictor_input(ctx, ctx_idx, torch.stack(tgt), W, b, pos, noise_mode=mode, mask_token=tok,
+                                      noise=None if mode == "none" else noise)
+    torch.testing.assert_close(got2, got, rtol=0, atol=0)
+
+
+def test_assembly_draws_noise_with_std():
+    g = torch.Generator().manual_seed(3)
+    B, Nc, Nt, E, D, P = 64, 2, 50, 8, 8, 60
+    ctx = torch.randn(B, Nc, E, dtype=DT, generator=g)
+    ctx_idx = rand_idx((B, Nc), P, g)
+    tgt = rand_idx((1, B, Nt), P, g)
+    pos = torch.randn(P, D, dtype=DT, generator=g)
+    out = R.assemble_predictor_input(ctx, ctx_idx, tgt, torch.eye(D, dtype=DT), None, pos, noise_mode="learned",
+                                     noise_std=0.3, generator=g)
+    n = out[:, Nc:] - pos[tgt[0]]
+    # 3200·8 samples: the std estimate has relative error ~ 1/sqrt(2·25600) ≈ 0.4%; allow 5 sigma
+    assert abs(n.std().item() / 0.3 - 1) < 5 / math.sqrt(2 * n.numel())
+    assert abs(n.mean().item()) < 5 * 0.3 / math.sqrt(n.numel())
+
+
+def test_attention_matches_loop():
+    g = torch.Generator().manual_seed(4)
+    B, N, H, Dh = 2, 5, 3, 4
+    q, k, v = (torch.randn(B, N, H, Dh, dtype=DT, generator=g) for _ in range(3))
+    out = R.attention(q, k, v)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, :, h] @ k[b, :, h].T / math.sqrt(Dh)
+            p = torch.exp(s - s.max(1, keepdim=True).values)
+            p = p / p.sum(1, keepdim=True)
+            torch.testing.assert_close(out[b, :, h], p @ v[b, :, h], rtol=1e-12, atol=1e-12)
+    # float32 inputs are computed in float32 and returned in their dtype
+    assert R.attention(q.float(), k.float(), v.float()).dtype == torch.float32
+    assert R.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).dtype == torch.bfloat16
+
+
+def test_attention_varlen_is_block_diagonal():
+    g = torch.Generator().manual_seed(5)
+    lens = [1, 4, 3]
+    T, H, Dh = sum(lens), 2, 8
+    q, k, v = (torch.randn(T, H, Dh, dtype=DT, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 1, 5, 8], dtype=torch.int32)
+    out = R.attention(q, k, v, cu_seqlens=cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(out[a:b], R.attention(q[None, a:b], k[None, a:b], v[None, a:b])[0])
+
+
+def test_gather_and_targets():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(3, 10, 4, dtype=DT, generator=g)
+    masks = [rand_idx((3, 2), 10, g) for _ in range(2)]
+    out = R.target_features(h, masks)
+    hn = F.layer_norm(h, (4,))
+    for k in range(2):
+        for b in range(3):
+            torch.testing.assert_close(out[k * 3 + b], hn[b, masks[k][b]])
+
+
+def test_sincos_table_formula():
+    emb = R.sincos_pos_embed_2d(8, 3)
+    assert emb.shape == (9, 8) and emb.dtype == torch.float32
+    # position (row 1, col 2) = index 5: first half encodes the column, second the row
+    omega = [1.0, 0.01]
+    col, row = 2.0, 1.0
+    want = [math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega] + \
+           [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega]
+    torch.testing.assert_close(emb[5], torch.tensor(want), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _assembly_args(**over):
+    g = torch.Generator().manual_seed(7)
+    B, Nc, Nt, E, D, P = 2, 3, 2, 5, 4, 9
+    a = dict(ctx=torch.randn(B, Nc, E, generator=g), ctx_idx=rand_idx((B, Nc), P, g),
+             tgt_idx=[rand_idx((B, Nt), P, g)], weight=torch.randn(D, E, generator=g),
+             bias=torch.randn(D, generator=g), pos_embed=torch.randn(P, D, generator=g))
+    kw = dict(noise_mode="learned", noise_std=0.25, mask_token=None)
+    for k, v in over.items():
+        (kw if k in kw else a)[k] = v
+    return a, kw
+
+
+@pytest.mark.parametrize("over, exc, name", [
+    (dict(ctx=torch.randn(2, 3)), ValueError, "ctx"),
+    (dict(ctx_idx=torch.zeros(2, 3)), TypeError, "ctx_idx"),
+    (dict(ctx_idx=torch.full((2, 3), 9)), ValueError, "ctx_idx"),
+    (dict(ctx_idx=torch.full((2, 3), -1)), ValueError, "ctx_idx"),
+    (dict(ctx_idx=torch.zeros(2, 4, dtype=torch.long)), ValueError, "ctx_idx"),
+    (dict(tgt_idx=[torch.full((2, 2), 9)]), ValueError, "tgt_idx"),
+    (dict(tgt_idx=[torch.zeros(3, 2, dtype=torch.long)]), ValueError, "tgt_idx"),
+    (dict(tgt_idx=[]), TypeError, "tgt_idx"),
+    (dict(weight=torch.randn(4, 6)), ValueError, "weight"),
+    (dict(pos_embed=torch.randn(9, 5)), ValueError, "pos_embed"),
+    (dict(bias=torch.randn(5)), ValueError, "bias"),
+    (dict(noise_std=-0.1), ValueError, "noise_std"),
+    (dict(noise_std=float("nan")), ValueError, "noise_std"),
+    (dict(noise_mode="gaussian"), ValueError, "noise_mode"),
+    (dict(noise_mode="none"), ValueError, "mask_token"),
+    (dict(noise_mode="none", mask_token=torch.randn(3)), ValueError, "mask_token"),
+])
+def test_assembly_bad_input(over, exc, name):
+    a, kw = _assembly_args(**over)
+    with pytest.raises(exc, match=name):
+        R.assemble_predictor_input(**a, **kw)
+
+
+def test_assembly_device_mismatch():
+    a, kw = _assembly_args()
+    a["weight"] = a["weight"].to("meta")
+    with pytest.raises(ValueError, match="weight"):
+        R.assemble_predictor_input(**a, **kw)
+
+
+@pytest.mark.parametrize("bad, exc, name", [
+    (dict(idx=torch.tensor([[0, 9]])), ValueError, "idx"),
+    (dict(idx=torch.tensor([[0.0, 1.0]])), TypeError, "idx"),
+    (dict(noise=torch.randn(1, 2, 4)), ValueError, "noise"),
+    (dict(weight=torch.randn(3, 5)), ValueError, "pos_embed"),
+    (dict(bias=torch.randn(2)), ValueError, "bias"),
+    (dict(pos_embed=[1, 2]), TypeError, "pos_embed"),
+])
+def test_stop_embed_bad_input(bad, exc, name):
+    a = dict(pos_embed=torch.randn(9, 4), idx=torch.tensor([[0, 8]]), weight=torch.randn(4, 5),
+             bias=torch.randn(4), noise=torch.randn(1, 2, 5))
+    a.update(bad)
+    with pytest.raises(exc, match=name):
+        R.stop_embed(**a)
+
+
+def test_attention_bad_input():
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(ValueError, match="k, v"):
+        R.attention(q, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
+    with pytest.raises(TypeError, match="q"):
+        R.attention(q.long(), q, q)
