@@ -2,8 +2,20 @@
 
 StoP replaces each masked token's position ψ_j in the I-JEPA predictor with ψ̂_j = A·n_j + ψ_j,
 n_j ~ N(0, σ I), A tied to the predictor's context projection.
+
+Public API:
+    stop_embed, assemble_predictor_input   fused StoP ops (noise generated in registers)
+    reference                              pure-PyTorch twins of every op
+    load_official_checkpoint               official I-JEPA / StoP checkpoints → project models
+    trusted_device_indices                 skip the host-syncing index range checks in hot loops
 """
 from . import reference
+from ._checks import trusted_device_indices
 from .models import load_official_checkpoint
+from .ops.predictor_input import assemble_predictor_input
+from .ops.stop_embed import stop_embed
 
 __version__ = "0.1.0"
+
+__all__ = ["reference", "trusted_device_indices", "load_official_checkpoint", "assemble_predictor_input",
+           "stop_embed", "__version__"]

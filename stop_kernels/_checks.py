@@ -7,7 +7,8 @@ a CUDA assert or a silently wrong result.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+import contextlib
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -34,10 +35,30 @@ def float_tensor(name: str, t, **kw) -> torch.Tensor:
     return tensor(name, t, dtypes=FLOAT_DTYPES, **kw)
 
 
+_DEVICE_RANGE_CHECKS = True
+
+
+@contextlib.contextmanager
+def trusted_device_indices() -> Iterator[None]:
+    """Skip the value-range check of index tensors that live on an accelerator.
+
+    Checking ``0 <= idx < upper`` on a GPU tensor reads its min and max back to the host: a device
+    synchronisation that stalls the CPU's queue of kernels. A training loop that validated its
+    masks on the host before moving them (as :mod:`stop_kernels.training` does) wraps its step in
+    this context; shapes, dtypes and devices are still checked. CPU tensors are always checked.
+    """
+    global _DEVICE_RANGE_CHECKS
+    old, _DEVICE_RANGE_CHECKS = _DEVICE_RANGE_CHECKS, False
+    try:
+        yield
+    finally:
+        _DEVICE_RANGE_CHECKS = old
+
+
 def index_tensor(name: str, t, *, upper: int, what: str = "", **kw) -> torch.Tensor:
     """Check an integer index tensor whose values must lie in [0, upper)."""
     tensor(name, t, dtypes=INDEX_DTYPES, **kw)
-    if t.numel() > 0:
+    if t.numel() > 0 and (_DEVICE_RANGE_CHECKS or t.device.type == "cpu") and t.device.type != "meta":
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= upper:
             bad = lo if lo < 0 else hi

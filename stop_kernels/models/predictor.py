@@ -23,6 +23,9 @@ from .. import reference
 from .vit import LN_EPS, INIT_STD, Block, grid_size, init_weights
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
+# "unfused" is the official code's path (torch.randn noise + Linear + gather + repeat + cat); the
+# others select the backend of the fused op (see stop_kernels.ops.predictor_input)
+INPUT_BACKENDS = ("auto", "triton", "cuda", "reference", "unfused")
 
 
 class VisionTransformerPredictor(nn.Module):
@@ -35,9 +38,11 @@ class VisionTransformerPredictor(nn.Module):
 
     def __init__(self, num_patches: int, embed_dim: int = 768, predictor_embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 noise_mode: str = "learned", noise_std: float = 0.25):
+                 noise_mode: str = "learned", noise_std: float = 0.25, input_backend: str = "auto"):
         super().__init__()
         chk.choice("noise_mode", noise_mode, reference.NOISE_MODES)
+        chk.choice("input_backend", input_backend, INPUT_BACKENDS)
+        self.input_backend = input_backend
         self.noise_std = chk.non_negative("noise_std", noise_std)
         self.noise_mode = noise_mode
         g = int(round(num_patches ** 0.5))
@@ -57,7 +62,7 @@ class VisionTransformerPredictor(nn.Module):
     def assemble(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The predictor's input ``[npred·B, Nc+Nt, D]`` (see the module docstring)."""
-        from ..reference import assemble_predictor_input
+        from ..ops.predictor_input import assemble_predictor_input
 
         ctx_idx = masks_x
         if not isinstance(masks_x, torch.Tensor):
@@ -65,10 +70,15 @@ class VisionTransformerPredictor(nn.Module):
                 raise ValueError(f"masks_x: expected one context mask (I-JEPA uses one), got {len(masks_x)}")
             ctx_idx = masks_x[0]
         tgt = [masks] if isinstance(masks, torch.Tensor) and masks.dim() == 2 else masks
+        if isinstance(noise, (list, tuple)):  # the official per-block list of [B, Nt, width]
+            noise = torch.stack(list(noise))
         emb = self.predictor_embed
-        return assemble_predictor_input(x, ctx_idx, tgt, emb.weight, emb.bias, self.predictor_pos_embed,
-                                        noise_mode=self.noise_mode, noise_std=self.noise_std,
-                                        mask_token=self.mask_token, noise=noise, generator=generator)
+        args = (x, ctx_idx, tgt, emb.weight, emb.bias, self.predictor_pos_embed)
+        kw = dict(noise_mode=self.noise_mode, noise_std=self.noise_std, mask_token=self.mask_token, noise=noise,
+                  generator=generator)
+        if self.input_backend == "unfused":
+            return reference.assemble_predictor_input(*args, **kw)
+        return assemble_predictor_input(*args, backend=self.input_backend, **kw)
 
     def forward(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -82,10 +92,11 @@ class VisionTransformerPredictor(nn.Module):
 
 
 def vit_predictor(*, num_patches: int, embed_dim: int, num_heads: int, predictor_embed_dim: int = 384,
-                  depth: int = 12, noise_mode: str = "learned", noise_std: float = 0.25) -> VisionTransformerPredictor:
+                  depth: int = 12, noise_mode: str = "learned", noise_std: float = 0.25,
+                  input_backend: str = "auto") -> VisionTransformerPredictor:
     return VisionTransformerPredictor(num_patches=num_patches, embed_dim=embed_dim,
                                       predictor_embed_dim=predictor_embed_dim, depth=depth, num_heads=num_heads,
-                                      noise_mode=noise_mode, noise_std=noise_std)
+                                      noise_mode=noise_mode, noise_std=noise_std, input_backend=input_backend)
 
 
 def predictor_for(encoder, *, img_size: int, patch_size: int, **kw) -> VisionTransformerPredictor:

@@ -11,8 +11,9 @@ function of (seed, row, column):
   Columns are split in four quarters of width ``E4 = ceil(E / 4)``. For row ``r`` and quarter
   column ``q`` in ``[0, E4)``, Philox4x32-10 with counter ``(r, q, 0, 0)`` and the key gives four
   words ``x0..x3``.
-* Each word becomes a uniform in (0, 1) exactly representable in float32:
-  ``u = (x >> 8) · 2⁻²⁴ + 2⁻²⁵``.
+* Each word becomes a uniform in (0, 1) exactly representable in float32 (an odd multiple of
+  2⁻²⁴ needs at most 24 significant bits): ``u = (2·(x >> 9) + 1) · 2⁻²⁴``, so every backend starts
+  Box–Muller from the same float32 value and differs only by the rounding of log, sqrt, cos, sin.
 * Box–Muller on (x0, x1) and (x2, x3):
   ``n[r, q]        = σ·sqrt(-2 ln u0)·cos(2π u1)``
   ``n[r, q + E4]   = σ·sqrt(-2 ln u0)·sin(2π u1)``
@@ -74,8 +75,8 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
 
 
 def uniform_from_bits(x: np.ndarray) -> np.ndarray:
-    """32 random bits → a float32-exact uniform in (0, 1): (x >> 8)·2⁻²⁴ + 2⁻²⁵."""
-    return (x >> np.uint64(8)).astype(np.float64) * 2.0 ** -24 + 2.0 ** -25
+    """32 random bits → a float32-exact uniform in (0, 1): (2·(x >> 9) + 1)·2⁻²⁴."""
+    return ((x >> np.uint64(9)) * np.uint64(2) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
 
 
 def philox_normal(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0) -> torch.Tensor:
@@ -97,3 +98,91 @@ def philox_normal(seed: int, rows: int, E: int, noise_std: float = 1.0, row_star
 
 # ----------------------------------------------------------------------------------------------
 # Triton device functions: the same stream, generated in registers inside the fused kernels.
+# ----------------------------------------------------------------------------------------------
+import triton  # noqa: E402  (kept below the NumPy twin, which needs no Triton)
+import triton.language as tl  # noqa: E402
+
+
+def seed_key_args(seed: int):
+    """The Philox key of ``seed`` as two signed int32 kernel arguments ``(k0, k1)``.
+
+    Passing both halves as int32 (bit patterns of the uint32 key words) keeps one kernel
+    signature for every seed; the kernels bitcast them back to uint32.
+    """
+    def as_i32(v: int) -> int:
+        v &= MASK32
+        return v - (1 << 32) if v >= (1 << 31) else v
+    return as_i32(seed), as_i32(seed >> 32)
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 blocks: counter ``(c0, c1, c2, c3)``, key ``(k0, k1)`` → four words."""
+    for _ in tl.static_range(10):
+        _c0, _c2 = c0, c2
+        c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0   # hi(M1·c2) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1   # hi(M0·c0) ^ c3 ^ k1
+        c1 = _c2 * 0xCD9E8D57                        # lo(M1·c2)
+        c3 = _c0 * 0xD2511F53                        # lo(M0·c0)
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def uniform01(x):
+    """uint32 bits → float32 uniform in (0, 1): (2·(x >> 9) + 1)·2⁻²⁴, exact (the odd integer < 2²⁴)."""
+    return ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def normal_quarters(rows, cols, key0, key1, sigma):
+    """The four quarter tiles of the noise at ``rows`` ``[BM, 1]`` × quarter columns ``cols`` ``[1, BK]``.
+
+    ``key0``/``key1`` are the int32 kernel arguments of :func:`seed_key_args`. Returns float32
+    ``(n[:, q], n[:, q+E4], n[:, q+2E4], n[:, q+3E4])``, each ``[BM, BK]``, scaled by ``sigma``.
+    One Philox call per element; nothing is read from or written to memory.
+    """
+    c0 = (rows + cols * 0).to(tl.uint32, bitcast=True)
+    c1 = (cols + rows * 0).to(tl.uint32, bitcast=True)
+    zero = c0 * 0
+    k0 = key0.to(tl.uint32, bitcast=True)
+    k1 = key1.to(tl.uint32, bitcast=True)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, zero, zero, k0, k1)
+    two_pi: tl.constexpr = 6.283185307179586
+    rad01 = tl.sqrt(-2.0 * tl.log(uniform01(x0))) * sigma
+    rad23 = tl.sqrt(-2.0 * tl.log(uniform01(x2))) * sigma
+    th1 = two_pi * uniform01(x1)
+    th3 = two_pi * uniform01(x3)
+    return rad01 * tl.cos(th1), rad01 * tl.sin(th1), rad23 * tl.cos(th3), rad23 * tl.sin(th3)
+
+
+@triton.jit
+def _philox_normal_kernel(out_ptr, R, E, E4, row_start, key0, key1, sigma,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Test kernel: write the ``[R, E]`` noise (the fused kernels never do this)."""
+    # stage 1: this program's rows and quarter columns
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    # stage 2: generate the four quarter tiles in registers
+    n0, n1, n2, n3 = normal_quarters(rows + row_start, cols, key0, key1, sigma)
+    # stage 3: store each quarter at its columns q + j·E4 (masked to rows < R, q < E4, column < E)
+    base = out_ptr + rows * E
+    ok = (rows < R) & (cols < E4)
+    tl.store(base + cols, n0, mask=ok & (cols < E))
+    tl.store(base + cols + E4, n1, mask=ok & (cols + E4 < E))
+    tl.store(base + cols + 2 * E4, n2, mask=ok & (cols + 2 * E4 < E))
+    tl.store(base + cols + 3 * E4, n3, mask=ok & (cols + 3 * E4 < E))
+
+
+def philox_normal_triton(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0,
+                         device="cpu") -> torch.Tensor:
+    """The Triton twin of :func:`philox_normal` (float32), materialised for tests only."""
+    out = torch.empty((rows, E), dtype=torch.float32, device=device)
+    E4 = quarter_width(E)
+    BLOCK_M, BLOCK_K = 32, 32
+    key0, key1 = seed_key_args(seed)
+    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(E4, BLOCK_K))
+    _philox_normal_kernel[grid](out, rows, E, E4, row_start, key0, key1, float(noise_std),
+                                BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return out

@@ -1,0 +1,96 @@
+"""pytest-benchmark: fused StoP predictor input vs the unfused official path, ViT-H/14 shapes, bf16 autocast.
+
+    pytest benchmarks/bench_stop_embed.py --benchmark-only
+
+B=64, npred=4, Nc=74, Nt=42, E=1280, D=384, P=256; ctx bf16 (encoder output under autocast),
+W, b, ψ fp32. Contenders in the same run: the fused Triton op, the official path (torch.randn
+noise + Linear + gather + repeat + cat) eager and under torch.compile; forward and forward+backward.
+Every benchmarked callable ends with torch.cuda.synchronize(). ``extra_info`` records the GPU name
+and the peak memory beyond the inputs (MiB) next to the output size.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+pytest.importorskip("pytest_benchmark")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from stop_kernels import reference  # noqa: E402
+from stop_kernels.ops.predictor_input import assemble_predictor_input  # noqa: E402
+
+B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
+SIGMA = 0.25
+
+
+def make_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(B, NC, E, generator=g).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(D, E, generator=g) / E ** 0.5).cuda().requires_grad_()
+    b = (0.1 * torch.randn(D, generator=g)).cuda().requires_grad_()
+    pos = torch.randn(P, D, generator=g).cuda()
+    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).cuda()
+    tgt = [torch.randint(0, P, (B, NT), generator=g).cuda() for _ in range(NPRED)]
+    return ctx, ctx_idx, tgt, w, b, pos
+
+
+def official(ctx, ctx_idx, tgt, w, b, pos):
+    return reference.assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA)
+
+
+def fused(ctx, ctx_idx, tgt, w, b, pos):
+    return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA,
+                                    backend="triton")
+
+
+_COMPILED = {}
+
+
+def contender(name):
+    if name == "fused":
+        return fused
+    if name == "eager":
+        return official
+    if "compiled" not in _COMPILED:
+        _COMPILED["compiled"] = torch.compile(official)
+    return _COMPILED["compiled"]
+
+
+def peak_beyond_inputs(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    keep = fn()
+    torch.cuda.synchronize()
+    del keep
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
+@pytest.mark.parametrize("with_backward", [False, True], ids=["forward", "forward+backward"])
+def test_predictor_input(benchmark, impl, with_backward):
+    ctx, ctx_idx, tgt, w, b, pos = make_inputs()
+    fn = contender(impl)
+    go = torch.randn(NPRED * B, NC + NT, D, device="cuda")
+    leaves = (ctx, w, b)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(ctx, ctx_idx, tgt, w, b, pos)
+        if with_backward:
+            out.backward(go)
+        torch.cuda.synchronize()
+        return out
+
+    for _ in range(3):  # compile / autotune outside the timing
+        step()
+    peak = peak_beyond_inputs(lambda: (step(), [t.grad for t in leaves]))
+    benchmark.extra_info.update({"gpu": torch.cuda.get_device_name(0), "peak_beyond_inputs_MiB": round(peak, 1),
+                                 "output_MiB": round(go.numel() * 4 / 2 ** 20, 1)})
+    benchmark.pedantic(step, rounds=50, warmup_rounds=5, iterations=1)

@@ -1,0 +1,347 @@
+"""One-shot GPU check of the fused StoP ops (issue 3): correctness at real sizes, timing, memory.
+
+    python benchmarks/gpu_stop_embed.py --out DIR [--budget-s 170]
+
+Sections (each in try/except: a failure prints its traceback and the script goes on):
+
+1. environment: GPU name, torch / triton / CUDA versions.
+2. correctness at the ViT-H/14 shapes (B=64, npred=4, Nc=74, Nt=42, E=1280, D=384, P=256):
+   fused predictor input (Triton) vs the reference backend given the same Philox seed, fp32
+   forward and every gradient (rel ≤ 1e-5), bf16 autocast forward/backward (rel ≤ 1e-2), the
+   Triton noise vs the NumPy twin, and stop_embed alone.
+3. timing (triton.testing.do_bench, median ms) at the ViT-H shapes under bf16 autocast (ctx bf16,
+   W, b, ψ fp32 as in training): the fused op ("fused": the public function with its argument
+   checks; "fused-op": the registered op alone, seed pre-drawn) vs the unfused official path
+   (torch.randn noise + Linear + gather + repeat + cat) eager and under torch.compile, forward
+   and forward+backward (grads of ctx, W, b). Bytes / FLOPs as in the issue: forward
+   2·(B·Nc + npred·B·Nt)·E·D ≈ 15.2 GFLOP and ctx + W + out ≈ 60 MB; forward+backward adds
+   dctx = gctx·W and dW (≈ 2·B·Nc·E·D + 2·(B·Nc + npred·B·Nt)·E·D) and g, dctx, dW traffic.
+   Ceilings 4.23 TB/s and 707 TFLOP/s (one H200); the roofline time is max(bytes/BW, FLOPs/peak).
+4. peak memory beyond the inputs (torch.cuda.max_memory_allocated minus the allocation before the
+   call) of forward (output kept) and forward+backward, fused vs eager vs compiled.
+5. the pytest suites of issue 3 on this GPU (tests/test_stop_embed.py, test_predictor_input.py,
+   test_philox.py), with the time left in the budget.
+
+Writes DIR/gpu_stop_embed.json and DIR/gpu_stop_embed.md, and prints a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
+
+PEAK_TFLOPS = 707.0
+PEAK_TBPS = 4.23
+B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
+SIGMA = 0.25
+T0 = time.time()
+RESULTS: dict = {"env": {}, "correctness": [], "timing": [], "memory": [], "tests": {}, "errors": []}
+
+
+def elapsed() -> float:
+    return time.time() - T0
+
+
+def section(name):
+    def deco(fn):
+        def run(*a, **kw):
+            print(f"\n=== {name} (t = {elapsed():.0f}s) ===", flush=True)
+            try:
+                return fn(*a, **kw)
+            except Exception:
+                tb = traceback.format_exc()
+                print(tb, flush=True)
+                RESULTS["errors"].append({"section": name, "traceback": tb})
+        return run
+    return deco
+
+
+def bench(fn, grad_to_none=None) -> float:
+    import triton
+    try:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, return_mode="median"))
+    except TypeError:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, quantiles=[0.5]))
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(seed=0):
+    """ViT-H inputs: ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(B, NC, E, generator=g).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(D, E, generator=g) / E ** 0.5).cuda().requires_grad_()
+    b = (0.1 * torch.randn(D, generator=g)).cuda().requires_grad_()
+    pos = torch.randn(P, D, generator=g).cuda()
+    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).cuda()
+    tgt = [torch.randint(0, P, (B, NT), generator=g).cuda() for _ in range(NPRED)]
+    return ctx, ctx_idx, tgt, w, b, pos
+
+
+def work(bwd: bool):
+    """(bytes, FLOPs) of the op, counted as in the issue (bf16 ctx, fp32 W and output)."""
+    rows = B * NC + NPRED * B * NT
+    out_bytes = NPRED * B * (NC + NT) * D * 4
+    fwd_flops = 2.0 * rows * E * D
+    fwd_bytes = B * NC * E * 2 + D * E * 4 + out_bytes
+    if not bwd:
+        return fwd_bytes, fwd_flops
+    bwd_flops = 2.0 * B * NC * E * D + 2.0 * rows * E * D
+    bwd_bytes = out_bytes + 2 * B * NC * E * 2 + 2 * D * E * 4
+    return fwd_bytes + bwd_bytes, fwd_flops + bwd_flops
+
+
+# ------------------------------------------------------------------------------------------
+# the contenders
+# ------------------------------------------------------------------------------------------
+def official(ctx, ctx_idx, tgt, w, b, pos):
+    """Unfused path of the official code: torch.randn noise, Linear, gather, repeat, cat."""
+    from stop_kernels import reference
+    return reference.assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA)
+
+
+def fused(ctx, ctx_idx, tgt, w, b, pos):
+    from stop_kernels.ops.predictor_input import assemble_predictor_input
+    return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA,
+                                    backend="triton")
+
+
+def make_fused_op(ctx_idx, tgt):
+    """The registered op alone (no argument checks; the seed tensor drawn once)."""
+    import stop_kernels.ops.predictor_input  # noqa: F401  (registers the op)
+    tgt_s = torch.stack(tgt)
+    seed = torch.tensor(12345, dtype=torch.int64)
+
+    def run(ctx, ctx_idx_, tgt_, w, b, pos):
+        return torch.ops.stop_kernels.assemble_predictor_input(ctx, ctx_idx, tgt_s, w.bfloat16(), b.bfloat16(),
+                                                               pos, None, seed, "learned", SIGMA)
+    return run
+
+
+def autocast(fn):
+    def run(*a):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(*a)
+    return run
+
+
+# ------------------------------------------------------------------------------------------
+@section("environment")
+def env():
+    import triton
+    p = torch.cuda.get_device_properties(0)
+    info = {"gpu": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+    RESULTS["env"] = info
+    for k, v in info.items():
+        print(f"{k}: {v}")
+
+
+def _check(name, value, tol):
+    ok = value <= tol
+    RESULTS["correctness"].append({"check": name, "rel_err": value, "tol": tol, "ok": ok})
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.3g} (tol {tol:g})", flush=True)
+
+
+@section("correctness at ViT-H sizes")
+def correctness():
+    from stop_kernels.ops.philox import draw_seed, philox_normal, philox_normal_triton
+    from stop_kernels.ops.predictor_input import assemble_predictor_input
+    from stop_kernels.ops.stop_embed import stop_embed
+    ctx, ctx_idx, tgt, w, b, pos = make_inputs()
+    # noise stream
+    seed = draw_seed(torch.Generator().manual_seed(1))
+    n_t = philox_normal_triton(seed, NPRED * B * NT, E, 1.0, device="cuda").double().cpu()
+    n_ref = philox_normal(seed, NPRED * B * NT, E, 1.0)
+    _check("triton noise vs philox_normal (max abs)", (n_t - n_ref).abs().max().item(), 1e-5 + 1e-5 * 6)
+    # fp32 forward + every gradient, fused vs reference backend (same seed → same noise)
+    outs = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().float().requires_grad_() for t in (ctx, w, b)]
+        pos_l = pos.clone().requires_grad_()
+        out = assemble_predictor_input(leaves[0], ctx_idx, tgt, leaves[1], leaves[2], pos_l, noise_std=SIGMA,
+                                       generator=torch.Generator().manual_seed(2), backend=backend)
+        go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+        grads = torch.autograd.grad(out, leaves + [pos_l], go)
+        outs[backend] = (out.detach(), [g.detach() for g in grads])
+    (o1, g1), (o2, g2) = outs["triton"], outs["reference"]
+    _check("fp32 predictor input", rel(o1, o2), 1e-5)
+    for name, a, c in zip(("dctx", "dW", "db", "dpos"), g1, g2):
+        _check(f"fp32 {name}", rel(a, c), 1e-5)
+    # bf16 autocast vs the fp32 reference
+    leaves = [t.detach().requires_grad_() for t in (ctx, w, b)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = assemble_predictor_input(leaves[0], ctx_idx, tgt, leaves[1], leaves[2], pos, noise_std=SIGMA,
+                                       generator=torch.Generator().manual_seed(2), backend="triton")
+    grads = torch.autograd.grad(out, leaves, go)
+    _check("bf16 autocast predictor input", rel(out, o2), 1e-2)
+    for name, a, c in zip(("dctx", "dW", "db"), grads, g2):
+        _check(f"bf16 autocast {name}", rel(a, c), 2e-2)
+    # stop_embed alone, [npred, B, Nt] indices
+    tgt_s = torch.stack(tgt)
+    for backend in ("triton", "reference"):
+        wl = w.detach().clone().requires_grad_()
+        out = stop_embed(pos, tgt_s, wl, b.detach(), noise_std=SIGMA, generator=torch.Generator().manual_seed(4),
+                         backend=backend)
+        (gw,) = torch.autograd.grad(out, wl, torch.ones_like(out))
+        outs[backend] = (out, gw)
+    _check("stop_embed fp32", rel(outs["triton"][0], outs["reference"][0]), 1e-5)
+    _check("stop_embed fp32 dW", rel(outs["triton"][1], outs["reference"][1]), 1e-5)
+
+
+def _peak_beyond(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    keep = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del keep
+    return peak / 2 ** 20
+
+
+@section("timing and memory (ViT-H/14, bf16 autocast)")
+def timing():
+    ctx, ctx_idx, tgt, w, b, pos = make_inputs()
+    contenders = {"fused": autocast(fused), "fused-op": autocast(make_fused_op(ctx_idx, tgt)),
+                  "eager": autocast(official)}
+    try:
+        contenders["compiled"] = autocast(torch.compile(official))
+    except Exception:
+        traceback.print_exc()
+    args = (ctx, ctx_idx, tgt, w, b, pos)
+    go = torch.randn(NPRED * B, NC + NT, D, device="cuda")
+    leaves = [ctx, w, b]
+    out_mib = go.numel() * 4 / 2 ** 20
+    for name, fn in contenders.items():
+        try:
+            for _ in range(2):  # warm up: compile / autotune
+                fn(*args).backward(go)
+            torch.cuda.synchronize()
+
+            def fwd():
+                return fn(*args)
+
+            def fwd_bwd():
+                fn(*args).backward(go)
+
+            t_f = bench(fwd)
+            t_fb = bench(fwd_bwd, grad_to_none=leaves)
+            for kind, t in (("forward", t_f), ("forward+backward", t_fb)):
+                nbytes, flops = work(kind != "forward")
+                roof = max(nbytes / (PEAK_TBPS * 1e12), flops / (PEAK_TFLOPS * 1e12)) * 1e3
+                row = {"impl": name, "pass": kind, "ms": t, "GB/s": nbytes / t / 1e6, "TFLOP/s": flops / t / 1e9,
+                       "bw_frac": nbytes / t / 1e9 / (PEAK_TBPS * 1e3), "flop_frac": flops / t / 1e9 / PEAK_TFLOPS,
+                       "x_roofline": t / roof}
+                RESULTS["timing"].append(row)
+                print(f"{name:9s} {kind:17s} {t:7.3f} ms  {row['GB/s']:7.0f} GB/s  {row['TFLOP/s']:6.1f} TFLOP/s  "
+                      f"{row['x_roofline']:5.1f}x roofline", flush=True)
+            for l_ in leaves:
+                l_.grad = None
+            m_f = _peak_beyond(fwd)
+            m_fb = _peak_beyond(lambda: fwd_bwd() or [l_.grad for l_ in leaves])
+            for l_ in leaves:
+                l_.grad = None
+            RESULTS["memory"].append({"impl": name, "forward_MiB": m_f, "forward+backward_MiB": m_fb,
+                                      "output_MiB": out_mib})
+            print(f"{name:9s} peak beyond inputs: forward {m_f:.1f} MiB, forward+backward {m_fb:.1f} MiB "
+                  f"(output {out_mib:.1f} MiB)", flush=True)
+        except Exception:
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            RESULTS["errors"].append({"section": f"timing {name}", "traceback": tb})
+
+
+@section("pytest suites of issue 3")
+def tests(budget_s: float):
+    left = max(30.0, budget_s - elapsed())
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_philox.py",
+           "tests/test_stop_embed.py", "tests/test_predictor_input.py"]
+    print(" ".join(cmd), f"(timeout {left:.0f}s)", flush=True)
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=left)
+        tail = (r.stdout + r.stderr)[-4000:]
+        RESULTS["tests"] = {"rc": r.returncode, "tail": tail}
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))[-4000:]
+        RESULTS["tests"] = {"rc": "timeout", "tail": tail}
+    print(RESULTS["tests"]["tail"], flush=True)
+
+
+def write(out_dir: str):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_stop_embed.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    env_ = RESULTS["env"]
+    lines = [f"# StoP fused ops on {env_.get('gpu', '?')} (torch {env_.get('torch')}, triton {env_.get('triton')})", "",
+             f"ViT-H/14: B={B}, npred={NPRED}, Nc={NC}, Nt={NT}, E={E}, D={D}, P={P}, bf16 autocast; "
+             f"do_bench median.", "",
+             "| impl | pass | ms | GB/s | TFLOP/s | × roofline |", "|---|---|---|---|---|---|"]
+    for r in RESULTS["timing"]:
+        lines.append(f"| {r['impl']} | {r['pass']} | {r['ms']:.3f} | {r['GB/s']:.0f} | {r['TFLOP/s']:.1f} | "
+                     f"{r['x_roofline']:.1f} |")
+    lines += ["", "| impl | peak fwd MiB | peak fwd+bwd MiB | output MiB |", "|---|---|---|---|"]
+    for m in RESULTS["memory"]:
+        lines.append(f"| {m['impl']} | {m['forward_MiB']:.1f} | {m['forward+backward_MiB']:.1f} | {m['output_MiB']:.1f} |")
+    lines += ["", "| correctness check | rel err | tol | ok |", "|---|---|---|---|"]
+    for c in RESULTS["correctness"]:
+        lines.append(f"| {c['check']} | {c['rel_err']:.3g} | {c['tol']:g} | {c['ok']} |")
+    lines += ["", f"pytest rc: {RESULTS['tests'].get('rc')}", f"errors: {len(RESULTS['errors'])} section(s)"]
+    with open(os.path.join(out_dir, "gpu_stop_embed.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=170.0)
+    ap.add_argument("--skip-tests", action="store_true")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+    env()
+    correctness()
+    timing()
+    if not a.skip_tests:
+        tests(a.budget_s)
+    lines = write(a.out)
+    # short table last
+    t = {(r["impl"], r["pass"]): r["ms"] for r in RESULTS["timing"]}
+    print("\n=== summary ===")
+    for kind in ("forward", "forward+backward"):
+        row = "  ".join(f"{impl} {t[(impl, kind)]:.3f}" for impl in ("fused", "fused-op", "eager", "compiled")
+                        if (impl, kind) in t)
+        speed = ""
+        if ("fused", kind) in t:
+            speed = "  speedup vs eager {:.1f}x, vs compiled {:.1f}x".format(
+                t.get(("eager", kind), float("nan")) / t[("fused", kind)],
+                t.get(("compiled", kind), float("nan")) / t[("fused", kind)])
+        print(f"{kind:17s} ms: {row}{speed}")
+    for m in RESULTS["memory"]:
+        print(f"peak beyond inputs {m['impl']:9s} fwd {m['forward_MiB']:.1f} MiB, fwd+bwd "
+              f"{m['forward+backward_MiB']:.1f} MiB (output {m['output_MiB']:.1f} MiB)")
+    bad = [c["check"] for c in RESULTS["correctness"] if not c["ok"]]
+    print(f"correctness: {len(RESULTS['correctness']) - len(bad)}/{len(RESULTS['correctness'])} ok"
+          + (f", FAILED: {bad}" if bad else ""), f"| pytest rc {RESULTS['tests'].get('rc')}",
+          f"| {len(RESULTS['errors'])} section error(s) | {elapsed():.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

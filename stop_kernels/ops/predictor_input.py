@@ -1,0 +1,183 @@
+"""Fused I-JEPA+StoP predictor input: ``[npred·B, Nc+Nt, D]`` written in place, no repeat/cat.
+
+Row ``k·B + b`` of the output (k < npred target blocks, b < B images) holds
+
+* columns ``[0, Nc)``: the context projection ``ctx[b]·Wᵀ + b_W + ψ[ctx_idx[b]]`` (the same for every
+  k: computed once by one GEMM and stored into all npred row groups from its epilogue);
+* columns ``[Nc, Nc+Nt)``: the masked tokens of target block k:
+  ``learned``   ψ[tgt] + n·Wᵀ + b_W, n ~ N(0, σ² I_E) (the StoP kernel, noise in registers),
+  ``isotropic`` ψ[tgt] + n,       n ~ N(0, σ² I_D),
+  ``none``      ψ[tgt] + mask_token.
+
+Noise row r runs over the masked tokens flattened row-major over ``[npred, B, Nt]``:
+``n = philox_normal(seed, npred·B·Nt, E or D, σ)`` with the seed drawn from the CPU generator.
+
+Backward (g = ∂L/∂out): the npred context-row groups are summed first, ``gctx = Σ_k g[k, :, :Nc]``,
+then ``dctx = gctx·W`` (one GEMM), ``dW = gctxᵀ·ctx + Σ_r g_masked[r]ᵀ n[r]`` (noise regenerated),
+``db = Σ gctx + Σ g_masked``, ``d mask_token = Σ g_masked``, ``dψ`` scatter-added by the indices.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .philox import draw_seed, philox_normal
+from .stop_embed import (BACKENDS, _noise_weight_grad_op, _out_dtype, autocast_dtype, check_backend,
+                         launch_pos_noise, launch_project, load_cuda_backend, scatter_rows)
+
+
+def _views(out: torch.Tensor, npred: int, B: int, Nc: int, Nt: int):
+    """(context rows of group 0 ``[B, Nc, D]``, masked rows ``[npred·B, Nt, D]``) of ``out``."""
+    D = out.shape[-1]
+    out3 = out.view(npred * B, Nc + Nt, D)
+    return out3[:B, :Nc], out3[:, Nc:]
+
+
+@torch.library.custom_op("stop_kernels::assemble_predictor_input", mutates_args=())
+def _assemble_op(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], pos_embed: torch.Tensor, mask_token: Optional[torch.Tensor],
+                 seed: torch.Tensor, noise_mode: str, noise_std: float) -> torch.Tensor:
+    npred, B, Nt = tgt_idx.shape
+    Nc, E = ctx.shape[1:]
+    D = weight.shape[0]
+    out = torch.empty((npred * B, Nc + Nt, D), dtype=_out_dtype(weight, pos_embed), device=weight.device)
+    ctx_rows, masked_rows = _views(out, npred, B, Nc, Nt)
+    # context: one GEMM ctx·Wᵀ + b + ψ[ctx_idx], its epilogue stores every row into the npred groups
+    launch_project(ctx_rows, ctx_idx.reshape(-1), pos_embed, weight, bias, a=ctx.reshape(B * Nc, E),
+                   copies=npred, stride_copy=B * (Nc + Nt) * D)
+    tgt = tgt_idx.reshape(-1)
+    if noise_mode == "learned":  # StoP: the noise GEMM writes straight into the masked slots
+        launch_project(masked_rows, tgt, pos_embed, weight, bias, seed=int(seed), noise_std=noise_std)
+    elif noise_mode == "isotropic":
+        launch_pos_noise(masked_rows, tgt, pos_embed.contiguous(), None, seed=int(seed), noise_std=noise_std)
+    else:
+        launch_pos_noise(masked_rows, tgt, pos_embed.contiguous(), mask_token.reshape(D).contiguous())
+    return out
+
+
+@_assemble_op.register_fake
+def _(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, mask_token, seed, noise_mode, noise_std):
+    npred, B, Nt = tgt_idx.shape
+    return weight.new_empty((npred * B, ctx.shape[1] + Nt, weight.shape[0]), dtype=_out_dtype(weight, pos_embed))
+
+
+def _assemble_setup(ctx, inputs, output):
+    """Save what backward needs: the context tokens (for dW), indices, W and the seed (never the noise)."""
+    x, ctx_idx, tgt_idx, weight, bias, pos_embed, mask_token, seed, noise_mode, noise_std = inputs
+    ctx.save_for_backward(x, ctx_idx, tgt_idx, weight, seed)
+    ctx.mode, ctx.noise_std = noise_mode, noise_std
+    ctx.meta = (x.dtype, bias.dtype if bias is not None else None, pos_embed.shape[0], pos_embed.dtype,
+                None if mask_token is None else (mask_token.shape, mask_token.dtype))
+
+
+def _assemble_backward(fctx, grad):
+    x, ctx_idx, tgt_idx, weight, seed = fctx.saved_tensors
+    ctx_dtype, bias_dtype, P, pos_dtype, mask_meta = fctx.meta
+    need_ctx, _, _, need_w, need_b, need_pos, need_mask = fctx.needs_input_grad[:7]
+    npred, B, Nt = tgt_idx.shape
+    Nc, E = x.shape[1:]
+    D = weight.shape[0]
+    g = grad.reshape(npred, B, Nc + Nt, D)
+    gctx = g[:, :, :Nc].sum(0, dtype=torch.float32)                   # [B, Nc, D]: npred groups summed first
+    gmask = grad.reshape(npred * B, Nc + Nt, D)[:, Nc:]               # [npred·B, Nt, D] view when possible
+    dctx = dw = db = dpos = dmask = None
+    if need_ctx:  # the single dX GEMM
+        dctx = (gctx.to(weight.dtype) @ weight).to(ctx_dtype)
+    if need_w:
+        dw = gctx.reshape(-1, D).t().to(x.dtype) @ x.reshape(-1, E)
+        if fctx.mode == "learned":
+            dw = dw.float() + _noise_weight_grad_op(gmask, weight, seed, fctx.noise_std)
+        dw = dw.to(weight.dtype)
+    if need_b:
+        db = gctx.sum((0, 1))
+        if fctx.mode == "learned":
+            db = db + gmask.sum((0, 1), dtype=torch.float32)
+        db = db.to(bias_dtype)
+    if need_mask and fctx.mode == "none":
+        shape, dtype = mask_meta
+        dmask = gmask.sum((0, 1), dtype=torch.float32).reshape(shape).to(dtype)
+    if need_pos:
+        dpos = scatter_rows(gctx, ctx_idx, P)
+        dpos = scatter_rows(gmask, tgt_idx, P, out=dpos).to(pos_dtype)
+    return dctx, None, None, dw, db, dpos, dmask, None, None, None
+
+
+torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assemble_backward,
+                                setup_context=_assemble_setup)
+
+
+@torch.compiler.disable
+def _checked_seed(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):
+    """Validate (eagerly, also under torch.compile) and draw the seed as a CPU int64 scalar tensor."""
+    tgt = reference.check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std,
+                                        mask_token)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    seed = draw_seed(generator) if noise_mode in ("learned", "isotropic") else 0
+    return tgt, torch.tensor(seed, dtype=torch.int64)
+
+
+def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], pos_embed: torch.Tensor, *,
+                             noise_mode: str = "learned", noise_std: float = 0.25,
+                             mask_token: Optional[torch.Tensor] = None,
+                             generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
+                             backend: str = "auto") -> torch.Tensor:
+    """The predictor input ``[npred·B, Nc+Nt, D]``, row order of :func:`stop_kernels.reference.assemble_predictor_input`.
+
+    Args:
+        ctx: ``[B, Nc, E]`` context tokens; ctx_idx: ``[B, Nc]`` their positions.
+        tgt_idx: ``npred`` tensors ``[B, Nt]`` or one ``[npred, B, Nt]`` of target positions.
+        weight, bias: ``[D, E]``, ``[D]`` (or None): the predictor's context projection.
+        pos_embed: ``[P, D]`` ψ. noise_mode: "learned" (StoP), "isotropic" or "none" (needs
+            ``mask_token`` with D elements). noise_std: σ ≥ 0.
+        generator: CPU generator of the per-call Philox seed (default generator when None).
+        noise: explicit already-scaled noise (``[npred, B, Nt, E]`` learned, ``[npred, B, Nt, D]``
+            isotropic) → computed by the reference path with that noise.
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else reference), "triton",
+            "reference" (same seed and Philox noise), "cuda" (the CUDA C++ backend).
+    Returns:
+        ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under CUDA autocast
+        ctx, W, b (and mask_token) are taken in the autocast dtype.
+    """
+    from .. import _checks as chk  # noqa: PLC0415
+    chk.choice("backend", backend, BACKENDS)
+    if backend == "cuda":
+        cuda = load_cuda_backend()
+        if not hasattr(cuda, "assemble_predictor_input"):
+            raise RuntimeError("backend='cuda': the CUDA backend has no assemble_predictor_input; use 'triton'")
+        return cuda.assemble_predictor_input(
+            ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode=noise_mode, noise_std=noise_std,
+            mask_token=mask_token, generator=generator, noise=noise)
+    if noise is not None:
+        return reference.assemble_predictor_input(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed,
+                                                  noise_mode=noise_mode, noise_std=noise_std,
+                                                  mask_token=mask_token, noise=noise)
+    tgt, seed = _checked_seed(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
+                              generator)
+    amp = autocast_dtype(weight.device)
+    if amp is not None:
+        ctx, weight = ctx.to(amp), weight.to(amp)
+        bias = bias.to(amp) if bias is not None else None
+        mask_token = mask_token.to(amp) if mask_token is not None else None
+    if ctx.dtype != weight.dtype:
+        raise TypeError(f"ctx: expected the dtype of weight ({weight.dtype}), got {ctx.dtype}")
+    dtypes = [t.dtype for t in (ctx, weight, bias, pos_embed, mask_token) if t is not None]
+    resolved = check_backend(backend, weight.device, dtypes)
+    npred, B, Nt = tgt.shape
+    if resolved == "reference":
+        if noise_mode == "none":
+            n = None
+        else:
+            width = weight.shape[1] if noise_mode == "learned" else weight.shape[0]
+            dtype = weight.dtype if noise_mode == "learned" else _out_dtype(weight, pos_embed)
+            n = philox_normal(int(seed), npred * B * Nt, width, float(noise_std))
+            n = n.to(device=weight.device, dtype=dtype).reshape(npred, B, Nt, width)
+        return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
+                                                  noise_std=noise_std, mask_token=mask_token, noise=n)
+    return _assemble_op(ctx, ctx_idx, tgt, weight, bias, pos_embed, mask_token, seed, noise_mode, float(noise_std))
+
+
+__all__ = ["assemble_predictor_input"]

@@ -1,0 +1,267 @@
+"""assemble_predictor_input: the fused predictor input equals the reference row for row, forward and backward."""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from stop_kernels import reference  # noqa: E402
+from stop_kernels.ops import stop_embed as se  # noqa: E402
+from stop_kernels.ops.philox import draw_seed, philox_normal  # noqa: E402
+from stop_kernels.ops.predictor_input import assemble_predictor_input  # noqa: E402
+from stop_kernels.ops.stop_embed import stop_embed  # noqa: E402
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = (["cpu"] if INTERP else []) + (["cuda"] if torch.cuda.is_available() else [])
+pytestmark = pytest.mark.skipif(not DEVICES, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+MODES = ("learned", "isotropic", "none")
+
+
+def gen(s):
+    return torch.Generator().manual_seed(s)
+
+
+def rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def sizes(device, npred=3):
+    """(B, Nc, Nt, npred, E, D, P): odd small sizes for the interpreter, ViT-H-like on the GPU."""
+    return (2, 5, 3, npred, 40, 24, 30) if device == "cpu" else (8, 74, 42, npred, 1280, 384, 256)
+
+
+def make(device, B, Nc, Nt, npred, E, D, P, dtype=torch.float32, seed=0, stacked=False):
+    g = gen(seed)
+    ctx = torch.randn(B, Nc, E, generator=g).to(device, dtype)
+    w = (torch.randn(D, E, generator=g) / math.sqrt(E)).to(device, dtype)
+    b = torch.randn(D, generator=g).to(device, dtype)
+    pos = torch.randn(P, D, generator=g).to(device)
+    mask = torch.randn(1, 1, D, generator=g).to(device, dtype)
+    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:Nc] for _ in range(B)]).to(device)
+    tgt = torch.randint(0, P, (npred, B, Nt), generator=g).to(device)
+    return ctx, ctx_idx, (tgt if stacked else list(tgt.unbind(0))), w, b, pos, mask
+
+
+def run(args, backend, mode, s=3, sigma=0.4, **kw):
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode=mode, noise_std=sigma,
+                                    mask_token=mask, generator=gen(s), backend=backend, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("npred", [1, 2, 6])
+def test_matches_reference_backend(device, mode, npred):
+    B, Nc, Nt, npred, E, D, P = sizes(device, npred)
+    args = make(device, B, Nc, Nt, npred, E, D, P, stacked=npred == 2)
+    out = run(args, "triton", mode)
+    ref = run(args, "reference", mode)
+    assert out.shape == (npred * B, Nc + Nt, D) and out.dtype == ref.dtype
+    assert rel(out, ref) <= 1e-5
+    # the context rows are the same in every target group
+    ctx_part = out.view(npred, B, Nc + Nt, D)[:, :, :Nc]
+    assert torch.equal(ctx_part, ctx_part[:1].expand_as(ctx_part))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_zero_noise_equals_reference(device, dtype, tol):
+    B, Nc, Nt, npred, E, D, P = sizes(device, 4)
+    ctx, ctx_idx, tgt, w, b, pos, mask = make(device, B, Nc, Nt, npred, E, D, P, dtype=dtype)
+    out = assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_std=0.0, backend="triton")
+    zeros = torch.zeros(npred, B, Nt, E, dtype=torch.float64, device=device)
+    ref = reference.assemble_predictor_input(ctx.double(), ctx_idx, tgt, w.double(), b.double(), pos.double(),
+                                             noise=zeros)
+    assert out.dtype == torch.float32  # fp32 ψ, as in the official predictor
+    assert rel(out, ref) <= tol
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_learned_rows_are_stop_embed_and_isotropic_rows_are_the_stream(device):
+    B, Nc, Nt, npred, E, D, P = sizes(device, 3)
+    args = make(device, B, Nc, Nt, npred, E, D, P, stacked=True)
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    out = run(args, "triton", "learned", s=7).view(npred, B, Nc + Nt, D)
+    masked = stop_embed(pos, tgt, w, b, noise_std=0.4, generator=gen(7), backend="triton")
+    assert rel(out[:, :, Nc:], masked) <= 1e-6
+    # isotropic: masked rows − ψ[tgt] are the Philox stream in width D, rows over [npred, B, Nt]
+    iso = run(args, "triton", "isotropic", s=7).view(npred, B, Nc + Nt, D)
+    n = (iso[:, :, Nc:] - pos[tgt]).reshape(-1, D).double().cpu()
+    twin = philox_normal(draw_seed(gen(7)), npred * B * Nt, D, 0.4)
+    assert (n - twin).abs().max().item() <= 1e-5 * 0.4 + 1e-5 * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["learned", "isotropic"])
+def test_explicit_noise_uses_it(device, mode):
+    B, Nc, Nt, npred, E, D, P = sizes(device, 2)
+    args = make(device, B, Nc, Nt, npred, E, D, P)
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    noise = torch.randn(npred, B, Nt, E if mode == "learned" else D, generator=gen(1)).to(device)
+    out = run(args, "auto", mode, noise=noise)
+    ref = reference.assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode=mode, noise=noise)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(not INTERP, reason="direct launcher check on the interpreter")
+def test_launchers_fill_every_slot_of_a_poisoned_output():
+    B, Nc, Nt, npred, E, D, P = sizes("cpu", 4)
+    ctx, ctx_idx, tgt, w, b, pos, mask = make("cpu", B, Nc, Nt, npred, E, D, P, stacked=True)
+    out = torch.full((npred * B, Nc + Nt, D), float("nan"))
+    out3 = out.view(npred * B, Nc + Nt, D)
+    se.launch_project(out3[:B, :Nc], ctx_idx.reshape(-1), pos, w, b, a=ctx.reshape(-1, E), copies=npred,
+                      stride_copy=B * (Nc + Nt) * D)
+    assert torch.isnan(out[:, Nc:]).all() and torch.isfinite(out[:, :Nc]).all()
+    se.launch_project(out3[:, Nc:], tgt.reshape(-1), pos, w, b, seed=5, noise_std=0.3)
+    assert torch.isfinite(out).all()
+    out[:, Nc:] = float("nan")
+    se.launch_pos_noise(out3[:, Nc:], tgt.reshape(-1), pos, mask.reshape(-1))
+    assert torch.equal(out[:, Nc:], (pos[tgt] + mask.reshape(-1)).reshape(npred * B, Nt, D))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+def leaves_of(args, dtype):
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    cast = [t.detach().to(dtype).requires_grad_() for t in (ctx, w, b, pos, mask)]
+    return cast, (cast[0], ctx_idx, tgt, cast[1], cast[2], cast[3], cast[4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("npred", [1, 4])
+def test_gradients_match_float64_reference(device, mode, npred):
+    """Triton (fp32) vs the float64 reference given the same Philox noise: every gradient."""
+    B, Nc, Nt, npred, E, D, P = sizes(device, npred)
+    args = make(device, B, Nc, Nt, npred, E, D, P, seed=npred)
+    leaves, targs = leaves_of(args, torch.float32)
+    out = run(targs, "triton", mode, s=npred)
+    go = torch.randn(out.shape, generator=gen(9)).to(device)
+    grads = torch.autograd.grad(out, leaves, go, allow_unused=True)
+    ref_leaves, rargs = leaves_of(args, torch.float64)
+    ref = run(rargs, "reference", mode, s=npred)  # philox noise in float64
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double(), allow_unused=True)
+    assert rel(out, ref) <= 1e-5
+    for name, got, want in zip(("ctx", "weight", "bias", "pos_embed", "mask_token"), grads, ref_grads):
+        if want is None:
+            assert got is None or not got.any(), name
+            continue
+        assert got.shape == want.shape and got.dtype == torch.float32, name
+        assert rel(got, want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_gradients_and_noncontiguous_inputs(device):
+    B, Nc, Nt, npred, E, D, P = sizes(device, 3)
+    ctx, ctx_idx, tgt, w, b, pos, mask = make(device, B, Nc, Nt, npred, E, D, P, stacked=True)
+    # non-contiguous: ctx via a transpose, ctx_idx via a column slice, W via a transposed buffer
+    ctx_nc = ctx.transpose(0, 1).contiguous().transpose(0, 1)
+    ctx_idx_nc = torch.cat([ctx_idx, ctx_idx], 1)[:, ::2]
+    w_nc = w.T.contiguous().T
+    tgt_nc = tgt.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (ctx_nc.is_contiguous() or ctx_idx_nc.is_contiguous() or w_nc.is_contiguous())
+    args = (ctx_nc, ctx_idx_nc, tgt_nc, w_nc, b, pos, mask)
+    assert rel(run(args, "triton", "learned"), run(args, "reference", "learned")) <= 1e-5
+    # bf16 (ψ stays fp32): every gradient within bf16 rounding of the float64 reference
+    leaves = [ctx_nc.bfloat16(), w_nc.bfloat16(), b.bfloat16(), pos]
+    leaves = [t.detach().clone() if i == 3 else t.detach() for i, t in enumerate(leaves)]
+    for t in leaves:
+        t.requires_grad_()
+    out = run((leaves[0], ctx_idx_nc, tgt_nc, leaves[1], leaves[2], leaves[3], mask), "triton", "learned")
+    go = torch.randn(out.shape, generator=gen(2)).to(device)
+    grads = torch.autograd.grad(out, leaves, go)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = run((ref_leaves[0], ctx_idx_nc, tgt_nc, ref_leaves[1], ref_leaves[2], ref_leaves[3], mask.double()),
+              "reference", "learned")
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+    assert rel(out, ref) <= 1e-2
+    for name, got, want in zip(("ctx", "weight", "bias", "pos_embed"), grads, ref_grads):
+        assert rel(got, want) <= 2e-2, name
+
+
+# ----------------------------------------------------------------------------------------------
+# errors, compile
+# ----------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_naming_the_argument():
+    args = make("cpu", *sizes("cpu", 2))
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    cases = [
+        (dict(ctx_idx=ctx_idx.float()), TypeError, "ctx_idx"),
+        (dict(ctx_idx=ctx_idx[:, :-1]), ValueError, "ctx_idx"),
+        (dict(tgt_idx=[t + 100 for t in tgt]), ValueError, "tgt_idx"),
+        (dict(tgt_idx=[tgt[0], tgt[1][:, :-1]]), ValueError, "tgt_idx"),
+        (dict(weight=w[:, :-1]), ValueError, "weight"),
+        (dict(pos_embed=pos[:, :-1]), ValueError, "pos_embed"),
+        (dict(noise_std=-1.0), ValueError, "noise_std"),
+        (dict(noise_mode="gaussian"), ValueError, "noise_mode"),
+        (dict(noise_mode="none", mask_token=None), ValueError, "mask_token"),
+        (dict(ctx=ctx.double()), TypeError, "ctx"),
+        (dict(backend="tpu"), ValueError, "backend"),
+        (dict(generator="seed"), TypeError, "generator"),
+        (dict(bias=b.to("meta")), ValueError, "bias"),
+    ]
+    for change, exc, name in cases:
+        kw = dict(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=w, bias=b, pos_embed=pos, mask_token=mask)
+        kw.update(change)
+        with pytest.raises(exc, match=name):
+            assemble_predictor_input(kw.pop("ctx"), kw.pop("ctx_idx"), kw.pop("tgt_idx"), kw.pop("weight"),
+                                     kw.pop("bias"), kw.pop("pos_embed"), **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeds_reproduce_and_none_mode_draws_nothing(device):
+    args = make(device, *sizes(device, 2))
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    torch.manual_seed(0)
+    a1 = assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos)
+    a2 = assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos)
+    torch.manual_seed(0)
+    assert torch.equal(assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos), a1) and not torch.equal(a1, a2)
+    state = torch.get_rng_state()
+    assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="none", mask_token=mask)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_and_torch_compile(device):
+    B, Nc, Nt, npred, E, D, P = sizes(device, 2) if device == "cpu" else (2, 5, 3, 2, 40, 24, 30)
+    ctx, ctx_idx, tgt, w, b, pos, mask = make(device, B, Nc, Nt, npred, E, D, P, stacked=True)
+    w.requires_grad_()
+    for mode in MODES:
+        torch.library.opcheck(torch.ops.stop_kernels.assemble_predictor_input.default,
+                              (ctx, ctx_idx, tgt, w, b, pos, mask, torch.tensor(draw_seed(gen(1))), mode, 0.3),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def f(g):
+        return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, generator=g).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager" if device == "cpu" else "inductor")
+    eager = f(gen(4))
+    (ge,) = torch.autograd.grad(eager, w)
+    for _ in range(2):
+        got = compiled(gen(4))
+        (gc,) = torch.autograd.grad(got, w)
+        assert rel(got, eager) <= 1e-5 and rel(gc, ge) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_autocast():
+    args = make("cuda", *sizes("cuda", 4))
+    ctx, ctx_idx, tgt, w, b, pos, mask = args
+    w.requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, generator=gen(1))
+    want = assemble_predictor_input(ctx.bfloat16(), ctx_idx, tgt, w.detach().bfloat16(), b.bfloat16(), pos,
+                                    generator=gen(1))
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    out.square().mean().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
