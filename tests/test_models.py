@@ -60,3 +60,15 @@ def test_predictor_bad_input():
         pred(z, [torch.tensor([[0, 1]])] * 2, [torch.tensor([[2]])])
     with pytest.raises(ValueError, match="tgt_idx"):
         pred(z, [torch.tensor([[0, 1]])], [torch.tensor([[4]])])
+
+
+def test_step_flops_match_the_anchors():
+    """ANCHORS.md: ViT-H/14, batch 64, 74 context / 42 target tokens, 4 blocks ≈ 20.6 + 17.9 + 3.8 + 1.1 TFLOP."""
+    from stop_kernels.models.flops import jepa_step_flops
+    f = jepa_step_flops(embed_dim=1280, depth=32, mlp_ratio=4.0, pred_dim=384, pred_depth=12, batch=64,
+                        num_patches=256, patch_size=14, n_ctx=74, n_tgt=42, npred=4)
+    assert f["target_forward"] / 1e12 == pytest.approx(20.6, abs=0.1)
+    assert f["context_fwd_bwd"] / 1e12 == pytest.approx(17.9, abs=0.1)
+    assert f["predictor_fwd_bwd"] / 1e12 == pytest.approx(3.8, abs=0.1)
+    assert f["attention"] / 1e12 == pytest.approx(1.1, abs=0.1)
+    assert f["total"] / 1e12 == pytest.approx(43.5, abs=0.3)

@@ -208,3 +208,14 @@ def test_attention_bad_input():
         R.attention(q, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
     with pytest.raises(TypeError, match="q"):
         R.attention(q.long(), q, q)
+
+
+def test_trusted_device_indices_keeps_cpu_checks():
+    from stop_kernels import trusted_device_indices
+    pos, W = torch.randn(4, 3), torch.randn(3, 2)
+    with trusted_device_indices():
+        with pytest.raises(ValueError, match="idx"):
+            R.stop_embed(pos, torch.tensor([4]), W, None, torch.randn(1, 2))
+    # outside the context the device check is on again (meta tensors cannot be read: shape checks only)
+    from stop_kernels import _checks
+    assert _checks._DEVICE_RANGE_CHECKS

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One prepared GPU session: build, correctness on the GPU, benchmarks. Results land in $OUT
+# (results.tgz holds every JSON/markdown file; log.txt the whole output) and a short table is
+# printed last.
+#
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests stop attn cuda train e2e bench
+#                                                 (default: all of them, in that order)
+# Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
+# costs only its own slot.
+set -u
+OUT=${OUT:-/tmp/stop_kernels_gpu}
+RES=/tmp/stop_kernels_results
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+unset TRITON_INTERPRET
+SECTIONS=${*:-env build tests stop attn cuda train e2e bench}
+SUMMARY=$RES/summary.txt
+: > "$SUMMARY"
+
+section() {  # section NAME LIMIT COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=================== $name (limit ${limit}s)"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RES/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: rc=$rc, $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+}
+
+for s in $SECTIONS; do
+  case $s in
+    env) section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
+         python -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"' ;;
+    build) section build ${SEC_BUILD:-240} bash -c 'MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
+           python -c "import stop_kernels; print(stop_kernels.backends())"' ;;
+    tests) section tests ${SEC_TESTS:-240} python -m pytest -q -x --timeout=200 -p no:cacheprovider \
+           tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
+           tests/test_cuda_backend.py ;;
+    stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" ;;
+    attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" ;;
+    cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
+    train) section train ${SEC_TRAIN:-300} bash benchmarks/gpu_train.sh "$RES/train" ;;
+    e2e) section e2e ${SEC_E2E:-360} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 15 --warmup 6 --out "$RES/e2e" ;;
+    bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+           --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
+    *) echo "unknown section $s" ;;
+  esac
+  tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
+done
+echo "=================== summary"
+cat "$SUMMARY"
+for f in "$RES"/*/*.md; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done

@@ -1,0 +1,53 @@
+"""Analytic matrix-multiply FLOPs of an I-JEPA + StoP training step (for TFLOP/s and MFU).
+
+Counts the multiply-adds of every Linear, the patch-embedding convolution, the StoP noise
+projection and attention (Q·Kᵀ and P·V), as 2 FLOPs each. Backward costs twice the forward
+(gradients of inputs and of weights); the target encoder runs forward only. Elementwise work
+(LayerNorm, GELU, softmax, the optimizer) is left out, as in the usual MFU convention.
+
+ViT-H/14 at 224, batch 64, 74 context and 42 target tokens, 4 blocks: target forward ≈ 20.6 TFLOP,
+context forward+backward ≈ 17.9, predictor ≈ 3.8, attention ≈ 1.1 (the numbers of ANCHORS.md).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+# dense bf16 tensor-core peak of the H100 / H200 SXM (datasheet); MFU is quoted against it
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def peak_tflops(device_name: str, default: float = 989.0) -> float:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return value
+    return default
+
+
+def transformer_flops(seqs: int, seqlen: float, width: int, depth: int, mlp_ratio: float = 4.0) -> Dict[str, float]:
+    """Forward FLOPs of ``depth`` pre-norm blocks over ``seqs`` sequences of ``seqlen`` tokens."""
+    tokens = seqs * seqlen
+    hidden = int(width * mlp_ratio)
+    linear = 2.0 * tokens * (3 * width * width + width * width + 2 * width * hidden) * depth
+    attention = 4.0 * seqs * seqlen * seqlen * width * depth
+    return {"linear": linear, "attention": attention}
+
+
+def jepa_step_flops(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: int, pred_depth: int,
+                    batch: int, num_patches: int, patch_size: int, n_ctx: float, n_tgt: float, npred: int,
+                    in_chans: int = 3) -> Dict[str, float]:
+    """FLOPs of one training step, by component (and ``total``)."""
+    patch = 2.0 * batch * num_patches * embed_dim * in_chans * patch_size ** 2
+    tgt = transformer_flops(batch, num_patches, embed_dim, depth, mlp_ratio)
+    ctx = transformer_flops(batch, n_ctx, embed_dim, depth, mlp_ratio)
+    seqs = npred * batch
+    pred = transformer_flops(seqs, n_ctx + n_tgt, pred_dim, pred_depth, 4.0)
+    # predictor_embed on the context tokens, StoP noise projection of the masked tokens, output proj
+    pred_io = 2.0 * (batch * n_ctx + seqs * n_tgt) * embed_dim * pred_dim + 2.0 * seqs * n_tgt * pred_dim * embed_dim
+    out = {
+        "target_forward": tgt["linear"] + patch,
+        "context_fwd_bwd": 3 * (ctx["linear"] + patch),
+        "predictor_fwd_bwd": 3 * (pred["linear"] + pred_io),
+        "attention": tgt["attention"] + 3 * ctx["attention"] + 3 * pred["attention"],
+    }
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,142 @@
+"""Packed (varlen) I-JEPA: ragged masks, no patch dropped.
+
+The official collator truncates every context and target mask to the batch minimum so masks stack
+into rectangles; the dropped patches are simply never seen. With ``MultiBlockMaskCollator(...,
+truncate=False)`` the masks stay ragged, and the functions here run the encoder and predictor on
+packed sequences: all tokens of all sequences along one axis ``[T, C]`` with ``cu_seqlens``
+(block-diagonal attention through :func:`stop_kernels.ops.attention.dispatch_attention`).
+
+Sequence order matches the rectangular path: context sequences by image; predictor sequences
+``s = k·B + b`` (target block k of image b) hold image b's context followed by its k-th block.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks as chk
+from .. import reference
+
+
+class Packed(NamedTuple):
+    """Tokens of several sequences along one axis."""
+    tokens: torch.Tensor        # [T, C]
+    cu_seqlens: torch.Tensor    # int32 [n + 1]
+    max_seqlen: int
+
+
+def _cu(lengths: Sequence[int], device) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
+    return cu.to(device)
+
+
+def check_ragged(name: str, masks, batch: int, num_patches: int) -> List[torch.Tensor]:
+    """A list of ``batch`` 1-D index tensors, each non-empty and within ``[0, num_patches)``."""
+    if not isinstance(masks, (list, tuple)) or len(masks) != batch:
+        raise ValueError(f"{name}: expected a list of {batch} 1-D index tensors (one per image)")
+    for i, m in enumerate(masks):
+        chk.index_tensor(f"{name}[{i}]", m, upper=num_patches, what=f"{num_patches} patches", ndim=1)
+        if m.numel() == 0:
+            raise ValueError(f"{name}[{i}]: expected at least one patch index")
+    return list(masks)
+
+
+def encode_packed(encoder, imgs: torch.Tensor, masks: Sequence[torch.Tensor]) -> Packed:
+    """Context encoder over ragged masks: ``imgs[B, C, H, W]``, ``masks[b]`` 1-D → packed ``[T, E]``."""
+    x = encoder.embed(imgs)
+    B = x.shape[0]
+    masks = check_ragged("masks", masks, B, encoder.num_patches)
+    lengths = [len(m) for m in masks]
+    rows = torch.repeat_interleave(torch.arange(B, device=x.device),
+                                   torch.tensor(lengths, device=x.device))
+    x = x[rows, torch.cat(list(masks))]
+    cu, max_len = _cu(lengths, x.device), max(lengths)
+    for blk in encoder.blocks:
+        x = blk(x, cu, max_len)
+    return Packed(encoder.norm(x), cu, max_len)
+
+
+class PredictorLayout(NamedTuple):
+    """Where every predictor token comes from and where the targets sit (host-built per batch)."""
+    src: torch.Tensor          # [T] row of cat([context rows, masked rows]) feeding each packed token
+    tgt_rows: torch.Tensor     # [Mt] packed positions of the target tokens, in (k, b, t) order
+    cu_seqlens: torch.Tensor   # [npred·B + 1]
+    max_seqlen: int
+
+
+def predictor_layout(ctx_lengths: Sequence[int], tgt_lengths: Sequence[Sequence[int]], device) -> PredictorLayout:
+    """Layout for sequences ``s = k·B + b`` = [context of b ; target block k of b]."""
+    B = len(ctx_lengths)
+    ctx_off = [0]
+    for n in ctx_lengths:
+        ctx_off.append(ctx_off[-1] + n)
+    n_ctx = ctx_off[-1]
+    src, tgt_rows, lengths = [], [], []
+    pos, t_off = 0, 0
+    for k, blocks in enumerate(tgt_lengths):
+        if len(blocks) != B:
+            raise ValueError(f"tgt_idx[{k}]: expected {B} per-image masks, got {len(blocks)}")
+        for b, nt in enumerate(blocks):
+            nc = ctx_lengths[b]
+            src.append(torch.arange(ctx_off[b], ctx_off[b] + nc))
+            src.append(torch.arange(n_ctx + t_off, n_ctx + t_off + nt))
+            tgt_rows.append(torch.arange(pos + nc, pos + nc + nt))
+            t_off += nt
+            pos += nc + nt
+            lengths.append(nc + nt)
+    return PredictorLayout(torch.cat(src).to(device), torch.cat(tgt_rows).to(device), _cu(lengths, device),
+                           max(lengths))
+
+
+def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
+                   tgt_masks: Sequence[Sequence[torch.Tensor]], *, noise: Optional[torch.Tensor] = None,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Predictor over packed sequences → predictions ``[Mt, E]`` for the target tokens in (k, b, t) order.
+
+    ``ctx_masks[b]`` are image b's context indices (as given to :func:`encode_packed`);
+    ``tgt_masks[k][b]`` its k-th target block. Masked rows use the predictor's ``noise_mode``; the
+    StoP rows come from the fused :func:`stop_kernels.ops.stop_embed.stop_embed` (noise generated in
+    registers), or from ``noise`` (``[Mt, E]`` / ``[Mt, D]``) when given.
+    """
+    from ..ops.stop_embed import stop_embed
+
+    B = len(ctx_masks)
+    P = predictor.num_patches
+    tgt = [check_ragged(f"tgt_idx[{k}]", blocks, B, P) for k, blocks in enumerate(tgt_masks)]
+    ctx_idx = torch.cat(check_ragged("ctx_idx", ctx_masks, B, P))
+    tgt_idx = torch.cat([m for blocks in tgt for m in blocks])
+    if ctx.tokens.shape[0] != ctx_idx.numel():
+        raise ValueError(f"ctx: expected {ctx_idx.numel()} packed tokens (the context masks), got {ctx.tokens.shape[0]}")
+    emb, pos = predictor.predictor_embed, predictor.predictor_pos_embed
+    c = F.linear(ctx.tokens, emb.weight, emb.bias) + pos[ctx_idx].to(ctx.tokens.dtype)
+    mode = predictor.noise_mode
+    if mode == "learned":
+        if noise is None:
+            masked = stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise_std=predictor.noise_std, generator=generator)
+        else:
+            masked = reference.stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise)
+    elif mode == "isotropic":
+        if noise is None:
+            noise = reference.draw_noise((tgt_idx.numel(), pos.shape[1]), noise_std=predictor.noise_std,
+                                         dtype=c.dtype, device=c.device, generator=generator)
+        masked = pos[tgt_idx] + noise
+    else:
+        masked = predictor.mask_token.reshape(-1) + pos[tgt_idx]
+    layout = predictor_layout([len(m) for m in ctx_masks], [[len(m) for m in blocks] for blocks in tgt], c.device)
+    # one gather builds every sequence; its backward sums the npred copies of each context row
+    z = torch.cat([c, masked.to(c.dtype)])[layout.src]
+    for blk in predictor.predictor_blocks:
+        z = blk(z, layout.cu_seqlens, layout.max_seqlen)
+    z = predictor.predictor_norm(z[layout.tgt_rows])
+    return predictor.predictor_proj(z)
+
+
+def packed_targets(h: torch.Tensor, tgt_masks: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """I-JEPA targets for ragged blocks: LayerNorm(h) rows in (k, b, t) order → ``[Mt, E]``."""
+    h = F.layer_norm(h, (h.size(-1),))
+    rows = torch.cat([torch.full((len(m),), b, dtype=torch.long, device=h.device)
+                      for blocks in tgt_masks for b, m in enumerate(blocks)])
+    return h[rows, torch.cat([m for blocks in tgt_masks for m in blocks])]

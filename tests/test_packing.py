@@ -1,0 +1,73 @@
+"""Packed (varlen) encoder and predictor: equal to the rectangular path when nothing is ragged,
+and equal to per-image runs when it is (no patch dropped)."""
+import pytest
+import torch
+
+from stop_kernels import reference
+from stop_kernels.data import MultiBlockMaskCollator
+from stop_kernels.models import predictor_for, vit_tiny
+from stop_kernels.models.packing import encode_packed, packed_targets, predict_packed
+
+
+def models(mode="learned", img=32):
+    torch.manual_seed(0)
+    enc = vit_tiny(img_size=img, patch_size=8).double().eval()
+    pred = predictor_for(enc, img_size=img, patch_size=8, predictor_embed_dim=48, depth=2, noise_mode=mode).double().eval()
+    return enc, pred
+
+
+@pytest.mark.parametrize("mode", ["learned", "isotropic", "none"])
+def test_packed_equals_rectangular(mode):
+    enc, pred = models(mode)
+    g = torch.Generator().manual_seed(1)
+    B, Nc, Nt, npred = 3, 6, 4, 2
+    imgs = torch.randn(B, 3, 32, 32, dtype=torch.float64, generator=g)
+    perm = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    ctx = perm[:, :Nc].sort(1).values
+    tgt = [perm[:, Nc + k * Nt: Nc + (k + 1) * Nt].sort(1).values for k in range(npred)]
+    width = 192 if mode == "learned" else 48
+    noise = torch.randn(npred, B, Nt, width, dtype=torch.float64, generator=g) * 0.25
+    with torch.no_grad():
+        z_rect = enc(imgs, [ctx])
+        p_rect = pred(z_rect, [ctx], tgt, noise=None if mode == "none" else noise)
+        packed = encode_packed(enc, imgs, list(ctx))
+        torch.testing.assert_close(packed.tokens, z_rect.reshape(-1, 192))
+        p_pack = predict_packed(pred, packed, list(ctx), [list(t) for t in tgt],
+                                noise=None if mode == "none" else noise.reshape(-1, width))
+    torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+
+
+def test_ragged_equals_per_image_and_keeps_every_patch():
+    enc, pred = models("none", img=64)
+    coll = MultiBlockMaskCollator(input_size=64, patch_size=8, min_keep=2, truncate=False, seed=4)
+    (imgs, _), menc, mpred = coll([(torch.randn(3, 64, 64, dtype=torch.float64), 0) for _ in range(3)])
+    assert len({len(m) for m in menc[0]}) > 1, "the case must be ragged"
+    ctx = menc[0]
+    with torch.no_grad():
+        packed = encode_packed(enc, imgs, ctx)
+        assert packed.tokens.shape[0] == sum(len(m) for m in ctx)
+        out = predict_packed(pred, packed, ctx, mpred)
+        assert out.shape[0] == sum(len(m) for blocks in mpred for m in blocks)
+        # each (k, b) sequence alone through the rectangular path
+        rows = []
+        for k, blocks in enumerate(mpred):
+            for b in range(3):
+                z = enc(imgs[b:b + 1], [ctx[b][None]])
+                rows.append(pred(z, [ctx[b][None]], [blocks[b][None]])[0])
+        torch.testing.assert_close(out, torch.cat(rows))
+        h = enc(imgs)
+        t = packed_targets(h, mpred)
+        want = torch.cat([reference.target_features(h[b:b + 1], [blocks[b][None]])[0]
+                          for blocks in mpred for b in range(3)])
+        torch.testing.assert_close(t, want)
+
+
+def test_packed_bad_input():
+    enc, pred = models()
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="masks"):
+        encode_packed(enc, imgs, [torch.tensor([0, 1])])
+    with pytest.raises(ValueError, match=r"masks\[1\]"):
+        encode_packed(enc, imgs, [torch.tensor([0, 1]), torch.tensor([16])])
+    with pytest.raises(ValueError, match=r"masks\[0\]"):
+        encode_packed(enc, imgs, [torch.tensor([], dtype=torch.long), torch.tensor([1])])
