@@ -1,0 +1,400 @@
+"""Triton flash attention (issue 4): forward and dq/dk/dv against a float64 reference.
+
+Tolerances (stated here, used below): outputs and gradients are compared elementwise as
+``|x - ref| <= atol + rtol·|ref|`` with a float64 reference computed from the same (rounded) inputs;
+gradients use atol scaled by the reference gradient's max magnitude (their scale grows with N).
+
+* float16:  forward atol = rtol = 1.5e-3;  gradients atol = 1e-2·max|ref|, rtol = 1e-2
+* bfloat16: forward atol = rtol = 1e-2; gradients atol = 4e-2·max|ref|, rtol = 4e-2
+* float32 (the IEEE fp32 path): atol = rtol = 1e-4 (forward and gradients)
+
+Every output is prefilled with NaN (``_POISON_OUTPUTS``) and must come back finite, so elements
+the kernels never write are caught. Inputs are fresh ``randn`` per case (never zeros).
+
+On CPU the kernels run through the Triton interpreter (conftest exports TRITON_INTERPRET=1): a
+subset that still covers every head dim and every odd N once, with batch 1 and 1–2 heads; the
+full product of head dims × N ∈ {1, 7, 64, 116, 150, 256, 257, 1000} × {fp16, bf16} runs on CUDA.
+"""
+import itertools
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from stop_kernels import reference  # noqa: E402
+from stop_kernels.ops import attention as A  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+HEAD_DIMS = [16, 24, 32, 40, 48, 64, 80, 96, 128]
+NS = [1, 7, 64, 116, 150, 256, 257, 1000]
+TOL = {  # dtype: (fwd atol, fwd rtol, grad atol relative to max|ref grad|, grad rtol)
+    torch.float16: (1.5e-3, 1.5e-3, 1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 1e-2, 4e-2, 4e-2),
+    torch.float32: (1e-4, 1e-4, 1e-4, 1e-4),
+}
+
+
+def _kernels_usable() -> bool:
+    if CUDA:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(A._attn_fwd_kernel, InterpretedFunction)
+
+
+pytestmark = pytest.mark.skipif(
+    not _kernels_usable(),
+    reason="no CUDA and stop_kernels.ops.attention was imported before TRITON_INTERPRET=1 was set")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(A, "_POISON_OUTPUTS", True)
+
+
+def _close(name, x, ref, atol, rtol):
+    x = x.double()
+    assert torch.isfinite(x).all(), f"{name}: non-finite elements (unwritten or overflow)"
+    err = (x - ref).abs()
+    bound = atol + rtol * ref.abs()
+    bad = err > bound
+    if os.environ.get("ATTN_TOL_REPORT"):
+        print(f"TOLREPORT {name} {x.dtype} ratio={(err / bound).max().item():.3f}")
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements off, max err "
+                           f"{err.max().item():.3e} (atol {atol:.1e}, rtol {rtol:.1e})")
+
+
+def _ref_grads(q, k, v, do, scale=None, cu_seqlens=None):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o = reference.attention(q64, k64, v64, scale=scale, cu_seqlens=cu_seqlens)
+    o.backward(do.double())
+    return o.detach(), q64.grad, k64.grad, v64.grad
+
+
+def _check(q, k, v, _unused, dtype, scale=None, cu_seqlens=None, max_seqlen=None):
+    """Run attention + backward on views q, k, v of the leaf/leaves; compare with float64."""
+    fa, fr, ga, gr = TOL[dtype]
+    o = A.attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    assert o.is_contiguous() and o.shape == q.shape and o.dtype == dtype
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_ref, *g_ref = _ref_grads(q, k, v, do, scale, cu_seqlens)
+    _close("o", o, o_ref, fa, fr)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, g_ref):
+        _close(name, g, r, ga * max(1.0, r.abs().max().item()), gr)
+
+
+def _qkv(B, N, H, D, dtype):
+    """q, k, v as strided views into one [B, N, 3, H, D] buffer (the fused QKV projection)."""
+    qkv = torch.randn(B, N, 3, H, D, device=DEV, dtype=dtype).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    return q, k, v, qkv
+
+
+# ------------------------------------------------------------------------------------------
+# forward + backward vs float64
+# ------------------------------------------------------------------------------------------
+if CUDA:
+    CASES = [(D, N, dt) for D, N, dt in itertools.product(HEAD_DIMS, NS, (torch.float16, torch.bfloat16))]
+else:  # every head dim and every N at least once, dtypes alternating
+    _ns = [1, 7, 116, 150, 257, 64, 256, 7, 150]
+    CASES = [(D, N, (torch.float16, torch.bfloat16)[i % 2]) for i, (D, N) in enumerate(zip(HEAD_DIMS, _ns))]
+    CASES += [(16, 1000, torch.bfloat16), (24, 116, torch.bfloat16), (80, 64, torch.float16)]
+
+
+@pytest.mark.parametrize("D,N,dtype", CASES, ids=[f"D{d}-N{n}-{str(t)[6:]}" for d, n, t in CASES])
+def test_forward_backward_vs_float64(D, N, dtype):
+    torch.manual_seed(1000 * D + N)
+    B, H = (2, 3) if CUDA else (1, 2 if N <= 257 else 1)
+    q, k, v, _ = _qkv(B, N, H, D, dtype)
+    _check(q, k, v, None, dtype)
+
+
+@pytest.mark.parametrize("variant", ["fused", "split"])
+@pytest.mark.parametrize("N", [33, 150])
+def test_both_backward_variants(variant, N):
+    """The one-program-per-(sequence, head) backward and the dQ + dK/dV pair agree with float64."""
+    torch.manual_seed(N)
+    cfg = dict(VARIANT=variant, BLOCK_M=32, BLOCK_N=16 if variant == "fused" else 32, num_warps=4, num_stages=1)
+    q, k, v, _ = _qkv(1, N, 2, 24, torch.float16)
+    with A._force_config(bwd=cfg):
+        _check(q, k, v, None, torch.float16)
+
+
+@pytest.mark.parametrize("fwd", [dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1, HEADS=2),
+                                 dict(BLOCK_M=32, BLOCK_N=256, num_warps=4, num_stages=1, HEADS=1)])
+def test_forward_configs(fwd):
+    """Multi-block online softmax (16-key blocks), two heads per program, and one whole-sequence tile."""
+    torch.manual_seed(7)
+    q, k, v, _ = _qkv(1, 150, 2, 24, torch.bfloat16)
+    with A._force_config(fwd=fwd):
+        _check(q, k, v, None, torch.bfloat16)
+
+
+def test_float32_path_and_scale():
+    torch.manual_seed(3)
+    q, k, v, _ = _qkv(1, 37, 2, 40, torch.float32)
+    _check(q, k, v, None, torch.float32, scale=0.3)
+
+
+def test_arbitrary_strides():
+    """q from a [B, H, N, D] tensor (transposed view), k with a padded last-but-one stride, v contiguous."""
+    torch.manual_seed(4)
+    dt = torch.float16
+    B, N, H, D = 2, 19, 2, 24
+    q = torch.randn(B, H, N, D, device=DEV, dtype=dt).transpose(1, 2).requires_grad_()
+    kbig = torch.randn(B, N, H, D + 8, device=DEV, dtype=dt)
+    k = kbig[..., :D].requires_grad_()
+    v = torch.randn(B, N, H, D, device=DEV, dtype=dt).requires_grad_()
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check(q, k, v, None, dt)
+    o = A.attention(q, k, v)
+    assert o.is_contiguous() and o.reshape(B, N, H * D).data_ptr() == o.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------
+# varlen
+# ------------------------------------------------------------------------------------------
+VARLEN_LENS = [1, 7, 150, 256, 3] if CUDA else [1, 7, 33, 20, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_matches_each_sequence_alone(dtype):
+    torch.manual_seed(5)
+    H, D = 2, 24
+    T = sum(VARLEN_LENS)
+    cu = torch.tensor([0] + list(itertools.accumulate(VARLEN_LENS)), dtype=torch.int32, device=DEV)
+    qkv = torch.randn(T, 3, H, D, device=DEV, dtype=dtype).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    _check(q, k, v, None, dtype, cu_seqlens=cu)  # vs float64 block-diagonal reference
+    o = A.attention(q, k, v, cu_seqlens=cu)
+    do = torch.randn_like(o)
+    g = torch.autograd.grad(o, (q, k, v), do)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        qi, ki, vi = (t[a:b].detach().unsqueeze(0).requires_grad_() for t in (q, k, v))
+        oi = A.attention(qi, ki, vi)
+        gi = torch.autograd.grad(oi, (qi, ki, vi), do[a:b].unsqueeze(0))
+        torch.testing.assert_close(o[a:b], oi[0], atol=0, rtol=0, msg=f"sequence {i}: packed != alone")
+        for name, x, y in zip(("dq", "dk", "dv"), g, gi):
+            torch.testing.assert_close(x[a:b], y[0], atol=1e-3, rtol=1e-3, msg=f"sequence {i} {name}")
+
+
+def test_varlen_cpu_cu_seqlens_and_max_seqlen():
+    torch.manual_seed(6)
+    lens = [5, 0, 12]
+    T = sum(lens)
+    cu = torch.tensor([0, 5, 5, 17], dtype=torch.int64)  # on the CPU, int64, one empty sequence
+    q, k, v = (torch.randn(T, 2, 16, device=DEV, dtype=torch.float16).requires_grad_() for _ in range(3))
+    _check(q, k, v, None, torch.float16, cu_seqlens=cu, max_seqlen=16)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+def _t(*shape, dtype=torch.float16, device=DEV):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def test_bad_inputs():
+    q = _t(1, 8, 2, 24)
+    with pytest.raises(ValueError, match="k"):
+        A.attention(q, _t(1, 9, 2, 24), _t(1, 9, 2, 24))
+    with pytest.raises(ValueError, match="v"):
+        A.attention(q, _t(1, 8, 2, 24), _t(1, 8, 2, 32))
+    with pytest.raises(TypeError, match="k"):
+        A.attention(q, _t(1, 8, 2, 24, dtype=torch.bfloat16), _t(1, 8, 2, 24))
+    with pytest.raises(TypeError, match="q"):
+        A.attention(q.double(), q.double(), q.double())
+    with pytest.raises(TypeError, match="q"):
+        A.attention(None, q, q)
+    with pytest.raises(ValueError, match="head dim"):
+        A.attention(_t(1, 8, 2, 20), _t(1, 8, 2, 20), _t(1, 8, 2, 20))  # not a multiple of 8
+    with pytest.raises(ValueError, match="head dim"):
+        A.attention(_t(1, 8, 1, 136), _t(1, 8, 1, 136), _t(1, 8, 1, 136))  # > 128
+    with pytest.raises(ValueError, match="layout"):
+        A.attention(_t(8, 2, 24), _t(8, 2, 24), _t(8, 2, 24))  # 3-d without cu_seqlens
+    with pytest.raises(ValueError, match="max_seqlen"):
+        A.attention(q, q, q, max_seqlen=4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a second device (CUDA) to mismatch devices")
+def test_bad_devices():
+    q = _t(1, 8, 2, 24)
+    with pytest.raises(ValueError, match="k"):
+        A.attention(q, q.cpu(), q)
+
+
+def test_bad_devices_cpu_kernel_without_interpreter(monkeypatch):
+    monkeypatch.setattr(A, "_INTERPRET", False)
+    q = _t(1, 8, 2, 24, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        A.attention(q, q, q)
+
+
+@pytest.mark.parametrize("cu,msg", [
+    ([1, 4, 10], "start at 0"),
+    ([0, 6, 4, 10], "non-decreasing"),
+    ([0, 4, 9], "end at"),
+    ([0, 4, 11], "end at"),
+])
+def test_bad_cu_seqlens(cu, msg):
+    q = _t(10, 2, 24)
+    with pytest.raises(ValueError, match=msg):
+        A.attention(q, q, q, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match=msg):
+        A.dispatch_attention(q, q, q, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEV), backend="sdpa")
+
+
+def test_bad_cu_seqlens_kind():
+    q = _t(10, 2, 24)
+    with pytest.raises(TypeError, match="cu_seqlens"):
+        A.attention(q, q, q, cu_seqlens=torch.tensor([0.0, 10.0], device=DEV))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        A.attention(q, q, q, cu_seqlens=torch.tensor([[0, 10]], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        A.attention(q, q, q, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32, device=DEV), max_seqlen=4)
+
+
+def test_cu_seqlens_checked_again_after_in_place_change():
+    q = _t(10, 2, 24)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEV)
+    A.attention(q, q, q, cu_seqlens=cu)
+    cu[2] = 9
+    with pytest.raises(ValueError, match="end at"):
+        A.attention(q, q, q, cu_seqlens=cu)
+
+
+# ------------------------------------------------------------------------------------------
+# dispatcher
+# ------------------------------------------------------------------------------------------
+def _available_backends():
+    out = ["triton", "sdpa", "reference", "auto"]
+    try:
+        import xformers.ops  # noqa: F401
+        out.append("xformers")
+    except Exception:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+@pytest.mark.parametrize("varlen", [False, True])
+def test_dispatch_backends_forced(backend, varlen):
+    torch.manual_seed(8)
+    dt = torch.float16 if CUDA else torch.float32
+    if varlen:
+        cu = torch.tensor([0, 3, 12, 20], dtype=torch.int32, device=DEV)
+        q, k, v = (_t(20, 2, 24, dtype=dt) for _ in range(3))
+    else:
+        cu = None
+        q, k, v = (_t(2, 13, 2, 24, dtype=dt) for _ in range(3))
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens=cu)
+    with A.use_attention_backend(backend):
+        assert A.get_attention_backend() == backend
+        o = A.dispatch_attention(q, k, v, cu_seqlens=cu)
+    o2 = A.dispatch_attention(q, k, v, cu_seqlens=cu, backend=backend)
+    tol = 2e-3 if dt == torch.float16 else 1e-4
+    torch.testing.assert_close(o.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(o2.double(), ref, atol=tol, rtol=tol)
+
+
+def test_dispatch_auto_choices(monkeypatch):
+    q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32)
+    monkeypatch.delenv("STOP_KERNELS_ATTENTION", raising=False)
+    assert A._resolve_auto(q) == "sdpa"  # CPU: fast path for the model tests
+    monkeypatch.setenv("STOP_KERNELS_ATTENTION", "triton")
+    monkeypatch.setattr(A, "_INTERPRET", True)
+    assert A._resolve_auto(q) == "triton"
+    assert A._resolve_auto(_t(1, 8, 2, 20, device="cpu", dtype=torch.float32)) == "sdpa"  # head dim 20
+    if CUDA:
+        assert A._resolve_auto(_t(1, 8, 2, 24)) == "triton"
+        assert A._resolve_auto(_t(1, 8, 2, 20)) == "sdpa"
+        assert A._resolve_auto(_t(1, 8, 1, 256)) == "sdpa"
+        assert A._resolve_auto(_t(1, 8, 2, 24, dtype=torch.float32)) == "sdpa"
+
+
+def test_dispatch_unsupported_head_dim_falls_back():
+    torch.manual_seed(9)
+    q, k, v = (_t(1, 9, 2, 20, dtype=torch.float32) for _ in range(3))
+    o = A.dispatch_attention(q, k, v, backend="auto")
+    torch.testing.assert_close(o, reference.attention(q, k, v), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="head dim"):
+        A.dispatch_attention(q, k, v, backend="triton")
+
+
+def test_dispatch_bad_backend_and_set():
+    q = _t(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="backend"):
+        A.dispatch_attention(q, q, q, backend="nope")
+    with pytest.raises(ValueError, match="name"):
+        A.set_attention_backend("nope")
+    old = A.get_attention_backend()
+    try:
+        A.set_attention_backend("reference")
+        assert A.get_attention_backend() == "reference"
+    finally:
+        A.set_attention_backend(old)
+
+
+def test_xformers_backend_error_or_result():
+    q = _t(1, 8, 2, 32)
+    try:
+        import xformers.ops  # noqa: F401
+        has = True
+    except Exception:
+        has = False
+    if not has:
+        with pytest.raises(RuntimeError, match="xformers"):
+            A.dispatch_attention(q, q, q, backend="xformers")
+    else:
+        try:
+            A.dispatch_attention(q, q, q, backend="xformers")
+        except RuntimeError as e:
+            assert "xformers" in str(e)
+
+
+# ------------------------------------------------------------------------------------------
+# torch.library op and torch.compile
+# ------------------------------------------------------------------------------------------
+def test_opcheck_custom_op():
+    torch.manual_seed(10)
+    q, k, v = (_t(1, 9, 2, 16, dtype=torch.float32).requires_grad_() for _ in range(3))
+    torch.library.opcheck(torch.ops.stop_kernels.flash_attn_fwd.default, (q, k, v, None, 9, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_torch_compile():
+    """fullgraph compile of a function calling attention: Inductor on CUDA; on CPU the aot_eager
+    backend (traces the fake + autograd registrations, then runs the interpreted kernels; Inductor's
+    C++ codegen around an interpreted Triton op adds minutes and tests nothing more of this op)."""
+    torch.manual_seed(11)
+    dt = torch.float16 if CUDA else torch.float32
+    qkv = torch.randn(2, 17, 3, 2, 24, device=DEV, dtype=dt, requires_grad=True)
+
+    def f(x):
+        q, k, v = x.unbind(2)
+        return A.attention(q, k, v).reshape(2, 17, 48).float().square().sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    loss = cf(qkv)
+    (g,) = torch.autograd.grad(loss, qkv)
+    loss_e = f(qkv)
+    (g_e,) = torch.autograd.grad(loss_e, qkv)
+    torch.testing.assert_close(loss, loss_e, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(g, g_e, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not CUDA, reason="config timing/caching only runs on CUDA (interpreter uses the heuristic)")
+def test_tune_cache_per_bucket():
+    q, k, v, _ = _qkv(2, 100, 2, 24, torch.bfloat16)
+    A.attention(q, k, v)
+    key = ("fwd", 128, 24, torch.bfloat16, False)
+    assert key in A._TUNE_CACHE
+    n = len(A._TUNE_CACHE)
+    q, k, v, _ = _qkv(2, 120, 2, 24, torch.bfloat16)  # same bucket: no new entry
+    A.attention(q, k, v)
+    assert len(A._TUNE_CACHE) == n
