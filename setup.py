@@ -32,12 +32,13 @@ def cuda_extensions():
         return [], {}, "nvcc not found"
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return [], {}, "no GPU visible and TORCH_CUDA_ARCH_LIST unset"
+    # torch picks the C++ standard itself (C++20 from torch 2.10 on); no fast-math: the noise
+    # stream needs IEEE logf/sqrtf/sincospif to match the Triton kernels and the NumPy twin
     ext = CUDAExtension(
         name="stop_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}, None
 

@@ -9,9 +9,11 @@ Public API:
     reference                              pure-PyTorch twins of every op
     load_official_checkpoint               official I-JEPA / StoP checkpoints → project models
     trusted_device_indices                 skip the host-syncing index range checks in hot loops
+    backends()                             which backends (reference, triton, cuda, xformers) are usable here
 """
 from . import reference
 from ._checks import trusted_device_indices
+from .backends import backends
 from .models import load_official_checkpoint
 from .ops.attention import (attention, dispatch_attention, get_attention_backend, set_attention_backend,
                             use_attention_backend)
@@ -20,6 +22,6 @@ from .ops.stop_embed import stop_embed
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "trusted_device_indices", "load_official_checkpoint", "assemble_predictor_input",
+__all__ = ["reference", "trusted_device_indices", "backends", "load_official_checkpoint", "assemble_predictor_input",
            "stop_embed", "attention", "dispatch_attention", "get_attention_backend", "set_attention_backend",
            "use_attention_backend", "__version__"]

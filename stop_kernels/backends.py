@@ -1,0 +1,89 @@
+"""What this installation can run: ``stop_kernels.backends()``.
+
+>>> import stop_kernels; stop_kernels.backends()
+{'reference': True, 'triton': False, 'cuda': False, 'xformers': False,
+ 'reasons': {'triton': '...', 'cuda': 'not built: ...', 'xformers': '...'}}
+
+Nothing here compiles or launches anything: it only imports (the Triton / xformers packages and the
+compiled extension ``stop_kernels._C``) and looks at the environment.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+from typing import Dict, Tuple
+
+import torch
+
+
+def _triton() -> Tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # a broken install
+        return False, f"triton fails to import: {type(exc).__name__}: {exc}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "TRITON_INTERPRET=1: kernels run in the Triton CPU interpreter"
+    if torch.cuda.is_available():
+        return True, ""
+    return False, "triton is installed but no CUDA device is visible (set TRITON_INTERPRET=1 for the CPU interpreter)"
+
+
+def _cuda_not_built_reason() -> str:
+    """Why ``stop_kernels._C`` was most likely not built (setup.py builds it only when all hold)."""
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch has no CUDA")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        reasons.append("nvcc missing")
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        reasons.append("no GPU at build time and TORCH_CUDA_ARCH_LIST unset")
+    if not reasons:
+        reasons.append("the package was installed without building it (run `pip install --no-build-isolation -e .`)")
+    return "not built: " + " / ".join(reasons)
+
+
+def _cuda() -> Tuple[bool, str]:
+    from .ops import cuda_backend
+
+    if cuda_backend.available():
+        if not torch.cuda.is_available():
+            return True, "built, but no CUDA device is visible: calls will fail"
+        return True, ""
+    err = cuda_backend.load_error()
+    if "No module named 'stop_kernels._C'" in err:
+        return False, _cuda_not_built_reason()
+    return False, f"built but fails to load: {err}"
+
+
+def _xformers() -> Tuple[bool, str]:
+    if importlib.util.find_spec("xformers") is None:
+        return False, "xformers is not installed"
+    try:
+        importlib.import_module("xformers")
+    except Exception as exc:
+        return False, f"xformers fails to import: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def backends() -> Dict[str, object]:
+    """Which implementations are usable here: ``{"reference", "triton", "cuda", "xformers"}`` → bool,
+    plus ``"reasons"``: for each backend that is unavailable (or usable with a caveat), why."""
+    result: Dict[str, object] = {"reference": True}
+    reasons: Dict[str, str] = {}
+    for name, probe in (("triton", _triton), ("cuda", _cuda), ("xformers", _xformers)):
+        try:
+            ok, why = probe()
+        except Exception as exc:  # a probe must never break `import stop_kernels`
+            ok, why = False, f"probe failed: {type(exc).__name__}: {exc}"
+        result[name] = ok
+        if why:
+            reasons[name] = why
+    result["reasons"] = reasons
+    return result
+
+
+__all__ = ["backends"]

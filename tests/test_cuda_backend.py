@@ -1,0 +1,478 @@
+"""The CUDA C++ backend (``stop_kernels._C``, sources in ``csrc/``).
+
+Runs everywhere:
+  * ``backends()`` says whether the extension is usable and why not;
+  * the Philox constants / uniform mapping in ``csrc/`` are those of ``stop_kernels/ops/philox.py``;
+  * host emulation: ``csrc/philox.cuh`` compiled as a small host program (g++ or nvcc) reproduces
+    :func:`philox_normal`, including the tails of ln u that float32 rounding of u would spoil;
+  * argument validation that happens before any device work.
+
+Runs on a CUDA machine with the extension built (otherwise skipped with the reason):
+  * the device noise stream == ``philox_normal`` element for element (direct op and through the fused
+    kernel with E = D, weight = I: fp32 within 1e-5·σ absolute, bf16 within one bf16 rounding);
+  * outputs and gradients against the reference given that noise (fp32 and bf16 tolerances below);
+  * CUDA vs Triton with the same seed (when the Triton op is importable);
+  * statistics over 10⁵ tokens, odd shapes, non-contiguous inputs, autocast, bad inputs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stop_kernels import reference as ref
+from stop_kernels.ops import cuda_backend as cb
+from stop_kernels.ops import philox
+from stop_kernels.ops.philox import draw_seed, philox_normal
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+
+HAS_GPU = torch.cuda.is_available()
+GPU_REASON = ("no CUDA device visible" if not HAS_GPU else
+              f"stop_kernels._C is not available: {cb.load_error()}" if not cb.available() else "")
+needs_cuda = pytest.mark.skipif(bool(GPU_REASON), reason=GPU_REASON or "ok")
+
+
+# ================================================================================================
+# CPU-runnable
+# ================================================================================================
+def test_backends_reports_cuda_status():
+    from stop_kernels.backends import backends
+
+    info = backends()
+    assert info["reference"] is True
+    assert set(info) >= {"reference", "triton", "cuda", "xformers", "reasons"}
+    assert info["cuda"] == (cb.available() and True)
+    if not cb.available():
+        # here (no extension built): unavailable, with a reason that says why
+        assert info["cuda"] is False
+        assert info["reasons"]["cuda"], "backends() must say why cuda is unavailable"
+        assert cb.load_error()
+        with pytest.raises(RuntimeError, match="not available"):
+            cb._ops()
+
+
+def _cuh_constants():
+    text = (CSRC / "philox.cuh").read_text()
+    consts = {}
+    for name in ("PHILOX_M0", "PHILOX_M1", "PHILOX_W0", "PHILOX_W1"):
+        m = re.search(rf"constexpr\s+uint32_t\s+{name}\s*=\s*(0x[0-9A-Fa-f]+)u?\s*;", text)
+        assert m, f"{name} not found in csrc/philox.cuh"
+        consts[name] = int(m.group(1), 16)
+    for name in ("PHILOX_ROUNDS", "UNIFORM_SHIFT"):
+        m = re.search(rf"constexpr\s+int\s+{name}\s*=\s*([0-9]+)\s*;", text)
+        assert m, f"{name} not found in csrc/philox.cuh"
+        consts[name] = int(m.group(1))
+    return text, consts
+
+
+def test_csrc_noise_constants_match_philox_py():
+    text, consts = _cuh_constants()
+    assert consts["PHILOX_M0"] == philox.PHILOX_M0
+    assert consts["PHILOX_M1"] == philox.PHILOX_M1
+    assert consts["PHILOX_W0"] == philox.PHILOX_W0
+    assert consts["PHILOX_W1"] == philox.PHILOX_W1
+    assert consts["PHILOX_ROUNDS"] == philox.PHILOX_ROUNDS
+    # philox.py: u = (2·(x >> 9) + 1)·2⁻²⁴ → the shift agrees with uniform_from_bits
+    xs = np.array([0, 511, 512, 0x80000000, 0xFFFFFFFF, 0x12345678], dtype=np.uint64)
+    shift = consts["UNIFORM_SHIFT"]
+    mine = (((xs >> np.uint64(shift)) * np.uint64(2)) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
+    np.testing.assert_array_equal(mine, philox.uniform_from_bits(xs))
+    allowed_words = {philox.PHILOX_M0, philox.PHILOX_M1, philox.PHILOX_W0, philox.PHILOX_W1, philox.MASK32}
+    allowed_scales = {2.0 ** -24, 2.0 ** -23}  # u = v·2⁻²⁴, 2u = v·2⁻²³
+    for path in sorted(CSRC.glob("*.cu*")) + sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
+        src = path.read_text()
+        # every 32-bit word constant is one of philox.py's (no stray / mistyped multiplier or key bump)
+        for h in re.findall(r"0x([0-9A-Fa-f]{8})(?:u|ull|ul)?\b", src):
+            assert int(h, 16) in allowed_words, f"{path.name}: 32-bit constant 0x{h} is not one of philox.py's"
+        # every tiny float literal (the uniform's scale, the angle's 2u scale) is 2^-24 or 2^-23
+        for lit in re.findall(r"\b([0-9]+\.[0-9]+e-0?[0-9]+)f\b", src):
+            if float(lit) < 1e-6:
+                assert float(lit) in allowed_scales, f"{path.name}: float literal {lit} is not 2^-24 or 2^-23"
+    # the quarter-column counter layout (r, q, 0, 0) and key split (lo32, hi32)
+    assert re.search(r"philox4x32_10\(\s*r\s*,\s*q\s*,\s*0u\s*,\s*0u\s*,\s*k0\s*,\s*k1\s*\)", text)
+    assert "seed & 0xffffffffull" in text and "seed >> 32" in text
+
+
+_EMU_SRC = r"""
+#include "philox.cuh"
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+using namespace stop_kernels;
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "noise") == 0) {          // noise seed rows E sigma row_start
+    unsigned long long seed = std::strtoull(argv[2], nullptr, 10);
+    long rows = std::atol(argv[3]); int E = std::atoi(argv[4]); float sigma = (float)std::atof(argv[5]);
+    long row_start = std::atol(argv[6]);
+    uint32_t k0, k1; seed_to_key(seed, &k0, &k1);
+    const int E4 = (E + 3) / 4;
+    float* row = new float[E];
+    for (long r = 0; r < rows; ++r) {
+      for (int q = 0; q < E4; ++q) {
+        float n[4]; stop_noise4((uint32_t)(row_start + r), (uint32_t)q, k0, k1, sigma, n);
+        for (int s = 0; s < 4; ++s) if (s * E4 + q < E) row[s * E4 + q] = n[s];
+      }
+      for (int c = 0; c < E; ++c) std::printf("%.9e\n", row[c]);
+    }
+    delete[] row;
+  } else if (argc > 1 && std::strcmp(argv[1], "log") == 0) {     // log x...: ln u for each word
+    for (int i = 2; i < argc; ++i) std::printf("%.9e\n", log_uniform((uint32_t)std::strtoul(argv[i], nullptr, 10)));
+  } else if (argc > 1 && std::strcmp(argv[1], "philox") == 0) {  // philox c0 c1 k0 k1
+    Philox4 w = philox4x32_10((uint32_t)std::strtoul(argv[2], nullptr, 10), (uint32_t)std::strtoul(argv[3], nullptr, 10),
+                              0u, 0u, (uint32_t)std::strtoul(argv[4], nullptr, 10), (uint32_t)std::strtoul(argv[5], nullptr, 10));
+    std::printf("%u %u %u %u\n", w.x0, w.x1, w.x2, w.x3);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """csrc/philox.cuh compiled as a host program (g++, else nvcc); skip when neither is there."""
+    d = tmp_path_factory.mktemp("philox_emu")
+    src = d / "emu.cpp"
+    src.write_text(_EMU_SRC)
+    exe = d / "emu"
+    for cmd in (["g++", "-O2", "-std=c++17"], ["c++", "-O2", "-std=c++17"], ["nvcc", "-O2", "-std=c++17", "-x", "cu"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        r = subprocess.run(cmd + [str(src), f"-I{CSRC}", "-o", str(exe)], capture_output=True, text=True)
+        assert r.returncode == 0, f"compiling csrc/philox.cuh for the host failed:\n{r.stderr[-3000:]}"
+        return lambda *args: subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True,
+                                            check=True).stdout
+    pytest.skip("no host C++ compiler (g++ / c++ / nvcc) to emulate csrc/philox.cuh")
+
+
+def test_host_emulation_philox_words(emulator):
+    for c0, c1, k0, k1 in [(0, 0, 0, 0), (7, 3, 0xDEADBEEF, 0x12345678), (2 ** 32 - 1, 2 ** 32 - 1, 1, 2)]:
+        got = tuple(int(v) for v in emulator("philox", c0, c1, k0, k1).split())
+        want = tuple(int(v) for v in philox.philox4x32(c0, c1, 0, 0, k0, k1))
+        assert got == want
+
+
+@pytest.mark.parametrize("seed,rows,E,sigma,row_start", [
+    (0, 4, 16, 1.0, 0),
+    (12345678901234, 33, 200, 0.25, 0),
+    (2 ** 62 - 1, 5, 7, 1.0, 1000),          # E not a multiple of 4: dropped columns
+    (99, 3, 1, 2.0, 2 ** 32 - 3),           # E = 1, row counter near its 32-bit end
+])
+def test_host_emulation_matches_philox_normal(emulator, seed, rows, E, sigma, row_start):
+    got = np.array(emulator("noise", seed, rows, E, sigma, row_start).split(), dtype=np.float64).reshape(rows, E)
+    want = philox_normal(seed, rows, E, sigma, row_start).numpy()
+    # float32 evaluation of a float64 formula: a few ulps of |n| (≤ 6σ) → 1e-6·σ absolute
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * sigma)
+
+
+def test_host_emulation_uniform_and_log(emulator):
+    """u = (2·(x >> 9) + 1)·2⁻²⁴ is exact in float32, so ln u is ≤ 1 float32 ulp from float64, tails included."""
+    words = [0, 511, 1 << 9, 0x7FFFFE00, 0x80000000, 0x80000200, 0xFFFFFC00, 0xFFFFFE00, 0xFFFFFFFF,
+             0xFFFFF000, 0xC0000000, 0xABCDEF12]
+    got = np.array(emulator("log", *words).split(), dtype=np.float64)
+    want = np.log(philox.uniform_from_bits(np.array(words, dtype=np.uint64)))
+    np.testing.assert_allclose(got, want, rtol=1.2e-7, atol=0)
+    # the top word: u = 1 - 2⁻²⁴, radius sqrt(-2 ln u) ≈ 2⁻¹¹·⁵ (never 0)
+    assert abs(math.sqrt(-2.0 * got[words.index(0xFFFFFFFF)]) - math.sqrt(2.0 * 2.0 ** -24)) < 1e-10
+
+
+def test_validation_before_device_work():
+    pos = torch.randn(8, 4)
+    w = torch.randn(4, 6)
+    idx = torch.randint(0, 8, (2, 3))
+    with pytest.raises(TypeError, match="idx"):
+        cb.stop_embed_cuda(pos, idx.float(), w)
+    with pytest.raises(TypeError, match="weight"):
+        cb.stop_embed_cuda(pos, idx, w.long())
+    with pytest.raises(ValueError, match="noise_std"):
+        cb.stop_embed_cuda(pos, idx, w, noise_std=-1.0)
+    with pytest.raises(ValueError, match="CUDA"):  # CPU tensors: the CUDA backend says so
+        cb.stop_embed_cuda(pos, idx, w)
+    with pytest.raises(TypeError, match="generator"):
+        draw_seed(generator=123)
+
+
+# ================================================================================================
+# CUDA
+# ================================================================================================
+DEV = "cuda"
+
+
+def _seeded(seed_base: int):
+    """(seed the op will draw, a fresh generator that makes it draw exactly that seed)."""
+    g = torch.Generator().manual_seed(seed_base)
+    return draw_seed(g), torch.Generator().manual_seed(seed_base)
+
+
+def _case(P, D, E, idx_shape, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(P, D, generator=g).to(DEV, dtype)
+    w = (torch.randn(D, E, generator=g) / math.sqrt(E)).to(DEV, dtype)
+    b = torch.randn(D, generator=g).to(DEV, dtype) if bias else None
+    idx = torch.randint(0, P, idx_shape, generator=g).to(DEV)
+    return pos, idx, w, b
+
+
+def _expected(pos, idx, w, b, seed, sigma, noise_dtype):
+    """Reference in float64 given the noise of `seed`, rounded to the kernel's operand dtype."""
+    R = idx.numel()
+    n = philox_normal(seed, R, w.shape[1], sigma)
+    if noise_dtype != torch.float32:
+        n = n.to(noise_dtype).double()
+    n = n.to(DEV).view(*idx.shape, w.shape[1])
+    return ref.stop_embed(pos.double(), idx, w.double(), b.double() if b is not None else None, n), n
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,E,sigma,row_start", [(1000, 200, 1.0, 0), (257, 1280, 0.25, 0), (10, 5, 1.0, 77)])
+def test_cuda_noise_op_matches_philox_normal(rows, E, sigma, row_start):
+    seed = 0x1234_5678_9ABC
+    got = cb.stop_noise_cuda(seed, rows, E, sigma, row_start).double().cpu()
+    want = philox_normal(seed, rows, E, sigma, row_start)
+    # tolerance: fp32 logf / sincospif (≤ 1 ulp each), IEEE sqrtf → a few ulps of |n| ≤ 6σ
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * sigma)
+
+
+@needs_cuda
+@pytest.mark.parametrize("E", [72, 128, 200, 384])
+def test_cuda_fused_noise_recovery_fp32(E):
+    """E = D, weight = I, ψ = 0, no bias ⇒ out = n: the fused kernel's noise == philox_normal (fp32, 3xTF32)."""
+    sigma = 1.0
+    seed, gen = _seeded(E)
+    R = 300
+    pos = torch.zeros(5, E, device=DEV)
+    idx = torch.randint(0, 5, (3, R // 3), device=DEV)
+    w = torch.eye(E, device=DEV)
+    out = cb.stop_embed_cuda(pos, idx, w, None, noise_std=sigma, generator=gen)
+    assert out.shape == (3, R // 3, E) and out.dtype == torch.float32
+    want = philox_normal(seed, R, E, sigma).view(3, R // 3, E)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=0, atol=1e-5 * sigma)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fused_noise_recovery_half(dtype):
+    E, sigma = 256, 0.5
+    seed, gen = _seeded(7)
+    pos = torch.zeros(3, E, device=DEV, dtype=dtype)
+    idx = torch.randint(0, 3, (640,), device=DEV)
+    out = cb.stop_embed_cuda(pos, idx, torch.eye(E, device=DEV, dtype=dtype), noise_std=sigma, generator=gen)
+    want = philox_normal(seed, 640, E, sigma)
+    # out = round(n) exactly, except where float32 n lies within an ulp of a rounding boundary
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double().cpu(), want, rtol=eps, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("P,D,E,idx_shape", [(256, 384, 1280, (4, 2, 42)), (50, 72, 200, (3, 17)),
+                                              (9, 16, 8, (1,)), (7, 1, 3, (2, 1))])
+def test_cuda_matches_reference_forward_backward(dtype, tol, P, D, E, idx_shape):
+    sigma = 0.25
+    pos, idx, w, b = _case(P, D, E, idx_shape, dtype)
+    seed, gen = _seeded(P + D + E)
+    pos_, w_, b_ = (t.clone().requires_grad_(True) for t in (pos, w, b))
+    out = cb.stop_embed_cuda(pos_, idx, w_, b_, noise_std=sigma, generator=gen)
+    assert out.shape == idx.shape + (D,) and out.dtype == dtype
+    want, n = _expected(pos, idx, w, b, seed, sigma, dtype)
+
+    def close(a, b_, name):  # norm-relative error plus an elementwise bound of a few rounding steps
+        a, b_ = a.double(), b_.double()
+        rel = ((a - b_).norm() / b_.norm().clamp_min(1e-30)).item()
+        assert rel <= tol, f"{name}: relative error {rel:.2e} > {tol:.1e} ({dtype})"
+        scale = b_.abs().max().clamp_min(1e-30)
+        assert ((a - b_).abs() <= 8 * tol * scale).all(), f"{name}: elementwise error too large ({dtype})"
+
+    close(out, want, "out")
+    G = torch.randn(out.shape, device=DEV, dtype=torch.float64).to(dtype)
+    out.backward(G)
+    g2 = G.double().reshape(-1, D)
+    n2 = n.reshape(-1, E)
+    close(w_.grad, g2.t() @ n2, "dweight")
+    close(b_.grad, g2.sum(0), "dbias")
+    dpos = torch.zeros(P, D, dtype=torch.float64, device=DEV).index_add_(0, idx.reshape(-1), g2)
+    close(pos_.grad, dpos, "dpos")
+
+
+@needs_cuda
+def test_cuda_grad_flags_and_no_bias():
+    pos, idx, w, _ = _case(16, 24, 40, (5, 6), torch.float32)
+    w_ = w.clone().requires_grad_(True)
+    seed, gen = _seeded(3)
+    out = cb.stop_embed_cuda(pos, idx, w_, None, noise_std=0.3, generator=gen)  # ψ without grad
+    out.sum().backward()
+    n = philox_normal(seed, idx.numel(), 40, 0.3).to(DEV)
+    torch.testing.assert_close(w_.grad.double(), torch.ones(idx.numel(), 24, device=DEV, dtype=torch.float64).t() @ n,
+                               rtol=1e-5, atol=1e-5)
+    assert pos.grad is None
+
+
+@needs_cuda
+def test_cuda_zero_noise_std_is_exact():
+    pos, idx, w, b = _case(32, 40, 64, (4, 9), torch.float32)
+    out = cb.stop_embed_cuda(pos, idx, w, b, noise_std=0.0)
+    torch.testing.assert_close(out, pos[idx] + b, rtol=1e-6, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_noncontiguous_and_int32_idx():
+    P, D, E = 20, 48, 96
+    g = torch.Generator().manual_seed(5)
+    pos_big = torch.randn(P, 2 * D, generator=g).to(DEV)
+    w_t = torch.randn(E, D, generator=g).to(DEV)                 # weight = w_t.T: non-contiguous
+    idx_big = torch.randint(0, P, (3, 2 * 11), generator=g).to(DEV)
+    pos, w, idx = pos_big[:, ::2], w_t.t(), idx_big[:, ::2].to(torch.int32)
+    seed, gen = _seeded(11)
+    out = cb.stop_embed_cuda(pos, idx, w, None, noise_std=0.5, generator=gen)
+    want, _ = _expected(pos, idx.long(), w, None, seed, 0.5, torch.float32)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@needs_cuda
+def test_cuda_seed_semantics():
+    pos, idx, w, b = _case(16, 32, 64, (2, 10), torch.float32)
+    torch.manual_seed(0)
+    a = cb.stop_embed_cuda(pos, idx, w, b)
+    c = cb.stop_embed_cuda(pos, idx, w, b)
+    torch.manual_seed(0)
+    a2 = cb.stop_embed_cuda(pos, idx, w, b)
+    assert torch.equal(a, a2), "same generator state must give the same output"
+    assert not torch.allclose(a, c), "consecutive calls must draw independent noise"
+    # same seed, different weights: the outputs differ only through the weights
+    w2 = torch.randn_like(w)
+    torch.manual_seed(0)
+    d = cb.stop_embed_cuda(pos, idx, w2, b)
+    torch.manual_seed(0)
+    seed0 = draw_seed()
+    n = philox_normal(seed0, idx.numel(), 64, 0.25).to(DEV).view(2, 10, 64)
+    torch.testing.assert_close(d.double(), ref.stop_embed(pos.double(), idx, w2.double(), b.double(), n),
+                               rtol=2e-5, atol=2e-5)
+
+
+@needs_cuda
+def test_cuda_autocast():
+    pos, idx, w, b = _case(16, 32, 64, (3, 7), torch.float32)
+    w_ = w.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = cb.stop_embed_cuda(pos.to(torch.bfloat16), idx, w_, b)
+        out32 = cb.stop_embed_cuda(pos, idx, w_, b)  # fp32 ψ: promote(bf16 weight, fp32 ψ) = fp32
+    assert out.dtype == torch.bfloat16 and out32.dtype == torch.float32
+    (out.float().sum() + out32.sum()).backward()
+    assert w_.grad is not None and w_.grad.dtype == torch.float32 and torch.isfinite(w_.grad).all()
+
+
+@needs_cuda
+def test_cuda_statistics():
+    """mean ≈ 0 and covariance ≈ σ²·W·Wᵀ over N = 131072 tokens.
+
+    Tolerances from the sample size: the sample mean of component i has standard deviation
+    sqrt(Σ_ii / N); a sample covariance entry of a Gaussian has variance (Σ_ii Σ_jj + Σ_ij²) / N. We
+    allow 6 standard deviations per entry (for the 16 + 136 checked entries the chance of a false
+    failure is < 1e-7).
+    """
+    P, D, E, sigma, N = 64, 16, 96, 0.5, 131072
+    pos, idx, w, b = _case(P, D, E, (N,), torch.float32, seed=1)
+    torch.manual_seed(1234)
+    out = cb.stop_embed_cuda(pos, idx, w, b, noise_std=sigma)
+    y = (out - pos[idx] - b).double()
+    Sigma = sigma ** 2 * (w.double() @ w.double().t())
+    mean = y.mean(0)
+    assert (mean.abs() <= 6 * (Sigma.diagonal() / N).sqrt()).all(), f"mean {mean}"
+    yc = y - mean
+    C = yc.t() @ yc / (N - 1)
+    sd = ((Sigma.diagonal()[:, None] * Sigma.diagonal()[None, :] + Sigma ** 2) / N).sqrt()
+    assert ((C - Sigma).abs() <= 6 * sd).all(), f"max |C - Σ|/sd = {((C - Sigma).abs() / sd).max():.2f}"
+
+
+@needs_cuda
+def test_cuda_bad_inputs():
+    pos, idx, w, b = _case(10, 8, 12, (2, 3), torch.float32)
+    with pytest.raises(ValueError, match="idx"):
+        cb.stop_embed_cuda(pos, idx + 10, w, b)                      # out of [0, P)
+    with pytest.raises(ValueError, match="idx"):
+        cb.stop_embed_cuda(pos, idx - 11, w, b)
+    with pytest.raises(TypeError, match="idx"):
+        cb.stop_embed_cuda(pos, idx.float(), w, b)
+    with pytest.raises(ValueError, match="pos_embed"):
+        cb.stop_embed_cuda(pos[:, :5], idx, w, b)                    # D mismatch
+    with pytest.raises(ValueError, match="bias"):
+        cb.stop_embed_cuda(pos, idx, w, b[:3])
+    with pytest.raises(ValueError, match="noise_std"):
+        cb.stop_embed_cuda(pos, idx, w, b, noise_std=-0.1)
+    with pytest.raises(ValueError, match="idx"):
+        cb.stop_embed_cuda(pos, idx.cpu(), w, b)                     # device mismatch
+    with pytest.raises(ValueError, match="weight"):
+        cb.stop_embed_cuda(pos, idx, w[None], b)                     # wrong rank
+
+
+@needs_cuda
+def test_cuda_empty_and_tiny():
+    pos, idx, w, b = _case(4, 8, 12, (0,), torch.float32)
+    out = cb.stop_embed_cuda(pos, idx, w, b)
+    assert out.shape == (0, 8)
+    pos, idx, w, b = _case(4, 8, 12, (2, 0), torch.bfloat16)
+    assert cb.stop_embed_cuda(pos, idx, w, b).shape == (2, 0, 8)
+
+
+def _triton_stop_embed():
+    try:
+        from stop_kernels.ops import stop_embed as se
+    except Exception as exc:  # not written yet / triton missing
+        return None, f"stop_kernels.ops.stop_embed is not importable: {type(exc).__name__}: {exc}"
+    fn = getattr(se, "stop_embed", None)
+    if fn is None:
+        return None, "stop_kernels.ops.stop_embed has no stop_embed()"
+    return fn, ""
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_vs_triton_same_noise(dtype):
+    fn, why = _triton_stop_embed()
+    if fn is None:
+        pytest.skip(why)
+    E, sigma = 200, 1.0
+    pos = torch.zeros(6, E, device=DEV, dtype=dtype)
+    idx = torch.randint(0, 6, (4, 50), device=DEV)
+    eye = torch.eye(E, device=DEV, dtype=dtype)
+    out_c = cb.stop_embed_cuda(pos, idx, eye, noise_std=sigma, generator=torch.Generator().manual_seed(42))
+    try:
+        out_t = fn(pos, idx, eye, None, noise_std=sigma, generator=torch.Generator().manual_seed(42), backend="triton")
+    except TypeError:  # no backend= keyword
+        out_t = fn(pos, idx, eye, None, noise_std=sigma, generator=torch.Generator().manual_seed(42))
+    diff = (out_c.double() - out_t.double()).abs()
+    if dtype == torch.bfloat16:
+        # both round the same float32 noise to bf16: equal up to one bf16 step where the float32
+        # values straddle a rounding boundary
+        torch.testing.assert_close(out_c.double(), out_t.double(), rtol=1.01 * 2 ** -7, atol=1e-6)
+    else:
+        # fp32: same float32 u on both sides; they differ by the rounding of log / sqrt / trig (Triton
+        # rounds θ = 2π·u to float32, CUDA uses sincospif(2u)): ~1e-6·σ. A Triton tl.dot in tf32
+        # would add a rounding of n to ~2⁻¹¹ relative, hence the looser bound on the maximum.
+        frac = (diff > 1e-5 * sigma).double().mean().item()
+        print(f"cuda vs triton fp32: max |diff| {diff.max().item():.3e}, fraction > 1e-5·σ: {frac:.2e}")
+        assert diff.max().item() <= 3e-3 * sigma, f"max |cuda - triton| = {diff.max().item():.3e}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,E,row_start", [(512, 1280, 0), (77, 201, 12345)])
+def test_cuda_noise_equals_triton_noise(rows, E, row_start):
+    """The two device implementations of the stream, element for element (both float32)."""
+    fn = getattr(philox, "philox_normal_triton", None)
+    if fn is None:
+        pytest.skip("stop_kernels.ops.philox has no philox_normal_triton")
+    seed, sigma = 0x0ABC_DEF0_1234_5678, 0.25
+    got = cb.stop_noise_cuda(seed, rows, E, sigma, row_start)
+    want = fn(seed, rows, E, sigma, row_start, device=DEV)
+    # same float32 u, precise log / sqrt on both sides; Triton rounds θ = 2π·u to float32, CUDA uses
+    # sincospif(2u): ≤ ~1e-6·σ apart
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * sigma)
