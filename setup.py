@@ -21,6 +21,9 @@ def cuda_extensions():
         return [], {}, "STOP_KERNELS_NO_CUDA=1"
     if not sources:
         return [], {}, "csrc/ has no sources"
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isdir("/usr/local/cuda/include"):
+        # an nvcc wrapper script on PATH would otherwise make torch guess a CUDA_HOME without headers
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
