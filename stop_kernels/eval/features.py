@@ -1,0 +1,440 @@
+"""Frozen-encoder features for evaluation: image folders, checkpoint loading, extraction and a disk cache.
+
+* :func:`list_images` reads an ImageNet-layout split (``DIR/<class>/<image>``), optionally restricted
+  to a subset file (:func:`read_subset`: the official 1%-of-labels format).
+* :func:`load_encoder` builds the frozen target (or context) encoder from an official I-JEPA / StoP
+  ``.pth.tar`` checkpoint or from a plain encoder state dict (``.safetensors`` / ``.pt``), inferring
+  the sizes from the weights with the converter's :func:`~stop_kernels.models.infer_encoder_sizes`
+  and checking them against the flags. (Only the chosen encoder is built, on the meta device then
+  assigned the weights; :func:`~stop_kernels.models.load_official_checkpoint` builds all three
+  modules with a random initialisation first, which costs seconds to minutes for ViT-H on a CPU.)
+* :func:`encode` turns images ``[B, 3, H, W]`` into average-pooled features ``[B, E]`` (the mean of
+  the last K layers' LayerNorm'd outputs); :func:`extract_features` runs it over a dataset with a
+  progress bar (bf16 autocast on GPU, fp32 on CPU); :func:`cached_features` stores the result on
+  disk under a key made of the checkpoint, the split's file list and every setting that changes the
+  features, and reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from ..models.official import EncoderSizes, infer_encoder_sizes, strip_prefix
+from ..models.vit import VIT_PRESETS, VisionTransformer, resolve_model_name
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+CACHE_VERSION = 1  # bump when the extraction itself changes (transform, pooling)
+ENCODERS = ("target", "context")
+
+Sample = Tuple[str, int]  # (path relative to the split folder, class index)
+
+
+# ----------------------------------------------------------------------------------------------
+# image folders
+# ----------------------------------------------------------------------------------------------
+def read_subset(path: str) -> List[str]:
+    """Read a subset file: one image per line, as ``class/file`` or (official I-JEPA / SimCLR 1%-of-labels
+    format) a bare ``class_number.JPEG`` whose class is the part before the first ``_``.
+
+    Blank lines and lines starting with ``#`` are skipped. Returns relative paths ``class/file``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--subset: no such file: {path}")
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            line = line.replace("\\", "/")
+            if line.startswith("./"):
+                line = line[2:]
+            if "/" not in line:
+                line = f"{line.split('_')[0]}/{line}"
+            out.append(line)
+    if not out:
+        raise ValueError(f"--subset: {path} lists no images")
+    return out
+
+
+def list_images(split_dir: str, classes: Optional[Sequence[str]] = None,
+                subset: Optional[Sequence[str]] = None) -> Tuple[List[Sample], List[str]]:
+    """List the images of an ImageNet-layout split ``split_dir/<class>/<image>``.
+
+    Args:
+        split_dir: the split folder (``DIR/train`` or ``DIR/val``).
+        classes: the class names defining the label indices (the training split's); ``None`` takes
+            the sorted sub-folders of ``split_dir``. A sub-folder that is not one of them is an error.
+        subset: relative paths ``class/file`` to keep (see :func:`read_subset`); each must exist.
+    Returns:
+        ``(samples, classes)``: sorted ``(relative path, class index)`` pairs and the class names.
+    """
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(f"--data: no such folder: {split_dir} (expected an ImageNet layout "
+                                f"DIR/train/<class>/*, DIR/val/<class>/*)")
+    found = sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise ValueError(f"--data: {split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)")
+    if classes is None:
+        classes = found
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise ValueError(f"--data: {split_dir} has classes absent from the training split: {unknown[:5]}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    if subset is not None:
+        missing = [p for p in subset if not os.path.isfile(os.path.join(split_dir, p))]
+        if missing:
+            raise FileNotFoundError(f"--subset: {len(missing)} listed image(s) not found under {split_dir}, "
+                                    f"e.g. {missing[:3]}")
+        bad = sorted({p.split("/")[0] for p in subset if p.split("/")[0] not in index})
+        if bad:
+            raise ValueError(f"--subset: images of classes not in the training split: {bad[:5]}")
+        samples = sorted({(p, index[p.split("/")[0]]) for p in subset})
+    else:
+        samples = []
+        for c in found:
+            for entry in os.scandir(os.path.join(split_dir, c)):
+                if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((f"{c}/{entry.name}", index[c]))
+        samples.sort()
+    if not samples:
+        raise ValueError(f"--data: no images ({', '.join(IMG_EXTENSIONS)}) found under {split_dir}/<class>/")
+    return samples, list(classes)
+
+
+def eval_transform(img_size: int) -> Callable:
+    """Resize the short side to ``img_size·256/224``, centre-crop ``img_size``, normalise like ImageNet."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(round(img_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class ImageList(Dataset):
+    """Images ``root/<relpath>`` of ``samples`` → ``(image [3, img_size, img_size] float32, label)``."""
+
+    def __init__(self, root: str, samples: Sequence[Sample], img_size: int):
+        self.root, self.samples = root, list(samples)
+        self.transform = eval_transform(img_size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        rel, label = self.samples[i]
+        path = os.path.join(self.root, rel)
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+        return self.transform(img), label
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+class EncoderInfo(NamedTuple):
+    sizes: EncoderSizes
+    num_heads: int
+    which: str            # 'target' or 'context'
+    source: str           # 'official' or 'state_dict'
+    model: Optional[str]  # the preset matching width and depth, if any
+
+
+def preset_of(sizes: EncoderSizes) -> Optional[str]:
+    """The preset name with the checkpoint's width and depth, or ``None``."""
+    for name, spec in VIT_PRESETS.items():
+        if (spec.embed_dim, spec.depth) == (sizes.embed_dim, sizes.depth):
+            return name
+    return None
+
+
+def check_sizes(sizes: EncoderSizes, *, model: Optional[str] = None, patch_size: Optional[int] = None,
+                img_size: Optional[int] = None, num_heads: Optional[int] = None) -> int:
+    """Check the flags against the sizes read from the weights; return the head count to use.
+
+    A flag that contradicts the checkpoint is a ``ValueError`` naming the flag.
+    """
+    heads = sizes.num_heads
+    if model is not None:
+        try:
+            name = resolve_model_name(model)
+        except ValueError as e:
+            raise ValueError(f"--model: {e}") from None
+        spec = VIT_PRESETS[name]
+        if (spec.embed_dim, spec.depth) != (sizes.embed_dim, sizes.depth):
+            found = preset_of(sizes)
+            raise ValueError(f"--model: {model} has width {spec.embed_dim} and depth {spec.depth}, but the checkpoint "
+                             f"holds width {sizes.embed_dim} and depth {sizes.depth}"
+                             + (f" ({found})" if found else ""))
+        heads = spec.num_heads
+    if num_heads is not None:
+        heads = num_heads
+    if heads is None:
+        raise ValueError(f"--num-heads: the checkpoint's width {sizes.embed_dim} matches no preset; pass --num-heads")
+    if heads <= 0 or sizes.embed_dim % heads:
+        raise ValueError(f"--num-heads: {heads} does not divide the checkpoint's width {sizes.embed_dim}")
+    for flag, given, found in (("--patch-size", patch_size, sizes.patch_size),
+                               ("--img-size", img_size, sizes.img_size)):
+        if given is not None and given != found:
+            raise ValueError(f"{flag}: given {given}, but the checkpoint was trained with {found}")
+    return heads
+
+
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """Load a checkpoint file to a dict on the CPU: ``.safetensors`` or anything ``torch.load`` reads."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint: no such file: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"--checkpoint: {path} is a folder; pass an official .pth.tar checkpoint or an encoder "
+                         "state dict (.safetensors / .pt), e.g. the consolidated encoder export of a training run")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"--checkpoint: {path} holds a {type(obj).__name__}, expected a dict (official layout or "
+                         "an encoder state dict)")
+    return obj
+
+
+def _select_state_dict(obj: Mapping[str, Any], which: str, path: str) -> Dict[str, torch.Tensor]:
+    """The encoder state dict inside a non-official file (flat, nested under ``encoder``/``target_encoder``,
+    or flat with those key prefixes); ``module.`` prefixes are stripped."""
+    key = "target_encoder" if which == "target" else "encoder"
+    if isinstance(obj.get(key), Mapping):
+        return strip_prefix(obj[key])
+    if any(isinstance(v, Mapping) for v in obj.values()):
+        nested = sorted(k for k, v in obj.items() if isinstance(v, Mapping))
+        raise ValueError(f"--encoder: {which} requested but {path} has no '{key}' state dict (found {nested})")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = strip_prefix(sd)
+    for prefix in (key + ".", "module." + key + "."):
+        if any(k.startswith(prefix) for k in sd):
+            return strip_prefix({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    if any(k.startswith(("encoder.", "target_encoder.")) for k in sd):
+        raise ValueError(f"--encoder: {which} requested but {path} has no '{key}.' keys")
+    return sd
+
+
+def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch.Tensor],
+                  what: str = "encoder") -> VisionTransformer:
+    """A :class:`VisionTransformer` of ``sizes`` holding ``state`` (prefix-stripped; ``[1, P, E]`` or ``[P, E]``
+    position table), in float32 on the CPU.
+
+    The module is built on the meta device and the checkpoint's tensors are assigned to it, so no
+    memory or time goes into a random initialisation that would be overwritten (seconds for ViT-H).
+    Keys must match exactly, as in the official-checkpoint converter.
+    """
+    with torch.device("meta"):
+        enc = VisionTransformer(img_size=sizes.img_size, patch_size=sizes.patch_size, in_chans=sizes.in_chans,
+                                embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=num_heads,
+                                mlp_ratio=sizes.mlp_ratio)
+    own = enc.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"--checkpoint: {what} keys do not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if v.numel() != own[k].numel()]
+    if bad:
+        raise ValueError(f"--checkpoint: {what} tensor shapes do not match the model: {bad[:8]}")
+    enc.load_state_dict({k: v.detach().reshape(own[k].shape).to(torch.float32).contiguous()
+                         for k, v in state.items()}, strict=True, assign=True)
+    return enc
+
+
+def load_encoder(checkpoint: str, *, which: str = "target", model: Optional[str] = None,
+                 patch_size: Optional[int] = None, img_size: Optional[int] = None,
+                 num_heads: Optional[int] = None) -> Tuple[VisionTransformer, EncoderInfo]:
+    """Build the frozen encoder stored in ``checkpoint`` (eval mode, no gradients, on the CPU).
+
+    Args:
+        checkpoint: an official I-JEPA / StoP ``.pth.tar`` (``encoder``, ``predictor``, ``target_encoder``
+            with ``module.`` prefixes), or a ``.safetensors`` / ``.pt`` encoder state dict with the keys
+            of :class:`VisionTransformer` (optionally nested or prefixed by ``encoder``/``target_encoder``).
+        which: ``'target'`` (the EMA encoder, I-JEPA's choice for evaluation) or ``'context'``.
+        model, patch_size, img_size, num_heads: optional; inferred from the weights when omitted and
+            checked against them when given (``ValueError`` naming the flag).
+    """
+    if which not in ENCODERS:
+        raise ValueError(f"--encoder: expected one of {ENCODERS}, got {which!r}")
+    obj = read_checkpoint(checkpoint)
+    official = isinstance(obj.get("encoder"), Mapping) and isinstance(obj.get("predictor"), Mapping)
+    if official:
+        if which == "target" and not isinstance(obj.get("target_encoder"), Mapping):
+            raise ValueError(f"--encoder: target requested but {checkpoint} has no target_encoder; "
+                             "pass --encoder context")
+        sd = strip_prefix(obj["target_encoder" if which == "target" else "encoder"])
+    else:
+        sd = _select_state_dict(obj, which, checkpoint)
+    try:
+        sizes = infer_encoder_sizes(sd)
+    except ValueError as e:
+        raise ValueError(f"--checkpoint: {checkpoint} is not an encoder checkpoint: {e}") from None
+    heads = check_sizes(sizes, model=model, patch_size=patch_size, img_size=img_size, num_heads=num_heads)
+    enc = build_encoder(sizes, heads, sd, f"{which} encoder")
+    enc.eval().requires_grad_(False)
+    return enc, EncoderInfo(sizes, heads, which, "official" if official else "state_dict", preset_of(sizes))
+
+
+# ----------------------------------------------------------------------------------------------
+# features
+# ----------------------------------------------------------------------------------------------
+def encode(encoder: VisionTransformer, imgs: torch.Tensor, last_k: int = 1) -> torch.Tensor:
+    """Average-pooled features ``[B, E]`` of images ``[B, C, H, W]``: the mean over the last ``last_k``
+    blocks of ``mean_tokens(LayerNorm(block output))`` (the encoder's final LayerNorm); ``last_k=1`` is
+    ``encoder(imgs).mean(1)``."""
+    depth = len(encoder.blocks)
+    if not 1 <= last_k <= depth:
+        raise ValueError(f"--last-k: expected 1 … {depth} (the encoder's depth), got {last_k}")
+    x = encoder.embed(imgs)
+    pooled = []
+    for i, blk in enumerate(encoder.blocks):
+        x = blk(x)
+        if i >= depth - last_k:
+            pooled.append(encoder.norm(x).mean(1))
+    return torch.stack(pooled, 0).mean(0)
+
+
+class _Progress:
+    """tqdm when installed, else one status line on stderr refreshed every ~2 s and at the end."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            now = time.perf_counter()
+            if now - self.last > 2.0 or self.n >= self.total:
+                self.last = now
+                rate = self.n / max(now - self.t0, 1e-9)
+                end = "\n" if self.n >= self.total else ""
+                print(f"\r{self.desc}: {self.n}/{self.total} images ({rate:.1f} img/s)", end=end,
+                      file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``'auto'`` → cuda when visible, else cpu; ``'cuda'`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: 'cuda' requested but no CUDA GPU is visible")
+    return dev
+
+
+@torch.no_grad()
+def extract_features(encoder: VisionTransformer, dataset: Dataset, *, batch_size: int = 128,
+                     device: str = "auto", last_k: int = 1, workers: int = 0, desc: str = "features",
+                     progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen encoder over ``dataset`` (items ``(image [C, H, W], label)``).
+
+    bf16 autocast on CUDA, fp32 elsewhere. Returns ``(features [N, E] float32, labels [N] int64)`` on the CPU.
+    """
+    dev = resolve_device(device)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
+    encoder = encoder.to(dev).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=False)
+    feats, labels = [], []
+    bar = _Progress(len(dataset), desc, progress)
+    try:
+        for imgs, y in loader:
+            imgs = imgs.to(dev, non_blocking=True)
+            if dev.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    f = encode(encoder, imgs, last_k)
+            else:
+                f = encode(encoder, imgs.float(), last_k)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y, dtype=torch.int64))
+            bar.update(len(y))
+    finally:
+        bar.close()
+    return torch.cat(feats, 0), torch.cat(labels, 0)
+
+
+def checkpoint_identity(path: str) -> Dict[str, Any]:
+    """What identifies a checkpoint file for the cache: absolute path, size and modification time."""
+    st = os.stat(path)
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(checkpoint: str, split_dir: str, samples: Sequence[Sample], settings: Mapping[str, Any]) -> str:
+    """sha256 over the checkpoint identity, the split folder, its (path, label) list and the settings."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "checkpoint": checkpoint_identity(checkpoint),
+                         "split": os.path.realpath(split_dir), "settings": dict(settings)},
+                        sort_keys=True).encode())
+    for rel, label in samples:
+        h.update(f"{rel}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("STOP_KERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "stop_kernels",
+                                                             "features"))
+
+
+def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: str, split: str, split_dir: str,
+                    samples: Sequence[Sample], img_size: int, settings: Mapping[str, Any], cache_dir: str,
+                    batch_size: int = 128, device: str = "auto", last_k: int = 1, workers: int = 0,
+                    progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor, str, bool]:
+    """Features of one split, from the cache when present, else extracted once and stored.
+
+    ``encoder_fn`` builds the encoder only when extraction is needed. The key covers the checkpoint
+    (path, size, mtime), the split folder, its file list and labels, and ``settings`` (encoder choice,
+    last K, image size, heads, precision …). Returns ``(features [N, E], labels [N], cache file, hit)``.
+    """
+    key = cache_key(checkpoint, split_dir, samples, {**settings, "split": split, "last_k": last_k,
+                                                     "img_size": img_size})
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{split}-{key[:20]}.pt")
+    if os.path.isfile(path):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("key") == key and data["features"].shape[0] == len(samples):
+            if progress:
+                print(f"{split}: {len(samples)} cached features from {path}", file=sys.stderr, flush=True)
+            return data["features"], data["labels"], path, True
+    dataset = ImageList(split_dir, samples, img_size)
+    feats, labels = extract_features(encoder_fn(), dataset, batch_size=batch_size, device=device, last_k=last_k,
+                                     workers=workers, desc=f"{split} features", progress=progress)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"key": key, "features": feats, "labels": labels, "samples": [s for s, _ in samples]}, tmp)
+    os.replace(tmp, path)
+    return feats, labels, path, False

@@ -1,0 +1,223 @@
+"""Linear probe on a generated ImageNet-layout folder, the feature cache, subsets, bad inputs, and the
+size inference of the checkpoint converter for every preset (on the meta device: nothing allocated).
+
+The folder holds 32×32 images whose class is their dominant colour (plus noise and a random darker
+square), so the classes are linearly separable in pixel space; a randomly initialised vit_tiny
+(img 32, patch 8) keeps that information in its pooled features, and the probe must reach ≥ 0.9 top-1.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from stop_kernels.eval import features as feat
+from stop_kernels.eval import linear_probe as lp
+from stop_kernels.models import VIT_PRESETS, infer_encoder_sizes, predictor_for, vit_encoder
+from stop_kernels.models.official import strip_prefix
+
+# ImageNet-style class ids (no '_': the official subset format splits the class off at the first '_')
+COLOURS = {"n00000001": (200, 40, 40), "n00000002": (40, 190, 60), "n00000003": (40, 60, 200),
+           "n00000004": (210, 200, 40)}  # red, green, blue, yellow
+N_TRAIN, N_VAL = 10, 5
+
+
+def make_folder(root, n_train=N_TRAIN, n_val=N_VAL, seed=0):
+    """``root/{train,val}/<class>/<class>_<i>.png``: noisy images of the class colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, rgb in COLOURS.items():
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.array(rgb, np.float32) + rng.normal(0, 25, (32, 32, 3))
+                y, x = rng.integers(0, 24, 2)
+                img[y:y + 8, x:x + 8] *= 0.6
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{c}_{i}.png")
+    return root
+
+
+def make_official_checkpoint(path, seed=0):
+    """A vit_tiny (img 32, patch 8) checkpoint in the official layout: module. prefixes, [1, P, D] tables."""
+    torch.manual_seed(seed)
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    pred = predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=96, depth=1)
+    target = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    target.load_state_dict(enc.state_dict())
+
+    def official(m, table):
+        sd = {}
+        for k, v in m.state_dict().items():
+            sd["module." + k] = v.unsqueeze(0) if k == table else v
+        return sd
+    torch.save({"encoder": official(enc, "pos_embed"), "predictor": official(pred, "predictor_pos_embed"),
+                "target_encoder": official(target, "pos_embed"), "epoch": 3, "opt": {}, "lr": 1e-3}, path)
+    return path, target
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    data = make_folder(root / "data")
+    ckpt, target = make_official_checkpoint(root / "tiny.pth.tar")
+    return root, data, ckpt, target
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    root, data, ckpt, _ = setup
+    out = root / "result.json"
+    rc = lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(root / "cache"),
+                  "--batch-size", "16", "--device", "cpu", "--out", str(out), "--penalties", "1e-2,1e-4",
+                  "--max-iter", "50"])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_probe_separates_colour_classes(first_run):
+    r = first_run
+    assert r["top1"] >= 0.9, r
+    assert (r["num_train"], r["num_val"], r["num_classes"]) == (4 * N_TRAIN, 4 * N_VAL, 4)
+    assert (r["model"], r["embed_dim"], r["depth"], r["patch_size"], r["img_size"]) == ("vit_tiny", 192, 12, 8, 32)
+    assert r["penalty"] in (1e-2, 1e-4) and set(r["heldout_top1"]) == {"0.01", "0.0001"}
+    assert not r["cache"]["train_hit"] and not r["cache"]["val_hit"]
+
+
+def test_features_are_cached_and_reused(setup, first_run, monkeypatch):
+    root, data, ckpt, target = setup
+    for split in ("train", "val"):
+        path = first_run["cache"][split]
+        assert os.path.isfile(path)
+        cached = torch.load(path, weights_only=True)
+        assert cached["features"].shape == (4 * (N_TRAIN if split == "train" else N_VAL), 192)
+    # the cached features are the target encoder's pooled output
+    ds = feat.ImageList(str(data / "val"), feat.list_images(str(data / "val"))[0], 32)
+    imgs = torch.stack([ds[i][0] for i in range(3)])
+    with torch.no_grad():
+        want = target.eval()(imgs).mean(1)
+    torch.testing.assert_close(torch.load(first_run["cache"]["val"], weights_only=True)["features"][:3], want,
+                               rtol=1e-4, atol=1e-4)
+
+    def boom(*a, **k):
+        raise AssertionError("features were recomputed instead of read from the cache")
+    monkeypatch.setattr(feat, "extract_features", boom)
+    r = lp.run_probe(str(ckpt), str(data), cache_dir=str(root / "cache"), device="cpu", penalties=(1e-2, 1e-4),
+                     max_iter=50, verbose=False)
+    assert r["cache"]["train_hit"] and r["cache"]["val_hit"]
+    assert r["top1"] == pytest.approx(first_run["top1"])
+    # a different setting is a different key: it must extract (and here hits the patched extractor)
+    with pytest.raises(AssertionError, match="recomputed"):
+        lp.run_probe(str(ckpt), str(data), cache_dir=str(root / "cache"), device="cpu", last_k=2, verbose=False)
+
+
+def test_subset_file_is_honoured(setup):
+    root, data, ckpt, _ = setup
+    names = sorted(COLOURS)
+    sub = root / "subset.txt"
+    # both formats of a line: class/file and the official bare file name (class = prefix before '_')
+    lines = [f"{c}/{c}_{i}.png" for c in names[:2] for i in range(3)]
+    lines += [f"{c}_{i}.png" for c in names[2:] for i in range(3)]
+    sub.write_text("\n".join(lines) + "\n\n")
+    assert feat.read_subset(str(sub))[-1] == f"{names[-1]}/{names[-1]}_2.png"
+    r = lp.run_probe(str(ckpt), str(data), subset=str(sub), cache_dir=str(root / "cache"), device="cpu",
+                     penalties=(1e-2,), max_iter=50, verbose=False)
+    assert r["num_train"] == 12 and r["num_val"] == 4 * N_VAL and not r["cache"]["train_hit"]
+    cached = torch.load(r["cache"]["train"], weights_only=True)
+    assert sorted(cached["samples"]) == sorted(f"{c}/{c}_{i}.png" for c in names for i in range(3))
+    sub.write_text(f"{names[0]}/does_not_exist.png\n")
+    with pytest.raises(FileNotFoundError, match="--subset"):
+        lp.run_probe(str(ckpt), str(data), subset=str(sub), cache_dir=str(root / "cache"), verbose=False)
+
+
+def test_safetensors_encoder_gives_the_same_features(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    root, data, ckpt, target = setup
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(path))
+    enc, info = feat.load_encoder(str(path), model="vit_t", patch_size=8, img_size=32)
+    assert info.source == "state_dict" and info.model == "vit_tiny"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(feat.encode(enc, x), target.eval()(x).mean(1))
+        # last K: mean of the last K layers' LayerNorm'd, pooled outputs
+        h = enc.embed(x)
+        outs = []
+        for blk in enc.blocks:
+            h = blk(h)
+            outs.append(enc.norm(h).mean(1))
+        torch.testing.assert_close(feat.encode(enc, x, last_k=3), torch.stack(outs[-3:]).mean(0))
+
+
+def test_bad_inputs(setup, tmp_path):
+    root, data, ckpt, _ = setup
+    cache = str(root / "cache")
+    with pytest.raises(FileNotFoundError, match="--data: no such folder"):
+        lp.run_probe(str(ckpt), str(tmp_path / "nope"), cache_dir=cache, verbose=False)
+    (tmp_path / "half" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="val"):
+        lp.run_probe(str(ckpt), str(tmp_path / "half"), cache_dir=cache, verbose=False)
+    (tmp_path / "half" / "val" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        lp.run_probe(str(ckpt), str(tmp_path / "half"), cache_dir=cache, verbose=False)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        lp.run_probe(str(ckpt), str(tmp_path / "empty"), cache_dir=cache, verbose=False)
+    with pytest.raises(FileNotFoundError, match="--checkpoint: no such file"):
+        lp.run_probe(str(tmp_path / "missing.pth.tar"), str(data), cache_dir=cache, verbose=False)
+    # a checkpoint of another architecture than the flags say: ValueError naming the flag
+    with pytest.raises(ValueError, match=r"--model: vit_huge has width 1280 and depth 32.*width 192 and depth 12"):
+        lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--model", "vit_huge", "--cache-dir", cache])
+    with pytest.raises(ValueError, match="--patch-size: given 14, but the checkpoint was trained with 8"):
+        lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--patch-size", "14", "--cache-dir", cache])
+    with pytest.raises(ValueError, match="--img-size: given 224"):
+        lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--img-size", "224", "--cache-dir", cache])
+    with pytest.raises(ValueError, match="--last-k"):
+        lp.run_probe(str(ckpt), str(data), last_k=13, cache_dir=cache, verbose=False)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not an encoder checkpoint"):
+        feat.load_encoder(str(tmp_path / "junk.pt"))
+    with pytest.raises(ValueError, match="--penalties"):
+        lp.parse_penalties("1e-3,-1")
+
+
+def test_logistic_regression_sweep_prefers_regularisation_on_noise():
+    """Pure-noise features: the classifier cannot beat chance on held-out data, and the result is finite."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    y = torch.randint(0, 3, (200,), generator=g)
+    best, scores = lp.sweep_logistic_regression(x, y, 3, (10.0, 1e-4), max_iter=30, log=lambda *a: None)
+    assert best in (10.0, 1e-4) and all(0 <= v <= 1 for v in scores.values())
+    # a separable problem: the fit reaches 100% on the training points
+    x = torch.cat([torch.randn(50, 4, generator=g) + 4, torch.randn(50, 4, generator=g) - 4])
+    y = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])
+    W, b = lp.fit_logistic_regression(x, y, 2, 1e-3, max_iter=50)
+    assert lp.accuracy(W, b, x, y) == 1.0 and torch.isfinite(W).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the converter infers sizes for every preset (meta device: no memory)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(VIT_PRESETS))
+@pytest.mark.parametrize("patch,img", [(14, 224), (16, 224), (16, 448)])
+def test_infer_encoder_sizes_every_preset(name, patch, img):
+    spec = VIT_PRESETS[name]
+    with torch.device("meta"):
+        enc = vit_encoder(name, img_size=img, patch_size=patch)
+    # the official layout: module. prefix and a [1, P, E] position table
+    sd = {"module." + k: (v.unsqueeze(0) if k == "pos_embed" else v) for k, v in enc.state_dict().items()}
+    sizes = infer_encoder_sizes(strip_prefix(sd))
+    assert (sizes.embed_dim, sizes.depth, sizes.num_heads) == (spec.embed_dim, spec.depth, spec.num_heads)
+    assert (sizes.patch_size, sizes.img_size, sizes.in_chans) == (patch, img, 3)
+    assert sizes.mlp_ratio == pytest.approx(spec.mlp_ratio)
+    assert feat.preset_of(sizes) == name
+    assert feat.check_sizes(sizes, model=name, patch_size=patch, img_size=img) == spec.num_heads
+    other = "vit_tiny" if name != "vit_tiny" else "vit_small"
+    with pytest.raises(ValueError, match=f"--model: {other}"):
+        feat.check_sizes(sizes, model=other)
+    with pytest.raises(ValueError, match="--patch-size"):
+        feat.check_sizes(sizes, patch_size=patch + 2)

@@ -1,0 +1,181 @@
+"""Every plot command writes a non-empty PNG of the expected pixel size; bad inputs give clear errors."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from stop_kernels import plots
+from stop_kernels.models import vit_predictor
+
+
+def png_size(path):
+    """(width, height) from the PNG signature and IHDR chunk."""
+    data = open(path, "rb").read(32)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def write_log(path, n=20, loss0=1.0, extra_lines=()):
+    with open(path, "w") as fh:
+        for s in range(n):
+            fh.write(json.dumps({"step": s, "epoch": 0, "loss": loss0 * math.exp(-s / 10), "lr": 1e-3 * min(1, s / 5),
+                                 "wd": 0.04, "momentum": 0.996, "images_per_s": 100.0 + s}) + "\n")
+        for line in extra_lines:
+            fh.write(line + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# curves
+# ----------------------------------------------------------------------------------------------
+def test_curves_png(tmp_path):
+    a = write_log(tmp_path / "a.jsonl", extra_lines=['{"event": "done"}', ""])  # records without step are skipped
+    b = write_log(tmp_path / "b.jsonl", n=15, loss0=0.8)
+    out = tmp_path / "curves.png"
+    assert plots.main(["curves", a, b, "--labels", "StoP", "I-JEPA", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000 and png_size(out) == plots.CURVES_SIZE
+    out2 = tmp_path / "sub" / "small.png"
+    plots.main(["curves", a, "--width", "640", "--height", "240", "--out", str(out2)])
+    assert png_size(out2) == (640, 240)
+    assert plots.read_log(a)[-1]["step"] == 19
+
+
+def test_curves_bad_inputs(tmp_path):
+    good = write_log(tmp_path / "good.jsonl")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        plots.plot_curves([str(tmp_path / "missing.jsonl")], str(tmp_path / "x.png"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl is empty"):
+        plots.main(["curves", good, str(empty), "--out", str(tmp_path / "x.png")])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "lo\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2 is not JSON"):
+        plots.read_log(str(broken))
+    with pytest.raises(ValueError, match="--labels"):
+        plots.plot_curves([good], str(tmp_path / "x.png"), labels=["a", "b"])
+    with pytest.raises(ValueError, match="--out"):
+        plots.plot_curves([good], str(tmp_path / "x.jpg"))
+
+
+# ----------------------------------------------------------------------------------------------
+# similarity maps
+# ----------------------------------------------------------------------------------------------
+def test_similarity_maps_math():
+    psi, A = plots.fresh_predictor_tables("vit_tiny", 32, 8, pred_emb_dim=64)
+    assert psi.shape == (16, 64) and A.shape == (64, 192)
+    qs = [(0, 0), (1, 2)]
+    det, sto = plots.similarity_maps(psi, A, qs, noise_std=0.0, samples=2)
+    assert det.shape == sto.shape == (2, 4, 4)
+    torch.testing.assert_close(det, sto)
+    torch.testing.assert_close(det[0, 0, 0], torch.tensor(1.0))
+    torch.testing.assert_close(det[1, 1, 2], torch.tensor(1.0))
+    # noise makes every other position less similar on average, the query itself stays at 1
+    _, sto = plots.similarity_maps(psi, A * 20, qs, noise_std=0.5, samples=32)
+    torch.testing.assert_close(sto[0, 0, 0], torch.tensor(1.0))
+    off = torch.ones(4, 4, dtype=torch.bool)
+    off[0, 0] = False
+    assert (sto[0][off] < det[0][off]).float().mean() > 0.9
+    with pytest.raises(ValueError, match="A: expected"):
+        plots.similarity_maps(psi, A.t(), qs)
+
+
+def test_simmaps_png_fresh_and_from_checkpoint(tmp_path):
+    out = tmp_path / "fresh.png"
+    assert plots.main(["simmaps", "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
+                       "--pred-emb-dim", "64", "--samples", "4", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000 and png_size(out) == plots.SIMMAP_SIZE
+    # an official-layout checkpoint: module. prefixes, [1, P, D] position table
+    torch.manual_seed(0)
+    pred = vit_predictor(num_patches=16, embed_dim=192, num_heads=3, predictor_embed_dim=96, depth=1)
+    sd = {"module." + k: (v.unsqueeze(0) if k == "predictor_pos_embed" else v) for k, v in pred.state_dict().items()}
+    ckpt = tmp_path / "tiny.pth.tar"
+    torch.save({"encoder": {}, "predictor": sd, "target_encoder": {}, "epoch": 1}, ckpt)
+    psi, A = plots.predictor_tables_from_checkpoint(str(ckpt))
+    torch.testing.assert_close(psi, pred.predictor_pos_embed)
+    torch.testing.assert_close(A, pred.predictor_embed.weight.detach())
+    out = tmp_path / "ckpt.png"
+    plots.main(["simmaps", "--checkpoint", str(ckpt), "--queries", "0,0", "3,3", "--samples", "4",
+                "--width", "800", "--height", "500", "--out", str(out)])
+    assert png_size(out) == (800, 500)
+
+
+def test_simmaps_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="--queries: '9,0' lies outside the 4×4 patch grid"):
+        plots.plot_simmaps(str(tmp_path / "x.png"), model="vit_tiny", img_size=32, patch_size=8, pred_emb_dim=64,
+                           queries=["9,0"])
+    with pytest.raises(ValueError, match="--queries: expected 'row,col'"):
+        plots.parse_queries(["3"], 4)
+    with pytest.raises(FileNotFoundError, match="--checkpoint: no such file"):
+        plots.plot_simmaps(str(tmp_path / "x.png"), checkpoint=str(tmp_path / "none.pth.tar"))
+    torch.save({"encoder": {"w": torch.zeros(2)}}, tmp_path / "enc.pt")
+    with pytest.raises(ValueError, match="no predictor tensors"):
+        plots.plot_simmaps(str(tmp_path / "x.png"), checkpoint=str(tmp_path / "enc.pt"))
+    with pytest.raises(ValueError, match="model"):
+        plots.plot_simmaps(str(tmp_path / "x.png"), model="vit_enormous")
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmark chart
+# ----------------------------------------------------------------------------------------------
+def bench_entry(name, mean, group=None):
+    stats = {"min": mean * 0.9, "max": mean * 1.2, "mean": mean, "stddev": mean * 0.05, "median": mean,
+             "q1": mean * 0.95, "q3": mean * 1.05, "rounds": 10, "iterations": 1}
+    param = name.partition("[")[2].rstrip("]") or None
+    return {"group": group, "name": name, "fullname": f"benchmarks/test_x.py::{name}", "param": param,
+            "params": {"impl": param} if param else None, "stats": stats, "extra_info": {}}
+
+
+def write_bench(path):
+    data = {"machine_info": {"node": "test", "cpu": {"brand_raw": "Test CPU"}}, "commit_info": {},
+            "benchmarks": [bench_entry("test_attention[reference]", 2e-3, "attention"),
+                           bench_entry("test_attention[triton]", 4e-4, "attention"),
+                           bench_entry("test_attention[sdpa]", 6e-4, "attention"),
+                           bench_entry("test_stop_embed[reference]", 3e-5),
+                           bench_entry("test_stop_embed[fused]", 1e-5),
+                           bench_entry("test_loss_reference", 1e-6),
+                           bench_entry("test_loss_fused", 5e-7)],
+            "datetime": "2025-01-01T00:00:00", "version": "4.0.0"}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_bench_grouping(tmp_path):
+    groups = plots.group_benchmarks(plots.read_benchmarks(write_bench(tmp_path / "bench.json")))
+    assert sorted(groups) == ["attention", "test_loss", "test_stop_embed"]
+    assert [g[0] for g in groups["attention"]] == ["reference", "triton", "sdpa"]
+    assert [g[0] for g in groups["test_loss"]] == ["reference", "fused"]
+    label, value, lo, hi = groups["test_stop_embed"][1]
+    assert (label, value) == ("fused", 1e-5) and lo == hi == pytest.approx(5e-7)
+
+
+def test_bench_png(tmp_path):
+    src = write_bench(tmp_path / "bench.json")
+    out = tmp_path / "bench.png"
+    assert plots.main(["bench", src, "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000 and png_size(out) == plots.bench_size(3)
+    out2 = tmp_path / "bench_median.png"
+    plots.main(["bench", src, "--stat", "median", "--cols", "2", "--width", "900", "--height", "700",
+                "--out", str(out2)])
+    assert png_size(out2) == (900, 700)
+
+
+def test_bench_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bench: no such file"):
+        plots.plot_bench(str(tmp_path / "none.json"), str(tmp_path / "x.png"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        plots.plot_bench(str(bad), str(tmp_path / "x.png"))
+    bad.write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(ValueError, match="holds no benchmark results"):
+        plots.plot_bench(str(bad), str(tmp_path / "x.png"))
+    bad.write_text(json.dumps({"results": []}))
+    with pytest.raises(ValueError, match="no 'benchmarks' list"):
+        plots.plot_bench(str(bad), str(tmp_path / "x.png"))
+    src = write_bench(tmp_path / "bench.json")
+    with pytest.raises(ValueError, match="--stat"):
+        plots.plot_bench(src, str(tmp_path / "x.png"), stat="p99")
