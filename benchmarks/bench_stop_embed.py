@@ -3,7 +3,8 @@
     pytest benchmarks/bench_stop_embed.py --benchmark-only
 
 B=64, npred=4, Nc=74, Nt=42, E=1280, D=384, P=256; ctx bf16 (encoder output under autocast),
-W, b, ψ fp32. Contenders in the same run: the fused Triton op, the official path (torch.randn
+W, b, ψ fp32. Contenders in the same run: the fused Triton op (with its index range checks, and inside
+trusted_device_indices() without them), the official path (benchmarks/_official_stop.py: torch.randn
 noise + Linear + gather + repeat + cat) eager and under torch.compile; forward and forward+backward.
 Every benchmarked callable ends with torch.cuda.synchronize(). ``extra_info`` records the GPU name
 and the peak memory beyond the inputs (MiB) next to the output size.
@@ -15,12 +16,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 pytest.importorskip("pytest_benchmark")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from stop_kernels import reference  # noqa: E402
+from _official_stop import official_predictor_input  # noqa: E402
+from stop_kernels import trusted_device_indices  # noqa: E402
 from stop_kernels.ops.predictor_input import assemble_predictor_input  # noqa: E402
 
 B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
@@ -39,12 +42,18 @@ def make_inputs(seed=0):
 
 
 def official(ctx, ctx_idx, tgt, w, b, pos):
-    return reference.assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA)
+    """The official unfused path (benchmarks/_official_stop.py): no validation, no host syncs."""
+    return official_predictor_input(ctx, ctx_idx, tgt, w, b, pos, SIGMA)
 
 
 def fused(ctx, ctx_idx, tgt, w, b, pos):
     return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA,
                                     backend="triton")
+
+
+def fused_trusted(ctx, ctx_idx, tgt, w, b, pos):
+    with trusted_device_indices():  # index range checks (host syncs) skipped for device tensors
+        return fused(ctx, ctx_idx, tgt, w, b, pos)
 
 
 _COMPILED = {}
@@ -53,6 +62,8 @@ _COMPILED = {}
 def contender(name):
     if name == "fused":
         return fused
+    if name == "fused-trusted":
+        return fused_trusted
     if name == "eager":
         return official
     if "compiled" not in _COMPILED:
@@ -70,7 +81,7 @@ def peak_beyond_inputs(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
+@pytest.mark.parametrize("impl", ["fused", "fused-trusted", "eager", "compiled"])
 @pytest.mark.parametrize("with_backward", [False, True], ids=["forward", "forward+backward"])
 def test_predictor_input(benchmark, impl, with_backward):
     ctx, ctx_idx, tgt, w, b, pos = make_inputs()

@@ -30,13 +30,14 @@ for s in $SECTIONS; do
   case $s in
     env) section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
          python -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"' ;;
-    build) section build ${SEC_BUILD:-240} bash -c 'MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
+    build) section build ${SEC_BUILD:-240} bash -c '[ -d /usr/local/cuda/include ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda};
+           MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
            python -c "import stop_kernels; print(stop_kernels.backends())"' ;;
     tests) section tests ${SEC_TESTS:-240} python -m pytest -q -x --timeout=200 -p no:cacheprovider \
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
-    stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" ;;
-    attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" ;;
+    stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
+    attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
     train) section train ${SEC_TRAIN:-300} bash benchmarks/gpu_train.sh "$RES/train" ;;
     e2e) section e2e ${SEC_E2E:-360} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 15 --warmup 6 --out "$RES/e2e" ;;

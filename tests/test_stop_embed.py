@@ -376,3 +376,79 @@ def test_cuda_autocast_takes_bf16():
     assert out.dtype == torch.float32 and torch.equal(out, want)
     out.sum().backward()
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# every autotune config computes the same result (pinned one by one; CPU via the interpreter)
+# ----------------------------------------------------------------------------------------------
+def _config_problem(device):
+    """D = 300 spans 3 tiles of 128 (last one partial), E = 200 (E4 = 50: partial K steps), R = 150 rows.
+
+    W is fp32 under the interpreter (exact up to fp32 rounding) and bf16 on the GPU (every config fits
+    the shared memory in bf16; the fp32 ones that do not are pruned from autotuning).
+    """
+    g = gen(11)
+    P, D, E, R = 40, 300, 200, 150
+    pos = torch.randn(P, D, generator=g).to(device)
+    w = (torch.randn(D, E, generator=g) / math.sqrt(E)).to(device, torch.bfloat16 if device == "cuda" else None)
+    b = torch.randn(D, generator=g).to(device)
+    idx = torch.randint(0, P, (R,), generator=g).to(device)
+    a = torch.randn(R, E, generator=g).to(device)
+    go = torch.randn(R, D, generator=g).to(device)
+    return pos, idx, w, b, a, go
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i", range(len(se._FWD_CONFIGS)))
+def test_every_forward_config_matches_reference(device, i):
+    cfg = se._FWD_CONFIGS[i]
+    pos, idx, w, b, a, _ = _config_problem(device)
+    R, (D, E) = idx.numel(), w.shape
+    seed, sigma = 77, 0.3
+    n = philox_normal(seed, R, E, sigma).to(device)
+    tol = 1e-5 if w.dtype == torch.float32 else 1e-2
+    ref_noise = (n @ w.double().T + b.double() + pos.double()[idx]).float()
+    ref_mem = (a.double() @ w.double().T + b.double() + pos.double()[idx]).float()
+    out = torch.full((2, R, D), float("nan"), device=device)
+    with se.pin_configs(fwd=cfg):
+        se.launch_project(out[0].view(1, R, D), idx, pos, w, b, seed=seed, noise_std=sigma)
+        # memory A, 2 row groups of 75 rows, written twice (copies) into [2, R, D]
+        mem = torch.full((2, R, D), float("nan"), device=device)
+        se.launch_project(mem[0].view(2, R // 2, D), idx, pos, w, b, a=a, copies=2, stride_copy=R * D)
+    assert rel(out[0], ref_noise) <= tol, cfg
+    assert rel(mem[0], ref_mem) <= tol and torch.equal(mem[0], mem[1]), cfg
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i", range(len(se._DW_CONFIGS)))
+def test_every_weight_grad_config_matches_reference(device, i, monkeypatch):
+    cfg = se._DW_CONFIGS[i]
+    pos, idx, w, b, a, go = _config_problem(device)
+    R, (D, E) = idx.numel(), w.shape
+    seed, sigma = 78, 0.3
+    n = philox_normal(seed, R, E, sigma).to(device)
+    want = go.double().T @ n
+    monkeypatch.setattr(se, "_num_sms", lambda device: 1)  # 1 split: rows_per_split = R (several row blocks)
+    with se.pin_configs(dw=cfg):
+        got = se.noise_weight_grad(go.view(1, R, D), w, seed, sigma)
+    monkeypatch.setattr(se, "_num_sms", lambda device: 64)  # several row splits
+    with se.pin_configs(dw=cfg):
+        got2 = se.noise_weight_grad(go.view(3, R // 3, D), w, seed, sigma)
+    tol = 1e-5 if w.dtype == torch.float32 else 1e-2
+    assert rel(got, want) <= tol and rel(got2, want) <= tol, cfg
+
+
+def test_config_pruning_keeps_shared_memory_in_budget():
+    class _W:  # only the element size is read
+        def __init__(self, n):
+            self.n = n
+
+        def element_size(self):
+            return self.n
+    bf16 = se._prune_fwd(se._FWD_CONFIGS, {"w_ptr": _W(2), "D": 384})
+    assert any(c.kwargs["D_TILES"] == 3 for c in bf16)
+    assert not any(c.kwargs["D_TILES"] == 4 for c in bf16)  # a whole wasted tile at D = 384
+    assert any(c.kwargs["D_TILES"] == 4 for c in se._prune_fwd(se._FWD_CONFIGS, {"w_ptr": _W(2), "D": 512}))
+    fp32 = se._prune_fwd(se._FWD_CONFIGS, {"w_ptr": _W(4), "D": 384})
+    assert 0 < len(fp32) < len(bf16)
+    assert se._prune_dw(se._DW_CONFIGS, {"w_ptr": _W(4), "D": 384})

@@ -157,7 +157,11 @@ def normal_quarters(rows, cols, key0, key1, sigma):
     return rad01 * tl.cos(th1), rad01 * tl.sin(th1), rad23 * tl.cos(th3), rad23 * tl.sin(th3)
 
 
-@triton.jit
+# Integer arguments equal to 1 are specialised by Triton's JIT into compile-time constants, and a
+# constexpr key has no ``.to(..., bitcast=True)``: seed 1 (key0 = 1) failed to compile on CUDA (the
+# interpreter does not specialise). Every kernel that takes a Philox key therefore lists the key
+# (and the other runtime scalars) in ``do_not_specialize``.
+@triton.jit(do_not_specialize=["R", "E", "E4", "row_start", "key0", "key1", "sigma"])
 def _philox_normal_kernel(out_ptr, R, E, E4, row_start, key0, key1, sigma,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Test kernel: write the ``[R, E]`` noise (the fused kernels never do this)."""

@@ -108,8 +108,7 @@ torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assem
                                 setup_context=_assemble_setup)
 
 
-@torch.compiler.disable
-def _checked_seed(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):
+def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):
     """Validate (eagerly, also under torch.compile) and draw the seed as a CPU int64 scalar tensor."""
     tgt = reference.check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std,
                                         mask_token)
@@ -117,6 +116,16 @@ def _checked_seed(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, no
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     seed = draw_seed(generator) if noise_mode in ("learned", "isotropic") else 0
     return tgt, torch.tensor(seed, dtype=torch.int64)
+
+
+_checked_seed_disabled = torch.compiler.disable(_checked_seed_eager)  # runs eagerly under torch.compile
+
+
+def _checked_seed(*args):
+    # the torch.compiler.disable wrapper costs a few µs per call in eager mode: only used when tracing
+    if torch.compiler.is_compiling():
+        return _checked_seed_disabled(*args)
+    return _checked_seed_eager(*args)
 
 
 def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, weight: torch.Tensor,

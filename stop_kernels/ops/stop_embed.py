@@ -24,6 +24,7 @@ Kernels (every block shape a constexpr):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -48,17 +49,86 @@ def _cfg(**kw):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
-# Small autotune lists for the GPU (shared memory per stage ≈ 4 quarter slices of A and Wᵀ; the
-# 64×64 forward config fits fp32 operands at 2 stages). The interpreter bypasses autotuning (it
-# would time every config) and takes tiles sized to the problem (see _launch): its cost is per program.
-_FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, BLOCK_K=32, w=8, s=3),
-                _cfg(BLOCK_M=64, BLOCK_D=128, BLOCK_K=32, w=4, s=3),
-                _cfg(BLOCK_M=64, BLOCK_D=256, BLOCK_K=32, w=8, s=2),
-                _cfg(BLOCK_M=64, BLOCK_D=64, BLOCK_K=32, w=4, s=2)]
-_DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, BLOCK_K=32, w=8, s=3),
-               _cfg(BLOCK_M=64, BLOCK_D=64, BLOCK_K=32, w=4, s=2),
-               _cfg(BLOCK_M=32, BLOCK_D=128, BLOCK_K=64, w=8, s=2)]
+# Autotune lists for the GPU. D_TILES Wᵀ column tiles of width BLOCK_D are covered by one program
+# (forward: the A / noise tile of a K step is generated once and multiplied into D_TILES
+# accumulators; dW: the noise tile of a row block is regenerated once and reduced into all D
+# tiles), so with D = 384 = 3·128 a single program spans all of D and the Philox noise is not
+# regenerated per D tile. The first configs (D_TILES = 1) are the original ones, kept so that the
+# tuner can still pick them. Shared memory per stage ≈ 4 quarter Wᵀ slices [BLOCK_K, BLOCK_D] per
+# D tile (+ the A tiles); configs over ~227 KB for the call's dtype are pruned before tuning
+# (_prune_fwd / _prune_dw), so fp32 calls only tune the small ones, as are configs whose last D
+# tile would lie entirely beyond D (D_TILES = 4 is for D = 512). ptxas for sm_90 (bf16, E4 = 320):
+# the D_TILES = 3, BLOCK_K = 16 configs use 102-150 KB and ≤ 240 registers without spills.
+# The interpreter bypasses autotuning (it would time every config) and takes tiles sized to the
+# problem (see _launch): its cost is per program. ``pin_configs`` forces one config (tests, tuning).
+_FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=4, s=3),
+                _cfg(BLOCK_M=64, BLOCK_D=256, D_TILES=1, BLOCK_K=32, w=8, s=2),
+                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
+                # all of D ≤ 384 (3 × 128) / ≤ 512 (2 × 256, 4 × 128) in one program
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=32, w=8, s=2),
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]
+_DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
+               _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
+               _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=64, w=8, s=2),
+               # noise regenerated once per row block, reduced into all D tiles
+               _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
+               _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
+               _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]
 _POS_CONFIGS = [_cfg(BLOCK_M=32, BLOCK_K=32, w=4, s=1), _cfg(BLOCK_M=64, BLOCK_K=64, w=8, s=1)]
+_SMEM_BUDGET = 227 * 1024
+
+
+def _elt(t) -> int:
+    return t.element_size() if hasattr(t, "element_size") else 4
+
+
+def _tiles_used(meta, D) -> bool:
+    """False when a program's last D tile lies entirely beyond D (its MMAs would be wasted)."""
+    return meta["D_TILES"] == 1 or (meta["D_TILES"] - 1) * meta["BLOCK_D"] < D
+
+
+def _prune_fwd(configs, named_args, **kw):
+    """Drop configs whose pipelined operand tiles exceed the shared memory of an H100/H200."""
+    wb = _elt(named_args["w_ptr"])
+    keep = []
+    for c in configs:
+        m = c.kwargs
+        per_stage = 4 * m["BLOCK_K"] * wb * (m["D_TILES"] * m["BLOCK_D"] + m["BLOCK_M"])
+        if per_stage * max(c.num_stages, 1) <= _SMEM_BUDGET and _tiles_used(m, named_args["D"]):
+            keep.append(c)
+    return keep or configs[:1]
+
+
+def _prune_dw(configs, named_args, **kw):
+    wb = _elt(named_args["w_ptr"])
+    keep = []
+    for c in configs:
+        m = c.kwargs
+        per_stage = m["BLOCK_M"] * wb * (m["D_TILES"] * m["BLOCK_D"] + 4 * m["BLOCK_K"])
+        if per_stage * max(c.num_stages, 1) <= _SMEM_BUDGET and _tiles_used(m, named_args["D"]):
+            keep.append(c)
+    return keep or configs[:1]
+
+
+_PINNED: dict = {}
+
+
+@contextlib.contextmanager
+def pin_configs(**configs):
+    """Force kernel configs (``fwd=``, ``dw=``, ``pos=``: a :class:`triton.Config`) inside the block.
+
+    Used by the tests to run every autotune config (also under the interpreter) and by tuning scripts.
+    """
+    old = dict(_PINNED)
+    _PINNED.update({k: v for k, v in configs.items() if v is not None})
+    try:
+        yield
+    finally:
+        _PINNED.clear()
+        _PINNED.update(old)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,23 +163,59 @@ def _mma(a, b, acc, like_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["E", "D", "NOISE"])
+@triton.jit
+def _mma4(a0, a1, a2, a3, acc, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3, dcol, d_ok,
+          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + Σ_j a_j · W[dcol, e_j]ᵀ: the four quarter products of one K step for one D tile."""
+    acc = _mma(a0, _load_wt(w_ptr, stride_wd, stride_we, e0, ok0, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
+    acc = _mma(a1, _load_wt(w_ptr, stride_wd, stride_we, e1, ok1, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
+    acc = _mma(a2, _load_wt(w_ptr, stride_wd, stride_we, e2, ok2, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
+    acc = _mma(a3, _load_wt(w_ptr, stride_wd, stride_we, e3, ok3, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _project_epilogue(acc, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                      stride_oc, N_COPIES, HAS_BIAS: tl.constexpr):
+    """acc + b + ψ[p] stored at ``out_rows + dcol·stride_od`` (N_COPIES times, stride_oc apart)."""
+    d_ok = dcol < D
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + dcol, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    acc += tl.load(pos_ptr + p[:, None] * stride_pp + dcol[None, :] * stride_pd, mask=tile_ok,
+                   other=0.0).to(tl.float32)
+    out_ptrs = out_rows[:, None] + dcol[None, :] * stride_od
+    val = acc.to(out_rows.dtype.element_ty)
+    for c in range(N_COPIES):
+        tl.store(out_ptrs + c * stride_oc, val, mask=tile_ok)
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["E", "D", "NOISE"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "N_COPIES"])
 def _project_kernel(a_ptr, stride_am, stride_ak,
                     idx_ptr, pos_ptr, stride_pp, stride_pd,
                     w_ptr, stride_wd, stride_we, b_ptr,
                     out_ptr, stride_og, stride_or, stride_od, stride_oc,
-                    R, E, D, G, N_COPIES, key0, key1, sigma,
+                    R, E, E4, D, G, N_COPIES, key0, key1, sigma,
                     NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r, d] = Σ_e A[r, e]·W[d, e] + b[d] + ψ[idx[r], d] for one [BLOCK_M, BLOCK_D] output tile."""
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r, d] = Σ_e A[r, e]·W[d, e] + b[d] + ψ[idx[r], d] for a [BLOCK_M, D_TILES·BLOCK_D] output tile.
+
+    The A tiles of a K step (Philox noise or memory) are produced once and multiplied into the
+    D_TILES accumulators (1 ≤ D_TILES ≤ 4), so the noise is generated once per row block.
+    """
+    tl.static_assert(D_TILES >= 1 and D_TILES <= 4)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dcol = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcol0 = tl.program_id(1) * (BLOCK_D * D_TILES) + tl.arange(0, BLOCK_D)
+    dcol1 = dcol0 + BLOCK_D
+    dcol2 = dcol0 + 2 * BLOCK_D
+    dcol3 = dcol0 + 3 * BLOCK_D
     kk = tl.arange(0, BLOCK_K)
     row_ok = rows < R
-    d_ok = dcol < D
-    E4 = (E + 3) // 4
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # main loop over quarter columns q: A tiles at q + j·E4 (j = 0..3), Wᵀ slices at the same columns
     for q0 in range(0, E4, BLOCK_K):
         q = q0 + kk
@@ -125,66 +231,115 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
             a1 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e1, ok1)
             a2 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e2, ok2)
             a3 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e3, ok3)
-        acc = _mma(a0, _load_wt(w_ptr, stride_wd, stride_we, e0, ok0, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-        acc = _mma(a1, _load_wt(w_ptr, stride_wd, stride_we, e1, ok1, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-        acc = _mma(a2, _load_wt(w_ptr, stride_wd, stride_we, e2, ok2, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-        acc = _mma(a3, _load_wt(w_ptr, stride_wd, stride_we, e3, ok3, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-    # epilogue: + bias + ψ[idx[r]] (gathered), in fp32
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + dcol, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        acc0 = _mma4(a0, a1, a2, a3, acc0, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
+                     dcol0, dcol0 < D, PRECISION, UPCAST)
+        if D_TILES > 1:
+            acc1 = _mma4(a0, a1, a2, a3, acc1, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
+                         dcol1, dcol1 < D, PRECISION, UPCAST)
+        if D_TILES > 2:
+            acc2 = _mma4(a0, a1, a2, a3, acc2, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
+                         dcol2, dcol2 < D, PRECISION, UPCAST)
+        if D_TILES > 3:
+            acc3 = _mma4(a0, a1, a2, a3, acc3, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
+                         dcol3, dcol3 < D, PRECISION, UPCAST)
+    # epilogue: + bias + ψ[idx[r]] (gathered), in fp32; row r lands at (r // G)·stride_og + (r % G)·stride_or,
+    # N_COPIES times stride_oc apart
     p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    tile_ok = row_ok[:, None] & d_ok[None, :]
-    acc += tl.load(pos_ptr + p[:, None] * stride_pp + dcol[None, :] * stride_pd, mask=tile_ok,
-                   other=0.0).to(tl.float32)
-    # store: row r lands at (r // G)·stride_og + (r % G)·stride_or, N_COPIES times stride_oc apart
     r64 = rows.to(tl.int64)
-    out_ptrs = out_ptr + ((r64 // G) * stride_og + (r64 % G) * stride_or)[:, None] + dcol[None, :] * stride_od
-    val = acc.to(out_ptr.dtype.element_ty)
-    for c in range(N_COPIES):
-        tl.store(out_ptrs + c * stride_oc, val, mask=tile_ok)
+    out_rows = out_ptr + ((r64 // G) * stride_og + (r64 % G) * stride_or)
+    _project_epilogue(acc0, dcol0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                      stride_oc, N_COPIES, HAS_BIAS)
+    if D_TILES > 1:
+        _project_epilogue(acc1, dcol1, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                          stride_oc, N_COPIES, HAS_BIAS)
+    if D_TILES > 2:
+        _project_epilogue(acc2, dcol2, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                          stride_oc, N_COPIES, HAS_BIAS)
+    if D_TILES > 3:
+        _project_epilogue(acc3, dcol3, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                          stride_oc, N_COPIES, HAS_BIAS)
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=["E", "D"])
+@triton.jit
+def _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol, D, n0, n1, n2, n3, acc0, acc1, acc2, acc3, w_ptr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The four quarter products gᵀ·n_j of one row block for one D tile."""
+    g = tl.load(g_rows[:, None] + dcol[None, :] * stride_gd, mask=row_ok[:, None] & (dcol < D)[None, :], other=0.0)
+    gt = tl.trans(g.to(w_ptr.dtype.element_ty))
+    acc0 = _mma(gt, n0, acc0, w_ptr, PRECISION, UPCAST)
+    acc1 = _mma(gt, n1, acc1, w_ptr, PRECISION, UPCAST)
+    acc2 = _mma(gt, n2, acc2, w_ptr, PRECISION, UPCAST)
+    acc3 = _mma(gt, n3, acc3, w_ptr, PRECISION, UPCAST)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _dw_store(base, dcol, D, q, E4, E, acc0, acc1, acc2, acc3):
+    """Store the four quarter tiles [BLOCK_D, BLOCK_K] of one D tile of a split's fp32 partial [D, E]."""
+    q_ok = q < E4
+    ptr = base + dcol[:, None] * E
+    dmask = (dcol < D)[:, None]
+    tl.store(ptr + q[None, :], acc0, mask=dmask & (q_ok & (q < E))[None, :])
+    tl.store(ptr + (q + E4)[None, :], acc1, mask=dmask & (q_ok & (q + E4 < E))[None, :])
+    tl.store(ptr + (q + 2 * E4)[None, :], acc2, mask=dmask & (q_ok & (q + 2 * E4 < E))[None, :])
+    tl.store(ptr + (q + 3 * E4)[None, :], acc3, mask=dmask & (q_ok & (q + 3 * E4 < E))[None, :])
+
+
+@triton.autotune(configs=_DW_CONFIGS, key=["E", "D"], prune_configs_by={"early_config_prune": _prune_dw})
 @triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "rows_per_split"])
 def _noise_weight_grad_kernel(g_ptr, stride_gg, stride_gr, stride_gd, w_ptr, dw_ptr,
-                              R, E, D, G, rows_per_split, key0, key1, sigma,
+                              R, E, E4, D, G, rows_per_split, key0, key1, sigma,
                               PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """partial[s, d, q + j·E4] = Σ_{r in split s} g[r, d]·n[r, q + j·E4] for one [BLOCK_D, BLOCK_K] quarter tile."""
-    dcol = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+                              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+    """partial[s, d, q + j·E4] = Σ_{r in split s} g[r, d]·n[r, q + j·E4] for D_TILES [BLOCK_D, BLOCK_K] quarter tiles.
+
+    The noise tiles of a row block are regenerated once and reduced into all D_TILES (≤ 4) D tiles.
+    """
+    tl.static_assert(D_TILES >= 1 and D_TILES <= 4)
+    dcol0 = tl.program_id(0) * (BLOCK_D * D_TILES) + tl.arange(0, BLOCK_D)
+    dcol1 = dcol0 + BLOCK_D
+    dcol2 = dcol0 + 2 * BLOCK_D
+    dcol3 = dcol0 + 3 * BLOCK_D
     q = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(2)
-    d_ok = dcol < D
-    E4 = (E + 3) // 4
     dt = w_ptr.dtype.element_ty
-    acc0 = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    z = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
+    a00, a01, a02, a03 = z, z, z, z
+    a10, a11, a12, a13 = z, z, z, z
+    a20, a21, a22, a23 = z, z, z, z
+    a30, a31, a32, a33 = z, z, z, z
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, R)
-    # reduction over this split's rows: load gᵀ [BLOCK_D, BLOCK_M], regenerate the noise tiles
-    # [BLOCK_M, BLOCK_K] of the same rows, and accumulate the four quarter products
+    # reduction over this split's rows: regenerate the noise tiles [BLOCK_M, BLOCK_K] of a row block
+    # once, then load gᵀ [BLOCK_D, BLOCK_M] of every D tile and accumulate the four quarter products
     for m0 in range(r_begin, r_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < r_end
         r64 = rows.to(tl.int64)
-        g_ptrs = g_ptr + ((r64 // G) * stride_gg + (r64 % G) * stride_gr)[:, None] + dcol[None, :] * stride_gd
-        g = tl.load(g_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(dt)
-        gt = tl.trans(g)
+        g_rows = g_ptr + ((r64 // G) * stride_gg + (r64 % G) * stride_gr)
         n0, n1, n2, n3 = normal_quarters(rows[:, None], q[None, :], key0, key1, sigma)
-        acc0 = _mma(gt, n0, acc0, w_ptr, PRECISION, UPCAST)
-        acc1 = _mma(gt, n1, acc1, w_ptr, PRECISION, UPCAST)
-        acc2 = _mma(gt, n2, acc2, w_ptr, PRECISION, UPCAST)
-        acc3 = _mma(gt, n3, acc3, w_ptr, PRECISION, UPCAST)
-    # store the four quarter tiles of this split's fp32 partial [D, E]
-    q_ok = q < E4
-    base = dw_ptr + split.to(tl.int64) * D * E + dcol[:, None] * E
-    dmask = d_ok[:, None]
-    tl.store(base + q[None, :], acc0, mask=dmask & (q_ok & (q < E))[None, :])
-    tl.store(base + (q + E4)[None, :], acc1, mask=dmask & (q_ok & (q + E4 < E))[None, :])
-    tl.store(base + (q + 2 * E4)[None, :], acc2, mask=dmask & (q_ok & (q + 2 * E4 < E))[None, :])
-    tl.store(base + (q + 3 * E4)[None, :], acc3, mask=dmask & (q_ok & (q + 3 * E4 < E))[None, :])
+        n0, n1, n2, n3 = n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt)
+        a00, a01, a02, a03 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol0, D, n0, n1, n2, n3,
+                                      a00, a01, a02, a03, w_ptr, PRECISION, UPCAST)
+        if D_TILES > 1:
+            a10, a11, a12, a13 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol1, D, n0, n1, n2, n3,
+                                          a10, a11, a12, a13, w_ptr, PRECISION, UPCAST)
+        if D_TILES > 2:
+            a20, a21, a22, a23 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol2, D, n0, n1, n2, n3,
+                                          a20, a21, a22, a23, w_ptr, PRECISION, UPCAST)
+        if D_TILES > 3:
+            a30, a31, a32, a33 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol3, D, n0, n1, n2, n3,
+                                          a30, a31, a32, a33, w_ptr, PRECISION, UPCAST)
+    # store the quarter tiles of this split's fp32 partial [D, E]
+    base = dw_ptr + split.to(tl.int64) * D * E
+    _dw_store(base, dcol0, D, q, E4, E, a00, a01, a02, a03)
+    if D_TILES > 1:
+        _dw_store(base, dcol1, D, q, E4, E, a10, a11, a12, a13)
+    if D_TILES > 2:
+        _dw_store(base, dcol2, D, q, E4, E, a20, a21, a22, a23)
+    if D_TILES > 3:
+        _dw_store(base, dcol3, D, q, E4, E, a30, a31, a32, a33)
 
 
 @triton.jit
@@ -235,9 +390,20 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _launch(kernel, grid, args, kwargs, interp_meta):
-    """Launch an autotuned kernel; under TRITON_INTERPRET=1 run its plain jit function with ``interp_meta``."""
-    if interpreting():
+def _launch(kernel, grid, args, kwargs, interp_meta, name):
+    """Launch an autotuned kernel.
+
+    A config pinned with :func:`pin_configs` under ``name`` runs as is (interpreter or GPU); otherwise
+    under TRITON_INTERPRET=1 the plain jit function runs with ``interp_meta``, and on the GPU the autotuner picks.
+    """
+    cfg = _PINNED.get(name)
+    if cfg is not None:
+        meta = dict(cfg.kwargs)
+        if interpreting():
+            kernel.fn[grid(meta)](*args, **kwargs, **meta)
+        else:
+            kernel.fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    elif interpreting():
         kernel.fn[grid(interp_meta)](*args, **kwargs, **interp_meta)
     else:
         kernel[grid](*args, **kwargs)
@@ -271,13 +437,14 @@ def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tenso
     a_arg = weight if noise else a
     s_am, s_ak = (0, 0) if noise else a.stride()
     key0, key1 = seed_key_args(seed)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"] * meta["D_TILES"]))  # noqa: E731
     args = (a_arg, s_am, s_ak, idx, pos_embed, pos_embed.stride(0), pos_embed.stride(1),
             weight, weight.stride(0), weight.stride(1), bias if bias is not None else weight,
-            out3, s_og, s_or, s_od, stride_copy, R, E, D, G, copies, key0, key1, float(noise_std))
-    interp = dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_D=_pow2(D, 16, 128), BLOCK_K=_pow2(quarter_width(E), 16, 64))
+            out3, s_og, s_or, s_od, stride_copy, R, E, quarter_width(E), D, G, copies, key0, key1, float(noise_std))
+    interp = dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,
+                  BLOCK_K=_pow2(quarter_width(E), 16, 64))
     _launch(_project_kernel, grid, args, dict(NOISE=noise, HAS_BIAS=bias is not None,
-                                              PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp)
+                                              PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "fwd")
 
 
 def _num_sms(device: torch.device) -> int:
@@ -294,18 +461,20 @@ def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_s
         return torch.zeros((D, E), dtype=torch.float32, device=weight.device)
     G, s_gg, s_gr, s_gd = _rows3(g3)
     E4 = quarter_width(E)
-    # row splits: about two waves of programs at the nominal 64×32 tile, at least 256 rows each
-    tiles = triton.cdiv(D, 64) * triton.cdiv(E4, 32)
-    split = max(1, min(triton.cdiv(R, 256), triton.cdiv(2 * _num_sms(weight.device), tiles)))
+    # row splits: about two waves of programs at a nominal tile of all of D (≤ 512) × 16 quarter
+    # columns, at least 256 rows each, at most 8 (the fp32 partials cost split·D·E·4 bytes)
+    tiles = triton.cdiv(D, 512) * triton.cdiv(E4, 16)
+    split = max(1, min(triton.cdiv(R, 256), triton.cdiv(2 * _num_sms(weight.device), tiles), 8))
     rows_per_split = triton.cdiv(R, split)
     partial = torch.empty((split, D, E), dtype=torch.float32, device=weight.device)
     key0, key1 = seed_key_args(seed)
-    grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(E4, meta["BLOCK_K"]), split)  # noqa: E731
-    args = (g3, s_gg, s_gr, s_gd, weight, partial, R, E, D, G, rows_per_split, key0, key1, float(noise_std))
-    interp = dict(BLOCK_M=_pow2(rows_per_split, 16, 1024), BLOCK_D=_pow2(D, 16, 128),
+    grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"] * meta["D_TILES"]), triton.cdiv(E4, meta["BLOCK_K"]),  # noqa: E731
+                         split)
+    args = (g3, s_gg, s_gr, s_gd, weight, partial, R, E, E4, D, G, rows_per_split, key0, key1, float(noise_std))
+    interp = dict(BLOCK_M=_pow2(rows_per_split, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,
                   BLOCK_K=_pow2(E4, 16, 64))
     _launch(_noise_weight_grad_kernel, grid, args,
-            dict(PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp)
+            dict(PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "dw")
     return partial[0] if split == 1 else partial.sum(0)
 
 
@@ -324,7 +493,7 @@ def launch_pos_noise(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Ten
     args = (idx, pos_embed, pos_embed.stride(0), vec if vec is not None else pos_embed,
             out3, s_og, s_or, R, D, G, key0, key1, float(noise_std or 0.0))
     interp = dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_K=_pow2(quarter_width(D), 16, 64))
-    _launch(_pos_noise_kernel, grid, args, dict(NOISE=noise_std is not None, HAS_VEC=vec is not None), interp)
+    _launch(_pos_noise_kernel, grid, args, dict(NOISE=noise_std is not None, HAS_VEC=vec is not None), interp, "pos")
 
 
 def scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, P: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -453,11 +622,20 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
     return sigma
 
 
-@torch.compiler.disable
-def _checked_seed(pos_embed, idx, weight, bias, noise_std, generator):
-    """Validate, then draw the call's seed as a CPU int64 scalar tensor (runs eagerly under torch.compile)."""
+def _checked_seed_eager(pos_embed, idx, weight, bias, noise_std, generator):
+    """Validate, then draw the call's seed as a CPU int64 scalar tensor."""
     sigma = check_stop_args(pos_embed, idx, weight, bias, noise_std, generator)
     return sigma, torch.tensor(draw_seed(generator), dtype=torch.int64)
+
+
+_checked_seed_disabled = torch.compiler.disable(_checked_seed_eager)  # runs eagerly under torch.compile
+
+
+def _checked_seed(*args):
+    # the torch.compiler.disable wrapper costs a few µs per call in eager mode: only used when tracing
+    if torch.compiler.is_compiling():
+        return _checked_seed_disabled(*args)
+    return _checked_seed_eager(*args)
 
 
 def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
