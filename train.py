@@ -1,20 +1,35 @@
 #!/usr/bin/env python
-"""Train I-JEPA with Stochastic Positional Embeddings.
+"""Train I-JEPA with Stochastic Positional Embeddings (StoP).
 
-    python train.py                                  # embedded default: vit_tiny, synthetic data, CPU-friendly
-    python train.py --config configs/vit_h14_224.yaml --data /path/to/imagenet
+    python train.py                                         # embedded default: vit_tiny, synthetic, CPU, < 1 min
+    torchrun --nproc_per_node=8 train.py --model vit_h --data /path/to/imagenet   # the ViT-H/14 recipe, FSDP2
+    python train.py --config configs/vit_b16_224.yaml --data /path/to/imagenet --resume
+    torchrun --nproc_per_node=1 train.py --model vit_h --batch-size 64 --benchmark 20   # one JSON line
 
-Every key of stop_kernels.training.config.TrainConfig is a flag (--noise-std 0.2, --batch-size 64 …).
+Every key of stop_kernels.training.config.TrainConfig is a flag (--noise-std 0.2, --batch-size 64 …);
+see docs/training.md.
 """
+import logging
+import os
 import sys
 
-from stop_kernels.training.config import parse_config
-from stop_kernels.training.loop import train
+from stop_kernels.training.config import ConfigError, parse_config
+from stop_kernels.training.loop import TrainingDiverged, train
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(argv)
-    train(cfg)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(level=logging.WARNING if rank else logging.INFO,
+                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingDiverged as e:
+        print(f"train.py: training diverged: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

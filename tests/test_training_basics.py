@@ -1,12 +1,21 @@
-"""Schedules against their formulas, the EMA against its definition, and a short training run."""
+"""Schedules against their formulas, the EMA against its definition, the config, the FLOP count, and short
+in-process training runs (tiny models through the reference backends: each test takes seconds)."""
+import json
 import math
+import pathlib
 
 import pytest
 import torch
 
-from stop_kernels.training.config import TrainConfig, parse_config
+from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
 from stop_kernels.training.ema import ema_update
 from stop_kernels.training.schedules import lr_at, momentum_at, wd_at
+
+from _train_helpers import TINY, cpu_train  # noqa: F401  (fixture)
+
+
+def tiny(tmp_path, **over):
+    return TrainConfig(**dict(TINY, out=str(tmp_path), **over))
 
 
 def test_lr_schedule():
@@ -38,6 +47,15 @@ def test_ema_definition():
         torch.testing.assert_close(a, b)
 
 
+def test_ema_on_parameters_matches_definition():
+    enc = torch.nn.Linear(4, 3)
+    tgt = torch.nn.Linear(4, 3)
+    want = [0.99 * a.detach() + 0.01 * b.detach() for a, b in zip(tgt.parameters(), enc.parameters())]
+    ema_update(tgt.parameters(), enc.parameters(), 0.99)
+    for a, b in zip(tgt.parameters(), want):
+        torch.testing.assert_close(a.detach(), b)
+
+
 def test_config_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("model: vit_small\nnoise_std: 0.2\npred_mask_scale: [0.1, 0.2]\n")
@@ -51,22 +69,134 @@ def test_config_overrides(tmp_path):
         parse_config(["--batch-size", "many"])
 
 
+def test_model_name_picks_its_recipe():
+    cfg = parse_config(["--model", "vit_h", "--batch-size", "64", "--benchmark", "20"])
+    assert (cfg.model, cfg.img_size, cfg.patch_size, cfg.pred_depth, cfg.pred_emb_dim) == ("vit_huge", 224, 14, 12, 384)
+    assert cfg.noise_std == 0.2 and cfg.npred == 4 and cfg.batch_size == 64 and cfg.precision == "bf16"
+    cfg = parse_config(["--model", "vit_h", "--img-size", "448", "--patch-size", "16"])
+    assert (cfg.img_size, cfg.patch_size, cfg.pred_depth) == (448, 16, 12)
+    cfg = parse_config(["--model", "vit_b"])
+    assert (cfg.patch_size, cfg.noise_std, cfg.epochs) == (16, 0.25, 600)
+    default = parse_config([])
+    assert default == TrainConfig(sharding="auto")  # the embedded default is untouched
+
+
+def test_bool_flags_and_validation():
+    cfg = parse_config(["--compile", "--resume", "--export", "false"])
+    assert cfg.compile and cfg.resume and not cfg.export
+    for argv, key in ((["--sharding", "zero3"], "sharding"), (["--ac", "full"], "ac"),
+                      (["--img-size", "30"], "img_size"), (["--pred-emb-dim", "98"], "pred_emb_dim"),
+                      (["--ema-start", "1.5"], "ema_start"), (["--compile", "maybe"], "compile"),
+                      (["--model", "vit_x"], "model"), (["--crop-scale", "0,1"], "crop_scale")):
+        with pytest.raises(ConfigError, match=key):
+            parse_config(argv)
+
+
 @pytest.mark.parametrize("name", ["vit_b16_224", "vit_l16_224", "vit_h14_224", "vit_h16_448"])
 def test_shipped_configs_parse(name):
-    import pathlib
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     cfg = parse_config(["--config", str(path)])
     assert cfg.batch_size == 2048 and cfg.npred == 4 and cfg.noise_mode == "learned"
     assert cfg.noise_std == (0.2 if cfg.model == "vit_huge" else 0.25)
     assert cfg.img_size % cfg.patch_size == 0
+    assert (cfg.start_lr, cfg.lr, cfg.final_lr) == (2e-4, 1e-3, 1e-6)
+    assert (cfg.weight_decay, cfg.final_weight_decay, cfg.ema_start, cfg.ema_end) == (0.04, 0.4, 0.996, 1.0)
+    if cfg.model == "vit_huge":
+        assert cfg.epochs == 300
 
 
-def test_short_training_run_lowers_the_loss(tmp_path):
+def test_flop_count_matches_the_anchor():
+    """ViT-H/14, B 64, 74 context and 42 target tokens: ≈ 43 TFLOP per step (ANCHORS.md)."""
+    from stop_kernels.training.metrics import step_flops
+    cfg = parse_config(["--model", "vit_h"])
+    total = step_flops(cfg, 64, 74, 42)
+    assert total == pytest.approx(43e12, rel=0.04)
+    # the target encoder alone (forward over 64 × 256 tokens) is ≈ 20.6 TFLOP of linear layers
+    assert 64 * 256 * 32 * 24 * 1280 ** 2 == pytest.approx(20.6e12, rel=0.01)
+
+
+def test_short_training_run_lowers_the_loss(tmp_path, cpu_train):
     from stop_kernels.training.loop import train
-    cfg = TrainConfig(steps=24, batch_size=8, synthetic_size=192, pred_depth=2, pred_emb_dim=96,
-                      out=str(tmp_path), log_every=100)
+    cfg = tiny(tmp_path, steps=30, batch_size=8, pred_depth=2, warmup_epochs=0.1)
     losses = train(cfg)
-    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
-    lines = (tmp_path / "log.jsonl").read_text().splitlines()
-    assert len(lines) == 24
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(30))
+    for key in ("step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "tflops", "mfu", "peak_mem_gib"):
+        assert key in recs[0]
+    assert [r["loss"] for r in recs] == losses
+    assert (tmp_path / "checkpoints" / "step_00000030" / "meta.json").is_file()
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, cpu_train):
+    from stop_kernels.training.loop import train
+    a = train(tiny(tmp_path / "a", steps=3))
+    b = train(tiny(tmp_path / "b", steps=3, ac="block"))
+    assert a == b
+
+
+def test_export_loads_into_an_encoder(tmp_path, cpu_train):
+    from safetensors.torch import load_file
+    from stop_kernels.models import vit_encoder
+    from stop_kernels.training.loop import train
+    train(tiny(tmp_path, steps=2, export=True))
+    for name in ("encoder", "target_encoder"):
+        sd = load_file(str(tmp_path / "export" / f"{name}.safetensors"))
+        enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+        enc.load_state_dict(sd, strict=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, monkeypatch):
+    from stop_kernels.training import loop
+    from stop_kernels.training.checkpoint import list_checkpoints
+    real, calls = loop.jepa_step_loss, []
+
+    def poisoned(*args, **kw):
+        calls.append(1)
+        loss = real(*args, **kw)
+        return loss * float("nan") if len(calls) == 4 else loss  # step 3 diverges
+
+    monkeypatch.setattr(loop, "jepa_step_loss", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 3.*step_00000002"):
+        loop.train(tiny(tmp_path, steps=8, ckpt_every=2))
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2]
+    recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in recs)
+    # the kept checkpoint resumes and trains on
+    monkeypatch.setattr(loop, "jepa_step_loss", real)
+    losses = loop.train(tiny(tmp_path, steps=4, ckpt_every=2, resume=True))
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train):
+    from stop_kernels.training.loop import train
+    full = train(tiny(tmp_path / "full", steps=5))
+    train(tiny(tmp_path / "part", steps=5, ckpt_every=2, keep_ckpts=5))
+    import shutil
+    for d in (tmp_path / "part" / "checkpoints").iterdir():
+        if d.name != "step_00000002":
+            shutil.rmtree(d)
+    rest = train(tiny(tmp_path / "part", steps=5, resume=True))
+    assert rest == full[2:]
+
+
+def test_benchmark_prints_one_json_line(tmp_path, cpu_train, capsys):
+    from stop_kernels.training.loop import train
+    train(tiny(tmp_path, benchmark=2, benchmark_warmup=1))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    for key in ("images_per_s", "ms_per_step", "tflops", "mfu", "peak_mem_gib", "model", "batch", "gpu"):
+        assert key in rec
+    assert rec["model"] == "vit_tiny" and rec["batch"] == 4 and rec["gpu"] == "cpu" and rec["images_per_s"] > 0
+    assert json.loads((tmp_path / "benchmark.json").read_text()) == rec
+
+
+def test_fsdp2_on_one_rank_matches_no_fsdp(tmp_path, cpu_train):
+    """FSDP2 on a one-rank mesh (blocks kept gathered between forward and backward) trains exactly like the
+    plain modules in fp32: no stale gathered weights across steps, the EMA reaches the sharded target."""
+    from stop_kernels.training.loop import train
+    plain = train(tiny(tmp_path / "plain", steps=4, sharding="none"))
+    fsdp = train(tiny(tmp_path / "fsdp", steps=4, sharding="full"))
+    assert fsdp == pytest.approx(plain, rel=1e-5, abs=1e-6)

@@ -1,19 +1,44 @@
-"""Image datasets: a synthetic one that runs anywhere, and ImageNet-layout folders.
+"""Image datasets (synthetic and ImageNet-layout folders) and the training data pipeline.
 
 ``SyntheticImages`` makes smooth, structured images (sums of random plane waves and blobs,
 deterministic per index) so that a model has something learnable to predict; it needs no disk and
 no download, which keeps every command of the project runnable on a bare machine.
+
+``ImageFolderDataset`` reads an ImageNet-layout folder (``root/<class>/<image>``, or
+``root/train/<class>/<image>`` when ``root/train`` exists) through PIL and the I-JEPA transforms.
+A missing folder, or one without images, is a :class:`~stop_kernels.training.config.ConfigError`
+raised at construction, i.e. before any model is built.
+
+Unreadable images (a corrupt or truncated file, a non-image with an image extension) are
+**substituted, never fatal**: sample ``i`` falls back to ``i+1``, ``i+2`` … (mod the dataset length)
+until a readable file is found (at most ``max_substitutions`` tries, then a RuntimeError naming the
+folder). Substituting rather than dropping keeps every batch full (static batch shapes for FSDP
+and compiled graphs, identical batch sizes on every rank) and stays deterministic. Each skip is
+logged with the path, and counted: the sample carries the count to the collate function, the
+training loop sums it over ranks and logs it (``skipped_images`` in the JSONL log).
+
+Augmentations are reproducible: the transform of sample ``i`` in epoch ``e`` runs under torch's
+global generator seeded from ``(seed, e, i)``, so the same image gets the same crop for any number
+of workers and after a resume.
+
+``TrainData`` assembles dataset, :class:`ResumableDistributedSampler`, the mask collator and the
+DataLoader (workers, pinned memory), and starts an epoch at any batch (resume).
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Tuple
+import os
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class SyntheticImages(Dataset):
@@ -29,6 +54,9 @@ class SyntheticImages(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Images do not depend on the epoch (present for the pipeline's uniform interface)."""
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
         if not 0 <= i < self.length:
@@ -49,3 +77,175 @@ class SyntheticImages(Dataset):
         img += blob * (torch.rand(3, 1, 1, generator=g) * 2 - 1) * 2
         img += 0.05 * torch.randn(3, s, s, generator=g)
         return img, label
+
+
+def _config_error(msg: str) -> Exception:
+    from ..training.config import ConfigError
+    return ConfigError(msg)
+
+
+def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """``(samples, classes)`` of an ImageNet-layout folder, sorted; errors name the path."""
+    if not os.path.exists(root):
+        raise _config_error(f"data: folder {root!r} does not exist (expected an ImageNet-layout folder with one "
+                            "subfolder per class, or 'synthetic')")
+    if not os.path.isdir(root):
+        raise _config_error(f"data: {root!r} is not a folder")
+    base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    with os.scandir(base) as it:
+        classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    samples: List[Tuple[str, int]] = []
+    for ci, cname in enumerate(classes):
+        cdir = os.path.join(base, cname)
+        for dirpath, _, files in sorted(os.walk(cdir, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, f), ci))
+    if not samples:
+        raise _config_error(f"data: folder {base!r} holds no images (expected <class>/<image> files with extensions "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+    return samples, classes
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-layout folder with I-JEPA transforms, deterministic augmentation and skip-on-corrupt.
+
+    ``__getitem__`` returns ``(image, label, skipped)`` where ``skipped`` counts the unreadable
+    files substituted for this sample (see the module docstring).
+    """
+
+    def __init__(self, root: str, transform: Callable, seed: int = 0, max_substitutions: int = 64):
+        self.root = root
+        self.samples, self.classes = scan_image_folder(root)
+        self.transform, self.seed, self.epoch = transform, int(seed), 0
+        self.max_substitutions = max_substitutions
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _sample_seed(self, i: int) -> int:
+        return ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i) & (2 ** 63 - 1)
+
+    @staticmethod
+    def load(path: str):
+        from PIL import Image
+        with open(path, "rb") as fh:
+            img = Image.open(fh)
+            return img.convert("RGB")  # decodes now: a truncated / corrupt file raises here
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        n = len(self.samples)
+        skipped = 0
+        for k in range(min(self.max_substitutions, n)):
+            path, label = self.samples[(i + k) % n]
+            try:
+                img = self.load(path)
+                break
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                skipped += 1
+                log.warning("data: skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+        else:
+            raise RuntimeError(f"data: {skipped} consecutive unreadable images from index {i} in {self.root!r}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._sample_seed(i))
+            x = self.transform(img)
+        return x, label, skipped
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler (shuffled per epoch from ``seed + epoch``) that can start an epoch at a batch.
+
+    ``set_epoch(epoch, start_batch)`` skips the first ``start_batch`` batches of this rank's order:
+    a resumed run sees exactly the samples the uninterrupted run would have seen next.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.batch_size, self.start = int(batch_size), 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = int(start_batch) * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+class SkipCountingCollate:
+    """Wrap the mask collator: strip the per-sample skip counts, return ``(imgs, masks_enc, masks_pred, skipped)``."""
+
+    def __init__(self, mask_collator):
+        self.mask_collator = mask_collator
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.mask_collator.set_epoch(epoch, start_batch)
+
+    def __call__(self, batch):
+        skipped = 0
+        if batch and len(batch[0]) == 3:
+            skipped = sum(int(s[2]) for s in batch)
+            batch = [(s[0], s[1]) for s in batch]
+        collated, masks_enc, masks_pred = self.mask_collator(batch)
+        return collated[0], masks_enc, masks_pred, skipped
+
+
+def build_dataset(cfg) -> Dataset:
+    """The dataset of a TrainConfig: synthetic, or the folder ``cfg.data`` (validated here, before any model)."""
+    if cfg.data == "synthetic":
+        return SyntheticImages(cfg.synthetic_size, cfg.img_size, seed=cfg.seed)
+    from .transforms import transforms_from_config
+    return ImageFolderDataset(cfg.data, transforms_from_config(cfg), seed=cfg.seed)
+
+
+class TrainData:
+    """Dataset + resumable distributed sampler + mask collator + DataLoader for one rank.
+
+    ``batch_size`` is the per-rank batch; ``iters_per_epoch`` batches per epoch (drop-last).
+    """
+
+    def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                 dataset: Optional[Dataset] = None):
+        from .masks import MultiBlockMaskCollator
+        if cfg.batch_size % world_size:
+            raise _config_error(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
+                                f"{world_size} ranks")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.batch_size = cfg.batch_size // world_size
+        self.dataset = dataset if dataset is not None else build_dataset(cfg)
+        self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
+                                                   batch_size=self.batch_size, seed=cfg.seed)
+        masks = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
+                                       cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep,
+                                       seed=cfg.seed + 7919 * rank)
+        self.collator = SkipCountingCollate(masks)
+        self.iters_per_epoch = self.sampler.num_samples // self.batch_size
+        if self.iters_per_epoch < 1:
+            where = "synthetic_size" if cfg.data == "synthetic" else f"the {len(self.dataset)} images of {cfg.data!r}"
+            raise _config_error(f"batch_size: a per-rank batch of {self.batch_size} is larger than the "
+                                f"{self.sampler.num_samples} samples per rank ({where})")
+        self.pin_memory = pin_memory
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator:
+        """Iterator over the batches ``start_batch …`` of ``epoch``: ``(imgs, masks_enc, masks_pred, skipped)``."""
+        self.sampler.set_epoch(epoch, start_batch)
+        self.collator.set_epoch(epoch, start_batch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        workers = self.cfg.num_workers
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                            collate_fn=self.collator, num_workers=workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG untouched
+                            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        return iter(loader)
+
+
+__all__ = ["SyntheticImages", "ImageFolderDataset", "ResumableDistributedSampler", "SkipCountingCollate",
+           "TrainData", "build_dataset", "scan_image_folder", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -1,45 +1,82 @@
-"""Training configuration: one flat dataclass, YAML files in ``configs/``, and command-line overrides.
+"""Training configuration: one flat dataclass, YAML recipes in ``configs/``, and command-line overrides.
 
-Precedence: dataclass defaults < ``--config FILE`` < ``--model`` preset defaults not set by the file
-< explicit command-line flags. Every field is a flag: ``noise_std`` is ``--noise-std``; pairs are
-written ``--pred-mask-scale 0.15,0.2``.
+Precedence (lowest first):
+
+1. the dataclass defaults: the *embedded default*, a vit_tiny run on synthetic 64-px images that
+   finishes on a laptop CPU in under a minute (``python train.py``);
+2. ``--config FILE`` (a YAML mapping of keys to values; unknown keys are an error);
+3. the recipe preset of the model name (``MODEL_PRESETS``: ``--model vit_h`` picks
+   ``configs/vit_h14_224.yaml``), for the keys that neither the file nor the command line set;
+4. explicit command-line flags.
+
+Every field is a flag: ``noise_std`` is ``--noise-std``; pairs are written ``--pred-mask-scale 0.15,0.2``;
+booleans accept ``--compile`` (true), ``--compile false`` / ``0`` / ``no``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+# model name -> the paper recipe its name implies (a file in configs/). vit_tiny and vit_small have
+# no paper recipe and keep the embedded, CPU-friendly defaults (64 px, patch 8).
+MODEL_PRESETS: Dict[str, str] = {
+    "vit_base": "vit_b16_224.yaml",
+    "vit_large": "vit_l16_224.yaml",
+    "vit_huge": "vit_h14_224.yaml",
+    "vit_giant": "vit_g16_224.yaml",
+}
+
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "noise_mode": ("learned", "isotropic", "none"),
+    "precision": ("auto", "bf16", "fp32"),
+    "device": ("auto", "cpu", "cuda"),
+    "sharding": ("auto", "full", "hybrid", "none"),
+    "ac": ("none", "block"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid (the message names the key); also raised for a bad data folder."""
 
 
 @dataclass
 class TrainConfig:
-    # model
-    model: str = "vit_tiny"            # encoder preset (vit_tiny … vit_giant; vit_h style aliases)
-    img_size: int = 64                 # input resolution (multiple of patch_size)
+    # ---- model ------------------------------------------------------------------------------
+    model: str = "vit_tiny"            # encoder preset: vit_tiny … vit_giant (aliases vit_t … vit_g)
+    img_size: int = 64                 # input resolution (a multiple of patch_size)
     patch_size: int = 8
     pred_depth: int = 4                # predictor depth (12 in the paper's recipes)
     pred_emb_dim: int = 192            # predictor width (384 in the paper's recipes)
     noise_mode: str = "learned"        # learned (StoP) | isotropic | none (plain I-JEPA)
     noise_std: float = 0.25            # σ of the StoP noise (0.2 for ViT-H)
-    # data
-    data: str = "synthetic"            # 'synthetic' or an ImageNet-layout folder (class subfolders)
+    # ---- data -------------------------------------------------------------------------------
+    data: str = "synthetic"            # 'synthetic' or an ImageNet-layout folder (class subfolders; root/train/ if present)
     synthetic_size: int = 2048         # images in the synthetic dataset
-    crop_scale: Tuple[float, float] = (0.3, 1.0)
-    num_workers: int = 0
-    # masks
+    crop_scale: Tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area range
+    hflip: bool = False                # random horizontal flip
+    color_jitter: float = 0.0          # colour-jitter strength s (ColorJitter(0.8s,0.8s,0.8s,0.2s) with p 0.8); 0 = off
+    gaussian_blur: bool = False        # random Gaussian blur (p 0.5, radius 0.1–2)
+    grayscale: bool = False            # random grayscale (p 0.2)
+    num_workers: int = 0               # DataLoader worker processes per rank
+    pin_memory: bool = True            # pinned host memory for batches (only used on CUDA)
+    # ---- masks ------------------------------------------------------------------------------
     npred: int = 4                     # target blocks per image
     enc_mask_scale: Tuple[float, float] = (0.85, 1.0)
     pred_mask_scale: Tuple[float, float] = (0.15, 0.2)
     aspect_ratio: Tuple[float, float] = (0.75, 1.5)
-    min_keep: int = 4
-    # optimisation
-    batch_size: int = 16               # global batch
+    min_keep: int = 4                  # minimum patches a mask keeps
+    # ---- optimisation -----------------------------------------------------------------------
+    batch_size: int = 16               # global batch (split evenly over the ranks)
     epochs: int = 1
     steps: int = 60                    # total optimizer steps; 0 = epochs × iterations per epoch
-    warmup_epochs: float = 0.1         # warm-up length (scaled to `steps` when steps is set)
+    warmup_epochs: float = 0.1         # warm-up length in epochs (as a fraction of `epochs` when steps is set)
     start_lr: float = 2e-4
     lr: float = 1e-3                   # peak learning rate
     final_lr: float = 1e-6
@@ -47,12 +84,26 @@ class TrainConfig:
     final_weight_decay: float = 0.4
     ema_start: float = 0.996
     ema_end: float = 1.0
-    # run
+    # ---- parallelism and speed --------------------------------------------------------------
+    sharding: str = "auto"             # auto (full under torchrun, none otherwise) | full | hybrid | none
+    ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
+    compile: bool = False              # torch.compile each transformer block
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"               # auto | cpu | cuda
+    # ---- checkpoints ------------------------------------------------------------------------
+    ckpt_every: int = 0                # save every N steps (0: only at the end)
+    keep_ckpts: int = 2                # complete checkpoints kept (older ones deleted)
+    resume: bool = False               # continue from the latest checkpoint in <out>/checkpoints
+    export: bool = True                # write <out>/export/{encoder,target_encoder}.safetensors at the end
+    # ---- logging ----------------------------------------------------------------------------
     seed: int = 0
-    out: str = "runs/default"          # output folder (JSONL log, checkpoints)
-    log_every: int = 10
+    out: str = "runs/default"          # output folder (log.jsonl, checkpoints, export, tensorboard)
+    log_every: int = 10                # progress line every N steps (the JSONL log has every step)
+    tensorboard: bool = True           # also write TensorBoard scalars when tensorboard is installed
+    peak_tflops: float = 989.0         # per-device peak for MFU (H100/H200 dense bf16)
+    # ---- benchmark --------------------------------------------------------------------------
+    benchmark: int = 0                 # N > 0: time N steps on synthetic data after warm-up, print one JSON line
+    benchmark_warmup: int = 10         # warm-up steps before timing (compilation, autotuning)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -68,53 +119,122 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if isinstance(default, tuple):
             if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+                value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")
+                         if v.strip()]
             value = tuple(type(default[0])(v) for v in value)
             if len(value) != len(default):
                 raise ValueError
             return value
         if isinstance(default, bool):
             if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
             return bool(value)
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if isinstance(default, int) and isinstance(value, str):
+            return int(float(value)) if float(value).is_integer() else int(value)
         return type(default)(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: cannot read {value!r} as {type(default).__name__}"
-                         + (f" of {len(default)}" if isinstance(default, tuple) else "")) from None
+        raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}"
+                          + (f" of {len(default)}" if isinstance(default, tuple) else "")) from None
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config: no such file: {path}")
     with open(path) as fh:
         data = yaml.safe_load(fh) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"config: {path} must hold a mapping of keys to values")
+        raise ConfigError(f"config: {path} must hold a mapping of keys to values")
     known = _field_types()
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"config: {path} has unknown keys {unknown}; known keys: {sorted(known)}")
+        raise ConfigError(f"config: {path} has unknown keys {unknown}; known keys: {sorted(known)}")
     return data
 
 
+def preset_values(model: str) -> Dict[str, Any]:
+    """The recipe values implied by a model name (empty for vit_tiny / vit_small)."""
+    from ..models.vit import resolve_model_name
+    name = MODEL_PRESETS.get(resolve_model_name(model))
+    return load_yaml(os.path.join(CONFIG_DIR, name)) if name else {}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every key's range; raise :class:`ConfigError` naming the key."""
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {getattr(cfg, key)!r}")
+    positive = ("img_size", "patch_size", "pred_depth", "pred_emb_dim", "synthetic_size", "npred", "batch_size",
+                "epochs", "keep_ckpts", "log_every")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(cfg, key)!r}")
+    for key in ("steps", "num_workers", "ckpt_every", "benchmark", "benchmark_warmup", "min_keep"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: expected an integer >= 0, got {getattr(cfg, key)!r}")
+    for key in ("noise_std", "warmup_epochs", "start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay",
+                "color_jitter"):
+        if not getattr(cfg, key) >= 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {getattr(cfg, key)!r}")
+    if not cfg.peak_tflops > 0:
+        raise ConfigError(f"peak_tflops: expected a value > 0, got {cfg.peak_tflops!r}")
+    for key in ("ema_start", "ema_end"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")
+    if cfg.img_size % cfg.patch_size:
+        raise ConfigError(f"img_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.img_size}")
+    lo, hi = cfg.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"crop_scale: expected 0 < min <= max <= 1, got {cfg.crop_scale!r}")
+    if cfg.pred_emb_dim % 4:
+        raise ConfigError(f"pred_emb_dim: expected a multiple of 4 (2-D sin-cos positions), got {cfg.pred_emb_dim}")
+    from ..models.vit import VIT_PRESETS, resolve_model_name
+    try:
+        cfg.model = resolve_model_name(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    heads = VIT_PRESETS[cfg.model].num_heads
+    if cfg.pred_emb_dim % heads:
+        raise ConfigError(f"pred_emb_dim: the predictor uses the encoder's {heads} heads, so its width must be a "
+                          f"multiple of {heads}; got {cfg.pred_emb_dim}")
+    return cfg
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train I-JEPA with Stochastic Positional Embeddings.")
-    p.add_argument("--config", help="YAML file under configs/ (keys as in TrainConfig)")
+    p = argparse.ArgumentParser(description="Train I-JEPA with Stochastic Positional Embeddings (StoP). Every "
+                                "TrainConfig key is a flag; see docs/training.md.")
+    p.add_argument("--config", help="YAML recipe (keys as in TrainConfig), e.g. configs/vit_h14_224.yaml")
     for f in fields(TrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       help=f"(default {f.default!r})")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
+                           help=f"(default {f.default!r})")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=f"(default {f.default!r})")
     return p
 
 
 def parse_config(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
+    """Parse ``argv`` (``sys.argv[1:]`` when None) into a validated :class:`TrainConfig`."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
     values: Dict[str, Any] = {}
     if args.config:
         values.update(load_yaml(args.config))
-    for f in fields(TrainConfig):
-        v = getattr(args, f.name)
-        if v is not None:
-            values[f.name] = v
+    cli = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    model = cli.get("model", values.get("model", TrainConfig.model))
+    try:
+        preset = preset_values(str(model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for k, v in preset.items():
+        values.setdefault(k, v)
+    values.update(cli)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    from ..models.vit import resolve_model_name
-    cfg.model = resolve_model_name(cfg.model)
-    return cfg
+    return validate(cfg)

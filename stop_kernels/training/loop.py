@@ -1,28 +1,49 @@
-"""The I-JEPA + StoP training step and a single-process training loop.
+"""The I-JEPA + StoP training step and training loop (single process, torchrun, FSDP2), and ``--benchmark``.
 
 One step (as in the official code):
     targets = gather(LayerNorm(target_encoder(imgs)), masks_pred)          (no grad)
     z       = predictor(encoder(imgs, masks_enc), masks_enc, masks_pred)  (StoP noise inside)
     loss    = smooth_l1(z, targets); AdamW step; target ← EMA(encoder)
+
+Order of :func:`train`: config check → process group → data (a bad folder fails here, before any
+model) → models (same seed on every rank, built directly on the device) → AC / compile / FSDP2
+(:mod:`.parallelize`) → AdamW (fused on CUDA) → resume (models, optimizer, RNG, data position) →
+steps → final checkpoint and safetensors export.
+
+No host synchronisation inside a step: the loss of step i (averaged over ranks with an
+asynchronous all-reduce) is read on the host while step i+1 is already queued, then checked and
+logged. A non-finite loss stops training with :class:`TrainingDiverged` before any further
+checkpoint is written (pending losses are always checked before a save), so the last checkpoint
+on disk is the last good one.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
-from torch.utils.data import DataLoader
+import torch.nn as nn
 
 from .. import reference
-from ..data import MultiBlockMaskCollator, SyntheticImages
+from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
-from .config import TrainConfig
+from . import distributed as D
+from .checkpoint import Checkpointer, export_safetensors
+from .config import ConfigError, TrainConfig, validate
 from .ema import ema_update
+from .metrics import MetricsLogger, gpu_name, peak_memory_gib, step_flops
+from .parallelize import count_parameters, describe, paired_parameters, parallelize
 from .schedules import lr_at, momentum_at, wd_at
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or Inf; the message says at which step and which checkpoint is intact."""
 
 
 class JEPAModels(NamedTuple):
@@ -31,7 +52,19 @@ class JEPAModels(NamedTuple):
     target_encoder: torch.nn.Module
 
 
+class JEPAContainer(nn.Module):
+    """The three models under one module, for one checkpoint namespace (``encoder.…``, ``predictor.…``, …)."""
+
+    def __init__(self, models: JEPAModels):
+        super().__init__()
+        self.encoder, self.predictor, self.target_encoder = models
+
+
 def build_models(cfg: TrainConfig) -> JEPAModels:
+    """Encoder, StoP predictor and target encoder (an exact copy of the encoder, without gradients).
+
+    Built on the current default device (the loop builds them under ``torch.device(<gpu>)``).
+    """
     encoder = vit_encoder(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size)
     predictor = predictor_for(encoder, img_size=cfg.img_size, patch_size=cfg.patch_size,
                               predictor_embed_dim=cfg.pred_emb_dim, depth=cfg.pred_depth,
@@ -42,15 +75,38 @@ def build_models(cfg: TrainConfig) -> JEPAModels:
     return JEPAModels(encoder, predictor, target)
 
 
-def param_groups(*modules: torch.nn.Module) -> List[Dict]:
-    """AdamW groups: biases and 1-D parameters (LayerNorm) get no weight decay (``WD_exclude``)."""
+def param_groups(*modules: torch.nn.Module, skip=()) -> List[Dict]:
+    """AdamW groups: biases and 1-D parameters (LayerNorm) get no weight decay (``WD_exclude``).
+
+    ``skip``: parameters left out (ones that never receive a gradient, such as the predictor's
+    mask token under StoP noise: AdamW would never create their state, and a checkpoint's optimizer
+    state must cover exactly the optimized parameters).
+    """
+    skip_ids = {id(p) for p in skip}
     decay, no_decay = [], []
     for m in modules:
         for name, p in m.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in skip_ids:
                 continue
             (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "WD_exclude": True, "weight_decay": 0.0}]
+
+
+def build_optimizer(models: JEPAModels, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.999 as I-JEPA): fused kernel on CUDA, foreach (multi-tensor) on CPU."""
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    unused = [models.predictor.mask_token] if cfg.noise_mode != "none" else []  # only read by noise_mode 'none'
+    return torch.optim.AdamW(param_groups(models.encoder, models.predictor, skip=unused), lr=cfg.start_lr, **kw)
+
+
+def schedule_lengths(cfg: TrainConfig, iters_per_epoch: int):
+    """``(total_steps, warmup_steps)``: ``steps`` if set, else ``epochs × iters_per_epoch``."""
+    total = cfg.steps or cfg.epochs * iters_per_epoch
+    if cfg.steps:
+        warmup = round(total * cfg.warmup_epochs / max(cfg.epochs, 1))
+    else:
+        warmup = round(cfg.warmup_epochs * iters_per_epoch)
+    return total, warmup
 
 
 def set_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int):
@@ -73,65 +129,289 @@ def jepa_step_loss(models: JEPAModels, imgs: torch.Tensor, masks_enc, masks_pred
         return reference.jepa_loss(z.float(), h.float())
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' requested but no CUDA GPU is visible")
-    return torch.device(cfg.device)
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.precision
+
+
+def autocast_for(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+class Trainer:
+    """Holds the built pieces of a run; :meth:`step` is one optimizer step (no host synchronisation)."""
+
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, data: Optional[TrainData], stream=sys.stdout):
+        self.cfg, self.info, self.data = cfg, info, data
+        self.device = info.device
+        self.precision = resolve_precision(cfg, self.device)
+        self.autocast = autocast_for(self.precision, self.device)
+        self.sharding = D.resolve_sharding(cfg, info.world_size)
+        self.stream = stream
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        with torch.device(self.device):
+            models = build_models(cfg)
+        self.n_params = count_parameters([models.encoder, models.predictor])
+        self.mesh = D.build_mesh(self.sharding, info)
+        self.models = parallelize(models, cfg, self.mesh, self.precision)
+        self.container = JEPAContainer(self.models)
+        self.opt = build_optimizer(self.models, cfg, self.device)
+        self.ema_target, self.ema_online = paired_parameters(self.models.target_encoder, self.models.encoder)
+        self.checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), info, keep=cfg.keep_ckpts)
+
+    def step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
+        """Forward, backward, AdamW, EMA.
+
+        Returns ``[loss averaged over ranks, unreadable images skipped on all ranks]`` as one float32
+        tensor still on the device (one asynchronous all-reduce; the caller reads it later).
+        """
+        _, _, momentum = lr_wd_mom
+        loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.ema_target, self.ema_online, momentum)
+        W = self.info.world_size
+        stats = torch.stack([loss.detach().float(), loss.new_full((), float(skipped), dtype=torch.float32)])
+        if self.info.distributed and W > 1:
+            torch.distributed.all_reduce(stats)
+            stats[0].div_(W)
+        return stats
+
+    def to_device(self, imgs, masks_enc, masks_pred):
+        nb = self.device.type == "cuda"
+        return (imgs.to(self.device, non_blocking=nb), [m.to(self.device, non_blocking=nb) for m in masks_enc],
+                [m.to(self.device, non_blocking=nb) for m in masks_pred])
+
+
+def _print(msg: str, info: D.DistInfo, stream) -> None:
+    if info.is_main:
+        print(msg, file=stream, flush=True)
 
 
 def train(cfg: TrainConfig) -> List[float]:
-    """Train single-process on synthetic data; prints progress, writes ``cfg.out/log.jsonl``; returns losses."""
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    if cfg.data != "synthetic":
-        raise ValueError("data: this loop trains on 'synthetic' only; use the full pipeline for folders")
-    dataset = SyntheticImages(cfg.synthetic_size, cfg.img_size, seed=cfg.seed)
-    collator = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
-                                      cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collator,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    ipe = len(loader)
-    total = cfg.steps or cfg.epochs * ipe
-    warmup = round(cfg.warmup_epochs * ipe) if not cfg.steps else round(total * cfg.warmup_epochs / max(cfg.epochs, 1))
-    models = JEPAModels(*(m.to(device) for m in build_models(cfg)))
-    opt = torch.optim.AdamW(param_groups(models.encoder, models.predictor), lr=cfg.start_lr)
-    os.makedirs(cfg.out, exist_ok=True)
+    """Train (or benchmark, when ``cfg.benchmark`` > 0); returns the losses of the steps run by this call.
+
+    Launched by torchrun it trains on all ranks with FSDP2; as a plain process, on one device.
+    Raises :class:`ConfigError` for bad settings or data folders (before any model is built) and
+    :class:`TrainingDiverged` when the loss becomes NaN/Inf.
+    """
+    validate(cfg)
+    info = D.init_distributed(cfg)
+    try:
+        if cfg.benchmark:
+            return run_benchmark(cfg, info)
+        return _train(cfg, info)
+    finally:
+        D.shutdown(info)
+
+
+def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
+    stream = sys.stdout
+    data = TrainData(cfg, rank=info.rank, world_size=info.world_size,
+                     pin_memory=cfg.pin_memory and info.device.type == "cuda")
+    ipe = data.iters_per_epoch
+    total, warmup = schedule_lengths(cfg, ipe)
+    tr = Trainer(cfg, info, data, stream)
+    ckpt = tr.checkpointer
+
+    start_step = 0
+    if cfg.resume:
+        path = ckpt.latest()
+        if path is None:
+            _print(f"resume: no complete checkpoint in {ckpt.folder}; starting from step 0", info, stream)
+        else:
+            meta = ckpt.load(path, tr.container, tr.opt)
+            start_step = int(meta["step"])
+            _print(f"resumed from {path} (step {start_step}"
+                   + ("" if meta["rng_restored"] else "; RNG re-seeded: world size changed") + ")", info, stream)
+            if not meta["rng_restored"]:
+                torch.manual_seed(cfg.seed + 1_000_003 * info.rank + start_step)
+    if start_step == 0:
+        torch.manual_seed(cfg.seed + 1_000_003 * info.rank)  # distinct StoP noise per rank
+    if start_step >= total:
+        _print(f"nothing to do: the checkpoint is at step {start_step} of {total}", info, stream)
+        return []
+
+    metrics = MetricsLogger(cfg, info.device, info.world_size, is_main=info.is_main, resume_step=start_step,
+                            stream=stream)
+    _print(f"training {cfg.model} (img {cfg.img_size}, patch {cfg.patch_size}, {tr.n_params / 1e6:.1f}M trainable "
+           f"params; predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}; noise {cfg.noise_mode} "
+           f"σ={cfg.noise_std}) on {info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]"
+           f" for {total} steps ({ipe} per epoch), global batch {cfg.batch_size}, data {cfg.data}", info, stream)
+
     losses: List[float] = []
-    step, epoch, t0 = 0, 0, time.perf_counter()
-    print(f"training {cfg.model} (img {cfg.img_size}, patch {cfg.patch_size}, noise {cfg.noise_mode} "
-          f"σ={cfg.noise_std}) on {device} [{precision}] for {total} steps, batch {cfg.batch_size}", flush=True)
-    with open(os.path.join(cfg.out, "log.jsonl"), "w") as log:
+    last_saved = start_step if cfg.resume and start_step > 0 else -1
+    # (step, epoch, stats tensor, lr, wd, mom, n_ctx, n_tgt, time the step was queued)
+    pending = None
+
+    def finish(p) -> None:
+        step, epoch, stats, lr, wd, mom, n_ctx, n_tgt, t_done = p
+        value, skipped = stats.tolist()
+        metrics.skipped_images += int(round(skipped))
+        if not math.isfinite(value):
+            good = ckpt.latest()
+            raise TrainingDiverged(
+                f"loss is {value} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
+                + (f"The last good checkpoint is {good} (continue with --resume, e.g. after lowering --lr)."
+                   if good else "No checkpoint was written before it."))
+        losses.append(value)
+        metrics.record(step, epoch, value, lr, wd, mom, n_ctx, n_tgt, cfg.batch_size, total, t_done)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if step == last_saved:
+            return
+        meta = {"epoch": step // ipe, "batch_in_epoch": step % ipe, "images_seen": step * cfg.batch_size,
+                "skipped_images": metrics.skipped_images, "config": cfg.to_dict()}
+        path = ckpt.save(step, tr.container, tr.opt, meta)
+        last_saved = step
+        _print(f"checkpoint {path}", info, stream)
+
+    step = start_step
+    metrics.start_clock()
+    try:
         while step < total:
-            collator.set_epoch(epoch)
-            for imgs, masks_enc, masks_pred in loader:
+            epoch, first = step // ipe, step % ipe
+            for imgs, masks_enc, masks_pred, skipped in data.epoch(epoch, first):
                 if step >= total:
                     break
-                imgs = imgs[0].to(device, non_blocking=True)
-                masks_enc = [m.to(device) for m in masks_enc]
-                masks_pred = [m.to(device) for m in masks_pred]
-                lr, wd, mom = set_schedules(opt, cfg, step, total, warmup)
-                loss = jepa_step_loss(models, imgs, masks_enc, masks_pred, autocast)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                ema_update(models.target_encoder.parameters(), models.encoder.parameters(), mom)
-                losses.append(loss.item())
-                dt = time.perf_counter() - t0
-                rec = {"step": step, "epoch": epoch, "loss": losses[-1], "lr": lr, "wd": wd, "momentum": mom,
-                       "images_per_s": (step + 1) * cfg.batch_size / dt}
-                log.write(json.dumps(rec) + "\n")
-                if step % cfg.log_every == 0 or step == total - 1:
-                    print(f"step {step:5d}/{total}  loss {rec['loss']:.4f}  lr {lr:.2e}  wd {wd:.3f}  "
-                          f"mom {mom:.4f}  {rec['images_per_s']:.1f} img/s", flush=True)
+                imgs, masks_enc, masks_pred = tr.to_device(imgs, masks_enc, masks_pred)
+                sched = set_schedules(tr.opt, cfg, step, total, warmup)
+                stats = tr.step(imgs, masks_enc, masks_pred, sched, skipped)
+                if pending is not None:
+                    finish(pending)
+                pending = (step, epoch, stats, *sched, masks_enc[0].shape[1], masks_pred[0].shape[1],
+                           time.perf_counter())
                 step += 1
-            epoch += 1
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
+                    finish(pending)
+                    pending = None
+                    save(step)
+                    metrics.start_clock()  # the next step's time excludes the save
+        if pending is not None:
+            finish(pending)
+            pending = None
+    finally:
+        metrics.close()
+    save(step)
+    if cfg.export:
+        export(tr, cfg, info, stream)
     n = max(1, min(10, len(losses) // 4))
-    print(f"done: mean loss of the first {n} steps {sum(losses[:n]) / n:.4f}, "
-          f"of the last {n} steps {sum(losses[-n:]) / n:.4f}", flush=True)
+    if losses:
+        _print(f"done: mean loss of the first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps "
+               f"{sum(losses[-n:]) / n:.4f}; {metrics.skipped_images} unreadable images skipped", info, stream)
     return losses
+
+
+def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream) -> None:
+    """Consolidated encoder and target-encoder weights as safetensors under ``<out>/export/``."""
+    import importlib.util
+    if importlib.util.find_spec("safetensors") is None:
+        _print("export: safetensors is not installed (pip install safetensors); skipping the encoder export",
+               info, stream)
+        return
+    meta = {"model": cfg.model, "img_size": str(cfg.img_size), "patch_size": str(cfg.patch_size),
+            "format": "stop_kernels VisionTransformer state dict"}
+    for name in ("encoder", "target_encoder"):
+        path = os.path.join(cfg.out, "export", f"{name}.safetensors")
+        export_safetensors(getattr(tr.models, name), path, info, meta)
+    _print(f"exported {os.path.join(cfg.out, 'export')}/{{encoder,target_encoder}}.safetensors", info, stream)
+
+
+# ----------------------------------------------------------------------------------------------
+# --benchmark N
+# ----------------------------------------------------------------------------------------------
+def synthetic_batches(cfg: TrainConfig, n: int, batch: int, device: torch.device, seed: int):
+    """``n`` batches of random images (4 distinct tensors, reused) with freshly sampled masks, on ``device``."""
+    from ..data.masks import MultiBlockMaskCollator
+    collator = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
+                                      cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    imgs = [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device) for _ in range(min(n, 4))]
+    out = []
+    dummy = [(torch.zeros(()), 0)] * batch
+    for i in range(n):
+        _, me, mp = collator(dummy)
+        out.append((imgs[i % len(imgs)], [m.to(device) for m in me], [m.to(device) for m in mp]))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
+    """``cfg.benchmark`` timed steps after ``cfg.benchmark_warmup`` warm-up steps, on synthetic batches
+    already on the device (the step alone: no data loading). Progress goes to stderr; rank 0 prints
+    one JSON line to stdout and writes it to ``<out>/benchmark.json``."""
+    stream = sys.stderr
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
+                          f"{info.world_size} ranks")
+    local = cfg.batch_size // info.world_size
+    tr = Trainer(cfg, info, None, stream)
+    torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
+    warm, n = cfg.benchmark_warmup, cfg.benchmark
+    _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, global batch {cfg.batch_size}, "
+           f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]: "
+           f"{warm} warm-up + {n} timed steps", info, stream)
+    batches = synthetic_batches(cfg, warm + n, local, info.device, cfg.seed + 7919 * info.rank)
+    total = warm + n
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+    losses: List[torch.Tensor] = []
+    t_warm = time.perf_counter()
+    for i in range(warm):
+        set_schedules(tr.opt, cfg, i, total, 0)
+        losses.append(tr.step(*batches[i], sched))
+        if i == 0:
+            _sync(info.device)
+            _print(f"  first step {time.perf_counter() - t_warm:.1f} s", info, stream)
+    _sync(info.device)
+    _print(f"  warm-up {time.perf_counter() - t_warm:.1f} s", info, stream)
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
+    D.barrier(info)
+    flops = 0.0
+    t0 = time.perf_counter()
+    for i in range(warm, total):
+        imgs, me, mp = batches[i]
+        set_schedules(tr.opt, cfg, i, total, 0)
+        losses.append(tr.step(imgs, me, mp, sched))
+        flops += step_flops(cfg, local, me[0].shape[1], mp[0].shape[1]) * info.world_size
+    _sync(info.device)
+    D.barrier(info)
+    dt = time.perf_counter() - t0
+    values = [float(x[0].item()) for x in losses]
+    ms = 1000.0 * dt / max(n, 1)
+    tflops = flops / dt / 1e12
+    mem = peak_memory_gib(info.device)
+    n_ctx = sum(b[1][0].shape[1] for b in batches[warm:]) / max(n, 1)
+    n_tgt = sum(b[2][0].shape[1] for b in batches[warm:]) / max(n, 1)
+    result = {
+        "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
+        "world_size": info.world_size, "gpu": gpu_name(info.device), "precision": tr.precision,
+        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "steps": n, "warmup": warm,
+        "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
+        "tflops": round(tflops, 2), "mfu": round(tflops / (cfg.peak_tflops * info.world_size), 4),
+        "peak_mem_gib": None if mem is None else round(mem, 2),
+        "mean_ctx_tokens": round(n_ctx, 1), "mean_tgt_tokens": round(n_tgt, 1),
+        "loss_first": values[0] if values else None, "loss_last": values[-1] if values else None,
+        "torch": torch.__version__,
+    }
+    if not all(math.isfinite(v) for v in values):
+        result["warning"] = "non-finite loss during the benchmark"
+    if info.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "benchmark.json"), "w") as fh:
+            json.dump(result, fh)
+            fh.write("\n")
+        print(json.dumps(result), flush=True)
+    return values
+
+
+__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "build_models", "build_optimizer",
+           "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
+           "resolve_precision"]

@@ -1,0 +1,226 @@
+"""Sharded, atomic checkpoints with ``torch.distributed.checkpoint`` (DCP), resume, and a safetensors export.
+
+Layout under ``<out>/checkpoints/``::
+
+    step_00001000/            a complete checkpoint (only complete ones carry this name)
+        .metadata, __0_0.distcp, __1_0.distcp …   DCP shards of the models and the optimizer
+        rng_rank0.pt, rng_rank1.pt …              per-rank RNG states (torch CPU/CUDA, python, numpy)
+        meta.json                                  step, epoch, data position, config (written last)
+    .tmp-step_00002000/       a checkpoint being written (ignored by resume, removed by the next save)
+
+Atomicity: every rank writes into the ``.tmp-`` folder; after a barrier rank 0 writes ``meta.json``,
+fsyncs, and renames the folder to its final name (``os.rename`` of a directory is atomic on POSIX
+filesystems), then fsyncs the parent. A job killed at any point therefore leaves either the old set
+of complete checkpoints or the old set plus the new one, never a half-written ``step_*``. Old
+checkpoints beyond ``keep`` are deleted only after the new one is complete.
+
+What is saved: one DCP state dict ``{"model": …, "optim": …}`` from
+``get_state_dict(container, optimizer)`` where the container holds ``encoder``, ``predictor`` and
+``target_encoder`` (sharded DTensors stay sharded; names are free of wrapper prefixes, so a run may
+resume with a different ``--ac`` / ``--compile`` / world size), plus the per-rank RNG files and
+``meta.json``. The schedules are pure functions of the step and need no state.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .distributed import DistInfo, barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> Dict[str, Any]:
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
+    """Complete checkpoints ``(step, path)`` in ``folder``, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        m = _NAME.match(name)
+        path = os.path.join(folder, name)
+        if m and os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, ".metadata")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str) -> Optional[str]:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def _dcp_state(container: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    if optimizer is None:
+        return {"model": get_model_state_dict(container)}
+    msd, osd = get_state_dict(container, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it 'assumes a single process' when no process group exists: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+class Checkpointer:
+    """Save / find / load checkpoints of one run (see the module docstring)."""
+
+    def __init__(self, folder: str, info: DistInfo, keep: int = 2):
+        self.folder, self.info, self.keep = folder, info, max(1, int(keep))
+
+    # ---- save ------------------------------------------------------------------------------
+    def save(self, step: int, container: nn.Module, optimizer: torch.optim.Optimizer, meta: Dict[str, Any]) -> str:
+        import torch.distributed.checkpoint as dcp
+        info = self.info
+        final = os.path.join(self.folder, step_dirname(step))
+        tmp = os.path.join(self.folder, _TMP_PREFIX + step_dirname(step))
+        if info.is_main:
+            os.makedirs(self.folder, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        barrier(info)
+        with _quiet_single_process():
+            dcp.save(_dcp_state(container, optimizer), checkpoint_id=tmp)
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
+        barrier(info)
+        if info.is_main:
+            self._finalize(tmp, final, dict(meta, step=step, world_size=info.world_size))
+            self.prune()
+        barrier(info)
+        return final
+
+    def _finalize(self, tmp: str, final: str, meta: Dict[str, Any]) -> None:
+        """Write meta.json last, then publish the folder by one atomic rename."""
+        _write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it
+            old = final + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(self.folder)
+
+    def prune(self) -> None:
+        """Delete complete checkpoints beyond the newest ``keep`` and stale temporary folders."""
+        found = list_checkpoints(self.folder)
+        for _, path in found[:-self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for name in os.listdir(self.folder):
+            if name.startswith(_TMP_PREFIX):
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+
+    # ---- load ------------------------------------------------------------------------------
+    def latest(self) -> Optional[str]:
+        path = latest_checkpoint(self.folder) if self.info.is_main else None
+        return broadcast_object(path, self.info)
+
+    def load(self, path: str, container: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
+        """Load models, optimizer and this rank's RNG state from ``path``; return its meta.json."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        with open(os.path.join(path, "meta.json")) as fh:
+            meta = json.load(fh)
+        state = _dcp_state(container, optimizer)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path)
+        if optimizer is None:
+            set_model_state_dict(container, state["model"])
+        else:
+            set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng_file = os.path.join(path, f"rng_rank{self.info.rank}.pt")
+        if meta.get("world_size") == self.info.world_size and os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy states are tuples
+            meta["rng_restored"] = True
+        else:
+            meta["rng_restored"] = False
+        return meta
+
+
+def export_safetensors(module: nn.Module, path: str, info: DistInfo, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``module``'s full (unsharded, fp32, CPU) state dict to one safetensors file on rank 0.
+
+    Every rank must call this (the shards are gathered); only rank 0 writes, atomically
+    (temporary file + rename). Keys are the plain module names (``blocks.0.attn.qkv.weight`` …),
+    loadable with ``vit_encoder(...).load_state_dict(safetensors.torch.load_file(path))``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    distributed = info.distributed and any(hasattr(p, "device_mesh") for p in module.parameters())
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if distributed else StateDictOptions()
+    sd = get_model_state_dict(module, options=opts)
+    if not info.is_main:
+        return
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata or {})
+    os.replace(tmp, path)
+
+
+__all__ = ["Checkpointer", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
+           "set_rng_state", "step_dirname"]

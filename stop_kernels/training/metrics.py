@@ -1,0 +1,176 @@
+"""Training metrics: analytic FLOP count, throughput / MFU, peak memory, the JSONL log and TensorBoard.
+
+FLOPs are counted analytically from the model sizes and the mask lengths of each step (matrix
+multiplies and attention only, 2 FLOP per multiply-add; the backward is twice the forward):
+
+* target encoder, forward over all N patches of B images;
+* context encoder, forward + backward over the Nc kept patches (the patch embedding runs on every
+  patch and, its input needing no gradient, costs forward + weight-gradient only);
+* predictor, forward + backward over npred·B sequences of Nc + Nt tokens, plus the context
+  projection (B·Nc rows), the StoP noise projection (npred·B·Nt rows, ``learned`` mode) and the
+  output projection (npred·B·Nt rows).
+
+For ViT-H/14 at 224, B 64, Nc 74, Nt 42 this gives ≈ 43 TFLOP per step, the figure of
+``ANCHORS.md`` (20.6 target + 17.9 context + 3.8 predictor + ≈1 attention).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, TextIO
+
+import torch
+
+from ..models.vit import VIT_PRESETS, resolve_model_name
+from .config import TrainConfig
+
+
+def _block_flops(tokens_per_seq: float, seqs: float, width: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of one pre-norm transformer block over ``seqs`` sequences of ``tokens_per_seq`` tokens."""
+    linear = 2.0 * width * width * (4.0 + 2.0 * mlp_ratio)  # qkv 3E², proj E², fc1 + fc2 2·r·E² (×2 FLOP)
+    attn = 4.0 * tokens_per_seq * width                     # QKᵀ and PV per query token
+    return seqs * tokens_per_seq * (linear + attn)
+
+
+def step_flops(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float) -> float:
+    """Matmul FLOPs of one training step on ``batch`` images with ``n_ctx`` context / ``n_tgt`` target tokens."""
+    spec = VIT_PRESETS[resolve_model_name(cfg.model)]
+    E, L, r = spec.embed_dim, spec.depth, spec.mlp_ratio
+    D, Lp = cfg.pred_emb_dim, cfg.pred_depth
+    N = (cfg.img_size // cfg.patch_size) ** 2
+    patch = 2.0 * 3 * cfg.patch_size ** 2 * E * N * batch          # conv as a matmul, all patches
+    target = patch + L * _block_flops(N, batch, E, r)
+    context = 2 * patch + 3 * L * _block_flops(n_ctx, batch, E, r)
+    rows_t = cfg.npred * batch * n_tgt
+    pred = 2.0 * E * D * batch * n_ctx + 2.0 * D * E * rows_t        # context projection, output projection
+    if cfg.noise_mode == "learned":
+        pred += 2.0 * E * D * rows_t                                  # StoP noise projection
+    pred += Lp * _block_flops(n_ctx + n_tgt, cfg.npred * batch, D, 4.0)
+    return target + context + 3 * pred
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def peak_memory_gib(device: torch.device) -> Optional[float]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return None
+
+
+class MetricsLogger:
+    """Rank-0 progress lines, the JSONL log of every step, and optional TensorBoard scalars.
+
+    ``resume_step``: the log is truncated to the records of steps before it (a resumed run rewrites
+    the steps it redoes, so the file reads like one uninterrupted run).
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, world_size: int, *, is_main: bool,
+                 resume_step: int = 0, stream: TextIO = sys.stdout):
+        self.cfg, self.device, self.world_size, self.is_main = cfg, device, world_size, is_main
+        self.stream = stream
+        self.peak = cfg.peak_tflops * 1e12 * world_size
+        self._log: Optional[TextIO] = None
+        self._tb = None
+        self._t_last: Optional[float] = None
+        self.images = 0
+        self.skipped_images = 0
+        if not is_main:
+            return
+        os.makedirs(cfg.out, exist_ok=True)
+        path = os.path.join(cfg.out, "log.jsonl")
+        kept = []
+        if resume_step > 0 and os.path.exists(path):
+            with open(path) as fh:
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if rec.get("step", -1) < resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        self._log = open(path, "w")
+        self._log.writelines(kept)
+        self._log.flush()
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=resume_step or None)
+            except Exception:  # tensorboard is optional
+                self._tb = None
+
+    def print(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, file=self.stream, flush=True)
+
+    def start_clock(self) -> None:
+        self._t_last = time.perf_counter()
+
+    def record(self, step: int, epoch: int, loss: float, lr: float, wd: float, momentum: float,
+               n_ctx: int, n_tgt: int, batch: int, total_steps: int, t_done: Optional[float] = None) -> Dict[str, Any]:
+        """Log one finished step (``batch`` is the global batch) and return its record.
+
+        ``t_done``: host time when the step was queued (the loop reads each loss one step later, so
+        the interval between queue times is the step time in steady state); now when None.
+        """
+        now = time.perf_counter() if t_done is None else t_done
+        dt = now - (self._t_last if self._t_last is not None else now)
+        self._t_last = now
+        self.images += batch
+        flops = step_flops(self.cfg, batch, n_ctx, n_tgt)
+        rec: Dict[str, Any] = {
+            "step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd, "momentum": momentum,
+            "images_per_s": batch / dt if dt > 0 else None,
+            "step_time_s": dt,
+            "tflops": flops / dt / 1e12 if dt > 0 else None,
+            "mfu": flops / dt / self.peak if dt > 0 else None,
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "ctx_tokens": n_ctx, "tgt_tokens": n_tgt,
+            "skipped_images": self.skipped_images,
+        }
+        if not self.is_main:
+            return rec
+        self._log.write(json.dumps(rec) + "\n")
+        self._log.flush()
+        if self._tb is not None:
+            for k in ("loss", "lr", "wd", "momentum", "images_per_s", "tflops", "mfu", "peak_mem_gib"):
+                if rec[k] is not None:
+                    self._tb.add_scalar(f"train/{k}", rec[k], step)
+        if step % self.cfg.log_every == 0 or step == total_steps - 1:
+            self.print(format_progress(rec, total_steps))
+        return rec
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt(v: Optional[float], spec: str, none: str = "-") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def format_progress(rec: Dict[str, Any], total: int) -> str:
+    width = len(str(total))
+    mem = rec.get("peak_mem_gib")
+    mfu = rec.get("mfu")
+    line = (f"step {rec['step']:{width}d}/{total}  ep {rec['epoch']}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+            f"wd {rec['wd']:.3f}  mom {rec['momentum']:.4f}  {_fmt(rec['images_per_s'], '.1f')} img/s  "
+            f"{_fmt(rec['tflops'], '.2f')} TFLOP/s  MFU {_fmt(None if mfu is None else 100 * mfu, '.1f')}%")
+    if mem is not None:
+        line += f"  mem {mem:.1f} GiB"
+    if rec.get("skipped_images"):
+        line += f"  skipped {rec['skipped_images']} img"
+    return line
+
+
+__all__ = ["step_flops", "gpu_name", "peak_memory_gib", "MetricsLogger", "format_progress"]

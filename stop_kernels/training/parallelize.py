@@ -1,0 +1,169 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to the three I-JEPA models (torchtitan order).
+
+For each of the context encoder, the predictor and the target encoder:
+
+1. activation checkpointing (``ac="block"``) wraps every transformer block of the encoder and the
+   predictor (not the target encoder, which runs without gradients) with the non-reentrant
+   ``checkpoint_wrapper``: block inputs are kept, everything inside is recomputed in the backward;
+2. ``compile=True`` replaces every block by ``torch.compile(block)`` (one compiled graph per block
+   kind and grad mode, reused by all blocks of a model: three graphs in all; the encoder's and the
+   predictor's with dynamic shapes, since their sequence lengths change every batch, the target
+   encoder's static);
+3. FSDP2 ``fully_shard`` on every block, then on the model root, with a mixed-precision policy of
+   bf16 parameters (gathered once per unshard) and fp32 gradient reduction; the sharded fp32 master
+   weights and the optimizer state stay fp32.
+
+The target encoder is sharded exactly like the encoder, so its local shards line up one to one
+with the encoder's and the EMA update runs on the local shards with foreach ops, no communication.
+
+State-dict names: the wrappers add ``_checkpoint_wrapped_module.`` / ``_orig_mod.`` to module paths;
+``torch.distributed.checkpoint.state_dict`` removes them, and :func:`clean_name` does the same for
+code that walks ``named_parameters()``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the AC / compile / FSDP1 wrapper components."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def block_list(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of an encoder (``blocks``) or a predictor (``predictor_blocks``)."""
+    for attr in ("blocks", "predictor_blocks"):
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise TypeError(f"model: {type(model).__name__} has no 'blocks' or 'predictor_blocks' ModuleList")
+
+
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Blocks of three models, two grad modes and dynamic sequence lengths need more than the default 8 entries."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * limit)
+    elif hasattr(cfg, "accumulated_cache_size_limit"):
+        cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4 * limit)
+
+
+def apply_ac(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    blocks = block_list(model)
+    for i, blk in enumerate(blocks):
+        # the blocks draw no random numbers, so the RNG state need not be saved for recomputation
+        blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module, dynamic: Optional[bool] = None) -> None:
+    """``torch.compile`` every block (in place in its ModuleList); FSDP2 hooks stay outside the graphs."""
+    _raise_recompile_limit()
+    blocks = block_list(model)
+    for i, blk in enumerate(blocks):
+        blocks[i] = torch.compile(blk, dynamic=dynamic)
+
+
+def mixed_precision(precision: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, mesh, precision: str, *, forward_only: bool = False) -> None:
+    """``fully_shard`` every block and the root.
+
+    Models with a backward keep the last block gathered after the forward (its backward follows
+    immediately), and on a one-rank mesh keep every block gathered (resharding would free nothing
+    but the bf16 copy and cost a second gather in the backward); FSDP2 reshards them all at the end
+    of the backward, so the optimizer and the EMA see the sharded fp32 parameters. A forward-only
+    model (the target encoder) must reshard everything after the forward: its parameters change
+    by the EMA between steps, and an unsharded copy kept across steps would be stale.
+    """
+    from torch.distributed.fsdp import fully_shard
+    mp = mixed_precision(precision)
+    blocks = block_list(model)
+    n = len(blocks)
+    multi = mesh.size() > 1
+    for i, blk in enumerate(blocks):
+        reshard = True if forward_only else (multi and i < n - 1)
+        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+
+
+def parallelize(models, cfg: TrainConfig, mesh, precision: str):
+    """Apply AC (``cfg.ac``), compile (``cfg.compile``) and FSDP2 (when ``mesh`` is not None) in place.
+
+    ``models`` is a :class:`~stop_kernels.training.loop.JEPAModels`; returns it.
+    """
+    if cfg.ac == "block":
+        apply_ac(models.encoder)
+        apply_ac(models.predictor)
+    if cfg.compile:
+        # context and target-block lengths change every batch: compile those graphs with dynamic
+        # shapes once instead of a static graph first and a dynamic one at the first change; the target
+        # encoder always sees all patches of a fixed batch and gets a static graph
+        apply_compile(models.encoder, dynamic=True)
+        apply_compile(models.predictor, dynamic=True)
+        apply_compile(models.target_encoder, dynamic=False)
+    if mesh is not None:
+        apply_fsdp(models.encoder, mesh, precision)
+        apply_fsdp(models.predictor, mesh, precision)
+        apply_fsdp(models.target_encoder, mesh, precision, forward_only=True)
+    return models
+
+
+def paired_parameters(target: nn.Module, online: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Target/online parameter pairs matched by (clean) name, checked for equal (local) shapes."""
+    t = {clean_name(n): p for n, p in target.named_parameters()}
+    o = {clean_name(n): p for n, p in online.named_parameters()}
+    if set(t) != set(o):
+        raise ValueError(f"target_encoder: parameter names differ from the encoder's: "
+                         f"{sorted(set(t) ^ set(o))[:6]}")
+    names = sorted(t)
+    for n in names:
+        if t[n].shape != o[n].shape:
+            raise ValueError(f"target_encoder: {n} has shape {tuple(t[n].shape)}, encoder {tuple(o[n].shape)}")
+    return [t[n] for n in names], [o[n] for n in names]
+
+
+def count_parameters(modules: Iterable[nn.Module]) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def describe(cfg: TrainConfig, mesh, precision: str) -> str:
+    parts: List[str] = []
+    if mesh is None:
+        parts.append("no FSDP")
+    else:
+        shape = tuple(mesh.shape) if hasattr(mesh, "shape") else tuple(mesh.mesh.shape)
+        parts.append(f"FSDP2 mesh {dict(zip(mesh.mesh_dim_names or (), shape))}")
+    if precision == "bf16":
+        parts.append("bf16 params + autocast, fp32 master weights and reductions" if mesh is not None
+                     else "bf16 autocast, fp32 weights")
+    else:
+        parts.append("fp32")
+    parts.append(f"AC {cfg.ac}")
+    if cfg.compile:
+        parts.append("compiled blocks")
+    return ", ".join(parts)
+
+
+__all__ = ["parallelize", "apply_ac", "apply_compile", "apply_fsdp", "clean_name", "block_list",
+           "paired_parameters", "mixed_precision", "count_parameters", "describe"]

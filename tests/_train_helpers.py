@@ -1,0 +1,59 @@
+"""Shared helpers of the training tests: tiny configs, the environment for subprocess runs, JSONL reading."""
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# vit_tiny on a 4x4 patch grid, a one-block predictor: each step takes well under a second on one CPU core
+TINY = dict(model="vit_tiny", img_size=32, patch_size=8, min_keep=0, pred_depth=1, pred_emb_dim=96, batch_size=4,
+            synthetic_size=64, log_every=1000, export=False, tensorboard=False)
+
+
+def tiny_args(**over):
+    """Command-line flags of the tiny config with overrides."""
+    kw = dict(TINY, **over)
+    args = []
+    for k, v in kw.items():
+        args += ["--" + k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)]
+    return args
+
+
+def subprocess_env():
+    """Environment for `python train.py` / torchrun children: the reference (non-interpreted) backends, 1 thread."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def torchrun_cmd(nproc, port, *args):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={port}", str(REPO / "train.py"), *args]
+
+
+def read_log(out):
+    path = pathlib.Path(out) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cpu_train(monkeypatch):
+    """Reference (non-interpreted) predictor-input path and one thread: fast, deterministic CPU training."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
