@@ -8,6 +8,11 @@ Modes: forward, forward+backward. Peers measured in the same run; the math backe
 (256, 16, 150, 24). Each benchmark's extra_info records the GPU, TFLOP/s and GB/s
 (FLOPs 4·B·H·N²·D forward, 3.5× for forward+backward; bytes q, k, v, o forward, plus
 do, dq, dk, dv and lse for forward+backward).
+
+Two launch modes per case: ``eager`` (REPS back-to-back Python calls, then one sync: includes the
+host's launch cost, what an eager training loop sees) and ``graph`` (the same REPS calls captured
+once in a CUDA graph, each round one replay: GPU time only). Tuning / compilation happen in the
+eager warm-up call, before any capture. The forward runs under no_grad.
 """
 import pytest
 import torch
@@ -41,34 +46,53 @@ def _impl(name):
     return f
 
 
+@pytest.mark.parametrize("launch", ["eager", "graph"])
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}-H{h}-N{n}-D{d}" for b, h, n, d in SHAPES])
-def test_attention_speed(benchmark, shape, impl, mode):
+def test_attention_speed(benchmark, shape, impl, mode, launch):
     if impl == "sdpa-math" and shape != (256, 16, 150, 24):
         pytest.skip("math backend measured at one shape only")
     B, H, N, D = shape
     f = _impl(impl)
     qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = qkv.unbind(2)
     do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
-    try:
-        with torch.no_grad():
-            f(q, k, v)  # compile / tune, and probe that the backend supports the shape
-        if mode == "fwdbwd":
-            f(q, k, v).backward(do)
-    except RuntimeError as e:
-        pytest.skip(f"{impl} does not run at {shape}: {str(e).splitlines()[0][:200]}")
 
-    def run():  # REPS back-to-back calls, one sync: the per-call time is median / REPS
+    def calls():  # REPS calls (fresh views each: the same Python work in both launch modes)
         for _ in range(REPS):
+            q, k, v = qkv.unbind(2)
             if mode == "fwd":
                 with torch.no_grad():
                     f(q, k, v)
             else:
                 qkv.grad = None
                 f(q, k, v).backward(do)
-        torch.cuda.synchronize()
+
+    try:
+        calls()  # compile / tune, and probe that the backend supports the shape
+    except RuntimeError as e:
+        pytest.skip(f"{impl} does not run at {shape}: {str(e).splitlines()[0][:200]}")
+    torch.cuda.synchronize()
+    if launch == "graph":
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(s):
+                calls()  # warm-up on the side stream (as torch.cuda.graph recommends)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                calls()
+        except RuntimeError as e:
+            pytest.skip(f"{impl} does not capture in a CUDA graph at {shape}: {str(e).splitlines()[0][:200]}")
+
+        def run():
+            g.replay()
+            torch.cuda.synchronize()
+    else:
+        def run():
+            calls()
+            torch.cuda.synchronize()
 
     torch.cuda.synchronize()
     benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=3)
@@ -77,6 +101,6 @@ def test_attention_speed(benchmark, shape, impl, mode):
     e = B * N * H * D * 2
     nbytes = 8 * e + B * H * N * 4 if mode == "fwdbwd" else 4 * e
     benchmark.extra_info.update(gpu=torch.cuda.get_device_name(0), shape=list(shape), impl=impl, mode=mode,
-                                ms_per_call=t * 1e3, reps_per_round=REPS,
+                                launch=launch, ms_per_call=t * 1e3, reps_per_round=REPS,
                                 tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
                                 frac_of_707_tflops=flops / t / 707e12, frac_of_4_23_tbps=nbytes / t / 4.23e12)

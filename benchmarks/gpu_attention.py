@@ -1,31 +1,49 @@
 """One-shot GPU check of the Triton flash attention (issue 4): correctness, timing, config variants.
 
-    python benchmarks/gpu_attention.py --out DIR [--budget-s 200]
+    python benchmarks/gpu_attention.py --out DIR [--budget-s 150] [--pytest]
+    python benchmarks/gpu_attention.py --host-overhead [--attention-file OLD.py]   # CPU is enough
 
-Sections (each in try/except: a failure prints its traceback and the script goes on):
+Sections (each in try/except: a failure prints its traceback and the script goes on; each stops
+at its share of ``--budget-s``):
 
 1. environment: GPU name, torch / triton / CUDA versions.
 2. correctness at real sizes: predictor (256, 16, 116, 24) and (256, 16, 150, 24), encoder
    (64, 16, 256, 80) and (64, 16, 74, 80) in bf16, EVERY forward and backward candidate config
-   forced one by one (this also compiles them, so the tuner in section 3 only times); plus
+   forced one by one (this also compiles them, so the tuner later only times); plus
    (2, 4, 1000, 64) fp16, varlen lengths [1, 7, 150, 256, 3] packed vs each sequence alone,
-   float32 path. Reference: float32 math on the same rounded inputs (float64 for the small ones).
-3. timing (triton.testing.do_bench, median ms) of the tuned Triton kernel vs every torch SDPA
-   backend (flash, efficient, cudnn; math at one shape) and xformers when it loads, at
-   predictor (256, 16, N, 24) for N in {100, 116, 128, 150, 160} and encoder (64, 16, 256, 80),
-   (64, 16, 74, 80), bf16, forward and forward+backward, inputs as views of a [B, N, 3, H, D]
-   QKV buffer (SDPA gets the transposed views, as the dispatcher passes them). TFLOP/s and GB/s
-   next to each time; ceilings 707 TFLOP/s and 4.23 TB/s (ANCHORS.md, one H200).
+   float32 path, eager path == custom-op path bit for bit. Reference: float32 math on the same
+   rounded inputs (float64 for the small ones).
+3. host: per-call host cost with real launches at a tiny shape (1, 16, 116, 24) whose GPU work is a
+   few µs, so the time per call is the CPU's: Triton (no_grad forward, grad-enabled forward,
+   forward+backward) next to each SDPA backend.
+4. timing, every impl (Triton tuned, each torch SDPA backend, xformers when it loads) at predictor
+   (256, 16, N, 24) for N in {100, 116, 128, 150, 160} and encoder (64, 16, 256, 80),
+   (64, 16, 74, 80), bf16, inputs as views of a [B, N, 3, H, D] QKV buffer, two ways:
+   * eager: ``triton.testing.do_bench`` (median; includes the CPU launch cost: what an eager
+     training loop sees when the host is the bottleneck);
+   * graph: ``triton.testing.do_bench_cudagraph`` (median of graph replays: GPU time only).
+   The forward is timed under no_grad, forward+backward as ``attention(q, k, v).backward(do)``
+   (the graph version captures the backward too; tuning is warmed before any capture).
+   TFLOP/s and GB/s from the graph time; ceilings 707 TFLOP/s and 4.23 TB/s (one H200).
    Bytes: forward q, k, v, o; forward+backward q, k, v, o, do, dq, dk, dv and lse.
    FLOPs: forward 4·B·H·N²·D; forward+backward 3.5× that (2 + 5 matmuls).
-4. variants: every forward/backward candidate timed side by side at N = 116, 150 and the encoder
-   shapes, so the default order in ``_fwd_configs`` / ``_bwd_configs`` can be fixed from one run.
+5. variants: every forward/backward candidate, graph-timed (kernel time), side by side at N = 116,
+   150 and the encoder shapes, so the default order in ``_fwd_configs`` / ``_bwd_configs`` can be
+   fixed from one run.
+6. ``--pytest``: tests/test_attention.py on CUDA, only with the time left in the budget.
 
-Writes DIR/gpu_attention.json and DIR/gpu_attention.md, and prints a short table last.
+Writes DIR/gpu_attention.json and DIR/gpu_attention.md, and prints a short summary table last.
+
+``--host-overhead`` needs no GPU: it replaces Triton's driver and compiled kernel with no-ops
+(the whole Python path of ``JITFunction.run`` still runs: argument binding, specialisation, cache
+key) and reports µs per call of ``attention`` (no_grad forward, forward, forward+backward) at a
+tiny CPU shape. ``--attention-file`` loads another version of ``stop_kernels/ops/attention.py``
+(e.g. ``git show HEAD~1:stop_kernels/ops/attention.py > /tmp/old.py``) for a before/after.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -42,7 +60,8 @@ PEAK_TBPS = 4.23
 PREDICTOR_NS = [100, 116, 128, 150, 160]
 SHAPES = [(256, 16, n, 24) for n in PREDICTOR_NS] + [(64, 16, 256, 80), (64, 16, 74, 80)]
 T0 = time.time()
-RESULTS: dict = {"env": {}, "correctness": [], "timing": [], "variants": [], "errors": []}
+RESULTS: dict = {"env": {}, "correctness": [], "host": [], "timing": [], "variants": [], "errors": []}
+GRAPHS = True
 
 
 def elapsed() -> float:
@@ -64,11 +83,23 @@ def section(name):
 
 
 def bench(fn, grad_to_none=None) -> float:
+    """Eager timing: median ms of back-to-back calls (CPU launch cost included)."""
     import triton
     try:
         return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
     except TypeError:
         return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, quantiles=[0.5]))
+
+
+def bench_graph(fn, rep=20) -> float:
+    """Graph timing: median ms per call of ``fn`` captured (unrolled) in a CUDA graph and replayed:
+    GPU time only. do_bench_cudagraph runs ``fn`` eagerly first (tuning, compilation: never
+    inside the capture)."""
+    import triton
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+    except TypeError:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep))
 
 
 def make_qkv(B, H, N, D, dtype=torch.bfloat16, seed=0):
@@ -162,45 +193,82 @@ def correctness(budget_s):
                 torch.cuda.synchronize()
                 _record(f"({B},{H},{N},{D}) fwd={fc} bwd={bc}", torch.bfloat16, _errs(o, qkv.grad, o_ref, g_ref))
             del o_ref, g_ref
-        # long sequence, fp16, tuned path
-        qkv = make_qkv(2, 4, 1000, 64, dtype=torch.float16, seed=5)
-        do = torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.float16)
-        o = A.attention(*qkv.unbind(2))
-        o.backward(do)
-        _record("(2,4,1000,64) fp16 tuned", torch.float16, _errs(o, qkv.grad, *_ref_f32(qkv, do)))
-        # float32 path
-        qkv = make_qkv(2, 4, 77, 40, dtype=torch.float32, seed=6)
-        do = torch.randn(2, 77, 4, 40, device="cuda")
-        o = A.attention(*qkv.unbind(2))
-        o.backward(do)
-        x = qkv.detach().double().requires_grad_()
-        from stop_kernels import reference
-        o64 = reference.attention(*x.unbind(2))
-        o64.backward(do.double())
-        _record("(2,4,77,40) fp32 path vs float64", torch.float32, _errs(o, qkv.grad, o64.detach().float(), x.grad.float()))
-        # varlen: packed == each sequence alone, and vs reference
-        lens = [1, 7, 150, 256, 3]
-        T = sum(lens)
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
-        g = torch.Generator(device="cuda").manual_seed(7)
-        qkv = torch.randn(T, 3, 16, 24, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-        do = torch.randn(T, 16, 24, device="cuda", dtype=torch.bfloat16)
-        o = A.attention(*qkv.unbind(1), cu_seqlens=cu)
-        o.backward(do)
-        _record("varlen [1,7,150,256,3] H16 D24 bf16 vs reference", torch.bfloat16,
-                _errs(o, qkv.grad, *_ref_f32(qkv, do, cu)))
-        worst = 0.0
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-            xi = qkv.detach()[a:b].unsqueeze(0).clone().requires_grad_()
-            oi = A.attention(*xi.unbind(2))
-            oi.backward(do[a:b].unsqueeze(0))
-            worst = max(worst, (oi[0].float() - o[a:b].float()).abs().max().item(),
-                        (xi.grad[0].float() - qkv.grad[a:b].float()).abs().max().item())
-        ok = worst <= 2e-2
-        RESULTS["correctness"].append({"case": "varlen packed == alone (max abs diff)", "ok": ok, "max_abs": worst})
-        print(("PASS" if ok else "FAIL") + f" varlen packed == alone: max abs diff {worst:.2e}", flush=True)
+        with heuristic_configs(A):
+            _correctness_other_cases(A)
     finally:
         A._POISON_OUTPUTS = False
+
+
+@contextlib.contextmanager
+def heuristic_configs(A):
+    """Cases not timed later: the heuristic config (first that launches), no tuning, so no compile
+    of every candidate; the configs cached meanwhile are dropped on exit (the timed keys tune later)."""
+    old_env = os.environ.get("STOP_KERNELS_ATTN_TUNE")
+    before = set(A._TUNE_CACHE)
+    os.environ["STOP_KERNELS_ATTN_TUNE"] = "0"
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("STOP_KERNELS_ATTN_TUNE", None)
+        else:
+            os.environ["STOP_KERNELS_ATTN_TUNE"] = old_env
+        for key in set(A._TUNE_CACHE) - before:
+            del A._TUNE_CACHE[key]
+        A._PLANS.clear()
+
+
+def _correctness_other_cases(A):
+    # long sequence, fp16
+    qkv = make_qkv(2, 4, 1000, 64, dtype=torch.float16, seed=5)
+    do = torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.float16)
+    o = A.attention(*qkv.unbind(2))
+    o.backward(do)
+    _record("(2,4,1000,64) fp16", torch.float16, _errs(o, qkv.grad, *_ref_f32(qkv, do)))
+    # float32 path
+    qkv = make_qkv(2, 4, 77, 40, dtype=torch.float32, seed=6)
+    do = torch.randn(2, 77, 4, 40, device="cuda")
+    o = A.attention(*qkv.unbind(2))
+    o.backward(do)
+    x = qkv.detach().double().requires_grad_()
+    from stop_kernels import reference
+    o64 = reference.attention(*x.unbind(2))
+    o64.backward(do.double())
+    _record("(2,4,77,40) fp32 path vs float64", torch.float32, _errs(o, qkv.grad, o64.detach().float(), x.grad.float()))
+    # varlen: packed == each sequence alone, and vs reference
+    lens = [1, 7, 150, 256, 3]
+    T = sum(lens)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(7)
+    qkv = torch.randn(T, 3, 16, 24, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    do = torch.randn(T, 16, 24, device="cuda", dtype=torch.bfloat16)
+    o = A.attention(*qkv.unbind(1), cu_seqlens=cu)
+    o.backward(do)
+    _record("varlen [1,7,150,256,3] H16 D24 bf16 vs reference", torch.bfloat16,
+            _errs(o, qkv.grad, *_ref_f32(qkv, do, cu)))
+    worst = 0.0
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        xi = qkv.detach()[a:b].unsqueeze(0).clone().requires_grad_()
+        oi = A.attention(*xi.unbind(2))
+        oi.backward(do[a:b].unsqueeze(0))
+        worst = max(worst, (oi[0].float() - o[a:b].float()).abs().max().item(),
+                    (xi.grad[0].float() - qkv.grad[a:b].float()).abs().max().item())
+    ok = worst <= 2e-2
+    RESULTS["correctness"].append({"case": "varlen packed == alone (max abs diff)", "ok": ok, "max_abs": worst})
+    print(("PASS" if ok else "FAIL") + f" varlen packed == alone: max abs diff {worst:.2e}", flush=True)
+    # the eager autograd.Function path and the torch.library custom-op path (used under
+    # torch.compile) must agree bit for bit: same kernels, same plan
+    qkv = make_qkv(8, 16, 116, 24, seed=8)
+    do = torch.randn(8, 116, 16, 24, device="cuda", dtype=torch.bfloat16)
+    o1 = A.attention(*qkv.unbind(2))
+    o1.backward(do)
+    g1, qkv.grad = qkv.grad, None
+    q, k, v = qkv.unbind(2)
+    o2, _ = torch.ops.stop_kernels.flash_attn_fwd(q, k, v, None, 116, 24 ** -0.5)
+    o2.backward(do)
+    same = bool(torch.equal(o1, o2) and torch.equal(g1, qkv.grad))
+    RESULTS["correctness"].append({"case": "eager path == custom-op path (bitwise)", "ok": same})
+    print(("PASS" if same else "FAIL") + " eager path == custom-op path (bitwise)", flush=True)
 
 
 def _sdpa_fn(backend_name):
@@ -228,19 +296,84 @@ def _impls():
     return impls
 
 
-def _time_impl(f, B, H, N, D):
+def _time_impl(f, B, H, N, D, graphs=True):
+    """{fwd,fwdbwd}_{eager,graph}_ms for impl ``f`` at (B, H, N, D); a failing graph capture is
+    recorded as ``*_graph_error`` and does not lose the eager numbers."""
     qkv = make_qkv(B, H, N, D, seed=1)
     q, k, v = qkv.unbind(2)
     do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        f(q, k, v)  # compile / tune / probe support
-    t_f = bench(lambda: f(q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            f(q, k, v)
 
     def fb():
         f(q, k, v).backward(do)
-    fb()
-    t_fb = bench(fb, grad_to_none=[qkv])
-    return t_f, t_fb
+
+    def fb_fresh():  # graph version: fresh views and grad per call (nothing stale across replays)
+        qkv.grad = None
+        q_, k_, v_ = qkv.unbind(2)
+        f(q_, k_, v_).backward(do)
+
+    fwd()
+    fb()  # compile / tune / probe support: all before any capture
+    torch.cuda.synchronize()
+    out = {"fwd_eager_ms": bench(fwd), "fwdbwd_eager_ms": bench(fb, grad_to_none=[qkv])}
+    if graphs:
+        for name, fn in (("fwd_graph", fwd), ("fwdbwd_graph", fb_fresh)):
+            try:
+                out[name + "_ms"] = bench_graph(fn)
+            except Exception as e:
+                out[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                try:
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass
+    qkv.grad = None
+    return out
+
+
+@section("host")
+def host(budget_s):
+    """Per-call host cost with real launches: a shape whose GPU work is a few µs (1 sequence, 16
+    heads) so the loop runs at the CPU's pace; µs per call = wall time of n calls / n."""
+    B, H, N, D = 1, 16, 116, 24
+    qkv = make_qkv(B, H, N, D, seed=3)
+    q, k, v = qkv.unbind(2)
+    do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
+    impls = {k_: f for k_, f in _impls().items() if k_ != "sdpa-math"}
+
+    def per_call_us(fn, n=300):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / n * 1e6
+
+    for name, f in impls.items():
+        if elapsed() > budget_s * 0.5:
+            print("host: time budget reached, rest skipped")
+            return
+        row = {"shape": [B, H, N, D], "impl": name}
+        try:
+            def fwd_ng():
+                with torch.no_grad():
+                    f(q, k, v)
+
+            def fwd_g():
+                f(q, k, v)
+
+            def fb():
+                qkv.grad = None
+                f(q, k, v).backward(do)
+            row.update(fwd_nograd_us=round(per_call_us(fwd_ng), 1), fwd_us=round(per_call_us(fwd_g), 1),
+                       fwdbwd_us=round(per_call_us(fb), 1))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        RESULTS["host"].append(row)
+        print(json.dumps(row), flush=True)
 
 
 @section("timing")
@@ -255,24 +388,29 @@ def timing(budget_s):
                 return
             row = {"shape": [B, H, N, D], "impl": name}
             try:
-                t_f, t_fb = _time_impl(f, B, H, N, D)
-                row.update(fwd_ms=round(t_f, 4), fwdbwd_ms=round(t_fb, 4),
-                           fwd_tflops=round(flops(B, H, N, D, False) / t_f / 1e9, 1),
-                           fwdbwd_tflops=round(flops(B, H, N, D, True) / t_fb / 1e9, 1),
-                           fwd_gbps=round(nbytes(B, H, N, D, False) / t_f / 1e6, 0),
-                           fwdbwd_gbps=round(nbytes(B, H, N, D, True) / t_fb / 1e6, 0))
+                row.update({k_: (round(v_, 4) if isinstance(v_, float) else v_)
+                            for k_, v_ in _time_impl(f, B, H, N, D, graphs=GRAPHS).items()})
+                for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+                    t = row.get(f"{mode}_graph_ms") or row[f"{mode}_eager_ms"]
+                    row[f"{mode}_tflops"] = round(flops(B, H, N, D, bwd) / t / 1e9, 1)
+                    row[f"{mode}_gbps"] = round(nbytes(B, H, N, D, bwd) / t / 1e6, 0)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                try:
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass
             RESULTS["timing"].append(row)
             print(json.dumps(row), flush=True)
 
 
 @section("variants")
 def variants(budget_s):
+    """Every candidate config forced and graph-timed (kernel time: what the config choice is about)."""
     from stop_kernels.ops import attention as A
     for (B, H, N, D) in [(256, 16, 116, 24), (256, 16, 150, 24), (64, 16, 256, 80), (64, 16, 74, 80)]:
         qkv = make_qkv(B, H, N, D, seed=2)
-        q, k, v = qkv.unbind(2)
+        q, k, v = (t.detach() for t in qkv.unbind(2))
         do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
         bucket, bd = A._pow2(N), A._pow2(D)
         chosen_f = A._TUNE_CACHE.get(("fwd", bucket, D, torch.bfloat16, False))
@@ -281,45 +419,60 @@ def variants(budget_s):
             if elapsed() > budget_s:
                 print("variants: time budget reached, rest skipped")
                 return
-            with A._force_config(fwd=fc):
-                t = bench(lambda: A.attention(q, k, v))
-            row = {"shape": [B, H, N, D], "kind": "fwd", "config": fc, "ms": round(t, 4), "tuned_pick": fc == chosen_f,
-                   "gbps": round(nbytes(B, H, N, D, False) / t / 1e6, 0)}
+            row = {"shape": [B, H, N, D], "kind": "fwd", "config": fc, "tuned_pick": fc == chosen_f}
+            try:
+                with A._force_config(fwd=fc):
+                    t = bench_graph(lambda: A.attention(q, k, v), rep=10)
+                row.update(ms=round(t, 4), gbps=round(nbytes(B, H, N, D, False) / t / 1e6, 0))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             RESULTS["variants"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row, default=str), flush=True)
         # backward alone: the launch wrapper called directly on one saved forward
-        o, lse = A._fwd(q.detach(), k.detach(), v.detach(), None, N, D ** -0.5)
+        o, lse = A._fwd(q, k, v, None, N, D ** -0.5)
         for bc in A._bwd_configs(bucket, bd):
             if elapsed() > budget_s:
                 print("variants: time budget reached, rest skipped")
                 return
-            with A._force_config(bwd=bc):
-                t = bench(lambda: A._bwd(do, q.detach(), k.detach(), v.detach(), o.detach(), lse, None, N, D ** -0.5))
-            row = {"shape": [B, H, N, D], "kind": "bwd", "config": bc, "ms": round(t, 4), "tuned_pick": bc == chosen_b,
-                   "gbps": round((nbytes(B, H, N, D, True) - nbytes(B, H, N, D, False)) / t / 1e6, 0)}
+            row = {"shape": [B, H, N, D], "kind": "bwd", "config": bc, "tuned_pick": bc == chosen_b}
+            try:
+                with A._force_config(bwd=bc):
+                    t = bench_graph(lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), rep=10)
+                row.update(ms=round(t, 4), gbps=round((nbytes(B, H, N, D, True) - nbytes(B, H, N, D, False)) / t / 1e6, 0))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
             RESULTS["variants"].append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row, default=str), flush=True)
 
 
-def write(out):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gpu_attention.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    lines = [f"# Triton attention on {RESULTS['env'].get('gpu', '?')}", "",
-             " ".join(f"{k}={v}" for k, v in RESULTS["env"].items()), "",
-             f"correctness: {sum(r['ok'] for r in RESULTS['correctness'])}/{len(RESULTS['correctness'])} pass", "",
-             "| shape (B,H,N,D) | impl | fwd ms | fwd TFLOP/s | fwd GB/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd GB/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in RESULTS["timing"]:
-        if "error" in r:
-            lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {r['error']} | | | | | |")
-        else:
-            lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {r['fwd_ms']} | {r['fwd_tflops']} | {r['fwd_gbps']} | "
-                         f"{r['fwdbwd_ms']} | {r['fwdbwd_tflops']} | {r['fwdbwd_gbps']} |")
-    lines += ["", f"Ceilings: {PEAK_TFLOPS} TFLOP/s, {PEAK_TBPS} TB/s.", "", "## Speed-up of Triton vs the best SDPA backend", "",
-              "| shape | fwd best SDPA ms | fwd Triton ms | fwd × | fwd+bwd best SDPA ms | fwd+bwd Triton ms | fwd+bwd × | fwd vs memory limit | fwd+bwd vs memory limit |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    summary = []
+@section("pytest")
+def run_pytest(budget_s):
+    import subprocess
+    left = budget_s - elapsed()
+    if left < 30:
+        print(f"pytest: only {left:.0f}s of the budget left, skipped")
+        RESULTS["pytest"] = {"skipped": f"{left:.0f}s left"}
+        return
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_attention.py", "-x", "-q"], cwd=repo,
+                           capture_output=True, text=True, timeout=left)
+        tail = (r.stdout + r.stderr)[-3000:]
+        RESULTS["pytest"] = {"rc": r.returncode, "tail": tail}
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))[-3000:]
+        RESULTS["pytest"] = {"rc": "timeout", "timeout_s": round(left), "tail": tail}
+    print(json.dumps(RESULTS["pytest"])[-1500:], flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+def _fmt(x):
+    return "" if x is None else (f"{x:.4f}" if isinstance(x, float) else str(x))
+
+
+def _summary():
+    """Per shape: best SDPA (eager, graph) vs Triton for forward and forward+backward."""
+    out = []
     for shp in SHAPES:
         rows = [r for r in RESULTS["timing"] if tuple(r["shape"]) == shp and "error" not in r]
         tri = [r for r in rows if r["impl"] == "triton"]
@@ -327,20 +480,74 @@ def write(out):
         if not tri or not sd:
             continue
         t = tri[0]
-        bf = min(sd, key=lambda r: r["fwd_ms"])
-        bb = min(sd, key=lambda r: r["fwdbwd_ms"])
+        s = {"shape": shp}
+        for col in ("fwd_eager_ms", "fwd_graph_ms", "fwdbwd_eager_ms", "fwdbwd_graph_ms"):
+            cands = [r for r in sd if r.get(col) is not None]
+            if not cands or t.get(col) is None:
+                continue
+            best = min(cands, key=lambda r: r[col])
+            s[col] = (best[col], best["impl"], t[col], best[col] / t[col])
         B, H, N, D = shp
-        lim_f = nbytes(B, H, N, D, False) / (PEAK_TBPS * 1e9)
-        lim_b = nbytes(B, H, N, D, True) / (PEAK_TBPS * 1e9)
-        s = (shp, bf["fwd_ms"], bf["impl"], t["fwd_ms"], bf["fwd_ms"] / t["fwd_ms"], bb["fwdbwd_ms"], bb["impl"],
-             t["fwdbwd_ms"], bb["fwdbwd_ms"] / t["fwdbwd_ms"], t["fwd_ms"] / lim_f, t["fwdbwd_ms"] / lim_b)
-        summary.append(s)
-        lines.append(f"| {shp} | {s[1]} ({s[2]}) | {s[3]} | {s[4]:.2f} | {s[5]} ({s[6]}) | {s[7]} | {s[8]:.2f} | "
-                     f"{s[9]:.2f}× | {s[10]:.2f}× |")
-    lines += ["", "## Config variants (forced, side by side)", "", "| shape | kind | config | ms | GB/s | tuner pick |",
-              "| --- | --- | --- | --- | --- | --- |"]
+        for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+            tt = t.get(f"{mode}_graph_ms")
+            if tt:
+                s[f"{mode}_vs_limit"] = tt / (nbytes(B, H, N, D, bwd) / (PEAK_TBPS * 1e9))
+        out.append(s)
+    return out
+
+
+def write(out):
+    os.makedirs(out, exist_ok=True)
+    summary = _summary()
+    RESULTS["summary"] = summary
+    with open(os.path.join(out, "gpu_attention.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1, default=str)
+    lines = [f"# Triton attention on {RESULTS['env'].get('gpu', '?')}", "",
+             " ".join(f"{k}={v}" for k, v in RESULTS["env"].items()), "",
+             f"correctness: {sum(bool(r['ok']) for r in RESULTS['correctness'])}/{len(RESULTS['correctness'])} pass", ""]
+    if RESULTS["host"]:
+        lines += ["## Host cost per call (real launches, GPU work ~µs: the CPU's time)", "",
+                  "| shape | impl | fwd no_grad µs | fwd (grad) µs | fwd+bwd µs |", "| --- | --- | --- | --- | --- |"]
+        for r in RESULTS["host"]:
+            lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {r.get('fwd_nograd_us', r.get('error', ''))} | "
+                         f"{r.get('fwd_us', '')} | {r.get('fwdbwd_us', '')} |")
+        lines.append("")
+    lines += ["## Timing (ms, median). eager = do_bench (CPU launch cost included); graph = do_bench_cudagraph "
+              "(GPU time only). Forward under no_grad. TFLOP/s, GB/s from the graph time.", "",
+              "| shape (B,H,N,D) | impl | fwd eager | fwd graph | fwd TFLOP/s | fwd GB/s | f+b eager | f+b graph | "
+              "f+b TFLOP/s | f+b GB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in RESULTS["timing"]:
+        if "error" in r:
+            lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {r['error']} | | | | | | | |")
+            continue
+        fg = r.get("fwd_graph_ms", r.get("fwd_graph_error", ""))
+        bg = r.get("fwdbwd_graph_ms", r.get("fwdbwd_graph_error", ""))
+        lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {_fmt(r['fwd_eager_ms'])} | {_fmt(fg)} | {r['fwd_tflops']} | "
+                     f"{r['fwd_gbps']} | {_fmt(r['fwdbwd_eager_ms'])} | {_fmt(bg)} | {r['fwdbwd_tflops']} | {r['fwdbwd_gbps']} |")
+    lines += ["", f"Ceilings: {PEAK_TFLOPS} TFLOP/s, {PEAK_TBPS} TB/s.", "",
+              "## Speed-up of Triton vs the best SDPA backend (× > 1: Triton faster)", "",
+              "| shape | fwd eager: SDPA / Triton / × | fwd graph: SDPA / Triton / × | f+b eager: SDPA / Triton / × | "
+              "f+b graph: SDPA / Triton / × | fwd graph vs memory limit | f+b graph vs memory limit |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def cell(s, col):
+        if col not in s:
+            return ""
+        b, name, t, x = s[col]
+        return f"{b:.4f} ({name.replace('sdpa-', '')}) / {t:.4f} / {x:.2f}"
+    for s in summary:
+        lim = [f"{s[c]:.2f}×" if c in s else "" for c in ("fwd_vs_limit", "fwdbwd_vs_limit")]
+        lines.append(f"| {s['shape']} | {cell(s, 'fwd_eager_ms')} | {cell(s, 'fwd_graph_ms')} | "
+                     f"{cell(s, 'fwdbwd_eager_ms')} | {cell(s, 'fwdbwd_graph_ms')} | {lim[0]} | {lim[1]} |")
+    lines += ["", "## Config variants (forced, graph-timed kernel time)", "",
+              "| shape | kind | config | ms | GB/s | tuner pick |", "| --- | --- | --- | --- | --- | --- |"]
     for r in RESULTS["variants"]:
-        lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r['ms']} | {r['gbps']} | {'*' if r['tuned_pick'] else ''} |")
+        lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r.get('ms', r.get('error'))} | "
+                     f"{r.get('gbps', '')} | {'*' if r['tuned_pick'] else ''} |")
+    if RESULTS.get("pytest"):
+        p = RESULTS["pytest"]
+        lines += ["", f"## pytest tests/test_attention.py: rc={p.get('rc', p.get('skipped'))}", "", "```",
+                  str(p.get("tail", ""))[-1500:], "```"]
     if RESULTS["errors"]:
         lines += ["", f"## {len(RESULTS['errors'])} section error(s): see gpu_attention.json"]
     with open(os.path.join(out, "gpu_attention.md"), "w") as f:
@@ -348,29 +555,159 @@ def write(out):
     return summary
 
 
+def print_summary(summary):
+    print(f"\n=== summary (t = {elapsed():.0f}s; {RESULTS['env'].get('gpu')}) ===")
+    ok = sum(bool(r["ok"]) for r in RESULTS["correctness"])
+    print(f"correctness {ok}/{len(RESULTS['correctness'])} pass; section errors: {len(RESULTS['errors'])}")
+    for r in RESULTS["host"]:
+        if "error" not in r:
+            print(f"host µs/call {r['impl']:>15}: fwd no_grad {r['fwd_nograd_us']:7.1f}  fwd {r['fwd_us']:7.1f}  "
+                  f"fwd+bwd {r['fwdbwd_us']:7.1f}")
+    print("ms: best SDPA (backend) / Triton / x (>1 = Triton faster)")
+    print(f"{'shape':>20} | {'fwd eager':^26} | {'fwd graph':^26} | {'f+b eager':^26} | {'f+b graph':^26}")
+    for s in summary:
+        cells = []
+        for col in ("fwd_eager_ms", "fwd_graph_ms", "fwdbwd_eager_ms", "fwdbwd_graph_ms"):
+            if col in s:
+                b, name, t, x = s[col]
+                cells.append(f"{b:.4f} {name.replace('sdpa-', '')[:5]:>5} {t:.4f} {x:4.2f}")
+            else:
+                cells.append(" " * 26)
+        print(f"{str(s['shape']):>20} | " + " | ".join(cells))
+
+
+# ------------------------------------------------------------------------------------------
+# --host-overhead: the Python cost per call without a GPU (Triton's launch replaced by no-ops)
+# ------------------------------------------------------------------------------------------
+def _load_attention(path):
+    """stop_kernels.ops.attention, or another version of that file (before/after comparisons):
+    the package is stubbed so only that file's custom ops get registered."""
+    if path is None:
+        from stop_kernels.ops import attention as A
+        return A
+    import importlib.util
+    import types
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    for name, sub in (("stop_kernels", "stop_kernels"), ("stop_kernels.ops", os.path.join("stop_kernels", "ops"))):
+        m = types.ModuleType(name)
+        m.__path__ = [os.path.join(root, sub)]
+        sys.modules[name] = m
+    spec = importlib.util.spec_from_file_location("stop_kernels.ops.attention", path)
+    A = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = A
+    spec.loader.exec_module(A)
+    return A
+
+
+def host_overhead(attention_file=None, n=1000, reps=7):
+    os.environ.pop("TRITON_INTERPRET", None)  # real JITFunction objects (their Python launch path)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class FakeDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    class FakeKernel:
+        function = None
+        packed_metadata = None
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    def fake_compile(self, key, *a, **kw):
+        self.device_caches[0][0][key] = kern = FakeKernel()
+        return kern
+
+    driver.set_active(FakeDriver())
+    JITFunction._do_compile = fake_compile
+    A = _load_attention(attention_file)
+    A._INTERPRET = True  # CPU tensors pass the device check; the tuner takes the heuristic candidate
+
+    def best_us(fn, n_=n):
+        for _ in range(100):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(n_):
+                fn()
+            ts.append((time.perf_counter() - t) / n_ * 1e6)
+        return min(ts)
+
+    print(f"host overhead (fake launch, CPU): torch {torch.__version__}, triton {triton.__version__}, "
+          f"file {attention_file or A.__file__}; µs per call, best of {reps} × {n}")
+    res = {}
+    for (B, N, H, D) in [(1, 16, 2, 24), (1, 300, 2, 24)]:
+        qkv = torch.randn(B, N, 3, H, D, dtype=torch.float16, requires_grad=True)
+        q, k, v = qkv.unbind(2)
+        do = torch.randn(B, N, H, D, dtype=torch.float16)
+
+        def fwd_ng():
+            with torch.no_grad():
+                A.attention(q, k, v)
+
+        def fwd():
+            A.attention(q, k, v)
+
+        def fb():
+            qkv.grad = None
+            A.attention(q, k, v).backward(do)
+
+        def floor_fb():  # the same autograd plumbing around a trivial op: torch's own floor
+            qkv.grad = None
+            a, b, c = qkv.unbind(2)
+            (a * 1).backward(do)
+        bwd = A._bwd_configs(A._pow2(N), A._pow2(D))[0]["VARIANT"]
+        for name, fn, nn in (("fwd no_grad", fwd_ng, n), ("fwd (grad enabled)", fwd, n),
+                             (f"fwd+bwd ({bwd} bwd)", fb, n // 2), ("torch floor: unbind, x*1, backward", floor_fb, n // 2)):
+            us = best_us(fn, nn)
+            res[f"N={N} {name}"] = us
+            print(f"  N={N:<4} {name:36s} {us:8.1f}")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--budget-s", type=float, default=180.0, help="soft wall-clock budget for all sections")
+    ap.add_argument("--out")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="soft wall-clock budget for all sections")
+    ap.add_argument("--pytest", action="store_true", help="also run tests/test_attention.py with the time left")
+    ap.add_argument("--no-graphs", action="store_true", help="eager timing only")
+    ap.add_argument("--host-overhead", action="store_true", help="CPU-only: Python cost per call, launches faked")
+    ap.add_argument("--attention-file", help="with --host-overhead: another attention.py to measure")
     args = ap.parse_args()
+    if args.host_overhead:
+        host_overhead(args.attention_file)
+        return
+    if not args.out:
+        ap.error("--out is required")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to do")
         return
+    global GRAPHS
+    GRAPHS = not args.no_graphs
     env()
     correctness(args.budget_s)
     write(args.out)
+    host(args.budget_s)
     timing(args.budget_s)
     write(args.out)
     variants(args.budget_s)
-    summary = write(args.out)
-    print(f"\n=== summary (t = {elapsed():.0f}s; {RESULTS['env'].get('gpu')}) ===")
-    ok = sum(r["ok"] for r in RESULTS["correctness"])
-    print(f"correctness {ok}/{len(RESULTS['correctness'])} pass; section errors: {len(RESULTS['errors'])}")
-    print(f"{'shape':>22} {'fwd SDPA':>14} {'fwd tri':>8} {'x':>5} {'f+b SDPA':>14} {'f+b tri':>8} {'x':>5} {'f/lim':>6} {'fb/lim':>6}")
-    for s in summary:
-        print(f"{str(s[0]):>22} {s[1]:>7.4f}{s[2].replace('sdpa-', ''):>7} {s[3]:>8.4f} {s[4]:>5.2f} "
-              f"{s[5]:>7.4f}{s[6].replace('sdpa-', ''):>7} "
-              f"{s[7]:>8.4f} {s[8]:>5.2f} {s[9]:>6.2f} {s[10]:>6.2f}")
+    write(args.out)
+    if args.pytest:
+        run_pytest(args.budget_s)
+    print_summary(write(args.out))
 
 
 if __name__ == "__main__":

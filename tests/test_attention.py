@@ -156,6 +156,25 @@ def test_arbitrary_strides():
     assert o.is_contiguous() and o.reshape(B, N, H * D).data_ptr() == o.data_ptr()
 
 
+def test_non_unit_last_stride_and_expanded_grad():
+    """A last-dim stride != 1 (copied by the wrapper) and an expanded dO (``o.sum()``'s gradient,
+    all strides 0: made contiguous by the wrapper) still give the float64 answer."""
+    torch.manual_seed(12)
+    dt = torch.float16
+    B, N, H, D = 1, 21, 2, 16
+    q = torch.randn(B, N, H, 2 * D, device=DEV, dtype=dt)[..., ::2].requires_grad_()
+    k = torch.randn(B, N, H, D, device=DEV, dtype=dt).requires_grad_()
+    v = torch.randn(B, N, H, D, device=DEV, dtype=dt).requires_grad_()
+    assert q.stride(-1) == 2
+    _check(q, k, v, None, dt)
+    o = A.attention(q, k, v)
+    grads = torch.autograd.grad(o.float().sum(), (q, k, v))
+    _, *g_ref = _ref_grads(q, k, v, torch.ones_like(o))
+    fa, fr, ga, gr = TOL[dt]
+    for name, g, r in zip(("dq", "dk", "dv"), grads, g_ref):
+        _close(name, g, r, ga * max(1.0, r.abs().max().item()), gr)
+
+
 # ------------------------------------------------------------------------------------------
 # varlen
 # ------------------------------------------------------------------------------------------
@@ -181,6 +200,17 @@ def test_varlen_matches_each_sequence_alone(dtype):
         torch.testing.assert_close(o[a:b], oi[0], atol=0, rtol=0, msg=f"sequence {i}: packed != alone")
         for name, x, y in zip(("dq", "dk", "dv"), g, gi):
             torch.testing.assert_close(x[a:b], y[0], atol=1e-3, rtol=1e-3, msg=f"sequence {i} {name}")
+
+
+def test_varlen_plan_follows_the_number_of_sequences():
+    """Same T and max_seqlen, different number of packed sequences: a different grid (plan)."""
+    torch.manual_seed(15)
+    q, k, v = (torch.randn(12, 2, 16, device=DEV, dtype=torch.float16) for _ in range(3))
+    for cu in ([0, 6, 12], [0, 6, 6, 12], [0, 2, 6, 8, 12]):
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
+        o = A.attention(q, k, v, cu_seqlens=cu_t, max_seqlen=6)
+        ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens=cu_t)
+        torch.testing.assert_close(o.double(), ref, atol=2e-3, rtol=2e-3)
 
 
 def test_varlen_cpu_cu_seqlens_and_max_seqlen():
@@ -317,6 +347,38 @@ def test_dispatch_auto_choices(monkeypatch):
         assert A._resolve_auto(_t(1, 8, 2, 24, dtype=torch.float32)) == "sdpa"
 
 
+def test_auto_policy(monkeypatch):
+    """The measured "auto" policy: per mode ("fwd_only" / "train") and optionally per head dim."""
+    monkeypatch.setattr(A, "_AUTO_POLICY", {})
+    q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32)
+    qg = q.clone().requires_grad_()
+    assert A._auto_policy_choice(q) == "triton" and A._auto_policy_choice(qg) == "triton"
+    old = A.set_auto_policy({"fwd_only": "sdpa", ("train", 80): "sdpa"})
+    assert old == {} and A.get_auto_policy() == {"fwd_only": "sdpa", ("train", 80): "sdpa"}
+    assert A._auto_policy_choice(q) == "sdpa"          # no gradient needed
+    assert A._auto_policy_choice(qg) == "triton"       # training, head dim 24
+    with torch.no_grad():
+        assert A._auto_policy_choice(qg) == "sdpa"     # no_grad: forward only
+    q80 = _t(1, 8, 2, 80, device="cpu", dtype=torch.float32).requires_grad_()
+    assert A._auto_policy_choice(q80) == "sdpa"        # (train, 80) override
+    A.set_auto_policy({"train": "sdpa"})
+    assert A._auto_policy_choice(q, None, qg) == "sdpa"  # v requiring grad counts as training
+    assert A._auto_policy_choice(q, q, q) == "triton"
+    with pytest.raises(ValueError, match="policy"):
+        A.set_auto_policy({"inference": "sdpa"})
+    with pytest.raises(ValueError, match="policy"):
+        A.set_auto_policy({"train": "cudnn"})
+    assert A._parse_auto_env("fwd_only=sdpa, train:80=sdpa") == {"fwd_only": "sdpa", ("train", 80): "sdpa"}
+    A.set_auto_policy(None)
+    assert A.get_auto_policy() == {}
+    if CUDA:
+        A.set_auto_policy({"fwd_only": "sdpa"})
+        with torch.no_grad():
+            assert A._resolve_auto(_t(1, 8, 2, 24)) == "sdpa"
+        assert A._resolve_auto(_t(1, 8, 2, 24).requires_grad_()) == "triton"
+        A.set_auto_policy(None)
+
+
 def test_dispatch_unsupported_head_dim_falls_back():
     torch.manual_seed(9)
     q, k, v = (_t(1, 9, 2, 20, dtype=torch.float32) for _ in range(3))
@@ -398,3 +460,76 @@ def test_tune_cache_per_bucket():
     q, k, v, _ = _qkv(2, 120, 2, 24, torch.bfloat16)  # same bucket: no new entry
     A.attention(q, k, v)
     assert len(A._TUNE_CACHE) == n
+
+
+def test_eager_path_and_compiled_path_identical():
+    """Eager calls take the autograd.Function path; torch.compile (aot_eager on CPU, Inductor on
+    CUDA) takes the custom ops. Same plans and kernels: outputs and gradients bit-identical."""
+    torch.manual_seed(13)
+    dt = torch.float16 if CUDA else torch.float32
+    B, N, H, D = 2, 19, 2, 24
+    qkv = torch.randn(B, N, 3, H, D, device=DEV, dtype=dt, requires_grad=True)
+    do = torch.randn(B, N, H, D, device=DEV, dtype=dt)
+
+    def f(x):
+        q, k, v = x.unbind(2)
+        return A.attention(q, k, v)
+
+    o_e = f(qkv)
+    assert type(o_e.grad_fn).__name__ == "_FlashAttnFnBackward"  # eager: no torch.library dispatch
+    (g_e,) = torch.autograd.grad(o_e, qkv, do)
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    o_c = cf(qkv)
+    (g_c,) = torch.autograd.grad(o_c, qkv, do)
+    assert torch.equal(o_e, o_c) and torch.equal(g_e, g_c)
+    # the custom op called directly (the compile path's op, run eagerly) agrees too
+    q, k, v = qkv.unbind(2)
+    o_op, _ = torch.ops.stop_kernels.flash_attn_fwd(q, k, v, None, N, D ** -0.5)
+    (g_op,) = torch.autograd.grad(o_op, qkv, do)
+    assert torch.equal(o_e, o_op) and torch.equal(g_e, g_op)
+    # no gradient needed: the forward wrapper alone, same numbers
+    with torch.no_grad():
+        o_ng = f(qkv)
+    assert o_ng.grad_fn is None and torch.equal(o_e, o_ng)
+    with pytest.raises(RuntimeError):  # first-order only, like the custom op
+        g1 = torch.autograd.grad(f(qkv), qkv, do, create_graph=True)[0]
+        g1.sum().backward()
+
+
+def test_launch_plans_cached_per_signature():
+    torch.manual_seed(14)
+    q, k, v, _ = _qkv(1, 10, 2, 16, torch.float16)
+    A.attention(q, k, v)
+    n = len(A._PLANS)
+    p = A._get_plan(q, k, v, None, 10, 16 ** -0.5)
+    for _ in range(3):
+        A.attention(q, k, v).sum().backward()
+    assert len(A._PLANS) == n and A._get_plan(q, k, v, None, 10, 16 ** -0.5) is p and p.bwd is not None
+    A.attention(q.contiguous(), k.contiguous(), v.contiguous())  # other strides: another plan
+    assert len(A._PLANS) == n + 1
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1, HEADS=1)
+    with A._force_config(fwd=cfg):  # a forced config gets its own plan
+        pf = A._get_plan(q, k, v, None, 10, 16 ** -0.5)
+        assert pf is not p and pf.fwd_kw["BLOCK_M"] == 16 and pf.fwd_kw["num_warps"] == 2
+    assert A._get_plan(q, k, v, None, 10, 16 ** -0.5) is p
+
+
+def test_tuner_never_times_during_graph_capture(monkeypatch):
+    """On CUDA a new key is timed once and cached; during CUDA graph capture the first candidate is
+    used for that call only (timing would be illegal there) and nothing is cached."""
+    monkeypatch.setattr(A, "_INTERPRET", False)
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    cands = [dict(c=0), dict(c=1), dict(c=2)]
+    launched = []
+    times = {0: 3.0, 1: 1.0, 2: 2.0}
+    monkeypatch.setattr(A, "_time_candidate", lambda fn: (fn(), times[launched[-1]["c"]])[1])
+    monkeypatch.setattr(A, "_capturing", lambda: True)
+    cfg, ok = A._pick_config("fwd", ("k",), cands, launched.append, True)
+    assert cfg == cands[0] and not ok and not launched and not A._TUNE_CACHE
+    monkeypatch.setattr(A, "_capturing", lambda: False)
+    cfg, ok = A._pick_config("fwd", ("k",), cands, launched.append, True)
+    assert cfg == cands[1] and ok and A._TUNE_CACHE[("fwd", "k")] == cands[1]
+    launched.clear()
+    monkeypatch.setattr(A, "_capturing", lambda: True)  # cached: used even during capture
+    assert A._pick_config("fwd", ("k",), cands, launched.append, True) == (cands[1], True) and not launched

@@ -45,14 +45,33 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   ``_attn_bwd_dkdv_kernel`` (one program per key block; accumulates dK, dV over query blocks). Two
   launches, no atomics, deterministic.
 * config choice: a short candidate list per (kernel, N bucket = next_pow2(max_seqlen), Dh, dtype,
-  varlen) is timed once on CUDA with ``triton.testing.do_bench`` and cached in ``_TUNE_CACHE`` so a
-  training run with a new N each batch re-tunes only per bucket; set ``STOP_KERNELS_ATTN_TUNE=0`` to
-  use the first (heuristic) candidate without timing. The interpreter always uses the heuristic.
+  varlen) is timed once on CUDA and cached in ``_TUNE_CACHE`` so a training run with a new N each
+  batch re-tunes only per bucket. Candidates are timed from CUDA-graph replays
+  (``do_bench_cudagraph``: kernel time, not the host's launch cost; ``STOP_KERNELS_ATTN_TUNE_GRAPH=0``
+  falls back to ``do_bench``). Never during CUDA graph capture: there the first (heuristic)
+  candidate runs uncached — warm the cache with one eager call before capturing. Set
+  ``STOP_KERNELS_ATTN_TUNE=0`` to use the first candidate without timing. The interpreter always
+  uses the heuristic.
 
-Public API: :func:`attention` (a ``torch.library`` custom op pair ``stop_kernels::flash_attn_fwd`` /
-``stop_kernels::flash_attn_bwd`` with fake and autograd registrations, so it works under
-``torch.compile``), :func:`dispatch_attention`, :func:`set_attention_backend`,
-:func:`use_attention_backend`, :func:`get_attention_backend`.
+Host cost per call (the kernels at the model's sizes take tens of µs, so Python matters):
+
+* eager calls (not under ``torch.compile``/tracing, plain tensors) skip the ``torch.library``
+  dispatcher: a ``torch.autograd.Function`` (:class:`_FlashAttnFn`) calls the launch wrappers
+  directly, and a call that needs no gradient calls the forward wrapper alone;
+* a launch *plan* per exact input signature (shapes, strides, dtype, packed, max_seqlen, scale)
+  holds the bound ``kernel[grid]`` launchers, the non-pointer arguments and the constexprs
+  (``_PLANS``), so a repeated call is: the input checks, one dict lookup, the output allocations,
+  the launch(es); no host synchronisation (cu_seqlens is value-checked once per tensor version);
+* kernel arguments are few: q/k/v pass (batch, token, head) strides only (the last-dim stride must
+  be 1, else the wrapper copies), the outputs O, dQ, dK, dV and LSE are contiguous so their
+  strides follow from H, Dh and N in-kernel, dO is made contiguous (a no-op in practice);
+* under ``torch.compile`` the ``stop_kernels::flash_attn_fwd`` / ``flash_attn_bwd`` custom ops
+  (fake + autograd registrations) run instead; they use the same plans and kernels, so both
+  paths give bit-identical results.
+
+Public API: :func:`attention`, :func:`dispatch_attention`, :func:`set_attention_backend`,
+:func:`use_attention_backend`, :func:`get_attention_backend`, :func:`set_auto_policy` /
+:func:`get_auto_policy` (what "auto" picks, set from measurements), :func:`clear_caches`.
 """
 from __future__ import annotations
 
@@ -69,7 +88,8 @@ from .. import _checks as chk
 from .. import reference
 
 __all__ = ["attention", "dispatch_attention", "set_attention_backend", "get_attention_backend",
-           "use_attention_backend", "attention_supported", "BACKENDS"]
+           "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "clear_caches",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,44 +111,55 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _seq_bounds(CU, b, N, VARLEN: tl.constexpr):
-    """Start row and length of sequence ``b`` (packed: from cu_seqlens; batched: 0 and N)."""
+def _seq_bounds(CU, b, NT, H, VARLEN: tl.constexpr):
+    """Sequence ``b``: (start, seqlen, orow0, lbase).
+
+    start: first row of the sequence in q/k/v's token axis (0 when batched: the batch stride does it);
+    seqlen: its length; orow0: its first row in the contiguous outputs O/dO/dQ/dK/dV (rows of
+    H·HEAD_DIM elements: b·N batched, start packed); lbase: its offset in LSE ([B, H, N] batched:
+    b·H·N; [H, T] packed: start). NT is N (batched) or the total token count T (packed).
+    """
     if VARLEN:
         start = tl.load(CU + b).to(tl.int64)
         seqlen = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+        orow0 = start
+        lbase = start
     else:
-        start = b.to(tl.int64) * 0
-        seqlen = N
-    return start, seqlen
+        start = b * 0
+        seqlen = NT
+        orow0 = b * NT
+        lbase = b * H * NT
+    return start, seqlen, orow0, lbase
 
 
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    sob, son, soh, slb, slh,
-    N, H, NUM_M, scale_log2,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    NT, H, NUM_M, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr, ALIGN: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """O and LSE for one query block of HEADS consecutive heads of one sequence.
 
-    Token/head/batch strides arrive divided by ALIGN (8 when all are multiples of 8) so the
-    compiler sees 16-byte aligned rows for head dims like 24 and 40 and vectorises the loads.
+    q/k/v: (batch, token, head) strides arrive divided by ALIGN (8 when all are multiples of 8) so
+    the compiler sees 16-byte aligned rows for head dims like 24 and 40 and vectorises the loads;
+    their last-dim stride is 1 (the wrapper guarantees it). O is contiguous [rows, H, HEAD_DIM] and
+    LSE [B, H, N] / [H, T]: their strides follow from H, HEAD_DIM and NT (no arguments).
     """
     # stage 0: which (head group, query block, sequence) this program owns; head group fastest.
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
     svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
-    sob, son, soh = sob * ALIGN, son * ALIGN, soh * ALIGN
+    so = H * HEAD_DIM
     pid = tl.program_id(0)
     n_groups = H // HEADS
     hg = pid % n_groups
     rest = pid // n_groups
     mb = rest % NUM_M
     b = (rest // NUM_M).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,11 +168,12 @@ def _attn_fwd_kernel(
     m_ok = offs_m < seqlen
     d_ok = offs_d < HEAD_DIM
     rows_m = (start + offs_m).to(tl.int64)
+    orows_m = (orow0 + offs_m).to(tl.int64)
 
     for g in tl.static_range(HEADS):
         h = hg * HEADS + g
         # stage 1: load the Q tile [BLOCK_M, BLOCK_D] of head h (masked rows/cols read as 0).
-        q_ptrs = Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd
+        q_ptrs = Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :]
         q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
@@ -156,7 +188,7 @@ def _attn_fwd_kernel(
             cols = n0 + offs_n
             n_ok = cols < seqlen
             rows_n = (start + cols).to(tl.int64)
-            kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None] * skd,
+            kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None],
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             s = _dot(q, kt, PREC, UPCAST) * scale_log2
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -164,64 +196,62 @@ def _attn_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd,
+            v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :],
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
             m_i = m_new
 
         # stage 3: normalise and store O [BLOCK_M, HEAD_DIM] and the natural-log LSE [BLOCK_M].
         acc = acc / l_i[:, None]
-        o_ptrs = O + b * sob + h * soh + rows_m[:, None] * son + offs_d[None, :]
+        o_ptrs = O + orows_m[:, None] * so + h * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + b * slb + h * slh + rows_m, lse, mask=m_ok)
+        tl.store(LSE + lbase + h * NT + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
 def _attn_bwd_fused_kernel(
     Q, K, V, O, DO, DQ, DK, DV, LSE, CU,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    sob, son, soh, sdob, sdon, sdoh, sdod, sgb, sgn, sgh, slb, slh,
-    N, H, scale, scale_log2,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    NT, H, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q).
 
-    dQ, dK, dV share the strides (sgb, sgn, sgh, 1) (fresh contiguous tensors); strides arrive
-    divided by ALIGN as in the forward.
+    O, dO, dQ, dK, dV are contiguous [rows, H, HEAD_DIM] (the wrapper makes dO so); q/k/v strides
+    arrive divided by ALIGN as in the forward.
     """
     # stage 0: (head, sequence) of this program, head index fastest.
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
     svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
-    sob, son, soh = sob * ALIGN, son * ALIGN, soh * ALIGN
-    sdob, sdon, sdoh = sdob * ALIGN, sdon * ALIGN, sdoh * ALIGN
-    sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
+    so = H * HEAD_DIM
+    scale_log2 = scale * 1.4426950408889634
     pid = tl.program_id(0)
     h = pid % H
     b = (pid // H).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_q < seqlen
     d_ok = offs_d < HEAD_DIM
     rows_q = (start + offs_q).to(tl.int64)
+    orows_q = (orow0 + offs_q).to(tl.int64)
     qd_mask = q_ok[:, None] & d_ok[None, :]
+    g_q = orows_q[:, None] * so + h * HEAD_DIM + offs_d[None, :]
 
     # stage 1: load every query row: Q, dO, O [BLOCK_Q, BLOCK_D] and lse [BLOCK_Q];
     # δ = rowsum(dO ∘ O) in float32 (the preprocess, fused here).
-    q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqn + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows_q[:, None] * sdon + offs_d[None, :] * sdod,
-                 mask=qd_mask, other=0.0)
-    o = tl.load(O + b * sob + h * soh + rows_q[:, None] * son + offs_d[None, :], mask=qd_mask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + g_q, mask=qd_mask, other=0.0)
+    o = tl.load(O + g_q, mask=qd_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse2 = tl.load(LSE + b * slb + h * slh + rows_q, mask=q_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + lbase + h * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    g_base = b * sgb + h * sgh
 
     # stage 2: per key block load K, V [BLOCK_N, BLOCK_D]; recompute Pᵀ = exp2(s·K Qᵀ·log2e − lse)
     # [BLOCK_N, BLOCK_Q]; dV = Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK = s·dSᵀ Q, stored per block;
@@ -231,8 +261,8 @@ def _attn_bwd_fused_kernel(
         n_ok = cols < seqlen
         rows_n = (start + cols).to(tl.int64)
         nd_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=nd_mask, other=0.0)
-        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=nd_mask, other=0.0)
+        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :], mask=nd_mask, other=0.0)
+        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :], mask=nd_mask, other=0.0)
         st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2
         pt = tl.math.exp2(st - lse2[None, :])
         pt = tl.where(n_ok[:, None] & q_ok[None, :], pt, 0.0)
@@ -241,21 +271,19 @@ def _attn_bwd_fused_kernel(
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk = _dot(dst, q, PREC, UPCAST) * scale
         dq += _dot(tl.trans(dst), k, PREC, UPCAST)
-        g_ptrs = g_base + rows_n[:, None] * sgn + offs_d[None, :]
+        g_ptrs = (orow0 + cols).to(tl.int64)[:, None] * so + h * HEAD_DIM + offs_d[None, :]
         tl.store(DK + g_ptrs, dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
     # stage 3: store dQ = s · Σ dS K [BLOCK_Q, HEAD_DIM].
-    tl.store(DQ + g_base + rows_q[:, None] * sgn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=qd_mask)
+    tl.store(DQ + g_q, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, CU,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    sob, son, soh, sdob, sdon, sdoh, sdod, sgb, sgn, sgh, slb, slh,
-    N, H, NUM_M, scale, scale_log2,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    NT, H, NUM_M, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -264,15 +292,14 @@ def _attn_bwd_dq_kernel(
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
     svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
-    sob, son, soh = sob * ALIGN, son * ALIGN, soh * ALIGN
-    sdob, sdon, sdoh = sdob * ALIGN, sdon * ALIGN, sdoh * ALIGN
-    sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
+    so = H * HEAD_DIM
+    scale_log2 = scale * 1.4426950408889634
     pid = tl.program_id(0)
     h = pid % H
     rest = pid // H
     mb = rest % NUM_M
     b = (rest // NUM_M).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -282,16 +309,17 @@ def _attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     rows_m = (start + offs_m).to(tl.int64)
     md_mask = m_ok[:, None] & d_ok[None, :]
+    g_m = (orow0 + offs_m).to(tl.int64)[:, None] * so + h * HEAD_DIM + offs_d[None, :]
+    l_m = lbase + h * NT + offs_m
 
     # stage 1: load Q, dO, O [BLOCK_M, BLOCK_D], lse; compute δ = rowsum(dO ∘ O), store it for
     # the dK/dV launch.
-    q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows_m[:, None] * sdon + offs_d[None, :] * sdod,
-                 mask=md_mask, other=0.0)
-    o = tl.load(O + b * sob + h * soh + rows_m[:, None] * son + offs_d[None, :], mask=md_mask, other=0.0)
+    q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=md_mask, other=0.0)
+    do = tl.load(DO + g_m, mask=md_mask, other=0.0)
+    o = tl.load(O + g_m, mask=md_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + b * slb + h * slh + rows_m, delta, mask=m_ok)
-    lse2 = tl.load(LSE + b * slb + h * slh + rows_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + l_m, delta, mask=m_ok)
+    lse2 = tl.load(LSE + l_m, mask=m_ok, other=0.0) * 1.4426950408889634
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -303,8 +331,8 @@ def _attn_bwd_dq_kernel(
         n_ok = cols < seqlen
         rows_n = (start + cols).to(tl.int64)
         dn_mask = d_ok[:, None] & n_ok[None, :]
-        kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None] * skd, mask=dn_mask, other=0.0)
-        vt = tl.load(v_base + rows_n[None, :] * svn + offs_d[:, None] * svd, mask=dn_mask, other=0.0)
+        kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=dn_mask, other=0.0)
+        vt = tl.load(v_base + rows_n[None, :] * svn + offs_d[:, None], mask=dn_mask, other=0.0)
         s = _dot(q, kt, PREC, UPCAST) * scale_log2
         p = tl.math.exp2(s - lse2[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
@@ -313,16 +341,14 @@ def _attn_bwd_dq_kernel(
         dq += _dot(ds, tl.trans(kt), PREC, UPCAST)
 
     # stage 3: store dQ [BLOCK_M, HEAD_DIM].
-    tl.store(DQ + b * sgb + h * sgh + rows_m[:, None] * sgn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=md_mask)
+    tl.store(DQ + g_m, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU,
-    sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
-    sdob, sdon, sdoh, sdod, sgb, sgn, sgh, slb, slh,
-    N, H, NUM_N, scale, scale_log2,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    NT, H, NUM_N, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -331,14 +357,14 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
     skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
     svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
-    sdob, sdon, sdoh = sdob * ALIGN, sdon * ALIGN, sdoh * ALIGN
-    sgb, sgn, sgh = sgb * ALIGN, sgn * ALIGN, sgh * ALIGN
+    so = H * HEAD_DIM
+    scale_log2 = scale * 1.4426950408889634
     pid = tl.program_id(0)
     h = pid % H
     rest = pid // H
     nb = rest % NUM_N
     b = (rest // NUM_N).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, N, VARLEN)
+    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
     if nb * BLOCK_N >= seqlen:
         return
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -350,11 +376,11 @@ def _attn_bwd_dkdv_kernel(
     nd_mask = n_ok[:, None] & d_ok[None, :]
 
     # stage 1: load this block's K, V [BLOCK_N, BLOCK_D].
-    k = tl.load(K + b * skb + h * skh + rows_n[:, None] * skn + offs_d[None, :] * skd, mask=nd_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + rows_n[:, None] * svn + offs_d[None, :] * svd, mask=nd_mask, other=0.0)
+    k = tl.load(K + b * skb + h * skh + rows_n[:, None] * skn + offs_d[None, :], mask=nd_mask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + rows_n[:, None] * svn + offs_d[None, :], mask=nd_mask, other=0.0)
     q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
-    l_base = b * slb + h * slh
+    do_base = DO + orow0 * so + h * HEAD_DIM
+    l_base = lbase + h * NT
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -365,10 +391,10 @@ def _attn_bwd_dkdv_kernel(
         m_ok = rows < seqlen
         rows_m = (start + rows).to(tl.int64)
         dm_mask = d_ok[:, None] & m_ok[None, :]
-        qt = tl.load(q_base + rows_m[None, :] * sqn + offs_d[:, None] * sqd, mask=dm_mask, other=0.0)
-        dot_ = tl.load(do_base + rows_m[None, :] * sdon + offs_d[:, None] * sdod, mask=dm_mask, other=0.0)
-        lse2 = tl.load(LSE + l_base + rows_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + l_base + rows_m, mask=m_ok, other=0.0)
+        qt = tl.load(q_base + rows_m[None, :] * sqn + offs_d[:, None], mask=dm_mask, other=0.0)
+        dot_ = tl.load(do_base + rows.to(tl.int64)[None, :] * so + offs_d[:, None], mask=dm_mask, other=0.0)
+        lse2 = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
         st = _dot(k, qt, PREC, UPCAST) * scale_log2
         pt = tl.math.exp2(st - lse2[None, :])
         pt = tl.where(n_ok[:, None] & m_ok[None, :], pt, 0.0)
@@ -378,7 +404,7 @@ def _attn_bwd_dkdv_kernel(
         dk += _dot(dst, tl.trans(qt), PREC, UPCAST)
 
     # stage 3: store dK = s·Σ dSᵀ Q and dV [BLOCK_N, HEAD_DIM].
-    g_ptrs = b * sgb + h * sgh + rows_n[:, None] * sgn + offs_d[None, :]
+    g_ptrs = (orow0 + offs_n).to(tl.int64)[:, None] * so + h * HEAD_DIM + offs_d[None, :]
     tl.store(DK + g_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
@@ -454,102 +480,164 @@ def _bwd_configs(bucket: int, block_d: int) -> List[Dict]:
 
 _TUNE_CACHE: Dict[Tuple, Dict] = {}
 _POISON_OUTPUTS = False  # tests: prefill every output with NaN so unwritten elements show up
+_FORCED: Dict[str, Dict] = {}
+_FORCED_KEY: Optional[Tuple] = None  # hashable image of _FORCED (part of the plan key), None = nothing forced
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
     if _POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-_FORCED: Dict[str, Dict] = {}
 
 
 def _tuning_enabled() -> bool:
     return os.environ.get("STOP_KERNELS_ATTN_TUNE", "1") != "0"
 
 
-def _run_tuned(kind: str, key: Tuple, candidates: List[Dict], launch, on_cuda: bool):
-    """Launch with the cached best candidate for ``key`` (timing them once on CUDA)."""
+def _capturing() -> bool:
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - CPU-only builds
+        return False
+
+
+def _time_candidate(fn) -> float:
+    """Kernel time (ms) of ``fn``: replayed from a CUDA graph (no CPU launch cost in the number, so
+    short kernels are ranked by their GPU time, not by the host), or plain ``do_bench`` when graph
+    timing fails or ``STOP_KERNELS_ATTN_TUNE_GRAPH=0``."""
+    import triton.testing as tt
+    if os.environ.get("STOP_KERNELS_ATTN_TUNE_GRAPH", "1") != "0":
+        try:
+            try:
+                return float(tt.do_bench_cudagraph(fn, rep=5, return_mode="median"))
+            except TypeError:
+                return float(tt.do_bench_cudagraph(fn, rep=5))
+        except Exception:
+            pass
+    return float(tt.do_bench(fn, warmup=3, rep=15))
+
+
+def _pick_config(kind: str, key: Tuple, candidates: List[Dict], launch, on_cuda: bool) -> Tuple[Dict, bool]:
+    """The config for ``key``: (config, cacheable). Timed once per key on CUDA (``launch(cfg)``
+    runs candidate ``cfg`` on scratch outputs) and kept in ``_TUNE_CACHE``.
+
+    Never times during CUDA graph capture: there the heuristic first candidate is used for this
+    call only (not cached, so a later eager call still tunes). Warm the cache before capturing.
+    """
     forced = _FORCED.get(kind)
     if forced is not None:
-        return launch(forced)
+        return forced, True
     full_key = (kind,) + key
     cfg = _TUNE_CACHE.get(full_key)
-    if cfg is None:
-        if not on_cuda or _INTERPRET:
-            cfg = candidates[0]
-        elif len(candidates) == 1 or not _tuning_enabled():
-            # heuristic: the first candidate that launches (a config can exceed shared memory,
-            # e.g. float32 inputs with a large head dim); later calls reuse it
-            for i, cand in enumerate(candidates):
-                try:
-                    out = launch(cand)
-                except Exception:
-                    if i == len(candidates) - 1:
-                        raise
-                    continue
-                _TUNE_CACHE[full_key] = cand
-                return out
-        else:
-            best_t = float("inf")
-            cfg = candidates[0]
-            for cand in candidates:
-                try:
-                    launch(cand)  # compile + warm
-                    t = triton.testing.do_bench(lambda: launch(cand), warmup=3, rep=15)
-                except Exception:  # e.g. out of shared memory / registers for this config
-                    t = float("inf")
-                if t < best_t:
-                    best_t, cfg = t, cand
-        _TUNE_CACHE[full_key] = cfg
-    return launch(cfg)
+    if cfg is not None:
+        return cfg, True
+    if not on_cuda or _INTERPRET:
+        cfg = candidates[0]
+    elif _capturing():
+        return candidates[0], False
+    elif len(candidates) == 1 or not _tuning_enabled():
+        # heuristic: the first candidate that launches (a config can exceed shared memory,
+        # e.g. float32 inputs with a large head dim)
+        for i, cand in enumerate(candidates):
+            try:
+                launch(cand)
+            except Exception:
+                if i == len(candidates) - 1:
+                    raise
+                continue
+            cfg = cand
+            break
+    else:
+        best_t = float("inf")
+        cfg = candidates[0]
+        for cand in candidates:
+            try:
+                launch(cand)  # compile + warm (raises here when the config does not fit)
+                t = _time_candidate(lambda: launch(cand))
+            except Exception:  # e.g. out of shared memory / registers for this config
+                t = float("inf")
+            if t < best_t:
+                best_t, cfg = t, cand
+    _TUNE_CACHE[full_key] = cfg
+    return cfg, True
 
 
 @contextlib.contextmanager
 def _force_config(fwd: Optional[Dict] = None, bwd: Optional[Dict] = None) -> Iterator[None]:
     """Testing/benchmark hook: force one forward and/or backward config (see ``_fwd_configs``)."""
-    old = dict(_FORCED)
+    global _FORCED_KEY
+    old, old_key = dict(_FORCED), _FORCED_KEY
     if fwd is not None:
         _FORCED["fwd"] = fwd
     if bwd is not None:
         _FORCED["bwd"] = bwd
+    _FORCED_KEY = tuple(sorted((k, tuple(sorted(v.items()))) for k, v in _FORCED.items())) or None
     try:
         yield
     finally:
         _FORCED.clear()
         _FORCED.update(old)
+        _FORCED_KEY = old_key
 
 
 # ----------------------------------------------------------------------------------------------
-# launch wrappers
+# launch plans: everything computable from (shapes, strides, dtype, mode) done once
 # ----------------------------------------------------------------------------------------------
-def _geometry(q: torch.Tensor, cu: Optional[torch.Tensor], max_seqlen: int):
-    """(B, N, H, D, varlen): packed [T, H, D] input is seen as B = n sequences of N = max_seqlen rows."""
-    if cu is not None:
-        T, H, D = q.shape
-        return cu.numel() - 1, max_seqlen, H, D, True
-    B, N, H, D = q.shape
-    return B, N, H, D, False
+# A plan holds the bound kernel launcher(s) (``kernel[grid]``), the non-pointer arguments and the
+# keyword constexprs for one exact input signature, so a repeated call does: one dict lookup, the
+# output allocations and the launch(es). Key (``_plan_key``): q's shape and dtype, q/k/v strides,
+# the number of packed sequences (None: batched), max_seqlen, scale and the forced config (tests). A plan snapshots the
+# config chosen for its (N bucket, D, dtype, packed) tuning key: clear both caches together
+# (:func:`clear_caches`). Plans are only cached when nothing in them is provisional (config
+# picked during graph capture).
+_PLANS: Dict[Tuple, "_Plan"] = {}
+_MAX_PLANS = 4096  # packed mode sees a new T almost every batch: bounded, cleared when full
 
 
-def _s4(t: torch.Tensor, varlen: bool) -> Tuple[int, int, int, int]:
-    """(batch, token, head, dim) strides; a packed [T, H, D] tensor gets batch stride 0."""
-    if varlen:
-        return (0,) + tuple(t.stride())
-    return tuple(t.stride())
+class _Plan:
+    __slots__ = ("empty", "copy", "lse_shape", "fwd", "fwd_args", "fwd_kw", "bwd", "fkey")
+
+    def __init__(self):
+        self.bwd = None
 
 
-def _align(*strides4) -> int:
-    """8 when every batch/token/head stride is a multiple of 8 elements (then passed divided by 8)."""
-    return 8 if all(s % 8 == 0 for st in strides4 for s in st[:3]) else 1
+class _BwdPlan:
+    __slots__ = ("fused", "launch1", "args1", "launch2", "args2", "kw")
 
 
-def _div(st: Tuple[int, int, int, int], al: int) -> Tuple[int, int, int, int]:
-    return (st[0] // al, st[1] // al, st[2] // al, st[3])
+def clear_caches() -> None:
+    """Forget tuned configs and launch plans (the next call per key re-tunes)."""
+    _TUNE_CACHE.clear()
+    _PLANS.clear()
 
 
-def _lse_strides(lse: torch.Tensor, varlen: bool) -> Tuple[int, int]:
-    # batched lse [B, H, N]: (H*N, N); packed lse [H, T]: (0, T)
-    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+def _plan_key(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple:
+    # k, v have q's shape, dtype and device (checked by attention()); the device does not change
+    # a plan (launches go to the current device, as for any Triton kernel). Packed: the number of
+    # sequences (cu_seqlens length) sets the grid, their lengths are read in-kernel.
+    return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, None if cu is None else cu.shape[0],
+            max_seqlen, scale, _FORCED_KEY)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels assume a unit last-dim stride (always true for views of a QKV projection)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _qkv_strides(ts, varlen: bool) -> Tuple[List[int], int]:
+    """(batch, token, head) strides of q, k, v (packed: batch stride 0; size-1 dims: 0) divided by
+    ALIGN, and ALIGN (8 when every such stride is a multiple of 8, else 1)."""
+    out: List[int] = []
+    for t in ts:
+        st = t.stride()
+        sh = t.shape
+        if varlen:
+            st3 = [0, st[0] if sh[0] > 1 else 0, st[1] if sh[1] > 1 else 0]
+        else:
+            st3 = [st[i] if sh[i] > 1 else 0 for i in range(3)]
+        out += st3
+    al = 8 if all(s % 8 == 0 for s in out) else 1
+    return [s // al for s in out], al
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -562,89 +650,194 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fwd(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    B, N, H, D, varlen = _geometry(q, cu, max_seqlen)
-    o = _new(q.shape, q.dtype, q.device)
-    lse = _new((H, q.shape[0]) if varlen else (B, H, N), torch.float32, q.device)
-    if q.numel() == 0 or B == 0 or N == 0:
-        return o, lse
+def _dims(q: torch.Tensor, cu_n: int, varlen: bool, max_seqlen: int):
+    """(B, N, H, D, NT)."""
+    if varlen:
+        T, H, D = q.shape
+        return cu_n - 1, max_seqlen, H, D, T
+    B, N, H, D = q.shape
+    return B, N, H, D, N
+
+
+def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float) -> Tuple["_Plan", bool]:
+    """Build the forward plan (tuning the forward config if its key is new). Returns (plan, cacheable)."""
+    B, N, H, D, NT = _dims(q, cu.numel() if varlen else 0, varlen, max_seqlen)
+    p = _Plan()
+    p.fkey = _FORCED_KEY
+    p.lse_shape = (H, NT) if varlen else (B, H, N)
+    p.empty = q.numel() == 0 or B == 0 or N == 0
+    p.copy = False
+    if p.empty:
+        return p, True
     block_d = _pow2(D)
     bucket = _pow2(N)
+    strides, al = _qkv_strides((q, k, v), varlen)
+    prec, upcast = _prec(q.dtype), _upcast(q.dtype)
+    scale_log2 = scale * _LOG2E
     cu_arg = cu if varlen else q  # dummy pointer when not varlen (never read)
-    st = [_s4(t, varlen) for t in (q, k, v, o)]
-    al = _align(*st)
-    sq, sk, sv, so = (_div(x, al) for x in st)
-    sl = _lse_strides(lse, varlen)
 
-    def launch(cfg):
+    def parts(cfg):
         num_m = triton.cdiv(N, cfg["BLOCK_M"])
         heads = cfg.get("HEADS", 1)
         heads = heads if H % heads == 0 else 1
-        _attn_fwd_kernel[(H // heads * num_m * B,)](
-            q, k, v, o, lse, cu_arg, *sq, *sk, *sv, so[0], so[1], so[2], *sl,
-            N, H, num_m, scale * _LOG2E,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
-            ALIGN=al, VARLEN=varlen, PREC=_prec(q.dtype), UPCAST=_upcast(q.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        grid = (H // heads * num_m * B,)
+        args = (*strides, NT, H, num_m, scale_log2)
+        kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
+                  ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return grid, args, kw
 
-    key = (bucket, D, q.dtype, varlen)
-    _run_tuned("fwd", key, _fwd_configs(bucket, block_d), launch, q.is_cuda)
-    return o, lse
+    scratch: List[torch.Tensor] = []
+
+    def launch(cfg):  # tuning: scratch outputs, allocated once
+        grid, args, kw = parts(cfg)
+        if not scratch:
+            scratch += [torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                        torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)]
+        _attn_fwd_kernel[grid](q, k, v, scratch[0], scratch[1], cu_arg, *args, **kw)
+
+    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen), _fwd_configs(bucket, block_d), launch, q.is_cuda)
+    grid, p.fwd_args, p.fwd_kw = parts(cfg)
+    p.fwd = _attn_fwd_kernel[grid]
+    return p, ok
 
 
-def _bwd(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float):
-    B, N, H, D, varlen = _geometry(q, cu, max_seqlen)
-    dq = _new(q.shape, q.dtype, q.device)
-    dk = _new(q.shape, q.dtype, q.device)
-    dv = _new(q.shape, q.dtype, q.device)
-    if q.numel() == 0 or B == 0 or N == 0:
-        return dq, dk, dv
+def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, lse, do) -> Tuple[_BwdPlan, bool]:
+    B, N, H, D, NT = _dims(q, cu.numel() if varlen else 0, varlen, max_seqlen)
     block_d = _pow2(D)
     bucket = _pow2(N)
+    strides, al = _qkv_strides((q, k, v), varlen)
+    prec, upcast = _prec(q.dtype), _upcast(q.dtype)
     cu_arg = cu if varlen else q
-    st = [_s4(t, varlen) for t in (q, k, v, o, do, dq)]
-    al = _align(*st)
-    sq, sk, sv, so, sdo, sg = (_div(x, al) for x in st)
-    sl = _lse_strides(lse, varlen)
-    delta = _new(lse.shape, torch.float32, q.device)
-    prec = _prec(q.dtype)
-    upcast = _upcast(q.dtype)
 
-    def launch(cfg):
+    def parts(cfg) -> _BwdPlan:
+        bp = _BwdPlan()
         if cfg["VARIANT"] == "fused" and bucket <= 256:
-            # stage: one launch, one program per (sequence, head), all queries in one tile
-            _attn_bwd_fused_kernel[(H * B,)](
-                q, k, v, o, do, dq, dk, dv, lse, cu_arg, *sq, *sk, *sv, so[0], so[1], so[2], *sdo,
-                sg[0], sg[1], sg[2], *sl, N, H, scale, scale * _LOG2E,
-                HEAD_DIM=D, BLOCK_D=block_d, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"], ALIGN=al, VARLEN=varlen,
-                PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            return
+            # one launch, one program per (sequence, head), all queries in one tile
+            bp.fused = True
+            bp.launch1 = _attn_bwd_fused_kernel[(H * B,)]
+            bp.args1 = (*strides, NT, H, scale)
+            bp.launch2, bp.args2 = None, None
+            bp.kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"], ALIGN=al,
+                         VARLEN=varlen, PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"])
+            return bp
         bm = cfg.get("BLOCK_M", 64)
         bn = cfg.get("BLOCK_N", 64)
         num_m = triton.cdiv(N, bm)
         num_n = triton.cdiv(N, bn)
-        w = cfg.get("num_warps", 4)
-        ns = cfg.get("num_stages", 1)
-        # stage a: δ and dQ per query block
-        _attn_bwd_dq_kernel[(H * num_m * B,)](
-            q, k, v, o, do, dq, lse, delta, cu_arg, *sq, *sk, *sv, so[0], so[1], so[2], *sdo,
-            sg[0], sg[1], sg[2], *sl, N, H, num_m, scale, scale * _LOG2E,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
-            UPCAST=upcast, num_warps=w, num_stages=ns)
-        # stage b: dK, dV per key block (reads δ)
-        _attn_bwd_dkdv_kernel[(H * num_n * B,)](
-            q, k, v, do, dk, dv, lse, delta, cu_arg, *sq, *sk, *sv, *sdo,
-            sg[0], sg[1], sg[2], *sl, N, H, num_n, scale, scale * _LOG2E,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
-            UPCAST=upcast, num_warps=w, num_stages=ns)
+        bp.fused = False
+        # launch 1: δ and dQ per query block; launch 2: dK, dV per key block (reads δ)
+        bp.launch1 = _attn_bwd_dq_kernel[(H * num_m * B,)]
+        bp.args1 = (*strides, NT, H, num_m, scale)
+        bp.launch2 = _attn_bwd_dkdv_kernel[(H * num_n * B,)]
+        bp.args2 = (*strides, NT, H, num_n, scale)
+        bp.kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
+                     UPCAST=upcast, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+        return bp
 
-    key = (bucket, D, q.dtype, varlen)
-    _run_tuned("bwd", key, _bwd_configs(bucket, block_d), launch, q.is_cuda)
+    scratch: List[torch.Tensor] = []
+
+    def launch(cfg):  # tuning: scratch outputs, allocated once
+        if not scratch:
+            scratch += [torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]
+            scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))
+        _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, *scratch[:3], delta=scratch[3])
+
+    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen), _bwd_configs(bucket, block_d), launch, q.is_cuda)
+    return parts(cfg), ok
+
+
+def _run_bwd(bp: _BwdPlan, cu_arg, q, k, v, o, lse, do, dq, dk, dv, delta=None) -> None:
+    if bp.fused:
+        bp.launch1(q, k, v, o, do, dq, dk, dv, lse, cu_arg, *bp.args1, **bp.kw)
+    else:
+        if delta is None:
+            delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+        bp.launch1(q, k, v, o, do, dq, lse, delta, cu_arg, *bp.args1, **bp.kw)
+        bp.launch2(q, k, v, do, dk, dv, lse, delta, cu_arg, *bp.args2, **bp.kw)
+
+
+def _get_plan(q, k, v, cu, max_seqlen: int, scale: float, key=None) -> "_Plan":
+    varlen = cu is not None
+    if key is None:
+        key = _plan_key(q, k, v, cu, max_seqlen, scale)
+    p = _PLANS.get(key)
+    if p is None:
+        qq, kk, vv = _unit_last(q), _unit_last(k), _unit_last(v)
+        p, ok = _make_plan(qq, kk, vv, cu, varlen, max_seqlen, scale)
+        p.copy = qq is not q or kk is not k or vv is not v
+        if ok:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = p
+    return p
+
+
+def _fwd(q, k, v, cu, max_seqlen: int, scale: float, plan: Optional["_Plan"] = None
+         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward launch wrapper: (o, lse). ``plan``: from :func:`_get_plan` (looked up when None)."""
+    p = plan if plan is not None else _get_plan(q, k, v, cu, max_seqlen, scale)
+    if p.copy:
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    dev = q.device
+    o = _new(q.shape, q.dtype, dev)
+    lse = _new(p.lse_shape, torch.float32, dev)
+    if not p.empty:
+        p.fwd(q, k, v, o, lse, q if cu is None else cu, *p.fwd_args, **p.fwd_kw)
+    return o, lse
+
+
+def _bwd(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, plan: Optional["_Plan"] = None):
+    """Backward launch wrapper: (dq, dk, dv), fresh contiguous tensors."""
+    p = plan if plan is not None and plan.fkey == _FORCED_KEY else _get_plan(q, k, v, cu, max_seqlen, scale)
+    if p.copy:
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    if not do.is_contiguous():  # the kernels read dO with o's (contiguous) layout
+        do = do.contiguous()
+    if not (o.is_contiguous() and lse.is_contiguous()):  # ours are; a compiler could pass others
+        o, lse = o.contiguous(), lse.contiguous()
+    dev = q.device
+    dq = _new(q.shape, q.dtype, dev)
+    dk = _new(q.shape, q.dtype, dev)
+    dv = _new(q.shape, q.dtype, dev)
+    if p.empty:
+        return dq, dk, dv
+    bp = p.bwd
+    cu_arg = q if cu is None else cu
+    if bp is None:
+        bp, ok = _make_bwd_plan(q, k, v, cu, cu is not None, max_seqlen, scale, o, lse, do)
+        if ok:
+            p.bwd = bp
+    _run_bwd(bp, cu_arg, q, k, v, o, lse, do, dq, dk, dv)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops (fake + autograd registrations: usable under torch.compile)
+# eager autograd path (no torch.library dispatch: the per-call host cost of the op)
+# ----------------------------------------------------------------------------------------------
+class _FlashAttnFn(torch.autograd.Function):
+    """Eager-mode autograd wrapper calling the launch wrappers directly. Same math and kernels as
+    the ``stop_kernels::flash_attn_*`` custom ops (which :func:`attention` uses under
+    ``torch.compile`` / tracing); it only skips the dispatcher round trips."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_seqlen, scale, plan):
+        o, lse = _fwd(q, k, v, cu, max_seqlen, scale, plan)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.cu, ctx.max_seqlen, ctx.scale, ctx.plan = cu, max_seqlen, scale, plan
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.cu, ctx.max_seqlen, ctx.scale, ctx.plan)
+        return dq, dk, dv, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops (fake + autograd registrations: the torch.compile / tracing path)
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("stop_kernels::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -701,6 +894,13 @@ def attention_supported(q: torch.Tensor) -> bool:
 
 
 def _check_qkv(q, k, v, varlen: bool) -> None:
+    # fast accept (every call in eager mode): the same conditions as below, without the messages
+    if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.dim() == (3 if varlen else 4) and k.shape == q.shape and v.shape == q.shape
+            and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] % 8 == 0 and 8 <= q.shape[-1] <= MAX_HEAD_DIM
+            and (q.is_cuda or _INTERPRET) and k.device == q.device and v.device == q.device):
+        return
     nd = 3 if varlen else 4
     layout = "[T, H, Dh] (packed, with cu_seqlens)" if varlen else "[B, N, H, Dh]"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -761,13 +961,22 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
     return cu_seqlens.to(device, non_blocking=True), int(max_seqlen)
 
 
+def _eager_ok(q) -> bool:
+    """True when :func:`attention` may bypass the torch.library ops: plain tensors, not under
+    torch.compile / export tracing, no TorchDispatchMode (FakeTensorMode, make_fx, ...) and no
+    functorch transform active. Otherwise the custom ops (fake + autograd registrations) run."""
+    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
               cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
     """Non-causal softmax attention ``softmax(scale · q kᵀ) v`` with the Triton flash kernels.
 
     Args:
-        q, k, v: ``[B, N, H, Dh]`` (any strides, e.g. views into a ``[B, N, 3, H, Dh]`` QKV buffer),
-            or ``[T, H, Dh]`` packed when ``cu_seqlens`` is given. Same shape, dtype and device.
+        q, k, v: ``[B, N, H, Dh]`` (any strides, e.g. views into a ``[B, N, 3, H, Dh]`` QKV buffer;
+            a last-dim stride other than 1 costs a copy), or ``[T, H, Dh]`` packed when
+            ``cu_seqlens`` is given. Same shape, dtype and device.
             dtype float16/bfloat16 (fp32 accumulation) or float32 (the fp32 path: IEEE fp32 dots).
             ``Dh`` a multiple of 8 in [8, 128] (otherwise ``ValueError``; the dispatcher falls back).
         scale: softmax scale, default ``Dh ** -0.5``.
@@ -776,7 +985,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
         max_seqlen: longest packed sequence (computed from cu_seqlens when omitted).
 
     Returns:
-        ``[B, N, H, Dh]`` (or ``[T, H, Dh]``), contiguous, dtype of q. Differentiable in q, k, v.
+        ``[B, N, H, Dh]`` (or ``[T, H, Dh]``), contiguous, dtype of q. Differentiable in q, k, v
+        (first order).
+
+    Eager calls go through a plain ``torch.autograd.Function`` (or straight to the launch wrapper
+    when no gradient is needed) with a launch plan cached per input signature; under
+    ``torch.compile`` and other tracing the ``stop_kernels::flash_attn_fwd/bwd`` custom ops run.
+    Both call the same kernels with the same configs (identical results).
     """
     varlen = cu_seqlens is not None
     _check_qkv(q, k, v, varlen)
@@ -787,6 +1002,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
             raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {q.shape[1]}")
         max_seqlen = q.shape[1]
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if _eager_ok(q):
+        plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _FlashAttnFn.apply(q, k, v, cu_seqlens, max_seqlen, scale, plan)
+        return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, plan)[0]
     o, _ = _flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
     return o
 
@@ -823,9 +1043,63 @@ def use_attention_backend(name: str) -> Iterator[None]:
         _DEFAULT_BACKEND = old
 
 
-def _resolve_auto(q: torch.Tensor) -> str:
+# "auto" policy: which backend "auto" uses on CUDA for shapes the Triton kernel supports (16-bit,
+# head dim a multiple of 8 up to 128), set from measurements. Keys: a mode, or (mode, head dim) to
+# override one head dim; the mode is "fwd_only" (no gradient needed: no_grad / inference / the
+# EMA target encoder) or "train" (q, k or v requires grad under grad mode). Values: "triton",
+# "sdpa" or "xformers". Lookup order: (mode, Dh), then mode, then "triton". Empty = Triton
+# everywhere. Set it with set_auto_policy({...}) or the environment, e.g.
+#   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"
+_AUTO_MODES = ("fwd_only", "train")
+_AUTO_CHOICES = ("triton", "sdpa", "xformers")
+_AUTO_POLICY: Dict = {}
+
+
+def set_auto_policy(policy: Optional[Dict] = None) -> Dict:
+    """Replace the "auto" policy (None or {} = Triton for every supported CUDA shape); returns the
+    previous one. Example: ``set_auto_policy({"fwd_only": "sdpa", ("train", 80): "sdpa"})``."""
+    global _AUTO_POLICY
+    new: Dict = {}
+    for key, val in (policy or {}).items():
+        mode, dh = (key, None) if isinstance(key, str) else tuple(key)
+        chk.choice("policy mode", mode, _AUTO_MODES)
+        chk.choice("policy backend", val, _AUTO_CHOICES)
+        new[mode if dh is None else (mode, int(dh))] = val
+    old, _AUTO_POLICY = _AUTO_POLICY, new
+    return old
+
+
+def get_auto_policy() -> Dict:
+    return dict(_AUTO_POLICY)
+
+
+def _parse_auto_env(text: str) -> Dict:
+    out: Dict = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        lhs, _, val = item.partition("=")
+        mode, _, dh = lhs.strip().partition(":")
+        out[(mode, int(dh)) if dh else mode] = val.strip()
+    return out
+
+
+if os.environ.get("STOP_KERNELS_ATTN_AUTO"):
+    set_auto_policy(_parse_auto_env(os.environ["STOP_KERNELS_ATTN_AUTO"]))
+
+
+def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> str:
+    """The policy's backend for a supported CUDA call (see ``_AUTO_POLICY``)."""
+    if not _AUTO_POLICY:
+        return "triton"
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    mode = "train" if grad else "fwd_only"
+    return _AUTO_POLICY.get((mode, q.shape[-1]), _AUTO_POLICY.get(mode, "triton"))
+
+
+def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> str:
     if q.device.type == "cuda":
-        return "triton" if (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)) else "sdpa"
+        if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
+            return "sdpa"
+        return _auto_policy_choice(q, k, v)
     if _INTERPRET and os.environ.get("STOP_KERNELS_ATTENTION") == "triton" and attention_supported(q) \
             and q.dtype != torch.float64:
         return "triton"
@@ -866,8 +1140,10 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
 
     backend (None → the module default, see :func:`set_attention_backend`):
 
-    * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton; CUDA otherwise → torch SDPA;
-      CPU → SDPA (fast for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
+    * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton, unless the measured policy
+      (:func:`set_auto_policy`, env ``STOP_KERNELS_ATTN_AUTO``) names another backend for this
+      mode ("fwd_only" / "train") and head dim; CUDA otherwise → torch SDPA; CPU → SDPA (fast
+      for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
       ``STOP_KERNELS_ATTENTION=triton`` are both set.
     * ``"triton"``: :func:`attention` (raises for unsupported head dims/dtypes).
     * ``"sdpa"``: ``F.scaled_dot_product_attention`` on transposed views (packed: per sequence).
@@ -877,7 +1153,7 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     name = _DEFAULT_BACKEND if backend is None else backend
     chk.choice("backend", name, BACKENDS)
     if name == "auto":
-        name = _resolve_auto(q)
+        name = _resolve_auto(q, k, v)
     if name == "triton":
         return attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if name == "reference":
