@@ -3,7 +3,7 @@
 # (results.tgz holds every JSON/markdown file; log.txt the whole output) and a short table is
 # printed last.
 #
-#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests stop attn cuda train e2e bench
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests stop attn cuda train train-eager e2e bench
 #                                                 (default: all of them, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
 # costs only its own slot.
@@ -39,7 +39,10 @@ for s in $SECTIONS; do
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
-    train) section train ${SEC_TRAIN:-300} bash benchmarks/gpu_train.sh "$RES/train" ;;
+    train) section train ${SEC_TRAIN:-300} bash -c "OUT=$RES/train bash benchmarks/gpu_train.sh" ;;
+    train-eager) section train-eager ${SEC_TRAIN:-120} python -m torch.distributed.run --standalone --nproc_per_node=1 \
+           train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-10} --benchmark-warmup ${TRAIN_WARMUP:-4} \
+           --out "$RES/train-eager" ;;
     e2e) section e2e ${SEC_E2E:-360} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 15 --warmup 6 --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
