@@ -518,6 +518,7 @@ def test_launch_plans_cached_per_signature():
 def test_tuner_never_times_during_graph_capture(monkeypatch):
     """On CUDA a new key is timed once and cached; during CUDA graph capture the first candidate is
     used for that call only (timing would be illegal there) and nothing is cached."""
+    monkeypatch.setenv("STOP_KERNELS_ATTN_TUNE", "1")
     monkeypatch.setattr(A, "_INTERPRET", False)
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     cands = [dict(c=0), dict(c=1), dict(c=2)]
@@ -533,3 +534,16 @@ def test_tuner_never_times_during_graph_capture(monkeypatch):
     launched.clear()
     monkeypatch.setattr(A, "_capturing", lambda: True)  # cached: used even during capture
     assert A._pick_config("fwd", ("k",), cands, launched.append, True) == (cands[1], True) and not launched
+
+
+def test_default_uses_the_measured_first_candidate(monkeypatch):
+    """Without STOP_KERNELS_ATTN_TUNE=1 nothing is timed: the first (measured-fastest) candidate runs."""
+    monkeypatch.delenv("STOP_KERNELS_ATTN_TUNE", raising=False)
+    monkeypatch.setattr(A, "_INTERPRET", False)
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    monkeypatch.setattr(A, "_capturing", lambda: False)
+    monkeypatch.setattr(A, "_time_candidate", lambda fn: pytest.fail("timed a candidate without tuning enabled"))
+    cands = [dict(c=0), dict(c=1)]
+    launched = []
+    cfg, ok = A._pick_config("fwd", ("k2",), cands, launched.append, True)
+    assert cfg == cands[0] and ok
