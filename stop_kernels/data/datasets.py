@@ -224,7 +224,7 @@ class TrainData:
                                                    batch_size=self.batch_size, seed=cfg.seed)
         masks = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
                                        cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep,
-                                       seed=cfg.seed + 7919 * rank)
+                                       seed=cfg.seed + 7919 * rank, truncate=not getattr(cfg, "packed", False))
         self.collator = SkipCountingCollate(masks)
         self.iters_per_epoch = self.sampler.num_samples // self.batch_size
         if self.iters_per_epoch < 1:

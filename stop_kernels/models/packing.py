@@ -2,9 +2,10 @@
 
 The official collator truncates every context and target mask to the batch minimum so masks stack
 into rectangles; the dropped patches are simply never seen. With ``MultiBlockMaskCollator(...,
-truncate=False)`` the masks stay ragged, and the functions here run the encoder and predictor on
-packed sequences: all tokens of all sequences along one axis ``[T, C]`` with ``cu_seqlens``
-(block-diagonal attention through :func:`stop_kernels.ops.attention.dispatch_attention`).
+truncate=False)`` the masks stay ragged, and the encoder and predictor work on packed sequences: all
+tokens of all sequences along one axis ``[T, C]`` with ``cu_seqlens`` (block-diagonal attention through
+:func:`stop_kernels.ops.attention.dispatch_attention`). The models' own ``forward`` dispatches here when
+given ragged masks, so wrappers such as FSDP see an ordinary forward call.
 
 Sequence order matches the rectangular path: context sequences by image; predictor sequences
 ``s = k·B + b`` (target block k of image b) hold image b's context followed by its k-th block.
@@ -25,6 +26,19 @@ class Packed(NamedTuple):
     tokens: torch.Tensor        # [T, C]
     cu_seqlens: torch.Tensor    # int32 [n + 1]
     max_seqlen: int
+
+
+def is_ragged(masks) -> bool:
+    """True for ragged masks: a list of masks whose first entry is itself a list of 1-D tensors."""
+    return isinstance(masks, (list, tuple)) and len(masks) > 0 and isinstance(masks[0], (list, tuple))
+
+
+def mean_tokens(masks) -> float:
+    """Mean tokens per image of the first mask, rectangular ``[B, K]`` or ragged (list of 1-D tensors)."""
+    m = masks[0]
+    if isinstance(m, (list, tuple)):
+        return sum(len(t) for t in m) / max(len(m), 1)
+    return float(m.shape[1])
 
 
 def _cu(lengths: Sequence[int], device) -> torch.Tensor:
@@ -114,8 +128,12 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     c = F.linear(ctx.tokens, emb.weight, emb.bias) + pos[ctx_idx].to(ctx.tokens.dtype)
     mode = predictor.noise_mode
     if mode == "learned":
+        if noise is None and predictor.input_backend == "unfused":  # the official path: torch.randn noise
+            noise = reference.draw_noise((tgt_idx.numel(), emb.weight.shape[1]), noise_std=predictor.noise_std,
+                                         dtype=c.dtype, device=c.device, generator=generator)
         if noise is None:
-            masked = stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise_std=predictor.noise_std, generator=generator)
+            masked = stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise_std=predictor.noise_std, generator=generator,
+                                backend=predictor.input_backend)
         else:
             masked = reference.stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise)
     elif mode == "isotropic":

@@ -80,8 +80,16 @@ class VisionTransformerPredictor(nn.Module):
             return reference.assemble_predictor_input(*args, **kw)
         return assemble_predictor_input(*args, backend=self.input_backend, **kw)
 
-    def forward(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
+    def forward(self, x, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Rectangular: ``x[B, Nc, E]`` → ``[npred·B, Nt, E]``. Packed: ``x`` a
+        :class:`~stop_kernels.models.packing.Packed` from the encoder and ragged masks (lists of B 1-D
+        tensors) → ``[Mt, E]``, the target tokens in (block, image, token) order."""
+        from .packing import Packed, predict_packed
+
+        if isinstance(x, Packed):
+            ctx_masks = masks_x[0] if len(masks_x) == 1 and isinstance(masks_x[0], (list, tuple)) else masks_x
+            return predict_packed(self, x, ctx_masks, masks, noise=noise, generator=generator)
         chk.float_tensor("x", x, ndim=3)
         n_ctx = x.shape[1]
         z = self.assemble(x, masks_x, masks, noise=noise, generator=generator)

@@ -178,8 +178,16 @@ class VisionTransformer(nn.Module):
                              f"{self.img_size}], got {tuple(imgs.shape)}")
         return self.patch_embed(imgs) + self.pos_embed.to(imgs.dtype)
 
-    def forward(self, imgs: torch.Tensor, masks: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None
-                ) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, masks: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None):
+        """Rectangular masks give ``[nmask·B, K, E]``; ragged masks (one context mask given as a list of
+        B 1-D index tensors, as ``MultiBlockMaskCollator(truncate=False)`` returns) give a packed
+        :class:`~stop_kernels.models.packing.Packed` ``[T, E]`` with ``cu_seqlens`` (no patch dropped)."""
+        from .packing import encode_packed, is_ragged
+
+        if is_ragged(masks):
+            if len(masks) != 1:
+                raise ValueError(f"masks: packed mode takes one context mask (a list of B tensors), got {len(masks)}")
+            return encode_packed(self, imgs, masks[0])
         x = self.embed(imgs)
         if masks is not None:
             idx = reference.stack_target_indices([masks] if isinstance(masks, torch.Tensor) else masks, "masks")

@@ -88,6 +88,7 @@ class TrainConfig:
     sharding: str = "auto"             # auto (full under torchrun, none otherwise) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
+    packed: bool = False               # keep every masked patch: ragged masks + packed (varlen) attention
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"               # auto | cpu | cuda
     # ---- checkpoints ------------------------------------------------------------------------

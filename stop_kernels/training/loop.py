@@ -33,6 +33,7 @@ import torch.nn as nn
 from .. import reference
 from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
+from ..models.packing import is_ragged, mean_tokens, packed_targets
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors
 from .config import ConfigError, TrainConfig, validate
@@ -120,10 +121,16 @@ def set_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total
 
 
 def jepa_step_loss(models: JEPAModels, imgs: torch.Tensor, masks_enc, masks_pred, autocast) -> torch.Tensor:
-    """Forward of one I-JEPA+StoP step; returns the loss (backward is the caller's)."""
+    """Forward of one I-JEPA+StoP step; returns the loss (backward is the caller's).
+
+    Rectangular masks follow the official code; ragged masks (``--packed``) run the encoder and
+    predictor on packed sequences and take the loss over every target token.
+    """
+    packed = is_ragged(masks_enc)
     with autocast:
         with torch.no_grad():
-            h = reference.target_features(models.target_encoder(imgs), masks_pred)
+            h = models.target_encoder(imgs)
+            h = packed_targets(h, masks_pred) if packed else reference.target_features(h, masks_pred)
         z = models.encoder(imgs, masks_enc)
         z = models.predictor(z, masks_enc, masks_pred)
         return reference.jepa_loss(z.float(), h.float())
@@ -181,8 +188,10 @@ class Trainer:
 
     def to_device(self, imgs, masks_enc, masks_pred):
         nb = self.device.type == "cuda"
-        return (imgs.to(self.device, non_blocking=nb), [m.to(self.device, non_blocking=nb) for m in masks_enc],
-                [m.to(self.device, non_blocking=nb) for m in masks_pred])
+
+        def move(m):  # a [B, K] tensor, or a ragged list of B 1-D tensors (--packed)
+            return [move(t) for t in m] if isinstance(m, (list, tuple)) else m.to(self.device, non_blocking=nb)
+        return imgs.to(self.device, non_blocking=nb), move(masks_enc), move(masks_pred)
 
 
 def _print(msg: str, info: D.DistInfo, stream) -> None:
@@ -282,7 +291,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 stats = tr.step(imgs, masks_enc, masks_pred, sched, skipped)
                 if pending is not None:
                     finish(pending)
-                pending = (step, epoch, stats, *sched, masks_enc[0].shape[1], masks_pred[0].shape[1],
+                pending = (step, epoch, stats, *sched, mean_tokens(masks_enc), mean_tokens(masks_pred),
                            time.perf_counter())
                 step += 1
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
