@@ -547,3 +547,25 @@ def test_default_uses_the_measured_first_candidate(monkeypatch):
     launched = []
     cfg, ok = A._pick_config("fwd", ("k2",), cands, launched.append, True)
     assert cfg == cands[0] and ok
+
+
+def test_tuning_launch_closures_run(monkeypatch):
+    """The scratch-output launch closures that tuning and the first-that-launches heuristic call on CUDA
+    must themselves run: exercised here through the interpreter (on CPU they are otherwise skipped)."""
+    calls = []
+    real = A._pick_config
+
+    def pick(kind, key, cands, launch, on_cuda):
+        launch(cands[0])
+        calls.append(kind)
+        return real(kind, key, cands, launch, on_cuda)
+
+    monkeypatch.setattr(A, "_pick_config", pick)
+    A.clear_caches()
+    try:
+        g = torch.Generator().manual_seed(11)
+        q, k, v = (torch.randn(1, 20, 2, 24, generator=g).half().requires_grad_() for _ in range(3))
+        A.attention(q, k, v).float().sum().backward()
+    finally:
+        A.clear_caches()
+    assert "fwd" in calls and "bwd" in calls

@@ -692,8 +692,8 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float) -> Tupl
     def launch(cfg):  # tuning: scratch outputs, allocated once
         grid, args, kw = parts(cfg)
         if not scratch:
-            scratch += [torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                        torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)]
+            scratch.extend([torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                            torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)])
         _attn_fwd_kernel[grid](q, k, v, scratch[0], scratch[1], cu_arg, *args, **kw)
 
     cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen), _fwd_configs(bucket, block_d), launch, q.is_cuda)
@@ -740,7 +740,7 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
 
     def launch(cfg):  # tuning: scratch outputs, allocated once
         if not scratch:
-            scratch += [torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)]
+            scratch.extend([torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)])
             scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))
         _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, *scratch[:3], delta=scratch[3])
 
