@@ -215,9 +215,11 @@ def test_infer_encoder_sizes_every_preset(name, patch, img):
     assert (sizes.patch_size, sizes.img_size, sizes.in_chans) == (patch, img, 3)
     assert sizes.mlp_ratio == pytest.approx(spec.mlp_ratio)
     assert feat.preset_of(sizes) == name
-    assert feat.check_sizes(sizes, model=name, patch_size=patch, img_size=img) == spec.num_heads
+    assert feat.check_sizes(sizes, model=name, patch_size=patch, img_size=img, cli=True) == spec.num_heads
     other = "vit_tiny" if name != "vit_tiny" else "vit_small"
     with pytest.raises(ValueError, match=f"--model: {other}"):
-        feat.check_sizes(sizes, model=other)
+        feat.check_sizes(sizes, model=other, cli=True)
     with pytest.raises(ValueError, match="--patch-size"):
+        feat.check_sizes(sizes, patch_size=patch + 2, cli=True)
+    with pytest.raises(ValueError, match="^patch_size"):
         feat.check_sizes(sizes, patch_size=patch + 2)

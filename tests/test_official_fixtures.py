@@ -20,6 +20,9 @@ def test_reproduces_official_outputs(official_fixture, name, mode):
     m = load_official_checkpoint(case["checkpoint"], num_heads=cfg["heads"], noise_mode=mode,
                                  noise_std=cfg["noise"])
     enc, pred, tgt = (x.eval() for x in (m.encoder, m.predictor, m.target_encoder))
+    # loaded by assignment onto meta-built modules: real, trainable float32 CPU tensors
+    for p in list(enc.parameters()) + list(pred.parameters()):
+        assert p.device.type == "cpu" and p.dtype == torch.float32 and p.requires_grad
     assert (enc.img_size, enc.patch_size, enc.embed_dim, len(enc.blocks)) == (cfg["img"], cfg["patch"], cfg["dim"], cfg["depth"])
     # the fixed sin-cos tables are rebuilt exactly, not only loaded
     torch.testing.assert_close(enc.pos_embed, reference.sincos_pos_embed_2d(cfg["dim"], cfg["img"] // cfg["patch"]),

@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
-from ..models.official import EncoderSizes, infer_encoder_sizes, strip_prefix
-from ..models.vit import VIT_PRESETS, VisionTransformer, resolve_model_name
+from ..models.official import (EncoderSizes, build_encoder, check_sizes, infer_encoder_sizes,  # noqa: F401
+                               preset_of, strip_prefix)
+from ..models.vit import VisionTransformer
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CACHE_VERSION = 1  # bump when the extraction itself changes (transform, pooling)
@@ -157,46 +158,6 @@ class EncoderInfo(NamedTuple):
     model: Optional[str]  # the preset matching width and depth, if any
 
 
-def preset_of(sizes: EncoderSizes) -> Optional[str]:
-    """The preset name with the checkpoint's width and depth, or ``None``."""
-    for name, spec in VIT_PRESETS.items():
-        if (spec.embed_dim, spec.depth) == (sizes.embed_dim, sizes.depth):
-            return name
-    return None
-
-
-def check_sizes(sizes: EncoderSizes, *, model: Optional[str] = None, patch_size: Optional[int] = None,
-                img_size: Optional[int] = None, num_heads: Optional[int] = None) -> int:
-    """Check the flags against the sizes read from the weights; return the head count to use.
-
-    A flag that contradicts the checkpoint is a ``ValueError`` naming the flag.
-    """
-    heads = sizes.num_heads
-    if model is not None:
-        try:
-            name = resolve_model_name(model)
-        except ValueError as e:
-            raise ValueError(f"--model: {e}") from None
-        spec = VIT_PRESETS[name]
-        if (spec.embed_dim, spec.depth) != (sizes.embed_dim, sizes.depth):
-            found = preset_of(sizes)
-            raise ValueError(f"--model: {model} has width {spec.embed_dim} and depth {spec.depth}, but the checkpoint "
-                             f"holds width {sizes.embed_dim} and depth {sizes.depth}"
-                             + (f" ({found})" if found else ""))
-        heads = spec.num_heads
-    if num_heads is not None:
-        heads = num_heads
-    if heads is None:
-        raise ValueError(f"--num-heads: the checkpoint's width {sizes.embed_dim} matches no preset; pass --num-heads")
-    if heads <= 0 or sizes.embed_dim % heads:
-        raise ValueError(f"--num-heads: {heads} does not divide the checkpoint's width {sizes.embed_dim}")
-    for flag, given, found in (("--patch-size", patch_size, sizes.patch_size),
-                               ("--img-size", img_size, sizes.img_size)):
-        if given is not None and given != found:
-            raise ValueError(f"{flag}: given {given}, but the checkpoint was trained with {found}")
-    return heads
-
-
 def read_checkpoint(path: str) -> Mapping[str, Any]:
     """Load a checkpoint file to a dict on the CPU: ``.safetensors`` or anything ``torch.load`` reads."""
     if not os.path.exists(path):
@@ -234,33 +195,6 @@ def _select_state_dict(obj: Mapping[str, Any], which: str, path: str) -> Dict[st
     return sd
 
 
-def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch.Tensor],
-                  what: str = "encoder") -> VisionTransformer:
-    """A :class:`VisionTransformer` of ``sizes`` holding ``state`` (prefix-stripped; ``[1, P, E]`` or ``[P, E]``
-    position table), in float32 on the CPU.
-
-    The module is built on the meta device and the checkpoint's tensors are assigned to it, so no
-    memory or time goes into a random initialisation that would be overwritten (seconds for ViT-H).
-    Keys must match exactly, as in the official-checkpoint converter.
-    """
-    with torch.device("meta"):
-        enc = VisionTransformer(img_size=sizes.img_size, patch_size=sizes.patch_size, in_chans=sizes.in_chans,
-                                embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=num_heads,
-                                mlp_ratio=sizes.mlp_ratio)
-    own = enc.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"--checkpoint: {what} keys do not match the model: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if v.numel() != own[k].numel()]
-    if bad:
-        raise ValueError(f"--checkpoint: {what} tensor shapes do not match the model: {bad[:8]}")
-    enc.load_state_dict({k: v.detach().reshape(own[k].shape).to(torch.float32).contiguous()
-                         for k, v in state.items()}, strict=True, assign=True)
-    return enc
-
-
 def load_encoder(checkpoint: str, *, which: str = "target", model: Optional[str] = None,
                  patch_size: Optional[int] = None, img_size: Optional[int] = None,
                  num_heads: Optional[int] = None) -> Tuple[VisionTransformer, EncoderInfo]:
@@ -289,7 +223,7 @@ def load_encoder(checkpoint: str, *, which: str = "target", model: Optional[str]
         sizes = infer_encoder_sizes(sd)
     except ValueError as e:
         raise ValueError(f"--checkpoint: {checkpoint} is not an encoder checkpoint: {e}") from None
-    heads = check_sizes(sizes, model=model, patch_size=patch_size, img_size=img_size, num_heads=num_heads)
+    heads = check_sizes(sizes, model=model, patch_size=patch_size, img_size=img_size, num_heads=num_heads, cli=True)
     enc = build_encoder(sizes, heads, sd, f"{which} encoder")
     enc.eval().requires_grad_(False)
     return enc, EncoderInfo(sizes, heads, which, "official" if official else "state_dict", preset_of(sizes))

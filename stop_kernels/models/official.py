@@ -58,6 +58,50 @@ def heads_for_width(embed_dim: int) -> Optional[int]:
     return None
 
 
+def preset_of(sizes: "EncoderSizes") -> Optional[str]:
+    """The preset name with the checkpoint's width and depth, or ``None``."""
+    for name, spec in VIT_PRESETS.items():
+        if (spec.embed_dim, spec.depth) == (sizes.embed_dim, sizes.depth):
+            return name
+    return None
+
+
+def check_sizes(sizes: "EncoderSizes", *, model: Optional[str] = None, num_heads: Optional[int] = None,
+                patch_size: Optional[int] = None, img_size: Optional[int] = None, cli: bool = False) -> int:
+    """Check the caller's settings against the sizes read from the weights; return the head count.
+
+    A setting that contradicts the checkpoint is a ``ValueError`` naming it (as ``--model`` style
+    flags when ``cli``). The head count is not stored in checkpoints: it comes from ``num_heads``, else
+    from ``model``, else from the preset with the checkpoint's width.
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-") if cli else name
+
+    heads = sizes.num_heads
+    if model is not None:
+        try:
+            spec = VIT_PRESETS[resolve_model_name(model)]
+        except ValueError as e:
+            raise ValueError(f"{flag('model')}: {e}") from None
+        if (spec.embed_dim, spec.depth) != (sizes.embed_dim, sizes.depth):
+            found = preset_of(sizes)
+            raise ValueError(f"{flag('model')}: {model} has width {spec.embed_dim} and depth {spec.depth}, but the "
+                             f"checkpoint holds width {sizes.embed_dim} and depth {sizes.depth}"
+                             + (f" ({found})" if found else ""))
+        heads = spec.num_heads
+    if num_heads is not None:
+        heads = num_heads
+    if heads is None:
+        raise ValueError(f"{flag('num_heads')}: the checkpoint's width {sizes.embed_dim} matches no preset; "
+                         f"pass {flag('num_heads')}")
+    if heads <= 0 or sizes.embed_dim % heads:
+        raise ValueError(f"{flag('num_heads')}: {heads} does not divide the checkpoint's width {sizes.embed_dim}")
+    for name, given, found in (("patch_size", patch_size, sizes.patch_size), ("img_size", img_size, sizes.img_size)):
+        if given is not None and given != found:
+            raise ValueError(f"{flag(name)}: given {given}, but the checkpoint was trained with {found}")
+    return heads
+
+
 def infer_encoder_sizes(state: Mapping[str, torch.Tensor]) -> EncoderSizes:
     """Read an encoder's sizes from its (prefix-stripped) state dict."""
     w = _require(state, "patch_embed.proj.weight", "encoder")
@@ -69,8 +113,10 @@ def infer_encoder_sizes(state: Mapping[str, torch.Tensor]) -> EncoderSizes:
                         mlp_ratio=hidden / E, patch_size=p, img_size=g * p, in_chans=C)
 
 
-def _load_exact(module: torch.nn.Module, state: Dict[str, torch.Tensor], what: str) -> None:
-    """Load every tensor; any missing or unexpected key (or shape mismatch) is an error listing them."""
+def load_exact(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Fill ``module`` (built on the meta device) with ``state``: every key must match, any missing
+    or unexpected key or shape mismatch is an error listing them. Tensors are assigned in float32 on
+    the CPU, so no time goes into a random initialisation that would be overwritten."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -80,7 +126,19 @@ def _load_exact(module: torch.nn.Module, state: Dict[str, torch.Tensor], what: s
            for k, v in state.items() if v.numel() != own[k].numel()]
     if bad:
         raise ValueError(f"checkpoint: {what} tensor shapes do not match the model: {bad}")
-    module.load_state_dict({k: v.reshape(own[k].shape) for k, v in state.items()}, strict=True)
+    module.load_state_dict({k: v.detach().reshape(own[k].shape).to(torch.float32).contiguous()
+                            for k, v in state.items()}, strict=True, assign=True)
+    return module
+
+
+def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch.Tensor],
+                  what: str = "encoder") -> VisionTransformer:
+    """A :class:`VisionTransformer` of ``sizes`` holding the (prefix-stripped) ``state``, float32 on the CPU."""
+    with torch.device("meta"):
+        enc = VisionTransformer(img_size=sizes.img_size, patch_size=sizes.patch_size, in_chans=sizes.in_chans,
+                                embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=num_heads,
+                                mlp_ratio=sizes.mlp_ratio)
+    return load_exact(enc, state, what)
 
 
 def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: Optional[str] = None,
@@ -107,38 +165,18 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
                              "with 'encoder', 'predictor' and 'target_encoder'")
     enc_sd = strip_prefix(ckpt["encoder"])
     sizes = infer_encoder_sizes(enc_sd)
-    heads = sizes.num_heads
-    if model is not None:
-        spec = VIT_PRESETS[resolve_model_name(model)]
-        if (spec.embed_dim, spec.depth) != (sizes.embed_dim, sizes.depth):
-            raise ValueError(f"model: {model} has width {spec.embed_dim} and depth {spec.depth}, but the checkpoint "
-                             f"holds width {sizes.embed_dim} and depth {sizes.depth}")
-        heads = spec.num_heads
-    if num_heads is not None:
-        heads = num_heads
-    if heads is None:
-        raise ValueError(f"num_heads: the checkpoint's width {sizes.embed_dim} matches no preset; pass num_heads")
-    if sizes.embed_dim % heads:
-        raise ValueError(f"num_heads: {heads} does not divide the checkpoint's width {sizes.embed_dim}")
-    for name, given, found in (("patch_size", patch_size, sizes.patch_size), ("img_size", img_size, sizes.img_size)):
-        if given is not None and given != found:
-            raise ValueError(f"{name}: given {given}, but the checkpoint was trained with {found}")
-
-    def encoder(sd: Dict[str, torch.Tensor], what: str) -> VisionTransformer:
-        enc = VisionTransformer(img_size=sizes.img_size, patch_size=sizes.patch_size, in_chans=sizes.in_chans,
-                                embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=heads,
-                                mlp_ratio=sizes.mlp_ratio)
-        _load_exact(enc, sd, what)
-        return enc
-
+    heads = check_sizes(sizes, model=model, num_heads=num_heads, patch_size=patch_size, img_size=img_size)
     pred_sd = strip_prefix(ckpt["predictor"])
     D = _require(pred_sd, "predictor_embed.weight", "predictor").shape[0]
-    pred = VisionTransformerPredictor(
-        num_patches=(sizes.img_size // sizes.patch_size) ** 2, embed_dim=sizes.embed_dim, predictor_embed_dim=D,
-        depth=_depth(pred_sd, "predictor_blocks"), num_heads=heads,
-        mlp_ratio=_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0] / D,
-        noise_mode=noise_mode, noise_std=noise_std)
-    _load_exact(pred, pred_sd, "predictor")
-    target = encoder(strip_prefix(ckpt["target_encoder"]), "target_encoder") if "target_encoder" in ckpt else None
+    with torch.device("meta"):
+        pred = VisionTransformerPredictor(
+            num_patches=(sizes.img_size // sizes.patch_size) ** 2, embed_dim=sizes.embed_dim, predictor_embed_dim=D,
+            depth=_depth(pred_sd, "predictor_blocks"), num_heads=heads,
+            mlp_ratio=_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0] / D,
+            noise_mode=noise_mode, noise_std=noise_std)
+    load_exact(pred, pred_sd, "predictor")
+    target = (build_encoder(sizes, heads, strip_prefix(ckpt["target_encoder"]), "target_encoder")
+              if "target_encoder" in ckpt else None)
     epoch = ckpt.get("epoch")
-    return OfficialModels(encoder(enc_sd, "encoder"), pred, target, int(epoch) if epoch is not None else None)
+    return OfficialModels(build_encoder(sizes, heads, enc_sd, "encoder"), pred, target,
+                          int(epoch) if epoch is not None else None)
