@@ -8,6 +8,10 @@ validation (no host synchronisation, no graph break under torch.compile):
 * per target block k: ``n = torch.randn(B, Nt, E) * std``, ``F.linear(n, W, b) + pos[tgt_idx[k]]``;
 * ``x.repeat(npred, 1, 1)`` and ``torch.cat`` along the tokens → ``[npred·B, Nc+Nt, D]``.
 
+Also the setup both fused-op benchmarks share: the ViT-H/14 sizes, :func:`make_inputs` and the
+contenders (:func:`official` at ``SIGMA``, :func:`fused`, :func:`fused_trusted`; the last two
+import stop_kernels when called).
+
 Imported by ``benchmarks/gpu_stop_embed.py`` and ``benchmarks/bench_stop_embed.py``.
 """
 from __future__ import annotations
@@ -33,3 +37,40 @@ def official_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
     npred = len(masked)
     x = x.repeat(npred, 1, 1)                                    # [npred·B, Nc, D]
     return torch.cat([x, torch.cat(masked, dim=0).to(x.dtype)], dim=1)
+
+
+# ViT-H/14 sizes of the benchmarks: batch, target blocks, context / target tokens, encoder and
+# predictor widths, positions; the noise std.
+B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
+SIGMA = 0.25
+
+
+def make_inputs(seed=0):
+    """ViT-H inputs: ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(B, NC, E, generator=g).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(D, E, generator=g) / E ** 0.5).cuda().requires_grad_()
+    b = (0.1 * torch.randn(D, generator=g)).cuda().requires_grad_()
+    pos = torch.randn(P, D, generator=g).cuda()
+    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).cuda()
+    tgt = [torch.randint(0, P, (B, NT), generator=g).cuda() for _ in range(NPRED)]
+    return ctx, ctx_idx, tgt, w, b, pos
+
+
+def official(ctx, ctx_idx, tgt, w, b, pos):
+    """The official unfused path at SIGMA: randn noise, Linear, gather, repeat, cat; no validation, no host syncs."""
+    return official_predictor_input(ctx, ctx_idx, tgt, w, b, pos, SIGMA)
+
+
+def fused(ctx, ctx_idx, tgt, w, b, pos):
+    """The fused Triton op through the public function (with its index range checks)."""
+    from stop_kernels.ops.predictor_input import assemble_predictor_input
+    return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA,
+                                    backend="triton")
+
+
+def fused_trusted(ctx, ctx_idx, tgt, w, b, pos):
+    """:func:`fused` inside trusted_device_indices(): the index range checks (host syncs) skipped."""
+    from stop_kernels import trusted_device_indices
+    with trusted_device_indices():
+        return fused(ctx, ctx_idx, tgt, w, b, pos)

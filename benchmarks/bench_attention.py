@@ -14,8 +14,15 @@ host's launch cost, what an eager training loop sees) and ``graph`` (the same RE
 once in a CUDA graph, each round one replay: GPU time only). Tuning / compilation happen in the
 eager warm-up call, before any capture. The forward runs under no_grad.
 """
+import os
+import sys
+
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _gpu_common import sdpa_fn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="attention benchmarks need a CUDA GPU (Triton kernels vs cuDNN/flash SDPA)")
@@ -26,8 +33,6 @@ IMPLS = ["triton", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "x
 
 
 def _impl(name):
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     if name == "triton":
         from stop_kernels.ops.attention import attention
         return attention
@@ -37,13 +42,7 @@ def _impl(name):
         except Exception as e:
             pytest.skip(f"xformers does not import: {e!r}")
         return lambda q, k, v: xops.memory_efficient_attention(q, k, v)
-    be = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
-          "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}[name]
-
-    def f(q, k, v):
-        with sdpa_kernel([be]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return f
+    return sdpa_fn(name[len("sdpa-"):])  # "sdpa-cudnn" / "-flash" / "-efficient" / "-math"
 
 
 @pytest.mark.parametrize("launch", ["eager", "graph"])

@@ -22,38 +22,8 @@ pytest.importorskip("pytest_benchmark")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from _official_stop import official_predictor_input  # noqa: E402
-from stop_kernels import trusted_device_indices  # noqa: E402
-from stop_kernels.ops.predictor_input import assemble_predictor_input  # noqa: E402
-
-B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
-SIGMA = 0.25
-
-
-def make_inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(B, NC, E, generator=g).cuda().bfloat16().requires_grad_()
-    w = (torch.randn(D, E, generator=g) / E ** 0.5).cuda().requires_grad_()
-    b = (0.1 * torch.randn(D, generator=g)).cuda().requires_grad_()
-    pos = torch.randn(P, D, generator=g).cuda()
-    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).cuda()
-    tgt = [torch.randint(0, P, (B, NT), generator=g).cuda() for _ in range(NPRED)]
-    return ctx, ctx_idx, tgt, w, b, pos
-
-
-def official(ctx, ctx_idx, tgt, w, b, pos):
-    """The official unfused path (benchmarks/_official_stop.py): no validation, no host syncs."""
-    return official_predictor_input(ctx, ctx_idx, tgt, w, b, pos, SIGMA)
-
-
-def fused(ctx, ctx_idx, tgt, w, b, pos):
-    return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA,
-                                    backend="triton")
-
-
-def fused_trusted(ctx, ctx_idx, tgt, w, b, pos):
-    with trusted_device_indices():  # index range checks (host syncs) skipped for device tensors
-        return fused(ctx, ctx_idx, tgt, w, b, pos)
+from _official_stop import B, D, NC, NPRED, NT  # noqa: E402
+from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
 
 
 _COMPILED = {}

@@ -46,14 +46,15 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import sys
 import time
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _gpu_common import bench, bench_graph, make_section, record_env, sdpa_fn  # noqa: E402
 
 PEAK_TFLOPS = 707.0
 PEAK_TBPS = 4.23
@@ -68,38 +69,7 @@ def elapsed() -> float:
     return time.time() - T0
 
 
-def section(name):
-    def deco(fn):
-        def run(*a, **kw):
-            print(f"\n=== {name} (t = {elapsed():.0f}s) ===", flush=True)
-            try:
-                return fn(*a, **kw)
-            except Exception:
-                tb = traceback.format_exc()
-                print(tb, flush=True)
-                RESULTS["errors"].append({"section": name, "traceback": tb})
-        return run
-    return deco
-
-
-def bench(fn, grad_to_none=None) -> float:
-    """Eager timing: median ms of back-to-back calls (CPU launch cost included)."""
-    import triton
-    try:
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
-    except TypeError:
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, quantiles=[0.5]))
-
-
-def bench_graph(fn, rep=20) -> float:
-    """Graph timing: median ms per call of ``fn`` captured (unrolled) in a CUDA graph and replayed:
-    GPU time only. do_bench_cudagraph runs ``fn`` eagerly first (tuning, compilation: never
-    inside the capture)."""
-    import triton
-    try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-    except TypeError:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=rep))
+section = make_section(RESULTS, elapsed)
 
 
 def make_qkv(B, H, N, D, dtype=torch.bfloat16, seed=0):
@@ -121,19 +91,7 @@ def nbytes(B, H, N, D, bwd: bool, elt=2) -> float:
 # ------------------------------------------------------------------------------------------
 @section("environment")
 def env():
-    import triton
-    p = torch.cuda.get_device_properties(0)
-    info = {"gpu": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(), "python": platform.python_version()}
-    try:
-        import xformers
-        info["xformers"] = xformers.__version__
-    except Exception as e:
-        info["xformers"] = f"not importable ({type(e).__name__})"
-    RESULTS["env"] = info
-    for k, v in info.items():
-        print(f"{k}: {v}")
+    record_env(RESULTS, cudnn=True, xformers=True)
 
 
 def _ref_f32(qkv, do, cu=None):
@@ -271,23 +229,11 @@ def _correctness_other_cases(A):
     print(("PASS" if same else "FAIL") + " eager path == custom-op path (bitwise)", flush=True)
 
 
-def _sdpa_fn(backend_name):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-          "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name]
-
-    def f(q, k, v):
-        with sdpa_kernel([be]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    return f
-
-
 def _impls():
     from stop_kernels.ops import attention as A
     impls = {"triton": A.attention}
     for b in ("cudnn", "flash", "efficient", "math"):
-        impls[f"sdpa-{b}"] = _sdpa_fn(b)
+        impls[f"sdpa-{b}"] = sdpa_fn(b)
     try:
         import xformers.ops as xops
         impls["xformers"] = lambda q, k, v: xops.memory_efficient_attention(q, k, v)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -46,12 +45,13 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _official_stop import official_predictor_input  # noqa: E402
+from _gpu_common import bench_graph, make_section, record_env  # noqa: E402
+from _gpu_common import bench as _bench  # noqa: E402
+from _official_stop import B, D, E, NC, NPRED, NT, P, SIGMA  # noqa: E402
+from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
 
 PEAK_TFLOPS = 707.0
 PEAK_TBPS = 4.23
-B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
-SIGMA = 0.25
 T0 = time.time()
 RESULTS: dict = {"env": {}, "correctness": [], "noise_worst": [], "timing": [], "memory": [], "configs": {},
                  "tests": {}, "errors": []}
@@ -61,53 +61,17 @@ def elapsed() -> float:
     return time.time() - T0
 
 
-def section(name):
-    def deco(fn):
-        def run(*a, **kw):
-            print(f"\n=== {name} (t = {elapsed():.0f}s) ===", flush=True)
-            try:
-                return fn(*a, **kw)
-            except Exception:
-                tb = traceback.format_exc()
-                print(tb, flush=True)
-                RESULTS["errors"].append({"section": name, "traceback": tb})
-        return run
-    return deco
+section = make_section(RESULTS, elapsed)
 
 
 def bench(fn, grad_to_none=None) -> float:
     """do_bench median (eager launches, CPU overhead included where it dominates)."""
-    import triton
-    try:
-        return float(triton.testing.do_bench(fn, warmup=5, rep=30, grad_to_none=grad_to_none, return_mode="median"))
-    except TypeError:
-        return float(triton.testing.do_bench(fn, warmup=5, rep=30, grad_to_none=grad_to_none, quantiles=[0.5]))
-
-
-def bench_graph(fn, grad_to_none=None) -> float:
-    """do_bench_cudagraph median (the calls replayed from a CUDA graph: no CPU overhead). Warm first."""
-    import triton
-    try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=20, grad_to_none=grad_to_none, return_mode="median"))
-    except TypeError:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=20, grad_to_none=grad_to_none, quantiles=[0.5]))
+    return _bench(fn, grad_to_none=grad_to_none, warmup=5, rep=30)
 
 
 def rel(a, b) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def make_inputs(seed=0):
-    """ViT-H inputs: ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
-    g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(B, NC, E, generator=g).cuda().bfloat16().requires_grad_()
-    w = (torch.randn(D, E, generator=g) / E ** 0.5).cuda().requires_grad_()
-    b = (0.1 * torch.randn(D, generator=g)).cuda().requires_grad_()
-    pos = torch.randn(P, D, generator=g).cuda()
-    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).cuda()
-    tgt = [torch.randint(0, P, (B, NT), generator=g).cuda() for _ in range(NPRED)]
-    return ctx, ctx_idx, tgt, w, b, pos
 
 
 def work(bwd: bool):
@@ -124,25 +88,8 @@ def work(bwd: bool):
 
 
 # ------------------------------------------------------------------------------------------
-# the contenders
+# the contenders (official, fused, fused_trusted: benchmarks/_official_stop.py)
 # ------------------------------------------------------------------------------------------
-def official(ctx, ctx_idx, tgt, w, b, pos):
-    """Unfused path of the official code (benchmarks/_official_stop.py): randn noise, Linear, gather, repeat, cat."""
-    return official_predictor_input(ctx, ctx_idx, tgt, w, b, pos, SIGMA)
-
-
-def fused(ctx, ctx_idx, tgt, w, b, pos):
-    from stop_kernels.ops.predictor_input import assemble_predictor_input
-    return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="learned", noise_std=SIGMA,
-                                    backend="triton")
-
-
-def fused_trusted(ctx, ctx_idx, tgt, w, b, pos):
-    from stop_kernels import trusted_device_indices
-    with trusted_device_indices():
-        return fused(ctx, ctx_idx, tgt, w, b, pos)
-
-
 def make_fused_op(ctx_idx, tgt):
     """The registered op alone (no argument checks; the seed tensor drawn once)."""
     import stop_kernels.ops.predictor_input  # noqa: F401  (registers the op)
@@ -165,14 +112,7 @@ def autocast(fn):
 # ------------------------------------------------------------------------------------------
 @section("environment")
 def env():
-    import triton
-    p = torch.cuda.get_device_properties(0)
-    info = {"gpu": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version()}
-    RESULTS["env"] = info
-    for k, v in info.items():
-        print(f"{k}: {v}")
+    record_env(RESULTS)
 
 
 def _check(name, value, tol):

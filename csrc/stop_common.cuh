@@ -1,6 +1,6 @@
 // Shared by the StoP CUDA kernels (stop_embed.cu: forward + noise, stop_embed_bwd.cu: backward):
 // operand policies (bf16 / fp16 / 3xTF32 WMMA), 16-byte memory helpers, cp.async wrappers, the
-// warp-level tile MMA, and small host-side checks.
+// warp-level tile MMA, the Philox noise tile (make_noise_tile), and small host-side checks.
 //
 // Tensor cores through WMMA (sm_80+): bf16 / fp16 operands with fp32 accumulation; fp32 inputs use
 // 3xTF32 (a = a_hi + a_lo, a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi), which keeps ~fp32 accuracy.
@@ -224,6 +224,30 @@ __device__ __forceinline__ void warp_tile_mma(typename Op::Acc (&acc)[FM][FN], c
     }
   }
 #endif
+}
+
+// The noise tile shared by the forward (stop_embed.cu, A operand) and the dW backward
+// (stop_embed_bwd.cu, B operand): ROWS rows from row0 and BQ quarter columns from q0 into s,
+// s[m * ld + c * BQ + j] = n[row0 + m, c·E4 + q0 + j] for quarter c = 0..3, one Philox call per (m, j)
+// giving the four quarters (zero for rows >= r_end, quarter columns >= E4 and columns >= E).
+template <class Op, int ROWS, int BQ>
+__device__ __forceinline__ void make_noise_tile(typename Op::T* s, int ld, int64_t row0, int64_t r_end, int q0,
+                                                int E, int E4, uint32_t k0, uint32_t k1, float sigma) {
+  constexpr int CALLS = ROWS * BQ;
+#pragma unroll
+  for (int t = threadIdx.x; t < CALLS; t += kThreads) {
+    const int j = t % BQ;
+    const int m = t / BQ;
+    const int64_t r = row0 + m;
+    const int q = q0 + j;
+    float n[4] = {0.f, 0.f, 0.f, 0.f};
+    if (r < r_end && q < E4) stop_noise4(static_cast<uint32_t>(r), static_cast<uint32_t>(q), k0, k1, sigma, n);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float v = (c * E4 + q < E) ? n[c] : 0.f;
+      s[m * ld + c * BQ + j] = Op::from_float(v);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -86,28 +86,6 @@ __device__ __forceinline__ void fwd_load_weight(typename Op::T* sB, const typena
   }
 }
 
-// Generate the noise tile of K step (q0) into sA: sA[m][s·BKQ + j] = n[row0 + m, s·E4 + q0 + j],
-// one Philox call per (m, j) giving the four quarters s = 0..3 (zero outside the matrix).
-template <class Op>
-__device__ __forceinline__ void fwd_make_noise(typename Op::T* sA, int LD, int64_t row0, int64_t R, int q0, int E,
-                                               int E4, uint32_t k0, uint32_t k1, float sigma) {
-  constexpr int CALLS = kFwdBM * kFwdBKQ;
-#pragma unroll
-  for (int t = threadIdx.x; t < CALLS; t += kThreads) {
-    const int j = t % kFwdBKQ;
-    const int m = t / kFwdBKQ;
-    const int64_t r = row0 + m;
-    const int q = q0 + j;
-    float n[4] = {0.f, 0.f, 0.f, 0.f};
-    if (r < R && q < E4) stop_noise4(static_cast<uint32_t>(r), static_cast<uint32_t>(q), k0, k1, sigma, n);
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const float v = (s * E4 + q < E) ? n[s] : 0.f;
-      sA[m * LD + s * kFwdBKQ + j] = Op::from_float(v);
-    }
-  }
-}
-
 template <class Op, int FN>
 __global__ void __launch_bounds__(kThreads, 1)
 stop_embed_fwd_kernel(const typename Op::T* __restrict__ pos,     // [P, D]
@@ -154,8 +132,9 @@ stop_embed_fwd_kernel(const typename Op::T* __restrict__ pos,     // [P, D]
       fwd_load_weight<Op, FN>((it & 1) ? sB0 : sB1, W, n0, (it + 1) * kFwdBKQ, D, E, E4, vec_w);
       cp_async_commit();
     }
-    // (2) generate this step's noise tile in registers and store it (as MMA operands) to sA
-    fwd_make_noise<Op>(sA, LD, row0, R, it * kFwdBKQ, E, E4, k0, k1, sigma);
+    // (2) generate this step's noise tile in registers and store it (as MMA operands) to sA:
+    //     sA[m][s·BKQ + j] = n[row0 + m, s·E4 + q0 + j] (make_noise_tile, stop_common.cuh)
+    make_noise_tile<Op, kFwdBM, kFwdBKQ>(sA, LD, row0, R, it * kFwdBKQ, E, E4, k0, k1, sigma);
     // (3) wait for this step's weight tile, make sA / sB visible to all warps
     if (it + 1 < steps) cp_async_wait<1>(); else cp_async_wait<0>();
     __syncthreads();

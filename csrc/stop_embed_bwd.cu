@@ -66,27 +66,6 @@ __device__ __forceinline__ void bwd_load_grad(typename Op::T* sG, const typename
   }
 }
 
-// Noise tile of rows [r0, r0 + BR) and quarter columns [q0, q0 + BQ): sN[rr][s·BQ + j].
-template <class Op>
-__device__ __forceinline__ void bwd_make_noise(typename Op::T* sN, int LDN, int64_t r0, int64_t r_end, int q0, int E,
-                                               int E4, uint32_t k0, uint32_t k1, float sigma) {
-  constexpr int CALLS = kBwdBR * kBwdBQ;
-#pragma unroll
-  for (int t = threadIdx.x; t < CALLS; t += kThreads) {
-    const int j = t % kBwdBQ;
-    const int rr = t / kBwdBQ;
-    const int64_t r = r0 + rr;
-    const int q = q0 + j;
-    float n[4] = {0.f, 0.f, 0.f, 0.f};
-    if (r < r_end && q < E4) stop_noise4(static_cast<uint32_t>(r), static_cast<uint32_t>(q), k0, k1, sigma, n);
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const float v = (s * E4 + q < E) ? n[s] : 0.f;
-      sN[rr * LDN + s * kBwdBQ + j] = Op::from_float(v);
-    }
-  }
-}
-
 template <class Op, int FM>
 __global__ void __launch_bounds__(kThreads, 1)
 stop_embed_dw_kernel(const typename Op::T* __restrict__ g,  // [R, D]
@@ -133,8 +112,9 @@ stop_embed_dw_kernel(const typename Op::T* __restrict__ g,  // [R, D]
       bwd_load_grad<Op, FM>((it & 1) ? sG0 : sG1, g, r0 + kBwdBR, r_end, d0, D, vec_g);
       cp_async_commit();
     }
-    // (2) regenerate the noise tile of these rows / quarter columns into sN
-    bwd_make_noise<Op>(sN, LDN, r0, r_end, q0, E, E4, k0, k1, sigma);
+    // (2) regenerate the noise tile of these rows / quarter columns into sN:
+    //     sN[rr][s·BQ + j] = n[r0 + rr, s·E4 + q0 + j] (make_noise_tile, stop_common.cuh)
+    make_noise_tile<Op, kBwdBR, kBwdBQ>(sN, LDN, r0, r_end, q0, E, E4, k0, k1, sigma);
     // (3) wait for this step's gradient tile; make sG / sN visible
     if (it + 1 < steps) cp_async_wait<1>(); else cp_async_wait<0>();
     __syncthreads();

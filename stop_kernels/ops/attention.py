@@ -111,6 +111,34 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _bwd_p(a, bt, lse2, row_ok, col_ok, scale_log2,
+           TRANS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Backward stage shared by the three backward kernels: recompute the probabilities of a tile,
+    P = exp2(scale·log2e · a btᵀ − lse·log2e) with ``lse2`` = lse·log2e, zero outside
+    ``row_ok × col_ok``. TRANS=False: P, queries as rows (a = Q, bt = Kᵀ, lse2 per row);
+    TRANS=True: Pᵀ, keys as rows (a = K, bt = Qᵀ, lse2 per column)."""
+    s = _dot(a, bt, PREC, UPCAST) * scale_log2
+    if TRANS:
+        p = tl.math.exp2(s - lse2[None, :])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+    return tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+
+
+@triton.jit
+def _bwd_ds(p, a, bt, delta, like, TRANS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The other shared backward stage: dS = P ∘ (dO Vᵀ − δ) (TRANS=False: a = dO, bt = Vᵀ, δ per
+    row) or dSᵀ = Pᵀ ∘ (V dOᵀ − δ) (TRANS=True: a = V, bt = dOᵀ, δ per column), in the dtype of
+    ``like`` (the Q operand) for the next dot."""
+    dp = _dot(a, bt, PREC, UPCAST)
+    if TRANS:
+        ds = (p * (dp - delta[None, :])).to(like.dtype)
+    else:
+        ds = (p * (dp - delta[:, None])).to(like.dtype)
+    return ds
+
+
+@triton.jit
 def _seq_bounds(CU, b, NT, H, VARLEN: tl.constexpr):
     """Sequence ``b``: (start, seqlen, orow0, lbase).
 
@@ -133,6 +161,42 @@ def _seq_bounds(CU, b, NT, H, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _unaligned_strides(sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN: tl.constexpr):
+    """The q/k/v (batch, token, head) strides, which arrive divided by ALIGN (see the forward)."""
+    return (sqb * ALIGN, sqn * ALIGN, sqh * ALIGN, skb * ALIGN, skn * ALIGN, skh * ALIGN,
+            svb * ALIGN, svn * ALIGN, svh * ALIGN)
+
+
+@triton.jit
+def _bwd_program(CU, NT, H, NUM_BLOCKS, VARLEN: tl.constexpr):
+    """Stage 0 of the two general backward kernels: the (head, block, sequence) of this program,
+    head index fastest, and the sequence's bounds (see _seq_bounds): (h, blk, b, start, seqlen,
+    orow0, lbase); blk is the query block (dQ launch) or the key block (dK/dV launch)."""
+    pid = tl.program_id(0)
+    h = pid % H
+    rest = pid // H
+    blk = rest % NUM_BLOCKS
+    b = (rest // NUM_BLOCKS).to(tl.int64)
+    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
+    return h, blk, b, start, seqlen, orow0, lbase
+
+
+@triton.jit
+def _bwd_tile(blk, start, seqlen, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    """The tile offsets of the two general backward kernels: this program's block ``blk`` of
+    BLOCK_OWN rows (queries for dQ, keys for dK/dV), the BLOCK_OTHER rows walked in the loop and the
+    head-dim columns: (offs_own, offs_other, offs_d, own_ok, d_ok, rows_own)."""
+    offs_own = blk * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    offs_other = tl.arange(0, BLOCK_OTHER)
+    offs_d = tl.arange(0, BLOCK_D)
+    own_ok = offs_own < seqlen
+    d_ok = offs_d < HEAD_DIM
+    rows_own = (start + offs_own).to(tl.int64)
+    return offs_own, offs_other, offs_d, own_ok, d_ok, rows_own
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -149,9 +213,8 @@ def _attn_fwd_kernel(
     LSE [B, H, N] / [H, T]: their strides follow from H, HEAD_DIM and NT (no arguments).
     """
     # stage 0: which (head group, query block, sequence) this program owns; head group fastest.
-    sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
-    skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
-    svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
+        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     pid = tl.program_id(0)
     n_groups = H // HEADS
@@ -223,9 +286,8 @@ def _attn_bwd_fused_kernel(
     arrive divided by ALIGN as in the forward.
     """
     # stage 0: (head, sequence) of this program, head index fastest.
-    sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
-    skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
-    svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
+        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     scale_log2 = scale * 1.4426950408889634
     pid = tl.program_id(0)
@@ -263,12 +325,9 @@ def _attn_bwd_fused_kernel(
         nd_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :], mask=nd_mask, other=0.0)
         v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :], mask=nd_mask, other=0.0)
-        st = _dot(k, tl.trans(q), PREC, UPCAST) * scale_log2
-        pt = tl.math.exp2(st - lse2[None, :])
-        pt = tl.where(n_ok[:, None] & q_ok[None, :], pt, 0.0)
+        pt = _bwd_p(k, tl.trans(q), lse2, n_ok, q_ok, scale_log2, True, PREC, UPCAST)
         dv = _dot(pt.to(do.dtype), do, PREC, UPCAST)
-        dpt = _dot(v, tl.trans(do), PREC, UPCAST)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dst = _bwd_ds(pt, v, tl.trans(do), delta, q, True, PREC, UPCAST)
         dk = _dot(dst, q, PREC, UPCAST) * scale
         dq += _dot(tl.trans(dst), k, PREC, UPCAST)
         g_ptrs = (orow0 + cols).to(tl.int64)[:, None] * so + h * HEAD_DIM + offs_d[None, :]
@@ -289,25 +348,14 @@ def _attn_bwd_dq_kernel(
 ):
     """δ and dQ for one query block of one head (general backward, first launch)."""
     # stage 0: (head, query block, sequence), head fastest; strides arrive divided by ALIGN.
-    sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
-    skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
-    svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
+        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     scale_log2 = scale * 1.4426950408889634
-    pid = tl.program_id(0)
-    h = pid % H
-    rest = pid // H
-    mb = rest % NUM_M
-    b = (rest // NUM_M).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
+    h, mb, b, start, seqlen, orow0, lbase = _bwd_program(CU, NT, H, NUM_M, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < seqlen
-    d_ok = offs_d < HEAD_DIM
-    rows_m = (start + offs_m).to(tl.int64)
+    offs_m, offs_n, offs_d, m_ok, d_ok, rows_m = _bwd_tile(mb, start, seqlen, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
     md_mask = m_ok[:, None] & d_ok[None, :]
     g_m = (orow0 + offs_m).to(tl.int64)[:, None] * so + h * HEAD_DIM + offs_d[None, :]
     l_m = lbase + h * NT + offs_m
@@ -333,11 +381,8 @@ def _attn_bwd_dq_kernel(
         dn_mask = d_ok[:, None] & n_ok[None, :]
         kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=dn_mask, other=0.0)
         vt = tl.load(v_base + rows_n[None, :] * svn + offs_d[:, None], mask=dn_mask, other=0.0)
-        s = _dot(q, kt, PREC, UPCAST) * scale_log2
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dp = _dot(do, vt, PREC, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        p = _bwd_p(q, kt, lse2, m_ok, n_ok, scale_log2, False, PREC, UPCAST)
+        ds = _bwd_ds(p, do, vt, delta, q, False, PREC, UPCAST)
         dq += _dot(ds, tl.trans(kt), PREC, UPCAST)
 
     # stage 3: store dQ [BLOCK_M, HEAD_DIM].
@@ -354,25 +399,14 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dK, dV for one key block of one head (general backward, second launch; reads δ)."""
     # stage 0: (head, key block, sequence), head fastest; strides arrive divided by ALIGN.
-    sqb, sqn, sqh = sqb * ALIGN, sqn * ALIGN, sqh * ALIGN
-    skb, skn, skh = skb * ALIGN, skn * ALIGN, skh * ALIGN
-    svb, svn, svh = svb * ALIGN, svn * ALIGN, svh * ALIGN
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
+        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     scale_log2 = scale * 1.4426950408889634
-    pid = tl.program_id(0)
-    h = pid % H
-    rest = pid // H
-    nb = rest % NUM_N
-    b = (rest // NUM_N).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
+    h, nb, b, start, seqlen, orow0, lbase = _bwd_program(CU, NT, H, NUM_N, VARLEN)
     if nb * BLOCK_N >= seqlen:
         return
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < seqlen
-    d_ok = offs_d < HEAD_DIM
-    rows_n = (start + offs_n).to(tl.int64)
+    offs_n, offs_m, offs_d, n_ok, d_ok, rows_n = _bwd_tile(nb, start, seqlen, BLOCK_N, BLOCK_M, BLOCK_D, HEAD_DIM)
     nd_mask = n_ok[:, None] & d_ok[None, :]
 
     # stage 1: load this block's K, V [BLOCK_N, BLOCK_D].
@@ -395,12 +429,9 @@ def _attn_bwd_dkdv_kernel(
         dot_ = tl.load(do_base + rows.to(tl.int64)[None, :] * so + offs_d[:, None], mask=dm_mask, other=0.0)
         lse2 = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-        st = _dot(k, qt, PREC, UPCAST) * scale_log2
-        pt = tl.math.exp2(st - lse2[None, :])
-        pt = tl.where(n_ok[:, None] & m_ok[None, :], pt, 0.0)
+        pt = _bwd_p(k, qt, lse2, n_ok, m_ok, scale_log2, True, PREC, UPCAST)
         dv += _dot(pt.to(dot_.dtype), tl.trans(dot_), PREC, UPCAST)
-        dpt = _dot(v, dot_, PREC, UPCAST)
-        dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+        dst = _bwd_ds(pt, v, dot_, delta, qt, True, PREC, UPCAST)
         dk += _dot(dst, tl.trans(qt), PREC, UPCAST)
 
     # stage 3: store dK = s·Σ dSᵀ Q and dV [BLOCK_N, HEAD_DIM].

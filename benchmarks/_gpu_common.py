@@ -1,0 +1,90 @@
+"""Harness shared by the one-shot GPU scripts (benchmarks/gpu_attention.py, gpu_stop_embed.py) and
+the attention benchmarks: the section decorator, the environment record, the do_bench /
+do_bench_cudagraph wrappers and the forced-backend SDPA wrapper.
+
+Each script keeps its own start time and RESULTS dict and binds them with :func:`make_section`.
+"""
+from __future__ import annotations
+
+import platform
+import traceback
+from typing import Callable
+
+import torch
+
+
+def make_section(results: dict, elapsed: Callable[[], float]):
+    """The ``@section(name)`` decorator of a script: prints a header with ``elapsed()``, runs the
+    function, and on an exception prints the traceback, appends it to ``results["errors"]`` and
+    returns None (so the script goes on with the next section)."""
+    def section(name):
+        def deco(fn):
+            def run(*a, **kw):
+                print(f"\n=== {name} (t = {elapsed():.0f}s) ===", flush=True)
+                try:
+                    return fn(*a, **kw)
+                except Exception:
+                    tb = traceback.format_exc()
+                    print(tb, flush=True)
+                    results["errors"].append({"section": name, "traceback": tb})
+            return run
+        return deco
+    return section
+
+
+def record_env(results: dict, cudnn: bool = False, xformers: bool = False) -> dict:
+    """GPU name, SM version and count, torch / triton / CUDA (and cuDNN, xformers when asked) and
+    Python versions: stored as ``results["env"]``, printed one per line, returned."""
+    import triton
+    p = torch.cuda.get_device_properties(0)
+    info = {"gpu": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    if cudnn:
+        info["cudnn"] = torch.backends.cudnn.version()
+    info["python"] = platform.python_version()
+    if xformers:
+        try:
+            import xformers as xf
+            info["xformers"] = xf.__version__
+        except Exception as e:
+            info["xformers"] = f"not importable ({type(e).__name__})"
+    results["env"] = info
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    return info
+
+
+def bench(fn, grad_to_none=None, warmup: int = 10, rep: int = 40) -> float:
+    """Eager timing: ``triton.testing.do_bench`` median ms of back-to-back calls (CPU launch cost
+    included where it dominates)."""
+    import triton
+    try:
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                             return_mode="median"))
+    except TypeError:  # older triton: no return_mode
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5]))
+
+
+def bench_graph(fn, rep: int = 20, grad_to_none=None) -> float:
+    """Graph timing: ``triton.testing.do_bench_cudagraph`` median ms per call of ``fn`` captured in a
+    CUDA graph and replayed (GPU time only). do_bench_cudagraph runs ``fn`` eagerly first (tuning,
+    compilation: never inside the capture)."""
+    import triton
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+    except TypeError:  # older triton: no return_mode
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5]))
+
+
+def sdpa_fn(backend_name: str):
+    """``f(q, k, v)`` for ``[B, N, H, Dh]`` inputs: ``F.scaled_dot_product_attention`` on transposed
+    views with one SDPA backend forced: "flash", "efficient", "cudnn" or "math"."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+          "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+
+    def f(q, k, v):
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return f
