@@ -198,8 +198,11 @@ def test_varlen_matches_each_sequence_alone(dtype):
         oi = A.attention(qi, ki, vi)
         gi = torch.autograd.grad(oi, (qi, ki, vi), do[a:b].unsqueeze(0))
         torch.testing.assert_close(o[a:b], oi[0], atol=0, rtol=0, msg=f"sequence {i}: packed != alone")
+        # the interpreter runs the same tiles in the same order either way: bit-identical gradients; on CUDA the
+        # lone sequence may get another launch config (another summation order over key blocks)
+        gtol = 1e-3 if CUDA else 0.0
         for name, x, y in zip(("dq", "dk", "dv"), g, gi):
-            torch.testing.assert_close(x[a:b], y[0], atol=1e-3, rtol=1e-3, msg=f"sequence {i} {name}")
+            torch.testing.assert_close(x[a:b], y[0], atol=gtol, rtol=gtol, msg=f"sequence {i} {name}")
 
 
 def test_varlen_plan_follows_the_number_of_sequences():
@@ -231,15 +234,15 @@ def _t(*shape, dtype=torch.float16, device=DEV):
 
 def test_bad_inputs():
     q = _t(1, 8, 2, 24)
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match="^k:"):
         A.attention(q, _t(1, 9, 2, 24), _t(1, 9, 2, 24))
-    with pytest.raises(ValueError, match="v"):
+    with pytest.raises(ValueError, match="^v:"):
         A.attention(q, _t(1, 8, 2, 24), _t(1, 8, 2, 32))
-    with pytest.raises(TypeError, match="k"):
+    with pytest.raises(TypeError, match="^k:"):
         A.attention(q, _t(1, 8, 2, 24, dtype=torch.bfloat16), _t(1, 8, 2, 24))
-    with pytest.raises(TypeError, match="q"):
+    with pytest.raises(TypeError, match="^q:"):
         A.attention(q.double(), q.double(), q.double())
-    with pytest.raises(TypeError, match="q"):
+    with pytest.raises(TypeError, match="^q:"):
         A.attention(None, q, q)
     with pytest.raises(ValueError, match="head dim"):
         A.attention(_t(1, 8, 2, 20), _t(1, 8, 2, 20), _t(1, 8, 2, 20))  # not a multiple of 8
@@ -254,8 +257,17 @@ def test_bad_inputs():
 @pytest.mark.skipif(not CUDA, reason="needs a second device (CUDA) to mismatch devices")
 def test_bad_devices():
     q = _t(1, 8, 2, 24)
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match="^k:"):
         A.attention(q, q.cpu(), q)
+
+
+def test_bad_devices_meta():
+    """A device mismatch without a second real device: a meta k or v is named."""
+    q = _t(1, 8, 2, 24)
+    with pytest.raises(ValueError, match="^k: expected device"):
+        A.attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="^v: expected device"):
+        A.attention(q, q, q.to("meta"))
 
 
 def test_bad_devices_cpu_kernel_without_interpreter(monkeypatch):
@@ -413,10 +425,14 @@ def test_xformers_backend_error_or_result():
         with pytest.raises(RuntimeError, match="xformers"):
             A.dispatch_attention(q, q, q, backend="xformers")
     else:
+        k, v = _t(1, 8, 2, 32), _t(1, 8, 2, 32)
         try:
-            A.dispatch_attention(q, q, q, backend="xformers")
-        except RuntimeError as e:
+            out = A.dispatch_attention(q, k, v, backend="xformers")
+        except RuntimeError as e:  # installed but its kernels do not run here: a clear error, never a wrong result
             assert "xformers" in str(e)
+        else:
+            ref = reference.attention(q.double(), k.double(), v.double())
+            torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
 # ------------------------------------------------------------------------------------------

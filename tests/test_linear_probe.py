@@ -6,6 +6,7 @@ square), so the classes are linearly separable in pixel space; a randomly initia
 (img 32, patch 8) keeps that information in its pooled features, and the probe must reach ≥ 0.9 top-1.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -191,7 +192,16 @@ def test_logistic_regression_sweep_prefers_regularisation_on_noise():
     x = torch.randn(200, 16, generator=g)
     y = torch.randint(0, 3, (200,), generator=g)
     best, scores = lp.sweep_logistic_regression(x, y, 3, (10.0, 1e-4), max_iter=30, log=lambda *a: None)
-    assert best in (10.0, 1e-4) and all(0 <= v <= 1 for v in scores.values())
+    assert best in (10.0, 1e-4) and set(scores) == {"10.0", "0.0001"}
+    # held-out accuracy is a fraction of the 40 held-out points (20 %) and, on noise, chance level: within
+    # 5 binomial standard errors of 1/3
+    n_held = 40
+    for v in scores.values():
+        assert (v * n_held) == pytest.approx(round(v * n_held)) and abs(v - 1 / 3) <= 5 * math.sqrt(2 / 9 / n_held)
+    # ties go to the larger penalty: the chosen one has the best held-out score
+    assert scores[repr(best)] == max(scores.values())
+    if scores["10.0"] == scores["0.0001"]:
+        assert best == 10.0
     # a separable problem: the fit reaches 100% on the training points
     x = torch.cat([torch.randn(50, 4, generator=g) + 4, torch.randn(50, 4, generator=g) - 4])
     y = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])

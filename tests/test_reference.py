@@ -175,14 +175,14 @@ def _assembly_args(**over):
 ])
 def test_assembly_bad_input(over, exc, name):
     a, kw = _assembly_args(**over)
-    with pytest.raises(exc, match=name):
+    with pytest.raises(exc, match=f"^{name}:"):
         R.assemble_predictor_input(**a, **kw)
 
 
 def test_assembly_device_mismatch():
     a, kw = _assembly_args()
     a["weight"] = a["weight"].to("meta")
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(ValueError, match="^weight:"):
         R.assemble_predictor_input(**a, **kw)
 
 
@@ -198,15 +198,15 @@ def test_stop_embed_bad_input(bad, exc, name):
     a = dict(pos_embed=torch.randn(9, 4), idx=torch.tensor([[0, 8]]), weight=torch.randn(4, 5),
              bias=torch.randn(4), noise=torch.randn(1, 2, 5))
     a.update(bad)
-    with pytest.raises(exc, match=name):
+    with pytest.raises(exc, match=f"^{name}:"):
         R.stop_embed(**a)
 
 
 def test_attention_bad_input():
     q = torch.randn(1, 3, 2, 4)
-    with pytest.raises(ValueError, match="k, v"):
+    with pytest.raises(ValueError, match="^k, v:"):
         R.attention(q, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
-    with pytest.raises(TypeError, match="q"):
+    with pytest.raises(TypeError, match="^q:"):
         R.attention(q.long(), q, q)
 
 

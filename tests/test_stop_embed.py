@@ -296,7 +296,7 @@ def test_bad_inputs_raise_naming_the_argument(case):
     cases, good = _bad_cases()
     change, exc, name = cases[case]
     kw = {**good, **change}
-    with pytest.raises(exc, match=name):
+    with pytest.raises(exc, match=f"^{name}:"):
         stop_embed(kw.pop("pos_embed"), kw.pop("idx"), kw.pop("weight"), kw.pop("bias"), **kw)
 
 
@@ -312,9 +312,14 @@ def test_device_mismatch_and_cuda_generator():
 
 
 def test_device_mismatch_meta():
+    """Device mismatches without a second real device: each meta argument is named."""
     pos, idx, w, b = inputs("cpu", 10, 16, 24, (2, 3))
-    with pytest.raises(ValueError, match="bias"):
+    with pytest.raises(ValueError, match="^bias: expected device"):
         stop_embed(pos, idx, w, b.to("meta"))
+    with pytest.raises(ValueError, match="^idx: expected device"):
+        stop_embed(pos, idx.to("meta"), w, b)
+    with pytest.raises(ValueError, match="^weight: expected device"):
+        stop_embed(pos, idx, w.to("meta"), b)
 
 
 def test_reference_backend_runs_without_triton_and_float64():

@@ -50,7 +50,7 @@ class MultiBlockMaskCollator:
                  min_keep: int = 10, allow_overlap: bool = False, seed: int = 0, truncate: bool = True):
         from ..models.vit import grid_size
 
-        g = grid_size(input_size, patch_size)
+        g = grid_size(input_size, patch_size, name="input_size")
         self.height = self.width = g
         self.patch_size = patch_size
         self.enc_mask_scale = _check_range("enc_mask_scale", enc_mask_scale, 0.0, 1.0)

@@ -50,14 +50,16 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def grid_size(img_size: int, patch_size: int) -> int:
-    """Patches per side; validates that the image size is a positive multiple of the patch size."""
+def grid_size(img_size: int, patch_size: int, *, name: str = "img_size") -> int:
+    """Patches per side; validates that the image size is a positive multiple of the patch size.
+
+    ``name`` is the caller's name of the image-size argument, used in the error messages."""
     if not isinstance(img_size, int) or img_size <= 0:
-        raise ValueError(f"img_size: expected a positive integer, got {img_size!r}")
+        raise ValueError(f"{name}: expected a positive integer, got {img_size!r}")
     if not isinstance(patch_size, int) or patch_size <= 0:
         raise ValueError(f"patch_size: expected a positive integer, got {patch_size!r}")
     if img_size % patch_size:
-        raise ValueError(f"img_size: expected a multiple of patch_size={patch_size}, got {img_size}")
+        raise ValueError(f"{name}: expected a multiple of patch_size={patch_size}, got {img_size}")
     return img_size // patch_size
 
 
