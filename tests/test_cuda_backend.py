@@ -17,11 +17,9 @@ Runs on a CUDA machine with the extension built (otherwise skipped with the reas
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -187,11 +187,13 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
                 "precision": "bf16" if dev.type == "cuda" else "fp32"}
     common = dict(checkpoint=checkpoint, img_size=s.img_size, settings=settings, cache_dir=cache_dir,
                   batch_size=batch_size, device=str(dev), last_k=last_k, workers=workers, progress=verbose)
-    x_tr, y_tr, tr_path, tr_hit = feat.cached_features(lambda: enc, split="train", split_dir=train_dir,
-                                                       samples=train_samples, **common)
-    x_va, y_va, va_path, va_hit = feat.cached_features(lambda: enc, split="val", split_dir=val_dir,
-                                                       samples=val_samples, **common)
+    held = [enc]  # released once both splits have their features (ViT-H weights are large)
     del enc
+    x_tr, y_tr, tr_path, tr_hit = feat.cached_features(lambda: held[0], split="train", split_dir=train_dir,
+                                                       samples=train_samples, **common)
+    x_va, y_va, va_path, va_hit = feat.cached_features(lambda: held[0], split="val", split_dir=val_dir,
+                                                       samples=val_samples, **common)
+    held.clear()
 
     x_tr, y_tr, x_va, y_va = (t.to(dev) for t in (x_tr, y_tr, x_va, y_va))
     C = len(classes)
