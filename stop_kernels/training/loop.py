@@ -30,6 +30,7 @@ from typing import Dict, List, NamedTuple, Optional
 import torch
 import torch.nn as nn
 
+from .. import _checks as chk
 from .. import reference
 from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
@@ -174,8 +175,11 @@ class Trainer:
         tensor still on the device (one asynchronous all-reduce; the caller reads it later).
         """
         _, _, momentum = lr_wd_mom
-        loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast)
-        loss.backward()
+        # the masks were range-checked on the host (check_masks) before they were moved: no device
+        # index check (a host synchronisation each) inside the step
+        with chk.trusted_device_indices():
+            loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast)
+            loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.ema_target, self.ema_online, momentum)
@@ -187,11 +191,25 @@ class Trainer:
         return stats
 
     def to_device(self, imgs, masks_enc, masks_pred):
+        """Range-check the (host) masks, then move the batch to the device without blocking."""
+        check_masks(masks_enc, masks_pred, self.models.encoder.num_patches)
         nb = self.device.type == "cuda"
 
         def move(m):  # a [B, K] tensor, or a ragged list of B 1-D tensors (--packed)
             return [move(t) for t in m] if isinstance(m, (list, tuple)) else m.to(self.device, non_blocking=nb)
         return imgs.to(self.device, non_blocking=nb), move(masks_enc), move(masks_pred)
+
+
+def check_masks(masks_enc, masks_pred, num_patches: int) -> None:
+    """Every mask index lies in ``[0, num_patches)``: checked on the host, where it costs no device sync
+    (:meth:`Trainer.step` then skips the device-side checks)."""
+    for name, masks in (("masks_enc", masks_enc), ("masks_pred", masks_pred)):
+        for m in masks:
+            for t in (m if isinstance(m, (list, tuple)) else [m]):
+                if t.device.type != "cpu":
+                    raise ValueError(f"{name}: expected host (CPU) tensors before the move to the device, "
+                                     f"got {t.device}")
+                chk.index_tensor(name, t, upper=num_patches, what=f"{num_patches} patches")
 
 
 def _print(msg: str, info: D.DistInfo, stream) -> None:
@@ -341,8 +359,10 @@ def synthetic_batches(cfg: TrainConfig, n: int, batch: int, device: torch.device
     imgs = [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device) for _ in range(min(n, 4))]
     out = []
     dummy = [(torch.zeros(()), 0)] * batch
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
     for i in range(n):
         _, me, mp = collator(dummy)
+        check_masks(me, mp, num_patches)
         out.append((imgs[i % len(imgs)], [m.to(device) for m in me], [m.to(device) for m in mp]))
     return out
 
@@ -421,6 +441,6 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     return values
 
 
-__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "build_models", "build_optimizer",
+__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "build_models", "build_optimizer", "check_masks",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]

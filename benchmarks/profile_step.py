@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Where does a training step's time go? Times and profiles ``Trainer.step`` in several set-ups, one process.
+
+Each variant builds the full pipeline (:class:`stop_kernels.training.loop.Trainer`: encoder, StoP
+predictor, target encoder, fused AdamW, EMA) at the given model and batch, runs warm-up steps, times
+``--steps`` steps (wall clock, synchronised at both ends; the host time to *queue* them is reported
+too: when it is close to the wall time the step is host-bound), then profiles ``--profile-steps``
+steps with ``torch.profiler`` and prints the GPU time per step by kernel category and the top kernels
+and host ops.
+
+    python benchmarks/profile_step.py --model vit_h --batch-size 64 --out DIR \
+        --variants fsdp:sharding=full,none:sharding=none,sdpa:sharding=none+attention=sdpa
+
+A variant is ``name:key=value+key=value``; keys: ``sharding`` (full|none), ``attention``
+(auto|triton|sdpa), ``input`` (the predictor input backend: auto|triton|cuda|unfused), ``compile``
+(0|1). Results: ``<out>/profile_step.json`` and a markdown
+table printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from stop_kernels.ops.attention import use_attention_backend  # noqa: E402
+from stop_kernels.training import distributed as D  # noqa: E402
+from stop_kernels.training.config import parse_config  # noqa: E402
+from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
+from stop_kernels.training.metrics import step_flops  # noqa: E402
+
+# kernel name -> category, first match wins
+CATEGORIES = [
+    ("attention", r"attn|flash|fmha|cudnn|sdpa|_fwd_kernel|_bwd_kernel|softmax"),
+    ("stop_input", r"stop_embed|predictor_input|_ctx_|philox"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|sm90_|wgmma|matmul|_mm_"),
+    ("layernorm", r"layer_norm|layernorm|LayerNorm"),
+    ("optimizer", r"adam|Adam|multi_tensor|foreach"),
+    ("nccl", r"nccl"),
+    ("copy_cast", r"copy|Copy|cat|index|gather|scatter|Memcpy|Memset|to_copy|chunk|split"),
+    ("elementwise", r"elementwise|vectorized|reduce|gelu|Gelu|triton_"),
+]
+
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name):
+            return cat
+    return "other"
+
+
+def parse_variant(spec: str) -> dict:
+    name, _, body = spec.partition(":")
+    v = {"name": name, "sharding": "full", "attention": "auto", "input": "auto", "compile": "0"}
+    for kv in filter(None, body.split("+")):
+        k, _, val = kv.partition("=")
+        if k not in v or k == "name":
+            raise ValueError(f"--variants: unknown key {k!r} in {spec!r}")
+        v[k] = val
+    return v
+
+
+def device_time(evt) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        t = getattr(evt, attr, None)
+        if t is not None:
+            return float(t)
+    return 0.0
+
+
+def _cuda(info) -> bool:
+    return info.device.type == "cuda"
+
+
+def _sync(info) -> None:
+    if _cuda(info):
+        torch.cuda.synchronize()
+
+
+def run_variant(v: dict, args, info) -> dict:
+    cfg = parse_config(["--model", args.model, "--batch-size", str(args.batch_size), "--sharding", v["sharding"],
+                        "--out", os.path.join(args.out, "run_" + v["name"])] + args.extra.split()
+                       + (["--compile"] if v["compile"] == "1" else []))
+    cuda = _cuda(info)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    t_build = time.perf_counter()
+    tr = Trainer(cfg, info, None, sys.stderr)
+    tr.models.predictor.input_backend = v["input"]
+    build_s = time.perf_counter() - t_build
+    n_all = args.warmup + args.steps + args.profile_steps
+    batches = synthetic_batches(cfg, n_all, cfg.batch_size, info.device, cfg.seed)
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+    res = {**v, "build_s": round(build_s, 1)}
+    with use_attention_backend(v["attention"]):
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            tr.step(*batches[i], sched)
+        _sync(info)
+        res["warmup_s"] = round(time.perf_counter() - t0, 1)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        flops = 0.0
+        for i in range(args.warmup, args.warmup + args.steps):
+            imgs, me, mp = batches[i]
+            tr.step(imgs, me, mp, sched)
+            flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
+        t_queued = time.perf_counter() - t0
+        _sync(info)
+        dt = time.perf_counter() - t0
+        res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
+                   images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
+                   peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)
+        if args.profile_steps:
+            from torch.profiler import ProfilerActivity, profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts) as prof:
+                for i in range(args.warmup + args.steps, n_all):
+                    tr.step(*batches[i], sched)
+                _sync(info)
+            cats, kernels, host = {}, [], []
+            for e in prof.key_averages():
+                t = device_time(e) / 1e3 / args.profile_steps  # ms per step
+                if t > 0:
+                    c = category(e.key)
+                    cats[c] = cats.get(c, 0.0) + t
+                    kernels.append((t, e.count // args.profile_steps, c, e.key[:110]))
+                host.append((e.self_cpu_time_total / 1e3 / args.profile_steps, e.count // args.profile_steps, e.key[:90]))
+            kernels.sort(reverse=True)
+            host.sort(reverse=True)
+            res["gpu_ms_per_step"] = round(sum(cats.values()), 2)
+            res["categories_ms"] = {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])}
+            res["top_kernels"] = [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]]
+            res["top_host_ops"] = [[round(t, 3), n, k] for t, n, k in host[:args.top]]
+    if v["compile"] == "1":
+        from torch._dynamo.utils import counters
+        res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
+    del tr, batches
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_h")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--variants", default="fsdp:sharding=full,none:sharding=none")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--top", type=int, default=14)
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
+    p.add_argument("--out", default="/tmp/profile_step")
+    p.add_argument("--extra", default="", help="more train.py flags for every variant, e.g. '--img-size 64'")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step: no CUDA GPU: a CPU smoke run (timings say nothing about the GPU)", file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    variants = [parse_variant(s) for s in args.variants.split(",")]
+    # one process group for every variant (a one-rank group serves FSDP2 and the unsharded runs alike)
+    cfg0 = parse_config(["--model", args.model, "--sharding", "full"] + args.extra.split())
+    info = D.init_distributed(cfg0)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results, t_start = [], time.perf_counter()
+    for v in variants:
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"[skip {v['name']}: budget]", flush=True)
+            continue
+        try:
+            r = run_variant(v, args, info)
+        except Exception as e:  # keep the other variants' numbers
+            r = {**v, "error": f"{type(e).__name__}: {e}"[:500]}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        with open(os.path.join(args.out, "profile_step.json"), "w") as fh:
+            json.dump({"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
+                       "results": results}, fh, indent=1)
+    for r in results:
+        if "top_kernels" in r:
+            print(f"\n--- {r['name']}: top kernels (ms/step, calls/step, category)")
+            for t, n, c, k in r["top_kernels"]:
+                print(f"{t:8.3f} {n:5d} {c:11s} {k}")
+            print(f"--- {r['name']}: top host ops (self CPU ms/step)")
+            for t, n, k in r["top_host_ops"][:8]:
+                print(f"{t:8.3f} {n:5d} {k}")
+    cats = sorted({c for r in results for c in r.get("categories_ms", {})})
+    print(f"\n{gpu}, {args.model}, batch {args.batch_size}")
+    print("| variant | ms/step | host ms | img/s | TFLOP/s | peak GiB | GPU ms | " + " | ".join(cats) + " |")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | error: {r['error'][:150]} |")
+            continue
+        c = r.get("categories_ms", {})
+        print(f"| {r['name']} | {r['ms_per_step']} | {r['host_ms_per_step']} | {r['images_per_s']} | {r['tflops']} | "
+              f"{r['peak_gib']} | {r.get('gpu_ms_per_step', '')} | " + " | ".join(str(c.get(k, 0)) for k in cats) + " |")
+    D.shutdown(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
