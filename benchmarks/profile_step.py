@@ -67,14 +67,6 @@ def parse_variant(spec: str) -> dict:
     return v
 
 
-def device_time(evt) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        t = getattr(evt, attr, None)
-        if t is not None:
-            return float(t)
-    return 0.0
-
-
 def _cuda(info) -> bool:
     return info.device.type == "cuda"
 
@@ -128,13 +120,20 @@ def run_variant(v: dict, args, info) -> dict:
                 for i in range(args.warmup + args.steps, n_all):
                     tr.step(*batches[i], sched)
                 _sync(info)
-            cats, kernels, host = {}, [], []
+            # GPU time: the kernel (device) events themselves, grouped by name (an op's "device time"
+            # would count its kernels a second time)
+            cats, per_kernel, host = {}, {}, []
+            for e in prof.events():
+                if e.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                t, n = per_kernel.get(e.name, (0.0, 0))
+                per_kernel[e.name] = (t + e.time_range.elapsed_us() / 1e3 / args.profile_steps, n + 1)
+            kernels = []
+            for name, (t, n) in per_kernel.items():
+                c = category(name)
+                cats[c] = cats.get(c, 0.0) + t
+                kernels.append((t, n // args.profile_steps, c, name[:110]))
             for e in prof.key_averages():
-                t = device_time(e) / 1e3 / args.profile_steps  # ms per step
-                if t > 0:
-                    c = category(e.key)
-                    cats[c] = cats.get(c, 0.0) + t
-                    kernels.append((t, e.count // args.profile_steps, c, e.key[:110]))
                 host.append((e.self_cpu_time_total / 1e3 / args.profile_steps, e.count // args.profile_steps, e.key[:90]))
             kernels.sort(reverse=True)
             host.sort(reverse=True)

@@ -85,7 +85,7 @@ class TrainConfig:
     ema_start: float = 0.996
     ema_end: float = 1.0
     # ---- parallelism and speed --------------------------------------------------------------
-    sharding: str = "auto"             # auto (full under torchrun, none otherwise) | full | hybrid | none
+    sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
     packed: bool = False               # keep every masked patch: ragged masks + packed (varlen) attention

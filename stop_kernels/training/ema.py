@@ -1,7 +1,8 @@
 """Exponential moving average of the context encoder into the target encoder.
 
-``t ← m·t + (1 − m)·o`` for every parameter pair, as two foreach kernels over all tensors (one
-multi-tensor launch each instead of two launches per parameter). Under FSDP2 the parameters are
+``t ← m·t + (1 − m)·o`` for every parameter pair, written as ``t ← t + (1 − m)·(o − t)``: one foreach
+lerp over all tensors (one pass reading t and o and writing t — 12 bytes per fp32 parameter, instead of
+20 for a multiply then an add — and a few multi-tensor launches instead of two launches per parameter). Under FSDP2 the parameters are
 DTensors sharded identically for both encoders, so the update runs on the local shards with no
 communication.
 """
@@ -23,12 +24,11 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ema_update(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], momentum: float) -> None:
-    """``t ← m·t + (1 − m)·o`` for every pair, in two foreach kernels (works on local FSDP shards)."""
+    """``t ← m·t + (1 − m)·o`` for every pair, as one foreach lerp (works on local FSDP shards)."""
     t: List[torch.Tensor] = [_local(p) for p in target]
     o: List[torch.Tensor] = [_local(p) for p in online]
     if len(t) != len(o):
         raise ValueError(f"target: expected as many tensors as online ({len(o)}), got {len(t)}")
     if not t:
         return
-    torch._foreach_mul_(t, momentum)
-    torch._foreach_add_(t, o, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t, o, 1.0 - momentum)
