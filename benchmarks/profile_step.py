@@ -11,7 +11,8 @@ and host ops.
     python benchmarks/profile_step.py --model vit_h --batch-size 64 --out DIR \
         --variants fsdp:sharding=full,none:sharding=none,sdpa:sharding=none+attention=sdpa
 
-A variant is ``name:key=value+key=value``; keys: ``sharding`` (full|none), ``attention``
+A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; auto = none on one
+GPU), ``attention``
 (auto|triton|sdpa), ``input`` (the predictor input backend: auto|triton|cuda|unfused), ``compile``
 (0|1). Results: ``<out>/profile_step.json`` and a markdown
 table printed last.
@@ -30,7 +31,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stop_kernels.ops.attention import use_attention_backend  # noqa: E402
 from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import parse_config  # noqa: E402
 from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
@@ -56,9 +56,14 @@ def category(name: str) -> str:
     return "other"
 
 
+def _annotation(name: str) -> bool:
+    """GPU-timeline ranges of host annotations (optimizer step, compiled-graph calls): not kernels."""
+    return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))
+
+
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
-    v = {"name": name, "sharding": "full", "attention": "auto", "input": "auto", "compile": "0"}
+    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0"}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -78,6 +83,7 @@ def _sync(info) -> None:
 
 def run_variant(v: dict, args, info) -> dict:
     cfg = parse_config(["--model", args.model, "--batch-size", str(args.batch_size), "--sharding", v["sharding"],
+                        "--attention", v["attention"],
                         "--out", os.path.join(args.out, "run_" + v["name"])] + args.extra.split()
                        + (["--compile"] if v["compile"] == "1" else []))
     cuda = _cuda(info)
@@ -89,58 +95,62 @@ def run_variant(v: dict, args, info) -> dict:
     tr = Trainer(cfg, info, None, sys.stderr)
     tr.models.predictor.input_backend = v["input"]
     build_s = time.perf_counter() - t_build
+    # a pool of mask batches cycled through, each seen in the warm-up: the timed steps measure the
+    # steady state (no first-time Triton JIT or torch.compile cost), as train.py --benchmark does
+    pool = max(1, args.mask_batches)
+    args.warmup = max(args.warmup, pool)
     n_all = args.warmup + args.steps + args.profile_steps
-    batches = synthetic_batches(cfg, n_all, cfg.batch_size, info.device, cfg.seed)
+    batches = synthetic_batches(cfg, pool, cfg.batch_size, info.device, cfg.seed)
+    batches = [batches[i % pool] for i in range(n_all)]
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
     res = {**v, "build_s": round(build_s, 1)}
-    with use_attention_backend(v["attention"]):
-        t0 = time.perf_counter()
-        for i in range(args.warmup):
-            tr.step(*batches[i], sched)
-        _sync(info)
-        res["warmup_s"] = round(time.perf_counter() - t0, 1)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        flops = 0.0
-        for i in range(args.warmup, args.warmup + args.steps):
-            imgs, me, mp = batches[i]
-            tr.step(imgs, me, mp, sched)
-            flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
-        t_queued = time.perf_counter() - t0
-        _sync(info)
-        dt = time.perf_counter() - t0
-        res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
-                   images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
-                   peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)
-        if args.profile_steps:
-            from torch.profiler import ProfilerActivity, profile
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=acts) as prof:
-                for i in range(args.warmup + args.steps, n_all):
-                    tr.step(*batches[i], sched)
-                _sync(info)
-            # GPU time: the kernel (device) events themselves, grouped by name (an op's "device time"
-            # would count its kernels a second time)
-            cats, per_kernel, host = {}, {}, []
-            for e in prof.events():
-                if e.device_type != torch.autograd.DeviceType.CUDA:
-                    continue
-                t, n = per_kernel.get(e.name, (0.0, 0))
-                per_kernel[e.name] = (t + e.time_range.elapsed_us() / 1e3 / args.profile_steps, n + 1)
-            kernels = []
-            for name, (t, n) in per_kernel.items():
-                c = category(name)
-                cats[c] = cats.get(c, 0.0) + t
-                kernels.append((t, n // args.profile_steps, c, name[:110]))
-            for e in prof.key_averages():
-                host.append((e.self_cpu_time_total / 1e3 / args.profile_steps, e.count // args.profile_steps, e.key[:90]))
-            kernels.sort(reverse=True)
-            host.sort(reverse=True)
-            res["gpu_ms_per_step"] = round(sum(cats.values()), 2)
-            res["categories_ms"] = {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])}
-            res["top_kernels"] = [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]]
-            res["top_host_ops"] = [[round(t, 3), n, k] for t, n, k in host[:args.top]]
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        tr.step(*batches[i], sched)
+    _sync(info)
+    res["warmup_s"] = round(time.perf_counter() - t0, 1)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    flops = 0.0
+    for i in range(args.warmup, args.warmup + args.steps):
+        imgs, me, mp = batches[i]
+        tr.step(imgs, me, mp, sched)
+        flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
+    t_queued = time.perf_counter() - t0
+    _sync(info)
+    dt = time.perf_counter() - t0
+    res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
+               images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
+               peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for i in range(args.warmup + args.steps, n_all):
+                tr.step(*batches[i], sched)
+            _sync(info)
+        # GPU time: the kernel (device) events themselves, grouped by name (an op's "device time"
+        # would count its kernels a second time)
+        cats, per_kernel, host = {}, {}, []
+        for e in prof.events():
+            if e.device_type != torch.autograd.DeviceType.CUDA or _annotation(e.name):
+                continue
+            t, n = per_kernel.get(e.name, (0.0, 0))
+            per_kernel[e.name] = (t + e.time_range.elapsed_us() / 1e3 / args.profile_steps, n + 1)
+        kernels = []
+        for name, (t, n) in per_kernel.items():
+            c = category(name)
+            cats[c] = cats.get(c, 0.0) + t
+            kernels.append((t, n // args.profile_steps, c, name[:110]))
+        for e in prof.key_averages():
+            host.append((e.self_cpu_time_total / 1e3 / args.profile_steps, e.count // args.profile_steps, e.key[:90]))
+        kernels.sort(reverse=True)
+        host.sort(reverse=True)
+        res["gpu_ms_per_step"] = round(sum(cats.values()), 2)
+        res["categories_ms"] = {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])}
+        res["top_kernels"] = [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]]
+        res["top_host_ops"] = [[round(t, 3), n, k] for t, n, k in host[:args.top]]
     if v["compile"] == "1":
         from torch._dynamo.utils import counters
         res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
@@ -156,7 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_h")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--variants", default="fsdp:sharding=full,none:sharding=none")
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps (at least --mask-batches are used)")
+    p.add_argument("--mask-batches", type=int, default=4, help="distinct mask batches cycled through")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--top", type=int, default=14)

@@ -585,3 +585,98 @@ def test_tuning_launch_closures_run(monkeypatch):
     finally:
         A.clear_caches()
     assert "fwd" in calls and "bwd" in calls
+
+
+# ------------------------------------------------------------------------------------------
+# packed QKV: attention_qkv writes the gradient of the [..., 3, H, Dh] buffer directly
+# ------------------------------------------------------------------------------------------
+QKV_CASES = [(24, 116, torch.bfloat16, "fused", False), (24, 150, torch.float16, "split", False),
+             (80, 37, torch.float16, "fused", False), (40, 7, torch.bfloat16, "split", True),
+             (24, 33, torch.float16, "fused", True)]
+
+
+@pytest.mark.parametrize("D,N,dtype,variant,varlen", QKV_CASES,
+                         ids=[f"D{d}-N{n}-{str(t)[6:]}-{v}-{'varlen' if p else 'batched'}"
+                              for d, n, t, v, p in QKV_CASES])
+def test_attention_qkv_vs_float64_and_unpacked(D, N, dtype, variant, varlen):
+    """Forward and d(qkv) against float64, and bit-equal to attention() on the unbound views (the
+    same kernels; only where dq, dk, dv are stored differs), for both backward variants."""
+    torch.manual_seed(31 * D + N)
+    fa, fr, ga, gr = TOL[dtype]
+    if varlen:
+        lens = [N, 3, 1, N + 5]
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEV)
+        qkv = torch.randn(sum(lens), 3, 2, D, device=DEV, dtype=dtype, requires_grad=True)
+    else:
+        cu = None
+        qkv = torch.randn(2 if CUDA else 1, N, 3, 2, D, device=DEV, dtype=dtype, requires_grad=True)
+    cfg = dict(VARIANT=variant, BLOCK_M=32, BLOCK_N=16 if variant == "fused" else 32, num_warps=4, num_stages=1)
+    with A._force_config(bwd=cfg):
+        o = A.attention_qkv(qkv, cu_seqlens=cu)
+        assert type(o.grad_fn).__name__ == "_FlashAttnQKVFnBackward"
+        do = torch.randn_like(o)
+        (g,) = torch.autograd.grad(o, qkv, do)
+        o_u = A.attention(*qkv.unbind(-3), cu_seqlens=cu)
+        (g_u,) = torch.autograd.grad(o_u, qkv, do)
+    assert g.shape == qkv.shape and g.is_contiguous()
+    assert torch.equal(o, o_u) and torch.equal(g, g_u)
+    o_ref, *g_ref = _ref_grads(*qkv.unbind(-3), do, cu_seqlens=cu)
+    _close("o", o, o_ref, fa, fr)
+    for name, gi, r in zip(("dq", "dk", "dv"), g.unbind(-3), g_ref):
+        _close(name, gi, r, ga * max(1.0, r.abs().max().item()), gr)
+
+
+def test_attention_qkv_compiled_and_custom_op_identical():
+    """Under torch.compile the stop_kernels::flash_attn_qkv_* custom ops run: bit-equal to eager."""
+    torch.manual_seed(17)
+    dt = torch.float16 if CUDA else torch.float32
+    qkv = torch.randn(2, 21, 3, 2, 24, device=DEV, dtype=dt, requires_grad=True)
+    do = torch.randn(2, 21, 2, 24, device=DEV, dtype=dt)
+    o_e = A.attention_qkv(qkv)
+    (g_e,) = torch.autograd.grad(o_e, qkv, do)
+    torch._dynamo.reset()
+    cf = torch.compile(A.attention_qkv, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    o_c = cf(qkv)
+    (g_c,) = torch.autograd.grad(o_c, qkv, do)
+    assert torch.equal(o_e, o_c) and torch.equal(g_e, g_c)
+    o_op, _ = torch.ops.stop_kernels.flash_attn_qkv_fwd(qkv, None, 21, 24 ** -0.5)
+    (g_op,) = torch.autograd.grad(o_op, qkv, do)
+    assert torch.equal(o_e, o_op) and torch.equal(g_e, g_op)
+    with torch.no_grad():
+        o_ng = A.attention_qkv(qkv)
+    assert o_ng.grad_fn is None and torch.equal(o_e, o_ng)
+
+
+def test_opcheck_qkv_custom_op():
+    torch.manual_seed(18)
+    qkv = _t(1, 9, 3, 2, 16, dtype=torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.stop_kernels.flash_attn_qkv_fwd.default, (qkv, None, 9, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_attention_qkv_bad_inputs():
+    with pytest.raises(TypeError, match=r"^qkv: expected a torch.Tensor"):
+        A.attention_qkv([1, 2, 3])
+    with pytest.raises(ValueError, match=r"^qkv: expected layout \[B, N, 3, H, Dh\]"):
+        A.attention_qkv(_t(1, 8, 2, 2, 24))  # 2 instead of 3 in the q/k/v slot
+    with pytest.raises(ValueError, match=r"^qkv: expected layout \[T, 3, H, Dh\]"):
+        A.attention_qkv(_t(1, 8, 3, 2, 24), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device=DEV))
+    with pytest.raises(TypeError, match=r"^qkv: expected dtype"):
+        A.attention_qkv(torch.ones(1, 8, 3, 2, 24, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match=r"^qkv: expected layout"):
+        A.dispatch_attention_qkv(_t(8, 3, 2, 24))  # batched call on a varlen-shaped buffer
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+def test_dispatch_attention_qkv_backends(backend):
+    """Every backend of the packed dispatcher agrees with the float64 reference, values and d(qkv)."""
+    torch.manual_seed(19)
+    dt = torch.float16 if CUDA else torch.float32
+    qkv = torch.randn(2, 13, 3, 2, 24, device=DEV, dtype=dt, requires_grad=True)
+    o = A.dispatch_attention_qkv(qkv, backend=backend)
+    do = torch.randn_like(o)
+    (g,) = torch.autograd.grad(o, qkv, do)
+    o_ref, *g_ref = _ref_grads(*qkv.unbind(-3), do)
+    tol = 2e-3 if dt == torch.float16 else 1e-4
+    torch.testing.assert_close(o.double(), o_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(g.double(), torch.stack(g_ref, -3), atol=5 * tol, rtol=5 * tol)

@@ -2,7 +2,7 @@
 
 The module and parameter names follow the official I-JEPA code (``patch_embed.proj``,
 ``blocks.{i}.attn.qkv`` …) so official checkpoints load by name (see :mod:`.official`).
-Attention goes through :func:`stop_kernels.ops.attention.dispatch_attention`, which picks the
+Attention goes through :func:`stop_kernels.ops.attention.dispatch_attention_qkv`, which picks the
 fused Triton kernel on CUDA and SDPA / the reference elsewhere.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .. import _checks as chk
 from .. import reference
-from ..ops.attention import dispatch_attention
+from ..ops.attention import dispatch_attention_qkv
 
 LN_EPS = 1e-6
 INIT_STD = 0.02
@@ -91,7 +91,8 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; q, k, v are strided views of the fused QKV projection."""
+    """Multi-head self-attention over the fused QKV projection's output ``[..., N, 3, H, Dh]`` (no
+    permute or copy; the Triton backend also writes its gradient in that layout)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -105,13 +106,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None) -> torch.Tensor:
-        # [..., N, 3·C] → [..., N, 3, H, Dh]: q, k, v are views, no permute or copy
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.unbind(-3)
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # a view
         if cu_seqlens is None:
-            o = dispatch_attention(q, k, v, scale=self.scale)
+            o = dispatch_attention_qkv(qkv, scale=self.scale)
         else:
-            o = dispatch_attention(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            o = dispatch_attention_qkv(qkv, scale=self.scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.proj(o.flatten(-2))
 
 

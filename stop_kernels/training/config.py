@@ -39,6 +39,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "sharding": ("auto", "full", "hybrid", "none"),
     "ac": ("none", "block"),
+    "attention": ("auto", "triton", "sdpa", "xformers", "reference"),
 }
 
 
@@ -88,6 +89,7 @@ class TrainConfig:
     sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
+    attention: str = "auto"            # attention backend of the models: auto (Triton on CUDA) | triton | sdpa | xformers | reference
     packed: bool = False               # keep every masked patch: ragged masks + packed (varlen) attention
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"               # auto | cpu | cuda
@@ -104,7 +106,8 @@ class TrainConfig:
     peak_tflops: float = 989.0         # per-device peak for MFU (H100/H200 dense bf16)
     # ---- benchmark --------------------------------------------------------------------------
     benchmark: int = 0                 # N > 0: time N steps on synthetic data after warm-up, print one JSON line
-    benchmark_warmup: int = 10         # warm-up steps before timing (compilation, autotuning)
+    benchmark_warmup: int = 10         # warm-up steps before timing (compilation, autotuning); at least one per mask batch
+    benchmark_batches: int = 8         # distinct synthetic mask batches the benchmark cycles through
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,7 +175,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {getattr(cfg, key)!r}")
     positive = ("img_size", "patch_size", "pred_depth", "pred_emb_dim", "synthetic_size", "npred", "batch_size",
-                "epochs", "keep_ckpts", "log_every")
+                "epochs", "keep_ckpts", "log_every", "benchmark_batches")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(cfg, key)!r}")

@@ -35,6 +35,7 @@ from .. import reference
 from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
 from ..models.packing import is_ragged, mean_tokens, packed_targets
+from ..ops.attention import use_attention_backend
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors
 from .config import ConfigError, TrainConfig, validate
@@ -177,7 +178,7 @@ class Trainer:
         _, _, momentum = lr_wd_mom
         # the masks were range-checked on the host (check_masks) before they were moved: no device
         # index check (a host synchronisation each) inside the step
-        with chk.trusted_device_indices():
+        with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention):
             loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast)
             loss.backward()
         self.opt.step()
@@ -351,7 +352,8 @@ def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream) -> None:
 # --benchmark N
 # ----------------------------------------------------------------------------------------------
 def synthetic_batches(cfg: TrainConfig, n: int, batch: int, device: torch.device, seed: int):
-    """``n`` batches of random images (4 distinct tensors, reused) with freshly sampled masks, on ``device``."""
+    """``n`` batches of random images with freshly sampled masks, on ``device`` (4 distinct image
+    tensors and ``n`` mask batches; callers cycle through them)."""
     from ..data.masks import MultiBlockMaskCollator
     collator = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
                                       cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep, seed=seed)
@@ -373,9 +375,15 @@ def _sync(device: torch.device) -> None:
 
 
 def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
-    """``cfg.benchmark`` timed steps after ``cfg.benchmark_warmup`` warm-up steps, on synthetic batches
-    already on the device (the step alone: no data loading). Progress goes to stderr; rank 0 prints
-    one JSON line to stdout and writes it to ``<out>/benchmark.json``."""
+    """``cfg.benchmark`` timed steps after warm-up, on synthetic batches already on the device (the
+    step alone: no data loading). Progress goes to stderr; rank 0 prints one JSON line to stdout and
+    writes it to ``<out>/benchmark.json``.
+
+    It measures the steady state of training: the steps cycle through ``cfg.benchmark_batches``
+    mask batches (their context and target lengths differ, as in training), and the warm-up
+    (``max(benchmark_warmup, benchmark_batches)`` steps) runs each of them at least once, so the
+    timed steps never include a first-time cost — a Triton JIT compile for a new sequence-length
+    bucket, a torch.compile graph — that a long run pays once."""
     stream = sys.stderr
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
@@ -383,11 +391,14 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     local = cfg.batch_size // info.world_size
     tr = Trainer(cfg, info, None, stream)
     torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
-    warm, n = cfg.benchmark_warmup, cfg.benchmark
+    n = cfg.benchmark
+    pool = min(cfg.benchmark_batches, n)
+    warm = max(cfg.benchmark_warmup, pool)
     _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, global batch {cfg.batch_size}, "
-           f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]: "
-           f"{warm} warm-up + {n} timed steps", info, stream)
-    batches = synthetic_batches(cfg, warm + n, local, info.device, cfg.seed + 7919 * info.rank)
+           f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}; attention "
+           f"{cfg.attention}]: {warm} warm-up + {n} timed steps over {pool} mask batches", info, stream)
+    batches = synthetic_batches(cfg, pool, local, info.device, cfg.seed + 7919 * info.rank)
+    batches = [batches[i % pool] for i in range(warm + n)]
     total = warm + n
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
     losses: List[torch.Tensor] = []
@@ -422,7 +433,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     result = {
         "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
         "world_size": info.world_size, "gpu": gpu_name(info.device), "precision": tr.precision,
-        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "steps": n, "warmup": warm,
+        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention,
+        "steps": n, "warmup": warm, "mask_batches": pool,
         "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
         "tflops": round(tflops, 2), "mfu": round(tflops / (cfg.peak_tflops * info.world_size), 4),
         "peak_mem_gib": None if mem is None else round(mem, 2),
