@@ -361,6 +361,7 @@ def test_dispatch_auto_choices(monkeypatch):
 
 def test_auto_policy(monkeypatch):
     """The measured "auto" policy: per mode ("fwd_only" / "train") and optionally per head dim."""
+    assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY == {"compiled": "sdpa"}  # the H200 run-3 measurement
     monkeypatch.setattr(A, "_AUTO_POLICY", {})
     q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32)
     qg = q.clone().requires_grad_()
@@ -382,13 +383,40 @@ def test_auto_policy(monkeypatch):
         A.set_auto_policy({"train": "cudnn"})
     assert A._parse_auto_env("fwd_only=sdpa, train:80=sdpa") == {"fwd_only": "sdpa", ("train", 80): "sdpa"}
     A.set_auto_policy(None)
-    assert A.get_auto_policy() == {}
+    assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
+    A.set_auto_policy({})
+    assert A.get_auto_policy() == {} and A._auto_policy_choice(qg) == "triton"
     if CUDA:
         A.set_auto_policy({"fwd_only": "sdpa"})
         with torch.no_grad():
             assert A._resolve_auto(_t(1, 8, 2, 24)) == "sdpa"
         assert A._resolve_auto(_t(1, 8, 2, 24).requires_grad_()) == "triton"
         A.set_auto_policy(None)
+
+
+def test_auto_policy_compiled_mode(monkeypatch):
+    """Under torch.compile tracing the "compiled" entries decide; outside they are ignored."""
+    monkeypatch.setattr(A, "_AUTO_POLICY", {})
+    A.set_auto_policy({"compiled": "sdpa", ("compiled", 80): "triton", "train": "xformers"})
+    q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32).requires_grad_()
+    q80 = _t(1, 8, 2, 80, device="cpu", dtype=torch.float32).requires_grad_()
+    assert A._auto_policy_choice(q) == "xformers" and A._auto_policy_choice(q80) == "xformers"  # eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert A._auto_policy_choice(q) == "sdpa"       # compiled
+    assert A._auto_policy_choice(q80) == "triton"   # (compiled, 80) override
+    A.set_auto_policy({"train": "sdpa"})              # no compiled entry: the grad mode decides
+    assert A._auto_policy_choice(q) == "sdpa"
+    A.set_auto_policy(None)
+
+
+def test_models_trace_sdpa_under_compile_by_default(monkeypatch):
+    """With the default policy a compiled block resolves "auto" to SDPA on CUDA (measured faster
+    there); eager blocks keep Triton."""
+    monkeypatch.setattr(A, "_AUTO_POLICY", dict(A.DEFAULT_AUTO_POLICY))
+    q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32).requires_grad_()
+    assert A._auto_policy_choice(q) == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert A._auto_policy_choice(q) == "sdpa"
 
 
 def test_dispatch_unsupported_head_dim_falls_back():

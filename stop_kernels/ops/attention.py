@@ -89,6 +89,7 @@ from .. import reference
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "clear_caches",
+           "DEFAULT_AUTO_POLICY",
            "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "reference")
@@ -1195,22 +1196,31 @@ def use_attention_backend(name: str) -> Iterator[None]:
 
 # "auto" policy: which backend "auto" uses on CUDA for shapes the Triton kernel supports (16-bit,
 # head dim a multiple of 8 up to 128), set from measurements. Keys: a mode, or (mode, head dim) to
-# override one head dim; the mode is "fwd_only" (no gradient needed: no_grad / inference / the
-# EMA target encoder) or "train" (q, k or v requires grad under grad mode). Values: "triton",
-# "sdpa" or "xformers". Lookup order: (mode, Dh), then mode, then "triton". Empty = Triton
-# everywhere. Set it with set_auto_policy({...}) or the environment, e.g.
-#   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"
-_AUTO_MODES = ("fwd_only", "train")
+# override one head dim; the mode is "compiled" (the call is being traced by torch.compile), else
+# "fwd_only" (no gradient needed: no_grad / inference / the EMA target encoder) or "train" (q, k or
+# v requires grad under grad mode). Values: "triton", "sdpa" or "xformers". Lookup order: under
+# torch.compile ("compiled", Dh), then "compiled"; then (mode, Dh), then mode, then "triton".
+# Set it with set_auto_policy({...}) or the environment, e.g.
+#   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"      ("" or "triton" everywhere: "compiled=triton")
+#
+# The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200
+# (benchmarks/results/h200-run3): eager blocks run the Triton kernels (their GPU time per step is
+# 17 ms against cuDNN's 25 ms, and the eager step is as fast or faster), but inside torch.compile'd
+# blocks SDPA wins: 120.6 ms/step against 141.7 with the Triton custom ops, whose per-call host cost
+# (a Python op in the compiled graph) makes the compiled step host-bound.
+_AUTO_MODES = ("compiled", "fwd_only", "train")
 _AUTO_CHOICES = ("triton", "sdpa", "xformers")
-_AUTO_POLICY: Dict = {}
+DEFAULT_AUTO_POLICY: Dict = {"compiled": "sdpa"}
+_AUTO_POLICY: Dict = dict(DEFAULT_AUTO_POLICY)
 
 
 def set_auto_policy(policy: Optional[Dict] = None) -> Dict:
-    """Replace the "auto" policy (None or {} = Triton for every supported CUDA shape); returns the
-    previous one. Example: ``set_auto_policy({"fwd_only": "sdpa", ("train", 80): "sdpa"})``."""
+    """Replace the "auto" policy; returns the previous one. ``None``: the measured default
+    (:data:`DEFAULT_AUTO_POLICY`); ``{}``: Triton for every supported CUDA shape, compiled or not.
+    Example: ``set_auto_policy({"fwd_only": "sdpa", ("train", 80): "sdpa", "compiled": "triton"})``."""
     global _AUTO_POLICY
     new: Dict = {}
-    for key, val in (policy or {}).items():
+    for key, val in (DEFAULT_AUTO_POLICY if policy is None else policy).items():
         mode, dh = (key, None) if isinstance(key, str) else tuple(key)
         chk.choice("policy mode", mode, _AUTO_MODES)
         chk.choice("policy backend", val, _AUTO_CHOICES)
@@ -1232,7 +1242,7 @@ def _parse_auto_env(text: str) -> Dict:
     return out
 
 
-if os.environ.get("STOP_KERNELS_ATTN_AUTO"):
+if "STOP_KERNELS_ATTN_AUTO" in os.environ:
     set_auto_policy(_parse_auto_env(os.environ["STOP_KERNELS_ATTN_AUTO"]))
 
 
@@ -1240,9 +1250,14 @@ def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Op
     """The policy's backend for a supported CUDA call (see ``_AUTO_POLICY``)."""
     if not _AUTO_POLICY:
         return "triton"
+    dh = q.shape[-1]
+    if torch.compiler.is_compiling():
+        pick = _AUTO_POLICY.get(("compiled", dh), _AUTO_POLICY.get("compiled"))
+        if pick is not None:
+            return pick
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     mode = "train" if grad else "fwd_only"
-    return _AUTO_POLICY.get((mode, q.shape[-1]), _AUTO_POLICY.get(mode, "triton"))
+    return _AUTO_POLICY.get((mode, dh), _AUTO_POLICY.get(mode, "triton"))
 
 
 def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> str:
