@@ -1,0 +1,113 @@
+"""The training-speed settings of this project's pipeline, on CPU: one GPU means no FSDP, masks are
+range-checked on the host (the step itself never synchronises on index checks), the ``attention``
+config key reaches the models, the benchmark times the steady state (every mask batch seen in the
+warm-up), the paper recipes compile their blocks, and the EMA as one lerp keeps its definition."""
+import json
+
+import pytest
+import torch
+
+from stop_kernels import reference
+from stop_kernels.ops import attention as A
+from stop_kernels.training import distributed as D
+from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
+from stop_kernels.training.ema import ema_update
+from stop_kernels.training.loop import Trainer, check_masks, train
+
+from _train_helpers import TINY, cpu_train  # noqa: F401  (fixture)
+
+
+def tiny(tmp_path, **over):
+    return TrainConfig(**dict(TINY, out=str(tmp_path), **over))
+
+
+def test_sharding_auto_is_none_on_one_rank_full_on_several(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # as if launched by torchrun
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = TrainConfig(sharding="auto")
+    assert D.resolve_sharding(cfg, 1) == "none"
+    assert D.resolve_sharding(cfg, 2) == "full"
+    assert D.resolve_sharding(TrainConfig(sharding="full"), 1) == "full"  # asked for: kept
+
+
+def test_check_masks_on_the_host():
+    ok = [torch.randint(0, 16, (2, 5))]
+    check_masks(ok, [torch.randint(0, 16, (2, 3))], 16)
+    with pytest.raises(ValueError, match=r"^masks_pred: values must lie in \[0, 16\)"):
+        check_masks(ok, [torch.tensor([[0, 16]])], 16)
+    with pytest.raises(ValueError, match=r"^masks_enc: values must lie in \[0, 16\)"):
+        check_masks([[torch.tensor([3, -1]), torch.tensor([2])]], [torch.tensor([[1]])], 16)  # ragged
+    with pytest.raises(TypeError, match=r"^masks_enc: expected dtype"):
+        check_masks([torch.rand(2, 5)], [torch.randint(0, 16, (2, 3))], 16)
+    with pytest.raises(ValueError, match=r"^masks_enc: expected host \(CPU\) tensors"):
+        check_masks([torch.randint(0, 16, (2, 5), device="meta")], [], 16)
+
+
+def test_to_device_rejects_bad_masks_before_the_step(tmp_path, cpu_train):
+    cfg = tiny(tmp_path)
+    info = D.init_distributed(cfg)
+    tr = Trainer(cfg, info, None)
+    imgs = torch.randn(4, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"^masks_enc: values must lie in \[0, 16\)"):
+        tr.to_device(imgs, [torch.full((4, 3), 16)], [torch.zeros(4, 2, dtype=torch.long)])
+
+
+def test_attention_config_key_reaches_the_models(tmp_path, cpu_train, monkeypatch):
+    """cfg.attention is the dispatch backend inside Trainer.step: 'reference' runs the reference
+    attention (counted), 'sdpa' does not, and both give the same loss."""
+    calls = []
+    real = reference.attention
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(reference, "attention", counting)
+    losses = {}
+    for backend in ("reference", "sdpa"):
+        calls.clear()
+        torch.manual_seed(0)
+        cfg = tiny(tmp_path / backend, attention=backend)
+        tr = Trainer(cfg, D.init_distributed(cfg), None)
+        from stop_kernels.training.loop import synthetic_batches
+        batch = synthetic_batches(cfg, 1, 4, torch.device("cpu"), 0)[0]
+        torch.manual_seed(1)
+        losses[backend] = float(tr.step(*batch, (cfg.lr, cfg.weight_decay, cfg.ema_start))[0])
+        assert (len(calls) > 0) == (backend == "reference"), backend
+    assert losses["reference"] == pytest.approx(losses["sdpa"], rel=1e-4)
+    assert A.get_attention_backend() == "auto"  # restored after the step
+    with pytest.raises(ConfigError, match="^attention: expected one of"):
+        parse_config(["--attention", "flash"])
+
+
+def test_benchmark_warms_up_every_mask_batch(tmp_path, cpu_train, capsys):
+    train(tiny(tmp_path, benchmark=5, benchmark_warmup=1, benchmark_batches=3))
+    rec = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()][-1])
+    assert rec["mask_batches"] == 3 and rec["warmup"] == 3 and rec["steps"] == 5  # warm-up raised to the pool
+    assert rec["attention"] == "auto" and rec["sharding"] == "none"
+    train(tiny(tmp_path / "b", benchmark=2, benchmark_warmup=4, benchmark_batches=8))
+    rec = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.strip()][-1])
+    assert rec["mask_batches"] == 2 and rec["warmup"] == 4  # never more batches than timed steps
+    with pytest.raises(ConfigError, match="^benchmark_batches: expected an integer >= 1"):
+        parse_config(["--benchmark-batches", "0"])
+
+
+def test_paper_recipes_compile_their_blocks():
+    for model in ("vit_b", "vit_l", "vit_h", "vit_g"):
+        assert parse_config(["--model", model]).compile is True, model
+    assert parse_config(["--model", "vit_h", "--compile", "false"]).compile is False
+    assert parse_config(["--model", "vit_tiny"]).compile is False  # the CPU-friendly default
+
+
+def test_ema_lerp_matches_definition_and_momentum_one_is_exact():
+    g = torch.Generator().manual_seed(3)
+    t = [torch.randn(64, generator=g) for _ in range(3)]
+    o = [torch.randn(64, generator=g) for _ in range(3)]
+    want = [0.996 * a + 0.004 * b for a, b in zip(t, o)]
+    before = [a.clone() for a in t]
+    ema_update(t, o, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(t, before))  # m = 1: the target does not move
+    ema_update(t, o, 0.996)
+    for a, b in zip(t, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
