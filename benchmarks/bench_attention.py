@@ -2,7 +2,8 @@
 
     python -m pytest benchmarks/bench_attention.py --benchmark-only --benchmark-json=out.json
 
-Shapes (B, H, N, D), bf16, q/k/v as views of a [B, N, 3, H, D] QKV buffer: predictor
+Shapes (B, H, N, D), bf16, q/k/v as views of a [B, N, 3, H, D] QKV buffer (``triton-qkv``: the buffer
+itself, through ``attention_qkv``, whose backward writes d(qkv) without a stack): predictor
 (256, 16, N, 24) for N in {100, 116, 128, 150, 160}; encoder (64, 16, 256, 80) and (64, 16, 74, 80).
 Modes: forward, forward+backward. Peers measured in the same run; the math backend only at
 (256, 16, 150, 24). Each benchmark's extra_info records the GPU, TFLOP/s and GB/s
@@ -29,13 +30,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 SHAPES = [(256, 16, n, 24) for n in (100, 116, 128, 150, 160)] + [(64, 16, 256, 80), (64, 16, 74, 80)]
 REPS = 10
-IMPLS = ["triton", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "xformers"]
+IMPLS = ["triton", "triton-qkv", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "xformers"]
 
 
 def _impl(name):
     if name == "triton":
         from stop_kernels.ops.attention import attention
         return attention
+    if name == "triton-qkv":  # the models' call: the packed buffer in, d(qkv) written in its layout
+        from stop_kernels.ops.attention import attention_qkv
+        return lambda qkv: attention_qkv(qkv)
     if name == "xformers":
         try:
             import xformers.ops as xops
@@ -59,13 +63,13 @@ def test_attention_speed(benchmark, shape, impl, mode, launch):
 
     def calls():  # REPS calls (fresh views each: the same Python work in both launch modes)
         for _ in range(REPS):
-            q, k, v = qkv.unbind(2)
+            args = (qkv,) if impl == "triton-qkv" else qkv.unbind(2)
             if mode == "fwd":
                 with torch.no_grad():
-                    f(q, k, v)
+                    f(*args)
             else:
                 qkv.grad = None
-                f(q, k, v).backward(do)
+                f(*args).backward(do)
 
     try:
         calls()  # compile / tune, and probe that the backend supports the shape

@@ -41,10 +41,10 @@ for s in $SECTIONS; do
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
     train) section train ${SEC_TRAIN:-300} bash -c "OUT=$RES/train bash benchmarks/gpu_train.sh" ;;
     train-eager) section train-eager ${SEC_TRAIN:-120} python -m torch.distributed.run --standalone --nproc_per_node=1 \
-           train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-10} --benchmark-warmup ${TRAIN_WARMUP:-4} \
+           train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
-    e2e) section e2e ${SEC_E2E:-360} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 15 --warmup 6 --out "$RES/e2e" ;;
-    bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+    e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out "$RES/e2e" ;;
+    bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
     *) echo "unknown section $s" ;;
   esac

@@ -161,7 +161,7 @@ def run_variant(v: dict, args, info) -> dict:
     return res
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_h")
     p.add_argument("--batch-size", type=int, default=64)
@@ -174,9 +174,14 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
     p.add_argument("--out", default="/tmp/profile_step")
     p.add_argument("--extra", default="", help="more train.py flags for every variant, e.g. '--img-size 64'")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_variants(args, json_name: str = "profile_step.json"):
+    """Run every variant of ``args.variants`` in this process; returns (device name, results), also
+    written to ``<out>/<json_name>`` after each variant."""
     if not torch.cuda.is_available():
-        print("profile_step: no CUDA GPU: a CPU smoke run (timings say nothing about the GPU)", file=sys.stderr)
+        print("no CUDA GPU: a CPU smoke run (timings say nothing about the GPU)", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     variants = [parse_variant(s) for s in args.variants.split(",")]
     # one process group for every variant (a one-rank group serves FSDP2 and the unsharded runs alike)
@@ -184,19 +189,28 @@ def main(argv=None) -> int:
     info = D.init_distributed(cfg0)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results, t_start = [], time.perf_counter()
-    for v in variants:
-        if time.perf_counter() - t_start > args.budget_s:
-            print(f"[skip {v['name']}: budget]", flush=True)
-            continue
-        try:
-            r = run_variant(v, args, info)
-        except Exception as e:  # keep the other variants' numbers
-            r = {**v, "error": f"{type(e).__name__}: {e}"[:500]}
-        results.append(r)
-        print(json.dumps(r), flush=True)
-        with open(os.path.join(args.out, "profile_step.json"), "w") as fh:
-            json.dump({"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
-                       "results": results}, fh, indent=1)
+    try:
+        for v in variants:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"[skip {v['name']}: budget]", flush=True)
+                continue
+            try:
+                r = run_variant(v, args, info)
+            except Exception as e:  # keep the other variants' numbers
+                r = {**v, "error": f"{type(e).__name__}: {e}"[:500]}
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            with open(os.path.join(args.out, json_name), "w") as fh:
+                json.dump({"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
+                           "results": results}, fh, indent=1)
+    finally:
+        D.shutdown(info)
+    return gpu, results
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    gpu, results = run_variants(args)
     for r in results:
         if "top_kernels" in r:
             print(f"\n--- {r['name']}: top kernels (ms/step, calls/step, category)")
@@ -215,7 +229,6 @@ def main(argv=None) -> int:
         c = r.get("categories_ms", {})
         print(f"| {r['name']} | {r['ms_per_step']} | {r['host_ms_per_step']} | {r['images_per_s']} | {r['tflops']} | "
               f"{r['peak_gib']} | {r.get('gpu_ms_per_step', '')} | " + " | ".join(str(c.get(k, 0)) for k in cats) + " |")
-    D.shutdown(info)
     return 0
 
 

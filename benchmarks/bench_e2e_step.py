@@ -1,0 +1,62 @@
+"""pytest-benchmark twin of ``benchmarks/e2e_step.py``: one I-JEPA+StoP training step, reference path vs
+fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (issue 8).
+
+    python -m pytest benchmarks/bench_e2e_step.py --benchmark-only --benchmark-json=out.json
+
+* ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input;
+* ``fast``: the Trainer's defaults (fused StoP input, attention "auto").
+
+Both with per-block ``torch.compile`` (the recipe default) and with eager blocks. Each round is one
+optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
+runs once in the warm-up, so the rounds are the steady state (no first-time JIT or compile).
+extra_info: GPU, images/s, TFLOP/s (analytic matmul FLOPs of that step), peak memory.
+"""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="the training-step benchmark needs a CUDA GPU (ViT-H/14, batch 64)")
+
+POOL = 6
+PATHS = {"reference": ("sdpa", "unfused"), "fast": ("auto", "auto")}
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_train_step_speed(benchmark, path, compiled, tmp_path):
+    os.environ.pop("TRITON_INTERPRET", None)
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.config import parse_config
+    from stop_kernels.training.loop import Trainer, synthetic_batches
+    from stop_kernels.training.metrics import step_flops
+
+    attention, input_backend = PATHS[path]
+    cfg = parse_config(["--model", "vit_h", "--batch-size", "64", "--attention", attention,
+                        "--compile", str(compiled).lower(), "--out", str(tmp_path)])
+    info = D.init_distributed(cfg)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    tr = Trainer(cfg, info, None)
+    tr.models.predictor.input_backend = input_backend
+    batches = synthetic_batches(cfg, POOL, cfg.batch_size, info.device, cfg.seed)
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+    for b in batches:  # warm-up: every mask batch once (JIT, cuDNN plans, compiled graphs)
+        tr.step(*b, sched)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    it = iter(range(10 ** 9))
+
+    def step():
+        b = batches[next(it) % POOL]
+        tr.step(*b, sched)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=2 * POOL, iterations=1, warmup_rounds=0)
+    t = benchmark.stats.stats.median
+    flops = sum(step_flops(cfg, cfg.batch_size, b[1][0].shape[1], b[2][0].shape[1]) for b in batches) / POOL
+    benchmark.extra_info.update(gpu=torch.cuda.get_device_name(0), path=path, compiled=compiled,
+                                images_per_s=cfg.batch_size / t, tflops=flops / t / 1e12,
+                                peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+    D.shutdown(info)
