@@ -3,7 +3,7 @@
 # (results.tgz holds every JSON/markdown file; log.txt the whole output) and a short table is
 # printed last.
 #
-#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests stop attn cuda train train-eager e2e bench
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager e2e bench
 #                                                 (default: all of them, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
 # costs only its own slot.
@@ -13,7 +13,7 @@ RES=/tmp/stop_kernels_results
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
-SECTIONS=${*:-env build tests stop attn cuda train e2e bench}
+SECTIONS=${*:-env build tests-new tests stop attn cuda train e2e bench}
 SUMMARY=$RES/summary.txt
 : > "$SUMMARY"
 
@@ -36,6 +36,8 @@ for s in $SECTIONS; do
     tests) section tests ${SEC_TESTS:-240} python -m pytest -q -x --timeout=200 -p no:cacheprovider \
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
+    tests-new) section tests-new ${SEC_TESTS_NEW:-150} python -m pytest -q -x -p no:cacheprovider \
+           tests/test_fast_path_loss_curve.py "tests/test_attention.py" -k "qkv or policy or trains_like" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
