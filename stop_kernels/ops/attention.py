@@ -19,6 +19,10 @@ Layouts:
 * varlen (packed): q, k, v ``[T, H, Dh]`` and ``cu_seqlens`` (int32/int64, ``[n + 1]``, starts at 0,
   non-decreasing, ends at T); sequence ``i`` is the rows ``cu_seqlens[i]:cu_seqlens[i+1]`` and
   attends only to itself (block-diagonal attention).
+* packed QKV (:func:`attention_qkv`, what the models call): the projection output itself,
+  ``[B, N, 3, H, Dh]`` (``[T, 3, H, Dh]`` varlen); same forward, and the backward writes d(qkv) as one
+  contiguous tensor in that layout (the kernels' ``GRAD_GROUP = 3`` row stride), so autograd never
+  stacks dq, dk, dv into it.
 
 Supported: head dim ``Dh`` a multiple of 8 in [8, 128] (16, 24, 32, 40, 48, 64, 80, 96, 128 are the
 model's), loaded through a power-of-two ``BLOCK_D`` with masked loads (no padded copies); any N ≥ 1;
@@ -63,13 +67,17 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
   (``_PLANS``), so a repeated call is: the input checks, one dict lookup, the output allocations,
   the launch(es); no host synchronisation (cu_seqlens is value-checked once per tensor version);
 * kernel arguments are few: q/k/v pass (batch, token, head) strides only (the last-dim stride must
-  be 1, else the wrapper copies), the outputs O, dQ, dK, dV and LSE are contiguous so their
-  strides follow from H, Dh and N in-kernel, dO is made contiguous (a no-op in practice);
-* under ``torch.compile`` the ``stop_kernels::flash_attn_fwd`` / ``flash_attn_bwd`` custom ops
-  (fake + autograd registrations) run instead; they use the same plans and kernels, so both
-  paths give bit-identical results.
+  be 1, else the wrapper copies), the outputs O, dQ, dK, dV and LSE are contiguous (dQ, dK, dV: or
+  the slots of one packed d(qkv)) so their strides follow from H, Dh, N and ``GRAD_GROUP`` in-kernel,
+  dO is made contiguous (a no-op in practice);
+* under ``torch.compile`` the ``stop_kernels::flash_attn_fwd`` / ``flash_attn_bwd`` (and
+  ``flash_attn_qkv_fwd`` / ``flash_attn_qkv_bwd``) custom ops (fake + autograd registrations) run
+  instead; they use the same plans and kernels, so both paths give bit-identical results. Measured
+  on an H200 (benchmarks/results/h200-run3) the compiled ViT-H step is faster with SDPA inside its
+  graphs than with these ops, so "auto" picks SDPA under torch.compile (:data:`DEFAULT_AUTO_POLICY`).
 
-Public API: :func:`attention`, :func:`dispatch_attention`, :func:`set_attention_backend`,
+Public API: :func:`attention`, :func:`attention_qkv`, :func:`dispatch_attention`,
+:func:`dispatch_attention_qkv`, :func:`set_attention_backend`,
 :func:`use_attention_backend`, :func:`get_attention_backend`, :func:`set_auto_policy` /
 :func:`get_auto_policy` (what "auto" picks, set from measurements), :func:`clear_caches`.
 """
@@ -1306,8 +1314,9 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     backend (None → the module default, see :func:`set_attention_backend`):
 
     * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton, unless the measured policy
-      (:func:`set_auto_policy`, env ``STOP_KERNELS_ATTN_AUTO``) names another backend for this
-      mode ("fwd_only" / "train") and head dim; CUDA otherwise → torch SDPA; CPU → SDPA (fast
+      (:data:`DEFAULT_AUTO_POLICY`: SDPA inside torch.compile'd code; :func:`set_auto_policy`, env
+      ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode ("compiled" / "fwd_only" /
+      "train") and head dim; CUDA otherwise → torch SDPA; CPU → SDPA (fast
       for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
       ``STOP_KERNELS_ATTENTION=triton`` are both set.
     * ``"triton"``: :func:`attention` (raises for unsupported head dims/dtypes).
