@@ -3,7 +3,7 @@
 # (results.tgz holds every JSON/markdown file; log.txt the whole output) and a short table is
 # printed last.
 #
-#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager e2e bench
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile e2e bench
 #                                                 (default: all of them, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
 # costs only its own slot.
@@ -45,6 +45,9 @@ for s in $SECTIONS; do
     train-eager) section train-eager ${SEC_TRAIN:-120} python -m torch.distributed.run --standalone --nproc_per_node=1 \
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
+    profile) section profile ${SEC_PROFILE:-300} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
+           --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton" \
+           --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
