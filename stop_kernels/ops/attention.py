@@ -1209,7 +1209,7 @@ def use_attention_backend(name: str) -> Iterator[None]:
 # v requires grad under grad mode). Values: "triton", "sdpa" or "xformers". Lookup order: under
 # torch.compile ("compiled", Dh), then "compiled"; then (mode, Dh), then mode, then "triton".
 # Set it with set_auto_policy({...}) or the environment, e.g.
-#   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"      ("" or "triton" everywhere: "compiled=triton")
+#   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"   (set but empty: Triton everywhere, compiled code too)
 #
 # The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200
 # (benchmarks/results/h200-run3): eager blocks run the Triton kernels (their GPU time per step is
