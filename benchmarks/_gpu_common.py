@@ -76,6 +76,19 @@ def bench_graph(fn, rep: int = 20, grad_to_none=None) -> float:
         return float(triton.testing.do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5]))
 
 
+def peak_mib_beyond_inputs(fn) -> float:
+    """Peak CUDA memory (MiB) that ``fn()`` allocates beyond what was allocated before it, keeping its
+    result alive until after the measurement (outputs count, as they would in a model)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    keep = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del keep
+    return peak / 2 ** 20
+
+
 def sdpa_fn(backend_name: str):
     """``f(q, k, v)`` for ``[B, N, H, Dh]`` inputs: ``F.scaled_dot_product_attention`` on transposed
     views with one SDPA backend forced: "flash", "efficient", "cudnn" or "math"."""

@@ -24,6 +24,7 @@ if not torch.cuda.is_available():
 
 from _official_stop import B, D, NC, NPRED, NT  # noqa: E402
 from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
+from _gpu_common import peak_mib_beyond_inputs  # noqa: E402
 
 
 _COMPILED = {}
@@ -39,16 +40,6 @@ def contender(name):
     if "compiled" not in _COMPILED:
         _COMPILED["compiled"] = torch.compile(official)
     return _COMPILED["compiled"]
-
-
-def peak_beyond_inputs(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    keep = fn()
-    torch.cuda.synchronize()
-    del keep
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 @pytest.mark.parametrize("impl", ["fused", "fused-trusted", "eager", "compiled"])
@@ -71,7 +62,7 @@ def test_predictor_input(benchmark, impl, with_backward):
 
     for _ in range(3):  # compile / autotune outside the timing
         step()
-    peak = peak_beyond_inputs(lambda: (step(), [t.grad for t in leaves]))
+    peak = peak_mib_beyond_inputs(lambda: (step(), [t.grad for t in leaves]))
     benchmark.extra_info.update({"gpu": torch.cuda.get_device_name(0), "peak_beyond_inputs_MiB": round(peak, 1),
                                  "output_MiB": round(go.numel() * 4 / 2 ** 20, 1)})
     benchmark.pedantic(step, rounds=50, warmup_rounds=5, iterations=1)

@@ -359,36 +359,27 @@ def variants(budget_s):
         q, k, v = (t.detach() for t in qkv.unbind(2))
         do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
         bucket, bd = A._pow2(N), A._pow2(D)
-        chosen_f = A._TUNE_CACHE.get(("fwd", bucket, D, torch.bfloat16, False))
-        chosen_b = A._TUNE_CACHE.get(("bwd", bucket, D, torch.bfloat16, False))
-        for fc in A._fwd_configs(bucket, bd):
-            if elapsed() > budget_s:
-                print("variants: time budget reached, rest skipped")
-                return
-            row = {"shape": [B, H, N, D], "kind": "fwd", "config": fc, "tuned_pick": fc == chosen_f}
-            try:
-                with A._force_config(fwd=fc):
-                    t = bench_graph(lambda: A.attention(q, k, v), rep=10)
-                row.update(ms=round(t, 4), gbps=round(nbytes(B, H, N, D, False) / t / 1e6, 0))
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            RESULTS["variants"].append(row)
-            print(json.dumps(row, default=str), flush=True)
         # backward alone: the launch wrapper called directly on one saved forward
         o, lse = A._fwd(q, k, v, None, N, D ** -0.5)
-        for bc in A._bwd_configs(bucket, bd):
-            if elapsed() > budget_s:
-                print("variants: time budget reached, rest skipped")
-                return
-            row = {"shape": [B, H, N, D], "kind": "bwd", "config": bc, "tuned_pick": bc == chosen_b}
-            try:
-                with A._force_config(bwd=bc):
-                    t = bench_graph(lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), rep=10)
-                row.update(ms=round(t, 4), gbps=round((nbytes(B, H, N, D, True) - nbytes(B, H, N, D, False)) / t / 1e6, 0))
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            RESULTS["variants"].append(row)
-            print(json.dumps(row, default=str), flush=True)
+        fwd_bytes = nbytes(B, H, N, D, False)
+        sweeps = [("fwd", A._fwd_configs(bucket, bd), lambda: A.attention(q, k, v), fwd_bytes),
+                  ("bwd", A._bwd_configs(bucket, bd), lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5),
+                   nbytes(B, H, N, D, True) - fwd_bytes)]
+        for kind, configs, fn, moved in sweeps:
+            chosen = A._TUNE_CACHE.get((kind, bucket, D, torch.bfloat16, False))
+            for cfg in configs:
+                if elapsed() > budget_s:
+                    print("variants: time budget reached, rest skipped")
+                    return
+                row = {"shape": [B, H, N, D], "kind": kind, "config": cfg, "tuned_pick": cfg == chosen}
+                try:
+                    with A._force_config(**{kind: cfg}):
+                        t = bench_graph(fn, rep=10)
+                    row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                RESULTS["variants"].append(row)
+                print(json.dumps(row, default=str), flush=True)
 
 
 @section("pytest")

@@ -45,7 +45,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import bench_graph, make_section, record_env  # noqa: E402
+from _gpu_common import bench_graph, make_section, peak_mib_beyond_inputs, record_env  # noqa: E402
 from _gpu_common import bench as _bench  # noqa: E402
 from _official_stop import B, D, E, NC, NPRED, NT, P, SIGMA  # noqa: E402
 from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
@@ -201,17 +201,6 @@ def _noise_worst(name, seed, rows, E, row_start, sigma, n_t=None, n_ref=None, k=
               f"want={row['want']:.9g} |err|={row['abs_err']:.3g} excess={row['excess']:.3g}", flush=True)
 
 
-def _peak_beyond(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    keep = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del keep
-    return peak / 2 ** 20
-
-
 def _record(name, kind, method, t):
     nbytes, flops = work(kind != "forward")
     roof = max(nbytes / (PEAK_TBPS * 1e12), flops / (PEAK_TFLOPS * 1e12)) * 1e3
@@ -277,8 +266,8 @@ def timing(budget_s: float):
                     torch.cuda.synchronize()
             for l_ in leaves:
                 l_.grad = None
-            m_f = _peak_beyond(fwd)
-            m_fb = _peak_beyond(lambda: fwd_bwd() or [l_.grad for l_ in leaves])
+            m_f = peak_mib_beyond_inputs(fwd)
+            m_fb = peak_mib_beyond_inputs(lambda: fwd_bwd() or [l_.grad for l_ in leaves])
             for l_ in leaves:
                 l_.grad = None
             RESULTS["memory"].append({"impl": name, "forward_MiB": m_f, "forward+backward_MiB": m_fb,

@@ -98,14 +98,14 @@ def run_variant(v: dict, args, info) -> dict:
     # a pool of mask batches cycled through, each seen in the warm-up: the timed steps measure the
     # steady state (no first-time Triton JIT or torch.compile cost), as train.py --benchmark does
     pool = max(1, args.mask_batches)
-    args.warmup = max(args.warmup, pool)
-    n_all = args.warmup + args.steps + args.profile_steps
+    warm = max(args.warmup, pool)
+    n_all = warm + args.steps + args.profile_steps
     batches = synthetic_batches(cfg, pool, cfg.batch_size, info.device, cfg.seed)
     batches = [batches[i % pool] for i in range(n_all)]
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
     res = {**v, "build_s": round(build_s, 1)}
     t0 = time.perf_counter()
-    for i in range(args.warmup):
+    for i in range(warm):
         tr.step(*batches[i], sched)
     _sync(info)
     res["warmup_s"] = round(time.perf_counter() - t0, 1)
@@ -113,7 +113,7 @@ def run_variant(v: dict, args, info) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     flops = 0.0
-    for i in range(args.warmup, args.warmup + args.steps):
+    for i in range(warm, warm + args.steps):
         imgs, me, mp = batches[i]
         tr.step(imgs, me, mp, sched)
         flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
@@ -127,7 +127,7 @@ def run_variant(v: dict, args, info) -> dict:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            for i in range(args.warmup + args.steps, n_all):
+            for i in range(warm + args.steps, n_all):
                 tr.step(*batches[i], sched)
             _sync(info)
         # GPU time: the kernel (device) events themselves, grouped by name (an op's "device time"

@@ -206,6 +206,14 @@ def _bwd_tile(blk, start, seqlen, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.const
 
 
 @triton.jit
+def _row_offsets(row0, offs, row_stride, h, offs_d, HEAD_DIM: tl.constexpr):
+    """Element offsets [len(offs), BLOCK_D] of head ``h`` in rows ``row0 + offs`` of a tensor whose rows
+    are ``row_stride`` elements apart: H·HEAD_DIM for O, dO and separate dQ/dK/dV, 3·H·HEAD_DIM for
+    the slots of a packed d(qkv) (GRAD_GROUP = 3)."""
+    return (row0 + offs).to(tl.int64)[:, None] * row_stride + h * HEAD_DIM + offs_d[None, :]
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -301,7 +309,6 @@ def _attn_bwd_fused_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
-    sg = GRAD_GROUP * so
     scale_log2 = scale * 1.4426950408889634
     pid = tl.program_id(0)
     h = pid % H
@@ -313,10 +320,8 @@ def _attn_bwd_fused_kernel(
     q_ok = offs_q < seqlen
     d_ok = offs_d < HEAD_DIM
     rows_q = (start + offs_q).to(tl.int64)
-    orows_q = (orow0 + offs_q).to(tl.int64)
     qd_mask = q_ok[:, None] & d_ok[None, :]
-    g_q = orows_q[:, None] * so + h * HEAD_DIM + offs_d[None, :]
-    gg_q = orows_q[:, None] * sg + h * HEAD_DIM + offs_d[None, :]
+    g_q = _row_offsets(orow0, offs_q, so, h, offs_d, HEAD_DIM)
 
     # stage 1: load every query row: Q, dO, O [BLOCK_Q, BLOCK_D] and lse [BLOCK_Q];
     # δ = rowsum(dO ∘ O) in float32 (the preprocess, fused here).
@@ -344,12 +349,13 @@ def _attn_bwd_fused_kernel(
         dst = _bwd_ds(pt, v, tl.trans(do), delta, q, True, PREC, UPCAST)
         dk = _dot(dst, q, PREC, UPCAST) * scale
         dq += _dot(tl.trans(dst), k, PREC, UPCAST)
-        g_ptrs = (orow0 + cols).to(tl.int64)[:, None] * sg + h * HEAD_DIM + offs_d[None, :]
+        g_ptrs = _row_offsets(orow0, cols, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
         tl.store(DK + g_ptrs, dk.to(DK.dtype.element_ty), mask=nd_mask)
         tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
     # stage 3: store dQ = s · Σ dS K [BLOCK_Q, HEAD_DIM].
-    tl.store(DQ + gg_q, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    g_dq = _row_offsets(orow0, offs_q, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
+    tl.store(DQ + g_dq, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit
@@ -368,13 +374,12 @@ def _attn_bwd_dq_kernel(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     scale_log2 = scale * 1.4426950408889634
-    sg = GRAD_GROUP * so
     h, mb, b, start, seqlen, orow0, lbase = _bwd_program(CU, NT, H, NUM_M, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
     offs_m, offs_n, offs_d, m_ok, d_ok, rows_m = _bwd_tile(mb, start, seqlen, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
     md_mask = m_ok[:, None] & d_ok[None, :]
-    g_m = (orow0 + offs_m).to(tl.int64)[:, None] * so + h * HEAD_DIM + offs_d[None, :]
+    g_m = _row_offsets(orow0, offs_m, so, h, offs_d, HEAD_DIM)
     l_m = lbase + h * NT + offs_m
 
     # stage 1: load Q, dO, O [BLOCK_M, BLOCK_D], lse; compute δ = rowsum(dO ∘ O), store it for
@@ -403,8 +408,8 @@ def _attn_bwd_dq_kernel(
         dq += _dot(ds, tl.trans(kt), PREC, UPCAST)
 
     # stage 3: store dQ [BLOCK_M, HEAD_DIM].
-    gg_m = (orow0 + offs_m).to(tl.int64)[:, None] * sg + h * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + gg_m, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+    g_dq = _row_offsets(orow0, offs_m, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
+    tl.store(DQ + g_dq, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
 @triton.jit
@@ -455,7 +460,7 @@ def _attn_bwd_dkdv_kernel(
         dk += _dot(dst, tl.trans(qt), PREC, UPCAST)
 
     # stage 3: store dK = s·Σ dSᵀ Q and dV [BLOCK_N, HEAD_DIM].
-    g_ptrs = (orow0 + offs_n).to(tl.int64)[:, None] * (GRAD_GROUP * so) + h * HEAD_DIM + offs_d[None, :]
+    g_ptrs = _row_offsets(orow0, offs_n, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
     tl.store(DK + g_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
