@@ -599,10 +599,10 @@ def test_tuning_launch_closures_run(monkeypatch):
     calls = []
     real = A._pick_config
 
-    def pick(kind, key, cands, launch, on_cuda):
+    def pick(kind, key, cands, launch, on_cuda, traced=False):
         launch(cands[0])
         calls.append(kind)
-        return real(kind, key, cands, launch, on_cuda)
+        return real(kind, key, cands, launch, on_cuda, traced)
 
     monkeypatch.setattr(A, "_pick_config", pick)
     A.clear_caches()
@@ -673,6 +673,39 @@ def test_attention_qkv_compiled_and_custom_op_identical():
     with torch.no_grad():
         o_ng = A.attention_qkv(qkv)
     assert o_ng.grad_fn is None and torch.equal(o_e, o_ng)
+
+
+@pytest.mark.skipif(not (CUDA and A.INDUCTOR_LAUNCHES),
+                    reason="Inductor emits the Triton launches itself only on CUDA (triton_op); on CPU the "
+                           "trace is checked by test_attention_inductor_trace.py")
+def test_inductor_launches_the_kernels_itself():
+    """torch.compile (Inductor, dynamic N): the generated code launches our kernels directly (no
+    stop_kernels op call left in it), equals the eager path bit for bit, and compiles once per N
+    bucket (N = 100 and 120 share the 128 bucket; 150 is a new one)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(19)
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("inductor")
+    cf = torch.compile(A.attention_qkv, backend=cnt, dynamic=True, fullgraph=True)
+
+    def step(fn, qkv, do):
+        o = fn(qkv)
+        return o, torch.autograd.grad(o, qkv, do)[0]
+
+    for i, N in enumerate((100, 120, 150)):
+        qkv = torch.randn(2, N, 3, 4, 24, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn(2, N, 4, 24, device=DEV, dtype=torch.bfloat16)
+        if i == 0:
+            (o_c, g_c), codes = run_and_get_code(step, cf, qkv, do)
+            code = "\n".join(codes)
+            assert "_attn_fwd_kernel" in code and "_attn_bwd_fused_kernel" in code, code[:2000]
+            assert "stop_kernels.flash_attn" not in code
+        else:
+            o_c, g_c = step(cf, qkv, do)
+        o_e, g_e = step(A.attention_qkv, qkv, do)
+        assert torch.equal(o_c, o_e) and torch.equal(g_c, g_e), N
+        assert cnt.frame_count == (1 if N <= 128 else 2), (N, cnt.frame_count)
 
 
 def test_opcheck_qkv_custom_op():

@@ -71,10 +71,16 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
   the slots of one packed d(qkv)) so their strides follow from H, Dh, N and ``GRAD_GROUP`` in-kernel,
   dO is made contiguous (a no-op in practice);
 * under ``torch.compile`` the ``stop_kernels::flash_attn_fwd`` / ``flash_attn_bwd`` (and
-  ``flash_attn_qkv_fwd`` / ``flash_attn_qkv_bwd``) custom ops (fake + autograd registrations) run
-  instead; they use the same plans and kernels, so both paths give bit-identical results. Measured
-  on an H200 (benchmarks/results/h200-run3) the compiled ViT-H step is faster with SDPA inside its
-  graphs than with these ops, so "auto" picks SDPA under torch.compile (:data:`DEFAULT_AUTO_POLICY`).
+  ``flash_attn_qkv_fwd`` / ``flash_attn_qkv_bwd``) ops run instead. On CUDA they are
+  ``torch.library.triton_op``s: Inductor traces their bodies (fake tensors, symbolic N) and emits
+  the kernel launches in its generated code, so a compiled graph pays none of the Python costs
+  above per call; the config is fixed at compile time per N bucket (the cached pick, else the
+  first candidate; the bucket comparisons are the graph's only guards on N). Under the Triton
+  interpreter they are plain custom ops (opaque calls, the same plans). Both give results
+  bit-identical to the eager path. In GPU run 3 (H200) the earlier custom-op version of these ops
+  made the compiled ViT-H step host-bound (141.7 against 120.6 ms/step with SDPA), which is why
+  "auto" still picks SDPA under torch.compile (:data:`DEFAULT_AUTO_POLICY`) until the Inductor-
+  launched version is measured (``benchmarks/gpu_all.sh profile``).
 
 Public API: :func:`attention`, :func:`attention_qkv`, :func:`dispatch_attention`,
 :func:`dispatch_attention_qkv`, :func:`set_attention_backend`,
@@ -148,17 +154,22 @@ def _bwd_ds(p, a, bt, delta, like, TRANS: tl.constexpr, PREC: tl.constexpr, UPCA
 
 
 @triton.jit
-def _seq_bounds(CU, b, NT, H, VARLEN: tl.constexpr):
+def _seq_bounds(cu_lo, cu_hi, b, NT, H, VARLEN: tl.constexpr):
     """Sequence ``b``: (start, seqlen, orow0, lbase).
 
+    cu_lo, cu_hi: ``cu_seqlens[b]``, ``cu_seqlens[b + 1]`` when VARLEN (unused otherwise). The
+    kernels load them in their own body (``tl.load(CU + b) if VARLEN else b``), never in a helper:
+    torch's kernel analysis (``wrap_triton``, Inductor) counts every pointer handed to a helper whose
+    results address a store as written, and would then copy cu_seqlens (or the dummy q) around
+    each launch of a compiled graph.
     start: first row of the sequence in q/k/v's token axis (0 when batched: the batch stride does it);
     seqlen: its length; orow0: its first row in the contiguous outputs O/dO/dQ/dK/dV (rows of
     H·HEAD_DIM elements: b·N batched, start packed); lbase: its offset in LSE ([B, H, N] batched:
     b·H·N; [H, T] packed: start). NT is N (batched) or the total token count T (packed).
     """
     if VARLEN:
-        start = tl.load(CU + b).to(tl.int64)
-        seqlen = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+        start = cu_lo.to(tl.int64)
+        seqlen = (cu_hi.to(tl.int64) - start).to(tl.int32)
         orow0 = start
         lbase = start
     else:
@@ -177,17 +188,15 @@ def _unaligned_strides(sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN: tl.co
 
 
 @triton.jit
-def _bwd_program(CU, NT, H, NUM_BLOCKS, VARLEN: tl.constexpr):
+def _bwd_program(H, NUM_BLOCKS):
     """Stage 0 of the two general backward kernels: the (head, block, sequence) of this program,
-    head index fastest, and the sequence's bounds (see _seq_bounds): (h, blk, b, start, seqlen,
-    orow0, lbase); blk is the query block (dQ launch) or the key block (dK/dV launch)."""
+    head index fastest: (h, blk, b); blk is the query block (dQ launch) or the key block (dK/dV launch)."""
     pid = tl.program_id(0)
     h = pid % H
     rest = pid // H
     blk = rest % NUM_BLOCKS
     b = (rest // NUM_BLOCKS).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
-    return h, blk, b, start, seqlen, orow0, lbase
+    return h, blk, b
 
 
 @triton.jit
@@ -203,6 +212,19 @@ def _bwd_tile(blk, start, seqlen, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.const
     d_ok = offs_d < HEAD_DIM
     rows_own = (start + offs_own).to(tl.int64)
     return offs_own, offs_other, offs_d, own_ok, d_ok, rows_own
+
+
+@triton.jit
+def _grad_slot(G, slot, H, HEAD_DIM: tl.constexpr, GRAD_GROUP: tl.constexpr):
+    """The gradient pointer of q/k/v ``slot`` (0/1/2). GRAD_GROUP = 1: ``G`` itself (three separate
+    tensors). GRAD_GROUP = 3: ``G`` is the base of the packed d(qkv) ``[rows, 3, H, HEAD_DIM]``
+    and the slot starts ``slot·H·HEAD_DIM`` elements in; a kernel then stores through its first
+    gradient argument only, so the one d(qkv) tensor is passed once (the other gradient arguments
+    are ignored) and a tracer sees a single mutated tensor."""
+    if GRAD_GROUP == 3:
+        return G + slot * H * HEAD_DIM
+    else:
+        return G
 
 
 @triton.jit
@@ -239,7 +261,8 @@ def _attn_fwd_kernel(
     rest = pid // n_groups
     mb = rest % NUM_M
     b = (rest // NUM_M).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
+    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
+                                              b, NT, H, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,15 +328,20 @@ def _attn_bwd_fused_kernel(
     contiguous [rows, 3, H, HEAD_DIM] gradient of a packed QKV buffer); q/k/v strides arrive
     divided by ALIGN as in the forward.
     """
-    # stage 0: (head, sequence) of this program, head index fastest.
+    # stage 0: (head, sequence) of this program, head index fastest; with GRAD_GROUP = 3 DQ is the
+    # base of d(qkv) and dK, dV are its other slots.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
+    if GRAD_GROUP == 3:
+        DK = _grad_slot(DQ, 1, H, HEAD_DIM, GRAD_GROUP)
+        DV = _grad_slot(DQ, 2, H, HEAD_DIM, GRAD_GROUP)
     scale_log2 = scale * 1.4426950408889634
     pid = tl.program_id(0)
     h = pid % H
     b = (pid // H).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(CU, b, NT, H, VARLEN)
+    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
+                                              b, NT, H, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -374,7 +402,9 @@ def _attn_bwd_dq_kernel(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     scale_log2 = scale * 1.4426950408889634
-    h, mb, b, start, seqlen, orow0, lbase = _bwd_program(CU, NT, H, NUM_M, VARLEN)
+    h, mb, b = _bwd_program(H, NUM_M)
+    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
+                                              b, NT, H, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
     offs_m, offs_n, offs_d, m_ok, d_ok, rows_m = _bwd_tile(mb, start, seqlen, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
@@ -423,12 +453,18 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dK, dV for one key block of one head (general backward, second launch; reads δ; dK, dV rows
     of GRAD_GROUP·H·HEAD_DIM elements, as in the fused kernel)."""
-    # stage 0: (head, key block, sequence), head fastest; strides arrive divided by ALIGN.
+    # stage 0: (head, key block, sequence), head fastest; strides arrive divided by ALIGN; with
+    # GRAD_GROUP = 3 DK is the base of d(qkv) and dK, dV are its slots 1 and 2.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
+    if GRAD_GROUP == 3:
+        DV = _grad_slot(DK, 2, H, HEAD_DIM, GRAD_GROUP)
+        DK = _grad_slot(DK, 1, H, HEAD_DIM, GRAD_GROUP)
     scale_log2 = scale * 1.4426950408889634
-    h, nb, b, start, seqlen, orow0, lbase = _bwd_program(CU, NT, H, NUM_N, VARLEN)
+    h, nb, b = _bwd_program(H, NUM_N)
+    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
+                                              b, NT, H, VARLEN)
     if nb * BLOCK_N >= seqlen:
         return
     offs_n, offs_m, offs_d, n_ok, d_ok, rows_n = _bwd_tile(nb, start, seqlen, BLOCK_N, BLOCK_M, BLOCK_D, HEAD_DIM)
@@ -468,8 +504,14 @@ def _attn_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 # configs and the per-bucket tuner
 # ----------------------------------------------------------------------------------------------
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(x), 1)))
+def _pow2(x, lo: int = 16) -> int:
+    """The smallest power of two >= max(x, lo). ``x`` may be a SymInt (a traced sequence length):
+    each comparison then becomes a guard, so a compiled graph is reused within its N bucket and
+    recompiled only when N crosses a bucket boundary (``int(x)`` would specialise on N itself)."""
+    p = lo
+    while x > p:
+        p *= 2
+    return p
 
 
 def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
@@ -573,12 +615,15 @@ def _time_candidate(fn) -> float:
     return float(tt.do_bench(fn, warmup=3, rep=15))
 
 
-def _pick_config(kind: str, key: Tuple, candidates: List[Dict], launch, on_cuda: bool) -> Tuple[Dict, bool]:
+def _pick_config(kind: str, key: Tuple, candidates: List[Dict], launch, on_cuda: bool,
+                 traced: bool = False) -> Tuple[Dict, bool]:
     """The config for ``key``: (config, cacheable). Timed once per key on CUDA (``launch(cfg)``
     runs candidate ``cfg`` on scratch outputs) and kept in ``_TUNE_CACHE``.
 
     Never times during CUDA graph capture: there the heuristic first candidate is used for this
     call only (not cached, so a later eager call still tunes). Warm the cache before capturing.
+    ``traced`` (Inductor tracing the ops with fake tensors): nothing can run, so the cached pick or
+    the first candidate is used, uncached; an eager warm-up call fills the cache beforehand.
     """
     forced = _FORCED.get(kind)
     if forced is not None:
@@ -587,6 +632,8 @@ def _pick_config(kind: str, key: Tuple, candidates: List[Dict], launch, on_cuda:
     cfg = _TUNE_CACHE.get(full_key)
     if cfg is not None:
         return cfg, True
+    if traced:
+        return candidates[0], False
     if not on_cuda or _INTERPRET:
         cfg = candidates[0]
     elif _capturing():
@@ -715,8 +762,18 @@ def _dims(q: torch.Tensor, cu_n: int, varlen: bool, max_seqlen: int):
     return B, N, H, D, N
 
 
-def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float) -> Tuple["_Plan", bool]:
-    """Build the forward plan (tuning the forward config if its key is new). Returns (plan, cacheable)."""
+def _launcher(kernel, grid, traced: bool):
+    """``kernel[grid]``; when ``traced`` (the ops traced for Inductor), wrapped by
+    ``torch.library.wrap_triton`` so the launch becomes a graph node Inductor emits itself."""
+    if traced:
+        return torch.library.wrap_triton(kernel)[grid]
+    return kernel[grid]
+
+
+def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
+               traced: bool = False) -> Tuple["_Plan", bool]:
+    """Build the forward plan (tuning the forward config if its key is new). Returns (plan, cacheable).
+    ``traced``: q, k, v are fake/functional tensors of a graph being traced (sizes may be SymInts)."""
     B, N, H, D, NT = _dims(q, cu.numel() if varlen else 0, varlen, max_seqlen)
     p = _Plan()
     p.fkey = _FORCED_KEY
@@ -724,7 +781,7 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float) -> Tupl
     p.empty = q.numel() == 0 or B == 0 or N == 0
     p.copy = False
     if p.empty:
-        return p, True
+        return p, not traced
     block_d = _pow2(D)
     bucket = _pow2(N)
     strides, al = _qkv_strides((q, k, v), varlen)
@@ -752,13 +809,15 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float) -> Tupl
                             torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)])
         _attn_fwd_kernel[grid](q, k, v, scratch[0], scratch[1], cu_arg, *args, **kw)
 
-    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen), _fwd_configs(bucket, block_d), launch, q.is_cuda)
+    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen), _fwd_configs(bucket, block_d), launch, q.is_cuda,
+                           traced)
     grid, p.fwd_args, p.fwd_kw = parts(cfg)
-    p.fwd = _attn_fwd_kernel[grid]
+    p.fwd = _launcher(_attn_fwd_kernel, grid, traced)
     return p, ok
 
 
-def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, lse, do) -> Tuple[_BwdPlan, bool]:
+def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, lse, do,
+                   traced: bool = False) -> Tuple[_BwdPlan, bool]:
     B, N, H, D, NT = _dims(q, cu.numel() if varlen else 0, varlen, max_seqlen)
     block_d = _pow2(D)
     bucket = _pow2(N)
@@ -766,12 +825,12 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
     prec, upcast = _prec(q.dtype), _upcast(q.dtype)
     cu_arg = cu if varlen else q
 
-    def parts(cfg) -> _BwdPlan:
+    def parts(cfg, traced_=False) -> _BwdPlan:
         bp = _BwdPlan()
         if cfg["VARIANT"] == "fused" and bucket <= 256:
             # one launch, one program per (sequence, head), all queries in one tile
             bp.fused = True
-            bp.launch1 = _attn_bwd_fused_kernel[(H * B,)]
+            bp.launch1 = _launcher(_attn_bwd_fused_kernel, (H * B,), traced_)
             bp.args1 = (*strides, NT, H, scale)
             bp.launch2, bp.args2 = None, None
             bp.kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"], ALIGN=al,
@@ -784,9 +843,9 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
         num_n = triton.cdiv(N, bn)
         bp.fused = False
         # launch 1: δ and dQ per query block; launch 2: dK, dV per key block (reads δ)
-        bp.launch1 = _attn_bwd_dq_kernel[(H * num_m * B,)]
+        bp.launch1 = _launcher(_attn_bwd_dq_kernel, (H * num_m * B,), traced_)
         bp.args1 = (*strides, NT, H, num_m, scale)
-        bp.launch2 = _attn_bwd_dkdv_kernel[(H * num_n * B,)]
+        bp.launch2 = _launcher(_attn_bwd_dkdv_kernel, (H * num_n * B,), traced_)
         bp.args2 = (*strides, NT, H, num_n, scale)
         bp.kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
                      UPCAST=upcast, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
@@ -798,26 +857,52 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
         if not scratch:
             scratch.extend([torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3)])
             scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))
-        _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, *scratch[:3], delta=scratch[3])
+        _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, scratch[:3], delta=scratch[3])
 
-    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen), _bwd_configs(bucket, block_d), launch, q.is_cuda)
-    return parts(cfg), ok
+    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen), _bwd_configs(bucket, block_d), launch, q.is_cuda,
+                           traced)
+    return parts(cfg, traced), ok
 
 
-def _run_bwd(bp: _BwdPlan, cu_arg, q, k, v, o, lse, do, dq, dk, dv, delta=None, group: int = 1) -> None:
-    """Launch a backward plan. ``group`` 1: dq, dk, dv are contiguous ``[rows, H, Dh]``; 3: they are
-    the q, k, v slots of one contiguous ``[rows, 3, H, Dh]`` gradient (packed QKV)."""
+def _run_bwd(bp: _BwdPlan, cu_arg, q, k, v, o, lse, do, grads, delta=None) -> None:
+    """Launch a backward plan. ``grads``: ``(dq, dk, dv)``, contiguous ``[rows, H, Dh]`` each
+    (GRAD_GROUP 1), or ``(dqkv,)``, one contiguous ``[rows, 3, H, Dh]`` gradient of a packed QKV
+    buffer (GRAD_GROUP 3: the kernels store through their first gradient argument, the slot offsets
+    are theirs; the other gradient arguments get ``q``, never read or written, so the one mutated
+    tensor appears once among the arguments)."""
+    if len(grads) == 3:
+        dq, dk, dv = grads
+        group = 1
+    else:
+        dq = dk = dv = grads[0]
+        group = 3
     if bp.fused:
-        bp.launch1(q, k, v, o, do, dq, dk, dv, lse, cu_arg, *bp.args1, GRAD_GROUP=group, **bp.kw)
+        bp.launch1(q, k, v, o, do, dq, dk if group == 1 else q, dv if group == 1 else q, lse, cu_arg, *bp.args1,
+                   GRAD_GROUP=group, **bp.kw)
     else:
         if delta is None:
             delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
         bp.launch1(q, k, v, o, do, dq, lse, delta, cu_arg, *bp.args1, GRAD_GROUP=group, **bp.kw)
-        bp.launch2(q, k, v, do, dk, dv, lse, delta, cu_arg, *bp.args2, GRAD_GROUP=group, **bp.kw)
+        bp.launch2(q, k, v, do, dk, dv if group == 1 else q, lse, delta, cu_arg, *bp.args2, GRAD_GROUP=group,
+                   **bp.kw)
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """False while the ops are being traced (fake / functional tensors, or a dispatch mode such as
+    FakeTensorMode active): then nothing launches, the launches are recorded via ``wrap_triton``."""
+    return type(t) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0
 
 
 def _get_plan(q, k, v, cu, max_seqlen: int, scale: float, key=None) -> "_Plan":
+    """The forward plan for these inputs: cached per signature for real tensors, built afresh (with
+    ``wrap_triton`` launchers, uncached) while tracing."""
     varlen = cu is not None
+    traced = not _is_real(q)
+    if traced:
+        qq, kk, vv = _unit_last(q), _unit_last(k), _unit_last(v)
+        p, _ = _make_plan(qq, kk, vv, cu, varlen, max_seqlen, scale, traced=True)
+        p.copy = qq is not q or kk is not k or vv is not v
+        return p
     if key is None:
         key = _plan_key(q, k, v, cu, max_seqlen, scale)
     p = _PLANS.get(key)
@@ -851,6 +936,7 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, plan: Optional[
     """Backward launch wrapper: (dq, dk, dv), fresh contiguous tensors; with ``qkv_grad`` one fresh
     contiguous ``[..., 3, H, Dh]`` gradient of a packed QKV buffer instead (q, k, v its slots)."""
     p = plan if plan is not None and plan.fkey == _FORCED_KEY else _get_plan(q, k, v, cu, max_seqlen, scale)
+    traced = not _is_real(q)
     if p.copy:
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if not do.is_contiguous():  # the kernels read dO with o's (contiguous) layout
@@ -859,21 +945,18 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, plan: Optional[
         o, lse = o.contiguous(), lse.contiguous()
     dev = q.device
     if qkv_grad:
-        dqkv = _new((*q.shape[:-2], 3, *q.shape[-2:]), q.dtype, dev)
-        dq, dk, dv = dqkv.unbind(-3)
+        grads = (_new((*q.shape[:-2], 3, *q.shape[-2:]), q.dtype, dev),)
     else:
-        dq = _new(q.shape, q.dtype, dev)
-        dk = _new(q.shape, q.dtype, dev)
-        dv = _new(q.shape, q.dtype, dev)
+        grads = tuple(_new(q.shape, q.dtype, dev) for _ in range(3))
     if not p.empty:
         bp = p.bwd
         cu_arg = q if cu is None else cu
         if bp is None:
-            bp, ok = _make_bwd_plan(q, k, v, cu, cu is not None, max_seqlen, scale, o, lse, do)
+            bp, ok = _make_bwd_plan(q, k, v, cu, cu is not None, max_seqlen, scale, o, lse, do, traced=traced)
             if ok:
                 p.bwd = bp
-        _run_bwd(bp, cu_arg, q, k, v, o, lse, do, dq, dk, dv, group=3 if qkv_grad else 1)
-    return dqkv if qkv_grad else (dq, dk, dv)
+        _run_bwd(bp, cu_arg, q, k, v, o, lse, do, grads)
+    return grads[0] if qkv_grad else grads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,33 +1003,58 @@ class _FlashAttnQKVFn(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops (fake + autograd registrations: the torch.compile / tracing path)
+# torch.library ops (the torch.compile / tracing path)
 # ----------------------------------------------------------------------------------------------
+# On CUDA they are ``torch.library.triton_op``s: when Inductor compiles a graph that calls them, it
+# traces their bodies (with fake tensors, so each launch goes through ``wrap_triton``) and emits the
+# Triton launches in its own generated code. A compiled graph then pays no Python op dispatch, no
+# plan lookup and no Triton Python launcher per call (the host cost that made the custom-op version
+# lose to SDPA in compiled ViT-H blocks, benchmarks/results/h200-run3). The configs are those of
+# the eager path (the cached pick, else the first candidate), fixed at compile time per N bucket
+# (the bucket comparisons on the traced sequence length are guards).
+# Under the Triton interpreter the kernels are not traceable Python objects, so there the ops are
+# plain ``custom_op``s with fake registrations (opaque calls in the graph, same numbers).
+INDUCTOR_LAUNCHES = not _INTERPRET and hasattr(torch.library, "triton_op")
+
+
+def _library_op(name: str):
+    if INDUCTOR_LAUNCHES:
+        return torch.library.triton_op(name, mutates_args=())
+    return torch.library.custom_op(name, mutates_args=())
+
+
+def _fake(op):
+    """``op.register_fake`` for the custom-op variant; a triton_op's fake is its own body."""
+    if INDUCTOR_LAUNCHES:
+        return lambda fn: fn
+    return op.register_fake
+
+
 def _lse_fake(q: torch.Tensor, varlen: bool) -> torch.Tensor:
     if varlen:
         return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("stop_kernels::flash_attn_fwd", mutates_args=())
+@_library_op("stop_kernels::flash_attn_fwd")
 def _flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                     max_seqlen: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
-@_flash_attn_fwd.register_fake
+@_fake(_flash_attn_fwd)
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), _lse_fake(q, cu_seqlens is not None)
 
 
-@torch.library.custom_op("stop_kernels::flash_attn_bwd", mutates_args=())
+@_library_op("stop_kernels::flash_attn_bwd")
 def _flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                     scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
 
 
-@_flash_attn_bwd.register_fake
+@_fake(_flash_attn_bwd)
 def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
@@ -968,25 +1076,25 @@ def _backward(ctx, do, dlse):
 _flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("stop_kernels::flash_attn_qkv_fwd", mutates_args=())
+@_library_op("stop_kernels::flash_attn_qkv_fwd")
 def _flash_attn_qkv_fwd(qkv: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int,
                         scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     return _fwd(*qkv.unbind(-3), cu_seqlens, max_seqlen, scale)
 
 
-@_flash_attn_qkv_fwd.register_fake
+@_fake(_flash_attn_qkv_fwd)
 def _(qkv, cu_seqlens, max_seqlen, scale):
     q = qkv.select(-3, 0)
     return q.new_empty(q.shape), _lse_fake(q, cu_seqlens is not None)
 
 
-@torch.library.custom_op("stop_kernels::flash_attn_qkv_bwd", mutates_args=())
+@_library_op("stop_kernels::flash_attn_qkv_bwd")
 def _flash_attn_qkv_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                         cu_seqlens: Optional[torch.Tensor], max_seqlen: int, scale: float) -> torch.Tensor:
     return _bwd(do, *qkv.unbind(-3), o, lse, cu_seqlens, max_seqlen, scale, qkv_grad=True)
 
 
-@_flash_attn_qkv_bwd.register_fake
+@_fake(_flash_attn_qkv_bwd)
 def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale):
     return qkv.new_empty(qkv.shape)
 
@@ -1219,8 +1327,10 @@ def use_attention_backend(name: str) -> Iterator[None]:
 # The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200
 # (benchmarks/results/h200-run3): eager blocks run the Triton kernels (their GPU time per step is
 # 17 ms against cuDNN's 25 ms, and the eager step is as fast or faster), but inside torch.compile'd
-# blocks SDPA wins: 120.6 ms/step against 141.7 with the Triton custom ops, whose per-call host cost
-# (a Python op in the compiled graph) makes the compiled step host-bound.
+# blocks SDPA won: 120.6 ms/step against 141.7 with the Triton custom ops, whose per-call host cost
+# (a Python op in the compiled graph) made the compiled step host-bound. The ops are now triton_ops
+# that Inductor launches itself (no per-call Python); until that version is measured in the step,
+# the default stays as measured.
 _AUTO_MODES = ("compiled", "fwd_only", "train")
 _AUTO_CHOICES = ("triton", "sdpa", "xformers")
 DEFAULT_AUTO_POLICY: Dict = {"compiled": "sdpa"}

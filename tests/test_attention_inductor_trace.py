@@ -1,0 +1,76 @@
+"""The compiled-graph path of the attention ops (issue 4 / issue 8): what Inductor sees.
+
+On CUDA the ``stop_kernels::flash_attn_*`` ops are ``torch.library.triton_op``s, so Inductor traces
+their bodies and emits the Triton launches itself (no Python op, plan lookup or Triton launcher per
+call in a compiled graph). Two things can silently make that slow or wrong, and both are decided
+at trace time, so they are checked here without a GPU (``_trace_attention_ops.py`` in a
+subprocess, an sm_90 TTIR target, fake CUDA tensors, a symbolic sequence length):
+
+* torch's kernel analysis must see only the real outputs as written (O and LSE; d(qkv) once, or
+  dQ/dK/dV; δ between the two backward launches): any other tensor it believes written is copied
+  around every launch, and a written graph input (q's storage, cu_seqlens) is scattered back into
+  it. A pointer passed into a jit helper whose results address a store counts as written: this
+  test caught ``_seq_bounds(CU, ...)`` doing exactly that.
+* the traced graph must stay dynamic in N: the only guards are the bucket bounds of the config
+  choice (``16 < N <= 32 < ...``), so a training run compiles once per N bucket, not per length.
+
+The GPU half (Inductor's generated code launches the kernels, results equal to eager, no
+recompilation within a bucket) is in ``test_attention.py`` (CUDA-only tests).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.library, "triton_op"),
+                                reason=f"torch {torch.__version__} has no torch.library.triton_op")
+
+
+@pytest.fixture(scope="module")
+def traced():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_trace_attention_ops.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_ops_are_triton_ops_outside_the_interpreter(traced):
+    assert traced["inductor_launches"] is True
+
+
+@pytest.mark.parametrize("case, fwd, bwd", [
+    ("qkv_N116_D24_batched", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
+    ("qkv_N150_D24_batched", [["_attn_fwd_kernel", ["LSE", "O"]]],
+     [["_attn_bwd_dq_kernel", ["DELTA", "DQ"]], ["_attn_bwd_dkdv_kernel", ["DK"]]]),
+    ("qkv_N74_D80_batched", [["_attn_fwd_kernel", ["LSE", "O"]]],
+     [["_attn_bwd_dq_kernel", ["DELTA", "DQ"]], ["_attn_bwd_dkdv_kernel", ["DK"]]]),
+    ("qkv_N40_D24_varlen", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
+    ("q_k_v_N150_D24_batched", [["_attn_fwd_kernel", ["LSE", "O"]]],
+     [["_attn_bwd_dq_kernel", ["DELTA", "DQ"]], ["_attn_bwd_dkdv_kernel", ["DK", "DV"]]]),
+])
+def test_only_outputs_are_written(traced, case, fwd, bwd):
+    """Each launch's written tensors are exactly its outputs (packed: d(qkv) through one argument)."""
+    got = traced[case]
+    assert got["fwd"] == fwd
+    assert got["bwd"] == bwd
+    # no copies or scatters into inputs around the launches: size arithmetic, views, allocations only
+    assert all(op.startswith("<built-in function") or op in (
+        "aten.empty.memory_format", "aten.sym_size.int", "aten.sym_stride.int", "aten.unbind.int")
+        for op in got["other_ops"]), got["other_ops"]
+
+
+@pytest.mark.parametrize("case, upper", [("qkv_N116_D24_batched", 128), ("qkv_N150_D24_batched", 256),
+                                         ("qkv_N40_D24_varlen", 64)])
+def test_dynamic_in_the_sequence_length(traced, case, upper):
+    """Only bucket-bound guards: N stays symbolic (no Eq(N, ...) specialisation)."""
+    got = traced[case]
+    lower = [f"N > {b}" for b in (16, 32, 64, 128) if b < upper]
+    assert sorted(got["guards"]) == sorted(lower + [f"N <= {upper}"]), got["guards"]
+    assert any("N" in d for d in got["shape"])
