@@ -4,7 +4,9 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
     python -m pytest benchmarks/bench_e2e_step.py --benchmark-only --benchmark-json=out.json
 
 * ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input;
-* ``fast``: the Trainer's defaults (fused StoP input, attention "auto").
+* ``fast``: the Trainer's defaults (fused StoP input, attention "auto");
+* ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks).
+The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Both with per-block ``torch.compile`` (the recipe default) and with eager blocks. Each round is one
 optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
@@ -13,6 +15,7 @@ extra_info: GPU, images/s, TFLOP/s (analytic matmul FLOPs of that step), peak me
 """
 import itertools
 import os
+import sys
 
 import pytest
 import torch
@@ -20,8 +23,10 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="the training-step benchmark needs a CUDA GPU (ViT-H/14, batch 64)")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e_step import PATHS  # noqa: E402  (path name -> "attention=...+input=...")
+
 POOL = 6
-PATHS = {"reference": ("sdpa", "unfused"), "fast": ("auto", "auto")}
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
@@ -33,7 +38,8 @@ def test_train_step_speed(benchmark, path, compiled, tmp_path):
     from stop_kernels.training.loop import Trainer, synthetic_batches
     from stop_kernels.training.metrics import step_flops
 
-    attention, input_backend = PATHS[path]
+    keys = dict(kv.split("=") for kv in PATHS[path].split("+"))
+    attention, input_backend = keys["attention"], keys["input"]
     cfg = parse_config(["--model", "vit_h", "--batch-size", "64", "--attention", attention,
                         "--compile", str(compiled).lower(), "--out", str(tmp_path)])
     info = D.init_distributed(cfg)

@@ -48,7 +48,8 @@ for s in $SECTIONS; do
     profile) section profile ${SEC_PROFILE:-300} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
-    e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out "$RES/e2e" ;;
+    e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
+           --paths ${E2E_PATHS:-reference,fast,fast_triton} --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
     *) echo "unknown section $s" ;;
