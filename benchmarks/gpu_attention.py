@@ -539,22 +539,10 @@ def _load_attention(path):
 def host_overhead(attention_file=None, n=1000, reps=7):
     os.environ.pop("TRITON_INTERPRET", None)  # real JITFunction objects (their Python launch path)
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    class FakeDriver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
+    from stop_kernels.devtools import OfflineDriver
 
     class FakeKernel:
         function = None
@@ -567,7 +555,7 @@ def host_overhead(attention_file=None, n=1000, reps=7):
         self.device_caches[0][0][key] = kern = FakeKernel()
         return kern
 
-    driver.set_active(FakeDriver())
+    driver.set_active(OfflineDriver(90, "cpu"))
     JITFunction._do_compile = fake_compile
     A = _load_attention(attention_file)
     A._INTERPRET = True  # CPU tensors pass the device check; the tuner takes the heuristic candidate

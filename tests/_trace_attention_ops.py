@@ -7,7 +7,8 @@ their bodies with fake tensors and symbolic sizes, each launch becoming a
 kernel analysis (TTIR of the kernel) believes the kernel writes. Those are copied around the launch
 in the compiled graph, and a written *input* is scattered back into the graph's input. This script
 needs no GPU: Triton's active driver is replaced by one that reports an sm_90 target (TTIR only is
-generated, nothing is launched) and the tensors are fake CUDA tensors.
+generated, nothing is launched: ``stop_kernels.devtools.offline_driver``) and the tensors are fake
+CUDA tensors.
 """
 import json
 import os
@@ -16,28 +17,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions: the objects Inductor traces
 
 import torch  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
-
-class _Sm90Driver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cuda")
-
-    def is_active(self):
-        return True
-
-
-driver.set_active(_Sm90Driver())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch._dynamo.source import ConstantSource  # noqa: E402
@@ -45,6 +25,7 @@ from torch._functorch.aot_autograd import aot_function  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv  # noqa: E402
 
+from stop_kernels.devtools import offline_driver  # noqa: E402
 from stop_kernels.ops import attention as A  # noqa: E402
 
 
@@ -113,8 +94,9 @@ def trace(N: int, D: int, varlen: bool, packed: bool = True):
 
 if __name__ == "__main__":
     res = {"inductor_launches": A.INDUCTOR_LAUNCHES}
-    for N, D, varlen, packed in [(116, 24, False, True), (150, 24, False, True), (74, 80, False, True),
-                                 (40, 24, True, True), (150, 24, False, False)]:
-        name = f"{'qkv' if packed else 'q_k_v'}_N{N}_D{D}_{'varlen' if varlen else 'batched'}"
-        res[name] = trace(N, D, varlen, packed)
+    with offline_driver(90, "cuda"):  # Triton's target for the TTIR the analysis generates
+        for N, D, varlen, packed in [(116, 24, False, True), (150, 24, False, True), (74, 80, False, True),
+                                     (40, 24, True, True), (150, 24, False, False)]:
+            name = f"{'qkv' if packed else 'q_k_v'}_N{N}_D{D}_{'varlen' if varlen else 'batched'}"
+            res[name] = trace(N, D, varlen, packed)
     print(json.dumps(res))

@@ -57,8 +57,11 @@ def _cfg(**kw):
 # tuner can still pick them. Shared memory per stage ≈ 4 quarter Wᵀ slices [BLOCK_K, BLOCK_D] per
 # D tile (+ the A tiles); configs over ~227 KB for the call's dtype are pruned before tuning
 # (_prune_fwd / _prune_dw), so fp32 calls only tune the small ones, as are configs whose last D
-# tile would lie entirely beyond D (D_TILES = 4 is for D = 512). ptxas for sm_90 (bf16, E4 = 320):
-# the D_TILES = 3, BLOCK_K = 16 configs use 102-150 KB and ≤ 240 registers without spills.
+# tile would lie entirely beyond D (D_TILES = 4 is for D = 512). ptxas for sm_90a at ViT-H sizes
+# (bf16, E4 = 320; `python benchmarks/ptxas_report.py --kernels stop`, no GPU needed): the D_TILES = 3
+# configs use 102-200 KB and ≤ 240 registers without spills (tests/test_ptxas_report.py keeps it so);
+# the four D_TILES = 1 forward configs hit 255 registers and spill 92-276 bytes per thread, which
+# is one reason the Triton forward measured slowly in GPU run 2 (it predates D_TILES).
 # The interpreter bypasses autotuning (it would time every config) and takes tiles sized to the
 # problem (see _launch): its cost is per program. ``pin_configs`` forces one config (tests, tuning).
 _FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),

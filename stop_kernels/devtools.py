@@ -1,0 +1,99 @@
+"""Kernel development without a GPU: compile (to PTX/SASS) or trace the Triton kernels for an sm_90 target.
+
+Triton asks its *active driver* for the target architecture, the current device and stream. On a
+machine without a GPU :func:`offline_driver` installs one that answers for an H100/H200 (sm_90) and
+launches nothing, so that
+
+* ``JITFunction.warmup(...)`` compiles a kernel with the same specialisation a real launch would get
+  (unit strides folded, 16-divisible sizes and pointers marked) — :func:`ptxas_report` then reads
+  its registers, spills and shared memory from ``ptxas`` (``benchmarks/ptxas_report.py``);
+* torch's ``wrap_triton`` / Inductor tracing can generate the kernels' TTIR and analyse which
+  tensors they write (``tests/_trace_attention_ops.py``).
+
+The kernels must have been decorated without ``TRITON_INTERPRET=1`` (import stop_kernels with it unset).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+from typing import Dict, Iterator
+
+import torch
+
+
+class OfflineDriver:
+    """A Triton driver for an absent GPU of compute capability ``arch`` (launches nothing)."""
+
+    def __init__(self, arch: int = 90, torch_device: str = "cuda"):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+        self.torch_device = torch.device(torch_device)
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return self.torch_device
+
+    def is_active(self):
+        return True
+
+
+@contextlib.contextmanager
+def offline_driver(arch: int = 90, torch_device: str = "cuda") -> Iterator[OfflineDriver]:
+    """Make :class:`OfflineDriver` Triton's active driver inside the block (restored afterwards)."""
+    from triton.runtime import driver
+    old = driver._active
+    drv = OfflineDriver(arch, torch_device)
+    driver.set_active(drv)
+    try:
+        yield drv
+    finally:
+        driver._active = old
+
+
+def _jit_function(kernel):
+    from triton.runtime.jit import JITFunction
+    while not isinstance(kernel, JITFunction):  # Autotuner / Heuristics wrappers
+        kernel = kernel.fn
+    return kernel
+
+
+def ptxas_report(kernel, args, kwargs, arch: int = 90) -> Dict:
+    """Compile ``kernel(*args, **kwargs)`` for sm_``arch`` (a) without launching and return what
+    ptxas says: registers per thread, spill stores/loads (bytes), shared memory (bytes), plus the
+    number of wgmma / cp.async / 128-bit global loads in the PTX. ``args`` are the launch
+    arguments (tensors may be small CPU tensors of the right dtype: only their dtype and pointer
+    alignment matter); ``kwargs`` the constexprs and ``num_warps`` / ``num_stages``."""
+    import triton
+    with offline_driver(arch, "cpu"):
+        compiled = _jit_function(kernel).warmup(*args, grid=(1,), **kwargs)
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"regs": int(regs.group(1)) if regs else None,
+            "spill_stores": int(spill.group(1)) if spill else 0,
+            "spill_loads": int(spill.group(2)) if spill else 0,
+            "smem": int(compiled.metadata.shared),
+            "num_warps": int(compiled.metadata.num_warps),
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+            "cp_async": ptx.count("cp.async."), "ldg128": ptx.count("ld.global.v4")}

@@ -1,0 +1,39 @@
+"""Resource check of the StoP forward kernel without a GPU (benchmarks/ptxas_report.py, sm_90a, bf16,
+ViT-H sizes): the configs that span all of D in one program (D_TILES = 3 × 128 = 384, the design
+that generates the noise once per row block) must compile without register spills; a kernel change
+that makes them spill is slower on any Hopper GPU, whatever it does to correctness. Also checks
+that the tool itself (stop_kernels.devtools: offline sm_90 driver + ptxas) keeps working."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _ptxas_available() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas (backends/nvidia/bin) is missing")
+def test_stop_forward_full_d_configs_do_not_spill(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ptxas_report.py"), "--kernels", "stop",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.load(open(tmp_path / "ptxas_report.json"))
+    fwd = [r for r in rows if r["kernel"] == "stop fwd"]
+    full_d = [r for r in fwd if r["config"]["D_TILES"] * r["config"]["BLOCK_D"] == 384]
+    assert len(full_d) >= 3, fwd
+    for r in full_d:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["wgmma"] > 0 and r["smem"] <= 227 * 1024, r  # Hopper tensor cores, fits an SM
+    assert all(r["regs"] and r["regs"] <= 255 for r in rows)
