@@ -27,7 +27,8 @@ at its share of ``--budget-s``):
    TFLOP/s and GB/s from the graph time; ceilings 707 TFLOP/s and 4.23 TB/s (one H200).
    Bytes: forward q, k, v, o; forward+backward q, k, v, o, do, dq, dk, dv and lse.
    FLOPs: forward 4·B·H·N²·D; forward+backward 3.5× that (2 + 5 matmuls).
-5. variants: every forward/backward candidate, graph-timed (kernel time), side by side at N = 116,
+5. variants: every forward/backward candidate, graph-timed (kernel time), with and without the
+   head-dim split where it applies (80 = 64 + 16; ``STOP_KERNELS_ATTN_SPLIT_D``), side by side at N = 116,
    150 and the encoder shapes, so the default order in ``_fwd_configs`` / ``_bwd_configs`` can be
    fixed from one run.
 6. ``--pytest``: tests/test_attention.py on CUDA, only with the time left in the budget.
@@ -365,21 +366,29 @@ def variants(budget_s):
         sweeps = [("fwd", A._fwd_configs(bucket, bd), lambda: A.attention(q, k, v), fwd_bytes),
                   ("bwd", A._bwd_configs(bucket, bd), lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5),
                    nbytes(B, H, N, D, True) - fwd_bytes)]
-        for kind, configs, fn, moved in sweeps:
-            chosen = A._TUNE_CACHE.get((kind, bucket, D, torch.bfloat16, False))
-            for cfg in configs:
-                if elapsed() > budget_s:
-                    print("variants: time budget reached, rest skipped")
-                    return
-                row = {"shape": [B, H, N, D], "kind": kind, "config": cfg, "tuned_pick": cfg == chosen}
-                try:
-                    with A._force_config(**{kind: cfg}):
-                        t = bench_graph(fn, rep=10)
-                    row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0))
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                RESULTS["variants"].append(row)
-                print(json.dumps(row, default=str), flush=True)
+        # head dims that the kernels split in two chunks (80 = 64 + 16) are timed both ways
+        splits = [True, False] if A._head_chunks(D, True)[1] else [A.HEAD_DIM_SPLIT]
+        default_split = A.HEAD_DIM_SPLIT
+        try:
+            for split, (kind, configs, fn, moved) in ((sp, sw) for sp in splits for sw in sweeps):
+                A.HEAD_DIM_SPLIT = split
+                chosen = A._TUNE_CACHE.get((kind, bucket, D, torch.bfloat16, False, split))
+                for cfg in configs:
+                    if elapsed() > budget_s:
+                        print("variants: time budget reached, rest skipped")
+                        return
+                    row = {"shape": [B, H, N, D], "kind": kind, "config": cfg, "split_d": split,
+                           "tuned_pick": cfg == chosen}
+                    try:
+                        with A._force_config(**{kind: cfg}):
+                            t = bench_graph(fn, rep=10)
+                        row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0))
+                    except Exception as e:
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                    RESULTS["variants"].append(row)
+                    print(json.dumps(row, default=str), flush=True)
+        finally:
+            A.HEAD_DIM_SPLIT = default_split
 
 
 @section("pytest")
@@ -477,10 +486,11 @@ def write(out):
         lines.append(f"| {s['shape']} | {cell(s, 'fwd_eager_ms')} | {cell(s, 'fwd_graph_ms')} | "
                      f"{cell(s, 'fwdbwd_eager_ms')} | {cell(s, 'fwdbwd_graph_ms')} | {lim[0]} | {lim[1]} |")
     lines += ["", "## Config variants (forced, graph-timed kernel time)", "",
-              "| shape | kind | config | ms | GB/s | tuner pick |", "| --- | --- | --- | --- | --- | --- |"]
+              "| shape | kind | config | head dim split | ms | GB/s | tuner pick |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in RESULTS["variants"]:
-        lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r.get('ms', r.get('error'))} | "
-                     f"{r.get('gbps', '')} | {'*' if r['tuned_pick'] else ''} |")
+        lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r.get('split_d', '')} | "
+                     f"{r.get('ms', r.get('error'))} | {r.get('gbps', '')} | {'*' if r['tuned_pick'] else ''} |")
     if RESULTS.get("pytest"):
         p = RESULTS["pytest"]
         lines += ["", f"## pytest tests/test_attention.py: rc={p.get('rc', p.get('skipped'))}", "", "```",

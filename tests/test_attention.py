@@ -463,6 +463,46 @@ def test_xformers_backend_error_or_result():
             torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
 
 
+def test_head_dim_chunks():
+    """The two power-of-two chunks of each head dim: never wider than next_pow2(Dh), each >= 16."""
+    expect = {16: (16, 0), 24: (32, 0), 32: (32, 0), 40: (32, 16), 48: (32, 16), 64: (64, 0), 80: (64, 16),
+              96: (64, 32), 128: (128, 0)}
+    for d, chunks in expect.items():
+        assert A._head_chunks(d, True) == chunks, d
+        assert A._head_chunks(d, False) == (A._pow2(d), 0)
+    for d in range(8, 129, 8):
+        bd0, bd1 = A._head_chunks(d, True)
+        assert bd0 + bd1 >= d and bd0 + bd1 <= A._pow2(d) and bd0 >= 16 and (bd1 == 0 or bd1 >= 16)
+
+
+@pytest.mark.parametrize("variant", ["fused", "split"])
+def test_head_dim_split_matches_unsplit(monkeypatch, variant):
+    """Head dim 80 in chunks 64 + 16 (the default) and as one padded 128 chunk: both against float64,
+    and within rounding of each other, forward and backward, through the packed-QKV path."""
+    torch.manual_seed(21)
+    dt = torch.float16
+    B, N, H, D = 1, 37, 2, 80
+    qkv = torch.randn(B, N, 3, H, D, device=DEV, dtype=dt, requires_grad=True)
+    do = torch.randn(B, N, H, D, device=DEV, dtype=dt)
+    cfg = (dict(VARIANT="fused", BLOCK_N=16, num_warps=4, num_stages=1) if variant == "fused" else
+           dict(VARIANT="split", BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))
+    outs = {}
+    for split in (True, False):
+        monkeypatch.setattr(A, "HEAD_DIM_SPLIT", split)
+        with A._force_config(bwd=cfg):
+            o = A.attention_qkv(qkv)
+            (g,) = torch.autograd.grad(o, qkv, do)
+        outs[split] = (o, g)
+    o_ref, *g_ref = _ref_grads(*qkv.unbind(-3), do)
+    fa, fr, ga, gr = TOL[dt]
+    for split, (o, g) in outs.items():
+        _close(f"o split={split}", o, o_ref, fa, fr)
+        for name, gi, r in zip(("dq", "dk", "dv"), g.unbind(-3), g_ref):
+            _close(f"{name} split={split}", gi, r, ga * max(1.0, r.abs().max().item()), gr)
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(outs[True][1], outs[False][1], atol=2e-2, rtol=2e-2)
+
+
 # ------------------------------------------------------------------------------------------
 # torch.library op and torch.compile
 # ------------------------------------------------------------------------------------------
@@ -498,7 +538,7 @@ def test_torch_compile():
 def test_tune_cache_per_bucket():
     q, k, v, _ = _qkv(2, 100, 2, 24, torch.bfloat16)
     A.attention(q, k, v)
-    key = ("fwd", 128, 24, torch.bfloat16, False)
+    key = ("fwd", 128, 24, torch.bfloat16, False, A.HEAD_DIM_SPLIT)
     assert key in A._TUNE_CACHE
     n = len(A._TUNE_CACHE)
     q, k, v, _ = _qkv(2, 120, 2, 24, torch.bfloat16)  # same bucket: no new entry

@@ -25,7 +25,9 @@ Layouts:
   stacks dq, dk, dv into it.
 
 Supported: head dim ``Dh`` a multiple of 8 in [8, 128] (16, 24, 32, 40, 48, 64, 80, 96, 128 are the
-model's), loaded through a power-of-two ``BLOCK_D`` with masked loads (no padded copies); any N ≥ 1;
+model's), loaded as one or two power-of-two column chunks ``BD0 + BD1`` with masked loads (no padded
+copies; 80 = 64 + 16, 96 = 64 + 32, 40/48 → 32 + 16, so the encoder's head dim 80 is not padded to
+128 in the dots and register tiles; see ``_head_chunks``); any N ≥ 1;
 float16 / bfloat16 (tensor-core dots, float32 accumulation and softmax); float32 inputs take the
 *documented fp32 path*: the same kernels with ``input_precision="ieee"`` dots (true fp32 products,
 no TF32), which is exact to ~1e-6 but several times slower than 16-bit — the dispatcher's "auto"
@@ -126,31 +128,86 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _bwd_p(a, bt, lse2, row_ok, col_ok, scale_log2,
-           TRANS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Backward stage shared by the three backward kernels: recompute the probabilities of a tile,
-    P = exp2(scale·log2e · a btᵀ − lse·log2e) with ``lse2`` = lse·log2e, zero outside
-    ``row_ok × col_ok``. TRANS=False: P, queries as rows (a = Q, bt = Kᵀ, lse2 per row);
-    TRANS=True: Pᵀ, keys as rows (a = K, bt = Qᵀ, lse2 per column)."""
-    s = _dot(a, bt, PREC, UPCAST) * scale_log2
+def _dot_d(a0, a1, b0, b1, BD1: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """A product contracted over the head dim, in its chunks: a0·b0 (+ a1·b1 when BD1 > 0), a
+    ``[M, BD]`` and b ``[BD, N]`` chunk pairs from :func:`_load_tile` (zero beyond HEAD_DIM)."""
+    acc = _dot(a0, b0, PREC, UPCAST)
+    if BD1 > 0:
+        acc += _dot(a1, b1, PREC, UPCAST)
+    return acc
+
+
+@triton.jit
+def _load_tile(base, row_off, row_ok, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+               TRANS: tl.constexpr):
+    """Load the head-dim chunks of a tile of rows: columns [0, BD0) and [BD0, BD0 + BD1) of the rows
+    at ``base + row_off`` (``row_off``: [R] element offsets), zero outside ``row_ok`` and beyond
+    HEAD_DIM: (x0 [R, BD0], x1 [R, BD1]), or transposed ([BD, R]) with TRANS. BD1 = 0: the head dim
+    is one chunk and x1 repeats x0 (never used)."""
+    c0 = tl.arange(0, BD0)
     if TRANS:
-        p = tl.math.exp2(s - lse2[None, :])
+        x0 = tl.load(base + row_off[None, :] + c0[:, None], mask=row_ok[None, :] & (c0 < HEAD_DIM)[:, None],
+                     other=0.0)
     else:
-        p = tl.math.exp2(s - lse2[:, None])
+        x0 = tl.load(base + row_off[:, None] + c0[None, :], mask=row_ok[:, None] & (c0 < HEAD_DIM)[None, :],
+                     other=0.0)
+    x1 = x0
+    if BD1 > 0:
+        c1 = BD0 + tl.arange(0, BD1)
+        if TRANS:
+            x1 = tl.load(base + row_off[None, :] + c1[:, None], mask=row_ok[None, :] & (c1 < HEAD_DIM)[:, None],
+                         other=0.0)
+        else:
+            x1 = tl.load(base + row_off[:, None] + c1[None, :], mask=row_ok[:, None] & (c1 < HEAD_DIM)[None, :],
+                         other=0.0)
+    return x0, x1
+
+
+@triton.jit
+def _store_tile(base, row_off, row_ok, x0, x1, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+    """Store the head-dim chunks x0 [R, BD0] (and x1 [R, BD1]) of a tile of rows at ``base + row_off``
+    (columns < HEAD_DIM, rows ``row_ok``), cast to the element type of ``base``."""
+    c0 = tl.arange(0, BD0)
+    tl.store(base + row_off[:, None] + c0[None, :], x0.to(base.dtype.element_ty),
+             mask=row_ok[:, None] & (c0 < HEAD_DIM)[None, :])
+    if BD1 > 0:
+        c1 = BD0 + tl.arange(0, BD1)
+        tl.store(base + row_off[:, None] + c1[None, :], x1.to(base.dtype.element_ty),
+                 mask=row_ok[:, None] & (c1 < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _bwd_p(s, lse2, row_ok, col_ok, scale_log2, TRANS: tl.constexpr):
+    """Backward stage shared by the three backward kernels: the probabilities of a tile from its
+    scores ``s`` (the dot of Q and Kᵀ, or of K and Qᵀ): P = exp2(scale·log2e · s − lse·log2e) with
+    ``lse2`` = lse·log2e, zero outside ``row_ok × col_ok``. TRANS=False: P, queries as rows (lse2
+    per row); TRANS=True: Pᵀ, keys as rows (lse2 per column)."""
+    if TRANS:
+        p = tl.math.exp2(s * scale_log2 - lse2[None, :])
+    else:
+        p = tl.math.exp2(s * scale_log2 - lse2[:, None])
     return tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
 
 
 @triton.jit
-def _bwd_ds(p, a, bt, delta, like, TRANS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """The other shared backward stage: dS = P ∘ (dO Vᵀ − δ) (TRANS=False: a = dO, bt = Vᵀ, δ per
-    row) or dSᵀ = Pᵀ ∘ (V dOᵀ − δ) (TRANS=True: a = V, bt = dOᵀ, δ per column), in the dtype of
-    ``like`` (the Q operand) for the next dot."""
-    dp = _dot(a, bt, PREC, UPCAST)
+def _bwd_ds(p, dp, delta, like, TRANS: tl.constexpr):
+    """The other shared backward stage: dS = P ∘ (dP − δ) with dP = dO Vᵀ (TRANS=False, δ per row)
+    or dSᵀ = Pᵀ ∘ (dPᵀ − δ) with dPᵀ = V dOᵀ (TRANS=True, δ per column), in the dtype of ``like``
+    (the Q operand) for the next dot."""
     if TRANS:
         ds = (p * (dp - delta[None, :])).to(like.dtype)
     else:
         ds = (p * (dp - delta[:, None])).to(like.dtype)
     return ds
+
+
+@triton.jit
+def _delta(do0, do1, o0, o1, BD1: tl.constexpr):
+    """δ = rowsum(dO ∘ O) in float32 over the head-dim chunks."""
+    d = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+    if BD1 > 0:
+        d += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
+    return d
 
 
 @triton.jit
@@ -200,18 +257,15 @@ def _bwd_program(H, NUM_BLOCKS):
 
 
 @triton.jit
-def _bwd_tile(blk, start, seqlen, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
+def _bwd_tile(blk, start, seqlen, BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr):
     """The tile offsets of the two general backward kernels: this program's block ``blk`` of
-    BLOCK_OWN rows (queries for dQ, keys for dK/dV), the BLOCK_OTHER rows walked in the loop and the
-    head-dim columns: (offs_own, offs_other, offs_d, own_ok, d_ok, rows_own)."""
+    BLOCK_OWN rows (queries for dQ, keys for dK/dV) and the BLOCK_OTHER rows walked in the loop:
+    (offs_own, offs_other, own_ok, rows_own)."""
     offs_own = blk * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     offs_other = tl.arange(0, BLOCK_OTHER)
-    offs_d = tl.arange(0, BLOCK_D)
     own_ok = offs_own < seqlen
-    d_ok = offs_d < HEAD_DIM
     rows_own = (start + offs_own).to(tl.int64)
-    return offs_own, offs_other, offs_d, own_ok, d_ok, rows_own
+    return offs_own, offs_other, own_ok, rows_own
 
 
 @triton.jit
@@ -228,11 +282,11 @@ def _grad_slot(G, slot, H, HEAD_DIM: tl.constexpr, GRAD_GROUP: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(row0, offs, row_stride, h, offs_d, HEAD_DIM: tl.constexpr):
-    """Element offsets [len(offs), BLOCK_D] of head ``h`` in rows ``row0 + offs`` of a tensor whose rows
-    are ``row_stride`` elements apart: H·HEAD_DIM for O, dO and separate dQ/dK/dV, 3·H·HEAD_DIM for
+def _row_offsets(row0, offs, row_stride, h, HEAD_DIM: tl.constexpr):
+    """Element offsets [len(offs)] of head ``h`` in rows ``row0 + offs`` of a tensor whose rows are
+    ``row_stride`` elements apart: H·HEAD_DIM for O, dO and separate dQ/dK/dV, 3·H·HEAD_DIM for
     the slots of a packed d(qkv) (GRAD_GROUP = 3)."""
-    return (row0 + offs).to(tl.int64)[:, None] * row_stride + h * HEAD_DIM + offs_d[None, :]
+    return (row0 + offs).to(tl.int64) * row_stride + h * HEAD_DIM
 
 
 @triton.jit
@@ -240,7 +294,7 @@ def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, NUM_M, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr, ALIGN: tl.constexpr,
     VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -249,7 +303,9 @@ def _attn_fwd_kernel(
     q/k/v: (batch, token, head) strides arrive divided by ALIGN (8 when all are multiples of 8) so
     the compiler sees 16-byte aligned rows for head dims like 24 and 40 and vectorises the loads;
     their last-dim stride is 1 (the wrapper guarantees it). O is contiguous [rows, H, HEAD_DIM] and
-    LSE [B, H, N] / [H, T]: their strides follow from H, HEAD_DIM and NT (no arguments).
+    LSE [B, H, N] / [H, T]: their strides follow from H, HEAD_DIM and NT (no arguments). The head
+    dim is handled in two power-of-two chunks BD0 + BD1 (e.g. 64 + 16 for 80; BD1 = 0: one chunk)
+    so no dot or register tile is padded beyond the next multiple of 16.
     """
     # stage 0: which (head group, query block, sequence) this program owns; head group fastest.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
@@ -267,47 +323,48 @@ def _attn_fwd_kernel(
         return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seqlen
-    d_ok = offs_d < HEAD_DIM
     rows_m = (start + offs_m).to(tl.int64)
     orows_m = (orow0 + offs_m).to(tl.int64)
 
     for g in tl.static_range(HEADS):
         h = hg * HEADS + g
-        # stage 1: load the Q tile [BLOCK_M, BLOCK_D] of head h (masked rows/cols read as 0).
-        q_ptrs = Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        # stage 1: load the Q tile [BLOCK_M, BD0 (+ BD1)] of head h (masked rows/cols read as 0).
+        q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # stage 2: for each key block load Kᵀ [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D], compute
+        acc0 = tl.zeros([BLOCK_M, BD0], tl.float32)
+        acc1 = acc0
+        if BD1 > 0:
+            acc1 = tl.zeros([BLOCK_M, BD1], tl.float32)
+        # stage 2: for each key block load Kᵀ [BD, BLOCK_N] and V [BLOCK_N, BD] (per chunk), compute
         # S = scale·Q Kᵀ in log2 units, update the running max / sum, rescale and accumulate P V.
         # With BLOCK_N >= N (short sequences) this loop runs once.
         for n0 in range(0, seqlen, BLOCK_N):
             cols = n0 + offs_n
             n_ok = cols < seqlen
             rows_n = (start + cols).to(tl.int64)
-            kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None],
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            s = _dot(q, kt, PREC, UPCAST) * scale_log2
+            kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
+            s = _dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST) * scale_log2
             s = tl.where(n_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC, UPCAST)
+            v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+            pv = p.to(v0.dtype)
+            acc0 = acc0 * alpha[:, None] + _dot(pv, v0, PREC, UPCAST)
+            if BD1 > 0:
+                acc1 = acc1 * alpha[:, None] + _dot(pv, v1, PREC, UPCAST)
             m_i = m_new
 
         # stage 3: normalise and store O [BLOCK_M, HEAD_DIM] and the natural-log LSE [BLOCK_M].
-        acc = acc / l_i[:, None]
-        o_ptrs = O + orows_m[:, None] * so + h * HEAD_DIM + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        inv_l = 1.0 / l_i
+        _store_tile(O + h * HEAD_DIM, orows_m * so, m_ok, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
+                    HEAD_DIM, BD0, BD1)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + lbase + h * NT + offs_m, lse, mask=m_ok)
 
@@ -317,7 +374,7 @@ def _attn_bwd_fused_kernel(
     Q, K, V, O, DO, DQ, DK, DV, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     GRAD_GROUP: tl.constexpr,
 ):
@@ -326,7 +383,7 @@ def _attn_bwd_fused_kernel(
     O and dO are contiguous [rows, H, HEAD_DIM] (the wrapper makes dO so); dQ, dK, dV are rows of
     GRAD_GROUP·H·HEAD_DIM elements (1: three contiguous tensors; 3: the q, k, v slots of one
     contiguous [rows, 3, H, HEAD_DIM] gradient of a packed QKV buffer); q/k/v strides arrive
-    divided by ALIGN as in the forward.
+    divided by ALIGN and the head dim is in chunks BD0 + BD1, as in the forward.
     """
     # stage 0: (head, sequence) of this program, head index fastest; with GRAD_GROUP = 3 DQ is the
     # base of d(qkv) and dK, dV are its other slots.
@@ -344,46 +401,53 @@ def _attn_bwd_fused_kernel(
                                               b, NT, H, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_q < seqlen
-    d_ok = offs_d < HEAD_DIM
     rows_q = (start + offs_q).to(tl.int64)
-    qd_mask = q_ok[:, None] & d_ok[None, :]
-    g_q = _row_offsets(orow0, offs_q, so, h, offs_d, HEAD_DIM)
+    g_q = _row_offsets(orow0, offs_q, so, h, HEAD_DIM)
 
-    # stage 1: load every query row: Q, dO, O [BLOCK_Q, BLOCK_D] and lse [BLOCK_Q];
+    # stage 1: load every query row: Q, dO, O [BLOCK_Q, BD] and lse [BLOCK_Q];
     # δ = rowsum(dO ∘ O) in float32 (the preprocess, fused here).
-    q = tl.load(Q + b * sqb + h * sqh + rows_q[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + g_q, mask=qd_mask, other=0.0)
-    o = tl.load(O + g_q, mask=qd_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False)
+    do0, do1 = _load_tile(DO, g_q, q_ok, HEAD_DIM, BD0, BD1, False)
+    o0, o1 = _load_tile(O, g_q, q_ok, HEAD_DIM, BD0, BD1, False)
+    delta = _delta(do0, do1, o0, o1, BD1)
     lse2 = tl.load(LSE + lbase + h * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    dq0 = tl.zeros([BLOCK_Q, BD0], tl.float32)
+    dq1 = dq0
+    if BD1 > 0:
+        dq1 = tl.zeros([BLOCK_Q, BD1], tl.float32)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    # stage 2: per key block load K, V [BLOCK_N, BLOCK_D]; recompute Pᵀ = exp2(s·K Qᵀ·log2e − lse)
+    # stage 2: per key block load K, V [BLOCK_N, BD]; recompute Pᵀ = exp2(s·K Qᵀ·log2e − lse)
     # [BLOCK_N, BLOCK_Q]; dV = Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK = s·dSᵀ Q, stored per block;
     # dQ += dS K accumulated in registers.
     for n0 in range(0, seqlen, BLOCK_N):
         cols = n0 + offs_n
         n_ok = cols < seqlen
         rows_n = (start + cols).to(tl.int64)
-        nd_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + rows_n[:, None] * skn + offs_d[None, :], mask=nd_mask, other=0.0)
-        v = tl.load(v_base + rows_n[:, None] * svn + offs_d[None, :], mask=nd_mask, other=0.0)
-        pt = _bwd_p(k, tl.trans(q), lse2, n_ok, q_ok, scale_log2, True, PREC, UPCAST)
-        dv = _dot(pt.to(do.dtype), do, PREC, UPCAST)
-        dst = _bwd_ds(pt, v, tl.trans(do), delta, q, True, PREC, UPCAST)
-        dk = _dot(dst, q, PREC, UPCAST) * scale
-        dq += _dot(tl.trans(dst), k, PREC, UPCAST)
-        g_ptrs = _row_offsets(orow0, cols, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
-        tl.store(DK + g_ptrs, dk.to(DK.dtype.element_ty), mask=nd_mask)
-        tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+        k0, k1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+        v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+        pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, q_ok, scale_log2,
+                    True)
+        ptc = pt.to(do0.dtype)
+        dst = _bwd_ds(pt, _dot_d(v0, v1, tl.trans(do0), tl.trans(do1), BD1, PREC, UPCAST), delta, q0, True)
+        dv0 = _dot(ptc, do0, PREC, UPCAST)
+        dk0 = _dot(dst, q0, PREC, UPCAST) * scale
+        dq0 += _dot(tl.trans(dst), k0, PREC, UPCAST)
+        dv1 = dv0
+        dk1 = dk0
+        if BD1 > 0:
+            dv1 = _dot(ptc, do1, PREC, UPCAST)
+            dk1 = _dot(dst, q1, PREC, UPCAST) * scale
+            dq1 += _dot(tl.trans(dst), k1, PREC, UPCAST)
+        g_rows = _row_offsets(orow0, cols, GRAD_GROUP * so, h, HEAD_DIM)
+        _store_tile(DK, g_rows, n_ok, dk0, dk1, HEAD_DIM, BD0, BD1)
+        _store_tile(DV, g_rows, n_ok, dv0, dv1, HEAD_DIM, BD0, BD1)
 
     # stage 3: store dQ = s · Σ dS K [BLOCK_Q, HEAD_DIM].
-    g_dq = _row_offsets(orow0, offs_q, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
-    tl.store(DQ + g_dq, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    g_dq = _row_offsets(orow0, offs_q, GRAD_GROUP * so, h, HEAD_DIM)
+    _store_tile(DQ, g_dq, q_ok, dq0 * scale, dq1 * scale, HEAD_DIM, BD0, BD1)
 
 
 @triton.jit
@@ -391,12 +455,12 @@ def _attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, NUM_M, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     GRAD_GROUP: tl.constexpr,
 ):
     """δ and dQ for one query block of one head (general backward, first launch; dQ rows of
-    GRAD_GROUP·H·HEAD_DIM elements, as in the fused kernel)."""
+    GRAD_GROUP·H·HEAD_DIM elements, head-dim chunks BD0 + BD1, as in the fused kernel)."""
     # stage 0: (head, query block, sequence), head fastest; strides arrive divided by ALIGN.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
@@ -407,39 +471,42 @@ def _attn_bwd_dq_kernel(
                                               b, NT, H, VARLEN)
     if mb * BLOCK_M >= seqlen:
         return
-    offs_m, offs_n, offs_d, m_ok, d_ok, rows_m = _bwd_tile(mb, start, seqlen, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-    md_mask = m_ok[:, None] & d_ok[None, :]
-    g_m = _row_offsets(orow0, offs_m, so, h, offs_d, HEAD_DIM)
+    offs_m, offs_n, m_ok, rows_m = _bwd_tile(mb, start, seqlen, BLOCK_M, BLOCK_N)
+    g_m = _row_offsets(orow0, offs_m, so, h, HEAD_DIM)
     l_m = lbase + h * NT + offs_m
 
-    # stage 1: load Q, dO, O [BLOCK_M, BLOCK_D], lse; compute δ = rowsum(dO ∘ O), store it for
-    # the dK/dV launch.
-    q = tl.load(Q + b * sqb + h * sqh + rows_m[:, None] * sqn + offs_d[None, :], mask=md_mask, other=0.0)
-    do = tl.load(DO + g_m, mask=md_mask, other=0.0)
-    o = tl.load(O + g_m, mask=md_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    # stage 1: load Q, dO, O [BLOCK_M, BD], lse; compute δ = rowsum(dO ∘ O), store it for the
+    # dK/dV launch.
+    q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
+    do0, do1 = _load_tile(DO, g_m, m_ok, HEAD_DIM, BD0, BD1, False)
+    o0, o1 = _load_tile(O, g_m, m_ok, HEAD_DIM, BD0, BD1, False)
+    delta = _delta(do0, do1, o0, o1, BD1)
     tl.store(DELTA + l_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + l_m, mask=m_ok, other=0.0) * 1.4426950408889634
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq0 = tl.zeros([BLOCK_M, BD0], tl.float32)
+    dq1 = dq0
+    if BD1 > 0:
+        dq1 = tl.zeros([BLOCK_M, BD1], tl.float32)
 
-    # stage 2: per key block load Kᵀ, Vᵀ [BLOCK_D, BLOCK_N]; P = exp2(s·Q Kᵀ·log2e − lse),
+    # stage 2: per key block load Kᵀ, Vᵀ [BD, BLOCK_N]; P = exp2(s·Q Kᵀ·log2e − lse),
     # dS = P ∘ (dO Vᵀ − δ), dQ += dS K.
     for n0 in range(0, seqlen, BLOCK_N):
         cols = n0 + offs_n
         n_ok = cols < seqlen
         rows_n = (start + cols).to(tl.int64)
-        dn_mask = d_ok[:, None] & n_ok[None, :]
-        kt = tl.load(k_base + rows_n[None, :] * skn + offs_d[:, None], mask=dn_mask, other=0.0)
-        vt = tl.load(v_base + rows_n[None, :] * svn + offs_d[:, None], mask=dn_mask, other=0.0)
-        p = _bwd_p(q, kt, lse2, m_ok, n_ok, scale_log2, False, PREC, UPCAST)
-        ds = _bwd_ds(p, do, vt, delta, q, False, PREC, UPCAST)
-        dq += _dot(ds, tl.trans(kt), PREC, UPCAST)
+        kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
+        vt0, vt1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, True)
+        p = _bwd_p(_dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST), lse2, m_ok, n_ok, scale_log2, False)
+        ds = _bwd_ds(p, _dot_d(do0, do1, vt0, vt1, BD1, PREC, UPCAST), delta, q0, False)
+        dq0 += _dot(ds, tl.trans(kt0), PREC, UPCAST)
+        if BD1 > 0:
+            dq1 += _dot(ds, tl.trans(kt1), PREC, UPCAST)
 
     # stage 3: store dQ [BLOCK_M, HEAD_DIM].
-    g_dq = _row_offsets(orow0, offs_m, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
-    tl.store(DQ + g_dq, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+    g_dq = _row_offsets(orow0, offs_m, GRAD_GROUP * so, h, HEAD_DIM)
+    _store_tile(DQ, g_dq, m_ok, dq0 * scale, dq1 * scale, HEAD_DIM, BD0, BD1)
 
 
 @triton.jit
@@ -447,12 +514,12 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, NUM_N, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     GRAD_GROUP: tl.constexpr,
 ):
     """dK, dV for one key block of one head (general backward, second launch; reads δ; dK, dV rows
-    of GRAD_GROUP·H·HEAD_DIM elements, as in the fused kernel)."""
+    of GRAD_GROUP·H·HEAD_DIM elements, head-dim chunks BD0 + BD1, as in the fused kernel)."""
     # stage 0: (head, key block, sequence), head fastest; strides arrive divided by ALIGN; with
     # GRAD_GROUP = 3 DK is the base of d(qkv) and dK, dV are its slots 1 and 2.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
@@ -467,38 +534,45 @@ def _attn_bwd_dkdv_kernel(
                                               b, NT, H, VARLEN)
     if nb * BLOCK_N >= seqlen:
         return
-    offs_n, offs_m, offs_d, n_ok, d_ok, rows_n = _bwd_tile(nb, start, seqlen, BLOCK_N, BLOCK_M, BLOCK_D, HEAD_DIM)
-    nd_mask = n_ok[:, None] & d_ok[None, :]
+    offs_n, offs_m, n_ok, rows_n = _bwd_tile(nb, start, seqlen, BLOCK_N, BLOCK_M)
 
-    # stage 1: load this block's K, V [BLOCK_N, BLOCK_D].
-    k = tl.load(K + b * skb + h * skh + rows_n[:, None] * skn + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + rows_n[:, None] * svn + offs_d[None, :], mask=nd_mask, other=0.0)
+    # stage 1: load this block's K, V [BLOCK_N, BD].
+    k0, k1 = _load_tile(K + b * skb + h * skh, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+    v0, v1 = _load_tile(V + b * svb + h * svh, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + orow0 * so + h * HEAD_DIM
     l_base = lbase + h * NT
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk0 = tl.zeros([BLOCK_N, BD0], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BD0], tl.float32)
+    dk1 = dk0
+    dv1 = dv0
+    if BD1 > 0:
+        dk1 = tl.zeros([BLOCK_N, BD1], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BD1], tl.float32)
 
-    # stage 2: per query block load Qᵀ, dOᵀ [BLOCK_D, BLOCK_M], lse, δ [BLOCK_M];
+    # stage 2: per query block load Qᵀ, dOᵀ [BD, BLOCK_M], lse, δ [BLOCK_M];
     # Pᵀ = exp2(s·K Qᵀ·log2e − lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK += dSᵀ Q.
     for m0 in range(0, seqlen, BLOCK_M):
         rows = m0 + offs_m
         m_ok = rows < seqlen
         rows_m = (start + rows).to(tl.int64)
-        dm_mask = d_ok[:, None] & m_ok[None, :]
-        qt = tl.load(q_base + rows_m[None, :] * sqn + offs_d[:, None], mask=dm_mask, other=0.0)
-        dot_ = tl.load(do_base + rows.to(tl.int64)[None, :] * so + offs_d[:, None], mask=dm_mask, other=0.0)
+        qt0, qt1 = _load_tile(q_base, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, True)
+        dot0, dot1 = _load_tile(do_base, rows.to(tl.int64) * so, m_ok, HEAD_DIM, BD0, BD1, True)
         lse2 = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-        pt = _bwd_p(k, qt, lse2, n_ok, m_ok, scale_log2, True, PREC, UPCAST)
-        dv += _dot(pt.to(dot_.dtype), tl.trans(dot_), PREC, UPCAST)
-        dst = _bwd_ds(pt, v, dot_, delta, qt, True, PREC, UPCAST)
-        dk += _dot(dst, tl.trans(qt), PREC, UPCAST)
+        pt = _bwd_p(_dot_d(k0, k1, qt0, qt1, BD1, PREC, UPCAST), lse2, n_ok, m_ok, scale_log2, True)
+        ptc = pt.to(dot0.dtype)
+        dst = _bwd_ds(pt, _dot_d(v0, v1, dot0, dot1, BD1, PREC, UPCAST), delta, qt0, True)
+        dv0 += _dot(ptc, tl.trans(dot0), PREC, UPCAST)
+        dk0 += _dot(dst, tl.trans(qt0), PREC, UPCAST)
+        if BD1 > 0:
+            dv1 += _dot(ptc, tl.trans(dot1), PREC, UPCAST)
+            dk1 += _dot(dst, tl.trans(qt1), PREC, UPCAST)
 
     # stage 3: store dK = s·Σ dSᵀ Q and dV [BLOCK_N, HEAD_DIM].
-    g_ptrs = _row_offsets(orow0, offs_n, GRAD_GROUP * so, h, offs_d, HEAD_DIM)
-    tl.store(DK + g_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+    g_rows = _row_offsets(orow0, offs_n, GRAD_GROUP * so, h, HEAD_DIM)
+    _store_tile(DK, g_rows, n_ok, dk0 * scale, dk1 * scale, HEAD_DIM, BD0, BD1)
+    _store_tile(DV, g_rows, n_ok, dv0, dv1, HEAD_DIM, BD0, BD1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,6 +586,27 @@ def _pow2(x, lo: int = 16) -> int:
     while x > p:
         p *= 2
     return p
+
+
+# Head-dim chunks: the kernels take the head dim as BD0 + BD1 columns, two power-of-two tiles (Triton
+# tiles are powers of two; a dot needs >= 16). 80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16, 40 -> 32 + 16:
+# the dots and register tiles of the ViT-H encoder (head dim 80) are 80 wide instead of 128. Powers
+# of two, and 24 (16 + 16 is no narrower than 32), stay one chunk (BD1 = 0).
+# STOP_KERNELS_ATTN_SPLIT_D=0 turns the split off (one chunk of next_pow2(Dh)) for A/B timing.
+HEAD_DIM_SPLIT = os.environ.get("STOP_KERNELS_ATTN_SPLIT_D", "1") != "0"
+
+
+def _head_chunks(D: int, split: Optional[bool] = None) -> Tuple[int, int]:
+    """(BD0, BD1) for head dim D: one chunk of next_pow2(D) (BD1 = 0), or two that are narrower in total."""
+    full = _pow2(D)
+    if not (HEAD_DIM_SPLIT if split is None else split):
+        return full, 0
+    bd0 = full if full == D else full // 2
+    rest = D - bd0
+    if rest <= 0:
+        return full, 0
+    bd1 = _pow2(rest)
+    return (bd0, bd1) if bd0 + bd1 < full else (full, 0)
 
 
 def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
@@ -719,7 +814,7 @@ def _plan_key(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple:
     # a plan (launches go to the current device, as for any Triton kernel). Packed: the number of
     # sequences (cu_seqlens length) sets the grid, their lengths are read in-kernel.
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, None if cu is None else cu.shape[0],
-            max_seqlen, scale, _FORCED_KEY)
+            max_seqlen, scale, _FORCED_KEY, HEAD_DIM_SPLIT)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -782,7 +877,8 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
     p.copy = False
     if p.empty:
         return p, not traced
-    block_d = _pow2(D)
+    block_d = _pow2(D)  # candidate lists are keyed by the padded width
+    bd0, bd1 = _head_chunks(D)
     bucket = _pow2(N)
     strides, al = _qkv_strides((q, k, v), varlen)
     prec, upcast = _prec(q.dtype), _upcast(q.dtype)
@@ -795,7 +891,7 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
         heads = heads if H % heads == 0 else 1
         grid = (H // heads * num_m * B,)
         args = (*strides, NT, H, num_m, scale_log2)
-        kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
+        kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
                   ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return grid, args, kw
@@ -809,7 +905,7 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
                             torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)])
         _attn_fwd_kernel[grid](q, k, v, scratch[0], scratch[1], cu_arg, *args, **kw)
 
-    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen), _fwd_configs(bucket, block_d), launch, q.is_cuda,
+    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT), _fwd_configs(bucket, block_d), launch, q.is_cuda,
                            traced)
     grid, p.fwd_args, p.fwd_kw = parts(cfg)
     p.fwd = _launcher(_attn_fwd_kernel, grid, traced)
@@ -820,6 +916,7 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
                    traced: bool = False) -> Tuple[_BwdPlan, bool]:
     B, N, H, D, NT = _dims(q, cu.numel() if varlen else 0, varlen, max_seqlen)
     block_d = _pow2(D)
+    bd0, bd1 = _head_chunks(D)
     bucket = _pow2(N)
     strides, al = _qkv_strides((q, k, v), varlen)
     prec, upcast = _prec(q.dtype), _upcast(q.dtype)
@@ -833,7 +930,7 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
             bp.launch1 = _launcher(_attn_bwd_fused_kernel, (H * B,), traced_)
             bp.args1 = (*strides, NT, H, scale)
             bp.launch2, bp.args2 = None, None
-            bp.kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"], ALIGN=al,
+            bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"], ALIGN=al,
                          VARLEN=varlen, PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"],
                          num_stages=cfg["num_stages"])
             return bp
@@ -847,7 +944,7 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
         bp.args1 = (*strides, NT, H, num_m, scale)
         bp.launch2 = _launcher(_attn_bwd_dkdv_kernel, (H * num_n * B,), traced_)
         bp.args2 = (*strides, NT, H, num_n, scale)
-        bp.kw = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
+        bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
                      UPCAST=upcast, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
         return bp
 
@@ -859,7 +956,7 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
             scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))
         _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, scratch[:3], delta=scratch[3])
 
-    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen), _bwd_configs(bucket, block_d), launch, q.is_cuda,
+    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT), _bwd_configs(bucket, block_d), launch, q.is_cuda,
                            traced)
     return parts(cfg, traced), ok
 
