@@ -8,7 +8,9 @@ initialisation and the same StoP noise (the fused op and its reference twin draw
 * reference: SDPA attention and the pure-PyTorch reference of the predictor input.
 
 On CUDA: vit_small at 64 px, 200 steps, bf16 autocast — every window of 20 steps has the same mean
-loss within 3 % (bf16 rounding makes single steps drift apart, not the trend) and the losses fall.
+loss within 3 % (bf16 rounding makes single steps drift apart, not the trend) and the losses fall;
+once with eager blocks and once with torch.compile'd blocks (there the attention kernels run as
+Inductor-launched triton_ops; the reference path compiles its blocks too).
 On CPU (the Triton kernels through the interpreter): vit_tiny, 20 steps, float32 — every step's loss
 equal within 1e-4 relative.
 """
@@ -38,6 +40,7 @@ def _losses(path: str, cfg: TrainConfig, steps: int, batches) -> list:
     torch.manual_seed(cfg.seed)
     attention, input_backend = {"fast": ("triton", "triton"), "reference": ("sdpa", "reference")}[path]
     cfg = TrainConfig(**{**cfg.to_dict(), "attention": attention})
+    torch._dynamo.reset()
     tr = Trainer(cfg, D.init_distributed(cfg), None)
     tr.models.predictor.input_backend = input_backend
     torch.manual_seed(cfg.seed + 1)  # the StoP noise stream: the same for both paths
@@ -48,10 +51,11 @@ def _losses(path: str, cfg: TrainConfig, steps: int, batches) -> list:
 
 @pytest.mark.skipif(not CUDA and not _interpreted(),
                     reason="no CUDA and the Triton kernels were imported before TRITON_INTERPRET=1 was set")
-def test_fast_path_trains_like_the_reference(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True] if CUDA else [False], ids=lambda c: "compiled" if c else "eager")
+def test_fast_path_trains_like_the_reference(tmp_path, compiled):
     if CUDA:
         cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=4, pred_emb_dim=192,
-                          batch_size=32, min_keep=4, out=str(tmp_path), lr=5e-4, seed=3)
+                          batch_size=32, min_keep=4, out=str(tmp_path), lr=5e-4, seed=3, compile=compiled)
         steps, dev = 200, torch.device("cuda")
     else:
         cfg = TrainConfig(model="vit_tiny", img_size=32, patch_size=8, pred_depth=1, pred_emb_dim=96,
