@@ -7,6 +7,14 @@
 #                                                 (default: all of them, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
 # costs only its own slot.
+#
+# What is unmeasured since GPU run 3 (and the two calls that measure it, ~8 + ~8 min):
+#   1. SEC_TESTS_NEW=200 SEC_ATTN=260 BUDGET_ATTN=230 bash benchmarks/gpu_all.sh env tests-new attn
+#      GPU correctness of the Inductor-launched attention (triton_op) and of the head-dim split,
+#      the loss curve eager + compiled; per-shape attention timing, split vs unsplit.
+#   2. SEC_E2E=500 bash benchmarks/gpu_all.sh e2e
+#      ViT-H step: reference vs fast (compiled, SDPA inside) vs fast_triton (compiled, Triton inside).
+#   Then: `stop` (the D_TILES = 3 StoP kernels) and `profile`.
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
