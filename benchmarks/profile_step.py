@@ -14,7 +14,7 @@ and host ops.
 A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; auto = none on one
 GPU), ``attention``
 (auto|triton|sdpa), ``input`` (the predictor input backend: auto|triton|cuda|unfused), ``compile``
-(0|1). Results: ``<out>/profile_step.json`` and a markdown
+(0|1), ``graph`` (0|1: the target encoder replayed from a CUDA graph, ``cuda_graph_target``). Results: ``<out>/profile_step.json`` and a markdown
 table printed last.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _annotation(name: str) -> bool:
 
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
-    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0"}
+    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0"}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -85,7 +85,8 @@ def run_variant(v: dict, args, info) -> dict:
     cfg = parse_config(["--model", args.model, "--batch-size", str(args.batch_size), "--sharding", v["sharding"],
                         "--attention", v["attention"],
                         "--out", os.path.join(args.out, "run_" + v["name"])] + args.extra.split()
-                       + (["--compile"] if v["compile"] == "1" else []))
+                       + (["--compile"] if v["compile"] == "1" else [])
+                       + (["--cuda-graph-target"] if v["graph"] == "1" else []))
     cuda = _cuda(info)
     if cuda:
         torch.cuda.empty_cache()

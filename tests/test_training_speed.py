@@ -111,3 +111,75 @@ def test_ema_lerp_matches_definition_and_momentum_one_is_exact():
     ema_update(t, o, 0.996)
     for a, b in zip(t, want):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# cuda_graph_target: the target encoder's forward replayed from a CUDA graph
+# ------------------------------------------------------------------------------------------
+def test_cuda_graph_target_needs_one_cuda_device(tmp_path, cpu_train):
+    cfg = tiny(tmp_path, cuda_graph_target=True)
+    with pytest.raises(ConfigError, match=r"^cuda_graph_target: needs one CUDA device without FSDP sharding"):
+        Trainer(cfg, D.init_distributed(cfg), None)
+    assert "cuda_graph_target" in TrainConfig().to_dict() and TrainConfig().cuda_graph_target is False
+
+
+def test_graphed_forward_runs_eagerly_off_cuda_or_with_grad():
+    """Off CUDA (and with grad enabled, or while another capture runs) GraphedForward is the module."""
+    from stop_kernels.training.cuda_graphs import GraphedForward
+    lin = torch.nn.Linear(8, 4)
+    gf = GraphedForward(lin)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(gf(x), lin(x))
+    y = gf(x)
+    assert y.requires_grad and gf.captures == 0 and gf.replays == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_graphed_target_encoder_equals_eager_and_follows_the_ema(compiled):
+    """The replayed forward equals the module's own forward on fresh inputs, also after the EMA
+    changed the parameters in place (the graph reads them at their addresses), under bf16 autocast;
+    one capture per input signature."""
+    from stop_kernels.models import vit_encoder
+    from stop_kernels.training.cuda_graphs import GraphedForward
+    from stop_kernels.training.parallelize import apply_compile
+    torch.manual_seed(0)
+    enc = vit_encoder("vit_small", img_size=64, patch_size=8).cuda()
+    online = vit_encoder("vit_small", img_size=64, patch_size=8).cuda()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    if compiled:
+        apply_compile(enc, dynamic=False)
+    gf = GraphedForward(enc)
+    tgt, onl = list(enc.parameters()), list(online.parameters())
+    for step in range(4):
+        x = torch.randn(8, 3, 64, 64, device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            got = gf(x)
+            want = enc(x)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+        ema_update(tgt, onl, 0.9)  # in place: the next replay must see it
+    assert gf.captures == 1 and gf.replays == 4
+    with torch.no_grad():  # a new signature (no autocast): a second graph
+        x = torch.randn(8, 3, 64, 64, device="cuda")
+        torch.testing.assert_close(gf(x), enc(x), atol=1e-4, rtol=1e-4)
+    assert gf.captures == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_target_trains_like_eager(tmp_path):
+    """Trainer steps with the graphed target encoder give the losses of the plain one."""
+    from stop_kernels.training.loop import synthetic_batches
+    out = {}
+    for graphed in (False, True):
+        cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
+                          min_keep=4, out=str(tmp_path / str(graphed)), seed=5, cuda_graph_target=graphed)
+        tr = Trainer(cfg, D.init_distributed(cfg), None)
+        batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
+        torch.manual_seed(6)
+        sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+        out[graphed] = [float(tr.step(*batches[i % 3], sched)[0]) for i in range(6)]
+        assert (tr.target_forward is not None) == graphed
+    for a, b in zip(out[True], out[False]):
+        assert abs(a - b) <= 1e-3 * abs(b), out

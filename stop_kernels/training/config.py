@@ -89,6 +89,7 @@ class TrainConfig:
     sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
+    cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     attention: str = "auto"            # attention backend of the models: auto (Triton on CUDA) | triton | sdpa | xformers | reference
     packed: bool = False               # keep every masked patch: ragged masks + packed (varlen) attention
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32

@@ -39,6 +39,7 @@ from ..ops.attention import use_attention_backend
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors
 from .config import ConfigError, TrainConfig, validate
+from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import MetricsLogger, gpu_name, peak_memory_gib, step_flops
 from .parallelize import count_parameters, describe, paired_parameters, parallelize
@@ -122,16 +123,18 @@ def set_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total
     return lr, wd, momentum_at(step, total=total, start=cfg.ema_start, end=cfg.ema_end)
 
 
-def jepa_step_loss(models: JEPAModels, imgs: torch.Tensor, masks_enc, masks_pred, autocast) -> torch.Tensor:
+def jepa_step_loss(models: JEPAModels, imgs: torch.Tensor, masks_enc, masks_pred, autocast,
+                   target_forward=None) -> torch.Tensor:
     """Forward of one I-JEPA+StoP step; returns the loss (backward is the caller's).
 
     Rectangular masks follow the official code; ragged masks (``--packed``) run the encoder and
-    predictor on packed sequences and take the loss over every target token.
+    predictor on packed sequences and take the loss over every target token. ``target_forward``
+    replaces the call of the target encoder (e.g. its CUDA-graphed forward, ``cuda_graph_target``).
     """
     packed = is_ragged(masks_enc)
     with autocast:
         with torch.no_grad():
-            h = models.target_encoder(imgs)
+            h = (target_forward or models.target_encoder)(imgs)
             h = packed_targets(h, masks_pred) if packed else reference.target_features(h, masks_pred)
         z = models.encoder(imgs, masks_enc)
         z = models.predictor(z, masks_enc, masks_pred)
@@ -167,6 +170,13 @@ class Trainer:
         self.container = JEPAContainer(self.models)
         self.opt = build_optimizer(self.models, cfg, self.device)
         self.ema_target, self.ema_online = paired_parameters(self.models.target_encoder, self.models.encoder)
+        self.target_forward = None
+        if cfg.cuda_graph_target:
+            if self.device.type != "cuda" or self.mesh is not None:
+                raise ConfigError(f"cuda_graph_target: needs one CUDA device without FSDP sharding; got device "
+                                  f"{self.device} and sharding {self.sharding!r}")
+            self.target_forward = GraphedForward(self.models.target_encoder,
+                                                 log=lambda m: _print(m, info, stream))
         self.checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), info, keep=cfg.keep_ckpts)
 
     def step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
@@ -179,7 +189,7 @@ class Trainer:
         # the masks were range-checked on the host (check_masks) before they were moved: no device
         # index check (a host synchronisation each) inside the step
         with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention):
-            loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast)
+            loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward)
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

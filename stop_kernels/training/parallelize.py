@@ -162,6 +162,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
     parts.append(f"AC {cfg.ac}")
     if cfg.compile:
         parts.append("compiled blocks")
+    if cfg.cuda_graph_target:
+        parts.append("CUDA-graphed target encoder")
     return ", ".join(parts)
 
 
