@@ -14,7 +14,9 @@
 #      the loss curve eager + compiled; per-shape attention timing, split vs unsplit.
 #   2. SEC_E2E=500 bash benchmarks/gpu_all.sh e2e
 #      ViT-H step: reference vs fast (compiled, SDPA inside) vs fast_triton (compiled, Triton inside).
-#   Then: `stop` (the D_TILES = 3 StoP kernels) and `profile`.
+#   3. SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile
+#      where the compiled step's time goes: SDPA vs Triton inside, and the CUDA-graphed target encoder.
+#   Then: `stop` (the D_TILES = 3 StoP kernels).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
@@ -53,8 +55,8 @@ for s in $SECTIONS; do
     train-eager) section train-eager ${SEC_TRAIN:-120} python -m torch.distributed.run --standalone --nproc_per_node=1 \
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
-    profile) section profile ${SEC_PROFILE:-300} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton" \
+    profile) section profile ${SEC_PROFILE:-420} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
+           --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton,compiled_triton_graph:compile=1+attention=triton+graph=1" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --paths ${E2E_PATHS:-reference,fast,fast_triton} --out "$RES/e2e" ;;
