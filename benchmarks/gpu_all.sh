@@ -8,10 +8,11 @@
 # Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
 # costs only its own slot.
 #
-# What is unmeasured since GPU run 3 (and the two calls that measure it, ~8 + ~8 min):
+# What is unmeasured since GPU run 3, and the calls that measure it (each under 10 min):
 #   1. SEC_TESTS_NEW=200 SEC_ATTN=260 BUDGET_ATTN=230 bash benchmarks/gpu_all.sh env tests-new attn
 #      GPU correctness of the Inductor-launched attention (triton_op) and of the head-dim split,
-#      the loss curve eager + compiled; per-shape attention timing, split vs unsplit.
+#      the loss curve eager + compiled, the CUDA-graphed target encoder; per-shape attention
+#      timing, split vs unsplit.
 #   2. SEC_E2E=500 bash benchmarks/gpu_all.sh e2e
 #      ViT-H step: reference vs fast (compiled, SDPA inside) vs fast_triton (compiled, Triton inside).
 #   3. SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile
@@ -47,7 +48,8 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-150} python -m pytest -q -x -p no:cacheprovider \
-           tests/test_fast_path_loss_curve.py "tests/test_attention.py" -k "qkv or policy or trains_like or inductor_launches or head_dim" ;;
+           tests/test_fast_path_loss_curve.py tests/test_attention.py tests/test_training_speed.py \
+           -k "qkv or policy or trains_like or inductor_launches or head_dim or graph" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
