@@ -1,5 +1,6 @@
 """Trace the attention ops the way Inductor does, on a machine without a GPU (run by
-tests/test_attention_inductor_trace.py in a subprocess; prints one JSON line).
+tests/test_attention_inductor_trace.py in a subprocess; prints one JSON line). With ``--inductor``:
+Inductor's generated host code for the ops (``inductor_wrapper``).
 
 On CUDA the ``stop_kernels::flash_attn_*`` ops are ``torch.library.triton_op``s: AOTAutograd traces
 their bodies with fake tensors and symbolic sizes, each launch becoming a
@@ -91,6 +92,83 @@ def trace(N: int, D: int, varlen: bool, packed: bool = True):
             "guards": [str(g.expr).replace(str(sym), "N") for g in shape_env.guards],
             "shape": [str(s).replace(str(sym), "N") for s in o.shape]}
 
+
+def _pretend_h100_for_inductor():
+    """Inductor's code generation asks the CUDA runtime for the device's properties and whether Triton
+    can target it; answer as an H100 would (nothing is compiled for or run on a device: the
+    generated wrapper code is only read)."""
+    import types
+
+    import torch._dynamo.device_interface as dif
+    import torch._inductor.compile_fx as cfx
+    import torch._inductor.scheduler as sched
+    props = types.SimpleNamespace(major=9, minor=0, multi_processor_count=132, name="NVIDIA H100 (offline)",
+                                  total_memory=80 * 2 ** 30, warp_size=32, max_threads_per_multi_processor=2048,
+                                  regs_per_multiprocessor=65536, shared_memory_per_block_optin=232448,
+                                  L2_cache_size=50 * 2 ** 20, gcnArchName="", uuid="offline", clock_rate=1980000)
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.current_device = lambda: 0
+    dif.CudaInterface.get_device_properties = staticmethod(lambda *a, **k: props)
+    dif.CudaInterface.get_compute_capability = staticmethod(lambda *a, **k: 90)
+    dif.CudaInterface.current_device = staticmethod(lambda: 0)
+    sched.has_triton = lambda: True
+    cfx._check_triton_bf16_support = lambda graph: None
+
+
+def inductor_wrapper(N: int, D: int = 24):
+    """Inductor's generated ``call`` (the host code of the compiled graph) for the packed forward op
+    and for the packed backward op, with a symbolic N: which kernels it launches, which buffers it
+    allocates, and whether anything is copied around the launches."""
+    from torch._inductor import graph as ind_graph
+    from torch._inductor.compile_fx import compile_fx_inner
+    codes = []
+
+    def stop_after_codegen(self):
+        code = self.codegen()
+        code = code[0] if isinstance(code, tuple) else code
+        code = getattr(code, "value", code)
+        codes.append(code[code.index("def call(self, args)"):code.index("runner = Runner")])
+        raise _Stop()
+
+    real = ind_graph.GraphLowering.compile_to_module
+    ind_graph.GraphLowering.compile_to_module = stop_after_codegen
+    try:
+        shape_env = ShapeEnv()
+        mode = FakeTensorMode(shape_env=shape_env)
+        sym = shape_env.create_symbol(N, ConstantSource("N"), dynamic_dim=DimDynamic.DYNAMIC)
+        n = shape_env.create_symintnode(sym, hint=N)
+        B, H = 4, 16
+        with mode:
+            qkv = torch.empty(B, n, 3, H, D, dtype=torch.bfloat16, device="cuda")
+            do = torch.empty(B, n, H, D, dtype=torch.bfloat16, device="cuda")
+            o = torch.empty(B, n, H, D, dtype=torch.bfloat16, device="cuda")
+            lse = torch.empty(B, H, n, dtype=torch.float32, device="cuda")
+        ops = torch.ops.stop_kernels
+        graphs = [(lambda x: (ops.flash_attn_qkv_fwd(x, None, x.shape[1], 0.25)[0],), (qkv,)),
+                  (lambda d, x, o_, l_: (ops.flash_attn_qkv_bwd(d, x, o_, l_, None, x.shape[1], 0.25),),
+                   (do, qkv, o, lse))]
+        for fn, args in graphs:
+            try:
+                with mode:
+                    aot_function(fn, fw_compiler=compile_fx_inner, dynamic=True)(*args)
+            except _Stop:
+                pass
+    finally:
+        ind_graph.GraphLowering.compile_to_module = real
+    return {"fwd": codes[0], "bwd": codes[1]}
+
+
+class _Stop(BaseException):
+    """Raised once the wrapper code exists (a BaseException, so Inductor's error wrapping lets it through)."""
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
+    _pretend_h100_for_inductor()
+    with offline_driver(90, "cuda"):
+        print(json.dumps({f"N{N}_D{D}": inductor_wrapper(N, D) for N, D in [(116, 24), (150, 24), (74, 80)]}))
+    sys.exit(0)
 
 if __name__ == "__main__":
     res = {"inductor_launches": A.INDUCTOR_LAUNCHES}

@@ -14,11 +14,16 @@ subprocess, an sm_90 TTIR target, fake CUDA tensors, a symbolic sequence length)
 * the traced graph must stay dynamic in N: the only guards are the bucket bounds of the config
   choice (``16 < N <= 32 < ...``), so a training run compiles once per N bucket, not per length.
 
-The GPU half (Inductor's generated code launches the kernels, results equal to eager, no
-recompilation within a bucket) is in ``test_attention.py`` (CUDA-only tests).
+* Inductor's generated host code (``--inductor``: the codegen runs with the CUDA device queries
+  answered as an H100's, and stops once the wrapper code exists) allocates the outputs and launches
+  the kernels, with no Python op call and no copy around them.
+
+The GPU half (the compiled code runs, results equal to eager, no recompilation within a bucket) is
+in ``test_attention.py`` (CUDA-only tests).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,3 +79,37 @@ def test_dynamic_in_the_sequence_length(traced, case, upper):
     lower = [f"N > {b}" for b in (16, 32, 64, 128) if b < upper]
     assert sorted(got["guards"]) == sorted(lower + [f"N <= {upper}"]), got["guards"]
     assert any("N" in d for d in got["shape"])
+
+
+@pytest.fixture(scope="module")
+def inductor_code():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_trace_attention_ops.py"), "--inductor"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _launch_lines(code: str):
+    return [line.strip().split(".run(")[0] for line in code.splitlines() if ".run(" in line]
+
+
+@pytest.mark.parametrize("case, fwd, bwd", [
+    ("N116_D24", ["_attn_fwd_kernel_0"], ["_attn_bwd_fused_kernel_0"]),
+    ("N150_D24", ["_attn_fwd_kernel_0"], ["_attn_bwd_dq_kernel_0", "_attn_bwd_dkdv_kernel_1"]),
+    ("N74_D80", ["_attn_fwd_kernel_0"], ["_attn_bwd_dq_kernel_0", "_attn_bwd_dkdv_kernel_1"]),
+])
+def test_inductor_host_code_is_just_the_launches(inductor_code, case, fwd, bwd):
+    """Inductor's generated host code for the ops (an H100 as the pretended target): it allocates the
+    outputs and launches our kernels, nothing else — no Python op call, no clone or copy kernel, and
+    the q/k/v views of the packed input go to the kernels as reinterpretations of it."""
+    for kind, kernels in (("fwd", fwd), ("bwd", bwd)):
+        code = inductor_code[case][kind]
+        assert _launch_lines(code) == kernels, code
+        assert "stop_kernels" not in code and "clone" not in code and ".copy_(" not in code, code
+        assert "reinterpret_tensor(arg" in code
+        # N stays symbolic: read from the input's size at run time and passed to every launch
+        m = re.search(r"(\w+) = arg\d+_1\.size\(\)\[1\]", code)
+        assert m, code
+        assert all(m.group(1) in line for line in code.splitlines() if ".run(" in line), code
