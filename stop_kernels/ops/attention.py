@@ -138,28 +138,31 @@ def _dot_d(a0, a1, b0, b1, BD1: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.con
 
 
 @triton.jit
+def _cols(base, row_off, row_ok, cols, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr):
+    """Pointers [R, C] (TRANS: [C, R]) of columns ``cols`` of the rows at ``base + row_off`` and their
+    mask (rows ``row_ok``, columns < HEAD_DIM)."""
+    if TRANS:
+        ptrs = base + row_off[None, :] + cols[:, None]
+        mask = row_ok[None, :] & (cols < HEAD_DIM)[:, None]
+    else:
+        ptrs = base + row_off[:, None] + cols[None, :]
+        mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    return ptrs, mask
+
+
+@triton.jit
 def _load_tile(base, row_off, row_ok, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
                TRANS: tl.constexpr):
     """Load the head-dim chunks of a tile of rows: columns [0, BD0) and [BD0, BD0 + BD1) of the rows
     at ``base + row_off`` (``row_off``: [R] element offsets), zero outside ``row_ok`` and beyond
     HEAD_DIM: (x0 [R, BD0], x1 [R, BD1]), or transposed ([BD, R]) with TRANS. BD1 = 0: the head dim
     is one chunk and x1 repeats x0 (never used)."""
-    c0 = tl.arange(0, BD0)
-    if TRANS:
-        x0 = tl.load(base + row_off[None, :] + c0[:, None], mask=row_ok[None, :] & (c0 < HEAD_DIM)[:, None],
-                     other=0.0)
-    else:
-        x0 = tl.load(base + row_off[:, None] + c0[None, :], mask=row_ok[:, None] & (c0 < HEAD_DIM)[None, :],
-                     other=0.0)
+    ptrs, mask = _cols(base, row_off, row_ok, tl.arange(0, BD0), HEAD_DIM, TRANS)
+    x0 = tl.load(ptrs, mask=mask, other=0.0)
     x1 = x0
     if BD1 > 0:
-        c1 = BD0 + tl.arange(0, BD1)
-        if TRANS:
-            x1 = tl.load(base + row_off[None, :] + c1[:, None], mask=row_ok[None, :] & (c1 < HEAD_DIM)[:, None],
-                         other=0.0)
-        else:
-            x1 = tl.load(base + row_off[:, None] + c1[None, :], mask=row_ok[:, None] & (c1 < HEAD_DIM)[None, :],
-                         other=0.0)
+        ptrs, mask = _cols(base, row_off, row_ok, BD0 + tl.arange(0, BD1), HEAD_DIM, TRANS)
+        x1 = tl.load(ptrs, mask=mask, other=0.0)
     return x0, x1
 
 
@@ -167,13 +170,11 @@ def _load_tile(base, row_off, row_ok, HEAD_DIM: tl.constexpr, BD0: tl.constexpr,
 def _store_tile(base, row_off, row_ok, x0, x1, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
     """Store the head-dim chunks x0 [R, BD0] (and x1 [R, BD1]) of a tile of rows at ``base + row_off``
     (columns < HEAD_DIM, rows ``row_ok``), cast to the element type of ``base``."""
-    c0 = tl.arange(0, BD0)
-    tl.store(base + row_off[:, None] + c0[None, :], x0.to(base.dtype.element_ty),
-             mask=row_ok[:, None] & (c0 < HEAD_DIM)[None, :])
+    ptrs, mask = _cols(base, row_off, row_ok, tl.arange(0, BD0), HEAD_DIM, False)
+    tl.store(ptrs, x0.to(base.dtype.element_ty), mask=mask)
     if BD1 > 0:
-        c1 = BD0 + tl.arange(0, BD1)
-        tl.store(base + row_off[:, None] + c1[None, :], x1.to(base.dtype.element_ty),
-                 mask=row_ok[:, None] & (c1 < HEAD_DIM)[None, :])
+        ptrs, mask = _cols(base, row_off, row_ok, BD0 + tl.arange(0, BD1), HEAD_DIM, False)
+        tl.store(ptrs, x1.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
