@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -89,15 +89,21 @@ def peak_mib_beyond_inputs(fn) -> float:
     return peak / 2 ** 20
 
 
-def sdpa_fn(backend_name: str):
+def sdpa_fn(backend_name: Optional[str]):
     """``f(q, k, v)`` for ``[B, N, H, Dh]`` inputs: ``F.scaled_dot_product_attention`` on transposed
-    views with one SDPA backend forced: "flash", "efficient", "cudnn" or "math"."""
+    views with one SDPA backend forced: "flash", "efficient", "cudnn" or "math"; None: PyTorch's own
+    choice (what a model calling SDPA gets, e.g. inside torch.compile)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    if backend_name is None:
+        return sdpa
     be = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
           "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend_name]
 
     def f(q, k, v):
         with sdpa_kernel([be]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            return sdpa(q, k, v)
     return f

@@ -10,6 +10,8 @@ Modes: forward, forward+backward. Peers measured in the same run; the math backe
 (FLOPs 4·B·H·N²·D forward, 3.5× for forward+backward; bytes q, k, v, o forward, plus
 do, dq, dk, dv and lse for forward+backward).
 
+``triton-qkv-compiled`` and ``sdpa-compiled`` call the same under ``torch.compile`` (Inductor launches our
+kernels itself; SDPA picks its backend inside the graph): what the compiled model blocks pay per call.
 Two launch modes per case: ``eager`` (REPS back-to-back Python calls, then one sync: includes the
 host's launch cost, what an eager training loop sees) and ``graph`` (the same REPS calls captured
 once in a CUDA graph, each round one replay: GPU time only). Tuning / compilation happen in the
@@ -30,7 +32,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 SHAPES = [(256, 16, n, 24) for n in (100, 116, 128, 150, 160)] + [(64, 16, 256, 80), (64, 16, 74, 80)]
 REPS = 10
-IMPLS = ["triton", "triton-qkv", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "xformers"]
+IMPLS = ["triton", "triton-qkv", "triton-qkv-compiled", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math",
+         "sdpa-compiled", "xformers"]
 
 
 def _impl(name):
@@ -40,6 +43,11 @@ def _impl(name):
     if name == "triton-qkv":  # the models' call: the packed buffer in, d(qkv) written in its layout
         from stop_kernels.ops.attention import attention_qkv
         return lambda qkv: attention_qkv(qkv)
+    if name == "triton-qkv-compiled":  # inside torch.compile: Inductor launches the kernels (triton_op)
+        from stop_kernels.ops.attention import attention_qkv
+        return torch.compile(attention_qkv, fullgraph=True)
+    if name == "sdpa-compiled":  # SDPA on the q, k, v views inside torch.compile (the compiled blocks' peer)
+        return torch.compile(sdpa_fn(None), fullgraph=True)
     if name == "xformers":
         try:
             import xformers.ops as xops
@@ -63,7 +71,7 @@ def test_attention_speed(benchmark, shape, impl, mode, launch):
 
     def calls():  # REPS calls (fresh views each: the same Python work in both launch modes)
         for _ in range(REPS):
-            args = (qkv,) if impl == "triton-qkv" else qkv.unbind(2)
+            args = (qkv,) if impl.startswith("triton-qkv") else qkv.unbind(2)
             if mode == "fwd":
                 with torch.no_grad():
                     f(*args)
