@@ -62,7 +62,7 @@ for s in $SECTIONS; do
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --paths ${E2E_PATHS:-reference,fast,fast_triton} --out "$RES/e2e" ;;
-    bench) section bench ${SEC_BENCH:-240} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
+    bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
     *) echo "unknown section $s" ;;
   esac
