@@ -9,7 +9,7 @@
 # costs only its own slot.
 #
 # What is unmeasured since GPU run 3, and the calls that measure it (each under 10 min):
-#   1. SEC_TESTS_NEW=200 SEC_ATTN=260 BUDGET_ATTN=230 bash benchmarks/gpu_all.sh env tests-new attn
+#   1. SEC_TESTS_NEW=260 SEC_ATTN=240 BUDGET_ATTN=210 bash benchmarks/gpu_all.sh env tests-new attn
 #      GPU correctness of the Inductor-launched attention (triton_op) and of the head-dim split,
 #      the loss curve eager + compiled, the CUDA-graphed target encoder; per-shape attention
 #      timing, split vs unsplit.
