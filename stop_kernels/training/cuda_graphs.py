@@ -28,7 +28,8 @@ from torch import nn
 
 
 class GraphedForward:
-    """Call ``module(x)`` through a CUDA graph per input signature (CUDA, no grad), else eagerly."""
+    """Call ``module(x)`` (one tensor in, one tensor out) through a CUDA graph per input signature
+    (CUDA, no grad), else eagerly."""
 
     def __init__(self, module: nn.Module, warmup: int = 3, max_graphs: int = 2, log=None):
         self.module = module
@@ -77,6 +78,9 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool), no_cache:
             static_out = self.module(static_in)
+        if not isinstance(static_out, torch.Tensor):
+            raise TypeError(f"module: GraphedForward replays modules that return one tensor; "
+                            f"{type(self.module).__name__} returned {type(static_out).__name__}")
         self._graphs[key] = (graph, static_in, static_out)
         self.captures += 1
         if self.log is not None:
