@@ -78,8 +78,9 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
   the kernel launches in its generated code, so a compiled graph pays none of the Python costs
   above per call; the config is fixed at compile time per N bucket (the cached pick, else the
   first candidate; the bucket comparisons are the graph's only guards on N). Under the Triton
-  interpreter they are plain custom ops (opaque calls, the same plans). Both give results
-  bit-identical to the eager path. In GPU run 3 (H200) the earlier custom-op version of these ops
+  interpreter they are plain custom ops (opaque calls, the same plans). Same kernels and configs
+  as the eager path, so the results are meant to be bit-identical (tested: on CPU through the
+  custom ops, on CUDA by ``test_inductor_launches_the_kernels_itself``, not yet run on a GPU). In GPU run 3 (H200) the earlier custom-op version of these ops
   made the compiled ViT-H step host-bound (141.7 against 120.6 ms/step with SDPA), which is why
   "auto" still picks SDPA under torch.compile (:data:`DEFAULT_AUTO_POLICY`) until the Inductor-
   launched version is measured (``benchmarks/gpu_all.sh profile``).
