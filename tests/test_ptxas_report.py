@@ -36,4 +36,4 @@ def test_stop_forward_full_d_configs_do_not_spill(tmp_path):
     for r in full_d:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["wgmma"] > 0 and r["smem"] <= 227 * 1024, r  # Hopper tensor cores, fits an SM
-    assert all(r["regs"] and r["regs"] <= 255 for r in rows)
+    assert all(r["regs"] for r in rows), rows  # ptxas's verdict was found for every config

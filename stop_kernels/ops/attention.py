@@ -204,12 +204,26 @@ def _bwd_ds(p, dp, delta, like, TRANS: tl.constexpr):
 
 
 @triton.jit
-def _delta(do0, do1, o0, o1, BD1: tl.constexpr):
-    """δ = rowsum(dO ∘ O) in float32 over the head-dim chunks."""
-    d = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+def _zeros_tile(ROWS: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+    """A float32 accumulator in head-dim chunks: (zeros [ROWS, BD0], zeros [ROWS, BD1]); BD1 = 0: the
+    second repeats the first (never used)."""
+    z0 = tl.zeros([ROWS, BD0], tl.float32)
+    z1 = z0
     if BD1 > 0:
-        d += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
-    return d
+        z1 = tl.zeros([ROWS, BD1], tl.float32)
+    return z0, z1
+
+
+@triton.jit
+def _load_do_delta(DO, O, row_off, row_ok, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr):
+    """The backward's preprocess for a tile of query rows of O/dO (contiguous, ``row_off`` element
+    offsets): (dO chunks, δ = rowsum(dO ∘ O) in float32)."""
+    do0, do1 = _load_tile(DO, row_off, row_ok, HEAD_DIM, BD0, BD1, False)
+    o0, o1 = _load_tile(O, row_off, row_ok, HEAD_DIM, BD0, BD1, False)
+    delta = tl.sum(do0.to(tl.float32) * o0.to(tl.float32), 1)
+    if BD1 > 0:
+        delta += tl.sum(do1.to(tl.float32) * o1.to(tl.float32), 1)
+    return do0, do1, delta
 
 
 @triton.jit
@@ -338,10 +352,7 @@ def _attn_fwd_kernel(
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc0 = tl.zeros([BLOCK_M, BD0], tl.float32)
-        acc1 = acc0
-        if BD1 > 0:
-            acc1 = tl.zeros([BLOCK_M, BD1], tl.float32)
+        acc0, acc1 = _zeros_tile(BLOCK_M, BD0, BD1)
         # stage 2: for each key block load Kᵀ [BD, BLOCK_N] and V [BLOCK_N, BD] (per chunk), compute
         # S = scale·Q Kᵀ in log2 units, update the running max / sum, rescale and accumulate P V.
         # With BLOCK_N >= N (short sequences) this loop runs once.
@@ -410,14 +421,9 @@ def _attn_bwd_fused_kernel(
     # stage 1: load every query row: Q, dO, O [BLOCK_Q, BD] and lse [BLOCK_Q];
     # δ = rowsum(dO ∘ O) in float32 (the preprocess, fused here).
     q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False)
-    do0, do1 = _load_tile(DO, g_q, q_ok, HEAD_DIM, BD0, BD1, False)
-    o0, o1 = _load_tile(O, g_q, q_ok, HEAD_DIM, BD0, BD1, False)
-    delta = _delta(do0, do1, o0, o1, BD1)
+    do0, do1, delta = _load_do_delta(DO, O, g_q, q_ok, HEAD_DIM, BD0, BD1)
     lse2 = tl.load(LSE + lbase + h * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
-    dq0 = tl.zeros([BLOCK_Q, BD0], tl.float32)
-    dq1 = dq0
-    if BD1 > 0:
-        dq1 = tl.zeros([BLOCK_Q, BD1], tl.float32)
+    dq0, dq1 = _zeros_tile(BLOCK_Q, BD0, BD1)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
@@ -480,17 +486,12 @@ def _attn_bwd_dq_kernel(
     # stage 1: load Q, dO, O [BLOCK_M, BD], lse; compute δ = rowsum(dO ∘ O), store it for the
     # dK/dV launch.
     q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
-    do0, do1 = _load_tile(DO, g_m, m_ok, HEAD_DIM, BD0, BD1, False)
-    o0, o1 = _load_tile(O, g_m, m_ok, HEAD_DIM, BD0, BD1, False)
-    delta = _delta(do0, do1, o0, o1, BD1)
+    do0, do1, delta = _load_do_delta(DO, O, g_m, m_ok, HEAD_DIM, BD0, BD1)
     tl.store(DELTA + l_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + l_m, mask=m_ok, other=0.0) * 1.4426950408889634
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    dq0 = tl.zeros([BLOCK_M, BD0], tl.float32)
-    dq1 = dq0
-    if BD1 > 0:
-        dq1 = tl.zeros([BLOCK_M, BD1], tl.float32)
+    dq0, dq1 = _zeros_tile(BLOCK_M, BD0, BD1)
 
     # stage 2: per key block load Kᵀ, Vᵀ [BD, BLOCK_N]; P = exp2(s·Q Kᵀ·log2e − lse),
     # dS = P ∘ (dO Vᵀ − δ), dQ += dS K.
@@ -544,13 +545,8 @@ def _attn_bwd_dkdv_kernel(
     q_base = Q + b * sqb + h * sqh
     do_base = DO + orow0 * so + h * HEAD_DIM
     l_base = lbase + h * NT
-    dk0 = tl.zeros([BLOCK_N, BD0], tl.float32)
-    dv0 = tl.zeros([BLOCK_N, BD0], tl.float32)
-    dk1 = dk0
-    dv1 = dv0
-    if BD1 > 0:
-        dk1 = tl.zeros([BLOCK_N, BD1], tl.float32)
-        dv1 = tl.zeros([BLOCK_N, BD1], tl.float32)
+    dk0, dk1 = _zeros_tile(BLOCK_N, BD0, BD1)
+    dv0, dv1 = _zeros_tile(BLOCK_N, BD0, BD1)
 
     # stage 2: per query block load Qᵀ, dOᵀ [BD, BLOCK_M], lse, δ [BLOCK_M];
     # Pᵀ = exp2(s·K Qᵀ·log2e − lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK += dSᵀ Q.
@@ -1035,7 +1031,6 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, plan: Optional[
     """Backward launch wrapper: (dq, dk, dv), fresh contiguous tensors; with ``qkv_grad`` one fresh
     contiguous ``[..., 3, H, Dh]`` gradient of a packed QKV buffer instead (q, k, v its slots)."""
     p = plan if plan is not None and plan.fkey == _FORCED_KEY else _get_plan(q, k, v, cu, max_seqlen, scale)
-    traced = not _is_real(q)
     if p.copy:
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     if not do.is_contiguous():  # the kernels read dO with o's (contiguous) layout
@@ -1051,7 +1046,7 @@ def _bwd(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, plan: Optional[
         bp = p.bwd
         cu_arg = q if cu is None else cu
         if bp is None:
-            bp, ok = _make_bwd_plan(q, k, v, cu, cu is not None, max_seqlen, scale, o, lse, do, traced=traced)
+            bp, ok = _make_bwd_plan(q, k, v, cu, cu is not None, max_seqlen, scale, o, lse, do, traced=not _is_real(q))
             if ok:
                 p.bwd = bp
         _run_bwd(bp, cu_arg, q, k, v, o, lse, do, grads)
