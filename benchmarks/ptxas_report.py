@@ -10,7 +10,8 @@ specialisation (``stop_kernels.devtools``: an offline sm_90 driver, nothing laun
 ptxas's verdict per config. A config that spills registers (local-memory traffic in the inner
 loop) or needs more shared memory than an SM has (227 KB) is slow or unlaunchable whatever the
 timer says later; this is the check to run before spending GPU time on a kernel change.
-Occupancy: CTAs per SM limited by registers (65536 per SM) and shared memory.
+Occupancy: CTAs per SM limited by registers (65536 per SM) and shared memory. The last column is the
+main loop's size in SASS (one iteration, per warp): instructions, barriers, local-memory accesses.
 """
 from __future__ import annotations
 
@@ -107,14 +108,15 @@ def main(argv=None) -> int:
     rows = []
     for name in args.kernels.split(","):
         rows += {"stop": stop_rows, "attention": attention_rows}[name]()
-    lines = ["| kernel | config | regs | spill st/ld (B) | smem KB | CTAs/SM | wgmma | cp.async |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| kernel | config | regs | spill st/ld (B) | smem KB | CTAs/SM | wgmma | cp.async | loop instrs / BAR / LDL+STL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         r["ctas_per_sm"] = _occupancy(r)
         cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         flag = " **spills**" if r["spill_stores"] or r["spill_loads"] else ""
         lines.append(f"| {r['kernel']} | {cfg} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']}{flag} | "
-                     f"{r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | {r['wgmma']} | {r['cp_async']} |")
+                     f"{r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | {r['wgmma']} | {r['cp_async']} | "
+                     f"{r['loop_instrs']} / {r['loop_bar']} / {r['loop_local']} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

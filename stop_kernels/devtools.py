@@ -74,20 +74,24 @@ def _jit_function(kernel):
 def ptxas_report(kernel, args, kwargs, arch: int = 90) -> Dict:
     """Compile ``kernel(*args, **kwargs)`` for sm_``arch`` (a) without launching and return what
     ptxas says: registers per thread, spill stores/loads (bytes), shared memory (bytes), plus the
-    number of wgmma / cp.async / 128-bit global loads in the PTX. ``args`` are the launch
+    number of wgmma / cp.async / 128-bit global loads in the PTX, and the size of the main loop in
+    SASS (:func:`sass_loop_stats`). ``args`` are the launch
     arguments (tensors may be small CPU tensors of the right dtype: only their dtype and pointer
     alignment matter); ``kwargs`` the constexprs and ``num_warps`` / ``num_stages``."""
     import triton
     with offline_driver(arch, "cpu"):
         compiled = _jit_function(kernel).warmup(*args, grid=(1,), **kwargs)
     ptx = compiled.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as fh:
             fh.write(ptx)
-        log = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
+        log = subprocess.run([os.path.join(bin_dir, "ptxas"), f"-arch=sm_{arch}a", "-v", src, "-o", cubin],
                              capture_output=True, text=True, check=True).stderr
+        nvdisasm = os.path.join(bin_dir, "nvdisasm")
+        sass = (subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+                if os.path.exists(nvdisasm) else "")
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return {"regs": int(regs.group(1)) if regs else None,
@@ -96,4 +100,27 @@ def ptxas_report(kernel, args, kwargs, arch: int = 90) -> Dict:
             "smem": int(compiled.metadata.shared),
             "num_warps": int(compiled.metadata.num_warps),
             "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
-            "cp_async": ptx.count("cp.async."), "ldg128": ptx.count("ld.global.v4")}
+            "cp_async": ptx.count("cp.async."), "ldg128": ptx.count("ld.global.v4"),
+            **sass_loop_stats(sass)}
+
+
+_SASS_OP = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+
+
+def sass_loop_stats(sass: str) -> Dict:
+    """Static size of the kernel's main loop in SASS (``nvdisasm -c`` text): the longest span between a
+    label and a backward branch to it. ``loop_instrs`` is the instruction count of one iteration (slow
+    paths inside it included), ``loop_bar`` / ``loop_local`` its barriers and local-memory accesses
+    (LDL/STL: spills or stack arrays); all None without SASS."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line.strip()))}
+    best = None
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
+            best = (labels[m.group(1)], i)
+    if best is None:
+        return {"loop_instrs": None, "loop_bar": None, "loop_local": None}
+    ops = [m.group(1) for line in lines[best[0]:best[1] + 1] if (m := _SASS_OP.match(line))]
+    return {"loop_instrs": len(ops), "loop_bar": sum(op.startswith("BAR") for op in ops),
+            "loop_local": sum(op.startswith(("LDL", "STL")) for op in ops)}

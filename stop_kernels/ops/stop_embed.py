@@ -10,12 +10,14 @@ Kernels (every block shape a constexpr):
 * :func:`_project_kernel` ``out[r] = A[r]·Wᵀ + b + ψ[idx[r]]`` where A is either the Philox noise
   (``NOISE=True``) or rows of a tensor in memory (the context projection of the predictor input).
   Its K loop walks the quarter columns ``q`` of E in steps of ``BLOCK_K``; each step produces the
-  four ``[BLOCK_M, BLOCK_K]`` tiles at columns ``q, q+E4, q+2E4, q+3E4`` and multiplies them with
-  the matching ``[BLOCK_K, BLOCK_D]`` slices of Wᵀ on tensor cores (fp32 accumulation). Output rows
+  four ``[BLOCK_M, BLOCK_K]`` tiles at columns ``q, q+E4, q+2E4, q+3E4`` as one ``[BLOCK_M,
+  4·BLOCK_K]`` operand (:func:`_cat4`) and multiplies it with the Wᵀ rows of the same columns on
+  tensor cores (fp32 accumulation), one MMA per D tile per step. Output rows
   are addressed as ``(r // G)·stride_og + (r % G)·stride_or`` and stored ``N_COPIES`` times, so the
   predictor input is written in place without concatenation or repetition.
 * :func:`_noise_weight_grad_kernel` ``dW[:, e] = Σ_r g[r]ᵀ n[r, e]``: a grid over D tiles × quarter
-  column tiles × row splits; each program regenerates its noise tiles and reduces its rows; the
+  column tiles × row splits; each program regenerates its noise tiles (again one concatenated
+  ``[BLOCK_M, 4·BLOCK_K]`` operand) and reduces its rows; the
   per-split fp32 partials are summed afterwards (deterministic, no atomics).
 * :func:`_pos_noise_kernel` ``out[r] = ψ[idx[r]] + v + σ·n_D[r]`` (isotropic / mask-token modes of
   the predictor input; noise in width D).
@@ -53,15 +55,14 @@ def _cfg(**kw):
 # (forward: the A / noise tile of a K step is generated once and multiplied into D_TILES
 # accumulators; dW: the noise tile of a row block is regenerated once and reduced into all D
 # tiles), so with D = 384 = 3·128 a single program spans all of D and the Philox noise is not
-# regenerated per D tile. The first configs (D_TILES = 1) are the original ones, kept so that the
-# tuner can still pick them. Shared memory per stage ≈ 4 quarter Wᵀ slices [BLOCK_K, BLOCK_D] per
-# D tile (+ the A tiles); configs over ~227 KB for the call's dtype are pruned before tuning
-# (_prune_fwd / _prune_dw), so fp32 calls only tune the small ones, as are configs whose last D
-# tile would lie entirely beyond D (D_TILES = 4 is for D = 512). ptxas for sm_90a at ViT-H sizes
-# (bf16, E4 = 320; `python benchmarks/ptxas_report.py --kernels stop`, no GPU needed): the D_TILES = 3
-# configs use 102-200 KB and ≤ 240 registers without spills (tests/test_ptxas_report.py keeps it so);
-# the four D_TILES = 1 forward configs hit 255 registers and spill 92-276 bytes per thread, which
-# is one reason the Triton forward measured slowly in GPU run 2 (it predates D_TILES).
+# regenerated per D tile; the D_TILES = 1 configs regenerate it per D tile but run more programs
+# (R = 10752 rows are only 168 row blocks of 64 for 132 SMs). Shared memory per stage ≈ the Wᵀ rows
+# [4·BLOCK_K, BLOCK_D] per D tile (+ the A tile); configs over ~227 KB for the call's dtype are
+# pruned before tuning (_prune_fwd / _prune_dw), so fp32 calls only tune the small ones, as are
+# configs whose last D tile would lie entirely beyond D (D_TILES = 4 is for D = 512). ptxas for
+# sm_90a at ViT-H sizes (bf16, E4 = 320; `python benchmarks/ptxas_report.py --kernels stop`, no GPU
+# needed): no config spills (tests/test_ptxas_report.py keeps the full-D ones so); BLOCK_M = 32 runs
+# mma.sync instead of wgmma (wgmma needs 64 rows per warp group).
 # The interpreter bypasses autotuning (it would time every config) and takes tiles sized to the
 # problem (see _launch): its cost is per program. ``pin_configs`` forces one config (tests, tuning).
 _FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
@@ -71,7 +72,7 @@ _FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 # all of D ≤ 384 (3 × 128) / ≤ 512 (2 × 256, 4 × 128) in one program
                 _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=32, w=8, s=2),
+                _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]
 _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
@@ -139,14 +140,14 @@ def pin_configs(**configs):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e, e_ok):
-    """A tile ``[BLOCK_M, BLOCK_K]`` = ``A[rows, e]`` from memory, zero outside."""
+    """A tile ``[BLOCK_M, len(e)]`` = ``A[rows, e]`` from memory, zero outside."""
     ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + e[None, :] * stride_ak
     return tl.load(ptrs, mask=row_ok[:, None] & e_ok[None, :], other=0.0)
 
 
 @triton.jit
 def _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol, d_ok):
-    """Wᵀ slice ``[BLOCK_K, BLOCK_D]`` = ``W[dcol, e]ᵀ``, zero outside (so padded columns add nothing)."""
+    """Wᵀ rows ``[len(e), BLOCK_D]`` = ``W[dcol, e]ᵀ``, zero outside (so padded columns add nothing)."""
     ptrs = w_ptr + dcol[None, :] * stride_wd + e[:, None] * stride_we
     return tl.load(ptrs, mask=e_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -167,14 +168,31 @@ def _mma(a, b, acc, like_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _mma4(a0, a1, a2, a3, acc, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3, dcol, d_ok,
-          PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + Σ_j a_j · W[dcol, e_j]ᵀ: the four quarter products of one K step for one D tile."""
-    acc = _mma(a0, _load_wt(w_ptr, stride_wd, stride_we, e0, ok0, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-    acc = _mma(a1, _load_wt(w_ptr, stride_wd, stride_we, e1, ok1, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-    acc = _mma(a2, _load_wt(w_ptr, stride_wd, stride_we, e2, ok2, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-    acc = _mma(a3, _load_wt(w_ptr, stride_wd, stride_we, e3, ok3, dcol, d_ok), acc, w_ptr, PRECISION, UPCAST)
-    return acc
+def _quarter_cols(q0, E4, E, BLOCK_K: tl.constexpr):
+    """The E columns of a concatenated K step: column ``c = j·BLOCK_K + k`` is ``e = q0 + k + j·E4``.
+
+    Returns ``(e, e_ok)`` of shape ``[4·BLOCK_K]``; ``e_ok`` is False past the quarter (``q ≥ E4``)
+    or past E.
+    """
+    c = tl.arange(0, 4 * BLOCK_K)
+    q = q0 + c % BLOCK_K
+    e = q + (c // BLOCK_K) * E4
+    return e, (q < E4) & (e < E)
+
+
+@triton.jit
+def _cat4(a0, a1, a2, a3):
+    """``[M, 4K]`` = ``[a0 | a1 | a2 | a3]`` (column ``j·K + k`` holds ``a_j[:, k]``), the order of :func:`_quarter_cols`.
+
+    One ``[M, 4K]`` operand per K step means one MMA per accumulator per step. Four chained
+    quarter MMAs into one accumulator made Triton give the chain two different wgmma layouts
+    (``warpsPerCTA`` [8, 1] for a dot that feeds another dot, [4, 2] for the last) and convert the
+    fp32 accumulators between them through shared memory twice per D tile per step, with every
+    wgmma waited on (TTGIR/SASS, sm_90a).
+    """
+    t = tl.join(tl.join(a0, a1), tl.join(a2, a3))    # [M, K, 2, 2]: t[m, k, i, j] = a_{i+2j}[m, k]
+    t = tl.permute(t, (0, 3, 2, 1))                    # [M, 2, 2, K]: [m, j, i, k], block 2j + i
+    return tl.reshape(t, (t.shape[0], 4 * t.shape[3]))
 
 
 @triton.jit
@@ -219,32 +237,31 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
     acc1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # main loop over quarter columns q: A tiles at q + j·E4 (j = 0..3), Wᵀ slices at the same columns
+    # main loop over quarter columns q0: the A tile [BLOCK_M, 4·BLOCK_K] of a step holds the columns
+    # q0 + k + j·E4 (j = 0..3, _quarter_cols), multiplied with the Wᵀ rows of the same columns
     for q0 in range(0, E4, BLOCK_K):
-        q = q0 + kk
-        e0, e1, e2, e3 = q, q + E4, q + 2 * E4, q + 3 * E4
-        q_ok = q < E4
-        ok0, ok1, ok2, ok3 = q_ok & (e0 < E), q_ok & (e1 < E), q_ok & (e2 < E), q_ok & (e3 < E)
+        e, e_ok = _quarter_cols(q0, E4, E, BLOCK_K)
         if NOISE:
-            # noise: one Philox call per (row, q) gives the four quarter tiles, in registers only
+            # noise: one Philox call per (row, q) gives the four quarters, in registers only; padded
+            # columns (e_ok False) meet zero Wᵀ rows
+            q = q0 + kk
             a0, a1, a2, a3 = normal_quarters(rows[:, None], q[None, :], key0, key1, sigma)
+            a = _cat4(a0.to(w_ptr.dtype.element_ty), a1.to(w_ptr.dtype.element_ty),
+                      a2.to(w_ptr.dtype.element_ty), a3.to(w_ptr.dtype.element_ty))
         else:
-            # memory: the same four column slices of A (e.g. the context tokens)
-            a0 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e0, ok0)
-            a1 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e1, ok1)
-            a2 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e2, ok2)
-            a3 = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e3, ok3)
-        acc0 = _mma4(a0, a1, a2, a3, acc0, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
-                     dcol0, dcol0 < D, PRECISION, UPCAST)
+            # memory: the same columns of A (e.g. the context tokens)
+            a = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e, e_ok)
+        acc0 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol0, dcol0 < D), acc0, w_ptr,
+                    PRECISION, UPCAST)
         if D_TILES > 1:
-            acc1 = _mma4(a0, a1, a2, a3, acc1, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
-                         dcol1, dcol1 < D, PRECISION, UPCAST)
+            acc1 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol1, dcol1 < D), acc1, w_ptr,
+                        PRECISION, UPCAST)
         if D_TILES > 2:
-            acc2 = _mma4(a0, a1, a2, a3, acc2, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
-                         dcol2, dcol2 < D, PRECISION, UPCAST)
+            acc2 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol2, dcol2 < D), acc2, w_ptr,
+                        PRECISION, UPCAST)
         if D_TILES > 3:
-            acc3 = _mma4(a0, a1, a2, a3, acc3, w_ptr, stride_wd, stride_we, e0, e1, e2, e3, ok0, ok1, ok2, ok3,
-                         dcol3, dcol3 < D, PRECISION, UPCAST)
+            acc3 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol3, dcol3 < D), acc3, w_ptr,
+                        PRECISION, UPCAST)
     # epilogue: + bias + ψ[idx[r]] (gathered), in fp32; row r lands at (r // G)·stride_og + (r % G)·stride_or,
     # N_COPIES times stride_oc apart
     p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
@@ -264,28 +281,16 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
 
 
 @triton.jit
-def _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol, D, n0, n1, n2, n3, acc0, acc1, acc2, acc3, w_ptr,
-             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The four quarter products gᵀ·n_j of one row block for one D tile."""
+def _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol, D, n, acc, w_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc ``[BLOCK_D, 4·BLOCK_K]`` + gᵀ·n for one row block and one D tile (n: the concatenated noise tile)."""
     g = tl.load(g_rows[:, None] + dcol[None, :] * stride_gd, mask=row_ok[:, None] & (dcol < D)[None, :], other=0.0)
-    gt = tl.trans(g.to(w_ptr.dtype.element_ty))
-    acc0 = _mma(gt, n0, acc0, w_ptr, PRECISION, UPCAST)
-    acc1 = _mma(gt, n1, acc1, w_ptr, PRECISION, UPCAST)
-    acc2 = _mma(gt, n2, acc2, w_ptr, PRECISION, UPCAST)
-    acc3 = _mma(gt, n3, acc3, w_ptr, PRECISION, UPCAST)
-    return acc0, acc1, acc2, acc3
+    return _mma(tl.trans(g.to(w_ptr.dtype.element_ty)), n, acc, w_ptr, PRECISION, UPCAST)
 
 
 @triton.jit
-def _dw_store(base, dcol, D, q, E4, E, acc0, acc1, acc2, acc3):
-    """Store the four quarter tiles [BLOCK_D, BLOCK_K] of one D tile of a split's fp32 partial [D, E]."""
-    q_ok = q < E4
-    ptr = base + dcol[:, None] * E
-    dmask = (dcol < D)[:, None]
-    tl.store(ptr + q[None, :], acc0, mask=dmask & (q_ok & (q < E))[None, :])
-    tl.store(ptr + (q + E4)[None, :], acc1, mask=dmask & (q_ok & (q + E4 < E))[None, :])
-    tl.store(ptr + (q + 2 * E4)[None, :], acc2, mask=dmask & (q_ok & (q + 2 * E4 < E))[None, :])
-    tl.store(ptr + (q + 3 * E4)[None, :], acc3, mask=dmask & (q_ok & (q + 3 * E4 < E))[None, :])
+def _dw_store(base, dcol, D, E, e, e_ok, acc):
+    """Store one D tile ``[BLOCK_D, 4·BLOCK_K]`` of a split's fp32 partial [D, E] at the columns ``e``."""
+    tl.store(base + dcol[:, None] * E + e[None, :], acc, mask=(dcol < D)[:, None] & e_ok[None, :])
 
 
 @triton.autotune(configs=_DW_CONFIGS, key=["E", "D"], prune_configs_by={"early_config_prune": _prune_dw})
@@ -295,54 +300,52 @@ def _noise_weight_grad_kernel(g_ptr, stride_gg, stride_gr, stride_gd, w_ptr, dw_
                               PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr,
                               BLOCK_K: tl.constexpr):
-    """partial[s, d, q + j·E4] = Σ_{r in split s} g[r, d]·n[r, q + j·E4] for D_TILES [BLOCK_D, BLOCK_K] quarter tiles.
+    """partial[s, d, q + j·E4] = Σ_{r in split s} g[r, d]·n[r, q + j·E4], q in [q0, q0 + BLOCK_K), j = 0..3.
 
-    The noise tiles of a row block are regenerated once and reduced into all D_TILES (≤ 4) D tiles.
+    One program: D_TILES [BLOCK_D, 4·BLOCK_K] tiles; the noise of a row block is regenerated once and
+    reduced into all D_TILES (≤ 4) D tiles.
     """
     tl.static_assert(D_TILES >= 1 and D_TILES <= 4)
     dcol0 = tl.program_id(0) * (BLOCK_D * D_TILES) + tl.arange(0, BLOCK_D)
     dcol1 = dcol0 + BLOCK_D
     dcol2 = dcol0 + 2 * BLOCK_D
     dcol3 = dcol0 + 3 * BLOCK_D
-    q = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    q0 = tl.program_id(1) * BLOCK_K
     split = tl.program_id(2)
     dt = w_ptr.dtype.element_ty
-    z = tl.zeros([BLOCK_D, BLOCK_K], dtype=tl.float32)
-    a00, a01, a02, a03 = z, z, z, z
-    a10, a11, a12, a13 = z, z, z, z
-    a20, a21, a22, a23 = z, z, z, z
-    a30, a31, a32, a33 = z, z, z, z
+    e, e_ok = _quarter_cols(q0, E4, E, BLOCK_K)
+    acc0 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, R)
-    # reduction over this split's rows: regenerate the noise tiles [BLOCK_M, BLOCK_K] of a row block
-    # once, then load gᵀ [BLOCK_D, BLOCK_M] of every D tile and accumulate the four quarter products
+    # reduction over this split's rows: regenerate the noise of a row block once as one
+    # [BLOCK_M, 4·BLOCK_K] tile (columns q0 + k + j·E4), then load gᵀ [BLOCK_D, BLOCK_M] of every
+    # D tile and accumulate gᵀ·n
     for m0 in range(r_begin, r_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < r_end
         r64 = rows.to(tl.int64)
         g_rows = g_ptr + ((r64 // G) * stride_gg + (r64 % G) * stride_gr)
-        n0, n1, n2, n3 = normal_quarters(rows[:, None], q[None, :], key0, key1, sigma)
-        n0, n1, n2, n3 = n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt)
-        a00, a01, a02, a03 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol0, D, n0, n1, n2, n3,
-                                      a00, a01, a02, a03, w_ptr, PRECISION, UPCAST)
+        n0, n1, n2, n3 = normal_quarters(rows[:, None], (q0 + tl.arange(0, BLOCK_K))[None, :], key0, key1, sigma)
+        n = _cat4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt))
+        acc0 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol0, D, n, acc0, w_ptr, PRECISION, UPCAST)
         if D_TILES > 1:
-            a10, a11, a12, a13 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol1, D, n0, n1, n2, n3,
-                                          a10, a11, a12, a13, w_ptr, PRECISION, UPCAST)
+            acc1 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol1, D, n, acc1, w_ptr, PRECISION, UPCAST)
         if D_TILES > 2:
-            a20, a21, a22, a23 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol2, D, n0, n1, n2, n3,
-                                          a20, a21, a22, a23, w_ptr, PRECISION, UPCAST)
+            acc2 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol2, D, n, acc2, w_ptr, PRECISION, UPCAST)
         if D_TILES > 3:
-            a30, a31, a32, a33 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol3, D, n0, n1, n2, n3,
-                                          a30, a31, a32, a33, w_ptr, PRECISION, UPCAST)
-    # store the quarter tiles of this split's fp32 partial [D, E]
+            acc3 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol3, D, n, acc3, w_ptr, PRECISION, UPCAST)
+    # store this split's fp32 partial [D, E] at the step's columns (padded columns masked)
     base = dw_ptr + split.to(tl.int64) * D * E
-    _dw_store(base, dcol0, D, q, E4, E, a00, a01, a02, a03)
+    _dw_store(base, dcol0, D, E, e, e_ok, acc0)
     if D_TILES > 1:
-        _dw_store(base, dcol1, D, q, E4, E, a10, a11, a12, a13)
+        _dw_store(base, dcol1, D, E, e, e_ok, acc1)
     if D_TILES > 2:
-        _dw_store(base, dcol2, D, q, E4, E, a20, a21, a22, a23)
+        _dw_store(base, dcol2, D, E, e, e_ok, acc2)
     if D_TILES > 3:
-        _dw_store(base, dcol3, D, q, E4, E, a30, a31, a32, a33)
+        _dw_store(base, dcol3, D, E, e, e_ok, acc3)
 
 
 @triton.jit
