@@ -8,16 +8,19 @@
 # Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
 # costs only its own slot.
 #
-# What is unmeasured since GPU run 3, and the calls that measure it (each under 10 min):
-#   1. SEC_TESTS_NEW=260 SEC_ATTN=240 BUDGET_ATTN=210 bash benchmarks/gpu_all.sh env tests-new attn
-#      GPU correctness of the Inductor-launched attention (triton_op) and of the head-dim split,
-#      the loss curve eager + compiled, the CUDA-graphed target encoder; per-shape attention
-#      timing, split vs unsplit.
-#   2. SEC_E2E=500 bash benchmarks/gpu_all.sh e2e
-#      ViT-H step: reference vs fast (compiled, SDPA inside) vs fast_triton (compiled, Triton inside).
-#   3. SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile
-#      where the compiled step's time goes: SDPA vs Triton inside, and the CUDA-graphed target encoder.
-#   Then: `stop` (the D_TILES = 3 StoP kernels).
+# What is unmeasured since GPU run 3, sized to a 15-minute device budget (machine start ≈ 1.5 min
+# included): two calls on one warm machine.
+#   1. (timeout_s 570) SEC_STOP=110 BUDGET_STOP=90 SEC_ATTN=150 BUDGET_ATTN=120 SEC_E2E=290 \
+#        bash benchmarks/gpu_all.sh env stop attn e2e
+#      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
+#      sin/cos; GPU correctness first, then fwd / fwd+bwd against the unfused path); attention per
+#      shape, split vs unsplit head dim; the ViT-H step: reference vs fast (compiled, SDPA inside)
+#      vs fast_triton (compiled, Inductor-launched Triton attention). If fast_triton wins, set
+#      DEFAULT_AUTO_POLICY = {} in stop_kernels/ops/attention.py.
+#   2. (timeout_s ≤ what is left − 30 s) SEC_TESTS_NEW=150 SEC_PROFILE=200 bash benchmarks/gpu_all.sh tests-new profile
+#      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
+#      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split), then where the
+#      compiled step's time goes.
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
@@ -48,8 +51,8 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
-           tests/test_fast_path_loss_curve.py tests/test_attention.py tests/test_training_speed.py \
-           -k "qkv or policy or trains_like or inductor_launches or head_dim or graph" ;;
+           tests/test_philox.py tests/test_fast_path_loss_curve.py tests/test_attention.py tests/test_training_speed.py \
+           -k "twin or qkv or policy or trains_like or inductor_launches or head_dim or graph" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
