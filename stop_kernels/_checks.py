@@ -85,8 +85,8 @@ def dim_equals(name: str, t: torch.Tensor, dim: int, expected: int, why: str) ->
 def non_negative(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not value >= 0:  # also rejects NaN
-        raise ValueError(f"{name}: expected a value >= 0, got {value}")
+    if not 0 <= value < float("inf"):  # also rejects NaN
+        raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
     return float(value)
 
 

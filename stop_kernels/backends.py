@@ -18,6 +18,16 @@ from typing import Dict, Tuple
 import torch
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET`` read exactly as Triton
+    reads it (``1``/``true``/``on``/``yes``, any case), so every module of the library agrees with Triton."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except Exception:  # triton missing, or an older one without knobs
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
 def _triton() -> Tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
@@ -25,7 +35,7 @@ def _triton() -> Tuple[bool, str]:
         importlib.import_module("triton")
     except Exception as exc:  # a broken install
         return False, f"triton fails to import: {type(exc).__name__}: {exc}"
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if triton_interpreting():
         return True, "TRITON_INTERPRET=1: kernels run in the Triton CPU interpreter"
     if torch.cuda.is_available():
         return True, ""

@@ -113,6 +113,8 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     B, Nc, E = ctx.shape
     D = weight.shape[0]
     P = pos_embed.shape[0]
+    if ctx.dtype != weight.dtype and not torch.is_autocast_enabled(ctx.device.type):  # autocast casts both
+        raise TypeError(f"ctx: expected the dtype of weight ({weight.dtype}) for the context projection, got {ctx.dtype}")
     chk.dim_equals("weight", weight, 1, E, "encoder width E = ctx.shape[-1]")
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     chk.index_tensor("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows", ndim=2)

@@ -103,6 +103,7 @@ import triton.language as tl
 
 from .. import _checks as chk
 from .. import reference
+from ..backends import triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "clear_caches",
@@ -113,7 +114,7 @@ BACKENDS = ("auto", "triton", "sdpa", "xformers", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = triton_interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1222,18 +1223,19 @@ def attention_supported(q: torch.Tensor) -> bool:
     return q.dtype in KERNEL_DTYPES and D % 8 == 0 and 8 <= D <= MAX_HEAD_DIM
 
 
-def _check_qkv(q, k, v, varlen: bool) -> None:
-    # fast accept (every call in eager mode): the same conditions as below, without the messages
-    if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and q.dim() == (3 if varlen else 4) and k.shape == q.shape and v.shape == q.shape
-            and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[-1] % 8 == 0 and 8 <= q.shape[-1] <= MAX_HEAD_DIM
-            and (q.is_cuda or _INTERPRET) and k.device == q.device and v.device == q.device):
-        return
+def _check_qkv_layout(q, k, v, varlen: bool, dtypes=chk.FLOAT_DTYPES) -> None:
+    """q, k, v: tensors of one shape ``[B, N, H, Dh]`` (``[T, H, Dh]`` when ``varlen``), one dtype out of
+    ``dtypes`` and one device; ``ValueError`` / ``TypeError`` naming the argument otherwise."""
     nd = 3 if varlen else 4
-    layout = "[T, H, Dh] (packed, with cu_seqlens)" if varlen else "[B, N, H, Dh]"
+    # fast accept (every call): the same conditions as below, without the messages
+    if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.dim() == nd and k.shape == q.shape and v.shape == q.shape
+            and q.dtype in dtypes and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.device == q.device and v.device == q.device):
+        return
+    layout = "[T, H, Dh] (packed, with cu_seqlens)" if varlen else "[B, N, H, Dh] (or [T, H, Dh] with cu_seqlens)"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        chk.tensor(name, t, dtypes=KERNEL_DTYPES)
+        chk.tensor(name, t, dtypes=dtypes)
         if t.dim() != nd:
             raise ValueError(f"{name}: expected layout {layout}, got shape {tuple(t.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -1242,6 +1244,19 @@ def _check_qkv(q, k, v, varlen: bool) -> None:
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected the dtype of q ({q.dtype}), got {t.dtype}")
     chk.same_device(q=q, k=k, v=v)
+
+
+def _check_qkv(q, k, v, varlen: bool) -> None:
+    """:func:`_check_qkv_layout` plus what the Triton kernels need: fp16/bf16/fp32, a head dim they
+    support, CUDA tensors (or the interpreter)."""
+    # fast accept (every call in eager mode): the same conditions as below, without the messages
+    if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.dim() == (3 if varlen else 4) and k.shape == q.shape and v.shape == q.shape
+            and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and q.shape[-1] % 8 == 0 and 8 <= q.shape[-1] <= MAX_HEAD_DIM
+            and (q.is_cuda or _INTERPRET) and k.device == q.device and v.device == q.device):
+        return
+    _check_qkv_layout(q, k, v, varlen, KERNEL_DTYPES)
     D = q.shape[-1]
     if D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {D} unsupported by the Triton attention kernel (needs a multiple of 8 "
@@ -1543,11 +1558,15 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
         name = _resolve_auto(q, k, v)
     if name == "triton":
         return attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    # the other backends get the same argument checks as the kernel (SDPA would otherwise read a packed
+    # [T, H, Dh] tensor as [B, N, H] and broadcast mismatched k / v: a result of the wrong meaning)
+    _check_qkv_layout(q, k, v, cu_seqlens is not None)
+    if cu_seqlens is not None:
+        cu_seqlens, _ = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen: only meaningful with cu_seqlens (packed sequences)")
     if name == "reference":
         return reference.attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
-    if cu_seqlens is not None:
-        _check_qkv_shapes_only(q, k, v)
-        cu_seqlens, _ = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     if name == "xformers":
         return _xformers(q, k, v, scale, cu_seqlens)
     return _sdpa(q, k, v, scale, cu_seqlens)
@@ -1569,8 +1588,3 @@ def dispatch_attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None,
     return dispatch_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=name)
 
 
-def _check_qkv_shapes_only(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        chk.float_tensor(name, t, ndim=3)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"k, v: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")

@@ -26,7 +26,6 @@ function of (seed, row, column):
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -104,6 +103,8 @@ import triton  # noqa: E402  (kept below the NumPy twin, which needs no Triton)
 import triton.language as tl  # noqa: E402
 from triton.language.extra import libdevice  # noqa: E402
 
+from ..backends import triton_interpreting  # noqa: E402
+
 
 def seed_key_args(seed: int):
     """The Philox key of ``seed`` as two signed int32 kernel arguments ``(k0, k1)``.
@@ -163,7 +164,7 @@ def normal_quarters(rows, cols, key0, key1, sigma):
 # precise cosf / sinf cost ~25 instructions each plus a Payne–Hanek slow path with a local-memory
 # stack frame (four per Philox call; ptxas, sm_90a). The interpreter has no libdevice and runs the
 # precise functions on the same reduced angle.
-_FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+_FAST_TRIG = tl.constexpr(not triton_interpreting())
 
 
 @triton.jit

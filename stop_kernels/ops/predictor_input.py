@@ -171,8 +171,6 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
         ctx, weight = ctx.to(amp), weight.to(amp)
         bias = bias.to(amp) if bias is not None else None
         mask_token = mask_token.to(amp) if mask_token is not None else None
-    if ctx.dtype != weight.dtype:
-        raise TypeError(f"ctx: expected the dtype of weight ({weight.dtype}), got {ctx.dtype}")
     dtypes = [t.dtype for t in (ctx, weight, bias, pos_embed, mask_token) if t is not None]
     resolved = check_backend(backend, weight.device, dtypes)
     npred, B, Nt = tgt.shape

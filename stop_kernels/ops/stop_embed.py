@@ -27,7 +27,6 @@ Kernels (every block shape a constexpr):
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -35,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
+from ..backends import triton_interpreting
 from .. import reference
 from .philox import draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -43,7 +43,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return triton_interpreting()
 
 
 def _cfg(**kw):
@@ -438,6 +438,7 @@ def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tenso
     if R == 0 or D == 0:
         return
     idx = idx.reshape(-1).contiguous()
+    bias = bias.contiguous() if bias is not None else None  # the kernels read b[d] at unit stride
     G, s_og, s_or, s_od = _rows3(out3)
     noise = a is None
     a_arg = weight if noise else a
@@ -493,6 +494,7 @@ def launch_pos_noise(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Ten
         return
     assert out3.stride(2) == 1 and pos_embed.stride(1) == 1
     idx = idx.reshape(-1).contiguous()
+    vec = vec.contiguous() if vec is not None else None  # read at unit stride
     G, s_og, s_or, _ = _rows3(out3)
     key0, key1 = seed_key_args(seed)
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(quarter_width(D), meta["BLOCK_K"]))  # noqa: E731

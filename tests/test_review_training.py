@@ -1,0 +1,101 @@
+"""Review findings on the training pipeline: each test fails on the code it was written against.
+
+1. A run that does not resume, writing into an --out that already holds checkpoints of a longer run,
+   has every checkpoint it writes deleted again at once by ``Checkpointer.prune`` (it keeps the
+   highest step numbers, i.e. the other run's), and a later --resume continues the other run.
+2. Mask settings (``pred_mask_scale``, ``enc_mask_scale``, ``aspect_ratio``, ``min_keep``) are not
+   range-checked by ``validate``: bad values pass the config and fail later as a plain ValueError
+   (``train.py`` then prints a traceback instead of ``train.py: error: <key>``, exit 2).
+3. A run killed after its final checkpoint but before the export can never produce the export:
+   ``--resume`` finds the checkpoint at the last step and returns "nothing to do".
+4. ``skipped_images`` is saved in meta.json but not restored: after a resume the cumulative count in
+   the log and in the next checkpoint restarts from 0.
+5. ``--benchmark`` ignores ``--packed``: it times rectangular (truncated) masks.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from stop_kernels.training.checkpoint import latest_checkpoint
+from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
+
+from _train_helpers import TINY, cpu_train, read_log  # noqa: F401  (fixture)
+
+
+def tiny(out, **over):
+    return TrainConfig(**dict(TINY, out=str(out), **over))
+
+
+def test_fresh_run_in_an_out_folder_with_checkpoints_keeps_its_own_checkpoint(tmp_path, cpu_train):
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=6, ckpt_every=3))            # an earlier run: step_3, step_6
+    try:
+        loop.train(tiny(tmp_path, steps=2, lr=5e-4))              # a new run (no --resume), same --out
+    except ConfigError:
+        return  # refusing to mix two runs' checkpoints is an acceptable fix
+    ck = tmp_path / "checkpoints"
+    # the new run printed "checkpoint .../step_00000002" but prune() deleted it (keeps steps 3 and 6)
+    assert (ck / "step_00000002").is_dir(), sorted(p.name for p in ck.iterdir())
+    # and --resume must continue the run that wrote the folder last, not the earlier one
+    assert latest_checkpoint(str(ck)).endswith("step_00000002")
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--pred-mask-scale", "0.3,0.2"], "pred_mask_scale"),   # min > max
+    (["--enc-mask-scale", "0.5,1.5"], "enc_mask_scale"),     # max > 1
+    (["--aspect-ratio", "0,1"], "aspect_ratio"),             # ratio 0
+    (["--min-keep", "64"], "min_keep"),                      # 8x8 grid: the collator needs min_keep < 64
+])
+def test_mask_settings_are_validated_with_the_key_named(argv, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config(argv)
+
+
+def test_resume_after_a_kill_during_the_export_still_exports(tmp_path, cpu_train, monkeypatch):
+    from stop_kernels.training import loop
+    real_export = loop.export
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed while exporting")
+
+    monkeypatch.setattr(loop, "export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny(tmp_path, steps=2, export=True))
+    monkeypatch.setattr(loop, "export", real_export)
+    loop.train(tiny(tmp_path, steps=2, export=True, resume=True))  # the requeued job
+    assert (tmp_path / "export" / "encoder.safetensors").is_file()
+    assert (tmp_path / "export" / "target_encoder.safetensors").is_file()
+
+
+def test_skipped_images_count_survives_a_resume(tmp_path, cpu_train):
+    from stop_kernels.training.loop import train
+    from test_train_data import make_folder
+    root = make_folder(tmp_path / "imgs")        # 4 readable images + 1 broken: 1 skip per step at batch 5
+    kw = dict(data=str(root), batch_size=5)
+    train(tiny(tmp_path / "full", steps=2, **kw))
+    assert read_log(tmp_path / "full")[-1]["skipped_images"] == 2
+    train(tiny(tmp_path / "part", steps=1, **kw))
+    train(tiny(tmp_path / "part", steps=2, resume=True, **kw))
+    recs = read_log(tmp_path / "part")
+    assert [r["step"] for r in recs] == [0, 1]
+    assert recs[-1]["skipped_images"] == 2, recs[-1]["skipped_images"]   # 1: the count restarted at 0
+    meta = json.loads((tmp_path / "part" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["skipped_images"] == 2, meta["skipped_images"]
+
+
+def test_benchmark_honours_packed(tmp_path, cpu_train, monkeypatch):
+    from stop_kernels.models.packing import is_ragged
+    from stop_kernels.training import loop
+    seen = []
+
+    def fake_step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped=0):
+        seen.append(is_ragged(masks_enc) and is_ragged(masks_pred))
+        return torch.zeros(2)
+
+    monkeypatch.setattr(loop.Trainer, "step", fake_step)
+    values = loop.train(tiny(tmp_path, packed=True, img_size=64, min_keep=2, benchmark=1, benchmark_warmup=0,
+                             benchmark_batches=1))
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    assert seen and all(seen), "the benchmark ran rectangular (truncated) masks under --packed"
