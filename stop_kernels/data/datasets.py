@@ -222,9 +222,7 @@ class TrainData:
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
         self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
                                                    batch_size=self.batch_size, seed=cfg.seed)
-        masks = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
-                                       cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep,
-                                       seed=cfg.seed + 7919 * rank, truncate=not getattr(cfg, "packed", False))
+        masks = MultiBlockMaskCollator.from_config(cfg, seed=cfg.seed + 7919 * rank)
         self.collator = SkipCountingCollate(masks)
         self.iters_per_epoch = self.sampler.num_samples // self.batch_size
         if self.iters_per_epoch < 1:

@@ -66,6 +66,13 @@ class MultiBlockMaskCollator:
         self.epoch = 0
         self._calls = 0  # batches collated by this process (worker) in this epoch
 
+    @classmethod
+    def from_config(cls, cfg, seed: int) -> "MultiBlockMaskCollator":
+        """The collator of a training config (``stop_kernels.training.TrainConfig``): its mask keys,
+        ragged masks when ``cfg.packed``; ``ValueError`` / ``TypeError`` naming a bad key."""
+        return cls(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale, cfg.aspect_ratio,
+                   npred=cfg.npred, min_keep=cfg.min_keep, seed=seed, truncate=not getattr(cfg, "packed", False))
+
     # -- reproducible batch numbering --------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Start an epoch; ``start_batch`` batches are considered done already (resume)."""

@@ -12,7 +12,8 @@ Atomicity: every rank writes into the ``.tmp-`` folder; after a barrier rank 0 w
 fsyncs, and renames the folder to its final name (``os.rename`` of a directory is atomic on POSIX
 filesystems), then fsyncs the parent. A job killed at any point therefore leaves either the old set
 of complete checkpoints or the old set plus the new one, never a half-written ``step_*``. Old
-checkpoints beyond ``keep`` are deleted only after the new one is complete.
+checkpoints beyond ``keep`` are deleted only after the new one is complete. A run starting from step 0
+first moves an earlier run's complete checkpoints aside (:meth:`Checkpointer.set_aside_previous_run`).
 
 What is saved: one DCP state dict ``{"model": …, "optim": …}`` from
 ``get_state_dict(container, optimizer)`` where the container holds ``encoder``, ``predictor`` and
@@ -40,7 +41,7 @@ from .distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{8,})$")
+_NAME = re.compile(r"^step_(\d{8,})(\.old)?$")  # ".old": a step being saved again (see _finalize)
 _TMP_PREFIX = ".tmp-"
 
 
@@ -92,13 +93,13 @@ def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
     """Complete checkpoints ``(step, path)`` in ``folder``, oldest first."""
     if not os.path.isdir(folder):
         return []
-    found = []
-    for name in os.listdir(folder):
+    found: Dict[int, str] = {}
+    for name in sorted(os.listdir(folder)):  # "step_N" sorts before "step_N.old": the plain name wins
         m = _NAME.match(name)
         path = os.path.join(folder, name)
         if m and os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, ".metadata")):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+            found.setdefault(int(m.group(1)), path)
+    return sorted(found.items())
 
 
 def latest_checkpoint(folder: str) -> Optional[str]:
@@ -142,7 +143,10 @@ class Checkpointer:
         barrier(info)
         with _quiet_single_process():
             dcp.save(_dcp_state(container, optimizer), checkpoint_id=tmp)
-        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{info.rank}.pt"))
+        with open(os.path.join(tmp, f"rng_rank{info.rank}.pt"), "wb") as fh:  # synced like the shards
+            torch.save(rng_state(), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         barrier(info)
         if info.is_main:
             self._finalize(tmp, final, dict(meta, step=step, world_size=info.world_size))
@@ -154,7 +158,8 @@ class Checkpointer:
         """Write meta.json last, then publish the folder by one atomic rename."""
         _write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         _fsync_dir(tmp)
-        if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it
+        if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it; a crash
+            # between the two renames leaves step_N.old, which list_checkpoints still finds
             old = final + ".old"
             if os.path.exists(old):
                 shutil.rmtree(old)
@@ -173,6 +178,24 @@ class Checkpointer:
         for name in os.listdir(self.folder):
             if name.startswith(_TMP_PREFIX):
                 shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+
+    def set_aside_previous_run(self) -> Optional[str]:
+        """Called by a run that starts from step 0: move the complete checkpoints of an earlier run in
+        this folder (one that was not resumed) to ``<folder>.replaced-<UTC time>`` and return that path
+        (None when there were none). Otherwise :meth:`prune` would keep the earlier run's higher step
+        numbers and delete each checkpoint of this run right after writing it, and a later ``--resume``
+        would continue the earlier run. Nothing is deleted."""
+        moved = None
+        if self.info.is_main and list_checkpoints(self.folder):
+            import time
+            moved = f"{self.folder.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+            n = 1
+            while os.path.exists(moved + (f"-{n}" if n > 1 else "")):
+                n += 1
+            moved += f"-{n}" if n > 1 else ""
+            os.rename(self.folder, moved)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.folder)))
+        return broadcast_object(moved, self.info)
 
     # ---- load ------------------------------------------------------------------------------
     def latest(self) -> Optional[str]:

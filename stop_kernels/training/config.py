@@ -204,6 +204,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.model = resolve_model_name(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from ..data.masks import MultiBlockMaskCollator
+    try:  # the mask keys, checked by the collator itself (against the patch grid)
+        MultiBlockMaskCollator.from_config(cfg, seed=cfg.seed)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     heads = VIT_PRESETS[cfg.model].num_heads
     if cfg.pred_emb_dim % heads:
         raise ConfigError(f"pred_emb_dim: the predictor uses the encoder's {heads} heads, so its width must be a "

@@ -204,11 +204,16 @@ class Trainer:
     def to_device(self, imgs, masks_enc, masks_pred):
         """Range-check the (host) masks, then move the batch to the device without blocking."""
         check_masks(masks_enc, masks_pred, self.models.encoder.num_patches)
-        nb = self.device.type == "cuda"
+        return move_batch(imgs, masks_enc, masks_pred, self.device)
 
-        def move(m):  # a [B, K] tensor, or a ragged list of B 1-D tensors (--packed)
-            return [move(t) for t in m] if isinstance(m, (list, tuple)) else m.to(self.device, non_blocking=nb)
-        return imgs.to(self.device, non_blocking=nb), move(masks_enc), move(masks_pred)
+
+def move_batch(imgs, masks_enc, masks_pred, device: torch.device):
+    """The batch on ``device`` (non-blocking on CUDA); masks ``[B, K]`` or ragged lists of B 1-D tensors."""
+    nb = device.type == "cuda"
+
+    def move(m):
+        return [move(t) for t in m] if isinstance(m, (list, tuple)) else m.to(device, non_blocking=nb)
+    return imgs.to(device, non_blocking=nb), move(masks_enc), move(masks_pred)
 
 
 def check_masks(masks_enc, masks_pred, num_patches: int) -> None:
@@ -254,7 +259,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     tr = Trainer(cfg, info, data, stream)
     ckpt = tr.checkpointer
 
-    start_step = 0
+    start_step, skipped_before = 0, 0
     if cfg.resume:
         path = ckpt.latest()
         if path is None:
@@ -262,6 +267,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         else:
             meta = ckpt.load(path, tr.container, tr.opt)
             start_step = int(meta["step"])
+            skipped_before = int(meta.get("skipped_images", 0))
             _print(f"resumed from {path} (step {start_step}"
                    + ("" if meta["rng_restored"] else "; RNG re-seeded: world size changed") + ")", info, stream)
             if not meta["rng_restored"]:
@@ -270,10 +276,18 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         torch.manual_seed(cfg.seed + 1_000_003 * info.rank)  # distinct StoP noise per rank
     if start_step >= total:
         _print(f"nothing to do: the checkpoint is at step {start_step} of {total}", info, stream)
+        if cfg.export and not export_complete(cfg):  # killed between the last checkpoint and the export
+            export(tr, cfg, info, stream)
         return []
+    if start_step == 0:
+        moved = ckpt.set_aside_previous_run()
+        if moved:
+            _print(f"{ckpt.folder} held the checkpoints of an earlier run (not resumed): moved to {moved}, so "
+                   f"this run's checkpoints are its own; delete it when no longer needed", info, stream)
 
     metrics = MetricsLogger(cfg, info.device, info.world_size, is_main=info.is_main, resume_step=start_step,
                             stream=stream)
+    metrics.skipped_images = skipped_before  # a cumulative count across resumes
     _print(f"training {cfg.model} (img {cfg.img_size}, patch {cfg.patch_size}, {tr.n_params / 1e6:.1f}M trainable "
            f"params; predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}; noise {cfg.noise_mode} "
            f"σ={cfg.noise_std}) on {info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]"
@@ -343,6 +357,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     return losses
 
 
+_EXPORTED = ("encoder", "target_encoder")
+
+
+def export_complete(cfg: TrainConfig) -> bool:
+    return all(os.path.isfile(os.path.join(cfg.out, "export", f"{n}.safetensors")) for n in _EXPORTED)
+
+
 def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream) -> None:
     """Consolidated encoder and target-encoder weights as safetensors under ``<out>/export/``."""
     import importlib.util
@@ -352,7 +373,7 @@ def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream) -> None:
         return
     meta = {"model": cfg.model, "img_size": str(cfg.img_size), "patch_size": str(cfg.patch_size),
             "format": "stop_kernels VisionTransformer state dict"}
-    for name in ("encoder", "target_encoder"):
+    for name in _EXPORTED:
         path = os.path.join(cfg.out, "export", f"{name}.safetensors")
         export_safetensors(getattr(tr.models, name), path, info, meta)
     _print(f"exported {os.path.join(cfg.out, 'export')}/{{encoder,target_encoder}}.safetensors", info, stream)
@@ -362,20 +383,19 @@ def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream) -> None:
 # --benchmark N
 # ----------------------------------------------------------------------------------------------
 def synthetic_batches(cfg: TrainConfig, n: int, batch: int, device: torch.device, seed: int):
-    """``n`` batches of random images with freshly sampled masks, on ``device`` (4 distinct image
-    tensors and ``n`` mask batches; callers cycle through them)."""
+    """``n`` batches of random images with freshly sampled masks (ragged under ``cfg.packed``, as in
+    training), on ``device`` (4 distinct image tensors and ``n`` mask batches; callers cycle through them)."""
     from ..data.masks import MultiBlockMaskCollator
-    collator = MultiBlockMaskCollator(cfg.img_size, cfg.patch_size, cfg.enc_mask_scale, cfg.pred_mask_scale,
-                                      cfg.aspect_ratio, npred=cfg.npred, min_keep=cfg.min_keep, seed=seed)
+    collator = MultiBlockMaskCollator.from_config(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    imgs = [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device) for _ in range(min(n, 4))]
+    imgs = [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g) for _ in range(min(n, 4))]
     out = []
     dummy = [(torch.zeros(()), 0)] * batch
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
     for i in range(n):
         _, me, mp = collator(dummy)
         check_masks(me, mp, num_patches)
-        out.append((imgs[i % len(imgs)], [m.to(device) for m in me], [m.to(device) for m in mp]))
+        out.append(move_batch(imgs[i % len(imgs)], me, mp, device))
     return out
 
 
@@ -430,7 +450,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         imgs, me, mp = batches[i]
         set_schedules(tr.opt, cfg, i, total, 0)
         losses.append(tr.step(imgs, me, mp, sched))
-        flops += step_flops(cfg, local, me[0].shape[1], mp[0].shape[1]) * info.world_size
+        flops += step_flops(cfg, local, mean_tokens(me), mean_tokens(mp)) * info.world_size
     _sync(info.device)
     D.barrier(info)
     dt = time.perf_counter() - t0
@@ -438,12 +458,12 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     ms = 1000.0 * dt / max(n, 1)
     tflops = flops / dt / 1e12
     mem = peak_memory_gib(info.device)
-    n_ctx = sum(b[1][0].shape[1] for b in batches[warm:]) / max(n, 1)
-    n_tgt = sum(b[2][0].shape[1] for b in batches[warm:]) / max(n, 1)
+    n_ctx = sum(mean_tokens(b[1]) for b in batches[warm:]) / max(n, 1)
+    n_tgt = sum(mean_tokens(b[2]) for b in batches[warm:]) / max(n, 1)
     result = {
         "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
         "world_size": info.world_size, "gpu": gpu_name(info.device), "precision": tr.precision,
-        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention,
+        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention, "packed": cfg.packed,
         "steps": n, "warmup": warm, "mask_batches": pool,
         "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
         "tflops": round(tflops, 2), "mfu": round(tflops / (cfg.peak_tflops * info.world_size), 4),

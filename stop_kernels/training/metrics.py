@@ -110,7 +110,10 @@ class MetricsLogger:
             print(msg, file=self.stream, flush=True)
 
     def start_clock(self) -> None:
-        self._t_last = time.perf_counter()
+        """Restart the step clock (at the start and after a checkpoint): the next recorded step is logged
+        untimed (``images_per_s`` etc. None). Its queue time is the only time stamp it has, and with no
+        step in flight before it, that time is the host's enqueue time, not the GPU's step time."""
+        self._t_last = None
 
     def record(self, step: int, epoch: int, loss: float, lr: float, wd: float, momentum: float,
                n_ctx: int, n_tgt: int, batch: int, total_steps: int, t_done: Optional[float] = None) -> Dict[str, Any]:
@@ -127,7 +130,7 @@ class MetricsLogger:
         rec: Dict[str, Any] = {
             "step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd, "momentum": momentum,
             "images_per_s": batch / dt if dt > 0 else None,
-            "step_time_s": dt,
+            "step_time_s": dt if dt > 0 else None,
             "tflops": flops / dt / 1e12 if dt > 0 else None,
             "mfu": flops / dt / self.peak if dt > 0 else None,
             "peak_mem_gib": peak_memory_gib(self.device),

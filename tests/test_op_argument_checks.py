@@ -1,4 +1,4 @@
-"""Review findings: each test fails on the code it was written against, for the reason in its docstring."""
+"""Argument checks shared by the ops: strided bias, layout and cu_seqlens checks of every attention backend, dtype checks of the explicit-noise assembly."""
 import pytest
 import torch
 

@@ -1,16 +1,16 @@
-"""Review findings on the training pipeline: each test fails on the code it was written against.
+"""Edge cases of runs that stop, restart or share a folder (each was a bug):
 
-1. A run that does not resume, writing into an --out that already holds checkpoints of a longer run,
-   has every checkpoint it writes deleted again at once by ``Checkpointer.prune`` (it keeps the
-   highest step numbers, i.e. the other run's), and a later --resume continues the other run.
-2. Mask settings (``pred_mask_scale``, ``enc_mask_scale``, ``aspect_ratio``, ``min_keep``) are not
-   range-checked by ``validate``: bad values pass the config and fail later as a plain ValueError
-   (``train.py`` then prints a traceback instead of ``train.py: error: <key>``, exit 2).
-3. A run killed after its final checkpoint but before the export can never produce the export:
-   ``--resume`` finds the checkpoint at the last step and returns "nothing to do".
-4. ``skipped_images`` is saved in meta.json but not restored: after a resume the cumulative count in
-   the log and in the next checkpoint restarts from 0.
-5. ``--benchmark`` ignores ``--packed``: it times rectangular (truncated) masks.
+1. A run that does not resume, writing into an --out that holds checkpoints of a longer earlier run,
+   must keep its own checkpoints (the earlier run's are moved aside, not deleted) and --resume must
+   continue the new run.
+2. A step saved again whose two renames were interrupted (step_N.old left, no step_N) is still found.
+3. Mask settings (pred_mask_scale, enc_mask_scale, aspect_ratio, min_keep) are range-checked by
+   ``validate`` with the key named (train.py prints ``train.py: error: <key>…``, exit 2).
+4. A run killed after its final checkpoint but before the export writes the export on --resume.
+5. ``skipped_images`` is cumulative across a resume.
+6. ``--benchmark`` honours ``--packed`` (ragged masks).
+7. The first step after a checkpoint (and the very first step) is logged untimed: its only time stamp
+   is the host's enqueue time.
 """
 import json
 import math
@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from stop_kernels.training.checkpoint import latest_checkpoint
+from stop_kernels.training.checkpoint import latest_checkpoint, list_checkpoints
 from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
 
 from _train_helpers import TINY, cpu_train, read_log  # noqa: F401  (fixture)
@@ -99,3 +99,23 @@ def test_benchmark_honours_packed(tmp_path, cpu_train, monkeypatch):
                              benchmark_batches=1))
     assert len(values) == 2 and all(math.isfinite(v) for v in values)
     assert seen and all(seen), "the benchmark ran rectangular (truncated) masks under --packed"
+
+
+def test_a_step_saved_again_and_interrupted_between_renames_is_still_found(tmp_path, cpu_train):
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2))
+    ck = tmp_path / "checkpoints"
+    (ck / "step_00000002").rename(ck / "step_00000002.old")   # the state after the first rename of _finalize
+    assert latest_checkpoint(str(ck)).endswith("step_00000002.old")
+    assert [s for s, _ in list_checkpoints(str(ck))] == [2]
+    assert loop.train(tiny(tmp_path, steps=3, resume=True))   # resumes from it: one more step
+
+
+def test_first_step_after_a_checkpoint_is_untimed(tmp_path, cpu_train):
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=5, ckpt_every=2, log_every=1))
+    recs = read_log(tmp_path)
+    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
+    untimed = [r["step"] for r in recs if r["images_per_s"] is None]
+    assert untimed == [0, 2, 4], untimed                      # after start and after the saves at 2 and 4
+    assert all(r["images_per_s"] > 0 for r in recs if r["step"] in (1, 3))
