@@ -12,10 +12,10 @@ and host ops.
         --variants fsdp:sharding=full,none:sharding=none,sdpa:sharding=none+attention=sdpa
 
 A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; auto = none on one
-GPU), ``attention``
-(auto|triton|sdpa), ``input`` (the predictor input backend: auto|triton|cuda|unfused), ``compile``
-(0|1), ``graph`` (0|1: the target encoder replayed from a CUDA graph, ``cuda_graph_target``). Results: ``<out>/profile_step.json`` and a markdown
-table printed last.
+GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
+auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
+default|max-autotune-no-cudagraphs), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
+``cuda_graph_target``). Results: ``<out>/profile_step.json`` and a markdown table printed last.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def _annotation(name: str) -> bool:
 
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
-    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0"}
+    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
+         "mode": "default"}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -83,7 +84,7 @@ def _sync(info) -> None:
 
 def run_variant(v: dict, args, info) -> dict:
     cfg = parse_config(["--model", args.model, "--batch-size", str(args.batch_size), "--sharding", v["sharding"],
-                        "--attention", v["attention"],
+                        "--attention", v["attention"], "--compile-mode", v["mode"],
                         "--out", os.path.join(args.out, "run_" + v["name"])] + args.extra.split()
                        + (["--compile"] if v["compile"] == "1" else [])
                        + (["--cuda-graph-target"] if v["graph"] == "1" else []))

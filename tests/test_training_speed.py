@@ -100,6 +100,23 @@ def test_paper_recipes_compile_their_blocks():
     assert parse_config(["--model", "vit_tiny"]).compile is False  # the CPU-friendly default
 
 
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    from stop_kernels.training import parallelize as par
+    from stop_kernels.training.loop import build_models
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", "max-autotune-no-cudagraphs"])
+    par.parallelize(build_models(cfg), cfg, None, "fp32")
+    assert seen and all(kw["mode"] == "max-autotune-no-cudagraphs" for kw in seen)
+    assert "compiled blocks (max-autotune-no-cudagraphs)" in par.describe(cfg, None, "fp32")
+    seen.clear()
+    cfg = parse_config(["--model", "vit_tiny", "--compile"])
+    par.parallelize(build_models(cfg), cfg, None, "fp32")
+    assert seen and all(kw["mode"] is None for kw in seen)  # torch's default
+    with pytest.raises(ConfigError, match="^compile_mode: expected one of"):
+        parse_config(["--compile-mode", "fast"])
+
+
 def test_ema_lerp_matches_definition_and_momentum_one_is_exact():
     g = torch.Generator().manual_seed(3)
     t = [torch.randn(64, generator=g) for _ in range(3)]

@@ -40,6 +40,9 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "sharding": ("auto", "full", "hybrid", "none"),
     "ac": ("none", "block"),
     "attention": ("auto", "triton", "sdpa", "xformers", "reference"),
+    # torch.compile modes for the blocks; "max-autotune-no-cudagraphs" lets Inductor time Triton GEMM
+    # templates against cuBLAS and fuse epilogues (bias + GELU) into them, at minutes of compile time
+    "compile_mode": ("default", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -89,6 +92,7 @@ class TrainConfig:
     sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
+    compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
     cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     attention: str = "auto"            # attention backend of the models: auto (Triton on CUDA) | triton | sdpa | xformers | reference
     packed: bool = False               # keep every masked patch: ragged masks + packed (varlen) attention

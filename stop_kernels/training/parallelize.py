@@ -71,12 +71,13 @@ def apply_ac(model: nn.Module) -> None:
         blocks[i] = checkpoint_wrapper(blk, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module, dynamic: Optional[bool] = None) -> None:
-    """``torch.compile`` every block (in place in its ModuleList); FSDP2 hooks stay outside the graphs."""
+def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = "default") -> None:
+    """``torch.compile`` every block (in place in its ModuleList) in Inductor ``mode``; FSDP2 hooks stay
+    outside the graphs."""
     _raise_recompile_limit()
     blocks = block_list(model)
     for i, blk in enumerate(blocks):
-        blocks[i] = torch.compile(blk, dynamic=dynamic)
+        blocks[i] = torch.compile(blk, dynamic=dynamic, mode=None if mode == "default" else mode)
 
 
 def mixed_precision(precision: str):
@@ -119,9 +120,9 @@ def parallelize(models, cfg: TrainConfig, mesh, precision: str):
         # context and target-block lengths change every batch: compile those graphs with dynamic
         # shapes once instead of a static graph first and a dynamic one at the first change; the target
         # encoder always sees all patches of a fixed batch and gets a static graph
-        apply_compile(models.encoder, dynamic=True)
-        apply_compile(models.predictor, dynamic=True)
-        apply_compile(models.target_encoder, dynamic=False)
+        apply_compile(models.encoder, dynamic=True, mode=cfg.compile_mode)
+        apply_compile(models.predictor, dynamic=True, mode=cfg.compile_mode)
+        apply_compile(models.target_encoder, dynamic=False, mode=cfg.compile_mode)
     if mesh is not None:
         apply_fsdp(models.encoder, mesh, precision)
         apply_fsdp(models.predictor, mesh, precision)
@@ -161,7 +162,7 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
         parts.append("fp32")
     parts.append(f"AC {cfg.ac}")
     if cfg.compile:
-        parts.append("compiled blocks")
+        parts.append("compiled blocks" + ("" if cfg.compile_mode == "default" else f" ({cfg.compile_mode})"))
     if cfg.cuda_graph_target:
         parts.append("CUDA-graphed target encoder")
     return ", ".join(parts)
