@@ -463,6 +463,22 @@ def _num_sms(device: torch.device) -> int:
     return 2
 
 
+def _dw_splits(R: int, D: int, E4: int, sms: int, max_split: int = 16) -> int:
+    """Row splits of the dW grid: the split count that minimises waves × row blocks per program, at a
+    nominal program of all of D (≤ 512) × 16 quarter columns × 64 rows, one program per SM (the dW
+    configs' registers allow one), at least 256 rows per split; ties go to fewer splits (the fp32
+    partials cost split·D·E·4 bytes). ViT-H (R = 10752, E4 = 320, 132 SMs): 13 splits, 2 full waves of
+    13 row blocks, where a fixed 8 gave 160 programs = 2 waves of 21."""
+    tiles = triton.cdiv(D, 512) * triton.cdiv(E4, 16)
+    blocks = triton.cdiv(R, 64)
+    best, best_cost = 1, None
+    for s in range(1, max(1, min(max_split, triton.cdiv(R, 256))) + 1):
+        cost = triton.cdiv(tiles * s, sms) * triton.cdiv(blocks, s)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
 def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_std: float) -> torch.Tensor:
     """``dW = Σ_r g[r]ᵀ n[r]`` (fp32 ``[D, E]``) with n regenerated; ``g3`` is ``[groups, G, D]`` (any strides)."""
     D, E = weight.shape
@@ -471,10 +487,7 @@ def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_s
         return torch.zeros((D, E), dtype=torch.float32, device=weight.device)
     G, s_gg, s_gr, s_gd = _rows3(g3)
     E4 = quarter_width(E)
-    # row splits: about two waves of programs at a nominal tile of all of D (≤ 512) × 16 quarter
-    # columns, at least 256 rows each, at most 8 (the fp32 partials cost split·D·E·4 bytes)
-    tiles = triton.cdiv(D, 512) * triton.cdiv(E4, 16)
-    split = max(1, min(triton.cdiv(R, 256), triton.cdiv(2 * _num_sms(weight.device), tiles), 8))
+    split = _dw_splits(R, D, E4, _num_sms(weight.device))
     rows_per_split = triton.cdiv(R, split)
     partial = torch.empty((split, D, E), dtype=torch.float32, device=weight.device)
     key0, key1 = seed_key_args(seed)
