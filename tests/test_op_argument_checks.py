@@ -85,3 +85,11 @@ def test_assemble_explicit_noise_dtype_mismatch_is_type_error():
     ti = torch.randint(0, P, (npred, B, Nt))
     with pytest.raises(TypeError, match="ctx"):
         sk.assemble_predictor_input(ctx, ci, ti, w, None, pos, noise=torch.randn(npred, B, Nt, E))
+
+
+@pytest.mark.parametrize("value", ["1", "true", "On", "yes", "y", "0", "false", "", " 1", "t"])
+def test_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
+    from triton import knobs
+    from stop_kernels.backends import triton_interpreting
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() == bool(knobs.runtime.interpret)
