@@ -11,11 +11,12 @@
 # What is unmeasured since GPU run 3, sized to a 15-minute device budget (machine start ≈ 1.5 min
 # included): two calls on one warm machine.
 #   1. (timeout_s 570) SEC_STOP=110 BUDGET_STOP=90 SEC_ATTN=150 BUDGET_ATTN=120 SEC_E2E=290 \
-#        bash benchmarks/gpu_all.sh env stop attn e2e
+#        E2E_PATHS=reference,fast_triton,fast bash benchmarks/gpu_all.sh env stop attn e2e
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
 #      sin/cos; GPU correctness first, then fwd / fwd+bwd against the unfused path); attention per
-#      shape, split vs unsplit head dim; the ViT-H step: reference vs fast (compiled, SDPA inside)
-#      vs fast_triton (compiled, Inductor-launched Triton attention). If fast_triton wins, set
+#      shape, split vs unsplit head dim; the ViT-H step: reference vs fast_triton (compiled,
+#      Inductor-launched Triton attention: the new measurement, so second) vs fast (compiled, SDPA
+#      inside; 120.6 ms in run 3, so last, where the section's limit may cut it). If fast_triton wins, set
 #      DEFAULT_AUTO_POLICY = {} in stop_kernels/ops/attention.py.
 #   2. (timeout_s ≤ what is left − 30 s) SEC_TESTS_NEW=150 SEC_PROFILE=200 bash benchmarks/gpu_all.sh tests-new profile
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
