@@ -18,10 +18,14 @@
 #      Inductor-launched Triton attention: the new measurement, so second) vs fast (compiled, SDPA
 #      inside; 120.6 ms in run 3, so last, where the section's limit may cut it). If fast_triton wins, set
 #      DEFAULT_AUTO_POLICY = {} in stop_kernels/ops/attention.py.
-#   2. (timeout_s ≤ what is left − 30 s) SEC_TESTS_NEW=150 SEC_PROFILE=200 bash benchmarks/gpu_all.sh tests-new profile
+#   2. (timeout_s ≤ what is left − 30 s, ≈ 240) SEC_TESTS_NEW=120 SEC_BUILD=60 SEC_CUDA=80 \
+#        bash benchmarks/gpu_all.sh tests-new build cuda
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
-#      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split), then where the
-#      compiled step's time goes.
+#      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split); then the CUDA C++
+#      StoP kernels against the rebuilt Triton ones and the unfused path: `stop_embed(backend="auto")`
+#      prefers CUDA when built (run 2); switch it to Triton if Triton now wins forward+backward.
+#   Later session: SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile (where the compiled step's time
+#   goes; variant key mode=max-autotune-no-cudagraphs tries Inductor's GEMM templates).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
