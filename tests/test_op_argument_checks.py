@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import stop_kernels as sk
-from stop_kernels import reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
