@@ -6,7 +6,8 @@
 2. A step saved again whose two renames were interrupted (step_N.old left, no step_N) is still found.
 3. Mask settings (pred_mask_scale, enc_mask_scale, aspect_ratio, min_keep) are range-checked by
    ``validate`` with the key named (train.py prints ``train.py: error: <key>…``, exit 2).
-4. A run killed after its final checkpoint but before the export writes the export on --resume.
+4. A run killed after its final checkpoint but before the export writes the export on --resume, also
+   when an earlier run left its own export in the folder (the export carries its step).
 5. ``skipped_images`` is cumulative across a resume.
 6. ``--benchmark`` honours ``--packed`` (ragged masks).
 7. The first step after a checkpoint (and the very first step) is logged untimed: its only time stamp
@@ -119,3 +120,22 @@ def test_first_step_after_a_checkpoint_is_untimed(tmp_path, cpu_train):
     untimed = [r["step"] for r in recs if r["images_per_s"] is None]
     assert untimed == [0, 2, 4], untimed                      # after start and after the saves at 2 and 4
     assert all(r["images_per_s"] > 0 for r in recs if r["step"] in (1, 3))
+
+
+def test_an_earlier_runs_export_is_not_taken_for_this_runs(tmp_path, cpu_train, monkeypatch):
+    from safetensors import safe_open
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2, export=True))                 # run A exports at step 2
+    real_export = loop.export
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed while exporting")
+
+    monkeypatch.setattr(loop, "export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny(tmp_path, steps=3, export=True))             # run B (fresh) dies at its export
+    monkeypatch.setattr(loop, "export", real_export)
+    loop.train(tiny(tmp_path, steps=3, export=True, resume=True))    # B resumes: "nothing to do" + export
+    for name in ("encoder", "target_encoder"):
+        with safe_open(str(tmp_path / "export" / f"{name}.safetensors"), "pt") as fh:
+            assert fh.metadata()["step"] == "3", name                 # B's weights, not A's

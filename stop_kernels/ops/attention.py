@@ -1563,8 +1563,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     _check_qkv_layout(q, k, v, cu_seqlens is not None)
     if cu_seqlens is not None:
         cu_seqlens, _ = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
-    elif max_seqlen is not None:
-        raise ValueError("max_seqlen: only meaningful with cu_seqlens (packed sequences)")
+    elif max_seqlen is not None and max_seqlen != q.shape[1]:  # as the Triton path (_prepare) says it
+        raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {q.shape[1]}")
     if name == "reference":
         return reference.attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
     if name == "xformers":

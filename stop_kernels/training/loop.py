@@ -276,8 +276,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         torch.manual_seed(cfg.seed + 1_000_003 * info.rank)  # distinct StoP noise per rank
     if start_step >= total:
         _print(f"nothing to do: the checkpoint is at step {start_step} of {total}", info, stream)
-        if cfg.export and not export_complete(cfg):  # killed between the last checkpoint and the export
-            export(tr, cfg, info, stream)
+        # killed between the last checkpoint and the export: export now (rank 0 decides: export is collective)
+        if cfg.export and not D.broadcast_object(export_complete(cfg, start_step) if info.is_main else None, info):
+            export(tr, cfg, info, stream, start_step)
         return []
     if start_step == 0:
         moved = ckpt.set_aside_previous_run()
@@ -323,25 +324,32 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
     step = start_step
     metrics.start_clock()
+    restarted = True  # the clock was (re)started: no step in flight
     try:
         while step < total:
             epoch, first = step // ipe, step % ipe
             for imgs, masks_enc, masks_pred, skipped in data.epoch(epoch, first):
                 if step >= total:
                     break
+                t_begin = time.perf_counter()
                 imgs, masks_enc, masks_pred = tr.to_device(imgs, masks_enc, masks_pred)
                 sched = set_schedules(tr.opt, cfg, step, total, warmup)
                 stats = tr.step(imgs, masks_enc, masks_pred, sched, skipped)
                 if pending is not None:
                     finish(pending)
+                # a step's time stamp: when it was queued, i.e. in steady state when the step before it
+                # finished (finish() waited for it); the first step after a (re)start has no step before
+                # it, so it is stamped when its own work began and logged untimed (MetricsLogger.start_clock)
                 pending = (step, epoch, stats, *sched, mean_tokens(masks_enc), mean_tokens(masks_pred),
-                           time.perf_counter())
+                           t_begin if restarted else time.perf_counter())
+                restarted = False
                 step += 1
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
                     finish(pending)
                     pending = None
                     save(step)
                     metrics.start_clock()  # the next step's time excludes the save
+                    restarted = True
         if pending is not None:
             finish(pending)
             pending = None
@@ -349,7 +357,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         metrics.close()
     save(step)
     if cfg.export:
-        export(tr, cfg, info, stream)
+        export(tr, cfg, info, stream, step)
     n = max(1, min(10, len(losses) // 4))
     if losses:
         _print(f"done: mean loss of the first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps "
@@ -360,19 +368,30 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 _EXPORTED = ("encoder", "target_encoder")
 
 
-def export_complete(cfg: TrainConfig) -> bool:
-    return all(os.path.isfile(os.path.join(cfg.out, "export", f"{n}.safetensors")) for n in _EXPORTED)
+def export_complete(cfg: TrainConfig, step: int) -> bool:
+    """Both export files exist and were written at ``step`` (an earlier run's export in the same --out,
+    left by a run that was killed before its own, does not count)."""
+    try:
+        from safetensors import safe_open
+        for n in _EXPORTED:
+            with safe_open(os.path.join(cfg.out, "export", f"{n}.safetensors"), "pt") as fh:
+                if (fh.metadata() or {}).get("step") != str(step):
+                    return False
+        return True
+    except Exception:  # missing, unreadable or no safetensors
+        return False
 
 
-def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream) -> None:
-    """Consolidated encoder and target-encoder weights as safetensors under ``<out>/export/``."""
+def export(tr: Trainer, cfg: TrainConfig, info: D.DistInfo, stream, step: int) -> None:
+    """Consolidated encoder and target-encoder weights as safetensors under ``<out>/export/`` (the
+    training ``step`` they hold is in their metadata)."""
     import importlib.util
     if importlib.util.find_spec("safetensors") is None:
         _print("export: safetensors is not installed (pip install safetensors); skipping the encoder export",
                info, stream)
         return
     meta = {"model": cfg.model, "img_size": str(cfg.img_size), "patch_size": str(cfg.patch_size),
-            "format": "stop_kernels VisionTransformer state dict"}
+            "format": "stop_kernels VisionTransformer state dict", "step": str(step)}
     for name in _EXPORTED:
         path = os.path.join(cfg.out, "export", f"{name}.safetensors")
         export_safetensors(getattr(tr.models, name), path, info, meta)
@@ -388,14 +407,14 @@ def synthetic_batches(cfg: TrainConfig, n: int, batch: int, device: torch.device
     from ..data.masks import MultiBlockMaskCollator
     collator = MultiBlockMaskCollator.from_config(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    imgs = [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g) for _ in range(min(n, 4))]
+    imgs = [torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g).to(device) for _ in range(min(n, 4))]
     out = []
     dummy = [(torch.zeros(()), 0)] * batch
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
     for i in range(n):
         _, me, mp = collator(dummy)
         check_masks(me, mp, num_patches)
-        out.append(move_batch(imgs[i % len(imgs)], me, mp, device))
+        out.append(move_batch(imgs[i % len(imgs)], me, mp, device))  # the images are there already
     return out
 
 
