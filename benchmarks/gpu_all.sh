@@ -25,7 +25,8 @@
 #      StoP kernels against the rebuilt Triton ones and the unfused path: `stop_embed(backend="auto")`
 #      prefers CUDA when built (run 2); switch it to Triton if Triton now wins forward+backward.
 #   Later session: SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile (where the compiled step's time
-#   goes; variant key mode=max-autotune-no-cudagraphs tries Inductor's GEMM templates).
+#   goes; variant keys graph=1 (CUDA-graphed target), overlap=1 (target on a second stream),
+#   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
@@ -66,7 +67,7 @@ for s in $SECTIONS; do
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
     profile) section profile ${SEC_PROFILE:-420} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton,compiled_triton_graph:compile=1+attention=triton+graph=1" \
+           --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton,compiled_triton_graph:compile=1+attention=triton+graph=1,compiled_triton_overlap:compile=1+attention=triton+overlap=1" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --paths ${E2E_PATHS:-reference,fast,fast_triton} --out "$RES/e2e" ;;

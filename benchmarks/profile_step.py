@@ -15,7 +15,8 @@ A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; a
 GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
 auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
 default|max-autotune-no-cudagraphs), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
-``cuda_graph_target``). Results: ``<out>/profile_step.json`` and a markdown table printed last.
+``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
+``overlap_target``). Results: ``<out>/profile_step.json`` and a markdown table printed last.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def _annotation(name: str) -> bool:
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
-         "mode": "default"}
+         "mode": "default", "overlap": "0"}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -87,7 +88,8 @@ def run_variant(v: dict, args, info) -> dict:
                         "--attention", v["attention"], "--compile-mode", v["mode"],
                         "--out", os.path.join(args.out, "run_" + v["name"])] + args.extra.split()
                        + (["--compile"] if v["compile"] == "1" else [])
-                       + (["--cuda-graph-target"] if v["graph"] == "1" else []))
+                       + (["--cuda-graph-target"] if v["graph"] == "1" else [])
+                       + (["--overlap-target"] if v["overlap"] == "1" else []))
     cuda = _cuda(info)
     if cuda:
         torch.cuda.empty_cache()

@@ -200,3 +200,34 @@ def test_cuda_graph_target_trains_like_eager(tmp_path):
         assert (tr.target_forward is not None) == graphed
     for a, b in zip(out[True], out[False]):
         assert abs(a - b) <= 1e-3 * abs(b), out
+
+
+# ------------------------------------------------------------------------------------------
+# overlap_target: the target encoder's forward on a second CUDA stream
+# ------------------------------------------------------------------------------------------
+def test_overlap_target_needs_one_cuda_device(tmp_path, cpu_train):
+    cfg = tiny(tmp_path, overlap_target=True)
+    with pytest.raises(ConfigError, match=r"^overlap_target: needs one CUDA device without FSDP sharding"):
+        Trainer(cfg, D.init_distributed(cfg), None)
+    assert TrainConfig().overlap_target is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a second CUDA stream needs a CUDA GPU")
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager-target", "graphed-target"])
+def test_overlapped_target_trains_like_serial(tmp_path, graphed):
+    """Trainer steps with the target branch on a side stream give the losses of the serial step (a missing
+    wait or a buffer reused too early would show as a different loss), also with the CUDA-graphed target."""
+    from stop_kernels.training.loop import synthetic_batches
+    out = {}
+    for overlap in (False, True):
+        cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
+                          min_keep=4, out=str(tmp_path / str(overlap)), seed=5, overlap_target=overlap,
+                          cuda_graph_target=graphed)
+        tr = Trainer(cfg, D.init_distributed(cfg), None)
+        batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
+        torch.manual_seed(6)
+        sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+        out[overlap] = [float(tr.step(*batches[i % 3], sched)[0]) for i in range(6)]
+        assert (tr.side_stream is not None) == overlap
+    for a, b in zip(out[True], out[False]):
+        assert abs(a - b) <= 1e-4 * abs(b), out

@@ -124,20 +124,30 @@ def set_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total
 
 
 def jepa_step_loss(models: JEPAModels, imgs: torch.Tensor, masks_enc, masks_pred, autocast,
-                   target_forward=None) -> torch.Tensor:
+                   target_forward=None, side_stream: Optional["torch.cuda.Stream"] = None) -> torch.Tensor:
     """Forward of one I-JEPA+StoP step; returns the loss (backward is the caller's).
 
     Rectangular masks follow the official code; ragged masks (``--packed``) run the encoder and
     predictor on packed sequences and take the loss over every target token. ``target_forward``
     replaces the call of the target encoder (e.g. its CUDA-graphed forward, ``cuda_graph_target``).
+    ``side_stream`` (``overlap_target``): the target branch (no gradients, it needs only the images)
+    runs on that CUDA stream while the context encoder and the predictor run on the current one, so
+    its large GEMMs can fill the GPU while the predictor's small kernels leave it idle; the loss
+    waits for both. Same kernels, same order per stream: the same loss.
     """
     packed = is_ragged(masks_enc)
+    main = torch.cuda.current_stream() if side_stream is not None else None
     with autocast:
-        with torch.no_grad():
+        if side_stream is not None:
+            side_stream.wait_stream(main)  # the images, and the last step's EMA update of the target weights
+        with torch.no_grad(), (torch.cuda.stream(side_stream) if side_stream is not None else nullcontext()):
             h = (target_forward or models.target_encoder)(imgs)
             h = packed_targets(h, masks_pred) if packed else reference.target_features(h, masks_pred)
         z = models.encoder(imgs, masks_enc)
         z = models.predictor(z, masks_enc, masks_pred)
+        if side_stream is not None:
+            main.wait_stream(side_stream)
+            h.record_stream(main)  # made on the side stream, read here: not reused before this stream is done
         return reference.jepa_loss(z.float(), h.float())
 
 
@@ -177,6 +187,12 @@ class Trainer:
                                   f"{self.device} and sharding {self.sharding!r}")
             self.target_forward = GraphedForward(self.models.target_encoder,
                                                  log=lambda m: _print(m, info, stream))
+        self.side_stream = None
+        if cfg.overlap_target:
+            if self.device.type != "cuda" or self.mesh is not None:
+                raise ConfigError(f"overlap_target: needs one CUDA device without FSDP sharding; got device "
+                                  f"{self.device} and sharding {self.sharding!r}")
+            self.side_stream = torch.cuda.Stream(self.device)
         self.checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), info, keep=cfg.keep_ckpts)
 
     def step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
@@ -189,7 +205,8 @@ class Trainer:
         # the masks were range-checked on the host (check_masks) before they were moved: no device
         # index check (a host synchronisation each) inside the step
         with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention):
-            loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward)
+            loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward,
+                                  self.side_stream)
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -165,6 +165,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
         parts.append("compiled blocks" + ("" if cfg.compile_mode == "default" else f" ({cfg.compile_mode})"))
     if cfg.cuda_graph_target:
         parts.append("CUDA-graphed target encoder")
+    if cfg.overlap_target:
+        parts.append("target encoder on a second stream")
     return ", ".join(parts)
 
 
