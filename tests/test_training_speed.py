@@ -184,22 +184,28 @@ def test_graphed_target_encoder_equals_eager_and_follows_the_ema(compiled):
     assert gf.captures == 2
 
 
+def _cuda_step_losses(out_dir, steps: int = 6, **over):
+    """Losses of ``steps`` Trainer steps of a small vit_small run on CUDA (same seeds and batches for
+    every call) and the Trainer; ``over``: TrainConfig keys to change."""
+    from stop_kernels.training.loop import synthetic_batches
+    cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
+                      min_keep=4, out=str(out_dir), seed=5, **over)
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
+    torch.manual_seed(6)
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+    return [float(tr.step(*batches[i % 3], sched)[0]) for i in range(steps)], tr
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_target_trains_like_eager(tmp_path):
     """Trainer steps with the graphed target encoder give the losses of the plain one."""
-    from stop_kernels.training.loop import synthetic_batches
-    out = {}
-    for graphed in (False, True):
-        cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
-                          min_keep=4, out=str(tmp_path / str(graphed)), seed=5, cuda_graph_target=graphed)
-        tr = Trainer(cfg, D.init_distributed(cfg), None)
-        batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
-        torch.manual_seed(6)
-        sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-        out[graphed] = [float(tr.step(*batches[i % 3], sched)[0]) for i in range(6)]
-        assert (tr.target_forward is not None) == graphed
-    for a, b in zip(out[True], out[False]):
-        assert abs(a - b) <= 1e-3 * abs(b), out
+    plain, tr = _cuda_step_losses(tmp_path / "plain")
+    assert tr.target_forward is None
+    graphed, tr = _cuda_step_losses(tmp_path / "graphed", cuda_graph_target=True)
+    assert tr.target_forward is not None
+    for a, b in zip(graphed, plain):
+        assert abs(a - b) <= 1e-3 * abs(b), (graphed, plain)
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,17 +223,9 @@ def test_overlap_target_needs_one_cuda_device(tmp_path, cpu_train):
 def test_overlapped_target_trains_like_serial(tmp_path, graphed):
     """Trainer steps with the target branch on a side stream give the losses of the serial step (a missing
     wait or a buffer reused too early would show as a different loss), also with the CUDA-graphed target."""
-    from stop_kernels.training.loop import synthetic_batches
-    out = {}
-    for overlap in (False, True):
-        cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
-                          min_keep=4, out=str(tmp_path / str(overlap)), seed=5, overlap_target=overlap,
-                          cuda_graph_target=graphed)
-        tr = Trainer(cfg, D.init_distributed(cfg), None)
-        batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
-        torch.manual_seed(6)
-        sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-        out[overlap] = [float(tr.step(*batches[i % 3], sched)[0]) for i in range(6)]
-        assert (tr.side_stream is not None) == overlap
-    for a, b in zip(out[True], out[False]):
-        assert abs(a - b) <= 1e-4 * abs(b), out
+    serial, tr = _cuda_step_losses(tmp_path / "serial", cuda_graph_target=graphed)
+    assert tr.side_stream is None
+    overlapped, tr = _cuda_step_losses(tmp_path / "overlap", cuda_graph_target=graphed, overlap_target=True)
+    assert tr.side_stream is not None
+    for a, b in zip(overlapped, serial):
+        assert abs(a - b) <= 1e-4 * abs(b), (overlapped, serial)
