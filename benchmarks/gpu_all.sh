@@ -10,10 +10,11 @@
 #
 # What is unmeasured since GPU run 3, sized to a 15-minute device budget (machine start ≈ 1.5 min
 # included): two calls on one warm machine.
-#   1. (timeout_s 570) SEC_STOP=110 BUDGET_STOP=90 SEC_ATTN=150 BUDGET_ATTN=120 SEC_E2E=290 \
+#   1. (timeout_s 580) SEC_STOP=140 BUDGET_STOP=120 SEC_ATTN=130 BUDGET_ATTN=105 SEC_E2E=280 \
 #        E2E_PATHS=reference,fast_triton,fast bash benchmarks/gpu_all.sh env stop attn e2e
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
-#      sin/cos; GPU correctness first, then fwd / fwd+bwd against the unfused path); attention per
+#      sin/cos; GPU correctness first, then fwd / fwd+bwd against the unfused path, then every config's
+#      GPU time against its SASS loop count in results/offline-sm90a/); attention per
 #      shape, split vs unsplit head dim; the ViT-H step: reference vs fast_triton (compiled,
 #      Inductor-launched Triton attention: the new measurement, so second) vs fast (compiled, SDPA
 #      inside; 120.6 ms in run 3, so last, where the section's limit may cut it). If fast_triton wins, set

@@ -24,7 +24,9 @@ Sections (each in try/except: a failure prints its traceback and the script goes
 4. peak memory beyond the inputs (torch.cuda.max_memory_allocated minus the allocation before the
    call) of forward (output kept) and forward+backward, fused vs eager vs compiled.
    The autotuner's chosen configs are recorded.
-5. only with --pytest: the pytest suites of issue 3 on this GPU (tests/test_stop_embed.py,
+5. per-config GPU time of every forward and dW config (pinned) on the masked-token problem alone, with
+   the relative difference of its result from the first config's (all compute the same function).
+6. only with --pytest: the pytest suites of issue 3 on this GPU (tests/test_stop_embed.py,
    test_predictor_input.py, test_philox.py), with the time left in the budget.
 
 Writes DIR/gpu_stop_embed.json and DIR/gpu_stop_embed.md, and prints a short table last.
@@ -54,7 +56,7 @@ PEAK_TFLOPS = 707.0
 PEAK_TBPS = 4.23
 T0 = time.time()
 RESULTS: dict = {"env": {}, "correctness": [], "noise_worst": [], "timing": [], "memory": [], "configs": {},
-                 "tests": {}, "errors": []}
+                 "config_sweep": [], "tests": {}, "errors": []}
 
 
 def elapsed() -> float:
@@ -92,7 +94,6 @@ def work(bwd: bool):
 # ------------------------------------------------------------------------------------------
 def make_fused_op(ctx_idx, tgt):
     """The registered op alone (no argument checks; the seed tensor drawn once)."""
-    import stop_kernels.ops.predictor_input  # noqa: F401  (registers the op)
     tgt_s = torch.stack(tgt)
     seed = torch.tensor(12345, dtype=torch.int64)
 
@@ -281,6 +282,47 @@ def timing(budget_s: float):
     _record_configs()
 
 
+@section("per-config kernel times (stop_embed forward and dW at ViT-H sizes)")
+def config_sweep(budget_s: float):
+    """GPU time (CUDA graph) of every forward and dW config, pinned, on the masked-token problem alone
+    (R = npred·B·Nt rows, E → D, bf16): the measured side of the per-config SASS loop counts in
+    benchmarks/results/offline-sm90a/ (predict, then measure)."""
+    from stop_kernels.ops import stop_embed as se
+    R, dt = NPRED * B * NT, torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w = (torch.randn(D, E, device="cuda", generator=g) * 0.02).to(dt)
+    bias = torch.randn(D, device="cuda", generator=g).to(dt)
+    pos = torch.randn(P, D, device="cuda", generator=g).to(dt)
+    idx = torch.randint(0, P, (R,), device="cuda", generator=g)
+    out = torch.empty(1, R, D, device="cuda", dtype=dt)
+    grad = torch.randn(1, R, D, device="cuda", generator=g).to(dt)
+    ref = {}
+    for kind, configs in (("fwd", se._FWD_CONFIGS), ("dw", se._DW_CONFIGS)):
+        for cfg in configs:
+            name = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f", w={cfg.num_warps}, s={cfg.num_stages}"
+            if not se._tiles_used(cfg.kwargs, D):
+                continue  # the tuner prunes it at this D
+            if elapsed() > budget_s - 15:
+                RESULTS["config_sweep"].append({"kernel": kind, "config": name, "ms": None, "note": "skipped: budget"})
+                continue
+            with se.pin_configs(**{kind: cfg}):
+                if kind == "fwd":
+                    def fn():
+                        se.launch_project(out, idx, pos, w, bias, seed=1234, noise_std=0.2)
+                else:
+                    def fn():
+                        return se.noise_weight_grad(grad, w, 1234, 0.2)
+                res = fn()
+                torch.cuda.synchronize()
+                got = (out if kind == "fwd" else res).float().clone()
+                ms = bench_graph(fn)
+            # every config computes the same function: compare with the first one's result
+            err = (got - ref[kind]).norm().item() / ref[kind].norm().item() if kind in ref else 0.0
+            ref.setdefault(kind, got)
+            RESULTS["config_sweep"].append({"kernel": kind, "config": name, "ms": ms, "rel_err_vs_first": err})
+            print(f"config {kind:3s} {ms:7.4f} ms  rel err vs first config {err:.1e}  {name}", flush=True)
+
+
 @section("pytest suites of issue 3")
 def tests(budget_s: float):
     left = max(30.0, budget_s - elapsed())
@@ -323,6 +365,12 @@ def write(out_dir: str):
                          f"{n['got']:.9g} | {n['want']:.9g} | {n['excess']:.3g} |")
     if RESULTS["configs"]:
         lines += ["", "autotuned configs:"] + [f"- {k}: {v}" for k, v in RESULTS["configs"].items()]
+    if RESULTS["config_sweep"]:
+        lines += ["", "Per-config GPU time (CUDA graph), masked-token problem alone (R = npred·B·Nt, bf16):", "",
+                  "| kernel | config | ms | rel err vs first config |", "|---|---|---|---|"]
+        for c in RESULTS["config_sweep"]:
+            ms = "skipped" if c["ms"] is None else f"{c['ms']:.4f}"
+            lines.append(f"| {c['kernel']} | {c['config']} | {ms} | {c.get('rel_err_vs_first', float('nan')):.1e} |")
     lines += ["", f"pytest rc: {RESULTS['tests'].get('rc', 'not run')}", f"errors: {len(RESULTS['errors'])} section(s)"]
     with open(os.path.join(out_dir, "gpu_stop_embed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -341,6 +389,7 @@ def main():
     env()
     correctness()
     timing(a.budget_s)
+    config_sweep(a.budget_s)
     if a.pytest:
         tests(a.budget_s)
     write(a.out)
