@@ -94,6 +94,7 @@ def work(bwd: bool):
 # ------------------------------------------------------------------------------------------
 def make_fused_op(ctx_idx, tgt):
     """The registered op alone (no argument checks; the seed tensor drawn once)."""
+    import stop_kernels.ops.predictor_input  # noqa: F401  (registers the op)
     tgt_s = torch.stack(tgt)
     seed = torch.tensor(12345, dtype=torch.int64)
 
