@@ -307,6 +307,34 @@ def _row_offsets(row0, offs, row_stride, h, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _fwd_key_block(q0, q1, k_base, v_base, start, cols, seqlen, skn, svn, m_i, l_i, acc0, acc1, scale_log2,
+                   HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, MASK: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of the forward's online softmax: load Kᵀ [BD, BLOCK_N] and V [BLOCK_N, BD] (per
+    chunk) of the keys ``cols``, S = Q Kᵀ, update the running max ``m_i`` (log2 units) and sum ``l_i``,
+    rescale and accumulate P V. The scale is applied inside the exponent, P = exp2(S·scale·log2e − m):
+    one FFMA per score instead of a multiply before the max and a subtraction after it (the max of S·c
+    is max(S)·c for the positive scale the wrapper guarantees). MASK: the block runs past the sequence
+    end, so its missing keys get −inf (the full blocks skip that select)."""
+    n_ok = cols < seqlen
+    rows_n = (start + cols).to(tl.int64)
+    kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
+    s = _dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST)
+    if MASK:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+    pv = p.to(v0.dtype)
+    acc0 = acc0 * alpha[:, None] + _dot(pv, v0, PREC, UPCAST)
+    if BD1 > 0:
+        acc1 = acc1 * alpha[:, None] + _dot(pv, v1, PREC, UPCAST)
+    return m_new, l_i, acc0, acc1
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -354,26 +382,17 @@ def _attn_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc0, acc1 = _zeros_tile(BLOCK_M, BD0, BD1)
-        # stage 2: for each key block load Kᵀ [BD, BLOCK_N] and V [BLOCK_N, BD] (per chunk), compute
-        # S = scale·Q Kᵀ in log2 units, update the running max / sum, rescale and accumulate P V.
-        # With BLOCK_N >= N (short sequences) this loop runs once.
-        for n0 in range(0, seqlen, BLOCK_N):
-            cols = n0 + offs_n
-            n_ok = cols < seqlen
-            rows_n = (start + cols).to(tl.int64)
-            kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
-            s = _dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST) * scale_log2
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
-            pv = p.to(v0.dtype)
-            acc0 = acc0 * alpha[:, None] + _dot(pv, v0, PREC, UPCAST)
-            if BD1 > 0:
-                acc1 = acc1 * alpha[:, None] + _dot(pv, v1, PREC, UPCAST)
-            m_i = m_new
+        # stage 2: the key blocks: every full one without a key mask, then the partial last one (if
+        # any) with it (see _fwd_key_block). With BLOCK_N >= N (short sequences) only the latter runs.
+        n_full = (seqlen // BLOCK_N) * BLOCK_N
+        for n0 in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n0 + offs_n, seqlen, skn, svn,
+                                                  m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
+                                                  False, PREC, UPCAST)
+        if n_full < seqlen:
+            m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n_full + offs_n, seqlen, skn, svn,
+                                                  m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
+                                                  True, PREC, UPCAST)
 
         # stage 3: normalise and store O [BLOCK_M, HEAD_DIM] and the natural-log LSE [BLOCK_M].
         inv_l = 1.0 / l_i
@@ -612,8 +631,8 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
     """Forward candidates (heuristic default first) for bucket = next_pow2(max_seqlen) >= 16.
 
     Small head dim: the whole key sequence in one tile for N <= 128 (BLOCK_N = bucket, one loop
-    trip, no rescaling), 64-key blocks or one 256-key tile for N <= 256, and a two-heads-per-program
-    variant. Register use checked offline with ptxas for sm_90a (no spills for these).
+    trip, no rescaling), 32/64-key blocks for N <= 256, and a two-heads-per-program variant. Register
+    use checked offline with ptxas for sm_90a (no spills for these: tests/test_ptxas_report.py).
     """
     def c(bm, bn, w, st=1, heads=1):
         return dict(BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st, HEADS=heads)
@@ -623,7 +642,8 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
         elif bucket <= 128:
             cands = [c(64, 64, 4, 2), c(128, 128, 8), c(64, 128, 4), c(64, 128, 4, 1, 2), c(32, 128, 4)]
         elif bucket <= 256:
-            cands = [c(64, 32, 4, 3), c(64, 64, 4, 2), c(64, 64, 4, 2, 2), c(128, 64, 8, 2), c(64, 256, 8)]
+            # (the one-tile c(64, 256, 8) measured 4x slower than the first in run 2 and spills: dropped)
+            cands = [c(64, 32, 4, 3), c(64, 64, 4, 2), c(64, 64, 4, 2, 2), c(128, 64, 8, 2)]
         else:
             cands = [c(64, 64, 4, 3), c(128, 64, 8, 3), c(128, 128, 8, 2), c(64, 128, 4, 2)]
     elif block_d <= 64:
@@ -1358,7 +1378,13 @@ def _prepare(q, k, v, scale, cu_seqlens, max_seqlen) -> Tuple[Optional[torch.Ten
         if max_seqlen is not None and max_seqlen != q.shape[1]:
             raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {q.shape[1]}")
         max_seqlen = q.shape[1]
-    return cu_seqlens, max_seqlen, float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+        # the forward takes the running max of the unscaled scores (see _fwd_key_block)
+        raise ValueError(f"scale: the Triton attention kernels need a positive finite scale, got {scale!r}; "
+                         f"dispatch_attention(backend='sdpa') takes any")
+    return cu_seqlens, max_seqlen, float(scale)
 
 
 def _split_qkv(qkv, varlen: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1496,7 +1522,10 @@ def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Op
     return _AUTO_POLICY.get((mode, dh), _AUTO_POLICY.get(mode, "triton"))
 
 
-def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> str:
+def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                  scale: Optional[float] = None) -> str:
+    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        return "sdpa"  # the Triton kernels take positive finite scales only
     if q.device.type == "cuda":
         if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
             return "sdpa"
@@ -1555,7 +1584,7 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     name = _DEFAULT_BACKEND if backend is None else backend
     chk.choice("backend", name, BACKENDS)
     if name == "auto":
-        name = _resolve_auto(q, k, v)
+        name = _resolve_auto(q, k, v, scale)
     if name == "triton":
         return attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     # the other backends get the same argument checks as the kernel (SDPA would otherwise read a packed
@@ -1582,7 +1611,7 @@ def dispatch_attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None,
     name = _DEFAULT_BACKEND if backend is None else backend
     chk.choice("backend", name, BACKENDS)
     if name == "auto":
-        name = _resolve_auto(q, k, v)
+        name = _resolve_auto(q, k, v, scale)
     if name == "triton":
         return attention_qkv(qkv, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     return dispatch_attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=name)
