@@ -5,7 +5,8 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 
 * ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input;
 * ``fast``: the Trainer's defaults (fused StoP input, attention "auto");
-* ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks).
+* ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
+* ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks.
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Both with per-block ``torch.compile`` (the recipe default) and with eager blocks. Each round is one
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_step import PATHS  # noqa: E402  (path name -> "attention=...+input=...")
+from profile_step import parse_variant, variant_argv  # noqa: E402
 
 POOL = 6
 
@@ -38,15 +40,13 @@ def test_train_step_speed(benchmark, path, compiled, tmp_path):
     from stop_kernels.training.loop import Trainer, synthetic_batches
     from stop_kernels.training.metrics import step_flops
 
-    keys = dict(kv.split("=") for kv in PATHS[path].split("+"))
-    attention, input_backend = keys["attention"], keys["input"]
-    cfg = parse_config(["--model", "vit_h", "--batch-size", "64", "--attention", attention,
-                        "--compile", str(compiled).lower(), "--out", str(tmp_path)])
+    v = parse_variant(f"{path}:{PATHS[path]}+compile={int(compiled)}")
+    cfg = parse_config(variant_argv(v, "vit_h", 64, str(tmp_path)))
     info = D.init_distributed(cfg)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     tr = Trainer(cfg, info, None)
-    tr.models.predictor.input_backend = input_backend
+    tr.models.predictor.input_backend = v["input"]
     batches = synthetic_batches(cfg, POOL, cfg.batch_size, info.device, cfg.seed)
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
     for b in batches:  # warm-up: every mask batch once (JIT, cuDNN plans, compiled graphs)

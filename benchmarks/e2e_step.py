@@ -14,6 +14,10 @@ one GPU, one after the other, on the same synthetic images and mask batches:
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced inside the compiled blocks
   (``attention=triton``: Inductor launches them itself, see ``stop_kernels.ops.attention``), the
   candidate for the next "auto" default; run it with ``--paths reference,fast,fast_triton``.
+* ``fast_mixed``: ``fast`` with the Triton kernels inside the compiled blocks for the predictor's
+  head dim 24 only (``attention_policy: compiled:24=triton``); the encoder's head dim 80 stays on
+  SDPA. Run 2 measured the Triton kernels 1.14× faster than cuDNN forward+backward at the predictor's
+  N = 116–128 but 2–3× slower at the encoder's shapes, so this is the likeliest winner of the three.
 
     python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out DIR
 
@@ -38,6 +42,7 @@ PATHS = {
     "reference": "attention=sdpa+input=unfused",
     "fast": "attention=auto+input=auto",
     "fast_triton": "attention=triton+input=auto",
+    "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
 }
 
 

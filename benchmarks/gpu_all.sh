@@ -10,15 +10,17 @@
 #
 # What is unmeasured since GPU run 3, sized to a 15-minute device budget (machine start ≈ 1.5 min
 # included): two calls on one warm machine.
-#   1. (timeout_s 580) SEC_STOP=140 BUDGET_STOP=120 SEC_ATTN=130 BUDGET_ATTN=105 SEC_E2E=280 \
-#        E2E_PATHS=reference,fast_triton,fast bash benchmarks/gpu_all.sh env stop attn e2e
+#   1. (timeout_s 580) SEC_STOP=130 BUDGET_STOP=110 SEC_ATTN=120 BUDGET_ATTN=95 SEC_E2E=300 \
+#        E2E_PATHS=reference,fast_mixed,fast_triton,fast bash benchmarks/gpu_all.sh env stop attn e2e
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
 #      sin/cos; GPU correctness first, then fwd / fwd+bwd against the unfused path, then every config's
 #      GPU time against its SASS loop count in results/offline-sm90a/); attention per
-#      shape, split vs unsplit head dim; the ViT-H step: reference vs fast_triton (compiled,
-#      Inductor-launched Triton attention: the new measurement, so second) vs fast (compiled, SDPA
-#      inside; 120.6 ms in run 3, so last, where the section's limit may cut it). If fast_triton wins, set
-#      DEFAULT_AUTO_POLICY = {} in stop_kernels/ops/attention.py.
+#      shape, split vs unsplit head dim; the ViT-H step: reference vs fast_mixed (compiled, Inductor-
+#      launched Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
+#      winner, so second) vs fast_triton (Triton for every head dim) vs fast (compiled, SDPA inside;
+#      120.6 ms in run 3, so last, where the section's limit may cut it). If fast_mixed wins, set
+#      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
+#      (stop_kernels/ops/attention.py).
 #   2. (timeout_s ≤ what is left − 30 s, ≈ 240) SEC_TESTS_NEW=120 SEC_BUILD=60 SEC_CUDA=80 \
 #        bash benchmarks/gpu_all.sh tests-new build cuda
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
@@ -71,7 +73,7 @@ for s in $SECTIONS; do
            --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton,compiled_triton_graph:compile=1+attention=triton+graph=1,compiled_triton_overlap:compile=1+attention=triton+overlap=1" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
-           --paths ${E2E_PATHS:-reference,fast,fast_triton} --out "$RES/e2e" ;;
+           --paths ${E2E_PATHS:-reference,fast_mixed,fast_triton,fast} --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
     *) echo "unknown section $s" ;;

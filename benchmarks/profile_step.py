@@ -16,7 +16,9 @@ GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
 auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
 default|max-autotune-no-cudagraphs), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
-``overlap_target``). Results: ``<out>/profile_step.json`` and a markdown table printed last.
+``overlap_target``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
+e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
+and a markdown table printed last.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def _annotation(name: str) -> bool:
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
-         "mode": "default", "overlap": "0"}
+         "mode": "default", "overlap": "0", "policy": ""}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -83,13 +85,18 @@ def _sync(info) -> None:
         torch.cuda.synchronize()
 
 
+def variant_argv(v: dict, model: str, batch_size: int, out: str) -> list:
+    """The train.py flags of a parsed variant (the predictor's ``input`` backend is set on the model)."""
+    return (["--model", model, "--batch-size", str(batch_size), "--sharding", v["sharding"],
+             "--attention", v["attention"], "--attention-policy", v["policy"], "--compile-mode", v["mode"],
+             "--compile", "true" if v["compile"] == "1" else "false", "--out", out]
+            + (["--cuda-graph-target"] if v["graph"] == "1" else [])
+            + (["--overlap-target"] if v["overlap"] == "1" else []))
+
+
 def run_variant(v: dict, args, info) -> dict:
-    cfg = parse_config(["--model", args.model, "--batch-size", str(args.batch_size), "--sharding", v["sharding"],
-                        "--attention", v["attention"], "--compile-mode", v["mode"],
-                        "--out", os.path.join(args.out, "run_" + v["name"])] + args.extra.split()
-                       + (["--compile"] if v["compile"] == "1" else [])
-                       + (["--cuda-graph-target"] if v["graph"] == "1" else [])
-                       + (["--overlap-target"] if v["overlap"] == "1" else []))
+    cfg = parse_config(variant_argv(v, args.model, args.batch_size, os.path.join(args.out, "run_" + v["name"]))
+                       + args.extra.split())
     cuda = _cuda(info)
     if cuda:
         torch.cuda.empty_cache()

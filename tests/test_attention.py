@@ -381,7 +381,14 @@ def test_auto_policy(monkeypatch):
         A.set_auto_policy({"inference": "sdpa"})
     with pytest.raises(ValueError, match="policy"):
         A.set_auto_policy({"train": "cudnn"})
-    assert A._parse_auto_env("fwd_only=sdpa, train:80=sdpa") == {"fwd_only": "sdpa", ("train", 80): "sdpa"}
+    assert A.parse_auto_policy("fwd_only=sdpa, train:80=sdpa") == {"fwd_only": "sdpa", ("train", 80): "sdpa"}
+    assert A.parse_auto_policy("compiled:24=triton;compiled=sdpa") == {("compiled", 24): "triton", "compiled": "sdpa"}
+    assert A.parse_auto_policy("") == {}
+    for bad in ("compiled", "compiled:x=triton", "compiled:24=cudnn", "eager=triton"):
+        with pytest.raises(ValueError, match="policy"):
+            A.parse_auto_policy(bad)
+    with pytest.raises(TypeError, match="policy"):
+        A.parse_auto_policy({"train": "sdpa"})
     A.set_auto_policy(None)
     assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
     A.set_auto_policy({})
@@ -407,6 +414,29 @@ def test_auto_policy_compiled_mode(monkeypatch):
     A.set_auto_policy({"train": "sdpa"})              # no compiled entry: the grad mode decides
     assert A._auto_policy_choice(q) == "sdpa"
     A.set_auto_policy(None)
+
+
+def test_use_auto_policy_overrides_and_restores(monkeypatch):
+    """The trainer's per-step policy (config key attention_policy): overrides on top of the current
+    policy, restored on exit, also after an error; empty leaves the policy alone."""
+    monkeypatch.setattr(A, "_AUTO_POLICY", dict(A.DEFAULT_AUTO_POLICY))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q24 = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32).requires_grad_()
+    q80 = _t(1, 8, 2, 80, device="cpu", dtype=torch.float32).requires_grad_()
+    assert A._auto_policy_choice(q24) == A._auto_policy_choice(q80) == "sdpa"
+    with A.use_auto_policy("compiled:24=triton"):
+        assert A.get_auto_policy() == {"compiled": "sdpa", ("compiled", 24): "triton"}
+        assert A._auto_policy_choice(q24) == "triton"   # the predictor's head dim
+        assert A._auto_policy_choice(q80) == "sdpa"     # the encoder's keeps the default
+    assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
+    with pytest.raises(RuntimeError):
+        with A.use_auto_policy({("compiled", 80): "triton"}):
+            assert A._auto_policy_choice(q80) == "triton"
+            raise RuntimeError("step failed")
+    assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
+    for empty in ("", None, {}):
+        with A.use_auto_policy(empty):
+            assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
 
 
 def test_models_trace_sdpa_under_compile_by_default(monkeypatch):

@@ -82,12 +82,14 @@ def test_model_name_picks_its_recipe():
 
 
 def test_bool_flags_and_validation():
-    cfg = parse_config(["--compile", "--resume", "--export", "false"])
-    assert cfg.compile and cfg.resume and not cfg.export
+    cfg = parse_config(["--compile", "--resume", "--export", "false", "--attention-policy", "compiled:24=triton"])
+    assert cfg.compile and cfg.resume and not cfg.export and cfg.attention_policy == "compiled:24=triton"
     for argv, key in ((["--sharding", "zero3"], "sharding"), (["--ac", "full"], "ac"),
                       (["--img-size", "30"], "img_size"), (["--pred-emb-dim", "98"], "pred_emb_dim"),
                       (["--ema-start", "1.5"], "ema_start"), (["--compile", "maybe"], "compile"),
-                      (["--model", "vit_x"], "model"), (["--crop-scale", "0,1"], "crop_scale")):
+                      (["--model", "vit_x"], "model"), (["--crop-scale", "0,1"], "crop_scale"),
+                      (["--attention-policy", "compiled:24=cudnn"], "attention_policy"),
+                      (["--attention-policy", "compiled:x=triton"], "attention_policy")):
         with pytest.raises(ConfigError, match=key):
             parse_config(argv)
 

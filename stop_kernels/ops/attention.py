@@ -1463,8 +1463,11 @@ def use_attention_backend(name: str) -> Iterator[None]:
 # "fwd_only" (no gradient needed: no_grad / inference / the EMA target encoder) or "train" (q, k or
 # v requires grad under grad mode). Values: "triton", "sdpa" or "xformers". Lookup order: under
 # torch.compile ("compiled", Dh), then "compiled"; then (mode, Dh), then mode, then "triton".
-# Set it with set_auto_policy({...}) or the environment, e.g.
+# Set it with set_auto_policy({...}), the environment, e.g.
 #   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"   (set but empty: Triton everywhere, compiled code too)
+# or, for a training run, the config key attention_policy (overrides on top of this policy, applied
+# around each step by use_auto_policy): --attention-policy "compiled:24=triton" keeps SDPA for the
+# encoder (head dim 80) and gives the predictor's head dim 24 to the Triton kernels.
 #
 # The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200
 # (benchmarks/results/h200-run3): eager blocks run the Triton kernels (their GPU time per step is
@@ -1498,17 +1501,45 @@ def get_auto_policy() -> Dict:
     return dict(_AUTO_POLICY)
 
 
-def _parse_auto_env(text: str) -> Dict:
+def parse_auto_policy(text: str) -> Dict:
+    """A policy from its text form: items ``mode=backend`` or ``mode:head_dim=backend`` separated
+    by ``,`` or ``;`` (``;`` fits inside a comma-separated list), e.g. ``"compiled:24=triton"``.
+    Checked as :func:`set_auto_policy` checks it; ``ValueError`` naming ``policy`` otherwise."""
+    if not isinstance(text, str):
+        raise TypeError(f"policy: expected a string like 'compiled:24=triton', got {type(text).__name__}")
     out: Dict = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        lhs, _, val = item.partition("=")
+    for item in filter(None, (s.strip() for s in text.replace(";", ",").split(","))):
+        lhs, eq, val = item.partition("=")
         mode, _, dh = lhs.strip().partition(":")
-        out[(mode, int(dh)) if dh else mode] = val.strip()
+        if not eq or (dh and not dh.strip().isdigit()):
+            raise ValueError(f"policy: cannot read {item!r}; expected mode=backend or mode:head_dim=backend "
+                             f"(modes {list(_AUTO_MODES)}, backends {list(_AUTO_CHOICES)})")
+        chk.choice("policy mode", mode.strip(), _AUTO_MODES)
+        chk.choice("policy backend", val.strip(), _AUTO_CHOICES)
+        out[(mode.strip(), int(dh)) if dh else mode.strip()] = val.strip()
     return out
 
 
+@contextlib.contextmanager
+def use_auto_policy(overrides: Optional[Dict] = None) -> Iterator[None]:
+    """Context manager: the current "auto" policy updated by ``overrides`` (a dict as for
+    :func:`set_auto_policy`, or its text form, see :func:`parse_auto_policy`); restored on exit.
+    ``None`` or empty: the policy is left as it is. The trainer wraps each step in it (config key
+    ``attention_policy``)."""
+    if isinstance(overrides, str):
+        overrides = parse_auto_policy(overrides)
+    if not overrides:
+        yield
+        return
+    old = set_auto_policy({**_AUTO_POLICY, **overrides})
+    try:
+        yield
+    finally:
+        set_auto_policy(old)
+
+
 if "STOP_KERNELS_ATTN_AUTO" in os.environ:
-    set_auto_policy(_parse_auto_env(os.environ["STOP_KERNELS_ATTN_AUTO"]))
+    set_auto_policy(parse_auto_policy(os.environ["STOP_KERNELS_ATTN_AUTO"]))
 
 
 def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> str:

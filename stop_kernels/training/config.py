@@ -96,6 +96,7 @@ class TrainConfig:
     cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     overlap_target: bool = False       # run the target encoder's forward on a second CUDA stream (one GPU, no FSDP)
     attention: str = "auto"            # attention backend of the models: auto (Triton on CUDA) | triton | sdpa | xformers | reference
+    attention_policy: str = ""         # overrides of what "auto" picks, e.g. "compiled:24=triton" (stop_kernels.ops.attention.parse_auto_policy); "" = the measured default
     packed: bool = False               # keep every masked patch: ragged masks + packed (varlen) attention
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     device: str = "auto"               # auto | cpu | cuda
@@ -202,6 +203,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     lo, hi = cfg.crop_scale
     if not 0.0 < lo <= hi <= 1.0:
         raise ConfigError(f"crop_scale: expected 0 < min <= max <= 1, got {cfg.crop_scale!r}")
+    from ..ops.attention import parse_auto_policy
+    try:
+        parse_auto_policy(cfg.attention_policy)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"attention_policy: {e}") from None
     if cfg.pred_emb_dim % 4:
         raise ConfigError(f"pred_emb_dim: expected a multiple of 4 (2-D sin-cos positions), got {cfg.pred_emb_dim}")
     from ..models.vit import VIT_PRESETS, resolve_model_name

@@ -35,7 +35,7 @@ from .. import reference
 from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
 from ..models.packing import is_ragged, mean_tokens, packed_targets
-from ..ops.attention import use_attention_backend
+from ..ops.attention import parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors
 from .config import ConfigError, TrainConfig, validate
@@ -171,6 +171,7 @@ class Trainer:
         self.autocast = autocast_for(self.precision, self.device)
         self.sharding = D.resolve_sharding(cfg, info.world_size)
         self.stream = stream
+        self.auto_policy = parse_auto_policy(cfg.attention_policy)  # applied around each step
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         with torch.device(self.device):
             models = build_models(cfg)
@@ -204,7 +205,8 @@ class Trainer:
         _, _, momentum = lr_wd_mom
         # the masks were range-checked on the host (check_masks) before they were moved: no device
         # index check (a host synchronisation each) inside the step
-        with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention):
+        with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention), \
+                use_auto_policy(self.auto_policy):
             loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward,
                                   self.side_stream)
             loss.backward()
@@ -462,7 +464,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     warm = max(cfg.benchmark_warmup, pool)
     _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, global batch {cfg.batch_size}, "
            f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}; attention "
-           f"{cfg.attention}]: {warm} warm-up + {n} timed steps over {pool} mask batches", info, stream)
+           f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} timed steps over {pool} mask batches", info, stream)
     batches = synthetic_batches(cfg, pool, local, info.device, cfg.seed + 7919 * info.rank)
     batches = [batches[i % pool] for i in range(warm + n)]
     total = warm + n
@@ -499,7 +501,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     result = {
         "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
         "world_size": info.world_size, "gpu": gpu_name(info.device), "precision": tr.precision,
-        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention, "packed": cfg.packed,
+        "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention,
+        "attention_policy": cfg.attention_policy, "packed": cfg.packed,
         "steps": n, "warmup": warm, "mask_batches": pool,
         "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
         "tflops": round(tflops, 2), "mfu": round(tflops / (cfg.peak_tflops * info.world_size), 4),

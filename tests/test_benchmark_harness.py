@@ -1,0 +1,73 @@
+"""The step benchmarks' harness (benchmarks/profile_step.py, e2e_step.py) on the CPU: a variant's keys
+reach the trainer's config, and every e2e path runs a step. Timings here mean nothing; what is checked
+is that the GPU session measures the configurations it names."""
+import json
+import sys
+
+import pytest
+import torch
+
+from _train_helpers import REPO, cpu_train  # noqa: F401  (fixture)
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import e2e_step  # noqa: E402
+import profile_step  # noqa: E402
+
+from stop_kernels.ops import attention as A  # noqa: E402
+from stop_kernels.training import distributed as D  # noqa: E402
+from stop_kernels.training.config import ConfigError, parse_config  # noqa: E402
+from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
+
+TINY_EXTRA = "--img-size 32 --patch-size 8 --min-keep 0 --pred-depth 1 --pred-emb-dim 96 --tensorboard false"
+
+
+def _cfg(spec: str, model: str = "vit_h"):
+    v = profile_step.parse_variant(spec)
+    return v, parse_config(profile_step.variant_argv(v, model, 64, "/tmp/unused"))
+
+
+def test_variant_keys_reach_the_config():
+    # compile=0 must mean eager even where the recipe (vit_h) turns compile on
+    _, cfg = _cfg("a:compile=0")
+    assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == ""
+    v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+mode=max-autotune-no-cudagraphs")
+    assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target
+    assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
+    _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
+    assert cfg.attention == "sdpa"
+    with pytest.raises(ValueError, match="unknown key"):
+        profile_step.parse_variant("x:attn=sdpa")
+    with pytest.raises(ConfigError, match="attention_policy"):
+        _cfg("x:policy=compiled:24=cudnn")
+
+
+def test_trainer_applies_attention_policy_around_the_step(cpu_train, tmp_path):
+    from _train_helpers import tiny_args
+    cfg = parse_config(tiny_args(out=str(tmp_path), attention_policy="compiled:24=triton"))
+    info = D.init_distributed(cfg)
+    tr = Trainer(cfg, info, None)
+    seen = []
+    tr.models.predictor.register_forward_hook(lambda *_: seen.append(A.get_auto_policy()))
+    before = A.get_auto_policy()
+    imgs, me, mp = synthetic_batches(cfg, 1, cfg.batch_size, info.device, cfg.seed)[0]
+    loss = tr.step(imgs, me, mp, (cfg.lr, cfg.weight_decay, cfg.ema_start))
+    assert torch.isfinite(loss).all()
+    assert seen == [{**before, ("compiled", 24): "triton"}]
+    assert A.get_auto_policy() == before
+
+
+def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
+    # the interpreter as conftest sets it: the fast_triton path forces the Triton kernels
+    out = tmp_path / "e2e"
+    rc = e2e_step.main(["--model", "vit_tiny", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                        "--mask-batches", "1", "--no-compile", "--paths", ",".join(e2e_step.PATHS),
+                        "--extra", TINY_EXTRA, "--out", str(out)])
+    assert rc in (0, None)
+    res = json.loads((out / "e2e_step.json").read_text())["results"]
+    assert [r["name"] for r in res] == list(e2e_step.PATHS)
+    errors = {r["name"]: r["error"] for r in res if "error" in r}
+    assert not errors
+    by = {r["name"]: r for r in res}
+    assert by["fast_mixed"]["policy"] == "compiled:24=triton" and by["reference"]["input"] == "unfused"
+    assert all(r["ms_per_step"] > 0 and r["compile"] == "0" for r in res)
+    assert "ratio_fast_mixed_over_reference" in capsys.readouterr().out
