@@ -125,6 +125,32 @@ def test_both_backward_variants(variant, N):
         _check(q, k, v, None, torch.float16)
 
 
+# the dK/dV kernel computes P = ∞ in the rows of the missing keys, which it never stores (by design,
+# see _bwd_p); the interpreter's numpy reports that arithmetic
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("variant", ["fused", "split"])
+@pytest.mark.parametrize("N", [7, 33])
+def test_backward_with_very_negative_scores(variant, N):
+    """Every score of every query near −300 (scaled): lse ≈ −300, so a key past the sequence end (its
+    K row loaded as 0, score 0) has P = exp(300) = ∞ in float32. The partial last key block is masked
+    for exactly this (see _bwd_p); without the mask dQ = Σ dS·K would hold ∞·0 = NaN."""
+    torch.manual_seed(40 + N)
+    D = 24
+    scale = D ** -0.5
+    u = torch.ones(D, device=DEV) / D ** 0.5
+    c = (300 / scale) ** 0.5
+    qkv = torch.randn(1, N, 3, 2, D, device=DEV) * 0.3
+    qkv[:, :, 0] += c * u
+    qkv[:, :, 1] -= c * u
+    qkv = qkv.to(torch.bfloat16).requires_grad_()
+    q, k, v = qkv.unbind(2)
+    assert (torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * scale).max() < -250
+    cfg = dict(VARIANT=variant, BLOCK_M=16, BLOCK_N=16 if variant == "fused" else 32, num_warps=4, num_stages=1)
+    with A._force_config(bwd=cfg):
+        _check(q, k, v, None, torch.bfloat16)
+
+
 @pytest.mark.parametrize("fwd", [dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1, HEADS=2),
                                  dict(BLOCK_M=32, BLOCK_N=256, num_warps=4, num_stages=1, HEADS=1)])
 def test_forward_configs(fwd):

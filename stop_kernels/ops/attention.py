@@ -180,16 +180,29 @@ def _store_tile(base, row_off, row_ok, x0, x1, HEAD_DIM: tl.constexpr, BD0: tl.c
 
 
 @triton.jit
-def _bwd_p(s, lse2, row_ok, col_ok, scale_log2, TRANS: tl.constexpr):
+def _bwd_p(s, lse2, key_ok, scale_log2, TRANS: tl.constexpr, MASK: tl.constexpr):
     """Backward stage shared by the three backward kernels: the probabilities of a tile from its
     scores ``s`` (the dot of Q and Kᵀ, or of K and Qᵀ): P = exp2(scale·log2e · s − lse·log2e) with
-    ``lse2`` = lse·log2e, zero outside ``row_ok × col_ok``. TRANS=False: P, queries as rows (lse2
-    per row); TRANS=True: Pᵀ, keys as rows (lse2 per column)."""
+    ``lse2`` = lse·log2e. TRANS=False: P, queries as rows (lse2 per row), keys as columns;
+    TRANS=True: Pᵀ, keys as rows (lse2 per column).
+
+    MASK: zero the keys outside ``key_ok``, needed only where the kernel sums dS·K over keys (dQ): a
+    missing key's row of K, V is loaded as 0, so its score is 0 and P = exp2(−lse2), finite unless
+    every score of the query is below −88, and its dS·K term is then 0; the mask keeps that term
+    from being ∞·0 (tests/test_attention.py: very negative scores). The dK/dV kernel passes
+    MASK=False: a missing key's rows are never stored. Missing *queries* need no mask anywhere:
+    their Q, dO, lse and δ load as 0, so P = 1, dS = 1·(0 − 0) = 0 and P·dO = 0. (Masking only a
+    peeled last key block cut the dQ loop by 10–25 % more in SASS but raised registers enough to
+    lose a CTA per SM in several configs: not done.)"""
     if TRANS:
         p = tl.math.exp2(s * scale_log2 - lse2[None, :])
+        if MASK:
+            p = tl.where(key_ok[:, None], p, 0.0)
     else:
         p = tl.math.exp2(s * scale_log2 - lse2[:, None])
-    return tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        if MASK:
+            p = tl.where(key_ok[None, :], p, 0.0)
+    return p
 
 
 @triton.jit
@@ -459,7 +472,7 @@ def _attn_bwd_fused_kernel(
         rows_n = (start + cols).to(tl.int64)
         k0, k1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
         v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
-        pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, q_ok, scale_log2,
+        pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True,
                     True)
         ptc = pt.to(do0.dtype)
         dst = _bwd_ds(pt, _dot_d(v0, v1, tl.trans(do0), tl.trans(do1), BD1, PREC, UPCAST), delta, q0, True)
@@ -524,7 +537,7 @@ def _attn_bwd_dq_kernel(
         rows_n = (start + cols).to(tl.int64)
         kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
         vt0, vt1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, True)
-        p = _bwd_p(_dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST), lse2, m_ok, n_ok, scale_log2, False)
+        p = _bwd_p(_dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST), lse2, n_ok, scale_log2, False, True)
         ds = _bwd_ds(p, _dot_d(do0, do1, vt0, vt1, BD1, PREC, UPCAST), delta, q0, False)
         dq0 += _dot(ds, tl.trans(kt0), PREC, UPCAST)
         if BD1 > 0:
@@ -572,7 +585,8 @@ def _attn_bwd_dkdv_kernel(
     dv0, dv1 = _zeros_tile(BLOCK_N, BD0, BD1)
 
     # stage 2: per query block load Qᵀ, dOᵀ [BD, BLOCK_M], lse, δ [BLOCK_M];
-    # Pᵀ = exp2(s·K Qᵀ·log2e − lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK += dSᵀ Q.
+    # Pᵀ = exp2(s·K Qᵀ·log2e − lse), dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK += dSᵀ Q. No mask: a
+    # missing query adds 0 (see _bwd_p), a missing key's rows are never stored.
     for m0 in range(0, seqlen, BLOCK_M):
         rows = m0 + offs_m
         m_ok = rows < seqlen
@@ -581,7 +595,7 @@ def _attn_bwd_dkdv_kernel(
         dot0, dot1 = _load_tile(do_base, rows.to(tl.int64) * so, m_ok, HEAD_DIM, BD0, BD1, True)
         lse2 = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-        pt = _bwd_p(_dot_d(k0, k1, qt0, qt1, BD1, PREC, UPCAST), lse2, n_ok, m_ok, scale_log2, True)
+        pt = _bwd_p(_dot_d(k0, k1, qt0, qt1, BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True, False)
         ptc = pt.to(dot0.dtype)
         dst = _bwd_ds(pt, _dot_d(v0, v1, dot0, dot1, BD1, PREC, UPCAST), delta, qt0, True)
         dv0 += _dot(ptc, tl.trans(dot0), PREC, UPCAST)
