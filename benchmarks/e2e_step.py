@@ -24,7 +24,9 @@ one GPU, one after the other, on the same synthetic images and mask batches:
 Timing follows ``train.py --benchmark``: a pool of ``--mask-batches`` mask batches is cycled
 through and each is run in the warm-up, so the timed steps are the steady state (no first-time
 Triton JIT, cuDNN plan or torch.compile graph). Prints one JSON line per path, the ratio and a
-table (ms/step, images/s, TFLOP/s, MFU, peak GiB); ``<out>/e2e_step.json`` keeps them.
+table (ms/step, images/s, TFLOP/s, MFU, peak GiB); ``<out>/e2e_step.json`` keeps them. With
+``--profile-steps N`` each path also profiles N more steps after the timed ones (GPU time per kernel
+category, top kernels and host ops, as ``profile_step.py`` prints them; they do not touch the timing).
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
                 r["ratio_over_reference"] = x
                 print(json.dumps({f"ratio_{name}_over_reference": x}), flush=True)
         ratio = by.get("fast", {}).get("ratio_over_reference")
+    if args.profile_steps:  # where each path's GPU and host time goes
+        profile_step.print_report(gpu, args, results)
     with open(os.path.join(args.out, "e2e_step.json"), "w") as fh:
         json.dump({"command": " ".join(sys.argv), "gpu": gpu, "results": results, "ratio": ratio}, fh, indent=1)
     print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB |  ({gpu}, {args.model}, batch "

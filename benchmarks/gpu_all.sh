@@ -18,7 +18,9 @@
 #      shape, split vs unsplit head dim; the ViT-H step: reference vs fast_mixed (compiled, Inductor-
 #      launched Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
 #      winner, so second) vs fast_triton (Triton for every head dim) vs fast (compiled, SDPA inside;
-#      120.6 ms in run 3, so last, where the section's limit may cut it). If fast_mixed wins, set
+#      120.6 ms in run 3, so last, where the section's limit may cut it); each path also profiles 2
+#      steps (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's
+#      time goes, which decides the next lever). If fast_mixed wins, set
 #      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
 #      (stop_kernels/ops/attention.py).
 #   2. (timeout_s ≤ what is left − 30 s, ≈ 240) SEC_TESTS_NEW=120 SEC_BUILD=60 SEC_CUDA=80 \
@@ -27,9 +29,9 @@
 #      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split); then the CUDA C++
 #      StoP kernels against the rebuilt Triton ones and the unfused path: `stop_embed(backend="auto")`
 #      prefers CUDA when built (run 2); switch it to Triton if Triton now wins forward+backward.
-#   Later session: SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile (where the compiled step's time
-#   goes; variant keys graph=1 (CUDA-graphed target), overlap=1 (target on a second stream),
-#   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)).
+#   Later session: SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile (the step levers: variant keys
+#   graph=1 (CUDA-graphed target), overlap=1 (target on a second stream), mode=max-autotune-no-cudagraphs
+#   (Inductor's GEMM templates)).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
@@ -73,7 +75,8 @@ for s in $SECTIONS; do
            --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton,compiled_triton_graph:compile=1+attention=triton+graph=1,compiled_triton_overlap:compile=1+attention=triton+overlap=1" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
-           --paths ${E2E_PATHS:-reference,fast_mixed,fast_triton,fast} --out "$RES/e2e" ;;
+           --paths ${E2E_PATHS:-reference,fast_mixed,fast_triton,fast} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
     *) echo "unknown section $s" ;;

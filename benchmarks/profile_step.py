@@ -219,9 +219,9 @@ def run_variants(args, json_name: str = "profile_step.json"):
     return gpu, results
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    gpu, results = run_variants(args)
+def print_report(gpu: str, args, results) -> None:
+    """Per variant: its top kernels and host ops (when profiled), then one table of every variant with
+    the GPU time per kernel category."""
     for r in results:
         if "top_kernels" in r:
             print(f"\n--- {r['name']}: top kernels (ms/step, calls/step, category)")
@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     cats = sorted({c for r in results for c in r.get("categories_ms", {})})
     print(f"\n{gpu}, {args.model}, batch {args.batch_size}")
     print("| variant | ms/step | host ms | img/s | TFLOP/s | peak GiB | GPU ms | " + " | ".join(cats) + " |")
+    print("| --- " * (7 + len(cats)) + "|")
     for r in results:
         if "error" in r:
             print(f"| {r['name']} | error: {r['error'][:150]} |")
@@ -240,6 +241,12 @@ def main(argv=None) -> int:
         c = r.get("categories_ms", {})
         print(f"| {r['name']} | {r['ms_per_step']} | {r['host_ms_per_step']} | {r['images_per_s']} | {r['tflops']} | "
               f"{r['peak_gib']} | {r.get('gpu_ms_per_step', '')} | " + " | ".join(str(c.get(k, 0)) for k in cats) + " |")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    gpu, results = run_variants(args)
+    print_report(gpu, args, results)
     return 0
 
 

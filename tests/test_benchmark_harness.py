@@ -60,7 +60,7 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # the interpreter as conftest sets it: the fast_triton path forces the Triton kernels
     out = tmp_path / "e2e"
     rc = e2e_step.main(["--model", "vit_tiny", "--batch-size", "4", "--steps", "1", "--warmup", "1",
-                        "--mask-batches", "1", "--no-compile", "--paths", ",".join(e2e_step.PATHS),
+                        "--mask-batches", "1", "--no-compile", "--paths", ",".join(e2e_step.PATHS), "--profile-steps", "1",
                         "--extra", TINY_EXTRA, "--out", str(out)])
     assert rc in (0, None)
     res = json.loads((out / "e2e_step.json").read_text())["results"]
@@ -70,4 +70,6 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     by = {r["name"]: r for r in res}
     assert by["fast_mixed"]["policy"] == "compiled:24=triton" and by["reference"]["input"] == "unfused"
     assert all(r["ms_per_step"] > 0 and r["compile"] == "0" for r in res)
-    assert "ratio_fast_mixed_over_reference" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ratio_fast_mixed_over_reference" in printed and "top host ops" in printed
+    assert all(r["top_host_ops"] for r in res)
