@@ -465,6 +465,28 @@ def test_use_auto_policy_overrides_and_restores(monkeypatch):
             assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
 
 
+def test_use_auto_policy_each_step_compiles_once(monkeypatch):
+    """The trainer enters use_auto_policy every step, which installs a new (equal) policy dict each
+    time; dynamo guards the policy by content, so a compiled block traced under it is reused, and
+    the policy it read decides the graph (a different policy gets its own graph)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(A, "_AUTO_POLICY", dict(A.DEFAULT_AUTO_POLICY))
+    torch._dynamo.reset()
+    counters.clear()
+    q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32)
+
+    @torch.compile(backend="eager")
+    def block(x):
+        return x * (2.0 if A._auto_policy_choice(x) == "triton" else 3.0)
+    factors = []
+    for _ in range(4):
+        with A.use_auto_policy("compiled:24=triton"):
+            factors.append((block(q) / q).mean().item())
+    factors.append((block(q) / q).mean().item())
+    assert factors == [2.0, 2.0, 2.0, 2.0, 3.0]
+    assert counters["stats"]["unique_graphs"] == 2
+
+
 def test_models_trace_sdpa_under_compile_by_default(monkeypatch):
     """With the default policy a compiled block resolves "auto" to SDPA on CUDA (measured faster
     there); eager blocks keep Triton."""
