@@ -6,6 +6,7 @@ n_j ~ N(0, σ I), A tied to the predictor's context projection.
 Public API:
     stop_embed, assemble_predictor_input   fused StoP ops (noise generated in registers)
     attention, dispatch_attention          flash attention for the model's shapes, and the backend switch
+    use_attention_backend, use_auto_policy force a backend / adjust what "auto" picks per head dim
     attention_qkv, dispatch_attention_qkv  the same over a packed [B, N, 3, H, Dh] QKV buffer (one dqkv written)
     reference                              pure-PyTorch twins of every op
     load_official_checkpoint               official I-JEPA / StoP checkpoints → project models
@@ -17,7 +18,7 @@ from ._checks import trusted_device_indices
 from .backends import backends
 from .models import load_official_checkpoint
 from .ops.attention import (attention, attention_qkv, dispatch_attention, dispatch_attention_qkv,
-                            get_attention_backend, set_attention_backend, use_attention_backend)
+                            get_attention_backend, set_attention_backend, use_attention_backend, use_auto_policy)
 from .ops.predictor_input import assemble_predictor_input
 from .ops.stop_embed import stop_embed
 
@@ -26,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["reference", "trusted_device_indices", "backends", "load_official_checkpoint", "assemble_predictor_input",
            "stop_embed", "attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv",
            "get_attention_backend", "set_attention_backend",
-           "use_attention_backend", "__version__"]
+           "use_attention_backend", "use_auto_policy", "__version__"]
