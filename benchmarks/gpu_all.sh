@@ -29,9 +29,10 @@
 #      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split); then the CUDA C++
 #      StoP kernels against the rebuilt Triton ones and the unfused path: `stop_embed(backend="auto")`
 #      prefers CUDA when built (run 2); switch it to Triton if Triton now wins forward+backward.
-#   Later session: SEC_PROFILE=500 bash benchmarks/gpu_all.sh profile (the step levers: variant keys
-#   graph=1 (CUDA-graphed target), overlap=1 (target on a second stream), mode=max-autotune-no-cudagraphs
-#   (Inductor's GEMM templates)).
+#   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
+#   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
+#   second stream), mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
+#   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton.
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=/tmp/stop_kernels_results
@@ -71,8 +72,9 @@ for s in $SECTIONS; do
     train-eager) section train-eager ${SEC_TRAIN:-120} python -m torch.distributed.run --standalone --nproc_per_node=1 \
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
-    profile) section profile ${SEC_PROFILE:-420} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "compiled_sdpa:compile=1+attention=sdpa,compiled_triton:compile=1+attention=triton,compiled_triton_graph:compile=1+attention=triton+graph=1,compiled_triton_overlap:compile=1+attention=triton+overlap=1" \
+    profile) PB=${PROFILE_BASE:-compile=1}
+           section profile ${SEC_PROFILE:-420} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
+           --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --paths ${E2E_PATHS:-reference,fast_mixed,fast_triton,fast} --profile-steps ${E2E_PROFILE:-2} --top 25 \
