@@ -138,7 +138,7 @@ def correctness(budget_s):
             bucket = A._pow2(N)
             bd = A._pow2(D)
             fwd_c = A._fwd_configs(bucket, bd)
-            bwd_c = A._bwd_configs(bucket, bd)
+            bwd_c = A._bwd_candidates(N, D)
             for i in range(max(len(fwd_c), len(bwd_c))):
                 if elapsed() > budget_s * 0.45:
                     print("correctness: time budget reached, remaining configs skipped")
@@ -363,17 +363,18 @@ def variants(budget_s):
         # backward alone: the launch wrapper called directly on one saved forward
         o, lse = A._fwd(q, k, v, None, N, D ** -0.5)
         fwd_bytes = nbytes(B, H, N, D, False)
-        sweeps = [("fwd", A._fwd_configs(bucket, bd), lambda: A.attention(q, k, v), fwd_bytes),
-                  ("bwd", A._bwd_configs(bucket, bd), lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5),
-                   nbytes(B, H, N, D, True) - fwd_bytes)]
+        # (the candidate lists per head-dim split: the one-pass backward configs depend on it)
+        sweeps = [("fwd", lambda sp: A._fwd_configs(bucket, bd), lambda: A.attention(q, k, v), fwd_bytes),
+                  ("bwd", lambda sp: A._bwd_candidates(N, D, sp),
+                   lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), nbytes(B, H, N, D, True) - fwd_bytes)]
         # head dims that the kernels split in two chunks (80 = 64 + 16) are timed both ways
         splits = [True, False] if A._head_chunks(D, True)[1] else [A.HEAD_DIM_SPLIT]
         default_split = A.HEAD_DIM_SPLIT
         try:
-            for split, (kind, configs, fn, moved) in ((sp, sw) for sp in splits for sw in sweeps):
+            for split, (kind, configs_for, fn, moved) in ((sp, sw) for sp in splits for sw in sweeps):
                 A.HEAD_DIM_SPLIT = split
                 chosen = A._TUNE_CACHE.get((kind, bucket, D, torch.bfloat16, False, split))
-                for cfg in configs:
+                for cfg in configs_for(split):
                     if elapsed() > budget_s:
                         print("variants: time budget reached, rest skipped")
                         return
@@ -604,7 +605,7 @@ def host_overhead(attention_file=None, n=1000, reps=7):
             qkv.grad = None
             a, b, c = qkv.unbind(2)
             (a * 1).backward(do)
-        bwd = A._bwd_configs(A._pow2(N), A._pow2(D))[0]["VARIANT"]
+        bwd = A._bwd_candidates(N, D)[0]["VARIANT"]
         for name, fn, nn in (("fwd no_grad", fwd_ng, n), ("fwd (grad enabled)", fwd, n),
                              (f"fwd+bwd ({bwd} bwd)", fb, n // 2), ("torch floor: unbind, x*1, backward", floor_fb, n // 2)):
             us = best_us(fn, nn)

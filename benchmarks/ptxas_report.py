@@ -83,7 +83,7 @@ def attention_rows():
                 p, _ = A._make_plan(q, k, v, None, False, N, Dh ** -0.5)
             rows.append(dict(kernel=f"attn fwd {label} N={N} Dh={Dh}", config=cfg,
                              **ptxas_report(A._attn_fwd_kernel, (q, k, v, o, lse, q, *p.fwd_args), p.fwd_kw)))
-        for cfg in A._bwd_configs(bucket, bd):
+        for cfg in A._bwd_candidates(N, Dh):
             with A._force_config(bwd=cfg):
                 bp, _ = A._make_bwd_plan(q, k, v, None, False, N, Dh ** -0.5, o, lse, do)
             dqkv = torch.empty_like(qkv)
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         flag = " **spills**" if r["spill_stores"] or r["spill_loads"] else ""
         lines.append(f"| {r['kernel']} | {cfg} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']}{flag} | "
                      f"{r['smem'] / 1024:.0f} | {r['ctas_per_sm']} | {r['wgmma']} | {r['cp_async']} | "
-                     f"{r['loop_instrs']} / {r['loop_bar']} / {r['loop_local']} |")
+                     f"{r['loop_instrs']}{'' if r.get('has_loop', True) else ' (no loop: whole kernel)'} / "
+                     f"{r['loop_bar']} / {r['loop_local']} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

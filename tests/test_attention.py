@@ -114,22 +114,45 @@ def test_forward_backward_vs_float64(D, N, dtype):
     _check(q, k, v, None, dtype)
 
 
-@pytest.mark.parametrize("variant", ["fused", "split"])
+def _bwd_cfg(variant: str, N: int) -> dict:
+    """A forced backward config: 'fused' (16-key steps), 'one_pass' (fused, every key in one block:
+    no loop) or 'split'."""
+    bn = {"fused": 16, "one_pass": A._pow2(N), "split": 32}[variant]
+    return dict(VARIANT="split" if variant == "split" else "fused", BLOCK_M=32, BLOCK_N=bn, num_warps=4,
+                num_stages=1)
+
+
+@pytest.mark.parametrize("variant", ["fused", "one_pass", "split"])
 @pytest.mark.parametrize("N", [33, 150])
 def test_both_backward_variants(variant, N):
-    """The one-program-per-(sequence, head) backward and the dQ + dK/dV pair agree with float64."""
+    """The one-program-per-(sequence, head) backward (looping over key blocks, or in one pass) and the
+    dQ + dK/dV pair agree with float64."""
     torch.manual_seed(N)
-    cfg = dict(VARIANT=variant, BLOCK_M=32, BLOCK_N=16 if variant == "fused" else 32, num_warps=4, num_stages=1)
     q, k, v, _ = _qkv(1, N, 2, 24, torch.float16)
-    with A._force_config(bwd=cfg):
+    with A._force_config(bwd=_bwd_cfg(variant, N)):
         _check(q, k, v, None, torch.float16)
+
+
+def test_one_pass_backward_head_dim_80_and_varlen():
+    """The one-pass fused backward with the head dim in two chunks (80 = 64 + 16, the encoder's), and
+    packed sequences of different lengths (each shorter than the block)."""
+    torch.manual_seed(80)
+    q, k, v, _ = _qkv(1, 74, 2, 80, torch.bfloat16)
+    with A._force_config(bwd=_bwd_cfg("one_pass", 74)):
+        _check(q, k, v, None, torch.bfloat16)
+    lengths = [5, 61, 1, 33]
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEV)
+    qkv = torch.randn(cu[-1].item(), 3, 2, 24, device=DEV, dtype=torch.float16).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    with A._force_config(bwd=_bwd_cfg("one_pass", max(lengths))):
+        _check(q, k, v, None, torch.float16, cu_seqlens=cu, max_seqlen=max(lengths))
 
 
 # the dK/dV kernel computes P = ∞ in the rows of the missing keys, which it never stores (by design,
 # see _bwd_p); the interpreter's numpy reports that arithmetic
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("variant", ["fused", "split"])
+@pytest.mark.parametrize("variant", ["fused", "one_pass", "split"])
 @pytest.mark.parametrize("N", [7, 33])
 def test_backward_with_very_negative_scores(variant, N):
     """Every score of every query near −300 (scaled): lse ≈ −300, so a key past the sequence end (its
@@ -146,8 +169,7 @@ def test_backward_with_very_negative_scores(variant, N):
     qkv = qkv.to(torch.bfloat16).requires_grad_()
     q, k, v = qkv.unbind(2)
     assert (torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * scale).max() < -250
-    cfg = dict(VARIANT=variant, BLOCK_M=16, BLOCK_N=16 if variant == "fused" else 32, num_warps=4, num_stages=1)
-    with A._force_config(bwd=cfg):
+    with A._force_config(bwd=_bwd_cfg(variant, N)):
         _check(q, k, v, None, torch.bfloat16)
 
 

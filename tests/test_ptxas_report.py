@@ -54,3 +54,25 @@ def test_kernel_configs_do_not_spill(tmp_path):
     for r in full_d:
         if r["config"]["BLOCK_M"] == 64:
             assert r["loop_bar"] <= 48 and r["loop_instrs"] <= 1200, r
+
+
+_LOOP_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FFMA R2, R2, R3, R4 ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+.L_x_1:
+        /*0050*/                   BRA `(.L_x_1);
+"""
+
+
+def test_sass_loop_stats_loop_and_loopless():
+    """The main loop is the longest backward branch; a kernel with only the end-of-kernel BRA to itself
+    has no loop and reports the whole kernel."""
+    from stop_kernels.devtools import sass_loop_stats
+    assert sass_loop_stats(_LOOP_SASS) == {"loop_instrs": 3, "loop_bar": 1, "loop_local": 0, "has_loop": True}
+    loopless = _LOOP_SASS.replace("@P0 BRA `(.L_x_0) ;", "STL [R1], R2 ;")
+    assert sass_loop_stats(loopless) == {"loop_instrs": 6, "loop_bar": 1, "loop_local": 1, "has_loop": False}
+    assert sass_loop_stats("")["loop_instrs"] is None

@@ -419,6 +419,36 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base, DK, DV, start, orow0, cols,
+                         seqlen, skn, svn, h, so, scale, scale_log2,
+                         HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, PREC: tl.constexpr,
+                         UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+    """One key block ``cols`` of the fused backward: load K, V [BLOCK_N, BD]; recompute
+    Pᵀ = exp2(s·K Qᵀ·log2e − lse) [BLOCK_N, BLOCK_Q]; dV = Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ),
+    dK = s·dSᵀ Q, stored for this block's rows; returns dQ (chunks) + dS K."""
+    n_ok = cols < seqlen
+    rows_n = (start + cols).to(tl.int64)
+    k0, k1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+    v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+    pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True, True)
+    ptc = pt.to(do0.dtype)
+    dst = _bwd_ds(pt, _dot_d(v0, v1, tl.trans(do0), tl.trans(do1), BD1, PREC, UPCAST), delta, q0, True)
+    dv0 = _dot(ptc, do0, PREC, UPCAST)
+    dk0 = _dot(dst, q0, PREC, UPCAST) * scale
+    dq0 += _dot(tl.trans(dst), k0, PREC, UPCAST)
+    dv1 = dv0
+    dk1 = dk0
+    if BD1 > 0:
+        dv1 = _dot(ptc, do1, PREC, UPCAST)
+        dk1 = _dot(dst, q1, PREC, UPCAST) * scale
+        dq1 += _dot(tl.trans(dst), k1, PREC, UPCAST)
+    g_rows = _row_offsets(orow0, cols, GRAD_GROUP * so, h, HEAD_DIM)
+    _store_tile(DK, g_rows, n_ok, dk0, dk1, HEAD_DIM, BD0, BD1)
+    _store_tile(DV, g_rows, n_ok, dv0, dv1, HEAD_DIM, BD0, BD1)
+    return dq0, dq1
+
+
+@triton.jit
 def _attn_bwd_fused_kernel(
     Q, K, V, O, DO, DQ, DK, DV, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -463,31 +493,16 @@ def _attn_bwd_fused_kernel(
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
-    # stage 2: per key block load K, V [BLOCK_N, BD]; recompute Pᵀ = exp2(s·K Qᵀ·log2e − lse)
-    # [BLOCK_N, BLOCK_Q]; dV = Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK = s·dSᵀ Q, stored per block;
-    # dQ += dS K accumulated in registers.
-    for n0 in range(0, seqlen, BLOCK_N):
-        cols = n0 + offs_n
-        n_ok = cols < seqlen
-        rows_n = (start + cols).to(tl.int64)
-        k0, k1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
-        v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
-        pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True,
-                    True)
-        ptc = pt.to(do0.dtype)
-        dst = _bwd_ds(pt, _dot_d(v0, v1, tl.trans(do0), tl.trans(do1), BD1, PREC, UPCAST), delta, q0, True)
-        dv0 = _dot(ptc, do0, PREC, UPCAST)
-        dk0 = _dot(dst, q0, PREC, UPCAST) * scale
-        dq0 += _dot(tl.trans(dst), k0, PREC, UPCAST)
-        dv1 = dv0
-        dk1 = dk0
-        if BD1 > 0:
-            dv1 = _dot(ptc, do1, PREC, UPCAST)
-            dk1 = _dot(dst, q1, PREC, UPCAST) * scale
-            dq1 += _dot(tl.trans(dst), k1, PREC, UPCAST)
-        g_rows = _row_offsets(orow0, cols, GRAD_GROUP * so, h, HEAD_DIM)
-        _store_tile(DK, g_rows, n_ok, dk0, dk1, HEAD_DIM, BD0, BD1)
-        _store_tile(DV, g_rows, n_ok, dv0, dv1, HEAD_DIM, BD0, BD1)
+    # stage 2: per key block (_bwd_fused_key_block) dK, dV stored, dQ += dS K accumulated in registers.
+    if BLOCK_N >= BLOCK_Q:  # one pass: every key in one block, no loop (see the one-pass candidates)
+        dq0, dq1 = _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base, DK, DV,
+                                        start, orow0, offs_n, seqlen, skn, svn, h, so, scale, scale_log2,
+                                        HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP)
+    else:
+        for n0 in range(0, seqlen, BLOCK_N):
+            dq0, dq1 = _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base, DK, DV,
+                                            start, orow0, n0 + offs_n, seqlen, skn, svn, h, so, scale,
+                                            scale_log2, HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP)
 
     # stage 3: store dQ = s · Σ dS K [BLOCK_Q, HEAD_DIM].
     g_dq = _row_offsets(orow0, offs_q, GRAD_GROUP * so, h, HEAD_DIM)
@@ -680,9 +695,15 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
     return out
 
 
-def _bwd_configs(bucket: int, block_d: int) -> List[Dict]:
+def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List[Dict]:
     """Backward candidates: VARIANT 'fused' (one program per (sequence, head), all queries in one
-    tile, N <= 256) or 'split' (δ+dQ launch, then dK/dV launch). Heuristic default first."""
+    tile, N <= 256) or 'split' (δ+dQ launch, then dK/dV launch). Heuristic default first.
+
+    ``width``: the head dim's register width BD0 + BD1 (default ``block_d``). The last candidates at
+    N <= 128 are one-pass fused configs (BLOCK_N = the bucket: every score of a (sequence, head) at
+    once, no loop, wgmma throughout, 11 barriers per program against 10 per 16-key step), kept only
+    where ptxas shows no spill: head dim 24 (93 registers at N <= 64, 176 at N <= 128 with 8 warps)
+    and 80 = 64 + 16 (254 registers). Not yet timed on a GPU."""
     def fused(bn, w):
         return dict(VARIANT="fused", BLOCK_N=min(bn, bucket), num_warps=w, num_stages=1)
 
@@ -692,10 +713,11 @@ def _bwd_configs(bucket: int, block_d: int) -> List[Dict]:
     # `benchmarks/ptxas_report.py`, kept so by tests/test_ptxas_report.py); fused(32, 4) at N <= 128,
     # fused(16, 4) at N <= 256 and split(32, 64, 4) / split(64, 32, 4) at head dim 80 did (20–380 B);
     # split(128, 64, 8) at head dim 80 does too, split(64, 128, 8) does not
+    width = block_d if width is None else width
     if block_d <= 32 and bucket <= 64:
-        cands = [fused(16, 4), fused(32, 4), split(64, 64, 4)]
+        cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4)]
     elif block_d <= 32 and bucket <= 128:
-        cands = [fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4)]
+        cands = [fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4), fused(128, 8)]
     elif block_d <= 32 and bucket <= 256:
         cands = [split(64, 64, 4), split(32, 64, 4), fused(16, 8), split(64, 64, 8)]
     elif block_d <= 64 and bucket <= 256:
@@ -704,11 +726,19 @@ def _bwd_configs(bucket: int, block_d: int) -> List[Dict]:
         cands = [split(64, 64, 4), split(64, 64, 8), split(32, 64, 4), split(64, 32, 4)]
     else:
         cands = [split(64, 64, 4), split(64, 64, 8), split(64, 128, 8)]
+        if bucket <= 128 and width <= 80:
+            cands.append(fused(128, 8))
     out: List[Dict] = []
     for d in cands:
         if d not in out:
             out.append(d)
     return out
+
+
+def _bwd_candidates(N: int, D: int, split: Optional[bool] = None) -> List[Dict]:
+    """The backward candidates for sequence length (or max_seqlen) ``N`` and head dim ``D``, with
+    the head dim split as ``split`` says (default: HEAD_DIM_SPLIT), as the launch plan sees them."""
+    return _bwd_configs(_pow2(N), _pow2(D), sum(_head_chunks(D, split)))
 
 
 _TUNE_CACHE: Dict[Tuple, Dict] = {}
@@ -955,7 +985,6 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
 def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, lse, do,
                    traced: bool = False) -> Tuple[_BwdPlan, bool]:
     B, N, H, D, NT = _dims(q, cu.numel() if varlen else 0, varlen, max_seqlen)
-    block_d = _pow2(D)
     bd0, bd1 = _head_chunks(D)
     bucket = _pow2(N)
     strides, al = _qkv_strides((q, k, v), varlen)
@@ -996,8 +1025,8 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
             scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))
         _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, scratch[:3], delta=scratch[3])
 
-    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT), _bwd_configs(bucket, block_d), launch, q.is_cuda,
-                           traced)
+    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT), _bwd_candidates(N, D), launch,
+                           q.is_cuda, traced)
     return parts(cfg, traced), ok
 
 
