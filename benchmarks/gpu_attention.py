@@ -355,7 +355,9 @@ def timing(budget_s):
 def variants(budget_s):
     """Every candidate config forced and graph-timed (kernel time: what the config choice is about)."""
     from stop_kernels.ops import attention as A
-    for (B, H, N, D) in [(256, 16, 116, 24), (256, 16, 150, 24), (64, 16, 256, 80), (64, 16, 74, 80)]:
+    # the ViT-H step's order of importance: the predictor (N ~ 116), the context encoder (N ~ 74, forward
+    # and backward), the target encoder (N = 256, forward only in training), then N = 150 (longer masks)
+    for (B, H, N, D) in [(256, 16, 116, 24), (64, 16, 74, 80), (64, 16, 256, 80), (256, 16, 150, 24)]:
         qkv = make_qkv(B, H, N, D, seed=2)
         q, k, v = (t.detach() for t in qkv.unbind(2))
         do = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
