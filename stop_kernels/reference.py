@@ -42,6 +42,8 @@ def stack_target_indices(tgt_idx: TargetIndices, name: str = "tgt_idx") -> torch
         chk.tensor(f"{name}[{i}]", t, ndim=2, dtypes=chk.INDEX_DTYPES)
         if t.shape != tgt_idx[0].shape:
             raise ValueError(f"{name}[{i}]: expected shape {tuple(tgt_idx[0].shape)} like {name}[0], got {tuple(t.shape)}")
+        if t.device != tgt_idx[0].device:
+            raise ValueError(f"{name}[{i}]: expected device {tgt_idx[0].device} like {name}[0], got {t.device}")
     return torch.stack(list(tgt_idx), 0)
 
 
@@ -80,15 +82,19 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     chk.float_tensor("pos_embed", pos_embed, ndim=2)
     chk.float_tensor("weight", weight, ndim=2)
     chk.float_tensor("noise", noise, min_ndim=2)
+    if bias is not None:
+        chk.float_tensor("bias", bias, ndim=1)
     chk.index_tensor("idx", idx, upper=pos_embed.shape[0], what=f"pos_embed has {pos_embed.shape[0]} rows", min_ndim=1)
     chk.same_device(pos_embed=pos_embed, idx=idx, weight=weight, bias=bias, noise=noise)
     D, E = weight.shape
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     if noise.shape[:-1] != idx.shape or noise.shape[-1] != E:
         raise ValueError(f"noise: expected shape {tuple(idx.shape) + (E,)} (idx shape + encoder width), got {tuple(noise.shape)}")
+    if noise.dtype != weight.dtype and not torch.is_autocast_enabled(noise.device.type):  # autocast casts both
+        raise TypeError(f"noise: expected the dtype of weight ({weight.dtype}) for n·Wᵀ, got {noise.dtype}")
     if bias is not None:
-        chk.float_tensor("bias", bias, ndim=1)
         chk.dim_equals("bias", bias, 0, D, "predictor width D")
+        bias = bias.to(weight.dtype)  # as the fused ops take it: a bias of another dtype is cast, not refused
     return F.linear(noise, weight, bias) + pos_embed[idx]
 
 
@@ -127,9 +133,9 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     if bias is not None:
         chk.float_tensor("bias", bias, ndim=1)
         chk.dim_equals("bias", bias, 0, D, "predictor width D")
-    if noise_mode == "none":
-        if mask_token is None:
-            raise ValueError("mask_token: required when noise_mode='none'")
+    if noise_mode == "none" and mask_token is None:
+        raise ValueError("mask_token: required when noise_mode='none'")
+    if mask_token is not None:
         chk.float_tensor("mask_token", mask_token)
         if mask_token.numel() != D:
             raise ValueError(f"mask_token: expected {D} elements (predictor width), got shape {tuple(mask_token.shape)}")
@@ -160,15 +166,20 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
         target block.
     """
     tgt = check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token)
+    if noise is not None and noise_mode == "none":
+        raise ValueError("noise: noise_mode='none' uses no noise (the mask token); pass noise=None")
     npred, B, Nt = tgt.shape
     Nc, E = ctx.shape[1:]
     D = weight.shape[0]
     # context rows: predictor_embed(x) + ψ[ctx_idx], shared by every target block
+    if bias is not None:
+        bias = bias.to(weight.dtype)  # as the fused op takes it: a bias of another dtype is cast, not refused
     x = F.linear(ctx, weight, bias) + pos_embed[ctx_idx]
     dtype = x.dtype
     if noise_mode == "learned":
-        if noise is None:
-            noise = draw_noise((npred, B, Nt, E), noise_std=noise_std, dtype=dtype, device=ctx.device, generator=generator)
+        if noise is None:  # in the weight's dtype, as n·Wᵀ needs it (and the fused op draws it)
+            noise = draw_noise((npred, B, Nt, E), noise_std=noise_std, dtype=weight.dtype, device=ctx.device,
+                               generator=generator)
         masked = stop_embed(pos_embed, tgt, weight, bias, noise)
     elif noise_mode == "isotropic":
         if noise is None:

@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: strided bias, layout and cu_seqlens checks of every attention backend, dtype checks of the explicit-noise assembly."""
+"""Argument checks shared by the ops: strided bias, layout and cu_seqlens checks of every attention backend, dtype
+checks of the explicit-noise assembly, mixed dtypes on the reference path, unused arguments still checked."""
 import os
 
 import pytest
@@ -86,6 +87,74 @@ def test_assemble_explicit_noise_dtype_mismatch_is_type_error():
     ti = torch.randint(0, P, (npred, B, Nt))
     with pytest.raises(TypeError, match="ctx"):
         sk.assemble_predictor_input(ctx, ci, ti, w, None, pos, noise=torch.randn(npred, B, Nt, E))
+
+
+def _assembly_inputs(dtype_w=torch.float32, dtype_pos=torch.float32, dtype_b=None):
+    torch.manual_seed(5)
+    B, Nc, Nt, E, D, P, npred = 2, 3, 2, 6, 8, 10, 2
+    w = torch.randn(D, E, dtype=dtype_w)
+    b = torch.randn(D, dtype=dtype_b or dtype_w)
+    return (torch.randn(B, Nc, E, dtype=dtype_w), torch.randint(0, P, (B, Nc)), torch.randint(0, P, (npred, B, Nt)),
+            w, b, torch.randn(P, D, dtype=dtype_pos))
+
+
+@pytest.mark.parametrize("mode", ["learned", "isotropic"])
+def test_reference_assembly_with_bf16_weights_and_fp32_positions(mode):
+    """The mixed precision of the official code (bf16 projection, fp32 ψ): the reference twin drew the
+    learned noise in the promoted dtype (fp32) and n·Wᵀ failed; it now draws it in the weight's dtype,
+    as the fused op does, and both backends agree on the output dtype."""
+    args = _assembly_inputs(torch.bfloat16, torch.float32)
+    ref = sk.reference.assemble_predictor_input(*args, noise_mode=mode, generator=_gen())
+    out = sk.assemble_predictor_input(*args, noise_mode=mode, generator=_gen(), backend="reference")
+    assert ref.dtype == out.dtype == torch.float32 and ref.shape == out.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype_b", [torch.float64, torch.bfloat16])
+def test_assembly_bias_of_another_dtype_is_cast_on_every_backend(backend, dtype_b):
+    """A bias whose dtype differs from the weight's is cast to it (as stop_embed does), on the
+    reference path too (it raised an unnamed RuntimeError there while Triton accepted it)."""
+    if backend == "triton" and dtype_b == torch.float64:
+        pytest.skip("float64 takes the reference path (the Triton kernels take 16/32-bit floats)")
+    args = _assembly_inputs(dtype_b=dtype_b)
+    cast = args[:4] + (args[4].to(torch.float32),) + args[5:]
+    out = sk.assemble_predictor_input(*args, generator=_gen(), backend=backend)
+    want = sk.assemble_predictor_input(*cast, generator=_gen(), backend=backend)
+    torch.testing.assert_close(out, want)
+
+
+def test_explicit_noise_and_generator_arguments_are_checked():
+    ctx, ci, ti, w, b, pos = _assembly_inputs()
+    npred, B, Nt = ti.shape
+    with pytest.raises(TypeError, match="noise"):  # n·Wᵀ needs the weight's dtype
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, noise=torch.randn(npred, B, Nt, w.shape[1]).bfloat16())
+    with pytest.raises(TypeError, match="noise"):
+        sk.reference.stop_embed(pos, ti[0], w, b, torch.randn(B, Nt, w.shape[1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise"):  # "none" uses the mask token, never noise
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, noise_mode="none", mask_token=torch.randn(w.shape[0]),
+                                    noise=torch.randn(npred, B, Nt, w.shape[0]))
+    with pytest.raises(TypeError, match="generator"):  # unused with explicit noise, but still checked
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, noise=torch.randn(npred, B, Nt, w.shape[1]),
+                                    generator="seed")
+    with pytest.raises(TypeError, match="generator"):  # "none" draws no seed, but the argument is checked
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, noise_mode="none", mask_token=torch.randn(w.shape[0]),
+                                    generator="seed")
+    with pytest.raises(TypeError, match="bias"):
+        sk.reference.stop_embed(pos, ti[0], w, [0.0] * w.shape[0], torch.randn(B, Nt, w.shape[1]))
+    with pytest.raises(TypeError, match="mask_token"):  # checked whenever it is given
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, mask_token=[0.0] * w.shape[0], generator=_gen())
+    with pytest.raises(ValueError, match=r"tgt_idx\[1\]"):
+        sk.assemble_predictor_input(ctx, ci, [ti[0], ti[1].to("meta")], w, b, pos, generator=_gen())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_width_output(backend):
+    """D = 0 (a zero-width projection): an empty [..., M, 0] result, not a reshape error."""
+    pos, w, idx = torch.randn(10, 0), torch.randn(0, 6), torch.randint(0, 10, (2, 3))
+    assert sk.stop_embed(pos, idx, w, None, generator=_gen(), backend=backend).shape == (2, 3, 0)
+    w.requires_grad_()
+    sk.stop_embed(pos, idx, w, None, generator=_gen(), backend=backend).sum().backward()
+    assert w.grad.shape == (0, 6)
 
 
 @pytest.mark.parametrize("value", ["1", "true", "On", "yes", "y", "0", "false", "", " 1", "t"])

@@ -40,14 +40,19 @@ MASK32 = 0xFFFFFFFF
 SEED_BITS = 62  # seeds in [0, 2**62): non-negative in int64 on every backend
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """Draw the per-call Philox seed from a CPU generator (the default one when None)."""
+def check_generator(generator: Optional[torch.Generator]) -> None:
+    """``generator`` is None or a CPU torch.Generator (the seed is drawn on the host)."""
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != "cpu":
             raise ValueError(f"generator: expected a CPU torch.Generator (the seed is drawn on the host), "
                              f"got one on {generator.device}")
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """Draw the per-call Philox seed from a CPU generator (the default one when None)."""
+    check_generator(generator)
     return int(torch.randint(0, 2 ** SEED_BITS, (), generator=generator, dtype=torch.int64))
 
 

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .philox import draw_seed, philox_normal
+from .philox import check_generator, draw_seed, philox_normal
 from .stop_embed import (BACKENDS, _noise_weight_grad_op, _out_dtype, autocast_dtype, check_backend,
                          launch_pos_noise, launch_project, load_cuda_backend, scatter_rows)
 
@@ -112,8 +112,7 @@ def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     """Validate (eagerly, also under torch.compile) and draw the seed as a CPU int64 scalar tensor."""
     tgt = reference.check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std,
                                         mask_token)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)  # also where no seed is drawn ("none"): a bad argument is never ignored
     seed = draw_seed(generator) if noise_mode in ("learned", "isotropic") else 0
     return tgt, torch.tensor(seed, dtype=torch.int64)
 
@@ -161,6 +160,7 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode=noise_mode, noise_std=noise_std,
             mask_token=mask_token, generator=generator, noise=noise)
     if noise is not None:
+        check_generator(generator)  # unused with explicit noise, but never silently wrong
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed,
                                                   noise_mode=noise_mode, noise_std=noise_std,
                                                   mask_token=mask_token, noise=noise)

@@ -539,7 +539,7 @@ def _stop_embed_op(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Ten
                    seed: torch.Tensor, noise_std: float) -> torch.Tensor:
     D = weight.shape[0]
     out = torch.empty(idx.shape + (D,), dtype=_out_dtype(weight, pos_embed), device=weight.device)
-    launch_project(out.view(1, -1, D), idx.reshape(-1), pos_embed, weight, bias,
+    launch_project(out.view(1, idx.numel(), D), idx.reshape(-1), pos_embed, weight, bias,
                    seed=int(seed), noise_std=noise_std)
     return out
 
@@ -571,7 +571,7 @@ def _stop_setup(ctx, inputs, output):
 def _stop_backward(ctx, grad):
     idx, weight, seed = ctx.saved_tensors
     D = weight.shape[0]
-    g = grad.reshape(-1, D)
+    g = grad.reshape(idx.numel(), D)  # (not -1: D may be 0)
     dpos = dweight = dbias = None
     if ctx.needs_input_grad[2]:
         dweight = _noise_weight_grad_op(g.unsqueeze(0), weight, seed, ctx.noise_std).to(weight.dtype)
