@@ -339,6 +339,42 @@ def test_bad_cu_seqlens(cu, msg):
         A.dispatch_attention(q, q, q, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEV), backend="sdpa")
 
 
+def test_cu_seqlens_non_contiguous_and_inference_mode():
+    """Review findings: a strided cu_seqlens on q's device was passed to the kernels as is (they read it
+    at unit stride: wrong sequences, no error), and one built under inference_mode (no version counter)
+    made the validation cache raise on every backend."""
+    torch.manual_seed(12)
+    T, H, D = 12, 2, 16
+    q, k, v = (_t(T, H, D) for _ in range(3))
+    cu = torch.tensor([0, 3, 5, 8, 12], dtype=torch.int32, device=DEV)[::2]  # [0, 5, 12], stride 2
+    ref = reference.attention(q.double(), k.double(), v.double(), cu_seqlens=cu.contiguous())
+    for backend in ("triton", "sdpa", "reference"):
+        o = A.dispatch_attention(q, k, v, cu_seqlens=cu, backend=backend)
+        _close(f"o ({backend}, strided cu_seqlens)", o, ref, 2e-3, 2e-3)
+    with torch.inference_mode():
+        cu_inf = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEV)
+        for backend in ("triton", "sdpa", "reference"):
+            o = A.dispatch_attention(q, k, v, cu_seqlens=cu_inf, backend=backend)
+            _close(f"o ({backend}, inference-mode cu_seqlens)", o, ref, 2e-3, 2e-3)
+        with pytest.raises(ValueError, match="end at"):  # checked again on every call, never cached
+            A.attention(q, k, v, cu_seqlens=torch.tensor([0, 5, 11], dtype=torch.int32, device=DEV))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # inside torch's make_dual
+def test_forward_mode_ad_is_refused():
+    """The kernels have no forward-mode formula: a dual input raises instead of losing its tangent."""
+    from torch.autograd import forward_ad as fwAD
+    q = _t(1, 8, 2, 16)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            A.attention(dual, q, q)
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            A.attention_qkv(fwAD.make_dual(_t(1, 8, 3, 2, 16), torch.randn(1, 8, 3, 2, 16, device=DEV,
+                                                                           dtype=torch.float16)))
+        A.attention(q, q, q)  # plain tensors inside a dual level are fine
+
+
 def test_bad_cu_seqlens_kind():
     q = _t(10, 2, 24)
     with pytest.raises(TypeError, match="cu_seqlens"):
@@ -432,7 +468,7 @@ def test_auto_policy(monkeypatch):
     assert A.parse_auto_policy("fwd_only=sdpa, train:80=sdpa") == {"fwd_only": "sdpa", ("train", 80): "sdpa"}
     assert A.parse_auto_policy("compiled:24=triton;compiled=sdpa") == {("compiled", 24): "triton", "compiled": "sdpa"}
     assert A.parse_auto_policy("") == {}
-    for bad in ("compiled", "compiled:x=triton", "compiled:24=cudnn", "eager=triton"):
+    for bad in ("compiled", "compiled:x=triton", "compiled:24=cudnn", "eager=triton", "train:=sdpa"):
         with pytest.raises(ValueError, match="policy"):
             A.parse_auto_policy(bad)
     with pytest.raises(TypeError, match="policy"):

@@ -165,7 +165,7 @@ def test_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
     assert triton_interpreting() == bool(knobs.runtime.interpret)
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan")])
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan"), True])
 def test_attention_kernel_needs_a_positive_scale_and_auto_falls_back(scale):
     """The Triton forward takes the running max of the unscaled scores, valid for a positive scale only:
     attention() refuses other scales by name; dispatch_attention("auto") routes them to SDPA."""

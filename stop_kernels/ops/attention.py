@@ -98,6 +98,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad as fwAD
 import triton
 import triton.language as tl
 
@@ -106,7 +107,8 @@ from .. import reference
 from ..backends import triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
-           "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "clear_caches",
+           "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
+           "parse_auto_policy", "clear_caches",
            "DEFAULT_AUTO_POLICY",
            "BACKENDS"]
 
@@ -1335,8 +1337,13 @@ def _check_qkv(q, k, v, varlen: bool) -> None:
 
 def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: Optional[int]) -> Tuple[torch.Tensor, int]:
     """Validate cu_seqlens (int32/int64 [n+1], starts at 0, non-decreasing, ends at T); return it on
-    ``device`` and the max sequence length. The value check syncs once per cu_seqlens tensor version
-    (cached on the tensor), so a layer stack reusing one cu_seqlens pays it once."""
+    ``device``, contiguous (the kernels read it at unit stride), and the max sequence length. The
+    value check syncs once per cu_seqlens tensor version (cached on the tensor), so a layer stack
+    reusing one cu_seqlens pays it once; an inference-mode tensor has no version and is checked on
+    every call. Limits: a change that bypasses the version counter (``.data``, ``.numpy()``) keeps
+    the cached verdict (make a new tensor instead), and under torch.compile the values are not
+    checked at all (that would be a host sync inside the graph): the models pass cu_seqlens built
+    from host-checked masks."""
     chk.tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=chk.INDEX_DTYPES)
     if cu_seqlens.numel() < 1:
         raise ValueError("cu_seqlens: expected at least one element ([n + 1] offsets), got 0")
@@ -1345,9 +1352,9 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
     if torch.compiler.is_compiling():
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        return cu_seqlens.to(device), int(max_seqlen)
-    tag = (cu_seqlens._version, total)
-    cached = getattr(cu_seqlens, "_stop_kernels_checked", None)
+        return cu_seqlens.to(device).contiguous(), int(max_seqlen)
+    tag = None if cu_seqlens.is_inference() else (cu_seqlens._version, total)
+    cached = getattr(cu_seqlens, "_stop_kernels_checked", None) if tag is not None else None
     if cached is not None and cached[0] == tag:
         true_max = cached[1]
     else:
@@ -1360,15 +1367,16 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
         if any(n < 0 for n in lens):
             raise ValueError(f"cu_seqlens: must be non-decreasing, got {vals if len(vals) <= 16 else vals[:16]}")
         true_max = max(lens) if lens else 0
-        try:
-            cu_seqlens._stop_kernels_checked = (tag, true_max)
-        except Exception:
-            pass
+        if tag is not None:
+            try:
+                cu_seqlens._stop_kernels_checked = (tag, true_max)
+            except Exception:
+                pass
     if max_seqlen is None:
         max_seqlen = true_max
     elif max_seqlen < true_max:
         raise ValueError(f"max_seqlen: {max_seqlen} is smaller than the longest sequence in cu_seqlens ({true_max})")
-    return cu_seqlens.to(device, non_blocking=True), int(max_seqlen)
+    return cu_seqlens.to(device, non_blocking=True).contiguous(), int(max_seqlen)
 
 
 def _eager_ok(q) -> bool:
@@ -1391,7 +1399,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
             ``Dh`` a multiple of 8 in [8, 128] (otherwise ``ValueError``; the dispatcher falls back).
         scale: softmax scale, default ``Dh ** -0.5``.
         cu_seqlens: int32/int64 ``[n + 1]`` offsets (0 = first, last = T, non-decreasing) of the
-            packed sequences; on q's device or the CPU. Bad values raise ``ValueError``.
+            packed sequences; on q's device or the CPU, any stride. Bad values raise ``ValueError``
+            in eager calls; under torch.compile they are not checked (a host sync).
         max_seqlen: longest packed sequence (computed from cu_seqlens when omitted).
 
     Returns:
@@ -1418,6 +1427,10 @@ def _prepare(q, k, v, scale, cu_seqlens, max_seqlen) -> Tuple[Optional[torch.Ten
     max_seqlen, scale as a float)."""
     varlen = cu_seqlens is not None
     _check_qkv(q, k, v, varlen)
+    if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in (q, k, v)):
+        # the kernels have no forward-mode formula: refuse instead of returning a primal without tangent
+        raise NotImplementedError("q, k, v: forward-mode AD (dual tensors) is not supported by the Triton attention "
+                                  "kernels; use dispatch_attention(..., backend='reference')")
     if varlen:
         cu_seqlens, max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     else:
@@ -1553,8 +1566,8 @@ def parse_auto_policy(text: str) -> Dict:
     out: Dict = {}
     for item in filter(None, (s.strip() for s in text.replace(";", ",").split(","))):
         lhs, eq, val = item.partition("=")
-        mode, _, dh = lhs.strip().partition(":")
-        if not eq or (dh and not dh.strip().isdigit()):
+        mode, colon, dh = lhs.strip().partition(":")
+        if not eq or (colon and not dh.strip().isdigit()):
             raise ValueError(f"policy: cannot read {item!r}; expected mode=backend or mode:head_dim=backend "
                              f"(modes {list(_AUTO_MODES)}, backends {list(_AUTO_CHOICES)})")
         chk.choice("policy mode", mode.strip(), _AUTO_MODES)
@@ -1601,7 +1614,8 @@ def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Op
 
 def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> str:
-    if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
+                                                              and 0 < scale < float("inf"))):
         return "sdpa"  # the Triton kernels take positive finite scales only
     if q.device.type == "cuda":
         if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
