@@ -119,6 +119,24 @@ def test_bad_config(kw, name):
 
 
 def test_unsatisfiable_min_keep_is_an_error_not_a_hang():
-    c = MultiBlockMaskCollator(input_size=32, patch_size=8, min_keep=12, pred_mask_scale=(0.15, 0.2))
+    # refused when the collator is built (config time), not at the first batch that draws a small block
+    with pytest.raises(ValueError, match="^min_keep: the smallest target block"):
+        MultiBlockMaskCollator(input_size=32, patch_size=8, min_keep=12, pred_mask_scale=(0.15, 0.2))
+    with pytest.raises(ValueError, match="^min_keep: the smallest context block"):
+        MultiBlockMaskCollator(input_size=32, patch_size=8, min_keep=1, pred_mask_scale=(0.5, 0.5),
+                               enc_mask_scale=(0.1, 0.1))
+    # and the sampler's own guard still stops the official loop from spinning forever
+    c = MultiBlockMaskCollator(input_size=32, patch_size=8, min_keep=0, pred_mask_scale=(0.15, 0.2))
+    c.min_keep = 12
     with pytest.raises(ValueError, match="^min_keep"):
         c(batch(2, 32))
+
+
+def test_every_drawn_block_keeps_more_than_min_keep():
+    """The smallest block found at construction bounds every block the batches draw."""
+    c = MultiBlockMaskCollator(input_size=64, patch_size=8, min_keep=8, seed=3, allow_overlap=True)
+    smallest = c.smallest_block(c.pred_mask_scale, c.aspect_ratio)
+    assert smallest[0] * smallest[1] > 8
+    for i in range(60):
+        _, _, pred = c(batch(2, 64))
+        assert pred[0].shape[1] >= smallest[0] * smallest[1] and pred[0].shape[1] > c.min_keep

@@ -177,6 +177,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, 
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
+def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, cpu_train, monkeypatch):
+    """A term of value 0 with an infinite gradient (review repro): the loss stays finite, AdamW writes
+    NaN weights, and the next save must refuse them and name the previous checkpoint."""
+    from stop_kernels.training import loop
+    from stop_kernels.training.checkpoint import list_checkpoints
+    real, calls = loop.jepa_step_loss, []
+
+    def poisoned(models, *args, **kw):
+        calls.append(1)
+        loss = real(models, *args, **kw)
+        if len(calls) == 4:  # step 3: d/dw sqrt(|w − w|) = inf at 0
+            w = models.encoder.norm.weight
+            loss = loss + (w - w.detach()).abs().sqrt().sum()
+        return loss
+
+    monkeypatch.setattr(loop, "jepa_step_loss", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match=r"parameters are not finite after step 4.*step_00000002"):
+        loop.train(tiny(tmp_path, steps=8, ckpt_every=2))
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2]
+
+
 def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train):
     from stop_kernels.training.loop import train
     full = train(tiny(tmp_path / "full", steps=5))

@@ -59,9 +59,21 @@ class MultiBlockMaskCollator:
         for name, v in (("nenc", nenc), ("npred", npred)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if g < 2:
+            raise ValueError(f"input_size: the patch grid must be at least 2x2 to place mask blocks, got "
+                             f"{g}x{g} ({input_size} px, patch {patch_size})")
         if not isinstance(min_keep, int) or not 0 <= min_keep < g * g:
             raise ValueError(f"min_keep: expected an integer in [0, {g * g}), got {min_keep!r}")
         self.nenc, self.npred, self.min_keep = nenc, npred, min_keep
+        # a block must be able to keep more than min_keep patches whatever size a batch draws; else the
+        # run would fail at the first batch that draws a small block, minutes or hours in
+        for what, scale, ar in (("target", self.pred_mask_scale, self.aspect_ratio),
+                                ("context", self.enc_mask_scale, (1.0, 1.0))):
+            h, w = self.smallest_block(scale, ar)
+            if h * w <= min_keep:
+                raise ValueError(f"min_keep: the smallest {what} block this config can draw is {h}x{w} = {h * w} "
+                                 f"patches on the {g}x{g} grid, and a mask must keep more than min_keep={min_keep}; "
+                                 f"lower min_keep or raise the mask scale")
         self.allow_overlap, self.seed, self.truncate = allow_overlap, int(seed), truncate
         self.epoch = 0
         self._calls = 0  # batches collated by this process (worker) in this epoch
@@ -94,13 +106,14 @@ class MultiBlockMaskCollator:
         return g
 
     # -- the official sampling -----------------------------------------------------------------
-    def _sample_block_size(self, g: torch.Generator, scale, aspect_ratio_scale) -> Tuple[int, int]:
-        _rand = torch.rand(1, generator=g).item()
+    def _block_size(self, rand: float, scale, aspect_ratio_scale) -> Tuple[int, int]:
+        """The (h, w) of a block for the uniform draw ``rand`` in [0, 1) (the official formula: one
+        draw sets both the scale and the aspect ratio)."""
         min_s, max_s = scale
-        mask_scale = min_s + _rand * (max_s - min_s)
+        mask_scale = min_s + rand * (max_s - min_s)
         max_keep = int(self.height * self.width * mask_scale)
         min_ar, max_ar = aspect_ratio_scale
-        aspect_ratio = min_ar + _rand * (max_ar - min_ar)
+        aspect_ratio = min_ar + rand * (max_ar - min_ar)
         h = int(round(math.sqrt(max_keep * aspect_ratio)))
         w = int(round(math.sqrt(max_keep / aspect_ratio)))
         while h >= self.height:
@@ -108,6 +121,15 @@ class MultiBlockMaskCollator:
         while w >= self.width:
             w -= 1
         return max(h, 1), max(w, 1)
+
+    def _sample_block_size(self, g: torch.Generator, scale, aspect_ratio_scale) -> Tuple[int, int]:
+        return self._block_size(torch.rand(1, generator=g).item(), scale, aspect_ratio_scale)
+
+    def smallest_block(self, scale, aspect_ratio_scale, steps: int = 4096) -> Tuple[int, int]:
+        """The block of fewest patches that ``_block_size`` gives over a fine grid of draws in [0, 1]
+        (its size is piecewise constant in the draw, with pieces much wider than 1/steps)."""
+        sizes = (self._block_size(i / steps, scale, aspect_ratio_scale) for i in range(steps + 1))
+        return min(sizes, key=lambda hw: hw[0] * hw[1])
 
     def _sample_block_mask(self, g: torch.Generator, b_size, acceptable_regions: Optional[List[torch.Tensor]] = None):
         h, w = b_size

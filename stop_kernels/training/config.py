@@ -75,7 +75,7 @@ class TrainConfig:
     enc_mask_scale: Tuple[float, float] = (0.85, 1.0)
     pred_mask_scale: Tuple[float, float] = (0.15, 0.2)
     aspect_ratio: Tuple[float, float] = (0.75, 1.5)
-    min_keep: int = 4                  # minimum patches a mask keeps
+    min_keep: int = 4                  # every mask keeps more than min_keep patches (the official rule)
     # ---- optimisation -----------------------------------------------------------------------
     batch_size: int = 16               # global batch (split evenly over the ranks)
     epochs: int = 1
@@ -193,6 +193,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "color_jitter"):
         if not getattr(cfg, key) >= 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {getattr(cfg, key)!r}")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise ConfigError(f"warmup_epochs: {cfg.warmup_epochs} is longer than the run's {cfg.epochs} epochs (the "
+                          f"learning rate would never reach lr nor decay); lower it with the epochs")
+    if cfg.color_jitter > 2.5:
+        raise ConfigError(f"color_jitter: expected a value in [0, 2.5] (the hue jitter 0.2·s must stay <= 0.5), got "
+                          f"{cfg.color_jitter!r}")
     if not cfg.peak_tflops > 0:
         raise ConfigError(f"peak_tflops: expected a value > 0, got {cfg.peak_tflops!r}")
     for key in ("ema_start", "ema_end"):

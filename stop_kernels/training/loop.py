@@ -13,8 +13,9 @@ steps → final checkpoint and safetensors export.
 No host synchronisation inside a step: the loss of step i (averaged over ranks with an
 asynchronous all-reduce) is read on the host while step i+1 is already queued, then checked and
 logged. A non-finite loss stops training with :class:`TrainingDiverged` before any further
-checkpoint is written (pending losses are always checked before a save), so the last checkpoint
-on disk is the last good one.
+checkpoint is written (pending losses are always checked before a save), and so do non-finite
+parameters at save time (a non-finite gradient with a finite loss), so the last checkpoint on
+disk is the last good one.
 """
 from __future__ import annotations
 
@@ -226,6 +227,19 @@ class Trainer:
         return move_batch(imgs, masks_enc, masks_pred, self.device)
 
 
+def parameters_finite(models: "JEPAModels", info: D.DistInfo) -> bool:
+    """Whether every parameter of the three models (the local shards under FSDP2) is finite, on all
+    ranks: one max-abs norm per tensor, one host read (checkpoint time only)."""
+    local = [(p.to_local() if hasattr(p, "to_local") else p).detach()
+             for m in (models.encoder, models.predictor, models.target_encoder) for p in m.parameters()]
+    local = [t for t in local if t.numel()]
+    ok = torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all().float() if local else \
+        torch.ones((), device=info.device)
+    if info.distributed and info.world_size > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def move_batch(imgs, masks_enc, masks_pred, device: torch.device):
     """The batch on ``device`` (non-blocking on CUDA); masks ``[B, K]`` or ragged lists of B 1-D tensors."""
     nb = device.type == "cuda"
@@ -335,6 +349,14 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         nonlocal last_saved
         if step == last_saved:
             return
+        if not parameters_finite(tr.models, info):
+            # the loss checked before this save was computed before the last update: a non-finite
+            # gradient with a finite loss reaches the weights unseen until here
+            good = ckpt.latest()
+            raise TrainingDiverged(
+                f"parameters are not finite after step {step} (a non-finite gradient reached the optimizer); "
+                f"checkpoint not written. " + (f"The last good checkpoint is {good} (continue with --resume, e.g. "
+                                               f"after lowering --lr)." if good else "No checkpoint was written before it."))
         meta = {"epoch": step // ipe, "batch_in_epoch": step % ipe, "images_seen": step * cfg.batch_size,
                 "skipped_images": metrics.skipped_images, "config": cfg.to_dict()}
         path = ckpt.save(step, tr.container, tr.opt, meta)
@@ -523,5 +545,6 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
 
 __all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "build_models", "build_optimizer", "check_masks",
+           "parameters_finite",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]
