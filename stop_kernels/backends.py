@@ -9,6 +9,7 @@ compiled extension ``stop_kernels._C``) and looks at the environment.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -24,6 +25,16 @@ def triton_interpreting() -> bool:
     the library agrees with Triton. Plain ``os.environ`` (not ``triton.knobs``, which calls into C++):
     torch.compile traces it without a graph break, and the value is read per call (tests switch it)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
+def on_device(t: torch.Tensor):
+    """A context manager that makes ``t``'s CUDA device the current one for a Triton launch (Triton
+    launches on the current device, whatever device the tensors live on); a no-op when it already is
+    current, and off CUDA. Autograd's backward already runs with the device of its tensors current."""
+    if (t.device.type == "cuda" and t.device.index is not None and torch.cuda.is_available()
+            and t.device.index != torch.cuda.current_device()):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _triton() -> Tuple[bool, str]:

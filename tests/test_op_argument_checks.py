@@ -175,3 +175,17 @@ def test_attention_kernel_needs_a_positive_scale_and_auto_falls_back(scale):
         with pytest.raises(ValueError, match="^scale: "):
             sk.attention(q, q, q, scale=scale)
     assert _resolve_auto(q, q, q, scale) == "sdpa"
+
+
+def test_launches_go_to_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the ops make the tensors' device current when it is
+    not (tensors on cuda:1 with cuda:0 current), and change nothing otherwise."""
+    import contextlib
+    import types
+    from stop_kernels.backends import on_device
+    assert isinstance(on_device(torch.zeros(1)), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = on_device(types.SimpleNamespace(device=torch.device("cuda:1")))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(on_device(types.SimpleNamespace(device=torch.device("cuda:0"))), contextlib.nullcontext)

@@ -104,7 +104,7 @@ import triton.language as tl
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import triton_interpreting
+from ..backends import on_device, triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
@@ -883,7 +883,7 @@ def clear_caches() -> None:
 
 def _plan_key(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple:
     # k, v have q's shape, dtype and device (checked by attention()); the device does not change
-    # a plan (launches go to the current device, as for any Triton kernel). Packed: the number of
+    # a plan (launches go to the current device, which attention() makes q's). Packed: the number of
     # sequences (cu_seqlens length) sets the grid, their lengths are read in-kernel.
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, None if cu is None else cu.shape[0],
             max_seqlen, scale, _FORCED_KEY, HEAD_DIM_SPLIT)
@@ -1414,10 +1414,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     """
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
     if _eager_ok(q):
-        plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return _FlashAttnFn.apply(q, k, v, cu_seqlens, max_seqlen, scale, plan)
-        return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, plan)[0]
+        with on_device(q):
+            plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return _FlashAttnFn.apply(q, k, v, cu_seqlens, max_seqlen, scale, plan)
+            return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, plan)[0]
     o, _ = _flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, scale)
     return o
 
@@ -1473,10 +1474,11 @@ def attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None, cu_seqlen
         chk.tensor("qkv", qkv, dtypes=KERNEL_DTYPES)
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
     if _eager_ok(qkv):
-        plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
-        if torch.is_grad_enabled() and qkv.requires_grad:
-            return _FlashAttnQKVFn.apply(qkv, cu_seqlens, max_seqlen, scale, plan)
-        return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, plan)[0]
+        with on_device(qkv):
+            plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
+            if torch.is_grad_enabled() and qkv.requires_grad:
+                return _FlashAttnQKVFn.apply(qkv, cu_seqlens, max_seqlen, scale, plan)
+            return _fwd(q, k, v, cu_seqlens, max_seqlen, scale, plan)[0]
     o, _ = _flash_attn_qkv_fwd(qkv, cu_seqlens, max_seqlen, scale)
     return o
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import triton_interpreting
+from ..backends import on_device, triton_interpreting
 from .. import reference
 from .philox import draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -400,22 +400,23 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _launch(kernel, grid, args, kwargs, interp_meta, name):
-    """Launch an autotuned kernel.
+    """Launch an autotuned kernel, on the device of its first tensor argument.
 
     A config pinned with :func:`pin_configs` under ``name`` runs as is (interpreter or GPU); otherwise
     under TRITON_INTERPRET=1 the plain jit function runs with ``interp_meta``, and on the GPU the autotuner picks.
     """
     cfg = _PINNED.get(name)
-    if cfg is not None:
-        meta = dict(cfg.kwargs)
-        if interpreting():
-            kernel.fn[grid(meta)](*args, **kwargs, **meta)
+    with on_device(next(a for a in args if isinstance(a, torch.Tensor))):
+        if cfg is not None:
+            meta = dict(cfg.kwargs)
+            if interpreting():
+                kernel.fn[grid(meta)](*args, **kwargs, **meta)
+            else:
+                kernel.fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        elif interpreting():
+            kernel.fn[grid(interp_meta)](*args, **kwargs, **interp_meta)
         else:
-            kernel.fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    elif interpreting():
-        kernel.fn[grid(interp_meta)](*args, **kwargs, **interp_meta)
-    else:
-        kernel[grid](*args, **kwargs)
+            kernel[grid](*args, **kwargs)
 
 
 def _precision(dtype: torch.dtype) -> str:
