@@ -58,7 +58,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         idx = idx.unsqueeze(0)
     rows = torch.arange(B, device=x.device).view(1, B, 1)
     out = x[rows, idx]  # [npred, B, K, C]
-    return out.reshape(-1, idx.shape[-1], x.shape[-1])
+    return out.reshape(idx.shape[0] * B, idx.shape[-1], x.shape[-1])  # (not -1: K may be 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,8 +99,11 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
 
 
 def draw_noise(shape, *, noise_std: float, dtype, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """n ~ N(0, noise_std² I) of the given shape (the official ``torch.randn(...) * std``)."""
-    return torch.randn(shape, dtype=dtype, device=device, generator=generator) * noise_std
+    """n ~ N(0, noise_std² I) of the given shape (the official ``torch.randn(...) * std``), drawn on the
+    generator's device (a CPU generator with CUDA tensors: drawn on the host, then moved)."""
+    where = generator.device if generator is not None else device
+    n = torch.randn(shape, dtype=dtype, device=where, generator=generator) * noise_std
+    return n.to(device)
 
 
 # ----------------------------------------------------------------------------------------------

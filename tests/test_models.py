@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from stop_kernels import reference
+
 from stop_kernels.models import VIT_PRESETS, predictor_for, resolve_model_name, vit_encoder, vit_tiny
 
 I_JEPA_SIZES = {  # (width, depth, heads) of the official presets
@@ -72,3 +74,53 @@ def test_step_flops_match_the_anchors():
     assert f["predictor_fwd_bwd"] / 1e12 == pytest.approx(3.8, abs=0.1)
     assert f["attention"] / 1e12 == pytest.approx(1.1, abs=0.1)
     assert f["total"] / 1e12 == pytest.approx(43.5, abs=0.3)
+
+
+def test_constructor_sizes_are_checked_by_name():
+    """Review findings: num_heads 0 divided by zero, depth < 0 and mlp_ratio 0 built degenerate models, a
+    width not a multiple of 4 named an internal argument, and predictor_for accepted a patch grid that
+    differs from the encoder's (every position placed wrong, no error)."""
+    from stop_kernels.models import VisionTransformer
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    for kw, key in ((dict(num_heads=0), "num_heads"), (dict(depth=-1), "depth"), (dict(mlp_ratio=0.0), "mlp_ratio"),
+                    (dict(embed_dim=66, num_heads=3), "embed_dim"), (dict(num_heads=5), "num_heads")):
+        with pytest.raises(ValueError, match=f"^{key}"):
+            VisionTransformer(img_size=32, patch_size=8, **{**dict(embed_dim=64, depth=1, num_heads=4), **kw})
+    with pytest.raises(TypeError, match="^num_heads"):
+        VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4.0)
+    for kw, key in ((dict(num_patches=0), "num_patches"), (dict(num_patches=16.0), "num_patches"),
+                    (dict(predictor_embed_dim=50), "predictor_embed_dim"), (dict(depth=-1), "depth")):
+        with pytest.raises(ValueError, match=f"^{key}"):
+            VisionTransformerPredictor(**{**dict(num_patches=16, embed_dim=64, predictor_embed_dim=48, depth=1,
+                                                 num_heads=4), **kw})
+    enc = vit_tiny(img_size=32, patch_size=8)  # a 4x4 grid
+    with pytest.raises(ValueError, match="^img_size"):
+        predictor_for(enc, img_size=64, patch_size=8)
+    with pytest.raises(ValueError, match="masks"):  # an empty context mask: named, not a reshape error
+        enc(torch.randn(2, 3, 32, 32), [torch.empty(2, 0, dtype=torch.long)])
+    assert reference.gather_tokens(torch.randn(2, 16, 8), torch.empty(3, 2, 0, dtype=torch.long)).shape == (6, 0, 8)
+
+
+def test_official_loader_takes_exact_shapes_and_hidden_sizes():
+    """Review findings: the loader compared element counts only (a transposed weight loaded scrambled), and
+    rebuilt the MLP width as int(E · hidden / E), one short for e.g. E = 176, hidden = 240."""
+    from stop_kernels.models import VisionTransformer, load_official_checkpoint, vit_predictor
+    from stop_kernels.models.official import mlp_ratio_for
+    torch.manual_seed(0)
+    E = 176
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=E, depth=1, num_heads=4, mlp_ratio=mlp_ratio_for(240, E))
+    pred = vit_predictor(num_patches=16, embed_dim=E, num_heads=4, predictor_embed_dim=32, depth=1)
+    assert enc.blocks[0].mlp.fc1.weight.shape == (240, E)
+
+    def official(m):  # the official layout: DDP prefix, position tables [1, P, D]
+        return {"module." + k: (v[None] if "pos_embed" in k else v) for k, v in m.state_dict().items()}
+    ck = {"encoder": official(enc), "predictor": official(pred), "target_encoder": official(enc), "epoch": 3}
+    m = load_official_checkpoint(ck, num_heads=4)
+    assert torch.equal(m.encoder.blocks[0].mlp.fc1.weight, enc.blocks[0].mlp.fc1.weight) and m.epoch == 3
+    w = ck["predictor"]["module.predictor_proj.weight"]
+    bad = {**ck, "predictor": {**ck["predictor"], "module.predictor_proj.weight": w.t().contiguous()}}
+    with pytest.raises(ValueError, match="predictor_proj.weight"):
+        load_official_checkpoint(bad, num_heads=4)
+    with pytest.raises(TypeError, match="num_heads"):
+        load_official_checkpoint(ck, num_heads=4.0)
+

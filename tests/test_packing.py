@@ -71,3 +71,38 @@ def test_packed_bad_input():
         encode_packed(enc, imgs, [torch.tensor([0, 1]), torch.tensor([16])])
     with pytest.raises(ValueError, match=r"masks\[0\]"):
         encode_packed(enc, imgs, [torch.tensor([], dtype=torch.long), torch.tensor([1])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("mode", ["learned", "isotropic"])
+def test_packed_draws_the_rectangular_noise_for_the_same_generator(mode, dtype):
+    """Without explicit noise, the packed predictor draws the same Philox noise as the rectangular one
+    (rows in (k, b, t) order), in isotropic mode too (it drew torch.randn noise there). float64 takes
+    the host (reference) noise, float32 the Triton kernels under the interpreter."""
+    enc, pred = (m.to(dtype) for m in models(mode))
+    g = torch.Generator().manual_seed(2)
+    B, Nc, Nt, npred = 2, 5, 3, 2
+    imgs = torch.randn(B, 3, 32, 32, dtype=dtype, generator=g)
+    perm = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    ctx = perm[:, :Nc].sort(1).values
+    tgt = [perm[:, Nc + k * Nt: Nc + (k + 1) * Nt].sort(1).values for k in range(npred)]
+    with torch.no_grad():
+        z = enc(imgs, [ctx])
+        p_rect = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
+        p_pack = predict_packed(pred, encode_packed(enc, imgs, list(ctx)), list(ctx), [list(t) for t in tgt],
+                                generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+
+
+def test_packed_noise_argument_is_checked():
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ctx, tgt = [torch.tensor([0, 1, 2])] * 2, [[torch.tensor([5, 6])] * 2]
+    enc, pred = models("isotropic")
+    packed = encode_packed(enc, imgs, ctx)
+    for bad in (torch.zeros(48, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="^noise"):  # broadcast silently before
+            predict_packed(pred, packed, ctx, tgt, noise=bad)
+    enc, pred = models("none")
+    with pytest.raises(ValueError, match="^noise"):  # ignored silently before
+        predict_packed(pred, encode_packed(enc, imgs, ctx), ctx, tgt, noise=torch.zeros(4, 48, dtype=torch.float64))
+

@@ -90,6 +90,8 @@ def check_sizes(sizes: "EncoderSizes", *, model: Optional[str] = None, num_heads
                              + (f" ({found})" if found else ""))
         heads = spec.num_heads
     if num_heads is not None:
+        if not isinstance(num_heads, int) or isinstance(num_heads, bool):
+            raise TypeError(f"{flag('num_heads')}: expected an integer, got {num_heads!r}")
         heads = num_heads
     if heads is None:
         raise ValueError(f"{flag('num_heads')}: the checkpoint's width {sizes.embed_dim} matches no preset; "
@@ -113,17 +115,26 @@ def infer_encoder_sizes(state: Mapping[str, torch.Tensor]) -> EncoderSizes:
                         mlp_ratio=hidden / E, patch_size=p, img_size=g * p, in_chans=C)
 
 
+def mlp_ratio_for(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which a block's ``int(dim * mlp_ratio)`` is exactly ``hidden`` (``hidden / dim``
+    can land just below it in floating point: 240 / 176 · 176 = 239.99…)."""
+    return (hidden + 0.5) / dim
+
+
 def load_exact(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> torch.nn.Module:
     """Fill ``module`` (built on the meta device) with ``state``: every key must match, any missing
-    or unexpected key or shape mismatch is an error listing them. Tensors are assigned in float32 on
+    or unexpected key or shape mismatch is an error listing them (the one shape change taken is a
+    leading 1, as the official code stores its position tables ``[1, P, D]``). Tensors are assigned in float32 on
     the CPU, so no time goes into a random initialisation that would be overwritten."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise ValueError(f"checkpoint: {what} keys do not match the model: missing {missing}, unexpected {unexpected}")
+    def fits(v: torch.Tensor, want: torch.Size) -> bool:  # exact, or a table stored as [1, P, D]
+        return v.shape == want or (v.dim() == len(want) + 1 and v.shape[0] == 1 and v.shape[1:] == want)
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in state.items() if v.numel() != own[k].numel()]
+           for k, v in state.items() if not fits(v, own[k].shape)]
     if bad:
         raise ValueError(f"checkpoint: {what} tensor shapes do not match the model: {bad}")
     module.load_state_dict({k: v.detach().reshape(own[k].shape).to(torch.float32).contiguous()
@@ -137,7 +148,7 @@ def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch
     with torch.device("meta"):
         enc = VisionTransformer(img_size=sizes.img_size, patch_size=sizes.patch_size, in_chans=sizes.in_chans,
                                 embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=num_heads,
-                                mlp_ratio=sizes.mlp_ratio)
+                                mlp_ratio=mlp_ratio_for(round(sizes.mlp_ratio * sizes.embed_dim), sizes.embed_dim))
     return load_exact(enc, state, what)
 
 
@@ -172,7 +183,7 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
         pred = VisionTransformerPredictor(
             num_patches=(sizes.img_size // sizes.patch_size) ** 2, embed_dim=sizes.embed_dim, predictor_embed_dim=D,
             depth=_depth(pred_sd, "predictor_blocks"), num_heads=heads,
-            mlp_ratio=_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0] / D,
+            mlp_ratio=mlp_ratio_for(_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0], D),
             noise_mode=noise_mode, noise_std=noise_std)
     load_exact(pred, pred_sd, "predictor")
     target = (build_encoder(sizes, heads, strip_prefix(ckpt["target_encoder"]), "target_encoder")

@@ -130,18 +130,28 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     if mode == "learned":
         if noise is None and predictor.input_backend == "unfused":  # the official path: torch.randn noise
             noise = reference.draw_noise((tgt_idx.numel(), emb.weight.shape[1]), noise_std=predictor.noise_std,
-                                         dtype=c.dtype, device=c.device, generator=generator)
+                                         dtype=emb.weight.dtype, device=c.device, generator=generator)
         if noise is None:
             masked = stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise_std=predictor.noise_std, generator=generator,
                                 backend=predictor.input_backend)
         else:
             masked = reference.stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise)
     elif mode == "isotropic":
-        if noise is None:
+        if noise is None and predictor.input_backend == "unfused":  # the official path: torch.randn noise
             noise = reference.draw_noise((tgt_idx.numel(), pos.shape[1]), noise_std=predictor.noise_std,
                                          dtype=c.dtype, device=c.device, generator=generator)
-        masked = pos[tgt_idx] + noise
+        if noise is None:  # the Philox stream of the rectangular path (same rows in (k, b, t) order)
+            masked = isotropic_positions(pos, tgt_idx, emb.weight.dtype, predictor.noise_std, generator,
+                                         predictor.input_backend)
+        else:
+            chk.float_tensor("noise", noise)
+            if tuple(noise.shape) != (tgt_idx.numel(), pos.shape[1]):
+                raise ValueError(f"noise: expected shape {(tgt_idx.numel(), pos.shape[1])} (target tokens, predictor "
+                                 f"width) for noise_mode='isotropic', got {tuple(noise.shape)}")
+            masked = pos[tgt_idx] + noise
     else:
+        if noise is not None:
+            raise ValueError("noise: noise_mode='none' uses no noise (the mask token); pass noise=None")
         masked = predictor.mask_token.reshape(-1) + pos[tgt_idx]
     layout = predictor_layout([len(m) for m in ctx_masks], [[len(m) for m in blocks] for blocks in tgt], c.device)
     # one gather builds every sequence; its backward sums the npred copies of each context row
@@ -150,6 +160,25 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
         z = blk(z, layout.cu_seqlens, layout.max_seqlen)
     z = predictor.predictor_norm(z[layout.tgt_rows])
     return predictor.predictor_proj(z)
+
+
+def isotropic_positions(pos: torch.Tensor, idx: torch.Tensor, weight_dtype: torch.dtype, noise_std: float,
+                        generator: Optional[torch.Generator], backend: str) -> torch.Tensor:
+    """ψ[idx] + n, n ~ N(0, σ² I_D) from the Philox stream that the rectangular predictor input uses
+    (rows in idx order), ``[len(idx), D]`` in promote(weight dtype, ψ dtype): generated in registers by
+    the Triton kernel where ``backend`` resolves to it and ψ needs no gradient, else on the host."""
+    from ..ops.philox import draw_seed, philox_normal
+    from ..ops.stop_embed import check_backend, launch_pos_noise
+
+    seed = draw_seed(generator)
+    R, D = idx.numel(), pos.shape[1]
+    dtype = torch.promote_types(weight_dtype, pos.dtype)
+    if check_backend(backend, pos.device, [pos.dtype]) != "reference" and not pos.requires_grad:
+        out = torch.empty((R, D), dtype=dtype, device=pos.device)
+        launch_pos_noise(out.view(1, R, D), idx, pos.contiguous(), None, seed=seed, noise_std=float(noise_std))
+        return out
+    n = philox_normal(seed, R, D, float(noise_std)).to(device=pos.device, dtype=dtype)
+    return pos[idx].to(dtype) + n
 
 
 def packed_targets(h: torch.Tensor, tgt_masks: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import _checks as chk
 from .. import reference
-from .vit import LN_EPS, INIT_STD, Block, grid_size, init_weights
+from .vit import LN_EPS, INIT_STD, Block, check_transformer_sizes, grid_size, init_weights
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
 # "unfused" is the official code's path (torch.randn noise + Linear + gather + repeat + cat); the
@@ -45,6 +45,11 @@ class VisionTransformerPredictor(nn.Module):
         self.input_backend = input_backend
         self.noise_std = chk.non_negative("noise_std", noise_std)
         self.noise_mode = noise_mode
+        check_transformer_sizes("predictor_embed_dim", predictor_embed_dim, depth, num_heads, mlp_ratio)
+        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+            raise ValueError(f"embed_dim: expected an integer >= 1, got {embed_dim!r}")
+        if not isinstance(num_patches, int) or isinstance(num_patches, bool) or num_patches < 1:
+            raise ValueError(f"num_patches: expected a square integer >= 1, got {num_patches!r}")
         g = int(round(num_patches ** 0.5))
         if g * g != num_patches:
             raise ValueError(f"num_patches: expected a square number of patches, got {num_patches}")
@@ -108,6 +113,10 @@ def vit_predictor(*, num_patches: int, embed_dim: int, num_heads: int, predictor
 
 
 def predictor_for(encoder, *, img_size: int, patch_size: int, **kw) -> VisionTransformerPredictor:
-    """The predictor matching an encoder (heads = encoder heads, as in I-JEPA)."""
-    return vit_predictor(num_patches=grid_size(img_size, patch_size) ** 2, embed_dim=encoder.embed_dim,
-                         num_heads=encoder.num_heads, **kw)
+    """The predictor matching an encoder (heads = encoder heads, as in I-JEPA); ``img_size`` and
+    ``patch_size`` must give the encoder's patch grid (else every position would be placed wrong)."""
+    num_patches = grid_size(img_size, patch_size) ** 2
+    if num_patches != encoder.num_patches:
+        raise ValueError(f"img_size: {img_size} px with patch {patch_size} gives {num_patches} patches, but the encoder "
+                         f"has {encoder.num_patches} (img_size {encoder.img_size}, patch {encoder.patch_size})")
+    return vit_predictor(num_patches=num_patches, embed_dim=encoder.embed_dim, num_heads=encoder.num_heads, **kw)

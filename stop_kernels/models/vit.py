@@ -150,6 +150,22 @@ def init_weights(module: nn.Module, blocks: Sequence[Block]) -> None:
 # ----------------------------------------------------------------------------------------------
 # encoder
 # ----------------------------------------------------------------------------------------------
+def check_transformer_sizes(width_name: str, width, depth, num_heads, mlp_ratio) -> None:
+    """The size checks shared by the encoder and the predictor, each error naming its argument (depth
+    0 is allowed: a model of its embeddings and tables only, as the similarity-map plots build)."""
+    for name, v, lo in ((width_name, width, 1), ("depth", depth, 0), ("num_heads", num_heads, 1)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name}: expected an integer, got {v!r}")
+        if v < lo:
+            raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
+    if width % 4:
+        raise ValueError(f"{width_name}: expected a multiple of 4 (2-D sin-cos positions), got {width}")
+    if width % num_heads:
+        raise ValueError(f"num_heads: expected a divisor of {width_name}={width}, got {num_heads}")
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+        raise ValueError(f"mlp_ratio: expected a positive finite number, got {mlp_ratio!r}")
+
+
 class VisionTransformer(nn.Module):
     """I-JEPA encoder: patch embedding + fixed 2-D sin-cos positions + blocks + LayerNorm.
 
@@ -161,6 +177,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True):
         super().__init__()
+        check_transformer_sizes("embed_dim", embed_dim, depth, num_heads, mlp_ratio)
         g = grid_size(img_size, patch_size)
         self.img_size, self.patch_size, self.grid = img_size, patch_size, g
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -193,6 +210,8 @@ class VisionTransformer(nn.Module):
         if masks is not None:
             idx = reference.stack_target_indices([masks] if isinstance(masks, torch.Tensor) else masks, "masks")
             chk.index_tensor("masks", idx, upper=self.num_patches, what=f"{self.num_patches} patches")
+            if idx.shape[-1] == 0:
+                raise ValueError(f"masks: expected at least one patch index per mask, got shape {tuple(idx.shape)}")
             if idx.shape[1] != x.shape[0]:
                 raise ValueError(f"masks: expected batch size {x.shape[0]}, got shape {tuple(idx.shape)}")
             x = reference.gather_tokens(x, idx)
