@@ -222,8 +222,8 @@ def similarity_maps(psi: torch.Tensor, A: torch.Tensor, queries: Sequence[Tuple[
         raise ValueError(f"A: expected [{D}, E] (predictor_embed.weight), got {tuple(A.shape)}")
     if samples < 1:
         raise ValueError(f"--samples: expected >= 1, got {samples}")
-    if noise_std < 0:
-        raise ValueError(f"--noise-std: expected >= 0, got {noise_std}")
+    if not 0 <= noise_std < math.inf:  # (NaN fails this too)
+        raise ValueError(f"--noise-std: expected a finite value >= 0, got {noise_std}")
     q = torch.tensor([r * g + c for r, c in queries])
     psi, A = psi.double(), A.double()
     det = F.normalize(psi[q], dim=-1) @ F.normalize(psi, dim=-1).t()  # [Q, P]
@@ -310,17 +310,24 @@ def _spread(stats: Mapping[str, Any], stat: str) -> Tuple[float, float]:
     return 0.0, 0.0
 
 
+BENCH_STATS = ("mean", "median", "min", "max")  # times in seconds (pytest-benchmark's ops, rounds … are not)
+
+
 def group_benchmarks(benches: Sequence[Mapping[str, Any]], stat: str = "mean"
                      ) -> Dict[str, List[Tuple[str, float, float, float]]]:
     """``{group: [(label, value s, error below s, error above s), …]}``. The group is the benchmark's
     ``group`` field, else its name before ``[`` (parametrised tests), else its name up to the last
     ``_``; the label is the parameter id or the rest of the name. Error bars: ± stddev for the mean,
     quartiles for the median, none otherwise."""
+    if stat not in BENCH_STATS:
+        raise ValueError(f"--stat: expected one of {list(BENCH_STATS)} (a time), got {stat!r}")
     groups: Dict[str, List[Tuple[str, float, float, float]]] = {}
     for b in benches:
         name = b["name"]
         if stat not in b["stats"]:
             raise ValueError(f"--stat: benchmark {name} has no '{stat}' (has {sorted(b['stats'])})")
+        if not float(b["stats"][stat]) > 0:
+            raise ValueError(f"--stat: benchmark {name} has {stat} = {b['stats'][stat]!r}; expected a time > 0")
         base, _, param = name.partition("[")
         param = param.rstrip("]")
         if b.get("group"):
@@ -335,10 +342,11 @@ def group_benchmarks(benches: Sequence[Mapping[str, Any]], stat: str = "mean"
 
 
 def bench_size(n_groups: int, ncols: int = 3) -> Tuple[int, int]:
-    """Default figure size in pixels for ``n_groups`` panels (at most ``ncols`` per row)."""
+    """Default figure size in pixels for ``n_groups`` panels (at most ``ncols`` per row), at least two
+    panels wide: the one-line title does not fit over a single panel."""
     cols = min(ncols, n_groups)
     rows = math.ceil(n_groups / cols)
-    return BENCH_PANEL[0] * cols, BENCH_PANEL[1] * rows + 50
+    return BENCH_PANEL[0] * max(cols, 2), BENCH_PANEL[1] * rows + 50
 
 
 def _unit(seconds: float) -> Tuple[str, float]:
@@ -435,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="bar chart of a pytest-benchmark JSON file, each op against its peers")
     b.add_argument("json", help="pytest --benchmark-json output")
-    b.add_argument("--stat", default="mean", help="mean | median | min | max (default mean)")
+    b.add_argument("--stat", default="mean", choices=BENCH_STATS, help="mean | median | min | max (default mean)")
     b.add_argument("--baseline", default="reference", help="label substring of each group's baseline bar "
                                                              "(default 'reference'; else the slowest)")
     b.add_argument("--cols", type=int, default=3, help="panels per row")

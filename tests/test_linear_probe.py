@@ -186,6 +186,42 @@ def test_bad_inputs(setup, tmp_path):
         lp.parse_penalties("1e-3,-1")
 
 
+def test_classifier_settings_are_checked_before_any_extraction(setup, tmp_path, monkeypatch):
+    """Review findings: --heldout 1.5 was refused only after both splits' features were extracted (hours
+    on ImageNet), and --max-iter 0 reported the all-zero classifier's accuracy as the result."""
+    root, data, ckpt, _ = setup
+
+    def boom(*a, **k):
+        raise AssertionError("features were extracted before the settings were checked")
+    monkeypatch.setattr(feat, "extract_features", boom)
+    cache = str(tmp_path / "fresh-cache")
+    for kw, flag in ((dict(heldout=1.5), "--heldout"), (dict(max_iter=0), "--max-iter"),
+                     (dict(penalties=()), "--penalties"), (dict(penalties=(float("nan"),)), "--penalties"),
+                     (dict(batch_size=0), "--batch-size"), (dict(workers=-1), "--workers"),
+                     (dict(device="gpu"), "--device")):
+        with pytest.raises(ValueError, match=flag):
+            lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, **kw)
+    with pytest.raises(ValueError, match="max_iter"):
+        lp.fit_logistic_regression(torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1, max_iter=0)
+
+
+def test_cache_key_follows_the_image_files(setup, tmp_path, monkeypatch):
+    """An image replaced under the same name (a regenerated folder) must not reuse the old features."""
+    root, data, ckpt, _ = setup
+    split = tmp_path / "split"
+    (split / "a").mkdir(parents=True)
+    from PIL import Image
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(split / "a" / "x.png")
+    samples = [("a/x.png", 0)]
+    k1 = feat.cache_key(str(ckpt), str(split), samples, {})
+    assert feat.cache_key(str(ckpt), str(split), samples, {}) == k1
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(split / "a" / "x.png")
+    os.utime(split / "a" / "x.png", ns=(1, 1))  # a different mtime even on a coarse clock
+    assert feat.cache_key(str(ckpt), str(split), samples, {}) != k1
+    monkeypatch.setenv("STOP_KERNELS_CACHE", "")  # set but empty: the default folder, not ''
+    assert feat.default_cache_dir().endswith(os.path.join("stop_kernels", "features"))
+
+
 def test_logistic_regression_sweep_prefers_regularisation_on_noise():
     """Pure-noise features: the classifier cannot beat chance on held-out data, and the result is finite."""
     g = torch.Generator().manual_seed(0)

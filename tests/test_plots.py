@@ -116,6 +116,9 @@ def test_simmaps_bad_inputs(tmp_path):
         plots.plot_simmaps(str(tmp_path / "x.png"), checkpoint=str(tmp_path / "enc.pt"))
     with pytest.raises(ValueError, match="model"):
         plots.plot_simmaps(str(tmp_path / "x.png"), model="vit_enormous")
+    with pytest.raises(ValueError, match="--noise-std"):  # NaN drew all-NaN maps
+        plots.plot_simmaps(str(tmp_path / "x.png"), model="vit_tiny", img_size=32, patch_size=8, pred_emb_dim=64,
+                           noise_std=float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,3 +182,13 @@ def test_bench_bad_inputs(tmp_path):
     src = write_bench(tmp_path / "bench.json")
     with pytest.raises(ValueError, match="--stat"):
         plots.plot_bench(src, str(tmp_path / "x.png"), stat="p99")
+    # pytest-benchmark's non-time stats (ops/s, rounds) would be drawn as seconds, speed-ups inverted
+    for stat in ("ops", "rounds"):
+        with pytest.raises(ValueError, match="--stat: expected one of"):
+            plots.plot_bench(src, str(tmp_path / "x.png"), stat=stat)
+    zero = json.loads(open(src).read())
+    zero["benchmarks"][0]["stats"]["mean"] = 0.0
+    bad.write_text(json.dumps(zero))
+    with pytest.raises(ValueError, match="expected a time > 0"):
+        plots.plot_bench(str(bad), str(tmp_path / "x.png"))
+    assert plots.bench_size(1)[0] == 2 * plots.BENCH_PANEL[0]  # the title needs two panels' width

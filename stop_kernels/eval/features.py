@@ -32,7 +32,7 @@ from ..models.official import (EncoderSizes, build_encoder, check_sizes, infer_e
 from ..models.vit import VisionTransformer
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-CACHE_VERSION = 1  # bump when the extraction itself changes (transform, pooling)
+CACHE_VERSION = 2  # (2: image sizes and mtimes in the key) bump when the extraction itself changes (transform, pooling)
 ENCODERS = ("target", "context")
 
 Sample = Tuple[str, int]  # (path relative to the split folder, class index)
@@ -285,7 +285,10 @@ def resolve_device(device: str) -> torch.device:
     """``'auto'`` → cuda when visible, else cpu; ``'cuda'`` without a GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: 'cuda' requested but no CUDA GPU is visible")
     return dev
@@ -330,19 +333,21 @@ def checkpoint_identity(path: str) -> Dict[str, Any]:
 
 
 def cache_key(checkpoint: str, split_dir: str, samples: Sequence[Sample], settings: Mapping[str, Any]) -> str:
-    """sha256 over the checkpoint identity, the split folder, its (path, label) list and the settings."""
+    """sha256 over the checkpoint identity, the split folder, its (path, label, size, mtime) list and
+    the settings: an image replaced under the same name changes the key (one ``stat`` per image)."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "checkpoint": checkpoint_identity(checkpoint),
                          "split": os.path.realpath(split_dir), "settings": dict(settings)},
                         sort_keys=True).encode())
     for rel, label in samples:
-        h.update(f"{rel}\t{label}\n".encode())
+        st = os.stat(os.path.join(split_dir, rel))
+        h.update(f"{rel}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("STOP_KERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "stop_kernels",
-                                                             "features"))
+    return os.environ.get("STOP_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stop_kernels",
+                                                                "features")
 
 
 def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: str, split: str, split_dir: str,
@@ -352,7 +357,7 @@ def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: 
     """Features of one split, from the cache when present, else extracted once and stored.
 
     ``encoder_fn`` builds the encoder only when extraction is needed. The key covers the checkpoint
-    (path, size, mtime), the split folder, its file list and labels, and ``settings`` (encoder choice,
+    (path, size, mtime), the split folder, its files (name, size, mtime) and labels, and ``settings`` (encoder choice,
     last K, image size, heads, precision …). Returns ``(features [N, E], labels [N], cache file, hit)``.
     """
     key = cache_key(checkpoint, split_dir, samples, {**settings, "split": split, "last_k": last_k,

@@ -41,6 +41,9 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor
     return [(t - mean) / std for t in (train, *others)]
 
 
+SINGLE_IMAGE_CLASSES = "train split: every class has a single image; no held-out set for the penalty sweep"
+
+
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, penalty: float, *,
                             max_iter: int = 200, chunk: int = 65536,
                             init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -57,8 +60,10 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     """
     if x.dim() != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"x, y: expected [N, E] and [N], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if penalty < 0:
-        raise ValueError(f"penalty: expected >= 0, got {penalty}")
+    if not 0 <= penalty < math.inf:
+        raise ValueError(f"penalty: expected a finite value >= 0, got {penalty}")
+    if not isinstance(max_iter, int) or max_iter < 1:  # 0 iterations would return the all-zero classifier
+        raise ValueError(f"max_iter: expected an integer >= 1, got {max_iter!r}")
     N, E = x.shape
     W = torch.zeros(num_classes, E, device=x.device) if init is None else init[0].clone()
     b = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
@@ -108,7 +113,7 @@ def stratified_split(y: torch.Tensor, frac: float, seed: int = 0) -> Tuple[torch
         fit.append(idx[k:])
     held_t = torch.cat(held)
     if held_t.numel() == 0:
-        raise ValueError("train split: every class has a single image; no held-out set for the penalty sweep")
+        raise ValueError(SINGLE_IMAGE_CLASSES)
     return torch.cat(fit).sort().values, held_t.sort().values
 
 
@@ -164,11 +169,24 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
                                     "DIR/val/<class>/*)")
     if not os.path.isfile(checkpoint):
         feat.read_checkpoint(checkpoint)  # raises the clear error (missing file, folder)
+    # every classifier and loader setting is checked here, before hours of feature extraction
     if last_k < 1:
         raise ValueError(f"--last-k: expected >= 1, got {last_k}")
+    if not 0 < heldout < 1:
+        raise ValueError(f"--heldout: expected a fraction in (0, 1), got {heldout}")
+    if max_iter < 1:
+        raise ValueError(f"--max-iter: expected >= 1, got {max_iter}")
+    if not penalties or not all(0 <= p < math.inf for p in penalties):
+        raise ValueError(f"--penalties: expected one or more finite values >= 0, got {list(penalties)}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise ValueError(f"--workers: expected >= 0, got {workers}")
     subset_list = feat.read_subset(subset) if subset else None
     train_samples, classes = feat.list_images(train_dir, subset=subset_list)
     val_samples, _ = feat.list_images(val_dir, classes=classes)
+    if len(train_samples) == len({label for _, label in train_samples}):
+        raise ValueError(SINGLE_IMAGE_CLASSES)
     dev = feat.resolve_device(device)
     workers = (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0) if workers is None else workers
     cache_dir = cache_dir or feat.default_cache_dir()
