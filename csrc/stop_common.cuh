@@ -37,8 +37,9 @@ using namespace nvcuda;
 constexpr int kThreads = 256;  // 8 warps per block, every kernel below
 constexpr int kWarps = kThreads / 32;
 
-// The kernels need bf16 / tf32 WMMA (sm_80+). For older targets the bodies compile to nothing and
-// the host launcher refuses to run (see check_device).
+// The kernels need bf16 / tf32 WMMA (sm_80+). For older targets the bodies compile to a trap: the host
+// launcher refuses pre-sm_80 GPUs (see check_device), and a kernel body compiled away must never run
+// silently, leaving its outputs unwritten (today such a build already stops at the tf32 WMMA types).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define SK_MMA_OK 1
 #else

@@ -187,6 +187,8 @@ stop_embed_fwd_kernel(const typename Op::T* __restrict__ pos,     // [P, D]
       __syncwarp();
     }
   }
+#else
+  __trap();  // compiled for a pre-sm_80 target (see SK_MMA_OK)
 #endif
 }
 
@@ -305,6 +307,8 @@ at::Tensor stop_noise_cuda(int64_t seed, int64_t rows, int64_t E64, double noise
                            int64_t device_index) {
   TORCH_CHECK(rows >= 0 && E64 >= 0 && row_start >= 0, "rows, E, row_start: expected non-negative values");
   TORCH_CHECK(row_start + rows <= (int64_t(1) << 32), "rows: the Philox row counter is 32-bit");
+  TORCH_CHECK(E64 < (int64_t(1) << 30), "E: expected fewer than 2^30 columns (the kernels index E in int)");
+  TORCH_CHECK(noise_std >= 0.0, "noise_std: expected a value >= 0");
   const at::Device dev(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor out = at::empty({rows, E64}, at::TensorOptions().dtype(at::kFloat).device(dev));

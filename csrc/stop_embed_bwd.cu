@@ -153,6 +153,8 @@ stop_embed_dw_kernel(const typename Op::T* __restrict__ g,  // [R, D]
       __syncwarp();
     }
   }
+#else
+  __trap();  // compiled for a pre-sm_80 target (see SK_MMA_OK)
 #endif
 }
 

@@ -919,3 +919,14 @@ def test_dispatch_attention_qkv_backends(backend):
     g_ref = torch.stack(g_ref, -3)
     _, _, ga, gr = TOL[dt]  # the file's gradient tolerances (module docstring)
     _close("dqkv", g, g_ref, ga * max(1.0, g_ref.abs().max().item()), gr)
+
+
+def test_strides_beyond_int32_are_not_divided_by_align():
+    """The kernels multiply strides divided by ALIGN back in int32 (_unaligned_strides): a stride of
+    2^31 or more must keep ALIGN = 1 (it then arrives as int64), or it would wrap (review finding)."""
+    import types
+    t = types.SimpleNamespace(shape=(2, 5, 3, 8), stride=lambda: (2 ** 31 + 8, 24, 8, 1))
+    assert A._qkv_strides([t] * 3, False)[1] == 1
+    t = types.SimpleNamespace(shape=(2, 5, 3, 8), stride=lambda: (120, 24, 8, 1))
+    strides, align = A._qkv_strides([t] * 3, False)
+    assert align == 8 and strides[:3] == [15, 3, 1]

@@ -896,7 +896,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 def _qkv_strides(ts, varlen: bool) -> Tuple[List[int], int]:
     """(batch, token, head) strides of q, k, v (packed: batch stride 0; size-1 dims: 0) divided by
-    ALIGN, and ALIGN (8 when every such stride is a multiple of 8, else 1)."""
+    ALIGN, and ALIGN (8 when every such stride is a multiple of 8 and below 2^31, else 1: a divided
+    stride that fits int32 would be multiplied back in int32 and wrap, see _unaligned_strides)."""
     out: List[int] = []
     for t in ts:
         st = t.stride()
@@ -906,7 +907,7 @@ def _qkv_strides(ts, varlen: bool) -> Tuple[List[int], int]:
         else:
             st3 = [st[i] if sh[i] > 1 else 0 for i in range(3)]
         out += st3
-    al = 8 if all(s % 8 == 0 for s in out) else 1
+    al = 8 if all(s % 8 == 0 and s < 2 ** 31 for s in out) else 1
     return [s // al for s in out], al
 
 

@@ -100,6 +100,7 @@ class _StopEmbedCuda(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the C++ gradients are not differentiable themselves
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         need_dpos, _, need_dw, need_db = ctx.needs_input_grad[:4]
@@ -198,5 +199,6 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
 def stop_noise_cuda(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0,
                     device=None) -> torch.Tensor:
     """The noise matrix the CUDA kernels use, ``[rows, E]`` float32, computed on the GPU (tests)."""
-    dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-    return _ops().stop_noise(int(seed), int(rows), int(E), float(noise_std), int(row_start), dev.index or 0)
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()  # "cuda" = the current one
+    return _ops().stop_noise(int(seed), int(rows), int(E), float(noise_std), int(row_start), index)

@@ -207,8 +207,9 @@ def _project_epilogue(acc, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row
                    other=0.0).to(tl.float32)
     out_ptrs = out_rows[:, None] + dcol[None, :] * stride_od
     val = acc.to(out_rows.dtype.element_ty)
-    for c in range(N_COPIES):
-        tl.store(out_ptrs + c * stride_oc, val, mask=tile_ok)
+    for c in range(N_COPIES):  # (the pointer advances: c·stride_oc in int32 would wrap past 2^31 elements)
+        tl.store(out_ptrs, val, mask=tile_ok)
+        out_ptrs += stride_oc
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["E", "D", "NOISE"], prune_configs_by={"early_config_prune": _prune_fwd})
