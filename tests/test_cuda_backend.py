@@ -272,8 +272,11 @@ def test_cuda_fused_noise_recovery_half(dtype):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+# (the last two shapes: a D between 129 and 256 and one above 384 take the wider-fragment and the
+# several-column-block paths, and E = 64 the vectorised W loads of E % 32 == 0 below the ViT-H width)
 @pytest.mark.parametrize("P,D,E,idx_shape", [(256, 384, 1280, (4, 2, 42)), (50, 72, 200, (3, 17)),
-                                              (9, 16, 8, (1,)), (7, 1, 3, (2, 1))])
+                                              (9, 16, 8, (1,)), (7, 1, 3, (2, 1)), (40, 200, 64, (3, 33)),
+                                              (30, 400, 96, (2, 21))])
 def test_cuda_matches_reference_forward_backward(dtype, tol, P, D, E, idx_shape):
     sigma = 0.25
     pos, idx, w, b = _case(P, D, E, idx_shape, dtype)
