@@ -32,6 +32,21 @@ def make_section(results: dict, elapsed: Callable[[], float]):
     return section
 
 
+# The "card limits" the scripts measure against: a large bf16 matmul and a device-to-device copy as
+# measured on an H200 (ANCHORS.md). An H100 has the same SMs and clocks (same matmul rate) but HBM3 at
+# 3.35 TB/s: its copy rate is taken at the H200's measured fraction of spec (4.23 / 4.8), an estimate.
+CARD_LIMITS = {"H200": (707.0, 4.23), "H100": (707.0, 4.23 / 4.8 * 3.35)}
+
+
+def card_limits(gpu_name: str):
+    """(TFLOP/s, TB/s) for ``gpu_name`` (H200 or H100; others get the H200's, with a warning)."""
+    for key, lim in CARD_LIMITS.items():
+        if key in gpu_name:
+            return lim
+    print(f"card_limits: no limits for {gpu_name!r}; using the H200's", flush=True)
+    return CARD_LIMITS["H200"]
+
+
 def record_env(results: dict, cudnn: bool = False, xformers: bool = False) -> dict:
     """GPU name, SM version and count, torch / triton / CUDA (and cuDNN, xformers when asked) and
     Python versions: stored as ``results["env"]``, printed one per line, returned."""
@@ -48,6 +63,7 @@ def record_env(results: dict, cudnn: bool = False, xformers: bool = False) -> di
             info["xformers"] = xf.__version__
         except Exception as e:
             info["xformers"] = f"not importable ({type(e).__name__})"
+    info["limits_tflops"], info["limits_tbps"] = card_limits(info["gpu"])
     results["env"] = info
     for k, v in info.items():
         print(f"{k}: {v}")

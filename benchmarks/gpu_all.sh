@@ -1,42 +1,45 @@
 #!/usr/bin/env bash
-# One prepared GPU session: build, correctness on the GPU, benchmarks. Results land in $OUT
-# (results.tgz holds every JSON/markdown file; log.txt the whole output) and a short table is
-# printed last.
+# One prepared GPU session: build, correctness on the GPU, benchmarks. Results land in $OUT/results
+# (one folder per section, kept even when a call is cut off: $OUT comes back whatever happens) and
+# $OUT/log.txt (the whole output); a short table is printed last.
 #
 #   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile e2e bench
 #                                                 (default: all of them, in that order)
-# Each section runs under its own time limit (seconds, env SEC_<NAME>), so one failure or hang
-# costs only its own slot.
+# Each section runs under its own time limit (seconds, env SEC_<NAME>; SIGINT, then SIGKILL 10 s
+# later), so one failure or hang costs only its own slot.
 #
-# What is unmeasured since GPU run 3, sized to a 15-minute device budget (machine start ≈ 1.5 min
-# included): two calls on one warm machine.
-#   1. (timeout_s 580) SEC_STOP=130 BUDGET_STOP=110 SEC_ATTN=120 BUDGET_ATTN=95 SEC_E2E=300 \
-#        E2E_PATHS=reference,fast_mixed,fast_triton,fast bash benchmarks/gpu_all.sh env stop attn e2e
+# What is unmeasured since GPU run 3, sized to a 15-minute device budget: one machine start (≈ 90 s)
+# and two calls, the second sent at once after the first (a warm machine is given back after 30 s
+# idle): 90 + 540 + 210 = 840 s, 60 s to spare.
+#   1. (timeout_s 540) SEC_STOP=120 BUDGET_STOP=100 SEC_ATTN=120 BUDGET_ATTN=100 SEC_E2E=270 \
+#        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 120 + 120 + 270)
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
-#      sin/cos; GPU correctness first, then fwd / fwd+bwd against the unfused path, then every config's
-#      GPU time against its SASS loop count in results/offline-sm90a/); attention per
-#      shape, split vs unsplit head dim; the ViT-H step: reference vs fast_mixed (compiled, Inductor-
-#      launched Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
-#      winner, so second) vs fast_triton (Triton for every head dim) vs fast (compiled, SDPA inside;
-#      120.6 ms in run 3, so last, where the section's limit may cut it); each path also profiles 2
-#      steps (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's
-#      time goes, which decides the next lever). If fast_mixed wins, set
-#      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
-#      (stop_kernels/ops/attention.py).
-#   2. (timeout_s ≤ what is left − 30 s, ≈ 240) SEC_TESTS_NEW=120 SEC_BUILD=60 SEC_CUDA=80 \
-#        bash benchmarks/gpu_all.sh tests-new build cuda
+#      sin/cos): GPU correctness first, then every forward/dW config's GPU time against its SASS loop
+#      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path. Attention per
+#      shape, split vs unsplit head dim, the one-pass backward candidates. The ViT-H step, in this
+#      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
+#      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
+#      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_triton
+#      (Triton for every head dim). Each path also profiles 2 steps (E2E_PROFILE; GPU ms per kernel
+#      category, top kernels, host ops: where the compiled step's time goes, which decides the next
+#      lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24):
+#      "triton"}; if fast_triton wins, {} (stop_kernels/ops/attention.py).
+#   2. (timeout_s 210, sent at once) SEC_TESTS_NEW=90 SEC_BUILD=45 SEC_CUDA=60 \
+#        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 90 + 45 + 60)
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
-#      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split); then the CUDA C++
-#      StoP kernels against the rebuilt Triton ones and the unfused path: `stop_embed(backend="auto")`
-#      prefers CUDA when built (run 2); switch it to Triton if Triton now wins forward+backward.
+#      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split, one-pass backward);
+#      then the CUDA C++ StoP kernels against the rebuilt Triton ones and the unfused path:
+#      `stop_embed(backend="auto")` prefers CUDA when built (run 2); switch it to Triton if Triton now
+#      wins forward+backward.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
 #   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
 #   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton.
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
-RES=/tmp/stop_kernels_results
+RES=$OUT/results
 mkdir -p "$OUT" "$RES"
+exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 SECTIONS=${*:-env build tests-new tests stop attn cuda train e2e bench}
@@ -54,7 +57,7 @@ section() {  # section NAME LIMIT COMMAND...
 
 for s in $SECTIONS; do
   case $s in
-    env) section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
+    env) section env ${SEC_ENV:-20} bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
          python -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"' ;;
     build) section build ${SEC_BUILD:-240} bash -c '[ -d /usr/local/cuda/include ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda};
            MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
@@ -77,13 +80,12 @@ for s in $SECTIONS; do
            --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
-           --paths ${E2E_PATHS:-reference,fast_mixed,fast_triton,fast} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
     *) echo "unknown section $s" ;;
   esac
-  tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null
 done
 echo "=================== summary"
 cat "$SUMMARY"

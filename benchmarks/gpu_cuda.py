@@ -51,7 +51,9 @@ def section(report, name):
                 **({"error": "".join(traceback.format_exception(et, ev, tb))[-4000:]} if et else {})}
             if et:
                 print(f"   FAILED: {et.__name__}: {ev}", flush=True)
-            return True  # keep going
+            # keep going after an error; an interrupt (the section's time limit sends SIGINT) stops
+            # the script, and main() still writes the report
+            return et is None or not issubclass(et, KeyboardInterrupt)
 
     return _S()
 
@@ -263,19 +265,22 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.time()
-    with section(report, "env"):
-        env_info(report)
-    with section(report, "extension"):
-        ensure_extension(report)
-    if not args.skip_tests:
-        with section(report, "tests"):
-            run_tests(report, out_dir)
-    with section(report, "timings"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device")
-        timings(report)
-    report["total_seconds"] = round(time.time() - t0, 1)
-    md = write(report, out_dir)
+    try:
+        with section(report, "env"):
+            env_info(report)
+        with section(report, "extension"):
+            ensure_extension(report)
+        if not args.skip_tests:
+            with section(report, "tests"):
+                run_tests(report, out_dir)
+            write(report, out_dir)
+        with section(report, "timings"):
+            if not torch.cuda.is_available():
+                raise RuntimeError("no CUDA device")
+            timings(report)
+    finally:  # also when the time limit interrupts: what was measured is kept
+        report["total_seconds"] = round(time.time() - t0, 1)
+        md = write(report, out_dir)
     print("\n" + md)
     ok = all(s["ok"] for s in report["sections"].values()) and report.get("tests", {}).get("exit_code", 0) == 0
     sys.exit(0 if ok else 1)
