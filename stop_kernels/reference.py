@@ -109,6 +109,12 @@ def draw_noise(shape, *, noise_std: float, dtype, device, generator: Optional[to
 # ----------------------------------------------------------------------------------------------
 # predictor input assembly
 # ----------------------------------------------------------------------------------------------
+def check_no_noise(noise, noise_mode: str) -> None:
+    """``noise_mode='none'`` takes no noise: one given is refused, not ignored."""
+    if noise is not None and noise_mode == "none":
+        raise ValueError("noise: noise_mode='none' uses no noise (the mask token); pass noise=None")
+
+
 def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token):
     """Validate the arguments of :func:`assemble_predictor_input` (shared with the fused op).
 
@@ -169,8 +175,7 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
         target block.
     """
     tgt = check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token)
-    if noise is not None and noise_mode == "none":
-        raise ValueError("noise: noise_mode='none' uses no noise (the mask token); pass noise=None")
+    check_no_noise(noise, noise_mode)
     npred, B, Nt = tgt.shape
     Nc, E = ctx.shape[1:]
     D = weight.shape[0]

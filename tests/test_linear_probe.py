@@ -201,7 +201,7 @@ def test_classifier_settings_are_checked_before_any_extraction(setup, tmp_path, 
                      (dict(device="gpu"), "--device")):
         with pytest.raises(ValueError, match=flag):
             lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, **kw)
-    with pytest.raises(ValueError, match="max_iter"):
+    with pytest.raises(ValueError, match="max-iter"):
         lp.fit_logistic_regression(torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1, max_iter=0)
 
 

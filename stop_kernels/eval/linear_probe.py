@@ -44,6 +44,19 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor
 SINGLE_IMAGE_CLASSES = "train split: every class has a single image; no held-out set for the penalty sweep"
 
 
+def check_classifier_settings(*, heldout: Optional[float] = None, max_iter: Optional[int] = None,
+                              penalties: Optional[Sequence[float]] = None) -> None:
+    """The classifier settings that are given, each refused by its flag's name: ``heldout`` in (0, 1),
+    ``max_iter`` >= 1 (0 iterations return the all-zero classifier), one or more finite penalties >= 0.
+    :func:`run_probe` checks them all before any extraction; the functions below check theirs."""
+    if heldout is not None and not 0 < heldout < 1:
+        raise ValueError(f"--heldout: expected a fraction in (0, 1), got {heldout}")
+    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+        raise ValueError(f"--max-iter: expected an integer >= 1, got {max_iter!r}")
+    if penalties is not None and (not penalties or not all(0 <= p < math.inf for p in penalties)):
+        raise ValueError(f"--penalties: expected one or more finite values >= 0, got {list(penalties)}")
+
+
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, penalty: float, *,
                             max_iter: int = 200, chunk: int = 65536,
                             init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -60,10 +73,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     """
     if x.dim() != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"x, y: expected [N, E] and [N], got {tuple(x.shape)} and {tuple(y.shape)}")
-    if not 0 <= penalty < math.inf:
-        raise ValueError(f"penalty: expected a finite value >= 0, got {penalty}")
-    if not isinstance(max_iter, int) or max_iter < 1:  # 0 iterations would return the all-zero classifier
-        raise ValueError(f"max_iter: expected an integer >= 1, got {max_iter!r}")
+    check_classifier_settings(max_iter=max_iter, penalties=[penalty])
     N, E = x.shape
     W = torch.zeros(num_classes, E, device=x.device) if init is None else init[0].clone()
     b = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
@@ -101,8 +111,7 @@ def accuracy(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
 def stratified_split(y: torch.Tensor, frac: float, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(fit, heldout)``: from every class with ≥ 2 samples, ``max(1, round(frac·n))`` (and
     fewer than n) are held out at random."""
-    if not 0 < frac < 1:
-        raise ValueError(f"--heldout: expected a fraction in (0, 1), got {frac}")
+    check_classifier_settings(heldout=frac)
     g = torch.Generator().manual_seed(seed)
     fit, held = [], []
     for c in torch.unique(y.cpu()).tolist():
@@ -125,8 +134,7 @@ def sweep_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int
     Penalties are tried from the largest to the smallest, each warm-started from the previous
     solution. Returns ``(best penalty, {str(penalty): held-out accuracy})``; ties go to the larger penalty.
     """
-    if not penalties:
-        raise ValueError("--penalties: expected at least one value")
+    check_classifier_settings(penalties=penalties)
     fit_idx, held_idx = stratified_split(y, heldout, seed)
     fit_idx, held_idx = fit_idx.to(x.device), held_idx.to(x.device)
     xf, xh = standardise(x[fit_idx], x[held_idx])
@@ -172,12 +180,7 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
     # every classifier and loader setting is checked here, before hours of feature extraction
     if last_k < 1:
         raise ValueError(f"--last-k: expected >= 1, got {last_k}")
-    if not 0 < heldout < 1:
-        raise ValueError(f"--heldout: expected a fraction in (0, 1), got {heldout}")
-    if max_iter < 1:
-        raise ValueError(f"--max-iter: expected >= 1, got {max_iter}")
-    if not penalties or not all(0 <= p < math.inf for p in penalties):
-        raise ValueError(f"--penalties: expected one or more finite values >= 0, got {list(penalties)}")
+    check_classifier_settings(heldout=heldout, max_iter=max_iter, penalties=penalties)
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
     if workers is not None and workers < 0:

@@ -150,8 +150,7 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
                                  f"width) for noise_mode='isotropic', got {tuple(noise.shape)}")
             masked = pos[tgt_idx] + noise
     else:
-        if noise is not None:
-            raise ValueError("noise: noise_mode='none' uses no noise (the mask token); pass noise=None")
+        reference.check_no_noise(noise, mode)
         masked = predictor.mask_token.reshape(-1) + pos[tgt_idx]
     layout = predictor_layout([len(m) for m in ctx_masks], [[len(m) for m in blocks] for blocks in tgt], c.device)
     # one gather builds every sequence; its backward sums the npred copies of each context row

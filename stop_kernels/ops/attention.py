@@ -80,8 +80,8 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
   first candidate; the bucket comparisons are the graph's only guards on N). Under the Triton
   interpreter they are plain custom ops (opaque calls, the same plans). Same kernels and configs
   as the eager path, so the results are meant to be bit-identical (tested: on CPU through the
-  custom ops, on CUDA by ``test_inductor_launches_the_kernels_itself``, not yet run on a GPU). In GPU run 3 (H200) the earlier custom-op version of these ops
-  made the compiled ViT-H step host-bound (141.7 against 120.6 ms/step with SDPA), which is why
+  custom ops, on CUDA by ``test_inductor_launches_the_kernels_itself``, not yet run on a GPU). In GPU
+  run 3 (H200) the earlier custom-op version of these ops made the compiled ViT-H step host-bound (141.7 against 120.6 ms/step with SDPA), which is why
   "auto" still picks SDPA under torch.compile (:data:`DEFAULT_AUTO_POLICY`) until the Inductor-
   launched version is measured (``benchmarks/gpu_all.sh profile``).
 
@@ -1436,16 +1436,25 @@ def _prepare(q, k, v, scale, cu_seqlens, max_seqlen) -> Tuple[Optional[torch.Ten
     if varlen:
         cu_seqlens, max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     else:
-        if max_seqlen is not None and max_seqlen != q.shape[1]:
-            raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {q.shape[1]}")
+        _check_batched_max_seqlen(max_seqlen, q.shape[1])
         max_seqlen = q.shape[1]
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
-        # the forward takes the running max of the unscaled scores (see _fwd_key_block)
+    elif not _kernel_scale_ok(scale):
         raise ValueError(f"scale: the Triton attention kernels need a positive finite scale, got {scale!r}; "
                          f"dispatch_attention(backend='sdpa') takes any")
     return cu_seqlens, max_seqlen, float(scale)
+
+
+def _kernel_scale_ok(scale) -> bool:
+    """A scale the Triton kernels take: a positive finite number (the forward takes the running max
+    of the unscaled scores, see _fwd_key_block)."""
+    return isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf")
+
+
+def _check_batched_max_seqlen(max_seqlen, N: int) -> None:
+    if max_seqlen is not None and max_seqlen != N:
+        raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {N}")
 
 
 def _split_qkv(qkv, varlen: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1617,9 +1626,8 @@ def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Op
 
 def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> str:
-    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
-                                                              and 0 < scale < float("inf"))):
-        return "sdpa"  # the Triton kernels take positive finite scales only
+    if scale is not None and not _kernel_scale_ok(scale):
+        return "sdpa"
     if q.device.type == "cuda":
         if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
             return "sdpa"
@@ -1686,8 +1694,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     _check_qkv_layout(q, k, v, cu_seqlens is not None)
     if cu_seqlens is not None:
         cu_seqlens, _ = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
-    elif max_seqlen is not None and max_seqlen != q.shape[1]:  # as the Triton path (_prepare) says it
-        raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {q.shape[1]}")
+    else:
+        _check_batched_max_seqlen(max_seqlen, q.shape[1])
     if name == "reference":
         return reference.attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
     if name == "xformers":

@@ -112,8 +112,11 @@ def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     """Validate (eagerly, also under torch.compile) and draw the seed as a CPU int64 scalar tensor."""
     tgt = reference.check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std,
                                         mask_token)
-    check_generator(generator)  # also where no seed is drawn ("none"): a bad argument is never ignored
-    seed = draw_seed(generator) if noise_mode in ("learned", "isotropic") else 0
+    if noise_mode in ("learned", "isotropic"):
+        seed = draw_seed(generator)
+    else:  # no seed is drawn, but a bad argument is never ignored
+        check_generator(generator)
+        seed = 0
     return tgt, torch.tensor(seed, dtype=torch.int64)
 
 

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -187,7 +188,6 @@ class Checkpointer:
         would continue the earlier run. Nothing is deleted."""
         moved = None
         if self.info.is_main and list_checkpoints(self.folder):
-            import time
             moved = f"{self.folder.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
             n = 1
             while os.path.exists(moved + (f"-{n}" if n > 1 else "")):

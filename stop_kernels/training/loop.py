@@ -182,19 +182,13 @@ class Trainer:
         self.container = JEPAContainer(self.models)
         self.opt = build_optimizer(self.models, cfg, self.device)
         self.ema_target, self.ema_online = paired_parameters(self.models.target_encoder, self.models.encoder)
-        self.target_forward = None
-        if cfg.cuda_graph_target:
-            if self.device.type != "cuda" or self.mesh is not None:
-                raise ConfigError(f"cuda_graph_target: needs one CUDA device without FSDP sharding; got device "
+        for key in ("cuda_graph_target", "overlap_target"):
+            if getattr(cfg, key) and (self.device.type != "cuda" or self.mesh is not None):
+                raise ConfigError(f"{key}: needs one CUDA device without FSDP sharding; got device "
                                   f"{self.device} and sharding {self.sharding!r}")
-            self.target_forward = GraphedForward(self.models.target_encoder,
-                                                 log=lambda m: _print(m, info, stream))
-        self.side_stream = None
-        if cfg.overlap_target:
-            if self.device.type != "cuda" or self.mesh is not None:
-                raise ConfigError(f"overlap_target: needs one CUDA device without FSDP sharding; got device "
-                                  f"{self.device} and sharding {self.sharding!r}")
-            self.side_stream = torch.cuda.Stream(self.device)
+        self.target_forward = (GraphedForward(self.models.target_encoder, log=lambda m: _print(m, info, stream))
+                               if cfg.cuda_graph_target else None)
+        self.side_stream = torch.cuda.Stream(self.device) if cfg.overlap_target else None
         self.checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), info, keep=cfg.keep_ckpts)
 
     def step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
@@ -486,7 +480,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     warm = max(cfg.benchmark_warmup, pool)
     _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, global batch {cfg.batch_size}, "
            f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}; attention "
-           f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} timed steps over {pool} mask batches", info, stream)
+           f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} "
+           f"timed steps over {pool} mask batches", info, stream)
     batches = synthetic_batches(cfg, pool, local, info.device, cfg.seed + 7919 * info.rank)
     batches = [batches[i % pool] for i in range(warm + n)]
     total = warm + n
