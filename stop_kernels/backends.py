@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 from typing import Dict, Tuple
 
@@ -25,6 +26,27 @@ def triton_interpreting() -> bool:
     the library agrees with Triton. Plain ``os.environ`` (not ``triton.knobs``, which calls into C++):
     torch.compile traces it without a graph break, and the value is read per call (tests switch it)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
+def _version(text: str) -> Tuple[int, int]:
+    """(major, minor) of a version string such as '3.6.0', '2.4.0rc1' or '2.11.0+cu130'."""
+    m = re.match(r"(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def triton_interpreter_problem() -> str:
+    """Why Triton's CPU interpreter cannot run this library's kernels here, '' when it can.
+
+    triton < 3.7's interpreter hands a kernel's integer arguments over as 1-element numpy arrays and
+    calls ``int()`` on them where they bound a loop (``range(0, n, BLOCK)``); numpy ≥ 2.4 refuses that
+    (``TypeError: only 0-dimensional arrays can be converted to Python scalars``). triton 3.7 squeezes
+    the array first. Checked with triton 3.6 + numpy 2.3 / 2.4 and triton 3.8 + numpy 2.4."""
+    import numpy
+    import triton
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the CPU interpreter of triton {triton.__version__} cannot run with numpy {numpy.__version__}: "
+                "install numpy<2.4 or triton>=3.7")
+    return ""
 
 
 def on_device(t: torch.Tensor):
@@ -45,6 +67,9 @@ def _triton() -> Tuple[bool, str]:
     except Exception as exc:  # a broken install
         return False, f"triton fails to import: {type(exc).__name__}: {exc}"
     if triton_interpreting():
+        problem = triton_interpreter_problem()
+        if problem:
+            return False, "TRITON_INTERPRET=1, but " + problem
         return True, "TRITON_INTERPRET=1: kernels run in the Triton CPU interpreter"
     if torch.cuda.is_available():
         return True, ""

@@ -1,7 +1,8 @@
 """Test configuration shared by every test module.
 
 * Without a CUDA GPU, Triton kernels run through the interpreter: TRITON_INTERPRET=1 is exported
-  before anything imports triton.
+  before anything imports triton; a triton/numpy pair whose interpreter cannot run the kernels stops
+  the run with the reason (``stop_kernels.backends.triton_interpreter_problem``).
 * ``official_fixture`` loads a case computed by the official StoP / I-JEPA code from
   ``../shared/fixtures`` (or ``$STOP_KERNELS_FIXTURES``); the test is skipped, with that reason,
   only where the folder is absent.
@@ -15,6 +16,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from stop_kernels.backends import triton_interpreter_problem, triton_interpreting  # noqa: E402
+
+
+def pytest_configure(config):
+    """Stop at once, saying why, where the Triton interpreter cannot run (instead of every kernel test
+    failing with a TypeError from inside triton)."""
+    if triton_interpreting() and triton_interpreter_problem():
+        pytest.exit("tests need the Triton CPU interpreter, but " + triton_interpreter_problem(), returncode=4)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("STOP_KERNELS_FIXTURES", REPO.parent / "shared" / "fixtures"))

@@ -59,6 +59,30 @@ def test_backends_reports_cuda_status():
             cb._ops()
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, broken", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False),
+    ("3.8.0", "2.4.0rc1", False), ("3.2.0", "2.10.0", True),
+])
+def test_triton_interpreter_problem(monkeypatch, triton_v, numpy_v, broken):
+    """triton < 3.7's interpreter cannot run with numpy >= 2.4: said by name, and backends() turns
+    'triton' off in interpreter mode with that reason (tests/conftest.py stops the run with it)."""
+    import importlib
+
+    import triton
+
+    bk = importlib.import_module("stop_kernels.backends")  # the module (the package exports a function of that name)
+    monkeypatch.setattr(triton, "__version__", triton_v)
+    monkeypatch.setattr(np, "__version__", numpy_v)
+    problem = bk.triton_interpreter_problem()
+    assert bool(problem) == broken
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, reason = bk._triton()
+    assert ok is not broken
+    if broken:
+        assert triton_v in problem and numpy_v in problem and "numpy<2.4" in problem
+        assert problem in reason
+
+
 def _cuh_constants():
     text = (CSRC / "philox.cuh").read_text()
     consts = {}
