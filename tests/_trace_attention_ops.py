@@ -1,6 +1,7 @@
 """Trace the attention ops the way Inductor does, on a machine without a GPU (run by
 tests/test_attention_inductor_trace.py in a subprocess; prints one JSON line). With ``--inductor``:
-Inductor's generated host code for the ops (``inductor_wrapper``).
+Inductor's generated host code for the ops (``inductor_wrapper``) and for the forward of a whole
+compiled transformer block around them (``inductor_block_wrapper``).
 
 On CUDA the ``stop_kernels::flash_attn_*`` ops are ``torch.library.triton_op``s: AOTAutograd traces
 their bodies with fake tensors and symbolic sizes, each launch becoming a
@@ -121,19 +122,9 @@ def inductor_wrapper(N: int, D: int = 24):
     """Inductor's generated ``call`` (the host code of the compiled graph) for the packed forward op
     and for the packed backward op, with a symbolic N: which kernels it launches, which buffers it
     allocates, and whether anything is copied around the launches."""
-    from torch._inductor import graph as ind_graph
     from torch._inductor.compile_fx import compile_fx_inner
     codes = []
-
-    def stop_after_codegen(self):
-        code = self.codegen()
-        code = code[0] if isinstance(code, tuple) else code
-        code = getattr(code, "value", code)
-        codes.append(code[code.index("def call(self, args)"):code.index("runner = Runner")])
-        raise _Stop()
-
-    real = ind_graph.GraphLowering.compile_to_module
-    ind_graph.GraphLowering.compile_to_module = stop_after_codegen
+    restore = _capture_wrapper_code(codes)
     try:
         shape_env = ShapeEnv()
         mode = FakeTensorMode(shape_env=shape_env)
@@ -156,8 +147,69 @@ def inductor_wrapper(N: int, D: int = 24):
             except _Stop:
                 pass
     finally:
-        ind_graph.GraphLowering.compile_to_module = real
+        restore()
     return {"fwd": codes[0], "bwd": codes[1]}
+
+
+def _capture_wrapper_code(codes):
+    """Make Inductor stop once a graph's host code exists, appending its ``call`` function to
+    ``codes``; returns the function that restores Inductor."""
+    from torch._inductor import graph as ind_graph
+
+    def stop_after_codegen(self):
+        code = self.codegen()
+        code = code[0] if isinstance(code, tuple) else code
+        code = getattr(code, "value", code)
+        codes.append(code[code.index("def call(self, args)"):code.index("runner = Runner")])
+        raise _Stop()
+
+    real = ind_graph.GraphLowering.compile_to_module
+    ind_graph.GraphLowering.compile_to_module = stop_after_codegen
+    return lambda: setattr(ind_graph.GraphLowering, "compile_to_module", real)
+
+
+def inductor_block_wrapper(N: int, width: int, heads: int):
+    """Inductor's host code for the forward of a whole compiled transformer block
+    (``stop_kernels.models.vit.Block``: LayerNorm, QKV Linear, attention, projection, MLP) under bf16
+    autocast with the Triton attention forced, a symbolic N: what a compiled block of the training
+    step launches around the attention kernel. Forward only: tracing the backward runs the autograd
+    engine, which needs a CUDA context (the attention backward ops alone: :func:`inductor_wrapper`)."""
+    import stop_kernels
+    from stop_kernels.models.vit import Block
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
+
+    codes = []
+    restore = _capture_wrapper_code(codes)
+    try:
+        shape_env = ShapeEnv()
+        mode = FakeTensorMode(shape_env=shape_env)
+        sym = shape_env.create_symbol(N, ConstantSource("N"), dynamic_dim=DimDynamic.DYNAMIC)
+        n = shape_env.create_symintnode(sym, hint=N)
+        blk = Block(width, heads)
+        names = [name for name, _ in blk.named_parameters()]
+        with mode:
+            params = [torch.empty(p.shape, device="cuda") for p in blk.parameters()]  # fp32 master weights
+            x = torch.empty(4, n, width, device="cuda")
+        available = torch.cuda.is_available
+        torch.cuda.is_available = lambda: True  # autocast("cuda") stays off without a visible GPU
+        try:
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        finally:
+            torch.cuda.is_available = available
+
+        def fn(x, *ps):
+            with autocast, stop_kernels.use_attention_backend("triton"):
+                return (torch.func.functional_call(blk, dict(zip(names, ps)), (x,)),)
+        try:
+            with mode:
+                aot_function(fn, fw_compiler=compile_fx_inner, decompositions=select_decomp_table(),
+                             dynamic=True)(x, *params)
+        except _Stop:
+            pass
+    finally:
+        restore()
+    return codes[0]
 
 
 class _Stop(BaseException):
@@ -167,7 +219,10 @@ class _Stop(BaseException):
 if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
     _pretend_h100_for_inductor()
     with offline_driver(90, "cuda"):
-        print(json.dumps({f"N{N}_D{D}": inductor_wrapper(N, D) for N, D in [(116, 24), (150, 24), (74, 80)]}))
+        res = {f"N{N}_D{D}": inductor_wrapper(N, D) for N, D in [(116, 24), (150, 24), (74, 80)]}
+        # the predictor's block (width 384, 16 heads of 24) and ViT-H's (1280, 16 heads of 80)
+        res.update({f"block_N{N}_W{W}": {"fwd": inductor_block_wrapper(N, W, 16)} for N, W in [(116, 384), (74, 1280)]})
+        print(json.dumps(res))
     sys.exit(0)
 
 if __name__ == "__main__":

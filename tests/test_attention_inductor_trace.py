@@ -17,6 +17,9 @@ subprocess, an sm_90 TTIR target, fake CUDA tensors, a symbolic sequence length)
 * Inductor's generated host code (``--inductor``: the codegen runs with the CUDA device queries
   answered as an H100's, and stops once the wrapper code exists) allocates the outputs and launches
   the kernels, with no Python op call and no copy around them.
+* in a whole compiled block (LayerNorm, QKV Linear, attention, projection, MLP; forward, bf16
+  autocast), the attention kernel reads the QKV addmm's output and writes the projection's input
+  in place: no copy around it.
 
 The GPU half (the compiled code runs, results equal to eager, no recompilation within a bucket) is
 in ``test_attention.py`` (CUDA-only tests).
@@ -114,3 +117,44 @@ def test_inductor_host_code_is_just_the_launches(inductor_code, case, fwd, bwd):
         m = re.search(r"(\w+) = arg\d+_1(?:\.size\(\)|_size)\[1\]", code)
         assert m, code
         assert all(m.group(1) in line for line in code.splitlines() if ".run(" in line), code
+
+
+def _top_level_args(call: str):
+    """The comma-separated arguments of the call that starts at ``call``'s first '(' (nested
+    parentheses kept together)."""
+    body, depth, args, cur = call[call.index("(") + 1:], 0, [], ""
+    for ch in body:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            if depth == 0:
+                break
+            depth -= 1
+        if ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return args + [cur.strip()] if cur.strip() else args
+
+
+@pytest.mark.parametrize("case", ["block_N116_W384", "block_N74_W1280"])
+def test_compiled_block_feeds_attention_without_copies(inductor_code, case):
+    """A whole compiled block (bf16 autocast, Triton attention; the predictor's and ViT-H's widths):
+    the attention kernel reads q, k, v as views of the QKV addmm's output and writes O where the
+    output projection's addmm reads it, so the compiled step has no copy around the attention, the
+    property the Triton path's speed in a compiled step rests on (``e2e_step.py`` paths fast_mixed and
+    fast_triton)."""
+    code = inductor_code[case]["fwd"]
+    launches = [line.strip() for line in code.splitlines() if "_attn_fwd_kernel" in line and ".run(" in line]
+    assert len(launches) == 1, code
+    args = _top_level_args(launches[0])
+    qkv_bufs = {re.match(r"reinterpret_tensor\((buf\d+),", a).group(1) for a in args[:3]}
+    assert len(qkv_bufs) == 1, args[:3]
+    (qkv_buf,) = qkv_bufs
+    assert re.search(rf"extern_kernels\.addmm\(.*out={qkv_buf}\)", code), (qkv_buf, code)
+    o_buf = args[3]
+    assert re.fullmatch(r"buf\d+", o_buf), args[3]
+    assert re.search(rf"extern_kernels\.addmm\([^\n]*reinterpret_tensor\({o_buf}, ", code), (o_buf, code)
+    assert "stop_kernels" not in code and "clone" not in code and ".copy_(" not in code, code
+    assert len(re.findall(r"extern_kernels\.addmm\(", code)) == 4, code  # qkv, proj, fc1, fc2
