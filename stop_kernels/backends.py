@@ -94,8 +94,8 @@ def _cuda() -> Tuple[bool, str]:
     from .ops import cuda_backend
 
     if cuda_backend.available():
-        if not torch.cuda.is_available():
-            return True, "built, but no CUDA device is visible: calls will fail"
+        if not torch.cuda.is_available():  # usable means callable, as for triton
+            return False, "built, but no CUDA device is visible"
         return True, ""
     err = cuda_backend.load_error()
     if "No module named 'stop_kernels._C'" in err:

@@ -49,7 +49,9 @@ def test_backends_reports_cuda_status():
     info = backends()
     assert info["reference"] is True
     assert set(info) >= {"reference", "triton", "cuda", "xformers", "reasons"}
-    assert info["cuda"] == cb.available()
+    assert info["cuda"] == (cb.available() and torch.cuda.is_available())  # built and callable
+    if cb.available() and not torch.cuda.is_available():
+        assert "no CUDA device" in info["reasons"]["cuda"]
     if not cb.available():
         # here (no extension built): unavailable, with a reason that says why
         assert info["cuda"] is False
