@@ -16,7 +16,9 @@
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
 #      sin/cos): GPU correctness first, then every forward/dW config's GPU time against its SASS loop
 #      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path. Attention per
-#      shape, split vs unsplit head dim, the one-pass backward candidates. The ViT-H step, in this
+#      shape, split vs unsplit head dim, the one-pass backward candidates and the persistent forms
+#      (PERSIST: forward and one-pass backward, N <= 128; if one wins at N = 116, move it first in
+#      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs). The ViT-H step, in this
 #      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
 #      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
 #      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_triton
@@ -67,7 +69,7 @@ for s in $SECTIONS; do
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
            tests/test_philox.py tests/test_attention.py tests/test_training_speed.py tests/test_fast_path_loss_curve.py \
-           -k "twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or inference" ;;
+           -k "twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;

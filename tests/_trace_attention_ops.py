@@ -118,7 +118,7 @@ def _pretend_h100_for_inductor():
     cfx._check_triton_bf16_support = lambda graph: None
 
 
-def inductor_wrapper(N: int, D: int = 24):
+def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None):
     """Inductor's generated ``call`` (the host code of the compiled graph) for the packed forward op
     and for the packed backward op, with a symbolic N: which kernels it launches, which buffers it
     allocates, and whether anything is copied around the launches."""
@@ -142,7 +142,7 @@ def inductor_wrapper(N: int, D: int = 24):
                    (do, qkv, o, lse))]
         for fn, args in graphs:
             try:
-                with mode:
+                with mode, A._force_config(fwd=fwd_cfg, bwd=bwd_cfg):
                     aot_function(fn, fw_compiler=compile_fx_inner, dynamic=True)(*args)
             except _Stop:
                 pass
@@ -220,6 +220,10 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
     _pretend_h100_for_inductor()
     with offline_driver(90, "cuda"):
         res = {f"N{N}_D{D}": inductor_wrapper(N, D) for N, D in [(116, 24), (150, 24), (74, 80)]}
+        # the persistent forms: a fixed grid (SMs x PERSIST), N still symbolic inside
+        res["N116_D24_persistent"] = inductor_wrapper(
+            116, 24, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1, PERSIST=1),
+            dict(VARIANT="fused", BLOCK_N=128, num_warps=8, num_stages=2, PERSIST=1))
         # the predictor's block (width 384, 16 heads of 24) and ViT-H's (1280, 16 heads of 80)
         res.update({f"block_N{N}_W{W}": {"fwd": inductor_block_wrapper(N, W, 16)} for N, W in [(116, 384), (74, 1280)]})
         print(json.dumps(res))

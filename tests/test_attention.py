@@ -116,13 +116,18 @@ def test_forward_backward_vs_float64(D, N, dtype):
 
 def _bwd_cfg(variant: str, N: int) -> dict:
     """A forced backward config: 'fused' (16-key steps), 'one_pass' (fused, every key in one block:
-    no loop) or 'split'."""
-    bn = {"fused": 16, "one_pass": A._pow2(N), "split": 32}[variant]
-    return dict(VARIANT="split" if variant == "split" else "fused", BLOCK_M=32, BLOCK_N=bn, num_warps=4,
-                num_stages=1)
+    no loop), 'persistent' (one pass, a fixed grid of 4 "SMs" × 1 program in the interpreter
+    walking the (sequence, head) items) or 'split'."""
+    bn = {"fused": 16, "one_pass": A._pow2(N), "persistent": A._pow2(N), "split": 32}[variant]
+    cfg = dict(VARIANT="split" if variant == "split" else "fused", BLOCK_M=32, BLOCK_N=bn, num_warps=4,
+               num_stages=1)
+    return dict(cfg, num_stages=2, PERSIST=1) if variant == "persistent" else cfg
 
 
-@pytest.mark.parametrize("variant", ["fused", "one_pass", "split"])
+BWD_VARIANTS = ["fused", "one_pass", "persistent", "split"]
+
+
+@pytest.mark.parametrize("variant", BWD_VARIANTS)
 @pytest.mark.parametrize("N", [33, 150])
 def test_both_backward_variants(variant, N):
     """The one-program-per-(sequence, head) backward (looping over key blocks, or in one pass) and the
@@ -135,7 +140,7 @@ def test_both_backward_variants(variant, N):
 
 def test_one_pass_backward_head_dim_80_and_varlen():
     """The one-pass fused backward with the head dim in two chunks (80 = 64 + 16, the encoder's), and
-    packed sequences of different lengths (each shorter than the block)."""
+    packed sequences of different lengths (each shorter than the block), also in the persistent form."""
     torch.manual_seed(80)
     q, k, v, _ = _qkv(1, 74, 2, 80, torch.bfloat16)
     with A._force_config(bwd=_bwd_cfg("one_pass", 74)):
@@ -144,15 +149,16 @@ def test_one_pass_backward_head_dim_80_and_varlen():
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEV)
     qkv = torch.randn(cu[-1].item(), 3, 2, 24, device=DEV, dtype=torch.float16).requires_grad_()
     q, k, v = qkv.unbind(1)
-    with A._force_config(bwd=_bwd_cfg("one_pass", max(lengths))):
-        _check(q, k, v, None, torch.float16, cu_seqlens=cu, max_seqlen=max(lengths))
+    for variant in ("one_pass", "persistent"):
+        with A._force_config(bwd=_bwd_cfg(variant, max(lengths))):
+            _check(q, k, v, None, torch.float16, cu_seqlens=cu, max_seqlen=max(lengths))
 
 
 # the dK/dV kernel computes P = ∞ in the rows of the missing keys, which it never stores (by design,
 # see _bwd_p); the interpreter's numpy reports that arithmetic
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("variant", ["fused", "one_pass", "split"])
+@pytest.mark.parametrize("variant", BWD_VARIANTS)
 @pytest.mark.parametrize("N", [7, 33])
 def test_backward_with_very_negative_scores(variant, N):
     """Every score of every query near −300 (scaled): lse ≈ −300, so a key past the sequence end (its
@@ -181,6 +187,37 @@ def test_forward_configs(fwd):
     q, k, v, _ = _qkv(1, 150, 2, 24, torch.bfloat16)
     with A._force_config(fwd=fwd):
         _check(q, k, v, None, torch.bfloat16)
+
+
+PERSIST_ONE_TILE = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2, HEADS=1, PERSIST=1)
+
+
+@pytest.mark.parametrize("N, fwd", [(116, PERSIST_ONE_TILE), (101, dict(PERSIST_ONE_TILE, BLOCK_M=32)),
+                                    (150, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1,
+                                               PERSIST=2))])
+def test_persistent_forward(N, fwd):
+    """The persistent forward: a fixed grid of programs (4 "SMs" × PERSIST in the interpreter) walks
+    every (head, query block, sequence) item, several per program; one key tile (N ≤ 128), or the
+    key loop (N = 150 with 64-key blocks). Outputs poisoned first, gradients through the usual
+    backward, both against float64."""
+    torch.manual_seed(N)
+    q, k, v, _ = _qkv(2, N, 3, 24, torch.bfloat16)
+    with A._force_config(fwd=fwd):
+        p = A._get_plan(q, k, v, None, N, 24 ** -0.5)
+        assert p.fwd_kw["PERSISTENT"] and p.fwd_kw["ONE_TILE"] == (fwd["BLOCK_N"] >= A._pow2(N))
+        _check(q, k, v, None, torch.bfloat16)
+
+
+def test_persistent_forward_packed():
+    """Packed sequences (one of them empty, several shorter than a query block): the items past a
+    sequence's end are masked, never stored."""
+    torch.manual_seed(11)
+    lens = [1, 70, 0, 128, 3]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEV)
+    qkv = torch.randn(sum(lens), 3, 2, 24, device=DEV, dtype=torch.float16).requires_grad_()
+    q, k, v = qkv.unbind(1)
+    with A._force_config(fwd=PERSIST_ONE_TILE):
+        _check(q, k, v, None, torch.float16, cu_seqlens=cu)
 
 
 def test_float32_path_and_scale():

@@ -102,6 +102,7 @@ def _launch_lines(code: str):
     ("N116_D24", ["_attn_fwd_kernel_0"], ["_attn_bwd_fused_kernel_0"]),
     ("N150_D24", ["_attn_fwd_kernel_0"], ["_attn_bwd_dq_kernel_0", "_attn_bwd_dkdv_kernel_1"]),
     ("N74_D80", ["_attn_fwd_kernel_0"], ["_attn_bwd_dq_kernel_0", "_attn_bwd_dkdv_kernel_1"]),
+    ("N116_D24_persistent", ["_attn_fwd_kernel_0"], ["_attn_bwd_fused_kernel_0"]),
 ])
 def test_inductor_host_code_is_just_the_launches(inductor_code, case, fwd, bwd):
     """Inductor's generated host code for the ops (an H100 as the pretended target): it allocates the

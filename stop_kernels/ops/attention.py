@@ -41,7 +41,11 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   index fastest in the launch order so the programs running together read neighbouring heads of the
   same token rows (full sectors of the packed QKV rows in L2). Online softmax over key blocks of
   ``BLOCK_N``; for the model's N ≤ 256 the candidates include ``BLOCK_N = next_pow2(N)`` so the
-  whole key sequence is one tile and the loop runs once (no rescaling round trips).
+  whole key sequence is one tile and there is no key loop (no rescaling round trips). Persistent
+  form (``PERSIST`` in a config, N ≤ 128): a fixed grid of programs per SM walks the work items,
+  and with one key tile the item loop is the kernel's only loop, so Triton's pipeliner loads the
+  next items' Q, K, V while the current one computes (an item alone is a few µs of dependent
+  loads and math, which one program per item leaves exposed).
 * backward, small head dim and N ≤ 256 (the predictor): ``_attn_bwd_fused_kernel``, one program per
   (sequence, head) that keeps all queries (Q, dO, δ, lse and the dQ accumulator) in registers and
   walks the keys in blocks of ``BLOCK_N``, producing dK, dV per key block and dQ at the end —
@@ -353,37 +357,23 @@ def _fwd_key_block(q0, q1, k_base, v_base, start, cols, seqlen, skn, svn, m_i, l
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE, CU,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-    NT, H, NUM_M, scale_log2,
-    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEADS: tl.constexpr, ALIGN: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """O and LSE for one query block of HEADS consecutive heads of one sequence.
+def _fwd_item(item, n_groups, NUM_M):
+    """The (head group, query block, sequence) of forward work item ``item``, head group fastest."""
+    hg = item % n_groups
+    rest = item // n_groups
+    return hg, rest % NUM_M, (rest // NUM_M).to(tl.int64)
 
-    q/k/v: (batch, token, head) strides arrive divided by ALIGN (8 when all are multiples of 8) so
-    the compiler sees 16-byte aligned rows for head dims like 24 and 40 and vectorises the loads;
-    their last-dim stride is 1 (the wrapper guarantees it). O is contiguous [rows, H, HEAD_DIM] and
-    LSE [B, H, N] / [H, T]: their strides follow from H, HEAD_DIM and NT (no arguments). The head
-    dim is handled in two power-of-two chunks BD0 + BD1 (e.g. 64 + 16 for 80; BD1 = 0: one chunk)
-    so no dot or register tile is padded beyond the next multiple of 16.
-    """
-    # stage 0: which (head group, query block, sequence) this program owns; head group fastest.
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
-        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
+
+@triton.jit
+def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
+              sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
+              HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """O and LSE of query block ``mb`` of the HEADS heads of group ``hg`` of sequence ``b`` (rows
+    beyond ``seqlen`` masked). ONE_TILE: BLOCK_N covers every sequence, so the keys are one masked
+    block and there is no key loop."""
     so = H * HEAD_DIM
-    pid = tl.program_id(0)
-    n_groups = H // HEADS
-    hg = pid % n_groups
-    rest = pid // n_groups
-    mb = rest % NUM_M
-    b = (rest // NUM_M).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
-                                              b, NT, H, VARLEN)
-    if mb * BLOCK_M >= seqlen:
-        return
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < seqlen
@@ -401,16 +391,21 @@ def _attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc0, acc1 = _zeros_tile(BLOCK_M, BD0, BD1)
         # stage 2: the key blocks: every full one without a key mask, then the partial last one (if
-        # any) with it (see _fwd_key_block). With BLOCK_N >= N (short sequences) only the latter runs.
-        n_full = (seqlen // BLOCK_N) * BLOCK_N
-        for n0 in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n0 + offs_n, seqlen, skn, svn,
-                                                  m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
-                                                  False, PREC, UPCAST)
-        if n_full < seqlen:
-            m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n_full + offs_n, seqlen, skn, svn,
+        # any) with it (see _fwd_key_block); ONE_TILE: the single masked block.
+        if ONE_TILE:
+            m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, offs_n, seqlen, skn, svn,
                                                   m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
                                                   True, PREC, UPCAST)
+        else:
+            n_full = (seqlen // BLOCK_N) * BLOCK_N
+            for n0 in range(0, n_full, BLOCK_N):
+                m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n0 + offs_n, seqlen, skn,
+                                                      svn, m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
+                                                      False, PREC, UPCAST)
+            if n_full < seqlen:
+                m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n_full + offs_n, seqlen, skn,
+                                                      svn, m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
+                                                      True, PREC, UPCAST)
 
         # stage 3: normalise and store O [BLOCK_M, HEAD_DIM] and the natural-log LSE [BLOCK_M].
         inv_l = 1.0 / l_i
@@ -418,6 +413,53 @@ def _attn_fwd_kernel(
                     HEAD_DIM, BD0, BD1)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
         tl.store(LSE + lbase + h * NT + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    NT, H, NUM_M, NB, scale_log2,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEADS: tl.constexpr, ONE_TILE: tl.constexpr, PERSISTENT: tl.constexpr, ALIGN: tl.constexpr,
+    VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """O and LSE for one query block of HEADS consecutive heads of one sequence (a work item):
+    one item per program, or PERSISTENT: a fixed grid of programs each walking the items
+    ``pid, pid + grid, ...`` of all NB sequences.
+
+    q/k/v: (batch, token, head) strides arrive divided by ALIGN (8 when all are multiples of 8) so
+    the compiler sees 16-byte aligned rows for head dims like 24 and 40 and vectorises the loads;
+    their last-dim stride is 1 (the wrapper guarantees it). O is contiguous [rows, H, HEAD_DIM] and
+    LSE [B, H, N] / [H, T]: their strides follow from H, HEAD_DIM and NT (no arguments). The head
+    dim is handled in two power-of-two chunks BD0 + BD1 (e.g. 64 + 16 for 80; BD1 = 0: one chunk)
+    so no dot or register tile is padded beyond the next multiple of 16.
+    """
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
+        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
+    n_groups = H // HEADS
+    if PERSISTENT:
+        # The short sequences make each item a few µs of dependent loads and math; one item per
+        # program leaves that latency exposed. Here the item loop is the kernel's only loop (with
+        # ONE_TILE), so Triton's pipeliner issues the next items' Q, K, V loads (num_stages) while
+        # this one computes. Items past a sequence's end (packed mode) are fully masked.
+        for item in tl.range(tl.program_id(0), n_groups * NUM_M * NB, tl.num_programs(0)):
+            hg, mb, b = _fwd_item(item, n_groups, NUM_M)
+            start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
+                                                      tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
+            _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
+                      sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
+                      HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+    else:
+        # stage 0: which (head group, query block, sequence) this program owns; head group fastest.
+        hg, mb, b = _fwd_item(tl.program_id(0), n_groups, NUM_M)
+        start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
+                                                  tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
+        if mb * BLOCK_M >= seqlen:
+            return
+        _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
+                  sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
+                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
 
 
 @triton.jit
@@ -451,35 +493,14 @@ def _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base
 
 
 @triton.jit
-def _attn_bwd_fused_kernel(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, CU,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-    NT, H, scale,
-    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    GRAD_GROUP: tl.constexpr,
-):
-    """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q).
-
-    O and dO are contiguous [rows, H, HEAD_DIM] (the wrapper makes dO so); dQ, dK, dV are rows of
-    GRAD_GROUP·H·HEAD_DIM elements (1: three contiguous tensors; 3: the q, k, v slots of one
-    contiguous [rows, 3, H, HEAD_DIM] gradient of a packed QKV buffer); q/k/v strides arrive
-    divided by ALIGN and the head dim is in chunks BD0 + BD1, as in the forward.
-    """
-    # stage 0: (head, sequence) of this program, head index fastest; with GRAD_GROUP = 3 DQ is the
-    # base of d(qkv) and dK, dV are its other slots.
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
-        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
+def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+    """dQ, dK, dV of head ``h`` of sequence ``b`` (its rows ``start`` … ``start + seqlen``), every
+    query in one tile; DK, DV already point at their slots (see the kernel)."""
     so = H * HEAD_DIM
-    if GRAD_GROUP == 3:
-        DK = _grad_slot(DQ, 1, H, HEAD_DIM, GRAD_GROUP)
-        DV = _grad_slot(DQ, 2, H, HEAD_DIM, GRAD_GROUP)
     scale_log2 = scale * 1.4426950408889634
-    pid = tl.program_id(0)
-    h = pid % H
-    b = (pid // H).to(tl.int64)
-    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
-                                              b, NT, H, VARLEN)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     q_ok = offs_q < seqlen
@@ -509,6 +530,52 @@ def _attn_bwd_fused_kernel(
     # stage 3: store dQ = s · Σ dS K [BLOCK_Q, HEAD_DIM].
     g_dq = _row_offsets(orow0, offs_q, GRAD_GROUP * so, h, HEAD_DIM)
     _store_tile(DQ, g_dq, q_ok, dq0 * scale, dq1 * scale, HEAD_DIM, BD0, BD1)
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, CU,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+    NT, H, NB, scale,
+    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERSISTENT: tl.constexpr, ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
+):
+    """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q): one
+    (sequence, head) per program, or PERSISTENT: a fixed grid of programs walking the H·NB of them
+    (with one pass, BLOCK_N >= BLOCK_Q, the item loop is the only loop and Triton's pipeliner loads
+    the next item's tiles during this one's math; see the forward).
+
+    O and dO are contiguous [rows, H, HEAD_DIM] (the wrapper makes dO so); dQ, dK, dV are rows of
+    GRAD_GROUP·H·HEAD_DIM elements (1: three contiguous tensors; 3: the q, k, v slots of one
+    contiguous [rows, 3, H, HEAD_DIM] gradient of a packed QKV buffer); q/k/v strides arrive
+    divided by ALIGN and the head dim is in chunks BD0 + BD1, as in the forward.
+    """
+    # stage 0: with GRAD_GROUP = 3 DQ is the base of d(qkv) and dK, dV are its other slots; the
+    # (head, sequence) of an item, head index fastest.
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
+        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
+    if GRAD_GROUP == 3:
+        DK = _grad_slot(DQ, 1, H, HEAD_DIM, GRAD_GROUP)
+        DV = _grad_slot(DQ, 2, H, HEAD_DIM, GRAD_GROUP)
+    if PERSISTENT:
+        for item in tl.range(tl.program_id(0), H * NB, tl.num_programs(0)):
+            h = item % H
+            b = (item // H).to(tl.int64)
+            start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
+                                                      tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
+            _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                            HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+    else:
+        pid = tl.program_id(0)
+        h = pid % H
+        b = (pid // H).to(tl.int64)
+        start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
+                                                  tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
+        _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
 
 
 @triton.jit
@@ -664,17 +731,22 @@ def _head_chunks(D: int, split: Optional[bool] = None) -> Tuple[int, int]:
 def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
     """Forward candidates (heuristic default first) for bucket = next_pow2(max_seqlen) >= 16.
 
-    Small head dim: the whole key sequence in one tile for N <= 128 (BLOCK_N = bucket, one loop
-    trip, no rescaling), 32/64-key blocks for N <= 256, and a two-heads-per-program variant. Register
-    use checked offline with ptxas for sm_90a (no spills for these: tests/test_ptxas_report.py).
+    Small head dim: the whole key sequence in one tile for N <= 128 (BLOCK_N = bucket, no key
+    loop, no rescaling), 32/64-key blocks for N <= 256, and a two-heads-per-program variant. Last,
+    for N <= 128 (both head dims): the persistent one-tile form, ``PERSIST`` programs per SM, as
+    many as fit by registers and shared memory (ptxas, sm_90a: 128x128 with 8 warps 170 registers at
+    Dh 24 and 226 at Dh 80, one CTA per SM; 64x128 with 4 warps 219 registers, two; 64x64 96, five).
+    Register use checked offline with ptxas for sm_90a (no spills for these: tests/test_ptxas_report.py).
     """
-    def c(bm, bn, w, st=1, heads=1):
-        return dict(BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st, HEADS=heads)
+    def c(bm, bn, w, st=1, heads=1, persist=0):
+        d = dict(BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st, HEADS=heads)
+        return dict(d, PERSIST=persist) if persist else d
     if block_d <= 32:
         if bucket <= 64:
-            cands = [c(64, 64, 4), c(32, 64, 4), c(64, 64, 4, 1, 2)]
+            cands = [c(64, 64, 4), c(32, 64, 4), c(64, 64, 4, 1, 2), c(64, 64, 4, 2, persist=5)]
         elif bucket <= 128:
-            cands = [c(64, 64, 4, 2), c(128, 128, 8), c(64, 128, 4), c(64, 128, 4, 1, 2), c(32, 128, 4)]
+            cands = [c(64, 64, 4, 2), c(128, 128, 8), c(64, 128, 4), c(64, 128, 4, 1, 2), c(32, 128, 4),
+                     c(128, 128, 8, 2, persist=1), c(64, 128, 4, 2, persist=2)]
         elif bucket <= 256:
             # (the one-tile c(64, 256, 8) measured 4x slower than the first in run 2 and spills: dropped)
             cands = [c(64, 32, 4, 3), c(64, 64, 4, 2), c(64, 64, 4, 2, 2), c(128, 64, 8, 2)]
@@ -687,7 +759,8 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
             cands = [c(64, 64, 4, 2), c(128, 64, 8, 2), c(64, 128, 8, 2), c(128, 128, 8, 2)]
     else:
         if bucket <= 128:
-            cands = [c(128, 128, 8), c(128, 64, 8, 2), c(64, 128, 8), c(64, 64, 8, 2)]
+            cands = [c(128, 128, 8), c(128, 64, 8, 2), c(64, 128, 8), c(64, 64, 8, 2), c(128, 128, 8, 2, persist=1),
+                     c(64, 128, 8, 2, persist=1)]
         else:
             cands = [c(128, 32, 4, 3), c(128, 128, 8, 2), c(128, 64, 8, 2), c(64, 128, 8, 2), c(64, 64, 8, 2)]
     out: List[Dict] = []
@@ -705,9 +778,14 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List
     N <= 128 are one-pass fused configs (BLOCK_N = the bucket: every score of a (sequence, head) at
     once, no loop, wgmma throughout, 11 barriers per program against 10 per 16-key step), kept only
     where ptxas shows no spill: head dim 24 (93 registers at N <= 64, 176 at N <= 128 with 8 warps)
-    and 80 = 64 + 16 (254 registers). Not yet timed on a GPU."""
-    def fused(bn, w):
-        return dict(VARIANT="fused", BLOCK_N=min(bn, bucket), num_warps=w, num_stages=1)
+    and 80 = 64 + 16 (254 registers). After them, at head dim 24, the persistent one-pass form
+    (``PERSIST`` programs per SM walking the (sequence, head) items, the next item's tiles loaded by
+    the pipeliner during this one's math): 255 registers and 97 KB of shared memory with 8 warps at
+    N <= 128 (one CTA per SM, as the one-pass kernel without it), 193 registers with 4 warps at
+    N <= 64 (two); at head dim 80 it spills, so it is not offered. Not yet timed on a GPU."""
+    def fused(bn, w, st=1, persist=0):
+        d = dict(VARIANT="fused", BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st)
+        return dict(d, PERSIST=persist) if persist else d
 
     def split(bm, bn, w, st=2):
         return dict(VARIANT="split", BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st)
@@ -717,9 +795,10 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List
     # split(128, 64, 8) at head dim 80 does too, split(64, 128, 8) does not
     width = block_d if width is None else width
     if block_d <= 32 and bucket <= 64:
-        cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4)]
+        cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4), fused(64, 4, 2, persist=2)]
     elif block_d <= 32 and bucket <= 128:
-        cands = [fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4), fused(128, 8)]
+        cands = [fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4), fused(128, 8),
+                 fused(128, 8, 2, persist=1)]
     elif block_d <= 32 and bucket <= 256:
         cands = [split(64, 64, 4), split(32, 64, 4), fused(16, 8), split(64, 64, 8)]
     elif block_d <= 64 and bucket <= 256:
@@ -930,6 +1009,20 @@ def _dims(q: torch.Tensor, cu_n: int, varlen: bool, max_seqlen: int):
     return B, N, H, D, N
 
 
+_SM_COUNTS: Dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached); 4 off CUDA (the interpreter), so the
+    persistent forward's item loop runs several trips per program in the CPU tests too."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNTS:
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNTS[idx]
+
+
 def _launcher(kernel, grid, traced: bool):
     """``kernel[grid]``; when ``traced`` (the ops traced for Inductor), wrapped by
     ``torch.library.wrap_triton`` so the launch becomes a graph node Inductor emits itself."""
@@ -962,11 +1055,14 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
         num_m = triton.cdiv(N, cfg["BLOCK_M"])
         heads = cfg.get("HEADS", 1)
         heads = heads if H % heads == 0 else 1
-        grid = (H // heads * num_m * B,)
-        args = (*strides, NT, H, num_m, scale_log2)
+        persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form; 0: one program per item
+        # a fixed grid for the persistent form (no min() with the item count: that would put a guard
+        # on a symbolic N into a compiled graph; surplus programs run no iteration)
+        grid = (_num_sms(q.device) * persist,) if persist else (H // heads * num_m * B,)
+        args = (*strides, NT, H, num_m, B, scale_log2)
         kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
-                  ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  ONE_TILE=cfg["BLOCK_N"] >= bucket, PERSISTENT=bool(persist), ALIGN=al, VARLEN=varlen,
+                  PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return grid, args, kw
 
     scratch: List[torch.Tensor] = []
@@ -999,12 +1095,14 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
         if cfg["VARIANT"] == "fused" and bucket <= 256:
             # one launch, one program per (sequence, head), all queries in one tile
             bp.fused = True
-            bp.launch1 = _launcher(_attn_bwd_fused_kernel, (H * B,), traced_)
-            bp.args1 = (*strides, NT, H, scale)
+            persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form (see the forward's)
+            grid = (_num_sms(q.device) * persist,) if persist else (H * B,)
+            bp.launch1 = _launcher(_attn_bwd_fused_kernel, grid, traced_)
+            bp.args1 = (*strides, NT, H, B, scale)
             bp.launch2, bp.args2 = None, None
-            bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"], ALIGN=al,
-                         VARLEN=varlen, PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"])
+            bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"],
+                         PERSISTENT=bool(persist), ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast,
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return bp
         bm = cfg.get("BLOCK_M", 64)
         bn = cfg.get("BLOCK_N", 64)
