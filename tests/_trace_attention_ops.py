@@ -46,11 +46,17 @@ def _launches(gm):
     return out, other
 
 
-def trace(N: int, D: int, varlen: bool, packed: bool = True):
+def _symbolic_n(N: int):
+    """A fake-tensor mode whose shape environment has one dynamic size N (hint ``N``):
+    (shape_env, mode, the sympy symbol, the SymInt)."""
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env)
     sym = shape_env.create_symbol(N, ConstantSource("N"), dynamic_dim=DimDynamic.DYNAMIC)
-    n = shape_env.create_symintnode(sym, hint=N)
+    return shape_env, mode, sym, shape_env.create_symintnode(sym, hint=N)
+
+
+def trace(N: int, D: int, varlen: bool, packed: bool = True):
+    shape_env, mode, sym, n = _symbolic_n(N)
     H, B = 4, 3
     graphs = []
 
@@ -126,10 +132,7 @@ def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None):
     codes = []
     restore = _capture_wrapper_code(codes)
     try:
-        shape_env = ShapeEnv()
-        mode = FakeTensorMode(shape_env=shape_env)
-        sym = shape_env.create_symbol(N, ConstantSource("N"), dynamic_dim=DimDynamic.DYNAMIC)
-        n = shape_env.create_symintnode(sym, hint=N)
+        _, mode, _, n = _symbolic_n(N)
         B, H = 4, 16
         with mode:
             qkv = torch.empty(B, n, 3, H, D, dtype=torch.bfloat16, device="cuda")
@@ -182,10 +185,7 @@ def inductor_block_wrapper(N: int, width: int, heads: int):
     codes = []
     restore = _capture_wrapper_code(codes)
     try:
-        shape_env = ShapeEnv()
-        mode = FakeTensorMode(shape_env=shape_env)
-        sym = shape_env.create_symbol(N, ConstantSource("N"), dynamic_dim=DimDynamic.DYNAMIC)
-        n = shape_env.create_symintnode(sym, hint=N)
+        _, mode, _, n = _symbolic_n(N)
         blk = Block(width, heads)
         names = [name for name, _ in blk.named_parameters()]
         with mode:

@@ -357,14 +357,6 @@ def _fwd_key_block(q0, q1, k_base, v_base, start, cols, seqlen, skn, svn, m_i, l
 
 
 @triton.jit
-def _fwd_item(item, n_groups, NUM_M):
-    """The (head group, query block, sequence) of forward work item ``item``, head group fastest."""
-    hg = item % n_groups
-    rest = item // n_groups
-    return hg, rest % NUM_M, (rest // NUM_M).to(tl.int64)
-
-
-@triton.jit
 def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
               HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -416,6 +408,28 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
 
 
 @triton.jit
+def _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M, scale_log2,
+              HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, VARLEN: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+    """Work item ``item`` of the forward: (head group, query block, sequence), head group fastest.
+    SKIP_EMPTY: a query block past its sequence's end (packed sequences shorter than the longest)
+    does nothing; without it (the persistent loop, whose body must stay free of branches for the
+    pipeliner) its rows are masked."""
+    n_groups = H // HEADS
+    hg = item % n_groups
+    rest = item // n_groups
+    mb = rest % NUM_M
+    b = (rest // NUM_M).to(tl.int64)
+    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
+                                              b, NT, H, VARLEN)
+    if (not SKIP_EMPTY) or mb * BLOCK_M < seqlen:
+        _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
+                  sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
+                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -437,29 +451,17 @@ def _attn_fwd_kernel(
     """
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
-    n_groups = H // HEADS
     if PERSISTENT:
         # The short sequences make each item a few µs of dependent loads and math; one item per
         # program leaves that latency exposed. Here the item loop is the kernel's only loop (with
         # ONE_TILE), so Triton's pipeliner issues the next items' Q, K, V loads (num_stages) while
-        # this one computes. Items past a sequence's end (packed mode) are fully masked.
-        for item in tl.range(tl.program_id(0), n_groups * NUM_M * NB, tl.num_programs(0)):
-            hg, mb, b = _fwd_item(item, n_groups, NUM_M)
-            start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
-                                                      tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
-            _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
-                      sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
-                      HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+        # this one computes.
+        for item in tl.range(tl.program_id(0), (H // HEADS) * NUM_M * NB, tl.num_programs(0)):
+            _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M,
+                      scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, PREC, UPCAST, False)
     else:
-        # stage 0: which (head group, query block, sequence) this program owns; head group fastest.
-        hg, mb, b = _fwd_item(tl.program_id(0), n_groups, NUM_M)
-        start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
-                                                  tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
-        if mb * BLOCK_M >= seqlen:
-            return
-        _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
-                  sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
-                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+        _fwd_item(tl.program_id(0), Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M,
+                  scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, PREC, UPCAST, True)
 
 
 @triton.jit
@@ -533,6 +535,21 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
 
 
 @triton.jit
+def _bwd_fused_item(item, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                    NT, H, scale, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+                    UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+    """Work item ``item`` of the fused backward: (head, sequence), head index fastest."""
+    h = item % H
+    b = (item // H).to(tl.int64)
+    start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
+                                              b, NT, H, VARLEN)
+    _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                    HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+
+
+@triton.jit
 def _attn_bwd_fused_kernel(
     Q, K, V, O, DO, DQ, DK, DV, LSE, CU,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
@@ -551,8 +568,7 @@ def _attn_bwd_fused_kernel(
     contiguous [rows, 3, H, HEAD_DIM] gradient of a packed QKV buffer); q/k/v strides arrive
     divided by ALIGN and the head dim is in chunks BD0 + BD1, as in the forward.
     """
-    # stage 0: with GRAD_GROUP = 3 DQ is the base of d(qkv) and dK, dV are its other slots; the
-    # (head, sequence) of an item, head index fastest.
+    # stage 0: with GRAD_GROUP = 3 DQ is the base of d(qkv) and dK, dV are its other slots.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     if GRAD_GROUP == 3:
@@ -560,22 +576,12 @@ def _attn_bwd_fused_kernel(
         DV = _grad_slot(DQ, 2, H, HEAD_DIM, GRAD_GROUP)
     if PERSISTENT:
         for item in tl.range(tl.program_id(0), H * NB, tl.num_programs(0)):
-            h = item % H
-            b = (item // H).to(tl.int64)
-            start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
-                                                      tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
-            _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
-                            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
-                            HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+            _bwd_fused_item(item, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+                            NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, PREC, UPCAST, GRAD_GROUP)
     else:
-        pid = tl.program_id(0)
-        h = pid % H
-        b = (pid // H).to(tl.int64)
-        start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
-                                                  tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
-        _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
-                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
-                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+        _bwd_fused_item(tl.program_id(0), Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb,
+                        svn, svh, NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, PREC, UPCAST,
+                        GRAD_GROUP)
 
 
 @triton.jit
