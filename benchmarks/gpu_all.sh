@@ -18,7 +18,8 @@
 #      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path. Attention per
 #      shape, split vs unsplit head dim, the one-pass backward candidates and the persistent forms
 #      (PERSIST: forward and one-pass backward, N <= 128; if one wins at N = 116, move it first in
-#      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs). The ViT-H step, in this
+#      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs; the e2e section
+#      already runs the fastest through results/attn/best_configs.json). The ViT-H step, in this
 #      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
 #      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
 #      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_triton
@@ -78,10 +79,14 @@ for s in $SECTIONS; do
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
+           [ -f "$RES/attn/best_configs.json" ] && export STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json
            section profile ${SEC_PROFILE:-420} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
-    e2e) section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
+    e2e) # the attention configs that the attn section measured fastest, when it ran first (compiled graphs
+         # cannot tune: without this they run the first candidate)
+         [ -f "$RES/attn/best_configs.json" ] && export STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json
+         section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \

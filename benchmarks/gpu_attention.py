@@ -31,7 +31,9 @@ at its share of ``--budget-s``):
 5. variants: every forward/backward candidate, graph-timed (kernel time), with and without the
    head-dim split where it applies (80 = 64 + 16; ``STOP_KERNELS_ATTN_SPLIT_D``), side by side at N = 116,
    150 and the encoder shapes, so the default order in ``_fwd_configs`` / ``_bwd_configs`` can be
-   fixed from one run.
+   fixed from one run. The fastest per shape is written to DIR/best_configs.json
+   (``stop_kernels.ops.attention.load_tuned_configs``; ``STOP_KERNELS_ATTN_CONFIGS=path`` makes a later
+   process, compiled graphs included, run them).
 6. ``--pytest``: tests/test_attention.py on CUDA, only with the time left in the budget.
 
 Writes DIR/gpu_attention.json and DIR/gpu_attention.md, and prints a short summary table last.
@@ -476,8 +478,27 @@ def _summary():
     return out
 
 
+def best_configs():
+    """The fastest config the variants sweep measured per (kind, N bucket, head dim, head-dim split),
+    keyed as the attention module's tuning cache (bf16, batched)."""
+    from stop_kernels.ops import attention as A
+    best = {}
+    for r in RESULTS["variants"]:
+        if "ms" not in r:
+            continue
+        N, D = r["shape"][2], r["shape"][3]
+        key = (r["kind"], A._pow2(N), D, torch.bfloat16, False, r["split_d"])
+        if key not in best or r["ms"] < best[key][0]:
+            best[key] = (r["ms"], r["config"])
+    return {key: cfg for key, (_, cfg) in best.items()}
+
+
 def write(out):
     os.makedirs(out, exist_ok=True)
+    best = best_configs()
+    if best:  # STOP_KERNELS_ATTN_CONFIGS=<out>/best_configs.json runs them (gpu_all.sh: the e2e section)
+        from stop_kernels.ops import attention as A
+        A.save_tuned_configs(os.path.join(out, "best_configs.json"), best)
     summary = _summary()
     RESULTS["summary"] = summary
     with open(os.path.join(out, "gpu_attention.json"), "w") as f:

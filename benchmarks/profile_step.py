@@ -213,6 +213,7 @@ def run_variants(args, json_name: str = "profile_step.json"):
             print(json.dumps(r), flush=True)
             with open(os.path.join(args.out, json_name), "w") as fh:
                 json.dump({"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
+                           "env": {k: v for k, v in os.environ.items() if k.startswith("STOP_KERNELS_")},
                            "results": results}, fh, indent=1)
     finally:
         D.shutdown(info)

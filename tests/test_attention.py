@@ -17,6 +17,8 @@ full product of head dims × N ∈ {1, 7, 64, 116, 150, 256, 257, 1000} × {fp16
 """
 import itertools
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -770,6 +772,61 @@ def test_launch_plans_cached_per_signature():
         pf = A._get_plan(q, k, v, None, 10, 16 ** -0.5)
         assert pf is not p and pf.fwd_kw["BLOCK_M"] == 16 and pf.fwd_kw["num_warps"] == 2
     assert A._get_plan(q, k, v, None, 10, 16 ** -0.5) is p
+
+
+def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
+    """save_tuned_configs / load_tuned_configs: the chosen configs survive a file round trip, a
+    loaded config replaces the first candidate for its key (eager plans and the traced path that
+    compiled graphs take, which cannot tune), and STOP_KERNELS_ATTN_CONFIGS loads a file at import."""
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    monkeypatch.setattr(A, "_PLANS", {})
+    fwd = dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1, HEADS=1)
+    bwd = dict(VARIANT="fused", BLOCK_N=16, num_warps=4, num_stages=2, PERSIST=1)
+    key = (16, 16, torch.float16, False, A.HEAD_DIM_SPLIT)
+    A._TUNE_CACHE.update({("fwd",) + key: fwd, ("bwd",) + key: bwd})
+    path = tmp_path / "configs.json"
+    assert A.save_tuned_configs(str(path)) == 2
+    A._TUNE_CACHE.clear()
+    assert A.load_tuned_configs(str(path)) == 2
+    assert A._TUNE_CACHE == {("fwd",) + key: fwd, ("bwd",) + key: bwd}
+    first = A._fwd_configs(16, 16)[0]
+    assert first != fwd
+    assert A._pick_config("fwd", key, A._fwd_configs(16, 16), None, True, traced=True) == (fwd, True)
+    torch.manual_seed(21)
+    q, k, v, _ = _qkv(1, 13, 2, 16, torch.float16)
+    p = A._get_plan(q, k, v, None, 13, 16 ** -0.5)
+    assert p.fwd_kw["BLOCK_M"] == 16 and p.fwd_kw["num_warps"] == 2
+    _check(q, k, v, None, torch.float16)
+    env = dict(os.environ, STOP_KERNELS_ATTN_CONFIGS=str(path))
+    code = "import stop_kernels.ops.attention as A; print(len(A._TUNE_CACHE))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{", "not JSON"),
+    ('{"kind": "fwd"}', "a list of entries"),
+    ('[{"kind": "fwd"}]', "entry 0: expected the keys"),
+    ('[{"kind": "fwd2", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+     '"config": {}}]', "kind must be"),
+    ('[{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "int8", "varlen": false, "split_d": true, '
+     '"config": {}}]', "dtype must be"),
+    ('[{"kind": "fwd", "bucket": true, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+     '"config": {}}]', "bucket must be"),
+    ('[{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": 0, "split_d": true, '
+     '"config": {}}]', "varlen must be"),
+    ('[{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+     '"config": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}}]', "a fwd config needs"),
+    ('[{"kind": "bwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+     '"config": {"VARIANT": "both", "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}}]', "VARIANT must be"),
+])
+def test_tuned_configs_bad_files(monkeypatch, tmp_path, content, match):
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        A.load_tuned_configs(str(path))
+    assert A._TUNE_CACHE == {}  # nothing half-loaded
 
 
 def test_tuner_never_times_during_graph_capture(monkeypatch):

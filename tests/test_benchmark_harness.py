@@ -73,3 +73,26 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio_fast_mixed_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)
+
+
+def test_attention_sweep_writes_its_fastest_configs(tmp_path, monkeypatch):
+    """gpu_attention.py's variants sweep → best_configs.json: the fastest measured config per
+    (kind, N bucket, head dim, split), loadable by the attention module, so the e2e section of the
+    same GPU session runs them inside compiled graphs (STOP_KERNELS_ATTN_CONFIGS)."""
+    import gpu_attention as G
+    fast = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1, PERSIST=1)
+    slow = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1)
+    bwd = dict(VARIANT="fused", BLOCK_N=16, num_warps=4, num_stages=1)
+    rows = [dict(shape=[256, 16, 116, 24], kind="fwd", config=slow, split_d=True, ms=0.068),
+            dict(shape=[256, 16, 116, 24], kind="fwd", config=fast, split_d=True, ms=0.041),
+            dict(shape=[256, 16, 116, 24], kind="fwd", config=slow, split_d=True, error="OutOfResources"),
+            dict(shape=[256, 16, 116, 24], kind="bwd", config=bwd, split_d=True, ms=0.2)]
+    monkeypatch.setitem(G.RESULTS, "variants", rows)
+    best = G.best_configs()
+    assert best == {("fwd", 128, 24, torch.bfloat16, False, True): fast,
+                    ("bwd", 128, 24, torch.bfloat16, False, True): bwd}
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    monkeypatch.setattr(A, "_PLANS", {})
+    path = str(tmp_path / "best_configs.json")
+    assert A.save_tuned_configs(path, best) == 2 and A._TUNE_CACHE == {}
+    assert A.load_tuned_configs(path) == 2 and A._TUNE_CACHE == best

@@ -60,8 +60,9 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   150, head dim 80 at N = 74 and 256). By default the first candidate is used (the runtime tuner
   picked poorly in that run); ``STOP_KERNELS_ATTN_TUNE=1`` times the candidates once per key on
   CUDA (CUDA-graph replays, ``STOP_KERNELS_ATTN_TUNE_GRAPH=0`` for ``do_bench``; never during graph
-  capture) and caches the pick in ``_TUNE_CACHE``, so a training run re-tunes only per bucket. The
-  interpreter always uses the first candidate.
+  capture) and caches the pick in ``_TUNE_CACHE``, so a training run re-tunes only per bucket. A
+  configs file (:func:`load_tuned_configs`, ``STOP_KERNELS_ATTN_CONFIGS``) fills that cache up front.
+  The interpreter always uses the first candidate (or a loaded config).
 
 Host cost per call (the kernels at the model's sizes take tens of µs, so Python matters):
 
@@ -92,7 +93,9 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
 Public API: :func:`attention`, :func:`attention_qkv`, :func:`dispatch_attention`,
 :func:`dispatch_attention_qkv`, :func:`set_attention_backend`,
 :func:`use_attention_backend`, :func:`get_attention_backend`, :func:`set_auto_policy` /
-:func:`get_auto_policy` (what "auto" picks, set from measurements), :func:`clear_caches`.
+:func:`get_auto_policy` (what "auto" picks, set from measurements), :func:`clear_caches`,
+:func:`save_tuned_configs` / :func:`load_tuned_configs` (kernel configs in a JSON file;
+``STOP_KERNELS_ATTN_CONFIGS=path`` loads one at import: how tuned configs reach compiled graphs).
 """
 from __future__ import annotations
 
@@ -112,7 +115,7 @@ from ..backends import on_device, triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
-           "parse_auto_policy", "clear_caches",
+           "parse_auto_policy", "clear_caches", "save_tuned_configs", "load_tuned_configs",
            "DEFAULT_AUTO_POLICY",
            "BACKENDS"]
 
@@ -966,6 +969,77 @@ def clear_caches() -> None:
     _PLANS.clear()
 
 
+# The configs of a kernel choice are plain ints/strings; these keys (and only these) may appear.
+_CONFIG_KEYS = {"fwd": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "HEADS", "PERSIST"},
+                "bwd": {"VARIANT", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "PERSIST"}}
+_CONFIG_REQUIRED = {"fwd": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"},
+                    "bwd": {"VARIANT", "BLOCK_N", "num_warps", "num_stages"}}
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def save_tuned_configs(path: str, configs: Optional[Dict[Tuple, Dict]] = None) -> int:
+    """Write the kernel configs chosen so far (the tuner's picks, or loaded ones), or ``configs``
+    (keyed as that cache: (kind, N bucket, head dim, dtype, packed, head-dim split)), to a JSON file
+    that :func:`load_tuned_configs` reads back; returns the number of entries. Written to a
+    temporary file and renamed, so a crash leaves the previous file whole."""
+    import json
+    configs = _TUNE_CACHE if configs is None else configs
+    entries = [dict(kind=kind, bucket=bucket, head_dim=D, dtype=str(dtype).replace("torch.", ""), varlen=varlen,
+                    split_d=split, config=dict(cfg))
+               for (kind, bucket, D, dtype, varlen, split), cfg in sorted(configs.items(), key=str)]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(entries, f, indent=1)
+    os.replace(tmp, path)
+    return len(entries)
+
+
+def load_tuned_configs(path: str) -> int:
+    """Use the kernel configs of a JSON file written by :func:`save_tuned_configs` (or by
+    ``benchmarks/gpu_attention.py``: the fastest config it measured per shape) instead of the first
+    candidate or the tuner, per (kind, N bucket, head dim, dtype, packed, head-dim split). This is
+    how tuned configs reach code under ``torch.compile``, where nothing can be timed: tune once
+    (``STOP_KERNELS_ATTN_TUNE=1`` in an eager run, then save), load in the training run
+    (``STOP_KERNELS_ATTN_CONFIGS=path``, read at import). Returns the number of entries; a
+    malformed entry raises ``ValueError`` naming it, before anything is used."""
+    import json
+    with open(path) as f:
+        try:
+            entries = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tuned configs {path}: not JSON ({e})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"tuned configs {path}: expected a list of entries, got {type(entries).__name__}")
+    loaded = {}
+    for i, e in enumerate(entries):
+        where = f"tuned configs {path}, entry {i}"
+        if not isinstance(e, dict) or set(e) != {"kind", "bucket", "head_dim", "dtype", "varlen", "split_d", "config"}:
+            raise ValueError(f"{where}: expected the keys kind, bucket, head_dim, dtype, varlen, split_d, config; "
+                             f"got {sorted(e) if isinstance(e, dict) else e!r}")
+        kind, cfg = e["kind"], e["config"]
+        if kind not in _CONFIG_KEYS:
+            raise ValueError(f"{where}: kind must be 'fwd' or 'bwd', got {kind!r}")
+        if e["dtype"] not in _DTYPE_NAMES:
+            raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {e['dtype']!r}")
+        for name in ("bucket", "head_dim"):
+            if not isinstance(e[name], int) or isinstance(e[name], bool) or e[name] < 1:
+                raise ValueError(f"{where}: {name} must be a positive integer, got {e[name]!r}")
+        for name in ("varlen", "split_d"):
+            if not isinstance(e[name], bool):
+                raise ValueError(f"{where}: {name} must be true or false, got {e[name]!r}")
+        if (not isinstance(cfg, dict) or not _CONFIG_REQUIRED[kind] <= set(cfg) <= _CONFIG_KEYS[kind]
+                or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in cfg.values())):
+            raise ValueError(f"{where}: a {kind} config needs {sorted(_CONFIG_REQUIRED[kind])} and may add "
+                             f"{sorted(_CONFIG_KEYS[kind] - _CONFIG_REQUIRED[kind])} (integers; VARIANT a "
+                             f"string), got {cfg!r}")
+        if kind == "bwd" and cfg["VARIANT"] not in ("fused", "split"):
+            raise ValueError(f"{where}: VARIANT must be 'fused' or 'split', got {cfg['VARIANT']!r}")
+        loaded[(kind, e["bucket"], e["head_dim"], _DTYPE_NAMES[e["dtype"]], e["varlen"], e["split_d"])] = dict(cfg)
+    _TUNE_CACHE.update(loaded)
+    _PLANS.clear()  # plans snapshot their configs
+    return len(loaded)
+
+
 def _plan_key(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple:
     # k, v have q's shape, dtype and device (checked by attention()); the device does not change
     # a plan (launches go to the current device, which attention() makes q's). Packed: the number of
@@ -1712,6 +1786,8 @@ def use_auto_policy(overrides: Optional[Dict] = None) -> Iterator[None]:
 
 if "STOP_KERNELS_ATTN_AUTO" in os.environ:
     set_auto_policy(parse_auto_policy(os.environ["STOP_KERNELS_ATTN_AUTO"]))
+if os.environ.get("STOP_KERNELS_ATTN_CONFIGS"):
+    load_tuned_configs(os.environ["STOP_KERNELS_ATTN_CONFIGS"])
 
 
 def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None) -> str:
