@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     if args.profile_steps:  # where each path's GPU and host time goes
         profile_step.print_report(gpu, args, results)
     with open(os.path.join(args.out, "e2e_step.json"), "w") as fh:
-        json.dump({"command": " ".join(sys.argv), "gpu": gpu, "results": results, "ratio": ratio}, fh, indent=1)
+        json.dump({**profile_step.run_header(gpu), "results": results, "ratio": ratio}, fh, indent=1)
     print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB |  ({gpu}, {args.model}, batch "
           f"{args.batch_size}, compile={not args.no_compile})")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -58,6 +58,11 @@ section() {  # section NAME LIMIT COMMAND...
   echo "$name: rc=$rc, $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
 }
 
+attn_configs() {  # for one command: the attention configs the attn section measured fastest, if it ran
+  # (compiled graphs cannot tune: without them they run the first candidate)
+  [ -f "$RES/attn/best_configs.json" ] && echo "STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json"
+}
+
 for s in $SECTIONS; do
   case $s in
     env) section env ${SEC_ENV:-20} bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
@@ -79,14 +84,10 @@ for s in $SECTIONS; do
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
-           [ -f "$RES/attn/best_configs.json" ] && export STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json
-           section profile ${SEC_PROFILE:-420} python benchmarks/profile_step.py --model vit_h --batch-size 64 \
+           section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
-    e2e) # the attention configs that the attn section measured fastest, when it ran first (compiled graphs
-         # cannot tune: without this they run the first candidate)
-         [ -f "$RES/attn/best_configs.json" ] && export STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json
-         section e2e ${SEC_E2E:-300} python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
+    e2e) section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \

@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_header(gpu: str) -> dict:
+    """What a results JSON of these scripts starts with: the command, the GPU, torch's version and the
+    ``STOP_KERNELS_*`` environment (the attention configs file, policy overrides ...)."""
+    return {"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
+            "env": {k: v for k, v in os.environ.items() if k.startswith("STOP_KERNELS_")}}
+
+
 def run_variants(args, json_name: str = "profile_step.json"):
     """Run every variant of ``args.variants`` in this process; returns (device name, results), also
     written to ``<out>/<json_name>`` after each variant."""
@@ -212,9 +219,7 @@ def run_variants(args, json_name: str = "profile_step.json"):
             results.append(r)
             print(json.dumps(r), flush=True)
             with open(os.path.join(args.out, json_name), "w") as fh:
-                json.dump({"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
-                           "env": {k: v for k, v in os.environ.items() if k.startswith("STOP_KERNELS_")},
-                           "results": results}, fh, indent=1)
+                json.dump({**run_header(gpu), "results": results}, fh, indent=1)
     finally:
         D.shutdown(info)
     return gpu, results

@@ -819,7 +819,20 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
      '"config": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2}}]', "a fwd config needs"),
     ('[{"kind": "bwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
      '"config": {"VARIANT": "both", "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}}]', "VARIANT must be"),
-])
+    ('[{"kind": "fwd", "bucket": 116, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+     '"config": {}}]', "bucket must be next_pow2"),
+    ('[{"kind": "fwd", "bucket": 128, "head_dim": 20, "dtype": "float16", "varlen": false, "split_d": true, '
+     '"config": {}}]', "head_dim must be a multiple of 8"),
+] + [(f'[{{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+      f'"config": {{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1, {bad}}}}}]', match)
+     for bad, match in [('"PERSIST": -1', "PERSIST must be"), ('"HEADS": 0', "HEADS must be"),
+                        ('"HEADS": -1', "HEADS must be")]]
+   + [(f'[{{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+       f'"config": {cfg}}}]', match)
+      for cfg, match in [('{"BLOCK_M": "16", "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}', "BLOCK_M must be"),
+                         ('{"BLOCK_M": 16, "BLOCK_N": 24, "num_warps": 2, "num_stages": 1}', "BLOCK_N must be"),
+                         ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 3, "num_stages": 1}', "num_warps must be"),
+                         ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 0}', "num_stages must be")]])
 def test_tuned_configs_bad_files(monkeypatch, tmp_path, content, match):
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     path = tmp_path / "bad.json"

@@ -63,7 +63,9 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
                         "--mask-batches", "1", "--no-compile", "--paths", ",".join(e2e_step.PATHS), "--profile-steps", "1",
                         "--extra", TINY_EXTRA, "--out", str(out)])
     assert rc in (0, None)
-    res = json.loads((out / "e2e_step.json").read_text())["results"]
+    data = json.loads((out / "e2e_step.json").read_text())
+    assert data["torch"] == torch.__version__ and isinstance(data["env"], dict)  # run_header: what ran
+    res = data["results"]
     assert [r["name"] for r in res] == list(e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
     assert not errors

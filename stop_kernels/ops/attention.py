@@ -253,11 +253,12 @@ def _load_do_delta(DO, O, row_off, row_ok, HEAD_DIM: tl.constexpr, BD0: tl.const
 def _seq_bounds(cu_lo, cu_hi, b, NT, H, VARLEN: tl.constexpr):
     """Sequence ``b``: (start, seqlen, orow0, lbase).
 
-    cu_lo, cu_hi: ``cu_seqlens[b]``, ``cu_seqlens[b + 1]`` when VARLEN (unused otherwise). The
-    kernels load them in their own body (``tl.load(CU + b) if VARLEN else b``), never in a helper:
+    cu_lo, cu_hi: ``cu_seqlens[b]``, ``cu_seqlens[b + 1]`` when VARLEN (unused otherwise), loaded
+    by the caller (``tl.load(CU + b) if VARLEN else b``) and passed as values, never the pointer:
     torch's kernel analysis (``wrap_triton``, Inductor) counts every pointer handed to a helper whose
-    results address a store as written, and would then copy cu_seqlens (or the dummy q) around
-    each launch of a compiled graph.
+    *results* address a store as written, and would then copy cu_seqlens (or the dummy q) around
+    each launch of a compiled graph. (Loading CU inside a helper that returns nothing, as
+    ``_fwd_item`` does, is fine: tests/test_attention_inductor_trace.py checks it.)
     start: first row of the sequence in q/k/v's token axis (0 when batched: the batch stride does it);
     seqlen: its length; orow0: its first row in the contiguous outputs O/dO/dQ/dK/dV (rows of
     H·HEAD_DIM elements: b·N batched, start packed); lbase: its offset in LSE ([B, H, N] batched:
@@ -964,7 +965,7 @@ class _BwdPlan:
 
 
 def clear_caches() -> None:
-    """Forget tuned configs and launch plans (the next call per key re-tunes)."""
+    """Forget tuned (and loaded) configs and launch plans (the next call per key re-tunes)."""
     _TUNE_CACHE.clear()
     _PLANS.clear()
 
@@ -975,6 +976,30 @@ _CONFIG_KEYS = {"fwd": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "HEADS"
 _CONFIG_REQUIRED = {"fwd": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"},
                     "bwd": {"VARIANT", "BLOCK_N", "num_warps", "num_stages"}}
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pow2(v, lo: int = 1) -> bool:
+    return _is_int(v) and v >= lo and v & (v - 1) == 0
+
+
+def _config_value_problem(name: str, v) -> str:
+    """What a config value must be, '' when ``v`` is fine (the kernels' tiles are powers of two, a dot
+    needs at least 16 rows and columns, a persistent grid SMs × PERSIST programs)."""
+    if name == "VARIANT":
+        return "" if v in ("fused", "split") else "'fused' or 'split'"
+    if name in ("BLOCK_M", "BLOCK_N"):
+        return "" if _is_pow2(v, 16) else "a power of two >= 16"
+    if name == "num_warps":
+        return "" if _is_pow2(v) and v <= 32 else "a power of two in [1, 32]"
+    if name in ("num_stages", "HEADS"):
+        return "" if _is_int(v) and v >= 1 else "an integer >= 1"
+    if name == "PERSIST":
+        return "" if _is_int(v) and v >= 0 else "an integer >= 0 (programs per SM; 0: one per work item)"
+    return "a known key"
 
 
 def save_tuned_configs(path: str, configs: Optional[Dict[Tuple, Dict]] = None) -> int:
@@ -1001,7 +1026,10 @@ def load_tuned_configs(path: str) -> int:
     how tuned configs reach code under ``torch.compile``, where nothing can be timed: tune once
     (``STOP_KERNELS_ATTN_TUNE=1`` in an eager run, then save), load in the training run
     (``STOP_KERNELS_ATTN_CONFIGS=path``, read at import). Returns the number of entries; a
-    malformed entry raises ``ValueError`` naming it, before anything is used."""
+    malformed entry (unknown keys, a bucket that is not a power of two, tiles that are not, ...)
+    raises ``ValueError`` naming it, before anything is used. A well-formed config is then used as
+    it is, with no fallback: one that does not fit this GPU (shared memory, registers) fails at its
+    first launch, so load a file made on the same kind of GPU."""
     import json
     with open(path) as f:
         try:
@@ -1021,19 +1049,20 @@ def load_tuned_configs(path: str) -> int:
             raise ValueError(f"{where}: kind must be 'fwd' or 'bwd', got {kind!r}")
         if e["dtype"] not in _DTYPE_NAMES:
             raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {e['dtype']!r}")
-        for name in ("bucket", "head_dim"):
-            if not isinstance(e[name], int) or isinstance(e[name], bool) or e[name] < 1:
-                raise ValueError(f"{where}: {name} must be a positive integer, got {e[name]!r}")
+        if not _is_pow2(e["bucket"], 16):
+            raise ValueError(f"{where}: bucket must be next_pow2(N), a power of two >= 16, got {e['bucket']!r}")
+        if not _is_int(e["head_dim"]) or not 8 <= e["head_dim"] <= MAX_HEAD_DIM or e["head_dim"] % 8:
+            raise ValueError(f"{where}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {e['head_dim']!r}")
         for name in ("varlen", "split_d"):
             if not isinstance(e[name], bool):
                 raise ValueError(f"{where}: {name} must be true or false, got {e[name]!r}")
-        if (not isinstance(cfg, dict) or not _CONFIG_REQUIRED[kind] <= set(cfg) <= _CONFIG_KEYS[kind]
-                or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in cfg.values())):
+        if not isinstance(cfg, dict) or not _CONFIG_REQUIRED[kind] <= set(cfg) <= _CONFIG_KEYS[kind]:
             raise ValueError(f"{where}: a {kind} config needs {sorted(_CONFIG_REQUIRED[kind])} and may add "
-                             f"{sorted(_CONFIG_KEYS[kind] - _CONFIG_REQUIRED[kind])} (integers; VARIANT a "
-                             f"string), got {cfg!r}")
-        if kind == "bwd" and cfg["VARIANT"] not in ("fused", "split"):
-            raise ValueError(f"{where}: VARIANT must be 'fused' or 'split', got {cfg['VARIANT']!r}")
+                             f"{sorted(_CONFIG_KEYS[kind] - _CONFIG_REQUIRED[kind])}, got {cfg!r}")
+        for name, v in cfg.items():
+            why = _config_value_problem(name, v)
+            if why:
+                raise ValueError(f"{where}: config {name} must be {why}, got {v!r}")
         loaded[(kind, e["bucket"], e["head_dim"], _DTYPE_NAMES[e["dtype"]], e["varlen"], e["split_d"])] = dict(cfg)
     _TUNE_CACHE.update(loaded)
     _PLANS.clear()  # plans snapshot their configs
