@@ -210,6 +210,9 @@ def test_persistent_forward(N, fwd):
         _check(q, k, v, None, torch.bfloat16)
 
 
+# the empty sequence's items compute −inf − (−inf) in rows they never store (the persistent loop has no
+# branch to skip them, by design); the interpreter's numpy reports that arithmetic
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_persistent_forward_packed():
     """Packed sequences (one of them empty, several shorter than a query block): the items past a
     sequence's end are masked, never stored."""
