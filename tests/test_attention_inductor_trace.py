@@ -118,6 +118,8 @@ def test_inductor_host_code_is_just_the_launches(inductor_code, case, fwd, bwd):
         m = re.search(r"(\w+) = arg\d+_1(?:\.size\(\)|_size)\[1\]", code)
         assert m, code
         assert all(m.group(1) in line for line in code.splitlines() if ".run(" in line), code
+        if case.endswith("_persistent"):  # a constant grid: the pretended H100's 132 SMs x PERSIST 1
+            assert all(", 132, 1, 1, stream=" in line for line in code.splitlines() if ".run(" in line), code
 
 
 def _top_level_args(call: str):
