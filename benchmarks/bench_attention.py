@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import sdpa_fn  # noqa: E402
+from _gpu_common import card_limits, sdpa_fn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="attention benchmarks need a CUDA GPU (Triton kernels vs cuDNN/flash SDPA)")
@@ -117,7 +117,10 @@ def test_attention_speed(benchmark, shape, impl, mode, launch):
     flops = 4.0 * B * H * N * N * D * (3.5 if mode == "fwdbwd" else 1.0)
     e = B * N * H * D * 2
     nbytes = 8 * e + B * H * N * 4 if mode == "fwdbwd" else 4 * e
-    benchmark.extra_info.update(gpu=torch.cuda.get_device_name(0), shape=list(shape), impl=impl, mode=mode,
+    gpu = torch.cuda.get_device_name(0)
+    peak_tflops, peak_tbps = card_limits(gpu)  # the card's measured matmul rate and copy bandwidth
+    benchmark.extra_info.update(gpu=gpu, shape=list(shape), impl=impl, mode=mode,
                                 launch=launch, ms_per_call=t * 1e3, reps_per_round=REPS,
-                                tflops=flops / t / 1e12, gbps=nbytes / t / 1e9,
-                                frac_of_707_tflops=flops / t / 707e12, frac_of_4_23_tbps=nbytes / t / 4.23e12)
+                                tflops=flops / t / 1e12, gbps=nbytes / t / 1e9, card_limits=[peak_tflops, peak_tbps],
+                                frac_of_card_tflops=flops / t / (peak_tflops * 1e12),
+                                frac_of_card_tbps=nbytes / t / (peak_tbps * 1e12))

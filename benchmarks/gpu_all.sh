@@ -37,7 +37,9 @@
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
 #   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
-#   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton.
+#   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
+#   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
+#   that the earlier session measured fastest (keep that file with the run's results).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 RES=$OUT/results
@@ -58,9 +60,11 @@ section() {  # section NAME LIMIT COMMAND...
   echo "$name: rc=$rc, $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
 }
 
-attn_configs() {  # for one command: the attention configs the attn section measured fastest, if it ran
-  # (compiled graphs cannot tune: without them they run the first candidate)
-  [ -f "$RES/attn/best_configs.json" ] && echo "STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json"
+attn_configs() {  # for one command: the attention configs file, ATTN_CONFIGS=<path> (e.g. a committed
+  # results/<card>-runN/attn/best_configs.json), else the one the attn section of this call wrote
+  # (compiled graphs cannot tune: without a file they run the first candidate)
+  if [ -n "${ATTN_CONFIGS:-}" ]; then echo "STOP_KERNELS_ATTN_CONFIGS=$ATTN_CONFIGS"
+  elif [ -f "$RES/attn/best_configs.json" ]; then echo "STOP_KERNELS_ATTN_CONFIGS=$RES/attn/best_configs.json"; fi
 }
 
 for s in $SECTIONS; do
@@ -87,7 +91,10 @@ for s in $SECTIONS; do
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
-    e2e) section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
+    e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
+         # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
+         section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
+           --budget-s $(( ${SEC_E2E:-300} - 70 )) \
            --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \

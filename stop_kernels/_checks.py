@@ -82,6 +82,21 @@ def dim_equals(name: str, t: torch.Tensor, dim: int, expected: int, why: str) ->
         raise ValueError(f"{name}: expected size {expected} at dim {dim} ({why}), got shape {tuple(t.shape)}")
 
 
+def read_json(path: str, what: str):
+    """The JSON value in file ``path``; a file that is not JSON raises ``ValueError`` naming ``what``."""
+    import json
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path} is not JSON ({e.msg} at line {e.lineno})") from None
+
+
+def is_int(v) -> bool:
+    """An int and not a bool (``True`` is an int in Python, never a size)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def non_negative(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")

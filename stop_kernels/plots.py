@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import _checks as chk
+
 CURVE_FIELDS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "images / s"))
 CURVES_SIZE = (1500, 450)
 SIMMAP_SIZE = (1200, 620)
@@ -286,11 +288,7 @@ def read_benchmarks(path: str) -> List[Dict[str, Any]]:
     """The ``benchmarks`` list of a pytest-benchmark JSON file (``--benchmark-json``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"bench: no such file: {path}")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"bench: {path} is not JSON ({e.msg} at line {e.lineno})") from None
+    data = chk.read_json(path, "bench")
     benches = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benches, list):
         raise ValueError(f"bench: {path} has no 'benchmarks' list; expected pytest-benchmark's --benchmark-json output")

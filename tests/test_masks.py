@@ -132,6 +132,23 @@ def test_unsatisfiable_min_keep_is_an_error_not_a_hang():
         c(batch(2, 32))
 
 
+
+def test_smallest_block_finds_narrow_pieces():
+    """224 px / patch 16, target scale (0.15, 0.4), aspect ratio (0.3, 1.0): the draws in about
+    [0.09379, 0.09388] give a 3x9 block between 3x10 ones, a piece narrower than 1/4096. The smallest
+    block (and so the min_keep check at construction) must see it; a fixed grid of draws did not."""
+    kw = dict(input_size=224, patch_size=16, seed=0, pred_mask_scale=(0.15, 0.4), aspect_ratio=(0.3, 1.0))
+    c = MultiBlockMaskCollator(min_keep=4, **kw)
+    assert c._block_size(0.09383, c.pred_mask_scale, c.aspect_ratio) == (3, 9)
+    assert c.smallest_block(c.pred_mask_scale, c.aspect_ratio) == (3, 9)
+    with pytest.raises(ValueError, match="3x9 = 27"):
+        MultiBlockMaskCollator(min_keep=28, **kw)
+    # and no draw anywhere is smaller than what it reports
+    h, w = c.smallest_block(c.pred_mask_scale, c.aspect_ratio)
+    assert all(a * b >= h * w for a, b in (c._block_size(i / 20000, c.pred_mask_scale, c.aspect_ratio)
+                                           for i in range(20001)))
+
+
 def test_every_drawn_block_keeps_more_than_min_keep():
     """The smallest block found at construction bounds every block the batches draw."""
     c = MultiBlockMaskCollator(input_size=64, patch_size=8, min_keep=8, seed=3, allow_overlap=True)

@@ -126,20 +126,25 @@ def test_first_step_after_a_checkpoint_is_untimed(tmp_path, cpu_train):
     assert all(r["images_per_s"] > 0 for r in recs if r["step"] in (1, 3))
 
 
-def test_an_earlier_runs_export_is_not_taken_for_this_runs(tmp_path, cpu_train, monkeypatch):
-    from safetensors import safe_open
+@pytest.mark.parametrize("steps_b", [3, 2])
+def test_an_earlier_runs_export_is_not_taken_for_this_runs(tmp_path, cpu_train, monkeypatch, steps_b):
+    """Run A exports; run B (fresh, in the same --out; as long as A, or longer) dies at its own export
+    and is resumed: the export is B's, and A's is kept under export.replaced-*."""
+    from safetensors.torch import load_file
     from stop_kernels.training import loop
-    loop.train(tiny(tmp_path, steps=2, export=True))                 # run A exports at step 2
+    loop.train(tiny(tmp_path, steps=2, export=True, lr=1e-3))         # run A exports at step 2
+    a = load_file(str(tmp_path / "export" / "encoder.safetensors"))
     real_export = loop.export
 
     def killed(*a, **k):
         raise KeyboardInterrupt("killed while exporting")
 
     monkeypatch.setattr(loop, "export", killed)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(tiny(tmp_path, steps=3, export=True))             # run B (fresh) dies at its export
+    with pytest.raises(KeyboardInterrupt):                          # run B (fresh, other lr) dies at its export
+        loop.train(tiny(tmp_path, steps=steps_b, export=True, lr=5e-3))
     monkeypatch.setattr(loop, "export", real_export)
-    loop.train(tiny(tmp_path, steps=3, export=True, resume=True))    # B resumes: "nothing to do" + export
-    for name in ("encoder", "target_encoder"):
-        with safe_open(str(tmp_path / "export" / f"{name}.safetensors"), "pt") as fh:
-            assert fh.metadata()["step"] == "3", name                 # B's weights, not A's
+    loop.train(tiny(tmp_path, steps=steps_b, export=True, lr=5e-3, resume=True))  # "nothing to do" + export
+    b = load_file(str(tmp_path / "export" / "encoder.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a), "the export is still run A's"
+    (kept,) = tmp_path.glob("export.replaced-*")
+    assert all(torch.equal(a[k], v) for k, v in load_file(str(kept / "encoder.safetensors")).items())

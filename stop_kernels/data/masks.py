@@ -125,11 +125,30 @@ class MultiBlockMaskCollator:
     def _sample_block_size(self, g: torch.Generator, scale, aspect_ratio_scale) -> Tuple[int, int]:
         return self._block_size(torch.rand(1, generator=g).item(), scale, aspect_ratio_scale)
 
-    def smallest_block(self, scale, aspect_ratio_scale, steps: int = 4096) -> Tuple[int, int]:
-        """The block of fewest patches that ``_block_size`` gives over a fine grid of draws in [0, 1]
-        (its size is piecewise constant in the draw, with pieces much wider than 1/steps)."""
-        sizes = (self._block_size(i / steps, scale, aspect_ratio_scale) for i in range(steps + 1))
-        return min(sizes, key=lambda hw: hw[0] * hw[1])
+    def smallest_block(self, scale, aspect_ratio_scale) -> Tuple[int, int]:
+        """The block of fewest patches that ``_block_size`` can give for a draw in [0, 1].
+
+        Its size is piecewise constant in the draw r and changes only where one of its three steps
+        does: ``int(H·W·s)`` (s linear in r) at s = k / (H·W); ``round(sqrt(k·ar))`` at
+        ar = (m + ½)² / k; ``round(sqrt(k / ar))`` at ar = k / (m + ½)² (ar linear in r). Evaluating at
+        every such draw and midway between neighbours visits every piece, however narrow (a fixed
+        grid of draws can miss one: a 3×9 piece 1e-4 wide between 3×10 pieces)."""
+        min_s, max_s = scale
+        min_ar, max_ar = aspect_ratio_scale
+        cells = self.height * self.width
+        points = {0.0, 1.0}
+
+        def at(x, lo, hi):  # the draw r at which lo + r·(hi − lo) == x
+            if hi != lo and 0.0 < (x - lo) / (hi - lo) < 1.0:
+                points.add((x - lo) / (hi - lo))
+        for k in range(int(cells * min(min_s, max_s)), int(cells * max(min_s, max_s)) + 1):
+            at(k / cells, min_s, max_s)
+            for m in range(max(self.height, self.width) + 1) if k > 0 else ():
+                at((m + 0.5) ** 2 / k, min_ar, max_ar)
+                at(k / (m + 0.5) ** 2, min_ar, max_ar)
+        pts = sorted(points)
+        draws = pts + [(a + b) / 2 for a, b in zip(pts, pts[1:])]
+        return min((self._block_size(r, scale, aspect_ratio_scale) for r in draws), key=lambda hw: hw[0] * hw[1])
 
     def _sample_block_mask(self, g: torch.Generator, b_size, acceptable_regions: Optional[List[torch.Tensor]] = None):
         h, w = b_size

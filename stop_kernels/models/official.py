@@ -15,6 +15,7 @@ from typing import Dict, Mapping, NamedTuple, Optional, Union
 
 import torch
 
+from .. import _checks as chk
 from .predictor import VisionTransformerPredictor
 from .vit import VIT_PRESETS, VisionTransformer, resolve_model_name
 
@@ -90,7 +91,7 @@ def check_sizes(sizes: "EncoderSizes", *, model: Optional[str] = None, num_heads
                              + (f" ({found})" if found else ""))
         heads = spec.num_heads
     if num_heads is not None:
-        if not isinstance(num_heads, int) or isinstance(num_heads, bool):
+        if not chk.is_int(num_heads):
             raise TypeError(f"{flag('num_heads')}: expected an integer, got {num_heads!r}")
         heads = num_heads
     if heads is None:

@@ -46,9 +46,9 @@ class VisionTransformerPredictor(nn.Module):
         self.noise_std = chk.non_negative("noise_std", noise_std)
         self.noise_mode = noise_mode
         check_transformer_sizes("predictor_embed_dim", predictor_embed_dim, depth, num_heads, mlp_ratio)
-        if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+        if not chk.is_int(embed_dim) or embed_dim < 1:
             raise ValueError(f"embed_dim: expected an integer >= 1, got {embed_dim!r}")
-        if not isinstance(num_patches, int) or isinstance(num_patches, bool) or num_patches < 1:
+        if not chk.is_int(num_patches) or num_patches < 1:
             raise ValueError(f"num_patches: expected a square integer >= 1, got {num_patches!r}")
         g = int(round(num_patches ** 0.5))
         if g * g != num_patches:

@@ -154,7 +154,7 @@ def check_transformer_sizes(width_name: str, width, depth, num_heads, mlp_ratio)
     """The size checks shared by the encoder and the predictor, each error naming its argument (depth
     0 is allowed: a model of its embeddings and tables only, as the similarity-map plots build)."""
     for name, v, lo in ((width_name, width, 1), ("depth", depth, 0), ("num_heads", num_heads, 1)):
-        if not isinstance(v, int) or isinstance(v, bool):
+        if not chk.is_int(v):
             raise TypeError(f"{name}: expected an integer, got {v!r}")
         if v < lo:
             raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")

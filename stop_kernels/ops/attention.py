@@ -412,25 +412,25 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
 
 
 @triton.jit
+def _fwd_decode(item, n_groups, NUM_M):
+    """Work item ``item`` of the forward: (head group, query block, sequence), head group fastest."""
+    return item % n_groups, (item // n_groups) % NUM_M, (item // n_groups // NUM_M).to(tl.int64)
+
+
+@triton.jit
 def _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M, scale_log2,
               HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, VARLEN: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, SKIP_EMPTY: tl.constexpr):
-    """Work item ``item`` of the forward: (head group, query block, sequence), head group fastest.
-    SKIP_EMPTY: a query block past its sequence's end (packed sequences shorter than the longest)
-    does nothing; without it (the persistent loop, whose body must stay free of branches for the
-    pipeliner) its rows are masked."""
-    n_groups = H // HEADS
-    hg = item % n_groups
-    rest = item // n_groups
-    mb = rest % NUM_M
-    b = (rest // NUM_M).to(tl.int64)
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One trip of the persistent loop: work item ``item``. A query block past its sequence's end
+    (packed sequences shorter than the longest) runs with every row masked: the loop body stays
+    free of branches, which the pipeliner needs."""
+    hg, mb, b = _fwd_decode(item, H // HEADS, NUM_M)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
-    if (not SKIP_EMPTY) or mb * BLOCK_M < seqlen:
-        _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
-                  sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
-                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+    _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
+              sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
+              HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
 
 
 @triton.jit
@@ -462,10 +462,19 @@ def _attn_fwd_kernel(
         # this one computes.
         for item in tl.range(tl.program_id(0), (H // HEADS) * NUM_M * NB, tl.num_programs(0)):
             _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M,
-                      scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, PREC, UPCAST, False)
+                      scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, PREC, UPCAST)
     else:
-        _fwd_item(tl.program_id(0), Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M,
-                  scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, PREC, UPCAST, True)
+        # stage 0: this program's item; a query block past its sequence's end returns at once (an
+        # early return: wrapping the rest in an `if` instead costs the N = 74, Dh 80 default 8
+        # registers and its second CTA per SM, ptxas sm_90a)
+        hg, mb, b = _fwd_decode(tl.program_id(0), H // HEADS, NUM_M)
+        start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
+                                                  tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
+        if mb * BLOCK_M >= seqlen:
+            return
+        _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
+                  sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
+                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
 
 
 @triton.jit
@@ -978,12 +987,8 @@ _CONFIG_REQUIRED = {"fwd": {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"},
 _DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_pow2(v, lo: int = 1) -> bool:
-    return _is_int(v) and v >= lo and v & (v - 1) == 0
+    return chk.is_int(v) and v >= lo and v & (v - 1) == 0
 
 
 def _config_value_problem(name: str, v) -> str:
@@ -996,9 +1001,9 @@ def _config_value_problem(name: str, v) -> str:
     if name == "num_warps":
         return "" if _is_pow2(v) and v <= 32 else "a power of two in [1, 32]"
     if name in ("num_stages", "HEADS"):
-        return "" if _is_int(v) and v >= 1 else "an integer >= 1"
+        return "" if chk.is_int(v) and v >= 1 else "an integer >= 1"
     if name == "PERSIST":
-        return "" if _is_int(v) and v >= 0 else "an integer >= 0 (programs per SM; 0: one per work item)"
+        return "" if chk.is_int(v) and v >= 0 else "an integer >= 0 (programs per SM; 0: one per work item)"
     return "a known key"
 
 
@@ -1007,15 +1012,12 @@ def save_tuned_configs(path: str, configs: Optional[Dict[Tuple, Dict]] = None) -
     (keyed as that cache: (kind, N bucket, head dim, dtype, packed, head-dim split)), to a JSON file
     that :func:`load_tuned_configs` reads back; returns the number of entries. Written to a
     temporary file and renamed, so a crash leaves the previous file whole."""
-    import json
+    from ..training.checkpoint import write_json_atomic
     configs = _TUNE_CACHE if configs is None else configs
     entries = [dict(kind=kind, bucket=bucket, head_dim=D, dtype=str(dtype).replace("torch.", ""), varlen=varlen,
                     split_d=split, config=dict(cfg))
                for (kind, bucket, D, dtype, varlen, split), cfg in sorted(configs.items(), key=str)]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(entries, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, entries)
     return len(entries)
 
 
@@ -1030,12 +1032,7 @@ def load_tuned_configs(path: str) -> int:
     raises ``ValueError`` naming it, before anything is used. A well-formed config is then used as
     it is, with no fallback: one that does not fit this GPU (shared memory, registers) fails at its
     first launch, so load a file made on the same kind of GPU."""
-    import json
-    with open(path) as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"tuned configs {path}: not JSON ({e})") from None
+    entries = chk.read_json(path, "tuned configs")
     if not isinstance(entries, list):
         raise ValueError(f"tuned configs {path}: expected a list of entries, got {type(entries).__name__}")
     loaded = {}
@@ -1051,7 +1048,7 @@ def load_tuned_configs(path: str) -> int:
             raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {e['dtype']!r}")
         if not _is_pow2(e["bucket"], 16):
             raise ValueError(f"{where}: bucket must be next_pow2(N), a power of two >= 16, got {e['bucket']!r}")
-        if not _is_int(e["head_dim"]) or not 8 <= e["head_dim"] <= MAX_HEAD_DIM or e["head_dim"] % 8:
+        if not chk.is_int(e["head_dim"]) or not 8 <= e["head_dim"] <= MAX_HEAD_DIM or e["head_dim"] % 8:
             raise ValueError(f"{where}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {e['head_dim']!r}")
         for name in ("varlen", "split_d"):
             if not isinstance(e[name], bool):

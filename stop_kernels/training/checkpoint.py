@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,7 +81,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
+    """``obj`` as JSON at ``path``: written to ``path.tmp``, flushed to disk, then renamed, so a crash
+    leaves either the previous file or the new one, never a torn one."""
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1)
@@ -124,6 +126,22 @@ def _quiet_single_process():
         yield
 
 
+def set_aside(path: str, info: DistInfo, only_if: Optional[Callable[[], bool]] = None) -> Optional[str]:
+    """Rename an earlier run's ``path`` (a folder or file) to ``<path>.replaced-<UTC time>[-n]`` on the
+    main rank, when it exists (and ``only_if()`` holds); return the new name on every rank (None when
+    nothing was moved). Nothing is deleted."""
+    moved = None
+    if info.is_main and os.path.exists(path) and (only_if is None or only_if()):
+        base = f"{path.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        n = 1
+        while os.path.exists(base + (f"-{n}" if n > 1 else "")):
+            n += 1
+        moved = base + (f"-{n}" if n > 1 else "")
+        os.rename(path, moved)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return broadcast_object(moved, info)
+
+
 class Checkpointer:
     """Save / find / load checkpoints of one run (see the module docstring)."""
 
@@ -157,7 +175,7 @@ class Checkpointer:
 
     def _finalize(self, tmp: str, final: str, meta: Dict[str, Any]) -> None:
         """Write meta.json last, then publish the folder by one atomic rename."""
-        _write_json_atomic(os.path.join(tmp, "meta.json"), meta)
+        write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         _fsync_dir(tmp)
         if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it; a crash
             # between the two renames leaves step_N.old, which list_checkpoints still finds
@@ -186,16 +204,7 @@ class Checkpointer:
         (None when there were none). Otherwise :meth:`prune` would keep the earlier run's higher step
         numbers and delete each checkpoint of this run right after writing it, and a later ``--resume``
         would continue the earlier run. Nothing is deleted."""
-        moved = None
-        if self.info.is_main and list_checkpoints(self.folder):
-            moved = f"{self.folder.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-            n = 1
-            while os.path.exists(moved + (f"-{n}" if n > 1 else "")):
-                n += 1
-            moved += f"-{n}" if n > 1 else ""
-            os.rename(self.folder, moved)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.folder)))
-        return broadcast_object(moved, self.info)
+        return set_aside(self.folder, self.info, only_if=lambda: bool(list_checkpoints(self.folder)))
 
     # ---- load ------------------------------------------------------------------------------
     def latest(self) -> Optional[str]:

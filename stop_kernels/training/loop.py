@@ -38,7 +38,7 @@ from ..models import predictor_for, vit_encoder
 from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
-from .checkpoint import Checkpointer, export_safetensors
+from .checkpoint import Checkpointer, export_safetensors, set_aside
 from .config import ConfigError, TrainConfig, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
@@ -312,6 +312,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         if moved:
             _print(f"{ckpt.folder} held the checkpoints of an earlier run (not resumed): moved to {moved}, so "
                    f"this run's checkpoints are its own; delete it when no longer needed", info, stream)
+        # an earlier run's export, too: a resume of this run after a kill during its own export would
+        # otherwise find files of the same step and keep them (export_complete compares steps only)
+        moved = set_aside(os.path.join(cfg.out, "export"), info) if cfg.export else None
+        if moved:
+            _print(f"{cfg.out}/export held an earlier run's export: moved to {moved}", info, stream)
 
     metrics = MetricsLogger(cfg, info.device, info.world_size, is_main=info.is_main, resume_step=start_step,
                             stream=stream)
