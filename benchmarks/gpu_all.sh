@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# One prepared GPU session: build, correctness on the GPU, benchmarks. Results land in $OUT/results
-# (one folder per section, kept even when a call is cut off: $OUT comes back whatever happens) and
-# $OUT/log.txt (the whole output); a short table is printed last.
+# One prepared GPU session: build, correctness on the GPU, benchmarks. Each section writes its files to
+# $WORK/results/<section>/ (WORK: GPU_WORK, default /tmp/stop_kernels_gpu_work, kept between calls on a
+# warm machine, so a later call finds an earlier one's attn/best_configs.json); after every section the
+# folder's contents are packed into $OUT/results.tar.gz, written atomically, so a call cut off at its limit still
+# brings back every finished section. The device tool returns at most 8 files from $OUT, hence one
+# archive and not the tree: $OUT holds results.tar.gz, log.txt (the whole output) and summary.txt.
+# A short table is printed last. Unpack with
+#   tar xzf <files_at>/results.tar.gz -C benchmarks/results/<card>-runN/
 #
 #   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile e2e bench
 #                                                 (default: all of them, in that order)
@@ -42,7 +47,8 @@
 #   that the earlier session measured fastest (keep that file with the run's results).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
-RES=$OUT/results
+WORK=${GPU_WORK:-/tmp/stop_kernels_gpu_work}
+RES=$WORK/results
 mkdir -p "$OUT" "$RES"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -51,6 +57,13 @@ SECTIONS=${*:-env build tests-new tests stop attn cuda train e2e bench}
 SUMMARY=$RES/summary.txt
 : > "$SUMMARY"
 
+pack() {  # every result so far -> $OUT/results.tar.gz (renamed into place: never half-written); the
+  # training runs' checkpoints and exports stay behind (hundreds of MB; a returned file is at most 16 MiB)
+  tar czf "$OUT/.results.tar.gz.tmp" -C "$RES" --exclude=checkpoints --exclude=export --exclude='*.safetensors' \
+      . && mv -f "$OUT/.results.tar.gz.tmp" "$OUT/results.tar.gz"
+  cp -f "$SUMMARY" "$OUT/summary.txt"
+}
+
 section() {  # section NAME LIMIT COMMAND...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
@@ -58,6 +71,7 @@ section() {  # section NAME LIMIT COMMAND...
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RES/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "$name: rc=$rc, $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
+  pack
 }
 
 attn_configs() {  # for one command: the attention configs file, ATTN_CONFIGS=<path> (e.g. a committed
@@ -70,7 +84,8 @@ attn_configs() {  # for one command: the attention configs file, ATTN_CONFIGS=<p
 for s in $SECTIONS; do
   case $s in
     env) section env ${SEC_ENV:-20} bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
-         python -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())"' ;;
+         python -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__,
+           torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")"' ;;
     build) section build ${SEC_BUILD:-240} bash -c '[ -d /usr/local/cuda/include ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda};
            MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
            python -c "import stop_kernels; print(stop_kernels.backends())"' ;;
@@ -99,9 +114,10 @@ for s in $SECTIONS; do
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
-    *) echo "unknown section $s" ;;
+    *) echo "unknown section $s" | tee -a "$SUMMARY" ;;
   esac
 done
+pack
 echo "=================== summary"
 cat "$SUMMARY"
-for f in "$RES"/*/*.md; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done
+for f in "$RES"/*/*.md; do if [ -f "$f" ]; then echo "--- $f"; cat "$f"; fi; done

@@ -101,3 +101,28 @@ def test_attention_sweep_writes_its_fastest_configs(tmp_path, monkeypatch):
     path = str(tmp_path / "best_configs.json")
     assert A.save_tuned_configs(path, best) == 2 and A._TUNE_CACHE == {}
     assert A.load_tuned_configs(path) == 2 and A._TUNE_CACHE == best
+
+
+def test_gpu_script_returns_its_results_within_the_device_tools_limits(tmp_path):
+    # the device tool brings back at most 8 files from $OUT, at most 2 folders down: gpu_all.sh packs
+    # every section's files into one archive after each section, so a call cut off still returns them.
+    # Section "env" fails here (no nvidia-smi / GPU) but still leaves its log; "nope" is unknown.
+    import os
+    import subprocess
+    import tarfile
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "SEC_ENV": "60",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "env", "nope"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["log.txt", "results.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert "env: rc=" in summary and "unknown section nope" in summary
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = {os.path.normpath(n) for n in tar.getnames()}
+        log = tar.extractfile("./env.log").read().decode()
+    assert {"summary.txt", "env.log"} <= names
+    assert f"{sys.version.split()[0]} {torch.__version__}" in log  # its python line ran and was captured
+    assert "=================== summary" in (out / "log.txt").read_text()
