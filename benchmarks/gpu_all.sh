@@ -24,7 +24,7 @@
 #      shape, split vs unsplit head dim, the one-pass backward candidates and the persistent forms
 #      (PERSIST: forward and one-pass backward, N <= 128; if one wins at N = 116, move it first in
 #      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs; the e2e section
-#      already runs the fastest through results/attn/best_configs.json). The ViT-H step, in this
+#      already runs the fastest through $RES/attn/best_configs.json). The ViT-H step, in this
 #      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
 #      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
 #      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_triton

@@ -1,6 +1,5 @@
 """Argument checks shared by the ops: strided bias, layout and cu_seqlens checks of every attention backend, dtype
 checks of the explicit-noise assembly, mixed dtypes on the reference path, unused arguments still checked."""
-import os
 
 import pytest
 import torch
