@@ -15,7 +15,9 @@
 #
 # What is unmeasured since GPU run 3, sized to a 15-minute device budget: one machine start (≈ 90 s)
 # and two calls, the second sent at once after the first (a warm machine is given back after 30 s
-# idle): 90 + 540 + 210 = 840 s, 60 s to spare.
+# idle): 90 + 540 + 210 = 840 s, 60 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
+# ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
+# side-by-side ratios; say which card in the results README).
 #   1. (timeout_s 540) SEC_STOP=120 BUDGET_STOP=100 SEC_ATTN=120 BUDGET_ATTN=100 SEC_E2E=270 \
 #        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 120 + 120 + 270)
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
