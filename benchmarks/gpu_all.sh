@@ -43,7 +43,8 @@
 #      wins forward+backward.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
 #   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
-#   second stream), mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
+#   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
+#   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
 #   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
 #   that the earlier session measured fastest (keep that file with the run's results).
@@ -96,7 +97,7 @@ for s in $SECTIONS; do
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
            tests/test_philox.py tests/test_attention.py tests/test_training_speed.py tests/test_fast_path_loss_curve.py \
-           -k "twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference" ;;
+           -k "twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or combo" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
@@ -106,7 +107,7 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table

@@ -14,7 +14,8 @@ and host ops.
 A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; auto = none on one
 GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
 auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
-default|max-autotune-no-cudagraphs), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
+default|max-autotune-no-cudagraphs), ``combo`` (0|1: Inductor's horizontal fusion of small kernels in
+the compiled blocks, ``combo_kernels``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
 ``overlap_target``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
 e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
@@ -67,7 +68,7 @@ def _annotation(name: str) -> bool:
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
-         "mode": "default", "overlap": "0", "policy": ""}
+         "mode": "default", "combo": "0", "overlap": "0", "policy": ""}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -90,6 +91,7 @@ def variant_argv(v: dict, model: str, batch_size: int, out: str) -> list:
     return (["--model", model, "--batch-size", str(batch_size), "--sharding", v["sharding"],
              "--attention", v["attention"], "--attention-policy", v["policy"], "--compile-mode", v["mode"],
              "--compile", "true" if v["compile"] == "1" else "false", "--out", out]
+            + (["--combo-kernels"] if v["combo"] == "1" else [])
             + (["--cuda-graph-target"] if v["graph"] == "1" else [])
             + (["--overlap-target"] if v["overlap"] == "1" else []))
 

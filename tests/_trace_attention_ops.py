@@ -171,13 +171,15 @@ def _capture_wrapper_code(codes):
     return lambda: setattr(ind_graph.GraphLowering, "compile_to_module", real)
 
 
-def inductor_block_wrapper(N: int, width: int, heads: int):
+def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool = False):
     """Inductor's host code for the forward of a whole compiled transformer block
     (``stop_kernels.models.vit.Block``: LayerNorm, QKV Linear, attention, projection, MLP) under bf16
     autocast with the Triton attention forced, a symbolic N: what a compiled block of the training
     step launches around the attention kernel. Forward only: tracing the backward runs the autograd
-    engine, which needs a CUDA context (the attention backward ops alone: :func:`inductor_wrapper`)."""
+    engine, which needs a CUDA context (the attention backward ops alone: :func:`inductor_wrapper`).
+    ``combo_kernels``: with Inductor's horizontal fusion (config key ``combo_kernels``)."""
     import stop_kernels
+    import torch._inductor.config as inductor_config
     from stop_kernels.models.vit import Block
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.decomposition import select_decomp_table
@@ -202,7 +204,7 @@ def inductor_block_wrapper(N: int, width: int, heads: int):
             with autocast, stop_kernels.use_attention_backend("triton"):
                 return (torch.func.functional_call(blk, dict(zip(names, ps)), (x,)),)
         try:
-            with mode:
+            with mode, inductor_config.patch(combo_kernels=combo_kernels):
                 aot_function(fn, fw_compiler=compile_fx_inner, decompositions=select_decomp_table(),
                              dynamic=True)(x, *params)
         except _Stop:
@@ -226,6 +228,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
             dict(VARIANT="fused", BLOCK_N=128, num_warps=8, num_stages=2, PERSIST=1))
         # the predictor's block (width 384, 16 heads of 24) and ViT-H's (1280, 16 heads of 80)
         res.update({f"block_N{N}_W{W}": {"fwd": inductor_block_wrapper(N, W, 16)} for N, W in [(116, 384), (74, 1280)]})
+        res["block_N116_W384_combo"] = {"fwd": inductor_block_wrapper(116, 384, 16, combo_kernels=True)}
         print(json.dumps(res))
     sys.exit(0)
 

@@ -29,9 +29,10 @@ def _cfg(spec: str, model: str = "vit_h"):
 def test_variant_keys_reach_the_config():
     # compile=0 must mean eager even where the recipe (vit_h) turns compile on
     _, cfg = _cfg("a:compile=0")
-    assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == ""
-    v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+mode=max-autotune-no-cudagraphs")
-    assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target
+    assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == "" and not cfg.combo_kernels
+    v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1"
+                  "+mode=max-autotune-no-cudagraphs")
+    assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
     assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
     assert cfg.attention == "sdpa"

@@ -240,3 +240,28 @@ def test_packed_training_keeps_every_patch(tmp_path, cpu_train):
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     # token counts are means over images of ragged masks: with truncation they would all be whole numbers
     assert any(r["ctx_tokens"] != int(r["ctx_tokens"]) or r["tgt_tokens"] != int(r["tgt_tokens"]) for r in recs)
+
+
+def test_readme_lists_every_config_key_with_its_default():
+    """The README's configuration table is the users' reference: one row per TrainConfig field, with the
+    field's default (numbers compared as numbers, pairs written `a,b`)."""
+    import dataclasses
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", readme, re.M))
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert sorted(rows) == sorted(fields), set(rows) ^ set(fields)
+    cfg = TrainConfig()
+    for name in fields:
+        want, doc = getattr(cfg, name), rows[name].strip()
+        m = re.fullmatch(r"`(.*)`", doc)
+        assert m, (name, doc)
+        doc = m.group(1)
+        if isinstance(want, bool):
+            assert doc == str(want).lower(), (name, doc)
+        elif isinstance(want, (int, float)):
+            assert float(doc) == want, (name, doc)
+        elif isinstance(want, (tuple, list)):
+            assert [float(x) for x in doc.split(",")] == list(want), (name, doc)
+        else:
+            assert doc == (want if want != "" else '""'), (name, doc)

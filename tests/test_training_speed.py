@@ -2,6 +2,7 @@
 range-checked on the host (the step itself never synchronises on index checks), the ``attention``
 config key reaches the models, the benchmark times the steady state (every mask batch seen in the
 warm-up), the paper recipes compile their blocks, and the EMA as one lerp keeps its definition."""
+import contextlib
 import json
 
 import pytest
@@ -115,6 +116,50 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert seen and all(kw["mode"] is None for kw in seen)  # torch's default
     with pytest.raises(ConfigError, match="^compile_mode: expected one of"):
         parse_config(["--compile-mode", "fast"])
+    # combo_kernels: torch.compile takes a mode or options, so the mode travels as its options
+    for mode, want in (("default", {"combo_kernels": True}),
+                       ("max-autotune-no-cudagraphs", {"combo_kernels": True, "max_autotune": True})):
+        seen.clear()
+        cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", mode, "--combo-kernels"])
+        par.parallelize(build_models(cfg), cfg, None, "fp32")
+        assert seen and all("mode" not in kw and want.items() <= kw["options"].items() for kw in seen), seen
+        assert "combo kernels" in par.describe(cfg, None, "fp32")
+    assert TrainConfig().combo_kernels is False  # opt-in until a GPU profile says it pays
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="Inductor's combo (Triton) kernels need a CUDA GPU"))])
+def test_compiled_block_with_combo_kernels_equals_eager(device):
+    """A block compiled with ``combo_kernels`` (dynamic N, as the encoder's and predictor's blocks are)
+    gives the eager block's output and gradients on fresh inputs: fp32 on the CPU (Inductor's C++
+    backend: the options reach the compiler), bf16 autocast on a GPU (the horizontally fused Triton
+    kernels themselves, the bf16 casts of the weights among them)."""
+    from stop_kernels.models.vit import Block
+    from stop_kernels.training.parallelize import apply_compile
+    torch.manual_seed(11)
+    holder = torch.nn.Module()
+    holder.blocks = torch.nn.ModuleList([Block(96, 4).to(device)])
+    ref = Block(96, 4).to(device)
+    ref.load_state_dict(holder.blocks[0].state_dict())
+    apply_compile(holder, dynamic=True, combo_kernels=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    tol = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-5, rtol=1e-5)
+    for n in (13, 21):  # two lengths: one dynamic graph
+        x = torch.randn(3, n, 96, device=device, requires_grad=True)
+        g = torch.randn(3, n, 96, device=device)
+        outs = []
+        for blk in (holder.blocks[0], ref):
+            x.grad = None
+            blk.zero_grad()
+            with amp:
+                y = blk(x)
+            y.float().backward(g)
+            outs.append((y.float(), x.grad.clone(), [p.grad.clone() for p in blk.parameters()]))
+        (y1, dx1, dp1), (y0, dx0, dp0) = outs
+        torch.testing.assert_close(y1, y0, **tol)
+        torch.testing.assert_close(dx1, dx0, **tol)
+        for a, b in zip(dp1, dp0):
+            torch.testing.assert_close(a, b, **tol)
 
 
 def test_ema_lerp_matches_definition_and_momentum_one_is_exact():
