@@ -41,6 +41,8 @@
 #      then the CUDA C++ StoP kernels against the rebuilt Triton ones and the unfused path:
 #      `stop_embed(backend="auto")` prefers CUDA when built (run 2); switch it to Triton if Triton now
 #      wins forward+backward.
+#   After a run: unpack results.tar.gz into benchmarks/results/<card>-runN/ (with a README saying what ran), point the
+#   README's table markers at the new files and run `python benchmarks/readme_tables.py --write`.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
 #   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),

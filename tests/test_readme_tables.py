@@ -1,0 +1,65 @@
+"""The README's performance tables are generated from the committed GPU results files
+(``benchmarks/readme_tables.py``): they match those files, a hand edit is caught, and the anchor rows
+quote ANCHORS.md."""
+import pathlib
+import re
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import readme_tables  # noqa: E402
+
+ANCHORS = REPO.parent / "shared" / "ANCHORS.md"
+
+
+def test_readme_tables_match_their_results_files(capsys):
+    text = (REPO / "README.md").read_text()
+    kinds = [m.group(1) for m in readme_tables.MARKER.finditer(text)]
+    assert sorted(kinds) == ["attention", "step", "stop"], kinds
+    assert readme_tables.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_a_hand_edited_table_fails_the_check(tmp_path, capsys):
+    text = (REPO / "README.md").read_text()
+    edited = text.replace("| **120.6** |", "| **110.6** |", 1)  # the default step's ms/step
+    assert edited != text
+    readme = tmp_path / "README.md"
+    readme.write_text(edited)
+    assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
+    assert "['step']" in capsys.readouterr().err
+    assert readme_tables.main(["--write", "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+
+
+def test_step_rows_from_an_e2e_step_json():
+    table = readme_tables.step_table("default=benchmarks/results/h200-run3/call3/e2e_step_compiled.json#fast",
+                                     "reference=benchmarks/results/h200-run3/call3/e2e_step_compiled.json#reference")
+    lines = table.splitlines()
+    # e2e_step_compiled.json: fast 167.94 ms, 381.1 images/s; reference 173.55 ms, 368.8 images/s
+    assert lines[2].startswith("| **this pipeline, the defaults") and "| **167.9** | **381.1** |" in lines[2]
+    assert lines[3].startswith("| this pipeline's reference path") and "| 173.6 | 368.8 |" in lines[3]
+    assert len(lines) == 4 + len(readme_tables.ANCHOR_ROWS)
+    with pytest.raises(ValueError, match="no result for path 'fast_mixed'"):
+        readme_tables.step_table("default=benchmarks/results/h200-run3/call3/e2e_step_compiled.json#fast_mixed")
+
+
+def test_step_sources_must_name_a_known_row():
+    with pytest.raises(ValueError, match="ROW=PATH"):
+        readme_tables.step_table("benchmarks/results/h200-run3/call3/train_eager.out")
+    with pytest.raises(ValueError, match="ROW=PATH"):
+        readme_tables.step_table("fastest=benchmarks/results/h200-run3/call3/train_eager.out")
+
+
+@pytest.mark.skipif(not ANCHORS.is_file(), reason=f"{ANCHORS} is absent (../shared not beside the checkout)")
+def test_anchor_rows_quote_anchors_md():
+    rows = {}
+    for line in ANCHORS.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"[\d.]+", cells[1]):
+            rows.setdefault(cells[0], cells[1:])
+    official = next(v for k, v in rows.items() if k.startswith("official StoP code"))
+    compiled = next(v for k, v in rows.items() if k.startswith("+ torch.compile of each transformer block"))
+    (_, *stop), (_, *best) = readme_tables.ANCHOR_ROWS
+    assert stop == official and best == compiled, (readme_tables.ANCHOR_ROWS, official, compiled)
