@@ -54,6 +54,7 @@ from _gpu_common import bench_graph, make_section, peak_mib_beyond_inputs, recor
 from _gpu_common import bench as _bench  # noqa: E402
 from _official_stop import B, D, E, NC, NPRED, NT, P, SIGMA  # noqa: E402
 from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
+from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
 T0 = time.time()
@@ -71,11 +72,6 @@ section = make_section(RESULTS, elapsed)
 def bench(fn, grad_to_none=None) -> float:
     """do_bench median (eager launches, CPU overhead included where it dominates)."""
     return _bench(fn, grad_to_none=grad_to_none, warmup=5, rep=30)
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def work(bwd: bool):

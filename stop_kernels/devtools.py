@@ -11,6 +11,7 @@ launches nothing, so that
   tensors they write (``tests/_trace_attention_ops.py``).
 
 The kernels must have been decorated without ``TRITON_INTERPRET=1`` (import stop_kernels with it unset).
+Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share.
 """
 from __future__ import annotations
 
@@ -128,3 +129,10 @@ def sass_loop_stats(sass: str) -> Dict:
     ops = [m.group(1) for line in (span if has_loop else lines) if (m := _SASS_OP.match(line))]
     return {"loop_instrs": len(ops), "loop_bar": sum(op.startswith("BAR") for op in ops),
             "loop_local": sum(op.startswith(("LDL", "STL")) for op in ops), "has_loop": has_loop}
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error ‖a − b‖ / ‖b‖ of ``a`` against the reference ``b``, in float64 on the
+    CPU (0 when both are zero): the error measure of the kernels' tests and GPU checks."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -5,12 +5,9 @@ import torch
 from stop_kernels import load_official_checkpoint, reference
 from stop_kernels.models import infer_encoder_sizes
 from stop_kernels.models.official import strip_prefix
+from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 CASES = [("official_stop_small.pt", "learned"), ("official_ijepa_small.pt", "none")]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("name, mode", CASES)

@@ -14,6 +14,7 @@ from stop_kernels.ops import stop_embed as se  # noqa: E402
 from stop_kernels.ops.philox import draw_seed, philox_normal  # noqa: E402
 from stop_kernels.ops.predictor_input import assemble_predictor_input  # noqa: E402
 from stop_kernels.ops.stop_embed import stop_embed  # noqa: E402
+from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERP else []) + (["cuda"] if torch.cuda.is_available() else [])
@@ -23,11 +24,6 @@ MODES = ("learned", "isotropic", "none")
 
 def gen(s):
     return torch.Generator().manual_seed(s)
-
-
-def rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def sizes(device, npred=3):

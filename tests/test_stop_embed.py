@@ -16,6 +16,7 @@ from stop_kernels import reference  # noqa: E402
 from stop_kernels.ops import stop_embed as se  # noqa: E402
 from stop_kernels.ops.philox import draw_seed, philox_normal  # noqa: E402
 from stop_kernels.ops.stop_embed import stop_embed  # noqa: E402
+from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = (["cpu"] if INTERP else []) + (["cuda"] if torch.cuda.is_available() else [])
@@ -34,11 +35,6 @@ def gen(s):
 def seed_of(s):
     """The Philox seed a call with generator ``gen(s)`` uses."""
     return draw_seed(gen(s))
-
-
-def rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def inputs(device, P, D, E, idx_shape, dtype=torch.float32, seed=0):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stop_kernels import reference
+from stop_kernels.devtools import rel_error
 from stop_kernels.ops import attention as A
 from stop_kernels.training import distributed as D
 from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
@@ -143,7 +144,7 @@ def test_compiled_block_with_combo_kernels_equals_eager(device):
     ref.load_state_dict(holder.blocks[0].state_dict())
     apply_compile(holder, dynamic=True, combo_kernels=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
-    tol = dict(atol=3e-2, rtol=3e-2) if device == "cuda" else dict(atol=1e-5, rtol=1e-5)
+    tol = 2e-2 if device == "cuda" else 1e-5  # norm-wise: bf16 rounds each op differently once fused
     for n in (13, 21):  # two lengths: one dynamic graph
         x = torch.randn(3, n, 96, device=device, requires_grad=True)
         g = torch.randn(3, n, 96, device=device)
@@ -156,10 +157,8 @@ def test_compiled_block_with_combo_kernels_equals_eager(device):
             y.float().backward(g)
             outs.append((y.float(), x.grad.clone(), [p.grad.clone() for p in blk.parameters()]))
         (y1, dx1, dp1), (y0, dx0, dp0) = outs
-        torch.testing.assert_close(y1, y0, **tol)
-        torch.testing.assert_close(dx1, dx0, **tol)
-        for a, b in zip(dp1, dp0):
-            torch.testing.assert_close(a, b, **tol)
+        errs = [rel_error(a, b) for a, b in zip([y1, dx1, *dp1], [y0, dx0, *dp0])]
+        assert max(errs) <= tol, (n, errs)
 
 
 def test_ema_lerp_matches_definition_and_momentum_one_is_exact():
