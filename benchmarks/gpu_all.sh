@@ -29,11 +29,14 @@
 #      already runs the fastest through $RES/attn/best_configs.json). The ViT-H step, in this
 #      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
 #      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
-#      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_triton
-#      (Triton for every head dim). Each path also profiles 2 steps (E2E_PROFILE; GPU ms per kernel
-#      category, top kernels, host ops: where the compiled step's time goes, which decides the next
-#      lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24):
-#      "triton"}; if fast_triton wins, {} (stop_kernels/ops/attention.py).
+#      winner); fast_levers (fast_mixed + combo kernels + CUDA-graphed target encoder on a second
+#      stream: the opt-in step levers together); fast (compiled, SDPA inside: the current default,
+#      120.6 ms in run 3); fast_triton (Triton for every head dim). Each path also profiles 2 steps
+#      (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's time
+#      goes, which decides the next lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY =
+#      {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
+#      (stop_kernels/ops/attention.py). If fast_levers beats fast_mixed, the profile section of a
+#      later session says which lever to turn on by default.
 #   2. (timeout_s 210, sent at once) SEC_TESTS_NEW=90 SEC_BUILD=45 SEC_CUDA=60 \
 #        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 90 + 45 + 60)
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
@@ -115,7 +118,7 @@ for s in $SECTIONS; do
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 70 )) \
-           --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast_mixed,fast_levers,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

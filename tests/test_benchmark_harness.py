@@ -69,7 +69,9 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     res = data["results"]
     assert [r["name"] for r in res] == list(e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
-    assert not errors
+    # the CUDA-graphed / second-stream target encoder needs a GPU: that path must fail by name, the others run
+    assert list(errors) == ["fast_levers"] and "needs one CUDA device" in errors["fast_levers"], errors
+    res = [r for r in res if "error" not in r]
     by = {r["name"]: r for r in res}
     assert by["fast_mixed"]["policy"] == "compiled:24=triton" and by["reference"]["input"] == "unfused"
     assert all(r["ms_per_step"] > 0 and r["compile"] == "0" for r in res)
