@@ -100,6 +100,7 @@ def run_variant(v: dict, args, info) -> dict:
     cfg = parse_config(variant_argv(v, args.model, args.batch_size, os.path.join(args.out, "run_" + v["name"]))
                        + args.extra.split())
     cuda = _cuda(info)
+    gc.collect()  # a variant that failed part-way leaves its trainer in reference cycles
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
