@@ -127,13 +127,17 @@ def run_variant(v: dict, args, info) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     flops = 0.0
+    stats = None
     for i in range(warm, warm + args.steps):
         imgs, me, mp = batches[i]
-        tr.step(imgs, me, mp, sched)
+        stats = tr.step(imgs, me, mp, sched)
         flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
     t_queued = time.perf_counter() - t0
     _sync(info)
     dt = time.perf_counter() - t0
+    # the last timed step's loss (read after the clock stops): every variant runs the same seeds and
+    # batches, so the paths' losses agree up to bf16 noise and the StoP noise stream they draw from
+    res["final_loss"] = round(float(stats[0]), 5) if stats is not None else None
     res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
                images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
                peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)

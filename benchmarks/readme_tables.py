@@ -130,11 +130,13 @@ def attention_table(source: str, timer: str = "eager") -> str:
 def _step_result(path: str) -> dict:
     """One measured step: ``FILE#NAME`` (a path of e2e_step.json) or the last JSON line of FILE."""
     path, _, name = path.partition("#")
-    if name:
-        found = [r for r in _load(path)["results"] if r.get("path") == name]
+    if name:  # e2e_step.json: results named "name" (run 3's harness: "path"), peak in "peak_gib"
+        found = [r for r in _load(path)["results"] if r.get("name", r.get("path")) == name and "error" not in r]
         if not found:
             raise ValueError(f"step table: {path} has no result for path {name!r}")
-        return found[-1]
+        r = dict(found[-1])
+        r.setdefault("peak_mem_gib", r.get("peak_gib"))
+        return r
     with open(os.path.join(REPO, path)) as fh:
         return json.loads([ln for ln in fh.read().splitlines() if ln.startswith("{")][-1])
 

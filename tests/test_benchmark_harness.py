@@ -75,6 +75,11 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     by = {r["name"]: r for r in res}
     assert by["fast_mixed"]["policy"] == "compiled:24=triton" and by["reference"]["input"] == "unfused"
     assert all(r["ms_per_step"] > 0 and r["compile"] == "0" for r in res)
+    # same seeds and batches: the fused paths' losses agree (the reference path draws its StoP noise
+    # from torch.randn, not the Philox stream)
+    losses = {r["name"]: r["final_loss"] for r in res}
+    assert all(0 < x < 10 for x in losses.values()), losses
+    assert abs(losses["fast"] - losses["fast_mixed"]) <= 1e-4 * losses["fast"], losses
     printed = capsys.readouterr().out
     assert "ratio_fast_mixed_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)

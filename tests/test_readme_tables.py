@@ -1,6 +1,7 @@
 """The README's performance tables are generated from the committed GPU results files
 (``benchmarks/readme_tables.py``): they match those files, a hand edit is caught, and the anchor rows
 quote ANCHORS.md."""
+import json
 import pathlib
 import re
 import sys
@@ -43,6 +44,19 @@ def test_step_rows_from_an_e2e_step_json():
     assert len(lines) == 4 + len(readme_tables.ANCHOR_ROWS)
     with pytest.raises(ValueError, match="no result for path 'fast_mixed'"):
         readme_tables.step_table("default=benchmarks/results/h200-run3/call3/e2e_step_compiled.json#fast_mixed")
+
+
+def test_step_rows_from_the_current_e2e_harness(tmp_path):
+    # benchmarks/e2e_step.py today: results named "name", peak memory in "peak_gib", failed paths kept
+    res = [{"name": "reference", "ms_per_step": 150.04, "images_per_s": 426.55, "tflops": 294.05, "mfu": 0.2973,
+            "peak_gib": 24.64},
+           {"name": "fast_levers", "error": "RuntimeError: capture failed"}]
+    f = tmp_path / "e2e_step.json"
+    f.write_text(json.dumps({"results": res}))
+    table = readme_tables.step_table(f"reference={f}#reference")
+    assert "| **150.0** | **426.6** | **294.1** | **29.7 %** | **24.6** |" in table
+    with pytest.raises(ValueError, match="no result for path 'fast_levers'"):
+        readme_tables.step_table(f"default={f}#fast_levers")
 
 
 def test_step_sources_must_name_a_known_row():
