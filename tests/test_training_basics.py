@@ -113,14 +113,14 @@ def test_flop_count_matches_the_anchor():
     cfg = parse_config(["--model", "vit_h"])
     total = step_flops(cfg, 64, 74, 42)
     assert total == pytest.approx(43e12, rel=0.04)
-    # the per-component count of models.flops (whose components test_models checks against the anchors) gives
-    # the same total, except that it counts the context patch-embedding conv 3× (forward + both gradients) where
-    # the training metric counts it 2× (no input gradient): one patch conv = 2·B·N·E·3·p² apart
+    # the training metric is the per-component count of models.flops (whose components test_models checks
+    # against the anchors), with the recipe's sizes; without StoP's noise projection it drops by 2·R·E·D
     from stop_kernels.models.flops import jepa_step_flops
     parts = jepa_step_flops(embed_dim=1280, depth=32, mlp_ratio=4.0, pred_dim=384, pred_depth=12, batch=64,
                             num_patches=256, patch_size=14, n_ctx=74, n_tgt=42, npred=4)
-    patch = 2.0 * 64 * 256 * 1280 * 3 * 14 ** 2
-    assert total == pytest.approx(parts["total"] - patch, rel=1e-12)
+    assert total == parts["total"]
+    plain = step_flops(parse_config(["--model", "vit_h", "--noise-mode", "none"]), 64, 74, 42)
+    assert total - plain == pytest.approx(2 * (2.0 * 4 * 64 * 42 * 1280 * 384), rel=1e-12)  # forward + dW
 
 
 def test_short_training_run_lowers_the_loss(tmp_path, cpu_train):

@@ -1,12 +1,22 @@
 """Analytic matrix-multiply FLOPs of an I-JEPA + StoP training step (for TFLOP/s and MFU).
 
 Counts the multiply-adds of every Linear, the patch-embedding convolution, the StoP noise
-projection and attention (Q·Kᵀ and P·V), as 2 FLOPs each. Backward costs twice the forward
-(gradients of inputs and of weights); the target encoder runs forward only. Elementwise work
-(LayerNorm, GELU, softmax, the optimizer) is left out, as in the usual MFU convention.
+projection and attention (Q·Kᵀ and P·V), as 2 FLOPs each. A backward costs twice the forward
+(gradients of inputs and of weights), once where the input needs no gradient: the patch
+embedding (its input is the image) and the StoP noise projection (its input is the noise) cost
+forward + weight gradient. The target encoder runs forward only. Elementwise work (LayerNorm,
+GELU, softmax, the optimizer) is left out, as in the usual MFU convention.
+
+* target encoder: forward over all N patches of B images;
+* context encoder: forward + backward over the Nc kept patches (the patch embedding runs on
+  every patch);
+* predictor: forward + backward over npred·B sequences of Nc + Nt tokens, plus the context
+  projection (B·Nc rows), the StoP noise projection (npred·B·Nt rows, ``learned`` mode) and the
+  output projection (npred·B·Nt rows).
 
 ViT-H/14 at 224, batch 64, 74 context and 42 target tokens, 4 blocks: target forward ≈ 20.6 TFLOP,
 context forward+backward ≈ 17.9, predictor ≈ 3.8, attention ≈ 1.1 (the numbers of ANCHORS.md).
+This is the one FLOP model of the project: ``training.metrics.step_flops`` reads its total.
 """
 from __future__ import annotations
 
@@ -23,30 +33,32 @@ def peak_tflops(device_name: str, default: float = 989.0) -> float:
     return default
 
 
-def transformer_flops(seqs: int, seqlen: float, width: int, depth: int, mlp_ratio: float = 4.0) -> Dict[str, float]:
-    """Forward FLOPs of ``depth`` pre-norm blocks over ``seqs`` sequences of ``seqlen`` tokens."""
+def transformer_flops(seqs: float, seqlen: float, width: int, depth: int, mlp_ratio: float = 4.0) -> Dict[str, float]:
+    """Forward FLOPs of ``depth`` pre-norm blocks over ``seqs`` sequences of ``seqlen`` tokens:
+    ``linear`` (QKV 3E², projection E², fc1 + fc2 2·r·E² per token) and ``attention`` (Q·Kᵀ and P·V)."""
     tokens = seqs * seqlen
-    hidden = int(width * mlp_ratio)
-    linear = 2.0 * tokens * (3 * width * width + width * width + 2 * width * hidden) * depth
+    linear = 2.0 * tokens * width * width * (4.0 + 2.0 * mlp_ratio) * depth
     attention = 4.0 * seqs * seqlen * seqlen * width * depth
     return {"linear": linear, "attention": attention}
 
 
 def jepa_step_flops(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: int, pred_depth: int,
                     batch: int, num_patches: int, patch_size: int, n_ctx: float, n_tgt: float, npred: int,
-                    in_chans: int = 3) -> Dict[str, float]:
-    """FLOPs of one training step, by component (and ``total``)."""
+                    in_chans: int = 3, noise_projection: bool = True) -> Dict[str, float]:
+    """FLOPs of one training step, by component (and ``total``); ``noise_projection``: StoP's
+    ``learned`` noise mode (the other modes draw no noise through the projection)."""
     patch = 2.0 * batch * num_patches * embed_dim * in_chans * patch_size ** 2
     tgt = transformer_flops(batch, num_patches, embed_dim, depth, mlp_ratio)
     ctx = transformer_flops(batch, n_ctx, embed_dim, depth, mlp_ratio)
     seqs = npred * batch
     pred = transformer_flops(seqs, n_ctx + n_tgt, pred_dim, pred_depth, 4.0)
-    # predictor_embed on the context tokens, StoP noise projection of the masked tokens, output proj
-    pred_io = 2.0 * (batch * n_ctx + seqs * n_tgt) * embed_dim * pred_dim + 2.0 * seqs * n_tgt * pred_dim * embed_dim
+    ctx_proj = 2.0 * batch * n_ctx * embed_dim * pred_dim           # predictor_embed on the context tokens
+    out_proj = 2.0 * seqs * n_tgt * pred_dim * embed_dim            # predictor_proj on the target tokens
+    noise = 2.0 * seqs * n_tgt * embed_dim * pred_dim if noise_projection else 0.0
     out = {
         "target_forward": tgt["linear"] + patch,
-        "context_fwd_bwd": 3 * (ctx["linear"] + patch),
-        "predictor_fwd_bwd": 3 * (pred["linear"] + pred_io),
+        "context_fwd_bwd": 3 * ctx["linear"] + 2 * patch,
+        "predictor_fwd_bwd": 3 * (pred["linear"] + ctx_proj + out_proj) + 2 * noise,
         "attention": tgt["attention"] + 3 * ctx["attention"] + 3 * pred["attention"],
     }
     out["total"] = sum(out.values())

@@ -1,17 +1,8 @@
 """Training metrics: analytic FLOP count, throughput / MFU, peak memory, the JSONL log and TensorBoard.
 
-FLOPs are counted analytically from the model sizes and the mask lengths of each step (matrix
-multiplies and attention only, 2 FLOP per multiply-add; the backward is twice the forward):
-
-* target encoder, forward over all N patches of B images;
-* context encoder, forward + backward over the Nc kept patches (the patch embedding runs on every
-  patch and, its input needing no gradient, costs forward + weight-gradient only);
-* predictor, forward + backward over npred·B sequences of Nc + Nt tokens, plus the context
-  projection (B·Nc rows), the StoP noise projection (npred·B·Nt rows, ``learned`` mode) and the
-  output projection (npred·B·Nt rows).
-
-For ViT-H/14 at 224, B 64, Nc 74, Nt 42 this gives ≈ 43 TFLOP per step, the figure of
-``ANCHORS.md`` (20.6 target + 17.9 context + 3.8 predictor + ≈1 attention).
+FLOPs are counted analytically from the model sizes and the mask lengths of each step
+(:mod:`stop_kernels.models.flops`: matrix multiplies and attention, 2 FLOP per multiply-add; for
+ViT-H/14 at 224, B 64, Nc 74, Nt 42 ≈ 43 TFLOP per step, the figure of ``ANCHORS.md``).
 """
 from __future__ import annotations
 
@@ -24,32 +15,19 @@ from typing import Any, Dict, Optional, TextIO
 
 import torch
 
+from ..models.flops import jepa_step_flops
 from ..models.vit import VIT_PRESETS, resolve_model_name
 from .config import TrainConfig
-
-
-def _block_flops(tokens_per_seq: float, seqs: float, width: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of one pre-norm transformer block over ``seqs`` sequences of ``tokens_per_seq`` tokens."""
-    linear = 2.0 * width * width * (4.0 + 2.0 * mlp_ratio)  # qkv 3E², proj E², fc1 + fc2 2·r·E² (×2 FLOP)
-    attn = 4.0 * tokens_per_seq * width                     # QKᵀ and PV per query token
-    return seqs * tokens_per_seq * (linear + attn)
 
 
 def step_flops(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float) -> float:
     """Matmul FLOPs of one training step on ``batch`` images with ``n_ctx`` context / ``n_tgt`` target tokens."""
     spec = VIT_PRESETS[resolve_model_name(cfg.model)]
-    E, L, r = spec.embed_dim, spec.depth, spec.mlp_ratio
-    D, Lp = cfg.pred_emb_dim, cfg.pred_depth
-    N = (cfg.img_size // cfg.patch_size) ** 2
-    patch = 2.0 * 3 * cfg.patch_size ** 2 * E * N * batch          # conv as a matmul, all patches
-    target = patch + L * _block_flops(N, batch, E, r)
-    context = 2 * patch + 3 * L * _block_flops(n_ctx, batch, E, r)
-    rows_t = cfg.npred * batch * n_tgt
-    pred = 2.0 * E * D * batch * n_ctx + 2.0 * D * E * rows_t        # context projection, output projection
-    if cfg.noise_mode == "learned":
-        pred += 2.0 * E * D * rows_t                                  # StoP noise projection
-    pred += Lp * _block_flops(n_ctx + n_tgt, cfg.npred * batch, D, 4.0)
-    return target + context + 3 * pred
+    return jepa_step_flops(embed_dim=spec.embed_dim, depth=spec.depth, mlp_ratio=spec.mlp_ratio,
+                           pred_dim=cfg.pred_emb_dim, pred_depth=cfg.pred_depth, batch=batch,
+                           num_patches=(cfg.img_size // cfg.patch_size) ** 2, patch_size=cfg.patch_size,
+                           n_ctx=n_ctx, n_tgt=n_tgt, npred=cfg.npred,
+                           noise_projection=cfg.noise_mode == "learned")["total"]
 
 
 def gpu_name(device: torch.device) -> str:
