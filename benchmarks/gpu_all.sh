@@ -29,9 +29,10 @@
 #      already runs the fastest through $RES/attn/best_configs.json). The ViT-H step, in this
 #      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
 #      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
-#      winner); fast_levers (fast_mixed + combo kernels + CUDA-graphed target encoder on a second
-#      stream: the opt-in step levers together); fast (compiled, SDPA inside: the current default,
-#      120.6 ms in run 3); fast_triton (Triton for every head dim). Each path also profiles 2 steps
+#      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_levers
+#      (fast_mixed + combo kernels + CUDA-graphed target encoder on a second stream: the opt-in step
+#      levers together; after the three above, so a failed capture cannot cost them);
+#      fast_triton (Triton for every head dim). Each path also profiles 2 steps
 #      (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's time
 #      goes, which decides the next lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY =
 #      {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
@@ -118,7 +119,7 @@ for s in $SECTIONS; do
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 70 )) \
-           --paths ${E2E_PATHS:-reference,fast_mixed,fast_levers,fast,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
