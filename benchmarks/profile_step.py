@@ -38,7 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import parse_config  # noqa: E402
 from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
-from stop_kernels.training.metrics import step_flops  # noqa: E402
+from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gpu_common import card_limits  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -127,11 +130,13 @@ def run_variant(v: dict, args, info) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     flops = 0.0
+    n_ctx = n_tgt = 0.0
     stats = None
     for i in range(warm, warm + args.steps):
         imgs, me, mp = batches[i]
         stats = tr.step(imgs, me, mp, sched)
         flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
+        n_ctx, n_tgt = n_ctx + me[0].shape[1] / args.steps, n_tgt + mp[0].shape[1] / args.steps
     t_queued = time.perf_counter() - t0
     _sync(info)
     dt = time.perf_counter() - t0
@@ -141,6 +146,13 @@ def run_variant(v: dict, args, info) -> dict:
     res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
                images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
                peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)
+    # what the profile's categories are measured against (the card's ceilings; no floor for elementwise work)
+    m = tr.models
+    tflops_lim, tbps_lim = card_limits(torch.cuda.get_device_name(info.device) if cuda else "H200 (CPU run)")
+    res["floors_ms"] = {k: float(f"{x:.4g}") for k, x in step_floors_ms(
+        cfg, cfg.batch_size, n_ctx, n_tgt, tflops=tflops_lim, tbps=tbps_lim,
+        trainable_params=sum(p.numel() for mod in (m.encoder, m.predictor) for p in mod.parameters() if p.requires_grad),
+        ema_params=sum(p.numel() for p in m.target_encoder.parameters())).items()}
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -254,6 +266,10 @@ def print_report(gpu: str, args, results) -> None:
         c = r.get("categories_ms", {})
         print(f"| {r['name']} | {r['ms_per_step']} | {r['host_ms_per_step']} | {r['images_per_s']} | {r['tflops']} | "
               f"{r['peak_gib']} | {r.get('gpu_ms_per_step', '')} | " + " | ".join(str(c.get(k, 0)) for k in cats) + " |")
+        floors = r.get("floors_ms", {})
+        if floors and c:  # the card's floor of each category that has one, and how far the variant is from it
+            print(f"| {r['name']}: floor (×) | | | | | | {round(sum(floors.values()), 2)} | " + " | ".join(
+                f"{floors[k]} ({c.get(k, 0) / floors[k]:.1f}×)" if floors.get(k) else "" for k in cats) + " |")
 
 
 def main(argv=None) -> int:

@@ -80,6 +80,9 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     losses = {r["name"]: r["final_loss"] for r in res}
     assert all(0 < x < 10 for x in losses.values()), losses
     assert abs(losses["fast"] - losses["fast_mixed"]) <= 1e-4 * losses["fast"], losses
+    # the card's floors that the profile's categories are read against
+    assert all(set(r["floors_ms"]) == {"matmul", "attention", "optimizer"} and min(r["floors_ms"].values()) > 0
+               for r in res)
     printed = capsys.readouterr().out
     assert "ratio_fast_mixed_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)
@@ -134,3 +137,18 @@ def test_gpu_script_returns_its_results_within_the_device_tools_limits(tmp_path)
     assert {"summary.txt", "env.log"} <= names
     assert f"{sys.version.split()[0]} {torch.__version__}" in log  # its python line ran and was captured
     assert "=================== summary" in (out / "log.txt").read_text()
+
+
+def test_profile_report_reads_each_category_against_its_floor(capsys):
+    import argparse
+    r = {"name": "fast", "ms_per_step": 120.0, "host_ms_per_step": 40.0, "images_per_s": 533.3, "tflops": 360.0,
+         "peak_gib": 23.9, "gpu_ms_per_step": 118.0,
+         "categories_ms": {"matmul": 75.0, "attention": 12.6, "optimizer": 7.1, "elementwise": 23.3},
+         "floors_ms": {"matmul": 60.0, "attention": 3.15, "optimizer": 6.12}}
+    profile_step.print_report("NVIDIA H200", argparse.Namespace(model="vit_h", batch_size=64), [r])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| fast")]
+    assert len(rows) == 2
+    cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    # columns: variant, 5 step columns, GPU ms (the floors' sum), then the categories in name order
+    assert cells[0] == "fast: floor (×)" and cells[6] == "69.27"
+    assert cells[7:] == ["3.15 (4.0×)", "", "60.0 (1.2×)", "6.12 (1.2×)"]

@@ -76,6 +76,27 @@ def test_step_flops_match_the_anchors():
     assert f["total"] / 1e12 == pytest.approx(43.5, abs=0.3)
 
 
+def test_step_floors_at_the_card_limits():
+    """The floors a profile's categories are read against (ViT-H/14, B 64, 74 / 42 tokens, H200 limits of
+    ANCHORS.md: 707 TFLOP/s, 4.23 TB/s), worked by hand: the matmul FLOPs without attention; attention is
+    byte-bound in every part at these lengths (target forward 4 bf16 [B·N, E] tensors per block, context and
+    predictor 12 with the backward); AdamW 28 B per trainable parameter, the EMA 12 B per target parameter."""
+    from stop_kernels.models.flops import jepa_step_flops, jepa_step_floors_ms
+    dims = dict(embed_dim=1280, depth=32, mlp_ratio=4.0, pred_dim=384, pred_depth=12, batch=64, num_patches=256,
+                patch_size=14, n_ctx=74, n_tgt=42, npred=4)
+    f = jepa_step_floors_ms(**dims, trainable_params=654_000_000, ema_params=632_000_000, tflops=707.0, tbps=4.23)
+    flops = jepa_step_flops(**dims)
+    assert f["matmul"] == pytest.approx((flops["total"] - flops["attention"]) / 707e12 * 1e3, rel=1e-12)
+    assert f["matmul"] == pytest.approx(60.0, abs=0.1)
+    attn_bytes = 2 * (4 * 64 * 256 * 1280 * 32 + 12 * 64 * 74 * 1280 * 32 + 12 * 256 * 116 * 384 * 12)
+    assert f["attention"] == pytest.approx(attn_bytes / 4.23e12 * 1e3, rel=1e-12)
+    assert f["optimizer"] == pytest.approx((28 * 654e6 + 12 * 632e6) / 4.23e12 * 1e3, rel=1e-12)
+    # at 1 % of the matmul rate every part is FLOP-bound: forward Q·Kᵀ and P·V, 2.5× more in a flash backward
+    slow = jepa_step_floors_ms(**dims, trainable_params=1, ema_params=1, tflops=7.07, tbps=4.23)
+    attn_flops = 4 * (64 * 256 ** 2 * 1280 * 32 + 3.5 * 64 * 74 ** 2 * 1280 * 32 + 3.5 * 256 * 116 ** 2 * 384 * 12)
+    assert slow["attention"] == pytest.approx(attn_flops / 7.07e12 * 1e3, rel=1e-12)
+
+
 def test_constructor_sizes_are_checked_by_name():
     """Review findings: num_heads 0 divided by zero, depth < 0 and mlp_ratio 0 built degenerate models, a
     width not a multiple of 4 named an internal argument, and predictor_for accepted a patch grid that

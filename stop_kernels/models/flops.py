@@ -63,3 +63,38 @@ def jepa_step_flops(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: i
     }
     out["total"] = sum(out.values())
     return out
+
+
+def jepa_step_floors_ms(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: int, pred_depth: int,
+                        batch: int, num_patches: int, patch_size: int, n_ctx: float, n_tgt: float, npred: int,
+                        trainable_params: int, ema_params: int, tflops: float, tbps: float,
+                        noise_projection: bool = True) -> Dict[str, float]:
+    """Lower bounds (ms) of a training step's GPU time per kernel category at a card's ceilings
+    (``tflops`` matmul TFLOP/s, ``tbps`` copy TB/s): what a profile's categories are measured against.
+
+    * ``matmul``: the step's Linear and patch-embedding FLOPs (:func:`jepa_step_flops` without
+      attention) at ``tflops``.
+    * ``attention``: per model part, the larger of its FLOP time (forward Q·Kᵀ and P·V; a flash
+      backward recomputes Q·Kᵀ and adds dV, dP, dQ, dK: 2.5× the forward) and its byte time (bf16 q, k,
+      v, o in the forward; q, k, v, o, dO in and dq, dk, dv out in the backward).
+    * ``optimizer``: fused AdamW over the trainable fp32 parameters (reads p, g, m, v, writes p, m, v:
+      28 B each) plus the EMA of the target encoder (reads target and online, writes target: 12 B each).
+
+    Elementwise work (LayerNorm, GELU, residual adds, casts) has no floor here: how much of it a
+    compiler fuses away is the open question, not a constant."""
+    f = jepa_step_flops(embed_dim=embed_dim, depth=depth, mlp_ratio=mlp_ratio, pred_dim=pred_dim,
+                        pred_depth=pred_depth, batch=batch, num_patches=num_patches, patch_size=patch_size,
+                        n_ctx=n_ctx, n_tgt=n_tgt, npred=npred, noise_projection=noise_projection)
+    flop_ms = 1e3 / (tflops * 1e12)
+    byte_ms = 1e3 / (tbps * 1e12)
+    attn = 0.0
+    # (sequences, tokens per sequence, width, depth, backward too)
+    for seqs, n, width, blocks, bwd in ((batch, num_patches, embed_dim, depth, False),
+                                        (batch, n_ctx, embed_dim, depth, True),
+                                        (npred * batch, n_ctx + n_tgt, pred_dim, pred_depth, True)):
+        fwd_flops = 4.0 * seqs * n * n * width * blocks
+        act = 2.0 * seqs * n * width * blocks  # bytes of one bf16 [tokens, width] tensor over the blocks
+        flops, nbytes = (3.5 * fwd_flops, 12 * act) if bwd else (fwd_flops, 4 * act)
+        attn += max(flops * flop_ms, nbytes * byte_ms)
+    return {"matmul": (f["total"] - f["attention"]) * flop_ms, "attention": attn,
+            "optimizer": (28.0 * trainable_params + 12.0 * ema_params) * byte_ms}

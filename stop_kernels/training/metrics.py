@@ -15,19 +15,31 @@ from typing import Any, Dict, Optional, TextIO
 
 import torch
 
-from ..models.flops import jepa_step_flops
+from ..models.flops import jepa_step_flops, jepa_step_floors_ms
 from ..models.vit import VIT_PRESETS, resolve_model_name
 from .config import TrainConfig
 
 
+def _step_sizes(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float) -> Dict[str, Any]:
+    """The sizes of one step that the FLOP and floor models of :mod:`stop_kernels.models.flops` take."""
+    spec = VIT_PRESETS[resolve_model_name(cfg.model)]
+    return dict(embed_dim=spec.embed_dim, depth=spec.depth, mlp_ratio=spec.mlp_ratio, pred_dim=cfg.pred_emb_dim,
+                pred_depth=cfg.pred_depth, batch=batch, num_patches=(cfg.img_size // cfg.patch_size) ** 2,
+                patch_size=cfg.patch_size, n_ctx=n_ctx, n_tgt=n_tgt, npred=cfg.npred,
+                noise_projection=cfg.noise_mode == "learned")
+
+
 def step_flops(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float) -> float:
     """Matmul FLOPs of one training step on ``batch`` images with ``n_ctx`` context / ``n_tgt`` target tokens."""
-    spec = VIT_PRESETS[resolve_model_name(cfg.model)]
-    return jepa_step_flops(embed_dim=spec.embed_dim, depth=spec.depth, mlp_ratio=spec.mlp_ratio,
-                           pred_dim=cfg.pred_emb_dim, pred_depth=cfg.pred_depth, batch=batch,
-                           num_patches=(cfg.img_size // cfg.patch_size) ** 2, patch_size=cfg.patch_size,
-                           n_ctx=n_ctx, n_tgt=n_tgt, npred=cfg.npred,
-                           noise_projection=cfg.noise_mode == "learned")["total"]
+    return jepa_step_flops(**_step_sizes(cfg, batch, n_ctx, n_tgt))["total"]
+
+
+def step_floors_ms(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float, *, trainable_params: int,
+                   ema_params: int, tflops: float, tbps: float) -> Dict[str, float]:
+    """Lower bounds of one step's GPU time per kernel category (matmul, attention, optimizer) at the
+    card's ceilings: :func:`stop_kernels.models.flops.jepa_step_floors_ms`."""
+    return jepa_step_floors_ms(**_step_sizes(cfg, batch, n_ctx, n_tgt), trainable_params=trainable_params,
+                               ema_params=ema_params, tflops=tflops, tbps=tbps)
 
 
 def gpu_name(device: torch.device) -> str:
@@ -154,4 +166,4 @@ def format_progress(rec: Dict[str, Any], total: int) -> str:
     return line
 
 
-__all__ = ["step_flops", "gpu_name", "peak_memory_gib", "MetricsLogger", "format_progress"]
+__all__ = ["step_flops", "step_floors_ms", "gpu_name", "peak_memory_gib", "MetricsLogger", "format_progress"]
