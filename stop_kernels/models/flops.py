@@ -69,8 +69,10 @@ def jepa_step_floors_ms(*, embed_dim: int, depth: int, mlp_ratio: float, pred_di
                         batch: int, num_patches: int, patch_size: int, n_ctx: float, n_tgt: float, npred: int,
                         trainable_params: int, ema_params: int, tflops: float, tbps: float,
                         noise_projection: bool = True) -> Dict[str, float]:
-    """Lower bounds (ms) of a training step's GPU time per kernel category at a card's ceilings
+    """Floors (ms) of a training step's GPU time per kernel category at a card's measured ceilings
     (``tflops`` matmul TFLOP/s, ``tbps`` copy TB/s): what a profile's categories are measured against.
+    The matmul rate is a measured reference (ANCHORS.md: 707 TFLOP/s for 8192³), not the datasheet's,
+    so well-shaped GEMMs can come in slightly under their floor.
 
     * ``matmul``: the step's Linear and patch-embedding FLOPs (:func:`jepa_step_flops` without
       attention) at ``tflops``.
