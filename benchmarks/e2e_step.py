@@ -20,10 +20,11 @@ one GPU, one after the other, on the same synthetic images and mask batches:
   N = 116–128 but 2–3× slower at the encoder's shapes (the best forced configs: 1.1–1.2× slower,
   before the head-dim split), so this is the likeliest winner of the three.
 * ``fast_levers``: ``fast_mixed`` with the step levers that are opt-in until measured, all at once:
-  combo kernels (a block's weight casts share launches), the target encoder replayed from a CUDA
-  graph and run on a second stream (``combo_kernels``, ``cuda_graph_target``, ``overlap_target``).
-  Their sum in one path of the first GPU run; ``profile_step.py`` (gpu_all.sh ``profile``) splits it
-  by lever. CUDA only: on the CPU the path reports the trainer's refusal.
+  combo kernels (a block's weight casts share launches), the residual stream in bf16, the target
+  encoder replayed from a CUDA graph and run on a second stream (``combo_kernels``,
+  ``bf16_residual``, ``cuda_graph_target``, ``overlap_target``). Their sum in one path of the first
+  GPU run; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by lever. CUDA only: on the CPU the
+  path reports the trainer's refusal.
 
     python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out DIR
 
@@ -51,7 +52,7 @@ PATHS = {
     "fast": "attention=auto+input=auto",
     "fast_triton": "attention=triton+input=auto",
     "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
-    "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+graph=1+overlap=1",
+    "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+bf16res=1+graph=1+overlap=1",
 }
 
 

@@ -30,8 +30,9 @@
 #      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
 #      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
 #      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_levers
-#      (fast_mixed + combo kernels + CUDA-graphed target encoder on a second stream: the opt-in step
-#      levers together; after the three above, so a failed capture cannot cost them);
+#      (fast_mixed + combo kernels + bf16 residual stream + CUDA-graphed target encoder on a second
+#      stream: the opt-in step levers together; after the three above, so a failed capture cannot
+#      cost them);
 #      fast_triton (Triton for every head dim). Each path also profiles 2 steps
 #      (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's time
 #      goes, which decides the next lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY =
@@ -50,6 +51,7 @@
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
 #   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
+#   bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
 #   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
@@ -113,7 +115,7 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table

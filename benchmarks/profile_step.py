@@ -15,7 +15,8 @@ A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; a
 GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
 auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
 default|max-autotune-no-cudagraphs), ``combo`` (0|1: Inductor's horizontal fusion of small kernels in
-the compiled blocks, ``combo_kernels``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
+the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual stream in bf16,
+``bf16_residual``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
 ``overlap_target``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
 e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
@@ -71,7 +72,7 @@ def _annotation(name: str) -> bool:
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
-         "mode": "default", "combo": "0", "overlap": "0", "policy": ""}
+         "mode": "default", "combo": "0", "bf16res": "0", "overlap": "0", "policy": ""}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -95,6 +96,7 @@ def variant_argv(v: dict, model: str, batch_size: int, out: str) -> list:
              "--attention", v["attention"], "--attention-policy", v["policy"], "--compile-mode", v["mode"],
              "--compile", "true" if v["compile"] == "1" else "false", "--out", out]
             + (["--combo-kernels"] if v["combo"] == "1" else [])
+            + (["--bf16-residual"] if v["bf16res"] == "1" else [])
             + (["--cuda-graph-target"] if v["graph"] == "1" else [])
             + (["--overlap-target"] if v["overlap"] == "1" else []))
 

@@ -171,13 +171,15 @@ def _capture_wrapper_code(codes):
     return lambda: setattr(ind_graph.GraphLowering, "compile_to_module", real)
 
 
-def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool = False):
+def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool = False,
+                           x_dtype: torch.dtype = torch.float32):
     """Inductor's host code for the forward of a whole compiled transformer block
     (``stop_kernels.models.vit.Block``: LayerNorm, QKV Linear, attention, projection, MLP) under bf16
     autocast with the Triton attention forced, a symbolic N: what a compiled block of the training
     step launches around the attention kernel. Forward only: tracing the backward runs the autograd
     engine, which needs a CUDA context (the attention backward ops alone: :func:`inductor_wrapper`).
-    ``combo_kernels``: with Inductor's horizontal fusion (config key ``combo_kernels``)."""
+    ``combo_kernels``: with Inductor's horizontal fusion (config key ``combo_kernels``); ``x_dtype``:
+    the residual stream's dtype (bf16: config key ``bf16_residual``)."""
     import stop_kernels
     import torch._inductor.config as inductor_config
     from stop_kernels.models.vit import Block
@@ -192,7 +194,7 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
         names = [name for name, _ in blk.named_parameters()]
         with mode:
             params = [torch.empty(p.shape, device="cuda") for p in blk.parameters()]  # fp32 master weights
-            x = torch.empty(4, n, width, device="cuda")
+            x = torch.empty(4, n, width, device="cuda", dtype=x_dtype)
         available = torch.cuda.is_available
         torch.cuda.is_available = lambda: True  # autocast("cuda") stays off without a visible GPU
         try:
@@ -229,6 +231,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         # the predictor's block (width 384, 16 heads of 24) and ViT-H's (1280, 16 heads of 80)
         res.update({f"block_N{N}_W{W}": {"fwd": inductor_block_wrapper(N, W, 16)} for N, W in [(116, 384), (74, 1280)]})
         res["block_N116_W384_combo"] = {"fwd": inductor_block_wrapper(116, 384, 16, combo_kernels=True)}
+        res["block_N116_W384_bf16res"] = {"fwd": inductor_block_wrapper(116, 384, 16, x_dtype=torch.bfloat16)}
         print(json.dumps(res))
     sys.exit(0)
 

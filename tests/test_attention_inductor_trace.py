@@ -141,7 +141,8 @@ def _top_level_args(call: str):
     return args + [cur.strip()] if cur.strip() else args
 
 
-@pytest.mark.parametrize("case", ["block_N116_W384", "block_N74_W1280", "block_N116_W384_combo"])
+@pytest.mark.parametrize("case", ["block_N116_W384", "block_N74_W1280", "block_N116_W384_combo",
+                                  "block_N116_W384_bf16res"])
 def test_compiled_block_feeds_attention_without_copies(inductor_code, case):
     """A whole compiled block (bf16 autocast, Triton attention; the predictor's and ViT-H's widths):
     the attention kernel reads q, k, v as views of the QKV addmm's output and writes O where the
@@ -190,3 +191,25 @@ def test_combo_kernels_launch_a_blocks_weight_casts_together(inductor_code):
     assert len(combo) <= 5, combo
     assert len(_launch_lines(combo_code)) <= len(_launch_lines(plain_code)) - 3
     assert sum("_attn_fwd_kernel" in k for k in _launch_lines(combo_code)) == 1
+
+
+def _activation_buffers(code: str):
+    """dtype of every [4·N, 384]-shaped activation buffer the block allocates, and of what it returns."""
+    dtypes = re.findall(r"(buf\d+) = empty_strided_cuda\(\((?:4, s\d+|4\*s\d+), 384\), .*?, torch\.(\w+)\)", code)
+    ret = re.search(r"return \((buf\d+), \)", code).group(1)
+    return dict(dtypes), ret
+
+
+def test_bf16_residual_keeps_the_blocks_stream_in_bf16(inductor_code):
+    """Config key ``bf16_residual`` (``models.vit.run_blocks``): under autocast the block's residual
+    stream is fp32, so its final residual add writes a new fp32 [B, N, W] buffer (and LayerNorm 1 and 2
+    read 4-byte x). With the stream cast to bf16 once before the first block, every activation buffer of
+    width W is bf16 and the final residual add runs in place on the projection's output: ≈ 34 instead
+    of ≈ 42 bytes per token and width in the block's elementwise kernels (benchmarks/NOTES.md)."""
+    plain, plain_ret = _activation_buffers(inductor_code["block_N116_W384"]["fwd"])
+    assert plain[plain_ret] == "float32", (plain, plain_ret)
+    code = inductor_code["block_N116_W384_bf16res"]["fwd"]
+    bf16, _ = _activation_buffers(code)
+    assert bf16 and set(bf16.values()) == {"bfloat16"}, bf16
+    ret = re.search(r"return \((buf\d+), \)", code).group(1)
+    assert re.search(rf"{ret} = reinterpret_tensor\(buf\d+, \(4, s\d+, 384\)", code), code  # in place

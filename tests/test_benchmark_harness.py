@@ -2,6 +2,7 @@
 reach the trainer's config, and every e2e path runs a step. Timings here mean nothing; what is checked
 is that the GPU session measures the configurations it names."""
 import json
+import re
 import sys
 
 import pytest
@@ -30,9 +31,10 @@ def test_variant_keys_reach_the_config():
     # compile=0 must mean eager even where the recipe (vit_h) turns compile on
     _, cfg = _cfg("a:compile=0")
     assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == "" and not cfg.combo_kernels
-    v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1"
+    v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
                   "+mode=max-autotune-no-cudagraphs")
     assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
+    assert cfg.bf16_residual and not _cfg("a:compile=1")[1].bf16_residual
     assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
     assert cfg.attention == "sdpa"
@@ -69,8 +71,10 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     res = data["results"]
     assert [r["name"] for r in res] == list(e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
-    # the CUDA-graphed / second-stream target encoder needs a GPU: that path must fail by name, the others run
-    assert list(errors) == ["fast_levers"] and "needs one CUDA device" in errors["fast_levers"], errors
+    # bf16 autocast and the CUDA-graphed / second-stream target encoder need a GPU: that path must fail by
+    # name (the first check to refuse), the others run
+    assert list(errors) == ["fast_levers"], errors
+    assert re.search(r"(bf16_residual|cuda_graph_target|overlap_target): needs", errors["fast_levers"]), errors
     res = [r for r in res if "error" not in r]
     by = {r["name"]: r for r in res}
     assert by["fast_mixed"]["policy"] == "compiled:24=triton" and by["reference"]["input"] == "unfused"

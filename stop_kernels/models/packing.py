@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import _checks as chk
 from .. import reference
+from .vit import run_blocks
 
 
 class Packed(NamedTuple):
@@ -68,8 +69,7 @@ def encode_packed(encoder, imgs: torch.Tensor, masks: Sequence[torch.Tensor]) ->
                                    torch.tensor(lengths, device=x.device))
     x = x[rows, torch.cat(list(masks))]
     cu, max_len = _cu(lengths, x.device), max(lengths)
-    for blk in encoder.blocks:
-        x = blk(x, cu, max_len)
+    x = run_blocks(encoder.blocks, x, cu, max_len, residual_dtype=encoder.residual_dtype)
     return Packed(encoder.norm(x), cu, max_len)
 
 
@@ -155,8 +155,8 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     layout = predictor_layout([len(m) for m in ctx_masks], [[len(m) for m in blocks] for blocks in tgt], c.device)
     # one gather builds every sequence; its backward sums the npred copies of each context row
     z = torch.cat([c, masked.to(c.dtype)])[layout.src]
-    for blk in predictor.predictor_blocks:
-        z = blk(z, layout.cu_seqlens, layout.max_seqlen)
+    z = run_blocks(predictor.predictor_blocks, z, layout.cu_seqlens, layout.max_seqlen,
+                   residual_dtype=predictor.residual_dtype)
     z = predictor.predictor_norm(z[layout.tgt_rows])
     return predictor.predictor_proj(z)
 

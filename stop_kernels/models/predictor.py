@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import _checks as chk
 from .. import reference
-from .vit import LN_EPS, INIT_STD, Block, check_transformer_sizes, grid_size, init_weights
+from .vit import LN_EPS, INIT_STD, Block, check_transformer_sizes, grid_size, init_weights, run_blocks
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
 # "unfused" is the official code's path (torch.randn noise + Linear + gather + repeat + cat); the
@@ -35,6 +35,8 @@ class VisionTransformerPredictor(nn.Module):
     context index tensor ``[B, Nc]`` (or a one-element list) and ``masks`` the ``npred`` target
     index tensors ``[B, Nt]``; row ``k·B + b`` is target block k of image b.
     """
+
+    residual_dtype: Optional[torch.dtype] = None  # see vit.run_blocks (config key bf16_residual)
 
     def __init__(self, num_patches: int, embed_dim: int = 768, predictor_embed_dim: int = 384, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -98,9 +100,7 @@ class VisionTransformerPredictor(nn.Module):
         chk.float_tensor("x", x, ndim=3)
         n_ctx = x.shape[1]
         z = self.assemble(x, masks_x, masks, noise=noise, generator=generator)
-        for blk in self.predictor_blocks:
-            z = blk(z)
-        z = self.predictor_norm(z)
+        z = self.predictor_norm(run_blocks(self.predictor_blocks, z, residual_dtype=self.residual_dtype))
         return self.predictor_proj(z[:, n_ctx:])
 
 

@@ -166,6 +166,23 @@ def check_transformer_sizes(width_name: str, width, depth, num_heads, mlp_ratio)
         raise ValueError(f"mlp_ratio: expected a positive finite number, got {mlp_ratio!r}")
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, residual_dtype: Optional[torch.dtype] = None):
+    """``x`` (the residual stream) through ``blocks`` in order; ``args`` go to every block (packed
+    mode: ``cu_seqlens, max_seqlen``).
+
+    ``residual_dtype``: under autocast the stream stays in fp32 (the embeddings' fp32 positions and
+    the fp32 residual adds make it so), so each block's LayerNorms and residual adds read and write
+    4 bytes per element. Given ``torch.bfloat16`` the stream is cast once, before the first block,
+    and every residual add then stays in bf16, as it does where FSDP2 gathers bf16 parameters (several
+    GPUs): ≈ 8 of the ≈ 42 bytes per token and width that a compiled block's elementwise kernels move
+    in the forward. Outside autocast it changes nothing."""
+    if residual_dtype is not None and x.dtype != residual_dtype and torch.is_autocast_enabled(x.device.type):
+        x = x.to(residual_dtype)
+    for blk in blocks:
+        x = blk(x, *args)
+    return x
+
+
 class VisionTransformer(nn.Module):
     """I-JEPA encoder: patch embedding + fixed 2-D sin-cos positions + blocks + LayerNorm.
 
@@ -173,6 +190,8 @@ class VisionTransformer(nn.Module):
     ``masks`` (a ``[B, K]`` index tensor or a list of them) only the kept tokens of each mask,
     stacked as ``[nmask·B, K, E]`` (the official ``apply_masks`` order).
     """
+
+    residual_dtype: Optional[torch.dtype] = None  # see run_blocks (config key bf16_residual)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True):
@@ -215,9 +234,7 @@ class VisionTransformer(nn.Module):
             if idx.shape[1] != x.shape[0]:
                 raise ValueError(f"masks: expected batch size {x.shape[0]}, got shape {tuple(idx.shape)}")
             x = reference.gather_tokens(x, idx)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, residual_dtype=self.residual_dtype))
 
 
 def vit_encoder(name: str, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3) -> VisionTransformer:

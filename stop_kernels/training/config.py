@@ -94,6 +94,7 @@ class TrainConfig:
     compile: bool = False              # torch.compile each transformer block
     compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
+    bf16_residual: bool = False        # keep the blocks' residual stream in bf16 under autocast (models.vit.run_blocks)
     cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     overlap_target: bool = False       # run the target encoder's forward on a second CUDA stream (one GPU, no FSDP)
     attention: str = "auto"            # attention backend of the models: auto (Triton on CUDA) | triton | sdpa | xformers | reference

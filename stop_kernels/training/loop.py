@@ -74,6 +74,8 @@ def build_models(cfg: TrainConfig) -> JEPAModels:
     predictor = predictor_for(encoder, img_size=cfg.img_size, patch_size=cfg.patch_size,
                               predictor_embed_dim=cfg.pred_emb_dim, depth=cfg.pred_depth,
                               noise_mode=cfg.noise_mode, noise_std=cfg.noise_std)
+    if cfg.bf16_residual:  # see models.vit.run_blocks
+        encoder.residual_dtype = predictor.residual_dtype = torch.bfloat16
     target = copy.deepcopy(encoder)
     for p in target.parameters():
         p.requires_grad_(False)
@@ -169,6 +171,9 @@ class Trainer:
         self.cfg, self.info, self.data = cfg, info, data
         self.device = info.device
         self.precision = resolve_precision(cfg, self.device)
+        if cfg.bf16_residual and self.precision != "bf16":
+            raise ConfigError(f"bf16_residual: needs precision bf16 (autocast), got {self.precision!r} on "
+                              f"{self.device.type}")
         self.autocast = autocast_for(self.precision, self.device)
         self.sharding = D.resolve_sharding(cfg, info.world_size)
         self.stream = stream

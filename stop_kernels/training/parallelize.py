@@ -173,6 +173,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
         extra = [m for m in (cfg.compile_mode if cfg.compile_mode != "default" else "",
                              "combo kernels" if cfg.combo_kernels else "") if m]
         parts.append("compiled blocks" + (f" ({', '.join(extra)})" if extra else ""))
+    if cfg.bf16_residual:
+        parts.append("bf16 residual stream")
     if cfg.cuda_graph_target:
         parts.append("CUDA-graphed target encoder")
     if cfg.overlap_target:
