@@ -312,3 +312,13 @@ def test_bf16_residual_runs_every_block_in_bf16_and_trains_alike(tmp_path, cpu_t
     assert low != plain  # the stream's rounding changed something
     for a, b in zip(low, plain):
         assert abs(a - b) <= 5e-3 * abs(b), (low, plain)  # measured here: ≈ 3e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast on a GPU")
+def test_bf16_residual_losses_match_the_fp32_streams_on_cuda(tmp_path):
+    """The GPU twin of the CPU check above (bf16 autocast is the default precision there)."""
+    plain, _ = _cuda_step_losses(tmp_path / "fp32_stream")
+    low, tr = _cuda_step_losses(tmp_path / "bf16_stream", bf16_residual=True)
+    assert tr.models.encoder.residual_dtype == torch.bfloat16
+    for a, b in zip(low, plain):
+        assert abs(a - b) <= 5e-3 * abs(b), (low, plain)
