@@ -38,11 +38,14 @@ def make_section(results: dict, elapsed: Callable[[], float]):
 CARD_LIMITS = {"H200": (707.0, 4.23), "H100": (707.0, 4.23 / 4.8 * 3.35)}
 
 
-def card_limits(gpu_name: str):
-    """(TFLOP/s, TB/s) for ``gpu_name`` (H200 or H100; others get the H200's, with a warning)."""
+def card_limits(gpu_name: str, strict: bool = False):
+    """(TFLOP/s, TB/s) for ``gpu_name`` (H200 or H100; others get the H200's, with a warning, or a
+    ``ValueError`` when ``strict``: a published table must not quote another card's limits)."""
     for key, lim in CARD_LIMITS.items():
         if key in gpu_name:
             return lim
+    if strict:
+        raise ValueError(f"no card limits for {gpu_name!r} (benchmarks/_gpu_common.py CARD_LIMITS)")
     print(f"card_limits: no limits for {gpu_name!r}; using the H200's", flush=True)
     return CARD_LIMITS["H200"]
 

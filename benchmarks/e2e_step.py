@@ -45,7 +45,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profile_step  # noqa: E402  (benchmarks/profile_step.py: runs Trainer variants)
 
-from stop_kernels.models.flops import peak_tflops  # noqa: E402
 
 PATHS = {
     "reference": "attention=sdpa+input=unfused",
@@ -70,10 +69,6 @@ def main(argv=None) -> int:
             p.error(f"--paths: unknown path {n!r}; choose from {sorted(PATHS)}")
     args.variants = ",".join(f"{n}:{PATHS[n]}+compile={compile_flag}" for n in names)
     gpu, results = profile_step.run_variants(args, json_name="e2e_step.json")
-    peak = peak_tflops(gpu)
-    for r in results:
-        if "tflops" in r:
-            r["mfu"] = round(r["tflops"] / peak, 4)
     by = {r["name"]: r for r in results if "error" not in r}
     ratio = None  # fast / reference (images/s); the other paths' ratios are printed too
     if "reference" in by:

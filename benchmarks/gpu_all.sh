@@ -18,8 +18,9 @@
 # idle): 90 + 540 + 210 = 840 s, 60 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
 # ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
 # side-by-side ratios; say which card in the results README).
-#   1. (timeout_s 540) SEC_STOP=120 BUDGET_STOP=100 SEC_ATTN=120 BUDGET_ATTN=100 SEC_E2E=270 \
-#        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 120 + 120 + 270)
+#   1. (timeout_s 540) SEC_STOP=120 BUDGET_STOP=100 SEC_ATTN=120 BUDGET_ATTN=100 SEC_E2E=250 \
+#        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 120 + 120 + 250;
+#        the 30 s left cover each section's 10 s kill grace, process starts and the packing)
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
 #      sin/cos): GPU correctness first, then every forward/dW config's GPU time against its SASS loop
 #      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path. Attention per
@@ -65,19 +66,28 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
 SECTIONS=${*:-env build tests-new tests stop attn cuda train e2e bench}
-SUMMARY=$RES/summary.txt
-: > "$SUMMARY"
+SUMMARY=$RES/summary.txt  # one block per call (a warm machine keeps the earlier calls' results)
+echo "== call $(date -u +%FT%TZ): $SECTIONS" >> "$SUMMARY"
+MAX_PACK=$((15 * 1024 * 1024))  # a returned file is at most 16 MiB
 
 pack() {  # every result so far -> $OUT/results.tar.gz (renamed into place: never half-written); the
-  # training runs' checkpoints and exports stay behind (hundreds of MB; a returned file is at most 16 MiB)
-  tar czf "$OUT/.results.tar.gz.tmp" -C "$RES" --exclude=checkpoints --exclude=export --exclude='*.safetensors' \
-      . && mv -f "$OUT/.results.tar.gz.tmp" "$OUT/results.tar.gz"
+  # training runs' checkpoints and exports (also set-aside ones: checkpoints.replaced-*) stay behind
+  local tmp=$OUT/.results.tar.gz.tmp
+  tar czf "$tmp" -C "$RES" --exclude='checkpoints*' --exclude='export*' --exclude='*.safetensors' \
+      --exclude='*.distcp' --exclude='*.pt' .
+  if [ "$(stat -c%s "$tmp")" -gt "$MAX_PACK" ]; then  # too big to come back: keep the text results only
+    echo "pack: archive over 15 MiB; kept only JSON/MD/log/txt files under 4 MiB" | tee -a "$SUMMARY"
+    (cd "$RES" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \
+       -o -name '*.txt' -o -name '*.out' \) -size -4M -print0 | tar czf "$tmp" --null -T -)
+  fi
+  mv -f "$tmp" "$OUT/results.tar.gz"
   cp -f "$SUMMARY" "$OUT/summary.txt"
 }
 
 section() {  # section NAME LIMIT COMMAND...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  rm -rf "${RES:?}/$name" "$RES/$name.log"  # a rerun section's results are this call's, never a stale copy
   echo "=================== $name (limit ${limit}s)"
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RES/$name.log"
   local rc=${PIPESTATUS[0]}

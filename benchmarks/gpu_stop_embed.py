@@ -339,7 +339,7 @@ def config_sweep(budget_s: float):
                 if timer == "eager":
                     ms = bench(fn)
             # every config computes the same function: compare with the first one's result
-            err = (got - ref[kind]).norm().item() / ref[kind].norm().item() if kind in ref else 0.0
+            err = rel(got, ref[kind]) if kind in ref else 0.0
             ref.setdefault(kind, got)
             RESULTS["config_sweep"].append({"kernel": kind, "config": name, "ms": ms, "timer": timer,
                                             "rel_err_vs_first": err})

@@ -39,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import parse_config  # noqa: E402
 from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
+from stop_kernels.models.flops import peak_tflops  # noqa: E402
+from stop_kernels.models.packing import mean_tokens  # noqa: E402
 from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +85,10 @@ def parse_variant(spec: str) -> dict:
 
 def _cuda(info) -> bool:
     return info.device.type == "cuda"
+
+
+def gpu_of(info) -> str:
+    return torch.cuda.get_device_name(info.device) if _cuda(info) else "cpu"
 
 
 def _sync(info) -> None:
@@ -137,8 +143,9 @@ def run_variant(v: dict, args, info) -> dict:
     for i in range(warm, warm + args.steps):
         imgs, me, mp = batches[i]
         stats = tr.step(imgs, me, mp, sched)
-        flops += step_flops(cfg, cfg.batch_size, me[0].shape[1], mp[0].shape[1])
-        n_ctx, n_tgt = n_ctx + me[0].shape[1] / args.steps, n_tgt + mp[0].shape[1] / args.steps
+        c_len, t_len = mean_tokens(me), mean_tokens(mp)
+        flops += step_flops(cfg, cfg.batch_size, c_len, t_len)
+        n_ctx, n_tgt = n_ctx + c_len / args.steps, n_tgt + t_len / args.steps
     t_queued = time.perf_counter() - t0
     _sync(info)
     dt = time.perf_counter() - t0
@@ -147,10 +154,12 @@ def run_variant(v: dict, args, info) -> dict:
     res["final_loss"] = round(float(stats[0]), 5) if stats is not None else None
     res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
                images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
+               mfu=round(flops / dt / 1e12 / peak_tflops(gpu_of(info)), 4),
                peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)
     # what the profile's categories are measured against (the card's ceilings; no floor for elementwise work)
     m = tr.models
-    tflops_lim, tbps_lim = card_limits(torch.cuda.get_device_name(info.device) if cuda else "H200 (CPU run)")
+    # (the floors use the timed steps' mean lengths; the profiled steps cycle the same pool of batches)
+    tflops_lim, tbps_lim = card_limits(gpu_of(info) if cuda else "H200 (CPU run)")
     res["floors_ms"] = {k: float(f"{x:.4g}") for k, x in step_floors_ms(
         cfg, cfg.batch_size, n_ctx, n_tgt, tflops=tflops_lim, tbps=tbps_lim,
         trainable_params=sum(p.numel() for mod in (m.encoder, m.predictor) for p in mod.parameters() if p.requires_grad),
@@ -226,7 +235,7 @@ def run_variants(args, json_name: str = "profile_step.json"):
     # one process group for every variant (a one-rank group serves FSDP2 and the unsharded runs alike)
     cfg0 = parse_config(["--model", args.model, "--sharding", "full"] + args.extra.split())
     info = D.init_distributed(cfg0)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    gpu = gpu_of(info)
     results, t_start = [], time.perf_counter()
     try:
         for v in variants:

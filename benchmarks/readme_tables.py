@@ -15,7 +15,7 @@ sources (paths relative to the repository root):
 Kinds:
 - ``stop``: ``stop_embed`` per backend, from ``gpu_cuda.json`` (``benchmarks/gpu_cuda.py``): forward and
   forward+backward time, peak memory beyond the inputs, and how far forward+backward is from the
-  card's limit (max of FLOP time and byte time at the card's ceilings, ``_gpu_common.CARD_LIMITS``).
+  card's limit (max of FLOP time and byte time at the card's ceilings, ``_gpu_common.card_limits``).
 - ``attention``: best SDPA backend against the Triton kernels per shape, from ``gpu_attention.json``
   (``benchmarks/gpu_attention.py``); ``timer=graph`` takes the CUDA-graph (kernel) times instead of
   the eager ones.
@@ -38,7 +38,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from _gpu_common import CARD_LIMITS  # noqa: E402
+from _gpu_common import card_limits  # noqa: E402
 
 MARKER = re.compile(r"^<!-- table: (\w+)((?: \S+)*) -->\n(.*?)^<!-- /table -->\n", re.M | re.S)
 
@@ -67,13 +67,6 @@ ANCHOR_ROWS = [
 ]
 
 
-def _card(gpu: str):
-    for key, lim in CARD_LIMITS.items():
-        if key in gpu:
-            return lim
-    raise ValueError(f"no card limits for {gpu!r} (benchmarks/_gpu_common.py CARD_LIMITS)")
-
-
 def _load(path: str):
     with open(os.path.join(REPO, path)) as fh:
         return json.load(fh)
@@ -85,18 +78,22 @@ def stop_table(source: str) -> str:
     tm = d["timings"]
     s = tm["shape"]
     R, E, D = s["R"], s["E"], s["D"]
-    tflops, tbps = _card(d["env"]["gpu"])
+    tflops, tbps = card_limits(d["env"]["gpu"], strict=True)
     elt = 2 if s["dtype"] in ("bfloat16", "float16") else 4
     # forward: ψ[idx] + n·Wᵀ + b; backward: dW = gᵀ·n (noise regenerated), db, dψ
     flops = 2 * 2 * R * E * D
     nbytes = elt * (2 * R * D + D * E) + 8 * R + elt * (R * D + 2 * D * E)
     limit_ms = max(flops / (tflops * 1e12), nbytes / (tbps * 1e12)) * 1e3
-    rows = {r["impl"]: r for r in tm["rows"] if "fwd_ms" in r}
+    rows = {r["impl"]: r for r in tm["rows"]}
     lines = ["| implementation | fwd ms | fwd+bwd ms | peak beyond inputs (fwd+bwd) | vs limit (fwd+bwd) |",
              "| --- | --- | --- | --- | --- |"]
     for impl, label in STOP_ROWS.items():
         r = rows.get(impl)
-        if r is None or "fwdbwd_ms" not in r:
+        if r is None:  # not run (e.g. the CUDA extension not built): said, not dropped
+            lines.append(f"| {label} | not run | | | |")
+            continue
+        if "fwdbwd_ms" not in r:
+            lines.append(f"| {label} | error: {str(r.get('error', 'no forward+backward time'))[:80]} | | | |")
             continue
         lines.append(f"| {label} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_peak_extra_mib']:.1f} MiB | "
                      f"{r['fwdbwd_ms'] / limit_ms:.0f}× |")
@@ -116,7 +113,7 @@ def attention_table(source: str, timer: str = "eager") -> str:
 
     def cells(s, col):
         if col not in s:
-            return ["", ""]
+            return ["not measured", ""]
         best, impl, tri, x = s[col]
         name = impl.replace("sdpa-", "")
         sd = f"{best:.3f}" + ("" if name == "cudnn" else f" ({name})")
@@ -136,6 +133,7 @@ def _step_result(path: str) -> dict:
             raise ValueError(f"step table: {path} has no result for path {name!r}")
         r = dict(found[-1])
         r.setdefault("peak_mem_gib", r.get("peak_gib"))
+        r.setdefault("gpu", _load(path).get("gpu", r.get("gpu")))
         return r
     with open(os.path.join(REPO, path)) as fh:
         return json.loads([ln for ln in fh.read().splitlines() if ln.startswith("{")][-1])
@@ -150,6 +148,8 @@ def step_table(*sources: str) -> str:
         if not sep or row not in STEP_ROWS:
             raise ValueError(f"step table: source {spec!r} is not ROW=PATH with ROW one of {sorted(STEP_ROWS)}")
         r = _step_result(path)
+        if "H200" not in str(r.get("gpu")):  # the anchor rows below are H200 numbers
+            raise ValueError(f"step table: {path} ran on {r.get('gpu')!r}; the anchor rows are an H200's (ANCHORS.md)")
         cells = [STEP_ROWS[row], f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.1f}", f"{r['tflops']:.1f}",
                  f"{100 * r['mfu']:.1f} %", f"{r['peak_mem_gib']:.1f}"]
         if i == 0:

@@ -92,6 +92,27 @@ def read_json(path: str, what: str):
         raise ValueError(f"{what}: {path} is not JSON ({e.msg} at line {e.lineno})") from None
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``: written to a temporary file of its own in the same folder, flushed to
+    disk, then renamed over ``path``, so a crash leaves either the previous file or the new one, never a
+    torn one, and two writers of the same path never share a temporary file."""
+    import json
+    import os
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def is_int(v) -> bool:
     """An int and not a bool (``True`` is an int in Python, never a size)."""
     return isinstance(v, int) and not isinstance(v, bool)

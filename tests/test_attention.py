@@ -135,9 +135,13 @@ def test_both_backward_variants(variant, N):
     """The one-program-per-(sequence, head) backward (looping over key blocks, or in one pass) and the
     dQ + dK/dV pair agree with float64."""
     torch.manual_seed(N)
-    q, k, v, _ = _qkv(1, N, 2, 24, torch.float16)
+    # persistent: 3 sequences × 2 heads = 6 items on the interpreter's 4 programs, so some walk two
+    q, k, v, _ = _qkv(3 if variant == "persistent" else 1, N, 2, 24, torch.float16)
     with A._force_config(bwd=_bwd_cfg(variant, N)):
         _check(q, k, v, None, torch.float16)
+        bp = A._get_plan(q, k, v, None, N, 24 ** -0.5).bwd  # the backward that ran is the one named
+        assert bp is not None and bp.fused == (variant != "split")
+        assert bp.kw.get("PERSISTENT", False) == (variant == "persistent")
 
 
 def test_one_pass_backward_head_dim_80_and_varlen():
@@ -828,8 +832,22 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
      '"config": {}}]', "head_dim must be a multiple of 8"),
 ] + [(f'[{{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
       f'"config": {{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1, {bad}}}}}]', match)
-     for bad, match in [('"PERSIST": -1', "PERSIST must be"), ('"HEADS": 0', "HEADS must be"),
-                        ('"HEADS": -1', "HEADS must be")]]
+     for bad, match in [('"PERSIST": -1', "PERSIST must be"), ('"PERSIST": 1000000000', "PERSIST must be"),
+                        ('"HEADS": 0', "HEADS must be"), ('"HEADS": -1', "HEADS must be")]]
+   # JSON lists where a name belongs (unhashable: a TypeError unless checked first)
+   + [('[{"kind": ["fwd"], "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+       '"config": {}}]', "kind must be"),
+      ('[{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": ["float16"], "varlen": false, "split_d": true, '
+       '"config": {}}]', "dtype must be")]
+   # keys a backward variant would ignore
+   + [(f'[{{"kind": "bwd", "bucket": 64, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
+       f'"config": {cfg}}}]', "backward config takes no")
+      for cfg in ('{"VARIANT": "fused", "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}',
+                  '{"VARIANT": "split", "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1, "PERSIST": 1}')]
+   # the same key twice: which one applies would depend on the order
+   + [('[' + ', '.join(['{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, '
+                        '"split_d": true, "config": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}}']
+                       * 2) + ']', "entry 1: a second config")]
    + [(f'[{{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": true, '
        f'"config": {cfg}}}]', match)
       for cfg, match in [('{"BLOCK_M": "16", "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}', "BLOCK_M must be"),

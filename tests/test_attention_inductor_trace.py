@@ -60,6 +60,7 @@ def test_ops_are_triton_ops_outside_the_interpreter(traced):
     ("qkv_N74_D80_batched", [["_attn_fwd_kernel", ["LSE", "O"]]],
      [["_attn_bwd_dq_kernel", ["DELTA", "DQ"]], ["_attn_bwd_dkdv_kernel", ["DK"]]]),
     ("qkv_N40_D24_varlen", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
+    ("qkv_N40_D24_varlen_persistent", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
     ("q_k_v_N150_D24_batched", [["_attn_fwd_kernel", ["LSE", "O"]]],
      [["_attn_bwd_dq_kernel", ["DELTA", "DQ"]], ["_attn_bwd_dkdv_kernel", ["DK", "DV"]]]),
 ])
@@ -179,17 +180,23 @@ def _weight_cast_launches(code: str):
 def test_combo_kernels_launch_a_blocks_weight_casts_together(inductor_code):
     """Config key ``combo_kernels`` (Inductor's horizontal fusion): under bf16 autocast a compiled block
     casts each of its 8 fp32 weights and biases (QKV, projection, fc1, fc2) to bf16 in a kernel of its
-    own, in every call. With combo kernels the casts that are ready at the same point share a launch:
-    the 8 casts take 4 launches, and the block forward 9 Triton launches instead of 13 (torch 2.11 and
-    2.14), with the same 4 GEMMs and one attention kernel."""
+    own, in every call. With combo kernels the casts that are ready at the same point share a launch,
+    with the same 4 GEMMs and one attention kernel: the 8 casts take 2 launches and the block forward 7
+    Triton launches instead of 13 with torch 2.11 (the GPU image), 4 and 9 with torch 2.14."""
+    from stop_kernels.backends import _version
     plain_code = inductor_code["block_N116_W384"]["fwd"]
     combo_code = inductor_code["block_N116_W384_combo"]["fwd"]
     plain, combo = _weight_cast_launches(plain_code), _weight_cast_launches(combo_code)
     assert len(plain) == 8 and all(len(a) == 1 for _, a in plain), plain
+    assert len(_launch_lines(plain_code)) == 13
     cast = sorted(i for _, a in combo for i in a)
     assert cast == sorted(a[0] for _, a in plain), (plain, combo)  # the same 8 parameters
-    assert len(combo) <= 5, combo
-    assert len(_launch_lines(combo_code)) <= len(_launch_lines(plain_code)) - 3
+    got = (len(combo), len(_launch_lines(combo_code)))
+    want = {(2, 11): (2, 7), (2, 14): (4, 9)}.get(_version(torch.__version__))
+    if want:  # the versions read so far
+        assert got == want, got
+    else:  # another torch: fewer launches all the same
+        assert got[0] <= 4 and got[1] <= 9, got
     assert sum("_attn_fwd_kernel" in k for k in _launch_lines(combo_code)) == 1
 
 

@@ -52,11 +52,29 @@ def test_step_rows_from_the_current_e2e_harness(tmp_path):
             "peak_gib": 24.64},
            {"name": "fast_levers", "error": "RuntimeError: capture failed"}]
     f = tmp_path / "e2e_step.json"
-    f.write_text(json.dumps({"results": res}))
+    f.write_text(json.dumps({"gpu": "NVIDIA H200", "results": res}))
     table = readme_tables.step_table(f"reference={f}#reference")
     assert "| **150.0** | **426.6** | **294.1** | **29.7 %** | **24.6** |" in table
     with pytest.raises(ValueError, match="no result for path 'fast_levers'"):
         readme_tables.step_table(f"default={f}#fast_levers")
+    # the anchor rows are an H200's: another card's step is refused, not tabled beside them
+    f.write_text(json.dumps({"gpu": "NVIDIA H100 80GB HBM3", "results": res}))
+    with pytest.raises(ValueError, match="ran on 'NVIDIA H100 80GB HBM3'"):
+        readme_tables.step_table(f"reference={f}#reference")
+
+
+def test_stop_table_says_which_backend_did_not_run(tmp_path):
+    d = json.loads((REPO / "benchmarks/results/h200-run2/gpu_cuda.json").read_text())
+    rows = d["timings"]["rows"]
+    d["timings"]["rows"] = [r for r in rows if r["impl"] != "cuda"]           # extension not built
+    d["timings"]["rows"] = [({"impl": "triton", "error": "RuntimeError: boom"} if r["impl"] == "triton" else r)
+                            for r in d["timings"]["rows"]]
+    f = tmp_path / "gpu_cuda.json"
+    f.write_text(json.dumps(d))
+    lines = readme_tables.stop_table(str(f)).splitlines()
+    assert lines[2] == "| CUDA C++ (default when built) | not run | | | |"
+    assert lines[3] == "| Triton | error: RuntimeError: boom | | | |"
+    assert len(lines) == 2 + len(readme_tables.STOP_ROWS)
 
 
 def test_step_sources_must_name_a_known_row():

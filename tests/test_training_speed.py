@@ -126,6 +126,10 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
         assert seen and all("mode" not in kw and want.items() <= kw["options"].items() for kw in seen), seen
         assert "combo kernels" in par.describe(cfg, None, "fp32")
     assert TrainConfig().combo_kernels is False  # opt-in until a GPU profile says it pays
+    for flags in (["--combo-kernels"], ["--compile-mode", "max-autotune-no-cudagraphs"]):  # no --compile
+        key = flags[0][2:].replace("-", "_")
+        with pytest.raises(ConfigError, match=rf"^{key}: applies to compiled blocks only"):
+            parse_config(["--model", "vit_tiny"] + flags)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

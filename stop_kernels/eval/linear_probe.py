@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _checks as chk
 from . import features as feat
 
 DEFAULT_PENALTIES = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 0.0)
@@ -51,7 +52,7 @@ def check_classifier_settings(*, heldout: Optional[float] = None, max_iter: Opti
     :func:`run_probe` checks them all before any extraction; the functions below check theirs."""
     if heldout is not None and not 0 < heldout < 1:
         raise ValueError(f"--heldout: expected a fraction in (0, 1), got {heldout}")
-    if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
+    if max_iter is not None and (not chk.is_int(max_iter) or max_iter < 1):
         raise ValueError(f"--max-iter: expected an integer >= 1, got {max_iter!r}")
     if penalties is not None and (not penalties or not all(0 <= p < math.inf for p in penalties)):
         raise ValueError(f"--penalties: expected one or more finite values >= 0, got {list(penalties)}")

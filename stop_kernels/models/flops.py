@@ -65,12 +65,11 @@ def jepa_step_flops(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: i
     return out
 
 
-def jepa_step_floors_ms(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: int, pred_depth: int,
-                        batch: int, num_patches: int, patch_size: int, n_ctx: float, n_tgt: float, npred: int,
-                        trainable_params: int, ema_params: int, tflops: float, tbps: float,
-                        noise_projection: bool = True) -> Dict[str, float]:
+def jepa_step_floors_ms(*, trainable_params: int, ema_params: int, tflops: float, tbps: float,
+                        **sizes) -> Dict[str, float]:
     """Floors (ms) of a training step's GPU time per kernel category at a card's measured ceilings
-    (``tflops`` matmul TFLOP/s, ``tbps`` copy TB/s): what a profile's categories are measured against.
+    (``tflops`` matmul TFLOP/s, ``tbps`` copy TB/s) for a step of ``sizes`` (the keyword arguments of
+    :func:`jepa_step_flops`): what a profile's categories are measured against.
     The matmul rate is a measured reference (ANCHORS.md: 707 TFLOP/s for 8192³), not the datasheet's,
     so well-shaped GEMMs can come in slightly under their floor.
 
@@ -84,16 +83,17 @@ def jepa_step_floors_ms(*, embed_dim: int, depth: int, mlp_ratio: float, pred_di
 
     Elementwise work (LayerNorm, GELU, residual adds, casts) has no floor here: how much of it a
     compiler fuses away is the open question, not a constant."""
-    f = jepa_step_flops(embed_dim=embed_dim, depth=depth, mlp_ratio=mlp_ratio, pred_dim=pred_dim,
-                        pred_depth=pred_depth, batch=batch, num_patches=num_patches, patch_size=patch_size,
-                        n_ctx=n_ctx, n_tgt=n_tgt, npred=npred, noise_projection=noise_projection)
+    f = jepa_step_flops(**sizes)
+    batch, n_ctx, n_tgt = sizes["batch"], sizes["n_ctx"], sizes["n_tgt"]
     flop_ms = 1e3 / (tflops * 1e12)
     byte_ms = 1e3 / (tbps * 1e12)
     attn = 0.0
     # (sequences, tokens per sequence, width, depth, backward too)
-    for seqs, n, width, blocks, bwd in ((batch, num_patches, embed_dim, depth, False),
-                                        (batch, n_ctx, embed_dim, depth, True),
-                                        (npred * batch, n_ctx + n_tgt, pred_dim, pred_depth, True)):
+    E, L = sizes["embed_dim"], sizes["depth"]
+    for seqs, n, width, blocks, bwd in ((batch, sizes["num_patches"], E, L, False),
+                                        (batch, n_ctx, E, L, True),
+                                        (sizes["npred"] * batch, n_ctx + n_tgt, sizes["pred_dim"],
+                                         sizes["pred_depth"], True)):
         fwd_flops = 4.0 * seqs * n * n * width * blocks
         act = 2.0 * seqs * n * width * blocks  # bytes of one bf16 [tokens, width] tensor over the blocks
         flops, nbytes = (3.5 * fwd_flops, 12 * act) if bwd else (fwd_flops, 4 * act)

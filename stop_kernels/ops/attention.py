@@ -86,9 +86,10 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
   interpreter they are plain custom ops (opaque calls, the same plans). Same kernels and configs
   as the eager path, so the results are meant to be bit-identical (tested: on CPU through the
   custom ops, on CUDA by ``test_inductor_launches_the_kernels_itself``, not yet run on a GPU). In GPU
-  run 3 (H200) the earlier custom-op version of these ops made the compiled ViT-H step host-bound (141.7 against 120.6 ms/step with SDPA), which is why
-  "auto" still picks SDPA under torch.compile (:data:`DEFAULT_AUTO_POLICY`) until the Inductor-
-  launched version is measured (``benchmarks/gpu_all.sh profile``).
+  run 3 (H200) the earlier custom-op version of these ops made the compiled ViT-H step host-bound
+  (141.7 against 120.6 ms/step with SDPA), which is why "auto" still picks SDPA under torch.compile
+  (:data:`DEFAULT_AUTO_POLICY`) until the Inductor-launched version is measured (``benchmarks/gpu_all.sh
+  e2e``, path ``fast_mixed``).
 
 Public API: :func:`attention`, :func:`attention_qkv`, :func:`dispatch_attention`,
 :func:`dispatch_attention_qkv`, :func:`set_attention_backend`,
@@ -258,7 +259,8 @@ def _seq_bounds(cu_lo, cu_hi, b, NT, H, VARLEN: tl.constexpr):
     torch's kernel analysis (``wrap_triton``, Inductor) counts every pointer handed to a helper whose
     *results* address a store as written, and would then copy cu_seqlens (or the dummy q) around
     each launch of a compiled graph. (Loading CU inside a helper that returns nothing, as
-    ``_fwd_item`` does, is fine: tests/test_attention_inductor_trace.py checks it.)
+    ``_fwd_item`` does, is fine: tests/test_attention_inductor_trace.py checks the packed persistent
+    case.)
     start: first row of the sequence in q/k/v's token axis (0 when batched: the batch stride does it);
     seqlen: its length; orow0: its first row in the contiguous outputs O/dO/dQ/dK/dV (rows of
     H·HEAD_DIM elements: b·N batched, start packed); lbase: its offset in LSE ([B, H, N] batched:
@@ -1001,9 +1003,9 @@ def _config_value_problem(name: str, v) -> str:
     if name == "num_warps":
         return "" if _is_pow2(v) and v <= 32 else "a power of two in [1, 32]"
     if name in ("num_stages", "HEADS"):
-        return "" if chk.is_int(v) and v >= 1 else "an integer >= 1"
-    if name == "PERSIST":
-        return "" if chk.is_int(v) and v >= 0 else "an integer >= 0 (programs per SM; 0: one per work item)"
+        return "" if chk.is_int(v) and 1 <= v <= 16 else "an integer in [1, 16]"
+    if name == "PERSIST":  # a larger grid than 32 programs per SM is never resident: a typo, not a config
+        return "" if chk.is_int(v) and 0 <= v <= 32 else "an integer in [0, 32] (programs per SM; 0: one per item)"
     return "a known key"
 
 
@@ -1012,12 +1014,11 @@ def save_tuned_configs(path: str, configs: Optional[Dict[Tuple, Dict]] = None) -
     (keyed as that cache: (kind, N bucket, head dim, dtype, packed, head-dim split)), to a JSON file
     that :func:`load_tuned_configs` reads back; returns the number of entries. Written to a
     temporary file and renamed, so a crash leaves the previous file whole."""
-    from ..training.checkpoint import write_json_atomic
     configs = _TUNE_CACHE if configs is None else configs
     entries = [dict(kind=kind, bucket=bucket, head_dim=D, dtype=str(dtype).replace("torch.", ""), varlen=varlen,
                     split_d=split, config=dict(cfg))
                for (kind, bucket, D, dtype, varlen, split), cfg in sorted(configs.items(), key=str)]
-    write_json_atomic(path, entries)
+    chk.write_json_atomic(path, entries)
     return len(entries)
 
 
@@ -1042,9 +1043,9 @@ def load_tuned_configs(path: str) -> int:
             raise ValueError(f"{where}: expected the keys kind, bucket, head_dim, dtype, varlen, split_d, config; "
                              f"got {sorted(e) if isinstance(e, dict) else e!r}")
         kind, cfg = e["kind"], e["config"]
-        if kind not in _CONFIG_KEYS:
+        if not isinstance(kind, str) or kind not in _CONFIG_KEYS:
             raise ValueError(f"{where}: kind must be 'fwd' or 'bwd', got {kind!r}")
-        if e["dtype"] not in _DTYPE_NAMES:
+        if not isinstance(e["dtype"], str) or e["dtype"] not in _DTYPE_NAMES:
             raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {e['dtype']!r}")
         if not _is_pow2(e["bucket"], 16):
             raise ValueError(f"{where}: bucket must be next_pow2(N), a power of two >= 16, got {e['bucket']!r}")
@@ -1060,7 +1061,16 @@ def load_tuned_configs(path: str) -> int:
             why = _config_value_problem(name, v)
             if why:
                 raise ValueError(f"{where}: config {name} must be {why}, got {v!r}")
-        loaded[(kind, e["bucket"], e["head_dim"], _DTYPE_NAMES[e["dtype"]], e["varlen"], e["split_d"])] = dict(cfg)
+        # keys a backward variant would silently ignore: the fused kernel tiles keys only, the split
+        # kernels have no persistent form
+        unused = {"fused": {"BLOCK_M"}, "split": {"PERSIST"}}.get(cfg.get("VARIANT"), set()) & set(cfg)
+        if unused:
+            raise ValueError(f"{where}: a {cfg['VARIANT']} backward config takes no {sorted(unused)}, got {cfg!r}")
+        key = (kind, e["bucket"], e["head_dim"], _DTYPE_NAMES[e["dtype"]], e["varlen"], e["split_d"])
+        if key in loaded:
+            raise ValueError(f"{where}: a second config for {kind}, bucket {e['bucket']}, head dim {e['head_dim']}, "
+                             f"{e['dtype']}, varlen {e['varlen']}, split_d {e['split_d']}")
+        loaded[key] = dict(cfg)
     _TUNE_CACHE.update(loaded)
     _PLANS.clear()  # plans snapshot their configs
     return len(loaded)

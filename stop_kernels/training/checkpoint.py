@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._checks import write_json_atomic
 from .distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -79,17 +80,6 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """``obj`` as JSON at ``path``: written to ``path.tmp``, flushed to disk, then renamed, so a crash
-    leaves either the previous file or the new one, never a torn one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def list_checkpoints(folder: str) -> List[Tuple[int, str]]:

@@ -206,6 +206,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("ema_start", "ema_end"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")
+    for key, on in (("compile_mode", cfg.compile_mode != "default"), ("combo_kernels", cfg.combo_kernels)):
+        if on and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
+            raise ConfigError(f"{key}: applies to compiled blocks only; add --compile (or drop {key})")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"img_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.img_size}")
     lo, hi = cfg.crop_scale

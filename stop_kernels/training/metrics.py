@@ -36,8 +36,8 @@ def step_flops(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float) -> floa
 
 def step_floors_ms(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float, *, trainable_params: int,
                    ema_params: int, tflops: float, tbps: float) -> Dict[str, float]:
-    """Lower bounds of one step's GPU time per kernel category (matmul, attention, optimizer) at the
-    card's ceilings: :func:`stop_kernels.models.flops.jepa_step_floors_ms`."""
+    """Floors of one step's GPU time per kernel category (matmul, attention, optimizer) at the card's
+    measured ceilings: :func:`stop_kernels.models.flops.jepa_step_floors_ms`."""
     return jepa_step_floors_ms(**_step_sizes(cfg, batch, n_ctx, n_tgt), trainable_params=trainable_params,
                                ema_params=ema_params, tflops=tflops, tbps=tbps)
 
