@@ -229,6 +229,41 @@ def test_persistent_forward_packed():
         _check(q, k, v, None, torch.float16, cu_seqlens=cu)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
+@pytest.mark.skipif(CUDA, reason="counts the key blocks a kernel visits: the interpreter runs device "
+                                 "functions as Python calls; the GPU compiles them away")
+def test_persistent_forward_packed_key_loop_skips_past_end(monkeypatch):
+    """Packed, persistent, with a key loop (150 tokens, 64-key blocks): a query block past its
+    sequence's end visits no key block. 2 heads × (5 query blocks × 3 key blocks of the 150-token
+    sequence + 1 + 1 of the two short ones) = 34 visits; masked past-end items running the loop
+    would make it 50. The outputs are checked against float64 too."""
+    calls = []
+    visit = A._fwd_key_block
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return visit(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_fwd_key_block", counted)
+    torch.manual_seed(12)
+    lens = [150, 3, 1]
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEV)
+    qkv = torch.randn(sum(lens), 3, 2, 24, device=DEV, dtype=torch.float16)
+    q, k, v = qkv.unbind(1)
+    fwd = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, HEADS=1, PERSIST=1)
+    with A._force_config(fwd=fwd):
+        p = A._get_plan(q, k, v, cu, max(lens), 24 ** -0.5)
+        assert p.fwd_kw["PERSISTENT"] and not p.fwd_kw["ONE_TILE"]
+        A.attention(q, k, v, cu_seqlens=cu, max_seqlen=max(lens))
+    assert len(calls) == 2 * (5 * 3 + 1 + 1)
+    monkeypatch.undo()
+    qkv.requires_grad_()
+    q, k, v = qkv.unbind(1)
+    with A._force_config(fwd=fwd):
+        _check(q, k, v, None, torch.float16, cu_seqlens=cu)
+
+
 def test_float32_path_and_scale():
     torch.manual_seed(3)
     q, k, v, _ = _qkv(1, 37, 2, 40, torch.float32)

@@ -395,12 +395,15 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
                                                   m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
                                                   True, PREC, UPCAST)
         else:
-            n_full = (seqlen // BLOCK_N) * BLOCK_N
+            # a persistent program's query block past its sequence's end (packed) has no keys to
+            # visit: its loop bound drops to 0 instead of a branch around the loop
+            n_end = tl.where(mb * BLOCK_M < seqlen, seqlen, 0)
+            n_full = (n_end // BLOCK_N) * BLOCK_N
             for n0 in range(0, n_full, BLOCK_N):
                 m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n0 + offs_n, seqlen, skn,
                                                       svn, m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
                                                       False, PREC, UPCAST)
-            if n_full < seqlen:
+            if n_full < n_end:
                 m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n_full + offs_n, seqlen, skn,
                                                       svn, m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
                                                       True, PREC, UPCAST)
@@ -425,8 +428,8 @@ def _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn,
               BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, VARLEN: tl.constexpr,
               PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One trip of the persistent loop: work item ``item``. A query block past its sequence's end
-    (packed sequences shorter than the longest) runs with every row masked: the loop body stays
-    free of branches, which the pipeliner needs."""
+    (packed sequences shorter than the longest) runs with every row masked and, with a key loop, no
+    key block: the loop body stays free of branches, which the pipeliner needs."""
     hg, mb, b = _fwd_decode(item, H // HEADS, NUM_M)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
