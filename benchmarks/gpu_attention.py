@@ -31,9 +31,9 @@ at its share of ``--budget-s``):
 5. variants: every forward/backward candidate, graph-timed (kernel time), with and without the
    head-dim split where it applies (80 = 64 + 16; ``STOP_KERNELS_ATTN_SPLIT_D``), side by side at N = 116,
    150 and the encoder shapes, so the default order in ``_fwd_configs`` / ``_bwd_configs`` can be
-   fixed from one run. The fastest per shape is written to DIR/best_configs.json
-   (``stop_kernels.ops.attention.load_tuned_configs``; ``STOP_KERNELS_ATTN_CONFIGS=path`` makes a later
-   process, compiled graphs included, run them).
+   fixed from one run. The fastest per shape is written to DIR/best_configs.json, for batched and
+   packed inputs alike (``stop_kernels.ops.attention.load_tuned_configs``;
+   ``STOP_KERNELS_ATTN_CONFIGS=path`` makes a later process, compiled graphs included, run them).
 6. ``--pytest``: tests/test_attention.py on CUDA, only with the time left in the budget.
 
 Writes DIR/gpu_attention.json and DIR/gpu_attention.md, and prints a short summary table last.
@@ -480,9 +480,15 @@ def _summary():
 
 def best_configs():
     """The fastest config the variants sweep measured per (kind, N bucket, head dim, head-dim split),
-    keyed as the attention module's tuning cache (bf16, batched). Graph-timed rows (kernel time) are
-    compared among themselves; eager rows (after a failed capture: host time included) only where a
-    key has no graph-timed row."""
+    keyed as the attention module's tuning cache (bf16). Graph-timed rows (kernel time) are compared
+    among themselves; eager rows (after a failed capture: host time included) only where a key has
+    no graph-timed row.
+
+    The sweep times batched inputs only; its pick also serves packed (varlen) runs at the same N
+    bucket, which launch the same kernels with the same tiles (``packed: true`` training would
+    otherwise run the first candidate inside compiled graphs). A sweep cut short by its budget still
+    timed each key's first candidate (the sweep goes in candidate order), so its pick is never slower
+    than the default it replaces."""
     from stop_kernels.ops import attention as A
     best = {}
     for r in RESULTS["variants"]:
@@ -493,7 +499,8 @@ def best_configs():
         rank = (r.get("timer") != "graph", r["ms"])  # graph-timed first, then the time
         if key not in best or rank < best[key][0]:
             best[key] = (rank, r["config"])
-    return {key: cfg for key, (_, cfg) in best.items()}
+    picks = {key: cfg for key, (_, cfg) in best.items()}
+    return {**picks, **{key[:4] + (True,) + key[5:]: cfg for key, cfg in picks.items()}}
 
 
 def write(out):

@@ -96,7 +96,7 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
 
 def test_attention_sweep_writes_its_fastest_configs(tmp_path, monkeypatch):
     """gpu_attention.py's variants sweep → best_configs.json: the fastest measured config per
-    (kind, N bucket, head dim, split), loadable by the attention module, so the e2e section of the
+    (kind, N bucket, head dim, split), batched and packed, loadable by the attention module, so the e2e section of the
     same GPU session runs them inside compiled graphs (STOP_KERNELS_ATTN_CONFIGS)."""
     import gpu_attention as G
     fast = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1, PERSIST=1)
@@ -111,13 +111,15 @@ def test_attention_sweep_writes_its_fastest_configs(tmp_path, monkeypatch):
             dict(shape=[256, 16, 116, 24], kind="bwd", config=bwd, split_d=True, ms=0.2, timer="eager")]
     monkeypatch.setitem(G.RESULTS, "variants", rows)
     best = G.best_configs()
-    assert best == {("fwd", 128, 24, torch.bfloat16, False, True): fast,
-                    ("bwd", 128, 24, torch.bfloat16, False, True): bwd}
+    # the batched picks, and the same for packed runs at that bucket (the sweep times batched only)
+    assert best == {("fwd", 128, 24, torch.bfloat16, packed, True): cfg
+                    for cfg, packed in ((fast, False), (fast, True))} | {
+                    ("bwd", 128, 24, torch.bfloat16, packed, True): bwd for packed in (False, True)}
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     monkeypatch.setattr(A, "_PLANS", {})
     path = str(tmp_path / "best_configs.json")
-    assert A.save_tuned_configs(path, best) == 2 and A._TUNE_CACHE == {}
-    assert A.load_tuned_configs(path) == 2 and A._TUNE_CACHE == best
+    assert A.save_tuned_configs(path, best) == 4 and A._TUNE_CACHE == {}
+    assert A.load_tuned_configs(path) == 4 and A._TUNE_CACHE == best
 
 
 def test_gpu_script_returns_its_results_within_the_device_tools_limits(tmp_path):
