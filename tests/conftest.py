@@ -40,3 +40,19 @@ def official_fixture():
             pytest.fail(f"fixtures folder {FIXTURES} exists but {name} is missing")
         return torch.load(path, weights_only=True)
     return load
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, name)`` replaces ``module.name`` with a wrapper that calls the original
+    and records one entry per call; returns that (live) list. Undone with the test's monkeypatch."""
+    def install(module, name: str) -> list:
+        calls, real = [], getattr(module, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+        return calls
+    return install

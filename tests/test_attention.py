@@ -233,19 +233,12 @@ def test_persistent_forward_packed():
 @pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 @pytest.mark.skipif(CUDA, reason="counts the key blocks a kernel visits: the interpreter runs device "
                                  "functions as Python calls; the GPU compiles them away")
-def test_persistent_forward_packed_key_loop_skips_past_end(monkeypatch):
+def test_persistent_forward_packed_key_loop_skips_past_end(count_calls, monkeypatch):
     """Packed, persistent, with a key loop (150 tokens, 64-key blocks): a query block past its
     sequence's end visits no key block. 2 heads × (5 query blocks × 3 key blocks of the 150-token
     sequence + 1 + 1 of the two short ones) = 34 visits; masked past-end items running the loop
     would make it 50. The outputs are checked against float64 too."""
-    calls = []
-    visit = A._fwd_key_block
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return visit(*args, **kwargs)
-
-    monkeypatch.setattr(A, "_fwd_key_block", counted)
+    calls = count_calls(A, "_fwd_key_block")
     torch.manual_seed(12)
     lens = [150, 3, 1]
     cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=DEV)

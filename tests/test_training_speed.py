@@ -55,17 +55,10 @@ def test_to_device_rejects_bad_masks_before_the_step(tmp_path, cpu_train):
         tr.to_device(imgs, [torch.full((4, 3), 16)], [torch.zeros(4, 2, dtype=torch.long)])
 
 
-def test_attention_config_key_reaches_the_models(tmp_path, cpu_train, monkeypatch):
+def test_attention_config_key_reaches_the_models(tmp_path, cpu_train, count_calls):
     """cfg.attention is the dispatch backend inside Trainer.step: 'reference' runs the reference
     attention (counted), 'sdpa' does not, and both give the same loss."""
-    calls = []
-    real = reference.attention
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(reference, "attention", counting)
+    calls = count_calls(reference, "attention")
     losses = {}
     for backend in ("reference", "sdpa"):
         calls.clear()
