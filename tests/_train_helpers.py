@@ -4,9 +4,6 @@ import os
 import pathlib
 import sys
 
-import pytest
-import torch
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # vit_tiny on a 4x4 patch grid, a one-block predictor: each step takes well under a second on one CPU core
@@ -49,11 +46,3 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def cpu_train(monkeypatch):
-    """Reference (non-interpreted) predictor-input path and one thread: fast, deterministic CPU training."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -6,6 +6,8 @@
 * ``official_fixture`` loads a case computed by the official StoP / I-JEPA code from
   ``../shared/fixtures`` (or ``$STOP_KERNELS_FIXTURES``); the test is skipped, with that reason,
   only where the folder is absent.
+* ``count_calls(module, name)`` counts the calls of a module function for one test.
+* ``cpu_train``: the training tests' fast CPU setting (reference StoP path, one thread).
 """
 import os
 import pathlib
@@ -56,3 +58,13 @@ def count_calls(monkeypatch):
         monkeypatch.setattr(module, name, counted)
         return calls
     return install
+
+
+@pytest.fixture
+def cpu_train(monkeypatch):
+    """Reference (non-interpreted) predictor-input path and one thread: fast, deterministic CPU training."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from _train_helpers import REPO, cpu_train  # noqa: F401  (fixture)
+from _train_helpers import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import e2e_step  # noqa: E402

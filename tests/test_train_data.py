@@ -9,7 +9,7 @@ from stop_kernels.data.datasets import ImageFolderDataset, ResumableDistributedS
 from stop_kernels.data.transforms import make_transforms
 from stop_kernels.training.config import ConfigError, TrainConfig
 
-from _train_helpers import TINY, cpu_train  # noqa: F401  (fixture)
+from _train_helpers import TINY
 
 
 def make_folder(root, per_class=2, classes=("a", "b"), corrupt=True, size=40):

@@ -22,7 +22,7 @@ import torch
 from stop_kernels.training.checkpoint import latest_checkpoint, list_checkpoints
 from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
 
-from _train_helpers import TINY, cpu_train, read_log  # noqa: F401  (fixture)
+from _train_helpers import TINY, read_log
 
 
 def tiny(out, **over):

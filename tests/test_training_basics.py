@@ -11,7 +11,7 @@ from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
 from stop_kernels.training.ema import ema_update
 from stop_kernels.training.schedules import lr_at, momentum_at, wd_at
 
-from _train_helpers import TINY, cpu_train  # noqa: F401  (fixture)
+from _train_helpers import TINY
 
 
 def tiny(tmp_path, **over):

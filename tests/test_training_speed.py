@@ -16,7 +16,7 @@ from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
 from stop_kernels.training.ema import ema_update
 from stop_kernels.training.loop import Trainer, check_masks, train
 
-from _train_helpers import TINY, cpu_train  # noqa: F401  (fixture)
+from _train_helpers import TINY
 
 
 def tiny(tmp_path, **over):
