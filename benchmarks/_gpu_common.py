@@ -3,14 +3,34 @@ the attention benchmarks: the section decorator, the environment record, the do_
 do_bench_cudagraph wrappers and the forced-backend SDPA wrapper.
 
 Each script keeps its own start time and RESULTS dict and binds them with :func:`make_section`.
+
+Rehearsal (``STOP_KERNELS_REHEARSE=1``, no GPU needed): the scripts run every section on the CPU at
+toy sizes, the Triton kernels through the interpreter, the timers on the wall clock (CUDA-graph timing
+and peak memory are stand-ins). It checks the scripts, never the kernels' speed: a GPU session is
+15 minutes, and a section that dies of a Python error there loses its numbers until the next one.
+``DEV`` is the device the scripts allocate on and :func:`sync` their synchronisation.
 """
 from __future__ import annotations
 
+import os
 import platform
+import time
 import traceback
 from typing import Callable, Optional
 
-import torch
+REHEARSE = os.environ.get("STOP_KERNELS_REHEARSE") == "1"
+if REHEARSE:  # before anything imports triton (the scripts import stop_kernels after this module)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+DEV = "cpu" if REHEARSE else "cuda"
+
+
+def sync() -> None:
+    """Wait for the GPU (nothing to wait for in a rehearsal)."""
+    if not REHEARSE:
+        torch.cuda.synchronize()
 
 
 def make_section(results: dict, elapsed: Callable[[], float]):
@@ -54,9 +74,13 @@ def record_env(results: dict, cudnn: bool = False, xformers: bool = False) -> di
     """GPU name, SM version and count, torch / triton / CUDA (and cuDNN, xformers when asked) and
     Python versions: stored as ``results["env"]``, printed one per line, returned."""
     import triton
-    p = torch.cuda.get_device_properties(0)
-    info = {"gpu": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
+    if REHEARSE:
+        info = {"gpu": "CPU rehearsal (Triton interpreter, toy sizes: no time here means anything)",
+                "torch": torch.__version__, "triton": triton.__version__}
+    else:
+        p = torch.cuda.get_device_properties(0)
+        info = {"gpu": torch.cuda.get_device_name(0), "sm": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
+                "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
     if cudnn:
         info["cudnn"] = torch.backends.cudnn.version()
     info["python"] = platform.python_version()
@@ -66,7 +90,7 @@ def record_env(results: dict, cudnn: bool = False, xformers: bool = False) -> di
             info["xformers"] = xf.__version__
         except Exception as e:
             info["xformers"] = f"not importable ({type(e).__name__})"
-    info["limits_tflops"], info["limits_tbps"] = card_limits(info["gpu"])
+    info["limits_tflops"], info["limits_tbps"] = CARD_LIMITS["H200"] if REHEARSE else card_limits(info["gpu"])
     results["env"] = info
     for k, v in info.items():
         print(f"{k}: {v}")
@@ -75,7 +99,12 @@ def record_env(results: dict, cudnn: bool = False, xformers: bool = False) -> di
 
 def bench(fn, grad_to_none=None, warmup: int = 10, rep: int = 40) -> float:
     """Eager timing: ``triton.testing.do_bench`` median ms of back-to-back calls (CPU launch cost
-    included where it dominates)."""
+    included where it dominates). Rehearsal: the wall time of one call after a first one."""
+    if REHEARSE:
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     import triton
     try:
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
@@ -87,7 +116,9 @@ def bench(fn, grad_to_none=None, warmup: int = 10, rep: int = 40) -> float:
 def bench_graph(fn, rep: int = 20, grad_to_none=None) -> float:
     """Graph timing: ``triton.testing.do_bench_cudagraph`` median ms per call of ``fn`` captured in a
     CUDA graph and replayed (GPU time only). do_bench_cudagraph runs ``fn`` eagerly first (tuning,
-    compilation: never inside the capture)."""
+    compilation: never inside the capture). Rehearsal: :func:`bench` (no capture)."""
+    if REHEARSE:
+        return bench(fn)
     import triton
     try:
         return float(triton.testing.do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
@@ -97,7 +128,11 @@ def bench_graph(fn, rep: int = 20, grad_to_none=None) -> float:
 
 def peak_mib_beyond_inputs(fn) -> float:
     """Peak CUDA memory (MiB) that ``fn()`` allocates beyond what was allocated before it, keeping its
-    result alive until after the measurement (outputs count, as they would in a model)."""
+    result alive until after the measurement (outputs count, as they would in a model). Rehearsal:
+    runs ``fn`` and reports 0."""
+    if REHEARSE:
+        fn()
+        return 0.0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from _gpu_common import DEV, REHEARSE
+
 
 def official_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: Sequence[torch.Tensor],
                              weight: torch.Tensor, bias: torch.Tensor, pos: torch.Tensor,
@@ -40,20 +42,20 @@ def official_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
 
 
 # ViT-H/14 sizes of the benchmarks: batch, target blocks, context / target tokens, encoder and
-# predictor widths, positions; the noise std.
-B, NPRED, NC, NT, E, D, P = 64, 4, 74, 42, 1280, 384, 256
+# predictor widths, positions; the noise std. A rehearsal (_gpu_common) runs toy sizes on the CPU.
+B, NPRED, NC, NT, E, D, P = (2, 2, 5, 3, 40, 24, 16) if REHEARSE else (64, 4, 74, 42, 1280, 384, 256)
 SIGMA = 0.25
 
 
 def make_inputs(seed=0):
-    """ViT-H inputs: ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
+    """ViT-H inputs on the GPU: ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
     g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(B, NC, E, generator=g).cuda().bfloat16().requires_grad_()
-    w = (torch.randn(D, E, generator=g) / E ** 0.5).cuda().requires_grad_()
-    b = (0.1 * torch.randn(D, generator=g)).cuda().requires_grad_()
-    pos = torch.randn(P, D, generator=g).cuda()
-    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).cuda()
-    tgt = [torch.randint(0, P, (B, NT), generator=g).cuda() for _ in range(NPRED)]
+    ctx = torch.randn(B, NC, E, generator=g).to(DEV).bfloat16().requires_grad_()
+    w = (torch.randn(D, E, generator=g) / E ** 0.5).to(DEV).requires_grad_()
+    b = (0.1 * torch.randn(D, generator=g)).to(DEV).requires_grad_()
+    pos = torch.randn(P, D, generator=g).to(DEV)
+    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).to(DEV)
+    tgt = [torch.randint(0, P, (B, NT), generator=g).to(DEV) for _ in range(NPRED)]
     return ctx, ctx_idx, tgt, w, b, pos
 
 

@@ -12,6 +12,8 @@
 #                                                 (default: all of them, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>; SIGINT, then SIGKILL 10 s
 # later), so one failure or hang costs only its own slot.
+# Before a GPU session: STOP_KERNELS_REHEARSE=1 bash benchmarks/gpu_all.sh stop attn runs those two sections
+# on the CPU at toy sizes (benchmarks/_gpu_common.py; tests/test_benchmark_harness.py does it in CI).
 #
 # What is unmeasured since GPU run 3, sized to a 15-minute device budget: one machine start (≈ 90 s)
 # and two calls, the second sent at once after the first (a warm machine is given back after 30 s

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_attention.py --out DIR [--budget-s 150] [--pytest]
     python benchmarks/gpu_attention.py --host-overhead [--attention-file OLD.py]   # CPU is enough
+    STOP_KERNELS_REHEARSE=1 python benchmarks/gpu_attention.py --out DIR   # every section on the CPU, toy sizes
 
 Sections (each in try/except: a failure prints its traceback and the script goes on; each stops
 at its share of ``--budget-s``):
@@ -58,11 +59,27 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import bench, bench_graph, make_section, record_env, sdpa_fn  # noqa: E402
+from _gpu_common import DEV, REHEARSE, bench, bench_graph, make_section, record_env, sdpa_fn, sync  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
-PREDICTOR_NS = [100, 116, 128, 150, 160]
-SHAPES = [(256, 16, n, 24) for n in PREDICTOR_NS] + [(64, 16, 256, 80), (64, 16, 74, 80)]
+# (B, H, N, Dh) of each section: ViT-H/14 I-JEPA+StoP, or toy sizes in a rehearsal (_gpu_common)
+if REHEARSE:
+    PREDICTOR_NS = [20, 40]
+    SHAPES = [(2, 2, n, 24) for n in PREDICTOR_NS] + [(1, 2, 40, 80)]
+    CHECK_SHAPES = SWEEP_SHAPES = [(2, 2, 20, 24), (1, 2, 40, 80)]
+    MATH_SHAPE, HOST_SHAPE, HOST_CALLS = (2, 2, 40, 24), (1, 2, 20, 24), 2
+    LONG_SHAPE, FP32_SHAPE, BITWISE_SHAPE = (1, 2, 100, 64), (1, 2, 21, 40), (1, 2, 20, 24)
+    VARLEN_LENS, VARLEN_HEADS = [1, 7, 40, 3], 2
+else:
+    PREDICTOR_NS = [100, 116, 128, 150, 160]
+    SHAPES = [(256, 16, n, 24) for n in PREDICTOR_NS] + [(64, 16, 256, 80), (64, 16, 74, 80)]
+    CHECK_SHAPES = [(256, 16, 116, 24), (256, 16, 150, 24), (64, 16, 256, 80), (64, 16, 74, 80)]
+    # the ViT-H step's order of importance: the predictor (N ~ 116), the context encoder (N ~ 74, forward
+    # and backward), the target encoder (N = 256, forward only in training), then N = 150 (longer masks)
+    SWEEP_SHAPES = [(256, 16, 116, 24), (64, 16, 74, 80), (64, 16, 256, 80), (256, 16, 150, 24)]
+    MATH_SHAPE, HOST_SHAPE, HOST_CALLS = (256, 16, 150, 24), (1, 16, 116, 24), 300
+    LONG_SHAPE, FP32_SHAPE, BITWISE_SHAPE = (2, 4, 1000, 64), (2, 4, 77, 40), (8, 16, 116, 24)
+    VARLEN_LENS, VARLEN_HEADS = [1, 7, 150, 256, 3], 16
 T0 = time.time()
 RESULTS: dict = {"env": {}, "correctness": [], "host": [], "timing": [], "variants": [], "errors": []}
 GRAPHS = True
@@ -83,13 +100,13 @@ def randn(*shape, dtype=torch.float32):
     the default CUDA generator in capture state ("Offset increment outside graph capture", run 2),
     which would then break every later draw from it."""
     if "g" not in _GEN:
-        _GEN["g"] = torch.Generator(device="cuda").manual_seed(11)
-    return torch.randn(*shape, device="cuda", dtype=dtype, generator=_GEN["g"])
+        _GEN["g"] = torch.Generator(device=DEV).manual_seed(11)
+    return torch.randn(*shape, device=DEV, dtype=dtype, generator=_GEN["g"])
 
 
 def make_qkv(B, H, N, D, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    qkv = torch.randn(B, N, 3, H, D, device=DEV, dtype=dtype, generator=g).requires_grad_()
     return qkv
 
 
@@ -147,7 +164,7 @@ def correctness(budget_s):
     from stop_kernels.ops import attention as A
     A._POISON_OUTPUTS = True  # NaN-prefilled outputs: unwritten elements show as non-finite
     try:
-        for (B, H, N, D) in [(256, 16, 116, 24), (256, 16, 150, 24), (64, 16, 256, 80), (64, 16, 74, 80)]:
+        for (B, H, N, D) in CHECK_SHAPES:
             qkv = make_qkv(B, H, N, D, seed=N + D)
             do = randn(B, N, H, D, dtype=torch.bfloat16)
             o_ref, g_ref = _ref_f32(qkv, do)
@@ -165,7 +182,7 @@ def correctness(budget_s):
                     q, k, v = qkv.unbind(2)
                     o = A.attention(q, k, v)
                     o.backward(do)
-                torch.cuda.synchronize()
+                sync()
                 _record(f"({B},{H},{N},{D}) fwd={fc} bwd={bc}", torch.bfloat16, _errs(o, qkv.grad, o_ref, g_ref))
             del o_ref, g_ref
         with heuristic_configs(A):
@@ -195,31 +212,33 @@ def heuristic_configs(A):
 
 def _correctness_other_cases(A):
     # long sequence, fp16
-    qkv = make_qkv(2, 4, 1000, 64, dtype=torch.float16, seed=5)
-    do = randn(2, 1000, 4, 64, dtype=torch.float16)
+    B, H, N, D = LONG_SHAPE
+    qkv = make_qkv(B, H, N, D, dtype=torch.float16, seed=5)
+    do = randn(B, N, H, D, dtype=torch.float16)
     o = A.attention(*qkv.unbind(2))
     o.backward(do)
-    _record("(2,4,1000,64) fp16", torch.float16, _errs(o, qkv.grad, *_ref_f32(qkv, do)))
+    _record(f"{LONG_SHAPE} fp16", torch.float16, _errs(o, qkv.grad, *_ref_f32(qkv, do)))
     # float32 path
-    qkv = make_qkv(2, 4, 77, 40, dtype=torch.float32, seed=6)
-    do = randn(2, 77, 4, 40)
+    B, H, N, D = FP32_SHAPE
+    qkv = make_qkv(B, H, N, D, dtype=torch.float32, seed=6)
+    do = randn(B, N, H, D)
     o = A.attention(*qkv.unbind(2))
     o.backward(do)
     x = qkv.detach().double().requires_grad_()
     from stop_kernels import reference
     o64 = reference.attention(*x.unbind(2))
     o64.backward(do.double())
-    _record("(2,4,77,40) fp32 path vs float64", torch.float32, _errs(o, qkv.grad, o64.detach().float(), x.grad.float()))
+    _record(f"{FP32_SHAPE} fp32 path vs float64", torch.float32, _errs(o, qkv.grad, o64.detach().float(), x.grad.float()))
     # varlen: packed == each sequence alone, and vs reference
-    lens = [1, 7, 150, 256, 3]
+    lens = VARLEN_LENS
     T = sum(lens)
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(7)
-    qkv = torch.randn(T, 3, 16, 24, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    do = randn(T, 16, 24, dtype=torch.bfloat16)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=DEV)
+    g = torch.Generator(device=DEV).manual_seed(7)
+    qkv = torch.randn(T, 3, VARLEN_HEADS, 24, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_()
+    do = randn(T, VARLEN_HEADS, 24, dtype=torch.bfloat16)
     o = A.attention(*qkv.unbind(1), cu_seqlens=cu)
     o.backward(do)
-    _record("varlen [1,7,150,256,3] H16 D24 bf16 vs reference", torch.bfloat16,
+    _record(f"varlen {lens} H{VARLEN_HEADS} D24 bf16 vs reference", torch.bfloat16,
             _errs(o, qkv.grad, *_ref_f32(qkv, do, cu)))
     worst = 0.0
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
@@ -233,13 +252,14 @@ def _correctness_other_cases(A):
     print(("PASS" if ok else "FAIL") + f" varlen packed == alone: max abs diff {worst:.2e}", flush=True)
     # the eager autograd.Function path and the torch.library custom-op path (used under
     # torch.compile) must agree bit for bit: same kernels, same plan
-    qkv = make_qkv(8, 16, 116, 24, seed=8)
-    do = randn(8, 116, 16, 24, dtype=torch.bfloat16)
+    B, H, N, D = BITWISE_SHAPE
+    qkv = make_qkv(B, H, N, D, seed=8)
+    do = randn(B, N, H, D, dtype=torch.bfloat16)
     o1 = A.attention(*qkv.unbind(2))
     o1.backward(do)
     g1, qkv.grad = qkv.grad, None
     q, k, v = qkv.unbind(2)
-    o2, _ = torch.ops.stop_kernels.flash_attn_fwd(q, k, v, None, 116, 24 ** -0.5)
+    o2, _ = torch.ops.stop_kernels.flash_attn_fwd(q, k, v, None, N, D ** -0.5)
     o2.backward(do)
     same = bool(torch.equal(o1, o2) and torch.equal(g1, qkv.grad))
     RESULTS["correctness"].append({"case": "eager path == custom-op path (bitwise)", "ok": same})
@@ -280,7 +300,7 @@ def _time_impl(f, B, H, N, D, graphs=True):
 
     fwd()
     fb()  # compile / tune / probe support: all before any capture
-    torch.cuda.synchronize()
+    sync()
     out = {"fwd_eager_ms": bench(fwd), "fwdbwd_eager_ms": bench(fb, grad_to_none=[qkv])}
     if graphs:
         for name, fn in (("fwd_graph", fwd), ("fwdbwd_graph", fb_fresh)):
@@ -290,7 +310,7 @@ def _time_impl(f, B, H, N, D, graphs=True):
                 out[name + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 _graphs_off(e)
                 try:
-                    torch.cuda.synchronize()
+                    sync()
                 except Exception:
                     pass
                 break
@@ -302,19 +322,19 @@ def _time_impl(f, B, H, N, D, graphs=True):
 def host(budget_s):
     """Per-call host cost with real launches: a shape whose GPU work is a few µs (1 sequence, 16
     heads) so the loop runs at the CPU's pace; µs per call = wall time of n calls / n."""
-    B, H, N, D = 1, 16, 116, 24
+    B, H, N, D = HOST_SHAPE
     qkv = make_qkv(B, H, N, D, seed=3)
     q, k, v = qkv.unbind(2)
     do = randn(B, N, H, D, dtype=torch.bfloat16)
     impls = {k_: f for k_, f in _impls().items() if k_ != "sdpa-math"}
 
-    def per_call_us(fn, n=300):
+    def per_call_us(fn, n=HOST_CALLS):
         fn()
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(n):
             fn()
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - t) / n * 1e6
 
     for name, f in impls.items():
@@ -355,7 +375,7 @@ def timing(budget_s):
     impls = _impls()
     for (B, H, N, D) in SHAPES:
         for name, f in impls.items():
-            if name == "sdpa-math" and (B, H, N, D) != (256, 16, 150, 24):
+            if name == "sdpa-math" and (B, H, N, D) != MATH_SHAPE:
                 continue
             if elapsed() > budget_s * 0.7:
                 print("timing: time budget reached, rest skipped")
@@ -371,7 +391,7 @@ def timing(budget_s):
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 try:
-                    torch.cuda.synchronize()
+                    sync()
                 except Exception:
                     pass
             RESULTS["timing"].append(row)
@@ -382,9 +402,7 @@ def timing(budget_s):
 def variants(budget_s):
     """Every candidate config forced and graph-timed (kernel time: what the config choice is about)."""
     from stop_kernels.ops import attention as A
-    # the ViT-H step's order of importance: the predictor (N ~ 116), the context encoder (N ~ 74, forward
-    # and backward), the target encoder (N = 256, forward only in training), then N = 150 (longer masks)
-    for (B, H, N, D) in [(256, 16, 116, 24), (64, 16, 74, 80), (64, 16, 256, 80), (256, 16, 150, 24)]:
+    for (B, H, N, D) in SWEEP_SHAPES:
         qkv = make_qkv(B, H, N, D, seed=2)
         q, k, v = (t.detach() for t in qkv.unbind(2))
         do = randn(B, N, H, D, dtype=torch.bfloat16)
@@ -692,8 +710,8 @@ def main():
         return
     if not args.out:
         ap.error("--out is required")
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to do")
+    if not (torch.cuda.is_available() or REHEARSE):
+        print("no CUDA device: nothing to do (STOP_KERNELS_REHEARSE=1 rehearses the script on the CPU)")
         return
     global GRAPHS
     GRAPHS = not args.no_graphs

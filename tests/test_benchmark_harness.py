@@ -1,6 +1,7 @@
-"""The step benchmarks' harness (benchmarks/profile_step.py, e2e_step.py) on the CPU: a variant's keys
-reach the trainer's config, and every e2e path runs a step. Timings here mean nothing; what is checked
-is that the GPU session measures the configurations it names."""
+"""The GPU session's harness on the CPU: the step benchmarks (benchmarks/profile_step.py, e2e_step.py: a
+variant's keys reach the trainer's config, every e2e path runs a step), gpu_all.sh's packing, and the
+StoP and attention scripts rehearsed at toy sizes. Timings here mean nothing; what is checked is that
+the GPU session measures the configurations it names and brings its results back."""
 import json
 import sys
 
@@ -198,3 +199,38 @@ def test_gpu_script_on_a_warm_machine_keeps_no_stale_section_and_no_checkpoint(t
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("== call earlier\nattn: rc=0") and "== call " in summary.splitlines()[2]
     assert "env: rc=" in summary and "pack: archive over 15 MiB" in summary
+
+
+def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
+    """gpu_all.sh's `stop` and `attn` sections with STOP_KERNELS_REHEARSE=1: gpu_stop_embed.py and
+    gpu_attention.py run every section at toy sizes through the Triton interpreter. A Python error in
+    a section costs a GPU session its numbers; here it fails the test. Their correctness checks
+    must pass, and the attention sweep's best_configs.json must load."""
+    import os
+    import subprocess
+    import tarfile
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "STOP_KERNELS_REHEARSE": "1",
+           "SEC_STOP": "240", "SEC_ATTN": "240", "BUDGET_STOP": "230", "BUDGET_ATTN": "230",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "stop", "attn"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "stop: rc=0" in summary and "attn: rc=0" in summary, summary
+    res = tmp_path / "res"
+    with tarfile.open(out / "results.tar.gz") as tar:
+        tar.extractall(res, filter="data")
+    stop = json.loads((res / "stop" / "gpu_stop_embed.json").read_text())
+    attn = json.loads((res / "attn" / "gpu_attention.json").read_text())
+    for name, got in (("stop", stop), ("attn", attn)):
+        assert got["env"]["gpu"].startswith("CPU rehearsal"), name
+        assert got["errors"] == [], (name, got["errors"])
+        assert got["correctness"] and all(c["ok"] for c in got["correctness"]), (name, got["correctness"])
+    assert {r_["impl"] for r_ in stop["timing"]} == {"fused", "fused-trusted", "fused-op", "eager"}
+    assert [c for c in stop["config_sweep"] if c["ms"] is not None]
+    assert any(r_["impl"] == "triton" and "error" not in r_ for r_ in attn["timing"])
+    assert {v["kind"] for v in attn["variants"] if "ms" in v} == {"fwd", "bwd"}
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    monkeypatch.setattr(A, "_PLANS", {})
+    assert A.load_tuned_configs(str(res / "attn" / "best_configs.json")) > 0
