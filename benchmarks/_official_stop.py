@@ -48,7 +48,7 @@ SIGMA = 0.25
 
 
 def make_inputs(seed=0):
-    """ViT-H inputs on the GPU: ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
+    """ViT-H inputs on DEV (the GPU; the CPU in a rehearsal): ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randn(B, NC, E, generator=g).to(DEV).bfloat16().requires_grad_()
     w = (torch.randn(D, E, generator=g) / E ** 0.5).to(DEV).requires_grad_()

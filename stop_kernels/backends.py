@@ -59,6 +59,21 @@ def on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+_SM_COUNTS: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device, off_cuda: int) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (read once per device: a kernel's grid size is
+    on the host path of every launch), or ``off_cuda`` for CPU tensors (the interpreter: the caller's
+    stand-in, sized so its CPU tests still exercise a grid of several programs)."""
+    if device.type != "cuda":
+        return off_cuda
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNTS:
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNTS[idx]
+
+
 def _triton() -> Tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"

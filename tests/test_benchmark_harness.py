@@ -19,6 +19,20 @@ from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import ConfigError, parse_config  # noqa: E402
 from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
 
+def _gpu_all(tmp_path, *sections, **env):
+    """Run benchmarks/gpu_all.sh ``sections`` with $OUT and its scratch folder under ``tmp_path`` (and
+    ``env`` on top): returns ($OUT, the scratch folder)."""
+    import os
+    import subprocess
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), **env,
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), *sections], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out, work
+
+
 TINY_EXTRA = ("--img-size 32 --patch-size 8 --min-keep 0 --pred-depth 1 --pred-emb-dim 96 --tensorboard false "
               "--device cpu")
 
@@ -128,14 +142,8 @@ def test_gpu_script_returns_its_results_within_the_device_tools_limits(tmp_path)
     # every section's files into one archive after each section, so a call cut off still returns them.
     # Section "env" fails here (no nvidia-smi / GPU) but still leaves its log; "nope" is unknown.
     import os
-    import subprocess
     import tarfile
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "SEC_ENV": "60",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "env", "nope"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    out, _ = _gpu_all(tmp_path, "env", "nope", SEC_ENV="60")
     files = [p for p in out.rglob("*") if p.is_file()]
     assert sorted(p.name for p in files) == ["log.txt", "results.tar.gz", "summary.txt"]
     summary = (out / "summary.txt").read_text()
@@ -168,10 +176,8 @@ def test_gpu_script_on_a_warm_machine_keeps_no_stale_section_and_no_checkpoint(t
     # call's results passed off as this call's), the earlier calls' other sections stay, set-aside training
     # checkpoints stay out of the archive, and the summary keeps one block per call
     import os
-    import subprocess
     import tarfile
-    out, work = tmp_path / "out", tmp_path / "work"
-    res = work / "results"
+    res = tmp_path / "work" / "results"
     (res / "env").mkdir(parents=True)
     (res / "env" / "stale.json").write_text("{}")              # from an earlier call's env section
     (res / "attn").mkdir()
@@ -183,11 +189,7 @@ def test_gpu_script_on_a_warm_machine_keeps_no_stale_section_and_no_checkpoint(t
     (res / "profile" / "trace.bin").write_bytes(os.urandom(16 << 20))  # would make the archive too big
     (res / "profile" / "profile_step.json").write_text("{}")
     (res / "summary.txt").write_text("== call earlier\nattn: rc=0, 100s\n")
-    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "SEC_ENV": "60",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "env"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    out, _ = _gpu_all(tmp_path, "env", SEC_ENV="60")
     with tarfile.open(out / "results.tar.gz") as tar:
         names = {os.path.normpath(n) for n in tar.getnames()}
     assert "env/stale.json" not in names and "env.log" in names
@@ -206,16 +208,9 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
     gpu_attention.py run every section at toy sizes through the Triton interpreter. A Python error in
     a section costs a GPU session its numbers; here it fails the test. Their correctness checks
     must pass, and the attention sweep's best_configs.json must load."""
-    import os
-    import subprocess
     import tarfile
-    out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "GPU_WORK": str(work), "STOP_KERNELS_REHEARSE": "1",
-           "SEC_STOP": "240", "SEC_ATTN": "240", "BUDGET_STOP": "230", "BUDGET_ATTN": "230",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_all.sh"), "stop", "attn"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    out, _ = _gpu_all(tmp_path, "stop", "attn", STOP_KERNELS_REHEARSE="1", SEC_STOP="240", SEC_ATTN="240",
+                      BUDGET_STOP="230", BUDGET_ATTN="230")
     summary = (out / "summary.txt").read_text()
     assert "stop: rc=0" in summary and "attn: rc=0" in summary, summary
     res = tmp_path / "res"

@@ -132,7 +132,6 @@ def test_unsatisfiable_min_keep_is_an_error_not_a_hang():
         c(batch(2, 32))
 
 
-
 def test_smallest_block_finds_narrow_pieces():
     """224 px / patch 16, target scale (0.15, 0.4), aspect ratio (0.3, 1.0): the draws in about
     [0.09379, 0.09388] give a 3x9 block between 3x10 ones, a piece narrower than 1/4096. The smallest

@@ -112,7 +112,7 @@ import triton.language as tl
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import on_device, triton_interpreting
+from ..backends import on_device, sm_count, triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
@@ -1128,18 +1128,10 @@ def _dims(q: torch.Tensor, cu_n: int, varlen: bool, max_seqlen: int):
     return B, N, H, D, N
 
 
-_SM_COUNTS: Dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (cached); 4 off CUDA (the interpreter), so the
-    persistent forward's item loop runs several trips per program in the CPU tests too."""
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNTS:
-        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNTS[idx]
+    """SMs of ``device``; 4 off CUDA, so the persistent forms' item loops run several trips per
+    program in the CPU tests too."""
+    return sm_count(device, 4)
 
 
 def _launcher(kernel, grid, traced: bool):

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import on_device, triton_interpreting
+from ..backends import on_device, sm_count, triton_interpreting
 from .. import reference
 from .philox import draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -460,9 +460,8 @@ def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tenso
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
+    """SMs of ``device`` for the dW row splits; 2 off CUDA (the interpreter: few splits, fast tests)."""
+    return sm_count(device, 2)
 
 
 def _dw_splits(R: int, D: int, E4: int, sms: int, max_split: int = 16) -> int:
