@@ -88,6 +88,16 @@ def test_draw_seed_follows_torch_rng():
     assert draw_seed(g1) == draw_seed(g2)
 
 
+def test_draw_seed_draws_on_the_host_whatever_the_default_device():
+    """A CUDA default device (torch.set_default_device) must not move the draw to the CUDA generator, which
+    would also synchronise every call; "meta" stands in for it on the CPU (.item() fails there)."""
+    torch.manual_seed(77)
+    want = (draw_seed(), draw_seed(torch.Generator().manual_seed(3)))
+    torch.manual_seed(77)
+    with torch.device("meta"):
+        assert (draw_seed(), draw_seed(torch.Generator().manual_seed(3))) == want
+
+
 def test_draw_seed_rejects_bad_generators():
     with pytest.raises(TypeError, match="generator"):
         draw_seed(123)

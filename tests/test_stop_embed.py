@@ -222,6 +222,18 @@ def test_empty_idx():
     assert out.shape == (0, 16)
 
 
+@pytest.mark.parametrize("D,E", [(0, 16), (16, 0)])
+def test_zero_width_forward_and_backward_match_reference_backend(D, E):
+    device = "cpu" if INTERP else "cuda"
+    pos, idx, w, b = inputs(device, 7, D, E, (2, 3))
+    leaves = [t.requires_grad_() for t in (pos, w, b)]
+    outs = {be: stop_embed(pos, idx, w, b, noise_std=0.3, generator=gen(2), backend=be) for be in ("triton", "reference")}
+    grads = {be: torch.autograd.grad(o, leaves, torch.ones_like(o)) for be, o in outs.items()}
+    assert outs["triton"].shape == (2, 3, D)
+    for got, want in zip(grads["triton"], grads["reference"]):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
 @pytest.mark.skipif(not INTERP, reason="forces interpreter tile sizes")
 def test_block_sizes_and_row_splits_do_not_change_the_noise(monkeypatch):
     pos, _, w, b = inputs("cpu", 17, 24, 40, (1,))

@@ -51,9 +51,12 @@ def check_generator(generator: Optional[torch.Generator]) -> None:
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """Draw the per-call Philox seed from a CPU generator (the default one when None)."""
+    """Draw the per-call Philox seed from a CPU generator (the default one when None).
+
+    On the host whatever ``torch.set_default_device`` says: a CUDA default device would otherwise draw
+    from the CUDA generator and synchronise on every call."""
     check_generator(generator)
-    return int(torch.randint(0, 2 ** SEED_BITS, (), generator=generator, dtype=torch.int64))
+    return int(torch.randint(0, 2 ** SEED_BITS, (), generator=generator, dtype=torch.int64, device="cpu"))
 
 
 def quarter_width(E: int) -> int:

@@ -86,7 +86,7 @@ def _assemble_backward(fctx, grad):
     if need_ctx:  # the single dX GEMM
         dctx = (gctx.to(weight.dtype) @ weight).to(ctx_dtype)
     if need_w:
-        dw = gctx.reshape(-1, D).t().to(x.dtype) @ x.reshape(-1, E)
+        dw = gctx.reshape(B * Nc, D).t().to(x.dtype) @ x.reshape(B * Nc, E)  # (not -1: D or E may be 0)
         if fctx.mode == "learned":
             dw = dw.float() + _noise_weight_grad_op(gmask, weight, seed, fctx.noise_std)
         dw = dw.to(weight.dtype)
@@ -117,7 +117,7 @@ def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     else:  # no seed is drawn, but a bad argument is never ignored
         check_generator(generator)
         seed = 0
-    return tgt, torch.tensor(seed, dtype=torch.int64)
+    return tgt, torch.tensor(seed, dtype=torch.int64, device="cpu")
 
 
 _checked_seed_disabled = torch.compiler.disable(_checked_seed_eager)  # runs eagerly under torch.compile

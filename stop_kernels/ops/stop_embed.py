@@ -525,7 +525,7 @@ def scatter_rows(grad_rows: torch.Tensor, idx: torch.Tensor, P: int, out: Option
     D = grad_rows.shape[-1]
     if out is None:
         out = torch.zeros((P, D), dtype=torch.float32, device=grad_rows.device)
-    return out.index_add_(0, idx.reshape(-1), grad_rows.reshape(-1, D).float())
+    return out.index_add_(0, idx.reshape(-1), grad_rows.reshape(idx.numel(), D).float())  # (not -1: D may be 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,7 +671,7 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
 def _checked_seed_eager(pos_embed, idx, weight, bias, noise_std, generator):
     """Validate, then draw the call's seed as a CPU int64 scalar tensor."""
     sigma = check_stop_args(pos_embed, idx, weight, bias, noise_std, generator)
-    return sigma, torch.tensor(draw_seed(generator), dtype=torch.int64)
+    return sigma, torch.tensor(draw_seed(generator), dtype=torch.int64, device="cpu")
 
 
 _checked_seed_disabled = torch.compiler.disable(_checked_seed_eager)  # runs eagerly under torch.compile
