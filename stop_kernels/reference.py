@@ -115,6 +115,15 @@ def check_no_noise(noise, noise_mode: str) -> None:
         raise ValueError("noise: noise_mode='none' uses no noise (the mask token); pass noise=None")
 
 
+def check_isotropic_noise(noise: torch.Tensor, shape, pos_embed: torch.Tensor) -> None:
+    """Explicit isotropic noise (predictor width, added to ψ): a float tensor of ``shape`` on ψ's device."""
+    chk.float_tensor("noise", noise)
+    chk.same_device(pos_embed=pos_embed, noise=noise)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise: expected shape {tuple(shape)} (target tokens, predictor width) for "
+                         f"noise_mode='isotropic', got {tuple(noise.shape)}")
+
+
 def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token):
     """Validate the arguments of :func:`assemble_predictor_input` (shared with the fused op).
 
@@ -192,9 +201,7 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
     elif noise_mode == "isotropic":
         if noise is None:
             noise = draw_noise((npred, B, Nt, D), noise_std=noise_std, dtype=dtype, device=ctx.device, generator=generator)
-        chk.float_tensor("noise", noise)
-        if tuple(noise.shape) != (npred, B, Nt, D):
-            raise ValueError(f"noise: expected shape {(npred, B, Nt, D)} for noise_mode='isotropic', got {tuple(noise.shape)}")
+        check_isotropic_noise(noise, (npred, B, Nt, D), pos_embed)
         masked = pos_embed[tgt] + noise
     else:
         masked = mask_token.reshape(D) + pos_embed[tgt]
@@ -238,8 +245,12 @@ def target_features(h: torch.Tensor, tgt_idx: TargetIndices) -> torch.Tensor:
 
     ``h[B, N, E]`` target-encoder output → ``[npred·B, Nt, E]``.
     """
-    h = F.layer_norm(h, (h.size(-1),))
-    return gather_tokens(h, stack_target_indices(tgt_idx))
+    chk.float_tensor("h", h, ndim=3)
+    tgt = stack_target_indices(tgt_idx)
+    chk.index_tensor("tgt_idx", tgt, upper=h.shape[1], what=f"{h.shape[1]} tokens of h")
+    chk.same_device(h=h, tgt_idx=tgt)
+    chk.dim_equals("tgt_idx", tgt, 1, h.shape[0], "the batch of h")
+    return gather_tokens(F.layer_norm(h, (h.size(-1),)), tgt)
 
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

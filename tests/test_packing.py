@@ -71,6 +71,16 @@ def test_packed_bad_input():
         encode_packed(enc, imgs, [torch.tensor([0, 1]), torch.tensor([16])])
     with pytest.raises(ValueError, match=r"masks\[0\]"):
         encode_packed(enc, imgs, [torch.tensor([], dtype=torch.long), torch.tensor([1])])
+    # the predictor's context masks must split the packed context as the encoder did (3 + 7 tokens given
+    # as 5 + 5 has the same total and would put image 0's rows into image 1's sequence)
+    ctx = [torch.arange(3), torch.arange(7)]
+    with torch.no_grad():
+        z = encode_packed(enc, imgs, ctx)
+        with pytest.raises(ValueError, match=r"^ctx_masks: lengths \[5, 5\] differ"):
+            predict_packed(pred, z, [torch.arange(5), torch.arange(5)], [[torch.tensor([9]), torch.tensor([9])]])
+        with pytest.raises(ValueError, match="^noise: expected device"):
+            predict_packed(models("isotropic")[1], z, ctx, [[torch.tensor([9]), torch.tensor([9])]],
+                           noise=torch.randn(2, 48, dtype=torch.float64, device="meta"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])

@@ -186,6 +186,26 @@ def test_assembly_device_mismatch():
         R.assemble_predictor_input(**a, **kw)
 
 
+def test_assembly_isotropic_noise_on_another_device():
+    a, kw = _assembly_args(noise_mode="isotropic")
+    npred, (B, Nt) = len(a["tgt_idx"]), a["tgt_idx"][0].shape
+    noise = torch.randn(npred, B, Nt, a["weight"].shape[0], device="meta")
+    with pytest.raises(ValueError, match="^noise: expected device cpu"):
+        R.assemble_predictor_input(**a, **kw, noise=noise)
+
+
+@pytest.mark.parametrize("tgt, exc, msg", [
+    ([torch.tensor([[0, 9]])], ValueError, r"^tgt_idx: values must lie in \[0, 8\)"),
+    ([torch.tensor([[0, -1]])], ValueError, r"^tgt_idx: values must lie"),  # would wrap to the last token
+    ([torch.tensor([[0, 1]])], ValueError, r"^tgt_idx: expected size 2 at dim 1"),  # would broadcast over the batch
+    ([torch.tensor([[0.0, 1.0]] * 2)], TypeError, "^tgt_idx"),
+])
+def test_target_features_bad_indices(tgt, exc, msg):
+    h = torch.randn(2, 8, 4)
+    with pytest.raises(exc, match=msg):
+        R.target_features(h, tgt)
+
+
 @pytest.mark.parametrize("bad, exc, name", [
     (dict(idx=torch.tensor([[0, 9]])), ValueError, "idx"),
     (dict(idx=torch.tensor([[0.0, 1.0]])), TypeError, "idx"),

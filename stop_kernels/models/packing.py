@@ -27,6 +27,7 @@ class Packed(NamedTuple):
     tokens: torch.Tensor        # [T, C]
     cu_seqlens: torch.Tensor    # int32 [n + 1]
     max_seqlen: int
+    lengths: Optional[tuple] = None  # the n sequence lengths on the host (checked without a device sync)
 
 
 def is_ragged(masks) -> bool:
@@ -70,7 +71,7 @@ def encode_packed(encoder, imgs: torch.Tensor, masks: Sequence[torch.Tensor]) ->
     x = x[rows, torch.cat(list(masks))]
     cu, max_len = _cu(lengths, x.device), max(lengths)
     x = run_blocks(encoder.blocks, x, cu, max_len, residual_dtype=encoder.residual_dtype)
-    return Packed(encoder.norm(x), cu, max_len)
+    return Packed(encoder.norm(x), cu, max_len, tuple(lengths))
 
 
 class PredictorLayout(NamedTuple):
@@ -124,6 +125,10 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     tgt_idx = torch.cat([m for blocks in tgt for m in blocks])
     if ctx.tokens.shape[0] != ctx_idx.numel():
         raise ValueError(f"ctx: expected {ctx_idx.numel()} packed tokens (the context masks), got {ctx.tokens.shape[0]}")
+    ctx_lengths = tuple(len(m) for m in ctx_masks)
+    if ctx.lengths is not None and tuple(ctx.lengths) != ctx_lengths:  # same total, other split: rows of wrong images
+        raise ValueError(f"ctx_masks: lengths {list(ctx_lengths)} differ from the packed context's sequences "
+                         f"{list(ctx.lengths)} (the masks given to encode_packed)")
     emb, pos = predictor.predictor_embed, predictor.predictor_pos_embed
     c = F.linear(ctx.tokens, emb.weight, emb.bias) + pos[ctx_idx].to(ctx.tokens.dtype)
     mode = predictor.noise_mode
@@ -144,15 +149,12 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
             masked = isotropic_positions(pos, tgt_idx, emb.weight.dtype, predictor.noise_std, generator,
                                          predictor.input_backend)
         else:
-            chk.float_tensor("noise", noise)
-            if tuple(noise.shape) != (tgt_idx.numel(), pos.shape[1]):
-                raise ValueError(f"noise: expected shape {(tgt_idx.numel(), pos.shape[1])} (target tokens, predictor "
-                                 f"width) for noise_mode='isotropic', got {tuple(noise.shape)}")
+            reference.check_isotropic_noise(noise, (tgt_idx.numel(), pos.shape[1]), pos)
             masked = pos[tgt_idx] + noise
     else:
         reference.check_no_noise(noise, mode)
         masked = predictor.mask_token.reshape(-1) + pos[tgt_idx]
-    layout = predictor_layout([len(m) for m in ctx_masks], [[len(m) for m in blocks] for blocks in tgt], c.device)
+    layout = predictor_layout(ctx_lengths, [[len(m) for m in blocks] for blocks in tgt], c.device)
     # one gather builds every sequence; its backward sums the npred copies of each context row
     z = torch.cat([c, masked.to(c.dtype)])[layout.src]
     z = run_blocks(predictor.predictor_blocks, z, layout.cu_seqlens, layout.max_seqlen,
