@@ -148,3 +148,39 @@ def test_an_earlier_runs_export_is_not_taken_for_this_runs(tmp_path, cpu_train, 
     assert any(not torch.equal(a[k], b[k]) for k in a), "the export is still run A's"
     (kept,) = tmp_path.glob("export.replaced-*")
     assert all(torch.equal(a[k], v) for k, v in load_file(str(kept / "encoder.safetensors")).items())
+
+
+def test_cpu_steps_are_timed_one_step_each(tmp_path, cpu_train, monkeypatch):
+    """On the CPU a step runs to its end before the loop goes on: the step after each (re)start must not
+    be charged its predecessor's time too (it showed twice the steady-state time)."""
+    import time
+    from stop_kernels.training import loop
+
+    def slow_step(self, *a, **k):
+        time.sleep(0.25)
+        return torch.zeros(2)
+
+    monkeypatch.setattr(loop.Trainer, "step", slow_step)
+    loop.train(tiny(tmp_path, steps=5, ckpt_every=2))
+    timed = {r["step"]: r["step_time_s"] for r in read_log(tmp_path) if r["step_time_s"] is not None}
+    assert sorted(timed) == [1, 3]                                 # 0, 2, 4 follow a (re)start: untimed
+    assert all(0.2 <= t < 0.45 for t in timed.values()), timed     # one 0.25 s step each, not two
+
+
+def test_a_fresh_run_sets_the_earlier_runs_log_aside(tmp_path, cpu_train):
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2))
+    loop.train(tiny(tmp_path, steps=1))
+    (kept,) = tmp_path.glob("log.jsonl.replaced-*")
+    assert [json.loads(line)["step"] for line in kept.read_text().splitlines()] == [0, 1]
+    assert [r["step"] for r in read_log(tmp_path)] == [0]
+
+
+def test_an_attention_backend_that_cannot_run_is_refused_before_anything_moves(tmp_path, cpu_train, monkeypatch):
+    from stop_kernels.ops import attention
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=1))
+    monkeypatch.setattr(attention, "_INTERPRET", False)           # a CPU run without the Triton interpreter
+    with pytest.raises(ConfigError, match="^attention: the Triton kernels need a CUDA device"):
+        loop.train(tiny(tmp_path, steps=1, attention="triton"))
+    assert not list(tmp_path.glob("*.replaced-*")) and [r["step"] for r in read_log(tmp_path)] == [0]

@@ -94,6 +94,41 @@ def test_bool_flags_and_validation():
             parse_config(argv)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("compile", "false"),        # a truthy string: compile would be on
+    ("steps", 2.5),              # would run 3 steps
+    ("batch_size", 16.0), ("ckpt_every", True),
+    ("lr", "1e-3"), ("lr", float("inf")), ("noise_std", float("nan")), ("weight_decay", float("inf")),
+    ("crop_scale", (0.3,)), ("crop_scale", (0.3, float("inf"))),
+    ("out", ""), ("out", None), ("seed", 2 ** 64), ("seed", -1),
+])
+def test_python_built_configs_are_type_and_range_checked(key, value):
+    """TrainConfig(...) from Python skips the command line's parsing: validate() checks every value."""
+    from stop_kernels.training.config import validate
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        validate(TrainConfig(**{key: value}))
+
+
+@pytest.mark.parametrize("line, key", [("out:", "out"), ("out: null", "out"), ("batch_size: true", "batch_size"),
+                                       ("compile: 2", "compile"), ("lr: .inf", "lr")])
+def test_yaml_values_are_not_coerced_silently(tmp_path, line, key):
+    f = tmp_path / "c.yaml"
+    f.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        parse_config(["--config", str(f)])
+
+
+@pytest.mark.parametrize("value, want", [("", 30.0), ("1.5", 1.5), ("x", None), ("0", None), ("nan", None)])
+def test_collective_timeout_from_the_environment(monkeypatch, value, want):
+    from stop_kernels.training import distributed
+    monkeypatch.setenv("STOP_KERNELS_DIST_TIMEOUT_MIN", value)
+    if want is None:
+        with pytest.raises(ConfigError, match="^STOP_KERNELS_DIST_TIMEOUT_MIN:"):
+            distributed._env_timeout_min()
+    else:
+        assert distributed._env_timeout_min() == want
+
+
 @pytest.mark.parametrize("name", ["vit_b16_224", "vit_l16_224", "vit_h14_224", "vit_h16_448"])
 def test_shipped_configs_parse(name):
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"

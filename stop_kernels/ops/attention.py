@@ -115,7 +115,7 @@ from .. import reference
 from ..backends import on_device, sm_count, triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
-           "use_attention_backend", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
+           "use_attention_backend", "attention_backend_problem", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
            "parse_auto_policy", "clear_caches", "save_tuned_configs", "load_tuned_configs",
            "DEFAULT_AUTO_POLICY",
            "BACKENDS"]
@@ -1732,6 +1732,22 @@ def use_attention_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _DEFAULT_BACKEND = old
+
+
+def attention_backend_problem(name: str, device: torch.device) -> str:
+    """Why the backend ``name`` cannot run attention on ``device``, '' when it can ("auto", "sdpa" and
+    "reference" always can). A training run checks its backend with this at start-up, before it sets
+    an earlier run's files aside, instead of failing at its first step."""
+    chk.choice("name", name, BACKENDS)
+    if name == "triton" and device.type != "cuda" and not _INTERPRET:
+        return (f"the Triton kernels need a CUDA device, got {device.type} (TRITON_INTERPRET=1 runs them in "
+                "the CPU interpreter); 'auto' picks what runs here")
+    if name == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as e:  # pragma: no cover - depends on the install
+            return f"xformers does not import ({type(e).__name__}: {e}); 'auto' picks what runs here"
+    return ""
 
 
 # "auto" policy: which backend "auto" uses on CUDA for shapes the Triton kernel supports (16-bit,

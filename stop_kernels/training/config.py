@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -130,6 +131,10 @@ def _coerce(name: str, value: Any) -> Any:
     f = _field_types()[name]
     default = f.default
     try:
+        if value is None:  # YAML `key:` or `key: null`: str(None) would be the folder 'None'
+            raise ValueError
+        if isinstance(value, bool) != isinstance(default, bool) and not isinstance(value, str):
+            raise ValueError  # YAML `batch_size: true` (int(True) = 1) or `compile: 2` (bool(2) = True)
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")
@@ -146,7 +151,7 @@ def _coerce(name: str, value: Any) -> Any:
                 if low in ("0", "false", "no", "off"):
                     return False
                 raise ValueError
-            return bool(value)
+            return value
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ValueError
         if isinstance(default, int) and isinstance(value, str):
@@ -178,8 +183,28 @@ def preset_values(model: str) -> Dict[str, Any]:
     return load_yaml(os.path.join(CONFIG_DIR, name)) if name else {}
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """Every key holds its default's type (a TrainConfig built in Python skips :func:`_coerce`): bools are
+    bools (the string "false" is truthy), ints are ints (2.5 steps), numbers are finite (an infinite
+    lr or noise_std passes every range check and diverges)."""
+    for f in fields(TrainConfig):
+        value, default = getattr(cfg, f.name), f.default
+        items = value if isinstance(default, tuple) and isinstance(value, tuple) else (value,)
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        ok = (not isinstance(default, tuple) or len(items) == len(default)) and all(
+            isinstance(v, bool) if kind is bool else
+            isinstance(v, int) and not isinstance(v, bool) if kind is int else
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind is float else
+            isinstance(v, kind) for v in items)
+        if not ok:
+            what = f"a tuple of {len(default)} {kind.__name__}s" if isinstance(default, tuple) else \
+                "a finite float" if kind is float else f"a {kind.__name__}"
+            raise ConfigError(f"{f.name}: expected {what}, got {value!r}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every key's range; raise :class:`ConfigError` naming the key."""
+    """Check every key's type and range; raise :class:`ConfigError` naming the key."""
+    _check_types(cfg)
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {getattr(cfg, key)!r}")
@@ -201,6 +226,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.color_jitter > 2.5:
         raise ConfigError(f"color_jitter: expected a value in [0, 2.5] (the hue jitter 0.2·s must stay <= 0.5), got "
                           f"{cfg.color_jitter!r}")
+    if not cfg.out.strip():
+        raise ConfigError("out: expected an output folder, got an empty string")
+    if not 0 <= cfg.seed < 2 ** 62:  # torch and numpy seeds, plus 1_000_003 per rank and the resume step
+        raise ConfigError(f"seed: expected an integer in [0, 2**62), got {cfg.seed!r}")
     if not cfg.peak_tflops > 0:
         raise ConfigError(f"peak_tflops: expected a value > 0, got {cfg.peak_tflops!r}")
     for key in ("ema_start", "ema_end"):

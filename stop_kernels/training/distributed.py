@@ -17,6 +17,7 @@ Mesh layouts (:func:`build_mesh`):
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -55,6 +56,18 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{name}: expected an integer in the environment, got {value!r}") from None
+
+
+def _env_timeout_min(name: str = "STOP_KERNELS_DIST_TIMEOUT_MIN", default: float = 30.0) -> float:
+    """The collective timeout in minutes (fractions allowed), > 0."""
+    value = os.environ.get(name, "").strip()
+    try:
+        minutes = float(value) if value else default
+    except ValueError:
+        minutes = float("nan")
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise ConfigError(f"{name}: expected a number of minutes > 0 in the environment, got {value!r}")
+    return minutes
 
 
 def launched_by_torchrun() -> bool:
@@ -100,7 +113,7 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(minutes=int(os.environ.get("STOP_KERNELS_DIST_TIMEOUT_MIN", "30")))
+    timeout = datetime.timedelta(minutes=_env_timeout_min())
     if dist.is_available() and dist.is_initialized():  # the caller set it up
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device,
                         dist.get_backend(), False)

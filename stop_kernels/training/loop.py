@@ -36,7 +36,7 @@ from .. import reference
 from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
 from ..models.packing import is_ragged, mean_tokens, packed_targets
-from ..ops.attention import parse_auto_policy, use_attention_backend, use_auto_policy
+from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, set_aside
 from .config import ConfigError, TrainConfig, validate
@@ -177,6 +177,9 @@ class Trainer:
         self.autocast = autocast_for(self.precision, self.device)
         self.sharding = D.resolve_sharding(cfg, info.world_size)
         self.stream = stream
+        problem = attention_backend_problem(cfg.attention, self.device)
+        if problem:
+            raise ConfigError(f"attention: {problem}")
         self.auto_policy = parse_auto_policy(cfg.attention_policy)  # applied around each step
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         with torch.device(self.device):
@@ -322,6 +325,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         moved = set_aside(os.path.join(cfg.out, "export"), info) if cfg.export else None
         if moved:
             _print(f"{cfg.out}/export held an earlier run's export: moved to {moved}", info, stream)
+        # and its step log and TensorBoard events, which this run would truncate or interleave with its own
+        for name in ("log.jsonl", "tensorboard"):
+            moved = set_aside(os.path.join(cfg.out, name), info)
+            if moved:
+                _print(f"{cfg.out}/{name} held an earlier run's {name}: moved to {moved}", info, stream)
 
     metrics = MetricsLogger(cfg, info.device, info.world_size, is_main=info.is_main, resume_step=start_step,
                             stream=stream)
@@ -368,6 +376,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         _print(f"checkpoint {path}", info, stream)
 
     step = start_step
+    asynchronous = tr.device.type == "cuda"  # step() returns once the step's kernels are queued
     metrics.start_clock()
     restarted = True  # the clock was (re)started: no step in flight
     try:
@@ -384,9 +393,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                     finish(pending)
                 # a step's time stamp: when it was queued, i.e. in steady state when the step before it
                 # finished (finish() waited for it); the first step after a (re)start has no step before
-                # it, so it is stamped when its own work began and logged untimed (MetricsLogger.start_clock)
+                # it, so it is stamped when its own work began and logged untimed (MetricsLogger.start_clock).
+                # On the CPU every step runs to its end before the next line: stamps mark step ends, the
+                # restarted step's included (its begin would give the next step two steps' time)
                 pending = (step, epoch, stats, *sched, mean_tokens(masks_enc), mean_tokens(masks_pred),
-                           t_begin if restarted else time.perf_counter())
+                           t_begin if restarted and asynchronous else time.perf_counter())
                 restarted = False
                 step += 1
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < total:
