@@ -597,6 +597,30 @@ def test_use_auto_policy_overrides_and_restores(monkeypatch):
             assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
 
 
+@pytest.mark.parametrize("text", ["train:0=sdpa", "train:7=sdpa", "compiled:4096=triton", "compiled:136=triton",
+                                  "train=sdpa,train=triton", "compiled:24=sdpa; compiled:24=triton"])
+def test_auto_policy_text_that_could_never_apply_is_refused(text):
+    """A head dim the policy is never consulted for (a typo such as compiled:42) or a key set twice
+    (which one wins would depend on the order) is an error, not a silent no-op."""
+    with pytest.raises(ValueError, match="^policy"):
+        A.parse_auto_policy(text)
+
+
+@pytest.mark.parametrize("key", [("train", 24.9), ("train", True), ("train", "x"), ("train",), ("train", 24, 1), 3])
+def test_set_auto_policy_refuses_bad_keys_by_name(monkeypatch, key):
+    monkeypatch.setattr(A, "_AUTO_POLICY", dict(A.DEFAULT_AUTO_POLICY))
+    with pytest.raises(ValueError, match="^policy"):
+        A.set_auto_policy({key: "sdpa"})
+    assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
+
+
+def test_a_misspelt_backend_in_the_environment_fails_the_import():
+    env = dict(os.environ, STOP_KERNELS_ATTENTION_BACKEND="sdap")
+    out = subprocess.run([sys.executable, "-c", "import stop_kernels"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "STOP_KERNELS_ATTENTION_BACKEND: expected one of" in out.stderr, out.stderr[-2000:]
+
+
 def test_use_auto_policy_each_step_compiles_once(monkeypatch):
     """The trainer enters use_auto_policy every step, which installs a new (equal) policy dict each
     time; dynamo guards the policy by content, so a compiled block traced under it is reused, and
@@ -872,6 +896,10 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
        f'"config": {cfg}}}]', "backward config takes no")
       for cfg in ('{"VARIANT": "fused", "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}',
                   '{"VARIANT": "split", "BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1, "PERSIST": 1}')]
+   # a fused backward for N > 256 would silently run the split kernels with default tiles
+   + [('[{"kind": "bwd", "bucket": 512, "head_dim": 24, "dtype": "float32", "varlen": false, "split_d": true, '
+       '"config": {"VARIANT": "fused", "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "PERSIST": 4}}]',
+       "fused backward holds every query in one tile")]
    # the same key twice: which one applies would depend on the order
    + [('[' + ', '.join(['{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, '
                         '"split_d": true, "config": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}}']
@@ -1058,6 +1086,29 @@ def test_attention_qkv_bad_inputs():
         A.attention_qkv(torch.ones(1, 8, 3, 2, 24, dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match=r"^qkv: expected layout"):
         A.dispatch_attention_qkv(_t(8, 3, 2, 24))  # batched call on a varlen-shaped buffer
+    with pytest.raises(ValueError, match=r"^qkv: head dim 12 unsupported .* dispatch_attention_qkv\(\)"):
+        A.attention_qkv(_t(1, 5, 3, 2, 12))
+
+
+def test_dispatch_names_bad_arguments_under_auto():
+    x = _t(1, 4, 2, 16)
+    with pytest.raises(TypeError, match="^q: expected a torch.Tensor"):
+        A.dispatch_attention([1.0], x, x)  # "auto" read q.device first: an AttributeError
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEV)
+    for backend in ("triton", "sdpa"):
+        with pytest.raises(TypeError, match="^max_seqlen: expected an int"):
+            A.dispatch_attention(x[0], x[0], x[0], cu_seqlens=cu, max_seqlen="4", backend=backend)
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+def test_packed_call_with_no_sequence_stays_differentiable(backend):
+    """cu_seqlens = [0] (no sequence, T = 0) is valid: every backend returns an empty output that autograd
+    can go through (sdpa and the reference returned a fresh tensor cut off from q, k, v)."""
+    q = torch.randn(0, 2, 24, device=DEV, dtype=torch.float16 if CUDA else torch.float32, requires_grad=True)
+    o = A.dispatch_attention(q, q, q, cu_seqlens=torch.zeros(1, dtype=torch.int32, device=DEV), backend=backend)
+    assert o.shape == q.shape and o.requires_grad
+    (g,) = torch.autograd.grad(o.sum(), q)
+    assert g.shape == q.shape
 
 
 @pytest.mark.parametrize("backend", _available_backends())

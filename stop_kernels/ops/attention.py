@@ -123,6 +123,7 @@ __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attenti
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
+_FUSED_BWD_MAX_N = 256  # the fused backward keeps all of a sequence's queries in one tile
 _LOG2E = 1.4426950408889634
 _INTERPRET = triton_interpreting()
 
@@ -1066,6 +1067,9 @@ def load_tuned_configs(path: str) -> int:
                 raise ValueError(f"{where}: config {name} must be {why}, got {v!r}")
         # keys a backward variant would silently ignore: the fused kernel tiles keys only, the split
         # kernels have no persistent form
+        if cfg.get("VARIANT") == "fused" and e["bucket"] > _FUSED_BWD_MAX_N:  # it would run as the split kernels
+            raise ValueError(f"{where}: the fused backward holds every query in one tile, N <= {_FUSED_BWD_MAX_N}; "
+                             f"bucket {e['bucket']} needs a split config")
         unused = {"fused": {"BLOCK_M"}, "split": {"PERSIST"}}.get(cfg.get("VARIANT"), set()) & set(cfg)
         if unused:
             raise ValueError(f"{where}: a {cfg['VARIANT']} backward config takes no {sorted(unused)}, got {cfg!r}")
@@ -1203,7 +1207,7 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
 
     def parts(cfg, traced_=False) -> _BwdPlan:
         bp = _BwdPlan()
-        if cfg["VARIANT"] == "fused" and bucket <= 256:
+        if cfg["VARIANT"] == "fused" and bucket <= _FUSED_BWD_MAX_N:
             # one launch, one program per (sequence, head), all queries in one tile
             bp.fused = True
             persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form (see the forward's)
@@ -1584,6 +1588,8 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
                 pass
     if max_seqlen is None:
         max_seqlen = true_max
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen: expected an int or None, got {type(max_seqlen).__name__}")
     elif max_seqlen < true_max:
         raise ValueError(f"max_seqlen: {max_seqlen} is smaller than the longest sequence in cu_seqlens ({true_max})")
     return cu_seqlens.to(device, non_blocking=True).contiguous(), int(max_seqlen)
@@ -1691,6 +1697,9 @@ def attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None, cu_seqlen
     q, k, v = _split_qkv(qkv, varlen)
     if qkv.dtype not in KERNEL_DTYPES:
         chk.tensor("qkv", qkv, dtypes=KERNEL_DTYPES)
+    if qkv.shape[-1] % 8 or not 8 <= qkv.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"qkv: head dim {qkv.shape[-1]} unsupported by the Triton attention kernel (needs a "
+                         f"multiple of 8 in [8, {MAX_HEAD_DIM}]); use dispatch_attention_qkv(), which falls back to SDPA")
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
     if _eager_ok(qkv):
         with on_device(qkv):
@@ -1705,9 +1714,8 @@ def attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None, cu_seqlen
 # ----------------------------------------------------------------------------------------------
 # dispatcher used by the models
 # ----------------------------------------------------------------------------------------------
-_DEFAULT_BACKEND = os.environ.get("STOP_KERNELS_ATTENTION_BACKEND", "auto")
-if _DEFAULT_BACKEND not in BACKENDS:
-    _DEFAULT_BACKEND = "auto"
+_DEFAULT_BACKEND = os.environ.get("STOP_KERNELS_ATTENTION_BACKEND", "").strip() or "auto"
+chk.choice("STOP_KERNELS_ATTENTION_BACKEND", _DEFAULT_BACKEND, BACKENDS)  # a typo is not "auto"
 
 
 def set_attention_backend(name: str) -> None:
@@ -1782,12 +1790,27 @@ def set_auto_policy(policy: Optional[Dict] = None) -> Dict:
     global _AUTO_POLICY
     new: Dict = {}
     for key, val in (DEFAULT_AUTO_POLICY if policy is None else policy).items():
-        mode, dh = (key, None) if isinstance(key, str) else tuple(key)
-        chk.choice("policy mode", mode, _AUTO_MODES)
+        if isinstance(key, str):
+            key = (key, None)
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise ValueError(f"policy: a key is a mode or a (mode, head_dim) pair, got {key!r}")
         chk.choice("policy backend", val, _AUTO_CHOICES)
-        new[mode if dh is None else (mode, int(dh))] = val
+        new[_policy_key(*key)] = val
     old, _AUTO_POLICY = _AUTO_POLICY, new
     return old
+
+
+def _policy_key(mode, head_dim):
+    """A checked policy key: ``mode``, or ``(mode, head_dim)`` for a head dim the policy is consulted for
+    (the Triton kernel's: a multiple of 8 in [8, MAX_HEAD_DIM]); any other head dim would never match."""
+    chk.choice("policy mode", mode, _AUTO_MODES)
+    if head_dim is None:
+        return mode
+    if (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim % 8
+            or not 8 <= head_dim <= MAX_HEAD_DIM):
+        raise ValueError(f"policy: head dim {head_dim!r} of mode {mode!r} is never looked up (the policy covers "
+                         f"head dims that are multiples of 8 in [8, {MAX_HEAD_DIM}])")
+    return mode, head_dim
 
 
 def get_auto_policy() -> Dict:
@@ -1807,9 +1830,11 @@ def parse_auto_policy(text: str) -> Dict:
         if not eq or (colon and not dh.strip().isdigit()):
             raise ValueError(f"policy: cannot read {item!r}; expected mode=backend or mode:head_dim=backend "
                              f"(modes {list(_AUTO_MODES)}, backends {list(_AUTO_CHOICES)})")
-        chk.choice("policy mode", mode.strip(), _AUTO_MODES)
+        key = _policy_key(mode.strip(), int(dh) if colon else None)
         chk.choice("policy backend", val.strip(), _AUTO_CHOICES)
-        out[(mode.strip(), int(dh)) if dh else mode.strip()] = val.strip()
+        if key in out:
+            raise ValueError(f"policy: {item!r} repeats {lhs.strip()!r} (set each mode or mode:head_dim once)")
+        out[key] = val.strip()
     return out
 
 
@@ -1871,7 +1896,7 @@ def _sdpa(q, k, v, scale, cu_seqlens):
         outs = [F.scaled_dot_product_attention(q[None, a:b].transpose(1, 2), k[None, a:b].transpose(1, 2),
                                                v[None, a:b].transpose(1, 2), scale=scale)[0].transpose(0, 1)
                 for a, b in zip(bounds[:-1], bounds[1:])]
-        return torch.cat(outs, 0) if outs else q.new_empty(q.shape)
+        return torch.cat(outs, 0) if outs else (q + k + v).to(q.dtype)  # no sequence (T = 0): empty, with a grad_fn
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           scale=scale).transpose(1, 2)
 
@@ -1913,6 +1938,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     name = _DEFAULT_BACKEND if backend is None else backend
     chk.choice("backend", name, BACKENDS)
     if name == "auto":
+        for arg, t in (("q", q), ("k", k), ("v", v)):
+            chk.tensor(arg, t)  # before _resolve_auto reads their devices and dtypes
         name = _resolve_auto(q, k, v, scale)
     if name == "triton":
         return attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
