@@ -8,6 +8,7 @@ a CUDA assert or a silently wrong result.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -119,7 +120,8 @@ def is_int(v) -> bool:
 
 
 def non_negative(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    """A finite real number >= 0 (numpy scalars too), as a Python float."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not 0 <= value < float("inf"):  # also rejects NaN
         raise ValueError(f"{name}: expected a finite value >= 0, got {value}")

@@ -255,6 +255,8 @@ def target_features(h: torch.Tensor, tgt_idx: TargetIndices) -> torch.Tensor:
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 between predictor output and targets (mean over all elements)."""
+    if pred.shape != target.shape:  # smooth_l1_loss would broadcast them with only a warning
+        raise ValueError(f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}")
     return F.smooth_l1_loss(pred, target)
 
 

@@ -239,3 +239,18 @@ def test_trusted_device_indices_keeps_cpu_checks():
     # outside the context the device check is on again (meta tensors cannot be read: shape checks only)
     from stop_kernels import _checks
     assert _checks._DEVICE_RANGE_CHECKS
+
+
+def test_jepa_loss_refuses_shapes_that_would_broadcast():
+    with pytest.raises(ValueError, match="^target: expected the shape of pred"):
+        R.jepa_loss(torch.randn(4, 3, 8), torch.randn(1, 3, 8))
+
+
+def test_noise_std_takes_numpy_scalars_and_refuses_bools():
+    import numpy as np
+    from stop_kernels import _checks as chk
+    assert chk.non_negative("noise_std", np.float32(0.25)) == 0.25
+    assert chk.non_negative("noise_std", np.float64(0.2)) == 0.2 and chk.non_negative("noise_std", 1) == 1.0
+    for bad, exc in ((True, TypeError), ("0.2", TypeError), (np.float32("nan"), ValueError), (-0.1, ValueError)):
+        with pytest.raises(exc, match="^noise_std:"):
+            chk.non_negative("noise_std", bad)

@@ -300,3 +300,10 @@ def test_readme_lists_every_config_key_with_its_default():
             assert [float(x) for x in doc.split(",")] == list(want), (name, doc)
         else:
             assert doc == (want if want != "" else '""'), (name, doc)
+
+
+def test_epoch_based_warmup_is_truncated_as_the_official_schedule_does():
+    from stop_kernels.training.loop import schedule_lengths
+    cfg = TrainConfig(steps=0, epochs=3, warmup_epochs=0.7)
+    assert schedule_lengths(cfg, 5) == (15, 3)       # int(0.7 * 5) = 3; round() gave 4
+    assert schedule_lengths(TrainConfig(steps=0, epochs=300, warmup_epochs=40), 1251) == (375300, 50040)

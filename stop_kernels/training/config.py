@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import yaml
 
+from .._checks import is_int
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 # model name -> the paper recipe its name implies (a file in configs/). vit_tiny and vit_small have
@@ -193,7 +195,7 @@ def _check_types(cfg: TrainConfig) -> None:
         kind = type(default[0]) if isinstance(default, tuple) else type(default)
         ok = (not isinstance(default, tuple) or len(items) == len(default)) and all(
             isinstance(v, bool) if kind is bool else
-            isinstance(v, int) and not isinstance(v, bool) if kind is int else
+            is_int(v) if kind is int else
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind is float else
             isinstance(v, kind) for v in items)
         if not ok:

@@ -111,8 +111,8 @@ def schedule_lengths(cfg: TrainConfig, iters_per_epoch: int):
     total = cfg.steps or cfg.epochs * iters_per_epoch
     if cfg.steps:
         warmup = round(total * cfg.warmup_epochs / max(cfg.epochs, 1))
-    else:
-        warmup = round(cfg.warmup_epochs * iters_per_epoch)
+    else:  # the official WarmupCosineSchedule(warmup_steps=int(warmup * ipe), ...): truncated, not rounded
+        warmup = int(cfg.warmup_epochs * iters_per_epoch)
     return total, warmup
 
 
@@ -503,6 +503,10 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
            f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}; attention "
            f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} "
            f"timed steps over {pool} mask batches", info, stream)
+    ignored = [k for k, on in (("resume", cfg.resume), ("data", cfg.data != "synthetic")) if on]
+    if ignored:  # the step alone is timed: fresh models, synthetic batches, nothing read or written
+        _print(f"benchmark: ignores {' and '.join('--' + k for k in ignored)} (fresh models on synthetic "
+               f"batches)", info, stream)
     batches = synthetic_batches(cfg, pool, local, info.device, cfg.seed + 7919 * info.rank)
     batches = [batches[i % pool] for i in range(warm + n)]
     total = warm + n
