@@ -263,6 +263,15 @@ def test_float32_path_and_scale():
     _check(q, k, v, None, torch.float32, scale=0.3)
 
 
+def test_numpy_scale_is_a_scale():
+    """A numpy scalar scale (np.float32) was refused as 'not a positive finite scale'."""
+    import numpy as np
+    torch.manual_seed(5)
+    q, k, v, _ = _qkv(1, 9, 2, 16, torch.float32)
+    want = A.attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(A.attention(q, k, v, scale=np.float32(0.3)), want)
+
+
 def test_arbitrary_strides():
     """q from a [B, H, N, D] tensor (transposed view), k with a padded last-but-one stride, v contiguous."""
     torch.manual_seed(4)

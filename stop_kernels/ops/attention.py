@@ -101,6 +101,7 @@ Public API: :func:`attention`, :func:`attention_qkv`, :func:`dispatch_attention`
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -1664,7 +1665,7 @@ def _prepare(q, k, v, scale, cu_seqlens, max_seqlen) -> Tuple[Optional[torch.Ten
 def _kernel_scale_ok(scale) -> bool:
     """A scale the Triton kernels take: a positive finite number (the forward takes the running max
     of the unscaled scores, see _fwd_key_block)."""
-    return isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf")
+    return isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0 < scale < float("inf")
 
 
 def _check_batched_max_seqlen(max_seqlen, N: int) -> None:
