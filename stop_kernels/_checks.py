@@ -119,6 +119,15 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def int_at_least(name: str, value, lo: int) -> int:
+    """An int (not a bool, not 2.5) >= ``lo``."""
+    if not is_int(value):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {value}")
+    return value
+
+
 def non_negative(name: str, value: float) -> float:
     """A finite real number >= 0 (numpy scalars too), as a Python float."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):

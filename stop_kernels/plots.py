@@ -240,15 +240,26 @@ def similarity_maps(psi: torch.Tensor, A: torch.Tensor, queries: Sequence[Tuple[
     return det.float().reshape(-1, g, g), sto.float().reshape(-1, g, g)
 
 
-def plot_simmaps(out: str, *, checkpoint: Optional[str] = None, model: str = "vit_tiny", img_size: int = 64,
-                 patch_size: int = 8, pred_emb_dim: int = 384, queries: Optional[Sequence[str]] = None,
+FRESH_PREDICTOR = dict(model="vit_tiny", img_size=64, patch_size=8, pred_emb_dim=384)  # simmaps without a checkpoint
+
+
+def plot_simmaps(out: str, *, checkpoint: Optional[str] = None, model: Optional[str] = None,
+                 img_size: Optional[int] = None, patch_size: Optional[int] = None,
+                 pred_emb_dim: Optional[int] = None, queries: Optional[Sequence[str]] = None,
                  noise_std: float = 0.25, samples: int = 64, seed: int = 0, width: int = SIMMAP_SIZE[0],
                  height: int = SIMMAP_SIZE[1], dpi: int = 100, title: Optional[str] = None) -> str:
     """The paper's Figure 5 as a PNG: row 1 deterministic ψ, row 2 stochastic ψ̂, one column per query.
 
     The predictor comes from ``checkpoint`` or, without one, is freshly initialised for
-    ``model`` / ``img_size`` / ``patch_size`` / ``pred_emb_dim``.
+    ``model`` / ``img_size`` / ``patch_size`` / ``pred_emb_dim`` (defaults :data:`FRESH_PREDICTOR`);
+    with a checkpoint those are its own, and giving them is an error (they would be ignored).
     """
+    fresh = dict(model=model, img_size=img_size, patch_size=patch_size, pred_emb_dim=pred_emb_dim)
+    given = [k for k, v in fresh.items() if v is not None]
+    if checkpoint and given:
+        raise ValueError(f"--{given[0].replace('_', '-')}: sizes a fresh predictor only; the checkpoint "
+                         f"{checkpoint} has its own (drop {', '.join('--' + k.replace('_', '-') for k in given)})")
+    model, img_size, patch_size, pred_emb_dim = (FRESH_PREDICTOR[k] if v is None else v for k, v in fresh.items())
     if checkpoint:
         psi, A = predictor_tables_from_checkpoint(checkpoint)
         source = os.path.basename(checkpoint)
@@ -428,10 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simmaps", help="StoP positional similarity maps (paper Figure 5)")
     s.add_argument("--checkpoint", help="official .pth.tar or a file with a predictor state dict; "
                                         "omitted: a freshly initialised predictor")
-    s.add_argument("--model", default="vit_tiny", help="encoder preset of a fresh predictor (its width E)")
-    s.add_argument("--img-size", type=int, default=64)
-    s.add_argument("--patch-size", type=int, default=8)
-    s.add_argument("--pred-emb-dim", type=int, default=384, help="predictor width D of a fresh predictor")
+    fp = FRESH_PREDICTOR
+    s.add_argument("--model", help=f"encoder preset of a fresh predictor (its width E; default {fp['model']})")
+    s.add_argument("--img-size", type=int, help=f"image size of a fresh predictor (default {fp['img_size']})")
+    s.add_argument("--patch-size", type=int, help=f"patch size of a fresh predictor (default {fp['patch_size']})")
+    s.add_argument("--pred-emb-dim", type=int, help=f"predictor width D of a fresh predictor (default "
+                                                    f"{fp['pred_emb_dim']})")
     s.add_argument("--queries", nargs="+", help="query positions 'row,col' (default: corner, off-centre, centre)")
     s.add_argument("--noise-std", type=float, default=0.25, help="σ of the StoP noise (0.2 for the ViT-H recipe)")
     s.add_argument("--samples", type=int, default=64, help="noise draws averaged for the stochastic maps")

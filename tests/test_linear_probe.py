@@ -198,9 +198,13 @@ def test_classifier_settings_are_checked_before_any_extraction(setup, tmp_path, 
     for kw, flag in ((dict(heldout=1.5), "--heldout"), (dict(max_iter=0), "--max-iter"),
                      (dict(penalties=()), "--penalties"), (dict(penalties=(float("nan"),)), "--penalties"),
                      (dict(batch_size=0), "--batch-size"), (dict(workers=-1), "--workers"),
-                     (dict(device="gpu"), "--device")):
+                     (dict(device="gpu"), "--device"), (dict(last_k=0), "--last-k"),
+                     (dict(out=str(tmp_path)), "--out: .* is a folder")):   # failed only at the end, result lost
         with pytest.raises(ValueError, match=flag):
             lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, **kw)
+    for bad in (1.5, True):  # acted as last_k=1
+        with pytest.raises(TypeError, match="--last-k: expected an integer"):
+            lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, last_k=bad)
     with pytest.raises(ValueError, match="max-iter"):
         lp.fit_logistic_regression(torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1, max_iter=0)
 
@@ -269,3 +273,26 @@ def test_infer_encoder_sizes_every_preset(name, patch, img):
         feat.check_sizes(sizes, patch_size=patch + 2, cli=True)
     with pytest.raises(ValueError, match="^patch_size"):
         feat.check_sizes(sizes, patch_size=patch + 2)
+
+
+def test_result_file_is_replaced_atomically(setup, tmp_path, monkeypatch):
+    """A write that fails part-way (disk full) leaves the previous result, not a torn file."""
+    import errno
+    root, data, ckpt, _ = setup
+    out = tmp_path / "res.json"
+    args = ["--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(root / "cache"), "--batch-size", "16",
+            "--device", "cpu", "--out", str(out), "--penalties", "1e-2", "--max-iter", "20", "--quiet"]
+    assert lp.main(args) == 0
+    before = out.read_text()
+    real_dump = json.dump
+
+    def full_disk(obj, fh, **kw):
+        fh.write('{"top1": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(OSError):
+        lp.main(args)
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert out.read_text() == before and json.loads(before)["top1"] >= 0
+    assert not list(tmp_path.glob("res.json.*")), "a temporary file was left behind"

@@ -112,6 +112,9 @@ def test_constructor_sizes_are_checked_by_name():
             VisionTransformer(img_size=32, patch_size=8, **{**dict(embed_dim=64, depth=1, num_heads=4), **kw})
     with pytest.raises(TypeError, match="^num_heads"):
         VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4.0)
+    for bad, exc in ((0, ValueError), (-1, ValueError), (True, TypeError), (2.5, TypeError), ("3", TypeError)):
+        with pytest.raises(exc, match="^in_chans"):  # 0 and True built a model, the rest failed unnamed in torch
+            VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, in_chans=bad)
     for kw, key in ((dict(num_patches=0), "num_patches"), (dict(num_patches=16.0), "num_patches"),
                     (dict(predictor_embed_dim=50), "predictor_embed_dim"), (dict(depth=-1), "depth")):
         with pytest.raises(ValueError, match=f"^{key}"):

@@ -116,6 +116,12 @@ def test_simmaps_bad_inputs(tmp_path):
         plots.plot_simmaps(str(tmp_path / "x.png"), checkpoint=str(tmp_path / "enc.pt"))
     with pytest.raises(ValueError, match="model"):
         plots.plot_simmaps(str(tmp_path / "x.png"), model="vit_enormous")
+    with pytest.raises(ValueError, match="^--img-size: sizes a fresh predictor only"):  # was silently ignored
+        plots.main(["simmaps", "--checkpoint", str(tmp_path / "enc.pt"), "--img-size", "224", "--out",
+                    str(tmp_path / "x.png")])
+    with pytest.raises(ValueError, match="^--model: .*drop --model, --pred-emb-dim"):
+        plots.plot_simmaps(str(tmp_path / "x.png"), checkpoint=str(tmp_path / "enc.pt"), model="vit_huge",
+                           pred_emb_dim=384)
     with pytest.raises(ValueError, match="--noise-std"):  # NaN drew all-NaN maps
         plots.plot_simmaps(str(tmp_path / "x.png"), model="vit_tiny", img_size=32, patch_size=8, pred_emb_dim=64,
                            noise_std=float("nan"))

@@ -7,7 +7,7 @@
   the sizes from the weights with the converter's :func:`~stop_kernels.models.infer_encoder_sizes`
   and checking them against the flags. (Only the chosen encoder is built, on the meta device then
   assigned the weights; :func:`~stop_kernels.models.load_official_checkpoint` builds all three
-  modules with a random initialisation first, which costs seconds to minutes for ViT-H on a CPU.)
+  modules that way.)
 * :func:`encode` turns images ``[B, 3, H, W]`` into average-pooled features ``[B, E]`` (the mean of
   the last K layers' LayerNorm'd outputs); :func:`extract_features` runs it over a dataset with a
   progress bar (bf16 autocast on GPU, fp32 on CPU); :func:`cached_features` stores the result on
@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import _checks as chk
 from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ..models.official import (EncoderSizes, build_encoder, check_sizes, infer_encoder_sizes,  # noqa: F401
                                preset_of, strip_prefix)
@@ -237,7 +238,7 @@ def encode(encoder: VisionTransformer, imgs: torch.Tensor, last_k: int = 1) -> t
     blocks of ``mean_tokens(LayerNorm(block output))`` (the encoder's final LayerNorm); ``last_k=1`` is
     ``encoder(imgs).mean(1)``."""
     depth = len(encoder.blocks)
-    if not 1 <= last_k <= depth:
+    if not 1 <= chk.int_at_least("--last-k", last_k, 1) <= depth:
         raise ValueError(f"--last-k: expected 1 … {depth} (the encoder's depth), got {last_k}")
     x = encoder.embed(imgs)
     pooled = []

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -179,9 +178,10 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
     if not os.path.isfile(checkpoint):
         feat.read_checkpoint(checkpoint)  # raises the clear error (missing file, folder)
     # every classifier and loader setting is checked here, before hours of feature extraction
-    if last_k < 1:
-        raise ValueError(f"--last-k: expected >= 1, got {last_k}")
+    chk.int_at_least("--last-k", last_k, 1)
     check_classifier_settings(heldout=heldout, max_iter=max_iter, penalties=penalties)
+    if out:
+        check_writable_file("--out", out)
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
     if workers is not None and workers < 0:
@@ -238,12 +238,24 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
     }
     log(f"top-1 {100 * top1:.2f}% on {len(val_samples)} val images (train {100 * train_acc:.2f}%, "
         f"penalty {best:g})")
-    if out:
+    if out:  # atomically: a failed write leaves the previous result, not a torn file
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        chk.write_json_atomic(out, result)
         log(f"wrote {out}")
     return result
+
+
+def check_writable_file(name: str, path: str) -> None:
+    """``path`` can be written at the end of a long run: not a folder, and its folder (or the nearest
+    existing folder above it, where the run will create the rest) is writable."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise ValueError(f"{name}: {path} is a folder; expected a file path")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: cannot write {path} ({parent} is not a writable folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:

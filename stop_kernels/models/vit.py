@@ -154,10 +154,7 @@ def check_transformer_sizes(width_name: str, width, depth, num_heads, mlp_ratio)
     """The size checks shared by the encoder and the predictor, each error naming its argument (depth
     0 is allowed: a model of its embeddings and tables only, as the similarity-map plots build)."""
     for name, v, lo in ((width_name, width, 1), ("depth", depth, 0), ("num_heads", num_heads, 1)):
-        if not chk.is_int(v):
-            raise TypeError(f"{name}: expected an integer, got {v!r}")
-        if v < lo:
-            raise ValueError(f"{name}: expected an integer >= {lo}, got {v}")
+        chk.int_at_least(name, v, lo)
     if width % 4:
         raise ValueError(f"{width_name}: expected a multiple of 4 (2-D sin-cos positions), got {width}")
     if width % num_heads:
@@ -197,6 +194,7 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True):
         super().__init__()
         check_transformer_sizes("embed_dim", embed_dim, depth, num_heads, mlp_ratio)
+        chk.int_at_least("in_chans", in_chans, 1)
         g = grid_size(img_size, patch_size)
         self.img_size, self.patch_size, self.grid = img_size, patch_size, g
         self.embed_dim, self.num_heads = embed_dim, num_heads
