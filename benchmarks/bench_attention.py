@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _gpu_common import card_limits, sdpa_fn  # noqa: E402
+from stop_kernels.models.flops import attention_cost  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="attention benchmarks need a CUDA GPU (Triton kernels vs cuDNN/flash SDPA)")
@@ -114,9 +115,7 @@ def test_attention_speed(benchmark, shape, impl, mode, launch):
     torch.cuda.synchronize()
     benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=3)
     t = benchmark.stats.stats.median / REPS
-    flops = 4.0 * B * H * N * N * D * (3.5 if mode == "fwdbwd" else 1.0)
-    e = B * N * H * D * 2
-    nbytes = 8 * e + B * H * N * 4 if mode == "fwdbwd" else 4 * e
+    flops, nbytes = attention_cost(B, N, H * D, mode, heads=H)  # fwd: 4e bytes; fwdbwd: 12e + 2·lse
     gpu = torch.cuda.get_device_name(0)
     peak_tflops, peak_tbps = card_limits(gpu)  # the card's measured matmul rate and copy bandwidth
     benchmark.extra_info.update(gpu=gpu, shape=list(shape), impl=impl, mode=mode,

@@ -17,7 +17,7 @@
 #
 # What is unmeasured since GPU run 3, sized to a 15-minute device budget: one machine start (≈ 90 s)
 # and two calls, the second sent at once after the first (a warm machine is given back after 30 s
-# idle): 90 + 540 + 210 = 840 s, 60 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
+# idle): 90 + 540 + 240 = 870 s, 30 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
 # ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
 # side-by-side ratios; say which card in the results README).
 #   1. (timeout_s 540) SEC_STOP=120 BUDGET_STOP=100 SEC_ATTN=120 BUDGET_ATTN=100 SEC_E2E=250 \
@@ -42,8 +42,9 @@
 #      {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
 #      (stop_kernels/ops/attention.py). If fast_levers beats fast_mixed, the profile section of a
 #      later session says which lever to turn on by default.
-#   2. (timeout_s 210, sent at once) SEC_TESTS_NEW=90 SEC_BUILD=45 SEC_CUDA=60 \
-#        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 90 + 45 + 60)
+#   2. (timeout_s 240, sent at once) SEC_TESTS_NEW=85 SEC_BUILD=45 SEC_CUDA=90 \
+#        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 85 + 45 + 90;
+#        gpu_cuda.py took 59 s in run 2 with 11 fewer tests; an interrupt keeps the rows timed so far)
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
 #      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split, one-pass backward);
 #      then the CUDA C++ StoP kernels against the rebuilt Triton ones and the unfused path:

@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _gpu_common import DEV, REHEARSE, bench, bench_graph, make_section, record_env, sdpa_fn, sync  # noqa: E402
+from stop_kernels.models.flops import attention_cost  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
 # (B, H, N, Dh) of each section: ViT-H/14 I-JEPA+StoP, or toy sizes in a rehearsal (_gpu_common)
@@ -110,14 +111,10 @@ def make_qkv(B, H, N, D, dtype=torch.bfloat16, seed=0):
     return qkv
 
 
-def flops(B, H, N, D, bwd: bool) -> float:
-    f = 4.0 * B * H * N * N * D
-    return f * 3.5 if bwd else f
-
-
-def nbytes(B, H, N, D, bwd: bool, elt=2) -> float:
-    e = B * N * H * D * elt
-    return 8 * e + B * H * N * 4 if bwd else 4 * e
+def cost(B, H, N, D, kind: str):
+    """(FLOPs, least bytes) of one bf16 call: stop_kernels.models.flops.attention_cost (fwd: 4e; bwd alone:
+    8e + lse; fwdbwd: 12e + 2·lse, e one [B, N, H, D] tensor)."""
+    return attention_cost(B, N, H * D, kind, heads=H)
 
 
 # ------------------------------------------------------------------------------------------
@@ -384,10 +381,12 @@ def timing(budget_s):
             try:
                 row.update({k_: (round(v_, 4) if isinstance(v_, float) else v_)
                             for k_, v_ in _time_impl(f, B, H, N, D, graphs=GRAPHS).items()})
-                for mode, bwd in (("fwd", False), ("fwdbwd", True)):
-                    t = row.get(f"{mode}_graph_ms") or row[f"{mode}_eager_ms"]
-                    row[f"{mode}_tflops"] = round(flops(B, H, N, D, bwd) / t / 1e9, 1)
-                    row[f"{mode}_gbps"] = round(nbytes(B, H, N, D, bwd) / t / 1e6, 0)
+                for mode in ("fwd", "fwdbwd"):  # rates from the GPU time, else (failed capture) the eager time
+                    timer = "graph" if row.get(f"{mode}_graph_ms") else "eager"
+                    fl, nb = cost(B, H, N, D, mode)
+                    row[f"{mode}_tflops"] = round(fl / row[f"{mode}_{timer}_ms"] / 1e9, 1)
+                    row[f"{mode}_gbps"] = round(nb / row[f"{mode}_{timer}_ms"] / 1e6, 0)
+                    row[f"{mode}_rates_from"] = timer
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
                 try:
@@ -409,11 +408,10 @@ def variants(budget_s):
         bucket, bd = A._pow2(N), A._pow2(D)
         # backward alone: the launch wrapper called directly on one saved forward
         o, lse = A._fwd(q, k, v, None, N, D ** -0.5)
-        fwd_bytes = nbytes(B, H, N, D, False)
         # (the candidate lists per head-dim split: the one-pass backward configs depend on it)
-        sweeps = [("fwd", lambda sp: A._fwd_configs(bucket, bd), lambda: A.attention(q, k, v), fwd_bytes),
+        sweeps = [("fwd", lambda sp: A._fwd_configs(bucket, bd), lambda: A.attention(q, k, v), cost(B, H, N, D, "fwd")[1]),
                   ("bwd", lambda sp: A._bwd_candidates(N, D, sp),
-                   lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), nbytes(B, H, N, D, True) - fwd_bytes)]
+                   lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), cost(B, H, N, D, "bwd")[1])]
         # head dims that the kernels split in two chunks (80 = 64 + 16) are timed both ways
         splits = [True, False] if A._head_chunks(D, True)[1] else [A.HEAD_DIM_SPLIT]
         default_split = A.HEAD_DIM_SPLIT
@@ -488,10 +486,10 @@ def _summary():
             best = min(cands, key=lambda r: r[col])
             s[col] = (best[col], best["impl"], t[col], best[col] / t[col])
         B, H, N, D = shp
-        for mode, bwd in (("fwd", False), ("fwdbwd", True)):
+        for mode in ("fwd", "fwdbwd"):
             tt = t.get(f"{mode}_graph_ms")
             if tt:
-                s[f"{mode}_vs_limit"] = tt / (nbytes(B, H, N, D, bwd) / (PEAK_TBPS * 1e9))
+                s[f"{mode}_vs_limit"] = tt / (cost(B, H, N, D, mode)[1] / (PEAK_TBPS * 1e9))
         out.append(s)
     return out
 
@@ -542,7 +540,8 @@ def write(out):
                          f"{r.get('fwd_us', '')} | {r.get('fwdbwd_us', '')} |")
         lines.append("")
     lines += ["## Timing (ms, median). eager = do_bench (CPU launch cost included); graph = do_bench_cudagraph "
-              "(GPU time only). Forward under no_grad. TFLOP/s, GB/s from the graph time.", "",
+              "(GPU time only). Forward under no_grad. TFLOP/s, GB/s from the graph time (from the eager time, "
+              "marked *, where the capture failed). Bytes: fwd 4e, f+b 12e + 2·lse (e one [B, N, H, D] tensor).", "",
               "| shape (B,H,N,D) | impl | fwd eager | fwd graph | fwd TFLOP/s | fwd GB/s | f+b eager | f+b graph | "
               "f+b TFLOP/s | f+b GB/s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in RESULTS["timing"]:
@@ -551,8 +550,10 @@ def write(out):
             continue
         fg = r.get("fwd_graph_ms", r.get("fwd_graph_error", ""))
         bg = r.get("fwdbwd_graph_ms", r.get("fwdbwd_graph_error", ""))
-        lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {_fmt(r['fwd_eager_ms'])} | {_fmt(fg)} | {r['fwd_tflops']} | "
-                     f"{r['fwd_gbps']} | {_fmt(r['fwdbwd_eager_ms'])} | {_fmt(bg)} | {r['fwdbwd_tflops']} | {r['fwdbwd_gbps']} |")
+        mark = {m: "*" if r.get(f"{m}_rates_from") == "eager" else "" for m in ("fwd", "fwdbwd")}
+        lines.append(f"| {tuple(r['shape'])} | {r['impl']} | {_fmt(r['fwd_eager_ms'])} | {_fmt(fg)} | "
+                     f"{r['fwd_tflops']}{mark['fwd']} | {r['fwd_gbps']}{mark['fwd']} | {_fmt(r['fwdbwd_eager_ms'])} | "
+                     f"{_fmt(bg)} | {r['fwdbwd_tflops']}{mark['fwdbwd']} | {r['fwdbwd_gbps']}{mark['fwdbwd']} |")
     lines += ["", f"Ceilings: {PEAK_TFLOPS} TFLOP/s, {PEAK_TBPS} TB/s.", "",
               "## Speed-up of Triton vs the best SDPA backend (× > 1: Triton faster)", "",
               "| shape | fwd eager: SDPA / Triton / × | fwd graph: SDPA / Triton / × | f+b eager: SDPA / Triton / × | "
@@ -568,12 +569,13 @@ def write(out):
         lim = [f"{s[c]:.2f}×" if c in s else "" for c in ("fwd_vs_limit", "fwdbwd_vs_limit")]
         lines.append(f"| {s['shape']} | {cell(s, 'fwd_eager_ms')} | {cell(s, 'fwd_graph_ms')} | "
                      f"{cell(s, 'fwdbwd_eager_ms')} | {cell(s, 'fwdbwd_graph_ms')} | {lim[0]} | {lim[1]} |")
-    lines += ["", "## Config variants (forced, graph-timed kernel time)", "",
-              "| shape | kind | config | head dim split | ms | GB/s | tuner pick |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Config variants (forced; timer graph = kernel time, eager = after a failed capture)", "",
+              "| shape | kind | config | head dim split | ms | timer | GB/s | tuner pick |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in RESULTS["variants"]:
         lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r.get('split_d', '')} | "
-                     f"{r.get('ms', r.get('error'))} | {r.get('gbps', '')} | {'*' if r['tuned_pick'] else ''} |")
+                     f"{r.get('ms', r.get('error'))} | {r.get('timer', '')} | {r.get('gbps', '')} | "
+                     f"{'*' if r['tuned_pick'] else ''} |")
     if RESULTS.get("pytest"):
         p = RESULTS["pytest"]
         lines += ["", f"## pytest tests/test_attention.py: rc={p.get('rc', p.get('skipped'))}", "", "```",

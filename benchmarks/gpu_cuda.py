@@ -177,9 +177,11 @@ def timings(report):
     except ImportError:
         import contextlib
         trusted_device_indices = contextlib.nullcontext
-    with trusted_device_indices():
-        _time_all(impls, rows, pos, idx, w, b, grad, flop_fwd)
-    _finish(report, rows, out_bytes)
+    try:
+        with trusted_device_indices():
+            _time_all(impls, rows, pos, idx, w, b, grad, flop_fwd)
+    finally:  # the section's time limit interrupts with SIGINT: the rows timed so far are kept
+        _finish(report, rows, out_bytes)
 
 
 def _time_all(impls, rows, pos, idx, w, b, grad, flop_fwd):

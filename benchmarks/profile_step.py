@@ -48,8 +48,10 @@ from _gpu_common import card_limits  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
+    # the fused StoP input: CUDA C++ stop_embed_* kernels, the Triton _project/_noise_weight_grad/_pos_noise
+    # ones (before attention, whose "_fwd_kernel" also matches stop_embed_fwd_kernel)
+    ("stop_input", r"stop_embed|stop_noise|predictor_input|_ctx_|philox|_project_kernel|_noise_weight_grad|_pos_noise"),
     ("attention", r"attn|flash|fmha|cudnn|sdpa|_fwd_kernel|_bwd_kernel|softmax"),
-    ("stop_input", r"stop_embed|predictor_input|_ctx_|philox"),
     ("matmul", r"gemm|xmma|cutlass|nvjet|sm90_|wgmma|matmul|_mm_"),
     ("layernorm", r"layer_norm|layernorm|LayerNorm"),
     ("optimizer", r"adam|Adam|multi_tensor|foreach"),
@@ -111,6 +113,8 @@ def run_variant(v: dict, args, info) -> dict:
     cfg = parse_config(variant_argv(v, args.model, args.batch_size, os.path.join(args.out, "run_" + v["name"]))
                        + args.extra.split())
     cuda = _cuda(info)
+    from torch._dynamo.utils import counters
+    counters.clear()  # process-wide: the variant's dynamo stats are its own, not the sum of those before it
     gc.collect()  # a variant that failed part-way leaves its trainer in reference cycles
     if cuda:
         torch.cuda.empty_cache()

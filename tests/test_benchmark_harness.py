@@ -74,6 +74,15 @@ def test_trainer_applies_attention_policy_around_the_step(cpu_train, tmp_path):
     assert A.get_auto_policy() == before
 
 
+def test_profile_categories_name_the_projects_kernels():
+    """The fused StoP input's Triton kernels were counted as 'other' (only the Philox one matched)."""
+    for name in ("_project_kernel", "_noise_weight_grad_kernel", "_pos_noise_kernel", "_philox_normal_kernel",
+                 "void stop_embed_fwd_kernel<OpBf16, 3>(...)", "void stop_embed_dw_kernel<OpBf16, 2>(...)"):
+        assert profile_step.category(name) == "stop_input", name
+    for name in ("_attn_fwd_kernel", "_attn_bwd_fused_kernel", "cudnn_generated_fort_native_sdpa_sm90"):
+        assert profile_step.category(name) == "attention", name
+
+
 def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # the interpreter as conftest sets it: the fast_triton path forces the Triton kernels
     out = tmp_path / "e2e"

@@ -100,6 +100,21 @@ def test_step_floors_at_the_card_limits():
     assert slow["attention"] == pytest.approx(attn_flops / 7.07e12 * 1e3, rel=1e-12)
 
 
+def test_attention_cost_of_one_predictor_call():
+    """The issue's numbers at (256, 16, 116, 24) bf16: the forward moves q, k, v, o (≈ 91 MB), the backward
+    alone ≈ 180 MB (q, k, v, o, dO in; dq, dk, dv out; the fp32 logsumexp), forward+backward both."""
+    from stop_kernels.models.flops import attention_cost
+    e = 256 * 116 * 16 * 24 * 2
+    lse = 256 * 116 * 16 * 4
+    fwd_flops = 4 * 256 * 16 * 116 ** 2 * 24
+    assert attention_cost(256, 116, 16 * 24, "fwd", heads=16) == (fwd_flops, 4 * e)
+    assert attention_cost(256, 116, 16 * 24, "bwd", heads=16) == (2.5 * fwd_flops, 8 * e + lse)
+    assert attention_cost(256, 116, 16 * 24, "fwdbwd", heads=16) == (3.5 * fwd_flops, 12 * e + 2 * lse)
+    assert 4 * e == pytest.approx(91.2e6, rel=1e-3) and 8 * e + lse == pytest.approx(184.4e6, rel=1e-3)
+    with pytest.raises(ValueError, match="^kind"):
+        attention_cost(1, 1, 8, "backward")
+
+
 def test_constructor_sizes_are_checked_by_name():
     """Review findings: num_heads 0 divided by zero, depth < 0 and mlp_ratio 0 built degenerate models, a
     width not a multiple of 4 named an internal argument, and predictor_for accepted a patch grid that

@@ -42,6 +42,26 @@ def transformer_flops(seqs: float, seqlen: float, width: int, depth: int, mlp_ra
     return {"linear": linear, "attention": attention}
 
 
+def attention_cost(seqs: float, seqlen: float, width: int, kind: str, heads: int = 0, elt: int = 2):
+    """``(FLOPs, bytes)`` of non-causal attention over ``seqs`` sequences of ``seqlen`` tokens, ``width`` =
+    heads × head dim, inputs of ``elt`` bytes; ``kind`` ``fwd``, ``bwd`` or ``fwdbwd``. The bytes are the
+    least any kernel moves, with e one ``[tokens, width]`` tensor:
+
+    * ``fwd``: Q·Kᵀ and P·V, 4·seqs·seqlen²·width FLOPs; reads q, k, v, writes o: 4e;
+    * ``bwd`` (flash: recomputes Q·Kᵀ, adds dV, dP, dQ, dK: 2.5× the forward FLOPs): reads q, k, v, o, dO
+      and the fp32 logsumexp, writes dq, dk, dv: 8e + lse;
+    * ``fwdbwd``: both, the forward also writing the logsumexp: 3.5× the forward FLOPs, 12e + 2·lse.
+
+    ``heads`` sizes the logsumexp (seqs·seqlen·heads fp32); 0 leaves it out (the step floors do)."""
+    fwd = 4.0 * seqs * seqlen * seqlen * width
+    e = float(seqs) * seqlen * width * elt
+    lse = 4.0 * seqs * seqlen * heads
+    costs = {"fwd": (fwd, 4 * e), "bwd": (2.5 * fwd, 8 * e + lse), "fwdbwd": (3.5 * fwd, 12 * e + 2 * lse)}
+    if kind not in costs:
+        raise ValueError(f"kind: expected one of {sorted(costs)}, got {kind!r}")
+    return costs[kind]
+
+
 def jepa_step_flops(*, embed_dim: int, depth: int, mlp_ratio: float, pred_dim: int, pred_depth: int,
                     batch: int, num_patches: int, patch_size: int, n_ctx: float, n_tgt: float, npred: int,
                     in_chans: int = 3, noise_projection: bool = True) -> Dict[str, float]:
@@ -94,9 +114,7 @@ def jepa_step_floors_ms(*, trainable_params: int, ema_params: int, tflops: float
                                         (batch, n_ctx, E, L, True),
                                         (sizes["npred"] * batch, n_ctx + n_tgt, sizes["pred_dim"],
                                          sizes["pred_depth"], True)):
-        fwd_flops = 4.0 * seqs * n * n * width * blocks
-        act = 2.0 * seqs * n * width * blocks  # bytes of one bf16 [tokens, width] tensor over the blocks
-        flops, nbytes = (3.5 * fwd_flops, 12 * act) if bwd else (fwd_flops, 4 * act)
+        flops, nbytes = attention_cost(seqs * blocks, n, width, "fwdbwd" if bwd else "fwd")
         attn += max(flops * flop_ms, nbytes * byte_ms)
     return {"matmul": (f["total"] - f["attention"]) * flop_ms, "attention": attn,
             "optimizer": (28.0 * trainable_params + 12.0 * ema_params) * byte_ms}
