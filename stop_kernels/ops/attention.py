@@ -125,6 +125,13 @@ BACKENDS = ("auto", "triton", "sdpa", "xformers", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
 _FUSED_BWD_MAX_N = 256  # the fused backward keeps all of a sequence's queries in one tile
+
+
+def _kernel_head_dim(D) -> bool:
+    """A head dim the Triton kernels take: an int (a SymInt while torch.compile traces a shape), a multiple
+    of 8 in [8, MAX_HEAD_DIM]."""
+    return (isinstance(D, (int, torch.SymInt)) and not isinstance(D, bool) and D % 8 == 0
+            and 8 <= D <= MAX_HEAD_DIM)
 _LOG2E = 1.4426950408889634
 _INTERPRET = triton_interpreting()
 
@@ -1054,7 +1061,7 @@ def load_tuned_configs(path: str) -> int:
             raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {e['dtype']!r}")
         if not _is_pow2(e["bucket"], 16):
             raise ValueError(f"{where}: bucket must be next_pow2(N), a power of two >= 16, got {e['bucket']!r}")
-        if not chk.is_int(e["head_dim"]) or not 8 <= e["head_dim"] <= MAX_HEAD_DIM or e["head_dim"] % 8:
+        if not _kernel_head_dim(e["head_dim"]):
             raise ValueError(f"{where}: head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {e['head_dim']!r}")
         for name in ("varlen", "split_d"):
             if not isinstance(e[name], bool):
@@ -1502,8 +1509,7 @@ _flash_attn_qkv_fwd.register_autograd(_backward_qkv, setup_context=_setup_contex
 # ----------------------------------------------------------------------------------------------
 def attention_supported(q: torch.Tensor) -> bool:
     """True when the Triton kernel handles q's head dim and dtype (the dispatcher's test)."""
-    D = q.shape[-1]
-    return q.dtype in KERNEL_DTYPES and D % 8 == 0 and 8 <= D <= MAX_HEAD_DIM
+    return q.dtype in KERNEL_DTYPES and _kernel_head_dim(q.shape[-1])
 
 
 def _check_qkv_layout(q, k, v, varlen: bool, dtypes=chk.FLOAT_DTYPES) -> None:
@@ -1541,7 +1547,7 @@ def _check_qkv(q, k, v, varlen: bool) -> None:
         return
     _check_qkv_layout(q, k, v, varlen, KERNEL_DTYPES)
     D = q.shape[-1]
-    if D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM:
+    if not _kernel_head_dim(D):
         raise ValueError(f"q: head dim {D} unsupported by the Triton attention kernel (needs a multiple of 8 "
                          f"in [8, {MAX_HEAD_DIM}]); use dispatch_attention(), which falls back to SDPA")
     if q.device.type != "cuda" and not _INTERPRET:
@@ -1698,7 +1704,7 @@ def attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None, cu_seqlen
     q, k, v = _split_qkv(qkv, varlen)
     if qkv.dtype not in KERNEL_DTYPES:
         chk.tensor("qkv", qkv, dtypes=KERNEL_DTYPES)
-    if qkv.shape[-1] % 8 or not 8 <= qkv.shape[-1] <= MAX_HEAD_DIM:
+    if not _kernel_head_dim(qkv.shape[-1]):
         raise ValueError(f"qkv: head dim {qkv.shape[-1]} unsupported by the Triton attention kernel (needs a "
                          f"multiple of 8 in [8, {MAX_HEAD_DIM}]); use dispatch_attention_qkv(), which falls back to SDPA")
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
@@ -1807,8 +1813,7 @@ def _policy_key(mode, head_dim):
     chk.choice("policy mode", mode, _AUTO_MODES)
     if head_dim is None:
         return mode
-    if (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim % 8
-            or not 8 <= head_dim <= MAX_HEAD_DIM):
+    if not _kernel_head_dim(head_dim):
         raise ValueError(f"policy: head dim {head_dim!r} of mode {mode!r} is never looked up (the policy covers "
                          f"head dims that are multiples of 8 in [8, {MAX_HEAD_DIM}])")
     return mode, head_dim
@@ -1939,8 +1944,9 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     name = _DEFAULT_BACKEND if backend is None else backend
     chk.choice("backend", name, BACKENDS)
     if name == "auto":
-        for arg, t in (("q", q), ("k", k), ("v", v)):
-            chk.tensor(arg, t)  # before _resolve_auto reads their devices and dtypes
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+            for arg, t in (("q", q), ("k", k), ("v", v)):
+                chk.tensor(arg, t)  # named, before _resolve_auto reads their devices and dtypes
         name = _resolve_auto(q, k, v, scale)
     if name == "triton":
         return attention(q, k, v, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
