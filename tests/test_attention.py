@@ -909,6 +909,8 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
    + [('[{"kind": "bwd", "bucket": 512, "head_dim": 24, "dtype": "float32", "varlen": false, "split_d": true, '
        '"config": {"VARIANT": "fused", "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "PERSIST": 4}}]',
        "fused backward holds every query in one tile")]
+   + [('[{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": "yes", '
+       '"config": {}}]', "split_d must be")]
    # the same key twice: which one applies would depend on the order
    + [('[' + ', '.join(['{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, '
                         '"split_d": true, "config": {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}}']
@@ -918,6 +920,7 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
       for cfg, match in [('{"BLOCK_M": "16", "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}', "BLOCK_M must be"),
                          ('{"BLOCK_M": 16, "BLOCK_N": 24, "num_warps": 2, "num_stages": 1}', "BLOCK_N must be"),
                          ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 3, "num_stages": 1}', "num_warps must be"),
+                         ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 64, "num_stages": 1}', "num_warps must be"),
                          ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 0}', "num_stages must be")]])
 def test_tuned_configs_bad_files(monkeypatch, tmp_path, content, match):
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
@@ -1146,3 +1149,152 @@ def test_strides_beyond_int32_are_not_divided_by_align():
     t = types.SimpleNamespace(shape=(2, 5, 3, 8), stride=lambda: (120, 24, 8, 1))
     strides, align = A._qkv_strides([t] * 3, False)
     assert align == 8 and strides[:3] == [15, 3, 1]
+
+
+# ------------------------------------------------------------------------------------------
+# host side: launch plans, head grouping, strides, dispatch (each test kills a mutant that the
+# tests above let through: the mutation audit of the eleventh session)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("H", [3, 4])
+def test_two_heads_per_program_any_head_count(H):
+    """HEADS = 2 (a tuner candidate, loadable from a config file): with H = 4 each program must take
+    heads 2·hg and 2·hg + 1; with H = 3 the launch falls back to one head per program, or head 2
+    would be left unwritten (poisoned outputs catch both)."""
+    torch.manual_seed(40 + H)
+    q, k, v, _ = _qkv(1, 40, H, 24, torch.float16)
+    with A._force_config(fwd=dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1, HEADS=2)):
+        _check(q, k, v, None, torch.float16)
+
+
+def test_token_stride_not_a_multiple_of_eight():
+    """The kernels divide strides by ALIGN = 8 only when every stride allows it: a QKV buffer padded
+    to 76 elements per token must run unaligned, not read from the wrong tokens."""
+    torch.manual_seed(43)
+    buf = torch.randn(1, 9, 3 * 24 + 4, device=DEV, dtype=torch.float16).requires_grad_()
+    q, k, v = buf[..., :3 * 24].unflatten(-1, (3, 1, 24)).unbind(2)
+    assert q.stride(1) == 76
+    _check(q, k, v, None, torch.float16)
+
+
+def test_head_dim_8_is_supported():
+    """The smallest head dim of the contract (a multiple of 8 in [8, 128])."""
+    torch.manual_seed(44)
+    qkv = torch.randn(1, 9, 3, 2, 8, device=DEV, dtype=torch.float16)
+    q, k, v = qkv.unbind(2)
+    assert A.attention_supported(q)
+    torch.testing.assert_close(A.attention_qkv(qkv).double(), reference.attention(q.double(), k.double(), v.double()),
+                               atol=2e-3, rtol=2e-3)
+
+
+def _same_as_reference(o, q, k, v, tol, **kw):
+    assert torch.isfinite(o).all(), "non-finite elements (unwritten)"
+    ref = reference.attention(q.double(), k.double(), v.double(), **kw)
+    torch.testing.assert_close(o.double(), ref, atol=tol, rtol=tol)
+
+
+def test_plan_follows_scale_k_strides_and_max_seqlen():
+    """A launch plan is reused only for the same call signature: a second call that differs only in
+    the scale, in k's strides or in the packed sequence lengths must not run the first call's plan."""
+    torch.manual_seed(45)
+    q, k, v = (torch.randn(1, 9, 2, 16, device=DEV) for _ in range(3))
+    A.attention(q, k, v, scale=0.3)
+    _same_as_reference(A.attention(q, k, v, scale=0.7), q, k, v, 1e-4, scale=0.7)
+    q, v = (torch.randn(1, 11, 2, 24, device=DEV, dtype=torch.float16) for _ in range(2))
+    k = torch.randn(1, 11, 2, 32, device=DEV, dtype=torch.float16)[..., :24]
+    A.attention(q, k.contiguous(), v)
+    _same_as_reference(A.attention(q, k, v), q, k, v, 2e-3)
+    q, k, v = (torch.randn(40, 2, 16, device=DEV, dtype=torch.float16) for _ in range(3))
+    for cu in ([0, 20, 40], [0, 5, 40]):
+        cu = torch.tensor(cu, dtype=torch.int32, device=DEV)
+        _same_as_reference(A.attention(q, k, v, cu_seqlens=cu), q, k, v, 2e-3, cu_seqlens=cu)
+
+
+def test_head_dim_split_switch_takes_effect(monkeypatch):
+    """HEAD_DIM_SPLIT is part of the plan key: after switching it the plan must change (80 = 64 + 16
+    split, one 128-wide tile otherwise), or test_head_dim_split_matches_unsplit compares a path with itself."""
+    qkv = torch.randn(1, 9, 3, 2, 80, device=DEV, dtype=torch.float16)
+    q, k, v = qkv.unbind(2)
+    for split, bd1 in ((True, 16), (False, 0)):
+        monkeypatch.setattr(A, "HEAD_DIM_SPLIT", split)
+        A.attention_qkv(qkv)
+        assert A._get_plan(q, k, v, None, 9, 80 ** -0.5).fwd_kw["BD1"] == bd1
+
+
+def test_loading_configs_replaces_existing_plans(monkeypatch, tmp_path):
+    """A config file loaded after a plan was built must apply to that plan's key from then on."""
+    import json
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    monkeypatch.setattr(A, "_PLANS", {})
+    q, k, v, _ = _qkv(1, 13, 2, 16, torch.float16)
+    assert A._get_plan(q, k, v, None, 13, 16 ** -0.5).fwd_kw["num_warps"] != 2
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps([dict(kind="fwd", bucket=16, head_dim=16, dtype="float16", varlen=False,
+                                     split_d=A.HEAD_DIM_SPLIT,
+                                     config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=2, num_stages=1))]))
+    A.load_tuned_configs(str(path))
+    assert A._get_plan(q, k, v, None, 13, 16 ** -0.5).fwd_kw["num_warps"] == 2
+
+
+def test_cu_seqlens_verdict_is_per_token_count():
+    """A cu_seqlens checked once for T = 10 is not valid for T = 12 (it must end at the token count)."""
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEV)
+    q10 = torch.randn(10, 2, 24, device=DEV, dtype=torch.float16)
+    A.attention(q10, q10, q10, cu_seqlens=cu)
+    q12 = torch.randn(12, 2, 24, device=DEV, dtype=torch.float16)
+    with pytest.raises(ValueError, match="end at"):
+        A.attention(q12, q12, q12, cu_seqlens=cu)
+
+
+def test_empty_cu_seqlens_is_a_value_error():
+    q = torch.randn(0, 2, 24, device=DEV, dtype=torch.float16)
+    for backend in ("triton", "sdpa"):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            A.dispatch_attention(q, q, q, cu_seqlens=torch.zeros(0, dtype=torch.int32, device=DEV), backend=backend)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_sdpa_backend_uses_the_scale(varlen):
+    torch.manual_seed(46)
+    if varlen:
+        cu = torch.tensor([0, 3, 12], dtype=torch.int32, device=DEV)
+        q, k, v = (torch.randn(12, 2, 24, device=DEV) for _ in range(3))
+    else:
+        cu = None
+        q, k, v = (torch.randn(2, 7, 2, 24, device=DEV) for _ in range(3))
+    o = A.dispatch_attention(q, k, v, scale=0.5, cu_seqlens=cu, backend="sdpa")
+    _same_as_reference(o, q, k, v, 1e-5, scale=0.5, cu_seqlens=cu)
+
+
+def test_auto_sends_a_scale_the_kernels_refuse_to_sdpa(monkeypatch):
+    """With the interpreter's Triton branch live, "auto" must still route a scale the kernels do not
+    take (0, negative, infinite) to SDPA, and the result must be right."""
+    monkeypatch.setenv("STOP_KERNELS_ATTENTION", "triton")
+    monkeypatch.setattr(A, "_INTERPRET", True)
+    q = torch.randn(1, 5, 2, 16)
+    assert A._resolve_auto(q, q, q) == "triton"  # the branch under test is live
+    for scale in (0.0, -0.5, float("inf")):
+        assert A._resolve_auto(q, q, q, scale) == "sdpa", scale
+    _same_as_reference(A.dispatch_attention(q, q, q, scale=-0.5, backend="auto"), q, q, q, 1e-5, scale=-0.5)
+
+
+def test_auto_on_cuda_refuses_shapes_the_kernels_do_not_take(monkeypatch):
+    """The CUDA branch of "auto", exercised on the CPU with a stand-in tensor: Triton for a supported
+    head dim in fp16/bf16, SDPA for an unsupported head dim or fp32."""
+    import types
+    monkeypatch.setattr(A, "_AUTO_POLICY", {})
+
+    def cuda_q(D, dtype=torch.float16):
+        return types.SimpleNamespace(device=torch.device("cuda"), dtype=dtype, shape=(1, 8, 2, D),
+                                     requires_grad=False)
+    assert A._resolve_auto(cuda_q(24)) == "triton"
+    assert A._resolve_auto(cuda_q(24, torch.bfloat16)) == "triton"
+    for D in (20, 136, 256):
+        assert A._resolve_auto(cuda_q(D)) == "sdpa", D
+    assert A._resolve_auto(cuda_q(24, torch.float32)) == "sdpa"
+
+
+def test_interpreter_stands_in_four_sms():
+    """Off CUDA the persistent grids get 4 programs per PERSIST, so the persistent tests above walk
+    more than one item per program (with 1 they would not test the loop stride)."""
+    from stop_kernels.backends import sm_count
+    assert sm_count(torch.device("cpu"), 4) == 4 and A._num_sms(torch.device("cpu")) == 4
