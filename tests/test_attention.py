@@ -1153,7 +1153,7 @@ def test_strides_beyond_int32_are_not_divided_by_align():
 
 # ------------------------------------------------------------------------------------------
 # host side: launch plans, head grouping, strides, dispatch (each test kills a mutant that the
-# tests above let through: the mutation audit of the eleventh session)
+# tests above let through in a mutation audit)
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("H", [3, 4])
 def test_two_heads_per_program_any_head_count(H):
