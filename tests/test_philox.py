@@ -86,6 +86,9 @@ def test_draw_seed_follows_torch_rng():
     assert a != b and 0 <= a < 2 ** SEED_BITS
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert draw_seed(g1) == draw_seed(g2)
+    # both key words are drawn: with only 2^31 streams, two calls would share their noise after ~5·10^4
+    # draws (birthday bound); with 2^62, never in practice
+    assert max(draw_seed(torch.Generator().manual_seed(s)) for s in range(64)) >= 2 ** 32
 
 
 def test_draw_seed_draws_on_the_host_whatever_the_default_device():

@@ -123,13 +123,15 @@ def test_gradients_match_reference_given_noise(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pos_embed_gradient_only_when_required(device):
+def test_pos_embed_gradient_only_when_required(device, count_calls):
     P, D, E, shape = sizes(device)
     pos, idx, w, b = inputs(device, P, D, E, shape)
     w.requires_grad_()
+    scatters = count_calls(se, "scatter_rows")
     out = stop_embed(pos, idx, w, b, generator=gen(1), backend="triton")
     out.sum().backward()
     assert pos.grad is None and b.grad is None and w.grad is not None and torch.isfinite(w.grad).all()
+    assert not scatters  # no dψ scatter computed and thrown away
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,6 +147,14 @@ def test_bf16_gradients(device):
     assert gw.dtype == torch.bfloat16 and gb.dtype == torch.bfloat16
     g2 = go.double().reshape(-1, D)
     assert rel(gw, g2.T @ n) <= 2e-2 and rel(gb, g2.sum(0)) <= 1e-2
+    # the dW kernel reduces into fp32 (its fake kernel says so); the cast to W's dtype happens once, after
+    assert se.noise_weight_grad(go.reshape(1, -1, D).bfloat16(), wb, seed_of(8), 0.3).dtype == torch.float32
+    # all-bf16, ψ included: dψ is scattered in fp32 (index_add_ into the fp32 buffer), then cast
+    pb = pos.bfloat16().requires_grad_()
+    out = stop_embed(pb, idx, wb, bb, noise_std=0.3, generator=gen(8), backend="triton")
+    (gp,) = torch.autograd.grad(out, (pb,), go)
+    want = torch.zeros(P, D, dtype=torch.float64, device=device).index_add_(0, idx.reshape(-1), g2)
+    assert gp.dtype == torch.bfloat16 and rel(gp, want) <= 2e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,13 +405,14 @@ def test_cuda_autocast_takes_bf16():
 # every autotune config computes the same result (pinned one by one; CPU via the interpreter)
 # ----------------------------------------------------------------------------------------------
 def _config_problem(device):
-    """D = 300 spans 3 tiles of 128 (last one partial), E = 200 (E4 = 50: partial K steps), R = 150 rows.
+    """D = 420 spans 4 tiles of 128 (the last one partial, so the D_TILES = 4 configs' last tile is live),
+    E = 198 (not a multiple of 4: the last of the E4 = 50 quarter columns is partial; partial K steps), R = 150 rows.
 
     W is fp32 under the interpreter (exact up to fp32 rounding) and bf16 on the GPU (every config fits
     the shared memory in bf16; the fp32 ones that do not are pruned from autotuning).
     """
     g = gen(11)
-    P, D, E, R = 40, 300, 200, 150
+    P, D, E, R = 40, 420, 198, 150
     pos = torch.randn(P, D, generator=g).to(device)
     w = (torch.randn(D, E, generator=g) / math.sqrt(E)).to(device, torch.bfloat16 if device == "cuda" else None)
     b = torch.randn(D, generator=g).to(device)
@@ -449,6 +460,22 @@ def test_every_weight_grad_config_matches_reference(device, i, monkeypatch):
         got2 = se.noise_weight_grad(go.view(3, R // 3, D), w, seed, sigma)
     tol = 1e-5 if w.dtype == torch.float32 else 1e-2
     assert rel(got, want) <= tol and rel(got2, want) <= tol, cfg
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i", range(len(se._POS_CONFIGS)))
+def test_every_pos_config_matches_reference(device, i):
+    """The ψ[idx] + σ·n kernel (isotropic rows) with each config pinned: D = 200 (D4 = 50) needs two column
+    programs of BLOCK_K = 32, whose out-of-range quarter columns must not store over the next program's."""
+    g = gen(12)
+    P, D, R, seed, sigma = 30, 200, 40, 5, 0.4
+    pos = torch.randn(P, D, generator=g).to(device)
+    idx = torch.randint(0, P, (R,), generator=g).to(device)
+    out = torch.full((1, R, D), float("nan"), device=device)
+    with se.pin_configs(pos=se._POS_CONFIGS[i]):
+        se.launch_pos_noise(out, idx, pos, None, seed=seed, noise_std=sigma)
+    want = pos.double()[idx] + philox_normal(seed, R, D, sigma).double().to(device)
+    assert rel(out[0], want) <= 1e-6
 
 
 def test_config_pruning_keeps_shared_memory_in_budget():
