@@ -101,6 +101,7 @@ def test_bool_flags_and_validation():
     ("lr", "1e-3"), ("lr", float("inf")), ("noise_std", float("nan")), ("weight_decay", float("inf")),
     ("crop_scale", (0.3,)), ("crop_scale", (0.3, float("inf"))),
     ("out", ""), ("out", None), ("seed", 2 ** 64), ("seed", -1),
+    ("peak_tflops", 0.0), ("pred_emb_dim", 100),  # vit_tiny has 3 heads: 100 is not a multiple
 ])
 def test_python_built_configs_are_type_and_range_checked(key, value):
     """TrainConfig(...) from Python skips the command line's parsing: validate() checks every value."""
@@ -307,3 +308,55 @@ def test_epoch_based_warmup_is_truncated_as_the_official_schedule_does():
     cfg = TrainConfig(steps=0, epochs=3, warmup_epochs=0.7)
     assert schedule_lengths(cfg, 5) == (15, 3)       # int(0.7 * 5) = 3; round() gave 4
     assert schedule_lengths(TrainConfig(steps=0, epochs=300, warmup_epochs=40), 1251) == (375300, 50040)
+
+
+def test_step_applies_adamw_with_the_schedule_then_the_ema(tmp_path, cpu_train):
+    """Trainer.step with set_schedules' values: the decay group gets the scheduled weight decay, the
+    no-decay group (every 1-D parameter: biases, norms) none; after AdamW the EMA moves the target
+    towards the *updated* online weights, t ← m·t + (1 − m)·o, with the scheduled momentum."""
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.loop import Trainer, set_schedules, synthetic_batches
+    cfg = tiny(tmp_path)
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    decay, no_decay = tr.opt.param_groups
+    ids = {id(p) for p in no_decay["params"]}
+    for m in (tr.models.encoder, tr.models.predictor):
+        for name, p in m.named_parameters():
+            if any(p is q for q in decay["params"]) or id(p) in ids:
+                assert (id(p) in ids) == (p.ndim <= 1), name
+    total, warmup, step = 10, 2, 3
+    sched = lr, wd, mom = set_schedules(tr.opt, cfg, step, total, warmup)
+    assert (lr, wd, mom) == (
+        lr_at(step, warmup=warmup, total=total, start_lr=cfg.start_lr, ref_lr=cfg.lr, final_lr=cfg.final_lr),
+        wd_at(step, total=total, ref_wd=cfg.weight_decay, final_wd=cfg.final_weight_decay),
+        momentum_at(step, total=total, start=cfg.ema_start, end=cfg.ema_end))
+    assert (decay["lr"], decay["weight_decay"], no_decay["lr"], no_decay["weight_decay"]) == (lr, wd, lr, 0.0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a target apart from the online weights, so every EMA mix-up shows
+        for t in tr.ema_target:
+            t.add_(torch.randn(t.shape, generator=g), alpha=0.01)
+    target0 = [t.detach().clone() for t in tr.ema_target]
+    online0 = [o.detach().clone() for o in tr.ema_online]
+    tr.step(*synthetic_batches(cfg, 1, cfg.batch_size, torch.device("cpu"), 0)[0], sched)
+    assert any(not torch.equal(o, o0) for o, o0 in zip(tr.ema_online, online0))  # AdamW moved the online weights
+    for t, t0, o in zip(tr.ema_target, target0, tr.ema_online):
+        torch.testing.assert_close(t, mom * t0 + (1 - mom) * o, rtol=1e-6, atol=1e-7)
+
+
+def test_logged_schedules_follow_the_step(tmp_path, cpu_train):
+    """The JSONL log's lr, wd and momentum of step s are the schedules at s (warm-up counted in steps:
+    warmup_epochs / epochs of the steps)."""
+    from stop_kernels.training.loop import train
+    from _train_helpers import read_log
+    cfg = tiny(tmp_path, steps=6, epochs=2, warmup_epochs=0.5)  # warm-up: round(6 · 0.5 / 2) = 2 steps
+    train(cfg)
+    recs = [r for r in read_log(tmp_path) if "lr" in r]
+    assert [r["step"] for r in recs] == list(range(6))
+    for r in recs:
+        s = r["step"]
+        assert r["lr"] == pytest.approx(lr_at(s, warmup=2, total=6, start_lr=cfg.start_lr, ref_lr=cfg.lr,
+                                              final_lr=cfg.final_lr), rel=1e-12), s
+        assert r["wd"] == pytest.approx(wd_at(s, total=6, ref_wd=cfg.weight_decay,
+                                              final_wd=cfg.final_weight_decay), rel=1e-12), s
+        assert r["momentum"] == pytest.approx(momentum_at(s, total=6, start=cfg.ema_start, end=cfg.ema_end),
+                                              rel=1e-12), s
