@@ -44,8 +44,10 @@ def test_save_load_roundtrip_and_keep_last(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
-def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
-    ck = Checkpointer(str(tmp_path), single(), keep=2)
+@pytest.mark.parametrize("keep", [1, 2])
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch, keep):
+    """keep = 1 too: old checkpoints are pruned only after the new one is published, never to make room."""
+    ck = Checkpointer(str(tmp_path), single(), keep=keep)
     m, opt = model_and_opt()
     ck.save(1, m, opt, {"epoch": 0})
     good = snapshot(m)
@@ -68,8 +70,37 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monk
     # a folder without meta.json (cut before publication) or without DCP metadata is never taken
     (tmp_path / "step_00000009").mkdir()
     (tmp_path / "step_00000009" / "meta.json").write_text("{}")
+    (tmp_path / "step_00000010").mkdir()
+    (tmp_path / "step_00000010" / ".metadata").write_bytes(b"x")
     assert latest_checkpoint(str(tmp_path)).endswith("step_00000001")
     # the next successful save removes the stale temporary folder
     monkeypatch.undo()
     ck.save(3, m, opt, {"epoch": 0})
     assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path))
+
+
+def test_every_file_of_a_checkpoint_reaches_the_disk_before_publication(tmp_path, monkeypatch):
+    """Durability, not only atomicity: every file of the checkpoint (DCP shards and metadata, the RNG
+    file, meta.json) is fsynced while still in the temporary folder, then that folder, then the parent
+    after the rename. Without it a power loss after the rename could publish empty files."""
+    synced = []
+    real = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to name the fsynced files")
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    folder = tmp_path / "ckpts"
+    ck = Checkpointer(str(folder), single(), keep=2)
+    m, opt = model_and_opt()
+    final = ck.save(1, m, opt, {"epoch": 0})
+    tmp = str(folder / ".tmp-step_00000001")
+    names = set(os.listdir(final))
+    assert {".metadata", "meta.json", "rng_rank0.pt"} <= names and any(n.endswith(".distcp") for n in names)
+    for name in names:  # meta.json and DCP's .metadata are synced as temporaries, then renamed in the folder
+        path = os.path.join(tmp, name)
+        assert any(p == path or (p.startswith(path + ".") and p.endswith(".tmp")) for p in synced), name
+    assert tmp in synced and str(folder) in synced
+    assert synced.index(tmp) < synced.index(str(folder))
