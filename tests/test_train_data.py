@@ -88,3 +88,15 @@ def test_train_data_resumes_mid_epoch_with_the_same_batches():
         assert all(torch.equal(x, y) for x, y in zip(a[1] + a[2], b[1] + b[2]))
     with pytest.raises(ConfigError, match="batch_size"):
         TrainData(TrainConfig(**dict(TINY, synthetic_size=4, batch_size=8)))
+
+
+def test_ranks_and_epochs_see_different_images_and_masks():
+    """Two ranks of one epoch split the images and draw their own masks; the next epoch reshuffles."""
+    cfg = TrainConfig(**dict(TINY, synthetic_size=48, batch_size=8))
+    r0, r1 = TrainData(cfg, rank=0, world_size=2), TrainData(cfg, rank=1, world_size=2)
+    a, b = next(iter(r0.epoch(0))), next(iter(r1.epoch(0)))
+    assert not any(torch.equal(x, y) for x in a[0] for y in b[0])  # no image on both ranks
+    assert not all(torch.equal(x, y) for x, y in zip(a[1] + a[2], b[1] + b[2]))
+    e0 = torch.cat([batch[0] for batch in r0.epoch(0)])
+    e1 = torch.cat([batch[0] for batch in r0.epoch(1)])
+    assert not torch.equal(e0, e1)  # another order (synthetic images depend on their index only)
