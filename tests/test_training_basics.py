@@ -360,3 +360,21 @@ def test_logged_schedules_follow_the_step(tmp_path, cpu_train):
                                               final_wd=cfg.final_weight_decay), rel=1e-12), s
         assert r["momentum"] == pytest.approx(momentum_at(s, total=6, start=cfg.ema_start, end=cfg.ema_end),
                                               rel=1e-12), s
+
+
+def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
+    """train.py's main(): 2 and one 'train.py: error: <key>: …' line for a bad setting, 1 for a run that
+    diverged, 0 for a run that finished (what schedulers and shell scripts branch on)."""
+    import importlib.util
+    from stop_kernels.training import loop
+    from _train_helpers import REPO, tiny_args
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.main(tiny_args(out=tmp_path / "bad", lr=-1)) == 2
+    assert capsys.readouterr().err.startswith("train.py: error: lr: expected a value >= 0")
+    assert entry.main(tiny_args(out=tmp_path / "ok", steps=1)) == 0
+    real = loop.jepa_step_loss
+    monkeypatch.setattr(loop, "jepa_step_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    assert entry.main(tiny_args(out=tmp_path / "nan", steps=2)) == 1
+    assert "train.py: training diverged: loss is nan at step 0" in capsys.readouterr().err
