@@ -156,3 +156,29 @@ def test_every_drawn_block_keeps_more_than_min_keep():
     for i in range(60):
         _, _, pred = c(batch(2, 64))
         assert pred[0].shape[1] >= smallest[0] * smallest[1] and pred[0].shape[1] > c.min_keep
+
+
+def test_context_block_is_square():
+    """The context block's aspect ratio is 1 (the official collator); only the targets use aspect_ratio.
+    With overlap allowed nothing is cut from it: every context mask is a full h × h square."""
+    c = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=4, allow_overlap=True, aspect_ratio=(0.3, 3.0))
+    for b in range(5):
+        enc, _ = c.sample_masks(3, c.generator_for(b))
+        for img in enc:
+            rows, cols = img[0] // 14, img[0] % 14
+            h, w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+            assert h == w and h * w == len(img[0]), (b, h, w)
+
+
+def test_regions_are_dropped_from_the_last_one(caplog):
+    """After 20 failed draws the official loop drops the *last* acceptable region and tries again with
+    the others: with region 0 forbidding column 0 and region 1 forbidding everything, the context block
+    must still avoid column 0 (it is cut by region 0 only), and one region drop is logged."""
+    c = MultiBlockMaskCollator(input_size=64, patch_size=8, seed=0, min_keep=4)
+    allow_but_col0 = torch.ones(8, 8, dtype=torch.int32)
+    allow_but_col0[:, 0] = 0
+    nothing = torch.zeros(8, 8, dtype=torch.int32)
+    with caplog.at_level("WARNING"):
+        idx, _ = c._sample_block_mask(torch.Generator().manual_seed(1), (7, 7), [allow_but_col0, nothing])
+    assert len(idx) > 4 and not (idx % 8 == 0).any()
+    assert sum("dropping an acceptable region [1]" in r.getMessage() for r in caplog.records) == 1

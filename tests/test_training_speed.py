@@ -319,3 +319,18 @@ def test_bf16_residual_losses_match_the_fp32_streams_on_cuda(tmp_path):
     assert tr.models.encoder.residual_dtype == torch.bfloat16
     for a, b in zip(low, plain):
         assert abs(a - b) <= 5e-3 * abs(b), (low, plain)
+
+
+def test_step_record_rates_use_the_global_batch_once(tmp_path):
+    """MetricsLogger.record on several ranks: ``batch`` is already the global batch, so images/s is
+    batch / step time (not × world size again), and MFU divides by every rank's peak."""
+    from stop_kernels.training.metrics import MetricsLogger, step_flops
+    cfg = TrainConfig(**dict(TINY, out=str(tmp_path), peak_tflops=2.0))
+    m = MetricsLogger(cfg, torch.device("cpu"), 4, is_main=True)
+    assert m.record(0, 0, 1.0, 1e-3, 0.04, 0.996, 10, 6, 64, 5, t_done=100.0)["images_per_s"] is None  # untimed
+    rec = m.record(1, 0, 1.0, 1e-3, 0.04, 0.996, 10, 6, 64, 5, t_done=100.5)
+    flops = step_flops(cfg, 64, 10, 6)
+    assert rec["images_per_s"] == pytest.approx(128.0) and rec["step_time_s"] == pytest.approx(0.5)
+    assert rec["tflops"] == pytest.approx(flops / 0.5 / 1e12)
+    assert rec["mfu"] == pytest.approx(flops / 0.5 / (2.0e12 * 4))
+    m.close()
