@@ -182,3 +182,13 @@ def test_regions_are_dropped_from_the_last_one(caplog):
         idx, _ = c._sample_block_mask(torch.Generator().manual_seed(1), (7, 7), [allow_but_col0, nothing])
     assert len(idx) > 4 and not (idx % 8 == 0).any()
     assert sum("dropping an acceptable region [1]" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_target_blocks_never_touch_the_last_row_or_column():
+    """The official sampler draws top in [0, H − h) and left in [0, W − w) (exclusive): kept as is."""
+    c = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=0, truncate=False)
+    for b in range(20):
+        _, pred = c.sample_masks(8, c.generator_for(b))
+        for img in pred:
+            for m in img:
+                assert int((m // 14).max()) < 13 and int((m % 14).max()) < 13

@@ -29,6 +29,12 @@ def test_lr_schedule():
     assert all(lr_at(i, **kw) >= lr_at(i + 1, **kw) for i in range(9, 109))
 
 
+def test_lr_is_clamped_at_final_lr():
+    """validate() allows final_lr above lr; the cosine then never goes below final_lr (the official max())."""
+    kw = dict(warmup=0, total=10, start_lr=0.0, ref_lr=1e-3, final_lr=2e-3)
+    assert all(lr_at(i, **kw) == 2e-3 for i in range(10))
+
+
 def test_wd_and_momentum():
     assert wd_at(-1, total=100, ref_wd=0.04, final_wd=0.4) == pytest.approx(0.04)
     assert wd_at(49, total=100, ref_wd=0.04, final_wd=0.4) == pytest.approx(0.22)
@@ -337,10 +343,36 @@ def test_step_applies_adamw_with_the_schedule_then_the_ema(tmp_path, cpu_train):
             t.add_(torch.randn(t.shape, generator=g), alpha=0.01)
     target0 = [t.detach().clone() for t in tr.ema_target]
     online0 = [o.detach().clone() for o in tr.ema_online]
+    target_calls = []
+    tr.models.target_encoder.register_forward_hook(lambda *_: target_calls.append(1))
     tr.step(*synthetic_batches(cfg, 1, cfg.batch_size, torch.device("cpu"), 0)[0], sched)
+    assert target_calls == [1]  # the targets come from the EMA encoder
+    assert all(not p.requires_grad and p.grad is None for p in tr.models.target_encoder.parameters())
     assert any(not torch.equal(o, o0) for o, o0 in zip(tr.ema_online, online0))  # AdamW moved the online weights
     for t, t0, o in zip(tr.ema_target, target0, tr.ema_online):
         torch.testing.assert_close(t, mom * t0 + (1 - mom) * o, rtol=1e-6, atol=1e-7)
+
+
+def test_step_averages_the_loss_over_ranks(tmp_path, cpu_train, monkeypatch):
+    """On W ranks the step's all-reduce sums [loss, skipped images]: the loss is then divided by W, the
+    count is not. Two identical ranks stand in as an all-reduce that doubles; the loss must equal one rank's."""
+    import dataclasses
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.loop import Trainer, synthetic_batches
+    cfg = tiny(tmp_path)
+    losses = []
+    for world in (1, 2):
+        tr = Trainer(cfg, D.init_distributed(cfg), None)
+        if world == 2:
+            tr.info = dataclasses.replace(tr.info, world_size=2)
+            monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+            monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: t.mul_(2))
+        torch.manual_seed(1)  # the StoP noise
+        stats = tr.step(*synthetic_batches(cfg, 1, cfg.batch_size, torch.device("cpu"), 0)[0],
+                        (cfg.lr, cfg.weight_decay, cfg.ema_start), skipped=3)
+        assert stats[1].item() == 3.0 * world
+        losses.append(stats[0].item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
 
 
 def test_logged_schedules_follow_the_step(tmp_path, cpu_train):
