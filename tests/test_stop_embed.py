@@ -475,7 +475,7 @@ def test_every_pos_config_matches_reference(device, i):
     with se.pin_configs(pos=se._POS_CONFIGS[i]):
         se.launch_pos_noise(out, idx, pos, None, seed=seed, noise_std=sigma)
     want = pos.double()[idx] + philox_normal(seed, R, D, sigma).double().to(device)
-    assert rel(out[0], want) <= 1e-6
+    assert rel(out[0], want) <= 1e-5  # the GPU's SFU sin/cos: within 1e-5·σ of the twin (test_philox)
 
 
 def test_config_pruning_keeps_shared_memory_in_budget():
