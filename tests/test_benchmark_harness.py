@@ -19,6 +19,7 @@ from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import ConfigError, parse_config  # noqa: E402
 from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
 
+
 def _gpu_all(tmp_path, *sections, **env):
     """Run benchmarks/gpu_all.sh ``sections`` with $OUT and its scratch folder under ``tmp_path`` (and
     ``env`` on top): returns ($OUT, the scratch folder)."""

@@ -132,6 +132,14 @@ def _kernel_head_dim(D) -> bool:
     of 8 in [8, MAX_HEAD_DIM]."""
     return (isinstance(D, (int, torch.SymInt)) and not isinstance(D, bool) and D % 8 == 0
             and 8 <= D <= MAX_HEAD_DIM)
+
+
+def _check_kernel_head_dim(name: str, D, dispatcher: str) -> None:
+    if not _kernel_head_dim(D):
+        raise ValueError(f"{name}: head dim {D} unsupported by the Triton attention kernel (needs a multiple of 8 "
+                         f"in [8, {MAX_HEAD_DIM}]); use {dispatcher}(), which falls back to SDPA")
+
+
 _LOG2E = 1.4426950408889634
 _INTERPRET = triton_interpreting()
 
@@ -1542,14 +1550,11 @@ def _check_qkv(q, k, v, varlen: bool) -> None:
     if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
             and q.dim() == (3 if varlen else 4) and k.shape == q.shape and v.shape == q.shape
             and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[-1] % 8 == 0 and 8 <= q.shape[-1] <= MAX_HEAD_DIM
+            and _kernel_head_dim(q.shape[-1])
             and (q.is_cuda or _INTERPRET) and k.device == q.device and v.device == q.device):
         return
     _check_qkv_layout(q, k, v, varlen, KERNEL_DTYPES)
-    D = q.shape[-1]
-    if not _kernel_head_dim(D):
-        raise ValueError(f"q: head dim {D} unsupported by the Triton attention kernel (needs a multiple of 8 "
-                         f"in [8, {MAX_HEAD_DIM}]); use dispatch_attention(), which falls back to SDPA")
+    _check_kernel_head_dim("q", q.shape[-1], "dispatch_attention")
     if q.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"q: the Triton attention kernel needs CUDA tensors (got {q.device}); set "
                          "TRITON_INTERPRET=1 before importing stop_kernels to run it on CPU, or use "
@@ -1595,7 +1600,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
                 pass
     if max_seqlen is None:
         max_seqlen = true_max
-    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+    elif not chk.is_int(max_seqlen):
         raise TypeError(f"max_seqlen: expected an int or None, got {type(max_seqlen).__name__}")
     elif max_seqlen < true_max:
         raise ValueError(f"max_seqlen: {max_seqlen} is smaller than the longest sequence in cu_seqlens ({true_max})")
@@ -1704,9 +1709,7 @@ def attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None, cu_seqlen
     q, k, v = _split_qkv(qkv, varlen)
     if qkv.dtype not in KERNEL_DTYPES:
         chk.tensor("qkv", qkv, dtypes=KERNEL_DTYPES)
-    if not _kernel_head_dim(qkv.shape[-1]):
-        raise ValueError(f"qkv: head dim {qkv.shape[-1]} unsupported by the Triton attention kernel (needs a "
-                         f"multiple of 8 in [8, {MAX_HEAD_DIM}]); use dispatch_attention_qkv(), which falls back to SDPA")
+    _check_kernel_head_dim("qkv", qkv.shape[-1], "dispatch_attention_qkv")
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
     if _eager_ok(qkv):
         with on_device(qkv):
