@@ -296,3 +296,269 @@ def test_result_file_is_replaced_atomically(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(json, "dump", real_dump)
     assert out.read_text() == before and json.loads(before)["top1"] >= 0
     assert not list(tmp_path.glob("res.json.*")), "a temporary file was left behind"
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation audit: the classifier's maths, the split, the transform, the encoder choice, the cache key
+# ----------------------------------------------------------------------------------------------
+def test_probe_reports_val_accuracy_with_training_class_indices(setup, tmp_path, monkeypatch):
+    """The val split lacks the first class (its labels must still be the training split's indices) and
+    holds one image filed under the wrong class, so the reported top-1 must be the refit classifier's
+    val accuracy, not the train accuracy; the final fit uses the swept penalty, --heldout and --seed reach
+    the sweep."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    names = sorted(COLOURS)
+
+    def save(path, rgb):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = np.array(rgb, np.float32) + rng.normal(0, 25, (32, 32, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+
+    data = tmp_path / "data"
+    for c in names:
+        for i in range(6):
+            save(data / "train" / c / f"{c}_{i}.png", COLOURS[c])
+    for c in names[1:]:
+        for i in range(3):
+            save(data / "val" / c / f"{c}_{i}.png", COLOURS[c])
+    save(data / "val" / names[1] / "misfiled.png", COLOURS[names[0]])  # a red image filed as green
+    ckpt = setup[2]
+    sweeps, fits, scored = [], [], []
+    real_sweep, real_fit, real_acc = lp.sweep_logistic_regression, lp.fit_logistic_regression, lp.accuracy
+    monkeypatch.setattr(lp, "sweep_logistic_regression", lambda *a, **k: sweeps.append(k) or real_sweep(*a, **k))
+    monkeypatch.setattr(lp, "fit_logistic_regression", lambda *a, **k: fits.append(a[3]) or real_fit(*a, **k))
+    monkeypatch.setattr(lp, "accuracy", lambda *a, **k: scored.append(a[2]) or real_acc(*a, **k))
+    out = tmp_path / "r.json"
+    lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+             "--out", str(out), "--penalties", "1e-2,1e-4", "--max-iter", "50", "--heldout", "0.5", "--seed", "3",
+             "--quiet"])
+    r = json.loads(out.read_text())
+    assert (sweeps[0]["heldout"], sweeps[0]["seed"]) == (0.5, 3)
+    assert fits[-1] == r["penalty"] and r["heldout_top1"][repr(r["penalty"])] == max(r["heldout_top1"].values())
+    va = torch.load(r["cache"]["val"], weights_only=True)
+    # labels: the training split's class indices (class 0 is absent from val), in the sorted file order
+    assert va["samples"] == sorted(va["samples"])
+    want = [names.index(s.split("/")[0]) for s in va["samples"]]
+    assert va["labels"].tolist() == want and min(want) == 1
+    # the reported numbers: standardised by the training statistics, refit on all training features
+    tr = torch.load(r["cache"]["train"], weights_only=True)
+    mean, std = tr["features"].mean(0), tr["features"].std(0, unbiased=False)
+    W, b = real_fit((tr["features"] - mean) / std, tr["labels"], 4, r["penalty"], max_iter=50)
+    pred_va = (((va["features"] - mean) / std) @ W.t() + b).argmax(1)
+    pred_tr = (((tr["features"] - mean) / std) @ W.t() + b).argmax(1)
+    assert r["top1"] == pytest.approx((pred_va == va["labels"]).double().mean().item())
+    torch.testing.assert_close(scored[-2], (va["features"] - mean) / std)  # the val features the top-1 scored
+    assert r["train_top1"] == pytest.approx((pred_tr == tr["labels"]).double().mean().item())
+    assert 0.8 <= r["top1"] <= 9 / 10 < r["train_top1"]  # the misfiled image is a val error
+
+
+def test_standardise_uses_the_training_statistics():
+    """Val features are centred and scaled by the training split's mean and (population) std, never by
+    their own; a constant training column stays finite."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(50, 5, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0]) + 4
+    train[:, 4] = 2.5  # a dead feature
+    val = torch.randn(20, 5, generator=g) * 2 - 1
+    xs_tr, xs_va = lp.standardise(train, val)
+    n = train.shape[0]
+    mean = train.sum(0) / n
+    std = ((train - mean).pow(2).sum(0) / n).sqrt()
+    torch.testing.assert_close(xs_va[:, :4], (val[:, :4] - mean[:4]) / std[:4])
+    torch.testing.assert_close(xs_tr[:, :4], (train[:, :4] - mean[:4]) / std[:4])
+    assert torch.isfinite(xs_tr).all() and torch.isfinite(xs_va).all() and (xs_tr[:, 4] == 0).all()
+
+
+def test_logistic_regression_solution_is_the_penalised_optimum():
+    """At the returned (W, b) the gradient of mean CE + penalty/2·‖W‖² (bias not penalised) vanishes, also
+    when the rows are processed in several uneven chunks; a warm start reaches the same optimum and is not
+    modified in place."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 5, generator=g)
+    y = torch.tensor([0] * 16 + [1] * 9 + [2] * 5)  # unbalanced: the optimal bias is far from zero
+    y = y[torch.randperm(30, generator=g)]
+    lam = 0.1
+    W, b = lp.fit_logistic_regression(x, y, 3, lam, max_iter=200, chunk=7)
+    Wr, br = W.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    obj = torch.nn.functional.cross_entropy(x @ Wr.t() + br, y) + 0.5 * lam * Wr.pow(2).sum()
+    gW, gb = torch.autograd.grad(obj, (Wr, br))
+    assert gW.abs().max() < 1e-4 and gb.abs().max() < 1e-4, (gW, gb)
+    assert b.abs().max() > 0.1  # the bias is used (a penalised one would be pulled towards zero)
+    init = (torch.randn(3, 5, generator=g), torch.randn(3, generator=g))
+    before = (init[0].clone(), init[1].clone())
+    W2, b2 = lp.fit_logistic_regression(x, y, 3, lam, max_iter=200, init=init)
+    assert torch.equal(init[0], before[0]) and torch.equal(init[1], before[1])
+    # (the loss does not change when one constant is added to every bias: compare the centred biases)
+    torch.testing.assert_close(W2, W, rtol=0, atol=1e-3)
+    torch.testing.assert_close(b2 - b2.mean(), b - b.mean(), rtol=0, atol=1e-3)
+
+
+def test_accuracy_counts_every_chunk():
+    """Top-1 over several chunks (the last one partial) equals the fraction of argmax hits."""
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(23, 4, generator=g), torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+    y = torch.randint(0, 3, (23,), generator=g)
+    want = sum(int(max(range(3), key=lambda c: float(x[i] @ W[c] + b[c])) == y[i]) for i in range(23)) / 23
+    assert 0 < want < 1
+    assert lp.accuracy(W, b, x, y, chunk=5) == pytest.approx(want)
+
+
+def test_stratified_split_is_disjoint_stratified_and_seeded():
+    """Held-out and fit indices never overlap and cover every sample; each class with >= 2 samples holds out
+    max(1, round(frac·n)) of them and keeps at least one to fit on; a single-image class is only fitted; the
+    held-out part is drawn at random (another seed, another part)."""
+    y = torch.tensor([0] * 10 + [1] * 5 + [2] * 2 + [3] * 1)
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    fit, held = lp.stratified_split(y, 0.3, seed=0)
+    assert not set(fit.tolist()) & set(held.tolist())
+    assert sorted(fit.tolist() + held.tolist()) == list(range(len(y)))
+    assert [int((y[held] == c).sum()) for c in range(4)] == [3, 2, 1, 0]
+    assert [int((y[fit] == c).sum()) for c in range(4)] == [7, 3, 1, 1]
+    _, held_all = lp.stratified_split(y, 0.99, seed=0)
+    assert [int((y[held_all] == c).sum()) for c in range(4)] == [9, 4, 1, 0]  # one of each class is kept to fit
+    assert not torch.equal(held, lp.stratified_split(y, 0.3, seed=1)[1])
+    assert torch.equal(held, lp.stratified_split(y, 0.3, seed=0)[1])
+
+
+def test_sweep_ties_go_to_the_largest_penalty(monkeypatch):
+    """Separable classes: every penalty reaches 100 % held-out, and the strongest regularisation is chosen
+    whatever order the penalties are given in. The classifiers are fitted on features standardised by the
+    fitting part alone (the held-out rows must not leak into the statistics)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 4, generator=g) + 4, torch.randn(40, 4, generator=g) - 4]) * torch.tensor(
+        [1.0, 3.0, 0.5, 2.0])
+    y = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(40, dtype=torch.long)])
+    fitted, real_fit = [], lp.fit_logistic_regression
+    monkeypatch.setattr(lp, "fit_logistic_regression", lambda xf, *a, **k: fitted.append(xf) or real_fit(xf, *a, **k))
+    best, scores = lp.sweep_logistic_regression(x, y, 2, (1e-3, 1.0, 1e-1), max_iter=30, log=lambda *a: None)
+    assert set(scores.values()) == {1.0} and best == 1.0
+    assert len(fitted) == 3 and fitted[0].shape == (64, 4)
+    torch.testing.assert_close(fitted[0].mean(0), torch.zeros(4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(fitted[0].std(0, unbiased=False), torch.ones(4), rtol=0, atol=1e-5)
+
+
+def test_single_image_classes_are_refused_before_any_extraction(setup, tmp_path, monkeypatch):
+    """A training split with one image per class leaves nothing to hold out for the sweep: refused up front,
+    not after the features of both splits were extracted."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            rgb = (10, 200, 30) if c == "a" else (200, 10, 30)
+            Image.new("RGB", (32, 32), rgb).save(tmp_path / "d" / split / c / "0.png")
+    ckpt = setup[2]
+
+    def boom(*a, **k):
+        raise AssertionError("features were extracted before the split was checked")
+    monkeypatch.setattr(feat, "extract_features", boom)
+    with pytest.raises(ValueError, match="every class has a single image"):
+        lp.run_probe(str(ckpt), str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"), device="cpu", verbose=False)
+
+
+def test_eval_transform_resizes_crops_and_normalises_like_imagenet(tmp_path):
+    """Short side to img·256/224 (bicubic), centre crop, ImageNet mean/std; a grayscale file gives 3 channels.
+    The expected tensor is computed with PIL and the published ImageNet constants."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "c").mkdir()
+    arr = rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)  # H 48, W 72: short side 48 -> 32, long 72 -> 48
+    Image.fromarray(arr).save(tmp_path / "c" / "rgb.png")
+    Image.fromarray(arr[..., 0]).save(tmp_path / "c" / "gray.png")
+    ds = feat.ImageList(str(tmp_path), [("c/rgb.png", 0), ("c/gray.png", 1)], 28)  # 28·256/224 = 32
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    for i, mode in enumerate(("RGB", "L")):
+        img = Image.open(tmp_path / "c" / ("rgb.png" if mode == "RGB" else "gray.png")).convert("RGB")
+        small = np.asarray(img.resize((48, 32), Image.BICUBIC).crop((10, 2, 38, 30)), np.float32) / 255
+        want = (torch.from_numpy(small).permute(2, 0, 1) - mean) / std
+        x, label = ds[i]
+        assert x.shape == (3, 28, 28) and label == i
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-5)
+
+
+def test_load_encoder_picks_the_requested_encoder(tmp_path):
+    """Target and context encoders with different weights, in the official layout and nested in a plain
+    encoder file: each request gets its own weights (the EMA target is I-JEPA's evaluation choice)."""
+    torch.manual_seed(0)
+    ctx = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    tgt = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    want = {"context": ctx.state_dict(), "target": tgt.state_dict()}
+
+    def mod(m, table):
+        return {"module." + k: (v.unsqueeze(0) if k == table else v) for k, v in m.state_dict().items()}
+    files = {"official.pth.tar": {"encoder": mod(ctx, "pos_embed"), "target_encoder": mod(tgt, "pos_embed"),
+                                  "predictor": {"module.predictor_embed.weight": torch.randn(4, 192)}},
+             "nested.pt": {"encoder": want["context"], "target_encoder": want["target"]}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        for which in ("target", "context"):
+            enc, info = feat.load_encoder(str(tmp_path / name), which=which)
+            assert info.which == which and not enc.training
+            got = enc.state_dict()
+            assert got.keys() == want[which].keys()
+            assert all(torch.equal(got[k], v) for k, v in want[which].items()), (name, which)
+
+
+def test_extract_features_builds_no_graph_and_keeps_the_order(tmp_path):
+    """Features of an encoder whose weights require grad carry no autograd graph (a graph over a whole split
+    would hold every activation), and come back in the dataset's order with their labels."""
+    torch.manual_seed(0)
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    imgs = torch.randn(5, 3, 32, 32)
+    ds = [(imgs[i], 4 - i) for i in range(5)]
+    f, y = feat.extract_features(enc, ds, batch_size=2, device="cpu", progress=False)
+    assert not f.requires_grad and f.grad_fn is None
+    assert y.tolist() == [4, 3, 2, 1, 0] and y.dtype == torch.int64
+    with torch.no_grad():
+        torch.testing.assert_close(f, enc.eval()(imgs).mean(1))
+    if torch.cuda.is_available():
+        assert feat.resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            feat.resolve_device("cuda")
+
+
+def test_cache_key_follows_the_checkpoint_and_the_labels(setup, tmp_path):
+    """A checkpoint retrained in place keeps its size (same architecture) but not its mtime; a class index
+    that changes (a class added to the training split) changes the key too, or stale labels are reused."""
+    import shutil
+
+    root, data, ckpt, _ = setup
+    ck = tmp_path / "ck.pth.tar"
+    shutil.copy(ckpt, ck)
+    samples = feat.list_images(str(data / "val"))[0][:3]
+    k1 = feat.cache_key(str(ck), str(data / "val"), samples, {})
+    shutil.copy(ckpt, ck)
+    os.utime(ck, ns=(1, 1))
+    assert os.path.getsize(ck) == os.path.getsize(ckpt)
+    assert feat.cache_key(str(ck), str(data / "val"), samples, {}) != k1
+    shifted = [(rel, label + 1) for rel, label in samples]
+    assert feat.cache_key(str(ckpt), str(data / "val"), shifted, {}) != feat.cache_key(str(ckpt), str(data / "val"),
+                                                                                       samples, {})
+
+
+def test_subset_lines_and_image_listing(tmp_path):
+    """Subset files: comments, blank lines, './' and backslashes; listing: sorted pairs whose labels are the
+    given training classes' indices, a class unknown to the training split is refused."""
+    sub = tmp_path / "sub.txt"
+    sub.write_text("# 1% subset\n./b/b_1.png\n\na\\a_0.png\nb_0.png\n  # indented comment\n")
+    assert feat.read_subset(str(sub)) == ["b/b_1.png", "a/a_0.png", "b/b_0.png"]
+    split = tmp_path / "split"
+    for c in ("b", "a"):
+        (split / c).mkdir(parents=True)
+        for i in (1, 0):
+            (split / c / f"{c}_{i}.png").write_bytes(b"x")
+    samples, classes = feat.list_images(str(split), classes=["z", "b", "a"])
+    assert classes == ["z", "b", "a"]
+    assert samples == [("a/a_0.png", 2), ("a/a_1.png", 2), ("b/b_0.png", 1), ("b/b_1.png", 1)]
+    assert feat.list_images(str(split), subset=feat.read_subset(str(sub)))[0] == [
+        ("a/a_0.png", 0), ("b/b_0.png", 1), ("b/b_1.png", 1)]
+    with pytest.raises(ValueError, match=r"classes absent from the training split: \['b'\]"):
+        feat.list_images(str(split), classes=["a"])
+    (split / ".cache").mkdir()  # hidden folders are not classes, and a subset may not pick images from them
+    (split / ".cache" / "c_0.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"--subset: images of classes not in the training split: \['.cache'\]"):
+        feat.list_images(str(split), subset=[".cache/c_0.png"])

@@ -198,3 +198,113 @@ def test_bench_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="expected a time > 0"):
         plots.plot_bench(str(bad), str(tmp_path / "x.png"))
     assert plots.bench_size(1)[0] == 2 * plots.BENCH_PANEL[0]  # the title needs two panels' width
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation audit: the drawn numbers are the data's (figures captured before saving)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions save (a list; the files are written as usual)."""
+    figs, real = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, out: figs.append(fig) or real(fig, out))
+    return figs
+
+
+def test_curves_draw_each_log_against_its_steps(tmp_path, drawn):
+    """Every panel draws each run's (step, value) pairs under that run's own label: logged every 10 steps,
+    so an x axis of record indices would be wrong; a record without the field is left out."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"step": 10 * s, "loss": 2.0 - 0.1 * s, "lr": 1e-4 * s, "images_per_s": 50.0 + s})
+                         + "\n" for s in range(6)))
+    b.write_text("".join(json.dumps({"step": 5 + 3 * s, "loss": 1.0 + 0.05 * s, "lr": 2e-4}) + "\n" for s in range(4)))
+    plots.plot_curves([str(a), str(b)], str(tmp_path / "c.png"), labels=["run A", "run B"])
+    axes = drawn[0].axes
+    assert [ax.get_title() for ax in axes] == ["loss", "learning rate", "images / s"]
+    for ax, field in zip(axes, ("loss", "lr", "images_per_s")):
+        lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+        for label, path in (("run A", a), ("run B", b)):
+            recs = [json.loads(line) for line in path.read_text().splitlines()]
+            pts = [(r["step"], r[field]) for r in recs if field in r]
+            if pts:
+                assert lines[label] == ([p[0] for p in pts], pytest.approx([p[1] for p in pts])), (field, label)
+            else:
+                assert label not in lines
+
+
+def test_simmaps_draw_each_query_map_and_marker(tmp_path, drawn):
+    """Column j shows query j's deterministic (row 1) and stochastic (row 2) map with a red cross at (col, row)
+    of the image, on one colour scale from the lowest value of both rows to 1."""
+    psi, A = plots.fresh_predictor_tables("vit_tiny", 32, 8, pred_emb_dim=64)
+    qs = ["0,0", "1,3", "3,1"]
+    plots.plot_simmaps(str(tmp_path / "s.png"), model="vit_tiny", img_size=32, patch_size=8, pred_emb_dim=64,
+                       queries=qs, samples=8, noise_std=0.5)
+    det, sto = plots.similarity_maps(psi, A, [(0, 0), (1, 3), (3, 1)], noise_std=0.5, samples=8)
+    # independently: cosine of the query row of psi with every row, laid out row-major
+    cos = torch.nn.functional.cosine_similarity(psi[:, None].double(), psi[None].double(), dim=-1)
+    lo = min(float(det.min()), float(sto.min()))
+    assert float(sto.min()) < float(det.min())  # so a scale taken from the deterministic row alone is wrong
+    img_axes = [ax for ax in drawn[0].axes if ax.images]
+    assert len(img_axes) == 6
+    grid = {(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start): ax for ax in img_axes}
+    for j, (r, c) in enumerate([(0, 0), (1, 3), (3, 1)]):
+        for i, maps in enumerate((det, sto)):
+            ax = grid[(i, j)]
+            im = ax.images[0]
+            torch.testing.assert_close(torch.as_tensor(im.get_array()), maps[j])
+            assert im.get_clim() == pytest.approx((lo, 1.0))
+            (cross,) = ax.get_lines()
+            assert (list(cross.get_xdata()), list(cross.get_ydata())) == ([c], [r])
+        torch.testing.assert_close(torch.as_tensor(grid[(0, j)].images[0].get_array()),
+                                   cos[r * 4 + c].reshape(4, 4).float())
+
+
+def test_simmap_tables_from_a_flat_predictor_file_and_queries_on_the_edge(tmp_path):
+    """A flat predictor state dict with 'predictor.' (and 'module.') prefixes loads; a query on the grid's
+    last row/column is inside, one past it is outside."""
+    torch.manual_seed(0)
+    pred = vit_predictor(num_patches=16, embed_dim=192, num_heads=3, predictor_embed_dim=96, depth=1)
+    sd = {"module.predictor." + k: v for k, v in pred.state_dict().items()}
+    torch.save(sd, tmp_path / "flat.pt")
+    psi, A = plots.predictor_tables_from_checkpoint(str(tmp_path / "flat.pt"))
+    torch.testing.assert_close(psi, pred.predictor_pos_embed)
+    torch.testing.assert_close(A, pred.predictor_embed.weight.detach())
+    assert plots.parse_queries(["3,3", " 0 , 3 "], 4) == [(3, 3), (0, 3)]
+    for bad in ("4,0", "0,4", "-1,0"):
+        with pytest.raises(ValueError, match="lies outside the 4×4 patch grid"):
+            plots.parse_queries([bad], 4)
+
+
+def test_bench_bars_speedups_and_baseline(tmp_path, drawn):
+    """Bar lengths are the times in the panel's unit, the grey bar is the baseline (the label containing
+    'reference' wherever it is listed, else the slowest), and each label reads baseline / time."""
+    data = {"machine_info": {}, "benchmarks": [
+        bench_entry("test_op[fused]", 4e-4, "op"), bench_entry("test_op[reference]", 2e-3, "op"),
+        bench_entry("test_op[eager]", 1e-3, "op"),
+        bench_entry("test_k[a]", 3e-5, "k"), bench_entry("test_k[b]", 6e-5, "k"),
+        bench_entry("test_k[c]", 1.5e-5, "k")]}
+    src = tmp_path / "b.json"
+    src.write_text(json.dumps(data))
+    plots.plot_bench(str(src), str(tmp_path / "b.png"))
+    panels = {ax.get_title(): ax for ax in drawn[0].axes if ax.get_visible()}
+    want = {"op": ("ms", [0.4, 2.0, 1.0], 1, [5.0, 1.0, 2.0]), "k": ("µs", [30.0, 60.0, 15.0], 1, [2.0, 1.0, 4.0])}
+    for group, (unit, widths, grey, speedups) in want.items():
+        ax = panels[group]
+        assert ax.get_xlabel() == f"mean time ({unit})"
+        bars = ax.patches
+        assert [p.get_width() for p in bars] == pytest.approx(widths)
+        greys = [i for i, p in enumerate(bars) if p.get_facecolor()[:3] == pytest.approx((0x88 / 255,) * 3)]
+        assert greys == [grey]
+        texts = [t.get_text() for t in ax.texts]
+        assert [float(t.split("×")[1]) for t in texts] == pytest.approx(speedups, abs=0.01)
+    assert plots._unit(1e-3) == ("ms", 1e3) and plots._unit(1.0) == ("s", 1.0)
+
+
+def test_bench_median_uses_its_own_value_and_asymmetric_quartiles():
+    """--stat median: the bar is the median (not the mean) and the error bar runs down to q1 and up to q3."""
+    e = bench_entry("test_x[a]", 1e-3)
+    e["stats"].update(median=8e-4, q1=7e-4, q3=1.1e-3)
+    ((label, v, lo, hi),) = plots.group_benchmarks([e], "median")["test_x"]
+    assert (label, v) == ("a", 8e-4) and (lo, hi) == (pytest.approx(1e-4), pytest.approx(3e-4))
+    ((_, v, lo, hi),) = plots.group_benchmarks([e], "min")["test_x"]
+    assert v == pytest.approx(0.9e-3) and lo == hi == 0.0

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,175 @@ def test_ranks_and_epochs_see_different_images_and_masks():
     e0 = torch.cat([batch[0] for batch in r0.epoch(0)])
     e1 = torch.cat([batch[0] for batch in r0.epoch(1)])
     assert not torch.equal(e0, e1)  # another order (synthetic images depend on their index only)
+
+
+# ----------------------------------------------------------------------------------------------
+# mutation audit: datasets, transforms and devtools helpers
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_images_labels_range_and_determinism():
+    """Labels cycle through num_classes; image i is a function of (seed, i) only: equal when drawn again,
+    different for another index or seed; out-of-range indices (negative ones too) raise IndexError."""
+    ds = SyntheticImages(length=8, img_size=16, num_classes=3, seed=1)
+    assert [ds[i][1] for i in range(8)] == [0, 1, 2, 0, 1, 2, 0, 1]
+    torch.manual_seed(123)
+    a = ds[4][0]
+    torch.manual_seed(456)
+    assert torch.equal(a, ds[4][0]) and a.shape == (3, 16, 16)
+    assert not torch.equal(ds[1][0], ds[4][0])  # same label, another index
+    assert not torch.equal(a, SyntheticImages(length=8, img_size=16, num_classes=3, seed=2)[4][0])
+    for i in (-1, 8):
+        with pytest.raises(IndexError):
+            ds[i]
+
+
+def test_build_dataset_synthetic_follows_the_seed():
+    """The synthetic dataset of a config changes with its seed (runs with another seed see other images)."""
+    from stop_kernels.data.datasets import build_dataset
+    a = build_dataset(TrainConfig(**dict(TINY, seed=0)))[0][0]
+    b = build_dataset(TrainConfig(**dict(TINY, seed=1)))[0][0]
+    assert a.shape == (3, 32, 32) and not torch.equal(a, b)
+
+
+def test_image_folder_layout_labels_and_train_subfolder(tmp_path):
+    """Classes are the sorted sub-folders (of root/train when it exists) and each image's label is its
+    folder's index."""
+    names = ("c", "a", "e", "b", "d")  # created out of order
+    make_folder(tmp_path / "imgs" / "train", per_class=1, classes=names, corrupt=False, size=8)
+    (tmp_path / "imgs" / "val").mkdir()
+    ds = ImageFolderDataset(str(tmp_path / "imgs"), make_transforms(8, (1.0, 1.0)))
+    assert ds.classes == sorted(names)
+    assert [(p.split("/")[-2], label) for p, label in ds.samples] == [(c, i) for i, c in enumerate(sorted(names))]
+    assert [ds[i][1] for i in range(len(ds))] == list(range(5))
+
+
+def test_corrupt_last_image_wraps_to_the_first_and_counts_every_skip(tmp_path):
+    """Substitution runs modulo the length (the last sample falls back to the first), two consecutive
+    unreadable files count 2, and the collate function sums the counts (not the samples that skipped)."""
+    from stop_kernels.data.datasets import SkipCountingCollate
+    root = make_folder(tmp_path / "imgs", per_class=2, corrupt=False, size=16)
+    for name in ("x1.JPEG", "x2.JPEG"):
+        (root / "b" / name).write_bytes(b"not an image")
+    ds = ImageFolderDataset(str(root), make_transforms(16, (1.0, 1.0)))
+    assert len(ds) == 6  # a/0 a/1 b/0 b/1 b/x1 b/x2
+    first = ds[0]
+    x, label, skipped = ds[5]
+    assert (label, skipped) == (0, 1) and torch.equal(x, first[0])
+    assert ds[4][1:] == (0, 2)
+
+    class Masks:
+        def __call__(self, batch):
+            return (torch.stack([s[0] for s in batch]),), "enc", "pred"
+    out = SkipCountingCollate(Masks())([ds[4], ds[5], ds[0]])
+    assert out[0].shape == (3, 3, 16, 16) and out[3] == 3
+
+
+def test_augmentation_seed_depends_on_the_index_and_leaves_the_global_rng(tmp_path):
+    """Two copies of one file get different crops (the seed includes the index), and loading a sample
+    does not move torch's global generator (the training RNG stream is not the loader's business)."""
+    root = make_folder(tmp_path / "imgs", per_class=1, classes=("a",), corrupt=False, size=48)
+    (root / "a" / "1.JPEG").write_bytes((root / "a" / "0.JPEG").read_bytes())
+    ds = ImageFolderDataset(str(root), make_transforms(16, (0.3, 1.0)), seed=0)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    x0, x1 = ds[0][0], ds[1][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(x0, x1)
+
+
+def test_train_data_redraws_folder_augmentations_each_epoch(tmp_path):
+    """TrainData passes the epoch to the dataset: epoch 1's images are not a reordering of epoch 0's."""
+    root = make_folder(tmp_path / "imgs", per_class=2, corrupt=False, size=48)
+    ds = ImageFolderDataset(str(root), make_transforms(32, (0.3, 1.0)), seed=0)
+    data = TrainData(TrainConfig(**dict(TINY, data=str(root), batch_size=4, num_workers=0)), dataset=ds)
+    e0 = next(data.epoch(0))[0]
+    e1 = next(data.epoch(1))[0]
+    assert not any(torch.equal(a, b) for a in e0 for b in e1)
+
+
+def _pil(size=(48, 48), seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def _expected(img, size):
+    """The whole image resized (bilinear) and normalised with the published ImageNet constants."""
+    from PIL import Image
+    arr = np.asarray(img.resize((size, size), Image.BILINEAR), np.float32) / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    return (torch.from_numpy(arr).permute(2, 0, 1) - mean) / std
+
+
+def test_transform_crop_scale_flip_and_normalisation():
+    """crop_scale (1, 1) keeps the whole image: the output is the resized image normalised with ImageNet's
+    mean/std; without hflip it is never flipped, with it both orientations occur; the default scale crops."""
+    img = _pil()
+    want = _expected(img, 16)
+    plain, flip = make_transforms(16, (1.0, 1.0)), make_transforms(16, (1.0, 1.0), hflip=True)
+    seen = set()
+    for s in range(12):
+        torch.manual_seed(s)
+        torch.testing.assert_close(plain(img), want, rtol=0, atol=2e-5)
+        torch.manual_seed(s)
+        y = flip(img)
+        flipped = torch.allclose(y, want.flip(-1), atol=2e-5)
+        assert flipped or torch.allclose(y, want, atol=2e-5)
+        seen.add(flipped)
+    assert seen == {True, False}
+    torch.manual_seed(0)
+    assert not torch.allclose(make_transforms(16)(img), want, atol=1e-2)
+
+
+def test_optional_augmentations_follow_their_flags():
+    """Each optional augmentation is present only when its flag (or the config's) asks for it, colour jitter
+    with the official strengths and p 0.8; the blur's p and radius are honoured."""
+    from torchvision import transforms as T
+
+    from stop_kernels.data.transforms import RandomGaussianBlur, transforms_from_config
+
+    def kinds(t):
+        return [type(op).__name__ for op in t.transforms]
+    assert kinds(make_transforms(16)) == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    t = make_transforms(16, (0.3, 1.0), color_jitter=0.5)
+    assert kinds(t) == ["RandomResizedCrop", "RandomApply", "ToTensor", "Normalize"]
+    assert t.transforms[0].scale == (0.3, 1.0)
+    jitter = t.transforms[1]
+    assert jitter.p == 0.8 and isinstance(jitter.transforms[0], T.ColorJitter)
+    assert jitter.transforms[0].brightness == pytest.approx((0.6, 1.4)) and jitter.transforms[0].hue == pytest.approx(
+        (-0.1, 0.1))
+    for flags, extra in ((dict(gaussian_blur=True), "RandomGaussianBlur"), (dict(grayscale=True), "RandomGrayscale")):
+        cfg = TrainConfig(**dict(TINY, **flags))
+        assert kinds(transforms_from_config(cfg)) == ["RandomResizedCrop", extra, "ToTensor", "Normalize"]
+    img = _pil(seed=1)
+    never, always = RandomGaussianBlur(p=0.0), RandomGaussianBlur(p=1.0)
+    outs = []
+    for s in range(3):
+        torch.manual_seed(s)
+        assert never(img) is img
+        outs.append(torch.from_numpy(np.asarray(always(img), dtype=np.float32)))
+    assert not torch.equal(outs[0], torch.from_numpy(np.asarray(img, dtype=np.float32)))
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # a random radius each time
+
+
+def test_rel_error_is_relative_to_the_reference():
+    """‖a − b‖ / ‖b‖ with b the reference (not symmetric), 0 when both are zero, measured in float64."""
+    from stop_kernels.devtools import rel_error
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(64, generator=g)
+    assert rel_error(2 * b, b) == pytest.approx(1.0)
+    assert rel_error(b, 2 * b) == pytest.approx(0.5)
+    assert rel_error(torch.zeros(3), torch.zeros(3)) == 0.0
+    x = torch.randn(1000, generator=g, dtype=torch.float64)
+    assert rel_error(x * (1 + 1e-12), x) == pytest.approx(1e-12, rel=1e-3, abs=0)  # float32 would give 0
+
+
+def test_offline_driver_is_restored():
+    """The offline sm_90 driver answers inside the block only; Triton's own driver is back afterwards."""
+    from triton.runtime import driver
+
+    from stop_kernels.devtools import offline_driver
+    before = driver._active
+    with offline_driver(90, "cpu") as drv:
+        assert driver.active.get_current_target().arch == 90 and drv.get_active_torch_device().type == "cpu"
+    assert driver._active is before
