@@ -166,3 +166,233 @@ def test_official_loader_takes_exact_shapes_and_hidden_sizes():
     with pytest.raises(TypeError, match="num_heads"):
         load_official_checkpoint(ck, num_heads=4.0)
 
+
+
+# ------------------------------------------------------------------------------------------------ mutation audit
+def test_every_alias_names_its_preset():
+    """Each short alias resolves to the preset of its letter (only vit_h was checked), and full names to themselves."""
+    for short, full in (("vit_t", "vit_tiny"), ("vit_s", "vit_small"), ("vit_b", "vit_base"), ("vit_l", "vit_large"),
+                        ("vit_h", "vit_huge"), ("vit_g", "vit_giant")):
+        assert resolve_model_name(short) == full
+    assert all(resolve_model_name(n) == n for n in VIT_PRESETS)
+
+
+def test_built_presets_take_the_mlp_ratio_and_channels():
+    """vit_encoder builds the preset's MLP width (ViT-g: 48/11 → 6144, not 4·1408) and the given in_chans."""
+    with torch.device("meta"):
+        giant = vit_encoder("vit_g", img_size=28, patch_size=14)
+    assert len(giant.blocks) == 40 and giant.blocks[0].mlp.fc1.out_features == 6144
+    assert giant.blocks[0].attn.num_heads == 16 and giant.embed_dim == 1408
+    enc = vit_tiny(img_size=16, patch_size=8, in_chans=1)
+    assert enc.patch_embed.proj.in_channels == 1
+    assert enc.embed(torch.randn(2, 1, 16, 16)).shape == (2, 4, 192)
+
+
+def test_qkv_bias_and_layer_norm_eps():
+    """qkv_bias=False builds the QKV projection without a bias (encoder and predictor); every LayerNorm
+    uses eps 1e-6, as the official models do (1e-5 is within the fixtures' tolerance)."""
+    from stop_kernels.models import VisionTransformer
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    enc = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, qkv_bias=False)
+    pred = VisionTransformerPredictor(num_patches=4, embed_dim=32, predictor_embed_dim=16, depth=2, num_heads=4,
+                                      qkv_bias=False)
+    assert all(b.attn.qkv.bias is None and b.attn.proj.bias is not None
+               for b in list(enc.blocks) + list(pred.predictor_blocks))
+    norms = [m for model in (enc, pred) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * (2 * 2 + 1) and all(m.eps == 1e-6 for m in norms)
+
+
+def _std(t):
+    return t.detach().float().std().item()
+
+
+def test_official_initialisation():
+    """Truncated-normal weights of std 0.02, zero biases, and block l's attn.proj and mlp.fc2 divided by
+    sqrt(2·l) (encoder and predictor); the mask token is drawn with std 0.02 too (not left at zero)."""
+    from stop_kernels.models import VisionTransformer
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=256, depth=3, num_heads=4)
+    pred = VisionTransformerPredictor(num_patches=16, embed_dim=256, predictor_embed_dim=128, depth=3, num_heads=4)
+    for model, blocks in ((enc, enc.blocks), (pred, pred.predictor_blocks)):
+        rescaled = {id(b.attn.proj.weight): l for l, b in enumerate(blocks, 1)}
+        rescaled.update({id(b.mlp.fc2.weight): l for l, b in enumerate(blocks, 1)})
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                want = 0.02 / (2 * rescaled[id(m.weight)]) ** 0.5 if id(m.weight) in rescaled else 0.02
+                # ≥ 16k samples each: the std estimate is within 1 %; allow 5 %
+                assert _std(m.weight) == pytest.approx(want, rel=0.05), m
+                assert m.weight.abs().max() <= 2.0  # trunc_normal_'s absolute bounds
+                assert m.bias is None or torch.count_nonzero(m.bias) == 0
+    # 128 samples: the std estimate is within ≈ 6 %
+    assert _std(pred.mask_token) == pytest.approx(0.02, rel=0.3)
+
+
+def test_step_flops_by_component():
+    """Every term of the step's FLOP count, worked by hand on sizes where each one shows (the ViT-H anchors
+    hide terms below 0.1 TFLOP: the noise projection's backward, the patch embedding's, the context
+    projection's rows, the predictor's attention backward, the predictor's fixed MLP ratio 4, in_chans)."""
+    from stop_kernels.models.flops import jepa_step_flops
+    E, L, r, D, Lp, B, N, p, nc, nt, k, C = 64, 2, 3.0, 32, 3, 5, 16, 4, 7, 3, 2, 1
+    f = jepa_step_flops(embed_dim=E, depth=L, mlp_ratio=r, pred_dim=D, pred_depth=Lp, batch=B, num_patches=N,
+                        patch_size=p, n_ctx=nc, n_tgt=nt, npred=k, in_chans=C)
+    patch = 2 * B * N * E * C * p * p
+    enc_lin = lambda tokens: 2 * tokens * L * (4 * E * E + 2 * r * E * E)  # noqa: E731  QKV, proj, fc1, fc2
+    pred_lin = 2 * k * B * (nc + nt) * Lp * (4 * D * D + 2 * 4 * D * D)
+    ctx_proj, out_proj, noise = 2 * B * nc * E * D, 2 * k * B * nt * D * E, 2 * k * B * nt * E * D
+    assert f["target_forward"] == pytest.approx(enc_lin(B * N) + patch, rel=1e-12)
+    assert f["context_fwd_bwd"] == pytest.approx(3 * enc_lin(B * nc) + 2 * patch, rel=1e-12)
+    assert f["predictor_fwd_bwd"] == pytest.approx(3 * (pred_lin + ctx_proj + out_proj) + 2 * noise, rel=1e-12)
+    attn = lambda seqs, n, w, depth: 4 * seqs * n * n * w * depth  # noqa: E731  Q·Kᵀ and P·V
+    assert f["attention"] == pytest.approx(attn(B, N, E, L) + 3 * attn(B, nc, E, L) + 3 * attn(k * B, nc + nt, D, Lp),
+                                           rel=1e-12)
+    assert f["total"] == pytest.approx(sum(v for key, v in f.items() if key != "total"), rel=1e-12)
+    # the other noise modes draw no noise through the projection: its forward and weight gradient go
+    g = jepa_step_flops(embed_dim=E, depth=L, mlp_ratio=r, pred_dim=D, pred_depth=Lp, batch=B, num_patches=N,
+                        patch_size=p, n_ctx=nc, n_tgt=nt, npred=k, in_chans=C, noise_projection=False)
+    assert f["total"] - g["total"] == pytest.approx(2 * noise, rel=1e-12)
+
+
+def test_predictor_defaults_and_its_noise_std():
+    """StoP's σ defaults to 0.25 (the ViT-H recipe's 0.2 is a setting), and the predictor draws its
+    masked rows with its own σ: predictor_embed = identity, no bias ⇒ masked row − ψ = n."""
+    from stop_kernels.models.predictor import VisionTransformerPredictor, vit_predictor
+    kw = dict(num_patches=16, embed_dim=32, num_heads=4)
+    assert VisionTransformerPredictor(**kw).noise_std == 0.25 == vit_predictor(**kw).noise_std
+    assert VisionTransformerPredictor(**kw).noise_mode == "learned"
+    g = torch.Generator().manual_seed(3)
+    B, Nc, Nt, npred = 4, 3, 8, 2
+    ctx = torch.stack([torch.randperm(16, generator=g)[:Nc + Nt] for _ in range(B)])
+    x = torch.randn(B, Nc, 32, generator=g)
+    for backend in ("unfused", "auto"):
+        pred = vit_predictor(**kw, predictor_embed_dim=32, depth=0, noise_std=0.1, input_backend=backend)
+        with torch.no_grad():
+            pred.predictor_embed.weight.copy_(torch.eye(32))
+            pred.predictor_embed.bias.zero_()
+        tgt = [ctx[:, Nc:]] * npred
+        z = pred.assemble(x, [ctx[:, :Nc]], tgt, generator=torch.Generator().manual_seed(4))
+        n = z[:, Nc:] - pred.predictor_pos_embed[torch.stack(tgt).reshape(npred * B, Nt)]
+        # 2·4·8·32 = 2048 samples: relative error of the std ≈ 1.6 %; allow 5 sigma (0.25 is 150 % off)
+        assert abs(n.std().item() / 0.1 - 1) < 5 / (2 * n.numel()) ** 0.5, backend
+        # the context rows carry no noise
+        torch.testing.assert_close(z[:B, :Nc], x + pred.predictor_pos_embed[ctx[:, :Nc]])
+
+
+def test_unfused_predictor_is_the_reference_assembly():
+    """input_backend='unfused' is the official code's path: reference.assemble_predictor_input with
+    torch.randn noise from the generator (the fused op would draw Philox noise instead)."""
+    from stop_kernels.models.predictor import vit_predictor
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 32, generator=g)
+    ctx, tgt = torch.tensor([[0, 1, 2], [3, 4, 5]]), [torch.tensor([[6, 7], [8, 9]]), torch.tensor([[10, 11], [12, 13]])]
+    for mode in ("learned", "isotropic"):
+        pred = vit_predictor(num_patches=16, embed_dim=32, num_heads=4, predictor_embed_dim=16, depth=1,
+                             noise_mode=mode, noise_std=0.3, input_backend="unfused")
+        emb = pred.predictor_embed
+        want = reference.assemble_predictor_input(x, ctx, tgt, emb.weight, emb.bias, pred.predictor_pos_embed,
+                                                  noise_mode=mode, noise_std=0.3,
+                                                  generator=torch.Generator().manual_seed(6))
+        got = pred.assemble(x, [ctx], tgt, generator=torch.Generator().manual_seed(6))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_predictor_mask_and_noise_layouts():
+    """The masks and noise layouts the predictor takes give one result: a bare [B, Nc] context and [B, Nt]
+    target tensor, a stacked [npred, B, Nt] target tensor, and noise as the official per-block list."""
+    from stop_kernels.models.predictor import vit_predictor
+    torch.manual_seed(0)
+    pred = vit_predictor(num_patches=16, embed_dim=32, num_heads=4, predictor_embed_dim=16, depth=1).double().eval()
+    g = torch.Generator().manual_seed(7)
+    B, Nc, Nt, npred = 3, 4, 2, 3
+    perm = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    ctx = perm[:, :Nc]
+    tgt = [perm[:, Nc + i * Nt: Nc + (i + 1) * Nt] for i in range(npred)]
+    x = torch.randn(B, Nc, 32, dtype=torch.float64, generator=g)
+    noise = torch.randn(npred, B, Nt, 32, dtype=torch.float64, generator=g) * 0.25
+    with torch.no_grad():
+        want = pred(x, [ctx], tgt, noise=noise)
+        torch.testing.assert_close(pred(x, ctx, torch.stack(tgt), noise=list(noise)), want, rtol=0, atol=0)
+        # (one block alone: another batch size of the same float64 matmuls, equal to rounding)
+        torch.testing.assert_close(pred(x, ctx, tgt[1], noise=noise[1:2]), want[B:2 * B], rtol=1e-12, atol=1e-12)
+
+
+def test_encoder_takes_a_bare_mask_tensor():
+    """enc(imgs, ctx[B, K]) is enc(imgs, [ctx]) (the official code passes either)."""
+    from stop_kernels.models import VisionTransformer
+    enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ctx = torch.tensor([[0, 3], [1, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, ctx), enc(x, [ctx]), rtol=0, atol=0)
+
+
+def test_predictor_sizes_are_checked():
+    """A patch count that is no square (no sin-cos grid) and a width < 1 are refused, named."""
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    kw = dict(num_patches=16, embed_dim=32, predictor_embed_dim=16, depth=1, num_heads=4)
+    for over, key in ((dict(num_patches=12), "num_patches"), (dict(embed_dim=0), "embed_dim"),
+                      (dict(embed_dim=32.0), "embed_dim")):
+        with pytest.raises(ValueError, match=f"^{key}"):
+            VisionTransformerPredictor(**{**kw, **over})
+
+
+def test_residual_dtype_applies_under_autocast_only():
+    """run_blocks casts the stream to residual_dtype under autocast only; outside it nothing changes."""
+    from stop_kernels.models.vit import Block, run_blocks
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([Block(16, 2)])
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(run_blocks(blocks, x, residual_dtype=torch.bfloat16), run_blocks(blocks, x),
+                                   rtol=0, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert run_blocks(blocks, x).dtype == torch.float32
+            assert run_blocks(blocks, x, residual_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def _official_layout(m):
+    """A module's state dict in the official checkpoint layout: DDP prefix, position tables [1, P, D]."""
+    return {"module." + k: (v[None] if "pos_embed" in k else v) for k, v in m.state_dict().items()}
+
+
+def test_official_loader_reads_and_checks_every_size():
+    """The predictor's MLP ratio is read from its weights (not assumed 4); a preset width gives the preset's
+    heads; --model must match the depth as well as the width and img_size is checked like patch_size;
+    noise_mode and noise_std reach the predictor; state dicts saved without the DDP prefix load alike."""
+    from stop_kernels.models import VisionTransformer, load_official_checkpoint
+    from stop_kernels.models.official import strip_prefix
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3).eval()
+    pred = VisionTransformerPredictor(num_patches=4, embed_dim=192, predictor_embed_dim=48, depth=1, num_heads=3,
+                                      mlp_ratio=3.0).eval()
+    ck = {"encoder": _official_layout(enc), "predictor": _official_layout(pred), "target_encoder": _official_layout(enc)}
+    m = load_official_checkpoint(ck)  # width 192: vit_tiny's 3 heads
+    assert m.encoder.blocks[0].attn.num_heads == 3 and m.predictor.predictor_blocks[0].attn.num_heads == 3
+    assert m.predictor.predictor_blocks[0].mlp.fc1.out_features == 144
+    assert (m.predictor.noise_mode, m.predictor.noise_std, m.epoch) == ("learned", 0.25, None)
+    m2 = load_official_checkpoint(ck, noise_mode="isotropic", noise_std=0.2)
+    assert (m2.predictor.noise_mode, m2.predictor.noise_std) == ("isotropic", 0.2)
+    x, ctx, tgt = torch.randn(2, 3, 32, 32), torch.tensor([[0, 1], [2, 3]]), [torch.tensor([[2], [0]])]
+    noise = torch.randn(1, 2, 1, 192)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encoder.eval()(x, [ctx]), enc(x, [ctx]), rtol=0, atol=0)
+        z = enc(x, [ctx])
+        torch.testing.assert_close(m.predictor.eval()(z, [ctx], tgt, noise=noise), pred(z, [ctx], tgt, noise=noise),
+                                   rtol=0, atol=0)
+    with pytest.raises(ValueError, match="^model: vit_tiny has width 192 and depth 12"):
+        load_official_checkpoint(ck, model="vit_tiny")
+    with pytest.raises(ValueError, match="^img_size: given 64, but the checkpoint was trained with 32"):
+        load_official_checkpoint(ck, img_size=64)
+    assert strip_prefix({"module.a": 1, "b": 2, "x.module.c": 3}) == {"a": 1, "b": 2, "x.module.c": 3}
+    bare = {k: strip_prefix(sd) for k, sd in ck.items()}
+    m3 = load_official_checkpoint(bare)
+    for a, b in ((m3.encoder, enc), (m3.predictor, pred), (m3.target_encoder, enc)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # a table must be [P, D] or [1, P, D]: the same numbers in another leading shape are refused
+    # (the predictor's: the encoder's table also sets the patch grid the sizes are read from)
+    for bad in (torch.zeros(2, 2, 48), torch.zeros(2, 4, 48)):
+        wrong = {**ck, "predictor": {**ck["predictor"], "module.predictor_pos_embed": bad}}
+        with pytest.raises(ValueError, match=r"predictor_pos_embed: checkpoint \(2, "):
+            load_official_checkpoint(wrong)

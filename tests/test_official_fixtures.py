@@ -89,3 +89,16 @@ def test_infer_sizes(official_fixture):
     sd = strip_prefix(official_fixture("official_stop_small.pt")["checkpoint"]["encoder"])
     s = infer_encoder_sizes(sd)
     assert (s.embed_dim, s.depth, s.patch_size, s.img_size, s.mlp_ratio, s.in_chans) == (64, 2, 8, 64, 4.0, 3)
+
+
+def test_loader_takes_low_precision_checkpoints_as_float32(official_fixture):
+    """A bf16 checkpoint loads into float32 parameters holding its values (the models train in fp32)."""
+    case = official_fixture("official_stop_small.pt")
+    parts = ("encoder", "predictor", "target_encoder")
+    ck = {k: ({n: t.bfloat16() for n, t in v.items()} if k in parts else v) for k, v in case["checkpoint"].items()}
+    m = load_official_checkpoint(ck, num_heads=4)
+    for model, key in zip(m[:3], parts):
+        sd = strip_prefix(ck[key])
+        for name, t in model.state_dict().items():
+            assert t.dtype == torch.float32, name
+            torch.testing.assert_close(t, sd[name].reshape(t.shape).float(), rtol=0, atol=0)

@@ -116,3 +116,85 @@ def test_packed_noise_argument_is_checked():
     with pytest.raises(ValueError, match="^noise"):  # ignored silently before
         predict_packed(pred, encode_packed(enc, imgs, ctx), ctx, tgt, noise=torch.zeros(4, 48, dtype=torch.float64))
 
+
+
+# ------------------------------------------------------------------------------------------------ mutation audit
+@pytest.mark.parametrize("mode", ["learned", "isotropic"])
+@pytest.mark.parametrize("backend", ["unfused", "auto"])
+def test_packed_noise_uses_the_predictors_std(mode, backend):
+    """At a σ other than the default, the packed predictor draws the rectangular one's noise (torch.randn
+    noise on the unfused, official path; Philox otherwise), so both honour the predictor's noise_std."""
+    enc, pred = models(mode)
+    pred.noise_std, pred.input_backend = 0.1, backend
+    with torch.no_grad():  # away from the initialisation's zero biases, so a dropped bias shows
+        for p in pred.parameters():
+            p.add_(torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    g = torch.Generator().manual_seed(3)
+    B, Nc, Nt, npred = 2, 5, 3, 2
+    imgs = torch.randn(B, 3, 32, 32, dtype=torch.float64, generator=g)
+    perm = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    ctx = perm[:, :Nc]
+    tgt = [perm[:, Nc + k * Nt: Nc + (k + 1) * Nt] for k in range(npred)]
+    with torch.no_grad():
+        z = enc(imgs, [ctx])
+        p_rect = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
+        p_pack = predict_packed(pred, encode_packed(enc, imgs, list(ctx)), list(ctx), [list(t) for t in tgt],
+                                generator=torch.Generator().manual_seed(9))
+        torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+        # and σ matters here: the default σ gives another output
+        pred.noise_std = 0.25
+        other = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
+    assert (other - p_rect).abs().max() > 1e-3
+
+
+def test_models_dispatch_ragged_masks_to_the_packed_path():
+    """enc(imgs, [ragged]) and pred(packed, [ragged], ragged targets) are encode_packed / predict_packed
+    (how training calls them, through FSDP's forward), the context masks with or without the outer list."""
+    from stop_kernels.models.packing import Packed
+    enc, pred = models("none")
+    g = torch.Generator().manual_seed(5)
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=g)
+    ctx = [torch.tensor([0, 1, 5]), torch.tensor([2, 3, 4, 8, 9])]
+    tgt = [[torch.tensor([10, 11]), torch.tensor([12])], [torch.tensor([6]), torch.tensor([13, 14, 15])]]
+    with torch.no_grad():
+        packed = enc(imgs, [ctx])
+        assert isinstance(packed, Packed)
+        want = encode_packed(enc, imgs, ctx)
+        torch.testing.assert_close(packed.tokens, want.tokens, rtol=0, atol=0)
+        assert packed.cu_seqlens.tolist() == [0, 3, 8] and packed.max_seqlen == 5 and packed.lengths == (3, 5)
+        out = predict_packed(pred, packed, ctx, tgt)
+        torch.testing.assert_close(pred(packed, [ctx], tgt), out, rtol=0, atol=0)
+        torch.testing.assert_close(pred(packed, ctx, tgt), out, rtol=0, atol=0)
+
+
+def test_predictor_layout_sequences():
+    """Sequence s = k·B + b is image b's context then its block k: sources, target rows, bounds and the
+    longest length, worked by hand for ragged lengths."""
+    from stop_kernels.models.packing import predictor_layout
+    lay = predictor_layout([2, 3], [[1, 2], [3, 1]], "cpu")
+    # context rows 0-1 (image 0), 2-4 (image 1); masked rows from 5 on, in (k, b, t) order
+    assert lay.src.tolist() == [0, 1, 5, 2, 3, 4, 6, 7, 0, 1, 8, 9, 10, 2, 3, 4, 11]
+    assert lay.cu_seqlens.tolist() == [0, 3, 8, 13, 17] and lay.max_seqlen == 5
+    assert lay.tgt_rows.tolist() == [2, 6, 7, 10, 11, 12, 16]
+
+
+def test_mean_tokens_and_is_ragged():
+    """mean_tokens is the mean per image of the first mask (a training log number), ragged or rectangular;
+    an empty list of masks is not ragged."""
+    from stop_kernels.models.packing import is_ragged, mean_tokens
+    assert mean_tokens([[torch.arange(3)]]) == 3.0
+    assert mean_tokens([[torch.arange(3), torch.arange(6), torch.arange(6)], [torch.arange(1)] * 3]) == 5.0
+    assert mean_tokens([torch.zeros(4, 7, dtype=torch.long)]) == 7.0
+    assert not is_ragged([]) and not is_ragged(None) and not is_ragged([torch.zeros(2, 3)])
+    assert is_ragged([[torch.arange(2)]])
+
+
+def test_packed_context_size_is_checked():
+    """Packed context tokens that are not the context masks' total are refused, named (not a gather error)."""
+    enc, pred = models()
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ctx = [torch.arange(3), torch.arange(4)]
+    with torch.no_grad():
+        z = encode_packed(enc, imgs, ctx)
+        with pytest.raises(ValueError, match="^ctx: expected 7 packed tokens"):
+            predict_packed(pred, z._replace(tokens=z.tokens[:-1]), ctx, [[torch.tensor([9]), torch.tensor([9])]])

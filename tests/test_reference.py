@@ -254,3 +254,115 @@ def test_noise_std_takes_numpy_scalars_and_refuses_bools():
     for bad, exc in ((True, TypeError), ("0.2", TypeError), (np.float32("nan"), ValueError), (-0.1, ValueError)):
         with pytest.raises(exc, match="^noise_std:"):
             chk.non_negative("noise_std", bad)
+
+
+# ------------------------------------------------------------------------------------------------ mutation audit
+@pytest.mark.parametrize("std", [0.2, 0.5])
+def test_isotropic_assembly_draws_noise_with_std(std):
+    """The isotropic ablation draws n ~ N(0, σ² I_D) with the σ it is given (only the learned mode's σ
+    was checked: the isotropic draw could ignore it)."""
+    g = torch.Generator().manual_seed(8)
+    B, Nc, Nt, E, D, P = 32, 2, 40, 5, 8, 60
+    ctx = torch.randn(B, Nc, E, dtype=DT, generator=g)
+    ctx_idx = rand_idx((B, Nc), P, g)
+    tgt = rand_idx((2, B, Nt), P, g)
+    pos = torch.randn(P, D, dtype=DT, generator=g)
+    W = torch.randn(D, E, dtype=DT, generator=g)
+    out = R.assemble_predictor_input(ctx, ctx_idx, tgt, W, None, pos, noise_mode="isotropic", noise_std=std, generator=g)
+    n = out[:, Nc:] - pos[tgt.reshape(2 * B, Nt)]
+    # 2·32·40·8 = 20480 samples: relative error of the std ≈ 0.5 %; allow 5 sigma
+    assert abs(n.std().item() / std - 1) < 5 / math.sqrt(2 * n.numel())
+    # the context rows carry no noise at all
+    torch.testing.assert_close(out[:B, :Nc], F.linear(ctx, W) + pos[ctx_idx], rtol=1e-12, atol=1e-12)
+
+
+def test_attention_in_low_precision_accumulates_in_float32():
+    """bf16 inputs are computed in float32 and rounded once at the end (a bf16 softmax and P·V lose
+    about 2 digits), so the result equals the float32 computation on the same bf16 values, rounded."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 33, 2, 16, generator=g).bfloat16() for _ in range(3))
+    want = R.attention(q.float(), k.float(), v.float()).bfloat16()
+    assert torch.equal(R.attention(q, k, v), want)
+
+
+def test_attention_varlen_covers_every_sequence():
+    """Every packed sequence is attended, the last one too, and alone (values outside it change nothing)."""
+    g = torch.Generator().manual_seed(10)
+    lens = [3, 2, 4]
+    q, k, v = (torch.randn(sum(lens), 2, 4, dtype=DT, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32)
+    out = R.attention(q, k, v, cu_seqlens=cu)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out[5:], R.attention(q[None, 5:], k[None, 5:], v[None, 5:])[0], rtol=0, atol=0)
+    # no tokens at all: an empty result through which every input still gets a (zero) gradient
+    e = [torch.randn(0, 2, 4, requires_grad=True) for _ in range(3)]
+    R.attention(*e, cu_seqlens=torch.tensor([0], dtype=torch.int32)).sum().backward()
+    assert all(t.grad is not None and t.grad.shape == (0, 2, 4) for t in e)
+
+
+def test_target_features_use_the_official_layer_norm_eps():
+    """Targets are F.layer_norm with its default eps 1e-5 (the encoders' own LayerNorms use 1e-6):
+    features of small variance show the difference."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 6, 16, dtype=DT, generator=g) * 3e-3  # variance ≈ 1e-5, comparable to eps
+    tgt = [rand_idx((2, 3), 6, g)]
+    mu, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    want = (h - mu) / torch.sqrt(var + 1e-5)
+    got = R.target_features(h, tgt)
+    for b in range(2):
+        torch.testing.assert_close(got[b], want[b, tgt[0][b]], rtol=1e-10, atol=1e-10)
+
+
+def test_target_index_list_is_checked_entry_by_entry():
+    """A list of target blocks must agree in shape and device, the entry named (torch.stack raised an
+    unnamed RuntimeError for the shape, and nothing caught the device)."""
+    a = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^tgt_idx\[1\]: expected shape \(2, 3\)"):
+        R.stack_target_indices([a, torch.zeros(2, 4, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"^tgt_idx\[1\]: expected device cpu"):
+        R.stack_target_indices([a, a.to("meta")])
+    assert torch.equal(R.stack_target_indices([a, a + 1]), torch.stack([a, a + 1]))
+
+
+def test_assembly_dtype_rules():
+    """ctx must have the weight's dtype (named TypeError, not F.linear's RuntimeError); explicit
+    learned noise too; a bias of another dtype is cast to the weight's, as the fused op takes it."""
+    a, kw = _assembly_args()
+    with pytest.raises(TypeError, match="^ctx: expected the dtype of weight"):
+        R.assemble_predictor_input(**{**a, "ctx": a["ctx"].double()}, **kw)
+    npred, (B, Nt) = len(a["tgt_idx"]), a["tgt_idx"][0].shape
+    noise = torch.randn(npred, B, Nt, a["weight"].shape[1], dtype=DT)
+    with pytest.raises(TypeError, match="^noise: expected the dtype of weight"):
+        R.assemble_predictor_input(**a, **kw, noise=noise)
+    got = R.assemble_predictor_input(**{**a, "bias": a["bias"].double()}, **kw, noise=noise.float())
+    torch.testing.assert_close(got, R.assemble_predictor_input(**a, **kw, noise=noise.float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["learned", "isotropic", "none"])
+def test_assembly_gradients_match_official_formulation(mode):
+    """Gradients too: in StoP the context projection A receives the gradient of the masked rows through
+    n·Aᵀ as well as the context's (the tie that keeps σ²AAᵀ from collapsing); the mask token gets its own."""
+    g = torch.Generator().manual_seed(12)
+    B, Nc, Nt, E, D, P, npred = 2, 3, 4, 5, 6, 16, 3
+    leaf = lambda *s: torch.randn(*s, dtype=DT, generator=g).requires_grad_()  # noqa: E731
+    ctx, W, b, pos, tok = leaf(B, Nc, E), leaf(D, E), leaf(D), leaf(P, D), leaf(1, 1, D)
+    ctx_idx = rand_idx((B, Nc), P, g)
+    tgt = [rand_idx((B, Nt), P, g) for _ in range(npred)]
+    noise = torch.randn(npred, B, Nt, E if mode == "learned" else D, dtype=DT, generator=g)
+    fns = {
+        "learned": lambda pe: F.linear(noise.reshape(npred * B, Nt, E), W, b) + pe,
+        "isotropic": lambda pe: pe + noise.reshape(npred * B, Nt, D),
+        "none": lambda pe: tok.repeat(pe.shape[0], pe.shape[1], 1) + pe,
+    }
+    up = torch.randn(npred * B, Nc + Nt, D, dtype=DT, generator=g)
+    leaves = (ctx, W, b, pos, tok)
+    want = torch.autograd.grad((official_assembly(ctx, ctx_idx, tgt, W, b, pos, fns[mode]) * up).sum(), leaves,
+                               allow_unused=True)
+    got = R.assemble_predictor_input(ctx, ctx_idx, tgt, W, b, pos, noise_mode=mode, mask_token=tok,
+                                     noise=None if mode == "none" else noise)
+    got = torch.autograd.grad((got * up).sum(), leaves, allow_unused=True)
+    for name, a, w in zip(("ctx", "weight", "bias", "pos_embed", "mask_token"), got, want):
+        if w is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12, msg=name)
