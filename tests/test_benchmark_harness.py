@@ -1,7 +1,8 @@
 """The GPU session's harness on the CPU: the step benchmarks (benchmarks/profile_step.py, e2e_step.py: a
 variant's keys reach the trainer's config, every e2e path runs a step), gpu_all.sh's packing, and the
 StoP and attention scripts rehearsed at toy sizes. Timings here mean nothing; what is checked is that
-the GPU session measures the configurations it names and brings its results back."""
+the GPU session measures the configurations it names and brings its results back; and the host-side
+arithmetic of the harness (e2e ratios, card limits, median timers, peak memory, forced SDPA backends)."""
 import json
 import sys
 
@@ -239,3 +240,142 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     monkeypatch.setattr(A, "_PLANS", {})
     assert A.load_tuned_configs(str(res / "attn" / "best_configs.json")) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# e2e_step.py: what each path turns on, and the ratios it reports
+# ------------------------------------------------------------------------------------------------
+def test_e2e_paths_turn_on_their_levers():
+    """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
+    the head-dim-24 policy, and for fast_levers all four opt-in step levers (and only there)."""
+    levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target")
+    want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_triton": ("triton", "auto", ""),
+            "fast_mixed": ("auto", "auto", "compiled:24=triton"), "fast_levers": ("auto", "auto", "compiled:24=triton")}
+    assert set(e2e_step.PATHS) == set(want)
+    for name, (attention, inp, policy) in want.items():
+        v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
+        assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
+        assert [getattr(cfg, k) for k in levers] == [name == "fast_levers"] * 4, name
+
+
+def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
+    """images/s of each path over the reference's (a failed path is left out), the headline ratio being
+    fast's; the variants passed on carry each path's keys and the compile flag."""
+    seen = {}
+    res = [{"name": "reference", "images_per_s": 400.0}, {"name": "fast", "images_per_s": 500.0},
+           {"name": "fast_mixed", "images_per_s": 450.0}, {"name": "fast_levers", "error": "RuntimeError: x"}]
+    for r in res[:3]:
+        r.update(ms_per_step=1.0, tflops=1.0, mfu=0.1, peak_gib=1.0, final_loss=1.0)
+
+    def run_variants(args, json_name):
+        seen["variants"] = args.variants
+        return "NVIDIA H200", [dict(r) for r in res]
+    monkeypatch.setattr(profile_step, "run_variants", run_variants)
+    paths = ["reference", "fast", "fast_mixed", "fast_levers"]
+    assert e2e_step.main(["--paths", ",".join(paths), "--out", str(tmp_path)]) == 0
+    assert seen["variants"] == ",".join(f"{n}:{e2e_step.PATHS[n]}+compile=1" for n in paths)
+    data = json.loads((tmp_path / "e2e_step.json").read_text())
+    assert data["ratio"] == 1.25 and data["gpu"] == "NVIDIA H200"
+    by = {r["name"]: r for r in data["results"]}
+    assert by["fast_mixed"]["ratio_over_reference"] == 1.125 and "ratio_over_reference" not in by["reference"]
+    assert '{"ratio_fast_over_reference": 1.25}' in capsys.readouterr().out
+    e2e_step.main(["--paths", "reference,fast", "--no-compile", "--out", str(tmp_path)])
+    assert seen["variants"] == ",".join(f"{n}:{e2e_step.PATHS[n]}+compile=0" for n in ("reference", "fast"))
+
+
+# ------------------------------------------------------------------------------------------------
+# _gpu_common.py: the card limits, sections, timers and memory measurement of the GPU scripts
+# ------------------------------------------------------------------------------------------------
+def test_card_limits_per_card():
+    """H200: the measured matmul and copy rates of ANCHORS.md; H100: the same matmul rate, the copy rate
+    scaled by HBM3's 3.35 TB/s over HBM3e's 4.8; another card: refused when strict, else the H200's."""
+    import _gpu_common as G
+    assert G.card_limits("NVIDIA H200") == (707.0, 4.23)
+    tflops, tbps = G.card_limits("NVIDIA H100 80GB HBM3")
+    assert tflops == 707.0 and tbps == pytest.approx(4.23 * 3.35 / 4.8, rel=1e-12)
+    with pytest.raises(ValueError, match="'NVIDIA A100-SXM4-80GB'"):
+        G.card_limits("NVIDIA A100-SXM4-80GB", strict=True)
+    assert G.card_limits("NVIDIA A100-SXM4-80GB") == (707.0, 4.23)
+
+
+def test_section_records_the_error_and_lets_the_script_go_on(capsys):
+    import _gpu_common as G
+    results = {"errors": []}
+    section = G.make_section(results, lambda: 12.0)
+
+    @section("boom")
+    def fails():
+        raise RuntimeError("kernel exploded")
+
+    @section("fine")
+    def works(x):
+        return x + 1
+    assert fails() is None and works(1) == 2
+    assert [e["section"] for e in results["errors"]] == ["boom"]
+    assert "RuntimeError: kernel exploded" in results["errors"][0]["traceback"]
+    assert "=== boom (t = 12s) ===" in capsys.readouterr().out
+
+
+def test_timers_take_the_median(monkeypatch):
+    """bench / bench_graph return triton's median (return_mode, or quantiles=[0.5] on an older triton);
+    the rehearsal times a second call after a first one."""
+    import triton.testing
+    import _gpu_common as G
+    monkeypatch.setattr(G, "REHEARSE", False)  # the GPU branch, whatever this process's environment
+    calls = []
+
+    def fake(name, old):
+        def f(fn, **kw):
+            if old and "return_mode" in kw:
+                raise TypeError("unexpected keyword argument 'return_mode'")
+            calls.append((name, kw))
+            return 1.5
+        return f
+    for old in (False, True):
+        calls.clear()
+        monkeypatch.setattr(triton.testing, "do_bench", fake("eager", old))
+        monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake("graph", old))
+        assert G.bench(lambda: None, warmup=3, rep=7) == 1.5 and G.bench_graph(lambda: None, rep=9) == 1.5
+        mode = {"quantiles": [0.5]} if old else {"return_mode": "median"}
+        assert calls == [("eager", dict(warmup=3, rep=7, grad_to_none=None, **mode)),
+                         ("graph", dict(rep=9, grad_to_none=None, **mode))]
+    n = []
+    monkeypatch.setattr(G, "REHEARSE", True)
+    assert G.bench(lambda: n.append(1)) >= 0 and len(n) == 2
+
+
+def test_peak_memory_beyond_inputs(monkeypatch):
+    """Peak allocated during fn() minus what was allocated before (the peak reset first), in MiB."""
+    import _gpu_common as G
+    monkeypatch.setattr(G, "REHEARSE", False)  # the GPU branch, whatever this process's environment
+    events = []
+    mib = 2 ** 20
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: events.append("base") or 100 * mib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: events.append("peak") or 148 * mib)
+    assert G.peak_mib_beyond_inputs(lambda: events.append("fn")) == 48.0
+    assert events[:4] == ["sync", "reset", "base", "fn"] and events[-1] == "peak"
+
+
+@pytest.mark.parametrize("name", ["flash", "efficient", "cudnn", "math", None])
+def test_sdpa_fn_forces_its_backend_on_bnhd_inputs(name, monkeypatch):
+    """[B, N, H, Dh] in and out (SDPA's [B, H, N, Dh] transposes around it), equal to the reference
+    attention, under exactly the named SDPA backend (None: PyTorch's choice, nothing forced)."""
+    import torch.nn.attention as TA
+    from torch.nn.attention import SDPBackend
+    import _gpu_common as G
+    from stop_kernels import reference
+    forced = []
+    real = TA.sdpa_kernel
+
+    def spy(backends):
+        forced.append(list(backends))
+        return real([SDPBackend.MATH])  # every backend name runs on the CPU's math kernel here
+    monkeypatch.setattr(TA, "sdpa_kernel", spy)
+    q, k, v = torch.randn(3, 2, 7, 3, 16).unbind(0)
+    out = G.sdpa_fn(name)(q, k, v)
+    torch.testing.assert_close(out, reference.attention(q, k, v), rtol=1e-5, atol=1e-5)
+    want = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    assert forced == ([] if name is None else [[want[name]]])

@@ -5,7 +5,10 @@ Runs everywhere:
   * the Philox constants / uniform mapping in ``csrc/`` are those of ``stop_kernels/ops/philox.py``;
   * host emulation: ``csrc/philox.cuh`` compiled as a small host program (g++ or nvcc) reproduces
     :func:`philox_normal`, including the tails of ln u that float32 rounding of u would spoil;
-  * argument validation that happens before any device work.
+  * argument validation that happens before any device work;
+  * the wrapper's host side with the ops stood in by a Python twin of csrc's contract: the checks
+    after the device check, kernel and output dtypes, the seed, which gradients the backward op is
+    asked for and where they land; the reasons ``backends()`` gives and the SM-count cache.
 
 Runs on a CUDA machine with the extension built (otherwise skipped with the reason):
   * the device noise stream == ``philox_normal`` element for element (direct op and through the fused
@@ -16,6 +19,7 @@ Runs on a CUDA machine with the extension built (otherwise skipped with the reas
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import shutil
@@ -504,3 +508,231 @@ def test_cuda_noise_equals_triton_noise(rows, E, row_start):
     # same float32 u, precise log / sqrt on both sides; Triton rounds θ = 2π·u to float32, CUDA uses
     # sincospif(2u): ≤ ~1e-6·σ apart
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * sigma)
+
+
+# ================================================================================================
+# CPU-runnable: the host side of the wrapper, with csrc's ops stood in by a Python twin
+# ================================================================================================
+class _TwinOps:
+    """csrc's op contract (bindings.cpp, stop_embed.cu, stop_embed_bwd.cu) in Python on CPU tensors: one
+    floating dtype for pos_embed, weight and bias (the C++ ops TORCH_CHECK it), idx flattened, the noise of
+    ``seed`` from philox_normal, (dweight, dbias, dpos) with None for what is not asked. Records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def stop_embed_fwd(self, pos_embed, idx, weight, bias, seed, noise_std):
+        assert idx.dim() == 1 and pos_embed.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
+        self.calls.append(("fwd", weight.dtype, seed))
+        n = philox_normal(seed, idx.numel(), weight.shape[1], noise_std).float()
+        out = pos_embed.float()[idx] + n @ weight.float().T
+        return (out if bias is None else out + bias.float()).to(weight.dtype)
+
+    def stop_embed_bwd(self, grad_out, idx, P, E, seed, noise_std, need_dweight, need_dpos, need_dbias):
+        assert grad_out.is_contiguous() and grad_out.shape[0] == idx.numel()
+        self.calls.append(("bwd", need_dweight, need_dpos, need_dbias))
+        g = grad_out.float()
+        dw = g.T @ philox_normal(seed, idx.numel(), E, noise_std).float() if need_dweight else None
+        db = g.sum(0) if need_dbias else None
+        dp = torch.zeros(P, g.shape[1]).index_add_(0, idx, g) if need_dpos else None
+        return tuple(t if t is None else t.to(grad_out.dtype) for t in (dw, db, dp))
+
+    def stop_noise(self, seed, rows, E, noise_std, row_start, device_index):
+        self.calls.append(("noise", seed, rows, E, noise_std, row_start, device_index))
+        return philox_normal(seed, rows, E, noise_std, row_start).float()
+
+
+@pytest.fixture
+def twin(monkeypatch):
+    """stop_embed_cuda on CPU tensors: the ops are the twin and the device check reports a CUDA device, so
+    the checks after it and the wrapper's dtype, seed and gradient plumbing run for real."""
+    ops = _TwinOps()
+    monkeypatch.setattr(cb, "_ops", lambda: ops)
+    monkeypatch.setattr(cb.chk, "same_device", lambda **kw: torch.device("cuda", 0))
+    return ops
+
+
+@contextlib.contextmanager
+def _cuda_autocast(dtype):
+    """CUDA autocast switched on as ``torch.autocast("cuda")`` does, without a device (the wrapper only reads it)."""
+    old = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", old[0])
+        torch.set_autocast_dtype("cuda", old[1])
+
+
+def test_wrapper_output_and_gradients_with_twin_ops(twin):
+    """The seed is drawn from ``generator``, idx is flattened and the result reshaped to [..., M, D], and the
+    backward's (dweight, dbias, dpos) reach weight, bias and pos_embed: equal to autograd of the reference
+    given the same Philox noise."""
+    g = torch.Generator().manual_seed(31)
+    P, D, E, sigma = 9, 6, 5, 0.3
+    pos, w, b = torch.randn(P, D, generator=g), torch.randn(D, E, generator=g), torch.randn(D, generator=g)
+    idx = torch.randint(0, P, (2, 7), generator=g)
+    leaves = [t.clone().requires_grad_() for t in (pos, w, b)]
+    out = cb.stop_embed_cuda(*leaves[:1], idx, *leaves[1:], noise_std=sigma,
+                             generator=torch.Generator().manual_seed(5))
+    seed = draw_seed(torch.Generator().manual_seed(5))
+    assert twin.calls == [("fwd", torch.float32, seed)] and out.shape == (2, 7, D)
+    noise = philox_normal(seed, idx.numel(), E, sigma).float().view(2, 7, E)
+    ref_leaves = [t.clone().requires_grad_() for t in (pos, w, b)]
+    want = ref.stop_embed(ref_leaves[0], idx, ref_leaves[1], ref_leaves[2], noise)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    want.backward(grad)
+    for name, got, exp in zip(("pos_embed", "weight", "bias"), leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, exp.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("needs", [("pos",), ("weight",), ("weight", "bias"), ("pos", "bias")])
+def test_wrapper_asks_the_backward_op_for_the_needed_gradients_only(twin, needs):
+    """need_dweight / need_dpos / need_dbias follow which inputs require grad (the op's argument order is
+    weight, pos, bias; its outputs dweight, dbias, dpos), and each gradient lands on its own input."""
+    g = torch.Generator().manual_seed(4)
+    pos, w, b = torch.randn(8, 4, generator=g), torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    pos.requires_grad_("pos" in needs)
+    w.requires_grad_("weight" in needs)
+    b.requires_grad_("bias" in needs)
+    idx = torch.randint(0, 8, (5,), generator=g)
+    cb.stop_embed_cuda(pos, idx, w, b, noise_std=0.5, generator=torch.Generator().manual_seed(1)).sum().backward()
+    assert twin.calls[-1] == ("bwd", "weight" in needs, "pos" in needs, "bias" in needs)
+    for name, t, shape in (("pos", pos, (8, 4)), ("weight", w, (4, 3)), ("bias", b, (4,))):
+        assert (t.grad is not None and t.grad.shape == shape) == (name in needs), name
+    if "pos" in needs:  # d(sum)/dψ counts how often each row was gathered
+        torch.testing.assert_close(pos.grad, torch.bincount(idx, minlength=8).float()[:, None].expand(8, 4))
+    if "bias" in needs:
+        torch.testing.assert_close(b.grad, torch.full((4,), 5.0))
+
+
+@pytest.mark.parametrize("dt_pos, dt_w, dt_b, autocast, kernel, out", [
+    (torch.float64, torch.float64, torch.float64, None, torch.float32, torch.float64),  # no fp64 kernel
+    (torch.bfloat16, torch.float32, None, None, torch.float32, torch.float32),          # promoted: ψ cast up
+    (torch.float32, torch.bfloat16, torch.float32, None, torch.float32, torch.float32),  # W and b cast up
+    (torch.float32, torch.float32, torch.bfloat16, None, torch.float32, torch.float32),  # b cast up
+    (torch.bfloat16, torch.float32, None, torch.bfloat16, torch.bfloat16, torch.bfloat16),  # W in the amp dtype
+    (torch.float32, torch.float32, torch.float32, torch.float16, torch.float16, torch.float32),
+])
+def test_wrapper_kernel_and_output_dtypes(twin, dt_pos, dt_w, dt_b, autocast, kernel, out):
+    """The kernel runs in one dtype (the autocast dtype, else the promoted one, fp64 → fp32) with every
+    operand cast to it; the output is promote(weight's dtype — the autocast one under autocast —, ψ's)."""
+    g = torch.Generator().manual_seed(2)
+    pos, w = torch.randn(6, 4, generator=g).to(dt_pos), torch.randn(4, 3, generator=g).to(dt_w)
+    b = None if dt_b is None else torch.randn(4, generator=g).to(dt_b)
+    idx = torch.randint(0, 6, (2, 3), generator=g)
+    with _cuda_autocast(autocast) if autocast else contextlib.nullcontext():
+        y = cb.stop_embed_cuda(pos, idx, w, b, generator=torch.Generator().manual_seed(0))
+    assert twin.calls[0][1] == kernel and y.dtype == out and y.shape == (2, 3, 4)
+
+
+def test_host_checks_after_the_device_check(twin, monkeypatch):
+    """The shape and range checks that follow the device check (on a GPU they run before any launch)."""
+    pos, w, b = torch.randn(8, 4), torch.randn(4, 6), torch.randn(4)
+    idx = torch.randint(0, 8, (2, 3))
+    with pytest.raises(ValueError, match=r"^pos_embed: expected size 4 at dim 1"):
+        cb.stop_embed_cuda(torch.randn(8, 5), idx, w, b)
+    with pytest.raises(ValueError, match=r"^bias: expected size 4 at dim 0"):
+        cb.stop_embed_cuda(pos, idx, w, torch.randn(5))
+    with pytest.raises(ValueError, match=r"^idx: values must lie in \[0, 8\)"):
+        cb.stop_embed_cuda(pos, torch.tensor([[0, 8]]), w, b)
+    cb.stop_embed_cuda(pos, torch.tensor([[0, 7]]), w, b)  # the last row is valid
+    # 2**32 tokens overflow the 32-bit Philox row counter: refused without touching the (meta) data
+    monkeypatch.setattr(cb, "_ops", lambda: pytest.fail("the ops were reached"))
+    meta = dict(device="meta")
+    with pytest.raises(ValueError, match=r"^idx: at most 2\*\*32 tokens"):
+        cb.stop_embed_cuda(torch.empty(8, 4, **meta), torch.empty(2 ** 32, dtype=torch.int32, **meta),
+                           torch.empty(4, 6, **meta))
+
+
+def test_validation_names_the_argument_before_the_device_check():
+    """Type and rank checks of every argument, and device agreement, come before the CUDA requirement."""
+    pos, w, idx = torch.randn(8, 4), torch.randn(4, 6), torch.randint(0, 8, (2, 3))
+    with pytest.raises(TypeError, match="^bias:"):
+        cb.stop_embed_cuda(pos, idx, w, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="^bias: expected 1 dimensions"):
+        cb.stop_embed_cuda(pos, idx, w, torch.zeros(4, 1))
+    with pytest.raises(ValueError, match="^idx: expected at least 1 dimensions"):
+        cb.stop_embed_cuda(pos, torch.tensor(3), w)
+    with pytest.raises(ValueError, match="^idx: expected device cpu"):
+        cb.stop_embed_cuda(pos, idx.to("meta"), w)
+    with pytest.raises(ValueError, match="^pos_embed: the CUDA backend needs CUDA tensors"):  # meta is not CUDA
+        cb.stop_embed_cuda(pos.to("meta"), idx.to("meta"), w.to("meta"))
+
+
+def test_noise_op_arguments(twin):
+    """stop_noise_cuda passes seed, rows, E, σ, the first row and the device index through to the op."""
+    got = cb.stop_noise_cuda(12345, 3, 7, 0.5, row_start=11, device="cuda:1")
+    assert twin.calls == [("noise", 12345, 3, 7, 0.5, 11, 1)]
+    torch.testing.assert_close(got, philox_normal(12345, 3, 7, 0.5, 11).float())
+
+
+# ------------------------------------------------------------------------------------------------
+# backends(): the reasons it gives
+# ------------------------------------------------------------------------------------------------
+def test_cuda_backend_reasons(monkeypatch):
+    """A missing extension is 'not built' with setup.py's missing conditions; one that fails to import is
+    'built but fails to load' with the error; a built one without a visible device is not usable."""
+    import importlib
+    bk = importlib.import_module("stop_kernels.backends")
+    monkeypatch.setattr(cb, "available", lambda: False)
+    monkeypatch.setattr(cb, "load_error", lambda: "ModuleNotFoundError: No module named 'stop_kernels._C'")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(bk.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for var in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    assert bk._cuda() == (False, "not built: torch has no CUDA / nvcc missing / no GPU at build time and "
+                                 "TORCH_CUDA_ARCH_LIST unset")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")  # nvcc not on PATH, but CUDA_HOME names it
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    ok, why = bk._cuda()
+    assert not ok and why.startswith("not built: the package was installed without building it"), why
+    monkeypatch.setattr(cb, "load_error", lambda: "ImportError: undefined symbol: _ZN3c10")
+    assert bk._cuda() == (False, "built but fails to load: ImportError: undefined symbol: _ZN3c10")
+    monkeypatch.setattr(cb, "available", lambda: True)
+    assert bk._cuda() == (False, "built, but no CUDA device is visible")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bk._cuda() == (True, "")
+
+
+def test_backends_keeps_caveats_and_survives_a_failing_probe(monkeypatch):
+    """Outside the interpreter Triton needs a visible device; a usable backend's caveat is kept as its reason;
+    a probe that raises anything turns its backend off with the error instead of breaking the call."""
+    import importlib
+    bk = importlib.import_module("stop_kernels.backends")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, why = bk._triton()
+    assert not ok and "no CUDA device is visible" in why
+
+    def boom():
+        raise RuntimeError("boom")
+    monkeypatch.setattr(bk, "_triton", lambda: (True, "TRITON_INTERPRET=1: kernels run in the CPU interpreter"))
+    monkeypatch.setattr(bk, "_xformers", boom)
+    info = bk.backends()
+    assert info["triton"] is True and info["reasons"]["triton"].startswith("TRITON_INTERPRET=1")
+    assert info["xformers"] is False and info["reasons"]["xformers"] == "probe failed: RuntimeError: boom"
+
+
+def test_sm_count_is_read_once_per_device(monkeypatch):
+    """The SM count of each CUDA device (the current one for a bare 'cuda') is read once, then cached."""
+    import importlib
+    import types
+    bk = importlib.import_module("stop_kernels.backends")
+    reads = []
+
+    def props(i):
+        reads.append(i)
+        return types.SimpleNamespace(multi_processor_count=100 + i)
+    monkeypatch.setattr(bk, "_SM_COUNTS", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert bk.sm_count(torch.device("cuda", 1), 4) == 101
+    assert bk.sm_count(torch.device("cuda"), 4) == 100
+    assert bk.sm_count(torch.device("cuda", 1), 4) == 101 and bk.sm_count(torch.device("cuda", 0), 4) == 100
+    assert reads == [1, 0]

@@ -188,3 +188,52 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
     guard = on_device(types.SimpleNamespace(device=torch.device("cuda:1")))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(on_device(types.SimpleNamespace(device=torch.device("cuda:0"))), contextlib.nullcontext)
+
+
+def test_argument_of_too_many_dimensions_is_named():
+    """A 2-D argument given with an extra leading dimension is refused by name, not broadcast."""
+    pos, w, idx = torch.randn(10, 6), torch.randn(6, 5), torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match=r"^pos_embed: expected 2 dimensions, got shape \(1, 10, 6\)"):
+        sk.stop_embed(pos[None], idx, w, None, generator=_gen(), backend="reference")
+    with pytest.raises(ValueError, match=r"^weight: expected 2 dimensions, got shape \(1, 6, 5\)"):
+        sk.stop_embed(pos, idx, w[None], None, generator=_gen(), backend="reference")
+
+
+def test_out_of_range_index_message_names_the_offending_value():
+    """The message quotes the value that is out of range: the negative minimum, else the maximum."""
+    from stop_kernels import _checks as chk
+    with pytest.raises(ValueError, match=r"^idx: values must lie in \[0, 10\) \(ψ rows\), got -3$"):
+        chk.index_tensor("idx", torch.tensor([4, -3, 12]), upper=10, what="ψ rows")
+    with pytest.raises(ValueError, match=r"^idx: values must lie in \[0, 10\), got 12$"):
+        chk.index_tensor("idx", torch.tensor([4, 0, 12]), upper=10)
+    meta = torch.empty(3, dtype=torch.int64, device="meta")  # no values to read: shape and dtype checks only
+    assert chk.index_tensor("idx", meta, upper=10) is meta
+
+
+def test_noise_std_must_be_finite():
+    with pytest.raises(ValueError, match="^noise_std: expected a finite value >= 0, got inf"):
+        sk.stop_embed(torch.randn(10, 6), torch.randint(0, 10, (3,)), torch.randn(6, 5), None, noise_std=float("inf"),
+                      generator=_gen(), backend="reference")
+    from stop_kernels import _checks as chk
+    assert chk.non_negative("noise_std", 0) == 0.0  # σ = 0 (no noise) is allowed
+
+
+def test_nested_trusted_device_indices_restore_the_outer_setting():
+    """Leaving an inner trusted_device_indices() keeps the outer one in force; leaving the outer restores checks."""
+    from stop_kernels import _checks as chk
+    assert chk._DEVICE_RANGE_CHECKS
+    with chk.trusted_device_indices():
+        with chk.trusted_device_indices():
+            assert not chk._DEVICE_RANGE_CHECKS
+        assert not chk._DEVICE_RANGE_CHECKS
+    assert chk._DEVICE_RANGE_CHECKS
+
+
+def test_atomic_json_write_that_fails_leaves_the_previous_file_and_no_temporary(tmp_path):
+    from stop_kernels import _checks as chk
+    path = tmp_path / "configs.json"
+    chk.write_json_atomic(str(path), {"a": 1})
+    with pytest.raises(TypeError):
+        chk.write_json_atomic(str(path), {"a": object()})  # not serialisable: fails part-way
+    assert chk.read_json(str(path), "configs") == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs.json"]

@@ -81,3 +81,54 @@ def test_sass_loop_stats_loop_and_loopless():
     loopless = _LOOP_SASS.replace("@P0 BRA `(.L_x_0) ;", "STL [R1], R2 ;")
     assert sass_loop_stats(loopless) == {"loop_instrs": 6, "loop_bar": 1, "loop_local": 1, "has_loop": False}
     assert sass_loop_stats("")["loop_instrs"] is None
+
+
+@pytest.fixture
+def report_module(monkeypatch):
+    """benchmarks/ptxas_report.py imported here (it drops TRITON_INTERPRET at import: restored afterwards)."""
+    import importlib
+    if "TRITON_INTERPRET" in os.environ:
+        monkeypatch.setenv("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    return importlib.import_module("ptxas_report")
+
+
+@pytest.mark.parametrize("regs, warps, smem, ctas", [
+    (128, 8, 64 * 1024, 2),    # registers: 65536 / (128 · 32 · 8) = 2 (shared memory would allow 3)
+    (40, 4, 100 * 1024, 2),    # shared memory: 227 KB // 100 KB = 2 (registers would allow 12)
+    (16, 1, 0, 32),            # neither binds: the 32-CTA cap of an SM
+    (255, 4, 1024, 2),         # 65536 // 32640 = 2
+])
+def test_occupancy_is_the_tighter_of_registers_and_shared_memory(report_module, regs, warps, smem, ctas):
+    assert report_module._occupancy(dict(regs=regs, num_warps=warps, smem=smem)) == ctas
+
+
+def test_report_table_row(report_module, monkeypatch, tmp_path, capsys):
+    """One row per config: registers, spills flagged when either direction spills, shared memory in KB,
+    CTAs per SM, and the loop columns (a loopless kernel says so); the JSON keeps the occupancy."""
+    row = dict(kernel="stop fwd", config={"BLOCK_M": 64, "w": 8}, regs=128, num_warps=8, smem=96 * 1024,
+               spill_stores=0, spill_loads=8, wgmma=4, cp_async=2, loop_instrs=900, loop_bar=30, loop_local=0)
+    loopless = dict(row, kernel="stop dw", spill_loads=0, has_loop=False)
+    monkeypatch.setattr(report_module, "stop_rows", lambda: [dict(row), dict(loopless)])
+    assert report_module.main(["--kernels", "stop", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "ptxas_report.md").read_text().splitlines()
+    assert lines[-2] == "| stop fwd | BLOCK_M=64, w=8 | 128 | 0/8 **spills** | 96 | 2 | 4 | 2 | 900 / 30 / 0 |"
+    assert lines[-1] == "| stop dw | BLOCK_M=64, w=8 | 128 | 0/0 | 96 | 2 | 4 | 2 | 900 (no loop: whole kernel) / 30 / 0 |"
+    assert [r["ctas_per_sm"] for r in json.load(open(tmp_path / "ptxas_report.json"))] == [2, 2]
+    assert lines[-1] in capsys.readouterr().out
+
+
+def test_stop_rows_compile_each_config_as_tuned(report_module, monkeypatch):
+    """Every autotune config of the StoP forward and dW kernels is compiled with its own block sizes, warps
+    and pipeline stages (the row reports that config, not the kernel's defaults)."""
+    from stop_kernels.ops import stop_embed as S
+    compiled = []
+    monkeypatch.setattr(report_module, "ptxas_report", lambda kernel, args, kw: compiled.append(kw) or {})
+    rows = report_module.stop_rows()
+    configs = list(S._FWD_CONFIGS) + list(S._DW_CONFIGS)
+    assert [r["kernel"] for r in rows] == ["stop fwd"] * len(S._FWD_CONFIGS) + ["stop dw"] * len(S._DW_CONFIGS)
+    for r, kw, c in zip(rows, compiled, configs):
+        assert r["config"] == dict(c.kwargs, w=c.num_warps, s=c.num_stages)
+        assert {k: kw[k] for k in c.kwargs} == c.kwargs and (kw["num_warps"], kw["num_stages"]) == (c.num_warps, c.num_stages)

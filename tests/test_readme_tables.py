@@ -95,3 +95,70 @@ def test_anchor_rows_quote_anchors_md():
     compiled = next(v for k, v in rows.items() if k.startswith("+ torch.compile of each transformer block"))
     (_, *stop), (_, *best) = readme_tables.ANCHOR_ROWS
     assert stop == official and best == compiled, (readme_tables.ANCHOR_ROWS, official, compiled)
+
+
+def _stop_source(tmp_path, gpu, dtype, R, E, D, fwdbwd_ms):
+    f = tmp_path / "gpu_cuda.json"
+    f.write_text(json.dumps({"env": {"gpu": gpu}, "timings": {
+        "shape": {"R": R, "E": E, "D": D, "P": 256, "dtype": dtype},
+        "rows": [{"impl": "cuda", "fwd_ms": 0.5, "fwdbwd_ms": fwdbwd_ms, "fwdbwd_peak_extra_mib": 40.84}]}}))
+    return str(f)
+
+
+@pytest.mark.parametrize("dtype, elt", [("float32", 4), ("float16", 2), ("bfloat16", 2)])
+def test_stop_table_limit_is_the_byte_floor_when_bytes_dominate(tmp_path, dtype, elt):
+    """Many narrow rows: byte-bound. The floor's traffic is the forward's ψ rows read and output written
+    (2·R·D), W read (D·E) and the int64 indices (8·R), then the backward's gradient read (R·D) and dW
+    written and read again (2·D·E), at H200's measured 4.23 TB/s; a time 10× that floor shows as 10×."""
+    R, E, D = 1_000_000, 4, 4
+    floor_ms = (elt * (2 * R * D + D * E) + 8 * R + elt * (R * D + 2 * D * E)) / 4.23e12 * 1e3
+    assert 4 * R * E * D / 707e12 * 1e3 < floor_ms / 10  # the FLOP time is far below it
+    lines = readme_tables.stop_table(_stop_source(tmp_path, "NVIDIA H200", dtype, R, E, D, 10 * floor_ms)).splitlines()
+    assert lines[2] == f"| CUDA C++ (default when built) | 0.500 | {10 * floor_ms:.3f} | 40.8 MiB | 10× |"
+
+
+def test_stop_table_limit_is_the_flop_floor_when_flops_dominate(tmp_path):
+    """Wide matmuls: FLOP-bound at 707 TFLOP/s (the forward's n·Wᵀ and the backward's gᵀ·n: 2·2·R·E·D)."""
+    R, E, D = 4096, 4096, 4096
+    floor_ms = 4 * R * E * D / 707e12 * 1e3
+    lines = readme_tables.stop_table(_stop_source(tmp_path, "NVIDIA H200", "bfloat16", R, E, D, 3 * floor_ms)).splitlines()
+    assert lines[2].endswith("| 3× |"), lines[2]
+
+
+def test_stop_table_refuses_a_card_without_limits(tmp_path):
+    """A published ratio must be against the card that ran: no silent fallback to the H200's limits."""
+    with pytest.raises(ValueError, match="no card limits for 'NVIDIA A100-SXM4-80GB'"):
+        readme_tables.stop_table(_stop_source(tmp_path, "NVIDIA A100-SXM4-80GB", "float32", 8, 4, 4, 1.0))
+
+
+def test_attention_table_cells(tmp_path):
+    """Per shape: best SDPA / Triton ms (the SDPA backend named unless cuDNN) and the ratio, from the eager or
+    the graph columns; a column that was not measured says so; head dims below 64 are the predictor's."""
+    summary = [{"shape": [256, 16, 116, 24], "fwd_eager_ms": [0.075, "sdpa-cudnn", 0.0876, 0.856],
+                "fwdbwd_eager_ms": [0.3558, "sdpa-flash", 0.4388, 0.811],
+                "fwd_graph_ms": [0.05, "sdpa-efficient", 0.04, 1.25]},
+               {"shape": [64, 12, 196, 64], "fwd_eager_ms": [0.1, "sdpa-cudnn", 0.2, 0.5]}]
+    f = tmp_path / "gpu_attention.json"
+    f.write_text(json.dumps({"summary": summary}))
+    eager = readme_tables.attention_table(str(f)).splitlines()
+    assert eager[2] == "| predictor (256, 16, 116, 24) | 0.075 / 0.088 | 0.86 | 0.356 (flash) / 0.439 | 0.81 |"
+    assert eager[3] == "| encoder (64, 12, 196, 64) | 0.100 / 0.200 | 0.50 | not measured |  |"
+    graph = readme_tables.render("attention", [str(f), "timer=graph"]).splitlines()
+    assert graph[2] == "| predictor (256, 16, 116, 24) | 0.050 (efficient) / 0.040 | 1.25 | not measured |  |"
+
+
+def test_step_rows_take_the_last_measurement(tmp_path):
+    """A path measured twice in one e2e_step.json (a rerun appends) is tabled from its last result, and a
+    train.py --benchmark output is read from its last JSON line (the result, after any earlier one)."""
+    res = [{"name": "fast", "ms_per_step": 200.0, "images_per_s": 320.0, "tflops": 200.0, "mfu": 0.2, "peak_gib": 20.0},
+           {"name": "fast", "ms_per_step": 150.0, "images_per_s": 426.7, "tflops": 294.0, "mfu": 0.297, "peak_gib": 24.6}]
+    f = tmp_path / "e2e_step.json"
+    f.write_text(json.dumps({"gpu": "NVIDIA H200", "results": res}))
+    assert "| **150.0** | **426.7** |" in readme_tables.step_table(f"default={f}#fast")
+    out = tmp_path / "train.out"
+    first = dict(res[0], gpu="NVIDIA H200", peak_mem_gib=20.0)
+    last = dict(res[1], gpu="NVIDIA H200", peak_mem_gib=24.6)
+    out.write_text("step 0 ...\n" + json.dumps(first) + "\nlog line\n" + json.dumps(last) + "\n")
+    table = readme_tables.step_table(f"default={f}#fast", f"eager_triton={out}")
+    assert table.splitlines()[3] == ("| this pipeline, eager blocks, Triton attention (`--compile false`) | 150.0 | "
+                                     "426.7 | 294.0 | 29.7 % | 24.6 |")

@@ -3,14 +3,27 @@ resumed with `--resume`: the resumed run's losses equal the uninterrupted run's 
 
 The three runs also switch settings that must not change the numbers: the killed run uses activation
 checkpointing, the resumed one the hybrid (2-D mesh) sharding.
+
+Then the host-side logic of the distributed, parallelize and CUDA-graph helpers, checked in this process
+with the process group, the mesh, fully_shard, torch.compile and the CUDA graph calls stood in.
 """
+import contextlib
+import datetime
 import os
 import shutil
 import signal
 import subprocess
 import time
+import types
+
+import pytest
+import torch
 
 from _train_helpers import read_log, subprocess_env, tiny_args, torchrun_cmd, free_port
+from stop_kernels.training import distributed as D
+from stop_kernels.training import parallelize as par
+from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
+from stop_kernels.training.loop import build_models
 
 STEPS = 8
 COMMON = dict(steps=STEPS, batch_size=8, precision="bf16", ckpt_every=3, keep_ckpts=5)
@@ -56,3 +69,303 @@ def test_fsdp2_bf16_kill_and_resume_is_bitwise(tmp_path):
     resumed = read_log(out)
     assert [r["step"] for r in resumed] == list(range(STEPS))
     assert [r["loss"] for r in resumed] == full, ("killed while running" if killed_running else "finished first")
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side logic of the helpers, in this process: no process group, no GPU (the collectives, the mesh
+# constructor, fully_shard, torch.compile and the CUDA graph calls are stood in and recorded)
+# ------------------------------------------------------------------------------------------------
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _tiny_models(**over):
+    cfg = parse_config(tiny_args(**over))
+    return cfg, build_models(cfg)
+
+
+def test_parallelize_checkpoints_and_compiles_each_model_as_documented(monkeypatch):
+    """AC wraps the encoder's and the predictor's blocks (not the target encoder's, which has no backward),
+    without saving the RNG state; compile wraps every block, with dynamic shapes for the encoder and the
+    predictor, static for the target encoder, and raises Dynamo's recompile limits."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    compiled = {}
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.setdefault(id(m), kw) and m)
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "recompile_limit", 8)
+    monkeypatch.setattr(cfg, "accumulated_recompile_limit", 16)
+    tcfg, models = _tiny_models(ac="block", compile=True, pred_depth=2)
+    par.parallelize(models, tcfg, None, "fp32")
+    for name, model, ac, dynamic in (("encoder", models.encoder, True, True), ("predictor", models.predictor, True, True),
+                                     ("target_encoder", models.target_encoder, False, False)):
+        blocks = par.block_list(model)
+        assert len(blocks) >= 1
+        for blk in blocks:
+            assert isinstance(blk, CheckpointWrapper) == ac, name
+            if ac:
+                assert blk.checkpoint_fn.keywords["preserve_rng_state"] is False, name
+            assert compiled[id(blk)]["dynamic"] is dynamic, name
+    assert cfg.recompile_limit >= 64 and cfg.accumulated_recompile_limit >= 256
+
+
+class _Mesh:
+    def __init__(self, n):
+        self.n = n
+
+    def size(self):
+        return self.n
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fsdp_wrapping_per_block(monkeypatch, ranks, precision):
+    """fully_shard on every block, then the root (resharded after its forward); a model with a backward keeps
+    its last block gathered (on one rank: every block), the forward-only target encoder reshards every block;
+    bf16 parameters (fp32 with fp32) and fp32 gradient reduction."""
+    import torch.distributed.fsdp as fsdp
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda m, **kw: calls.append((m, kw)))
+    tcfg, models = _tiny_models(pred_depth=2)
+    mesh = _Mesh(ranks)
+    par.parallelize(models, tcfg, mesh, precision)
+    got = {id(m): kw for m, kw in calls}
+    assert len(got) == len(calls)  # each module once
+    for model, forward_only in ((models.encoder, False), (models.predictor, False), (models.target_encoder, True)):
+        blocks = par.block_list(model)
+        n = len(blocks)
+        want = [True] * n if forward_only else [ranks > 1 and i < n - 1 for i in range(n)]
+        assert [got[id(b)]["reshard_after_forward"] for b in blocks] == want, type(model).__name__
+        assert got[id(model)]["reshard_after_forward"] is True
+        for m in (*blocks, model):
+            mp = got[id(m)]["mp_policy"]
+            assert got[id(m)]["mesh"] is mesh
+            assert mp.param_dtype == (torch.bfloat16 if precision == "bf16" else None) and mp.reduce_dtype == torch.float32
+    assert len(calls) == sum(len(par.block_list(m)) + 1 for m in (models.encoder, models.predictor, models.target_encoder))
+
+
+def test_clean_names_pair_wrapped_target_and_encoder():
+    """clean_name strips the AC and compile wrappers' components, so an AC'd encoder pairs with its compiled
+    target copy by name; a parameter of another shape (even with as many elements) is refused."""
+    _, models = _tiny_models()
+    plain = [n for n, _ in models.encoder.named_parameters()]
+    par.apply_ac(models.encoder)
+    par.apply_compile(models.target_encoder, dynamic=False)  # wraps only: nothing compiles before a call
+    wrapped = [n for n, _ in models.encoder.named_parameters()] + [n for n, _ in models.target_encoder.named_parameters()]
+    assert any("_checkpoint_wrapped_module." in n for n in wrapped) and any("_orig_mod." in n for n in wrapped)
+    assert sorted(par.clean_name(n) for n, _ in models.target_encoder.named_parameters()) == sorted(plain)
+    tgt, onl = par.paired_parameters(models.target_encoder, models.encoder)
+    assert len(tgt) == len(plain) and all(a.shape == b.shape and a is not b for a, b in zip(tgt, onl))
+    a, b = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6)
+    b.weight = torch.nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"^target_encoder: weight has shape \(6, 4\), encoder \(4, 6\)"):
+        par.paired_parameters(a, b)
+
+
+def test_describe_names_the_precision_per_setup():
+    cfg = TrainConfig()
+    assert par.describe(cfg, None, "bf16") == "no FSDP, bf16 autocast, fp32 weights, AC none"
+    mesh = types.SimpleNamespace(shape=(2,), mesh_dim_names=("dp_shard",))
+    assert par.describe(cfg, mesh, "bf16") == ("FSDP2 mesh {'dp_shard': 2}, bf16 params + autocast, fp32 master "
+                                               "weights and reductions, AC none")
+
+
+def test_init_distributed_under_torchrun(monkeypatch):
+    """Under torchrun: the group is started with gloo on the CPU (no device_id), the collective timeout in
+    minutes, and the ranks and sizes of the environment (LOCAL_WORLD_SIZE defaulting to WORLD_SIZE)."""
+    calls = []
+    monkeypatch.setattr(D.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    for k in _TORCHRUN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("STOP_KERNELS_DIST_TIMEOUT_MIN", raising=False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    info = D.init_distributed(TrainConfig(device="cpu"))
+    assert info == D.DistInfo(3, 4, 1, 4, torch.device("cpu"), "gloo", True)
+    assert calls == [(("gloo",), {"timeout": datetime.timedelta(minutes=30)})]
+
+
+def test_init_distributed_without_torchrun(monkeypatch):
+    """Without MASTER_ADDR: several ranks are refused; one rank runs without a group unless FSDP is asked for,
+    which starts a one-rank group that this module owns. Empty variables read as unset, junk is named."""
+    calls = []
+    monkeypatch.setattr(D.dist, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    for k in _TORCHRUN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="^WORLD_SIZE=2 without MASTER_ADDR"):
+        D.init_distributed(TrainConfig(device="cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "")
+    monkeypatch.setenv("LOCAL_RANK", "")
+    assert D.init_distributed(TrainConfig(device="cpu")) == D.DistInfo(0, 1, 0, 1, torch.device("cpu"), None, False)
+    assert calls == []
+    info = D.init_distributed(TrainConfig(device="cpu", sharding="full"))
+    assert info == D.DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo", True)
+    assert calls[0][0] == ("gloo",) and calls[0][1]["world_size"] == 1 and calls[0][1]["rank"] == 0
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ConfigError, match="^RANK: expected an integer in the environment, got 'one'"):
+        D.init_distributed(TrainConfig(device="cpu"))
+
+
+def test_shutdown_destroys_only_its_own_group(monkeypatch):
+    destroyed = []
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "destroy_process_group", lambda: destroyed.append(1))
+    D.shutdown(D.DistInfo(0, 2, 0, 2, torch.device("cpu"), "gloo", False))  # the caller's group
+    assert destroyed == []
+    D.shutdown(D.DistInfo(0, 2, 0, 2, torch.device("cpu"), "gloo", True))
+    assert destroyed == [1]
+
+
+def test_build_mesh_layouts(monkeypatch):
+    """full: (W,) over dp_shard; hybrid: (nodes, GPUs per node) = (W / LOCAL_WORLD_SIZE, LOCAL_WORLD_SIZE);
+    none on several ranks: (W, 1), replicated; none on one rank: no mesh; a mesh needs a process group."""
+    import torch.distributed.device_mesh as dm
+    monkeypatch.setattr(dm, "init_device_mesh", lambda dev, shape, mesh_dim_names: (dev, shape, mesh_dim_names))
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="^sharding: 'full' needs a process group"):
+        D.build_mesh("full", D.DistInfo(0, 1, 0, 1, cpu, None, False))
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    info = D.DistInfo(0, 6, 0, 2, cpu, "gloo", False)
+    assert D.build_mesh("full", info) == ("cpu", (6,), ("dp_shard",))
+    assert D.build_mesh("hybrid", info) == ("cpu", (3, 2), ("dp_replicate", "dp_shard"))
+    assert D.build_mesh("none", info) == ("cpu", (6, 1), ("dp_replicate", "dp_shard"))
+    with pytest.raises(ConfigError, match=r"^sharding: 'hybrid' needs WORLD_SIZE \(6\) to be a multiple"):
+        D.build_mesh("hybrid", D.DistInfo(0, 6, 0, 4, cpu, "gloo", False))
+    assert D.build_mesh("none", D.DistInfo(0, 1, 0, 1, cpu, "gloo", False)) is None
+
+
+def test_resolve_device_per_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.resolve_device(TrainConfig(device="cpu"), 1) == torch.device("cpu")  # asked for, GPUs or not
+    assert D.resolve_device(TrainConfig(device="auto"), 1) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="^device: LOCAL_RANK=2 but only 2 CUDA device"):
+        D.resolve_device(TrainConfig(device="cuda"), 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.resolve_device(TrainConfig(device="auto"), 0) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="^device: 'cuda' requested but no CUDA GPU is visible"):
+        D.resolve_device(TrainConfig(device="cuda"), 0)
+
+
+def test_collectives_skip_a_one_rank_group(monkeypatch):
+    """On one rank (even with a group) nothing is communicated; on several the object comes from rank 0."""
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, f"rank {src}'s"))
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, *a, **kw: t.mul_(3))
+    one = D.DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo", True)
+    three = D.DistInfo(1, 3, 1, 3, torch.device("cpu"), "gloo", False)
+    assert D.broadcast_object("mine", one) == "mine" and D.all_reduce_int(5, one) == 5
+    assert D.broadcast_object("mine", three) == "rank 0's" and D.all_reduce_int(5, three) == 15
+    t = torch.tensor([2.0, 4.0])
+    assert torch.equal(D.all_reduce_mean_(t, three), torch.tensor([2.0, 4.0]))  # ×3 summed, then / 3
+
+
+# ------------------------------------------------------------------------------------------------
+# cuda_graphs.GraphedForward's bookkeeping, the CUDA graph calls stood in by a recording fake
+# ------------------------------------------------------------------------------------------------
+class _CudaLike(torch.Tensor):
+    """A CPU tensor that says it is on CUDA (GraphedForward only branches on ``is_cuda``)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+class _FakeGraphs:
+    """torch.cuda's stream and graph calls: a graph records the kernels launched while it captures and
+    replay re-runs them, reading the same input buffer and parameters and writing the same output buffer."""
+
+    def __init__(self):
+        self.capturing = None
+
+    def install(self, monkeypatch):
+        fakes = self
+        stream = types.SimpleNamespace(wait_stream=lambda other: None)
+
+        class Graph:
+            def __init__(self):
+                self.kernels = []
+
+            def replay(self):
+                for k in self.kernels:
+                    k()
+
+        @contextlib.contextmanager
+        def graph(g, pool=None):
+            fakes.capturing = g
+            try:
+                yield
+            finally:
+                fakes.capturing = None
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing is not None)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
+class _Affine(torch.nn.Module):
+    """y = x·W; while a fake graph captures, its one kernel is recorded (writing the output it returned)."""
+
+    def __init__(self, fakes):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(5, 3))
+        self.fakes = fakes
+
+    def forward(self, x):
+        y = x.as_subclass(torch.Tensor) @ self.weight
+        if self.fakes.capturing is not None:
+            self.fakes.capturing.kernels.append(lambda: y.copy_(x.as_subclass(torch.Tensor) @ self.weight))
+        return y
+
+
+@contextlib.contextmanager
+def _cuda_autocast(dtype):
+    """CUDA autocast switched on as ``torch.autocast("cuda")`` does, without a device (only read here)."""
+    old = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", old[0])
+        torch.set_autocast_dtype("cuda", old[1])
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the capture's autocast("cuda") on this CPU
+def test_graphed_forward_bookkeeping(monkeypatch):
+    """One capture per input signature (shape, dtype, autocast state and dtype), at most max_graphs (later
+    signatures run eagerly); each replay reads the new input and returns a fresh tensor (the next replay
+    overwrites the graph's output); with grad enabled the module runs eagerly."""
+    from stop_kernels.training.cuda_graphs import GraphedForward
+    fakes = _FakeGraphs()
+    fakes.install(monkeypatch)
+    mod = _Affine(fakes)
+    gf = GraphedForward(mod, warmup=1, max_graphs=3)
+
+    def x(rows):
+        return torch.randn(rows, 5).as_subclass(_CudaLike)
+
+    def eager(t):
+        return t.as_subclass(torch.Tensor) @ mod.weight.detach()
+    with torch.no_grad():
+        x1, x2 = x(4), x(4)
+        y1, y2 = gf(x1), gf(x2)
+        torch.testing.assert_close(y1, eager(x1))
+        torch.testing.assert_close(y2, eager(x2))
+        assert (gf.captures, gf.replays) == (1, 2)
+        for dt in (torch.bfloat16, torch.float16):  # the same input under autocast: a signature per dtype
+            with _cuda_autocast(dt):
+                torch.testing.assert_close(gf(x1), eager(x1))
+        assert (gf.captures, gf.replays) == (3, 4)
+        x3 = x(6)
+        torch.testing.assert_close(gf(x3), eager(x3))  # a fourth signature: over max_graphs, eager
+        assert (gf.captures, gf.replays) == (3, 4)
+    y = gf(x1)  # grad enabled: eager, differentiable
+    assert y.requires_grad and (gf.captures, gf.replays) == (3, 4)
