@@ -11,7 +11,8 @@ launches nothing, so that
   tensors they write (``tests/_trace_attention_ops.py``).
 
 The kernels must have been decorated without ``TRITON_INTERPRET=1`` (import stop_kernels with it unset).
-Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share.
+Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share, and
+:func:`cuda_autocast_flags`, CUDA autocast switched on without a device.
 """
 from __future__ import annotations
 
@@ -136,3 +137,18 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     CPU (0 when both are zero): the error measure of the kernels' tests and GPU checks."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def cuda_autocast_flags(dtype: torch.dtype) -> Iterator[None]:
+    """CUDA autocast switched on as ``torch.autocast("cuda", dtype=dtype)`` does, without a device: code that
+    only *reads* the autocast state (``torch.is_autocast_enabled("cuda")``, the autocast dtype) runs its
+    CUDA branch on a CPU. The previous state is restored on exit."""
+    old = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", old[0])
+        torch.set_autocast_dtype("cuda", old[1])

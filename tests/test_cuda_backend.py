@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from stop_kernels import reference as ref
-from stop_kernels.devtools import rel_error
+from stop_kernels.devtools import cuda_autocast_flags, rel_error
 from stop_kernels.ops import cuda_backend as cb
 from stop_kernels.ops import philox
 from stop_kernels.ops.philox import draw_seed, philox_normal
@@ -552,19 +552,6 @@ def twin(monkeypatch):
     return ops
 
 
-@contextlib.contextmanager
-def _cuda_autocast(dtype):
-    """CUDA autocast switched on as ``torch.autocast("cuda")`` does, without a device (the wrapper only reads it)."""
-    old = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", dtype)
-    try:
-        yield
-    finally:
-        torch.set_autocast_enabled("cuda", old[0])
-        torch.set_autocast_dtype("cuda", old[1])
-
-
 def test_wrapper_output_and_gradients_with_twin_ops(twin):
     """The seed is drawn from ``generator``, idx is flattened and the result reshaped to [..., M, D], and the
     backward's (dweight, dbias, dpos) reach weight, bias and pos_embed: equal to autograd of the reference
@@ -624,7 +611,7 @@ def test_wrapper_kernel_and_output_dtypes(twin, dt_pos, dt_w, dt_b, autocast, ke
     pos, w = torch.randn(6, 4, generator=g).to(dt_pos), torch.randn(4, 3, generator=g).to(dt_w)
     b = None if dt_b is None else torch.randn(4, generator=g).to(dt_b)
     idx = torch.randint(0, 6, (2, 3), generator=g)
-    with _cuda_autocast(autocast) if autocast else contextlib.nullcontext():
+    with cuda_autocast_flags(autocast) if autocast else contextlib.nullcontext():
         y = cb.stop_embed_cuda(pos, idx, w, b, generator=torch.Generator().manual_seed(0))
     assert twin.calls[0][1] == kernel and y.dtype == out and y.shape == (2, 3, 4)
 

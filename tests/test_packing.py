@@ -90,18 +90,27 @@ def test_packed_draws_the_rectangular_noise_for_the_same_generator(mode, dtype):
     (rows in (k, b, t) order), in isotropic mode too (it drew torch.randn noise there). float64 takes
     the host (reference) noise, float32 the Triton kernels under the interpreter."""
     enc, pred = (m.to(dtype) for m in models(mode))
-    g = torch.Generator().manual_seed(2)
+    _, _, _, p_rect, p_pack = rectangular_and_packed(enc, pred, seed=2, dtype=dtype, sort=True)
+    torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+
+
+@torch.no_grad()
+def rectangular_and_packed(enc, pred, seed, dtype=torch.float64, sort=False):
+    """The predictions of 2 images (5 context, 2×3 target patches of a 4×4 grid) by the rectangular path and
+    by the packed one, both drawing their noise from a generator seeded 9: (z, ctx, tgt, rect, packed)."""
+    g = torch.Generator().manual_seed(seed)
     B, Nc, Nt, npred = 2, 5, 3, 2
     imgs = torch.randn(B, 3, 32, 32, dtype=dtype, generator=g)
     perm = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
-    ctx = perm[:, :Nc].sort(1).values
-    tgt = [perm[:, Nc + k * Nt: Nc + (k + 1) * Nt].sort(1).values for k in range(npred)]
-    with torch.no_grad():
-        z = enc(imgs, [ctx])
-        p_rect = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
-        p_pack = predict_packed(pred, encode_packed(enc, imgs, list(ctx)), list(ctx), [list(t) for t in tgt],
-                                generator=torch.Generator().manual_seed(9))
-    torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+    ctx = perm[:, :Nc]
+    tgt = [perm[:, Nc + k * Nt: Nc + (k + 1) * Nt] for k in range(npred)]
+    if sort:
+        ctx, tgt = ctx.sort(1).values, [t.sort(1).values for t in tgt]
+    z = enc(imgs, [ctx])
+    p_rect = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
+    p_pack = predict_packed(pred, encode_packed(enc, imgs, list(ctx)), list(ctx), [list(t) for t in tgt],
+                            generator=torch.Generator().manual_seed(9))
+    return z, ctx, tgt, p_rect, p_pack
 
 
 def test_packed_noise_argument_is_checked():
@@ -117,7 +126,6 @@ def test_packed_noise_argument_is_checked():
         predict_packed(pred, encode_packed(enc, imgs, ctx), ctx, tgt, noise=torch.zeros(4, 48, dtype=torch.float64))
 
 
-
 # ------------------------------------------------------------------------------------------------ mutation audit
 @pytest.mark.parametrize("mode", ["learned", "isotropic"])
 @pytest.mark.parametrize("backend", ["unfused", "auto"])
@@ -129,19 +137,9 @@ def test_packed_noise_uses_the_predictors_std(mode, backend):
     with torch.no_grad():  # away from the initialisation's zero biases, so a dropped bias shows
         for p in pred.parameters():
             p.add_(torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
-    g = torch.Generator().manual_seed(3)
-    B, Nc, Nt, npred = 2, 5, 3, 2
-    imgs = torch.randn(B, 3, 32, 32, dtype=torch.float64, generator=g)
-    perm = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
-    ctx = perm[:, :Nc]
-    tgt = [perm[:, Nc + k * Nt: Nc + (k + 1) * Nt] for k in range(npred)]
-    with torch.no_grad():
-        z = enc(imgs, [ctx])
-        p_rect = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
-        p_pack = predict_packed(pred, encode_packed(enc, imgs, list(ctx)), list(ctx), [list(t) for t in tgt],
-                                generator=torch.Generator().manual_seed(9))
-        torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
-        # and σ matters here: the default σ gives another output
+    z, ctx, tgt, p_rect, p_pack = rectangular_and_packed(enc, pred, seed=3)
+    torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+    with torch.no_grad():  # and σ matters here: the default σ gives another output
         pred.noise_std = 0.25
         other = pred(z, [ctx], tgt, generator=torch.Generator().manual_seed(9))
     assert (other - p_rect).abs().max() > 1e-3

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from _train_helpers import read_log, subprocess_env, tiny_args, torchrun_cmd, free_port
+from stop_kernels.devtools import cuda_autocast_flags
 from stop_kernels.training import distributed as D
 from stop_kernels.training import parallelize as par
 from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
@@ -325,19 +326,6 @@ class _Affine(torch.nn.Module):
         return y
 
 
-@contextlib.contextmanager
-def _cuda_autocast(dtype):
-    """CUDA autocast switched on as ``torch.autocast("cuda")`` does, without a device (only read here)."""
-    old = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", dtype)
-    try:
-        yield
-    finally:
-        torch.set_autocast_enabled("cuda", old[0])
-        torch.set_autocast_dtype("cuda", old[1])
-
-
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # the capture's autocast("cuda") on this CPU
 def test_graphed_forward_bookkeeping(monkeypatch):
     """One capture per input signature (shape, dtype, autocast state and dtype), at most max_graphs (later
@@ -361,7 +349,7 @@ def test_graphed_forward_bookkeeping(monkeypatch):
         torch.testing.assert_close(y2, eager(x2))
         assert (gf.captures, gf.replays) == (1, 2)
         for dt in (torch.bfloat16, torch.float16):  # the same input under autocast: a signature per dtype
-            with _cuda_autocast(dt):
+            with cuda_autocast_flags(dt):
                 torch.testing.assert_close(gf(x1), eager(x1))
         assert (gf.captures, gf.replays) == (3, 4)
         x3 = x(6)
