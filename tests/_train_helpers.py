@@ -1,4 +1,5 @@
-"""Shared helpers of the training tests: tiny configs, the environment for subprocess runs, JSONL reading."""
+"""Shared helpers of the tests: tiny training configs, the environment for subprocess runs, JSONL reading, and
+the official checkpoint layout of a module's weights."""
 import json
 import os
 import pathlib
@@ -46,3 +47,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+def official_layout(module) -> dict:
+    """``module``'s state dict as the official I-JEPA/StoP code saves it: the DDP ``module.`` prefix and
+    position tables (``pos_embed``, ``predictor_pos_embed``) of shape [1, P, D]."""
+    return {"module." + k: (v[None] if k.endswith("pos_embed") else v) for k, v in module.state_dict().items()}

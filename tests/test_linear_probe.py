@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _train_helpers import official_layout
 from stop_kernels.eval import features as feat
 from stop_kernels.eval import linear_probe as lp
 from stop_kernels.models import VIT_PRESETS, infer_encoder_sizes, predictor_for, vit_encoder
@@ -49,13 +50,8 @@ def make_official_checkpoint(path, seed=0):
     target = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     target.load_state_dict(enc.state_dict())
 
-    def official(m, table):
-        sd = {}
-        for k, v in m.state_dict().items():
-            sd["module." + k] = v.unsqueeze(0) if k == table else v
-        return sd
-    torch.save({"encoder": official(enc, "pos_embed"), "predictor": official(pred, "predictor_pos_embed"),
-                "target_encoder": official(target, "pos_embed"), "epoch": 3, "opt": {}, "lr": 1e-3}, path)
+    torch.save({"encoder": official_layout(enc), "predictor": official_layout(pred),
+                "target_encoder": official_layout(target), "epoch": 3, "opt": {}, "lr": 1e-3}, path)
     return path, target
 
 
@@ -258,8 +254,7 @@ def test_infer_encoder_sizes_every_preset(name, patch, img):
     spec = VIT_PRESETS[name]
     with torch.device("meta"):
         enc = vit_encoder(name, img_size=img, patch_size=patch)
-    # the official layout: module. prefix and a [1, P, E] position table
-    sd = {"module." + k: (v.unsqueeze(0) if k == "pos_embed" else v) for k, v in enc.state_dict().items()}
+    sd = official_layout(enc)
     sizes = infer_encoder_sizes(strip_prefix(sd))
     assert (sizes.embed_dim, sizes.depth, sizes.num_heads) == (spec.embed_dim, spec.depth, spec.num_heads)
     assert (sizes.patch_size, sizes.img_size, sizes.in_chans) == (patch, img, 3)
@@ -486,10 +481,7 @@ def test_load_encoder_picks_the_requested_encoder(tmp_path):
     ctx = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     tgt = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     want = {"context": ctx.state_dict(), "target": tgt.state_dict()}
-
-    def mod(m, table):
-        return {"module." + k: (v.unsqueeze(0) if k == table else v) for k, v in m.state_dict().items()}
-    files = {"official.pth.tar": {"encoder": mod(ctx, "pos_embed"), "target_encoder": mod(tgt, "pos_embed"),
+    files = {"official.pth.tar": {"encoder": official_layout(ctx), "target_encoder": official_layout(tgt),
                                   "predictor": {"module.predictor_embed.weight": torch.randn(4, 192)}},
              "nested.pt": {"encoder": want["context"], "target_encoder": want["target"]}}
     for name, obj in files.items():

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from _train_helpers import official_layout
 from stop_kernels import reference
-
 from stop_kernels.models import VIT_PRESETS, predictor_for, resolve_model_name, vit_encoder, vit_tiny
 
 I_JEPA_SIZES = {  # (width, depth, heads) of the official presets
@@ -154,9 +154,8 @@ def test_official_loader_takes_exact_shapes_and_hidden_sizes():
     pred = vit_predictor(num_patches=16, embed_dim=E, num_heads=4, predictor_embed_dim=32, depth=1)
     assert enc.blocks[0].mlp.fc1.weight.shape == (240, E)
 
-    def official(m):  # the official layout: DDP prefix, position tables [1, P, D]
-        return {"module." + k: (v[None] if "pos_embed" in k else v) for k, v in m.state_dict().items()}
-    ck = {"encoder": official(enc), "predictor": official(pred), "target_encoder": official(enc), "epoch": 3}
+    ck = {"encoder": official_layout(enc), "predictor": official_layout(pred), "target_encoder": official_layout(enc),
+          "epoch": 3}
     m = load_official_checkpoint(ck, num_heads=4)
     assert torch.equal(m.encoder.blocks[0].mlp.fc1.weight, enc.blocks[0].mlp.fc1.weight) and m.epoch == 3
     w = ck["predictor"]["module.predictor_proj.weight"]
@@ -165,7 +164,6 @@ def test_official_loader_takes_exact_shapes_and_hidden_sizes():
         load_official_checkpoint(bad, num_heads=4)
     with pytest.raises(TypeError, match="num_heads"):
         load_official_checkpoint(ck, num_heads=4.0)
-
 
 
 # ------------------------------------------------------------------------------------------------ mutation audit
@@ -350,11 +348,6 @@ def test_residual_dtype_applies_under_autocast_only():
             assert run_blocks(blocks, x, residual_dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def _official_layout(m):
-    """A module's state dict in the official checkpoint layout: DDP prefix, position tables [1, P, D]."""
-    return {"module." + k: (v[None] if "pos_embed" in k else v) for k, v in m.state_dict().items()}
-
-
 def test_official_loader_reads_and_checks_every_size():
     """The predictor's MLP ratio is read from its weights (not assumed 4); a preset width gives the preset's
     heads; --model must match the depth as well as the width and img_size is checked like patch_size;
@@ -366,7 +359,7 @@ def test_official_loader_reads_and_checks_every_size():
     enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3).eval()
     pred = VisionTransformerPredictor(num_patches=4, embed_dim=192, predictor_embed_dim=48, depth=1, num_heads=3,
                                       mlp_ratio=3.0).eval()
-    ck = {"encoder": _official_layout(enc), "predictor": _official_layout(pred), "target_encoder": _official_layout(enc)}
+    ck = {"encoder": official_layout(enc), "predictor": official_layout(pred), "target_encoder": official_layout(enc)}
     m = load_official_checkpoint(ck)  # width 192: vit_tiny's 3 heads
     assert m.encoder.blocks[0].attn.num_heads == 3 and m.predictor.predictor_blocks[0].attn.num_heads == 3
     assert m.predictor.predictor_blocks[0].mlp.fc1.out_features == 144
