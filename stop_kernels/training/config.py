@@ -81,6 +81,7 @@ class TrainConfig:
     min_keep: int = 4                  # every mask keeps more than min_keep patches (the official rule)
     # ---- optimisation -----------------------------------------------------------------------
     batch_size: int = 16               # global batch (split evenly over the ranks)
+    grad_accum: int = 1                # micro-batches per optimizer step: each rank runs its batch in grad_accum equal parts
     epochs: int = 1
     steps: int = 60                    # total optimizer steps; 0 = epochs × iterations per epoch
     warmup_epochs: float = 0.1         # warm-up length in epochs (as a fraction of `epochs` when steps is set)
@@ -211,7 +212,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {getattr(cfg, key)!r}")
     positive = ("img_size", "patch_size", "pred_depth", "pred_emb_dim", "synthetic_size", "npred", "batch_size",
-                "epochs", "keep_ckpts", "log_every", "benchmark_batches")
+                "grad_accum", "epochs", "keep_ckpts", "log_every", "benchmark_batches")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(cfg, key)!r}")

@@ -169,6 +169,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, info: D.DistInfo, data: Optional[TrainData], stream=sys.stdout):
         self.cfg, self.info, self.data = cfg, info, data
+        local_batch(cfg, info.world_size)  # before any model is built
         self.device = info.device
         self.precision = resolve_precision(cfg, self.device)
         if cfg.bf16_residual and self.precision != "bf16":
@@ -202,17 +203,29 @@ class Trainer:
     def step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
         """Forward, backward, AdamW, EMA.
 
+        With ``grad_accum`` = k > 1 the batch runs as k micro-batches (:func:`micro_batches`), each
+        loss scaled by its share of the target tokens before its backward, so the summed gradients
+        and the returned loss are those of the whole batch (the masks were cut to one length for the
+        whole batch; only the StoP noise is drawn per micro-batch). Under FSDP2 the gradients are
+        reduced once, after the last micro-batch.
+
         Returns ``[loss averaged over ranks, unreadable images skipped on all ranks]`` as one float32
         tensor still on the device (one asynchronous all-reduce; the caller reads it later).
         """
         _, _, momentum = lr_wd_mom
+        parts = micro_batches(imgs, masks_enc, masks_pred, self.cfg.grad_accum)
         # the masks were range-checked on the host (check_masks) before they were moved: no device
         # index check (a host synchronisation each) inside the step
         with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention), \
                 use_auto_policy(self.auto_policy):
-            loss = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward,
-                                  self.side_stream)
-            loss.backward()
+            loss = None
+            for i, (im, me, mp, share) in enumerate(parts):
+                self._gradient_sync(i == len(parts) - 1)
+                part = jepa_step_loss(self.models, im, me, mp, self.autocast, self.target_forward, self.side_stream)
+                if len(parts) > 1:
+                    part = part * share
+                part.backward()
+                loss = part.detach() if loss is None else loss + part.detach()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.ema_target, self.ema_online, momentum)
@@ -222,6 +235,13 @@ class Trainer:
             torch.distributed.all_reduce(stats)
             stats[0].div_(W)
         return stats
+
+    def _gradient_sync(self, on: bool) -> None:
+        """FSDP2 reduces gradients only when ``on`` (the last micro-batch): the others accumulate the
+        unsharded gradients locally (in the fp32 reduce dtype), one reduction per step instead of k."""
+        if self.mesh is not None and self.cfg.grad_accum > 1:
+            for m in (self.models.encoder, self.models.predictor):
+                m.set_requires_gradient_sync(on)
 
     def to_device(self, imgs, masks_enc, masks_pred):
         """Range-check the (host) masks, then move the batch to the device without blocking."""
@@ -240,6 +260,55 @@ def parameters_finite(models: "JEPAModels", info: D.DistInfo) -> bool:
     if info.distributed and info.world_size > 1:
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def target_tokens(masks) -> int:
+    """Target tokens in a batch's masks (rectangular ``[B, K]`` or ragged lists of 1-D tensors), read from
+    their shapes: no host synchronisation."""
+    return sum(sum(len(t) for t in m) if isinstance(m, (list, tuple)) else m.numel() for m in masks)
+
+
+def micro_batches(imgs, masks_enc, masks_pred, parts: int):
+    """``parts`` equal slices of a batch along the batch dimension: ``[(imgs, masks_enc, masks_pred, share)]``.
+
+    ``share`` is the slice's fraction of the batch's target tokens. The loss is a mean over target
+    tokens, so Σ share·loss(slice) = loss(batch): equal shares for rectangular masks, the token
+    counts' ratio for ragged ones. The slices keep the batch's mask lengths (the collator cut them
+    once for the whole batch), so accumulating them reproduces the step on the whole batch.
+    """
+    B = imgs.shape[0]
+    if parts == 1:
+        return [(imgs, masks_enc, masks_pred, 1.0)]
+    if B % parts:
+        raise ValueError(f"grad_accum: a batch of {B} images cannot be split into {parts} equal micro-batches")
+    size, total = B // parts, target_tokens(masks_pred)
+    out = []
+    for i in range(parts):
+        s = slice(i * size, (i + 1) * size)
+        me, mp = [m[s] for m in masks_enc], [m[s] for m in masks_pred]
+        out.append((imgs[s], me, mp, target_tokens(mp) / total))
+    return out
+
+
+def local_batch(cfg: TrainConfig, world_size: int) -> int:
+    """The per-rank batch, ``batch_size / world_size``; :class:`ConfigError` unless the ranks share the
+    global batch evenly and ``grad_accum`` divides each rank's part."""
+    local, rest = divmod(cfg.batch_size, world_size)
+    if rest:
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
+                          f"{world_size} ranks")
+    if local % cfg.grad_accum:
+        raise ConfigError(f"grad_accum: the per-rank batch {local} (batch_size {cfg.batch_size} over "
+                          f"{world_size} rank(s)) must be a multiple of grad_accum={cfg.grad_accum}")
+    return local
+
+
+def batch_text(cfg: TrainConfig, world_size: int) -> str:
+    """``global batch 2048 (4 micro-batches of 64 per rank)`` for the start-up lines."""
+    text = f"global batch {cfg.batch_size}"
+    if cfg.grad_accum > 1:
+        text += f" ({cfg.grad_accum} micro-batches of {local_batch(cfg, world_size) // cfg.grad_accum} per rank)"
+    return text
 
 
 def move_batch(imgs, masks_enc, masks_pred, device: torch.device):
@@ -278,6 +347,7 @@ def train(cfg: TrainConfig) -> List[float]:
     validate(cfg)
     info = D.init_distributed(cfg)
     try:
+        local_batch(cfg, info.world_size)  # before the data folder is read and the models are built
         if cfg.benchmark:
             return run_benchmark(cfg, info)
         return _train(cfg, info)
@@ -337,7 +407,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     _print(f"training {cfg.model} (img {cfg.img_size}, patch {cfg.patch_size}, {tr.n_params / 1e6:.1f}M trainable "
            f"params; predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}; noise {cfg.noise_mode} "
            f"σ={cfg.noise_std}) on {info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]"
-           f" for {total} steps ({ipe} per epoch), global batch {cfg.batch_size}, data {cfg.data}", info, stream)
+           f" for {total} steps ({ipe} per epoch), {batch_text(cfg, info.world_size)}, data {cfg.data}", info, stream)
 
     losses: List[float] = []
     last_saved = start_step if cfg.resume and start_step > 0 else -1
@@ -490,16 +560,13 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     timed steps never include a first-time cost — a Triton JIT compile for a new sequence-length
     bucket, a torch.compile graph — that a long run pays once."""
     stream = sys.stderr
-    if cfg.batch_size % info.world_size:
-        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
-                          f"{info.world_size} ranks")
-    local = cfg.batch_size // info.world_size
+    local = local_batch(cfg, info.world_size)
     tr = Trainer(cfg, info, None, stream)
     torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
     n = cfg.benchmark
     pool = min(cfg.benchmark_batches, n)
     warm = max(cfg.benchmark_warmup, pool)
-    _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, global batch {cfg.batch_size}, "
+    _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, {batch_text(cfg, info.world_size)}, "
            f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}; attention "
            f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} "
            f"timed steps over {pool} mask batches", info, stream)
@@ -542,6 +609,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     n_tgt = sum(mean_tokens(b[2]) for b in batches[warm:]) / max(n, 1)
     result = {
         "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "world_size": info.world_size, "gpu": gpu_name(info.device), "precision": tr.precision,
         "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention,
         "attention_policy": cfg.attention_policy, "packed": cfg.packed,
@@ -565,6 +633,6 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
 
 __all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "build_models", "build_optimizer", "check_masks",
-           "parameters_finite",
+           "parameters_finite", "micro_batches", "target_tokens",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]
