@@ -11,6 +11,8 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,7 +48,21 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}, None
 
 
+class BuildPyWithRecipes(build_py):
+    """Also copy the recipes (configs/*.yaml, at the repository root for `--config configs/...`) into the
+    built package as stop_kernels/configs/, where `--model vit_h` finds them when the package is installed
+    from a wheel instead of a source checkout."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "stop_kernels", "configs")
+        self.mkpath(target)
+        for path in sorted(glob.glob(os.path.join(HERE, "configs", "*.yaml"))):
+            self.copy_file(path, os.path.join(target, os.path.basename(path)))
+
+
 ext_modules, cmdclass, why_not = cuda_extensions()
+cmdclass = dict(cmdclass, build_py=BuildPyWithRecipes)
 if why_not and any(cmd in sys.argv for cmd in ("install", "develop", "build_ext", "bdist_wheel", "editable_wheel")):
     print(f"stop_kernels: building without the CUDA extension ({why_not}); Triton and reference backends only",
           file=sys.stderr)

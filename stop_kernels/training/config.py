@@ -25,7 +25,11 @@ import yaml
 
 from .._checks import is_int
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+# the recipes: configs/ at the repository root (a source checkout or `pip install -e`); a built package
+# (wheel, `pip install .`) carries a copy as stop_kernels/configs/ (setup.py's build_py)
+_PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = _PACKAGED_CONFIGS if os.path.isdir(_PACKAGED_CONFIGS) else \
+    os.path.join(os.path.dirname(os.path.dirname(_PACKAGED_CONFIGS)), "configs")
 
 # model name -> the paper recipe its name implies (a file in configs/). vit_tiny and vit_small have
 # no paper recipe and keep the embedded, CPU-friendly defaults (64 px, patch 8).
