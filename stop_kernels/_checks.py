@@ -93,18 +93,17 @@ def read_json(path: str, what: str):
         raise ValueError(f"{what}: {path} is not JSON ({e.msg} at line {e.lineno})") from None
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """``obj`` as JSON at ``path``: written to a temporary file of its own in the same folder, flushed to
-    disk, then renamed over ``path``, so a crash leaves either the previous file or the new one, never a
-    torn one, and two writers of the same path never share a temporary file."""
-    import json
+def write_atomic(path: str, write, mode: str = "wb") -> None:
+    """Call ``write(fh)`` on a temporary file of its own in ``path``'s folder, flush it to disk, then rename
+    it over ``path``: a crash leaves either the previous file or the new one, never a torn one, and two
+    writers of the same path never share a temporary file."""
     import os
     import tempfile
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
                                suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -112,6 +111,12 @@ def write_json_atomic(path: str, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, written atomically (:func:`write_atomic`)."""
+    import json
+    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), mode="w")
 
 
 def is_int(v) -> bool:

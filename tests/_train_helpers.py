@@ -1,5 +1,4 @@
-"""Shared helpers of the tests: tiny training configs, the environment for subprocess runs, JSONL reading, and
-the official checkpoint layout of a module's weights."""
+"""Shared helpers of the tests: tiny training configs, the environment for subprocess runs, JSONL reading."""
 import json
 import os
 import pathlib
@@ -45,9 +44,3 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def official_layout(module) -> dict:
-    """``module``'s state dict as the official I-JEPA/StoP code saves it: the DDP ``module.`` prefix and
-    position tables (``pos_embed``, ``predictor_pos_embed``) of shape [1, P, D]."""
-    return {"module." + k: (v[None] if k.endswith("pos_embed") else v) for k, v in module.state_dict().items()}

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from _train_helpers import official_layout
 from stop_kernels.eval import features as feat
 from stop_kernels.eval import linear_probe as lp
 from stop_kernels.models import VIT_PRESETS, infer_encoder_sizes, predictor_for, vit_encoder
-from stop_kernels.models.official import strip_prefix
+from stop_kernels.models.official import official_checkpoint, official_state_dict, strip_prefix
 
 # ImageNet-style class ids (no '_': the official subset format splits the class off at the first '_')
 COLOURS = {"n00000001": (200, 40, 40), "n00000002": (40, 190, 60), "n00000003": (40, 60, 200),
@@ -50,8 +49,7 @@ def make_official_checkpoint(path, seed=0):
     target = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     target.load_state_dict(enc.state_dict())
 
-    torch.save({"encoder": official_layout(enc), "predictor": official_layout(pred),
-                "target_encoder": official_layout(target), "epoch": 3, "opt": {}, "lr": 1e-3}, path)
+    torch.save({**official_checkpoint(enc, pred, target, epoch=3), "opt": {}, "lr": 1e-3}, path)
     return path, target
 
 
@@ -254,7 +252,7 @@ def test_infer_encoder_sizes_every_preset(name, patch, img):
     spec = VIT_PRESETS[name]
     with torch.device("meta"):
         enc = vit_encoder(name, img_size=img, patch_size=patch)
-    sd = official_layout(enc)
+    sd = official_state_dict(enc)
     sizes = infer_encoder_sizes(strip_prefix(sd))
     assert (sizes.embed_dim, sizes.depth, sizes.num_heads) == (spec.embed_dim, spec.depth, spec.num_heads)
     assert (sizes.patch_size, sizes.img_size, sizes.in_chans) == (patch, img, 3)
@@ -481,7 +479,7 @@ def test_load_encoder_picks_the_requested_encoder(tmp_path):
     ctx = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     tgt = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     want = {"context": ctx.state_dict(), "target": tgt.state_dict()}
-    files = {"official.pth.tar": {"encoder": official_layout(ctx), "target_encoder": official_layout(tgt),
+    files = {"official.pth.tar": {"encoder": official_state_dict(ctx), "target_encoder": official_state_dict(tgt),
                                   "predictor": {"module.predictor_embed.weight": torch.randn(4, 192)}},
              "nested.pt": {"encoder": want["context"], "target_encoder": want["target"]}}
     for name, obj in files.items():

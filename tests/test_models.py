@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from _train_helpers import official_layout
 from stop_kernels import reference
 from stop_kernels.models import VIT_PRESETS, predictor_for, resolve_model_name, vit_encoder, vit_tiny
+from stop_kernels.models.official import official_checkpoint
 
 I_JEPA_SIZES = {  # (width, depth, heads) of the official presets
     "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
@@ -154,8 +154,7 @@ def test_official_loader_takes_exact_shapes_and_hidden_sizes():
     pred = vit_predictor(num_patches=16, embed_dim=E, num_heads=4, predictor_embed_dim=32, depth=1)
     assert enc.blocks[0].mlp.fc1.weight.shape == (240, E)
 
-    ck = {"encoder": official_layout(enc), "predictor": official_layout(pred), "target_encoder": official_layout(enc),
-          "epoch": 3}
+    ck = official_checkpoint(enc, pred, enc, epoch=3)
     m = load_official_checkpoint(ck, num_heads=4)
     assert torch.equal(m.encoder.blocks[0].mlp.fc1.weight, enc.blocks[0].mlp.fc1.weight) and m.epoch == 3
     w = ck["predictor"]["module.predictor_proj.weight"]
@@ -359,7 +358,7 @@ def test_official_loader_reads_and_checks_every_size():
     enc = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3).eval()
     pred = VisionTransformerPredictor(num_patches=4, embed_dim=192, predictor_embed_dim=48, depth=1, num_heads=3,
                                       mlp_ratio=3.0).eval()
-    ck = {"encoder": official_layout(enc), "predictor": official_layout(pred), "target_encoder": official_layout(enc)}
+    ck = official_checkpoint(enc, pred, enc)
     m = load_official_checkpoint(ck)  # width 192: vit_tiny's 3 heads
     assert m.encoder.blocks[0].attn.num_heads == 3 and m.predictor.predictor_blocks[0].attn.num_heads == 3
     assert m.predictor.predictor_blocks[0].mlp.fc1.out_features == 144

@@ -6,9 +6,9 @@ import struct
 import pytest
 import torch
 
-from _train_helpers import official_layout
 from stop_kernels import plots
 from stop_kernels.models import vit_predictor
+from stop_kernels.models.official import official_state_dict
 
 
 def png_size(path):
@@ -92,7 +92,7 @@ def test_simmaps_png_fresh_and_from_checkpoint(tmp_path):
     # an official-layout checkpoint: module. prefixes, [1, P, D] position table
     torch.manual_seed(0)
     pred = vit_predictor(num_patches=16, embed_dim=192, num_heads=3, predictor_embed_dim=96, depth=1)
-    sd = official_layout(pred)
+    sd = official_state_dict(pred)
     ckpt = tmp_path / "tiny.pth.tar"
     torch.save({"encoder": {}, "predictor": sd, "target_encoder": {}, "epoch": 1}, ckpt)
     psi, A = plots.predictor_tables_from_checkpoint(str(ckpt))

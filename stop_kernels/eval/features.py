@@ -374,7 +374,6 @@ def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: 
     dataset = ImageList(split_dir, samples, img_size)
     feats, labels = extract_features(encoder_fn(), dataset, batch_size=batch_size, device=device, last_k=last_k,
                                      workers=workers, desc=f"{split} features", progress=progress)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"key": key, "features": feats, "labels": labels, "samples": [s for s, _ in samples]}, tmp)
-    os.replace(tmp, path)
+    record = {"key": key, "features": feats, "labels": labels, "samples": [s for s, _ in samples]}
+    chk.write_atomic(path, lambda fh: torch.save(record, fh))
     return feats, labels, path, False

@@ -1,4 +1,4 @@
-"""Load checkpoints written by the official I-JEPA / StoP code.
+"""Load checkpoints written by the official I-JEPA / StoP code, and write the project's models in their layout.
 
 Official layout: a dict with ``encoder``, ``predictor`` and ``target_encoder`` state dicts whose
 keys carry the DDP ``module.`` prefix (plus ``opt``, ``epoch`` … which are ignored here). The
@@ -6,12 +6,16 @@ project's modules use the same parameter names, so loading is a prefix strip plu
 ``[1, P, D]`` positional tables into the project's ``[P, D]`` buffers. Sizes (width, depth, patch,
 image size, MLP ratio) are read from the weights; the head count is not stored in a checkpoint and
 comes from the preset matching the width, or from ``num_heads``.
+
+The way back, :func:`save_official_checkpoint`, writes the project's models in that layout, so code
+built on the official checkpoints (their evaluation scripts, other people's fine-tuning) reads them
+unchanged; ``python -m stop_kernels.training.checkpoint to-official`` converts a training run.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Mapping, NamedTuple, Optional, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
 import torch
 
@@ -192,3 +196,56 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
     epoch = ckpt.get("epoch")
     return OfficialModels(build_encoder(sizes, heads, enc_sd, "encoder"), pred, target,
                           int(epoch) if epoch is not None else None)
+
+
+def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dict[str, torch.Tensor]:
+    """``module``'s weights as the official code stores them: keys with the DDP ``module.`` prefix and the
+    position tables (``pos_embed``, ``predictor_pos_embed``) as ``[1, P, D]`` views; the tensors stay where
+    they are (:func:`official_checkpoint` makes the float32 CPU copies).
+
+    ``module`` must hold whole tensors: a model sharded by FSDP2 is converted from its checkpoint instead
+    (``python -m stop_kernels.training.checkpoint to-official``)."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{what}: expected a torch.nn.Module, got {type(module).__name__}")
+    out = {}
+    for k, v in module.state_dict().items():
+        if hasattr(v, "device_mesh"):
+            raise ValueError(f"{what}: holds sharded (FSDP2) tensors ({k}); convert the run's checkpoint with "
+                             f"python -m stop_kernels.training.checkpoint to-official")
+        out["module." + k] = v.detach()[None] if k.endswith("pos_embed") else v.detach()
+    return out
+
+
+def official_checkpoint(encoder: torch.nn.Module, predictor: torch.nn.Module,
+                        target_encoder: Optional[torch.nn.Module] = None, *,
+                        epoch: Optional[int] = None) -> Dict[str, Any]:
+    """The dict the official code saves: ``encoder``, ``predictor``, ``target_encoder`` (when given) in
+    :func:`official_state_dict` layout, and ``epoch`` (when given). No optimizer state: it is for the
+    official evaluation and fine-tuning code and for :func:`load_official_checkpoint`, not for resuming the
+    official trainer."""
+    if epoch is not None and (not chk.is_int(epoch) or epoch < 0):
+        raise ValueError(f"epoch: expected an integer >= 0 or None, got {epoch!r}")
+    def copy(module, what):  # float32 on the CPU, never sharing memory with the live model
+        return {k: v.to("cpu", torch.float32, copy=True).contiguous()
+                for k, v in official_state_dict(module, what=what).items()}
+    ck: Dict[str, Any] = {"encoder": copy(encoder, "encoder"), "predictor": copy(predictor, "predictor")}
+    if target_encoder is not None:
+        ck["target_encoder"] = copy(target_encoder, "target_encoder")
+    if epoch is not None:
+        ck["epoch"] = epoch
+    return ck
+
+
+def save_official_checkpoint(path: Union[str, os.PathLike], encoder: torch.nn.Module, predictor: torch.nn.Module,
+                             target_encoder: Optional[torch.nn.Module] = None, *,
+                             epoch: Optional[int] = None) -> str:
+    """Write :func:`official_checkpoint` to ``path`` with ``torch.save``, atomically (a crash leaves the
+    previous file, never a torn one); returns the path. ``load_official_checkpoint(path)`` gives the
+    models back exactly."""
+    ck = official_checkpoint(encoder, predictor, target_encoder, epoch=epoch)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path: no such folder: {folder}")
+    chk.write_atomic(path, lambda fh: torch.save(ck, fh))
+    return path

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._checks import write_json_atomic
+from .._checks import write_atomic, write_json_atomic
 from .distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -203,17 +203,7 @@ class Checkpointer:
 
     def load(self, path: str, container: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
         """Load models, optimizer and this rank's RNG state from ``path``; return its meta.json."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-        with open(os.path.join(path, "meta.json")) as fh:
-            meta = json.load(fh)
-        state = _dcp_state(container, optimizer)
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path)
-        if optimizer is None:
-            set_model_state_dict(container, state["model"])
-        else:
-            set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        meta = load_state(path, container, optimizer)
         rng_file = os.path.join(path, f"rng_rank{self.info.rank}.pt")
         if meta.get("world_size") == self.info.world_size and os.path.isfile(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy states are tuples
@@ -221,6 +211,89 @@ class Checkpointer:
         else:
             meta["rng_restored"] = False
         return meta
+
+
+def load_state(path: str, container: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+    """Load the models (and the optimizer, when given) of the checkpoint ``path`` into ``container``;
+    return its meta.json. Every tensor of ``container`` must be in the checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    with open(os.path.join(path, "meta.json")) as fh:
+        meta = json.load(fh)
+    state = _dcp_state(container, optimizer)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path)
+    if optimizer is None:
+        set_model_state_dict(container, state["model"])
+    else:
+        set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return meta
+
+
+def find_checkpoint(path: str, step: Optional[int] = None) -> str:
+    """The checkpoint folder meant by ``path``: a ``step_*`` folder itself, or the newest complete one
+    (the one of ``step``, when given) in ``<path>/checkpoints`` or in ``path``."""
+    if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(os.path.join(path, ".metadata")):
+        m = _NAME.match(os.path.basename(os.path.normpath(path)))
+        if step is not None and (m is None or int(m.group(1)) != step):
+            raise ValueError(f"step: {path} is not the checkpoint of step {step}")
+        return path
+    for folder in (os.path.join(path, "checkpoints"), path):
+        found = dict(list_checkpoints(folder))
+        if found:
+            if step is None:
+                return found[max(found)]
+            if step not in found:
+                raise ValueError(f"step: no complete checkpoint of step {step} in {folder} (found {sorted(found)})")
+            return found[step]
+    raise FileNotFoundError(f"run: no complete checkpoint in {path} (looked for {path}/checkpoints/step_*, "
+                            f"{path}/step_* and {path} itself)")
+
+
+def load_run_models(path: str, step: Optional[int] = None):
+    """The encoder, predictor and target encoder of a training checkpoint (found by :func:`find_checkpoint`),
+    whole and float32 on the CPU, built from the run's own config; returns ``(JEPAModels, meta)``. Any world
+    size, sharding, AC or compile setting of the run: the checkpoint's names are free of wrappers."""
+    from .config import config_from_dict
+    from .loop import JEPAContainer, build_models
+    ckpt = find_checkpoint(path, step)
+    with open(os.path.join(ckpt, "meta.json")) as fh:
+        cfg = config_from_dict(json.load(fh)["config"])
+    with torch.device("meta"):  # no random initialisation: every tensor is read from the checkpoint
+        models = build_models(cfg)
+    container = JEPAContainer(models).to_empty(device="cpu")
+    meta = load_state(ckpt, container)
+    meta["path"] = ckpt
+    return container, meta
+
+
+def to_official(path: str, out: str, step: Optional[int] = None) -> Dict[str, Any]:
+    """Convert a training checkpoint to the official I-JEPA / StoP layout at ``out`` (a ``.pth.tar`` that the
+    official code and :func:`stop_kernels.load_official_checkpoint` read); returns the checkpoint's meta.json."""
+    from ..models.official import save_official_checkpoint
+    models, meta = load_run_models(path, step)
+    save_official_checkpoint(out, models.encoder, models.predictor, models.target_encoder, epoch=int(meta["epoch"]))
+    return meta
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m stop_kernels.training.checkpoint",
+                                description="Tools for the checkpoints of a training run.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("to-official", help="write a checkpoint's encoder, predictor and target encoder in the "
+                       "official I-JEPA / StoP layout (.pth.tar)")
+    c.add_argument("run", help="the run's --out folder, its checkpoints/ folder, or one step_* folder")
+    c.add_argument("out", help="the file to write, e.g. vith14_official.pth.tar")
+    c.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
+    args = p.parse_args(argv)
+    try:
+        meta = to_official(args.run, args.out, args.step)
+    except (FileNotFoundError, ValueError) as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    print(f"{args.out}: encoder, predictor and target encoder of {meta['path']} (step {meta['step']}, epoch "
+          f"{meta['epoch']}) in the official layout")
+    return 0
 
 
 def export_safetensors(module: nn.Module, path: str, info: DistInfo, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -236,13 +309,16 @@ def export_safetensors(module: nn.Module, path: str, info: DistInfo, metadata: O
     sd = get_model_state_dict(module, options=opts)
     if not info.is_main:
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata or {})
-    os.replace(tmp, path)
+    blob = save(tensors, metadata=metadata or {})
+    write_atomic(path, lambda fh: fh.write(blob))
 
 
 __all__ = ["Checkpointer", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
-           "set_rng_state", "step_dirname"]
+           "set_rng_state", "step_dirname", "load_state", "find_checkpoint", "load_run_models", "to_official"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

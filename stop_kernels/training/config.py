@@ -304,5 +304,14 @@ def parse_config(argv: Optional[Sequence[str]] = None, parser: Optional[argparse
     for k, v in preset.items():
         values.setdefault(k, v)
     values.update(cli)
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    return validate(cfg)
+    return config_from_dict(values)
+
+
+def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a mapping of keys to values as YAML, the command line or a
+    checkpoint's ``meta.json`` hold them (pairs as lists or ``"a,b"``); keys left out keep their defaults,
+    unknown keys are a :class:`ConfigError`."""
+    unknown = sorted(set(values) - set(_field_types()))
+    if unknown:
+        raise ConfigError(f"config: unknown keys {unknown}")
+    return validate(TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}))

@@ -1,0 +1,134 @@
+"""The way back to the official layout: ``save_official_checkpoint`` writes the project's models as the official
+I-JEPA / StoP code saves them (checked against checkpoints that code wrote), and
+``python -m stop_kernels.training.checkpoint to-official`` converts a training run's sharded checkpoint."""
+import os
+
+import pytest
+import torch
+
+from stop_kernels import load_official_checkpoint, save_official_checkpoint
+from stop_kernels.models.official import official_checkpoint, official_state_dict
+from stop_kernels.training import checkpoint as C
+from stop_kernels.training import distributed as D
+from stop_kernels.training.config import ConfigError, TrainConfig, config_from_dict
+from stop_kernels.training.loop import Trainer, synthetic_batches
+
+from _train_helpers import TINY
+
+CASES = [("official_stop_small.pt", "learned"), ("official_ijepa_small.pt", "none")]
+
+
+@pytest.mark.parametrize("name, mode", CASES)
+def test_round_trip_writes_the_official_checkpoint_back_exactly(official_fixture, tmp_path, name, mode):
+    """official file → project models → official file: the same keys, shapes, dtypes and values (bit for
+    bit) in each of the three state dicts, and the same epoch."""
+    original = official_fixture(name)["checkpoint"]
+    m = load_official_checkpoint(original, num_heads=4, noise_mode=mode)
+    path = save_official_checkpoint(tmp_path / "back.pth.tar", m.encoder, m.predictor, m.target_encoder, epoch=m.epoch)
+    back = torch.load(path, weights_only=True)
+    assert set(back) == {"encoder", "predictor", "target_encoder", "epoch"} and back["epoch"] == original["epoch"]
+    for key in ("encoder", "predictor", "target_encoder"):
+        assert set(back[key]) == set(original[key]), key
+        for k, v in original[key].items():
+            assert back[key][k].dtype == v.dtype and back[key][k].shape == v.shape, (key, k)
+            assert torch.equal(back[key][k], v), (key, k)
+
+
+def test_official_state_dict_layout_and_bad_inputs(tmp_path):
+    from stop_kernels.models import predictor_for, vit_encoder
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    pred = predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=96, depth=1)
+    sd = official_state_dict(pred)
+    assert set(sd) == {"module." + k for k in pred.state_dict()}
+    assert sd["module.predictor_pos_embed"].shape == (1, 16, 96)  # the official [1, P, D] table
+    ck = official_checkpoint(enc, pred.to(torch.float64))
+    assert set(ck) == {"encoder", "predictor"}  # no target encoder and no epoch unless given
+    w = ck["predictor"]["module.predictor_embed.weight"]
+    assert w.dtype == torch.float32 and torch.equal(w, pred.predictor_embed.weight.float())
+    enc.blocks[0].attn.qkv.weight.data.add_(1.0)  # the checkpoint is a copy: later training does not reach it
+    assert not torch.equal(ck["encoder"]["module.blocks.0.attn.qkv.weight"], enc.blocks[0].attn.qkv.weight)
+    with pytest.raises(TypeError, match="^encoder: expected a torch.nn.Module, got OrderedDict"):
+        official_checkpoint(enc.state_dict(), pred)
+    with pytest.raises(TypeError, match="^target_encoder: expected a torch.nn.Module, got str"):
+        official_checkpoint(enc, pred, "enc")
+    with pytest.raises(ValueError, match="^epoch: expected an integer >= 0 or None, got -1"):
+        official_checkpoint(enc, pred, epoch=-1)
+    with pytest.raises(FileNotFoundError, match="^path: no such folder"):
+        save_official_checkpoint(tmp_path / "missing" / "x.pth.tar", enc, pred)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous file as it was and no temporary file behind."""
+    from stop_kernels.models import predictor_for, vit_encoder
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    pred = predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=96, depth=1)
+    path = tmp_path / "model.pth.tar"
+    save_official_checkpoint(path, enc, pred, epoch=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def torn(obj, fh, *a, **kw):
+        real_save(obj, fh, *a, **kw)
+        fh.truncate(100)
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        save_official_checkpoint(path, enc, pred, epoch=2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.pth.tar"]
+
+
+def _trained_run(tmp_path, steps=2):
+    """A tiny run trained for ``steps`` steps and checkpointed; returns (run folder, the models' state after it)."""
+    cfg = TrainConfig(**dict(TINY, out=str(tmp_path / "run"), steps=steps))
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    for batch in synthetic_batches(cfg, steps, cfg.batch_size, torch.device("cpu"), 0):
+        tr.step(*batch, (cfg.lr, cfg.weight_decay, cfg.ema_start))
+    tr.checkpointer.save(steps, tr.container, tr.opt, {"epoch": 0, "config": cfg.to_dict()})
+    return cfg.out, {name: {k: v.clone() for k, v in getattr(tr.models, name).state_dict().items()}
+                     for name in ("encoder", "predictor", "target_encoder")}
+
+
+def test_a_training_checkpoint_converts_to_the_official_layout(tmp_path, cpu_train, capsys):
+    """The CLI reads the run's sharded (DCP) checkpoint into models built from the run's own config and writes
+    the official file: loaded back, its three models hold exactly the trained weights."""
+    run, trained = _trained_run(tmp_path)
+    out = tmp_path / "official.pth.tar"
+    assert C.main(["to-official", run, str(out)]) == 0
+    assert "step 2" in capsys.readouterr().out
+    m = load_official_checkpoint(str(out), noise_mode="learned")
+    assert m.epoch == 0
+    for name in ("encoder", "predictor", "target_encoder"):
+        got = getattr(m, name).state_dict()
+        assert set(got) == set(trained[name])
+        for k, v in trained[name].items():
+            assert torch.equal(got[k], v), (name, k)
+    assert not torch.equal(trained["encoder"]["blocks.0.attn.qkv.weight"],  # the run moved them
+                           trained["target_encoder"]["blocks.0.attn.qkv.weight"])
+
+
+def test_find_checkpoint_takes_a_run_its_checkpoints_or_one_step(tmp_path, cpu_train, capsys):
+    run, _ = _trained_run(tmp_path, steps=1)
+    step = os.path.join(run, "checkpoints", "step_00000001")
+    for path in (run, os.path.join(run, "checkpoints"), step):
+        assert C.find_checkpoint(path) == step
+    assert C.find_checkpoint(run, step=1) == step
+    with pytest.raises(ValueError, match=r"^step: no complete checkpoint of step 5 in .* \(found \[1\]\)"):
+        C.find_checkpoint(run, step=5)
+    with pytest.raises(ValueError, match="^step: .* is not the checkpoint of step 2"):
+        C.find_checkpoint(step, step=2)
+    with pytest.raises(FileNotFoundError, match="^run: no complete checkpoint in"):
+        C.find_checkpoint(str(tmp_path / "nothing"))
+    with pytest.raises(SystemExit) as e:  # the CLI says it in one line, exit status 2
+        C.main(["to-official", str(tmp_path / "nothing"), str(tmp_path / "x.pth.tar")])
+    assert e.value.code == 2 and "error: run: no complete checkpoint" in capsys.readouterr().err
+
+
+def test_config_from_dict_reads_back_a_checkpoints_config():
+    import json
+    cfg = TrainConfig(**dict(TINY, crop_scale=(0.4, 0.9), grad_accum=2))
+    back = config_from_dict(json.loads(json.dumps(cfg.to_dict())))  # pairs come back as lists
+    assert back == cfg
+    with pytest.raises(ConfigError, match=r"^config: unknown keys \['nope'\]"):
+        config_from_dict({"nope": 1})
+    with pytest.raises(ConfigError, match="^grad_accum: expected an integer >= 1"):
+        config_from_dict({"grad_accum": 0})
