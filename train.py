@@ -14,7 +14,7 @@ import os
 import sys
 
 from stop_kernels.training.config import ConfigError, parse_config
-from stop_kernels.training.loop import TrainingDiverged, train
+from stop_kernels.training.loop import TrainingDiverged, TrainingOutOfMemory, train
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,9 @@ def main(argv=None) -> int:
         return 2
     except TrainingDiverged as e:
         print(f"train.py: training diverged: {e}", file=sys.stderr, flush=True)
+        return 1
+    except TrainingOutOfMemory as e:
+        print(f"train.py: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -149,3 +149,25 @@ def test_training_and_benchmark_report_the_micro_batches(tmp_path, cpu_train, ca
     out = capsys.readouterr()
     assert "global batch 4 (4 micro-batches of 1 per rank)" in out.err
     assert '"grad_accum": 4' in out.out
+
+
+def test_out_of_memory_says_which_settings_fit(tmp_path, cpu_train, monkeypatch):
+    """A step that runs out of GPU memory ends with the settings that lower the memory per step: the next
+    grad_accum that divides the rank's batch, AC, more GPUs (and the original error kept)."""
+    from stop_kernels.training import loop
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(loop.Trainer, "step", oom)
+    with pytest.raises(loop.TrainingOutOfMemory) as e:
+        train(tiny(tmp_path, batch_size=12, grad_accum=2, steps=1))
+    msg = str(e.value)
+    assert msg.startswith("out of GPU memory with 6 images per micro-batch on each of 1 rank(s) (batch_size 12, "
+                          "grad_accum 2, ac none); try --grad-accum 3 (4 instead of 6 images per micro-batch, the "
+                          "same optimizer step), or --ac block")
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in msg
+    assert isinstance(e.value, torch.cuda.OutOfMemoryError)  # existing handlers still catch it
+    # nothing left to split and AC already on: only what is left is offered
+    msg = loop.out_of_memory_advice(tiny(tmp_path, batch_size=4, grad_accum=4, ac="block"), 1)
+    assert "--grad-accum" not in msg and "--ac" not in msg and "more GPUs" in msg
+    assert "--grad-accum 2 (16 instead of 32 images" in loop.out_of_memory_advice(tiny(tmp_path, batch_size=64), 2)

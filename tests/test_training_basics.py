@@ -396,7 +396,7 @@ def test_logged_schedules_follow_the_step(tmp_path, cpu_train):
 
 def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
     """train.py's main(): 2 and one 'train.py: error: <key>: …' line for a bad setting, 1 for a run that
-    diverged, 0 for a run that finished (what schedulers and shell scripts branch on)."""
+    diverged or ran out of GPU memory, 0 for a run that finished (what schedulers and shell scripts branch on)."""
     import importlib.util
     from stop_kernels.training import loop
     from _train_helpers import REPO, tiny_args
@@ -410,3 +410,10 @@ def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
     monkeypatch.setattr(loop, "jepa_step_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     assert entry.main(tiny_args(out=tmp_path / "nan", steps=2)) == 1
     assert "train.py: training diverged: loss is nan at step 0" in capsys.readouterr().err
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(loop.Trainer, "step", oom)
+    assert entry.main(tiny_args(out=tmp_path / "oom", steps=1)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: out of GPU memory with 4 images per micro-batch") and "Tried to allocate" in err

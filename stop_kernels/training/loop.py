@@ -51,6 +51,11 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or Inf; the message says at which step and which checkpoint is intact."""
 
 
+class TrainingOutOfMemory(torch.cuda.OutOfMemoryError):
+    """A step ran out of GPU memory; the message says what lowers the memory per step (a
+    ``torch.cuda.OutOfMemoryError``, so existing handlers still catch it)."""
+
+
 class JEPAModels(NamedTuple):
     encoder: torch.nn.Module
     predictor: torch.nn.Module
@@ -351,8 +356,29 @@ def train(cfg: TrainConfig) -> List[float]:
         if cfg.benchmark:
             return run_benchmark(cfg, info)
         return _train(cfg, info)
+    except torch.cuda.OutOfMemoryError as e:
+        if isinstance(e, TrainingOutOfMemory):
+            raise
+        raise TrainingOutOfMemory(f"{out_of_memory_advice(cfg, info.world_size)}\n{e}") from e
     finally:
         D.shutdown(info)
+
+
+def out_of_memory_advice(cfg: TrainConfig, world_size: int) -> str:
+    """What to change when a step does not fit: a larger ``grad_accum`` (the same optimizer step), AC, more GPUs."""
+    local = local_batch(cfg, world_size)
+    micro = local // cfg.grad_accum
+    tips = []
+    more = next((k for k in range(cfg.grad_accum + 1, local + 1) if local % k == 0), None)
+    if more is not None:
+        tips.append(f"--grad-accum {more} ({local // more} instead of {micro} images per micro-batch, the same "
+                    f"optimizer step)")
+    if cfg.ac == "none":
+        tips.append("--ac block (activation checkpointing: about a third more compute)")
+    tips.append("more GPUs for the same --batch-size")
+    return (f"out of GPU memory with {micro} images per micro-batch on each of {world_size} rank(s) (batch_size "
+            f"{cfg.batch_size}, grad_accum {cfg.grad_accum}, ac {cfg.ac}); try " + ", or ".join(tips) + ". "
+            "Lowering --batch-size also fits, but changes the recipe (scale --lr with it).")
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
@@ -632,7 +658,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     return values
 
 
-__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "build_models", "build_optimizer", "check_masks",
+__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "out_of_memory_advice", "build_models", "build_optimizer", "check_masks",
            "parameters_finite", "micro_batches", "target_tokens",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]
