@@ -369,10 +369,14 @@ def out_of_memory_advice(cfg: TrainConfig, world_size: int) -> str:
     local = local_batch(cfg, world_size)
     micro = local // cfg.grad_accum
     tips = []
-    more = next((k for k in range(cfg.grad_accum + 1, local + 1) if local % k == 0), None)
-    if more is not None:
-        tips.append(f"--grad-accum {more} ({local // more} instead of {micro} images per micro-batch, the same "
-                    f"optimizer step)")
+    more = [k for k in range(cfg.grad_accum + 1, local + 1) if local % k == 0][:5]  # the next divisors
+
+    def listed(items):
+        items = [str(i) for i in items]
+        return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+    if more:
+        tips.append(f"--grad-accum {listed(more)} ({listed(local // k for k in more)} instead of {micro} images per "
+                    f"micro-batch; the same optimizer step)")
     if cfg.ac == "none":
         tips.append("--ac block (activation checkpointing: about a third more compute)")
     tips.append("more GPUs for the same --batch-size")
