@@ -1,4 +1,5 @@
-"""Shared helpers of the tests: tiny training configs, the environment for subprocess runs, JSONL reading."""
+"""Shared helpers of the tests: tiny training configs, the environment for subprocess runs, JSONL reading, a tiny
+trained and checkpointed run."""
 import json
 import os
 import pathlib
@@ -44,3 +45,19 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def trained_run(tmp_path, steps=2, **over):
+    """A tiny run (``TINY`` with ``over``) trained for ``steps`` steps in this process and checkpointed at the
+    end; returns (its folder, each model's state dict after the steps)."""
+    import torch
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.config import TrainConfig
+    from stop_kernels.training.loop import Trainer, synthetic_batches
+    cfg = TrainConfig(**dict(TINY, out=str(tmp_path / "run"), steps=steps, **over))
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    for batch in synthetic_batches(cfg, steps, cfg.batch_size, torch.device("cpu"), 0):
+        tr.step(*batch, (cfg.lr, cfg.weight_decay, cfg.ema_start))
+    tr.checkpointer.save(steps, tr.container, tr.opt, {"epoch": 0, "config": cfg.to_dict()})
+    return cfg.out, {name: {k: v.clone() for k, v in getattr(tr.models, name).state_dict().items()}
+                     for name in ("encoder", "predictor", "target_encoder")}

@@ -9,11 +9,9 @@ import torch
 from stop_kernels import load_official_checkpoint, save_official_checkpoint
 from stop_kernels.models.official import official_checkpoint, official_state_dict
 from stop_kernels.training import checkpoint as C
-from stop_kernels.training import distributed as D
 from stop_kernels.training.config import ConfigError, TrainConfig, config_from_dict
-from stop_kernels.training.loop import Trainer, synthetic_batches
 
-from _train_helpers import TINY
+from _train_helpers import TINY, trained_run
 
 CASES = [("official_stop_small.pt", "learned"), ("official_ijepa_small.pt", "none")]
 
@@ -77,21 +75,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.pth.tar"]
 
 
-def _trained_run(tmp_path, steps=2):
-    """A tiny run trained for ``steps`` steps and checkpointed; returns (run folder, the models' state after it)."""
-    cfg = TrainConfig(**dict(TINY, out=str(tmp_path / "run"), steps=steps))
-    tr = Trainer(cfg, D.init_distributed(cfg), None)
-    for batch in synthetic_batches(cfg, steps, cfg.batch_size, torch.device("cpu"), 0):
-        tr.step(*batch, (cfg.lr, cfg.weight_decay, cfg.ema_start))
-    tr.checkpointer.save(steps, tr.container, tr.opt, {"epoch": 0, "config": cfg.to_dict()})
-    return cfg.out, {name: {k: v.clone() for k, v in getattr(tr.models, name).state_dict().items()}
-                     for name in ("encoder", "predictor", "target_encoder")}
-
-
 def test_a_training_checkpoint_converts_to_the_official_layout(tmp_path, cpu_train, capsys):
     """The CLI reads the run's sharded (DCP) checkpoint into models built from the run's own config and writes
     the official file: loaded back, its three models hold exactly the trained weights."""
-    run, trained = _trained_run(tmp_path)
+    run, trained = trained_run(tmp_path)
     out = tmp_path / "official.pth.tar"
     assert C.main(["to-official", run, str(out)]) == 0
     assert "step 2" in capsys.readouterr().out
@@ -107,7 +94,7 @@ def test_a_training_checkpoint_converts_to_the_official_layout(tmp_path, cpu_tra
 
 
 def test_find_checkpoint_takes_a_run_its_checkpoints_or_one_step(tmp_path, cpu_train, capsys):
-    run, _ = _trained_run(tmp_path, steps=1)
+    run, _ = trained_run(tmp_path, steps=1)
     step = os.path.join(run, "checkpoints", "step_00000001")
     for path in (run, os.path.join(run, "checkpoints"), step):
         assert C.find_checkpoint(path) == step

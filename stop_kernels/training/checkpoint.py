@@ -261,10 +261,10 @@ def load_run_models(path: str, step: Optional[int] = None):
         cfg = config_from_dict(json.load(fh)["config"])
     with torch.device("meta"):  # no random initialisation: every tensor is read from the checkpoint
         models = build_models(cfg)
-    container = JEPAContainer(models).to_empty(device="cpu")
+    container = JEPAContainer(models).to_empty(device="cpu")  # (moves the modules that models holds)
     meta = load_state(ckpt, container)
     meta["path"] = ckpt
-    return container, meta
+    return models, meta
 
 
 def to_official(path: str, out: str, step: Optional[int] = None) -> Dict[str, Any]:

@@ -114,6 +114,7 @@ class TrainConfig:
     ckpt_every: int = 0                # save every N steps (0: only at the end)
     keep_ckpts: int = 2                # complete checkpoints kept (older ones deleted)
     resume: bool = False               # continue from the latest checkpoint in <out>/checkpoints
+    init_from: str = ""                # start from these weights (official .pth.tar, or a run / checkpoint folder)
     export: bool = True                # write <out>/export/{encoder,target_encoder}.safetensors at the end
     # ---- logging ----------------------------------------------------------------------------
     seed: int = 0
@@ -235,6 +236,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"{cfg.color_jitter!r}")
     if not cfg.out.strip():
         raise ConfigError("out: expected an output folder, got an empty string")
+    if cfg.init_from and not os.path.exists(cfg.init_from):
+        raise ConfigError(f"init_from: no such file or folder: {cfg.init_from}")
     if not 0 <= cfg.seed < 2 ** 62:  # torch and numpy seeds, plus 1_000_003 per rank and the resume step
         raise ConfigError(f"seed: expected an integer in [0, 2**62), got {cfg.seed!r}")
     if not cfg.peak_tflops > 0:

@@ -87,6 +87,38 @@ def build_models(cfg: TrainConfig) -> JEPAModels:
     return JEPAModels(encoder, predictor, target)
 
 
+def init_weights_from(models: JEPAModels, cfg: TrainConfig) -> str:
+    """Copy the weights of ``cfg.init_from`` into freshly built ``models``; return a line saying what was read.
+
+    ``init_from`` is an official I-JEPA / StoP checkpoint (``.pth.tar``: encoder, predictor and, when
+    present, target encoder; without one the target starts as a copy of the encoder, as a new run does) or
+    a run of this project (its folder, ``checkpoints/`` or one ``step_*``: the three models of the newest
+    checkpoint). Weights only: the run still starts at step 0 with a fresh optimizer and its own schedules
+    (``--resume`` of this run's own checkpoints takes precedence, as it loads after this). Sizes that do
+    not match the config are a :class:`ConfigError` naming ``init_from``.
+    """
+    from ..models.official import load_official_checkpoint
+    from .checkpoint import load_run_models
+    path = cfg.init_from
+    try:
+        if os.path.isdir(path):
+            src, meta = load_run_models(path)
+            what = f"{meta['path']} (step {meta['step']})"
+            sources = {"encoder": src.encoder, "predictor": src.predictor, "target_encoder": src.target_encoder}
+        else:
+            m = load_official_checkpoint(path, model=cfg.model, patch_size=cfg.patch_size, img_size=cfg.img_size,
+                                         noise_mode=cfg.noise_mode, noise_std=cfg.noise_std)
+            what = f"{path} (official layout" + (f", epoch {m.epoch})" if m.epoch is not None else ")")
+            sources = {"encoder": m.encoder, "predictor": m.predictor,
+                       "target_encoder": m.target_encoder if m.target_encoder is not None else m.encoder}
+        for name, src_module in sources.items():
+            getattr(models, name).load_state_dict(src_module.state_dict(), strict=True)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, ConfigError) as e:
+        raise ConfigError(f"init_from: {path} does not fit this config ({cfg.model}, img {cfg.img_size}, patch "
+                          f"{cfg.patch_size}, predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}): {e}") from None
+    return f"initialised the encoder, predictor and target encoder from {what}"
+
+
 def param_groups(*modules: torch.nn.Module, skip=()) -> List[Dict]:
     """AdamW groups: biases and 1-D parameters (LayerNorm) get no weight decay (``WD_exclude``).
 
@@ -172,8 +204,9 @@ def autocast_for(precision: str, device: torch.device):
 class Trainer:
     """Holds the built pieces of a run; :meth:`step` is one optimizer step (no host synchronisation)."""
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo, data: Optional[TrainData], stream=sys.stdout):
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, data: Optional[TrainData], stream=None):
         self.cfg, self.info, self.data = cfg, info, data
+        stream = stream or sys.stdout  # read at each call, not once at import (a caller may redirect it)
         local_batch(cfg, info.world_size)  # before any model is built
         self.device = info.device
         self.precision = resolve_precision(cfg, self.device)
@@ -190,6 +223,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         with torch.device(self.device):
             models = build_models(cfg)
+        if cfg.init_from:  # before FSDP2 shards them: every rank loads the whole tensors
+            _print(init_weights_from(models, cfg), info, stream)
         self.n_params = count_parameters([models.encoder, models.predictor])
         self.mesh = D.build_mesh(self.sharding, info)
         self.models = parallelize(models, cfg, self.mesh, self.precision)
@@ -662,7 +697,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     return values
 
 
-__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "out_of_memory_advice", "build_models", "build_optimizer", "check_masks",
+__all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "out_of_memory_advice",
+           "init_weights_from", "build_models", "build_optimizer", "check_masks",
            "parameters_finite", "micro_batches", "target_tokens",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]

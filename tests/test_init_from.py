@@ -1,0 +1,85 @@
+"""``init_from``: a run starts from existing weights, an official I-JEPA / StoP checkpoint or one of this project's
+runs (weights only: step 0, a fresh optimizer), and refuses weights whose sizes do not fit its config."""
+import pytest
+import torch
+
+from stop_kernels.models import predictor_for, vit_encoder
+from stop_kernels.models.official import save_official_checkpoint
+from stop_kernels.training import distributed as D
+from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
+from stop_kernels.training.loop import Trainer, train
+
+from _train_helpers import TINY, read_log, tiny_args, trained_run
+
+
+def tiny(tmp_path, **over):
+    return TrainConfig(**dict(TINY, out=str(tmp_path / "new"), **over))
+
+
+def official_file(tmp_path, model="vit_tiny", pred_depth=1, target=True, seed=3):
+    """An official-layout checkpoint of random models with the tiny config's sizes (unless overridden)."""
+    torch.manual_seed(seed)
+    enc = vit_encoder(model, img_size=32, patch_size=8)
+    pred = predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=96, depth=pred_depth)
+    tgt = vit_encoder(model, img_size=32, patch_size=8) if target else None
+    path = tmp_path / f"{model}-{pred_depth}-{target}.pth.tar"
+    save_official_checkpoint(path, enc, pred, tgt, epoch=7)
+    return str(path), {"encoder": enc.state_dict(), "predictor": pred.state_dict(),
+                       "target_encoder": (tgt or enc).state_dict()}
+
+
+def assert_holds(tr, want):
+    for name, state in want.items():
+        got = getattr(tr.models, name).state_dict()
+        assert set(got) == set(state), name
+        for k, v in state.items():
+            assert torch.equal(got[k], v), (name, k)
+
+
+@pytest.mark.parametrize("with_target", [True, False], ids=["with-target", "encoder-only-target"])
+def test_init_from_an_official_checkpoint(tmp_path, cpu_train, capsys, with_target):
+    """All three models hold the file's weights (a file without a target encoder starts the target as a copy
+    of the encoder, as a new run does); the optimizer is fresh."""
+    path, want = official_file(tmp_path, target=with_target)
+    tr = Trainer(tiny(tmp_path, init_from=path), D.init_distributed(tiny(tmp_path)), None)
+    assert_holds(tr, want)
+    assert not tr.opt.state  # weights only
+    assert f"initialised the encoder, predictor and target encoder from {path} (official layout, epoch 7)" in \
+        capsys.readouterr().out
+
+
+def test_init_from_a_run_then_train(tmp_path, cpu_train, capsys):
+    """A run of this project (its folder): the newest checkpoint's weights, then a normal run from step 0."""
+    run, want = trained_run(tmp_path, steps=2)
+    cfg = tiny(tmp_path, init_from=run)
+    assert_holds(Trainer(cfg, D.init_distributed(cfg), None), want)
+    assert "from " + run + "/checkpoints/step_00000002 (step 2)" in capsys.readouterr().out
+    losses = train(tiny(tmp_path, init_from=run, steps=2, ckpt_every=0))
+    assert [r["step"] for r in read_log(tmp_path / "new")] == [0, 1] and len(losses) == 2
+
+
+def test_init_from_refuses_what_does_not_fit(tmp_path, cpu_train):
+    with pytest.raises(ConfigError, match="^init_from: no such file or folder: "):
+        parse_config(tiny_args(init_from=str(tmp_path / "missing.pth.tar")))
+    cases = [(official_file(tmp_path, model="vit_small")[0], r"model: vit_tiny has width 192 and depth 12, but "
+              r"the checkpoint holds width 384"),
+             (official_file(tmp_path, pred_depth=2)[0], "Unexpected key.*predictor_blocks.1")]
+    for path, detail in cases:
+        cfg = tiny(tmp_path, init_from=path)
+        with pytest.raises(ConfigError, match=r"(?s)^init_from: .* does not fit this config \(vit_tiny, img 32, patch 8, "
+                                              r"predictor depth 1 width 96\): .*" + detail):
+            Trainer(cfg, D.init_distributed(cfg), None)
+
+
+def test_resume_takes_precedence_over_init_from(tmp_path, cpu_train):
+    """A preempted job restarted with the same flags (init_from and resume) continues its own checkpoint: the
+    same losses as resuming without init_from (CPU resumes are bitwise)."""
+    import shutil
+    run, _ = trained_run(tmp_path, steps=2)
+    path, _ = official_file(tmp_path)
+    losses = {}
+    for name, extra in (("plain", {}), ("init", {"init_from": path})):
+        out = tmp_path / name
+        shutil.copytree(run, out)
+        losses[name] = train(TrainConfig(**dict(TINY, out=str(out), steps=3, resume=True, **extra)))
+    assert len(losses["plain"]) == 1 and losses["init"] == losses["plain"]
