@@ -134,20 +134,11 @@ def plot_curves(logs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
 # ----------------------------------------------------------------------------------------------
 def predictor_tables_from_checkpoint(path: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(ψ [P, D], A [D, E])``: the predictor's positional table and context projection
-    (``predictor_embed.weight``) from an official ``.pth.tar`` or any torch / safetensors file holding a
-    predictor state dict (under ``predictor``, or flat with ``predictor.`` / ``module.`` prefixes)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint: no such file: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"--checkpoint: {path} is a folder; expected a checkpoint file (.pth.tar, .pt, .safetensors)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        obj = load_file(path, device="cpu")
-    else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"--checkpoint: {path} holds a {type(obj).__name__}, expected a dict")
+    (``predictor_embed.weight``) from an official ``.pth.tar``, a training run of this project (its folder), or
+    any torch / safetensors file holding a predictor state dict (under ``predictor``, or flat with
+    ``predictor.`` / ``module.`` prefixes)."""
+    from .eval.features import read_checkpoint
+    obj = read_checkpoint(path)
     sd = obj["predictor"] if isinstance(obj.get("predictor"), Mapping) else obj
     flat = {}
     for k, v in sd.items():

@@ -552,3 +552,32 @@ def test_subset_lines_and_image_listing(tmp_path):
     (split / ".cache" / "c_0.png").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"--subset: images of classes not in the training split: \['.cache'\]"):
         feat.list_images(str(split), subset=[".cache/c_0.png"])
+
+
+def test_a_training_run_is_a_checkpoint(tmp_path, cpu_train):
+    """--checkpoint RUN_FOLDER: the newest checkpoint's encoders (the similarity maps read its predictor); the
+    feature cache keys on the checkpoint the folder resolves to, so a newer one is a new key; a folder without
+    a checkpoint is refused by name before any work."""
+    from _train_helpers import trained_run
+    from stop_kernels import plots
+    from stop_kernels.training import checkpoint as C
+    run, trained = trained_run(tmp_path, steps=2)
+    for which, name in (("target", "target_encoder"), ("context", "encoder")):
+        enc, info = feat.load_encoder(run, which=which)
+        assert info.source == "official" and info.model == "vit_tiny"
+        for k, v in trained[name].items():
+            assert torch.equal(enc.state_dict()[k], v), (which, k)
+    psi, A = plots.predictor_tables_from_checkpoint(run)
+    assert torch.equal(A, trained["predictor"]["predictor_embed.weight"])
+    assert torch.equal(psi, trained["predictor"]["predictor_pos_embed"])
+    before = feat.checkpoint_identity(run)
+    assert before["path"].endswith("step_00000002/meta.json")
+    newer = os.path.join(run, "checkpoints", "step_00000003")
+    import shutil
+    shutil.copytree(os.path.join(run, "checkpoints", "step_00000002"), newer)
+    assert C.find_checkpoint(run) == newer and feat.checkpoint_identity(run) != before
+    (tmp_path / "empty").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    with pytest.raises(ValueError, match="^--checkpoint: .* is a folder without a complete training checkpoint"):
+        lp.run_probe(str(tmp_path / "empty"), str(tmp_path / "data"), verbose=False)

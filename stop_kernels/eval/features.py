@@ -159,13 +159,32 @@ class EncoderInfo(NamedTuple):
     model: Optional[str]  # the preset matching width and depth, if any
 
 
-def read_checkpoint(path: str) -> Mapping[str, Any]:
-    """Load a checkpoint file to a dict on the CPU: ``.safetensors`` or anything ``torch.load`` reads."""
+def check_checkpoint_path(path: str) -> None:
+    """The ``--checkpoint`` errors that need no tensor read: a missing path, a folder without a complete
+    training checkpoint (``FileNotFoundError`` / ``ValueError`` naming the flag)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--checkpoint: no such file: {path}")
+        raise FileNotFoundError(f"--checkpoint: no such file or folder: {path}")
     if os.path.isdir(path):
-        raise ValueError(f"--checkpoint: {path} is a folder; pass an official .pth.tar checkpoint or an encoder "
-                         "state dict (.safetensors / .pt), e.g. the consolidated encoder export of a training run")
+        from ..training.checkpoint import find_checkpoint
+        try:
+            find_checkpoint(path)
+        except FileNotFoundError:
+            raise ValueError(f"--checkpoint: {path} is a folder without a complete training checkpoint; pass a "
+                             f"training run (its --out folder, checkpoints/ or a step_* folder), an official "
+                             f".pth.tar, or a state dict file (.safetensors / .pt)") from None
+
+
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """A checkpoint as a dict on the CPU: a training run of this project (its ``--out`` folder, ``checkpoints/``
+    or one ``step_*``: the newest checkpoint's models in the official layout, float32), a ``.safetensors``
+    file, or anything ``torch.load`` reads."""
+    check_checkpoint_path(path)
+    if os.path.isdir(path):
+        from ..models.official import official_state_dict
+        from ..training.checkpoint import load_run_models
+        models, meta = load_run_models(path)
+        return {**{name: official_state_dict(getattr(models, name), what=name)
+                   for name in ("encoder", "predictor", "target_encoder")}, "epoch": int(meta["epoch"])}
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -173,7 +192,7 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
         raise ValueError(f"--checkpoint: {path} holds a {type(obj).__name__}, expected a dict (official layout or "
-                         "an encoder state dict)")
+                         "a state dict)")
     return obj
 
 
@@ -203,7 +222,8 @@ def load_encoder(checkpoint: str, *, which: str = "target", model: Optional[str]
 
     Args:
         checkpoint: an official I-JEPA / StoP ``.pth.tar`` (``encoder``, ``predictor``, ``target_encoder``
-            with ``module.`` prefixes), or a ``.safetensors`` / ``.pt`` encoder state dict with the keys
+            with ``module.`` prefixes), a training run of this project (its folder: the newest checkpoint),
+            or a ``.safetensors`` / ``.pt`` encoder state dict with the keys
             of :class:`VisionTransformer` (optionally nested or prefixed by ``encoder``/``target_encoder``).
         which: ``'target'`` (the EMA encoder, I-JEPA's choice for evaluation) or ``'context'``.
         model, patch_size, img_size, num_heads: optional; inferred from the weights when omitted and
@@ -328,7 +348,12 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, batch_size
 
 
 def checkpoint_identity(path: str) -> Dict[str, Any]:
-    """What identifies a checkpoint file for the cache: absolute path, size and modification time."""
+    """What identifies a checkpoint for the cache: absolute path, size and modification time of the file,
+    or for a training run, of the checkpoint it resolves to now (its meta.json, written last): a run that
+    has saved a newer checkpoint since is a new key."""
+    if os.path.isdir(path):
+        from ..training.checkpoint import find_checkpoint
+        path = os.path.join(find_checkpoint(path), "meta.json")
     st = os.stat(path)
     return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

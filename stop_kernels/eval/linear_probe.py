@@ -175,8 +175,7 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
         if not os.path.isdir(d):
             raise FileNotFoundError(f"--data: no such folder: {d} (expected an ImageNet layout DIR/train/<class>/*, "
                                     "DIR/val/<class>/*)")
-    if not os.path.isfile(checkpoint):
-        feat.read_checkpoint(checkpoint)  # raises the clear error (missing file, folder)
+    feat.check_checkpoint_path(checkpoint)
     # every classifier and loader setting is checked here, before hours of feature extraction
     chk.int_at_least("--last-k", last_k, 1)
     check_classifier_settings(heldout=heldout, max_iter=max_iter, penalties=penalties)
