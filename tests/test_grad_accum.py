@@ -1,22 +1,24 @@
-"""Gradient accumulation (config key ``grad_accum``): a rank's batch runs as k equal micro-batches whose
-loss-weighted gradients add up to the whole batch's, so the optimizer step is the same (up to float
-rounding) with a fraction of the activation memory.
+"""Gradient accumulation (config key ``grad_accum``): each optimizer step runs k micro-batches per rank, each
+loaded and collated on its own (its own mask sizes and truncation), and averages their losses as data
+parallelism averages ranks: k micro-batches on N ranks train like one on each of N·k ranks, with 1/k of the
+activation memory.
 
-Exact comparisons need the same numbers in both runs, so these tests take the StoP noise out (noise mode
-``none``, or ``learned`` at σ = 0); the noise itself is the one thing drawn per micro-batch."""
+Exact comparisons need the same numbers on both sides, so these tests take the StoP noise out (noise mode
+``none``, or ``learned`` at σ = 0); the noise is drawn per micro-batch like everything else."""
 import contextlib
 import dataclasses
 
 import pytest
 import torch
 
+from stop_kernels.data.datasets import TrainData
 from stop_kernels.devtools import rel_error
 from stop_kernels.training import distributed as D
 from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
-from stop_kernels.training.loop import (Trainer, build_models, jepa_step_loss, micro_batches, synthetic_batches,
-                                        target_tokens, train)
+from stop_kernels.training.loop import (Trainer, jepa_step_loss, micro_batches, synthetic_batches,
+                                        train)
 
-from _train_helpers import TINY, tiny_args
+from _train_helpers import TINY
 
 SCHED = (TrainConfig.lr, TrainConfig.weight_decay, TrainConfig.ema_start)  # (lr, wd, EMA momentum)
 
@@ -36,8 +38,8 @@ def trainer(cfg):
         D.shutdown(info)
 
 
-def step_with_grads(cfg, batch):
-    """One Trainer step on ``batch``; returns (loss, the gradients AdamW saw, the parameters after it)."""
+def step_with_grads(cfg, run):
+    """``run(trainer)`` (one step); returns (loss, the gradients AdamW saw, the parameters after it)."""
     with trainer(cfg) as tr:
         seen = []
         adamw_step = tr.opt.step
@@ -47,68 +49,86 @@ def step_with_grads(cfg, batch):
             return adamw_step(*a, **kw)
         tr.opt.step = step
         torch.manual_seed(1)
-        loss = float(tr.step(*batch, SCHED)[0])
+        loss = float(run(tr)[0])
         params = [p.detach().clone() for g in tr.opt.param_groups for p in g["params"]]
     return loss, seen, params
+
+
+def assert_same_step(a, b, k):
+    (loss_a, grads_a, params_a), (loss_b, grads_b, params_b) = a, b
+    assert loss_a == pytest.approx(loss_b, rel=1e-6), k
+    assert len(grads_a) == len(grads_b) and all(g.abs().max() > 0 for g in grads_b)
+    assert max(rel_error(x, y) for x, y in zip(grads_a, grads_b)) < 4e-6, k
+    assert max(rel_error(x, y) for x, y in zip(params_a, params_b)) < 4e-6, k
+
+
+def test_micro_batches_are_averaged_like_ranks(tmp_path, cpu_train):
+    """Two micro-batches with masks of their own (different target lengths: a token-weighted mean would
+    differ): the step's loss and gradients are the plain mean of each micro-batch's, as two ranks' would be."""
+    cfg = tiny(tmp_path, noise_mode="none", batch_size=8, grad_accum=2)
+    pool = synthetic_batches(cfg, 12, 4, torch.device("cpu"), 0)
+    pair = next([a, b] for a in pool for b in pool if a[2][0].shape[1] != b[2][0].shape[1])
+    got = step_with_grads(cfg, lambda tr: tr.step_micro(pair, SCHED))
+
+    def by_hand(tr):  # the definition, on the same fresh models: (loss(a) + loss(b)) / 2
+        loss = sum(jepa_step_loss(tr.models, *m, tr.autocast) for m in pair) / 2
+        loss.backward()
+        tr.opt.step()
+        return loss.detach()[None]
+    assert_same_step(got, step_with_grads(dataclasses.replace(cfg, grad_accum=1), by_hand), 2)
 
 
 @pytest.mark.parametrize("over", [dict(noise_mode="none"), dict(noise_mode="none", packed=True),
                                   dict(noise_mode="learned", noise_std=0.0), dict(noise_mode="none", sharding="full")],
                          ids=["rectangular", "packed", "learned-sigma0", "fsdp2-one-rank"])
-def test_accumulated_step_equals_the_whole_batch(tmp_path, cpu_train, over):
-    """k = 2 and 4 micro-batches: the same loss, the same gradients into AdamW and the same weights after
-    it as the whole batch of 8, to fp32 rounding (measured ≤ 5e-7 relative; the tolerance is 4e-6). Under
-    FSDP2 (a one-rank mesh here) the micro-batches before the last accumulate unreduced gradients."""
+def test_a_whole_batch_cut_into_micro_batches_steps_like_the_whole_batch(tmp_path, cpu_train, over):
+    """``Trainer.step`` on one batch (the benchmarks' and profilers' call) with k = 2 and 4: equal slices that
+    keep the batch's masks, so the same loss, gradients and weights as the whole batch to fp32 rounding
+    (measured ≤ 5e-7 relative). Under FSDP2 (a one-rank mesh here) the slices before the last accumulate
+    unreduced gradients."""
     cfg = tiny(tmp_path, batch_size=8, **over)
     batch = synthetic_batches(cfg, 1, 8, torch.device("cpu"), 0)[0]
-    loss1, grads1, params1 = step_with_grads(cfg, batch)
-    assert all(g.abs().max() > 0 for g in grads1)  # every trained tensor has a gradient to compare
+    per_image = [sum(len(block[b]) for block in batch[2]) for b in range(8)]  # target tokens (ragged or not)
+    assert len(set(per_image)) == 1  # every image has as many: equal slices weigh the same
+    whole = step_with_grads(cfg, lambda tr: tr.step(*batch, SCHED))
     for k in (2, 4):
-        loss_k, grads_k, params_k = step_with_grads(dataclasses.replace(cfg, grad_accum=k), batch)
-        assert loss_k == pytest.approx(loss1, rel=1e-6), k
-        assert len(grads_k) == len(grads1)
-        assert max(rel_error(a, b) for a, b in zip(grads_k, grads1)) < 4e-6, k
-        assert max(rel_error(a, b) for a, b in zip(params_k, params1)) < 4e-6, k
+        assert_same_step(step_with_grads(dataclasses.replace(cfg, grad_accum=k), lambda tr: tr.step(*batch, SCHED)),
+                         whole, k)
 
 
-def test_ragged_micro_batches_are_weighted_by_their_target_tokens(cpu_train):
-    """With ragged masks the micro-batches hold different numbers of target tokens, and the loss is a mean
-    over tokens: Σ share·loss(part) is the whole batch's loss, where the plain mean of the parts is not."""
-    cfg = parse_config(tiny_args(noise_mode="none"))  # a 4x4 patch grid
-    torch.manual_seed(0)
-    models = build_models(cfg)
-    imgs = torch.randn(4, 3, 32, 32)
-    g = torch.Generator().manual_seed(3)
-
-    def ragged(lengths):
-        return [torch.randperm(16, generator=g)[:n].sort().values for n in lengths]
-    masks_enc = [ragged([9, 11, 8, 12])]
-    masks_pred = [ragged([1, 2, 4, 5]), ragged([2, 1, 6, 3])]  # parts of 2 images: 6 and 18 target tokens
-    parts = micro_batches(imgs, masks_enc, masks_pred, 2)
-    assert [share for *_, share in parts] == [0.25, 0.75]
-    autocast = torch.autocast("cpu", enabled=False)
-    with torch.no_grad():
-        whole = jepa_step_loss(models, imgs, masks_enc, masks_pred, autocast)
-        losses = [jepa_step_loss(models, *p[:3], autocast) for p in parts]
-    weighted = sum(share * loss for (*_, share), loss in zip(parts, losses))
-    assert float(weighted) == pytest.approx(float(whole), rel=1e-6)
-    # equal weights would be wrong here, by far more than the tolerance above (measured 3e-4 with torch 2.11,
-    # 1.2e-3 with 2.14: the parts' token losses differ little in a fresh model, their weights a lot)
-    assert abs(float(sum(losses)) / 2 / float(whole) - 1) > 3e-5
+def test_training_loads_each_micro_batch_with_its_own_masks(tmp_path):
+    """TrainData with k = 2 and a per-rank batch of 8: each step is two loader batches of 4, exactly the
+    batches (images and masks) of a k = 1 run with batch 4, paired; a resumed epoch starts at the right pair."""
+    acc = TrainData(TrainConfig(**dict(TINY, synthetic_size=48, batch_size=8, grad_accum=2)))
+    plain = TrainData(TrainConfig(**dict(TINY, synthetic_size=48, batch_size=4)))
+    assert (acc.batch_size, acc.micro_batch, acc.iters_per_epoch) == (8, 4, 6)
+    loader = list(plain.epoch(1))
+    steps = list(acc.steps(1))
+    assert len(steps) == 6 and all(len(micro) == 2 for micro, _ in steps)
+    for s, (micro, skipped) in enumerate(steps):
+        assert skipped == 0
+        for j, (imgs, me, mp) in enumerate(micro):
+            want = loader[2 * s + j]
+            assert torch.equal(imgs, want[0])
+            assert all(torch.equal(x, y) for x, y in zip(me + mp, want[1] + want[2]))
+    assert len({m[2][0].shape[1] for micro, _ in steps for m in micro}) > 1  # mask sizes drawn per micro-batch
+    tail = list(acc.steps(1, first_step=4))
+    assert len(tail) == 2 and all(torch.equal(a[0], b[0]) for x, y in zip(tail, steps[4:]) for a, b in zip(x[0], y[0]))
 
 
 def test_micro_batches_slice_images_and_masks_in_order():
     imgs = torch.randn(6, 3, 8, 8)
     me = [torch.randint(0, 16, (6, 5))]
     mp = [torch.randint(0, 16, (6, 2)), torch.randint(0, 16, (6, 2))]
-    assert micro_batches(imgs, me, mp, 1) == [(imgs, me, mp, 1.0)]  # the whole batch, untouched
+    assert micro_batches(imgs, me, mp, 1) == [(imgs, me, mp)]  # the whole batch, untouched
     parts = micro_batches(imgs, me, mp, 3)
-    assert [share for *_, share in parts] == [pytest.approx(1 / 3)] * 3
+    assert len(parts) == 3 and all(p[0].shape[0] == 2 for p in parts)
     assert torch.equal(torch.cat([p[0] for p in parts]), imgs)
     assert torch.equal(torch.cat([p[1][0] for p in parts]), me[0])
     for j in range(2):
         assert torch.equal(torch.cat([p[2][j] for p in parts]), mp[j])
-    assert target_tokens(mp) == 24 and target_tokens([[torch.arange(3), torch.arange(5)]]) == 8
+    ragged = [[torch.arange(n) for n in (3, 1, 4, 2, 5, 1)]]
+    assert [len(t) for p in micro_batches(imgs, ragged, ragged, 2) for t in p[1][0]] == [3, 1, 4, 2, 5, 1]
     with pytest.raises(ValueError, match=r"^grad_accum: a batch of 6 images cannot be split into 4"):
         micro_batches(imgs, me, mp, 4)
 
@@ -134,6 +154,8 @@ def test_grad_accum_must_divide_each_ranks_batch(tmp_path, cpu_train, monkeypatc
     with pytest.raises(ConfigError, match=r"^grad_accum: the per-rank batch 4 \(batch_size 4 over 1 rank\(s\)\) "
                                           r"must be a multiple of grad_accum=3"):
         Trainer(cfg, D.init_distributed(cfg), None)
+    with pytest.raises(ConfigError, match=r"^grad_accum: the per-rank batch 4"):
+        TrainData(cfg)
     # train() says so before it reads any data or builds a model
     monkeypatch.setattr("stop_kernels.training.loop.TrainData", lambda *a, **k: pytest.fail("data read first"))
     with pytest.raises(ConfigError, match=r"^grad_accum: the per-rank batch 4"):
@@ -153,12 +175,12 @@ def test_training_and_benchmark_report_the_micro_batches(tmp_path, cpu_train, ca
 
 def test_out_of_memory_says_which_settings_fit(tmp_path, cpu_train, monkeypatch):
     """A step that runs out of GPU memory ends with the settings that lower the memory per step: the next
-    grad_accum that divides the rank's batch, AC, more GPUs (and the original error kept)."""
+    grad_accum values that divide the rank's batch, AC, more GPUs (and the original error kept)."""
     from stop_kernels.training import loop
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(loop.Trainer, "step", oom)
+    monkeypatch.setattr(loop.Trainer, "step_micro", oom)
     with pytest.raises(loop.TrainingOutOfMemory) as e:
         train(tiny(tmp_path, batch_size=12, grad_accum=2, steps=1))
     msg = str(e.value)

@@ -95,11 +95,11 @@ def test_benchmark_honours_packed(tmp_path, cpu_train, monkeypatch):
     from stop_kernels.training import loop
     seen = []
 
-    def fake_step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped=0):
-        seen.append(is_ragged(masks_enc) and is_ragged(masks_pred))
+    def fake_step(self, micro, lr_wd_mom, skipped=0):
+        seen.extend(is_ragged(masks_enc) and is_ragged(masks_pred) for _, masks_enc, masks_pred in micro)
         return torch.zeros(2)
 
-    monkeypatch.setattr(loop.Trainer, "step", fake_step)
+    monkeypatch.setattr(loop.Trainer, "step_micro", fake_step)
     values = loop.train(tiny(tmp_path, packed=True, img_size=64, min_keep=2, benchmark=1, benchmark_warmup=0,
                              benchmark_batches=1))
     assert len(values) == 2 and all(math.isfinite(v) for v in values)
@@ -160,7 +160,7 @@ def test_cpu_steps_are_timed_one_step_each(tmp_path, cpu_train, monkeypatch):
         time.sleep(0.25)
         return torch.zeros(2)
 
-    monkeypatch.setattr(loop.Trainer, "step", slow_step)
+    monkeypatch.setattr(loop.Trainer, "step_micro", slow_step)
     loop.train(tiny(tmp_path, steps=5, ckpt_every=2))
     timed = {r["step"]: r["step_time_s"] for r in read_log(tmp_path) if r["step_time_s"] is not None}
     assert sorted(timed) == [1, 3]                                 # 0, 2, 4 follow a (re)start: untimed

@@ -240,15 +240,18 @@ def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, c
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2]
 
 
-def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train, grad_accum):
+    """Also with gradient accumulation: the data position counts micro-batches, so a resumed run loads the
+    micro-batches the uninterrupted one would have."""
     from stop_kernels.training.loop import train
-    full = train(tiny(tmp_path / "full", steps=5))
-    train(tiny(tmp_path / "part", steps=5, ckpt_every=2, keep_ckpts=5))
+    full = train(tiny(tmp_path / "full", steps=5, grad_accum=grad_accum))
+    train(tiny(tmp_path / "part", steps=5, ckpt_every=2, keep_ckpts=5, grad_accum=grad_accum))
     import shutil
     for d in (tmp_path / "part" / "checkpoints").iterdir():
         if d.name != "step_00000002":
             shutil.rmtree(d)
-    rest = train(tiny(tmp_path / "part", steps=5, resume=True))
+    rest = train(tiny(tmp_path / "part", steps=5, resume=True, grad_accum=grad_accum))
     assert rest == full[2:]
 
 
@@ -413,7 +416,7 @@ def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(loop.Trainer, "step", oom)
+    monkeypatch.setattr(loop.Trainer, "step_micro", oom)
     assert entry.main(tiny_args(out=tmp_path / "oom", steps=1)) == 1
     err = capsys.readouterr().err
     assert err.startswith("train.py: out of GPU memory with 4 images per micro-batch") and "Tried to allocate" in err

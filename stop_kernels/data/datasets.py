@@ -26,6 +26,7 @@ DataLoader (workers, pinned memory), and starts an epoch at any batch (resume).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -208,20 +209,23 @@ def build_dataset(cfg) -> Dataset:
 class TrainData:
     """Dataset + resumable distributed sampler + mask collator + DataLoader for one rank.
 
-    ``batch_size`` is the per-rank batch; ``iters_per_epoch`` batches per epoch (drop-last).
+    ``batch_size`` is the per-rank batch of an optimizer step, loaded as ``grad_accum`` micro-batches of
+    ``micro_batch`` images, each collated on its own (its own mask sizes and truncation, as one rank of a
+    job with ``grad_accum`` times the ranks would draw them); ``iters_per_epoch`` optimizer steps per
+    epoch (drop-last). :meth:`steps` yields steps, :meth:`epoch` the loader's micro-batches.
     """
 
     def __init__(self, cfg, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                  dataset: Optional[Dataset] = None):
+        from ..training.config import local_batch
         from .masks import MultiBlockMaskCollator
-        if cfg.batch_size % world_size:
-            raise _config_error(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
-                                f"{world_size} ranks")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.batch_size = cfg.batch_size // world_size
+        self.batch_size = local_batch(cfg, world_size)
+        self.grad_accum = cfg.grad_accum
+        self.micro_batch = self.batch_size // self.grad_accum
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
         self.sampler = ResumableDistributedSampler(self.dataset, num_replicas=world_size, rank=rank,
-                                                   batch_size=self.batch_size, seed=cfg.seed)
+                                                   batch_size=self.micro_batch, seed=cfg.seed)
         masks = MultiBlockMaskCollator.from_config(cfg, seed=cfg.seed + 7919 * rank)
         self.collator = SkipCountingCollate(masks)
         self.iters_per_epoch = self.sampler.num_samples // self.batch_size
@@ -231,14 +235,26 @@ class TrainData:
                                 f"{self.sampler.num_samples} samples per rank ({where})")
         self.pin_memory = pin_memory
 
+    def steps(self, epoch: int, first_step: int = 0) -> Iterator:
+        """The optimizer steps ``first_step …`` of ``epoch``: ``(micro, skipped)`` with ``micro`` the step's
+        ``grad_accum`` micro-batches ``[(imgs, masks_enc, masks_pred)]`` and ``skipped`` their unreadable
+        images. A resumed run (``first_step`` > 0) gets exactly the micro-batches the uninterrupted one would."""
+        loader = self.epoch(epoch, first_step * self.grad_accum)
+        for _ in range(first_step, self.iters_per_epoch):
+            group = list(itertools.islice(loader, self.grad_accum))
+            if len(group) < self.grad_accum:
+                return
+            yield [g[:3] for g in group], sum(g[3] for g in group)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator:
-        """Iterator over the batches ``start_batch …`` of ``epoch``: ``(imgs, masks_enc, masks_pred, skipped)``."""
+        """Iterator over the loader's (micro-)batches ``start_batch …`` of ``epoch``:
+        ``(imgs, masks_enc, masks_pred, skipped)``."""
         self.sampler.set_epoch(epoch, start_batch)
         self.collator.set_epoch(epoch, start_batch)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         workers = self.cfg.num_workers
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+        loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
                             collate_fn=self.collator, num_workers=workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG untouched
                             persistent_workers=False, prefetch_factor=4 if workers > 0 else None)

@@ -277,6 +277,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def local_batch(cfg: TrainConfig, world_size: int) -> int:
+    """The per-rank batch, ``batch_size / world_size``; :class:`ConfigError` unless the ranks share the
+    global batch evenly and ``grad_accum`` divides each rank's part."""
+    local, rest = divmod(cfg.batch_size, world_size)
+    if rest:
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
+                          f"{world_size} ranks")
+    if local % cfg.grad_accum:
+        raise ConfigError(f"grad_accum: the per-rank batch {local} (batch_size {cfg.batch_size} over "
+                          f"{world_size} rank(s)) must be a multiple of grad_accum={cfg.grad_accum}")
+    return local
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train I-JEPA with Stochastic Positional Embeddings (StoP). Every "
                                 "TrainConfig key is a flag; see docs/training.md.")

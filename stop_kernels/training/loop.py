@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, set_aside
-from .config import ConfigError, TrainConfig, validate
+from .config import ConfigError, TrainConfig, local_batch, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import MetricsLogger, gpu_name, peak_memory_gib, step_flops
@@ -241,29 +241,35 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(cfg.out, "checkpoints"), info, keep=cfg.keep_ckpts)
 
     def step(self, imgs, masks_enc, masks_pred, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
-        """Forward, backward, AdamW, EMA.
+        """One optimizer step on a whole batch: with ``grad_accum`` = k > 1, cut into k equal micro-batches
+        (:func:`micro_batches`, keeping the batch's masks) and run by :meth:`step_micro`."""
+        return self.step_micro(micro_batches(imgs, masks_enc, masks_pred, self.cfg.grad_accum), lr_wd_mom, skipped)
 
-        With ``grad_accum`` = k > 1 the batch runs as k micro-batches (:func:`micro_batches`), each
-        loss scaled by its share of the target tokens before its backward, so the summed gradients
-        and the returned loss are those of the whole batch (the masks were cut to one length for the
-        whole batch; only the StoP noise is drawn per micro-batch). Under FSDP2 the gradients are
-        reduced once, after the last micro-batch.
+    def step_micro(self, micro, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
+        """Forward and backward of each micro-batch ``(imgs, masks_enc, masks_pred)`` in ``micro``, then
+        AdamW and the EMA.
+
+        The step's loss is the mean of the micro-batches' losses (each a mean over its own target
+        tokens), as data parallelism averages its ranks: k micro-batches on each of N ranks train like
+        one micro-batch on each of N·k ranks. Each loss is scaled by 1/k before its backward, so the
+        gradients add up to that mean's. Under FSDP2 they are reduced once, after the last micro-batch.
 
         Returns ``[loss averaged over ranks, unreadable images skipped on all ranks]`` as one float32
         tensor still on the device (one asynchronous all-reduce; the caller reads it later).
         """
         _, _, momentum = lr_wd_mom
-        parts = micro_batches(imgs, masks_enc, masks_pred, self.cfg.grad_accum)
+        k = len(micro)
         # the masks were range-checked on the host (check_masks) before they were moved: no device
         # index check (a host synchronisation each) inside the step
         with chk.trusted_device_indices(), use_attention_backend(self.cfg.attention), \
                 use_auto_policy(self.auto_policy):
             loss = None
-            for i, (im, me, mp, share) in enumerate(parts):
-                self._gradient_sync(i == len(parts) - 1)
-                part = jepa_step_loss(self.models, im, me, mp, self.autocast, self.target_forward, self.side_stream)
-                if len(parts) > 1:
-                    part = part * share
+            for i, (imgs, masks_enc, masks_pred) in enumerate(micro):
+                self._gradient_sync(i == k - 1)
+                part = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward,
+                                      self.side_stream)
+                if k > 1:
+                    part = part / k
                 part.backward()
                 loss = part.detach() if loss is None else loss + part.detach()
         self.opt.step()
@@ -279,7 +285,7 @@ class Trainer:
     def _gradient_sync(self, on: bool) -> None:
         """FSDP2 reduces gradients only when ``on`` (the last micro-batch): the others accumulate the
         unsharded gradients locally (in the fp32 reduce dtype), one reduction per step instead of k."""
-        if self.mesh is not None and self.cfg.grad_accum > 1:
+        if self.mesh is not None and self.cfg.grad_accum > 1:  # (a k = 1 step never turns it off)
             for m in (self.models.encoder, self.models.predictor):
                 m.set_requires_gradient_sync(on)
 
@@ -302,45 +308,23 @@ def parameters_finite(models: "JEPAModels", info: D.DistInfo) -> bool:
     return bool(ok.item())
 
 
-def target_tokens(masks) -> int:
-    """Target tokens in a batch's masks (rectangular ``[B, K]`` or ragged lists of 1-D tensors), read from
-    their shapes: no host synchronisation."""
-    return sum(sum(len(t) for t in m) if isinstance(m, (list, tuple)) else m.numel() for m in masks)
-
-
 def micro_batches(imgs, masks_enc, masks_pred, parts: int):
-    """``parts`` equal slices of a batch along the batch dimension: ``[(imgs, masks_enc, masks_pred, share)]``.
-
-    ``share`` is the slice's fraction of the batch's target tokens. The loss is a mean over target
-    tokens, so Σ share·loss(slice) = loss(batch): equal shares for rectangular masks, the token
-    counts' ratio for ragged ones. The slices keep the batch's mask lengths (the collator cut them
-    once for the whole batch), so accumulating them reproduces the step on the whole batch.
-    """
-    B = imgs.shape[0]
+    """A batch as ``parts`` equal slices along the batch dimension, ``[(imgs, masks_enc, masks_pred)]``, each
+    keeping the batch's mask lengths (the training loop instead loads micro-batches collated on their own:
+    :meth:`stop_kernels.data.datasets.TrainData.steps`)."""
     if parts == 1:
-        return [(imgs, masks_enc, masks_pred, 1.0)]
+        return [(imgs, masks_enc, masks_pred)]
+    B = imgs.shape[0]
     if B % parts:
         raise ValueError(f"grad_accum: a batch of {B} images cannot be split into {parts} equal micro-batches")
-    size, total = B // parts, target_tokens(masks_pred)
-    out = []
-    for i in range(parts):
-        s = slice(i * size, (i + 1) * size)
-        me, mp = [m[s] for m in masks_enc], [m[s] for m in masks_pred]
-        out.append((imgs[s], me, mp, target_tokens(mp) / total))
-    return out
+    size = B // parts
+    return [(imgs[s], [m[s] for m in masks_enc], [m[s] for m in masks_pred])
+            for s in (slice(i * size, (i + 1) * size) for i in range(parts))]
 
 
-def local_batch(cfg: TrainConfig, world_size: int) -> int:
-    """The per-rank batch, ``batch_size / world_size``; :class:`ConfigError` unless the ranks share the
-    global batch evenly and ``grad_accum`` divides each rank's part."""
-    local, rest = divmod(cfg.batch_size, world_size)
-    if rest:
-        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of the "
-                          f"{world_size} ranks")
-    if local % cfg.grad_accum:
-        raise ConfigError(f"grad_accum: the per-rank batch {local} (batch_size {cfg.batch_size} over "
-                          f"{world_size} rank(s)) must be a multiple of grad_accum={cfg.grad_accum}")
-    return local
+def step_tokens(micro) -> Tuple[float, float]:
+    """Mean context and target tokens per image over a step's micro-batches (of equal image counts)."""
+    return (sum(mean_tokens(b[1]) for b in micro) / len(micro), sum(mean_tokens(b[2]) for b in micro) / len(micro))
 
 
 def batch_text(cfg: TrainConfig, world_size: int) -> str:
@@ -517,13 +501,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     try:
         while step < total:
             epoch, first = step // ipe, step % ipe
-            for imgs, masks_enc, masks_pred, skipped in data.epoch(epoch, first):
+            for micro, skipped in data.steps(epoch, first):
                 if step >= total:
                     break
                 t_begin = time.perf_counter()
-                imgs, masks_enc, masks_pred = tr.to_device(imgs, masks_enc, masks_pred)
+                micro = [tr.to_device(*batch) for batch in micro]
                 sched = set_schedules(tr.opt, cfg, step, total, warmup)
-                stats = tr.step(imgs, masks_enc, masks_pred, sched, skipped)
+                stats = tr.step_micro(micro, sched, skipped)
                 if pending is not None:
                     finish(pending)
                 # a step's time stamp: when it was queued, i.e. in steady state when the step before it
@@ -531,7 +515,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 # it, so it is stamped when its own work began and logged untimed (MetricsLogger.start_clock).
                 # On the CPU every step runs to its end before the next line: stamps mark step ends, the
                 # restarted step's included (its begin would give the next step two steps' time)
-                pending = (step, epoch, stats, *sched, mean_tokens(masks_enc), mean_tokens(masks_pred),
+                pending = (step, epoch, stats, *sched, *step_tokens(micro),
                            t_begin if restarted and asynchronous else time.perf_counter())
                 restarted = False
                 step += 1
@@ -639,15 +623,17 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     if ignored:  # the step alone is timed: fresh models, synthetic batches, nothing read or written
         _print(f"benchmark: ignores {' and '.join('--' + k for k in ignored)} (fresh models on synthetic "
                f"batches)", info, stream)
-    batches = synthetic_batches(cfg, pool, local, info.device, cfg.seed + 7919 * info.rank)
-    batches = [batches[i % pool] for i in range(warm + n)]
+    k = cfg.grad_accum  # each step: k micro-batches with masks of their own, as training loads them
+    micro = synthetic_batches(cfg, pool * k, local // k, info.device, cfg.seed + 7919 * info.rank)
+    steps = [micro[j * k:(j + 1) * k] for j in range(pool)]
+    steps = [steps[i % pool] for i in range(warm + n)]
     total = warm + n
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
     losses: List[torch.Tensor] = []
     t_warm = time.perf_counter()
     for i in range(warm):
         set_schedules(tr.opt, cfg, i, total, 0)
-        losses.append(tr.step(*batches[i], sched))
+        losses.append(tr.step_micro(steps[i], sched))
         if i == 0:
             _sync(info.device)
             _print(f"  first step {time.perf_counter() - t_warm:.1f} s", info, stream)
@@ -659,10 +645,10 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     flops = 0.0
     t0 = time.perf_counter()
     for i in range(warm, total):
-        imgs, me, mp = batches[i]
         set_schedules(tr.opt, cfg, i, total, 0)
-        losses.append(tr.step(imgs, me, mp, sched))
-        flops += step_flops(cfg, local, mean_tokens(me), mean_tokens(mp)) * info.world_size
+        losses.append(tr.step_micro(steps[i], sched))
+        flops += sum(step_flops(cfg, local // k, mean_tokens(me), mean_tokens(mp)) for _, me, mp in steps[i]) \
+            * info.world_size
     _sync(info.device)
     D.barrier(info)
     dt = time.perf_counter() - t0
@@ -670,8 +656,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     ms = 1000.0 * dt / max(n, 1)
     tflops = flops / dt / 1e12
     mem = peak_memory_gib(info.device)
-    n_ctx = sum(mean_tokens(b[1]) for b in batches[warm:]) / max(n, 1)
-    n_tgt = sum(mean_tokens(b[2]) for b in batches[warm:]) / max(n, 1)
+    n_ctx = sum(step_tokens(m)[0] for m in steps[warm:]) / max(n, 1)
+    n_tgt = sum(step_tokens(m)[1] for m in steps[warm:]) / max(n, 1)
     result = {
         "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
@@ -699,6 +685,6 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
 __all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "out_of_memory_advice",
            "init_weights_from", "build_models", "build_optimizer", "check_masks",
-           "parameters_finite", "micro_batches", "target_tokens",
+           "parameters_finite", "micro_batches",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]
