@@ -202,7 +202,8 @@ def autocast_for(precision: str, device: torch.device):
 
 
 class Trainer:
-    """Holds the built pieces of a run; :meth:`step` is one optimizer step (no host synchronisation)."""
+    """Holds the built pieces of a run; :meth:`step_micro` (a step's micro-batches) and :meth:`step` (one whole
+    batch) are one optimizer step each, with no host synchronisation."""
 
     def __init__(self, cfg: TrainConfig, info: D.DistInfo, data: Optional[TrainData], stream=None):
         self.cfg, self.info, self.data = cfg, info, data
