@@ -85,7 +85,7 @@ class TrainConfig:
     min_keep: int = 4                  # every mask keeps more than min_keep patches (the official rule)
     # ---- optimisation -----------------------------------------------------------------------
     batch_size: int = 16               # global batch (split evenly over the ranks)
-    grad_accum: int = 1                # micro-batches per optimizer step: each rank runs its batch in grad_accum equal parts
+    grad_accum: int = 1                # micro-batches per optimizer step and rank (each collated on its own, averaged like ranks)
     epochs: int = 1
     steps: int = 60                    # total optimizer steps; 0 = epochs × iterations per epoch
     warmup_epochs: float = 0.1         # warm-up length in epochs (as a fraction of `epochs` when steps is set)
