@@ -22,9 +22,12 @@ def tiny_args(**over):
 
 
 def subprocess_env():
-    """Environment for `python train.py` / torchrun children: the reference (non-interpreted) backends, 1 thread."""
+    """Environment for `python train.py` / torchrun children: the CPU (no GPU visible, also on a GPU machine:
+    gloo ranks, fp32, the runs these tests compare bit for bit), the reference (non-interpreted) backends,
+    1 thread."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

@@ -7,7 +7,8 @@
   ``../shared/fixtures`` (or ``$STOP_KERNELS_FIXTURES``); the test is skipped, with that reason,
   only where the folder is absent.
 * ``count_calls(module, name)`` counts the calls of a module function for one test.
-* ``cpu_train``: the training tests' fast CPU setting (reference StoP path, one thread).
+* ``cpu_train``: the training tests' fast CPU setting (reference StoP path, one thread, the CPU even where a
+  GPU is visible).
 """
 import os
 import pathlib
@@ -62,8 +63,11 @@ def count_calls(monkeypatch):
 
 @pytest.fixture
 def cpu_train(monkeypatch):
-    """Reference (non-interpreted) predictor-input path and one thread: fast, deterministic CPU training."""
+    """Reference (non-interpreted) predictor-input path and one thread: fast, deterministic CPU training,
+    also on a machine with a GPU (``device: auto`` and ``precision: auto`` resolve to the CPU and fp32, which
+    these tests' tolerances, bitwise resumes and expected refusals assume; the GPU paths have tests of their own)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
