@@ -287,6 +287,26 @@ def test_packed_training_keeps_every_patch(tmp_path, cpu_train):
     assert any(r["ctx_tokens"] != int(r["ctx_tokens"]) or r["tgt_tokens"] != int(r["tgt_tokens"]) for r in recs)
 
 
+def test_every_config_key_has_a_help_line(capsys, monkeypatch):
+    """train.py --help describes every key, from the comment beside its field in TrainConfig (one source),
+    with its default and, where the text does not list them, its choices."""
+    import dataclasses
+    from stop_kernels.training.config import CHOICES, TrainConfig, build_parser, field_help
+    helps = field_help()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if len(helps.get(f.name, "")) < 8]
+    assert not missing, f"TrainConfig fields without a comment: {missing}"
+    monkeypatch.setenv("COLUMNS", "10000")  # argparse wraps help text (at hyphens too) to the terminal width
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]  # past the usage
+    assert "--grad-accum GRAD_ACCUM micro-batches per optimizer step and rank" in text
+    assert "--crop-scale CROP_SCALE RandomResizedCrop area range (default '0.3,1.0')" in text
+    assert "--hflip [BOOL] random horizontal flip (default false)" in text
+    for key in CHOICES:  # each choice is named in the key's help
+        line = text.split("--" + key.replace("_", "-") + " ", 1)[1].split(" --", 1)[0]
+        assert all(c in line for c in CHOICES[key]), key
+
+
 def test_readme_lists_every_config_key_with_its_default():
     """The README's configuration table is the users' reference: one row per TrainConfig field, with the
     field's default (numbers compared as numbers, pairs written `a,b`)."""

@@ -62,7 +62,7 @@ class TrainConfig:
     # ---- model ------------------------------------------------------------------------------
     model: str = "vit_tiny"            # encoder preset: vit_tiny … vit_giant (aliases vit_t … vit_g)
     img_size: int = 64                 # input resolution (a multiple of patch_size)
-    patch_size: int = 8
+    patch_size: int = 8                # patch side in pixels
     pred_depth: int = 4                # predictor depth (12 in the paper's recipes)
     pred_emb_dim: int = 192            # predictor width (384 in the paper's recipes)
     noise_mode: str = "learned"        # learned (StoP) | isotropic | none (plain I-JEPA)
@@ -79,23 +79,23 @@ class TrainConfig:
     pin_memory: bool = True            # pinned host memory for batches (only used on CUDA)
     # ---- masks ------------------------------------------------------------------------------
     npred: int = 4                     # target blocks per image
-    enc_mask_scale: Tuple[float, float] = (0.85, 1.0)
-    pred_mask_scale: Tuple[float, float] = (0.15, 0.2)
-    aspect_ratio: Tuple[float, float] = (0.75, 1.5)
+    enc_mask_scale: Tuple[float, float] = (0.85, 1.0)  # area range of the context block (before removing the targets)
+    pred_mask_scale: Tuple[float, float] = (0.15, 0.2)  # area range of each target block
+    aspect_ratio: Tuple[float, float] = (0.75, 1.5)    # aspect-ratio range of the target blocks
     min_keep: int = 4                  # every mask keeps more than min_keep patches (the official rule)
     # ---- optimisation -----------------------------------------------------------------------
     batch_size: int = 16               # global batch (split evenly over the ranks)
     grad_accum: int = 1                # micro-batches per optimizer step and rank (each collated on its own, averaged like ranks)
-    epochs: int = 1
+    epochs: int = 1                    # epochs when steps is 0
     steps: int = 60                    # total optimizer steps; 0 = epochs × iterations per epoch
     warmup_epochs: float = 0.1         # warm-up length in epochs (as a fraction of `epochs` when steps is set)
-    start_lr: float = 2e-4
+    start_lr: float = 2e-4             # learning rate at the start of the warm-up
     lr: float = 1e-3                   # peak learning rate
-    final_lr: float = 1e-6
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4
-    ema_start: float = 0.996
-    ema_end: float = 1.0
+    final_lr: float = 1e-6             # learning rate at the end of the cosine
+    weight_decay: float = 0.04         # weight decay at the start (cosine schedule)
+    final_weight_decay: float = 0.4    # weight decay at the end
+    ema_start: float = 0.996           # EMA momentum of the target encoder at the start (linear schedule)
+    ema_end: float = 1.0               # EMA momentum at the end
     # ---- parallelism and speed --------------------------------------------------------------
     sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
@@ -117,7 +117,7 @@ class TrainConfig:
     init_from: str = ""                # start from these weights (official .pth.tar, or a run / checkpoint folder)
     export: bool = True                # write <out>/export/{encoder,target_encoder}.safetensors at the end
     # ---- logging ----------------------------------------------------------------------------
-    seed: int = 0
+    seed: int = 0                      # seed of initialisation, data order, masks and noise
     out: str = "runs/default"          # output folder (log.jsonl, checkpoints, export, tensorboard)
     log_every: int = 10                # progress line every N steps (the JSONL log has every step)
     tensorboard: bool = True           # also write TensorBoard scalars when tensorboard is installed
@@ -290,17 +290,37 @@ def local_batch(cfg: TrainConfig, world_size: int) -> int:
     return local
 
 
+def field_help() -> Dict[str, str]:
+    """Each key's one-line description: its comment in :class:`TrainConfig`'s source (one place for both
+    the code and ``--help``)."""
+    import inspect
+    import re
+    found = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train I-JEPA with Stochastic Positional Embeddings (StoP). Every "
-                                "TrainConfig key is a flag; see docs/training.md.")
+                                "TrainConfig key is a flag; the defaults shown are the embedded CPU-sized run, and "
+                                "--model vit_b, vit_l, vit_h or vit_g loads its paper recipe (configs/) for the keys "
+                                "not given. More: docs/training.md and the README's table of keys.")
     p.add_argument("--config", help="YAML recipe (keys as in TrainConfig), e.g. configs/vit_h14_224.yaml")
+    helps = field_help()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        text = helps.get(f.name, "")
+        if f.name in CHOICES and not all(c in text for c in CHOICES[f.name]):
+            text += f" [one of {', '.join(CHOICES[f.name])}]"
+        text += f" (default {str(default).lower() if isinstance(default, bool) else repr(default)})"
         if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL",
-                           help=f"(default {f.default!r})")
+            p.add_argument(flag, dest=f.name, default=None, nargs="?", const="true", metavar="BOOL", help=text)
         else:
-            p.add_argument(flag, dest=f.name, default=None, help=f"(default {f.default!r})")
+            p.add_argument(flag, dest=f.name, default=None, help=text)
     return p
 
 
