@@ -273,3 +273,17 @@ def test_offline_driver_is_restored():
     with offline_driver(90, "cpu") as drv:
         assert driver.active.get_current_target().arch == 90 and drv.get_active_torch_device().type == "cpu"
     assert driver._active is before
+
+
+def test_a_step_of_micro_batches_counts_the_skips_of_all_of_them(tmp_path):
+    """With grad_accum, a step's unreadable-image count is the sum over its micro-batches: over an epoch it
+    is every broken file once, wherever the shuffle put them."""
+    root = make_folder(tmp_path / "imgs", per_class=3)
+    (root / "b" / "broken2.JPEG").write_bytes(b"not an image either" * 4)
+    cfg = TrainConfig(**dict(TINY, data=str(root), batch_size=8, grad_accum=4))
+    data = TrainData(cfg)
+    assert (data.iters_per_epoch, data.micro_batch) == (1, 2)
+    for epoch in range(3):
+        steps = list(data.steps(epoch))
+        per_micro = [b[3] for b in data.epoch(epoch)]
+        assert [s for _, s in steps] == [sum(per_micro)] == [2], (epoch, per_micro)
