@@ -119,3 +119,19 @@ def test_config_from_dict_reads_back_a_checkpoints_config():
         config_from_dict({"nope": 1})
     with pytest.raises(ConfigError, match="^grad_accum: expected an integer >= 1"):
         config_from_dict({"grad_accum": 0})
+
+
+def test_loading_copies_and_reads_both_file_formats(official_fixture, tmp_path):
+    """The models own their tensors: training them never writes into the dict given (or a memory-mapped
+    file); a legacy (pre-zipfile) torch.save file, which cannot be mapped, loads the same."""
+    original = official_fixture("official_stop_small.pt")["checkpoint"]
+    before = original["encoder"]["module.blocks.0.attn.qkv.weight"].clone()
+    m = load_official_checkpoint(original, num_heads=4)
+    with torch.no_grad():
+        m.encoder.blocks[0].attn.qkv.weight.add_(1.0)
+    assert torch.equal(original["encoder"]["module.blocks.0.attn.qkv.weight"], before)
+    for name, kw in (("zip.pth.tar", {}), ("legacy.pth.tar", {"_use_new_zipfile_serialization": False})):
+        torch.save(original, tmp_path / name, **kw)
+        got = load_official_checkpoint(str(tmp_path / name), num_heads=4)
+        assert torch.equal(got.encoder.blocks[0].attn.qkv.weight, before), name
+        assert torch.equal(got.target_encoder.pos_embed, m.target_encoder.pos_embed), name

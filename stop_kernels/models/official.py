@@ -129,8 +129,9 @@ def mlp_ratio_for(hidden: int, dim: int) -> float:
 def load_exact(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str) -> torch.nn.Module:
     """Fill ``module`` (built on the meta device) with ``state``: every key must match, any missing
     or unexpected key or shape mismatch is an error listing them (the one shape change taken is a
-    leading 1, as the official code stores its position tables ``[1, P, D]``). Tensors are assigned in float32 on
-    the CPU, so no time goes into a random initialisation that would be overwritten."""
+    leading 1, as the official code stores its position tables ``[1, P, D]``). Tensors are assigned as float32
+    copies on the CPU (never aliasing ``state`` or a mapped file), so no time goes into a random
+    initialisation that would be overwritten."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -142,7 +143,7 @@ def load_exact(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what:
            for k, v in state.items() if not fits(v, own[k].shape)]
     if bad:
         raise ValueError(f"checkpoint: {what} tensor shapes do not match the model: {bad}")
-    module.load_state_dict({k: v.detach().reshape(own[k].shape).to(torch.float32).contiguous()
+    module.load_state_dict({k: v.detach().reshape(own[k].shape).to("cpu", torch.float32, copy=True).contiguous()
                             for k, v in state.items()}, strict=True, assign=True)
     return module
 
@@ -172,7 +173,11 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
     if isinstance(ckpt, (str, os.PathLike)):
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"ckpt: no such file: {os.fspath(ckpt)}")
-        ckpt = torch.load(ckpt, map_location=map_location, weights_only=True)
+        try:  # memory-mapped: only the tensors used are read (not the optimizer state), and ranks loading the
+            # same file share its pages
+            ckpt = torch.load(ckpt, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zipfile) torch.save file cannot be mapped
+            ckpt = torch.load(ckpt, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, Mapping):
         raise TypeError(f"ckpt: expected a path or a dict, got {type(ckpt).__name__}")
     for key in ("encoder", "predictor"):
