@@ -74,6 +74,21 @@ def test_resume_after_a_kill_during_the_export_still_exports(tmp_path, cpu_train
     assert (tmp_path / "export" / "target_encoder.safetensors").is_file()
 
 
+def test_a_finished_runs_export_is_kept_on_resume(tmp_path, cpu_train):
+    """The export carries its training step in the safetensors metadata: a requeued job of a run that already
+    exported finds it complete and leaves it as it is (no second write of the encoders)."""
+    from safetensors import safe_open
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2, export=True))
+    files = [tmp_path / "export" / f"{n}.safetensors" for n in ("encoder", "target_encoder")]
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            assert fh.metadata()["step"] == "2" and fh.metadata()["model"] == "vit_tiny"
+    written = [f.stat().st_mtime_ns for f in files]
+    assert loop.train(tiny(tmp_path, steps=2, export=True, resume=True)) == []  # nothing left to train
+    assert [f.stat().st_mtime_ns for f in files] == written
+
+
 def test_skipped_images_count_survives_a_resume(tmp_path, cpu_train):
     from stop_kernels.training.loop import train
     from test_train_data import make_folder
