@@ -60,6 +60,9 @@
 #   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
 #   that the earlier session measured fastest (keep that file with the run's results).
+#   Unmeasured since the twelfth session: what gradient accumulation costs per image (smaller GEMMs per
+#   micro-batch): python benchmarks/e2e_step.py --model vit_h --batch-size 128 --paths fast --extra '--grad-accum 2'
+#   against the same at --batch-size 64 without it (images/s should stay within a few %).
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 WORK=${GPU_WORK:-/tmp/stop_kernels_gpu_work}
