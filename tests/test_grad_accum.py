@@ -163,9 +163,19 @@ def test_grad_accum_must_divide_each_ranks_batch(tmp_path, cpu_train, monkeypatc
 
 
 def test_training_and_benchmark_report_the_micro_batches(tmp_path, cpu_train, capsys):
-    losses = train(tiny(tmp_path / "train", steps=2, batch_size=4, grad_accum=2))
+    """The start-up lines name the micro-batches; a step's logged token counts are means over all of its
+    micro-batches (their mask lengths differ); the benchmark JSON carries grad_accum."""
+    from _train_helpers import read_log
+    from stop_kernels.models.packing import mean_tokens
+    cfg = tiny(tmp_path / "train", steps=2, batch_size=8, grad_accum=4)
+    losses = train(cfg)
     assert len(losses) == 2
-    assert "global batch 4 (2 micro-batches of 2 per rank)" in capsys.readouterr().out
+    assert "global batch 8 (4 micro-batches of 2 per rank)" in capsys.readouterr().out
+    steps = list(TrainData(cfg).steps(0))[:2]
+    for rec, (micro, _) in zip(read_log(tmp_path / "train"), steps):
+        assert rec["ctx_tokens"] == pytest.approx(sum(mean_tokens(m[1]) for m in micro) / 4)
+        assert rec["tgt_tokens"] == pytest.approx(sum(mean_tokens(m[2]) for m in micro) / 4)
+    assert len({mean_tokens(m[1]) for micro, _ in steps for m in micro}) > 1
     train(tiny(tmp_path / "bench", benchmark=1, benchmark_warmup=1, benchmark_batches=1, batch_size=4,
                grad_accum=4))
     out = capsys.readouterr()
