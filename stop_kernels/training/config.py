@@ -296,7 +296,11 @@ def field_help() -> Dict[str, str]:
     import inspect
     import re
     found = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
+    try:
+        source = inspect.getsource(TrainConfig)
+    except (OSError, TypeError):  # installed without its .py sources: --help shows the defaults only
+        return found
+    for line in source.splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
         if m:
             found[m.group(1)] = m.group(2).strip()
