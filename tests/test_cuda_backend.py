@@ -602,11 +602,11 @@ def test_wrapper_asks_the_backward_op_for_the_needed_gradients_only(twin, needs)
     (torch.float32, torch.bfloat16, torch.float32, None, torch.float32, torch.float32),  # W and b cast up
     (torch.float32, torch.float32, torch.bfloat16, None, torch.float32, torch.float32),  # b cast up
     (torch.bfloat16, torch.float32, None, torch.bfloat16, torch.bfloat16, torch.bfloat16),  # W in the amp dtype
-    (torch.float32, torch.float32, torch.float32, torch.float16, torch.float16, torch.float32),
+    (torch.float32, torch.float32, torch.float32, torch.float16, torch.float32, torch.float32),  # fp32 ψ: fp32 sum
 ])
 def test_wrapper_kernel_and_output_dtypes(twin, dt_pos, dt_w, dt_b, autocast, kernel, out):
-    """The kernel runs in one dtype (the autocast dtype, else the promoted one, fp64 → fp32) with every
-    operand cast to it; the output is promote(weight's dtype — the autocast one under autocast —, ψ's)."""
+    """The kernel runs in one dtype, promote(weight's dtype — the autocast one under autocast —, ψ's, b's;
+    fp64 → fp32), with every operand cast to it; the output is promote(weight's dtype, ψ's)."""
     g = torch.Generator().manual_seed(2)
     pos, w = torch.randn(6, 4, generator=g).to(dt_pos), torch.randn(4, 3, generator=g).to(dt_w)
     b = None if dt_b is None else torch.randn(4, generator=g).to(dt_b)
@@ -614,6 +614,21 @@ def test_wrapper_kernel_and_output_dtypes(twin, dt_pos, dt_w, dt_b, autocast, ke
     with cuda_autocast_flags(autocast) if autocast else contextlib.nullcontext():
         y = cb.stop_embed_cuda(pos, idx, w, b, generator=torch.Generator().manual_seed(0))
     assert twin.calls[0][1] == kernel and y.dtype == out and y.shape == (2, 3, 4)
+
+
+def test_autocast_is_the_call_with_weight_and_bias_in_the_autocast_dtype(twin):
+    """Under CUDA autocast W and b are taken in the autocast dtype and nothing else changes (the contract of
+    stop_embed, whose "auto" picks this backend on a GPU): an fp32 ψ is added in fp32, not rounded to bf16
+    with the sum (which put the fp32 output 2e-2 away from the same call made with bf16 W and b)."""
+    g = torch.Generator().manual_seed(6)
+    pos, w, b = torch.randn(16, 32, generator=g), torch.randn(32, 64, generator=g) / 8, torch.randn(32, generator=g)
+    idx = torch.randint(0, 16, (3, 7), generator=g)
+    with cuda_autocast_flags(torch.bfloat16):
+        out = cb.stop_embed_cuda(pos, idx, w, b, noise_std=0.3, generator=torch.Generator().manual_seed(2))
+    want = cb.stop_embed_cuda(pos, idx, w.bfloat16(), b.bfloat16(), noise_std=0.3,
+                              generator=torch.Generator().manual_seed(2))
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    assert twin.calls[0][1] == twin.calls[1][1] == torch.float32
 
 
 def test_host_checks_after_the_device_check(twin, monkeypatch):

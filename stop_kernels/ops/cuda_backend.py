@@ -126,11 +126,8 @@ def _autocast_dtype() -> Optional[torch.dtype]:
 
 
 def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """The dtype the kernels run in: the autocast dtype when autocast is on, else the promoted dtype
-    (float64 is computed in float32: the kernels have no fp64 path)."""
-    ac = _autocast_dtype()
-    if ac is not None:
-        return ac
+    """The dtype the kernels run in: the promoted dtype of the (None skipped) tensors (float64 is computed
+    in float32: the kernels have no fp64 path)."""
     dt = tensors[0].dtype
     for t in tensors[1:]:
         if t is not None:
@@ -174,20 +171,23 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
         generator: CPU ``torch.Generator`` the per-call Philox seed is drawn from (default generator
             when None), see :func:`stop_kernels.ops.philox.draw_seed`.
     Returns:
-        ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)``, weight taken in the autocast dtype
-        under CUDA autocast (as the Triton op). Kernel dtype: the autocast dtype under autocast, else
-        the promoted input dtype; float64 inputs are computed in float32.
+        ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)``, weight and bias taken in the
+        autocast dtype under CUDA autocast (as the Triton op). Kernel dtype: the promoted dtype of ψ, W
+        and b (W and b in the autocast dtype under autocast); float64 inputs are computed in float32.
     """
     noise_std = check_args(pos_embed, idx, weight, bias, noise_std)
     _ops()  # fail early with the load reason
     seed = draw_seed(generator)
-    # Output dtype as the Triton op: promote(weight, pos_embed), with weight (and bias) taken in the
-    # autocast dtype under CUDA autocast. The kernel runs in one dtype: the autocast dtype under
-    # autocast (ψ and b are rounded to it before the add), else the promoted dtype (fp64 → fp32).
+    # As the Triton op: under CUDA autocast weight and bias are taken in the autocast dtype and nothing
+    # else changes, so autocast is the same call with W and b cast (an fp32 ψ is not rounded to bf16
+    # with the sum). Output dtype promote(weight, pos_embed); the kernel runs in one dtype, the
+    # promoted one (fp64 → fp32): the bf16 kernel under bf16 autocast when ψ is bf16 too.
     amp = _autocast_dtype()
-    w_dtype = amp if amp is not None else weight.dtype
-    out_dtype = torch.promote_types(w_dtype, pos_embed.dtype)
-    dtype = amp if amp is not None else _compute_dtype(pos_embed, weight, bias)
+    if amp is not None:
+        weight = weight.to(amp)
+        bias = bias.to(amp) if bias is not None else None
+    out_dtype = torch.promote_types(weight.dtype, pos_embed.dtype)
+    dtype = _compute_dtype(pos_embed, weight, bias)
     pe, w = pos_embed.to(dtype), weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
     with torch.autocast("cuda", enabled=False):  # dtypes are chosen above
