@@ -237,3 +237,15 @@ def test_atomic_json_write_that_fails_leaves_the_previous_file_and_no_temporary(
         chk.write_json_atomic(str(path), {"a": object()})  # not serialisable: fails part-way
     assert chk.read_json(str(path), "configs") == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs.json"]
+
+
+@pytest.mark.parametrize("built", [False, True])
+def test_assembly_refuses_the_cuda_backend_by_name(built, monkeypatch):
+    """The CUDA C++ backend implements stop_embed only: backend="cuda" of assemble_predictor_input (listed by
+    its docstring) raised RuntimeError on every machine, "not built" where the extension is missing and "has
+    no assemble_predictor_input" where it is built. Refused as a bad argument, whether or not it is built."""
+    from stop_kernels.ops import cuda_backend
+    monkeypatch.setattr(cuda_backend, "available", lambda: built)
+    args = _assembly_inputs()
+    with pytest.raises(ValueError, match="^backend: "):
+        sk.assemble_predictor_input(*args, generator=_gen(), backend="cuda")

@@ -25,7 +25,9 @@ import torch
 from .. import reference
 from .philox import check_generator, draw_seed, philox_normal
 from .stop_embed import (BACKENDS, _noise_weight_grad_op, _out_dtype, autocast_dtype, check_backend,
-                         launch_pos_noise, launch_project, load_cuda_backend, scatter_rows)
+                         launch_pos_noise, launch_project, scatter_rows)
+
+ASSEMBLY_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # the CUDA C++ backend implements stop_embed only
 
 
 def _views(out: torch.Tensor, npred: int, B: int, Nc: int, Nt: int):
@@ -147,21 +149,17 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
         generator: CPU generator of the per-call Philox seed (default generator when None).
         noise: explicit already-scaled noise (``[npred, B, Nt, E]`` learned, ``[npred, B, Nt, D]``
             isotropic) → computed by the reference path with that noise.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else reference), "triton",
-            "reference" (same seed and Philox noise), "cuda" (the CUDA C++ backend).
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else reference), "triton" or
+            "reference" (same seed and Philox noise); the CUDA C++ backend ("cuda") has no kernel for it.
     Returns:
         ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under CUDA autocast
         ctx, W, b (and mask_token) are taken in the autocast dtype.
     """
     from .. import _checks as chk  # noqa: PLC0415
     chk.choice("backend", backend, BACKENDS)
-    if backend == "cuda":
-        cuda = load_cuda_backend()
-        if not hasattr(cuda, "assemble_predictor_input"):
-            raise RuntimeError("backend='cuda': the CUDA backend has no assemble_predictor_input; use 'triton'")
-        return cuda.assemble_predictor_input(
-            ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode=noise_mode, noise_std=noise_std,
-            mask_token=mask_token, generator=generator, noise=noise)
+    if backend == "cuda":  # a bad argument on every machine, extension built or not
+        raise ValueError(f"backend: the CUDA C++ backend implements stop_embed only; assemble_predictor_input "
+                         f"takes one of {ASSEMBLY_BACKENDS}, got 'cuda'")
     if noise is not None:
         check_generator(generator)  # unused with explicit noise, but never silently wrong
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed,
