@@ -36,7 +36,7 @@ import triton.language as tl
 from .. import _checks as chk
 from ..backends import on_device, sm_count, triton_interpreting
 from .. import reference
-from .philox import draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
+from .philox import check_generator, draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
 BACKENDS = ("auto", "triton", "reference", "cuda")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -657,11 +657,7 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
     chk.dim_equals("pos_embed", pos_embed, 1, weight.shape[0], "predictor width D = weight.shape[0]")
     chk.same_device(pos_embed=pos_embed, idx=idx, weight=weight, bias=bias)
     sigma = chk.non_negative("noise_std", noise_std)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError(f"generator: expected a CPU torch.Generator (the seed is drawn on the host), got one on "
-                         f"{generator.device}")
+    check_generator(generator)
     if not torch.compiler.is_compiling():  # data-dependent: checked eagerly
         P = pos_embed.shape[0]
         chk.index_tensor("idx", idx, upper=P, what=f"pos_embed has {P} rows")
