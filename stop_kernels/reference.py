@@ -77,7 +77,8 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         bias: ``[D]`` or None.
         noise: ``[..., M, E]`` the already scaled noise n ~ N(0, σ² I).
     Returns:
-        ``[..., M, D]`` in the dtype of ``noise``/``weight`` promotion.
+        ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)`` (``noise`` has the weight's dtype),
+        as the fused op.
     """
     chk.float_tensor("pos_embed", pos_embed, ndim=2)
     chk.float_tensor("weight", weight, ndim=2)
