@@ -187,12 +187,11 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
     tgt = check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token)
     check_no_noise(noise, noise_mode)
     npred, B, Nt = tgt.shape
-    Nc, E = ctx.shape[1:]
+    E = ctx.shape[2]
     D = weight.shape[0]
-    # context rows: predictor_embed(x) + ψ[ctx_idx], shared by every target block
     if bias is not None:
         bias = bias.to(weight.dtype)  # as the fused op takes it: a bias of another dtype is cast, not refused
-    x = F.linear(ctx, weight, bias) + pos_embed[ctx_idx]
+    x = context_rows(ctx, ctx_idx, weight, bias, pos_embed)
     dtype = x.dtype
     if noise_mode == "learned":
         if noise is None:  # in the weight's dtype, as n·Wᵀ needs it (and the fused op draws it)
@@ -206,6 +205,21 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
         masked = pos_embed[tgt] + noise
     else:
         masked = mask_token.reshape(D) + pos_embed[tgt]
+    return join_predictor_rows(x, masked)
+
+
+def context_rows(ctx: torch.Tensor, ctx_idx: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 pos_embed: torch.Tensor) -> torch.Tensor:
+    """The predictor's context rows ``predictor_embed(ctx) + ψ[ctx_idx]`` → ``[B, Nc, D]``, shared by every
+    target block (arguments as :func:`assemble_predictor_input`, checked there)."""
+    return F.linear(ctx, weight, bias) + pos_embed[ctx_idx]
+
+
+def join_predictor_rows(x: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Context rows ``x[B, Nc, D]`` and masked rows ``[npred, B, Nt, D]`` → ``[npred·B, Nc+Nt, D]`` in x's dtype,
+    row ``k·B + b`` = image b's context followed by its k-th target block (the official repeat + cat)."""
+    npred, B, Nt, D = masked.shape
+    Nc = x.shape[1]
     x = x.unsqueeze(0).expand(npred, B, Nc, D)
     return torch.cat([x, masked.to(x.dtype)], dim=2).reshape(npred * B, Nc + Nt, D)
 

@@ -23,8 +23,10 @@ from .. import reference
 from .vit import LN_EPS, INIT_STD, Block, check_transformer_sizes, grid_size, init_weights, run_blocks
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
-# "unfused" is the official code's path (torch.randn noise + Linear + gather + repeat + cat); the
-# others select the backend of the fused op (see stop_kernels.ops.predictor_input)
+# "unfused" is the official code's path (torch.randn noise + Linear + gather + repeat + cat); "cuda" draws the
+# StoP rows with the CUDA C++ stop_embed (it has no assembly kernel) and joins them to the context rows as the
+# official code does (the other noise modes run as "auto"); the others select the backend of the fused op
+# (see stop_kernels.ops.predictor_input)
 INPUT_BACKENDS = ("auto", "triton", "cuda", "reference", "unfused")
 
 
@@ -85,7 +87,21 @@ class VisionTransformerPredictor(nn.Module):
                   generator=generator)
         if self.input_backend == "unfused":
             return reference.assemble_predictor_input(*args, **kw)
-        return assemble_predictor_input(*args, backend=self.input_backend, **kw)
+        if self.input_backend == "cuda" and self.noise_mode == "learned" and noise is None:
+            return self._assemble_with_cuda_stop(*args, generator=generator)
+        backend = "auto" if self.input_backend == "cuda" else self.input_backend
+        return assemble_predictor_input(*args, backend=backend, **kw)
+
+    def _assemble_with_cuda_stop(self, x, ctx_idx, tgt, weight, bias, pos_embed, *, generator):
+        """input_backend "cuda", learned noise: the masked rows from the CUDA C++ ``stop_embed`` (same Philox
+        stream as the fused op), joined to ``predictor_embed(x) + ψ[ctx_idx]`` as the official code joins them."""
+        from ..ops.stop_embed import stop_embed
+
+        tgt = reference.check_assembly_args(x, ctx_idx, tgt, weight, bias, pos_embed, self.noise_mode,
+                                            self.noise_std, self.mask_token)
+        masked = stop_embed(pos_embed, tgt, weight, bias, noise_std=self.noise_std, generator=generator,
+                            backend="cuda")
+        return reference.join_predictor_rows(reference.context_rows(x, ctx_idx, weight, bias, pos_embed), masked)
 
     def forward(self, x, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
