@@ -631,6 +631,54 @@ def test_autocast_is_the_call_with_weight_and_bias_in_the_autocast_dtype(twin):
     assert twin.calls[0][1] == twin.calls[1][1] == torch.float32
 
 
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+
+
+@pytest.mark.parametrize("pos, w, b, amp, one", [
+    (BF16, BF16, BF16, None, True), (F32, F32, None, None, True), (BF16, BF16, None, BF16, True),
+    (BF16, F32, F32, BF16, True),  # W and b taken in the autocast dtype: one bf16 kernel
+    (F32, F32, F32, BF16, False),  # the predictor's fp32 table under bf16 autocast: Triton, not the fp32 kernel
+    (F32, BF16, None, None, False), (BF16, BF16, F32, None, False), (F16, F16, F16, BF16, False),
+    (F64, F64, F64, None, False),
+])
+def test_auto_takes_the_cuda_kernels_only_for_one_kernel_dtype(pos, w, b, amp, one):
+    """stop_embed's "auto" prefers the CUDA C++ kernels only where ψ, W and b share one dtype (W and b in the
+    autocast dtype): they run in one dtype, so a mixed call would run them in fp32, where Triton mixes."""
+    from stop_kernels.ops.stop_embed import _one_kernel_dtype
+    assert _one_kernel_dtype(pos, w, b, amp) is one
+
+
+@pytest.mark.parametrize("mode", ["learned", "isotropic"])
+def test_predictor_cuda_input_backend_with_twin_ops(twin, monkeypatch, mode):
+    """The predictor's input_backend "cuda" (the CUDA C++ kernels implement stop_embed only): learned masked
+    rows from stop_embed_cuda, joined to the context rows as the reference joins them, equal in value and
+    gradient to the "reference" backend under the same seed (same Philox stream); the other noise modes
+    run as "auto". Failed with a RuntimeError / ValueError before (assemble_predictor_input has no CUDA kernel)."""
+    from stop_kernels.models.predictor import vit_predictor
+    monkeypatch.setattr(cb, "available", lambda: True)
+    g = torch.Generator().manual_seed(8)
+    B, Nc, Nt, npred = 3, 5, 4, 2
+    order = torch.stack([torch.randperm(16, generator=g) for _ in range(B)])
+    ctx, tgt = order[:, :Nc], [order[:, Nc:Nc + Nt], order[:, Nc + 1:Nc + 1 + Nt]]
+    x = torch.randn(B, Nc, 24, generator=g)
+    preds = {}
+    for backend in ("cuda", "reference"):
+        torch.manual_seed(0)  # the same initial weights
+        preds[backend] = vit_predictor(num_patches=16, embed_dim=24, num_heads=4, predictor_embed_dim=8, depth=1,
+                                       noise_mode=mode, noise_std=0.3, input_backend=backend)
+    got, want = (preds[k].assemble(x, [ctx], tgt, generator=torch.Generator().manual_seed(4))
+                 for k in ("cuda", "reference"))
+    assert got.shape == (npred * B, Nc + Nt, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [c[0] for c in twin.calls] == (["fwd"] if mode == "learned" else [])
+    grad = torch.randn(got.shape, generator=g)
+    got.backward(grad)
+    want.backward(grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(preds["cuda"].predictor_embed, name).grad,
+                                   getattr(preds["reference"].predictor_embed, name).grad, rtol=1e-5, atol=1e-5)
+
+
 def test_host_checks_after_the_device_check(twin, monkeypatch):
     """The shape and range checks that follow the device check (on a GPU they run before any launch)."""
     pos, w, b = torch.randn(8, 4), torch.randn(4, 6), torch.randn(4)

@@ -608,15 +608,19 @@ def check_backend(backend: str, device: torch.device, dtypes, name: str = "backe
 _CUDA_EXT_OK: Optional[bool] = None
 
 
-def _cuda_extension_preferred(weight: torch.Tensor) -> bool:
-    """``auto`` takes the compiled CUDA kernels for CUDA tensors when the extension is built.
+def _cuda_extension_preferred(pos_embed: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """``auto`` takes the compiled CUDA kernels for CUDA tensors when the extension is built and the call
+    has one kernel dtype (:func:`_one_kernel_dtype`).
 
     Measured side by side on an H200 (benchmarks/results/h200-run2, ViT-H shapes, bf16): CUDA
     0.27 / 0.63 ms forward / forward+backward against Triton 0.22 / 1.13 ms, so the faster
     forward+backward (what training runs) is the default; both draw the same noise.
     """
     global _CUDA_EXT_OK
-    if not isinstance(weight, torch.Tensor) or weight.device.type != "cuda" or weight.dtype == torch.float64:
+    if not isinstance(weight, torch.Tensor) or weight.device.type != "cuda":
+        return False
+    if not _one_kernel_dtype(pos_embed.dtype, weight.dtype, None if bias is None else bias.dtype,
+                             autocast_dtype(weight.device)):
         return False
     if _CUDA_EXT_OK is None:
         try:
@@ -625,6 +629,16 @@ def _cuda_extension_preferred(weight: torch.Tensor) -> bool:
         except Exception:
             _CUDA_EXT_OK = False
     return _CUDA_EXT_OK
+
+
+def _one_kernel_dtype(pos_dtype: torch.dtype, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype],
+                      amp: Optional[torch.dtype]) -> bool:
+    """Whether ψ, W and b (W and b in the autocast dtype ``amp`` when not None) share one dtype other than
+    float64. The CUDA kernels run in one dtype, the promoted one: a mixed call (an fp32 ψ with bf16 W, as
+    bf16 autocast calls it with the predictor's fp32 table) would run in fp32, where the Triton kernels take
+    bf16 operands with an fp32 ψ in one kernel; float64 has no CUDA kernel."""
+    dtypes = {pos_dtype} | {amp or d for d in (weight_dtype, bias_dtype) if d is not None}
+    return len(dtypes) == 1 and torch.float64 not in dtypes
 
 
 def load_cuda_backend():
@@ -691,9 +705,10 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         weight: ``[D, E]`` projection W; bias: ``[D]`` or None.
         noise_std: σ ≥ 0. generator: CPU ``torch.Generator`` the per-call seed is drawn from
             (default generator when None), so ``torch.manual_seed`` reproduces the noise.
-        backend: "auto" (the CUDA C++ kernels for CUDA tensors when ``stop_kernels._C`` is built —
-            measured faster forward+backward on an H200 —, else Triton on CUDA or under
-            TRITON_INTERPRET=1, else "reference"),
+        backend: "auto" (the CUDA C++ kernels for CUDA tensors when ``stop_kernels._C`` is built and
+            ψ, W and b have one dtype (W and b in the autocast dtype under autocast) — measured faster
+            forward+backward on an H200 —, else Triton on CUDA or under TRITON_INTERPRET=1, else
+            "reference"),
             "triton", "reference" (same seed and Philox noise, computed with
             :func:`stop_kernels.reference.stop_embed`), or "cuda" (the CUDA C++ backend).
     Returns:
@@ -702,7 +717,7 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     Noise row r is row r of ``idx.reshape(-1)``: ``n = philox_normal(seed, idx.numel(), E, σ)``.
     """
     chk.choice("backend", backend, BACKENDS)
-    if backend == "cuda" or (backend == "auto" and _cuda_extension_preferred(weight)):
+    if backend == "cuda" or (backend == "auto" and _cuda_extension_preferred(pos_embed, weight, bias)):
         return load_cuda_backend().stop_embed_cuda(pos_embed, idx, weight, bias, noise_std=noise_std,
                                                   generator=generator)
     sigma, seed = _checked_seed(pos_embed, idx, weight, bias, noise_std, generator)
