@@ -94,13 +94,16 @@ class VisionTransformerPredictor(nn.Module):
 
     def _assemble_with_cuda_stop(self, x, ctx_idx, tgt, weight, bias, pos_embed, *, generator):
         """input_backend "cuda", learned noise: the masked rows from the CUDA C++ ``stop_embed`` (same Philox
-        stream as the fused op), joined to ``predictor_embed(x) + ψ[ctx_idx]`` as the official code joins them."""
-        from ..ops.stop_embed import stop_embed
+        stream as the fused op), joined to ``predictor_embed(x) + ψ[ctx_idx]`` as the official code joins them.
+        Under autocast ψ is taken in the autocast dtype too: the kernels run in one dtype, and an fp32 table
+        would make it fp32."""
+        from ..ops.stop_embed import autocast_dtype, stop_embed
 
         tgt = reference.check_assembly_args(x, ctx_idx, tgt, weight, bias, pos_embed, self.noise_mode,
                                             self.noise_std, self.mask_token)
-        masked = stop_embed(pos_embed, tgt, weight, bias, noise_std=self.noise_std, generator=generator,
-                            backend="cuda")
+        amp = autocast_dtype(torch.device("cuda"))  # the "cuda" backend takes CUDA tensors only
+        masked = stop_embed(pos_embed if amp is None else pos_embed.to(amp), tgt, weight, bias,
+                            noise_std=self.noise_std, generator=generator, backend="cuda")
         return reference.join_predictor_rows(reference.context_rows(x, ctx_idx, weight, bias, pos_embed), masked)
 
     def forward(self, x, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
