@@ -680,7 +680,9 @@ def test_predictor_cuda_input_backend_with_twin_ops(twin, monkeypatch, mode):
     if mode == "learned":  # under autocast ψ is taken in the autocast dtype: the bf16 kernel, not the fp32 one
         with cuda_autocast_flags(torch.bfloat16):
             preds["cuda"].assemble(x, [ctx], tgt, generator=torch.Generator().manual_seed(4))
-        assert twin.calls[-1][:2] == ("fwd", torch.bfloat16)
+            assert twin.calls[-1][:2] == ("fwd", torch.bfloat16)
+            preds["cuda"].stop_rows(ctx, generator=torch.Generator().manual_seed(4))  # the packed path's call
+            assert twin.calls[-1][:2] == ("fwd", torch.bfloat16)
 
 
 def test_host_checks_after_the_device_check(twin, monkeypatch):

@@ -116,7 +116,6 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     StoP rows come from the fused :func:`stop_kernels.ops.stop_embed.stop_embed` (noise generated in
     registers), or from ``noise`` (``[Mt, E]`` / ``[Mt, D]``) when given.
     """
-    from ..ops.stop_embed import stop_embed
 
     B = len(ctx_masks)
     P = predictor.num_patches
@@ -137,8 +136,7 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
             noise = reference.draw_noise((tgt_idx.numel(), emb.weight.shape[1]), noise_std=predictor.noise_std,
                                          dtype=emb.weight.dtype, device=c.device, generator=generator)
         if noise is None:
-            masked = stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise_std=predictor.noise_std, generator=generator,
-                                backend=predictor.input_backend)
+            masked = predictor.stop_rows(tgt_idx, generator=generator)
         else:
             masked = reference.stop_embed(pos, tgt_idx, emb.weight, emb.bias, noise)
     elif mode == "isotropic":

@@ -94,17 +94,24 @@ class VisionTransformerPredictor(nn.Module):
 
     def _assemble_with_cuda_stop(self, x, ctx_idx, tgt, weight, bias, pos_embed, *, generator):
         """input_backend "cuda", learned noise: the masked rows from the CUDA C++ ``stop_embed`` (same Philox
-        stream as the fused op), joined to ``predictor_embed(x) + ψ[ctx_idx]`` as the official code joins them.
-        Under autocast ψ is taken in the autocast dtype too: the kernels run in one dtype, and an fp32 table
-        would make it fp32."""
-        from ..ops.stop_embed import autocast_dtype, stop_embed
-
+        stream as the fused op), joined to ``predictor_embed(x) + ψ[ctx_idx]`` as the official code joins them."""
         tgt = reference.check_assembly_args(x, ctx_idx, tgt, weight, bias, pos_embed, self.noise_mode,
                                             self.noise_std, self.mask_token)
-        amp = autocast_dtype(torch.device("cuda"))  # the "cuda" backend takes CUDA tensors only
-        masked = stop_embed(pos_embed if amp is None else pos_embed.to(amp), tgt, weight, bias,
-                            noise_std=self.noise_std, generator=generator, backend="cuda")
-        return reference.join_predictor_rows(reference.context_rows(x, ctx_idx, weight, bias, pos_embed), masked)
+        return reference.join_predictor_rows(reference.context_rows(x, ctx_idx, weight, bias, pos_embed),
+                                             self.stop_rows(tgt, generator=generator))
+
+    def stop_rows(self, idx: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """StoP masked rows ``ψ[idx] + n·Wᵀ + b`` (W, b: ``predictor_embed``) → ``[..., M, D]`` by
+        :func:`stop_kernels.stop_embed` with this predictor's σ and input backend ("auto" for "unfused").
+        The CUDA C++ backend takes ψ in the autocast dtype too: its kernels run in one dtype, and the fp32
+        table would make it fp32 in a bf16 step."""
+        from ..ops.stop_embed import autocast_dtype, stop_embed
+
+        backend = "auto" if self.input_backend == "unfused" else self.input_backend
+        pos, emb = self.predictor_pos_embed, self.predictor_embed
+        amp = autocast_dtype(torch.device("cuda")) if backend == "cuda" else None  # "cuda" takes CUDA tensors only
+        return stop_embed(pos if amp is None else pos.to(amp), idx, emb.weight, emb.bias, noise_std=self.noise_std,
+                          generator=generator, backend=backend)
 
     def forward(self, x, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
