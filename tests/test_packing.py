@@ -196,3 +196,31 @@ def test_packed_context_size_is_checked():
         z = encode_packed(enc, imgs, ctx)
         with pytest.raises(ValueError, match="^ctx: expected 7 packed tokens"):
             predict_packed(pred, z._replace(tokens=z.tokens[:-1]), ctx, [[torch.tensor([9]), torch.tensor([9])]])
+
+
+def test_packed_targets_and_predictor_check_the_target_masks():
+    """packed_targets checked nothing: a negative index wrapped around to another patch (wrong targets,
+    no error), one >= N or a block list of the wrong batch failed inside the gather (IndexError here, a
+    device-side assert on a GPU, and the training step computes the targets before the predictor checks
+    the masks); no target block at all failed in torch.cat, unnamed, in both packed functions."""
+    enc, pred = models("none")
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ctx = [torch.arange(3), torch.arange(4)]
+    with torch.no_grad():
+        h = enc(imgs)
+        ok = [[torch.tensor([5, 6]), torch.tensor([9])]]
+        assert packed_targets(h, ok).shape == (3, 192)
+        for bad, match in (([[torch.tensor([-1]), torch.tensor([9])]], r"^tgt_masks\[0\]\[0\]: values"),
+                           ([[torch.tensor([5]), torch.tensor([16])]], r"^tgt_masks\[0\]\[1\]: values"),
+                           ([[torch.tensor([5])] * 3], r"^tgt_masks\[0\]: expected a list of 2"),
+                           ([[torch.tensor([5.0]), torch.tensor([9])]], r"^tgt_masks\[0\]\[0\]: expected dtype")):
+            with pytest.raises((ValueError, TypeError), match=match):
+                packed_targets(h, bad)
+        for empty in ([], None):
+            with pytest.raises(TypeError, match="^tgt_masks: expected a non-empty list"):
+                packed_targets(h, empty)
+        with pytest.raises(ValueError, match="^h: expected 3 dimensions"):
+            packed_targets(h[0], ok)
+        z = encode_packed(enc, imgs, ctx)
+        with pytest.raises(TypeError, match="^tgt_idx: expected a non-empty list"):
+            predict_packed(pred, z, ctx, [])

@@ -60,6 +60,15 @@ def check_ragged(name: str, masks, batch: int, num_patches: int) -> List[torch.T
     return list(masks)
 
 
+def check_target_blocks(name: str, tgt_masks, batch: int, num_patches: int) -> List[List[torch.Tensor]]:
+    """Ragged target blocks: a non-empty list of blocks, each a list of ``batch`` 1-D index tensors
+    (:func:`check_ragged`), named ``name[k]``."""
+    if not isinstance(tgt_masks, (list, tuple)) or len(tgt_masks) == 0:
+        raise TypeError(f"{name}: expected a non-empty list of target blocks, each a list of {batch} 1-D index "
+                        f"tensors (one per image)")
+    return [check_ragged(f"{name}[{k}]", blocks, batch, num_patches) for k, blocks in enumerate(tgt_masks)]
+
+
 def encode_packed(encoder, imgs: torch.Tensor, masks: Sequence[torch.Tensor]) -> Packed:
     """Context encoder over ragged masks: ``imgs[B, C, H, W]``, ``masks[b]`` 1-D → packed ``[T, E]``."""
     x = encoder.embed(imgs)
@@ -119,7 +128,7 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
 
     B = len(ctx_masks)
     P = predictor.num_patches
-    tgt = [check_ragged(f"tgt_idx[{k}]", blocks, B, P) for k, blocks in enumerate(tgt_masks)]
+    tgt = check_target_blocks("tgt_idx", tgt_masks, B, P)
     ctx_idx = torch.cat(check_ragged("ctx_idx", ctx_masks, B, P))
     tgt_idx = torch.cat([m for blocks in tgt for m in blocks])
     if ctx.tokens.shape[0] != ctx_idx.numel():
@@ -181,7 +190,14 @@ def isotropic_positions(pos: torch.Tensor, idx: torch.Tensor, weight_dtype: torc
 
 
 def packed_targets(h: torch.Tensor, tgt_masks: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """I-JEPA targets for ragged blocks: LayerNorm(h) rows in (k, b, t) order → ``[Mt, E]``."""
+    """I-JEPA targets for ragged blocks: LayerNorm(h) rows in (k, b, t) order → ``[Mt, E]``.
+
+    ``h[B, N, E]`` (the target encoder's output); ``tgt_masks[k][b]`` the 1-D indices in ``[0, N)`` of
+    block k of image b, checked as :func:`predict_packed` checks them (a negative index would
+    otherwise wrap around to another patch, and one ``>= N`` fail inside the gather: on a GPU a
+    device-side assert; the training step computes the targets before the predictor sees the masks)."""
+    chk.float_tensor("h", h, ndim=3)
+    tgt_masks = check_target_blocks("tgt_masks", tgt_masks, h.shape[0], h.shape[1])
     h = F.layer_norm(h, (h.size(-1),))
     rows = torch.cat([torch.full((len(m),), b, dtype=torch.long, device=h.device)
                       for blocks in tgt_masks for b, m in enumerate(blocks)])
