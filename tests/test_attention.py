@@ -1298,3 +1298,20 @@ def test_interpreter_stands_in_four_sms():
     more than one item per program (with 1 they would not test the loop stride)."""
     from stop_kernels.backends import sm_count
     assert sm_count(torch.device("cpu"), 4) == 4 and A._num_sms(torch.device("cpu")) == 4
+
+
+def test_backend_problem_sees_an_auto_policy_that_names_xformers(monkeypatch):
+    """"auto" was said to always run, but a policy sending CUDA calls to xformers fails at the first call
+    where xformers does not import; the start-up check now names that (off CUDA "auto" runs SDPA)."""
+    try:
+        import xformers.ops  # noqa: F401
+        pytest.skip("xformers imports here: the policy can use it")
+    except Exception:
+        pass
+    monkeypatch.setattr(A, "_AUTO_POLICY", dict(A.DEFAULT_AUTO_POLICY))
+    assert A.attention_backend_problem("auto", torch.device("cuda")) == ""
+    with A.use_auto_policy("train:24=xformers"):
+        assert "policy" in A.attention_backend_problem("auto", torch.device("cuda"))
+        assert "xformers" in A.attention_backend_problem("auto", "cuda")  # a device string too
+        assert A.attention_backend_problem("auto", torch.device("cpu")) == ""
+        assert A.attention_backend_problem("sdpa", torch.device("cuda")) == ""

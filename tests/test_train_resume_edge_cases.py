@@ -199,3 +199,18 @@ def test_an_attention_backend_that_cannot_run_is_refused_before_anything_moves(t
     with pytest.raises(ConfigError, match="^attention: the Triton kernels need a CUDA device"):
         loop.train(tiny(tmp_path, steps=1, attention="triton"))
     assert not list(tmp_path.glob("*.replaced-*")) and [r["step"] for r in read_log(tmp_path)] == [0]
+
+
+def test_the_attention_check_runs_under_the_runs_auto_policy(tmp_path, cpu_train, monkeypatch):
+    """The start-up check of the attention backend sees the policy the steps will run under (config key
+    attention_policy), so a policy naming a backend that cannot run is refused before the first step."""
+    from stop_kernels.ops import attention
+    from stop_kernels.training import loop
+    seen = []
+
+    def check(name, device):
+        seen.append((name, attention.get_auto_policy()))
+        return ""
+    monkeypatch.setattr(loop, "attention_backend_problem", check)
+    loop.train(tiny(tmp_path, steps=1, attention_policy="train=xformers"))
+    assert seen == [("auto", {**attention.DEFAULT_AUTO_POLICY, "train": "xformers"})]

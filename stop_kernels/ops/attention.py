@@ -1753,17 +1753,25 @@ def use_attention_backend(name: str) -> Iterator[None]:
 
 
 def attention_backend_problem(name: str, device: torch.device) -> str:
-    """Why the backend ``name`` cannot run attention on ``device``, '' when it can ("auto", "sdpa" and
-    "reference" always can). A training run checks its backend with this at start-up, before it sets
-    an earlier run's files aside, instead of failing at its first step."""
+    """Why the backend ``name`` cannot run attention on ``device``, '' when it can ("sdpa" and
+    "reference" always can; "auto" can unless the current "auto" policy sends CUDA calls to xformers,
+    see :func:`set_auto_policy`, and xformers does not import). A training run checks its backend with
+    this at start-up, under its policy, before it sets an earlier run's files aside, instead of
+    failing at its first step."""
     chk.choice("name", name, BACKENDS)
+    device = torch.device(device)
     if name == "triton" and device.type != "cuda" and not _INTERPRET:
         return (f"the Triton kernels need a CUDA device, got {device.type} (TRITON_INTERPRET=1 runs them in "
                 "the CPU interpreter); 'auto' picks what runs here")
-    if name == "xformers":
+    # "auto" consults its policy on CUDA only (elsewhere it runs SDPA)
+    policy_xformers = name == "auto" and device.type == "cuda" and "xformers" in _AUTO_POLICY.values()
+    if name == "xformers" or policy_xformers:
         try:
             import xformers.ops  # noqa: F401
-        except Exception as e:  # pragma: no cover - depends on the install
+        except Exception as e:  # depends on the install
+            if policy_xformers:
+                return (f"the 'auto' policy {_AUTO_POLICY} sends calls to xformers, which does not import "
+                        f"({type(e).__name__}: {e})")
             return f"xformers does not import ({type(e).__name__}: {e}); 'auto' picks what runs here"
     return ""
 

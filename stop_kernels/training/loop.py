@@ -217,10 +217,11 @@ class Trainer:
         self.autocast = autocast_for(self.precision, self.device)
         self.sharding = D.resolve_sharding(cfg, info.world_size)
         self.stream = stream
-        problem = attention_backend_problem(cfg.attention, self.device)
+        self.auto_policy = parse_auto_policy(cfg.attention_policy)  # applied around each step
+        with use_auto_policy(self.auto_policy):  # the policy "auto" will follow (it may name xformers)
+            problem = attention_backend_problem(cfg.attention, self.device)
         if problem:
             raise ConfigError(f"attention: {problem}")
-        self.auto_policy = parse_auto_policy(cfg.attention_policy)  # applied around each step
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         with torch.device(self.device):
             models = build_models(cfg)
