@@ -1315,3 +1315,20 @@ def test_backend_problem_sees_an_auto_policy_that_names_xformers(monkeypatch):
         assert "xformers" in A.attention_backend_problem("auto", "cuda")  # a device string too
         assert A.attention_backend_problem("auto", torch.device("cpu")) == ""
         assert A.attention_backend_problem("sdpa", torch.device("cuda")) == ""
+
+
+@pytest.mark.parametrize("bad", ["compiled=triton", [("train", "sdpa")], ("train", "sdpa")])
+def test_auto_policy_that_is_not_a_dict_is_a_type_error(monkeypatch, bad):
+    """set_auto_policy read any policy with .items() (AttributeError for its text form, which
+    use_auto_policy takes); use_auto_policy merged a list with ** (an unnamed TypeError); a head dim
+    such as '²' passed isdigit() and failed in int(), unnamed."""
+    monkeypatch.setattr(A, "_AUTO_POLICY", dict(A.DEFAULT_AUTO_POLICY))
+    with pytest.raises(TypeError, match="^policy: expected a dict"):
+        A.set_auto_policy(bad)
+    if not isinstance(bad, str):
+        with pytest.raises(TypeError, match="^overrides: expected a dict"):
+            with A.use_auto_policy(bad):
+                pass
+    assert A.get_auto_policy() == A.DEFAULT_AUTO_POLICY
+    with pytest.raises(ValueError, match="^policy: cannot read"):
+        A.parse_auto_policy("train:\u00b2=sdpa")  # a superscript two: a digit to isdigit(), not to int()

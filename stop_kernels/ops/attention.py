@@ -103,6 +103,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+from collections.abc import Mapping
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -1806,6 +1807,7 @@ def set_auto_policy(policy: Optional[Dict] = None) -> Dict:
     (:data:`DEFAULT_AUTO_POLICY`); ``{}``: Triton for every supported CUDA shape, compiled or not.
     Example: ``set_auto_policy({"fwd_only": "sdpa", ("train", 80): "sdpa", "compiled": "triton"})``."""
     global _AUTO_POLICY
+    _check_policy_mapping("policy", policy)
     new: Dict = {}
     for key, val in (DEFAULT_AUTO_POLICY if policy is None else policy).items():
         if isinstance(key, str):
@@ -1816,6 +1818,13 @@ def set_auto_policy(policy: Optional[Dict] = None) -> Dict:
         new[_policy_key(*key)] = val
     old, _AUTO_POLICY = _AUTO_POLICY, new
     return old
+
+
+def _check_policy_mapping(name: str, policy) -> None:
+    """``policy``: None or a mapping (the text form goes through :func:`parse_auto_policy` first)."""
+    if policy is not None and not isinstance(policy, Mapping):
+        raise TypeError(f"{name}: expected a dict such as {{'compiled': 'sdpa', ('train', 80): 'triton'}} or None, "
+                        f"got {type(policy).__name__} (parse_auto_policy reads the text form)")
 
 
 def _policy_key(mode, head_dim):
@@ -1844,7 +1853,7 @@ def parse_auto_policy(text: str) -> Dict:
     for item in filter(None, (s.strip() for s in text.replace(";", ",").split(","))):
         lhs, eq, val = item.partition("=")
         mode, colon, dh = lhs.strip().partition(":")
-        if not eq or (colon and not dh.strip().isdigit()):
+        if not eq or (colon and not dh.strip().isdecimal()):  # (isdigit() takes '²', which int() refuses)
             raise ValueError(f"policy: cannot read {item!r}; expected mode=backend or mode:head_dim=backend "
                              f"(modes {list(_AUTO_MODES)}, backends {list(_AUTO_CHOICES)})")
         key = _policy_key(mode.strip(), int(dh) if colon else None)
@@ -1863,6 +1872,7 @@ def use_auto_policy(overrides: Optional[Dict] = None) -> Iterator[None]:
     ``attention_policy``)."""
     if isinstance(overrides, str):
         overrides = parse_auto_policy(overrides)
+    _check_policy_mapping("overrides", overrides)
     if not overrides:
         yield
         return
