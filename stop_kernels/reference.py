@@ -239,6 +239,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     if k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or q.shape[-2:] != k.shape[-2:]:
         raise ValueError(f"k, v: shapes must match q's batch, heads and head dim: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dim() < 3 or q.shape[-1] == 0:
+        raise ValueError(f"q: expected [B, N, H, Dh] (or [T, H, Dh] with cu_seqlens) with a head dim Dh >= 1, "
+                         f"got shape {tuple(q.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens is not None:

@@ -232,6 +232,9 @@ def test_attention_bad_input():
         R.attention(q, torch.randn(1, 3, 2, 8), torch.randn(1, 3, 2, 8))
     with pytest.raises(TypeError, match="^q:"):
         R.attention(q.long(), q, q)
+    for bad in (torch.randn(1, 3, 2, 0), torch.randn(3, 4)):  # no head dim: ZeroDivisionError / unpacking before
+        with pytest.raises(ValueError, match="^q: expected"):
+            R.attention(bad, bad, bad)
 
 
 def test_trusted_device_indices_keeps_cpu_checks():
