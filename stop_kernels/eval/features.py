@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from .. import _checks as chk
 from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ..models.official import (EncoderSizes, build_encoder, check_sizes, infer_encoder_sizes,  # noqa: F401
-                               preset_of, strip_prefix)
+                               load_torch_file, preset_of, strip_prefix)
 from ..models.vit import VisionTransformer
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -186,10 +186,14 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
         return {**{name: official_state_dict(getattr(models, name), what=name)
                    for name in ("encoder", "predictor", "target_encoder")}, "epoch": int(meta["epoch"])}
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as e:
+            raise ValueError(f"--checkpoint: cannot read {path} as a safetensors file: {e}") from e
+    obj = load_torch_file(path, "--checkpoint")
     if not isinstance(obj, Mapping):
         raise ValueError(f"--checkpoint: {path} holds a {type(obj).__name__}, expected a dict (official layout or "
                          "a state dict)")

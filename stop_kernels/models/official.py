@@ -14,6 +14,7 @@ unchanged; ``python -m stop_kernels.training.checkpoint to-official`` converts a
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Union
 
@@ -158,6 +159,25 @@ def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch
     return load_exact(enc, state, what)
 
 
+def load_torch_file(path: Union[str, os.PathLike], name: str, *, map_location="cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` (memory-mapped when ``mmap`` and the file allows it). A file it
+    cannot read (empty, truncated, not written by ``torch.save``, or holding objects other than tensors and
+    plain containers) is a ``ValueError`` naming ``name`` and the file, not pickle's bare ``KeyError`` /
+    ``EOFError`` / ``UnpicklingError`` (whose advice, ``weights_only=False``, would run code from the file)."""
+    if mmap:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zipfile) torch.save file cannot be mapped: read it whole below
+            pass
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError) as e:
+        why = ("the file ends early (empty or truncated)" if isinstance(e, EOFError) else
+               "not a torch.save file, or it holds objects other than tensors and plain containers"
+               if isinstance(e, (pickle.UnpicklingError, KeyError)) else str(e).splitlines()[0])
+        raise ValueError(f"{name}: cannot read {os.fspath(path)} as a torch checkpoint: {why}") from e
+
+
 def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: Optional[str] = None,
                              num_heads: Optional[int] = None, patch_size: Optional[int] = None,
                              img_size: Optional[int] = None, noise_mode: str = "learned",
@@ -173,11 +193,9 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
     if isinstance(ckpt, (str, os.PathLike)):
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"ckpt: no such file: {os.fspath(ckpt)}")
-        try:  # memory-mapped: only the tensors used are read (not the optimizer state), and ranks loading the
-            # same file share its pages
-            ckpt = torch.load(ckpt, map_location=map_location, weights_only=True, mmap=True)
-        except RuntimeError:  # a legacy (pre-zipfile) torch.save file cannot be mapped
-            ckpt = torch.load(ckpt, map_location=map_location, weights_only=True)
+        # memory-mapped: only the tensors used are read (not the optimizer state), and ranks loading the
+        # same file share its pages
+        ckpt = load_torch_file(ckpt, "ckpt", map_location=map_location, mmap=True)
     if not isinstance(ckpt, Mapping):
         raise TypeError(f"ckpt: expected a path or a dict, got {type(ckpt).__name__}")
     for key in ("encoder", "predictor"):
