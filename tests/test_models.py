@@ -388,3 +388,15 @@ def test_official_loader_reads_and_checks_every_size():
         wrong = {**ck, "predictor": {**ck["predictor"], "module.predictor_pos_embed": bad}}
         with pytest.raises(ValueError, match=r"predictor_pos_embed: checkpoint \(2, "):
             load_official_checkpoint(wrong)
+
+
+def test_unknown_model_names_the_flag_once():
+    """Review finding: an unknown --model in the checkpoint loaders read "--model: model: expected one of …" (the
+    preset check's own prefix kept behind the flag's)."""
+    from stop_kernels.models.official import EncoderSizes, check_sizes
+    sizes = EncoderSizes(192, 12, 3, 4.0, 16, 224, 3)
+    for cli, flag in ((False, "model"), (True, "--model")):
+        with pytest.raises(ValueError, match=rf"^{flag}: expected one of \('vit_tiny', .*'vit_giant'\) or an alias "
+                                             r"\('vit_t', .*\), got 'vit_x'$"):
+            check_sizes(sizes, model="vit_x", cli=cli)
+    assert check_sizes(sizes, model="vit_t") == 3

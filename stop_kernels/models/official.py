@@ -22,7 +22,7 @@ import torch
 
 from .. import _checks as chk
 from .predictor import VisionTransformerPredictor
-from .vit import VIT_PRESETS, VisionTransformer, resolve_model_name
+from .vit import ALIASES, VIT_PRESETS, VisionTransformer, resolve_model_name
 
 
 class OfficialModels(NamedTuple):
@@ -85,10 +85,10 @@ def check_sizes(sizes: "EncoderSizes", *, model: Optional[str] = None, num_heads
 
     heads = sizes.num_heads
     if model is not None:
-        try:
-            spec = VIT_PRESETS[resolve_model_name(model)]
-        except ValueError as e:
-            raise ValueError(f"{flag('model')}: {e}") from None
+        if ALIASES.get(model, model) not in VIT_PRESETS:  # (resolve_model_name's error would name 'model' twice)
+            raise ValueError(f"{flag('model')}: expected one of {tuple(VIT_PRESETS)} or an alias {tuple(ALIASES)}, "
+                             f"got {model!r}")
+        spec = VIT_PRESETS[resolve_model_name(model)]
         if (spec.embed_dim, spec.depth) != (sizes.embed_dim, sizes.depth):
             found = preset_of(sizes)
             raise ValueError(f"{flag('model')}: {model} has width {spec.embed_dim} and depth {spec.depth}, but the "
