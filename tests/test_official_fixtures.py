@@ -127,3 +127,14 @@ def test_a_file_that_is_no_checkpoint_is_a_named_error(tmp_path, content):
     bad.write_bytes(content)
     with pytest.raises(ValueError, match=r"^--checkpoint: cannot read .*enc\.safetensors as a safetensors file"):
         load_encoder(str(bad))
+
+
+def test_a_damaged_encoder_is_named_not_the_target(official_fixture):
+    """Review finding: the sizes are read from the encoder, but the target encoder was built first, so an encoder
+    whose first MLP has a wrong size was reported as a target_encoder mismatch (the target being intact)."""
+    ck = dict(official_fixture("official_stop_small.pt")["checkpoint"])
+    ck["encoder"] = {**ck["encoder"], "module.blocks.0.mlp.fc1.weight": torch.zeros(100, 64),
+                     "module.blocks.0.mlp.fc1.bias": torch.zeros(100)}
+    with pytest.raises(ValueError, match=r"^checkpoint: encoder tensor shapes do not match the model: .*"
+                                         r"blocks\.1\.mlp\.fc1\.weight: checkpoint \(256, 64\) vs model \(100, 64\)"):
+        load_official_checkpoint(ck, num_heads=4)

@@ -214,11 +214,12 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
             mlp_ratio=mlp_ratio_for(_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0], D),
             noise_mode=noise_mode, noise_std=noise_std)
     load_exact(pred, pred_sd, "predictor")
+    # the encoder before the target: the sizes come from the encoder, so a mismatch there is the encoder's
+    encoder = build_encoder(sizes, heads, enc_sd, "encoder")
     target = (build_encoder(sizes, heads, strip_prefix(ckpt["target_encoder"]), "target_encoder")
               if "target_encoder" in ckpt else None)
     epoch = ckpt.get("epoch")
-    return OfficialModels(build_encoder(sizes, heads, enc_sd, "encoder"), pred, target,
-                          int(epoch) if epoch is not None else None)
+    return OfficialModels(encoder, pred, target, int(epoch) if epoch is not None else None)
 
 
 def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dict[str, torch.Tensor]:
