@@ -192,3 +192,21 @@ def test_target_blocks_never_touch_the_last_row_or_column():
         for img in pred:
             for m in img:
                 assert int((m // 14).max()) < 13 and int((m % 14).max()) < 13
+
+
+def test_epochs_with_set_epoch_are_the_same_for_any_number_of_workers():
+    """The documented contract (set_epoch before every pass): each epoch's masks are the same with 0 and 2
+    workers, and the epochs differ. (Without set_epoch a second pass with workers repeats the first's masks,
+    while one process numbers on: the module docstring says so.)"""
+    ds = SyntheticImages(length=6, img_size=32, seed=0)
+    masks = {}
+    for workers in (0, 2):
+        c = MultiBlockMaskCollator(input_size=32, patch_size=4, seed=9, min_keep=2)
+        dl = DataLoader(ds, batch_size=3, collate_fn=c, num_workers=workers)
+        masks[workers] = []
+        for epoch in range(2):
+            c.set_epoch(epoch)
+            masks[workers].append([p[0] for _, _, p in dl])
+    for epoch in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(masks[0][epoch], masks[2][epoch]))
+    assert not all(torch.equal(a, b) for a, b in zip(masks[2][0], masks[2][1]))

@@ -11,7 +11,10 @@ stack into tensors; ``truncate=False`` returns ragged masks instead (lists of 1-
 Reproducibility: all randomness comes from one ``torch.Generator`` per batch, seeded from
 ``(seed, epoch, batch index)``. The batch index is counted per DataLoader worker and mapped back to
 the global index (workers take batches round-robin), so the masks of batch i are the same for any
-number of workers and after a resume (``set_epoch`` + ``skip``).
+number of workers and after a resume (``set_epoch`` + ``skip``). Call ``set_epoch`` before every pass
+over the DataLoader (``TrainData`` does): workers start each pass from the collator as the main process
+holds it, so without it every pass with workers repeats the first pass's masks, while a single process
+numbers its batches on (different masks for different worker counts).
 """
 from __future__ import annotations
 
@@ -87,7 +90,8 @@ class MultiBlockMaskCollator:
 
     # -- reproducible batch numbering --------------------------------------------------------
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Start an epoch; ``start_batch`` batches are considered done already (resume)."""
+        """Start an epoch (call it before every pass over the DataLoader, see the module docstring);
+        ``start_batch`` batches are considered done already (resume)."""
         self.epoch, self._start, self._calls = int(epoch), int(start_batch), 0
 
     def _next_batch_index(self) -> int:
