@@ -138,3 +138,16 @@ def test_a_damaged_encoder_is_named_not_the_target(official_fixture):
     with pytest.raises(ValueError, match=r"^checkpoint: encoder tensor shapes do not match the model: .*"
                                          r"blocks\.1\.mlp\.fc1\.weight: checkpoint \(256, 64\) vs model \(100, 64\)"):
         load_official_checkpoint(ck, num_heads=4)
+
+
+def test_parts_that_are_no_state_dicts_are_named(official_fixture):
+    """Review finding: an 'encoder' / 'predictor' / 'target_encoder' entry that is not a state dict (None, a list)
+    failed with AttributeError: 'NoneType' object has no attribute 'items', and an epoch that is no integer with
+    int()'s bare message. A target_encoder of None is absent (as the linear probe's loader takes it)."""
+    ck = official_fixture("official_stop_small.pt")["checkpoint"]
+    for key, bad in (("encoder", None), ("predictor", [1]), ("target_encoder", "x")):
+        with pytest.raises(TypeError, match=rf"^ckpt\['{key}'\]: expected a state dict"):
+            load_official_checkpoint({**ck, key: bad}, num_heads=4)
+    assert load_official_checkpoint({**ck, "target_encoder": None}, num_heads=4).target_encoder is None
+    with pytest.raises(ValueError, match=r"^ckpt\['epoch'\]: expected an integer"):
+        load_official_checkpoint({**ck, "epoch": "x"}, num_heads=4)

@@ -202,6 +202,14 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
         if key not in ckpt:
             raise ValueError(f"ckpt: missing key '{key}' (found {sorted(ckpt)}); expected the official layout "
                              "with 'encoder', 'predictor' and 'target_encoder'")
+    for key in ("encoder", "predictor", "target_encoder"):  # (a target_encoder of None is absent)
+        if not isinstance(ckpt.get(key, {}), Mapping) and not (key == "target_encoder" and ckpt[key] is None):
+            raise TypeError(f"ckpt['{key}']: expected a state dict, got {type(ckpt[key]).__name__}")
+    epoch = ckpt.get("epoch")
+    try:
+        epoch = int(epoch) if epoch is not None else None
+    except (TypeError, ValueError):
+        raise ValueError(f"ckpt['epoch']: expected an integer, got {epoch!r}") from None
     enc_sd = strip_prefix(ckpt["encoder"])
     sizes = infer_encoder_sizes(enc_sd)
     heads = check_sizes(sizes, model=model, num_heads=num_heads, patch_size=patch_size, img_size=img_size)
@@ -217,9 +225,8 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
     # the encoder before the target: the sizes come from the encoder, so a mismatch there is the encoder's
     encoder = build_encoder(sizes, heads, enc_sd, "encoder")
     target = (build_encoder(sizes, heads, strip_prefix(ckpt["target_encoder"]), "target_encoder")
-              if "target_encoder" in ckpt else None)
-    epoch = ckpt.get("epoch")
-    return OfficialModels(encoder, pred, target, int(epoch) if epoch is not None else None)
+              if ckpt.get("target_encoder") is not None else None)
+    return OfficialModels(encoder, pred, target, epoch)
 
 
 def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dict[str, torch.Tensor]:
