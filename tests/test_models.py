@@ -400,3 +400,15 @@ def test_unknown_model_names_the_flag_once():
                                              r"\('vit_t', .*\), got 'vit_x'$"):
             check_sizes(sizes, model="vit_x", cli=cli)
     assert check_sizes(sizes, model="vit_t") == 3
+
+
+def test_checkpoint_size_settings_of_another_type_are_type_errors():
+    """Review finding: img_size='224' was refused with "img_size: given 224, but the checkpoint was trained with
+    224" (a string compared unequal to the int); a size that is no integer is a TypeError naming it."""
+    from stop_kernels.models.official import EncoderSizes, check_sizes
+    sizes = EncoderSizes(192, 12, 3, 4.0, 16, 224, 3)
+    for kw, name in ((dict(img_size="224"), "img_size"), (dict(patch_size=16.0), "patch_size"),
+                     (dict(patch_size=True), "patch_size")):
+        with pytest.raises(TypeError, match=rf"^{name}: expected an integer"):
+            check_sizes(sizes, **kw)
+    assert check_sizes(sizes, img_size=224, patch_size=16) == 3

@@ -105,6 +105,8 @@ def check_sizes(sizes: "EncoderSizes", *, model: Optional[str] = None, num_heads
     if heads <= 0 or sizes.embed_dim % heads:
         raise ValueError(f"{flag('num_heads')}: {heads} does not divide the checkpoint's width {sizes.embed_dim}")
     for name, given, found in (("patch_size", patch_size, sizes.patch_size), ("img_size", img_size, sizes.img_size)):
+        if given is not None and not chk.is_int(given):
+            raise TypeError(f"{flag(name)}: expected an integer, got {given!r}")
         if given is not None and given != found:
             raise ValueError(f"{flag(name)}: given {given}, but the checkpoint was trained with {found}")
     return heads
