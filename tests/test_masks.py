@@ -210,3 +210,24 @@ def test_epochs_with_set_epoch_are_the_same_for_any_number_of_workers():
     for epoch in range(2):
         assert all(torch.equal(a, b) for a, b in zip(masks[0][epoch], masks[2][epoch]))
     assert not all(torch.equal(a, b) for a, b in zip(masks[2][0], masks[2][1]))
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(seed="abc"), TypeError, "seed"), (dict(seed=1.5), TypeError, "seed"),
+    (dict(npred=True), TypeError, "npred"), (dict(nenc=2.0), TypeError, "nenc"),
+    (dict(min_keep=True), TypeError, "min_keep"),
+    (dict(truncate="no"), TypeError, "truncate"), (dict(allow_overlap=None), TypeError, "allow_overlap"),
+])
+def test_settings_of_the_wrong_type_are_named(kw, exc, name):
+    """Review finding: seed='abc' failed in int() unnamed, seed=1.5 ran as seed 1, npred=True as one block,
+    min_keep=True as 1, and truncate='no' truncated (a truthy string)."""
+    with pytest.raises(exc, match=f"^{name}:"):
+        MultiBlockMaskCollator(**kw)
+
+
+def test_synthetic_images_refuse_an_empty_label_set():
+    """Review finding: num_classes=0 built a dataset whose every item raised ZeroDivisionError, and -1 one whose
+    labels were all 0."""
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="^num_classes:"):
+            SyntheticImages(length=4, img_size=8, num_classes=bad)

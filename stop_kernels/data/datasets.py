@@ -51,6 +51,8 @@ class SyntheticImages(Dataset):
             raise ValueError(f"length: expected >= 1, got {length}")
         if img_size < 1:
             raise ValueError(f"img_size: expected >= 1, got {img_size}")
+        if num_classes < 1:  # labels are i % num_classes
+            raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
         self.length, self.img_size, self.num_classes, self.seed = length, img_size, num_classes, seed
 
     def __len__(self) -> int:

@@ -60,13 +60,19 @@ class MultiBlockMaskCollator:
         self.pred_mask_scale = _check_range("pred_mask_scale", pred_mask_scale, 0.0, 1.0)
         self.aspect_ratio = _check_range("aspect_ratio", aspect_ratio, 1e-3, 1e3)
         for name, v in (("nenc", nenc), ("npred", npred)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+            chk.int_at_least(name, v, 1)
         if g < 2:
             raise ValueError(f"input_size: the patch grid must be at least 2x2 to place mask blocks, got "
                              f"{g}x{g} ({input_size} px, patch {patch_size})")
-        if not isinstance(min_keep, int) or not 0 <= min_keep < g * g:
+        if not chk.is_int(min_keep):
+            raise TypeError(f"min_keep: expected an integer, got {min_keep!r}")
+        if not 0 <= min_keep < g * g:
             raise ValueError(f"min_keep: expected an integer in [0, {g * g}), got {min_keep!r}")
+        if not chk.is_int(seed):
+            raise TypeError(f"seed: expected an integer, got {seed!r}")
+        for name, v in (("allow_overlap", allow_overlap), ("truncate", truncate)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name}: expected True or False, got {v!r}")
         self.nenc, self.npred, self.min_keep = nenc, npred, min_keep
         # a block must be able to keep more than min_keep patches whatever size a batch draws; else the
         # run would fail at the first batch that draws a small block, minutes or hours in
