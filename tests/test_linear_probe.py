@@ -581,3 +581,15 @@ def test_a_training_run_is_a_checkpoint(tmp_path, cpu_train):
         (tmp_path / "data" / split).mkdir(parents=True)
     with pytest.raises(ValueError, match="^--checkpoint: .* is a folder without a complete training checkpoint"):
         lp.run_probe(str(tmp_path / "empty"), str(tmp_path / "data"), verbose=False)
+
+
+def test_the_probe_lists_every_image_type_that_training_reads(tmp_path):
+    """Review finding: the probe kept its own copy of the image extensions, without '.pgm': a folder that
+    training reads whole had its .pgm images silently left out of the probe."""
+    from stop_kernels.data.datasets import IMG_EXTENSIONS
+    split = tmp_path / "split"
+    (split / "a").mkdir(parents=True)
+    for i, ext in enumerate(IMG_EXTENSIONS):
+        (split / "a" / f"{i}{ext.upper() if i % 2 else ext}").write_bytes(b"x")
+    samples, _ = feat.list_images(str(split))
+    assert len(samples) == len(IMG_EXTENSIONS)

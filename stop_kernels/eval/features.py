@@ -27,12 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .. import _checks as chk
-from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from ..data.datasets import IMAGENET_MEAN, IMAGENET_STD, IMG_EXTENSIONS  # (the extensions training reads)
 from ..models.official import (EncoderSizes, build_encoder, check_sizes, infer_encoder_sizes,  # noqa: F401
                                load_torch_file, preset_of, strip_prefix)
 from ..models.vit import VisionTransformer
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CACHE_VERSION = 2  # (2: image sizes and mtimes in the key) bump when the extraction itself changes (transform, pooling)
 ENCODERS = ("target", "context")
 
