@@ -214,3 +214,18 @@ def test_the_attention_check_runs_under_the_runs_auto_policy(tmp_path, cpu_train
     monkeypatch.setattr(loop, "attention_backend_problem", check)
     loop.train(tiny(tmp_path, steps=1, attention_policy="train=xformers"))
     assert seen == [("auto", {**attention.DEFAULT_AUTO_POLICY, "train": "xformers"})]
+
+
+@pytest.mark.parametrize("over, key", [(dict(pred_depth=2), "pred_depth"), (dict(img_size=40), "img_size"),
+                                       (dict(noise_mode="none"), "noise_mode")])
+def test_resume_with_other_model_settings_names_the_key(tmp_path, cpu_train, over, key):
+    """A checkpoint holds the models and the optimizer of its own settings: resuming it with another model size
+    (or with the mask token optimized, noise_mode none) is a ConfigError naming the key, not DCP's missing-key
+    or size error, and nothing of the run is touched."""
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=1))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=f"^{key}: the checkpoint to resume"):
+        loop.train(tiny(tmp_path, steps=2, resume=True, **over))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert loop.train(tiny(tmp_path, steps=2, resume=True, noise_mode="isotropic"))  # same parameters: resumes

@@ -385,6 +385,27 @@ def train(cfg: TrainConfig) -> List[float]:
         D.shutdown(info)
 
 
+# the keys that fix the parameters of the models and the optimizer (noise_mode "none" alone optimizes the
+# mask token): a checkpoint written with other values cannot be loaded into this run's models
+_MODEL_KEYS = ("model", "img_size", "patch_size", "pred_depth", "pred_emb_dim")
+
+
+def check_resumable(path: str, cfg: TrainConfig) -> None:
+    """:class:`ConfigError` naming the first key whose value in the checkpoint ``path`` (its meta.json's
+    config) gives models or an optimizer other than ``cfg``'s: DCP's own error for a missing key or a
+    size mismatch names no setting. Other keys (batch, schedules, sharding, ...) may change on resume."""
+    with open(os.path.join(path, "meta.json")) as fh:
+        saved = json.load(fh).get("config") or {}
+    changed = [k for k in _MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if "noise_mode" in saved and (saved["noise_mode"] == "none") != (cfg.noise_mode == "none"):
+        changed.append("noise_mode")
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{key}: the checkpoint to resume, {path}, was written with {key}={saved[key]!r}, this "
+                          f"run has {getattr(cfg, key)!r}; resume with the run's own settings, or start a new "
+                          f"run in another --out")
+
+
 def out_of_memory_advice(cfg: TrainConfig, world_size: int) -> str:
     """What to change when a step does not fit: a larger ``grad_accum`` (the same optimizer step), AC, more GPUs."""
     local = local_batch(cfg, world_size)
@@ -421,6 +442,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         if path is None:
             _print(f"resume: no complete checkpoint in {ckpt.folder}; starting from step 0", info, stream)
         else:
+            check_resumable(path, cfg)
             meta = ckpt.load(path, tr.container, tr.opt)
             start_step = int(meta["step"])
             skipped_before = int(meta.get("skipped_images", 0))
@@ -688,7 +710,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
 
 __all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "TrainingOutOfMemory", "out_of_memory_advice",
-           "init_weights_from", "build_models", "build_optimizer", "check_masks",
+           "init_weights_from", "build_models", "build_optimizer", "check_masks", "check_resumable",
            "parameters_finite", "micro_batches",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
            "resolve_precision"]
