@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stop_kernels import load_official_checkpoint, save_official_checkpoint
+from stop_kernels.models import predictor_for, vit_encoder
 from stop_kernels.models.official import official_checkpoint, official_state_dict
 from stop_kernels.training import checkpoint as C
 from stop_kernels.training.config import ConfigError, TrainConfig, config_from_dict
@@ -108,6 +109,23 @@ def test_find_checkpoint_takes_a_run_its_checkpoints_or_one_step(tmp_path, cpu_t
     with pytest.raises(SystemExit) as e:  # the CLI says it in one line, exit status 2
         C.main(["to-official", str(tmp_path / "nothing"), str(tmp_path / "x.pth.tar")])
     assert e.value.code == 2 and "error: run: no complete checkpoint" in capsys.readouterr().err
+
+
+
+def test_to_official_into_a_folder_is_an_error_naming_it(tmp_path, cpu_train, capsys):
+    """An output path that is a folder: save_official_checkpoint raises a ValueError naming path (os.replace of
+    its temporary file onto the folder raised IsADirectoryError), and the CLI says it in one line, status 2."""
+    run, _ = trained_run(tmp_path, steps=1)
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    pred = predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=96, depth=1)
+    with pytest.raises(ValueError, match="^path: .*exports is a folder"):
+        save_official_checkpoint(folder, enc, pred)
+    with pytest.raises(SystemExit) as e:
+        C.main(["to-official", run, str(folder)])
+    assert e.value.code == 2 and "error: path: " in capsys.readouterr().err
+    assert os.listdir(folder) == [] and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
 def test_config_from_dict_reads_back_a_checkpoints_config():

@@ -280,5 +280,8 @@ def save_official_checkpoint(path: Union[str, os.PathLike], encoder: torch.nn.Mo
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"path: no such folder: {folder}")
+    if os.path.isdir(path):  # os.replace of the temporary file onto it would fail with IsADirectoryError
+        raise ValueError(f"path: {path} is a folder; expected the name of the file to write, e.g. "
+                         f"{os.path.join(path, 'checkpoint.pth.tar')}")
     chk.write_atomic(path, lambda fh: torch.save(ck, fh))
     return path

@@ -289,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         meta = to_official(args.run, args.out, args.step)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # (OSError: also a folder that cannot be written)
         p.exit(2, f"{p.prog}: error: {e}\n")
     print(f"{args.out}: encoder, predictor and target encoder of {meta['path']} (step {meta['step']}, epoch "
           f"{meta['epoch']}) in the official layout")
