@@ -103,6 +103,11 @@ def write_atomic(path: str, write, mode: str = "wb") -> None:
                                suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as fh:
+            # mkstemp creates the file 0600: give it the mode open() would (0666 less the umask), so that a
+            # run's meta.json, exports and official checkpoints are as readable as its DCP shards (a shared --out)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fh.fileno(), 0o666 & ~umask)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

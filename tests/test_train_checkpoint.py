@@ -104,3 +104,21 @@ def test_every_file_of_a_checkpoint_reaches_the_disk_before_publication(tmp_path
         assert any(p == path or (p.startswith(path + ".") and p.endswith(".tmp")) for p in synced), name
     assert tmp in synced and str(folder) in synced
     assert synced.index(tmp) < synced.index(str(folder))
+
+
+def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
+    """meta.json (written through a temporary file) is readable like the DCP shards beside it: mkstemp's 0600
+    kept it, and the exports and official checkpoints, from the other users of a shared --out."""
+    old = os.umask(0o022)
+    try:
+        ck = Checkpointer(str(tmp_path), single(), keep=2)
+        m, opt = model_and_opt()
+        final = ck.save(1, m, opt, {"epoch": 0})
+        modes = {name: os.stat(os.path.join(final, name)).st_mode & 0o777 for name in os.listdir(final)}
+        assert modes["meta.json"] == modes[".metadata"] == 0o644, modes
+        os.umask(0o077)
+        from stop_kernels._checks import write_atomic
+        write_atomic(str(tmp_path / "private.bin"), lambda fh: fh.write(b"x"))
+        assert os.stat(tmp_path / "private.bin").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
