@@ -229,3 +229,28 @@ def test_resume_with_other_model_settings_names_the_key(tmp_path, cpu_train, ove
         loop.train(tiny(tmp_path, steps=2, resume=True, **over))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert loop.train(tiny(tmp_path, steps=2, resume=True, noise_mode="isotropic"))  # same parameters: resumes
+
+
+def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_earlier_records(tmp_path, cpu_train, monkeypatch):
+    """A resumed run rewrites log.jsonl to the steps before its own. Killed right after it opens the log for
+    writing, the earlier records must still be there: open(path, "w") had already emptied the file."""
+    import builtins
+    from stop_kernels.training import loop, metrics
+    loop.train(tiny(tmp_path, steps=2, ckpt_every=1, keep_ckpts=5))
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000002")  # resume from step 1: the log keeps step 0
+    real_open = builtins.open
+
+    def killed_after_opening(path, mode="r", *a, **k):
+        fh = real_open(path, mode, *a, **k)
+        if str(path).endswith("log.jsonl") and mode != "r":
+            fh.close()
+            raise KeyboardInterrupt("killed while the log is rewritten")
+        return fh
+    monkeypatch.setattr(metrics, "open", killed_after_opening, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny(tmp_path, steps=2, resume=True))
+    assert [r["step"] for r in read_log(tmp_path)] == [0]  # the step before the checkpoint it resumes
+    monkeypatch.undo()
+    loop.train(tiny(tmp_path, steps=2, resume=True))
+    assert [r["step"] for r in read_log(tmp_path)] == [0, 1]

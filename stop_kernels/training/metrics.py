@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, TextIO
 
 import torch
 
+from .._checks import write_atomic
 from ..models.flops import jepa_step_flops, jepa_step_floors_ms
 from ..models.vit import VIT_PRESETS, resolve_model_name
 from .config import TrainConfig
@@ -85,9 +86,10 @@ class MetricsLogger:
                         continue  # a line cut by a kill
                     if rec.get("step", -1) < resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        self._log = open(path, "w")
-        self._log.writelines(kept)
-        self._log.flush()
+        # the kept records replace the file atomically before it is opened for appending: a job killed while
+        # a resumed run rewrites its log (open(path, "w") truncated it first) keeps the earlier steps' records
+        write_atomic(path, lambda fh: fh.writelines(kept), mode="w")
+        self._log = open(path, "a")
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
