@@ -1,5 +1,7 @@
 """``init_from``: a run starts from existing weights, an official I-JEPA / StoP checkpoint or one of this project's
 runs (weights only: step 0, a fresh optimizer), and refuses weights whose sizes do not fit its config."""
+import os
+
 import pytest
 import torch
 
@@ -69,6 +71,30 @@ def test_init_from_refuses_what_does_not_fit(tmp_path, cpu_train):
         with pytest.raises(ConfigError, match=r"(?s)^init_from: .* does not fit this config \(vit_tiny, img 32, patch 8, "
                                               r"predictor depth 1 width 96\): .*" + detail):
             Trainer(cfg, D.init_distributed(cfg), None)
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"", bytes(range(256)) * 4], ids=["text", "empty", "binary"])
+def test_init_from_a_file_that_is_no_checkpoint_names_the_key(tmp_path, cpu_train, content):
+    """A file torch.load cannot read (a text file, an empty or a random one) is the same ConfigError naming
+    init_from, not torch.load's KeyError / EOFError / UnpicklingError traceback."""
+    path = tmp_path / "not_a_checkpoint.pth.tar"
+    path.write_bytes(content)
+    cfg = tiny(tmp_path, init_from=str(path))
+    with pytest.raises(ConfigError, match=r"^init_from: .*cannot read .* as a torch checkpoint"):
+        Trainer(cfg, D.init_distributed(cfg), None)
+
+
+def test_a_run_started_from_a_file_that_is_gone_still_loads(tmp_path, cpu_train, capsys):
+    """A run's meta.json keeps the init_from it started with; once that file is moved (or was a path relative to
+    another working directory), the run must still convert to the official layout and seed another run: the
+    weights are in its checkpoint, the file is not read again."""
+    from stop_kernels.training import checkpoint as C
+    path, _ = official_file(tmp_path)
+    run, want = trained_run(tmp_path, steps=1, init_from=path)
+    os.unlink(path)
+    assert C.main(["to-official", run, str(tmp_path / "official.pth.tar")]) == 0
+    cfg = tiny(tmp_path, init_from=run)
+    assert_holds(Trainer(cfg, D.init_distributed(cfg), None), want)
 
 
 def test_resume_takes_precedence_over_init_from(tmp_path, cpu_train):

@@ -258,7 +258,10 @@ def load_run_models(path: str, step: Optional[int] = None):
     from .loop import JEPAContainer, build_models
     ckpt = find_checkpoint(path, step)
     with open(os.path.join(ckpt, "meta.json")) as fh:
-        cfg = config_from_dict(json.load(fh)["config"])
+        saved = json.load(fh)["config"]
+    # init_from only seeded the run's first step (its weights are in the checkpoint now): validating it would
+    # refuse a run whose source file has since moved, or was named relative to another working directory
+    cfg = config_from_dict(dict(saved, init_from=""))
     with torch.device("meta"):  # no random initialisation: every tensor is read from the checkpoint
         models = build_models(cfg)
     container = JEPAContainer(models).to_empty(device="cpu")  # (moves the modules that models holds)
