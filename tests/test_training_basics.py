@@ -83,6 +83,8 @@ def test_model_name_picks_its_recipe():
     assert (cfg.img_size, cfg.patch_size, cfg.pred_depth) == (448, 16, 12)
     cfg = parse_config(["--model", "vit_b"])
     assert (cfg.patch_size, cfg.noise_std, cfg.epochs) == (16, 0.25, 600)
+    cfg = parse_config(["--model", "vit_g"])  # the official I-JEPA ViT-g/16 predictor (in22k_vitg16_ep44.yaml)
+    assert (cfg.model, cfg.patch_size, cfg.pred_depth, cfg.pred_emb_dim) == ("vit_giant", 16, 16, 384)
     default = parse_config([])
     assert default == TrainConfig(sharding="auto")  # the embedded default is untouched
 
