@@ -685,6 +685,21 @@ def test_dispatch_bad_backend_and_set():
         A.set_attention_backend(old)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_dispatch_scale_of_the_wrong_kind_is_named(backend):
+    """The non-Triton backends take any number as the scale (also 0 or negative, which SDPA computes) and a
+    0-d tensor; anything else is a TypeError naming scale (a string reached the reference's multiply, a
+    one-element tensor broadcast silently)."""
+    import numpy as np
+    q = _t(1, 4, 2, 8)
+    want = A.dispatch_attention(q, q, q, scale=0.3, backend=backend)
+    for ok in (np.float32(0.3), torch.tensor(0.3)):
+        torch.testing.assert_close(A.dispatch_attention(q, q, q, scale=ok, backend=backend), want)
+    for bad in ("0.3", True, torch.tensor([0.3]), [0.3]):
+        with pytest.raises(TypeError, match="^scale: expected None, a number"):
+            A.dispatch_attention(q, q, q, scale=bad, backend=backend)
+
+
 def test_xformers_backend_error_or_result():
     q = _t(1, 8, 2, 32)
     try:

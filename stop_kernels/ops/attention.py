@@ -1974,6 +1974,11 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     # the other backends get the same argument checks as the kernel (SDPA would otherwise read a packed
     # [T, H, Dh] tensor as [B, N, H] and broadcast mismatched k / v: a result of the wrong meaning)
     _check_qkv_layout(q, k, v, cu_seqlens is not None)
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)) and not (
+            isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.is_floating_point()):
+        got = (f"a {scale.dtype} tensor of shape {tuple(scale.shape)}" if isinstance(scale, torch.Tensor)
+               else type(scale).__name__)
+        raise TypeError(f"scale: expected None, a number or a 0-d floating tensor, got {got}")
     if cu_seqlens is not None:
         cu_seqlens, _ = _check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     else:
