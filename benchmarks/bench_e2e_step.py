@@ -6,10 +6,13 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input;
 * ``fast``: the Trainer's defaults (fused StoP input, attention "auto");
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
-* ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks.
+* ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks;
+* ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, bf16 residual stream, CUDA-graphed
+  target encoder on a second stream).
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
-Both with per-block ``torch.compile`` (the recipe default) and with eager blocks. Each round is one
+Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except ``fast_levers``:
+its combo kernels act on compiled blocks only (the config refuses them eager), so it runs compiled only. Each round is one
 optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
 runs once in the warm-up, so the rounds are the steady state (no first-time JIT or compile).
 extra_info: GPU, images/s, TFLOP/s (analytic matmul FLOPs of that step), peak memory.
@@ -29,10 +32,12 @@ from e2e_step import PATHS  # noqa: E402  (path name -> "attention=...+input=...
 from profile_step import parse_variant, variant_argv  # noqa: E402
 
 POOL = 6
+COMPILED_ONLY = ("fast_levers",)  # combo_kernels: "applies to compiled blocks only" (ConfigError eager)
+CASES = [(path, compiled) for path in PATHS for compiled in (True, False) if compiled or path not in COMPILED_ONLY]
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path, compiled", CASES,
+                         ids=[f"{path}-{'compiled' if c else 'eager'}" for path, c in CASES])
 def test_train_step_speed(benchmark, path, compiled, tmp_path):
     os.environ.pop("TRITON_INTERPRET", None)
     from stop_kernels.training import distributed as D

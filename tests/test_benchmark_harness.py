@@ -258,6 +258,26 @@ def test_e2e_paths_turn_on_their_levers():
         assert [getattr(cfg, k) for k in levers] == [name == "fast_levers"] * 4, name
 
 
+def test_every_bench_e2e_step_case_is_a_valid_config():
+    """Each (path, compiled) case that benchmarks/bench_e2e_step.py collects builds a config the trainer
+    accepts: a case the config refuses (fast_levers' combo kernels on eager blocks) fails on every GPU run
+    of `pytest benchmarks/ --benchmark-only` instead of timing anything."""
+    import os
+    import subprocess
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        str(REPO / "benchmarks" / "bench_e2e_step.py")], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    ids = [ln.split("[", 1)[1].rstrip("]") for ln in r.stdout.splitlines() if "test_train_step_speed[" in ln]
+    assert ids, r.stdout + r.stderr
+    seen = set()
+    for case in ids:
+        path, mode = case.rsplit("-", 1)
+        assert path in e2e_step.PATHS and mode in ("compiled", "eager"), case
+        _cfg(f"{path}:{e2e_step.PATHS[path]}+compile={int(mode == 'compiled')}")  # raises ConfigError if refused
+        seen.add(path)
+    assert seen == set(e2e_step.PATHS)  # every path is still benchmarked
+
+
 def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
     """images/s of each path over the reference's (a failed path is left out), the headline ratio being
     fast's; the variants passed on carry each path's keys and the compile flag."""
