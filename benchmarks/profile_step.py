@@ -40,6 +40,7 @@ from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import parse_config  # noqa: E402
 from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
 from stop_kernels.models.flops import peak_tflops  # noqa: E402
+from stop_kernels.models.predictor import INPUT_BACKENDS  # noqa: E402
 from stop_kernels.models.packing import mean_tokens  # noqa: E402
 from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
 
@@ -73,6 +74,9 @@ def _annotation(name: str) -> bool:
     return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))
 
 
+SWITCHES = ("compile", "graph", "combo", "bf16res", "overlap")  # the variant keys that take 0 or 1
+
+
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
@@ -81,6 +85,11 @@ def parse_variant(spec: str) -> dict:
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
             raise ValueError(f"--variants: unknown key {k!r} in {spec!r}")
+        # a switch only reaches the trainer as "1" (variant_argv): "true" or "yes" would silently run it off
+        if k in SWITCHES and val not in ("0", "1"):
+            raise ValueError(f"--variants: {k} takes 0 or 1, got {val!r} in {spec!r}")
+        if k == "input" and val not in INPUT_BACKENDS:  # set on the model after the config checks ran
+            raise ValueError(f"--variants: input takes one of {INPUT_BACKENDS}, got {val!r} in {spec!r}")
         v[k] = val
     return v
 

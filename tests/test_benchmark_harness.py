@@ -57,6 +57,12 @@ def test_variant_keys_reach_the_config():
     assert cfg.attention == "sdpa"
     with pytest.raises(ValueError, match="unknown key"):
         profile_step.parse_variant("x:attn=sdpa")
+    # a switch takes 0 or 1: "compile=true" once meant eager blocks, silently
+    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2"):
+        with pytest.raises(ValueError, match="takes 0 or 1"):
+            profile_step.parse_variant(spec)
+    with pytest.raises(ValueError, match="input takes one of"):
+        profile_step.parse_variant("x:input=fused")
     with pytest.raises(ConfigError, match="attention_policy"):
         _cfg("x:policy=compiled:24=cudnn")
 
