@@ -215,15 +215,29 @@ def run_variant(v: dict, args, info) -> dict:
     return res
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (a bad count is refused before any model is built: ``--steps 0``
+    divided by zero in every variant, after its build and warm-up)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {n}")
+        return n
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit_h")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--variants", default="fsdp:sharding=full,none:sharding=none")
-    p.add_argument("--warmup", type=int, default=4, help="untimed steps (at least --mask-batches are used)")
-    p.add_argument("--mask-batches", type=int, default=4, help="distinct mask batches cycled through")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--warmup", type=_count(0), default=4, help="untimed steps (at least --mask-batches are used)")
+    p.add_argument("--mask-batches", type=_count(1), default=4, help="distinct mask batches cycled through")
+    p.add_argument("--steps", type=_count(1), default=6)
+    p.add_argument("--profile-steps", type=_count(0), default=2)
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--budget-s", type=float, default=1e9, help="skip the remaining variants after this many seconds")
     p.add_argument("--out", default="/tmp/profile_step")

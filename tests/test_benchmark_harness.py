@@ -284,6 +284,17 @@ def test_every_bench_e2e_step_case_is_a_valid_config():
     assert seen == set(e2e_step.PATHS)  # every path is still benchmarked
 
 
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "two"), ("--profile-steps", "-1"),
+                                         ("--batch-size", "0"), ("--mask-batches", "0"), ("--warmup", "-2")])
+def test_step_scripts_refuse_bad_counts(flag, value, capsys):
+    """A count out of range is a usage error naming the flag, before any variant is built (--steps 0 was a
+    ZeroDivisionError in every variant, after its build and warm-up, and the script exited 0)."""
+    for main in (profile_step.main, e2e_step.main):
+        with pytest.raises(SystemExit) as e:
+            main([flag, value, "--out", "/nonexistent/unused"])
+        assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+
+
 def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
     """images/s of each path over the reference's (a failed path is left out), the headline ratio being
     fast's; the variants passed on carry each path's keys and the compile flag."""
