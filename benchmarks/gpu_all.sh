@@ -9,7 +9,7 @@
 #   tar xzf <files_at>/results.tar.gz -C benchmarks/results/<card>-runN/
 #
 #   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile e2e bench
-#                                                 (default: all of them, in that order)
+#                                                 (default: all but train-eager and profile, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>; SIGINT, then SIGKILL 10 s
 # later), so one failure or hang costs only its own slot.
 # Before a GPU session: STOP_KERNELS_REHEARSE=1 bash benchmarks/gpu_all.sh stop attn runs those two sections

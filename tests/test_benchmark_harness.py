@@ -173,6 +173,21 @@ def test_gpu_script_returns_its_results_within_the_device_tools_limits(tmp_path)
     assert "=================== summary" in (out / "log.txt").read_text()
 
 
+def test_gpu_script_header_names_its_sections_and_default():
+    """gpu_all.sh's usage line lists every section it has (and no other), and what a call without
+    arguments runs: the default list is the usage's, less the sections it says are left out."""
+    import re
+    text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
+    listed = re.search(r"^#\s+bash benchmarks/gpu_all.sh \[sections\.\.\.\]\s+sections: (.*)$", text, re.M).group(1).split()
+    left_out = re.search(r"^#\s+\(default: all but (.*), in that order\)$", text, re.M)
+    assert left_out, "the usage must say which sections a call without arguments leaves out"
+    left_out = re.split(r", | and ", left_out.group(1))
+    default = re.search(r"^SECTIONS=\$\{\*:-(.*)\}$", text, re.M).group(1).split()
+    arms = re.findall(r"^    ([a-z][\w-]*)\) ", text, re.M)
+    assert sorted(arms) == sorted(listed), (arms, listed)
+    assert default == [s for s in listed if s not in left_out], (default, listed, left_out)
+
+
 def test_profile_report_reads_each_category_against_its_floor(capsys):
     import argparse
     r = {"name": "fast", "ms_per_step": 120.0, "host_ms_per_step": 40.0, "images_per_s": 533.3, "tflops": 360.0,
