@@ -105,9 +105,14 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="stop,attention")
     ap.add_argument("--out", default=None, help="write ptxas_report.json and ptxas_report.md here")
     args = ap.parse_args(argv)
+    kinds = {"stop": stop_rows, "attention": attention_rows}
+    names = args.kernels.split(",")
+    bad = [n for n in names if n not in kinds]
+    if bad:  # before any compile: a typo after "stop" once cost the StoP kernels' minutes, then a KeyError
+        ap.error(f"--kernels: unknown {bad}; choose from {sorted(kinds)}")
     rows = []
-    for name in args.kernels.split(","):
-        rows += {"stop": stop_rows, "attention": attention_rows}[name]()
+    for name in names:
+        rows += kinds[name]()
     lines = ["| kernel | config | regs | spill st/ld (B) | smem KB | CTAs/SM | wgmma | cp.async | loop instrs / BAR / LDL+STL |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -132,3 +132,14 @@ def test_stop_rows_compile_each_config_as_tuned(report_module, monkeypatch):
     for r, kw, c in zip(rows, compiled, configs):
         assert r["config"] == dict(c.kwargs, w=c.num_warps, s=c.num_stages)
         assert {k: kw[k] for k in c.kwargs} == c.kwargs and (kw["num_warps"], kw["num_stages"]) == (c.num_warps, c.num_stages)
+
+
+def test_unknown_kernel_family_is_refused_before_any_compile(report_module, monkeypatch, capsys):
+    """``--kernels stop,attn`` names 'attn' and the choices, before the StoP kernels' minutes of compiling
+    (it was a KeyError after them)."""
+    ran = []
+    monkeypatch.setattr(report_module, "stop_rows", lambda: ran.append("stop") or [])
+    with pytest.raises(SystemExit) as e:
+        report_module.main(["--kernels", "stop,attn"])
+    assert e.value.code == 2 and not ran
+    assert "--kernels: unknown ['attn']; choose from ['attention', 'stop']" in capsys.readouterr().err
