@@ -107,6 +107,8 @@ def _shape_label(shape) -> str:
 
 def attention_table(source: str, timer: str = "eager") -> str:
     """Best SDPA backend vs Triton per shape (gpu_attention.json ``summary``); × > 1: Triton faster."""
+    if timer not in ("eager", "graph"):  # another name matches no column: every cell would say "not measured"
+        raise ValueError(f"attention table: timer must be 'eager' or 'graph', got {timer!r}")
     d = _load(source)
     lines = ["| shape (B, H, N, Dh) | fwd SDPA / Triton ms | × | fwd+bwd SDPA / Triton ms | × |",
              "| --- | --- | --- | --- | --- |"]
@@ -164,7 +166,9 @@ def render(kind: str, args) -> str:
     if kind == "stop":
         return stop_table(*args)
     if kind == "attention":
-        opts = dict(a.split("=", 1) for a in args[1:])
+        opts = dict(a.partition("=")[::2] for a in args[1:])
+        if set(opts) - {"timer"}:
+            raise ValueError(f"attention table: options are timer=eager|graph, got {args[1:]}")
         return attention_table(args[0], **opts)
     if kind == "step":
         return step_table(*args)

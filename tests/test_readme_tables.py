@@ -145,6 +145,12 @@ def test_attention_table_cells(tmp_path):
     assert eager[3] == "| encoder (64, 12, 196, 64) | 0.100 / 0.200 | 0.50 | not measured |  |"
     graph = readme_tables.render("attention", [str(f), "timer=graph"]).splitlines()
     assert graph[2] == "| predictor (256, 16, 116, 24) | 0.050 (efficient) / 0.040 | 1.25 | not measured |  |"
+    # a misspelt timer or option is an error, not a table of "not measured" over measured rows
+    with pytest.raises(ValueError, match="timer must be 'eager' or 'graph', got 'grpah'"):
+        readme_tables.render("attention", [str(f), "timer=grpah"])
+    for opt in ("timr=graph", "graph"):
+        with pytest.raises(ValueError, match=r"options are timer=eager\|graph"):
+            readme_tables.render("attention", [str(f), opt])
 
 
 def test_step_rows_take_the_last_measurement(tmp_path):
