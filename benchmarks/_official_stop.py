@@ -8,11 +8,15 @@ validation (no host synchronisation, no graph break under torch.compile):
 * per target block k: ``n = torch.randn(B, Nt, E) * std``, ``F.linear(n, W, b) + pos[tgt_idx[k]]``;
 * ``x.repeat(npred, 1, 1)`` and ``torch.cat`` along the tokens → ``[npred·B, Nc+Nt, D]``.
 
+The masked rows alone, ``stop_embed``'s unfused peer (:func:`official_stop_embed`: randn + Linear + gather),
+and the Triton ``stop_embed`` forced by name (:func:`triton_stop_embed`), for the ``stop_embed`` benchmarks
+(``benchmarks/gpu_cuda.py``, ``bench_cuda.py``).
+
 Also the setup both fused-op benchmarks share: the ViT-H/14 sizes, :func:`make_inputs` and the
 contenders (:func:`official` at ``SIGMA``, :func:`fused`, :func:`fused_trusted`; the last two
 import stop_kernels when called).
 
-Imported by ``benchmarks/gpu_stop_embed.py`` and ``benchmarks/bench_stop_embed.py``.
+Imported by ``benchmarks/gpu_stop_embed.py``, ``bench_stop_embed.py``, ``gpu_cuda.py`` and ``bench_cuda.py``.
 """
 from __future__ import annotations
 
@@ -39,6 +43,21 @@ def official_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: 
     npred = len(masked)
     x = x.repeat(npred, 1, 1)                                    # [npred·B, Nc, D]
     return torch.cat([x, torch.cat(masked, dim=0).to(x.dtype)], dim=1)
+
+
+def official_stop_embed(pos: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        noise_std: float = 0.25) -> torch.Tensor:
+    """``[..., M, D]`` StoP rows as the official code computes them: ``n ~ N(0, σ²)`` of ``[..., M, E]``
+    from torch.randn in ψ's dtype, then ``Linear(n) + ψ[idx]``."""
+    n = torch.randn(*idx.shape, weight.shape[1], device=pos.device, dtype=pos.dtype) * noise_std
+    return F.linear(n, weight, bias) + pos[idx]
+
+
+def triton_stop_embed(pos, idx, weight, bias, noise_std: float = 0.25) -> torch.Tensor:
+    """``stop_kernels.stop_embed`` on its Triton kernels, named: an error is the row's error, never a
+    fallback to "auto" (the CUDA kernels where built), which would time them under Triton's name."""
+    from stop_kernels.ops.stop_embed import stop_embed
+    return stop_embed(pos, idx, weight, bias, noise_std=noise_std, backend="triton")
 
 
 # ViT-H/14 sizes of the benchmarks: batch, target blocks, context / target tokens, encoder and

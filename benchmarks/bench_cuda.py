@@ -11,12 +11,17 @@ Skipped with the reason when there is no CUDA device or the extension is not bui
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
-import torch.nn.functional as F
 
-from stop_kernels._checks import trusted_device_indices
-from stop_kernels.ops import cuda_backend as cb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
+from stop_kernels._checks import trusted_device_indices  # noqa: E402
+from stop_kernels.ops import cuda_backend as cb  # noqa: E402
 
 NPRED, B, NT, E, D, P = 4, 64, 42, 1280, 384, 256
 R = NPRED * B * NT
@@ -27,14 +32,6 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device visible: the CUDA benchmarks need a GPU", allow_module_level=True)
 if not cb.available():
     pytest.skip(f"stop_kernels._C is not built: {cb.load_error()}", allow_module_level=True)
-
-
-def _triton_fn():
-    try:
-        from stop_kernels.ops.stop_embed import stop_embed
-    except Exception as exc:
-        return None, f"{type(exc).__name__}: {exc}"
-    return stop_embed, ""
 
 
 @pytest.fixture(scope="module")
@@ -48,26 +45,13 @@ def inputs():
     return pos, idx, w, b, grad
 
 
-def _unfused(pos, idx, w, b):
-    n = torch.randn(*idx.shape, w.shape[1], device=pos.device, dtype=pos.dtype) * SIGMA
-    return F.linear(n, w, b) + pos[idx]
-
-
 def _cuda(pos, idx, w, b):
     return cb.stop_embed_cuda(pos, idx, w, b, noise_std=SIGMA)
 
 
-def _triton(pos, idx, w, b):
-    fn, why = _triton_fn()
-    if fn is None:
-        pytest.skip(f"Triton op not importable: {why}")
-    try:
-        return fn(pos, idx, w, b, noise_std=SIGMA, backend="triton")
-    except TypeError:
-        return fn(pos, idx, w, b, noise_std=SIGMA)
-
-
-IMPLS = {"cuda": _cuda, "triton": _triton, "unfused": _unfused}
+# the unfused peer and the named Triton backend: benchmarks/_official_stop.py (shared with gpu_cuda.py)
+IMPLS = {"cuda": _cuda, "triton": lambda pos, idx, w, b: triton_stop_embed(pos, idx, w, b, SIGMA),
+         "unfused": lambda pos, idx, w, b: official_stop_embed(pos, idx, w, b, SIGMA)}
 
 
 def _run(benchmark, fn, sync=True):

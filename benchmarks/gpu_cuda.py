@@ -28,8 +28,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+
+from _gpu_common import bench  # noqa: E402
+from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
 
 NPRED, B, NT, E, D, P = 4, 64, 42, 1280, 384, 256
 R = NPRED * B * NT
@@ -120,24 +124,12 @@ def run_tests(report, out_dir):
     print("  ", {k: v for k, v in summary.items() if k != "failed_tests"})
 
 
-def _bench(fn, warmup=25, rep=100):
-    try:
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    except ImportError:  # CUDA-event fallback
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(30):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(); fn(); e.record(); torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e))
-        return sorted(ts)[len(ts) // 2]
+def _bench(fn):
+    """do_bench median ms (benchmarks/_gpu_common.py), the warm-up and repetitions of run 2."""
+    return bench(fn, warmup=25, rep=100)
 
 
 def timings(report):
-    import torch.nn.functional as F
     from stop_kernels.ops import cuda_backend as cb
 
     dt = torch.bfloat16
@@ -149,22 +141,12 @@ def timings(report):
     grad = torch.randn(NPRED * B, NT, D, device="cuda", generator=g).to(dt)
     out_bytes = R * D * 2
 
-    def unfused(p, i, w_, b_):
-        n = torch.randn(*i.shape, w_.shape[1], device="cuda", dtype=dt) * SIGMA
-        return F.linear(n, w_, b_) + p[i]
+    def unfused(p, i, w_, b_):  # the official path (benchmarks/_official_stop.py, shared with bench_cuda.py)
+        return official_stop_embed(p, i, w_, b_, SIGMA)
 
-    impls = {"cuda": lambda p, i, w_, b_: cb.stop_embed_cuda(p, i, w_, b_, noise_std=SIGMA), "unfused": unfused}
-    try:
-        from stop_kernels.ops.stop_embed import stop_embed as tse
-
-        def triton_impl(p, i, w_, b_):
-            try:
-                return tse(p, i, w_, b_, noise_std=SIGMA, backend="triton")
-            except TypeError:
-                return tse(p, i, w_, b_, noise_std=SIGMA)
-        impls["triton"] = triton_impl
-    except Exception as exc:
-        report["triton_unavailable"] = f"{type(exc).__name__}: {exc}"
+    # the Triton kernels by name: an error is the row's error, never a silent fallback to "auto" (= CUDA)
+    impls = {"cuda": lambda p, i, w_, b_: cb.stop_embed_cuda(p, i, w_, b_, noise_std=SIGMA), "unfused": unfused,
+             "triton": lambda p, i, w_, b_: triton_stop_embed(p, i, w_, b_, SIGMA)}
     try:
         impls["unfused_compiled"] = torch.compile(unfused)
     except Exception as exc:

@@ -410,6 +410,38 @@ def test_peak_memory_beyond_inputs(monkeypatch):
     assert events[:4] == ["sync", "reset", "base", "fn"] and events[-1] == "peak"
 
 
+def test_stop_embed_contenders_of_the_cuda_benchmarks(monkeypatch):
+    """benchmarks/_official_stop.py's stop_embed peers, shared by gpu_cuda.py and bench_cuda.py: the unfused
+    official rows ψ[idx] + n·Wᵀ + b (n from torch.randn), and the Triton backend by name, whose error is
+    raised: both scripts once retried a TypeError with the default backend, "auto", which on a GPU with the
+    extension built is the CUDA kernels, timed under Triton's name."""
+    import _official_stop as O
+    from stop_kernels.ops import stop_embed as SE
+    g = torch.Generator().manual_seed(0)
+    pos, w, b = torch.randn(16, 8, generator=g), torch.randn(8, 12, generator=g), torch.randn(8, generator=g)
+    idx = torch.randint(0, 16, (2, 3), generator=g)
+    torch.manual_seed(1)
+    got = O.official_stop_embed(pos, idx, w, b, 0.5)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got, (torch.randn(2, 3, 12) * 0.5) @ w.T + b + pos[idx])
+    # the Triton kernels (interpreter here) draw the same Philox noise as the reference for one seed
+    torch.manual_seed(2)
+    tri = O.triton_stop_embed(pos, idx, w, b, 0.5)
+    torch.manual_seed(2)
+    torch.testing.assert_close(tri, SE.stop_embed(pos, idx, w, b, noise_std=0.5, backend="reference"))
+    calls = []
+
+    def named(*a, backend="auto", **kw):
+        calls.append(backend)
+        if backend == "triton":
+            raise TypeError("a kernel argument")
+        return tri
+    monkeypatch.setattr(SE, "stop_embed", named)
+    with pytest.raises(TypeError, match="a kernel argument"):
+        O.triton_stop_embed(pos, idx, w, b, 0.5)
+    assert calls == ["triton"]
+
+
 @pytest.mark.parametrize("name", ["flash", "efficient", "cudnn", "math", None])
 def test_sdpa_fn_forces_its_backend_on_bnhd_inputs(name, monkeypatch):
     """[B, N, H, Dh] in and out (SDPA's [B, H, N, Dh] transposes around it), equal to the reference
