@@ -710,6 +710,8 @@ def main():
     if args.host_overhead:
         host_overhead(args.attention_file)
         return
+    if args.attention_file:
+        ap.error("--attention-file: only measured with --host-overhead (the GPU sections time the installed kernels)")
     if not args.out:
         ap.error("--out is required")
     if not (torch.cuda.is_available() or REHEARSE):
