@@ -206,3 +206,33 @@ def test_out_of_memory_says_which_settings_fit(tmp_path, cpu_train, monkeypatch)
     assert "--grad-accum 2, 4, 8, 16 or 32 (1024, 512, 256, 128 or 64 instead of 2048 images" in \
         loop.out_of_memory_advice(tiny(tmp_path, batch_size=2048), 1)
     assert "--grad-accum 2 (1 instead of 2 images" in loop.out_of_memory_advice(tiny(tmp_path, batch_size=4), 2)
+
+
+def test_batch_text_names_micro_batches_only_when_there_are_several(tmp_path):
+    """The start-up line says "global batch N" alone for k = 1 (no "1 micro-batches of ..."), and the per-rank
+    micro-batch size (the rank's batch over k, not the global batch over k) for k > 1."""
+    from stop_kernels.training.loop import batch_text
+    assert batch_text(tiny(tmp_path, batch_size=8), 2) == "global batch 8"
+    assert batch_text(tiny(tmp_path, batch_size=8, grad_accum=2), 2) == "global batch 8 (2 micro-batches of 2 per rank)"
+
+
+def test_benchmark_steps_are_k_micro_batches_of_the_micro_batch_size(tmp_path, cpu_train, monkeypatch):
+    """--benchmark with grad_accum k: every timed and warm-up step is k micro-batches of batch/k images per rank
+    (not k whole batches: k times the work, timed as one step), and the FLOPs behind its TFLOP/s are counted per
+    micro-batch of batch/k images, k of them per step."""
+    from stop_kernels.training import loop
+    seen, counted = [], []
+    real_step = loop.Trainer.step_micro
+
+    def step_micro(self, micro, *a, **k):
+        seen.append([m[0].shape[0] for m in micro])
+        return real_step(self, micro, *a, **k)
+
+    def step_flops(cfg, batch, ctx, tgt):
+        counted.append(batch)
+        return 1.0
+    monkeypatch.setattr(loop.Trainer, "step_micro", step_micro)
+    monkeypatch.setattr(loop, "step_flops", step_flops)
+    train(tiny(tmp_path, benchmark=2, benchmark_warmup=1, benchmark_batches=1, batch_size=8, grad_accum=4))
+    assert seen and all(s == [2, 2, 2, 2] for s in seen), seen
+    assert counted == [2, 2, 2, 2]  # one pooled step: its 4 micro-batches of 2 images
