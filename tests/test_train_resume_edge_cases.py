@@ -217,11 +217,13 @@ def test_the_attention_check_runs_under_the_runs_auto_policy(tmp_path, cpu_train
 
 
 @pytest.mark.parametrize("over, key", [(dict(pred_depth=2), "pred_depth"), (dict(img_size=40), "img_size"),
-                                       (dict(noise_mode="none"), "noise_mode")])
+                                       (dict(noise_mode="none"), "noise_mode"), (dict(model="vit_small"), "model"),
+                                       (dict(pred_emb_dim=48), "pred_emb_dim"),
+                                       (dict(pred_depth=2, img_size=40), "img_size")])  # the first key changed
 def test_resume_with_other_model_settings_names_the_key(tmp_path, cpu_train, over, key):
     """A checkpoint holds the models and the optimizer of its own settings: resuming it with another model size
     (or with the mask token optimized, noise_mode none) is a ConfigError naming the key, not DCP's missing-key
-    or size error, and nothing of the run is touched."""
+    or size error (the first of the changed keys, in the config's order), and nothing of the run is touched."""
     from stop_kernels.training import loop
     loop.train(tiny(tmp_path, steps=1))
     before = sorted(p.name for p in tmp_path.iterdir())
