@@ -153,3 +153,39 @@ def test_loading_copies_and_reads_both_file_formats(official_fixture, tmp_path):
         got = load_official_checkpoint(str(tmp_path / name), num_heads=4)
         assert torch.equal(got.encoder.blocks[0].attn.qkv.weight, before), name
         assert torch.equal(got.target_encoder.pos_embed, m.target_encoder.pos_embed), name
+
+
+def test_find_checkpoint_takes_the_newest_and_skips_incomplete_ones(tmp_path, cpu_train):
+    """Of several complete checkpoints the newest by step (not the first or oldest found) unless ``step`` names
+    one; a step folder that is not complete (meta.json without DCP's .metadata, as a kill mid-save leaves it)
+    is never taken for a checkpoint, also when named itself."""
+    import shutil
+    run, _ = trained_run(tmp_path, steps=1)
+    ck = os.path.join(run, "checkpoints")
+    first = os.path.join(ck, "step_00000001")
+    for name in ("step_00000003", "step_00000010"):
+        shutil.copytree(first, os.path.join(ck, name))
+    assert C.find_checkpoint(run) == os.path.join(ck, "step_00000010")
+    assert C.find_checkpoint(run, step=3) == os.path.join(ck, "step_00000003")
+    torn = os.path.join(ck, "step_00000020")
+    shutil.copytree(first, torn)
+    os.unlink(os.path.join(torn, ".metadata"))
+    assert C.find_checkpoint(run) == os.path.join(ck, "step_00000010")
+    with pytest.raises(FileNotFoundError, match="^run: no complete checkpoint in"):
+        C.find_checkpoint(torn)
+
+
+def test_official_state_dict_refuses_a_sharded_model(tmp_path, cpu_train):
+    """A model sharded by FSDP2 (here a one-rank mesh) holds DTensors: written as they are, the file would hold
+    DTensors (on several ranks each rank's own shard), not the official layout's plain tensors. Refused, naming
+    the module and the converter."""
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.loop import Trainer
+    cfg = TrainConfig(**dict(TINY, out=str(tmp_path), sharding="full"))
+    info = D.init_distributed(cfg)
+    try:
+        tr = Trainer(cfg, info, None)
+        with pytest.raises(ValueError, match=r"^encoder: holds sharded \(FSDP2\) tensors .*to-official"):
+            official_state_dict(tr.models.encoder, what="encoder")
+    finally:
+        D.shutdown(info)
