@@ -122,3 +122,18 @@ def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
         assert os.stat(tmp_path / "private.bin").st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_write_atomic_leaves_the_process_umask_as_it_was(tmp_path):
+    """write_atomic reads the umask by setting it (os.umask has no read-only form) and must set it back: left
+    at 0, every file the process creates afterwards (DCP shards, logs, TensorBoard events) would be
+    world-writable."""
+    import os
+    from stop_kernels._checks import write_atomic
+    old = os.umask(0o027)
+    try:
+        write_atomic(str(tmp_path / "a.bin"), lambda fh: fh.write(b"x"))
+        assert os.umask(0o027) == 0o027
+        assert os.stat(tmp_path / "a.bin").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
