@@ -293,6 +293,27 @@ def test_unfused_predictor_is_the_reference_assembly():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_predictor_stop_rows_and_explicit_noise_on_every_input_backend():
+    """``stop_rows`` (the packed path's StoP rows) of an "unfused" predictor runs stop_embed's "auto" (stop_embed
+    has no "unfused" backend): the same rows as an "auto" predictor for the same generator. With explicit noise
+    the "cuda" input backend is the reference assembly with that noise, as every backend is (its CUDA C++ path
+    draws Philox noise and would ignore it; no CUDA is needed here)."""
+    from stop_kernels.models.predictor import vit_predictor
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 32, generator=g)
+    ctx, tgt = torch.tensor([[0, 1, 2], [3, 4, 5]]), [torch.tensor([[6, 7], [8, 9]]), torch.tensor([[10, 11], [12, 13]])]
+    preds = {}
+    for backend in ("unfused", "auto", "cuda", "reference"):
+        torch.manual_seed(0)  # the same initial weights
+        preds[backend] = vit_predictor(num_patches=16, embed_dim=32, num_heads=4, predictor_embed_dim=16, depth=1,
+                                       noise_std=0.3, input_backend=backend)
+    rows = {k: preds[k].stop_rows(tgt[0], generator=torch.Generator().manual_seed(2)) for k in ("unfused", "auto")}
+    assert rows["auto"].shape == (2, 2, 16) and torch.equal(rows["unfused"], rows["auto"])
+    noise = torch.randn(2, 2, 2, 32, generator=g)  # [npred, B, Nt, E]
+    got = preds["cuda"].assemble(x, [ctx], tgt, noise=noise)
+    torch.testing.assert_close(got, preds["reference"].assemble(x, [ctx], tgt, noise=noise), rtol=0, atol=0)
+
+
 def test_predictor_mask_and_noise_layouts():
     """The masks and noise layouts the predictor takes give one result: a bare [B, Nc] context and [B, Nt]
     target tensor, a stacked [npred, B, Nt] target tensor, and noise as the official per-block list."""
