@@ -648,6 +648,25 @@ def test_auto_takes_the_cuda_kernels_only_for_one_kernel_dtype(pos, w, b, amp, o
     assert _one_kernel_dtype(pos, w, b, amp) is one
 
 
+def test_auto_asks_one_kernel_dtype_of_the_calls_own_tensors(monkeypatch):
+    """_cuda_extension_preferred passes ψ's, W's and b's own dtypes to _one_kernel_dtype: a bf16 call with an
+    fp32 bias goes to Triton, not to the fp32 CUDA kernel (a CUDA device faked by a tensor subclass whose
+    ``device`` says cuda, the extension marked built)."""
+    from stop_kernels.ops import stop_embed as se
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+    monkeypatch.setattr(se, "_CUDA_EXT_OK", True)
+    pos, w = torch.empty(8, 4, dtype=BF16), torch.empty(4, 6, dtype=BF16).as_subclass(OnCuda)
+    assert se._cuda_extension_preferred(pos, w, None)
+    assert se._cuda_extension_preferred(pos, w, torch.empty(4, dtype=BF16))
+    assert not se._cuda_extension_preferred(pos, w, torch.empty(4, dtype=F32))
+    assert not se._cuda_extension_preferred(pos.float(), w, None)
+    assert not se._cuda_extension_preferred(pos, torch.empty(4, 6, dtype=BF16), None)  # a CPU weight
+
+
 @pytest.mark.parametrize("mode", ["learned", "isotropic"])
 def test_predictor_cuda_input_backend_with_twin_ops(twin, monkeypatch, mode):
     """The predictor's input_backend "cuda" (the CUDA C++ kernels implement stop_embed only): learned masked
