@@ -96,18 +96,21 @@ def read_json(path: str, what: str):
 def write_atomic(path: str, write, mode: str = "wb") -> None:
     """Call ``write(fh)`` on a temporary file of its own in ``path``'s folder, flush it to disk, then rename
     it over ``path``: a crash leaves either the previous file or the new one, never a torn one, and two
-    writers of the same path never share a temporary file."""
+    writers of the same path never share a temporary file. The file gets the mode ``open()`` gives (0666
+    less the umask), as readable as the DCP shards beside it in a shared ``--out``."""
     import os
-    import tempfile
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
+    import secrets
+    folder, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    while True:  # O_EXCL: a name of its own. Not mkstemp: its 0600 would hide the file from the other users,
+        # and reading the umask to widen it means setting it, a race with every other thread creating files
+        tmp = os.path.join(folder, f"{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, mode) as fh:
-            # mkstemp creates the file 0600: give it the mode open() would (0666 less the umask), so that a
-            # run's meta.json, exports and official checkpoints are as readable as its DCP shards (a shared --out)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fh.fileno(), 0o666 & ~umask)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -125,15 +125,20 @@ def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
 
 
 def test_write_atomic_leaves_the_process_umask_as_it_was(tmp_path):
-    """write_atomic reads the umask by setting it (os.umask has no read-only form) and must set it back: left
-    at 0, every file the process creates afterwards (DCP shards, logs, TensorBoard events) would be
-    world-writable."""
+    """write_atomic never changes the process umask (reading it means setting it, os.umask has no read-only form:
+    left at 0, or set while another thread creates a file, the files created then — DCP shards, logs — would
+    be world-writable); the umask applies to its file as open() applies it."""
     import os
-    from stop_kernels._checks import write_atomic
+    from stop_kernels import _checks
     old = os.umask(0o027)
+    calls = []
+    real_umask = os.umask
     try:
-        write_atomic(str(tmp_path / "a.bin"), lambda fh: fh.write(b"x"))
-        assert os.umask(0o027) == 0o027
+        os.umask = lambda m: calls.append(m) or real_umask(m)
+        _checks.write_atomic(str(tmp_path / "a.bin"), lambda fh: fh.write(b"x"))
+        os.umask = real_umask
+        assert calls == [] and os.umask(0o027) == 0o027
         assert os.stat(tmp_path / "a.bin").st_mode & 0o777 == 0o640
     finally:
+        os.umask = real_umask
         os.umask(old)
