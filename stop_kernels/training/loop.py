@@ -378,8 +378,6 @@ def train(cfg: TrainConfig) -> List[float]:
             return run_benchmark(cfg, info)
         return _train(cfg, info)
     except torch.cuda.OutOfMemoryError as e:
-        if isinstance(e, TrainingOutOfMemory):
-            raise
         raise TrainingOutOfMemory(f"{out_of_memory_advice(cfg, info.world_size)}\n{e}") from e
     finally:
         D.shutdown(info)
