@@ -304,6 +304,7 @@ class _FakeGraphs:
 
     def __init__(self):
         self.capturing = None
+        self.capture_kwargs = []  # the keyword arguments of each torch.cuda.graph(...) call
 
     def install(self, monkeypatch):
         fakes = self
@@ -318,7 +319,8 @@ class _FakeGraphs:
                     k()
 
         @contextlib.contextmanager
-        def graph(g, pool=None):
+        def graph(g, pool=None, **kw):
+            fakes.capture_kwargs.append(kw)
             fakes.capturing = g
             try:
                 yield
@@ -379,3 +381,18 @@ def test_graphed_forward_bookkeeping(monkeypatch):
         assert (gf.captures, gf.replays) == (3, 4)
     y = gf(x1)  # grad enabled: eager, differentiable
     assert y.requires_grad and (gf.captures, gf.replays) == (3, 4)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_graphed_forward_captures_in_thread_local_mode(monkeypatch):
+    """The capture runs in the middle of training, while the DataLoader's pin-memory thread (pin_memory with
+    worker processes, the default on CUDA) allocates pinned host memory for the next batches: under torch's
+    default capture mode "global" any such CUDA call from another thread invalidates the capture
+    (cudaErrorStreamCaptureUnsupported) and poisons that thread. "thread_local" restricts only this thread."""
+    from stop_kernels.training.cuda_graphs import GraphedForward
+    fakes = _FakeGraphs()
+    fakes.install(monkeypatch)
+    gf = GraphedForward(_Affine(fakes), warmup=1)
+    with torch.no_grad():
+        gf(torch.randn(4, 5).as_subclass(_CudaLike))
+    assert fakes.capture_kwargs == [{"capture_error_mode": "thread_local"}]

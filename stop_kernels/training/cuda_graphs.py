@@ -14,6 +14,9 @@ input's shape/dtype are part of the key (a new key captures a new graph, at most
 beyond that the forward runs eagerly). The output is returned as a fresh tensor (a clone of the
 graph's static output, which the next replay overwrites).
 
+The capture restricts only its own thread (``capture_error_mode="thread_local"``): the DataLoader's
+pin-memory thread keeps pinning the next batches while it runs.
+
 Costs: the graph's private memory pool keeps the forward's intermediate buffers reserved (they
 are not shared with the rest of the step), and the first call per key runs the forward
 ``warmup`` times on a side stream before capturing it (compilation, autotuning, cuDNN plans).
@@ -76,7 +79,10 @@ class GraphedForward:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), no_cache:
+        # "thread_local": the capture happens mid-training, while the DataLoader's pin-memory thread may
+        # allocate pinned memory for the next batches; under the default "global" mode that CUDA call from
+        # another thread invalidates the capture (and fails in that thread). Only this thread is restricted.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), no_cache:
             static_out = self.module(static_in)
         if not isinstance(static_out, torch.Tensor):
             raise TypeError(f"module: GraphedForward replays modules that return one tensor; "
