@@ -224,3 +224,21 @@ def test_packed_targets_and_predictor_check_the_target_masks():
         z = encode_packed(enc, imgs, ctx)
         with pytest.raises(TypeError, match="^tgt_idx: expected a non-empty list"):
             predict_packed(pred, z, ctx, [])
+
+
+def test_encoder_forward_takes_the_ragged_context_mask_in_both_forms():
+    """The encoder's forward packs ragged masks given as the collator's ``masks_enc`` (a one-element list)
+    or as that one context mask, a list of B 1-D tensors (the form its docstring names, and which the
+    predictor's forward takes too); the latter failed as a rectangular mask ("masks[0]: expected 2
+    dimensions")."""
+    enc, pred = models("learned", img=64)
+    coll = MultiBlockMaskCollator(input_size=64, patch_size=8, min_keep=2, truncate=False, seed=4)
+    (imgs, _), menc, mpred = coll([(torch.randn(3, 64, 64, dtype=torch.float64), 0) for _ in range(3)])
+    with torch.no_grad():
+        want = enc(imgs, menc)
+        got = enc(imgs, menc[0])
+        torch.testing.assert_close(got.tokens, want.tokens, rtol=0, atol=0)
+        assert torch.equal(got.cu_seqlens, want.cu_seqlens)
+        p1 = pred(got, menc[0], mpred, generator=torch.Generator().manual_seed(0))
+        p2 = pred(want, menc, mpred, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p1, p2, rtol=0, atol=0)

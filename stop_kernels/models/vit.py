@@ -215,14 +215,19 @@ class VisionTransformer(nn.Module):
 
     def forward(self, imgs: torch.Tensor, masks: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None):
         """Rectangular masks give ``[nmask·B, K, E]``; ragged masks (one context mask given as a list of
-        B 1-D index tensors, as ``MultiBlockMaskCollator(truncate=False)`` returns) give a packed
-        :class:`~stop_kernels.models.packing.Packed` ``[T, E]`` with ``cu_seqlens`` (no patch dropped)."""
+        B 1-D index tensors, or the one-element list of it that ``MultiBlockMaskCollator(truncate=False)``
+        returns as ``masks_enc``) give a packed :class:`~stop_kernels.models.packing.Packed` ``[T, E]``
+        with ``cu_seqlens`` (no patch dropped)."""
         from .packing import encode_packed, is_ragged
 
         if is_ragged(masks):
             if len(masks) != 1:
                 raise ValueError(f"masks: packed mode takes one context mask (a list of B tensors), got {len(masks)}")
             return encode_packed(self, imgs, masks[0])
+        if isinstance(masks, (list, tuple)) and masks and all(isinstance(m, torch.Tensor) and m.ndim == 1
+                                                              for m in masks):
+            # the context mask itself (masks_enc[0]), as the predictor takes it: 1-D entries are never rectangular
+            return encode_packed(self, imgs, masks)
         x = self.embed(imgs)
         if masks is not None:
             idx = reference.stack_target_indices([masks] if isinstance(masks, torch.Tensor) else masks, "masks")
