@@ -428,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     size(c, *CURVES_SIZE)
 
     s = sub.add_parser("simmaps", help="StoP positional similarity maps (paper Figure 5)")
-    s.add_argument("--checkpoint", help="official .pth.tar or a file with a predictor state dict; "
-                                        "omitted: a freshly initialised predictor")
+    s.add_argument("--checkpoint", help="official .pth.tar, a training run's folder (its newest checkpoint) or "
+                                        "a file with a predictor state dict; omitted: a freshly initialised predictor")
     fp = FRESH_PREDICTOR
     s.add_argument("--model", help=f"encoder preset of a fresh predictor (its width E; default {fp['model']})")
     s.add_argument("--img-size", type=int, help=f"image size of a fresh predictor (default {fp['img_size']})")

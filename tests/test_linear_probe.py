@@ -593,3 +593,9 @@ def test_the_probe_lists_every_image_type_that_training_reads(tmp_path):
         (split / "a" / f"{i}{ext.upper() if i % 2 else ext}").write_bytes(b"x")
     samples, _ = feat.list_images(str(split))
     assert len(samples) == len(IMG_EXTENSIONS)
+
+
+def test_help_names_every_checkpoint_form():
+    """``--help`` lists what ``--checkpoint`` takes, as docs/evaluation.md does: a run folder too."""
+    text = " ".join(lp.build_parser().format_help().split())
+    assert "training run" in text and "step_*" in text and ".safetensors" in text

@@ -309,3 +309,10 @@ def test_bench_median_uses_its_own_value_and_asymmetric_quartiles():
     assert (label, v) == ("a", 8e-4) and (lo, hi) == (pytest.approx(1e-4), pytest.approx(3e-4))
     ((_, v, lo, hi),) = plots.group_benchmarks([e], "min")["test_x"]
     assert v == pytest.approx(0.9e-3) and lo == hi == 0.0
+
+
+def test_simmaps_help_names_every_checkpoint_form():
+    """``--help`` lists what ``--checkpoint`` takes, as docs/evaluation.md does: a run folder too."""
+    sub = next(a for a in plots.build_parser()._actions if a.dest == "cmd")
+    text = sub.choices["simmaps"].format_help()
+    assert "run's folder" in text and ".pth.tar" in text

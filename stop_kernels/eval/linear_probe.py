@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stop_kernels.eval.linear_probe",
                                 description="Linear probe of a frozen I-JEPA / StoP encoder (top-1 on DIR/val).")
     p.add_argument("--checkpoint", required=True,
-                   help="official .pth.tar, or an encoder state dict (.safetensors / .pt)")
+                   help="official .pth.tar, a training run (its --out folder: the newest complete checkpoint; "
+                        "its checkpoints/ or a step_* folder), or an encoder state dict (.safetensors / .pt)")
     p.add_argument("--data", required=True, help="ImageNet-layout folder with train/<class>/* and val/<class>/*")
     p.add_argument("--subset", help="file listing the training images to use (official 1%%-of-labels format)")
     p.add_argument("--model", help="encoder preset (vit_tiny … vit_giant, vit_h style aliases); inferred if omitted")
