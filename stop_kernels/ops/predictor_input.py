@@ -154,6 +154,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
     Returns:
         ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under CUDA autocast
         ctx, W, b (and mask_token) are taken in the autocast dtype.
+    Under ``torch.compile``: one graph break per call, as :func:`stop_kernels.stop_embed` (the seed is drawn
+    eagerly); ``fullgraph=True`` refuses it.
     """
     from .. import _checks as chk  # noqa: PLC0415
     chk.choice("backend", backend, BACKENDS)

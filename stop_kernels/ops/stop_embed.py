@@ -715,6 +715,10 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)``. Under CUDA autocast W and b
         are taken in the autocast dtype (fp32 accumulation).
     Noise row r is row r of ``idx.reshape(-1)``: ``n = philox_normal(seed, idx.numel(), E, σ)``.
+    Under ``torch.compile`` the kernels are a custom op inside the graph, but each call draws its seed
+    from the generator (and checks its arguments) eagerly: one graph break per call, so compiled and
+    eager code draw the same noise; ``fullgraph=True`` refuses it (``Unsupported: Skip calling
+    torch.compiler.disable()d function``).
     """
     chk.choice("backend", backend, BACKENDS)
     if backend == "cuda" or (backend == "auto" and _cuda_extension_preferred(pos_embed, weight, bias)):
