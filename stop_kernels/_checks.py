@@ -154,3 +154,17 @@ def choice(name: str, value, options: Iterable) -> None:
     options = tuple(options)
     if value not in options:
         raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def run_command(main, prog: str) -> None:
+    """Run a command-line ``main()`` and exit with its status. A user error that reaches it (``ValueError``:
+    a bad argument, named by the checks above; ``OSError``: a missing or unwritable file) is one line,
+    ``<prog>: error: ...``, and status 2 (argparse's usage status), not a traceback; ``main`` itself keeps
+    raising, for callers and tests."""
+    import sys
+    try:
+        status = main()
+    except (OSError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        status = 2
+    sys.exit(status)

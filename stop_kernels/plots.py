@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -471,4 +470,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stop_kernels._checks import run_command
+    run_command(main, "python -m stop_kernels.plots")  # a bad argument or file: one error line, status 2

@@ -316,3 +316,17 @@ def test_simmaps_help_names_every_checkpoint_form():
     sub = next(a for a in plots.build_parser()._actions if a.dest == "cmd")
     text = sub.choices["simmaps"].format_help()
     assert "run's folder" in text and ".pth.tar" in text
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("stop_kernels.plots", ["simmaps", "--checkpoint", "/nonexistent/enc.pt"]),
+    ("stop_kernels.eval.linear_probe", ["--checkpoint", "/nonexistent/enc.pt", "--data", "/nonexistent/images"]),
+])
+def test_command_line_user_errors_are_one_line(module, argv):
+    """A bad argument or file given to the plotting and probing commands is one line, '<prog>: error: ...', and
+    status 2, as train.py and to-official report theirs; it was a traceback."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"python -m {module}: error: --") and "Traceback" not in r.stderr, r.stderr

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -307,4 +306,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stop_kernels._checks import run_command
+    run_command(main, "python -m stop_kernels.eval.linear_probe")  # a bad argument or file: one error line, status 2
