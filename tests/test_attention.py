@@ -513,9 +513,9 @@ def test_dispatch_backends_forced(backend, varlen):
 
 def test_dispatch_auto_choices(monkeypatch):
     q = _t(1, 8, 2, 24, device="cpu", dtype=torch.float32)
-    monkeypatch.delenv("STOP_KERNELS_ATTENTION", raising=False)
+    monkeypatch.delenv("STOP_KERNELS_CPU_AUTO", raising=False)
     assert A._resolve_auto(q) == "sdpa"  # CPU: fast path for the model tests
-    monkeypatch.setenv("STOP_KERNELS_ATTENTION", "triton")
+    monkeypatch.setenv("STOP_KERNELS_CPU_AUTO", "triton")
     monkeypatch.setattr(A, "_INTERPRET", True)
     assert A._resolve_auto(q) == "triton"
     assert A._resolve_auto(_t(1, 8, 2, 20, device="cpu", dtype=torch.float32)) == "sdpa"  # head dim 20
@@ -1283,7 +1283,7 @@ def test_sdpa_backend_uses_the_scale(varlen):
 def test_auto_sends_a_scale_the_kernels_refuse_to_sdpa(monkeypatch):
     """With the interpreter's Triton branch live, "auto" must still route a scale the kernels do not
     take (0, negative, infinite) to SDPA, and the result must be right."""
-    monkeypatch.setenv("STOP_KERNELS_ATTENTION", "triton")
+    monkeypatch.setenv("STOP_KERNELS_CPU_AUTO", "triton")
     monkeypatch.setattr(A, "_INTERPRET", True)
     q = torch.randn(1, 5, 2, 16)
     assert A._resolve_auto(q, q, q) == "triton"  # the branch under test is live

@@ -1911,7 +1911,7 @@ def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional
         if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
             return "sdpa"
         return _auto_policy_choice(q, k, v)
-    if _INTERPRET and os.environ.get("STOP_KERNELS_ATTENTION") == "triton" and attention_supported(q) \
+    if _INTERPRET and os.environ.get("STOP_KERNELS_CPU_AUTO") == "triton" and attention_supported(q) \
             and q.dtype != torch.float64:
         return "triton"
     return "sdpa"
@@ -1956,7 +1956,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
       ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode ("compiled" / "fwd_only" /
       "train") and head dim; CUDA otherwise → torch SDPA; CPU → SDPA (fast
       for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
-      ``STOP_KERNELS_ATTENTION=triton`` are both set.
+      ``STOP_KERNELS_CPU_AUTO=triton`` are both set (a test hook; not ``STOP_KERNELS_ATTENTION_BACKEND``, the
+      default backend).
     * ``"triton"``: :func:`attention` (raises for unsupported head dims/dtypes).
     * ``"sdpa"``: ``F.scaled_dot_product_attention`` on transposed views (packed: per sequence).
     * ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (``RuntimeError`` if unavailable).
