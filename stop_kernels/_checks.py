@@ -36,6 +36,15 @@ def float_tensor(name: str, t, **kw) -> torch.Tensor:
     return tensor(name, t, dtypes=FLOAT_DTYPES, **kw)
 
 
+def position_table(name: str, t) -> torch.Tensor:
+    """A ``[P, D]`` floating position table; the official code's ``[1, P, D]`` parameter gets the hint to pass
+    ``t[0]`` (a view: gradients still reach it)."""
+    if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == 1:
+        raise ValueError(f"{name}: expected the [P, D] table, got shape {tuple(t.shape)}; for the official code's "
+                         f"[1, P, D] parameter pass {name}[0]")
+    return float_tensor(name, t, ndim=2)
+
+
 _DEVICE_RANGE_CHECKS = True
 
 

@@ -80,7 +80,7 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)`` (``noise`` has the weight's dtype),
         as the fused op.
     """
-    chk.float_tensor("pos_embed", pos_embed, ndim=2)
+    chk.position_table("pos_embed", pos_embed)
     chk.float_tensor("weight", weight, ndim=2)
     chk.float_tensor("noise", noise, min_ndim=2)
     if bias is not None:
@@ -132,7 +132,7 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     """
     chk.float_tensor("ctx", ctx, ndim=3)
     chk.float_tensor("weight", weight, ndim=2)
-    chk.float_tensor("pos_embed", pos_embed, ndim=2)
+    chk.position_table("pos_embed", pos_embed)
     chk.choice("noise_mode", noise_mode, NOISE_MODES)
     chk.non_negative("noise_std", noise_std)
     B, Nc, E = ctx.shape

@@ -193,8 +193,10 @@ def test_launches_go_to_the_tensors_device(monkeypatch):
 def test_argument_of_too_many_dimensions_is_named():
     """A 2-D argument given with an extra leading dimension is refused by name, not broadcast."""
     pos, w, idx = torch.randn(10, 6), torch.randn(6, 5), torch.randint(0, 10, (2, 3))
-    with pytest.raises(ValueError, match=r"^pos_embed: expected 2 dimensions, got shape \(1, 10, 6\)"):
+    with pytest.raises(ValueError, match=r"^pos_embed: expected the \[P, D\] table, got shape \(1, 10, 6\)"):
         sk.stop_embed(pos[None], idx, w, None, generator=_gen(), backend="reference")
+    with pytest.raises(ValueError, match=r"^pos_embed: expected 2 dimensions, got shape \(2, 10, 6\)"):
+        sk.stop_embed(pos.expand(2, 10, 6), idx, w, None, generator=_gen(), backend="reference")
     with pytest.raises(ValueError, match=r"^weight: expected 2 dimensions, got shape \(1, 6, 5\)"):
         sk.stop_embed(pos, idx, w[None], None, generator=_gen(), backend="reference")
 
@@ -249,3 +251,20 @@ def test_assembly_refuses_the_cuda_backend_by_name(built, monkeypatch):
     args = _assembly_inputs()
     with pytest.raises(ValueError, match="^backend: "):
         sk.assemble_predictor_input(*args, generator=_gen(), backend="cuda")
+
+
+def test_official_position_table_layout_gets_the_hint():
+    """The official code keeps ψ as a [1, P, D] parameter; passed as it is, the ops say to pass pos_embed[0] (a
+    view: its gradient reaches the parameter) instead of only 'expected 2 dimensions'."""
+    ctx, ctx_idx, tgt_idx, w, b, pos = _assembly_inputs()
+    official = pos[None].clone().requires_grad_()
+    calls = {"stop_embed": lambda t: sk.stop_embed(t, tgt_idx, w, b, generator=_gen()),
+             "assemble_predictor_input": lambda t: sk.assemble_predictor_input(ctx, ctx_idx, tgt_idx, w, b, t,
+                                                                               generator=_gen()),
+             "reference.stop_embed": lambda t: sk.reference.stop_embed(t, tgt_idx, w, b, torch.randn(*tgt_idx.shape, 6))}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"^pos_embed: expected the \[P, D\] table, .*pass pos_embed\[0\]"):
+            call(official)
+        official.grad = None
+        call(official[0]).sum().backward()
+        assert official.grad is not None and official.grad.abs().sum() > 0, name

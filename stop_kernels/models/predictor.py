@@ -140,7 +140,9 @@ def vit_predictor(*, num_patches: int, embed_dim: int, num_heads: int, predictor
 
 def predictor_for(encoder, *, img_size: int, patch_size: int, **kw) -> VisionTransformerPredictor:
     """The predictor matching an encoder (heads = encoder heads, as in I-JEPA); ``img_size`` and
-    ``patch_size`` must give the encoder's patch grid (else every position would be placed wrong)."""
+    ``patch_size`` must give the encoder's patch grid (else every position would be placed wrong). Width and
+    depth are the official defaults whatever the encoder (``predictor_embed_dim`` 384, ``depth`` 12: for a
+    small encoder, pass smaller ones, e.g. 96 and 2 for ``vit_tiny``)."""
     num_patches = grid_size(img_size, patch_size) ** 2
     if num_patches != encoder.num_patches:
         raise ValueError(f"img_size: {img_size} px with patch {patch_size} gives {num_patches} patches, but the encoder "

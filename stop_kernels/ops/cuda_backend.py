@@ -137,7 +137,7 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 
 def check_args(pos_embed, idx, weight, bias, noise_std):
     """Validate the arguments of :func:`stop_embed_cuda` (ValueError / TypeError naming the argument)."""
-    chk.float_tensor("pos_embed", pos_embed, ndim=2)
+    chk.position_table("pos_embed", pos_embed)
     chk.float_tensor("weight", weight, ndim=2)
     if bias is not None:
         chk.float_tensor("bias", bias, ndim=1)

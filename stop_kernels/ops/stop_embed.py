@@ -662,7 +662,7 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 
 def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float:
     """Validate the arguments of :func:`stop_embed` (names the argument in every error)."""
-    chk.float_tensor("pos_embed", pos_embed, ndim=2)
+    chk.position_table("pos_embed", pos_embed)
     chk.float_tensor("weight", weight, ndim=2)
     chk.tensor("idx", idx, min_ndim=1, dtypes=chk.INDEX_DTYPES)
     if bias is not None:
