@@ -63,6 +63,10 @@
 #   Unmeasured since the twelfth session: what gradient accumulation costs per image (smaller GEMMs per
 #   micro-batch): python benchmarks/e2e_step.py --model vit_h --batch-size 128 --paths fast --extra '--grad-accum 2'
 #   against the same at --batch-size 64 without it (images/s should stay within a few %).
+#   Unmeasured since the thirteenth session: the step with the predictor's StoP rows from the CUDA C++ kernels
+#   (after `build`, which builds stop_kernels._C in place) against the Triton assembly, same process:
+#   python benchmarks/profile_step.py --model vit_h --batch-size 64 --steps 10 --out "$OUT/input" \
+#     --variants "triton_input:compile=1+input=triton,cuda_input:compile=1+input=cuda"
 set -u
 OUT=${OUT:-/tmp/stop_kernels_gpu}
 WORK=${GPU_WORK:-/tmp/stop_kernels_gpu_work}
