@@ -32,15 +32,15 @@ def tiny(out, **over):
 def test_fresh_run_in_an_out_folder_with_checkpoints_keeps_its_own_checkpoint(tmp_path, cpu_train):
     from stop_kernels.training import loop
     loop.train(tiny(tmp_path, steps=6, ckpt_every=3))            # an earlier run: step_3, step_6
-    try:
-        loop.train(tiny(tmp_path, steps=2, lr=5e-4))              # a new run (no --resume), same --out
-    except ConfigError:
-        return  # refusing to mix two runs' checkpoints is an acceptable fix
+    loop.train(tiny(tmp_path, steps=2, lr=5e-4))                  # a new run (no --resume), same --out
     ck = tmp_path / "checkpoints"
     # the new run printed "checkpoint .../step_00000002" but prune() deleted it (keeps steps 3 and 6)
-    assert (ck / "step_00000002").is_dir(), sorted(p.name for p in ck.iterdir())
+    assert [s for s, _ in list_checkpoints(str(ck))] == [2], sorted(p.name for p in ck.iterdir())
     # and --resume must continue the run that wrote the folder last, not the earlier one
     assert latest_checkpoint(str(ck)).endswith("step_00000002")
+    # the earlier run's checkpoints are moved aside, not deleted (module docstring, item 1)
+    (kept,) = tmp_path.glob("checkpoints.replaced-*")
+    assert [s for s, _ in list_checkpoints(str(kept))] == [3, 6]
 
 
 @pytest.mark.parametrize("argv, key", [
