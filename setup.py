@@ -2,11 +2,13 @@
 
 The extension (every csrc/*.cu and csrc/*.cpp) is built when torch has CUDA, nvcc is found, and
 either a GPU is visible or TORCH_CUDA_ARCH_LIST names the targets (defaults to the visible GPU's
-architecture: sm_90 on Hopper). Otherwise the pure-Python package is installed and one line says
-why. STOP_KERNELS_NO_CUDA=1 skips the build on purpose.
+architecture: sm_90 on Hopper); it is built for the targets of compute capability 8.0 or newer only
+(the kernels need bf16/tf32 tensor cores). Otherwise the pure-Python package is installed and one line
+says why. STOP_KERNELS_NO_CUDA=1 skips the build on purpose.
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -15,6 +17,30 @@ from setuptools.command.build_py import build_py
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The kernels need bf16 / tf32 tensor cores (WMMA, sm_80+): nvcc stops at wmma::precision::tf32 for an older
+# target (csrc/stop_common.cuh), and the launchers refuse older GPUs at run time anyway.
+MIN_CAPABILITY = (8, 0)
+PRE_SM80_NAMES = ("Kepler", "Maxwell", "Pascal", "Volta", "Turing")  # torch's named targets below 8.0
+
+
+def sm80_arch_list(arch_list, capabilities):
+    """Split the build targets into (kept, dropped): kept those of compute capability >= 8.0.
+
+    ``arch_list`` is TORCH_CUDA_ARCH_LIST (entries separated by ';' or spaces: "7.5", "9.0a", "8.6+PTX" or torch's
+    names such as "Ampere"); when it is unset, empty or "native" the targets are the visible GPUs'
+    ``capabilities``, (major, minor) pairs, as torch.utils.cpp_extension picks them.
+    """
+    if arch_list and arch_list.strip() != "native":
+        archs = [a for a in re.split(r"[;\s]+", arch_list.strip()) if a]
+    else:
+        archs = [f"{major}.{minor}" for major, minor in capabilities]
+
+    def new_enough(arch):
+        m = re.match(r"(\d+)\.(\d+)", arch)
+        if m:
+            return (int(m.group(1)), int(m.group(2))) >= MIN_CAPABILITY
+        return not arch.startswith(PRE_SM80_NAMES)
+    return [a for a in archs if new_enough(a)], [a for a in archs if not new_enough(a)]
 
 
 def cuda_extensions():
@@ -37,6 +63,18 @@ def cuda_extensions():
         return [], {}, "nvcc not found"
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return [], {}, "no GPU visible and TORCH_CUDA_ARCH_LIST unset"
+    # A pre-sm_80 target (a T4 / V100 machine, or a container's TORCH_CUDA_ARCH_LIST such as
+    # "7.0 7.5 8.0 8.6 9.0+PTX") would fail the whole install at the first nvcc call: build for the
+    # sm_80+ targets only, or not at all when there is none.
+    caps = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    kept, dropped = sm80_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), caps)
+    if not kept:
+        return [], {}, (f"no build target of compute capability 8.0 or newer (bf16/tf32 tensor cores), got "
+                        f"{';'.join(dropped) or 'none'}")
+    if dropped:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
+        print(f"stop_kernels: building the CUDA extension for {';'.join(kept)} only (compute capability < 8.0 "
+              f"dropped: {';'.join(dropped)})", file=sys.stderr)
     # torch picks the C++ standard itself (C++20 from torch 2.10 on); no fast-math: the noise
     # stream needs IEEE logf/sqrtf/sincospif to match the Triton kernels and the NumPy twin
     ext = CUDAExtension(

@@ -100,6 +100,9 @@ def _cuda_not_built_reason() -> str:
         reasons.append("nvcc missing")
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         reasons.append("no GPU at build time and TORCH_CUDA_ARCH_LIST unset")
+    elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and all(
+            torch.cuda.get_device_capability(i) < (8, 0) for i in range(torch.cuda.device_count())):
+        reasons.append("no GPU of compute capability 8.0 or newer (setup.py builds for sm_80+ only)")
     if not reasons:
         reasons.append("the package was installed without building it (run `pip install --no-build-isolation -e .`)")
     return "not built: " + " / ".join(reasons)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -811,3 +812,63 @@ def test_sm_count_is_read_once_per_device(monkeypatch):
     assert bk.sm_count(torch.device("cuda"), 4) == 100
     assert bk.sm_count(torch.device("cuda", 1), 4) == 101 and bk.sm_count(torch.device("cuda", 0), 4) == 100
     assert reads == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# setup.py: the extension's build targets
+# ------------------------------------------------------------------------------------------------
+def _run_setup_py(monkeypatch):
+    """setup.py's globals after running it with setuptools.setup stubbed out (nothing is built)."""
+    import runpy
+
+    import setuptools
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))  # setup.py may set it
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+
+
+def test_setup_sm80_arch_list(monkeypatch):
+    """Only targets of compute capability >= 8.0 are kept: csrc/ does not compile for older ones (nvcc stops at
+    wmma::precision::tf32), so one old entry used to fail the whole install."""
+    monkeypatch.setenv("STOP_KERNELS_NO_CUDA", "1")
+    split = _run_setup_py(monkeypatch)["sm80_arch_list"]
+    assert split("5.2 6.0 6.1 7.0 7.5 8.0 8.6 9.0+PTX", []) == (["8.0", "8.6", "9.0+PTX"],
+                                                                 ["5.2", "6.0", "6.1", "7.0", "7.5"])
+    assert split("7.5;9.0a;10.0;12.0", []) == (["9.0a", "10.0", "12.0"], ["7.5"])
+    assert split("Turing", []) == ([], ["Turing"])
+    assert split("Volta+Tegra;Ampere;Hopper", []) == (["Ampere", "Hopper"], ["Volta+Tegra"])
+    assert split(None, [(7, 5)]) == ([], ["7.5"])           # a T4: no target
+    assert split("native", [(9, 0), (7, 0)]) == (["9.0"], ["7.0"])
+    assert split("", [(8, 0)]) == (["8.0"], [])
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None,
+                    reason="setup.py considers building the extension only with a CUDA torch and nvcc")
+def test_setup_builds_sm80_targets_only(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST with a pre-sm_80 entry: the extension is built for the others (the list is
+    rewritten for torch's build), and not at all when none is left, with the reason (install goes on)."""
+    monkeypatch.delenv("STOP_KERNELS_NO_CUDA", raising=False)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5;9.0+PTX")
+    g = _run_setup_py(monkeypatch)
+    assert len(g["ext_modules"]) == 1 and g["why_not"] is None
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0 7.5")
+    g = _run_setup_py(monkeypatch)
+    assert g["ext_modules"] == [] and "compute capability 8.0" in g["why_not"] and "7.0;7.5" in g["why_not"]
+
+
+def test_cuda_not_built_reason_names_an_old_gpu(monkeypatch):
+    """On a machine whose GPUs are all older than sm_80 setup.py skips the extension: backends() says so
+    instead of telling to rerun the install."""
+    import importlib
+    bk = importlib.import_module("stop_kernels.backends")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    assert bk._cuda_not_built_reason() == ("not built: no GPU of compute capability 8.0 or newer (setup.py builds "
+                                           "for sm_80+ only)")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    assert bk._cuda_not_built_reason().startswith("not built: the package was installed without building it")
