@@ -746,6 +746,29 @@ def test_noise_op_arguments(twin):
     torch.testing.assert_close(got, philox_normal(12345, 3, 7, 0.5, 11).float())
 
 
+def test_noise_op_argument_checks(twin, monkeypatch):
+    """stop_noise_cuda names a bad argument (it used to run a "cpu" request on the current GPU, truncate rows=2.5,
+    leave negative sizes to a C++ RuntimeError), and takes any 64-bit seed as philox_normal does (the op's
+    argument is int64: a seed >= 2**63 is passed as its bit pattern)."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(ValueError, match="^device: expected a CUDA device, got cpu"):
+        cb.stop_noise_cuda(1, 2, 3, device="cpu")
+    with pytest.raises(ValueError, match="^rows:"):
+        cb.stop_noise_cuda(1, -2, 3)
+    with pytest.raises(TypeError, match="^rows:"):
+        cb.stop_noise_cuda(1, 2.5, 3)
+    with pytest.raises(ValueError, match="^E:"):
+        cb.stop_noise_cuda(1, 2, -3)
+    with pytest.raises(ValueError, match="^rows: row_start"):
+        cb.stop_noise_cuda(1, 2, 3, row_start=2 ** 32 - 1)
+    with pytest.raises(ValueError, match="^noise_std:"):
+        cb.stop_noise_cuda(1, 2, 3, -1.0)
+    assert twin.calls == []
+    got = cb.stop_noise_cuda(2 ** 64 - 5, 2, 9, device="cuda")
+    assert twin.calls == [("noise", -5, 2, 9, 1.0, 0, 0)]
+    torch.testing.assert_close(got, philox_normal(2 ** 64 - 5, 2, 9).float())
+
+
 # ------------------------------------------------------------------------------------------------
 # backends(): the reasons it gives
 # ------------------------------------------------------------------------------------------------

@@ -198,7 +198,19 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
 
 def stop_noise_cuda(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0,
                     device=None) -> torch.Tensor:
-    """The noise matrix the CUDA kernels use, ``[rows, E]`` float32, computed on the GPU (tests)."""
+    """The noise matrix the CUDA kernels use, ``[rows, E]`` float32, computed on the GPU (tests): rows
+    ``row_start … row_start+rows-1`` of :func:`~stop_kernels.ops.philox.philox_normal` ``(seed, rows, E, noise_std,
+    row_start)`` on the CUDA ``device`` (the current one when None or "cuda")."""
     dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":  # the op runs on a CUDA device index: "cpu" would silently mean the current GPU
+        raise ValueError(f"device: expected a CUDA device, got {dev}")
+    if not chk.is_int(seed):
+        raise TypeError(f"seed: expected an integer, got {seed!r}")
+    rows, E, row_start = (chk.int_at_least(n, v, 0) for n, v in (("rows", rows), ("E", E), ("row_start", row_start)))
+    noise_std = chk.non_negative("noise_std", noise_std)
+    if row_start + rows > 2 ** 32:
+        raise ValueError(f"rows: row_start + rows must be <= 2**32 (32-bit Philox row counter), got {row_start + rows}")
+    seed &= 2 ** 64 - 1  # the key is the seed's 64 bits, as philox_normal takes them: the op's int64 bit pattern
+    seed = seed - 2 ** 64 if seed >= 2 ** 63 else seed
     index = dev.index if dev.index is not None else torch.cuda.current_device()  # "cuda" = the current one
-    return _ops().stop_noise(int(seed), int(rows), int(E), float(noise_std), int(row_start), index)
+    return _ops().stop_noise(seed, rows, E, noise_std, row_start, index)
