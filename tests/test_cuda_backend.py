@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -551,6 +552,48 @@ def twin(monkeypatch):
     monkeypatch.setattr(cb, "_ops", lambda: ops)
     monkeypatch.setattr(cb.chk, "same_device", lambda **kw: torch.device("cuda", 0))
     return ops
+
+
+_TEST_OPS = "stop_kernels_cuda_test"
+
+
+def _opaque_twin_ops():
+    """The twin's forward as a real (opaque) custom op, as torch.compile sees the C++ one; defined once."""
+    ns = getattr(torch.ops, _TEST_OPS)
+    if not hasattr(ns, "stop_embed_fwd"):
+        @torch.library.custom_op(f"{_TEST_OPS}::stop_embed_fwd", mutates_args=())
+        def _fwd(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 seed: int, noise_std: float) -> torch.Tensor:
+            return _TwinOps().stop_embed_fwd(pos_embed, idx, weight, bias, seed, noise_std)
+
+        @_fwd.register_fake
+        def _(pos_embed, idx, weight, bias, seed, noise_std):
+            return weight.new_empty((idx.numel(), weight.shape[0]))
+    return getattr(torch.ops, _TEST_OPS)
+
+
+def test_wrapper_under_torch_compile_does_not_recompile_per_seed(monkeypatch):
+    """Each call draws a new seed, an int argument of the op: traced, it was a constant of the graph, so every
+    call recompiled (and after torch._dynamo's recompile limit, 8, the frame fell back to eager with a
+    warning). Under torch.compile the wrapper runs eagerly: one graph, no recompile, the eager results."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    ops = _opaque_twin_ops()
+    monkeypatch.setattr(cb, "_ops", lambda: ops)
+    monkeypatch.setattr(cb.chk, "same_device", lambda **kw: torch.device("cuda", 0))
+    g = torch.Generator().manual_seed(9)
+    pos, w, b = torch.randn(8, 4, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    idx = torch.randint(0, 8, (2, 3), generator=g)
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda p, i, w_, b_: cb.stop_embed_cuda(p, i, w_, b_) * 2, backend="eager")
+    torch.manual_seed(0)
+    got = [f(pos, idx, w, b) for _ in range(10)]
+    torch.manual_seed(0)
+    want = [cb.stop_embed_cuda(pos, idx, w, b) * 2 for _ in range(10)]
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert sum(counters["recompiles"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def test_wrapper_output_and_gradients_with_twin_ops(twin):

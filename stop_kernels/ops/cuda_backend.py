@@ -174,7 +174,15 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
         ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)``, weight and bias taken in the
         autocast dtype under CUDA autocast (as the Triton op). Kernel dtype: the promoted dtype of ψ, W
         and b (W and b in the autocast dtype under autocast); float64 inputs are computed in float32.
+    Under ``torch.compile`` the call runs eagerly (one graph break): the seed drawn per call is an int
+    argument of the op, which a traced graph would hold as a constant, recompiling on every call.
     """
+    if torch.compiler.is_compiling():
+        return _stop_embed_cuda_disabled(pos_embed, idx, weight, bias, noise_std, generator)
+    return _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator)
+
+
+def _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator):
     noise_std = check_args(pos_embed, idx, weight, bias, noise_std)
     _ops()  # fail early with the load reason
     seed = draw_seed(generator)
@@ -194,6 +202,9 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
         out = _StopEmbedCuda.apply(pe, idx.reshape(-1), w, b, seed, noise_std)
     out = out.view(*idx.shape, weight.shape[0])
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+_stop_embed_cuda_disabled = torch.compiler.disable(_stop_embed_cuda_eager)
 
 
 def stop_noise_cuda(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0,
