@@ -3,7 +3,9 @@
 #   every csrc/*.cu with nvcc for sm_90 (-c, object to a temp dir), every csrc/*.cpp with the host
 #   compiler, both with torch's include paths, its C++ ABI flag and the nvcc flags that
 #   torch.utils.cpp_extension.CUDAExtension adds, so a syntax or type error fails here.
-# One line per file. Exit 1 on any failure, or when nvcc is absent unless STOP_KERNELS_SKIP_NVCC=1.
+# One line per file. Then the objects are linked into _C.so and loaded (.ci/check_extension.py: symbols,
+# schemas against the CPU tests' twin ops, the fakes). Exit 1 on any failure, or when nvcc is absent unless
+# STOP_KERNELS_SKIP_NVCC=1.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -81,6 +83,20 @@ for i in "${!pids[@]}"; do
   wait "${pids[$i]}" || fail=1
   cat "$OUT/$(basename "${files[$i]}").log"
 done
+
+# link the objects as torch.utils.cpp_extension would and load the library (no GPU needed): an unresolved
+# symbol, or an m.impl whose C++ signature differs from its m.def schema, fails at load; the schemas must
+# also be those of the Python twin the CPU tests run (.ci/check_extension.py)
+if [ $fail = 0 ]; then
+  TORCH_LIB=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+  if log=$("$NVCC" -shared "$OUT"/*.o -o "$OUT/_C.so" -L"$TORCH_LIB" -lc10 -lc10_cuda -ltorch -ltorch_cpu \
+           -ltorch_cuda -ltorch_python -lcudart -Xlinker -rpath -Xlinker "$TORCH_LIB" 2>&1); then
+    echo "ok    link _C.so"
+    "$PY" .ci/check_extension.py "$OUT/_C.so" || fail=1
+  else
+    echo "FAIL  link _C.so"; echo "$log" | head -30; fail=1
+  fi
+fi
 
 echo "compile_csrc: $( [ $fail = 0 ] && echo passed || echo FAILED ) in $(( $(date +%s) - start )) s"
 exit $fail
