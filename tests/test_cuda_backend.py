@@ -890,6 +890,7 @@ def _run_setup_py(monkeypatch):
     import setuptools
     monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
     monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", "/usr/local/cuda"))  # setup.py may set it
+    monkeypatch.chdir(ROOT)  # as pip runs it: setup.py finds csrc/ relative to its folder
     return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
 
 
