@@ -45,6 +45,19 @@ def position_table(name: str, t) -> torch.Tensor:
     return float_tensor(name, t, ndim=2)
 
 
+def eager_under_compile(fn):
+    """``fn`` for calls that must run eagerly inside ``torch.compile``'d code (a seed drawn from a generator,
+    data-dependent checks): traced, it is called through ``torch.compiler.disable`` (one graph break); in
+    eager mode directly, since the disable wrapper costs a few µs per call."""
+    import functools
+    disabled = torch.compiler.disable(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (disabled if torch.compiler.is_compiling() else fn)(*args, **kwargs)
+    return call
+
+
 _DEVICE_RANGE_CHECKS = True
 
 

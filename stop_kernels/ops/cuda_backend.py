@@ -177,9 +177,7 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
     Under ``torch.compile`` the call runs eagerly (one graph break): the seed drawn per call is an int
     argument of the op, which a traced graph would hold as a constant, recompiling on every call.
     """
-    if torch.compiler.is_compiling():
-        return _stop_embed_cuda_disabled(pos_embed, idx, weight, bias, noise_std, generator)
-    return _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator)
+    return _stop_embed_cuda_call(pos_embed, idx, weight, bias, noise_std, generator)
 
 
 def _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator):
@@ -204,7 +202,7 @@ def _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator):
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-_stop_embed_cuda_disabled = torch.compiler.disable(_stop_embed_cuda_eager)
+_stop_embed_cuda_call = chk.eager_under_compile(_stop_embed_cuda_eager)
 
 
 def stop_noise_cuda(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0,

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .. import _checks as chk
 from .. import reference
 from .philox import check_generator, draw_seed, philox_normal
 from .stop_embed import (BACKENDS, _noise_weight_grad_op, _out_dtype, autocast_dtype, check_backend,
@@ -122,14 +123,7 @@ def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     return tgt, torch.tensor(seed, dtype=torch.int64, device="cpu")
 
 
-_checked_seed_disabled = torch.compiler.disable(_checked_seed_eager)  # runs eagerly under torch.compile
-
-
-def _checked_seed(*args):
-    # the torch.compiler.disable wrapper costs a few µs per call in eager mode: only used when tracing
-    if torch.compiler.is_compiling():
-        return _checked_seed_disabled(*args)
-    return _checked_seed_eager(*args)
+_checked_seed = chk.eager_under_compile(_checked_seed_eager)
 
 
 def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, weight: torch.Tensor,
@@ -157,7 +151,6 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
     Under ``torch.compile``: one graph break per call, as :func:`stop_kernels.stop_embed` (the seed is drawn
     eagerly); ``fullgraph=True`` refuses it.
     """
-    from .. import _checks as chk  # noqa: PLC0415
     chk.choice("backend", backend, BACKENDS)
     if backend == "cuda":  # a bad argument on every machine, extension built or not
         raise ValueError(f"backend: the CUDA C++ backend implements stop_embed only; assemble_predictor_input "

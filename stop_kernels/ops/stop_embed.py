@@ -684,14 +684,7 @@ def _checked_seed_eager(pos_embed, idx, weight, bias, noise_std, generator):
     return sigma, torch.tensor(draw_seed(generator), dtype=torch.int64, device="cpu")
 
 
-_checked_seed_disabled = torch.compiler.disable(_checked_seed_eager)  # runs eagerly under torch.compile
-
-
-def _checked_seed(*args):
-    # the torch.compiler.disable wrapper costs a few µs per call in eager mode: only used when tracing
-    if torch.compiler.is_compiling():
-        return _checked_seed_disabled(*args)
-    return _checked_seed_eager(*args)
+_checked_seed = chk.eager_under_compile(_checked_seed_eager)
 
 
 def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
