@@ -939,3 +939,24 @@ def test_cuda_not_built_reason_names_an_old_gpu(monkeypatch):
                                            "for sm_80+ only)")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
     assert bk._cuda_not_built_reason().startswith("not built: the package was installed without building it")
+
+
+@pytest.mark.parametrize("bad", ["pos_embed", "bias"])
+def test_auto_names_a_non_tensor_argument_with_a_cuda_weight(monkeypatch, bad):
+    """stop_embed's "auto" looks at ψ's and b's dtypes to choose the CUDA C++ kernels before the arguments are
+    checked: with a CUDA weight a list for ψ or b was an AttributeError (``'list' object has no attribute
+    'dtype'``), not the TypeError naming it that the same call with a CPU weight raises (a CUDA device faked by
+    a tensor subclass whose ``device`` says cuda)."""
+    from stop_kernels.ops import stop_embed as se
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+    monkeypatch.setattr(se, "_CUDA_EXT_OK", True)
+    pos, idx, w = torch.zeros(8, 4), torch.zeros(3, dtype=torch.int64), torch.zeros(4, 6)
+    args = dict(pos_embed=pos, idx=idx, weight=w, bias=None)
+    args[bad] = [0.0] * 4
+    for weight in (w, w.as_subclass(OnCuda)):  # the CPU call's error, then the same with a CUDA weight
+        with pytest.raises(TypeError, match=rf"^{bad}: expected a torch.Tensor"):
+            se.stop_embed(**dict(args, weight=weight), noise_std=0.2)
