@@ -105,6 +105,23 @@ def dim_equals(name: str, t: torch.Tensor, dim: int, expected: int, why: str) ->
         raise ValueError(f"{name}: expected size {expected} at dim {dim} ({why}), got shape {tuple(t.shape)}")
 
 
+def packed_offsets(name: str, offsets: Sequence[int], total: int) -> int:
+    """Offsets ``[n + 1]`` of packed sequences (a ``cu_seqlens`` read back to the host) start at 0, never
+    decrease and end at the token count ``total`` (``q.shape[0]``); return the longest sequence (0 with none).
+    The one value check of the attention kernels' wrapper and of its reference twin."""
+    offsets = list(offsets)
+    if not offsets:
+        raise ValueError(f"{name}: expected at least one element ([n + 1] offsets), got 0")
+    if offsets[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {offsets[0]}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name}: must end at the token count T = {total} (q.shape[0]), got {offsets[-1]}")
+    lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    if any(n < 0 for n in lens):
+        raise ValueError(f"{name}: must be non-decreasing, got {offsets if len(offsets) <= 16 else offsets[:16]}")
+    return max(lens) if lens else 0
+
+
 def read_json(path: str, what: str):
     """The JSON value in file ``path``; a file that is not JSON raises ``ValueError`` naming ``what``."""
     import json

@@ -239,14 +239,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     if k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or q.shape[-2:] != k.shape[-2:]:
         raise ValueError(f"k, v: shapes must match q's batch, heads and head dim: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.dim() < 3 or q.shape[-1] == 0:
-        raise ValueError(f"q: expected [B, N, H, Dh] (or [T, H, Dh] with cu_seqlens) with a head dim Dh >= 1, "
-                         f"got shape {tuple(q.shape)}")
+    layout = ("[T, H, Dh] (packed, with cu_seqlens)" if cu_seqlens is not None
+              else "[B, N, H, Dh] (or [T, H, Dh] with cu_seqlens)")
+    if q.dim() != (3 if cu_seqlens is not None else 4) or q.shape[-1] == 0:
+        raise ValueError(f"q: expected {layout} with a head dim Dh >= 1, got shape {tuple(q.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens is not None:
         chk.tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=chk.INDEX_DTYPES)
         bounds = cu_seqlens.tolist()
+        chk.packed_offsets("cu_seqlens", bounds, q.shape[0])  # a gap, overlap or end past T: another length
         outs = [attention(q[None, a:b], k[None, a:b], v[None, a:b], scale=scale)[0]
                 for a, b in zip(bounds[:-1], bounds[1:])]
         return torch.cat(outs, 0) if outs else (q + k + v).to(q.dtype)  # no sequence (T = 0): empty, with a grad_fn

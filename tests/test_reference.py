@@ -237,6 +237,25 @@ def test_attention_bad_input():
             R.attention(bad, bad, bad)
 
 
+@pytest.mark.parametrize("cu,msg", [([0, 3], "end at"), ([1, 5], "start at 0"), ([0, 4, 2, 5], "non-decreasing"),
+                                    ([0, 7], "end at"), ([], "at least one element")])
+def test_attention_bad_cu_seqlens(cu, msg):
+    """The twin refuses what the kernels refuse: a cu_seqlens that leaves tokens out, repeats them or reads past
+    T gave an output of another length than q (3, 4 or 7 rows for T = 5; q + k + v itself for no offsets)."""
+    q = torch.randn(5, 2, 8)
+    with pytest.raises(ValueError, match=f"^cu_seqlens: .*{msg}"):
+        R.attention(q, q, q, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+def test_attention_layout_must_match_the_mode():
+    """[B, N, H, Dh] without cu_seqlens, [T, H, Dh] with it: the other rank was an einsum RuntimeError."""
+    packed, batched = torch.randn(5, 2, 8), torch.randn(1, 5, 2, 8)
+    with pytest.raises(ValueError, match=r"^q: expected \[B, N, H, Dh\]"):
+        R.attention(packed, packed, packed)
+    with pytest.raises(ValueError, match=r"^q: expected \[T, H, Dh\]"):
+        R.attention(batched, batched, batched, cu_seqlens=torch.tensor([0, 5]))
+
+
 def test_trusted_device_indices_keeps_cpu_checks():
     from stop_kernels import trusted_device_indices
     pos, W = torch.randn(4, 3), torch.randn(3, 2)

@@ -1585,15 +1585,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
     if cached is not None and cached[0] == tag:
         true_max = cached[1]
     else:
-        vals = cu_seqlens.tolist()
-        if vals[0] != 0:
-            raise ValueError(f"cu_seqlens: must start at 0, got {vals[0]}")
-        if vals[-1] != total:
-            raise ValueError(f"cu_seqlens: must end at the token count T = {total} (q.shape[0]), got {vals[-1]}")
-        lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
-        if any(n < 0 for n in lens):
-            raise ValueError(f"cu_seqlens: must be non-decreasing, got {vals if len(vals) <= 16 else vals[:16]}")
-        true_max = max(lens) if lens else 0
+        true_max = chk.packed_offsets("cu_seqlens", cu_seqlens.tolist(), total)
         if tag is not None:
             try:
                 cu_seqlens._stop_kernels_checked = (tag, true_max)
