@@ -700,6 +700,21 @@ def test_dispatch_scale_of_the_wrong_kind_is_named(backend):
             A.dispatch_attention(q, q, q, scale=bad, backend=backend)
 
 
+def test_triton_scale_of_the_wrong_kind_is_a_type_error():
+    """The kernels' wrapper names a scale of the wrong kind as the other backends do (TypeError); it raised
+    ValueError ("need a positive finite scale, got '0.3'"), so the same bad call raised another class per backend.
+    A number out of range stays a ValueError."""
+    q = _t(1, 4, 2, 8)
+    for bad in ("0.3", True, torch.tensor(0.3), torch.tensor([0.3]), [0.3]):
+        with pytest.raises(TypeError, match="^scale: "):
+            A.attention(q, q, q, scale=bad)
+        with pytest.raises(TypeError, match="^scale: "):
+            A.dispatch_attention(q, q, q, scale=bad, backend="triton")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="^scale: "):
+            A.attention(q, q, q, scale=bad)
+
+
 def test_xformers_backend_error_or_result():
     q = _t(1, 8, 2, 32)
     try:

@@ -163,15 +163,17 @@ def test_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
     assert triton_interpreting() == bool(knobs.runtime.interpret)
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan"), True])
-def test_attention_kernel_needs_a_positive_scale_and_auto_falls_back(scale):
+@pytest.mark.parametrize("scale,exc", [(0.0, ValueError), (-0.5, ValueError), (float("inf"), ValueError),
+                                       (float("nan"), ValueError), (True, TypeError)])
+def test_attention_kernel_needs_a_positive_scale_and_auto_falls_back(scale, exc):
     """The Triton forward takes the running max of the unscaled scores, valid for a positive scale only:
-    attention() refuses other scales by name; dispatch_attention("auto") routes them to SDPA."""
+    attention() refuses other scales by name (a bool is no number: TypeError, as the other backends say);
+    dispatch_attention("auto") routes them to SDPA."""
     from stop_kernels.backends import triton_interpreting
     from stop_kernels.ops.attention import _resolve_auto
     q = torch.randn(1, 5, 2, 16, device=DEV, dtype=torch.float16 if DEV == "cuda" else torch.float32)
     if DEV == "cuda" or triton_interpreting():  # where the kernel path can run at all (CI: the interpreter)
-        with pytest.raises(ValueError, match="^scale: "):
+        with pytest.raises(exc, match="^scale: "):
             sk.attention(q, q, q, scale=scale)
     assert _resolve_auto(q, q, q, scale) == "sdpa"
 

@@ -1661,6 +1661,9 @@ def _prepare(q, k, v, scale, cu_seqlens, max_seqlen) -> Tuple[Optional[torch.Ten
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif not _kernel_scale_ok(scale):
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # the wrong kind, as the other backends say
+            raise TypeError(f"scale: the Triton attention kernels take None or a number, got {type(scale).__name__}; "
+                            f"dispatch_attention(backend='sdpa') also takes a 0-d floating tensor")
         raise ValueError(f"scale: the Triton attention kernels need a positive finite scale, got {scale!r}; "
                          f"dispatch_attention(backend='sdpa') takes any")
     return cu_seqlens, max_seqlen, float(scale)
