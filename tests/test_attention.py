@@ -1135,6 +1135,14 @@ def test_attention_qkv_bad_inputs():
         A.attention_qkv(_t(1, 5, 3, 2, 12))
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference"])
+def test_dispatch_attention_qkv_names_qkv_on_every_backend(backend):
+    """A qkv of the wrong dtype is named as the argument the caller passed, qkv, on every backend; the
+    non-Triton ones checked the q, k, v views and said 'q: expected dtype ...'."""
+    with pytest.raises(TypeError, match=r"^qkv: expected dtype"):
+        A.dispatch_attention_qkv(torch.ones(1, 8, 3, 2, 24, dtype=torch.int32, device=DEV), backend=backend)
+
+
 def test_dispatch_names_bad_arguments_under_auto():
     x = _t(1, 4, 2, 16)
     with pytest.raises(TypeError, match="^q: expected a torch.Tensor"):

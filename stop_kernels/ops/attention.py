@@ -1993,6 +1993,7 @@ def dispatch_attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None,
     the models' attention layers produce it. The Triton backend runs :func:`attention_qkv` (the
     gradient of ``qkv`` written in place of a stack); the others run on the q, k, v views."""
     q, k, v = _split_qkv(qkv, cu_seqlens is not None)
+    chk.float_tensor("qkv", qkv)  # named here: the backends below check the q, k, v views and would say "q"
     name = _DEFAULT_BACKEND if backend is None else backend
     chk.choice("backend", name, BACKENDS)
     if name == "auto":
