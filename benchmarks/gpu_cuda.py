@@ -200,11 +200,12 @@ def _time_all(impls, rows, pos, idx, w, b, grad, flop_fwd):
 
 
 def _finish(report, rows, out_bytes):
-    for row in rows:  # speed-ups against the eager unfused path
-        ref = next((r for r in rows if r["impl"] == "unfused" and "fwd_ms" in r), None)
-        if ref and "fwd_ms" in row:
-            row["fwd_speedup_vs_unfused"] = round(ref["fwd_ms"] / row["fwd_ms"], 2)
-            row["fwdbwd_speedup_vs_unfused"] = round(ref["fwdbwd_ms"] / row["fwdbwd_ms"], 2)
+    ref = next((r for r in rows if r["impl"] == "unfused"), {})
+    for row in rows:  # speed-ups against the eager unfused path, for each pass both timed (a row whose
+        # backward raised has fwd_ms and an error: a KeyError here, in timings' finally, lost every row)
+        for kind in ("fwd", "fwdbwd"):
+            if f"{kind}_ms" in ref and f"{kind}_ms" in row:
+                row[f"{kind}_speedup_vs_unfused"] = round(ref[f"{kind}_ms"] / row[f"{kind}_ms"], 2)
     report["timings"] = {"shape": dict(R=R, E=E, D=D, P=P, dtype="bfloat16", noise_std=SIGMA),
                          "output_mib": round(out_bytes / 2 ** 20, 1), "rows": rows}
 

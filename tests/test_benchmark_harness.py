@@ -463,3 +463,29 @@ def test_sdpa_fn_forces_its_backend_on_bnhd_inputs(name, monkeypatch):
     want = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     assert forced == ([] if name is None else [[want[name]]])
+
+
+def test_cuda_timings_keep_every_row_when_one_backward_fails(tmp_path):
+    """gpu_cuda.py's rows survive an implementation whose forward was timed and whose backward raised (a row with
+    fwd_ms and an error, no fwdbwd_ms): the speed-ups against the unfused path once raised a KeyError inside the
+    timings' finally, so the report had no timings at all and readme_tables.py's stop table could not be made."""
+    import gpu_cuda
+    import readme_tables
+    ok = dict(fwd_peak_extra_mib=1.0, fwdbwd_peak_extra_mib=2.0, fwd_tflops=1.0)
+    rows = [dict(impl="cuda", fwd_ms=0.2, fwdbwd_ms=0.6, **ok), dict(impl="unfused", fwd_ms=0.1, fwdbwd_ms=0.4, **ok),
+            dict(impl="triton", fwd_ms=0.2, fwd_peak_extra_mib=1.0, error="OutOfResources: shared memory")]
+    report = {"env": {"gpu": "NVIDIA H200"}}
+    gpu_cuda._finish(report, rows, 100)
+    by = {r["impl"]: r for r in report["timings"]["rows"]}
+    assert by["cuda"]["fwd_speedup_vs_unfused"] == 0.5 and by["cuda"]["fwdbwd_speedup_vs_unfused"] == 0.67
+    assert by["triton"]["fwd_speedup_vs_unfused"] == 0.5 and "fwdbwd_speedup_vs_unfused" not in by["triton"]
+    # the unfused path's own backward failing: forward ratios only
+    report2 = {"env": {"gpu": "NVIDIA H200"}}
+    gpu_cuda._finish(report2, [dict(impl="cuda", fwd_ms=0.2, fwdbwd_ms=0.6, **ok),
+                               dict(impl="unfused", fwd_ms=0.1, error="RuntimeError: x")], 100)
+    assert report2["timings"]["rows"][0]["fwd_speedup_vs_unfused"] == 0.5
+    assert "fwdbwd_speedup_vs_unfused" not in report2["timings"]["rows"][0]
+    assert "| cuda | 0.2000 | 0.6000 |" in gpu_cuda.write(report, tmp_path)
+    (tmp_path / "gpu_cuda.json").write_text(json.dumps(report))
+    table = readme_tables.stop_table(str(tmp_path / "gpu_cuda.json"))
+    assert "| Triton | error: OutOfResources: shared memory |" in table and "| CUDA C++ (default when built) | 0.200 |" in table
