@@ -489,3 +489,53 @@ def test_cuda_timings_keep_every_row_when_one_backward_fails(tmp_path):
     (tmp_path / "gpu_cuda.json").write_text(json.dumps(report))
     table = readme_tables.stop_table(str(tmp_path / "gpu_cuda.json"))
     assert "| Triton | error: OutOfResources: shared memory |" in table and "| CUDA C++ (default when built) | 0.200 |" in table
+
+
+def _gpu_only_tests(path):
+    """The test ids of ``path`` that only a CUDA GPU runs: a test, or its "cuda" parameter, marked
+    ``skipif(not <something about CUDA>)`` (a test that also runs on the Triton interpreter is not one)."""
+    import ast
+
+    def gpu_only(mark) -> bool:
+        if not (isinstance(mark, ast.Call) and ast.unparse(mark.func).endswith("mark.skipif") and mark.args):
+            return False
+        cond = mark.args[0]
+        return isinstance(cond, ast.UnaryOp) and isinstance(cond.op, ast.Not) and "cuda" in ast.unparse(cond).lower()
+    ids = []
+    for fn in ast.parse(path.read_text()).body:
+        if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")):
+            continue
+        if any(gpu_only(d) for d in fn.decorator_list):
+            ids.append(fn.name)
+        for p in (n for d in fn.decorator_list for n in ast.walk(d)):
+            if (isinstance(p, ast.Call) and ast.unparse(p.func).endswith("pytest.param") and p.args
+                    and any(k.arg == "marks" and gpu_only(k.value) for k in p.keywords)):
+                ids.append(f"{fn.name}[{ast.literal_eval(p.args[0])}]")
+    return ids
+
+
+def test_gpu_script_runs_every_gpu_only_test():
+    """Each test that only a GPU runs is run by gpu_all.sh: its file is in the `tests` section, or in `tests-new`
+    with a name that the section's -k expression selects. The GPU twins of the bf16 residual stream and of the
+    combo kernels (two of fast_levers' levers) were in neither: test_training_speed.py is only in tests-new, and
+    its -k named neither test."""
+    import re
+    from _pytest.mark.expression import Expression
+    text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
+
+    def arm(name):
+        return re.search(rf"^    {name}\) section {name} .*?;;", text, re.M | re.S).group(0)
+    full = set(re.findall(r"tests/\w+\.py", arm("tests")))
+    new_arm = arm("tests-new")
+    new = set(re.findall(r"tests/\w+\.py", new_arm))
+    expr = Expression.compile(re.search(r'-k "([^"]+)"', new_arm).group(1))
+    missed = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        rel = f"tests/{path.name}"
+        for test_id in _gpu_only_tests(path):
+            words = {test_id.lower(), path.stem.lower(), "tests"}
+            if rel in full or (rel in new and expr.evaluate(lambda s, **_: any(s.lower() in w for w in words))):
+                continue
+            missed.append(f"{rel}::{test_id}")
+    assert _gpu_only_tests(REPO / "tests" / "test_training_speed.py")  # the detection finds the GPU tests
+    assert not missed, f"GPU-only tests that gpu_all.sh never runs: {missed}"
