@@ -60,8 +60,10 @@ def main(argv=None) -> int:
     p.description = __doc__.split("\n\n")[0]
     p.set_defaults(variants=None, profile_steps=0, steps=20, warmup=8, mask_batches=6, out="/tmp/e2e_step")
     p.add_argument("--paths", default="reference,fast")
-    p.add_argument("--no-compile", action="store_true", help="eager blocks in both paths")
+    p.add_argument("--no-compile", action="store_true", help="eager blocks in every path")
     args = p.parse_args(argv)
+    if args.variants is not None:  # (profile_step's flag, inherited with its parser) was silently replaced by --paths
+        p.error("--variants: e2e_step.py runs the paths that --paths names (profile_step.py takes --variants)")
     compile_flag = "0" if args.no_compile else "1"
     names = args.paths.split(",")
     for n in names:

@@ -310,6 +310,15 @@ def test_step_scripts_refuse_bad_counts(flag, value, capsys):
         assert e.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
 
 
+def test_e2e_step_refuses_variants(monkeypatch, capsys):
+    """e2e_step.py runs its named paths: a --variants (profile_step.py's flag, on the parser it shares) is a usage
+    error, not silently replaced by the --paths variants."""
+    monkeypatch.setattr(profile_step, "run_variants", lambda *a, **k: pytest.fail("ran variants"))
+    with pytest.raises(SystemExit) as e:
+        e2e_step.main(["--variants", "mine:compile=1+attention=triton", "--paths", "reference", "--out", "/nonexistent"])
+    assert e.value.code == 2 and "--variants: e2e_step.py runs the paths that --paths names" in capsys.readouterr().err
+
+
 def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
     """images/s of each path over the reference's (a failed path is left out), the headline ratio being
     fast's; the variants passed on carry each path's keys and the compile flag."""
