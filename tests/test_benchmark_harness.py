@@ -319,6 +319,26 @@ def test_e2e_step_refuses_variants(monkeypatch, capsys):
     assert e.value.code == 2 and "--variants: e2e_step.py runs the paths that --paths names" in capsys.readouterr().err
 
 
+def test_step_budget_counts_from_the_scripts_start(tmp_path, monkeypatch, capsys):
+    """--budget-s counts the script's imports too: gpu_all.sh gives the e2e section's paths its limit less 70 s, and a
+    clock started after importing torch and the pipeline (10-20 s) let a path start with less than 70 s left."""
+    import time
+    started = []
+
+    def run_variant(v, args, info):
+        started.append(v["name"])
+        return {**v, "images_per_s": 1.0}
+    monkeypatch.setattr(profile_step, "run_variant", run_variant)
+    monkeypatch.setattr(profile_step, "T_START", time.perf_counter() - 30)  # the imports took 30 s
+    args = profile_step.build_parser().parse_args(["--model", "vit_tiny", "--variants", "a:compile=0,b:compile=0",
+                                                   "--budget-s", "20", "--out", str(tmp_path), "--extra", "--device cpu"])
+    profile_step.run_variants(args)
+    assert started == [] and "[skip a: budget]" in capsys.readouterr().out
+    monkeypatch.setattr(profile_step, "T_START", time.perf_counter())
+    profile_step.run_variants(args)
+    assert started == ["a", "b"]
+
+
 def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
     """images/s of each path over the reference's (a failed path is left out), the headline ratio being
     fast's; the variants passed on carry each path's keys and the compile flag."""
