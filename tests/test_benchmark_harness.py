@@ -568,3 +568,18 @@ def test_gpu_script_runs_every_gpu_only_test():
             missed.append(f"{rel}::{test_id}")
     assert _gpu_only_tests(REPO / "tests" / "test_training_speed.py")  # the detection finds the GPU tests
     assert not missed, f"GPU-only tests that gpu_all.sh never runs: {missed}"
+
+
+def test_gpu_scripts_budget_counts_their_imports():
+    """gpu_stop_embed.py's and gpu_attention.py's --budget-s (gpu_all.sh: the section's limit less 20 s) counts from
+    the script's start: their clocks started after torch, triton and the kernels were imported, seconds of the limit
+    that the budget did not see."""
+    import os
+    import subprocess
+    code = ("import sys, time; t0 = time.time(); sys.path.insert(0, 'benchmarks'); import {m}; "
+            "print({m}.T0 - t0, time.time() - {m}.T0)")
+    for m in ("gpu_stop_embed", "gpu_attention"):
+        r = subprocess.run([sys.executable, "-c", code.format(m=m)], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+        before, after = map(float, r.stdout.split()[-2:]) if r.returncode == 0 else pytest.fail(r.stderr[-2000:])
+        assert before < after, (m, before, after)  # the clock starts before the imports, not after them
