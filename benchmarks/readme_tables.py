@@ -75,6 +75,8 @@ def _load(path: str):
 def stop_table(source: str) -> str:
     """``stop_embed`` forward / forward+backward per backend (gpu_cuda.json)."""
     d = _load(source)
+    if "timings" not in d:  # gpu_cuda.py writes the file after its tests too: a run cut before the timings
+        raise ValueError(f"stop table: {source} has no timings (its run stopped before them)")
     tm = d["timings"]
     s = tm["shape"]
     R, E, D = s["R"], s["E"], s["D"]

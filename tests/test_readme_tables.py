@@ -77,6 +77,17 @@ def test_stop_table_says_which_backend_did_not_run(tmp_path):
     assert len(lines) == 2 + len(readme_tables.STOP_ROWS)
 
 
+def test_stop_table_refuses_a_run_cut_before_its_timings(tmp_path):
+    """gpu_cuda.py writes gpu_cuda.json after its tests too: a cuda section cut there leaves no timings, which is
+    said with the file's name (it was a KeyError)."""
+    d = json.loads((REPO / "benchmarks/results/h200-run2/gpu_cuda.json").read_text())
+    del d["timings"]
+    f = tmp_path / "gpu_cuda.json"
+    f.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=f"stop table: {f} has no timings"):
+        readme_tables.stop_table(str(f))
+
+
 def test_step_sources_must_name_a_known_row():
     with pytest.raises(ValueError, match="ROW=PATH"):
         readme_tables.step_table("benchmarks/results/h200-run3/call3/train_eager.out")
