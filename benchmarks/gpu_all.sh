@@ -47,7 +47,8 @@
 #        gpu_cuda.py took 59 s in run 2 with 11 fewer tests; an interrupt keeps the rows timed so far)
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
 #      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split, one-pass backward,
-#      and fast_levers' bf16 residual stream and combo kernels, whose GPU twins no other section runs);
+#      and fast_levers' bf16 residual stream and combo kernels, whose GPU twins no other section runs;
+#      the loss-curve file before test_training_speed.py, so the limit cuts the levers' twins first);
 #      then the CUDA C++ StoP kernels against the rebuilt Triton ones and the unfused path:
 #      `stop_embed(backend="auto")` prefers CUDA when built (run 2); switch it to Triton if Triton now
 #      wins forward+backward.
@@ -125,7 +126,7 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
-           tests/test_philox.py tests/test_attention.py tests/test_training_speed.py tests/test_fast_path_loss_curve.py \
+           tests/test_philox.py tests/test_attention.py tests/test_fast_path_loss_curve.py tests/test_training_speed.py \
            -k "twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (combo_kernels_equals_eager and cuda)" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
