@@ -142,3 +142,29 @@ def test_write_atomic_leaves_the_process_umask_as_it_was(tmp_path):
     finally:
         os.umask = real_umask
         os.umask(old)
+
+
+def test_a_kill_while_pruning_never_leaves_a_complete_looking_checkpoint(tmp_path, monkeypatch):
+    """A job killed while prune() deletes an old checkpoint (shutil.rmtree removes file by file) must not leave a
+    step_* folder that still has meta.json and .metadata but lost its shards: list_checkpoints would offer it as
+    complete (to-official --step, --init-from), and prune would never remove a folder that lost meta.json."""
+    import shutil
+    from stop_kernels.training import checkpoint as ckmod
+    ck = Checkpointer(str(tmp_path), single(), keep=1)
+    m, opt = model_and_opt()
+    ck.save(1, m, opt, {"epoch": 0})
+    real_rmtree = shutil.rmtree
+
+    def killed_mid_rmtree(path, *a, **k):  # the shards go first, then the job dies
+        for name in os.listdir(path):
+            if name.endswith(".distcp"):
+                os.unlink(os.path.join(path, name))
+        raise KeyboardInterrupt("killed mid-rmtree")
+
+    monkeypatch.setattr(ckmod.shutil, "rmtree", killed_mid_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(2, m, opt, {"epoch": 0})
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2]
+    monkeypatch.setattr(ckmod.shutil, "rmtree", real_rmtree)
+    ck.save(3, m, opt, {"epoch": 0})  # the next save removes what the killed deletion left
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003"]

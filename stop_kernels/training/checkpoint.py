@@ -7,6 +7,7 @@ Layout under ``<out>/checkpoints/``::
         rng_rank0.pt, rng_rank1.pt …              per-rank RNG states (torch CPU/CUDA, python, numpy)
         meta.json                                  step, epoch, data position, config (written last)
     .tmp-step_00002000/       a checkpoint being written (ignored by resume, removed by the next save)
+    .tmp-deleted-step_…/      an old checkpoint being deleted (renamed first, so never half a step_*)
 
 Atomicity: every rank writes into the ``.tmp-`` folder; after a barrier rank 0 writes ``meta.json``,
 fsyncs, and renames the folder to its final name (``os.rename`` of a directory is atomic on POSIX
@@ -80,6 +81,21 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _delete(path: str) -> None:
+    """Delete the checkpoint folder ``path``: renamed to a ``.tmp-`` name first (one atomic rename), then removed.
+    ``shutil.rmtree`` removes file by file: a job killed during it would otherwise leave a ``step_*`` folder that
+    still holds ``meta.json`` and ``.metadata`` but not all its shards, which :func:`list_checkpoints` takes for
+    complete; what a killed deletion leaves is now a ``.tmp-`` folder, removed by the next :meth:`Checkpointer.prune`."""
+    doomed = os.path.join(os.path.dirname(path), _TMP_PREFIX + "deleted-" + os.path.basename(path))
+    try:
+        if os.path.exists(doomed):
+            shutil.rmtree(doomed)
+        os.rename(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
@@ -174,7 +190,7 @@ class Checkpointer:
                 shutil.rmtree(old)
             os.rename(final, old)
             os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _delete(old)
         else:
             os.rename(tmp, final)
         _fsync_dir(self.folder)
@@ -183,7 +199,7 @@ class Checkpointer:
         """Delete complete checkpoints beyond the newest ``keep`` and stale temporary folders."""
         found = list_checkpoints(self.folder)
         for _, path in found[:-self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            _delete(path)
         for name in os.listdir(self.folder):
             if name.startswith(_TMP_PREFIX):
                 shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
