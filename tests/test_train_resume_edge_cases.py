@@ -12,6 +12,7 @@
 6. ``--benchmark`` honours ``--packed`` (ragged masks).
 7. The first step after a checkpoint (and the very first step) is logged untimed: its only time stamp
    is the host's enqueue time.
+8. A second run started in an --out that a run is training in stops before it touches anything.
 """
 import json
 import math
@@ -256,3 +257,31 @@ def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_earlier_records(tmp
     monkeypatch.undo()
     loop.train(tiny(tmp_path, steps=2, resume=True))
     assert [r["step"] for r in read_log(tmp_path)] == [0, 1]
+
+
+def test_a_second_run_in_an_out_folder_in_use_stops_before_it_touches_anything(tmp_path, cpu_train):
+    """Two runs at once in one --out (a second experiment given the first's --out, a job requeued while the first
+    still runs): the second set the first's checkpoints and log aside while the first kept writing, the two pruned
+    each other's checkpoints and .tmp- folders (the second crashed in its first save). The second now stops with
+    the key named; a killed run leaves no lock behind (flock goes with the process)."""
+    import fcntl
+    import subprocess
+    import sys
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2, ckpt_every=1))
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; fh = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(fh, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(600)",
+                               str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # a run still training in tmp_path
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(ConfigError, match="^out: .* is in use by another run"):
+            loop.train(tiny(tmp_path, steps=1))
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [1, 2]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert loop.train(tiny(tmp_path, steps=3, ckpt_every=1, resume=True))  # the lock went with the process
+    with open(tmp_path / ".lock") as fh:  # and this process released its own
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

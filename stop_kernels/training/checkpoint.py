@@ -148,6 +148,45 @@ def set_aside(path: str, info: DistInfo, only_if: Optional[Callable[[], bool]] =
     return broadcast_object(moved, info)
 
 
+@contextlib.contextmanager
+def out_lock(out: str, info: DistInfo):
+    """Hold ``<out>/.lock`` (an exclusive ``flock`` of the main rank) while a run trains in ``out``; a second run
+    started in the same ``out`` meanwhile stops with a :class:`ConfigError` naming ``out`` before it moves, prunes
+    or writes anything. Two runs in one folder would otherwise set each other's checkpoints and log aside, prune
+    each other's checkpoints and in-progress ``.tmp-`` folders, and append to each other's ``log.jsonl``. The
+    lock goes with the process (a killed run leaves none). On a filesystem without ``flock`` there is no check."""
+    import fcntl
+    import socket
+    from .config import ConfigError
+    fh, problem = None, None
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+        fh = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            problem = (f"out: {out} is in use by another run ({fh.read().strip() or 'unknown process'}); wait for "
+                       f"it to end, or give this run another --out")
+            fh.close()
+            fh = None
+        except OSError:  # no flock on this filesystem
+            pass
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+    problem = broadcast_object(problem, info)  # every rank stops, none waits in a collective
+    if problem:
+        raise ConfigError(problem)
+    try:
+        yield
+    finally:
+        if fh is not None:
+            fh.close()
+
+
 class Checkpointer:
     """Save / find / load checkpoints of one run (see the module docstring)."""
 
@@ -335,7 +374,7 @@ def export_safetensors(module: nn.Module, path: str, info: DistInfo, metadata: O
     write_atomic(path, lambda fh: fh.write(blob))
 
 
-__all__ = ["Checkpointer", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
+__all__ = ["Checkpointer", "out_lock", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
            "set_rng_state", "step_dirname", "load_state", "find_checkpoint", "load_run_models", "to_official"]
 
 

@@ -38,7 +38,7 @@ from ..models import predictor_for, vit_encoder
 from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
-from .checkpoint import Checkpointer, export_safetensors, set_aside
+from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
 from .config import ConfigError, TrainConfig, local_batch, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
@@ -376,7 +376,8 @@ def train(cfg: TrainConfig) -> List[float]:
         local_batch(cfg, info.world_size)  # before the data folder is read and the models are built
         if cfg.benchmark:
             return run_benchmark(cfg, info)
-        return _train(cfg, info)
+        with out_lock(cfg.out, info):
+            return _train(cfg, info)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingOutOfMemory(f"{out_of_memory_advice(cfg, info.world_size)}\n{e}") from e
     finally:
