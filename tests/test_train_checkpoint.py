@@ -168,3 +168,30 @@ def test_a_kill_while_pruning_never_leaves_a_complete_looking_checkpoint(tmp_pat
     monkeypatch.setattr(ckmod.shutil, "rmtree", real_rmtree)
     ck.save(3, m, opt, {"epoch": 0})  # the next save removes what the killed deletion left
     assert sorted(os.listdir(tmp_path)) == ["step_00000003"]
+
+
+def test_a_failed_save_names_the_folder_and_free_space_and_removes_its_partial_files(tmp_path, monkeypatch):
+    """A full disk during DCP's write (which reports it as "unexpected pos …") is a RuntimeError naming the
+    checkpoint folder and the space left; the partial .tmp- folder is gone, the previous checkpoint loads."""
+    import errno
+    import torch.distributed.checkpoint as dcp
+    ck = Checkpointer(str(tmp_path), single(), keep=2)
+    m, opt = model_and_opt()
+    ck.save(1, m, opt, {"epoch": 0})
+    good = snapshot(m)
+    real = dcp.save
+
+    def fill_the_disk(state, checkpoint_id):
+        real(state, checkpoint_id=checkpoint_id)  # some shards reach the disk, then the space runs out
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", fill_the_disk)
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"saving step 2 into .* failed \(.*GiB free.*No space left"):
+        ck.save(2, m, opt, {"epoch": 0})
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
+    m2, opt2 = model_and_opt(seed=1)
+    assert ck.load(latest_checkpoint(str(tmp_path)), m2, opt2)["step"] == 1
+    for k, v in snapshot(m2).items():
+        assert torch.equal(v, good[k])

@@ -205,18 +205,34 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
         barrier(info)
-        with _quiet_single_process():
-            dcp.save(_dcp_state(container, optimizer), checkpoint_id=tmp)
-        with open(os.path.join(tmp, f"rng_rank{info.rank}.pt"), "wb") as fh:  # synced like the shards
-            torch.save(rng_state(), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with _quiet_single_process():
+                dcp.save(_dcp_state(container, optimizer), checkpoint_id=tmp)
+            with open(os.path.join(tmp, f"rng_rank{info.rank}.pt"), "wb") as fh:  # synced like the shards
+                torch.save(rng_state(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except Exception as e:  # e.g. a full disk: DCP reports it as "unexpected pos …", naming no cause
+            raise self._save_failed(step, tmp, e) from e
         barrier(info)
         if info.is_main:
             self._finalize(tmp, final, dict(meta, step=step, world_size=info.world_size))
             self.prune()
         barrier(info)
         return final
+
+    def _save_failed(self, step: int, tmp: str, error: BaseException) -> RuntimeError:
+        """The error of a save that failed while writing: the partial ``.tmp-`` folder is removed (by the main
+        rank; on a full disk it holds the space the next try needs) and the message names the folder and the
+        space left on its filesystem. The previous checkpoint is untouched: nothing was published."""
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(self.folder).free / 2**30:.2f} GiB free there now"
+        except OSError:
+            free = "free space unknown"
+        return RuntimeError(f"checkpoint: saving step {step} into {self.folder} failed ({free}; the previous "
+                            f"checkpoint is intact, --resume continues from it): {type(error).__name__}: {error}")
 
     def _finalize(self, tmp: str, final: str, meta: Dict[str, Any]) -> None:
         """Write meta.json last, then publish the folder by one atomic rename."""
