@@ -388,6 +388,32 @@ def test_torch_compile_matches_eager(device):
         assert rel(got, eager) <= 1e-5 and rel(gc, ge) <= 1e-5
 
 
+@pytest.mark.parametrize("op", ["stop_embed", "learned", "isotropic"])
+def test_torch_compile_of_the_reference_backend_matches_eager(op):
+    """The CPU fallback (what "auto" runs on a CPU without TRITON_INTERPRET) builds the noise with NumPy
+    (philox_normal): inside torch.compile that must run eagerly, not be traced (Dynamo failed on its uint64
+    ops with a KeyError(torch.uint64)), and give the eager noise."""
+    from stop_kernels.ops.predictor_input import assemble_predictor_input
+    pos, idx, w, b = inputs("cpu", 10, 16, 24, (2, 2, 3))
+    ctx, ctx_idx = torch.randn(2, 4, 24), torch.randint(0, 10, (2, 4))
+    w.requires_grad_()
+
+    def f(g):
+        if op == "stop_embed":
+            out = stop_embed(pos, idx, w, b, noise_std=0.3, generator=g, backend="reference")
+        else:
+            out = assemble_predictor_input(ctx, ctx_idx, idx, w, b, pos, noise_mode=op, noise_std=0.3,
+                                           generator=g, backend="reference")
+        return out.square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager")
+    eager = f(gen(6))
+    (ge,) = torch.autograd.grad(eager, w)
+    got = compiled(gen(6))
+    (gc,) = torch.autograd.grad(got, w)
+    assert rel(got, eager) <= 1e-6 and rel(gc, ge) <= 1e-6
+
+
 def test_torch_compile_fullgraph_is_refused_as_documented():
     """The documented limitation (stop_embed's docstring, README): the seed is drawn eagerly, one graph break
     per call, so fullgraph=True refuses the op. If this ever compiles in one graph, the docs must change."""

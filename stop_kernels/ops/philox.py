@@ -31,6 +31,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import _checks as chk
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -87,8 +89,11 @@ def uniform_from_bits(x: np.ndarray) -> np.ndarray:
     return ((x >> np.uint64(9)) * np.uint64(2) + np.uint64(1)).astype(np.float64) * 2.0 ** -24
 
 
+@chk.eager_under_compile  # NumPy on uint64: Dynamo cannot trace it (fake uint64 bitwise ops), so the CPU
+# fallback of stop_embed / assemble_predictor_input crashed inside torch.compile'd code
 def philox_normal(seed: int, rows: int, E: int, noise_std: float = 1.0, row_start: int = 0) -> torch.Tensor:
-    """The noise matrix ``[rows, E]`` (float64) for rows ``row_start … row_start+rows-1`` of a call with ``seed``."""
+    """The noise matrix ``[rows, E]`` (float64) for rows ``row_start … row_start+rows-1`` of a call with ``seed``;
+    under ``torch.compile`` computed eagerly (one graph break)."""
     E4 = quarter_width(E)
     r = np.arange(row_start, row_start + rows, dtype=np.uint64)[:, None]
     q = np.arange(E4, dtype=np.uint64)[None, :]
