@@ -28,6 +28,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
 
 
+def functorch_transforming() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, vjp, jacrev, jvp …) is running. The fused ops are
+    ``torch.library`` custom ops, whose autograd registration functorch's grad transforms refuse (a
+    RuntimeError about an autograd.Function's ``setup_context``), so "auto" then takes the PyTorch paths
+    (reference StoP, SDPA attention), which compute the same values."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _version(text: str) -> Tuple[int, int]:
     """(major, minor) of a version string such as '3.6.0', '2.4.0rc1' or '2.11.0+cu130'."""
     m = re.match(r"(\d+)\.(\d+)", text)

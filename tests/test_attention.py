@@ -1318,6 +1318,21 @@ def test_auto_sends_a_scale_the_kernels_refuse_to_sdpa(monkeypatch):
     _same_as_reference(A.dispatch_attention(q, q, q, scale=-0.5, backend="auto"), q, q, q, 1e-5, scale=-0.5)
 
 
+def test_auto_runs_sdpa_inside_torch_func_transforms(monkeypatch):
+    """torch.func.grad refuses the kernels' custom ops (a RuntimeError about an autograd.Function's
+    setup_context), so inside a torch.func transform "auto" takes SDPA: grad of a model through the public
+    dispatchers works and matches the reference, with the interpreter's Triton branch live."""
+    monkeypatch.setenv("STOP_KERNELS_CPU_AUTO", "triton")
+    monkeypatch.setattr(A, "_INTERPRET", True)
+    q = torch.randn(1, 5, 2, 16, dtype=torch.float64).float()
+    assert A._resolve_auto(q, q, q) == "triton"  # the branch under test is live
+    for fn in (lambda x: A.dispatch_attention(x, x.flip(1), x * 2), lambda x: A.dispatch_attention_qkv(
+            torch.stack([x, x.flip(1), x * 2], 2))):
+        got = torch.func.grad(lambda x: fn(x).square().sum())(q)
+        want = torch.func.grad(lambda x: reference.attention(x, x.flip(1), x * 2).square().sum())(q)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_auto_on_cuda_refuses_shapes_the_kernels_do_not_take(monkeypatch):
     """The CUDA branch of "auto", exercised on the CPU with a stand-in tensor: Triton for a supported
     head dim in fp16/bf16, SDPA for an unsupported head dim or fp32."""

@@ -414,6 +414,21 @@ def test_torch_compile_of_the_reference_backend_matches_eager(op):
     assert rel(got, eager) <= 1e-6 and rel(gc, ge) <= 1e-6
 
 
+def test_auto_runs_the_reference_path_inside_torch_func_transforms():
+    """torch.func.grad refuses the fused custom ops (a RuntimeError about an autograd.Function's
+    setup_context): inside a torch.func transform "auto" takes the reference path, with the same noise."""
+    from stop_kernels.ops.predictor_input import assemble_predictor_input
+    pos, idx, w, b = inputs("cpu", 10, 16, 24, (2, 2, 3))
+    ctx, ctx_idx = torch.randn(2, 4, 24), torch.randint(0, 10, (2, 4))
+    for op in (lambda w_, be: stop_embed(pos, idx, w_, b, noise_std=0.3, generator=gen(2), backend=be),
+               lambda w_, be: assemble_predictor_input(ctx, ctx_idx, idx, w_, b, pos, noise_std=0.3, generator=gen(2),
+                                                       backend=be)):
+        got = torch.func.grad(lambda w_: op(w_, "auto").square().sum())(w)
+        w_ref = w.detach().requires_grad_()
+        (want,) = torch.autograd.grad(op(w_ref, "reference").square().sum(), w_ref)
+        assert rel(got, want) <= 1e-6
+
+
 def test_torch_compile_fullgraph_is_refused_as_documented():
     """The documented limitation (stop_embed's docstring, README): the seed is drawn eagerly, one graph break
     per call, so fullgraph=True refuses the op. If this ever compiles in one graph, the docs must change."""

@@ -114,7 +114,7 @@ import triton.language as tl
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import on_device, sm_count, triton_interpreting
+from ..backends import functorch_transforming, on_device, sm_count, triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_backend_problem", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
@@ -1900,8 +1900,8 @@ def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Op
 
 def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> str:
-    if scale is not None and not _kernel_scale_ok(scale):
-        return "sdpa"
+    if (scale is not None and not _kernel_scale_ok(scale)) or functorch_transforming():
+        return "sdpa"  # (the kernels' custom ops have no torch.func rules: torch.func.grad refuses them)
     if q.device.type == "cuda":
         if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
             return "sdpa"
@@ -1949,7 +1949,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton, unless the measured policy
       (:data:`DEFAULT_AUTO_POLICY`: SDPA inside torch.compile'd code; :func:`set_auto_policy`, env
       ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode ("compiled" / "fwd_only" /
-      "train") and head dim; CUDA otherwise → torch SDPA; CPU → SDPA (fast
+      "train") and head dim; CUDA otherwise, and inside ``torch.func`` transforms (grad, vmap, …,
+      which the kernels' custom ops do not support) → torch SDPA; CPU → SDPA (fast
       for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
       ``STOP_KERNELS_CPU_AUTO=triton`` are both set (a test hook; not ``STOP_KERNELS_ATTENTION_BACKEND``, the
       default backend).

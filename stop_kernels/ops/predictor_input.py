@@ -143,7 +143,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
         generator: CPU generator of the per-call Philox seed (default generator when None).
         noise: explicit already-scaled noise (``[npred, B, Nt, E]`` learned, ``[npred, B, Nt, D]``
             isotropic) → computed by the reference path with that noise.
-        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else reference), "triton" or
+        backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else reference, also inside
+            ``torch.func`` transforms such as ``grad``, which the custom op does not support), "triton" or
             "reference" (same seed and Philox noise); the CUDA C++ backend ("cuda") has no kernel for it.
     Returns:
         ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under CUDA autocast

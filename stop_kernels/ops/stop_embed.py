@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import on_device, sm_count, triton_interpreting
+from ..backends import functorch_transforming, on_device, sm_count, triton_interpreting
 from .. import reference
 from .philox import check_generator, draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -594,8 +594,9 @@ def check_backend(backend: str, device: torch.device, dtypes, name: str = "backe
     """Resolve ``backend`` to "triton", "reference" or "cuda"."""
     chk.choice(name, backend, BACKENDS)
     supported = all(d in TRITON_DTYPES for d in dtypes)
-    if backend == "auto":
-        return "triton" if (device.type == "cuda" or interpreting()) and supported else "reference"
+    if backend == "auto":  # (the custom op has no torch.func rules: reference under a transform, same noise)
+        triton_ok = (device.type == "cuda" or interpreting()) and supported and not functorch_transforming()
+        return "triton" if triton_ok else "reference"
     if backend == "triton":
         if not supported:
             raise TypeError(f"{name}: the triton backend takes float16, bfloat16 or float32 tensors, got "
@@ -619,7 +620,8 @@ def _cuda_extension_preferred(pos_embed: torch.Tensor, weight: torch.Tensor, bia
     global _CUDA_EXT_OK
     # read before the arguments are checked: a non-tensor ψ or b goes on to the checks, which name it
     if not (isinstance(weight, torch.Tensor) and isinstance(pos_embed, torch.Tensor)
-            and (bias is None or isinstance(bias, torch.Tensor))) or weight.device.type != "cuda":
+            and (bias is None or isinstance(bias, torch.Tensor))) or weight.device.type != "cuda" \
+            or functorch_transforming():
         return False
     if not _one_kernel_dtype(pos_embed.dtype, weight.dtype, None if bias is None else bias.dtype,
                              autocast_dtype(weight.device)):
@@ -703,7 +705,8 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         backend: "auto" (the CUDA C++ kernels for CUDA tensors when ``stop_kernels._C`` is built and
             ψ, W and b have one dtype (W and b in the autocast dtype under autocast) — measured faster
             forward+backward on an H200 —, else Triton on CUDA or under TRITON_INTERPRET=1, else
-            "reference"),
+            "reference"; "reference" also inside ``torch.func`` transforms such as ``grad``, which the
+            custom ops do not support),
             "triton", "reference" (same seed and Philox noise, computed with
             :func:`stop_kernels.reference.stop_embed`), or "cuda" (the CUDA C++ backend).
     Returns:
