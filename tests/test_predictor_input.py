@@ -266,6 +266,19 @@ def test_opcheck_and_torch_compile(device):
         assert rel(got, eager) <= 1e-5 and rel(gc, ge) <= 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_takes_ctx_weight_and_bias_in_its_dtype_on_every_backend(device, backend):
+    """As the CUDA test below, on every backend and for CPU autocast too (the reference path's Linear
+    followed CPU autocast while the kernels ignored it: the two backends returned different dtypes)."""
+    ctx, ctx_idx, tgt, w, b, pos, mask = make(device, *sizes(device, 3))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, generator=gen(1), backend=backend)
+    want = assemble_predictor_input(ctx.bfloat16(), ctx_idx, tgt, w.bfloat16(), b.bfloat16(), pos,
+                                    generator=gen(1), backend=backend)
+    assert out.dtype == torch.float32 and rel(out, want) <= 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_autocast():
     args = make("cuda", *sizes("cuda", 4))

@@ -450,6 +450,26 @@ def test_cuda_autocast_takes_bf16():
     assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_takes_weight_and_bias_in_its_dtype_on_every_backend(device, backend):
+    """Under autocast (CUDA, or CPU: the interpreter and the reference path alike; the reference's Linear
+    followed CPU autocast and the kernels ignored it) the call equals one with W and b in bf16 and ψ as
+    given, in promote(bf16, ψ's dtype)."""
+    P, D, E, shape = sizes(device)
+    pos, idx, w, b = inputs(device, P, D, E, shape)
+    w.requires_grad_()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = stop_embed(pos, idx, w, b, noise_std=0.3, generator=gen(2), backend=backend)
+    want = stop_embed(pos, idx, w.detach().bfloat16(), b.bfloat16(), noise_std=0.3, generator=gen(2), backend=backend)
+    assert out.dtype == torch.float32 and torch.equal(out, want)
+    out.sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    with torch.autocast(device, dtype=torch.bfloat16):  # a bf16 ψ: promote(bf16, bf16)
+        low = stop_embed(pos.bfloat16(), idx, w, b, noise_std=0.3, generator=gen(2), backend=backend)
+    assert low.dtype == torch.bfloat16 and rel(low, want) <= 1e-2
+
+
 # ----------------------------------------------------------------------------------------------
 # every autotune config computes the same result (pinned one by one; CPU via the interpreter)
 # ----------------------------------------------------------------------------------------------

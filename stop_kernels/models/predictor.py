@@ -36,6 +36,10 @@ class VisionTransformerPredictor(nn.Module):
     ``forward(x[B, Nc, E], masks_x, masks)`` → ``[npred·B, Nt, E]`` where ``masks_x`` is the
     context index tensor ``[B, Nc]`` (or a one-element list) and ``masks`` the ``npred`` target
     index tensors ``[B, Nt]``; row ``k·B + b`` is target block k of image b.
+
+    ``mask_token`` is used by ``noise_mode="none"`` only; the StoP modes keep it (the official
+    checkpoints hold it) without a gradient, so wrapping the predictor in PyTorch's DDP needs
+    ``find_unused_parameters=True`` there (FSDP2, as the training pipeline shards, needs nothing).
     """
 
     residual_dtype: Optional[torch.dtype] = None  # see vit.run_blocks (config key bf16_residual)
@@ -133,6 +137,8 @@ class VisionTransformerPredictor(nn.Module):
 def vit_predictor(*, num_patches: int, embed_dim: int, num_heads: int, predictor_embed_dim: int = 384,
                   depth: int = 12, noise_mode: str = "learned", noise_std: float = 0.25,
                   input_backend: str = "auto") -> VisionTransformerPredictor:
+    """A :class:`VisionTransformerPredictor` for an encoder of width ``embed_dim`` with ``num_heads`` heads over
+    ``num_patches`` patches (a square grid); :func:`predictor_for` derives these from an encoder."""
     return VisionTransformerPredictor(num_patches=num_patches, embed_dim=embed_dim,
                                       predictor_embed_dim=predictor_embed_dim, depth=depth, num_heads=num_heads,
                                       noise_mode=noise_mode, noise_std=noise_std, input_backend=input_backend)

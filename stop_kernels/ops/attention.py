@@ -1732,6 +1732,8 @@ def set_attention_backend(name: str) -> None:
 
 
 def get_attention_backend() -> str:
+    """The module default backend of :func:`dispatch_attention` (one of :data:`BACKENDS`; "auto" unless set by
+    :func:`set_attention_backend`, :func:`use_attention_backend` or ``STOP_KERNELS_ATTENTION_BACKEND``)."""
     return _DEFAULT_BACKEND
 
 

@@ -147,7 +147,7 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             ``torch.func`` transforms such as ``grad``, which the custom op does not support), "triton" or
             "reference" (same seed and Philox noise); the CUDA C++ backend ("cuda") has no kernel for it.
     Returns:
-        ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under CUDA autocast
+        ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under autocast (CUDA or CPU)
         ctx, W, b (and mask_token) are taken in the autocast dtype.
     Under ``torch.compile``: one graph break per call, as :func:`stop_kernels.stop_embed` (the seed is drawn
     eagerly); ``fullgraph=True`` refuses it.

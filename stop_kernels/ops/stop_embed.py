@@ -658,9 +658,10 @@ def load_cuda_backend():
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The CUDA autocast dtype when autocast is on for ``device``, else None."""
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """The autocast dtype when autocast is on for ``device``'s type (CUDA, or CPU: the interpreter and the
+    reference path then agree, as on a GPU), else None."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
     return None
 
 
@@ -710,8 +711,8 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
             "triton", "reference" (same seed and Philox noise, computed with
             :func:`stop_kernels.reference.stop_embed`), or "cuda" (the CUDA C++ backend).
     Returns:
-        ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)``. Under CUDA autocast W and b
-        are taken in the autocast dtype (fp32 accumulation).
+        ``[..., M, D]`` in ``promote(weight.dtype, pos_embed.dtype)``. Under autocast (CUDA or CPU) W and
+        b are taken in the autocast dtype (fp32 accumulation) on every backend.
     Noise row r is row r of ``idx.reshape(-1)``: ``n = philox_normal(seed, idx.numel(), E, σ)``.
     Under ``torch.compile`` the kernels are a custom op inside the graph, but each call draws its seed
     from the generator (and checks its arguments) eagerly: one graph break per call, so compiled and
