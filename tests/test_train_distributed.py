@@ -22,7 +22,7 @@ import types
 import pytest
 import torch
 
-from _train_helpers import read_log, subprocess_env, tiny_args, torchrun_cmd, free_port
+from _train_helpers import REPO, read_log, subprocess_env, tiny_args, torchrun_cmd, free_port, trained_run
 from stop_kernels.devtools import cuda_autocast_flags
 from stop_kernels.training import distributed as D
 from stop_kernels.training import parallelize as par
@@ -91,6 +91,49 @@ def test_fsdp2_gradient_accumulation_resumes_bitwise(tmp_path):
     assert "resumed from" in stdout and "step 2" in stdout
     resumed = read_log(out)
     assert [r["step"] for r in resumed] == [0, 1, 2, 3] and [r["loss"] for r in resumed] == full
+
+
+def _run_with_cwd_per_rank(tmp_path, cwds, *args):
+    """torchrun on 2 CPU ranks, each in its own working directory (as two nodes that see different files), with a
+    collective timeout short enough that a rank waiting for a stopped one fails this test instead of hanging it."""
+    wrapper = tmp_path / "per_rank_cwd.py"
+    wrapper.write_text("import os, runpy, sys\n"
+                       "os.chdir(sys.argv.pop(1).split(',')[int(os.environ['RANK'])])\n"
+                       f"sys.argv[0] = {str(REPO / 'train.py')!r}\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    cmd = torchrun_cmd(2, free_port(), *args)
+    cmd[cmd.index(str(REPO / "train.py"))] = str(wrapper)
+    cmd.insert(cmd.index(str(wrapper)) + 1, ",".join(str(c) for c in cwds))
+    env = dict(subprocess_env(), STOP_KERNELS_DIST_TIMEOUT_MIN="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("key", ["data", "init_from"])
+def test_a_path_one_rank_does_not_see_stops_every_rank(tmp_path, key):
+    """A data folder or init_from file that one node does not see (a relative path, a node-local disk): every rank
+    stops with the same ConfigError, naming the key and the rank, before any model is built. A rank that stopped
+    alone left the others to crash in their next collective (gloo: 'Connection closed by peer'), or, on another
+    node, to wait for it in init_process_group for the whole collective timeout (30 minutes)."""
+    seen, blind = tmp_path / "node0", tmp_path / "node1"
+    blind.mkdir()
+    if key == "data":
+        from PIL import Image
+        for c in ("a", "b"):
+            (seen / "imgs" / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (60 * i, 20, 90)).save(seen / "imgs" / c / f"{i}.png")
+        over = dict(data="imgs")
+    else:
+        run, _ = trained_run(tmp_path, steps=1)
+        (seen).mkdir()
+        os.symlink(run, seen / "src")
+        over = dict(init_from="src")
+    proc = _run_with_cwd_per_rank(tmp_path, (seen, blind),
+                                  *tiny_args(**dict(COMMON, out=str(tmp_path / "out"), steps=1, **over)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(f"train.py: error: {key}: ") == 2 and text.count("(on rank 1 of 2)") == 2, text[-4000:]
+    assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]  # ([rankN]: ...)
 
 
 # ------------------------------------------------------------------------------------------------

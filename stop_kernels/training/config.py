@@ -210,6 +210,20 @@ def _check_types(cfg: TrainConfig) -> None:
             raise ConfigError(f"{f.name}: expected {what}, got {value!r}")
 
 
+def several_ranks() -> bool:
+    """Launched by torchrun with more than one rank (a path check then waits for the process group)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
+def check_init_from(cfg: TrainConfig) -> None:
+    """``init_from`` names an existing file or folder. A path seen from this process only: under torchrun with
+    several ranks :func:`stop_kernels.training.loop.train` checks it once the process group exists, with
+    every rank's result shared, since a rank on a node that does not see the file and stopped here, before
+    ``init_process_group``, would leave the other nodes waiting for it for the whole collective timeout."""
+    if cfg.init_from and not os.path.exists(cfg.init_from):
+        raise ConfigError(f"init_from: no such file or folder: {cfg.init_from}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every key's type and range; raise :class:`ConfigError` naming the key."""
     _check_types(cfg)
@@ -236,8 +250,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"{cfg.color_jitter!r}")
     if not cfg.out.strip():
         raise ConfigError("out: expected an output folder, got an empty string")
-    if cfg.init_from and not os.path.exists(cfg.init_from):
-        raise ConfigError(f"init_from: no such file or folder: {cfg.init_from}")
+    if not several_ranks():  # (with several, train() checks it on all ranks at once)
+        check_init_from(cfg)
     if not 0 <= cfg.seed < 2 ** 62:  # torch and numpy seeds, plus 1_000_003 per rank and the resume step
         raise ConfigError(f"seed: expected an integer in [0, 2**62), got {cfg.seed!r}")
     if not cfg.peak_tflops > 0:

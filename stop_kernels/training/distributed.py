@@ -182,6 +182,22 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def agree(problem: Optional[str], info: DistInfo) -> Optional[str]:
+    """A check that may fail on some ranks only (a path one node does not see), seen alike on every rank: the
+    first failing rank's message, naming the failing ranks, or None when none failed. Every rank calls it
+    (one collective), so all of them stop together; a rank that stopped alone would leave the others to fail
+    or wait (NCCL: for the whole collective timeout) in their next collective."""
+    if not info.distributed or info.world_size == 1:
+        return problem
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, problem)
+    failed = [r for r, p in enumerate(gathered) if p is not None]
+    if not failed:
+        return None
+    return (f"{gathered[failed[0]]} (on rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} "
+            f"of {info.world_size})")
+
+
 def all_reduce_int(value: int, info: DistInfo) -> int:
     """Sum of an integer over ranks (host value; synchronises)."""
     if not info.distributed or info.world_size == 1:

@@ -39,7 +39,7 @@ from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
-from .config import ConfigError, TrainConfig, local_batch, validate
+from .config import ConfigError, TrainConfig, check_init_from, local_batch, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import MetricsLogger, gpu_name, peak_memory_gib, step_flops
@@ -374,6 +374,7 @@ def train(cfg: TrainConfig) -> List[float]:
     info = D.init_distributed(cfg)
     try:
         local_batch(cfg, info.world_size)  # before the data folder is read and the models are built
+        _on_every_rank(check_init_from, cfg, info)  # (validate() leaves it here when there are several ranks)
         if cfg.benchmark:
             return run_benchmark(cfg, info)
         with out_lock(cfg.out, info):
@@ -382,6 +383,21 @@ def train(cfg: TrainConfig) -> List[float]:
         raise TrainingOutOfMemory(f"{out_of_memory_advice(cfg, info.world_size)}\n{e}") from e
     finally:
         D.shutdown(info)
+
+
+def _on_every_rank(check, cfg: TrainConfig, info: D.DistInfo):
+    """``check(cfg)`` on every rank, its :class:`ConfigError` raised on all of them when it fails on any (a path
+    that one node does not see): one rank stopping alone would leave the others to crash or wait in their next
+    collective. Returns ``check``'s result."""
+    result, problem = None, None
+    try:
+        result = check(cfg)
+    except ConfigError as e:
+        problem = str(e)
+    problem = D.agree(problem, info)
+    if problem:
+        raise ConfigError(problem)
+    return result
 
 
 # the keys that fix the parameters of the models and the optimizer (noise_mode "none" alone optimizes the
@@ -428,8 +444,8 @@ def out_of_memory_advice(cfg: TrainConfig, world_size: int) -> str:
 
 def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     stream = sys.stdout
-    data = TrainData(cfg, rank=info.rank, world_size=info.world_size,
-                     pin_memory=cfg.pin_memory and info.device.type == "cuda")
+    data = _on_every_rank(lambda c: TrainData(c, rank=info.rank, world_size=info.world_size,
+                                              pin_memory=c.pin_memory and info.device.type == "cuda"), cfg, info)
     ipe = data.iters_per_epoch
     total, warmup = schedule_lengths(cfg, ipe)
     tr = Trainer(cfg, info, data, stream)
