@@ -43,6 +43,23 @@ def test_wd_and_momentum():
     assert momentum_at(50, total=100, start=0.996, end=1.0) == pytest.approx(0.998)
 
 
+def test_schedule_shapes_between_their_ends_and_midpoints():
+    """The checks above sit at the ends and at the midpoint, where a cosine and a straight line agree: a linear
+    lr decay, a linear weight-decay schedule or a cosine EMA momentum passed them. At a quarter and at three
+    quarters of the way the official shapes differ from those: cosine lr and wd (½(1 + cos πp)), linear momentum."""
+    c1, c3 = 0.5 * (1 + math.cos(math.pi / 4)), 0.5 * (1 + math.cos(3 * math.pi / 4))  # ≈ 0.854, 0.146
+    kw = dict(warmup=10, total=110, start_lr=2e-4, ref_lr=1e-3, final_lr=1e-6)
+    # cosine progress p = (step + 1 − warmup) / (total − warmup): p = ¼ at step 34, ¾ at step 84
+    assert lr_at(34, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) * c1, rel=1e-12)
+    assert lr_at(84, **kw) == pytest.approx(1e-6 + (1e-3 - 1e-6) * c3, rel=1e-12)
+    # weight decay p = (step + 1) / total
+    assert wd_at(24, total=100, ref_wd=0.04, final_wd=0.4) == pytest.approx(0.4 + (0.04 - 0.4) * c1, rel=1e-12)
+    assert wd_at(74, total=100, ref_wd=0.04, final_wd=0.4) == pytest.approx(0.4 + (0.04 - 0.4) * c3, rel=1e-12)
+    # the official momentum generator: ema0 + i·(ema1 − ema0) / total at step i
+    assert momentum_at(25, total=100, start=0.996, end=1.0) == pytest.approx(0.997, rel=1e-12)
+    assert momentum_at(75, total=100, start=0.996, end=1.0) == pytest.approx(0.999, rel=1e-12)
+
+
 def test_ema_definition():
     g = torch.Generator().manual_seed(0)
     t = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
