@@ -393,6 +393,14 @@ def test_step_applies_adamw_with_the_schedule_then_the_ema(tmp_path, cpu_train):
     assert any(not torch.equal(o, o0) for o, o0 in zip(tr.ema_online, online0))  # AdamW moved the online weights
     for t, t0, o in zip(tr.ema_target, target0, tr.ema_online):
         torch.testing.assert_close(t, mom * t0 + (1 - mom) * o, rtol=1e-6, atol=1e-7)
+    # and the pairs cover every parameter of the target encoder, each with the encoder's of its name (as the
+    # official loop zips all parameters): one left out of the pairs would keep its initial value for ever
+    online = dict(tr.models.encoder.named_parameters())
+    by_id = {id(t): t0 for t, t0 in zip(tr.ema_target, target0)}
+    assert len(by_id) == len(tr.ema_target)
+    for name, t in tr.models.target_encoder.named_parameters():
+        assert id(t) in by_id, name
+        torch.testing.assert_close(t, mom * by_id[id(t)] + (1 - mom) * online[name], rtol=1e-6, atol=1e-7)
 
 
 def test_step_averages_the_loss_over_ranks(tmp_path, cpu_train, monkeypatch):
