@@ -151,3 +151,22 @@ def test_parts_that_are_no_state_dicts_are_named(official_fixture):
     assert load_official_checkpoint({**ck, "target_encoder": None}, num_heads=4).target_encoder is None
     with pytest.raises(ValueError, match=r"^ckpt\['epoch'\]: expected an integer"):
         load_official_checkpoint({**ck, "epoch": "x"}, num_heads=4)
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["rectangular", "packed"])
+def test_training_step_loss_is_the_official_loss(official_fixture, ragged):
+    """The loss the training step backpropagates (loop.jepa_step_loss: target encoder, LayerNorm of the
+    targets, their gather, the predictor, smooth-L1) is the official I-JEPA loss on its weights and masks;
+    the test above checks the reference functions one by one, not the step that composes them. The
+    packed path (``--packed``, ragged masks) gives the same loss when every mask has the same length."""
+    from contextlib import nullcontext
+    from stop_kernels.training.loop import JEPAModels, jepa_step_loss
+    case = official_fixture("official_ijepa_small.pt")  # no StoP noise: the step draws its own
+    m = load_official_checkpoint(case["checkpoint"], num_heads=case["config"]["heads"], noise_mode="none")
+    models = JEPAModels(m.encoder.eval(), m.predictor.eval(), m.target_encoder.eval())
+    masks_enc, masks_pred = case["masks_enc"], case["masks_pred"]
+    if ragged:
+        masks_enc, masks_pred = ([list(x) for x in masks] for masks in (masks_enc, masks_pred))
+    with torch.no_grad():
+        loss = jepa_step_loss(models, case["imgs"], masks_enc, masks_pred, nullcontext())
+    assert abs(loss.item() - case["loss"].item()) <= 1e-5 * case["loss"].item()
