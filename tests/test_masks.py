@@ -231,3 +231,20 @@ def test_synthetic_images_refuse_an_empty_label_set():
     for bad in (0, -1):
         with pytest.raises(ValueError, match="^num_classes:"):
             SyntheticImages(length=4, img_size=8, num_classes=bad)
+
+
+def test_a_block_keeping_exactly_min_keep_is_refused_for_20_draws(caplog, monkeypatch):
+    """The official acceptance rule is ``len(mask) > min_keep`` (strict), and a region is dropped only after
+    20 refused draws. A 7x7 block on the 8x8 grid can only sit at (0, 0); the one acceptable region leaves it
+    exactly min_keep = 4 patches (the centre 2x2): refused 20 times (2 position draws each), then the region
+    is dropped and the whole 49-patch block is kept on the 21st draw."""
+    c = MultiBlockMaskCollator(input_size=64, patch_size=8, seed=0, min_keep=4)
+    centre = torch.zeros(8, 8, dtype=torch.int32)
+    centre[3:5, 3:5] = 1
+    draws = []
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: draws.append(1) or randint(*a, **k))
+    with caplog.at_level("WARNING"):
+        idx, _ = c._sample_block_mask(torch.Generator().manual_seed(0), (7, 7), [centre])
+    assert len(idx) == 49 and len(draws) == 2 * 21
+    assert sum("dropping an acceptable region [1]" in r.getMessage() for r in caplog.records) == 1
