@@ -242,3 +242,14 @@ def test_encoder_forward_takes_the_ragged_context_mask_in_both_forms():
         p1 = pred(got, menc[0], mpred, generator=torch.Generator().manual_seed(0))
         p2 = pred(want, menc, mpred, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+
+
+def test_packed_isotropic_runs_the_cuda_input_backend_as_auto(cpu_train):
+    """input_backend "cuda" has a kernel for the learned StoP rows only; the other noise modes run as "auto"
+    (the predictor's docstring), in the packed path too. Packed isotropic rows passed "cuda" on to the
+    Triton launch instead, which on a CPU without the interpreter failed ("0 active drivers") where the
+    rectangular forward of the same predictor ran."""
+    enc, pred = (m.float() for m in models("isotropic"))
+    pred.input_backend = "cuda"
+    _, _, _, p_rect, p_pack = rectangular_and_packed(enc, pred, seed=2, dtype=torch.float32)
+    torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))

@@ -153,8 +153,9 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
             noise = reference.draw_noise((tgt_idx.numel(), pos.shape[1]), noise_std=predictor.noise_std,
                                          dtype=c.dtype, device=c.device, generator=generator)
         if noise is None:  # the Philox stream of the rectangular path (same rows in (k, b, t) order)
-            masked = isotropic_positions(pos, tgt_idx, emb.weight.dtype, predictor.noise_std, generator,
-                                         predictor.input_backend)
+            # "cuda" has a kernel for the learned rows only: the other modes run as "auto", as assemble does
+            backend = "auto" if predictor.input_backend == "cuda" else predictor.input_backend
+            masked = isotropic_positions(pos, tgt_idx, emb.weight.dtype, predictor.noise_std, generator, backend)
         else:
             reference.check_isotropic_noise(noise, (tgt_idx.numel(), pos.shape[1]), pos)
             masked = pos[tgt_idx] + noise
