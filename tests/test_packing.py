@@ -253,3 +253,18 @@ def test_packed_isotropic_runs_the_cuda_input_backend_as_auto(cpu_train):
     pred.input_backend = "cuda"
     _, _, _, p_rect, p_pack = rectangular_and_packed(enc, pred, seed=2, dtype=torch.float32)
     torch.testing.assert_close(p_pack, p_rect.reshape(-1, 192))
+
+
+def test_packed_predictor_names_the_context_masks_when_they_are_not_the_encoders():
+    """Context masks for another number of images than the packed context holds (the rectangular
+    ``masks_enc`` with a packed context, or one image's mask) are the context masks' error, with the packed
+    context's image count; the batch was taken from the masks, so the correct target masks were blamed
+    ("tgt_idx[0]: expected a list of 1 1-D index tensors")."""
+    enc, pred = models()
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ctx, tgt = [torch.tensor([0, 1]), torch.tensor([3, 4])], [[torch.tensor([5]), torch.tensor([9])]]
+    with torch.no_grad():
+        z = enc(imgs, [ctx])
+        for bad in ([torch.stack(ctx)], [[ctx[0]]]):
+            with pytest.raises(ValueError, match=r"^ctx_idx: expected a list of 2 1-D index tensors"):
+                pred(z, bad, tgt)

@@ -126,10 +126,12 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     registers), or from ``noise`` (``[Mt, E]`` / ``[Mt, D]``) when given.
     """
 
-    B = len(ctx_masks)
+    # the image count of the packed context where it says (the encoder's): masks for another count are
+    # the context masks' error, not the (then wrongly sized) target masks'
+    B = len(ctx.lengths) if ctx.lengths is not None else len(ctx_masks)
     P = predictor.num_patches
-    tgt = check_target_blocks("tgt_idx", tgt_masks, B, P)
     ctx_idx = torch.cat(check_ragged("ctx_idx", ctx_masks, B, P))
+    tgt = check_target_blocks("tgt_idx", tgt_masks, B, P)
     tgt_idx = torch.cat([m for blocks in tgt for m in blocks])
     if ctx.tokens.shape[0] != ctx_idx.numel():
         raise ValueError(f"ctx: expected {ctx_idx.numel()} packed tokens (the context masks), got {ctx.tokens.shape[0]}")
