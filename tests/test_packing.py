@@ -268,3 +268,33 @@ def test_packed_predictor_names_the_context_masks_when_they_are_not_the_encoders
         for bad in ([torch.stack(ctx)], [[ctx[0]]]):
             with pytest.raises(ValueError, match=r"^ctx_idx: expected a list of 2 1-D index tensors"):
                 pred(z, bad, tgt)
+
+
+def test_packed_predictor_gradient_is_deterministic_on_cpu_threads():
+    """The packed predictor's input gather repeats each context row once per target block. Its backward was
+    indexing's (index_put_ with accumulate), which on the CPU adds duplicate rows with atomics, in an order
+    that varies with the threads: a --packed run's gradients changed in the last bit from run to run (and
+    a --resume did not repeat the uninterrupted run bit for bit, as the docs say it does on the CPU)."""
+    from stop_kernels.models.packing import Packed, _cu
+    torch.manual_seed(0)
+    pred = predictor_for(vit_tiny(img_size=64, patch_size=8), img_size=64, patch_size=8, predictor_embed_dim=48,
+                         depth=1, noise_mode="none")
+    g = torch.Generator().manual_seed(0)
+    B, npred = 16, 4
+    ctx = [torch.randperm(64, generator=g)[:n].sort().values for n in torch.randint(20, 40, (B,), generator=g).tolist()]
+    tgt = [[torch.randperm(64, generator=g)[:6] for _ in range(B)] for _ in range(npred)]
+    lengths = [len(m) for m in ctx]
+    tokens = torch.randn(sum(lengths), 192, generator=g, requires_grad=True)
+    packed = Packed(tokens, _cu(lengths, "cpu"), max(lengths), tuple(lengths))
+    weight = torch.randn(sum(len(m) for m in tgt[0]) * npred, 192, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the race needs two threads (also on a one-core machine)
+    try:
+        grads = []
+        for _ in range(10):
+            tokens.grad = None
+            (predict_packed(pred, packed, ctx, tgt) * weight).sum().backward()
+            grads.append(tokens.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, grads[0]) for x in grads[1:])

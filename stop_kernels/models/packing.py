@@ -165,8 +165,12 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
         reference.check_no_noise(noise, mode)
         masked = predictor.mask_token.reshape(-1) + pos[tgt_idx]
     layout = predictor_layout(ctx_lengths, [[len(m) for m in blocks] for blocks in tgt], c.device)
-    # one gather builds every sequence; its backward sums the npred copies of each context row
-    z = torch.cat([c, masked.to(c.dtype)])[layout.src]
+    # one gather builds every sequence; its backward sums the npred copies of each context row. On the CPU
+    # indexing's backward (index_put_ with accumulate) adds duplicate rows with atomics, in an order that
+    # varies with the threads; index_select's (index_add_) is deterministic there, while on CUDA it is
+    # index_add_ that uses atomics and indexing that sorts (torch.use_deterministic_algorithms lists both)
+    rows = torch.cat([c, masked.to(c.dtype)])
+    z = rows.index_select(0, layout.src) if rows.device.type == "cpu" else rows[layout.src]
     z = run_blocks(predictor.predictor_blocks, z, layout.cu_seqlens, layout.max_seqlen,
                    residual_dtype=predictor.residual_dtype)
     z = predictor.predictor_norm(z[layout.tgt_rows])
