@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import write_atomic, write_json_atomic
-from .distributed import DistInfo, barrier, broadcast_object
+from .distributed import DistInfo, agree, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def out_lock(out: str, info: DistInfo):
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             fh.flush()
-    problem = broadcast_object(problem, info)  # every rank stops, none waits in a collective
+    problem = agree(problem, info)  # every rank stops, none waits in a collective
     if problem:
         raise ConfigError(problem)
     try:
