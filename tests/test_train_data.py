@@ -287,3 +287,24 @@ def test_a_step_of_micro_batches_counts_the_skips_of_all_of_them(tmp_path):
         steps = list(data.steps(epoch))
         per_micro = [b[3] for b in data.epoch(epoch)]
         assert [s for _, s in steps] == [sum(per_micro)] == [2], (epoch, per_micro)
+
+
+def test_loading_a_sample_leaves_the_device_generators_alone(tmp_path, monkeypatch):
+    """Review finding: the per-sample augmentation seed went through torch.manual_seed, which reseeds every
+    CUDA device's generator too, while fork_rng(devices=[]) restores only the CPU one: with num_workers 0 a
+    GPU run's CUDA stream was overwritten with each loaded sample's seed. The crop is still the one of the
+    CPU generator seeded from (seed, epoch, index)."""
+    root = make_folder(tmp_path / "imgs", per_class=1, classes=("a", "b"), corrupt=False, size=24)
+    ds = ImageFolderDataset(str(root), make_transforms(16, (0.3, 1.0)), seed=3)
+    ds.set_epoch(2)
+    reseeded = []
+    for name in ("manual_seed", "manual_seed_all"):
+        monkeypatch.setattr(torch.cuda, name, lambda seed, _n=name: reseeded.append((_n, seed)))
+    cuda_before = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    x, label, skipped = ds[1]
+    assert reseeded == [] and (label, skipped) == (1, 0)
+    assert all(torch.equal(a, b) for a, b in zip(cuda_before, torch.cuda.get_rng_state_all() if cuda_before else []))
+    monkeypatch.undo()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(ds._sample_seed(1))
+        assert torch.equal(x, ds.transform(ds.load(ds.samples[1][0])))

@@ -18,8 +18,8 @@ logged with the path, and counted: the sample carries the count to the collate f
 training loop sums it over ranks and logs it (``skipped_images`` in the JSONL log).
 
 Augmentations are reproducible: the transform of sample ``i`` in epoch ``e`` runs under torch's
-global generator seeded from ``(seed, e, i)``, so the same image gets the same crop for any number
-of workers and after a resume.
+global CPU generator seeded from ``(seed, e, i)`` (and restored afterwards; the CUDA generators are not
+touched), so the same image gets the same crop for any number of workers and after a resume.
 
 ``TrainData`` assembles dataset, :class:`ResumableDistributedSampler`, the mask collator and the
 DataLoader (workers, pinned memory), and starts an epoch at any batch (resume).
@@ -153,8 +153,11 @@ class ImageFolderDataset(Dataset):
                 log.warning("data: skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
         else:
             raise RuntimeError(f"data: {skipped} consecutive unreadable images from index {i} in {self.root!r}")
+        # the CPU generator only (the one the transforms draw from): fork_rng(devices=[]) restores just
+        # that one, and torch.manual_seed would reseed every CUDA device's generator as well, leaving a
+        # main-process loader (num_workers 0) to overwrite the training's CUDA stream with each sample's seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._sample_seed(i))
+            torch.default_generator.manual_seed(self._sample_seed(i))
             x = self.transform(img)
         return x, label, skipped
 

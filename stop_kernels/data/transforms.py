@@ -9,7 +9,7 @@ then the optional augmentations of the official code, each off in the I-JEPA / S
 * ``gaussian_blur``: PIL Gaussian blur with radius U(0.1, 2.0), p 0.5;
 * ``grayscale``: RandomGrayscale (p 0.2);
 
-then ToTensor and ImageNet normalisation. All randomness comes from ``torch``'s global generator,
+then ToTensor and ImageNet normalisation. All randomness comes from ``torch``'s global CPU generator,
 which :class:`~stop_kernels.data.datasets.ImageFolderDataset` seeds per (seed, epoch, index), so the
 augmentation of every sample is reproducible for any number of workers and after a resume.
 """
