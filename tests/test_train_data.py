@@ -308,3 +308,17 @@ def test_loading_a_sample_leaves_the_device_generators_alone(tmp_path, monkeypat
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(ds._sample_seed(1))
         assert torch.equal(x, ds.transform(ds.load(ds.samples[1][0])))
+
+
+def test_image_folder_refuses_out_of_range_indices(tmp_path):
+    """Review finding: the substitution's wrap-around (i + k) mod n also served indices outside the dataset,
+    ds[len(ds)] as ds[0] and ds[-1] as the last image, and iterating the dataset (the __getitem__ protocol,
+    which stops at IndexError) never ended. Like SyntheticImages, an index outside [0, len) is an IndexError."""
+    import itertools
+    root = make_folder(tmp_path / "imgs", per_class=1, classes=("a", "b"), corrupt=False, size=16)
+    ds = ImageFolderDataset(str(root), make_transforms(8, (1.0, 1.0)))
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1]
+    for i in (-1, len(ds), 100):
+        with pytest.raises(IndexError, match=f"index {i} out of range"):
+            ds[i]
+    assert len(list(itertools.islice(iter(ds), 5))) == 2

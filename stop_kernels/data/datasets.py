@@ -142,6 +142,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image
         n = len(self.samples)
+        if not 0 <= i < n:  # the substitution below wraps around: without this ds[n] would be ds[0]
+            raise IndexError(f"index {i} out of range for the {n} images of {self.root!r}")
         skipped = 0
         for k in range(min(self.max_substitutions, n)):
             path, label = self.samples[(i + k) % n]
