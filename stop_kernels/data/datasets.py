@@ -261,10 +261,14 @@ class TrainData:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         workers = self.cfg.num_workers
+        # the loader draws the workers' base seed (their torch, random and numpy seeds) from this generator, not
+        # the global one (left untouched): one per (seed, rank, epoch), so workers differ across ranks and epochs
+        # as well as among themselves (a fixed seed gave every rank and every epoch the same worker streams)
+        base = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.rank) * 1_000_000_007 + epoch
+                                             & (2 ** 63 - 1))
         loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
                             collate_fn=self.collator, num_workers=workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(self.cfg.seed),  # keeps the global RNG untouched
-                            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                            generator=base, persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
         return iter(loader)
 
 
