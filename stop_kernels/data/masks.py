@@ -216,11 +216,3 @@ class MultiBlockMaskCollator:
         masks_enc = [torch.stack([img[j][:keep_enc] for img in enc]) for j in range(self.nenc)]
         masks_pred = [torch.stack([img[j][:keep_pred] for img in pred]) for j in range(self.npred)]
         return collated, masks_enc, masks_pred
-
-
-def check_masks(masks, num_patches: int, name: str) -> None:
-    """Validate a list of ``[B, K]`` index tensors (used by the training step)."""
-    if not isinstance(masks, (list, tuple)) or not masks:
-        raise TypeError(f"{name}: expected a non-empty list of [B, K] index tensors")
-    for i, m in enumerate(masks):
-        chk.index_tensor(f"{name}[{i}]", m, upper=num_patches, what=f"{num_patches} patches", ndim=2)
