@@ -347,3 +347,15 @@ def test_worker_random_streams_differ_across_ranks_and_epochs_and_repeat_across_
     assert torch.equal(r0e0, draws(0, 0))
     for other in (draws(1, 0), draws(0, 1)):
         assert not (r0e0[:, None] == other[None]).any()  # not one draw of any of the three generators repeats
+
+
+def test_class_index_mapping_skips_hidden_folders_and_keeps_empty_classes(tmp_path):
+    """What scan_image_folder's docstring states against torchvision's ImageFolder: a hidden folder is no
+    class (labels do not shift after it), a class folder without images keeps its index."""
+    from stop_kernels.data.datasets import scan_image_folder
+    root = make_folder(tmp_path / "imgs", per_class=1, classes=("a", "c"), corrupt=False, size=8)
+    (root / "b").mkdir()
+    make_folder(root / ".ipynb_checkpoints", per_class=1, classes=("x",), corrupt=False, size=8)
+    samples, classes = scan_image_folder(str(root))
+    assert classes == ["a", "b", "c"]
+    assert [(p.split("/")[-2], label) for p, label in samples] == [("a", 0), ("c", 2)]

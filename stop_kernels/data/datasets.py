@@ -88,7 +88,12 @@ def _config_error(msg: str) -> Exception:
 
 
 def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """``(samples, classes)`` of an ImageNet-layout folder, sorted; errors name the path."""
+    """``(samples, classes)`` of an ImageNet-layout folder, sorted; errors name the path.
+
+    ``classes`` are the sorted sub-folder names and a sample's label is its folder's index in them, as
+    in torchvision's ``ImageFolder`` (the official loader) with two differences: hidden folders
+    (``.name``, e.g. ``.ipynb_checkpoints``) are not classes (``ImageFolder`` would shift every label
+    after one), and a class folder without images keeps its index instead of being an error."""
     if not os.path.exists(root):
         raise _config_error(f"data: folder {root!r} does not exist (expected an ImageNet-layout folder with one "
                             "subfolder per class, or 'synthetic')")
@@ -166,6 +171,10 @@ class ImageFolderDataset(Dataset):
 
 class ResumableDistributedSampler(DistributedSampler):
     """DistributedSampler (shuffled per epoch from ``seed + epoch``) that can start an epoch at a batch.
+
+    ``drop_last=True``: the fewer than ``num_replicas`` samples past a multiple of the world size sit
+    out the epoch (the official loader's sampler pads them up by repeating some instead), so no image
+    repeats within an epoch and every rank has the same number of samples.
 
     ``set_epoch(epoch, start_batch)`` skips the first ``start_batch`` batches of this rank's order:
     a resumed run sees exactly the samples the uninterrupted run would have seen next.

@@ -1,7 +1,8 @@
 """I-JEPA multi-block masking, faithful to the official ``MaskCollator`` and reproducible.
 
-Per batch: one target-block size (scale in ``pred_mask_scale``, aspect ratio in ``aspect_ratio``)
-and one context-block size (scale in ``enc_mask_scale``, aspect ratio 1) are drawn; then for every
+Per batch: one target-block size (scale in ``pred_mask_scale``, aspect ratio in ``aspect_ratio``, both
+linear in one uniform draw, as in the official code: the aspect ratio is not log-uniform) and one
+context-block size (scale in ``enc_mask_scale``, aspect ratio 1) are drawn; then for every
 image ``npred`` target blocks are placed at random and one context block is placed and restricted
 to the complement of that image's targets (context and targets disjoint). As in the official code,
 if no context block keeping more than ``min_keep`` patches is found after 20 tries, one target's
@@ -11,10 +12,18 @@ stack into tensors; ``truncate=False`` returns ragged masks instead (lists of 1-
 Reproducibility: all randomness comes from one ``torch.Generator`` per batch, seeded from
 ``(seed, epoch, batch index)``. The batch index is counted per DataLoader worker and mapped back to
 the global index (workers take batches round-robin), so the masks of batch i are the same for any
-number of workers and after a resume (``set_epoch`` + ``skip``). Call ``set_epoch`` before every pass
-over the DataLoader (``TrainData`` does): workers start each pass from the collator as the main process
+number of workers and after a resume (``set_epoch(epoch, start_batch)``). Call ``set_epoch`` before every
+pass over the DataLoader (``TrainData`` does): workers start each pass from the collator as the main process
 holds it, so without it every pass with workers repeats the first pass's masks, while a single process
 numbers its batches on (different masks for different worker counts).
+
+How this differs from the official collator, whose mask distribution it keeps: the official code seeds
+only the two block sizes, from a batch counter shared by a rank's workers (``multiprocessing.Value``,
+taken in the order the workers collate, so not reproducible with workers; on resume advanced by
+``start_epoch × ipe``), and places the blocks with the worker's global torch RNG. Every rank's counter
+starts at 0, so all ranks draw the same block sizes at the same iteration (up to worker order). Here
+each rank draws its own (``TrainData`` passes ``seed + 7919·rank``), and the block positions come from
+the same per-batch generator.
 """
 from __future__ import annotations
 
