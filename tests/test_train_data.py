@@ -359,3 +359,18 @@ def test_class_index_mapping_skips_hidden_folders_and_keeps_empty_classes(tmp_pa
     samples, classes = scan_image_folder(str(root))
     assert classes == ["a", "b", "c"]
     assert [(p.split("/")[-2], label) for p, label in samples] == [("a", 0), ("c", 2)]
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(max_substitutions=0), ValueError, "max_substitutions"), (dict(max_substitutions=2.0), TypeError,
+                                                                    "max_substitutions"),
+    (dict(seed=1.5), TypeError, "seed"), (dict(seed="0"), TypeError, "seed"),
+    (dict(transform=None), TypeError, "transform"),
+])
+def test_image_folder_names_a_bad_argument(tmp_path, kw, exc, name):
+    """Review finding: max_substitutions=0 built a dataset whose every sample raised "0 consecutive unreadable
+    images", seed=1.5 ran as seed 1 and transform=None failed at the first sample."""
+    root = make_folder(tmp_path / "imgs", per_class=1, classes=("a",), corrupt=False, size=8)
+    args = {"transform": make_transforms(8, (1.0, 1.0)), **kw}
+    with pytest.raises(exc, match=f"^{name}:"):
+        ImageFolderDataset(str(root), **args)

@@ -35,6 +35,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .. import _checks as chk
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,6 +125,13 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str, transform: Callable, seed: int = 0, max_substitutions: int = 64):
+        # checked here: a bad value otherwise surfaced at the first sample, max_substitutions=0 as a RuntimeError
+        # about "0 consecutive unreadable images" and seed=1.5 silently as seed 1
+        if not callable(transform):
+            raise TypeError(f"transform: expected a callable (PIL image -> tensor), got {transform!r}")
+        if not chk.is_int(seed):
+            raise TypeError(f"seed: expected an integer, got {seed!r}")
+        chk.int_at_least("max_substitutions", max_substitutions, 1)
         self.root = root
         self.samples, self.classes = scan_image_folder(root)
         self.transform, self.seed, self.epoch = transform, int(seed), 0
