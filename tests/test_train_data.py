@@ -374,3 +374,15 @@ def test_image_folder_names_a_bad_argument(tmp_path, kw, exc, name):
     args = {"transform": make_transforms(8, (1.0, 1.0)), **kw}
     with pytest.raises(exc, match=f"^{name}:"):
         ImageFolderDataset(str(root), **args)
+
+
+def test_a_run_of_unreadable_images_names_the_first_file(tmp_path):
+    """Review finding: when max_substitutions unreadable files in a row stopped the loader, the RuntimeError
+    (all the main process sees of a worker's failure) named the folder only, not one of the files."""
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    for name in ("0.JPEG", "1.JPEG", "2.JPEG"):
+        (root / "a" / name).write_bytes(b"not an image")
+    ds = ImageFolderDataset(str(root), make_transforms(8, (1.0, 1.0)), max_substitutions=2)
+    with pytest.raises(RuntimeError, match=r"2 consecutive unreadable images from index 1 .*the first \S*1\.JPEG \("):
+        ds[1]

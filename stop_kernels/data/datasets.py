@@ -158,7 +158,7 @@ class ImageFolderDataset(Dataset):
         n = len(self.samples)
         if not 0 <= i < n:  # the substitution below wraps around: without this ds[n] would be ds[0]
             raise IndexError(f"index {i} out of range for the {n} images of {self.root!r}")
-        skipped = 0
+        skipped, first_failure = 0, ""
         for k in range(min(self.max_substitutions, n)):
             path, label = self.samples[(i + k) % n]
             try:
@@ -166,9 +166,13 @@ class ImageFolderDataset(Dataset):
                 break
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 skipped += 1
-                log.warning("data: skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
+                failure = f"{path} ({type(e).__name__}: {e})"
+                first_failure = first_failure or failure
+                log.warning("data: skipping unreadable image %s", failure)
         else:
-            raise RuntimeError(f"data: {skipped} consecutive unreadable images from index {i} in {self.root!r}")
+            # the error a worker sends back is what the user sees (worker logs may be lost): name a file
+            raise RuntimeError(f"data: {skipped} consecutive unreadable images from index {i} in {self.root!r}, "
+                               f"the first {first_failure}")
         # the CPU generator only (the one the transforms draw from): fork_rng(devices=[]) restores just
         # that one, and torch.manual_seed would reseed every CUDA device's generator as well, leaving a
         # main-process loader (num_workers 0) to overwrite the training's CUDA stream with each sample's seed
