@@ -599,3 +599,30 @@ def test_help_names_every_checkpoint_form():
     """``--help`` lists what ``--checkpoint`` takes, as docs/evaluation.md does: a run folder too."""
     text = " ".join(lp.build_parser().format_help().split())
     assert "training run" in text and "step_*" in text and ".safetensors" in text
+
+
+def test_a_training_split_of_one_class_is_refused_before_any_extraction(setup, tmp_path, monkeypatch):
+    """Review finding: a training split (folder or --subset) whose images are all of one class gave a
+    classifier that can only answer that class, and the probe wrote 'top-1 100.00%' for a one-class folder
+    (25 % for a one-class subset of four) as if it were a result; now refused by the flag's name, up front."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "one" / split / "a").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), (10 + 60 * i, 200, 30)).save(tmp_path / "one" / split / "a" / f"a_{i}.png")
+    root, data, ckpt, _ = setup
+
+    def boom(*a, **k):
+        raise AssertionError("features were extracted before the split was checked")
+    monkeypatch.setattr(feat, "extract_features", boom)
+    with pytest.raises(ValueError, match=r"^--data: .*train has images of a single class \('a'\)"):
+        lp.run_probe(str(ckpt), str(tmp_path / "one"), cache_dir=str(tmp_path / "cache"), device="cpu",
+                     verbose=False)
+    c = sorted(COLOURS)[1]
+    sub = tmp_path / "one_class.txt"
+    sub.write_text("".join(f"{c}_{i}.png\n" for i in range(3)))
+    with pytest.raises(ValueError, match=rf"^--subset: .* lists images of a single class \('{c}'\)"):
+        lp.run_probe(str(ckpt), str(data), subset=str(sub), cache_dir=str(tmp_path / "cache"), device="cpu",
+                     verbose=False)
+

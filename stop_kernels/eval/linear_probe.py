@@ -187,7 +187,12 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
     subset_list = feat.read_subset(subset) if subset else None
     train_samples, classes = feat.list_images(train_dir, subset=subset_list)
     val_samples, _ = feat.list_images(val_dir, classes=classes)
-    if len(train_samples) == len({label for _, label in train_samples}):
+    train_labels = sorted({label for _, label in train_samples})
+    if len(train_labels) < 2:  # the classifier could only answer that class: its "top-1" would mean nothing
+        where = f"--subset: {subset} lists" if subset else f"--data: {train_dir} has"
+        raise ValueError(f"{where} images of a single class ({classes[train_labels[0]]!r}); a linear probe needs "
+                         f"training images of two or more classes")
+    if len(train_samples) == len(train_labels):
         raise ValueError(SINGLE_IMAGE_CLASSES)
     dev = feat.resolve_device(device)
     workers = (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0) if workers is None else workers
