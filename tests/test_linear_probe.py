@@ -626,3 +626,46 @@ def test_a_training_split_of_one_class_is_refused_before_any_extraction(setup, t
         lp.run_probe(str(ckpt), str(data), subset=str(sub), cache_dir=str(tmp_path / "cache"), device="cpu",
                      verbose=False)
 
+
+def test_a_run_folder_is_pinned_to_one_checkpoint_for_the_whole_probe(tmp_path, cpu_train, monkeypatch):
+    """Review finding: a run folder was resolved to its newest checkpoint three times (the path check, the
+    encoder, then each split's cache key). A checkpoint saved by the training run while the train features
+    were extracted (hours on ImageNet) gave the val features of the old encoder the cache key of the new
+    checkpoint, so the next probe of that checkpoint read them back as its own. Now the folder is resolved
+    once: both splits are keyed on the checkpoint whose encoder made them, and the result names it."""
+    import shutil
+
+    from _train_helpers import trained_run
+    run, _ = trained_run(tmp_path, steps=2)
+    data = make_folder(tmp_path / "data", n_train=3, n_val=1)
+    ckpts = os.path.join(run, "checkpoints")
+    real_extract = feat.extract_features
+
+    def extract_while_training_saves(*a, **k):  # the run saves step 3 while the probe extracts
+        newer = os.path.join(ckpts, "step_00000003")
+        if not os.path.exists(newer):
+            shutil.copytree(os.path.join(ckpts, "step_00000002"), newer)
+        return real_extract(*a, **k)
+    monkeypatch.setattr(feat, "extract_features", extract_while_training_saves)
+    kw = dict(cache_dir=str(tmp_path / "cache"), device="cpu", penalties=(1e-2,), max_iter=5, verbose=False)
+    first = lp.run_probe(run, str(data), **kw)
+    assert first["checkpoint"] == os.path.join(os.path.abspath(ckpts), "step_00000002")
+    assert not first["cache"]["train_hit"] and not first["cache"]["val_hit"]
+    # step 3 (now the newest) has features of its own for both splits; step 2's are both in the cache
+    newest = lp.run_probe(run, str(data), **kw)
+    assert newest["checkpoint"].endswith("step_00000003")
+    assert not newest["cache"]["train_hit"] and not newest["cache"]["val_hit"]
+    again = lp.run_probe(os.path.join(ckpts, "step_00000002"), str(data), **kw)
+    assert again["cache"]["train_hit"] and again["cache"]["val_hit"]
+
+    def extract_while_training_deletes(*a, **k):  # keep_ckpts: the run deletes the probed checkpoint meanwhile
+        out = real_extract(*a, **k)
+        shutil.rmtree(os.path.join(ckpts, "step_00000003"), ignore_errors=True)
+        return out
+    monkeypatch.setattr(feat, "extract_features", extract_while_training_deletes)
+    shutil.rmtree(kw["cache_dir"])
+    gone = lp.run_probe(run, str(data), **kw)  # the folder meant step 2 again when the val key was made
+    assert gone["checkpoint"].endswith("step_00000003") and not os.path.exists(gone["checkpoint"])
+    older = lp.run_probe(run, str(data), **kw)  # step 2: nothing of step 3's encoder may be read as its own
+    assert older["checkpoint"].endswith("step_00000002")
+    assert not older["cache"]["train_hit"] and not older["cache"]["val_hit"]

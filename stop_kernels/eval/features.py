@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -158,19 +158,24 @@ class EncoderInfo(NamedTuple):
     model: Optional[str]  # the preset matching width and depth, if any
 
 
-def check_checkpoint_path(path: str) -> None:
+def check_checkpoint_path(path: str) -> str:
     """The ``--checkpoint`` errors that need no tensor read: a missing path, a folder without a complete
-    training checkpoint (``FileNotFoundError`` / ``ValueError`` naming the flag)."""
+    training checkpoint (``FileNotFoundError`` / ``ValueError`` naming the flag).
+
+    Returns the checkpoint meant now: ``path`` itself for a file, for a training run's folder its newest
+    complete ``step_*`` folder. A caller that reads the checkpoint more than once passes that folder on, so
+    that a checkpoint saved meanwhile by the running training is not mixed in."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint: no such file or folder: {path}")
     if os.path.isdir(path):
         from ..training.checkpoint import find_checkpoint
         try:
-            find_checkpoint(path)
+            return find_checkpoint(path)
         except FileNotFoundError:
             raise ValueError(f"--checkpoint: {path} is a folder without a complete training checkpoint; pass a "
                              f"training run (its --out folder, checkpoints/ or a step_* folder), an official "
                              f".pth.tar, or a state dict file (.safetensors / .pt)") from None
+    return path
 
 
 def read_checkpoint(path: str) -> Mapping[str, Any]:
@@ -361,11 +366,16 @@ def checkpoint_identity(path: str) -> Dict[str, Any]:
     return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cache_key(checkpoint: str, split_dir: str, samples: Sequence[Sample], settings: Mapping[str, Any]) -> str:
+def cache_key(checkpoint: Union[str, Mapping[str, Any]], split_dir: str, samples: Sequence[Sample],
+              settings: Mapping[str, Any]) -> str:
     """sha256 over the checkpoint identity, the split folder, its (path, label, size, mtime) list and
-    the settings: an image replaced under the same name changes the key (one ``stat`` per image)."""
+    the settings: an image replaced under the same name changes the key (one ``stat`` per image).
+
+    ``checkpoint``: a path, or its :func:`checkpoint_identity` taken when its encoder was loaded (a running
+    training may have deleted an older checkpoint since, or saved a newer one that its folder now means)."""
+    identity = checkpoint_identity(checkpoint) if isinstance(checkpoint, str) else dict(checkpoint)
     h = hashlib.sha256()
-    h.update(json.dumps({"version": CACHE_VERSION, "checkpoint": checkpoint_identity(checkpoint),
+    h.update(json.dumps({"version": CACHE_VERSION, "checkpoint": identity,
                          "split": os.path.realpath(split_dir), "settings": dict(settings)},
                         sort_keys=True).encode())
     for rel, label in samples:
@@ -379,15 +389,16 @@ def default_cache_dir() -> str:
                                                                 "features")
 
 
-def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: str, split: str, split_dir: str,
+def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: Union[str, Mapping[str, Any]],
+                    split: str, split_dir: str,
                     samples: Sequence[Sample], img_size: int, settings: Mapping[str, Any], cache_dir: str,
                     batch_size: int = 128, device: str = "auto", last_k: int = 1, workers: int = 0,
                     progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor, str, bool]:
     """Features of one split, from the cache when present, else extracted once and stored.
 
     ``encoder_fn`` builds the encoder only when extraction is needed. The key covers the checkpoint
-    (path, size, mtime), the split folder, its files (name, size, mtime) and labels, and ``settings`` (encoder choice,
-    last K, image size, heads, precision …). Returns ``(features [N, E], labels [N], cache file, hit)``.
+    (path, size, mtime; ``checkpoint`` as :func:`cache_key` takes it), the split folder, its files (name,
+    size, mtime) and labels, and ``settings`` (encoder choice, last K, image size, heads, precision …). Returns ``(features [N, E], labels [N], cache file, hit)``.
     """
     key = cache_key(checkpoint, split_dir, samples, {**settings, "split": split, "last_k": last_k,
                                                      "img_size": img_size})

@@ -174,7 +174,10 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
         if not os.path.isdir(d):
             raise FileNotFoundError(f"--data: no such folder: {d} (expected an ImageNet layout DIR/train/<class>/*, "
                                     "DIR/val/<class>/*)")
-    feat.check_checkpoint_path(checkpoint)
+    # A run folder means its newest checkpoint, which a running training replaces (and, keep_ckpts, deletes):
+    # resolved once, so the encoder and both splits' cache keys are of one checkpoint, taken before any read.
+    checkpoint = feat.check_checkpoint_path(checkpoint)
+    checkpoint_id = feat.checkpoint_identity(checkpoint)
     # every classifier and loader setting is checked here, before hours of feature extraction
     chk.int_at_least("--last-k", last_k, 1)
     check_classifier_settings(heldout=heldout, max_iter=max_iter, penalties=penalties)
@@ -210,7 +213,7 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
         f"{len(val_samples)} val images, {len(classes)} classes")
     settings = {"encoder": encoder, "num_heads": info.num_heads,
                 "precision": "bf16" if dev.type == "cuda" else "fp32"}
-    common = dict(checkpoint=checkpoint, img_size=s.img_size, settings=settings, cache_dir=cache_dir,
+    common = dict(checkpoint=checkpoint_id, img_size=s.img_size, settings=settings, cache_dir=cache_dir,
                   batch_size=batch_size, device=str(dev), last_k=last_k, workers=workers, progress=verbose)
     held = [enc]  # released once both splits have their features (ViT-H weights are large)
     del enc
