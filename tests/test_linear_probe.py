@@ -669,3 +669,32 @@ def test_a_run_folder_is_pinned_to_one_checkpoint_for_the_whole_probe(tmp_path, 
     older = lp.run_probe(run, str(data), **kw)  # step 2: nothing of step 3's encoder may be read as its own
     assert older["checkpoint"].endswith("step_00000002")
     assert not older["cache"]["train_hit"] and not older["cache"]["val_hit"]
+
+
+def test_classifier_inputs_are_checked_by_name():
+    """Review finding: fit_logistic_regression and accuracy (both public) took labels outside [0, num_classes)
+    (an IndexError on the CPU, a device-side assert that kills the CUDA context on a GPU), float labels, a
+    warm start or a classifier of another feature width (a bare matmul error), and no rows at all (the
+    all-zero classifier, and an accuracy of 0.0, returned as results)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, 5, generator=g), torch.tensor([0, 1, 2] * 3)
+    W, b = torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    fit = lambda x=x, y=y, C=3, init=None: lp.fit_logistic_regression(x, y, C, 0.1, max_iter=2, init=init)  # noqa: E731
+    for call, err, msg in [
+        (lambda: fit(y=torch.tensor([0, 1, 3] * 3)), ValueError, r"^y: values must lie in \[0, 3\)"),
+        (lambda: fit(y=torch.tensor([0, -1, 2] * 3)), ValueError, r"^y: values must lie in \[0, 3\)"),
+        (lambda: fit(y=y.float()), TypeError, r"^y: expected dtype in \(int64\)"),
+        (lambda: fit(y=y[:8]), ValueError, r"^y: expected 9 labels"),
+        (lambda: fit(x=x.long()), TypeError, r"^x: expected dtype"),
+        (lambda: fit(x=x[:0], y=y[:0]), ValueError, r"^x: expected at least one row"),
+        (lambda: fit(C=0), ValueError, r"^num_classes: "),
+        (lambda: fit(init=(torch.zeros(3, 4), torch.zeros(3))), ValueError, r"^init: expected W \[3, 5\] and b \[3\]"),
+        (lambda: lp.accuracy(torch.zeros(3, 4), b, x, y), ValueError, r"^W, b: expected \[C, 5\] and \[C\]"),
+        (lambda: lp.accuracy(W, b, x, y[:8]), ValueError, r"^y: expected 9 labels"),
+        (lambda: lp.accuracy(W, b, x[:0], y[:0]), ValueError, r"^x: expected at least one row"),
+        (lambda: lp.sweep_logistic_regression(x, y.float(), 3, (0.1,), max_iter=2, log=lambda *a: None),
+         TypeError, r"^y: expected dtype in \(int64\)"),
+    ]:
+        with pytest.raises(err, match=msg):
+            call()
+    assert 0.0 <= lp.accuracy(W, b, x, y) <= 1.0  # and good inputs still pass the checks

@@ -56,6 +56,21 @@ def check_classifier_settings(*, heldout: Optional[float] = None, max_iter: Opti
         raise ValueError(f"--penalties: expected one or more finite values >= 0, got {list(penalties)}")
 
 
+def check_labelled_features(x: torch.Tensor, y: torch.Tensor, num_classes: Optional[int] = None) -> None:
+    """``x [N, E]`` floating features with N >= 1 and ``y [N]`` int64 labels (in ``[0, num_classes)`` when
+    given), each refused by its name: a label out of range is an IndexError in ``cross_entropy`` on the CPU and
+    a device-side assert, which ends the CUDA context, on a GPU."""
+    chk.float_tensor("x", x, ndim=2)
+    if x.shape[0] == 0:
+        raise ValueError(f"x: expected at least one row, got shape {tuple(x.shape)}")
+    chk.tensor("y", y, ndim=1, dtypes=(torch.int64,))
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} labels (one per row of x), got shape {tuple(y.shape)}")
+    if num_classes is not None:
+        chk.int_at_least("num_classes", num_classes, 1)
+        chk.index_tensor("y", y, upper=num_classes, what=f"num_classes {num_classes}")
+
+
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, penalty: float, *,
                             max_iter: int = 200, chunk: int = 65536,
                             init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -70,10 +85,13 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     Returns:
         ``(W [C, E], b [C])`` float32 on ``x``'s device.
     """
-    if x.dim() != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"x, y: expected [N, E] and [N], got {tuple(x.shape)} and {tuple(y.shape)}")
+    check_labelled_features(x, y, num_classes)
     check_classifier_settings(max_iter=max_iter, penalties=[penalty])
     N, E = x.shape
+    if init is not None and (len(init) != 2 or tuple(init[0].shape) != (num_classes, E)
+                             or tuple(init[1].shape) != (num_classes,)):
+        raise ValueError(f"init: expected W [{num_classes}, {E}] and b [{num_classes}], got "
+                         f"{[tuple(t.shape) for t in init]}")
     W = torch.zeros(num_classes, E, device=x.device) if init is None else init[0].clone()
     b = torch.zeros(num_classes, device=x.device) if init is None else init[1].clone()
     W.requires_grad_(True)
@@ -100,11 +118,15 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
 
 @torch.no_grad()
 def accuracy(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> float:
-    """Top-1 accuracy of the linear classifier ``x Wᵀ + b`` on ``(x [N, E], y [N])``."""
+    """Top-1 accuracy of the linear classifier ``x Wᵀ + b`` (``W [C, E]``, ``b [C]``) on ``(x [N, E], y [N])``."""
+    check_labelled_features(x, y)
+    if W.dim() != 2 or W.shape[1] != x.shape[1] or tuple(b.shape) != (W.shape[0],):
+        raise ValueError(f"W, b: expected [C, {x.shape[1]}] and [C] (x has {x.shape[1]} features), got "
+                         f"{tuple(W.shape)} and {tuple(b.shape)}")
     correct = 0
     for s in range(0, x.shape[0], chunk):
         correct += (x[s:s + chunk] @ W.t() + b).argmax(1).eq(y[s:s + chunk]).sum().item()
-    return correct / max(x.shape[0], 1)
+    return correct / x.shape[0]
 
 
 def stratified_split(y: torch.Tensor, frac: float, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +155,7 @@ def sweep_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int
     Penalties are tried from the largest to the smallest, each warm-started from the previous
     solution. Returns ``(best penalty, {str(penalty): held-out accuracy})``; ties go to the larger penalty.
     """
+    check_labelled_features(x, y, num_classes)
     check_classifier_settings(penalties=penalties)
     fit_idx, held_idx = stratified_split(y, heldout, seed)
     fit_idx, held_idx = fit_idx.to(x.device), held_idx.to(x.device)
