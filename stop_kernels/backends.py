@@ -36,6 +36,20 @@ def functorch_transforming() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def vmap_randomness_different() -> bool:
+    """Whether a ``torch.func.vmap(..., randomness="different")`` is running, at any level of nested
+    transforms (read from functorch's interpreter stack, as vmap itself does; checked with torch 2.11 and 2.14).
+    The StoP ops draw one Philox seed per call on the host (:func:`stop_kernels.ops.philox.draw_seed`), so
+    they cannot give every vmapped sample noise of its own; under this mode the draw is a per-sample tensor
+    that ``int()`` refuses with vmap's opaque ".item()" error, which is why the draw asks first."""
+    ft = torch._C._functorch
+    for interp in ft.get_interpreter_stack() or ():
+        if (interp.key() == ft.TransformType.Vmap
+                and ft.CVmapInterpreterPtr(interp).randomness() == ft.RandomnessType.Different):
+            return True
+    return False
+
+
 def _version(text: str) -> Tuple[int, int]:
     """(major, minor) of a version string such as '3.6.0', '2.4.0rc1' or '2.11.0+cu130'."""
     m = re.match(r"(\d+)\.(\d+)", text)

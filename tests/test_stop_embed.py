@@ -429,6 +429,24 @@ def test_auto_runs_the_reference_path_inside_torch_func_transforms():
         assert rel(got, want) <= 1e-6
 
 
+def test_vmap_randomness_different_is_refused_by_name():
+    """One Philox seed per call cannot give vmapped samples noise of their own: randomness='different' is refused
+    with an error that says so (it was vmap's opaque ".item()" RuntimeError from the seed draw), at any nesting."""
+    from stop_kernels.ops.predictor_input import assemble_predictor_input
+    pos, idx, w, b = inputs("cpu", 10, 16, 24, (2, 3))
+    ctx, ctx_idx = torch.randn(2, 4, 24), torch.randint(0, 10, (2, 4))
+    calls = [
+        lambda ws: torch.func.vmap(lambda w_: stop_embed(pos, idx, w_, b), randomness="different")(ws),
+        lambda ws: torch.func.vmap(torch.func.grad(lambda w_: stop_embed(pos, idx, w_, b).sum()),
+                                   randomness="different")(ws),
+        lambda ws: torch.func.vmap(lambda w_: assemble_predictor_input(ctx, ctx_idx, idx[None], w_, b, pos),
+                                   randomness="different")(ws),
+    ]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="randomness='different'"):
+            call(torch.stack([w, 2 * w]))
+
+
 def test_torch_compile_fullgraph_is_refused_as_documented():
     """The documented limitation (stop_embed's docstring, README): the seed is drawn eagerly, one graph break
     per call, so fullgraph=True refuses the op. If this ever compiles in one graph, the docs must change."""

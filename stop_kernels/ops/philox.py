@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import _checks as chk
+from ..backends import vmap_randomness_different
 
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -58,6 +59,11 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     On the host whatever ``torch.set_default_device`` says: a CUDA default device would otherwise draw
     from the CUDA generator and synchronise on every call."""
     check_generator(generator)
+    if torch._C._are_functorch_transforms_active() and vmap_randomness_different():
+        raise NotImplementedError(
+            "torch.func.vmap(..., randomness='different') is not supported by the StoP noise: each call draws one "
+            "Philox seed on the host, so the vmapped samples cannot get independent noise; use randomness='same' "
+            "(every sample gets the same noise) or call the op once per sample")
     return int(torch.randint(0, 2 ** SEED_BITS, (), generator=generator, dtype=torch.int64, device="cpu"))
 
 

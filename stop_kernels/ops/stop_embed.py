@@ -717,7 +717,8 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     Under ``torch.compile`` the kernels are a custom op inside the graph, but each call draws its seed
     from the generator (and checks its arguments) eagerly: one graph break per call, so compiled and
     eager code draw the same noise; ``fullgraph=True`` refuses it (``Unsupported: Skip calling
-    torch.compiler.disable()d function``).
+    torch.compiler.disable()d function``). Under ``torch.func.vmap`` one seed serves all samples:
+    ``randomness="same"`` works (every sample gets the same noise), ``"different"`` raises NotImplementedError.
     """
     chk.choice("backend", backend, BACKENDS)
     if backend == "cuda" or (backend == "auto" and _cuda_extension_preferred(pos_embed, weight, bias)):
