@@ -82,7 +82,13 @@ def index_tensor(name: str, t, *, upper: int, what: str = "", **kw) -> torch.Ten
     """Check an integer index tensor whose values must lie in [0, upper)."""
     tensor(name, t, dtypes=INDEX_DTYPES, **kw)
     if t.numel() > 0 and (_DEVICE_RANGE_CHECKS or t.device.type == "cpu") and t.device.type != "meta":
-        lo, hi = int(t.min()), int(t.max())
+        values = t
+        if torch._C._are_functorch_transforms_active():
+            # inside torch.func.vmap the tensor is a per-sample view whose min() is batched and int() refuses
+            # it (vmap's ".item()" error): check the wrapped tensor, every sample's values at once
+            while torch._C._functorch.is_functorch_wrapped_tensor(values):
+                values = torch._C._functorch.get_unwrapped(values)
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= upper:
             bad = lo if lo < 0 else hi
             extra = f" ({what})" if what else ""

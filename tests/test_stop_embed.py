@@ -447,6 +447,20 @@ def test_vmap_randomness_different_is_refused_by_name():
             call(torch.stack([w, 2 * w]))
 
 
+def test_vmap_over_idx_with_randomness_same_matches_a_loop():
+    """Under vmap the range check of idx read a batched min() (vmap's ".item()" error even with randomness='same');
+    it checks every sample's values: results equal one call per sample with the same seed, and a bad value in
+    any sample is still named."""
+    pos, idx, w, b = inputs("cpu", 10, 16, 24, (3, 4))
+    got = torch.func.vmap(lambda i: stop_embed(pos, i, w, b, noise_std=0.3, generator=gen(5)), randomness="same")(idx)
+    want = torch.stack([stop_embed(pos, i, w, b, noise_std=0.3, generator=gen(5), backend="reference") for i in idx])
+    assert rel(got, want) <= 1e-6
+    bad = idx.clone()
+    bad[2, 1] = 10
+    with pytest.raises(ValueError, match=r"idx: values must lie in \[0, 10\)"):
+        torch.func.vmap(lambda i: stop_embed(pos, i, w, b), randomness="same")(bad)
+
+
 def test_torch_compile_fullgraph_is_refused_as_documented():
     """The documented limitation (stop_embed's docstring, README): the seed is drawn eagerly, one graph break
     per call, so fullgraph=True refuses the op. If this ever compiles in one graph, the docs must change."""
