@@ -107,6 +107,22 @@ def test_explicit_noise_uses_it(device, mode):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_width_one_table_that_is_a_transposed_row(device, mode):
+    """D = 1 with ψ a transposed [1, P] row: strides (1, P), which torch counts as contiguous, so the isotropic
+    and mask-token launcher's unit-stride assert failed (a bare AssertionError) though its one column is read
+    at offset 0."""
+    B, Nc, Nt, npred, E, D, P = sizes(device, 2)
+    ctx, ctx_idx, tgt, w, b, pos, mask = make(device, B, Nc, Nt, npred, E, 1, P)
+    pos = pos.reshape(1, P).t()  # [P, 1], strides (1, P)
+    assert pos.stride() == (1, P) and pos.is_contiguous()
+    args = (ctx, ctx_idx, tgt, w, b, pos, mask)
+    out, ref = run(args, "triton", mode), run(args, "reference", mode)
+    assert out.shape == (npred * B, Nc + Nt, 1)
+    assert rel(out, ref) <= 1e-5
+
+
 @pytest.mark.skipif(not INTERP, reason="direct launcher check on the interpreter")
 def test_launchers_fill_every_slot_of_a_poisoned_output():
     B, Nc, Nt, npred, E, D, P = sizes("cpu", 4)

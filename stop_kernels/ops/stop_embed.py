@@ -508,7 +508,9 @@ def launch_pos_noise(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Ten
     D = pos_embed.shape[1]
     if R == 0 or D == 0:
         return
-    assert out3.stride(2) == 1 and pos_embed.stride(1) == 1
+    # unit stride in d, or D = 1, where the one column is read at offset 0 whatever its stride (an [P, 1] ψ that
+    # is a transposed row counts as contiguous, so ψ.contiguous() keeps its stride P)
+    assert D == 1 or (out3.stride(2) == 1 and pos_embed.stride(1) == 1)
     idx = idx.reshape(-1).contiguous()
     vec = vec.contiguous() if vec is not None else None  # read at unit stride
     G, s_og, s_or, _ = _rows3(out3)
