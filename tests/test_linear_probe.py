@@ -698,3 +698,173 @@ def test_classifier_inputs_are_checked_by_name():
         with pytest.raises(err, match=msg):
             call()
     assert 0.0 <= lp.accuracy(W, b, x, y) <= 1.0  # and good inputs still pass the checks
+
+
+# ----------------------------------------------------------------------------------------------
+# --protocol official: StoP's logistic_eval.py
+# ----------------------------------------------------------------------------------------------
+def official_objective(x, y, W, lambd):
+    """logistic_eval.py's objective, written out here: cyanure's MultiClassifier('multiclass-logistic', 'l2',
+    fit_intercept=False) fitted with lambd/N, i.e. (1/N) Σ log Σ_j exp(w_jᵀx_i − w_{y_i}ᵀx_i) + (lambd/N)/2 ‖W‖²."""
+    logits = x @ W.T
+    return (torch.logsumexp(logits, 1) - logits.gather(1, y[:, None])[:, 0]).mean() + lambd / len(x) / 2 * W.pow(2).sum()
+
+
+def official_problem(seed=1, N=45, E=6, C=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randperm(N, generator=g) % C
+    x = torch.randn(N, E, generator=g, dtype=torch.float64) + 1.5 * torch.randn(C, E, generator=g, dtype=torch.float64)[y]
+    return x, y
+
+
+def test_official_fit_reaches_the_unique_minimiser():
+    """The objective is strictly convex, so its minimiser is unique: the fit's W has a ~0 gradient of the
+    objective as written above, and equals the W that Newton's method (exact Hessian) converges to."""
+    x, y = official_problem()
+    N, E, C, lambd = *x.shape, 3, 0.3
+    W, b = lp.fit_logistic_regression(x, y, C, lambd / N, fit_intercept=False, rtol=1e-12, max_iter=500)
+    assert W.dtype == torch.float64 and torch.equal(b, torch.zeros(C, dtype=torch.float64))
+    assert lp.relative_gap_bound(x, y, W, lambd / N) <= 1e-12
+    Wg = W.clone().requires_grad_(True)
+    official_objective(x, y, Wg, lambd).backward()
+    assert Wg.grad.abs().max() < 1e-7, Wg.grad.abs().max()
+    w = torch.zeros(C * E, dtype=torch.float64)
+    f = lambda w: official_objective(x, y, w.view(C, E), lambd)  # noqa: E731
+    for _ in range(40):
+        w = w - torch.linalg.solve(torch.autograd.functional.hessian(f, w), torch.autograd.functional.jacobian(f, w))
+    torch.testing.assert_close(W, w.view(C, E), rtol=1e-6, atol=1e-6)
+    # the project's default stopping rule (gradient entries below 1e-6, float32) is no certificate: rtol is refused
+    # where the bound does not hold
+    for kw in (dict(fit_intercept=True, rtol=1e-6), dict(fit_intercept=False, rtol=1.0)):
+        with pytest.raises(ValueError, match="^rtol: "):
+            lp.fit_logistic_regression(x, y, C, lambd / N, **kw)
+    with pytest.raises(ValueError, match="^rtol: "):
+        lp.fit_logistic_regression(x, y, C, 0.0, fit_intercept=False, rtol=1e-6)
+
+
+def test_official_fit_equals_scikit_learn():
+    """scikit-learn's multinomial LogisticRegression minimises C·Σ CE + ½‖W‖², the same objective for C = 1/lambd."""
+    sklearn = pytest.importorskip("sklearn", reason="scikit-learn is optional (not a dependency); the Newton "
+                                                    "comparison in test_official_fit_reaches_the_unique_minimiser "
+                                                    "checks the same optimum")
+    from sklearn.linear_model import LogisticRegression
+    x, y = official_problem(seed=2)
+    lambd = 0.3
+    kw = {} if tuple(int(v) for v in sklearn.__version__.split(".")[:2]) >= (1, 5) else {"multi_class": "multinomial"}
+    clf = LogisticRegression(C=1 / lambd, fit_intercept=False, tol=1e-12, max_iter=10000, **kw).fit(x.numpy(),
+                                                                                                   y.numpy())
+    W, _ = lp.fit_logistic_regression(x, y, 3, lambd / len(x), fit_intercept=False, rtol=1e-12, max_iter=500)
+    torch.testing.assert_close(W, torch.from_numpy(clf.coef_), rtol=1e-5, atol=1e-5)
+
+
+def test_official_normalisation_is_the_scripts():
+    """Each split standardised by its own mean and unbiased std, then both multiplied by the training features'
+    PCA basis (eigenvectors by descending eigenvalue, all kept, no whitening). The script's own matrix
+    (v[argsort(e)] on a general eigen-solver's output: rows permuted, torch.linalg.eig standing in for its
+    torch.eig) is another orthogonal matrix, and the objective is invariant under it: same predictions."""
+    g = torch.Generator().manual_seed(3)
+    scale, shift = torch.tensor([3.0, 0.5, 1.0, 7.0, 2.0]), torch.tensor([1.0, -2.0, 0.0, 5.0, 0.3])
+    mix = torch.randn(5, 5, generator=g)
+    train = (torch.randn(13, 5, generator=g) * scale + shift) @ mix
+    val = (torch.randn(7, 5, generator=g) * scale + 2 * shift) @ mix
+    zt, zv = lp.official_normalise(train, val)
+    assert zt.dtype == zv.dtype == torch.float64
+    std_t = (train.double() - train.double().mean(0)) / train.double().std(0)
+    std_v = (val.double() - val.double().mean(0)) / val.double().std(0)
+    Q = torch.linalg.lstsq(std_t, zt).solution  # zt = std_t · Q
+    torch.testing.assert_close(std_t @ Q, zt)
+    torch.testing.assert_close(std_v @ Q, zv)  # val: its own statistics, the training split's rotation
+    torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=torch.float64))
+    eigvals = torch.linalg.eigvalsh(std_t.T @ std_t).flip(0)
+    torch.testing.assert_close(zt.T @ zt, torch.diag(eigvals))  # the PCA basis, by descending eigenvalue
+    e, v = torch.linalg.eig(std_t.T @ std_t)
+    Q_script = v.real[torch.argsort(e.real, descending=True)]
+    y = torch.arange(13) % 3
+    W, _ = lp.fit_logistic_regression(zt, y, 3, 0.1, fit_intercept=False, rtol=1e-12, max_iter=500)
+    Ws, _ = lp.fit_logistic_regression(std_t @ Q_script, y, 3, 0.1, fit_intercept=False, rtol=1e-12, max_iter=500)
+    torch.testing.assert_close(Ws, W @ Q.T @ Q_script, rtol=1e-6, atol=1e-6)
+    assert torch.equal((zv @ W.T).argmax(1), (std_v @ Q_script @ Ws.T).argmax(1))
+    with pytest.raises(ValueError, match="^--protocol official: the val split has a single image"):
+        lp.official_normalise(train, val[:1])  # its std is undefined (NaN)
+    with pytest.raises(ValueError, match="^--protocol official: a feature of the train split"):
+        lp.official_normalise(torch.cat([train[:, :4], torch.ones(13, 1)], 1), val)
+
+
+def test_official_transform_and_precision():
+    """logistic_eval.py: Resize(256 if res == 224 else res) (bilinear, torchvision's default), CenterCrop(res);
+    its features are fp32 even on a GPU."""
+    from torchvision.transforms import InterpolationMode
+    for protocol, img, size, interp in (("official", 224, 256, InterpolationMode.BILINEAR),
+                                        ("official", 448, 448, InterpolationMode.BILINEAR),
+                                        ("project", 224, 256, InterpolationMode.BICUBIC),
+                                        ("project", 448, 512, InterpolationMode.BICUBIC)):
+        resize, crop = feat.eval_transform(img, protocol).transforms[:2]
+        assert (resize.size, resize.interpolation, crop.size) in (((size, interp, (img, img))),
+                                                                  ([size], interp, (img, img))), protocol
+    assert feat.feature_precision("official", torch.device("cuda")) == "fp32"
+    assert feat.feature_precision("project", torch.device("cuda")) == "bf16"
+    assert feat.feature_precision("project", torch.device("cpu")) == "fp32"
+    for call in (lambda: feat.eval_transform(224, "offical"), lambda: feat.feature_precision("x", torch.device("cpu"))):
+        with pytest.raises(ValueError, match="^--protocol: expected one of"):
+            call()
+
+
+def test_official_protocol_end_to_end(setup, first_run, tmp_path):
+    """--protocol official: its own cache entries (another transform), fp32 features of the untouched 32 px
+    images (its Resize(32) and CenterCrop(32) keep them), the fixed lambd / N without a held-out sweep, a
+    certified fit, and the protocol in the result; a training split of one image per class is accepted (nothing
+    is held out)."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from stop_kernels.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    root, data, ckpt, target = setup
+    out = tmp_path / "official.json"
+    assert lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(root / "cache"),
+                    "--device", "cpu", "--out", str(out), "--protocol", "official", "--lambd", "0.01", "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert (r["protocol"], r["lambd"], r["heldout_top1"]) == ("official", 0.01, None)
+    assert r["penalty"] == pytest.approx(0.01 / (4 * N_TRAIN)) and r["relative_gap_bound"] <= lp.OFFICIAL_RTOL
+    assert r["top1"] >= 0.9, r
+    assert not r["cache"]["train_hit"] and not r["cache"]["val_hit"]
+    assert {r["cache"]["train"], r["cache"]["val"]}.isdisjoint({first_run["cache"]["train"], first_run["cache"]["val"]})
+    rel = feat.list_images(str(data / "val"))[0][:3]
+    imgs = torch.stack([TF.normalize(TF.to_tensor(Image.open(data / "val" / p).convert("RGB")), IMAGENET_MEAN,
+                                     IMAGENET_STD) for p, _ in rel])
+    with torch.no_grad():
+        want = target.eval()(imgs).mean(1)
+    torch.testing.assert_close(torch.load(r["cache"]["val"], weights_only=True)["features"][:3], want,
+                               rtol=1e-5, atol=1e-5)
+    again = lp.run_probe(str(ckpt), str(data), cache_dir=str(root / "cache"), device="cpu", protocol="official",
+                         verbose=False)
+    assert again["cache"]["train_hit"] and again["cache"]["val_hit"]
+    assert again["lambd"] == lp.OFFICIAL_LAMBD and again["penalty"] == pytest.approx(lp.OFFICIAL_LAMBD / (4 * N_TRAIN))
+    sub = tmp_path / "one_each.txt"
+    sub.write_text("".join(f"{c}_0.png\n" for c in sorted(COLOURS)))
+    one = lp.run_probe(str(ckpt), str(data), subset=str(sub), cache_dir=str(root / "cache"), device="cpu",
+                       protocol="official", verbose=False)
+    assert one["num_train"] == 4 and one["relative_gap_bound"] <= lp.OFFICIAL_RTOL
+
+
+def test_official_protocol_settings_are_checked_before_any_extraction(setup, tmp_path, monkeypatch):
+    """--lambd belongs to --protocol official, --penalties and --heldout to --protocol project: each refused by
+    name in the other protocol, as are an unknown protocol and a --lambd that is not a finite number > 0."""
+    root, data, ckpt, _ = setup
+
+    def boom(*a, **k):
+        raise AssertionError("features were extracted before the settings were checked")
+    monkeypatch.setattr(feat, "extract_features", boom)
+    cache = str(tmp_path / "fresh-cache")
+    for kw, err, msg in ((dict(protocol="offical"), ValueError, "^--protocol: expected one of"),
+                         (dict(lambd=0.1), ValueError, "^--lambd: only with --protocol official"),
+                         (dict(protocol="official", penalties=(0.1,)), ValueError, "^--penalties: only with"),
+                         (dict(protocol="official", heldout=0.3), ValueError, "^--heldout: only with"),
+                         (dict(protocol="official", lambd=0.0), ValueError, "^--lambd: expected a finite value > 0"),
+                         (dict(protocol="official", lambd=-1.0), ValueError, "^--lambd: expected a finite value"),
+                         (dict(protocol="official", lambd=float("nan")), ValueError, "^--lambd: expected a finite"),
+                         (dict(protocol="official", lambd="0.1"), TypeError, "^--lambd: expected a number"),
+                         (dict(protocol="official", max_iter=0), ValueError, "^--max-iter")):
+        with pytest.raises(err, match=msg):
+            lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, **kw)
+    with pytest.raises(SystemExit):  # argparse's choices
+        lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--protocol", "offical"])

@@ -10,9 +10,9 @@
   modules that way.)
 * :func:`encode` turns images ``[B, 3, H, W]`` into average-pooled features ``[B, E]`` (the mean of
   the last K layers' LayerNorm'd outputs); :func:`extract_features` runs it over a dataset with a
-  progress bar (bf16 autocast on GPU, fp32 on CPU); :func:`cached_features` stores the result on
-  disk under a key made of the checkpoint, the split's file list and every setting that changes the
-  features, and reuses it.
+  progress bar (bf16 autocast on GPU, fp32 on CPU and in the official protocol); :func:`cached_features`
+  stores the result on disk under a key made of the checkpoint, the split's file list and every setting
+  that changes the features, and reuses it.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ from ..models.official import (EncoderSizes, build_encoder, check_sizes, infer_e
                                load_torch_file, preset_of, strip_prefix)
 from ..models.vit import VisionTransformer
 
+# 'project': this project's evaluation; 'official': StoP's logistic_eval.py (its transform, fp32 features)
+PROTOCOLS = ("project", "official")
 CACHE_VERSION = 2  # (2: image sizes and mtimes in the key) bump when the extraction itself changes (transform, pooling)
 ENCODERS = ("target", "context")
 
@@ -112,12 +114,22 @@ def list_images(split_dir: str, classes: Optional[Sequence[str]] = None,
     return samples, list(classes)
 
 
-def eval_transform(img_size: int) -> Callable:
-    """Resize the short side to ``img_size·256/224``, centre-crop ``img_size``, normalise like ImageNet."""
+def eval_transform(img_size: int, protocol: str = "project") -> Callable:
+    """Resize the short side, centre-crop ``img_size``, normalise like ImageNet.
+
+    ``protocol='project'``: short side ``img_size·256/224``, bicubic (DeiT's and MAE's evaluation transform).
+    ``protocol='official'``: the StoP ``logistic_eval.py`` transform: short side 256 for a 224 px model, else
+    ``img_size`` itself (no margin), bilinear (torchvision's default there)."""
     from torchvision import transforms
 
+    chk.choice("--protocol", protocol, PROTOCOLS)
+    if protocol == "official":
+        resize = transforms.Resize(256 if img_size == 224 else img_size,
+                                   interpolation=transforms.InterpolationMode.BILINEAR)
+    else:
+        resize = transforms.Resize(round(img_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC)
     return transforms.Compose([
-        transforms.Resize(round(img_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        resize,
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -125,11 +137,12 @@ def eval_transform(img_size: int) -> Callable:
 
 
 class ImageList(Dataset):
-    """Images ``root/<relpath>`` of ``samples`` → ``(image [3, img_size, img_size] float32, label)``."""
+    """Images ``root/<relpath>`` of ``samples`` → ``(image [3, img_size, img_size] float32, label)``, transformed
+    by :func:`eval_transform` of ``protocol``."""
 
-    def __init__(self, root: str, samples: Sequence[Sample], img_size: int):
+    def __init__(self, root: str, samples: Sequence[Sample], img_size: int, protocol: str = "project"):
         self.root, self.samples = root, list(samples)
-        self.transform = eval_transform(img_size)
+        self.transform = eval_transform(img_size, protocol)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -323,15 +336,24 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def feature_precision(protocol: str, device: torch.device) -> str:
+    """``'bf16'`` (autocast) for the project protocol on CUDA, else ``'fp32'``: the official script extracts
+    in fp32, and the CPU has no fast bf16 path."""
+    chk.choice("--protocol", protocol, PROTOCOLS)
+    return "bf16" if protocol == "project" and device.type == "cuda" else "fp32"
+
+
 @torch.no_grad()
 def extract_features(encoder: VisionTransformer, dataset: Dataset, *, batch_size: int = 128,
                      device: str = "auto", last_k: int = 1, workers: int = 0, desc: str = "features",
-                     progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, protocol: str = "project") -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen encoder over ``dataset`` (items ``(image [C, H, W], label)``).
 
-    bf16 autocast on CUDA, fp32 elsewhere. Returns ``(features [N, E] float32, labels [N] int64)`` on the CPU.
+    In the precision of :func:`feature_precision` (bf16 autocast or fp32). Returns ``(features [N, E] float32,
+    labels [N] int64)`` on the CPU.
     """
     dev = resolve_device(device)
+    bf16 = feature_precision(protocol, dev) == "bf16"
     if batch_size < 1:
         raise ValueError(f"--batch-size: expected >= 1, got {batch_size}")
     encoder = encoder.to(dev).eval()
@@ -342,7 +364,7 @@ def extract_features(encoder: VisionTransformer, dataset: Dataset, *, batch_size
     try:
         for imgs, y in loader:
             imgs = imgs.to(dev, non_blocking=True)
-            if dev.type == "cuda":
+            if bf16:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     f = encode(encoder, imgs, last_k)
             else:
@@ -393,15 +415,20 @@ def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: 
                     split: str, split_dir: str,
                     samples: Sequence[Sample], img_size: int, settings: Mapping[str, Any], cache_dir: str,
                     batch_size: int = 128, device: str = "auto", last_k: int = 1, workers: int = 0,
-                    progress: bool = True) -> Tuple[torch.Tensor, torch.Tensor, str, bool]:
+                    progress: bool = True, protocol: str = "project"
+                    ) -> Tuple[torch.Tensor, torch.Tensor, str, bool]:
     """Features of one split, from the cache when present, else extracted once and stored.
 
     ``encoder_fn`` builds the encoder only when extraction is needed. The key covers the checkpoint
     (path, size, mtime; ``checkpoint`` as :func:`cache_key` takes it), the split folder, its files (name,
-    size, mtime) and labels, and ``settings`` (encoder choice, last K, image size, heads, precision …). Returns ``(features [N, E], labels [N], cache file, hit)``.
+    size, mtime) and labels, ``settings`` (encoder choice, heads, precision …), last K, the image size and
+    the ``protocol`` (its transform and precision differ). Returns ``(features [N, E], labels [N], cache file, hit)``.
     """
+    chk.choice("--protocol", protocol, PROTOCOLS)
+    # the project protocol adds nothing to the key, so that caches written before protocols existed stay valid
     key = cache_key(checkpoint, split_dir, samples, {**settings, "split": split, "last_k": last_k,
-                                                     "img_size": img_size})
+                                                     "img_size": img_size,
+                                                     **({} if protocol == "project" else {"protocol": protocol})})
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{split}-{key[:20]}.pt")
     if os.path.isfile(path):
@@ -410,9 +437,10 @@ def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: 
             if progress:
                 print(f"{split}: {len(samples)} cached features from {path}", file=sys.stderr, flush=True)
             return data["features"], data["labels"], path, True
-    dataset = ImageList(split_dir, samples, img_size)
+    dataset = ImageList(split_dir, samples, img_size, protocol)
     feats, labels = extract_features(encoder_fn(), dataset, batch_size=batch_size, device=device, last_k=last_k,
-                                     workers=workers, desc=f"{split} features", progress=progress)
+                                     workers=workers, desc=f"{split} features", progress=progress,
+                                     protocol=protocol)
     record = {"key": key, "features": feats, "labels": labels, "samples": [s for s, _ in samples]}
     chk.write_atomic(path, lambda fh: torch.save(record, fh))
     return feats, labels, path, False
