@@ -155,33 +155,37 @@ def test_collective_timeout_from_the_environment(monkeypatch, value, want):
         assert distributed._env_timeout_min() == want
 
 
-# model, img_size, patch_size, pred_depth, epochs, noise_std of each shipped recipe (StoP: σ 0.2 for ViT-H,
-# 0.25 otherwise; 600 epochs for ViT-B/L, 300 for ViT-H; vit_g: the official I-JEPA ViT-g/16 predictor with
-# the ViT-H settings, as its file says)
+# Each shipped recipe: model, img_size, patch_size, pred_depth, epochs, noise_std, the augmentations (hflip,
+# gaussian_blur, grayscale) and warm-up epochs, start / peak / final lr. The StoP recipes hold the settings of the
+# official StoP code's configs/pretrain/vit-{b16,l16,h14,h16}.yaml (github.com/amirbar/StoP): flip, blur and
+# use_color_distortion at jitter strength 0 (= RandomGrayscale(0.2) alone) on; ViT-B/L lr 8e-4 → 1e-4 after 15
+# warm-up epochs, ViT-B predictor depth 6; ViT-H the I-JEPA schedule, σ 0.2. vit_g: the official I-JEPA ViT-g/16
+# predictor with the I-JEPA ViT-H settings (no flip, blur or grayscale), as its file says.
 RECIPES = {
-    "vit_b16_224": ("vit_base", 224, 16, 12, 600, 0.25),
-    "vit_l16_224": ("vit_large", 224, 16, 12, 600, 0.25),
-    "vit_h14_224": ("vit_huge", 224, 14, 12, 300, 0.2),
-    "vit_h16_448": ("vit_huge", 448, 16, 12, 300, 0.2),
-    "vit_g16_224": ("vit_giant", 224, 16, 16, 300, 0.2),
+    "vit_b16_224": (("vit_base", 224, 16, 6, 600, 0.25), True, (15, 2e-4, 8e-4, 1e-4)),
+    "vit_l16_224": (("vit_large", 224, 16, 12, 600, 0.25), True, (15, 2e-4, 8e-4, 1e-4)),
+    "vit_h14_224": (("vit_huge", 224, 14, 12, 300, 0.2), True, (40, 2e-4, 1e-3, 1e-6)),
+    "vit_h16_448": (("vit_huge", 448, 16, 12, 300, 0.2), True, (40, 2e-4, 1e-3, 1e-6)),
+    "vit_g16_224": (("vit_giant", 224, 16, 16, 300, 0.2), False, (40, 2e-4, 1e-3, 1e-6)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_shipped_configs_parse(name):
-    """Every recipe holds the official I-JEPA settings (configs/in1k_vith14_ep300.yaml of the I-JEPA code:
-    masks, crops, warm-up, optimizer, EMA; no colour augmentations) and its own sizes, epochs and σ."""
+    """Every recipe holds its official settings (see RECIPES) and the ones all of them share: masks, crops,
+    weight decay, EMA, batch 2048, bf16."""
     assert sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")) \
         == sorted(RECIPES)
     path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     cfg = parse_config(["--config", str(path)])
-    assert (cfg.model, cfg.img_size, cfg.patch_size, cfg.pred_depth, cfg.epochs, cfg.noise_std) == RECIPES[name]
+    sizes, augment, schedule = RECIPES[name]
+    assert (cfg.model, cfg.img_size, cfg.patch_size, cfg.pred_depth, cfg.epochs, cfg.noise_std) == sizes
     assert cfg.batch_size == 2048 and cfg.noise_mode == "learned" and cfg.pred_emb_dim == 384
     assert (cfg.npred, cfg.enc_mask_scale, cfg.pred_mask_scale, cfg.aspect_ratio, cfg.min_keep) == (
         4, (0.85, 1.0), (0.15, 0.2), (0.75, 1.5), 10)
-    assert cfg.crop_scale == (0.3, 1.0) and not (cfg.hflip or cfg.color_jitter or cfg.gaussian_blur or cfg.grayscale)
-    assert (cfg.steps, cfg.warmup_epochs) == (0, 40)
-    assert (cfg.start_lr, cfg.lr, cfg.final_lr) == (2e-4, 1e-3, 1e-6)
+    assert cfg.crop_scale == (0.3, 1.0) and cfg.color_jitter == 0.0
+    assert (cfg.hflip, cfg.gaussian_blur, cfg.grayscale) == (augment,) * 3
+    assert cfg.steps == 0 and (cfg.warmup_epochs, cfg.start_lr, cfg.lr, cfg.final_lr) == schedule
     assert (cfg.weight_decay, cfg.final_weight_decay, cfg.ema_start, cfg.ema_end) == (0.04, 0.4, 0.996, 1.0)
     assert cfg.precision == "bf16"
 

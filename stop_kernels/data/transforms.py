@@ -1,7 +1,9 @@
 """I-JEPA image transforms (torchvision), as in the official ``make_transforms``.
 
 RandomResizedCrop to ``img_size`` with area scale ``crop_scale`` (0.3–1.0 in the paper's recipes),
-then the optional augmentations of the official code, each off in the I-JEPA / StoP recipes:
+then the optional augmentations of the official code (the official StoP configs turn on the flip, the blur and
+``use_color_distortion`` at jitter strength 0, which leaves its RandomGrayscale(0.2): ``hflip``, ``gaussian_blur``,
+``grayscale`` in ``configs/vit_{b16,l16,h14,h16}*.yaml``; the I-JEPA configs turn all off):
 
 * ``hflip``: RandomHorizontalFlip (p 0.5);
 * ``color_jitter`` = s > 0: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) applied with p 0.8 (the official

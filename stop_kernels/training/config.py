@@ -63,7 +63,7 @@ class TrainConfig:
     model: str = "vit_tiny"            # encoder preset: vit_tiny … vit_giant (aliases vit_t … vit_g)
     img_size: int = 64                 # input resolution (a multiple of patch_size)
     patch_size: int = 8                # patch side in pixels
-    pred_depth: int = 4                # predictor depth (12 in the paper's recipes, 16 in vit_g's)
+    pred_depth: int = 4                # predictor depth (12 in the paper's recipes, 6 in ViT-B's, 16 in vit_g's)
     pred_emb_dim: int = 192            # predictor width (384 in the paper's recipes)
     noise_mode: str = "learned"        # learned (StoP) | isotropic | none (plain I-JEPA)
     noise_std: float = 0.25            # σ of the StoP noise (0.2 for ViT-H)
