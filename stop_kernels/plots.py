@@ -289,6 +289,9 @@ def read_benchmarks(path: str) -> List[Dict[str, Any]]:
     """The ``benchmarks`` list of a pytest-benchmark JSON file (``--benchmark-json``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"bench: no such file: {path}")
+    if os.path.getsize(path) == 0:  # what `pytest benchmarks/ --benchmark-json` leaves where every benchmark skipped
+        raise ValueError(f"bench: {path} is empty: pytest-benchmark writes nothing when no benchmark ran (the "
+                         f"suites in benchmarks/ skip without CUDA)")
     data = chk.read_json(path, "bench")
     benches = data.get("benchmarks") if isinstance(data, dict) else None
     if not isinstance(benches, list):

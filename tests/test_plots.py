@@ -180,6 +180,9 @@ def test_bench_bad_inputs(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="is not JSON"):
         plots.plot_bench(str(bad), str(tmp_path / "x.png"))
+    bad.write_text("")  # what `pytest benchmarks/ --benchmark-json` leaves without CUDA (every benchmark skipped)
+    with pytest.raises(ValueError, match=r"bad\.json is empty: pytest-benchmark writes nothing when no benchmark ran"):
+        plots.main(["bench", str(bad), "--out", str(tmp_path / "x.png")])
     bad.write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(ValueError, match="holds no benchmark results"):
         plots.plot_bench(str(bad), str(tmp_path / "x.png"))
