@@ -7,12 +7,14 @@ Public API:
     stop_embed, assemble_predictor_input   fused StoP ops (noise generated in registers)
     attention, dispatch_attention          flash attention for the model's shapes, and the backend switch
     use_attention_backend, use_auto_policy force a backend / adjust what "auto" picks per head dim
+    get_attention_backend, set_attention_backend  read / set the default backend of dispatch_attention
     attention_qkv, dispatch_attention_qkv  the same over a packed [B, N, 3, H, Dh] QKV buffer (one dqkv written)
     reference                              pure-PyTorch twins of every op
     load_official_checkpoint               official I-JEPA / StoP checkpoints → project models
     save_official_checkpoint               project models → a checkpoint in the official layout
     trusted_device_indices                 skip the host-syncing index range checks in hot loops
     backends()                             which backends (reference, triton, cuda, xformers) are usable here
+    __version__                            the package version
 """
 from . import reference
 from ._checks import trusted_device_indices

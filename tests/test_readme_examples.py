@@ -43,3 +43,22 @@ def test_use_in_your_own_model_runs_as_written(tmp_path, monkeypatch):
     for a, b in ((names["m"].encoder, back.encoder), (names["m"].predictor, back.predictor)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_public_api_is_listed_and_documented():
+    """Every name of ``stop_kernels.__all__`` is in the package docstring's "Public API" list and has a docstring;
+    each op's states its math and the shape it returns."""
+    listing = stop_kernels.__doc__.split("Public API:", 1)[1]
+    listed = set(re.findall(r"[A-Za-z_]\w*", listing))
+    assert not set(stop_kernels.__all__) - listed, set(stop_kernels.__all__) - listed
+    for name in stop_kernels.__all__:
+        if name != "__version__":
+            assert (getattr(stop_kernels, name).__doc__ or "").strip(), name
+    math = {"stop_embed": "n·Wᵀ", "assemble_predictor_input": "[npred·B, Nc+Nt, D]", "attention": "softmax(",
+            "attention_qkv": ":func:`attention`", "dispatch_attention": "softmax(", "dispatch_attention_qkv": "softmax("}
+    shape = {"stop_embed": "[..., M, D]", "assemble_predictor_input": "[npred·B, Nc+Nt, D]",
+             "attention": "[B, N, H, Dh]", "attention_qkv": "returns ``[B, N, H, Dh]``",
+             "dispatch_attention": "→ ``[B, N, H, Dh]``", "dispatch_attention_qkv": "as ``[B, N, H, Dh]``"}
+    for name in math:
+        doc = getattr(stop_kernels, name).__doc__
+        assert math[name] in doc and shape[name] in doc, name

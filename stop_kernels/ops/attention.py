@@ -104,7 +104,7 @@ import contextlib
 import numbers
 import os
 from collections.abc import Mapping
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -1862,7 +1862,7 @@ def parse_auto_policy(text: str) -> Dict:
 
 
 @contextlib.contextmanager
-def use_auto_policy(overrides: Optional[Dict] = None) -> Iterator[None]:
+def use_auto_policy(overrides: Optional[Union[Dict, str]] = None) -> Iterator[None]:
     """Context manager: the current "auto" policy updated by ``overrides`` (a dict as for
     :func:`set_auto_policy`, or its text form, see :func:`parse_auto_policy`); restored on exit.
     ``None`` or empty: the policy is left as it is. The trainer wraps each step in it (config key
@@ -1944,7 +1944,9 @@ def _xformers(q, k, v, scale, cu_seqlens):
 def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
                        cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                        backend: Optional[str] = None) -> torch.Tensor:
-    """Attention for the models, layout ``[B, N, H, Dh]`` (or packed ``[T, H, Dh]`` with cu_seqlens).
+    """Attention for the models: non-causal ``softmax(scale · q kᵀ) v`` per (sequence, head), ``scale``
+    default ``Dh ** -0.5``; q, k, v ``[B, N, H, Dh]`` → ``[B, N, H, Dh]`` (or packed ``[T, H, Dh]`` →
+    ``[T, H, Dh]`` with cu_seqlens, each sequence attending to itself only), by the backend below.
 
     backend (None → the module default, see :func:`set_attention_backend`):
 
@@ -1993,7 +1995,8 @@ def dispatch_attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None,
                            cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                            backend: Optional[str] = None) -> torch.Tensor:
     """:func:`dispatch_attention` for a packed ``[B, N, 3, H, Dh]`` (``[T, 3, H, Dh]``) QKV buffer, as
-    the models' attention layers produce it. The Triton backend runs :func:`attention_qkv` (the
+    the models' attention layers produce it: ``softmax(scale · q kᵀ) v`` of its q, k, v slices, returned
+    as ``[B, N, H, Dh]`` (``[T, H, Dh]``). The Triton backend runs :func:`attention_qkv` (the
     gradient of ``qkv`` written in place of a stack); the others run on the q, k, v views."""
     q, k, v = _split_qkv(qkv, cu_seqlens is not None)
     chk.float_tensor("qkv", qkv)  # named here: the backends below check the q, k, v views and would say "q"
