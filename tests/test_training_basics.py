@@ -296,6 +296,15 @@ def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train, grad_accum):
     assert rest == full[2:]
 
 
+@pytest.mark.parametrize("mode, shown", [("none", "noise none (mask token)) on"), ("isotropic", "noise isotropic σ=0.5) on")])
+def test_start_line_shows_sigma_only_where_noise_is_drawn(tmp_path, cpu_train, capsys, mode, shown):
+    """noise_mode none (plain I-JEPA) draws no noise: the start line does not print a σ beside it."""
+    from stop_kernels.training.loop import train
+    train(tiny(tmp_path, steps=1, noise_mode=mode, noise_std=0.5))
+    start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("training "))
+    assert shown in start and start.count("σ") == (mode != "none"), start
+
+
 def test_benchmark_prints_one_json_line(tmp_path, cpu_train, capsys):
     from stop_kernels.training.loop import train
     train(tiny(tmp_path, benchmark=2, benchmark_warmup=1))

@@ -492,9 +492,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     metrics = MetricsLogger(cfg, info.device, info.world_size, is_main=info.is_main, resume_step=start_step,
                             stream=stream)
     metrics.skipped_images = skipped_before  # a cumulative count across resumes
+    # noise_mode none (the I-JEPA mask token) draws no noise: a σ beside it would read as if it did
+    noise = "none (mask token)" if cfg.noise_mode == "none" else f"{cfg.noise_mode} σ={cfg.noise_std}"
     _print(f"training {cfg.model} (img {cfg.img_size}, patch {cfg.patch_size}, {tr.n_params / 1e6:.1f}M trainable "
-           f"params; predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}; noise {cfg.noise_mode} "
-           f"σ={cfg.noise_std}) on {info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]"
+           f"params; predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}; noise {noise}) on {info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}]"
            f" for {total} steps ({ipe} per epoch), {batch_text(cfg, info.world_size)}, data {cfg.data}", info, stream)
 
     losses: List[float] = []
