@@ -43,6 +43,45 @@ def test_wd_and_momentum():
     assert momentum_at(50, total=100, start=0.996, end=1.0) == pytest.approx(0.998)
 
 
+def test_held_schedules_follow_the_official_fix_thres_const_strategy():
+    """lr_hold / wd_hold are the official StoP schedulers' fix_lr_thres / fix_wd_thres with strategy 'const'
+    (ViT-H configs: 250 of 300 epochs): after ``hold`` calls of ``.step()`` each value stays at the cosine's value
+    at ``hold``. Checked at every step against those schedulers' rule, stepped as the official loop steps them."""
+    total, warmup, hold = 120, 10, 100
+
+    def official_lr(s):  # WarmupCosineSchedule.step() for the s-th time
+        if s < warmup:
+            return 2e-4 + s / warmup * (1e-3 - 2e-4)
+        p = (min(s, hold) - warmup) / (total - warmup)
+        return max(1e-6, 1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * p)))
+
+    def official_wd(s):  # CosineWDSchedule.step() for the s-th time
+        return min(0.4, 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * min(s, hold) / total)))
+    kw = dict(warmup=warmup, total=total, start_lr=2e-4, ref_lr=1e-3, final_lr=1e-6)
+    for i in range(total):
+        assert lr_at(i, hold=hold, **kw) == pytest.approx(official_lr(i + 1), rel=1e-12), i
+        assert wd_at(i, total=total, ref_wd=0.04, final_wd=0.4, hold=hold) == pytest.approx(official_wd(i + 1),
+                                                                                          rel=1e-12), i
+    assert lr_at(hold - 2, hold=hold, **kw) > lr_at(hold - 1, hold=hold, **kw) == lr_at(total - 1, hold=hold, **kw)
+    assert lr_at(total - 1, hold=hold, **kw) > 2 * lr_at(total - 1, **kw)  # held well above where the cosine ends
+    assert all(lr_at(i, hold=0, **kw) == lr_at(i, **kw) for i in range(total))  # 0: no hold
+
+
+def test_hold_epochs_in_steps_and_their_checks():
+    from stop_kernels.training.loop import schedule_lengths
+    # ViT-H/14 recipe on 1251 iterations per epoch: holds at 250 epochs, as the official thres · ipe
+    cfg = parse_config(["--model", "vit_h"])
+    assert (cfg.lr_hold_epoch, cfg.wd_hold_epoch) == (250, 250)
+    assert schedule_lengths(cfg, 1251) == (375300, 50040, 312750, 312750)
+    # with steps set, the same fraction of the steps as the epochs
+    assert schedule_lengths(TrainConfig(steps=60, epochs=3, lr_hold_epoch=1.5), 5)[2] == 30
+    for argv, key in ((["--lr-hold-epoch", "2", "--epochs", "1"], "lr_hold_epoch"),
+                      (["--wd-hold-epoch", "-1"], "wd_hold_epoch"),
+                      (["--lr-hold-epoch", "0.05", "--warmup-epochs", "0.1"], "lr_hold_epoch")):
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            parse_config(argv)
+
+
 def test_schedule_shapes_between_their_ends_and_midpoints():
     """The checks above sit at the ends and at the midpoint, where a cosine and a straight line agree: a linear
     lr decay, a linear weight-decay schedule or a cosine EMA momentum passed them. At a quarter and at three
@@ -187,6 +226,8 @@ def test_shipped_configs_parse(name):
     assert (cfg.hflip, cfg.gaussian_blur, cfg.grayscale) == (augment,) * 3
     assert cfg.steps == 0 and (cfg.warmup_epochs, cfg.start_lr, cfg.lr, cfg.final_lr) == schedule
     assert (cfg.weight_decay, cfg.final_weight_decay, cfg.ema_start, cfg.ema_end) == (0.04, 0.4, 0.996, 1.0)
+    # official ViT-H/14 and ViT-H/16: fix_lr_thres = fix_wd_thres = 250 ('const'); no hold elsewhere
+    assert (cfg.lr_hold_epoch, cfg.wd_hold_epoch) == ((250, 250) if name.startswith("vit_h") else (0, 0))
     assert cfg.precision == "bf16"
 
 
@@ -385,8 +426,8 @@ def test_readme_lists_every_config_key_with_its_default():
 def test_epoch_based_warmup_is_truncated_as_the_official_schedule_does():
     from stop_kernels.training.loop import schedule_lengths
     cfg = TrainConfig(steps=0, epochs=3, warmup_epochs=0.7)
-    assert schedule_lengths(cfg, 5) == (15, 3)       # int(0.7 * 5) = 3; round() gave 4
-    assert schedule_lengths(TrainConfig(steps=0, epochs=300, warmup_epochs=40), 1251) == (375300, 50040)
+    assert schedule_lengths(cfg, 5)[:2] == (15, 3)       # int(0.7 * 5) = 3; round() gave 4
+    assert schedule_lengths(TrainConfig(steps=0, epochs=300, warmup_epochs=40), 1251)[:2] == (375300, 50040)
 
 
 def test_step_applies_adamw_with_the_schedule_then_the_ema(tmp_path, cpu_train):

@@ -94,6 +94,8 @@ class TrainConfig:
     final_lr: float = 1e-6             # learning rate at the end of the cosine
     weight_decay: float = 0.04         # weight decay at the start (cosine schedule)
     final_weight_decay: float = 0.4    # weight decay at the end
+    lr_hold_epoch: float = 0.0         # > 0: from this epoch on the lr stays at the cosine's value there (official StoP ViT-H: 250)
+    wd_hold_epoch: float = 0.0         # > 0: the same for the weight decay
     ema_start: float = 0.996           # EMA momentum of the target encoder at the start (linear schedule)
     ema_end: float = 1.0               # EMA momentum at the end
     # ---- parallelism and speed --------------------------------------------------------------
@@ -239,12 +241,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: expected an integer >= 0, got {getattr(cfg, key)!r}")
     for key in ("noise_std", "warmup_epochs", "start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay",
-                "color_jitter"):
+                "color_jitter", "lr_hold_epoch", "wd_hold_epoch"):
         if not getattr(cfg, key) >= 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {getattr(cfg, key)!r}")
     if cfg.warmup_epochs > cfg.epochs:
         raise ConfigError(f"warmup_epochs: {cfg.warmup_epochs} is longer than the run's {cfg.epochs} epochs (the "
                           f"learning rate would never reach lr nor decay); lower it with the epochs")
+    for key in ("lr_hold_epoch", "wd_hold_epoch"):
+        if getattr(cfg, key) > cfg.epochs:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} is past the run's {cfg.epochs} epochs (0 turns the hold off)")
+    if 0 < cfg.lr_hold_epoch < cfg.warmup_epochs:
+        raise ConfigError(f"lr_hold_epoch: {cfg.lr_hold_epoch} falls inside the warm-up ({cfg.warmup_epochs} epochs); "
+                          f"the learning rate is held on its cosine, after the warm-up")
     if cfg.color_jitter > 2.5:
         raise ConfigError(f"color_jitter: expected a value in [0, 2.5] (the hue jitter 0.2·s must stay <= 0.5), got "
                           f"{cfg.color_jitter!r}")

@@ -143,19 +143,25 @@ def build_optimizer(models: JEPAModels, cfg: TrainConfig, device: torch.device) 
     return torch.optim.AdamW(param_groups(models.encoder, models.predictor, skip=unused), lr=cfg.start_lr, **kw)
 
 
-def schedule_lengths(cfg: TrainConfig, iters_per_epoch: int):
-    """``(total_steps, warmup_steps)``: ``steps`` if set, else ``epochs × iters_per_epoch``."""
+def schedule_lengths(cfg: TrainConfig, iters_per_epoch: int) -> Tuple[int, int, int, int]:
+    """``(total_steps, warmup_steps, lr_hold_step, wd_hold_step)``: ``steps`` if set, else ``epochs ×
+    iters_per_epoch``; the other three are ``warmup_epochs``, ``lr_hold_epoch``, ``wd_hold_epoch`` in steps
+    (0: no hold), as fractions of ``steps`` when it is set."""
     total = cfg.steps or cfg.epochs * iters_per_epoch
-    if cfg.steps:
-        warmup = round(total * cfg.warmup_epochs / max(cfg.epochs, 1))
-    else:  # the official WarmupCosineSchedule(warmup_steps=int(warmup * ipe), ...): truncated, not rounded
-        warmup = int(cfg.warmup_epochs * iters_per_epoch)
-    return total, warmup
+
+    def in_steps(epochs: float) -> int:
+        if cfg.steps:
+            return round(total * epochs / max(cfg.epochs, 1))
+        # the official schedules' int(warmup * ipe) (truncated, not rounded); the holds are whole epochs there
+        return int(epochs * iters_per_epoch)
+    return total, in_steps(cfg.warmup_epochs), in_steps(cfg.lr_hold_epoch), in_steps(cfg.wd_hold_epoch)
 
 
-def set_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int):
-    lr = lr_at(step, warmup=warmup, total=total, start_lr=cfg.start_lr, ref_lr=cfg.lr, final_lr=cfg.final_lr)
-    wd = wd_at(step, total=total, ref_wd=cfg.weight_decay, final_wd=cfg.final_weight_decay)
+def set_schedules(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, total: int, warmup: int,
+                  lr_hold: int = 0, wd_hold: int = 0):
+    lr = lr_at(step, warmup=warmup, total=total, start_lr=cfg.start_lr, ref_lr=cfg.lr, final_lr=cfg.final_lr,
+               hold=lr_hold)
+    wd = wd_at(step, total=total, ref_wd=cfg.weight_decay, final_wd=cfg.final_weight_decay, hold=wd_hold)
     for g in opt.param_groups:
         g["lr"] = lr
         if not g.get("WD_exclude", False):
@@ -447,7 +453,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     data = _on_every_rank(lambda c: TrainData(c, rank=info.rank, world_size=info.world_size,
                                               pin_memory=c.pin_memory and info.device.type == "cuda"), cfg, info)
     ipe = data.iters_per_epoch
-    total, warmup = schedule_lengths(cfg, ipe)
+    total, warmup, lr_hold, wd_hold = schedule_lengths(cfg, ipe)
     tr = Trainer(cfg, info, data, stream)
     ckpt = tr.checkpointer
 
@@ -546,7 +552,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                     break
                 t_begin = time.perf_counter()
                 micro = [tr.to_device(*batch) for batch in micro]
-                sched = set_schedules(tr.opt, cfg, step, total, warmup)
+                sched = set_schedules(tr.opt, cfg, step, total, warmup, lr_hold, wd_hold)
                 stats = tr.step_micro(micro, sched, skipped)
                 if pending is not None:
                     finish(pending)

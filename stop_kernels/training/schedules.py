@@ -8,18 +8,28 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, *, warmup: int, total: int, start_lr: float, ref_lr: float, final_lr: float) -> float:
-    """Linear warm-up from ``start_lr`` to ``ref_lr`` over ``warmup`` steps, then cosine to ``final_lr``."""
+def lr_at(step: int, *, warmup: int, total: int, start_lr: float, ref_lr: float, final_lr: float,
+          hold: int = 0) -> float:
+    """Linear warm-up from ``start_lr`` to ``ref_lr`` over ``warmup`` steps, then cosine to ``final_lr``.
+
+    ``hold`` > 0: from step count ``hold`` on, the learning rate stays at the cosine's value there (the
+    official StoP schedule's ``fix_lr_thres`` with ``fix_lr_strategy: const``, in steps)."""
     s = step + 1
     if s < warmup:
         return start_lr + s / max(1, warmup) * (ref_lr - start_lr)
+    if 0 < hold <= s:
+        s = hold
     progress = (s - warmup) / max(1, total - warmup)
     return max(final_lr, final_lr + (ref_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def wd_at(step: int, *, total: int, ref_wd: float, final_wd: float) -> float:
-    """Cosine from ``ref_wd`` to ``final_wd`` (clamped at ``final_wd``)."""
-    progress = (step + 1) / max(1, total)
+def wd_at(step: int, *, total: int, ref_wd: float, final_wd: float, hold: int = 0) -> float:
+    """Cosine from ``ref_wd`` to ``final_wd`` (clamped at ``final_wd``); ``hold`` > 0: constant from step count
+    ``hold`` on, at the cosine's value there (the official StoP ``fix_wd_thres`` with ``const``)."""
+    s = step + 1
+    if 0 < hold <= s:
+        s = hold
+    progress = s / max(1, total)
     wd = final_wd + (ref_wd - final_wd) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return max(final_wd, wd) if final_wd <= ref_wd else min(final_wd, wd)
 
