@@ -779,6 +779,9 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
     many as fit by registers and shared memory (ptxas, sm_90a: 128x128 with 8 warps 170 registers at
     Dh 24 and 226 at Dh 80, one CTA per SM; 64x128 with 4 warps 219 registers, two; 64x64 96, five).
     Register use checked offline with ptxas for sm_90a (no spills for these: tests/test_ptxas_report.py).
+    At head dim 128 (one 128-wide chunk; lists are keyed by the padded width, so it shares head dim 80's)
+    the default c(128, 32, 4, 3) for N > 128 spills 24–28 B (bf16, triton 3.6 and 3.8; with 3.6 also the
+    one-tile c(128, 128, 8, 2), 64 B): known spills of benchmarks/compile_check.py.
     """
     def c(bm, bn, w, st=1, heads=1, persist=0):
         d = dict(BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st, HEADS=heads)
@@ -831,10 +834,15 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List
 
     def split(bm, bn, w, st=2):
         return dict(VARIANT="split", BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st)
-    # no candidate spills registers at the model's shapes (ptxas, sm_90a, head dim split in chunks:
+    # no candidate spills registers at the ViT-H/14 shapes (ptxas, sm_90a, head dim split in chunks:
     # `benchmarks/ptxas_report.py`, kept so by tests/test_ptxas_report.py); fused(32, 4) at N <= 128,
     # fused(16, 4) at N <= 256 and split(32, 64, 4) / split(64, 32, 4) at head dim 80 did (20–380 B);
-    # split(128, 64, 8) at head dim 80 does too, split(64, 128, 8) does not
+    # split(128, 64, 8) at head dim 80 does too, split(64, 128, 8) does not. Other head dims (every list:
+    # benchmarks/compile_check.py, tests/test_compile_check.py) spill a few bytes (triton 3.8, bf16):
+    # fused(16, 8) at head dim 64 and N <= 256 (12 B), and at head dim 128 split(64, 64, 4) at N <= 128
+    # and split(64, 128, 8) (32–68 B, dK/dV); with triton 3.6 (the GPU image's) also the default
+    # split(64, 64, 4) dK/dV at head dim 88 = 64 + 32 and N <= 256 (the ViT-g encoder's, 24 B). Listed
+    # there as known spills; not yet timed on a GPU
     width = block_d if width is None else width
     if block_d <= 32 and bucket <= 64:
         cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4), fused(64, 4, 2, persist=2)]
