@@ -93,6 +93,55 @@ def test_fsdp2_gradient_accumulation_resumes_bitwise(tmp_path):
     assert [r["step"] for r in resumed] == [0, 1, 2, 3] and [r["loss"] for r in resumed] == full
 
 
+def test_logged_tokens_and_flops_count_every_ranks_masks(tmp_path):
+    """Each rank draws masks of its own: a step's logged ctx_tokens / tgt_tokens are the means per image over
+    every rank's micro-batches, and its TFLOP/s and MFU count every rank's micro-batches at their own mask
+    lengths. They were rank 0's alone (rank 0's lengths charged for the whole global batch)."""
+    from stop_kernels.data.datasets import TrainData
+    from stop_kernels.models.packing import mean_tokens
+    from stop_kernels.training.metrics import step_flops
+    out, over = tmp_path / "run", dict(steps=4, ckpt_every=0, grad_accum=2)
+    run(out, **over)
+    cfg = parse_config(tiny_args(**dict(COMMON, out=str(out), **over)))
+    recs = read_log(out)
+    per_rank = [[micro for micro, _ in TrainData(cfg, rank=r, world_size=2).steps(0)][:len(recs)] for r in (0, 1)]
+    assert len(recs) == 4 and all(len(s) == 4 for s in per_rank)
+
+    def tokens(micro, which):
+        return sum(m[0].shape[0] * mean_tokens(m[which]) for m in micro) / sum(m[0].shape[0] for m in micro)
+    ranks_differ, timed = 0, 0
+    for rec, mine, theirs in zip(recs, *per_rank):
+        both = mine + theirs
+        assert rec["ctx_tokens"] == pytest.approx(tokens(both, 1)) and rec["tgt_tokens"] == pytest.approx(tokens(both, 2))
+        ranks_differ += (tokens(mine, 1), tokens(mine, 2)) != (tokens(theirs, 1), tokens(theirs, 2))
+        if rec["step_time_s"] is not None:
+            timed += 1
+            flops = sum(step_flops(cfg, m[0].shape[0], mean_tokens(m[1]), mean_tokens(m[2])) for m in both)
+            assert rec["tflops"] * 1e12 * rec["step_time_s"] == pytest.approx(flops, rel=1e-6)
+            assert rec["mfu"] == pytest.approx(flops / rec["step_time_s"] / (2 * cfg.peak_tflops * 1e12), rel=1e-6)
+    assert ranks_differ and timed == 3  # the ranks' masks differ at some step: rank 0's alone fail the check
+
+
+def test_benchmark_counts_every_ranks_masks(tmp_path):
+    """--benchmark on 2 ranks: its TFLOP/s (read back through the MFU, at a peak that keeps 4 decimals
+    meaningful) and mean token counts cover both ranks' mask batches, not rank 0's times the world size."""
+    import json
+    from stop_kernels.models.packing import mean_tokens
+    from stop_kernels.training.loop import synthetic_batches
+    from stop_kernels.training.metrics import step_flops
+    over = dict(benchmark=2, benchmark_warmup=1, benchmark_batches=1, peak_tflops=1e-5, seed=8)
+    run(tmp_path, **over)
+    res = json.loads((tmp_path / "benchmark.json").read_text())
+    cfg = parse_config(tiny_args(**dict(COMMON, out=str(tmp_path), **over)))
+    per_rank = [synthetic_batches(cfg, 1, 4, torch.device("cpu"), cfg.seed + 7919 * r)[0] for r in (0, 1)]
+    ctx, tgt = ([mean_tokens(b[i]) for b in per_rank] for i in (1, 2))
+    assert (ctx[0], tgt[0]) != (ctx[1], tgt[1])  # the ranks' masks differ: rank 0's alone fail the check
+    assert res["mean_ctx_tokens"] == round(sum(ctx) / 2, 1) and res["mean_tgt_tokens"] == round(sum(tgt) / 2, 1)
+    flops = sum(step_flops(cfg, 4, c, t) for c, t in zip(ctx, tgt))
+    measured = res["mfu"] * 2 * cfg.peak_tflops * 1e12 * res["ms_per_step"] / 1000
+    assert measured == pytest.approx(flops, rel=1e-3), (res, flops)
+
+
 def _run_with_cwd_per_rank(tmp_path, cwds, *args):
     """torchrun on 2 CPU ranks, each in its own working directory (as two nodes that see different files), with a
     collective timeout short enough that a rank waiting for a stopped one fails this test instead of hanging it."""

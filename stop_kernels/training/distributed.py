@@ -205,3 +205,12 @@ def all_reduce_int(value: int, info: DistInfo) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=info.device)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def all_reduce_sum(values, info: DistInfo) -> list:
+    """Element-wise sums over ranks of a list of host numbers, as float64 (host values; synchronises)."""
+    if not info.distributed or info.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -253,7 +253,7 @@ class Trainer:
         (:func:`micro_batches`, keeping the batch's masks) and run by :meth:`step_micro`."""
         return self.step_micro(micro_batches(imgs, masks_enc, masks_pred, self.cfg.grad_accum), lr_wd_mom, skipped)
 
-    def step_micro(self, micro, lr_wd_mom, skipped: int = 0) -> torch.Tensor:
+    def step_micro(self, micro, lr_wd_mom, skipped: int = 0, summed: Sequence[float] = ()) -> torch.Tensor:
         """Forward and backward of each micro-batch ``(imgs, masks_enc, masks_pred)`` in ``micro``, then
         AdamW and the EMA.
 
@@ -262,8 +262,9 @@ class Trainer:
         one micro-batch on each of N·k ranks. Each loss is scaled by 1/k before its backward, so the
         gradients add up to that mean's. Under FSDP2 they are reduced once, after the last micro-batch.
 
-        Returns ``[loss averaged over ranks, unreadable images skipped on all ranks]`` as one float32
-        tensor still on the device (one asynchronous all-reduce; the caller reads it later).
+        Returns ``[loss averaged over ranks, unreadable images skipped on all ranks, *summed]`` as one
+        float64 tensor still on the device, each of ``summed`` (host values of this rank, such as
+        :func:`step_counts`) summed over ranks: one asynchronous all-reduce; the caller reads it later.
         """
         _, _, momentum = lr_wd_mom
         k = len(micro)
@@ -284,7 +285,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         ema_update(self.ema_target, self.ema_online, momentum)
         W = self.info.world_size
-        stats = torch.stack([loss.detach().float(), loss.new_full((), float(skipped), dtype=torch.float32)])
+        # float64: the summed counts (tokens, FLOPs) stay exact integers far beyond float32's 2**24
+        stats = torch.stack([loss.detach().double()] + [loss.new_full((), float(v), dtype=torch.float64)
+                                                        for v in (skipped, *summed)])
         if self.info.distributed and W > 1:
             torch.distributed.all_reduce(stats)
             stats[0].div_(W)
@@ -330,9 +333,16 @@ def micro_batches(imgs, masks_enc, masks_pred, parts: int):
             for s in (slice(i * size, (i + 1) * size) for i in range(parts))]
 
 
-def step_tokens(micro) -> Tuple[float, float]:
-    """Mean context and target tokens per image over a step's micro-batches (of equal image counts)."""
-    return (sum(mean_tokens(b[1]) for b in micro) / len(micro), sum(mean_tokens(b[2]) for b in micro) / len(micro))
+def step_counts(cfg: TrainConfig, micro) -> Tuple[float, float, float]:
+    """``(context tokens, target tokens, matmul FLOPs)`` of one rank's step: over its micro-batches ``(imgs,
+    masks_enc, masks_pred)``, Σ images × mean tokens per image (:func:`mean_tokens`) and Σ :func:`step_flops` of
+    each micro-batch at its own mask lengths. Read from the masks' shapes: no host synchronisation. The ranks'
+    masks differ, so a job's totals are these summed over ranks (divide the tokens by the images for means)."""
+    ctx = tgt = flops = 0.0
+    for imgs, masks_enc, masks_pred in micro:
+        b, n_ctx, n_tgt = imgs.shape[0], mean_tokens(masks_enc), mean_tokens(masks_pred)
+        ctx, tgt, flops = ctx + b * n_ctx, tgt + b * n_tgt, flops + step_flops(cfg, b, n_ctx, n_tgt)
+    return ctx, tgt, flops
 
 
 def batch_text(cfg: TrainConfig, world_size: int) -> str:
@@ -506,12 +516,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
     losses: List[float] = []
     last_saved = start_step if cfg.resume and start_step > 0 else -1
-    # (step, epoch, stats tensor, lr, wd, mom, n_ctx, n_tgt, time the step was queued)
+    # (step, epoch, stats tensor, lr, wd, mom, time the step was queued)
     pending = None
 
     def finish(p) -> None:
-        step, epoch, stats, lr, wd, mom, n_ctx, n_tgt, t_done = p
-        value, skipped = stats.tolist()
+        step, epoch, stats, lr, wd, mom, t_done = p
+        value, skipped, ctx_tokens, tgt_tokens, flops = stats.tolist()  # (the counts of every rank: step_counts)
         metrics.skipped_images += int(round(skipped))
         if not math.isfinite(value):
             good = ckpt.latest()
@@ -520,7 +530,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 + (f"The last good checkpoint is {good} (continue with --resume, e.g. after lowering --lr)."
                    if good else "No checkpoint was written before it."))
         losses.append(value)
-        metrics.record(step, epoch, value, lr, wd, mom, n_ctx, n_tgt, cfg.batch_size, total, t_done)
+        metrics.record(step, epoch, value, lr, wd, mom, ctx_tokens / cfg.batch_size, tgt_tokens / cfg.batch_size,
+                       cfg.batch_size, total, t_done, flops=flops)
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -553,7 +564,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 t_begin = time.perf_counter()
                 micro = [tr.to_device(*batch) for batch in micro]
                 sched = set_schedules(tr.opt, cfg, step, total, warmup, lr_hold, wd_hold)
-                stats = tr.step_micro(micro, sched, skipped)
+                # this rank's tokens and FLOPs, summed over ranks with the loss (the ranks' masks differ)
+                stats = tr.step_micro(micro, sched, skipped, step_counts(cfg, micro))
                 if pending is not None:
                     finish(pending)
                 # a step's time stamp: when it was queued, i.e. in steady state when the step before it
@@ -561,7 +573,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 # it, so it is stamped when its own work began and logged untimed (MetricsLogger.start_clock).
                 # On the CPU every step runs to its end before the next line: stamps mark step ends, the
                 # restarted step's included (its begin would give the next step two steps' time)
-                pending = (step, epoch, stats, *sched, *step_tokens(micro),
+                pending = (step, epoch, stats, *sched,
                            t_begin if restarted and asynchronous else time.perf_counter())
                 restarted = False
                 step += 1
@@ -672,9 +684,10 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     k = cfg.grad_accum  # each step: k micro-batches with masks of their own, as training loads them
     micro = synthetic_batches(cfg, pool * k, local // k, info.device, cfg.seed + 7919 * info.rank)
     steps = [micro[j * k:(j + 1) * k] for j in range(pool)]
-    # matmul FLOPs of each pooled step, counted here: the timed loop only queues steps
-    pool_flops = [sum(step_flops(cfg, local // k, mean_tokens(me), mean_tokens(mp)) for _, me, mp in m)
-                  * info.world_size for m in steps]
+    # (context tokens, target tokens, matmul FLOPs) of each pooled step on every rank (their masks differ),
+    # counted here: the timed loop only queues steps
+    summed = D.all_reduce_sum([c for m in steps for c in step_counts(cfg, m)], info)
+    pool_counts = [summed[3 * j:3 * j + 3] for j in range(pool)]
     steps = [steps[i % pool] for i in range(warm + n)]
     total = warm + n
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
@@ -696,7 +709,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     for i in range(warm, total):
         set_schedules(tr.opt, cfg, i, total, 0)
         losses.append(tr.step_micro(steps[i], sched))
-        flops += pool_flops[i % pool]
+        flops += pool_counts[i % pool][2]
     _sync(info.device)
     D.barrier(info)
     dt = time.perf_counter() - t0
@@ -704,8 +717,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     ms = 1000.0 * dt / max(n, 1)
     tflops = flops / dt / 1e12
     mem = peak_memory_gib(info.device)
-    n_ctx = sum(step_tokens(m)[0] for m in steps[warm:]) / max(n, 1)
-    n_tgt = sum(step_tokens(m)[1] for m in steps[warm:]) / max(n, 1)
+    n_ctx, n_tgt = (sum(pool_counts[i % pool][c] for i in range(warm, total)) / max(n * cfg.batch_size, 1)
+                    for c in (0, 1))
     result = {
         "model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch": cfg.batch_size,
         "grad_accum": cfg.grad_accum,

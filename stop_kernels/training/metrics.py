@@ -108,9 +108,14 @@ class MetricsLogger:
         self._t_last = None
 
     def record(self, step: int, epoch: int, loss: float, lr: float, wd: float, momentum: float,
-               n_ctx: int, n_tgt: int, batch: int, total_steps: int, t_done: Optional[float] = None) -> Dict[str, Any]:
+               n_ctx: float, n_tgt: float, batch: int, total_steps: int, t_done: Optional[float] = None, *,
+               flops: Optional[float] = None) -> Dict[str, Any]:
         """Log one finished step (``batch`` is the global batch) and return its record.
 
+        ``n_ctx`` / ``n_tgt``: mean context / target tokens per image over the global batch (every rank's).
+        ``flops``: the step's matmul FLOPs on all ranks together (the training loop sums each rank's
+        micro-batches at their own mask lengths: :func:`stop_kernels.training.loop.step_counts`); None:
+        ``step_flops(batch, n_ctx, n_tgt)``, as if every image had the mean lengths.
         ``t_done``: host time when the step was queued (the loop reads each loss one step later, so
         the interval between queue times is the step time in steady state); now when None.
         """
@@ -118,7 +123,8 @@ class MetricsLogger:
         dt = now - (self._t_last if self._t_last is not None else now)
         self._t_last = now
         self.images += batch
-        flops = step_flops(self.cfg, batch, n_ctx, n_tgt)
+        if flops is None:
+            flops = step_flops(self.cfg, batch, n_ctx, n_tgt)
         rec: Dict[str, Any] = {
             "step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd, "momentum": momentum,
             "images_per_s": batch / dt if dt > 0 else None,
