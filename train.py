@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 
+from stop_kernels.training.checkpoint import CheckpointError
 from stop_kernels.training.config import ConfigError, parse_config
 from stop_kernels.training.loop import TrainingDiverged, TrainingOutOfMemory, train
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"train.py: training diverged: {e}", file=sys.stderr, flush=True)
         return 1
-    except TrainingOutOfMemory as e:
+    except (TrainingOutOfMemory, CheckpointError) as e:
         print(f"train.py: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

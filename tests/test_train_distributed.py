@@ -142,19 +142,59 @@ def test_benchmark_counts_every_ranks_masks(tmp_path):
     assert measured == pytest.approx(flops, rel=1e-3), (res, flops)
 
 
-def _run_with_cwd_per_rank(tmp_path, cwds, *args):
-    """torchrun on 2 CPU ranks, each in its own working directory (as two nodes that see different files), with a
-    collective timeout short enough that a rank waiting for a stopped one fails this test instead of hanging it."""
-    wrapper = tmp_path / "per_rank_cwd.py"
-    wrapper.write_text("import os, runpy, sys\n"
-                       "os.chdir(sys.argv.pop(1).split(',')[int(os.environ['RANK'])])\n"
-                       f"sys.argv[0] = {str(REPO / 'train.py')!r}\n"
+def _run_with_prelude(tmp_path, prelude, *args):
+    """torchrun on 2 CPU ranks, each running the Python ``prelude`` (which may read ``os.environ['RANK']``) before
+    train.py, with a collective timeout short enough that a rank waiting for a stopped one fails this test instead
+    of hanging it."""
+    wrapper = tmp_path / "prelude.py"
+    wrapper.write_text(f"import os, runpy, sys\n{prelude}\nsys.argv[0] = {str(REPO / 'train.py')!r}\n"
                        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     cmd = torchrun_cmd(2, free_port(), *args)
     cmd[cmd.index(str(REPO / "train.py"))] = str(wrapper)
-    cmd.insert(cmd.index(str(wrapper)) + 1, ",".join(str(c) for c in cwds))
     env = dict(subprocess_env(), STOP_KERNELS_DIST_TIMEOUT_MIN="1")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def _run_with_cwd_per_rank(tmp_path, cwds, *args):
+    """torchrun on 2 CPU ranks, each in its own working directory (as two nodes that see different files)."""
+    return _run_with_prelude(tmp_path, f"os.chdir({[str(c) for c in cwds]!r}[int(os.environ['RANK'])])", *args)
+
+
+# on one rank, the second call of a checkpoint module function raises a full disk's error
+_FAIL_SECOND_CALL = """
+if os.environ["RANK"] == "{rank}":
+    import errno
+    import stop_kernels.training.checkpoint as C
+    real, calls = C.{name}, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+    C.{name} = failing
+"""
+
+
+@pytest.mark.parametrize("rank, name, what", [(1, "rng_state", "writing {tmp}/rng_rank1.pt"),
+                                              (0, "write_json_atomic", "publishing {final}")])
+def test_a_save_that_fails_on_one_rank_stops_every_rank(tmp_path, rank, name, what):
+    """The second checkpoint fails on one rank only (a full disk while rank 1 writes its RNG file, or while the
+    main rank writes meta.json): every rank stops with the same error naming the file and the rank, and the
+    first checkpoint stays the newest complete one. The failing rank used to raise alone while the others
+    waited for it in the save's next barrier (a crash of the peers, or a hang for the collective timeout)."""
+    out = tmp_path / "run"
+    proc = _run_with_prelude(tmp_path, _FAIL_SECOND_CALL.format(rank=rank, name=name),
+                             *tiny_args(**dict(COMMON, out=str(out), steps=4, ckpt_every=2)))
+    text = proc.stdout + proc.stderr
+    folder = out / "checkpoints"
+    what = what.format(tmp=folder / ".tmp-step_00000004", final=folder / "step_00000004")
+    assert proc.returncode != 0
+    assert text.count(f"train.py: checkpoint: saving step 4 into {folder} failed") == 2, text[-4000:]
+    assert text.count(f"{what}: OSError: [Errno 28] No space left on device (on rank {rank} of 2)") == 2, text[-4000:]
+    assert "Connection closed by peer" not in text and "checkpoint.py\", line" not in text, text[-4000:]  # no rank's trace
+    assert sorted(os.listdir(folder)) == ["step_00000002"]  # no partial .tmp- folder left
+    assert {"meta.json", ".metadata", "rng_rank0.pt", "rng_rank1.pt"} <= set(os.listdir(folder / "step_00000002"))
 
 
 @pytest.mark.parametrize("key", ["data", "init_from"])

@@ -9,7 +9,8 @@ Layout under ``<out>/checkpoints/``::
     .tmp-step_00002000/       a checkpoint being written (ignored by resume, removed by the next save)
     .tmp-deleted-step_…/      an old checkpoint being deleted (renamed first, so never half a step_*)
 
-Atomicity: every rank writes into the ``.tmp-`` folder; after a barrier rank 0 writes ``meta.json``,
+Atomicity: every rank writes into the ``.tmp-`` folder; once every rank's writes succeeded (the ranks
+agree on each stage's outcome, so a failure on one rank raises on all) rank 0 writes ``meta.json``,
 fsyncs, and renames the folder to its final name (``os.rename`` of a directory is atomic on POSIX
 filesystems), then fsyncs the parent. A job killed at any point therefore leaves either the old set
 of complete checkpoints or the old set plus the new one, never a half-written ``step_*``. Old
@@ -40,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from .._checks import write_atomic, write_json_atomic
-from .distributed import DistInfo, agree, barrier, broadcast_object
+from .distributed import DistInfo, agree, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,10 @@ def out_lock(out: str, info: DistInfo):
             fh.close()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; raised on every rank alike, the message names what failed and where."""
+
+
 class Checkpointer:
     """Save / find / load checkpoints of one run (see the module docstring)."""
 
@@ -199,40 +204,68 @@ class Checkpointer:
         info = self.info
         final = os.path.join(self.folder, step_dirname(step))
         tmp = os.path.join(self.folder, _TMP_PREFIX + step_dirname(step))
+        # Each stage may fail on some ranks only (a full disk or a permission on one node, the main rank's own
+        # files): the ranks agree on its outcome (distributed.agree, in place of a barrier) and all raise the
+        # same CheckpointError, instead of the others waiting for a stopped rank in the next collective
+        # (what failed, its exception) of this rank's current stage, None while all went well
+        failed: Optional[Tuple[str, BaseException]] = None
         if info.is_main:
-            os.makedirs(self.folder, exist_ok=True)
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-            os.makedirs(tmp)
-        barrier(info)
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                if os.path.exists(tmp):
+                    shutil.rmtree(tmp)
+                os.makedirs(tmp)
+            except OSError as e:
+                failed = (f"creating {tmp}: ", e)
+        self._agree_or_raise(step, tmp, failed)
+        rng_file = os.path.join(tmp, f"rng_rank{info.rank}.pt")
         try:
-            with _quiet_single_process():
+            with _quiet_single_process():  # collective: DCP raises a failure of any rank on every rank
                 dcp.save(_dcp_state(container, optimizer), checkpoint_id=tmp)
-            with open(os.path.join(tmp, f"rng_rank{info.rank}.pt"), "wb") as fh:  # synced like the shards
-                torch.save(rng_state(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
         except Exception as e:  # e.g. a full disk: DCP reports it as "unexpected pos …", naming no cause
-            raise self._save_failed(step, tmp, e) from e
-        barrier(info)
+            failed = ("", e)
+        else:
+            try:
+                with open(rng_file, "wb") as fh:  # synced like the shards
+                    torch.save(rng_state(), fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except Exception as e:  # this rank's alone, named: a failed write names no file
+                failed = (f"writing {rng_file}: ", e)
+        self._agree_or_raise(step, tmp, failed)
         if info.is_main:
-            self._finalize(tmp, final, dict(meta, step=step, world_size=info.world_size))
-            self.prune()
-        barrier(info)
+            try:
+                self._finalize(tmp, final, dict(meta, step=step, world_size=info.world_size))
+            except OSError as e:
+                failed = (f"publishing {final}: ", e)
+            else:
+                try:
+                    self.prune()
+                except OSError as e:  # the new checkpoint is complete: older ones merely stay
+                    log.warning("checkpoint: pruning %s failed (older checkpoints kept): %s", self.folder, e)
+        self._agree_or_raise(step, tmp, failed)
         return final
 
-    def _save_failed(self, step: int, tmp: str, error: BaseException) -> RuntimeError:
-        """The error of a save that failed while writing: the partial ``.tmp-`` folder is removed (by the main
-        rank; on a full disk it holds the space the next try needs) and the message names the folder and the
-        space left on its filesystem. The previous checkpoint is untouched: nothing was published."""
+    def _agree_or_raise(self, step: int, tmp: str, failed: Optional[Tuple[str, BaseException]]) -> None:
+        """Every rank calls it (one collective): when a stage failed on any rank (``failed``: this rank's
+        ``(what, exception)``, None where it went well), every rank raises :meth:`_save_failed`'s error."""
+        problem = agree(None if failed is None else f"{failed[0]}{type(failed[1]).__name__}: {failed[1]}", self.info)
+        if problem:
+            raise self._save_failed(step, tmp, problem) from (failed[1] if failed else None)
+
+    def _save_failed(self, step: int, tmp: str, problem: str) -> CheckpointError:
+        """The error of a save that failed while writing (``problem``: what failed, on which ranks): the partial
+        ``.tmp-`` folder is removed (by the main rank; on a full disk it holds the space the next try needs) and
+        the message names the folder and the space left on its filesystem. The previous checkpoint is
+        untouched: nothing was published."""
         if self.info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         try:
             free = f"{shutil.disk_usage(self.folder).free / 2**30:.2f} GiB free there now"
         except OSError:
             free = "free space unknown"
-        return RuntimeError(f"checkpoint: saving step {step} into {self.folder} failed ({free}; the previous "
-                            f"checkpoint is intact, --resume continues from it): {type(error).__name__}: {error}")
+        return CheckpointError(f"checkpoint: saving step {step} into {self.folder} failed ({free}; the previous "
+                               f"checkpoint is intact, --resume continues from it): {problem}")
 
     def _finalize(self, tmp: str, final: str, meta: Dict[str, Any]) -> None:
         """Write meta.json last, then publish the folder by one atomic rename."""
@@ -390,7 +423,7 @@ def export_safetensors(module: nn.Module, path: str, info: DistInfo, metadata: O
     write_atomic(path, lambda fh: fh.write(blob))
 
 
-__all__ = ["Checkpointer", "out_lock", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
+__all__ = ["Checkpointer", "CheckpointError", "out_lock", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
            "set_rng_state", "step_dirname", "load_state", "find_checkpoint", "load_run_models", "to_official"]
 
 
