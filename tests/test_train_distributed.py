@@ -160,6 +160,20 @@ def _run_with_cwd_per_rank(tmp_path, cwds, *args):
     return _run_with_prelude(tmp_path, f"os.chdir({[str(c) for c in cwds]!r}[int(os.environ['RANK'])])", *args)
 
 
+def test_an_export_that_fails_on_the_main_rank_stops_every_rank(tmp_path):
+    """The main rank alone writes the export: when its first file fails (a full disk), every rank stops with the
+    error naming the file. Rank 1 used to go on into the second file's gather and wait there for rank 0."""
+    prelude = _FAIL_SECOND_CALL.format(rank=0, name="write_atomic").replace("len(calls) == 2", "len(calls) == 1")
+    out = tmp_path / "run"
+    proc = _run_with_prelude(tmp_path, prelude, *tiny_args(**dict(COMMON, out=str(out), steps=1, export=True)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(f"train.py: export: writing {out / 'export' / 'encoder.safetensors'} failed: OSError: [Errno 28] "
+                      f"No space left on device (on rank 0 of 2)") == 2, text[-4000:]
+    assert "Connection closed by peer" not in text and "checkpoint.py\", line" not in text, text[-4000:]
+    assert (out / "checkpoints" / "step_00000001" / "meta.json").is_file()  # the checkpoint came first
+
+
 # on one rank, the second call of a checkpoint module function raises a full disk's error
 _FAIL_SECOND_CALL = """
 if os.environ["RANK"] == "{rank}":

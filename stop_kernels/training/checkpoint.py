@@ -408,19 +408,27 @@ def export_safetensors(module: nn.Module, path: str, info: DistInfo, metadata: O
 
     Every rank must call this (the shards are gathered); only rank 0 writes, atomically
     (temporary file + rename). Keys are the plain module names (``blocks.0.attn.qkv.weight`` …),
-    loadable with ``vit_encoder(...).load_state_dict(safetensors.torch.load_file(path))``.
+    loadable with ``vit_encoder(...).load_state_dict(safetensors.torch.load_file(path))``. A failed
+    write (a full disk) raises :class:`CheckpointError` naming ``path`` on every rank: the ranks agree
+    on it, so none goes on into the next export's gather while rank 0 has stopped.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     distributed = info.distributed and any(hasattr(p, "device_mesh") for p in module.parameters())
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True) if distributed else StateDictOptions()
     sd = get_model_state_dict(module, options=opts)
-    if not info.is_main:
-        return
-    from safetensors.torch import save
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    blob = save(tensors, metadata=metadata or {})
-    write_atomic(path, lambda fh: fh.write(blob))
+    problem = None
+    if info.is_main:
+        try:
+            from safetensors.torch import save
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            blob = save(tensors, metadata=metadata or {})
+            write_atomic(path, lambda fh: fh.write(blob))
+        except OSError as e:
+            problem = f"export: writing {path} failed: {type(e).__name__}: {e}"
+    problem = agree(problem, info)
+    if problem:
+        raise CheckpointError(problem)
 
 
 __all__ = ["Checkpointer", "CheckpointError", "out_lock", "list_checkpoints", "latest_checkpoint", "export_safetensors", "rng_state",
