@@ -174,6 +174,18 @@ def test_an_export_that_fails_on_the_main_rank_stops_every_rank(tmp_path):
     assert (out / "checkpoints" / "step_00000001" / "meta.json").is_file()  # the checkpoint came first
 
 
+def test_an_out_folder_the_main_rank_cannot_create_stops_every_rank(tmp_path):
+    """--out below a regular file: the main rank cannot create <out>/.lock. Every rank stops with the ConfigError
+    naming it; rank 0 used to raise alone (NotADirectoryError) while the others waited for it in out_lock's agree."""
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "run"
+    proc = _run_with_prelude(tmp_path, "", *tiny_args(**dict(COMMON, out=str(out), steps=1)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(f"train.py: error: out: cannot create {out / '.lock'}: NotADirectoryError: ") == 2, text[-4000:]
+    assert text.count("(on rank 0 of 2)") == 2 and "]: Traceback" not in text, text[-4000:]
+
+
 # on one rank, the second call of a checkpoint module function raises a full disk's error
 _FAIL_SECOND_CALL = """
 if os.environ["RANK"] == "{rank}":

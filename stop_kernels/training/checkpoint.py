@@ -161,8 +161,13 @@ def out_lock(out: str, info: DistInfo):
     from .config import ConfigError
     fh, problem = None, None
     if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        fh = open(os.path.join(out, ".lock"), "a+")
+        lock = os.path.join(out, ".lock")
+        try:
+            os.makedirs(out, exist_ok=True)
+            fh = open(lock, "a+")
+        except OSError as e:  # (not raised here: the other ranks would wait in agree for this one)
+            problem = f"out: cannot create {lock}: {type(e).__name__}: {e}"
+    if fh is not None:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
