@@ -251,6 +251,22 @@ def test_a_path_one_rank_does_not_see_stops_every_rank(tmp_path, key):
     assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]  # ([rankN]: ...)
 
 
+def test_a_checkpoint_one_rank_does_not_see_stops_every_rank(tmp_path):
+    """--resume where rank 1's --out (relative, another working directory: a node-local disk) holds no checkpoint:
+    the main rank picks the checkpoint, and every rank stops with the same ConfigError naming it before the
+    collective load. Rank 1 used to raise alone (FileNotFoundError) while rank 0 waited for it in DCP's load."""
+    seen, blind = tmp_path / "node0", tmp_path / "node1"
+    blind.mkdir()
+    trained_run(seen, steps=1)  # seen/run/checkpoints/step_00000001
+    proc = _run_with_cwd_per_rank(tmp_path, (seen, blind),
+                                  *tiny_args(**dict(COMMON, out="run", steps=2, resume=True)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    want = "train.py: error: resume: cannot read the checkpoint run/checkpoints/step_00000001/meta.json (FileNotFoundError"
+    assert text.count(want) == 2 and text.count("(on rank 1 of 2)") == 2, text[-4000:]
+    assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # Host-side logic of the helpers, in this process: no process group, no GPU (the collectives, the mesh
 # constructor, fully_shard, torch.compile and the CUDA graph calls are stood in and recorded)

@@ -424,9 +424,15 @@ _MODEL_KEYS = ("model", "img_size", "patch_size", "pred_depth", "pred_emb_dim")
 def check_resumable(path: str, cfg: TrainConfig) -> None:
     """:class:`ConfigError` naming the first key whose value in the checkpoint ``path`` (its meta.json's
     config) gives models or an optimizer other than ``cfg``'s: DCP's own error for a missing key or a
-    size mismatch names no setting. Other keys (batch, schedules, sharding, ...) may change on resume."""
-    with open(os.path.join(path, "meta.json")) as fh:
-        saved = json.load(fh).get("config") or {}
+    size mismatch names no setting. Other keys (batch, schedules, sharding, ...) may change on resume.
+    Also a :class:`ConfigError` when this rank cannot read the checkpoint's ``meta.json`` (the main rank chose
+    ``path``; a node whose ``--out`` is not the shared folder does not see it)."""
+    try:
+        with open(os.path.join(path, "meta.json")) as fh:
+            saved = json.load(fh).get("config") or {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume: cannot read the checkpoint {path}/meta.json ({type(e).__name__}: {e}); every "
+                          f"rank must see the run's --out (a folder shared by all nodes)") from None
     changed = [k for k in _MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if "noise_mode" in saved and (saved["noise_mode"] == "none") != (cfg.noise_mode == "none"):
         changed.append("noise_mode")
@@ -473,7 +479,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         if path is None:
             _print(f"resume: no complete checkpoint in {ckpt.folder}; starting from step 0", info, stream)
         else:
-            check_resumable(path, cfg)
+            # on every rank, all stopping together: a rank that cannot read it would stop alone and leave the
+            # others waiting for it in the collective load
+            _on_every_rank(lambda c: check_resumable(path, c), cfg, info)
             meta = ckpt.load(path, tr.container, tr.opt)
             start_step = int(meta["step"])
             skipped_before = int(meta.get("skipped_images", 0))
