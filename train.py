@@ -16,6 +16,7 @@ import sys
 from stop_kernels.training.checkpoint import CheckpointError
 from stop_kernels.training.config import ConfigError, parse_config
 from stop_kernels.training.loop import TrainingDiverged, TrainingOutOfMemory, train
+from stop_kernels.training.metrics import LogWriteError
 
 
 def main(argv=None) -> int:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
         print(f"train.py: training diverged: {e}", file=sys.stderr, flush=True)
         return 1
-    except (TrainingOutOfMemory, CheckpointError) as e:
+    except (TrainingOutOfMemory, CheckpointError, LogWriteError) as e:
         print(f"train.py: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -186,6 +186,54 @@ def test_an_out_folder_the_main_rank_cannot_create_stops_every_rank(tmp_path):
     assert text.count("(on rank 0 of 2)") == 2 and "]: Traceback" not in text, text[-4000:]
 
 
+# on rank 0, log.jsonl opened for appending fails (FAIL_AT "open") or its FAIL_AT-th record's write does (a full disk)
+_LOG_DISK_FULL = """
+if os.environ["RANK"] == "0":
+    import builtins, errno
+    import stop_kernels.training.metrics as M
+    FAIL_AT = {fail_at!r}
+
+    class FullDisk:
+        def __init__(self, fh):
+            self.fh, self.writes = fh, 0
+
+        def write(self, text):
+            self.writes += 1
+            if self.writes == FAIL_AT:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.fh.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    def log_open(path, mode="r", *a, **k):
+        if str(path).endswith("log.jsonl") and mode == "a":
+            if FAIL_AT == "open":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return FullDisk(builtins.open(path, mode, *a, **k))
+        return builtins.open(path, mode, *a, **k)
+    M.open = log_open  # (the module's global shadows the builtin)
+"""
+
+
+@pytest.mark.parametrize("fail_at, steps, when", [("open", 2, ""), (3, 6, " at step 2"), (3, 3, " at step 2")],
+                         ids=["opening", "mid-run", "last-step"])
+def test_a_log_write_that_fails_on_the_main_rank_stops_every_rank(tmp_path, fail_at, steps, when):
+    """Rank 0 alone writes log.jsonl: when that fails (a full disk) while it opens the log, in the middle of the run
+    or at the last step, every rank stops with the error naming the file. Rank 0 used to raise alone while the
+    others went on into the next step's all-reduce (or the final checkpoint's) and waited for it there."""
+    out = tmp_path / "run"
+    proc = _run_with_prelude(tmp_path, _LOG_DISK_FULL.format(fail_at=fail_at),
+                             *tiny_args(**dict(COMMON, out=str(out), steps=steps, ckpt_every=0)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(f"train.py: log: writing {out / 'log.jsonl'} failed{when}: OSError: [Errno 28] No space left "
+                      f"on device (on rank 0 of 2)") == 2, text[-4000:]
+    assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]
+    if fail_at != "open":
+        assert [r["step"] for r in read_log(out)] == [0, 1]
+
+
 # on one rank, the second call of a checkpoint module function raises a full disk's error
 _FAIL_SECOND_CALL = """
 if os.environ["RANK"] == "{rank}":

@@ -42,7 +42,7 @@ from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
 from .config import ConfigError, TrainConfig, check_init_from, local_batch, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
-from .metrics import MetricsLogger, gpu_name, peak_memory_gib, step_flops
+from .metrics import LogWriteError, MetricsLogger, gpu_name, peak_memory_gib, step_flops
 from .parallelize import count_parameters, describe, paired_parameters, parallelize
 from .schedules import lr_at, momentum_at, wd_at
 
@@ -515,6 +515,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
     metrics = MetricsLogger(cfg, info.device, info.world_size, is_main=info.is_main, resume_step=start_step,
                             stream=stream)
+    problem = D.agree(metrics.failed, info)  # rank 0 alone opens the log: all stop when it cannot
+    if problem:
+        metrics.close()
+        raise LogWriteError(problem)
     metrics.skipped_images = skipped_before  # a cumulative count across resumes
     # noise_mode none (the I-JEPA mask token) draws no noise: a σ beside it would read as if it did
     noise = "none (mask token)" if cfg.noise_mode == "none" else f"{cfg.noise_mode} σ={cfg.noise_std}"
@@ -529,7 +533,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
     def finish(p) -> None:
         step, epoch, stats, lr, wd, mom, t_done = p
-        value, skipped, ctx_tokens, tgt_tokens, flops = stats.tolist()  # (the counts of every rank: step_counts)
+        # (the counts of every rank: step_counts; log_failed: rank 0 could not write log.jsonl, up to the step
+        # before this one was queued)
+        value, skipped, ctx_tokens, tgt_tokens, flops, log_failed = stats.tolist()
+        if log_failed:  # seen by every rank in the same step: the message is rank 0's
+            raise LogWriteError(D.agree(metrics.failed, info))
         metrics.skipped_images += int(round(skipped))
         if not math.isfinite(value):
             good = ckpt.latest()
@@ -572,8 +580,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 t_begin = time.perf_counter()
                 micro = [tr.to_device(*batch) for batch in micro]
                 sched = set_schedules(tr.opt, cfg, step, total, warmup, lr_hold, wd_hold)
-                # this rank's tokens and FLOPs, summed over ranks with the loss (the ranks' masks differ)
-                stats = tr.step_micro(micro, sched, skipped, step_counts(cfg, micro))
+                # this rank's tokens and FLOPs, summed over ranks with the loss (the ranks' masks differ), and
+                # whether its log write failed (rank 0's, which must not stop alone: MetricsLogger.failed)
+                stats = tr.step_micro(micro, sched, skipped, (*step_counts(cfg, micro), metrics.failed is not None))
                 if pending is not None:
                     finish(pending)
                 # a step's time stamp: when it was queued, i.e. in steady state when the step before it
@@ -594,6 +603,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         if pending is not None:
             finish(pending)
             pending = None
+        problem = D.agree(metrics.failed, info)  # the last steps' records: no later step carries the flag
+        if problem:
+            raise LogWriteError(problem)
     finally:
         metrics.close()
     save(step)

@@ -55,11 +55,19 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
     return None
 
 
+class LogWriteError(RuntimeError):
+    """``<out>/log.jsonl`` could not be written (raised on every rank alike by the training loop)."""
+
+
 class MetricsLogger:
     """Rank-0 progress lines, the JSONL log of every step, and optional TensorBoard scalars.
 
     ``resume_step``: the log is truncated to the records of steps before it (a resumed run rewrites
     the steps it redoes, so the file reads like one uninterrupted run).
+
+    A failure to write the log (a full disk) is not raised here, on rank 0 alone, where the other ranks
+    would wait for it in their next collective: it is kept in :attr:`failed` (the message; None while the
+    log is fine), no later record is written, and the training loop stops every rank with it.
     """
 
     def __init__(self, cfg: TrainConfig, device: torch.device, world_size: int, *, is_main: bool,
@@ -72,10 +80,24 @@ class MetricsLogger:
         self._t_last: Optional[float] = None
         self.images = 0
         self.skipped_images = 0
+        self.failed: Optional[str] = None
         if not is_main:
             return
-        os.makedirs(cfg.out, exist_ok=True)
-        path = os.path.join(cfg.out, "log.jsonl")
+        path = self.path = os.path.join(cfg.out, "log.jsonl")
+        try:
+            self._open(path, resume_step)
+        except OSError as e:
+            self.failed = f"log: writing {path} failed: {type(e).__name__}: {e}"
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=resume_step or None)
+            except Exception:  # tensorboard is optional
+                self._tb = None
+
+    def _open(self, path: str, resume_step: int) -> None:
+        os.makedirs(self.cfg.out, exist_ok=True)
         kept = []
         if resume_step > 0 and os.path.exists(path):
             with open(path) as fh:
@@ -90,12 +112,6 @@ class MetricsLogger:
         # a resumed run rewrites its log (open(path, "w") truncated it first) keeps the earlier steps' records
         write_atomic(path, lambda fh: fh.writelines(kept), mode="w")
         self._log = open(path, "a")
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=resume_step or None)
-            except Exception:  # tensorboard is optional
-                self._tb = None
 
     def print(self, msg: str) -> None:
         if self.is_main:
@@ -137,8 +153,12 @@ class MetricsLogger:
         }
         if not self.is_main:
             return rec
-        self._log.write(json.dumps(rec) + "\n")
-        self._log.flush()
+        if self._log is not None and self.failed is None:
+            try:
+                self._log.write(json.dumps(rec) + "\n")
+                self._log.flush()
+            except OSError as e:
+                self.failed = f"log: writing {self.path} failed at step {step}: {type(e).__name__}: {e}"
         if self._tb is not None:
             for k in ("loss", "lr", "wd", "momentum", "images_per_s", "tflops", "mfu", "peak_mem_gib"):
                 if rec[k] is not None:
@@ -149,7 +169,10 @@ class MetricsLogger:
 
     def close(self) -> None:
         if self._log is not None:
-            self._log.close()
+            try:
+                self._log.close()
+            except OSError:  # a full disk at the last flush: already failed, or nothing was left to write
+                pass
             self._log = None
         if self._tb is not None:
             self._tb.close()
@@ -174,4 +197,5 @@ def format_progress(rec: Dict[str, Any], total: int) -> str:
     return line
 
 
-__all__ = ["step_flops", "step_floors_ms", "gpu_name", "peak_memory_gib", "MetricsLogger", "format_progress"]
+__all__ = ["step_flops", "step_floors_ms", "gpu_name", "peak_memory_gib", "LogWriteError", "MetricsLogger",
+           "format_progress"]
