@@ -186,6 +186,29 @@ def test_an_out_folder_the_main_rank_cannot_create_stops_every_rank(tmp_path):
     assert text.count("(on rank 0 of 2)") == 2 and "]: Traceback" not in text, text[-4000:]
 
 
+def test_an_earlier_run_the_main_rank_cannot_move_aside_stops_every_rank(tmp_path):
+    """A fresh run in an --out with an earlier run's checkpoints, which the main rank cannot move aside (the rename
+    refused): every rank stops with the ConfigError naming the folder. Rank 0 used to raise alone while the others
+    waited for its verdict in the broadcast."""
+    trained_run(tmp_path, steps=1)  # tmp_path/run/checkpoints/step_00000001
+    out = tmp_path / "run"
+    prelude = ("if os.environ['RANK'] == '0':\n"
+               "    import errno\n"
+               "    real_rename = os.rename\n\n"
+               "    def rename(src, dst):\n"
+               "        if '.replaced-' in str(dst):\n"
+               "            raise PermissionError(errno.EACCES, 'Permission denied')\n"
+               "        return real_rename(src, dst)\n"
+               "    os.rename = rename\n")
+    proc = _run_with_prelude(tmp_path, prelude, *tiny_args(**dict(COMMON, out=str(out), steps=1)))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count(f"train.py: error: out: cannot move the earlier run's {out / 'checkpoints'} aside") == 2, text[-4000:]
+    assert text.count("PermissionError: [Errno 13] Permission denied") == 2, text[-4000:]
+    assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]
+    assert (out / "checkpoints" / "step_00000001" / "meta.json").is_file()
+
+
 # on rank 0, log.jsonl opened for appending fails (FAIL_AT "open") or its FAIL_AT-th record's write does (a full disk)
 _LOG_DISK_FULL = """
 if os.environ["RANK"] == "0":

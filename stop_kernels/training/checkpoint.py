@@ -136,17 +136,27 @@ def _quiet_single_process():
 def set_aside(path: str, info: DistInfo, only_if: Optional[Callable[[], bool]] = None) -> Optional[str]:
     """Rename an earlier run's ``path`` (a folder or file) to ``<path>.replaced-<UTC time>[-n]`` on the
     main rank, when it exists (and ``only_if()`` holds); return the new name on every rank (None when
-    nothing was moved). Nothing is deleted."""
-    moved = None
-    if info.is_main and os.path.exists(path) and (only_if is None or only_if()):
-        base = f"{path.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        n = 1
-        while os.path.exists(base + (f"-{n}" if n > 1 else "")):
-            n += 1
-        moved = base + (f"-{n}" if n > 1 else "")
-        os.rename(path, moved)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    return broadcast_object(moved, info)
+    nothing was moved). Nothing is deleted. A move that fails (a permission) is a :class:`ConfigError`
+    on every rank (the main rank's alone would leave the others waiting for it in the broadcast)."""
+    from .config import ConfigError
+    moved, problem = None, None
+    if info.is_main:
+        try:
+            if os.path.exists(path) and (only_if is None or only_if()):
+                base = f"{path.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+                n = 1
+                while os.path.exists(base + (f"-{n}" if n > 1 else "")):
+                    n += 1
+                moved = base + (f"-{n}" if n > 1 else "")
+                os.rename(path, moved)
+                _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        except OSError as e:
+            moved, problem = None, (f"out: cannot move the earlier run's {path} aside (to {moved}): "
+                                    f"{type(e).__name__}: {e}")
+    moved, problem = broadcast_object((moved, problem), info)
+    if problem:
+        raise ConfigError(problem)
+    return moved
 
 
 @contextlib.contextmanager
