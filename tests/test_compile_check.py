@@ -11,29 +11,12 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
-
-def _tools_available() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    return all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump"))
+from _bench_scripts import ROOT, import_bench_script, nvidia_tools_available
 
 
 @pytest.fixture
 def check_module(monkeypatch):
-    """benchmarks/compile_check.py imported here (it drops TRITON_INTERPRET at import: restored afterwards)."""
-    import importlib
-    if "TRITON_INTERPRET" in os.environ:
-        monkeypatch.setenv("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    return importlib.import_module("compile_check")
+    return import_bench_script(monkeypatch, "compile_check")
 
 
 def test_entry_kernels_are_the_launched_jit_functions(check_module):
@@ -90,7 +73,7 @@ def test_verdict_allows_exactly_the_known_spills(check_module):
     assert len(C.verdict([row("a", "shared memory 240000 B > 232448 B")], known)) == 1
 
 
-@pytest.mark.skipif(not _tools_available(), reason="triton's bundled ptxas / cuobjdump (backends/nvidia/bin) is missing")
+@pytest.mark.skipif(not nvidia_tools_available("ptxas", "cuobjdump"), reason="triton's bundled ptxas / cuobjdump (backends/nvidia/bin) is missing")
 def test_every_kernel_config_compiles_for_sm90a(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)

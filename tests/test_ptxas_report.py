@@ -12,19 +12,10 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from _bench_scripts import ROOT, import_bench_script, nvidia_tools_available
 
 
-def _ptxas_available() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas (backends/nvidia/bin) is missing")
+@pytest.mark.skipif(not nvidia_tools_available("ptxas"), reason="triton's bundled ptxas (backends/nvidia/bin) is missing")
 def test_kernel_configs_do_not_spill(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -85,14 +76,7 @@ def test_sass_loop_stats_loop_and_loopless():
 
 @pytest.fixture
 def report_module(monkeypatch):
-    """benchmarks/ptxas_report.py imported here (it drops TRITON_INTERPRET at import: restored afterwards)."""
-    import importlib
-    if "TRITON_INTERPRET" in os.environ:
-        monkeypatch.setenv("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    return importlib.import_module("ptxas_report")
+    return import_bench_script(monkeypatch, "ptxas_report")
 
 
 @pytest.mark.parametrize("regs, warps, smem, ctas", [
