@@ -111,6 +111,26 @@ def dim_equals(name: str, t: torch.Tensor, dim: int, expected: int, why: str) ->
         raise ValueError(f"{name}: expected size {expected} at dim {dim} ({why}), got shape {tuple(t.shape)}")
 
 
+def projection_weight(name: str, w: torch.Tensor, D: int, D_from: str, *, E: Optional[int] = None,
+                      E_from: str = "", bias: Optional[torch.Tensor] = None) -> None:
+    """The ``[D, E]`` weight ``w`` of a projection ``x·wᵀ`` (as ``nn.Linear(E, D).weight`` holds it), already a 2-D
+    tensor, against the width ``D`` that the argument ``D_from`` fixes (and ``E`` that ``E_from`` fixes, when
+    given; ``bias``: the projection's ``[D]`` bias, when given, already 1-D). Raises ``ValueError`` naming ``name``
+    and the expected shape when ``w`` is the argument at fault: its E is not ``E``; or its D is not ``D`` while
+    ``bias`` agrees with ``D`` or, without a bias, its dims are swapped (``[E, D]``: ``proj.weight.t()`` by
+    mistake), said in the message. Any other D mismatch is left to the caller's check of ``D_from`` (whose
+    argument is then the odd one out). The check of shapes only: a strided weight of the right shape is fine."""
+    d, e = w.shape
+    swapped = d != D and e == D and (E is None or d == E)
+    wrong_d = d != D and (bias.shape[0] == D if bias is not None else swapped)
+    if wrong_d or (E is not None and e != E):
+        where = f"D = {D_from}" + (f", E = {E_from}" if E is not None else "")
+        hint = ("; it looks transposed ([E, D]): pass the weight as nn.Linear(E, D) holds it, e.g. proj.weight, "
+                "not proj.weight.t()") if swapped else ""
+        raise ValueError(f"{name}: expected shape [D, E] = [{D}, {E if E is not None else 'E'}] ({where}), got "
+                         f"shape {tuple(w.shape)}{hint}")
+
+
 def packed_offsets(name: str, offsets: Sequence[int], total: int) -> int:
     """Offsets ``[n + 1]`` of packed sequences (a ``cu_seqlens`` read back to the host) start at 0, never
     decrease and end at the token count ``total`` (``q.shape[0]``); return the longest sequence (0 with none).

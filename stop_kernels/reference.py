@@ -87,6 +87,7 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         chk.float_tensor("bias", bias, ndim=1)
     chk.index_tensor("idx", idx, upper=pos_embed.shape[0], what=f"pos_embed has {pos_embed.shape[0]} rows", min_ndim=1)
     chk.same_device(pos_embed=pos_embed, idx=idx, weight=weight, bias=bias, noise=noise)
+    chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", bias=bias)
     D, E = weight.shape
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     if noise.shape[:-1] != idx.shape or noise.shape[-1] != E:
@@ -140,7 +141,10 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     P = pos_embed.shape[0]
     if ctx.dtype != weight.dtype and not torch.is_autocast_enabled(ctx.device.type):  # autocast casts both
         raise TypeError(f"ctx: expected the dtype of weight ({weight.dtype}) for the context projection, got {ctx.dtype}")
-    chk.dim_equals("weight", weight, 1, E, "encoder width E = ctx.shape[-1]")
+    if bias is not None:
+        chk.float_tensor("bias", bias, ndim=1)
+    chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", E=E, E_from="ctx.shape[-1]",
+                          bias=bias)
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     chk.index_tensor("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows", ndim=2)
     if tuple(ctx_idx.shape) != (B, Nc):
@@ -150,7 +154,6 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     if tgt.shape[1] != B:
         raise ValueError(f"tgt_idx: expected batch size {B} (ctx.shape[0]), got shape {tuple(tgt.shape)}")
     if bias is not None:
-        chk.float_tensor("bias", bias, ndim=1)
         chk.dim_equals("bias", bias, 0, D, "predictor width D")
     if noise_mode == "none" and mask_token is None:
         raise ValueError("mask_token: required when noise_mode='none'")

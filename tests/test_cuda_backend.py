@@ -756,6 +756,8 @@ def test_host_checks_after_the_device_check(twin, monkeypatch):
         cb.stop_embed_cuda(torch.randn(8, 5), idx, w, b)
     with pytest.raises(ValueError, match=r"^bias: expected size 4 at dim 0"):
         cb.stop_embed_cuda(pos, idx, w, torch.randn(5))
+    with pytest.raises(ValueError, match=r"^weight: expected shape \[D, E\] = \[4, E\].*transposed"):
+        cb.stop_embed_cuda(pos, idx, w.t(), b)                       # proj.weight.t(): it blamed pos_embed
     with pytest.raises(ValueError, match=r"^idx: values must lie in \[0, 8\)"):
         cb.stop_embed_cuda(pos, torch.tensor([[0, 8]]), w, b)
     cb.stop_embed_cuda(pos, torch.tensor([[0, 7]]), w, b)  # the last row is valid

@@ -270,3 +270,82 @@ def test_official_position_table_layout_gets_the_hint():
         official.grad = None
         call(official[0]).sum().backward()
         assert official.grad is not None and official.grad.abs().sum() > 0, name
+
+
+def _projection_case():
+    torch.manual_seed(0)
+    P, D, E = 10, 6, 5  # D != E: a transposed [E, D] weight is told apart by its shape
+    return torch.randn(P, D), torch.randn(D, E), torch.randn(D), torch.randint(0, P, (2, 3))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_stop_embed_transposed_weight_is_named(backend, with_bias):
+    """``proj.weight.t()`` (or any [E, D] tensor) passed as ``weight`` is refused naming ``weight`` and the expected
+    [D, E], with D from pos_embed; it used to blame ``bias`` ("expected size 5 ... got shape (6,)") or, without a
+    bias, ``pos_embed``. The reference twin (called directly, with its noise) says the same."""
+    from stop_kernels import reference
+    pos, w, b, idx = _projection_case()
+    bias = b if with_bias else None
+    want = r"^weight: expected shape \[D, E\] = \[6, E\] \(D = pos_embed.shape\[1\]\), got shape \(5, 6\).*transposed"
+    for wt in (w.t(), w.t().contiguous()):
+        with pytest.raises(ValueError, match=want):
+            sk.stop_embed(pos, idx, wt, bias, generator=_gen(), backend=backend)
+        with pytest.raises(ValueError, match=want):
+            reference.stop_embed(pos, idx, wt, bias, torch.randn(2, 3, 5))
+    # pos_embed and bias agree on D = 6, the weight has another D (not transposed): the weight is named too
+    with pytest.raises(ValueError, match=r"^weight: expected shape \[D, E\] = \[6, E\] .*got shape \(4, 5\)$"):
+        sk.stop_embed(pos, idx, torch.randn(4, 5), b, generator=_gen(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stop_embed_other_width_mismatches_still_name_their_argument(backend):
+    """Where the weight agrees with one other argument, the odd one out is named, as before."""
+    pos, w, b, idx = _projection_case()
+    with pytest.raises(ValueError, match="^bias: expected size 6 at dim 0"):
+        sk.stop_embed(pos, idx, w, b[:4], generator=_gen(), backend=backend)
+    with pytest.raises(ValueError, match="^pos_embed: expected size 6 at dim 1"):
+        sk.stop_embed(pos[:, :4], idx, w, b, generator=_gen(), backend=backend)
+    with pytest.raises(ValueError, match="^pos_embed: expected size 6 at dim 1"):
+        sk.stop_embed(pos[:, :4], idx, w, None, generator=_gen(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stop_embed_non_contiguous_weight_of_the_right_shape_works(backend):
+    """A correctly shaped but strided [D, E] weight (a transposed [E, D] buffer, e.g. weights shared with another
+    layer) gives what its contiguous copy gives, forward and dW."""
+    pos, w, b, idx = _projection_case()
+    strided = w.t().contiguous().t().requires_grad_()
+    dense = w.clone().requires_grad_()
+    assert not strided.is_contiguous() and strided.shape == dense.shape
+    a = sk.stop_embed(pos, idx, strided, b, noise_std=0.5, generator=_gen(), backend=backend)
+    r = sk.stop_embed(pos, idx, dense, b, noise_std=0.5, generator=_gen(), backend=backend)
+    torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(a)
+    a.backward(g)
+    r.backward(g)
+    torch.testing.assert_close(strided.grad, dense.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_assembly_transposed_weight_is_named_with_its_shape(backend):
+    """assemble_predictor_input: a transposed weight is named with the expected [D, E] (D from pos_embed, E from
+    ctx), not only "expected size 5 at dim 1"."""
+    pos, w, b, _ = _projection_case()
+    B, Nc, Nt, npred = 2, 3, 2, 2
+    ctx = torch.randn(B, Nc, 5)
+    ci = torch.randint(0, 10, (B, Nc))
+    ti = torch.randint(0, 10, (npred, B, Nt))
+    want = (r"^weight: expected shape \[D, E\] = \[6, 5\] \(D = pos_embed.shape\[1\], E = ctx.shape\[-1\]\), "
+            r"got shape \(5, 6\).*transposed")
+    for bias in (b, None):
+        with pytest.raises(ValueError, match=want):
+            sk.assemble_predictor_input(ctx, ci, ti, w.t(), bias, pos, generator=_gen(), backend=backend)
+    with pytest.raises(ValueError, match=r"^weight: expected shape \[D, E\] = \[6, 5\] .*got shape \(6, 4\)$"):
+        sk.assemble_predictor_input(ctx, ci, ti, torch.randn(6, 4), b, pos, generator=_gen(), backend=backend)
+    with pytest.raises(ValueError, match="^pos_embed: expected size 6 at dim 1"):  # the weight agrees with bias
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos[:, :4], generator=_gen(), backend=backend)
+    strided = w.t().contiguous().t()  # the right shape, strided: works
+    a = sk.assemble_predictor_input(ctx, ci, ti, strided, b, pos, generator=_gen(), backend=backend)
+    r = sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, generator=_gen(), backend=backend)
+    torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)

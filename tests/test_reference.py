@@ -214,7 +214,8 @@ def test_target_features_bad_indices(tgt, exc, msg):
     (dict(idx=torch.tensor([[0, 9]])), ValueError, "idx"),
     (dict(idx=torch.tensor([[0.0, 1.0]])), TypeError, "idx"),
     (dict(noise=torch.randn(1, 2, 4)), ValueError, "noise"),
-    (dict(weight=torch.randn(3, 5)), ValueError, "pos_embed"),
+    (dict(weight=torch.randn(3, 5)), ValueError, "weight"),  # pos_embed and bias agree on D = 4: the weight is off
+    (dict(weight=torch.randn(3, 5), bias=None), ValueError, "pos_embed"),  # D from the weight alone: ψ is named
     (dict(bias=torch.randn(2)), ValueError, "bias"),
     (dict(pos_embed=[1, 2]), TypeError, "pos_embed"),
 ])

@@ -146,6 +146,7 @@ def check_args(pos_embed, idx, weight, bias, noise_std):
     dev = chk.same_device(pos_embed=pos_embed, idx=idx, weight=weight, bias=bias)
     if dev.type != "cuda":
         raise ValueError(f"pos_embed: the CUDA backend needs CUDA tensors, got device {dev}")
+    chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", bias=bias)
     D, E = weight.shape
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     if bias is not None:

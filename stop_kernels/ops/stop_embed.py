@@ -677,6 +677,8 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
     chk.tensor("idx", idx, min_ndim=1, dtypes=chk.INDEX_DTYPES)
     if bias is not None:
         chk.float_tensor("bias", bias, ndim=1)
+    chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", bias=bias)
+    if bias is not None:
         chk.dim_equals("bias", bias, 0, weight.shape[0], "predictor width D = weight.shape[0]")
     chk.dim_equals("pos_embed", pos_embed, 1, weight.shape[0], "predictor width D = weight.shape[0]")
     chk.same_device(pos_embed=pos_embed, idx=idx, weight=weight, bias=bias)
@@ -705,7 +707,7 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     Args:
         pos_embed: ``[P, D]`` positional table ψ (gradient scatter-added only if it requires grad).
         idx: ``[..., M]`` int32/int64 positions in ``[0, P)``, any batch rank, any strides.
-        weight: ``[D, E]`` projection W; bias: ``[D]`` or None.
+        weight: ``[D, E]`` projection W (as ``nn.Linear(E, D).weight`` holds it; any strides); bias: ``[D]`` or None.
         noise_std: σ ≥ 0. generator: CPU ``torch.Generator`` the per-call seed is drawn from
             (default generator when None), so ``torch.manual_seed`` reproduces the noise.
         backend: "auto" (the CUDA C++ kernels for CUDA tensors when ``stop_kernels._C`` is built and
