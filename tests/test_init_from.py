@@ -57,7 +57,7 @@ def test_init_from_a_run_then_train(tmp_path, cpu_train, capsys):
     assert_holds(Trainer(cfg, D.init_distributed(cfg), None), want)
     assert "from " + run + "/checkpoints/step_00000002 (step 2)" in capsys.readouterr().out
     losses = train(tiny(tmp_path, init_from=run, steps=2, ckpt_every=0))
-    assert [r["step"] for r in read_log(tmp_path / "new")] == [0, 1] and len(losses) == 2
+    assert [r["step"] for r in read_log(tmp_path / "new")] == [1, 2] and len(losses) == 2
 
 
 def test_init_from_refuses_what_does_not_fit(tmp_path, cpu_train):

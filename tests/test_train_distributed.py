@@ -71,7 +71,7 @@ def test_fsdp2_bf16_kill_and_resume_is_bitwise(tmp_path):
     stdout = run(out, resume=True, sharding="hybrid")
     assert "resumed from" in stdout and "step 3" in stdout
     resumed = read_log(out)
-    assert [r["step"] for r in resumed] == list(range(STEPS))
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == full, ("killed while running" if killed_running else "finished first")
 
 
@@ -90,7 +90,7 @@ def test_fsdp2_gradient_accumulation_resumes_bitwise(tmp_path):
     stdout = run(out, steps=4, ckpt_every=2, grad_accum=2, resume=True, ac="block")
     assert "resumed from" in stdout and "step 2" in stdout
     resumed = read_log(out)
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3] and [r["loss"] for r in resumed] == full
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and [r["loss"] for r in resumed] == full
 
 
 def test_logged_tokens_and_flops_count_every_ranks_masks(tmp_path):
@@ -239,7 +239,7 @@ if os.environ["RANK"] == "0":
 """
 
 
-@pytest.mark.parametrize("fail_at, steps, when", [("open", 2, ""), (3, 6, " at step 2"), (3, 3, " at step 2")],
+@pytest.mark.parametrize("fail_at, steps, when", [("open", 2, ""), (3, 6, " at step 3"), (3, 3, " at step 3")],
                          ids=["opening", "mid-run", "last-step"])
 def test_a_log_write_that_fails_on_the_main_rank_stops_every_rank(tmp_path, fail_at, steps, when):
     """Rank 0 alone writes log.jsonl: when that fails (a full disk) while it opens the log, in the middle of the run
@@ -254,7 +254,7 @@ def test_a_log_write_that_fails_on_the_main_rank_stops_every_rank(tmp_path, fail
                       f"on device (on rank 0 of 2)") == 2, text[-4000:]
     assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]
     if fail_at != "open":
-        assert [r["step"] for r in read_log(out)] == [0, 1]
+        assert [r["step"] for r in read_log(out)] == [1, 2]
 
 
 # on one rank, the second call of a checkpoint module function raises a full disk's error

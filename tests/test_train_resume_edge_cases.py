@@ -13,6 +13,8 @@
 7. The first step after a checkpoint (and the very first step) is logged untimed: its only time stamp
    is the host's enqueue time.
 8. A second run started in an --out that a run is training in stops before it touches anything.
+9. One step number everywhere: the progress line, log.jsonl, TensorBoard and the checkpoint count the steps
+   completed (progress printed "step 59/60" before the checkpoint step_00000060).
 """
 import json
 import math
@@ -100,7 +102,7 @@ def test_skipped_images_count_survives_a_resume(tmp_path, cpu_train):
     train(tiny(tmp_path / "part", steps=1, **kw))
     train(tiny(tmp_path / "part", steps=2, resume=True, **kw))
     recs = read_log(tmp_path / "part")
-    assert [r["step"] for r in recs] == [0, 1]
+    assert [r["step"] for r in recs] == [1, 2]
     assert recs[-1]["skipped_images"] == 2, recs[-1]["skipped_images"]   # 1: the count restarted at 0
     meta = json.loads((tmp_path / "part" / "checkpoints" / "step_00000002" / "meta.json").read_text())
     assert meta["skipped_images"] == 2, meta["skipped_images"]
@@ -136,10 +138,10 @@ def test_first_step_after_a_checkpoint_is_untimed(tmp_path, cpu_train):
     from stop_kernels.training import loop
     loop.train(tiny(tmp_path, steps=5, ckpt_every=2, log_every=1))
     recs = read_log(tmp_path)
-    assert [r["step"] for r in recs] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
     untimed = [r["step"] for r in recs if r["images_per_s"] is None]
-    assert untimed == [0, 2, 4], untimed                      # after start and after the saves at 2 and 4
-    assert all(r["images_per_s"] > 0 for r in recs if r["step"] in (1, 3))
+    assert untimed == [1, 3, 5], untimed                      # after start and after the saves at 2 and 4
+    assert all(r["images_per_s"] > 0 for r in recs if r["step"] in (2, 4))
 
 
 @pytest.mark.parametrize("steps_b", [3, 2])
@@ -179,7 +181,7 @@ def test_cpu_steps_are_timed_one_step_each(tmp_path, cpu_train, monkeypatch):
     monkeypatch.setattr(loop.Trainer, "step_micro", slow_step)
     loop.train(tiny(tmp_path, steps=5, ckpt_every=2))
     timed = {r["step"]: r["step_time_s"] for r in read_log(tmp_path) if r["step_time_s"] is not None}
-    assert sorted(timed) == [1, 3]                                 # 0, 2, 4 follow a (re)start: untimed
+    assert sorted(timed) == [2, 4]                                 # 1, 3, 5 follow a (re)start: untimed
     assert all(0.2 <= t < 0.45 for t in timed.values()), timed     # one 0.25 s step each, not two
 
 
@@ -188,8 +190,8 @@ def test_a_fresh_run_sets_the_earlier_runs_log_aside(tmp_path, cpu_train):
     loop.train(tiny(tmp_path, steps=2))
     loop.train(tiny(tmp_path, steps=1))
     (kept,) = tmp_path.glob("log.jsonl.replaced-*")
-    assert [json.loads(line)["step"] for line in kept.read_text().splitlines()] == [0, 1]
-    assert [r["step"] for r in read_log(tmp_path)] == [0]
+    assert [json.loads(line)["step"] for line in kept.read_text().splitlines()] == [1, 2]
+    assert [r["step"] for r in read_log(tmp_path)] == [1]
 
 
 def test_an_attention_backend_that_cannot_run_is_refused_before_anything_moves(tmp_path, cpu_train, monkeypatch):
@@ -199,7 +201,7 @@ def test_an_attention_backend_that_cannot_run_is_refused_before_anything_moves(t
     monkeypatch.setattr(attention, "_INTERPRET", False)           # a CPU run without the Triton interpreter
     with pytest.raises(ConfigError, match="^attention: the Triton kernels need a CUDA device"):
         loop.train(tiny(tmp_path, steps=1, attention="triton"))
-    assert not list(tmp_path.glob("*.replaced-*")) and [r["step"] for r in read_log(tmp_path)] == [0]
+    assert not list(tmp_path.glob("*.replaced-*")) and [r["step"] for r in read_log(tmp_path)] == [1]
 
 
 def test_the_attention_check_runs_under_the_runs_auto_policy(tmp_path, cpu_train, monkeypatch):
@@ -241,7 +243,7 @@ def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_earlier_records(tmp
     from stop_kernels.training import loop, metrics
     loop.train(tiny(tmp_path, steps=2, ckpt_every=1, keep_ckpts=5))
     import shutil
-    shutil.rmtree(tmp_path / "checkpoints" / "step_00000002")  # resume from step 1: the log keeps step 0
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000002")  # resume from step 1: the log keeps its record
     real_open = builtins.open
 
     def killed_after_opening(path, mode="r", *a, **k):
@@ -253,10 +255,10 @@ def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_earlier_records(tmp
     monkeypatch.setattr(metrics, "open", killed_after_opening, raising=False)
     with pytest.raises(KeyboardInterrupt):
         loop.train(tiny(tmp_path, steps=2, resume=True))
-    assert [r["step"] for r in read_log(tmp_path)] == [0]  # the step before the checkpoint it resumes
+    assert [r["step"] for r in read_log(tmp_path)] == [1]  # the step of the checkpoint it resumes
     monkeypatch.undo()
     loop.train(tiny(tmp_path, steps=2, resume=True))
-    assert [r["step"] for r in read_log(tmp_path)] == [0, 1]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2]
 
 
 def test_a_second_run_in_an_out_folder_in_use_stops_before_it_touches_anything(tmp_path, cpu_train):
@@ -285,3 +287,53 @@ def test_a_second_run_in_an_out_folder_in_use_stops_before_it_touches_anything(t
     assert loop.train(tiny(tmp_path, steps=3, ckpt_every=1, resume=True))  # the lock went with the process
     with open(tmp_path / ".lock") as fh:  # and this process released its own
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_progress_log_tensorboard_and_checkpoints_number_the_steps_alike(tmp_path, cpu_train, capsys, monkeypatch):
+    """After the N-th step (1-based: steps completed) the progress line says "step N/total", its log.jsonl record
+    and TensorBoard scalars carry step N, and the checkpoint written after it is step_N (the progress line said
+    "step N-1/total" and the log and TensorBoard N-1: 0-based). A resume from step_N keeps the log and
+    TensorBoard records up to N and rewrites them from N + 1 on, with the uninterrupted run's losses."""
+    import shutil
+    import sys
+    import types
+    from stop_kernels.training import loop
+    writers = []
+
+    class FakeSummaryWriter:  # tensorboard itself need not be installed: the steps the logger gives it
+        def __init__(self, logdir, purge_step=None):
+            self.purge_step, self.steps = purge_step, set()
+            writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.steps.add(step)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+
+    def numbers(out):  # "step N/4" lines as N, "checkpoint .../step_0000000N" lines as ("ckpt", N)
+        found = []
+        for line in out.splitlines():
+            if line.startswith("step "):
+                n, total = line.split()[1].split("/")
+                assert total == "4", line
+                found.append(int(n))
+            elif line.startswith("checkpoint "):
+                found.append(("ckpt", int(line.rsplit("step_", 1)[1])))
+        return found
+
+    full = loop.train(tiny(tmp_path, steps=4, ckpt_every=2, log_every=2, tensorboard=True, keep_ckpts=5))
+    assert numbers(capsys.readouterr().out) == [1, 2, ("ckpt", 2), 4, ("ckpt", 4)]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert writers[0].purge_step is None and writers[0].steps == {1, 2, 3, 4}
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2, 4]
+
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000004")  # resume after step 2
+    resumed = loop.train(tiny(tmp_path, steps=4, ckpt_every=2, log_every=2, tensorboard=True, resume=True))
+    assert resumed == full[2:]
+    assert numbers(capsys.readouterr().out) == [4, ("ckpt", 4)]
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in read_log(tmp_path)] == full
+    assert writers[1].purge_step == 3 and writers[1].steps == {3, 4}  # events of steps >= 3 are replaced

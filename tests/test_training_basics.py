@@ -254,7 +254,7 @@ def test_short_training_run_lowers_the_loss(tmp_path, cpu_train):
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == list(range(30))
+    assert [r["step"] for r in recs] == list(range(1, 31))  # steps completed, as the checkpoint
     for key in ("step", "epoch", "loss", "lr", "wd", "momentum", "images_per_s", "tflops", "mfu", "peak_mem_gib"):
         assert key in recs[0]
     assert [r["loss"] for r in recs] == losses
@@ -287,14 +287,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, 
     def poisoned(*args, **kw):
         calls.append(1)
         loss = real(*args, **kw)
-        return loss * float("nan") if len(calls) == 4 else loss  # step 3 diverges
+        return loss * float("nan") if len(calls) == 4 else loss  # step 4 diverges
 
     monkeypatch.setattr(loop, "jepa_step_loss", poisoned)
-    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 3.*step_00000002"):
+    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 4.*step_00000002"):
         loop.train(tiny(tmp_path, steps=8, ckpt_every=2))
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2]
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs] == [0, 1, 2] and all(math.isfinite(r["loss"]) for r in recs)
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in recs)
     # the kept checkpoint resumes and trains on
     monkeypatch.setattr(loop, "jepa_step_loss", real)
     losses = loop.train(tiny(tmp_path, steps=4, ckpt_every=2, resume=True))
@@ -311,7 +311,7 @@ def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, c
     def poisoned(models, *args, **kw):
         calls.append(1)
         loss = real(models, *args, **kw)
-        if len(calls) == 4:  # step 3: d/dw sqrt(|w − w|) = inf at 0
+        if len(calls) == 4:  # step 4: d/dw sqrt(|w − w|) = inf at 0
             w = models.encoder.norm.weight
             loss = loss + (w - w.detach()).abs().sqrt().sum()
         return loss
@@ -498,16 +498,16 @@ def test_step_averages_the_loss_over_ranks(tmp_path, cpu_train, monkeypatch):
 
 
 def test_logged_schedules_follow_the_step(tmp_path, cpu_train):
-    """The JSONL log's lr, wd and momentum of step s are the schedules at s (warm-up counted in steps:
-    warmup_epochs / epochs of the steps)."""
+    """The JSONL log's lr, wd and momentum of step s (1-based) are the schedules of its index s - 1 (warm-up
+    counted in steps: warmup_epochs / epochs of the steps)."""
     from stop_kernels.training.loop import train
     from _train_helpers import read_log
     cfg = tiny(tmp_path, steps=6, epochs=2, warmup_epochs=0.5)  # warm-up: round(6 · 0.5 / 2) = 2 steps
     train(cfg)
     recs = [r for r in read_log(tmp_path) if "lr" in r]
-    assert [r["step"] for r in recs] == list(range(6))
+    assert [r["step"] for r in recs] == list(range(1, 7))
     for r in recs:
-        s = r["step"]
+        s = r["step"] - 1
         assert r["lr"] == pytest.approx(lr_at(s, warmup=2, total=6, start_lr=cfg.start_lr, ref_lr=cfg.lr,
                                               final_lr=cfg.final_lr), rel=1e-12), s
         assert r["wd"] == pytest.approx(wd_at(s, total=6, ref_wd=cfg.weight_decay,
@@ -531,7 +531,7 @@ def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
     real = loop.jepa_step_loss
     monkeypatch.setattr(loop, "jepa_step_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     assert entry.main(tiny_args(out=tmp_path / "nan", steps=2)) == 1
-    assert "train.py: training diverged: loss is nan at step 0" in capsys.readouterr().err
+    assert "train.py: training diverged: loss is nan at step 1 " in capsys.readouterr().err
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

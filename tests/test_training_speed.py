@@ -338,8 +338,8 @@ def test_step_record_rates_use_the_global_batch_once(tmp_path):
 
 def test_a_resumed_log_keeps_only_the_steps_before_the_resume_step(tmp_path):
     from stop_kernels.training.metrics import MetricsLogger
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(5)))
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 6)))
     cfg = TrainConfig(**dict(TINY, out=str(tmp_path)))
     MetricsLogger(cfg, torch.device("cpu"), 1, is_main=True, resume_step=2).close()
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [0, 1]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # step_2's steps (1-based)

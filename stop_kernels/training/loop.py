@@ -532,6 +532,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     pending = None
 
     def finish(p) -> None:
+        # (step: the step's 0-based index; logged and named as step + 1, the steps completed, as its checkpoint)
         step, epoch, stats, lr, wd, mom, t_done = p
         # (the counts of every rank: step_counts; log_failed: rank 0 could not write log.jsonl, up to the step
         # before this one was queued)
@@ -542,11 +543,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         if not math.isfinite(value):
             good = ckpt.latest()
             raise TrainingDiverged(
-                f"loss is {value} at step {step} (epoch {epoch}, lr {lr:.3g}); stopping. "
+                f"loss is {value} at step {step + 1} (epoch {epoch}, lr {lr:.3g}); stopping. "
                 + (f"The last good checkpoint is {good} (continue with --resume, e.g. after lowering --lr)."
                    if good else "No checkpoint was written before it."))
         losses.append(value)
-        metrics.record(step, epoch, value, lr, wd, mom, ctx_tokens / cfg.batch_size, tgt_tokens / cfg.batch_size,
+        metrics.record(step + 1, epoch, value, lr, wd, mom, ctx_tokens / cfg.batch_size, tgt_tokens / cfg.batch_size,
                        cfg.batch_size, total, t_done, flops=flops)
 
     def save(step: int) -> None:

@@ -62,8 +62,11 @@ class LogWriteError(RuntimeError):
 class MetricsLogger:
     """Rank-0 progress lines, the JSONL log of every step, and optional TensorBoard scalars.
 
-    ``resume_step``: the log is truncated to the records of steps before it (a resumed run rewrites
-    the steps it redoes, so the file reads like one uninterrupted run).
+    Steps are numbered as the checkpoints are, by the steps completed: the record of step N (1-based) is
+    the N-th optimizer step, whose state ``step_N`` saves, and its progress line reads ``step N/total``.
+
+    ``resume_step``: the checkpoint's step; the log keeps the records up to it and TensorBoard drops the
+    events after it (a resumed run rewrites the steps it redoes, so both read like one uninterrupted run).
 
     A failure to write the log (a full disk) is not raised here, on rank 0 alone, where the other ranks
     would wait for it in their next collective: it is kept in :attr:`failed` (the message; None while the
@@ -92,7 +95,9 @@ class MetricsLogger:
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=resume_step or None)
+                # (purge_step: the events of this step and later ones are dropped)
+                self._tb = SummaryWriter(os.path.join(cfg.out, "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step else None)
             except Exception:  # tensorboard is optional
                 self._tb = None
 
@@ -106,7 +111,7 @@ class MetricsLogger:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a kill
-                    if rec.get("step", -1) < resume_step:
+                    if rec.get("step", 0) <= resume_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
         # the kept records replace the file atomically before it is opened for appending: a job killed while
         # a resumed run rewrites its log (open(path, "w") truncated it first) keeps the earlier steps' records
@@ -126,7 +131,8 @@ class MetricsLogger:
     def record(self, step: int, epoch: int, loss: float, lr: float, wd: float, momentum: float,
                n_ctx: float, n_tgt: float, batch: int, total_steps: int, t_done: Optional[float] = None, *,
                flops: Optional[float] = None) -> Dict[str, Any]:
-        """Log one finished step (``batch`` is the global batch) and return its record.
+        """Log one finished step (``step``: 1-based, the steps completed with it; ``batch`` is the global batch)
+        and return its record.
 
         ``n_ctx`` / ``n_tgt``: mean context / target tokens per image over the global batch (every rank's).
         ``flops``: the step's matmul FLOPs on all ranks together (the training loop sums each rank's
@@ -163,7 +169,7 @@ class MetricsLogger:
             for k in ("loss", "lr", "wd", "momentum", "images_per_s", "tflops", "mfu", "peak_mem_gib"):
                 if rec[k] is not None:
                     self._tb.add_scalar(f"train/{k}", rec[k], step)
-        if step % self.cfg.log_every == 0 or step == total_steps - 1:
+        if step % self.cfg.log_every == 0 or step in (1, total_steps):
             self.print(format_progress(rec, total_steps))
         return rec
 
