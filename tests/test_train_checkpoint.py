@@ -195,3 +195,31 @@ def test_a_failed_save_names_the_folder_and_free_space_and_removes_its_partial_f
     assert ck.load(latest_checkpoint(str(tmp_path)), m2, opt2)["step"] == 1
     for k, v in snapshot(m2).items():
         assert torch.equal(v, good[k])
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_resume_without_this_ranks_rng_file_stops_instead_of_reseeding(tmp_path, damage):
+    """A checkpoint of this run's world size promises a bit-exact resume (docs/training.md, Checkpoints): one
+    without this rank's rng_rank<N>.pt (deleted, or a copy that missed it) was loaded with fresh RNG states,
+    silently on that rank (rank 0 alone prints, and said "world size changed"), so the run went on no longer
+    exact; an unreadable one raised on that rank alone, after the collective load. Both now stop every rank with
+    a ConfigError naming the file, before the models are touched. Another world size still re-seeds."""
+    import json
+    from stop_kernels.training.config import ConfigError
+    ck = Checkpointer(str(tmp_path), single())
+    m, opt = model_and_opt()
+    ck.save(1, m, opt, {"epoch": 0})
+    path = tmp_path / "step_00000001"
+    rng = path / "rng_rank0.pt"
+    if damage == "missing":
+        rng.unlink()
+    else:
+        rng.write_bytes(b"not a torch file")
+    m2, opt2 = model_and_opt(seed=1)
+    before = snapshot(m2)
+    with pytest.raises(ConfigError, match=rf"^resume: cannot read {rng}, the RNG states of rank 0 .*would not be bit-exact"):
+        ck.load(str(path), m2, opt2)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(m2).items())  # nothing was loaded
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(dict(meta, world_size=2)))  # written by 2 ranks: re-seeded
+    assert ck.load(str(path), m2, opt2)["rng_restored"] is False

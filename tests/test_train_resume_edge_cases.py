@@ -337,3 +337,16 @@ def test_progress_log_tensorboard_and_checkpoints_number_the_steps_alike(tmp_pat
     assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
     assert [r["loss"] for r in read_log(tmp_path)] == full
     assert writers[1].purge_step == 3 and writers[1].steps == {3, 4}  # events of steps >= 3 are replaced
+
+
+def test_resume_of_a_checkpoint_missing_a_ranks_rng_file_stops_before_training(tmp_path, cpu_train):
+    """docs/training.md promises a bit-exact resume on the same world size: a checkpoint without this rank's
+    rng_rank0.pt resumed silently with fresh RNG states (printing "RNG re-seeded: world size changed"). It is
+    now a ConfigError (train.py: exit 2) naming the file, and the run's log is left as it was."""
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=1))
+    (tmp_path / "checkpoints" / "step_00000001" / "rng_rank0.pt").unlink()
+    before = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"^resume: cannot read .*step_00000001/rng_rank0.pt, the RNG states"):
+        loop.train(tiny(tmp_path, steps=2, resume=True))
+    assert (tmp_path / "log.jsonl").read_text() == before

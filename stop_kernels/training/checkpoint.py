@@ -321,14 +321,32 @@ class Checkpointer:
         return broadcast_object(path, self.info)
 
     def load(self, path: str, container: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Any]:
-        """Load models, optimizer and this rank's RNG state from ``path``; return its meta.json."""
-        meta = load_state(path, container, optimizer)
+        """Load models, optimizer and this rank's RNG state from ``path``; return its meta.json, with
+        ``rng_restored``: False where the checkpoint was written by another world size (the caller re-seeds).
+
+        Written by this world size, the resume is bit-exact (docs/training.md), which needs every rank's own
+        ``rng_rank<N>.pt``: one that is missing or unreadable on any rank is a :class:`ConfigError` on every rank
+        (agreed before the collective load, so none waits in it for a rank that stopped), nothing loaded."""
+        from .config import ConfigError
+        with open(os.path.join(path, "meta.json")) as fh:
+            same_world = json.load(fh).get("world_size") == self.info.world_size
         rng_file = os.path.join(path, f"rng_rank{self.info.rank}.pt")
-        if meta.get("world_size") == self.info.world_size and os.path.isfile(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy states are tuples
-            meta["rng_restored"] = True
-        else:
-            meta["rng_restored"] = False
+        state, problem = None, None
+        if same_world:
+            try:
+                state = torch.load(rng_file, weights_only=False)  # our own file: python/numpy states are tuples
+            except Exception as e:  # missing (deleted, or a copy that missed it) or damaged
+                why = "it is missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+                problem = (f"resume: cannot read {rng_file}, the RNG states of rank {self.info.rank} ({why}): without "
+                           f"them the resumed run would not be bit-exact. Restore the file, or move {path} aside "
+                           f"to resume from the checkpoint before it")
+        problem = agree(problem, self.info)
+        if problem:
+            raise ConfigError(problem)
+        meta = load_state(path, container, optimizer)
+        if state is not None:
+            set_rng_state(state)
+        meta["rng_restored"] = state is not None
         return meta
 
 
