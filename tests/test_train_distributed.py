@@ -100,7 +100,7 @@ def test_logged_tokens_and_flops_count_every_ranks_masks(tmp_path):
     from stop_kernels.data.datasets import TrainData
     from stop_kernels.models.packing import mean_tokens
     from stop_kernels.training.metrics import step_flops
-    out, over = tmp_path / "run", dict(steps=4, ckpt_every=0, grad_accum=2)
+    out, over = tmp_path / "run", dict(steps=4, ckpt_every=0, grad_accum=2, peak_tflops=1.0)  # CPU: an MFU needs a peak
     run(out, **over)
     cfg = parse_config(tiny_args(**dict(COMMON, out=str(out), **over)))
     recs = read_log(out)

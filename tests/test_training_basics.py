@@ -165,7 +165,7 @@ def test_bool_flags_and_validation():
     ("lr", "1e-3"), ("lr", float("inf")), ("noise_std", float("nan")), ("weight_decay", float("inf")),
     ("crop_scale", (0.3,)), ("crop_scale", (0.3, float("inf"))),
     ("out", ""), ("out", None), ("seed", 2 ** 64), ("seed", -1),
-    ("peak_tflops", 0.0), ("pred_emb_dim", 100),  # vit_tiny has 3 heads: 100 is not a multiple
+    ("peak_tflops", -1.0), ("pred_emb_dim", 100),  # vit_tiny has 3 heads: 100 is not a multiple
 ])
 def test_python_built_configs_are_type_and_range_checked(key, value):
     """TrainConfig(...) from Python skips the command line's parsing: validate() checks every value."""
@@ -539,3 +539,31 @@ def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
     assert entry.main(tiny_args(out=tmp_path / "oom", steps=1)) == 1
     err = capsys.readouterr().err
     assert err.startswith("train.py: out of GPU memory with 4 images per micro-batch") and "Tried to allocate" in err
+
+
+def test_cpu_runs_report_no_mfu_unless_a_peak_is_given(tmp_path, cpu_train, capsys):
+    """MFU divides by a GPU's peak (989 TFLOP/s by default): on the CPU it printed "MFU 0.0%" and logged ~1e-6,
+    a fraction of a peak the machine does not have. With peak_tflops left at 0 (auto) a CPU run prints "MFU n/a"
+    and logs null (TFLOP/s still measured), as does --benchmark; a peak given explicitly is used on the CPU too."""
+    from stop_kernels.training.loop import train
+    from stop_kernels.training.metrics import mfu_peak_tflops
+    from _train_helpers import read_log
+    assert TrainConfig().peak_tflops == 0.0
+    assert mfu_peak_tflops(TrainConfig(), torch.device("cpu")) is None
+    assert mfu_peak_tflops(TrainConfig(), torch.device("cuda")) == 989.0  # auto on a GPU: the H100/H200 peak
+    assert mfu_peak_tflops(TrainConfig(peak_tflops=2.5), torch.device("cpu")) == 2.5
+
+    train(tiny(tmp_path / "auto", steps=3, log_every=1))
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(progress) == 3 and all(line.endswith("MFU n/a") for line in progress), progress
+    recs = read_log(tmp_path / "auto")
+    assert all(r["mfu"] is None for r in recs) and any(r["tflops"] for r in recs)
+
+    train(tiny(tmp_path / "given", steps=3, log_every=1, peak_tflops=1e-3))
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    timed = [r for r in read_log(tmp_path / "given") if r["tflops"] is not None]
+    assert timed and all(r["mfu"] == pytest.approx(r["tflops"] / 1e-3) for r in timed)
+    assert progress[-1].endswith(f"MFU {100 * timed[-1]['mfu']:.1f}%"), progress[-1]
+
+    train(tiny(tmp_path / "bench", benchmark=1, benchmark_warmup=1))
+    assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["mfu"] is None

@@ -123,7 +123,7 @@ class TrainConfig:
     out: str = "runs/default"          # output folder (log.jsonl, checkpoints, export, tensorboard)
     log_every: int = 10                # progress line every N steps (the JSONL log has every step)
     tensorboard: bool = True           # also write TensorBoard scalars when tensorboard is installed
-    peak_tflops: float = 989.0         # per-device peak for MFU (H100/H200 dense bf16)
+    peak_tflops: float = 0.0           # per-device peak TFLOP/s for MFU; 0: 989 (H100/H200 dense bf16) on a GPU, no MFU on a CPU
     # ---- benchmark --------------------------------------------------------------------------
     benchmark: int = 0                 # N > 0: time N steps on synthetic data after warm-up, print one JSON line
     benchmark_warmup: int = 10         # warm-up steps before timing (compilation, autotuning); at least one per mask batch
@@ -262,8 +262,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check_init_from(cfg)
     if not 0 <= cfg.seed < 2 ** 62:  # torch and numpy seeds, plus 1_000_003 per rank and the resume step
         raise ConfigError(f"seed: expected an integer in [0, 2**62), got {cfg.seed!r}")
-    if not cfg.peak_tflops > 0:
-        raise ConfigError(f"peak_tflops: expected a value > 0, got {cfg.peak_tflops!r}")
+    if not cfg.peak_tflops >= 0:
+        raise ConfigError(f"peak_tflops: expected a value >= 0 (0: the GPU's peak), got {cfg.peak_tflops!r}")
     for key in ("ema_start", "ema_end"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")

@@ -42,7 +42,7 @@ from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
 from .config import ConfigError, TrainConfig, check_init_from, local_batch, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
-from .metrics import LogWriteError, MetricsLogger, gpu_name, peak_memory_gib, step_flops
+from .metrics import LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, step_flops
 from .parallelize import count_parameters, describe, paired_parameters, parallelize
 from .schedules import lr_at, momentum_at, wd_at
 
@@ -737,6 +737,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     values = [float(x[0].item()) for x in losses]
     ms = 1000.0 * dt / max(n, 1)
     tflops = flops / dt / 1e12
+    peak = mfu_peak_tflops(cfg, info.device)
     mem = peak_memory_gib(info.device)
     n_ctx, n_tgt = (sum(pool_counts[i % pool][c] for i in range(warm, total)) / max(n * cfg.batch_size, 1)
                     for c in (0, 1))
@@ -748,7 +749,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         "attention_policy": cfg.attention_policy, "packed": cfg.packed,
         "steps": n, "warmup": warm, "mask_batches": pool,
         "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
-        "tflops": round(tflops, 2), "mfu": round(tflops / (cfg.peak_tflops * info.world_size), 4),
+        "tflops": round(tflops, 2), "mfu": None if peak is None else round(tflops / (peak * info.world_size), 4),
         "peak_mem_gib": None if mem is None else round(mem, 2),
         "mean_ctx_tokens": round(n_ctx, 1), "mean_tgt_tokens": round(n_tgt, 1),
         "loss_first": values[0] if values else None, "loss_last": values[-1] if values else None,

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, TextIO
 import torch
 
 from .._checks import write_atomic
-from ..models.flops import jepa_step_flops, jepa_step_floors_ms
+from ..models.flops import PEAK_BF16_TFLOPS, jepa_step_flops, jepa_step_floors_ms
 from ..models.vit import VIT_PRESETS, resolve_model_name
 from .config import TrainConfig
 
@@ -55,6 +55,15 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
     return None
 
 
+def mfu_peak_tflops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
+    """The per-device peak TFLOP/s that MFU divides by: ``cfg.peak_tflops`` when given (> 0); else (0, the default)
+    the H100/H200 dense bf16 peak on a GPU, and None on a CPU: no MFU, since a GPU's peak says nothing of a CPU
+    (its MFU read 0.0%)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops
+    return PEAK_BF16_TFLOPS["H100"] if device.type == "cuda" else None
+
+
 class LogWriteError(RuntimeError):
     """``<out>/log.jsonl`` could not be written (raised on every rank alike by the training loop)."""
 
@@ -77,7 +86,8 @@ class MetricsLogger:
                  resume_step: int = 0, stream: TextIO = sys.stdout):
         self.cfg, self.device, self.world_size, self.is_main = cfg, device, world_size, is_main
         self.stream = stream
-        self.peak = cfg.peak_tflops * 1e12 * world_size
+        peak = mfu_peak_tflops(cfg, device)
+        self.peak = None if peak is None else peak * 1e12 * world_size  # FLOP/s of all ranks; None: no MFU
         self._log: Optional[TextIO] = None
         self._tb = None
         self._t_last: Optional[float] = None
@@ -152,7 +162,7 @@ class MetricsLogger:
             "images_per_s": batch / dt if dt > 0 else None,
             "step_time_s": dt if dt > 0 else None,
             "tflops": flops / dt / 1e12 if dt > 0 else None,
-            "mfu": flops / dt / self.peak if dt > 0 else None,
+            "mfu": flops / dt / self.peak if dt > 0 and self.peak is not None else None,
             "peak_mem_gib": peak_memory_gib(self.device),
             "ctx_tokens": n_ctx, "tgt_tokens": n_tgt,
             "skipped_images": self.skipped_images,
@@ -170,7 +180,7 @@ class MetricsLogger:
                 if rec[k] is not None:
                     self._tb.add_scalar(f"train/{k}", rec[k], step)
         if step % self.cfg.log_every == 0 or step in (1, total_steps):
-            self.print(format_progress(rec, total_steps))
+            self.print(format_progress(rec, total_steps, has_mfu=self.peak is not None))
         return rec
 
     def close(self) -> None:
@@ -189,13 +199,16 @@ def _fmt(v: Optional[float], spec: str, none: str = "-") -> str:
     return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def format_progress(rec: Dict[str, Any], total: int) -> str:
+def format_progress(rec: Dict[str, Any], total: int, has_mfu: bool = True) -> str:
+    """The progress line of a step's record; ``has_mfu`` False: the run has no peak to divide by (a CPU run
+    without ``peak_tflops``), shown as ``MFU n/a`` rather than as an untimed step's ``-``."""
     width = len(str(total))
     mem = rec.get("peak_mem_gib")
     mfu = rec.get("mfu")
+    mfu_text = f"{_fmt(None if mfu is None else 100 * mfu, '.1f')}%" if has_mfu else "n/a"
     line = (f"step {rec['step']:{width}d}/{total}  ep {rec['epoch']}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
             f"wd {rec['wd']:.3f}  mom {rec['momentum']:.4f}  {_fmt(rec['images_per_s'], '.1f')} img/s  "
-            f"{_fmt(rec['tflops'], '.2f')} TFLOP/s  MFU {_fmt(None if mfu is None else 100 * mfu, '.1f')}%")
+            f"{_fmt(rec['tflops'], '.2f')} TFLOP/s  MFU {mfu_text}")
     if mem is not None:
         line += f"  mem {mem:.1f} GiB"
     if rec.get("skipped_images"):
@@ -203,5 +216,5 @@ def format_progress(rec: Dict[str, Any], total: int) -> str:
     return line
 
 
-__all__ = ["step_flops", "step_floors_ms", "gpu_name", "peak_memory_gib", "LogWriteError", "MetricsLogger",
-           "format_progress"]
+__all__ = ["step_flops", "step_floors_ms", "gpu_name", "peak_memory_gib", "mfu_peak_tflops", "LogWriteError",
+           "MetricsLogger", "format_progress"]
