@@ -91,7 +91,7 @@ _MIXED, _ALL_BF16, _ALL_FP16, _ALL_FP32 = ("W bf16, ψ fp32", _BF, _FP32), ("bf1
 # the predictor input ("context"), the noise weight gradient ("dw") and the isotropic / mask-token rows ("pos");
 # a dtype case is (label, W and b dtype, ψ dtype), the output in their promotion. CI: bf16 throughout
 # (stop_embed under bf16 autocast) for noise and dW, the predictor input's bf16 W with its fp32 ψ table
-# (fp32 output) for context and pos, and fp32 (no autocast: the configs the prune leaves) for all four.
+# (fp32 output) for context and pos, and fp32 (no autocast: the configs of the prune's fp32 lists) for all four.
 # float16 has bfloat16's element size, so the same configs, tiles and shared memory ("wide" runs it).
 # D = 512 adds the D_TILES = 4 configs, which the prune drops at D = 384 (the others compile as at 384).
 CI_STOP_CASES = [("noise", _ALL_BF16, D), ("dw", _ALL_BF16, D), ("noise", _ALL_BF16, 512), ("dw", _ALL_BF16, 512),
@@ -381,31 +381,19 @@ def _cfg(**kw):
 # Register spills found by this check and not fixed (ptxas -v agrees: spill stores/loads, 255 registers; see
 # REPORT / benchmarks/results/offline-sm90a/README.md). A config listed here must still spill (a fix then
 # deletes its line) and must compile and fit shared memory; any other failure fails the run.
-# float32 (never picked by "auto" for attention; StoP with fp32 weights and no autocast): the fp32 operand
-# tiles of these configs do not fit 255 registers.
+# float32 attention (never picked by "auto"): the 16-bit tiles of these configs do not fit 255 registers with fp32
+# operands. (The fp32 StoP configs that spilled were replaced by _FWD_CONFIGS_FP32 / _DW_CONFIGS_FP32.)
 _FP32_SPILLS = [
-    ("_project_kernel", "noise, fp32", _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, num_warps=4, num_stages=2)),
-    ("_project_kernel", "noise, fp32", _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, num_warps=8, num_stages=2)),
-    ("_project_kernel", "noise, fp32", _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, num_warps=8, num_stages=2)),
-    ("_project_kernel", "context, fp32", _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, num_warps=4, num_stages=2)),
-    ("_project_kernel", "context, fp32", _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, num_warps=8, num_stages=2)),
-    ("_project_kernel", "context, fp32", _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, num_warps=8, num_stages=2)),
-    ("_noise_weight_grad_kernel", "fp32", _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, num_warps=8, num_stages=3)),
-    ("_noise_weight_grad_kernel", "fp32", _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, num_warps=4, num_stages=2)),
-    ("_noise_weight_grad_kernel", "fp32", _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=64, num_warps=8, num_stages=2)),
-    ("_noise_weight_grad_kernel", "fp32", _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, num_warps=8, num_stages=2)),
-    ("_noise_weight_grad_kernel", "fp32", _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, num_warps=8, num_stages=3)),
     ("_attn_fwd_kernel", "float32 Dh=80 N=196", _cfg(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEADS=1)),
     ("_attn_bwd_dq_kernel", "float32 Dh=80 N=196",
      _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
     ("_attn_bwd_dkdv_kernel", "float32 Dh=80 N=196",
      _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
 ]
-# bfloat16: 12–68 B each. The isotropic predictor-input rows' 64 x 64 config; the fused backward's 16-key
-# candidate at head dim 64 and N <= 256 (ViT-B/L encoder; a candidate only, timed with STOP_KERNELS_ATTN_TUNE=1);
-# head dim 128 (one 128-wide chunk): the default forward at N > 128 and the default dK/dV at N <= 128.
+# bfloat16: 12–68 B each. The fused backward's 16-key candidate at head dim 64 and N <= 256 (ViT-B/L encoder; a
+# candidate only, timed with STOP_KERNELS_ATTN_TUNE=1); head dim 128 (one 128-wide chunk): the default forward
+# at N > 128 and the default dK/dV at N <= 128.
 _BF16_SPILLS_38 = [
-    ("_pos_noise_kernel", "isotropic, W bf16, ψ fp32", _cfg(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=1)),
     ("_attn_bwd_fused_kernel", "bfloat16 Dh=64 N=196", _cfg(VARIANT="fused", BLOCK_N=16, num_warps=8, num_stages=1)),
     ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=128 N=116",
      _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
@@ -415,18 +403,16 @@ _BF16_SPILLS_38 = [
     ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=128 N=196",
      _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
 ]
-# triton 3.6 (the GPU image's): the same fp32 configs but the 32-row context one, and in bf16 not the
-# isotropic 64 x 64 one; in addition head dim 128's one-tile 128 x 128 forward at N <= 256 (64 B) and the
-# default dK/dV of head dim 88 at N <= 256 (the ViT-g encoder's, 24 B)
-_FP32_SPILLS_36 = [k for k in _FP32_SPILLS if k[:2] != ("_project_kernel", "context, fp32") or k[2]["BLOCK_M"] != 32]
-_BF16_SPILLS_36 = _BF16_SPILLS_38[1:] + [
+# triton 3.6 (the GPU image's): the same, and in addition head dim 128's one-tile 128 x 128 forward at N <= 256
+# (64 B) and the default dK/dV of head dim 88 at N <= 256 (the ViT-g encoder's, 24 B)
+_BF16_SPILLS_36 = _BF16_SPILLS_38 + [
     ("_attn_fwd_kernel", "bfloat16 Dh=128 N=196", _cfg(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1)),
     ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=88 N=196",
      _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
 ]
 # per Triton version (major.minor) the CI scope's known spills; a version not listed must have none
 KNOWN_SPILLS = {"3.8": {_key(*k) for k in _FP32_SPILLS + _BF16_SPILLS_38},
-                "3.6": {_key(*k) for k in _FP32_SPILLS_36 + _BF16_SPILLS_36}}
+                "3.6": {_key(*k) for k in _FP32_SPILLS + _BF16_SPILLS_36}}
 
 
 def verdict(rows: List[Dict], known) -> List[str]:

@@ -524,9 +524,9 @@ def _config_problem(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("i", range(len(se._FWD_CONFIGS)))
+@pytest.mark.parametrize("i", range(len(se._FWD_CONFIGS + se._FWD_CONFIGS_FP32)))
 def test_every_forward_config_matches_reference(device, i):
-    cfg = se._FWD_CONFIGS[i]
+    cfg = (se._FWD_CONFIGS + se._FWD_CONFIGS_FP32)[i]  # (W is fp32 off CUDA: every list runs as tiles of the same math)
     pos, idx, w, b, a, _ = _config_problem(device)
     R, (D, E) = idx.numel(), w.shape
     seed, sigma = 77, 0.3
@@ -545,9 +545,9 @@ def test_every_forward_config_matches_reference(device, i):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("i", range(len(se._DW_CONFIGS)))
+@pytest.mark.parametrize("i", range(len(se._DW_CONFIGS + se._DW_CONFIGS_FP32)))
 def test_every_weight_grad_config_matches_reference(device, i, monkeypatch):
-    cfg = se._DW_CONFIGS[i]
+    cfg = (se._DW_CONFIGS + se._DW_CONFIGS_FP32)[i]
     pos, idx, w, b, a, go = _config_problem(device)
     R, (D, E) = idx.numel(), w.shape
     seed, sigma = 78, 0.3
@@ -586,13 +586,24 @@ def test_config_pruning_keeps_shared_memory_in_budget():
 
         def element_size(self):
             return self.n
-    bf16 = se._prune_fwd(se._FWD_CONFIGS, {"w_ptr": _W(2), "D": 384})
+    # the kernels' autotune lists (16-bit and fp32 configs), as their prunes see them on the GPU
+    fwd_all, dw_all = list(se._project_kernel.configs), list(se._noise_weight_grad_kernel.configs)
+    bf16 = se._prune_fwd(fwd_all, {"w_ptr": _W(2), "D": 384})
     assert any(c.kwargs["D_TILES"] == 3 for c in bf16)
     assert not any(c.kwargs["D_TILES"] == 4 for c in bf16)  # a whole wasted tile at D = 384
-    assert any(c.kwargs["D_TILES"] == 4 for c in se._prune_fwd(se._FWD_CONFIGS, {"w_ptr": _W(2), "D": 512}))
-    fp32 = se._prune_fwd(se._FWD_CONFIGS, {"w_ptr": _W(4), "D": 384})
-    assert 0 < len(fp32) < len(bf16)
-    assert se._prune_dw(se._DW_CONFIGS, {"w_ptr": _W(4), "D": 384})
+    assert any(c.kwargs["D_TILES"] == 4 for c in se._prune_fwd(fwd_all, {"w_ptr": _W(2), "D": 512}))
+    assert _ids(bf16) <= _ids(se._FWD_CONFIGS)
+    assert _ids(se._prune_dw(dw_all, {"w_ptr": _W(2), "D": 384})) <= _ids(se._DW_CONFIGS)
+    # float32 W: only (and all of) its own lists, whose tiles do not spill registers with fp32 operands
+    # (benchmarks/compile_check.py); the 16-bit tiles spilled 0.8–10 KB per thread
+    assert _ids(se._prune_fwd(fwd_all, {"w_ptr": _W(4), "D": 384})) == _ids(se._FWD_CONFIGS_FP32)
+    assert _ids(se._prune_dw(dw_all, {"w_ptr": _W(4), "D": 384})) == _ids(se._DW_CONFIGS_FP32)
+    assert _ids(se._prune_fwd(fwd_all, {"w_ptr": _W(4), "D": 512})) == _ids(se._FWD_CONFIGS_FP32)
+    assert not _ids(se._FWD_CONFIGS) & _ids(se._FWD_CONFIGS_FP32) and not _ids(se._DW_CONFIGS) & _ids(se._DW_CONFIGS_FP32)
+
+
+def _ids(configs):
+    return {se._config_id(c) for c in configs}
 
 
 def test_dw_row_splits_fill_whole_waves():

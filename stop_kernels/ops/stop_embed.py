@@ -58,14 +58,16 @@ def _cfg(**kw):
 # regenerated per D tile; the D_TILES = 1 configs regenerate it per D tile but run more programs
 # (R = 10752 rows are only 168 row blocks of 64 for 132 SMs). Shared memory per stage ≈ the Wᵀ rows
 # [4·BLOCK_K, BLOCK_D] per D tile (+ the A tile); configs over ~227 KB for the call's dtype are
-# pruned before tuning (_prune_fwd / _prune_dw), so fp32 calls only tune the small ones, as are
-# configs whose last D tile would lie entirely beyond D (D_TILES = 4 is for D = 512). ptxas for
-# sm_90a at ViT-H sizes (bf16, E4 = 320; `python benchmarks/ptxas_report.py --kernels stop`, no GPU
-# needed): no config spills (tests/test_ptxas_report.py keeps the full-D ones so); BLOCK_M = 32 runs
-# mma.sync instead of wgmma (wgmma needs 64 rows per warp group). With fp32 W (no autocast) the configs
-# the prune keeps spill (noise and dW: all, 0.8–10 KB; context: all with 3.8, all but BLOCK_M = 32 with
-# 3.6), as does the 64 x 64 _POS_CONFIGS entry with noise (36 B, 3.8 only): known spills of
-# `benchmarks/compile_check.py`, not yet addressed (no GPU timing).
+# pruned before tuning (_prune_fwd / _prune_dw), as are configs whose last D tile would lie entirely
+# beyond D (D_TILES = 4 is for D = 512). ptxas for sm_90a at ViT-H sizes (bf16, E4 = 320; `python
+# benchmarks/ptxas_report.py --kernels stop`, no GPU needed): no config spills (tests/test_ptxas_report.py
+# keeps the full-D ones so); BLOCK_M = 32 runs mma.sync instead of wgmma (wgmma needs 64 rows per warp group).
+# float32 W (no autocast) gets its own lists (_FWD_CONFIGS_FP32 / _DW_CONFIGS_FP32, chosen by the prune from
+# W's element size): its dots are IEEE fp32 FMA loops, not tensor-core MMAs, and every thread holds whole
+# 4·BLOCK_K-wide rows / columns of both operands in registers, so the 16-bit tiles above spilled 0.8–10 KB
+# of local memory per thread with fp32 W (benchmarks/compile_check.py, triton 3.6 and 3.8). The fp32 tiles
+# are smaller in K (4·BLOCK_K = 16–64) and compile without spills with both (97–212 registers, sm_90a);
+# that is a compiler fact, their speed is not measured (no GPU timing).
 # The interpreter bypasses autotuning (it would time every config) and takes tiles sized to the
 # problem (see _launch): its cost is per program. ``pin_configs`` forces one config (tests, tuning).
 _FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
@@ -84,7 +86,20 @@ _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]
-_POS_CONFIGS = [_cfg(BLOCK_M=32, BLOCK_K=32, w=4, s=1), _cfg(BLOCK_M=64, BLOCK_K=64, w=8, s=1)]
+# float32 W: see above (registers per config, sm_90a, triton 3.8: forward 108–212, dW 97–126; the
+# forward's 64 x 128 x (4·16) spilled 24 B with a bf16 ψ)
+_FWD_CONFIGS_FP32 = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=8, w=8, s=2),
+                     _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=8, w=4, s=2),
+                     _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=16, w=8, s=2),
+                     # all of D ≤ 384 in one program (the noise generated once per row block)
+                     _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=4, w=8, s=2)]
+_DW_CONFIGS_FP32 = [_cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=8, w=4, s=2),
+                    _cfg(BLOCK_M=16, BLOCK_D=128, D_TILES=1, BLOCK_K=16, w=8, s=2),
+                    _cfg(BLOCK_M=32, BLOCK_D=64, D_TILES=3, BLOCK_K=8, w=8, s=2),
+                    _cfg(BLOCK_M=16, BLOCK_D=128, D_TILES=3, BLOCK_K=8, w=8, s=2)]
+# ψ[idx] + v + σ·n: 8 elements per thread per quarter tile in both (64 x 64 with 8 warps, 16, spilled 24 B of
+# registers with noise, triton 3.8; 64 x 32 fits D = 384's D4 = 96 quarter columns in 3 programs exactly)
+_POS_CONFIGS = [_cfg(BLOCK_M=32, BLOCK_K=32, w=4, s=1), _cfg(BLOCK_M=64, BLOCK_K=32, w=8, s=1)]
 _SMEM_BUDGET = 227 * 1024
 
 
@@ -92,32 +107,38 @@ def _elt(t) -> int:
     return t.element_size() if hasattr(t, "element_size") else 4
 
 
+def _config_id(c):
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
 def _tiles_used(meta, D) -> bool:
     """False when a program's last D tile lies entirely beyond D (its MMAs would be wasted)."""
     return meta["D_TILES"] == 1 or (meta["D_TILES"] - 1) * meta["BLOCK_D"] < D
 
 
-def _prune_fwd(configs, named_args, **kw):
-    """Drop configs whose pipelined operand tiles exceed the shared memory of an H100/H200."""
+def _prune(configs, named_args, fp32_configs, stage_bytes):
+    """The configs of ``configs`` meant for W's element size (those of ``fp32_configs`` for float32 W, the
+    others for 16-bit W) whose pipelined operand tiles (``stage_bytes(meta, element size)`` per stage) fit
+    the shared memory of an H100/H200 and whose last D tile is used; the first one meant for W's element
+    size when none is left."""
     wb = _elt(named_args["w_ptr"])
-    keep = []
-    for c in configs:
-        m = c.kwargs
-        per_stage = 4 * m["BLOCK_K"] * wb * (m["D_TILES"] * m["BLOCK_D"] + m["BLOCK_M"])
-        if per_stage * max(c.num_stages, 1) <= _SMEM_BUDGET and _tiles_used(m, named_args["D"]):
-            keep.append(c)
-    return keep or configs[:1]
+    fp32_ids = {_config_id(c) for c in fp32_configs}
+    own = [c for c in configs if (_config_id(c) in fp32_ids) == (wb == 4)]
+    keep = [c for c in own if stage_bytes(c.kwargs, wb) * max(c.num_stages, 1) <= _SMEM_BUDGET
+            and _tiles_used(c.kwargs, named_args["D"])]
+    return keep or (own or configs)[:1]
+
+
+def _prune_fwd(configs, named_args, **kw):
+    """Per stage: the Wᵀ rows [4·BLOCK_K, D_TILES·BLOCK_D] and the A tile [BLOCK_M, 4·BLOCK_K]."""
+    return _prune(configs, named_args, _FWD_CONFIGS_FP32,
+                  lambda m, wb: 4 * m["BLOCK_K"] * wb * (m["D_TILES"] * m["BLOCK_D"] + m["BLOCK_M"]))
 
 
 def _prune_dw(configs, named_args, **kw):
-    wb = _elt(named_args["w_ptr"])
-    keep = []
-    for c in configs:
-        m = c.kwargs
-        per_stage = m["BLOCK_M"] * wb * (m["D_TILES"] * m["BLOCK_D"] + 4 * m["BLOCK_K"])
-        if per_stage * max(c.num_stages, 1) <= _SMEM_BUDGET and _tiles_used(m, named_args["D"]):
-            keep.append(c)
-    return keep or configs[:1]
+    """Per stage: gᵀ [D_TILES·BLOCK_D, BLOCK_M] and the noise tile [BLOCK_M, 4·BLOCK_K]."""
+    return _prune(configs, named_args, _DW_CONFIGS_FP32,
+                  lambda m, wb: m["BLOCK_M"] * wb * (m["D_TILES"] * m["BLOCK_D"] + 4 * m["BLOCK_K"]))
 
 
 _PINNED: dict = {}
@@ -215,7 +236,7 @@ def _project_epilogue(acc, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row
         out_ptrs += stride_oc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["E", "D", "NOISE"], prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.autotune(configs=_FWD_CONFIGS + _FWD_CONFIGS_FP32, key=["E", "D", "NOISE"], prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "N_COPIES"])
 def _project_kernel(a_ptr, stride_am, stride_ak,
                     idx_ptr, pos_ptr, stride_pp, stride_pd,
@@ -300,7 +321,7 @@ def _dw_store(base, dcol, D, E, e, e_ok, acc):
     tl.store(base + dcol[:, None] * E + e[None, :], acc, mask=(dcol < D)[:, None] & e_ok[None, :])
 
 
-@triton.autotune(configs=_DW_CONFIGS, key=["E", "D"], prune_configs_by={"early_config_prune": _prune_dw})
+@triton.autotune(configs=_DW_CONFIGS + _DW_CONFIGS_FP32, key=["E", "D"], prune_configs_by={"early_config_prune": _prune_dw})
 @triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "rows_per_split"])
 def _noise_weight_grad_kernel(g_ptr, stride_gg, stride_gr, stride_gd, w_ptr, dw_ptr,
                               R, E, E4, D, G, rows_per_split, key0, key1, sigma,
