@@ -2,7 +2,7 @@
 """Every Triton kernel of ``stop_kernels.ops`` in every config its launch wrappers can choose, compiled
 for sm_90a without a GPU (CI: tests/test_compile_check.py).
 
-    python benchmarks/compile_check.py [--jobs N] [--scope ci|wide|full] [--out FILE.json] [--list]
+    python benchmarks/compile_check.py [--jobs N] [--scope ci|wide|full] [--match REGEX] [--out FILE.json] [--list]
 
 For each (kernel, config) the launch wrapper itself builds the launch (arguments, constexprs, warps,
 stages: ``launch_project`` / ``noise_weight_grad`` / ``launch_pos_noise`` captured at their ``_launch``,
@@ -22,16 +22,18 @@ compiles, ~70 s of two cores; CI_STOP_CASES / CI_ATTN_CASES say why each case is
   Sizes change nothing else: E and D only enter through Triton's 16-divisibility specialisation.
 * ``_pos_noise_kernel``: both autotune configs, isotropic noise (no vector) and mask token (no noise).
 * ``_philox_normal_kernel``: its one launch (the tests' materialised noise).
-* attention: the forward and backward candidates (``_fwd_configs`` / ``_bwd_candidates``: what the
+* attention: the forward and backward candidates (``_fwd_candidates`` / ``_bwd_candidates``: what the
   tuner times with STOP_KERNELS_ATTN_TUNE=1; without it the first one that launches runs). A list is
-  picked by the N bucket (next_pow2(N)) and the head dim's power-of-two width, and its tiles are
-  clamped to the bucket, so each list is compiled at the top bucket of its range (512 stands for every
-  bucket beyond 256). Registers and shared memory depend on the head dim only through its chunks
-  (BD0, BD1) of ``_head_chunks`` (HEAD_DIM itself only masks columns; ``STOP_KERNELS_ATTN_SPLIT_D=0``
-  adds no chunk pair). float16 differs from bfloat16 only in conversion instructions (same element
-  size and tensor-core shapes); packed (varlen), separate dq/dk/dv (GRAD_GROUP = 1) and unaligned
-  strides (ALIGN = 1) in address arithmetic; these and float32 (the documented ieee path, never picked
-  by "auto") compile the default (first) candidates. tests/test_ptxas_report.py compiles every bf16
+  picked by the dtype (float32 has its own), the N bucket (next_pow2(N)), the head dim's power-of-two
+  width and its chunk width, and its tiles are clamped to the bucket, so each list is compiled at the top
+  bucket of its range (512 stands for every bucket beyond 256). Registers and shared memory depend on the
+  head dim only through its chunks (BD0, BD1) of ``_head_chunks`` (HEAD_DIM itself only masks columns;
+  ``STOP_KERNELS_ATTN_SPLIT_D=0`` adds no chunk pair). float16 differs from bfloat16 only in conversion
+  instructions (same element size and tensor-core shapes); packed (varlen), separate dq/dk/dv
+  (GRAD_GROUP = 1) and unaligned strides (ALIGN = 1) in address arithmetic; these compile the default
+  (first) candidates. float32 (the documented ieee path, never picked by "auto") compiles every candidate
+  of its lists at the widest head dim, at head dims 80 and 48 (width 48 has one more forward candidate)
+  and at the smallest bucket (a one-tile forward). tests/test_ptxas_report.py compiles every bf16
   candidate at the ViT-H/14 shapes (head dim 24 at N = 116 / 150, 80 at N = 74 / 256) with stricter
   loop checks, so the CI scope leaves those out.
 
@@ -53,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real JITFunctions
 
@@ -191,14 +193,18 @@ class _AttnCase(NamedTuple):
 #     its backward list is N <= 256's), N <= 256 and N > 256;
 #   width 128: head dim 128 (one 128 chunk, the widest) at N <= 128 (one-tile and persistent forms) and
 #     N <= 256; head dim 88 = 64 + 32 (ViT-g encoder) at N <= 256.
+# float32 (its own lists, tiles <= 32: the bucket only clamps them at N <= 16), every candidate: head dims
+# 128 (the widest), 80 (the encoder's) and 48 (width 48: the forward's 32 x 32 candidate) at N <= 256, and
+# head dim 16 at N <= 16 (one-tile forward).
 # Variants, first (default) candidates only: packed (varlen) at the ViT-H predictor's and encoder's
-# shapes; float16, float32, separate dq/dk/dv and unaligned strides at the encoder's.
+# shapes; float16, separate dq/dk/dv and unaligned strides at the encoder's.
 CI_ATTN_CASES = [
     _AttnCase(_BF, 24, 64), _AttnCase(_BF, 24, 512, candidates="fwd"),
     _AttnCase(_BF, 64, 128, candidates="fwd"), _AttnCase(_BF, 64, 256), _AttnCase(_BF, 64, 512),
     _AttnCase(_BF, 128, 128), _AttnCase(_BF, 128, 256), _AttnCase(_BF, 88, 256),
     _AttnCase(_BF, 24, 128, varlen=True, candidates="first"), _AttnCase(_BF, 80, 256, varlen=True, candidates="first"),
-    _AttnCase(_FP16, 80, 256, candidates="first"), _AttnCase(_FP32, 80, 256, candidates="first"),
+    _AttnCase(_FP32, 128, 256), _AttnCase(_FP32, 80, 256), _AttnCase(_FP32, 48, 256), _AttnCase(_FP32, 16, 16),
+    _AttnCase(_FP16, 80, 256, candidates="first"),
     _AttnCase(_BF, 80, 256, grad_group=1, candidates="first"),
     _AttnCase(_BF, 80, 256, aligned=False, candidates="first"),
 ]
@@ -239,8 +245,8 @@ def attention_specs(scope: str = "ci") -> List[Spec]:
     specs: List[Spec] = []
     for c in _attn_cases(scope):
         N, Dh = BUCKET_N[c.bucket], c.head_dim
-        fwd = A._fwd_configs(A._pow2(N), A._pow2(Dh))
-        bwd = A._bwd_candidates(N, Dh)
+        fwd = A._fwd_candidates(N, Dh, dtype=c.dtype)
+        bwd = A._bwd_candidates(N, Dh, dtype=c.dtype)
         for cfg in fwd[:1] if c.candidates == "first" else fwd:
             def make(c=c, cfg=cfg):
                 q, k, v, o, lse, do, cu, N = _attn_inputs(c)
@@ -374,45 +380,13 @@ def _key(kernel: str, label: str, config: Dict):
     return kernel, label, tuple(sorted(config.items()))
 
 
-def _cfg(**kw):
-    return kw
-
-
-# Register spills found by this check and not fixed (ptxas -v agrees: spill stores/loads, 255 registers; see
-# REPORT / benchmarks/results/offline-sm90a/README.md). A config listed here must still spill (a fix then
-# deletes its line) and must compile and fit shared memory; any other failure fails the run.
-# float32 attention (never picked by "auto"): the 16-bit tiles of these configs do not fit 255 registers with fp32
-# operands. (The fp32 StoP configs that spilled were replaced by _FWD_CONFIGS_FP32 / _DW_CONFIGS_FP32.)
-_FP32_SPILLS = [
-    ("_attn_fwd_kernel", "float32 Dh=80 N=196", _cfg(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEADS=1)),
-    ("_attn_bwd_dq_kernel", "float32 Dh=80 N=196",
-     _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    ("_attn_bwd_dkdv_kernel", "float32 Dh=80 N=196",
-     _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-]
-# bfloat16: 12–68 B each. The fused backward's 16-key candidate at head dim 64 and N <= 256 (ViT-B/L encoder; a
-# candidate only, timed with STOP_KERNELS_ATTN_TUNE=1); head dim 128 (one 128-wide chunk): the default forward
-# at N > 128 and the default dK/dV at N <= 128.
-_BF16_SPILLS_38 = [
-    ("_attn_bwd_fused_kernel", "bfloat16 Dh=64 N=196", _cfg(VARIANT="fused", BLOCK_N=16, num_warps=8, num_stages=1)),
-    ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=128 N=116",
-     _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-    ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=128 N=116",
-     _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
-    ("_attn_fwd_kernel", "bfloat16 Dh=128 N=196", _cfg(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEADS=1)),
-    ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=128 N=196",
-     _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)),
-]
-# triton 3.6 (the GPU image's): the same, and in addition head dim 128's one-tile 128 x 128 forward at N <= 256
-# (64 B) and the default dK/dV of head dim 88 at N <= 256 (the ViT-g encoder's, 24 B)
-_BF16_SPILLS_36 = _BF16_SPILLS_38 + [
-    ("_attn_fwd_kernel", "bfloat16 Dh=128 N=196", _cfg(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1)),
-    ("_attn_bwd_dkdv_kernel", "bfloat16 Dh=88 N=196",
-     _cfg(VARIANT="split", BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-]
-# per Triton version (major.minor) the CI scope's known spills; a version not listed must have none
-KNOWN_SPILLS = {"3.8": {_key(*k) for k in _FP32_SPILLS + _BF16_SPILLS_38},
-                "3.6": {_key(*k) for k in _FP32_SPILLS + _BF16_SPILLS_36}}
+# Register spills found by this check and not fixed, per Triton version (major.minor) of the CI scope; a
+# version not listed must have none. A config listed here must still spill (a fix then deletes its line) and
+# must compile and fit shared memory; any other failure fails the run. Empty: the float32 StoP and attention
+# configs, the 64 x 64 _POS_CONFIGS entry and the spilling bf16 attention candidates at head dims 64, 88 and
+# 128 that were listed here (16 B – 11 KB of local memory per thread, triton 3.6 and 3.8) were replaced by
+# configs that do not spill (benchmarks/results/offline-sm90a/compile_check.md)
+KNOWN_SPILLS: Dict[str, set] = {}
 
 
 def verdict(rows: List[Dict], known) -> List[str]:
@@ -438,19 +412,26 @@ def known_spills(scope: str = "ci"):
     return KNOWN_SPILLS.get(".".join(triton.__version__.split(".")[:2]), set()) if scope == "ci" else set()
 
 
-def _run_shard(index: int, count: int, scope: str) -> List[Dict]:
-    return [check(s) for i, s in enumerate(unique_specs(scope)) if i % count == index]
+def _matches(match: Optional[str], kernel: str, label: str) -> bool:
+    """Whether ``kernel [label]`` contains the regular expression ``match`` (None: everything)."""
+    return match is None or re.search(match, f"{kernel} [{label}]") is not None
 
 
-def run(jobs: int, scope: str = "ci") -> List[Dict]:
-    """Every unique spec checked, in ``jobs`` worker processes (each enumerates the specs and compiles
-    every jobs-th one), in the order of :func:`unique_specs`."""
+def _run_shard(index: int, count: int, scope: str, match: Optional[str] = None) -> List[Dict]:
+    specs = [s for s in unique_specs(scope) if _matches(match, s.kernel, s.label)]
+    return [check(s) for i, s in enumerate(specs) if i % count == index]
+
+
+def run(jobs: int, scope: str = "ci", match: Optional[str] = None) -> List[Dict]:
+    """Every unique spec (whose ``kernel [label]`` contains ``match``) checked, in ``jobs`` worker processes
+    (each enumerates the specs and compiles every jobs-th one), in the order of :func:`unique_specs`."""
     if jobs <= 1:
-        return _run_shard(0, 1, scope)
+        return _run_shard(0, 1, scope, match)
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", f"{i}/{jobs}", "--scope", scope],
-                              env=env, stdout=subprocess.PIPE, text=True)
+    extra = [] if match is None else ["--match", match]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", f"{i}/{jobs}", "--scope", scope,
+                               *extra], env=env, stdout=subprocess.PIPE, text=True)
              for i in range(jobs)]
     shards = []
     for p in procs:
@@ -470,24 +451,30 @@ def main(argv=None) -> int:
     ap.add_argument("--scope", choices=SCOPES, default="ci",
                     help="ci: the CI set (default); wide: every candidate of every head-dim class at every bucket "
                          "(~900 compiles); full: every head dim and the product of all variants (hours)")
+    ap.add_argument("--match", default=None, metavar="REGEX",
+                    help="only the specs whose 'kernel [label]' contains REGEX, e.g. '_project_kernel \\[.*fp32' "
+                         "or 'float32 Dh=128' (known spills outside it are not checked)")
     ap.add_argument("--out", default=None, help="write every row as JSON here")
     ap.add_argument("--list", action="store_true", help="print the (kernel, config) list without compiling")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # worker: "i/n", JSON rows on stdout
     args = ap.parse_args(argv)
     if args.shard:
         i, n = (int(x) for x in args.shard.split("/"))
-        json.dump(_run_shard(i, n, args.scope), sys.stdout)
+        json.dump(_run_shard(i, n, args.scope, args.match), sys.stdout)
         return 0
     if args.list:
         for s in unique_specs(args.scope):
+            if not _matches(args.match, s.kernel, s.label):
+                continue
             print(f"{s.kernel} | {s.label} | {s.config}")
         return 0
     t0 = time.time()
-    rows = run(args.jobs, args.scope)
+    rows = run(args.jobs, args.scope, args.match)
     for r in rows:
         if r["problem"]:
             print(f"{r['kernel']} [{r['label']}] {r['config']}: {r['problem']}")
-    problems = verdict(rows, known_spills(args.scope))
+    known = {k for k in known_spills(args.scope) if _matches(args.match, k[0], k[1])}
+    problems = verdict(rows, known)
     for p in problems:
         print(f"FAIL {p}")
     import triton

@@ -77,8 +77,7 @@ def attention_rows():
         q, k, v = qkv.unbind(2)
         o, do = torch.empty(B, N, H, Dh, dtype=dt), torch.empty(B, N, H, Dh, dtype=dt)
         lse = torch.empty(B, H, N, dtype=torch.float32)
-        bucket, bd = A._pow2(N), A._pow2(Dh)
-        for cfg in A._fwd_configs(bucket, bd):
+        for cfg in A._fwd_candidates(N, Dh):
             with A._force_config(fwd=cfg):
                 p, _ = A._make_plan(q, k, v, None, False, N, Dh ** -0.5)
             rows.append(dict(kernel=f"attn fwd {label} N={N} Dh={Dh}", config=cfg,

@@ -257,6 +257,65 @@ def test_persistent_forward_packed_key_loop_skips_past_end(count_calls, monkeypa
         _check(q, k, v, None, torch.float16, cu_seqlens=cu)
 
 
+def _fwd_c(bm, bn, w, st):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, HEADS=1)
+
+
+def _split_c(bm, bn, w, st=2):
+    return dict(VARIANT="split", BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+
+
+def test_candidate_lists_leave_out_the_spilling_configs(monkeypatch):
+    """The candidates that spilled registers (benchmarks/compile_check.py: sm_90a, triton 3.6 and 3.8) are
+    gone or no longer the default; the ViT-H/14 lists (head dims 24 and 80, GPU-timed) are unchanged."""
+    # ViT-H/14: head dim 80 (64 + 16) keeps its list, while the head dims sharing its padded width 128 do not
+    assert A._fwd_candidates(196, 80) == [_fwd_c(128, 32, 4, 3), _fwd_c(128, 128, 8, 2), _fwd_c(128, 64, 8, 2),
+                                          _fwd_c(64, 128, 8, 2), _fwd_c(64, 64, 8, 2)]
+    assert A._bwd_candidates(196, 80) == [_split_c(64, 64, 4), _split_c(64, 64, 8), _split_c(64, 128, 8)]
+    assert A._bwd_candidates(196, 24)[:2] == [_split_c(64, 64, 4), _split_c(32, 64, 4)]
+    # bf16, head dims 128 (one 128 chunk) and 88 (64 + 32, ViT-g): split(64, 64, 4) dK/dV spilled (128: both
+    # versions; 88: 3.6), split(64, 128, 8) too at 128, the forward default c(128, 32, 4, 3) at 128, N > 128
+    for N in (116, 196):
+        for D in (88, 128):
+            bwd = A._bwd_candidates(N, D)
+            assert bwd[0] == _split_c(64, 64, 8) and _split_c(64, 64, 4) not in bwd, (N, D, bwd)
+        assert _split_c(64, 128, 8) not in A._bwd_candidates(N, 128)
+    fwd128 = A._fwd_candidates(196, 128)
+    assert fwd128[0] == _fwd_c(128, 64, 8, 2) and _fwd_c(128, 32, 4, 3) not in fwd128
+    assert all(c["VARIANT"] == "split" for c in A._bwd_candidates(196, 64))  # fused(16, 8) spilled 16 B
+    # float32 (IEEE FMA dots): small tiles, split backward only (the 16-bit ones spilled 2.4–11 KB)
+    for D in (16, 48, 80, 128):
+        for N in (9, 196, 1000):
+            fwd = A._fwd_candidates(N, D, dtype=torch.float32)
+            bwd = A._bwd_candidates(N, D, dtype=torch.float32)
+            assert fwd and all(c["BLOCK_M"] <= 32 and c["BLOCK_N"] <= 32 for c in fwd), (N, D, fwd)
+            assert bwd and all(c["VARIANT"] == "split" and c["BLOCK_M"] * c["BLOCK_N"] <= 256 for c in bwd)
+    # and the launch plan of float32 inputs takes them (the interpreter runs the first candidate)
+    monkeypatch.setattr(A, "_TUNE_CACHE", {})
+    monkeypatch.setattr(A, "_PLANS", {})
+    q, k, v, _ = _qkv(1, 37, 2, 80, torch.float32)
+    p = A._get_plan(q, k, v, None, 37, 80 ** -0.5)
+    want = A._fwd_candidates(37, 80, dtype=torch.float32)[0]
+    assert {key: p.fwd_kw[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")} == \
+        {key: want[key] for key in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    o, lse = A._fwd(q, k, v, None, 37, 80 ** -0.5)
+    bp, _ = A._make_bwd_plan(q, k, v, None, False, 37, 80 ** -0.5, o, lse, torch.randn_like(o))
+    want = A._bwd_candidates(37, 80, dtype=torch.float32)[0]
+    assert not bp.fused and (bp.kw["BLOCK_M"], bp.kw["BLOCK_N"]) == (want["BLOCK_M"], want["BLOCK_N"])
+
+
+@pytest.mark.parametrize("D,N", [(24, 37), (128, 37), (16, 9)])
+def test_float32_candidates_vs_float64(D, N):
+    """Every float32 candidate (forward and backward, paired in turn) against float64: head dim 24 (width 32,
+    two forward candidates), 128 (the widest) and one tile of keys and queries (N <= 16)."""
+    fwd, bwd = A._fwd_candidates(N, D, dtype=torch.float32), A._bwd_candidates(N, D, dtype=torch.float32)
+    for i in range(max(len(fwd), len(bwd))):
+        torch.manual_seed(50 + i)
+        q, k, v, _ = _qkv(1, N, 2, D, torch.float32)
+        with A._force_config(fwd=fwd[i % len(fwd)], bwd=bwd[i % len(bwd)]):
+            _check(q, k, v, None, torch.float32)
+
+
 def test_float32_path_and_scale():
     torch.manual_seed(3)
     q, k, v, _ = _qkv(1, 37, 2, 40, torch.float32)

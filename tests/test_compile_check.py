@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from _bench_scripts import ROOT, import_bench_script, nvidia_tools_available
 
@@ -53,12 +54,28 @@ def test_ci_scope_covers_every_kernel_and_every_config(check_module):
     for case in check_module.CI_ATTN_CASES:
         N, Dh = check_module.BUCKET_N[case.bucket], case.head_dim
         fwd = [s.config for s in specs if s.kernel == "_attn_fwd_kernel" and s.label == case.label()]
-        want = A._fwd_configs(A._pow2(N), A._pow2(Dh))
+        want = A._fwd_candidates(N, Dh, dtype=case.dtype)
         assert fwd == (want[:1] if case.candidates == "first" else want), case
         bwd = [s.config for s in specs if s.kernel in ("_attn_bwd_fused_kernel", "_attn_bwd_dq_kernel")
                and s.label == case.label()]
-        want = {"all": A._bwd_candidates(N, Dh), "first": A._bwd_candidates(N, Dh)[:1], "fwd": []}[case.candidates]
+        bwd_all = A._bwd_candidates(N, Dh, dtype=case.dtype)
+        want = {"all": bwd_all, "first": bwd_all[:1], "fwd": []}[case.candidates]
         assert bwd == want, case
+
+
+def test_ci_scope_covers_every_float32_attention_candidate(check_module):
+    """float32 attention has its own candidate lists: CI compiles every candidate of them (the 16-bit
+    defaults it ran before spilled 2.4–11 KB per thread), at the widest head dim and at the smallest bucket."""
+    fp32 = [c for c in check_module.CI_ATTN_CASES if c.dtype == torch.float32]
+    assert {c.candidates for c in fp32} == {"all"}
+    assert max(c.head_dim for c in fp32) == 128 and min(c.bucket for c in fp32) == 16
+
+
+def test_match_restricts_the_specs(check_module, capsys):
+    """--match REGEX keeps the specs whose 'kernel [label]' contains it (--list shows which)."""
+    assert check_module.main(["--list", "--match", r"_project_kernel \[noise, fp32\]"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("_project_kernel | noise, fp32 |") for line in lines), lines
 
 
 def test_verdict_allows_exactly_the_known_spills(check_module):

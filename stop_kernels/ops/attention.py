@@ -770,23 +770,34 @@ def _head_chunks(D: int, split: Optional[bool] = None) -> Tuple[int, int]:
     return (bd0, bd1) if bd0 + bd1 < full else (full, 0)
 
 
-def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
+def _fwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
+                 dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
     """Forward candidates (heuristic default first) for bucket = next_pow2(max_seqlen) >= 16.
 
+    ``width``: the head dim's register width BD0 + BD1 (default ``block_d``); ``dtype``: the inputs'.
     Small head dim: the whole key sequence in one tile for N <= 128 (BLOCK_N = bucket, no key
     loop, no rescaling), 32/64-key blocks for N <= 256, and a two-heads-per-program variant. Last,
     for N <= 128 (both head dims): the persistent one-tile form, ``PERSIST`` programs per SM, as
     many as fit by registers and shared memory (ptxas, sm_90a: 128x128 with 8 warps 170 registers at
     Dh 24 and 226 at Dh 80, one CTA per SM; 64x128 with 4 warps 219 registers, two; 64x64 96, five).
     Register use checked offline with ptxas for sm_90a (no spills for these: tests/test_ptxas_report.py).
-    At head dim 128 (one 128-wide chunk; lists are keyed by the padded width, so it shares head dim 80's)
-    the default c(128, 32, 4, 3) for N > 128 spills 24–28 B (bf16, triton 3.6 and 3.8; with 3.6 also the
-    one-tile c(128, 128, 8, 2), 64 B): known spills of benchmarks/compile_check.py.
+    The lists are keyed by the padded width ``block_d``, so head dims 88 / 96 (width 96 = 64 + 32) and
+    104–128 (one 128 chunk) share head dim 80's (width 80 = 64 + 16, whose order came from GPU timings);
+    at width 128 and N > 128 its default c(128, 32, 4, 3) spilled 24–32 B and c(128, 128, 8, 2) 64 B with
+    triton 3.6 (bf16), so width 128 has its own list there, without them.
+    float32 (the IEEE path: FMA dots, every thread holds whole head-dim rows of its Q and K operands in
+    registers) gets 16 x 16 tiles with 8 warps, + 32 x 32 up to width 48: the 16-bit tiles spill there
+    (the former default at head dim 80, c(128, 32, 4, 3), 10.8 KB of local memory per thread). Every
+    candidate compiles without spills with triton 3.6 and 3.8 (benchmarks/compile_check.py); that is a
+    compiler fact, the speed of the new lists is not measured (no GPU timing).
     """
     def c(bm, bn, w, st=1, heads=1, persist=0):
         d = dict(BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st, HEADS=heads)
         return dict(d, PERSIST=persist) if persist else d
-    if block_d <= 32:
+    width = block_d if width is None else width
+    if dtype == torch.float32:
+        cands = [c(16, 16, 8, 2)] + ([c(32, 32, 8, 2)] if width <= 48 else [])
+    elif block_d <= 32:
         if bucket <= 64:
             cands = [c(64, 64, 4), c(32, 64, 4), c(64, 64, 4, 1, 2), c(64, 64, 4, 2, persist=5)]
         elif bucket <= 128:
@@ -806,8 +817,10 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
         if bucket <= 128:
             cands = [c(128, 128, 8), c(128, 64, 8, 2), c(64, 128, 8), c(64, 64, 8, 2), c(128, 128, 8, 2, persist=1),
                      c(64, 128, 8, 2, persist=1)]
-        else:
+        elif width <= 96:
             cands = [c(128, 32, 4, 3), c(128, 128, 8, 2), c(128, 64, 8, 2), c(64, 128, 8, 2), c(64, 64, 8, 2)]
+        else:
+            cands = [c(128, 64, 8, 2), c(64, 128, 8, 2), c(64, 64, 8, 2)]
     out: List[Dict] = []
     for d in cands:  # dedupe after clamping to the bucket
         if d not in out:
@@ -815,7 +828,8 @@ def _fwd_configs(bucket: int, block_d: int) -> List[Dict]:
     return out
 
 
-def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List[Dict]:
+def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
+                 dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
     """Backward candidates: VARIANT 'fused' (one program per (sequence, head), all queries in one
     tile, N <= 256) or 'split' (δ+dQ launch, then dK/dV launch). Heuristic default first.
 
@@ -838,13 +852,23 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List
     # `benchmarks/ptxas_report.py`, kept so by tests/test_ptxas_report.py); fused(32, 4) at N <= 128,
     # fused(16, 4) at N <= 256 and split(32, 64, 4) / split(64, 32, 4) at head dim 80 did (20–380 B);
     # split(128, 64, 8) at head dim 80 does too, split(64, 128, 8) does not. Other head dims (every list:
-    # benchmarks/compile_check.py, tests/test_compile_check.py) spill a few bytes (triton 3.8, bf16):
-    # fused(16, 8) at head dim 64 and N <= 256 (12 B), and at head dim 128 split(64, 64, 4) at N <= 128
-    # and split(64, 128, 8) (32–68 B, dK/dV); with triton 3.6 (the GPU image's) also the default
-    # split(64, 64, 4) dK/dV at head dim 88 = 64 + 32 and N <= 256 (the ViT-g encoder's, 24 B). Listed
-    # there as known spills; not yet timed on a GPU
+    # benchmarks/compile_check.py, tests/test_compile_check.py, triton 3.6 and 3.8, bf16): fused(16, 8) at
+    # head dim 64 and N <= 256 spilled 16 B with both (dropped); head dim 80's list (width 80) spills at
+    # the widths that share its block_d: split(64, 64, 4) dK/dV 24 B at width 96 (head dim 88, the ViT-g
+    # encoder's; triton 3.6) and 72–88 B at width 128, split(64, 128, 8) dK/dV 24–48 B at width 128 and 8–24 B
+    # at width 96 when packed (both versions), so widths 96 and 128 have their own lists: split(64, 64, 8)
+    # first (no spill with either version, batched or packed, at N > 32; at N <= 32 it clamps to 32 x 32,
+    # which spills 32 B at width 96, as the former default's 32 x 32 with 4 warps did, 48 B with 3.8), and at width 128
+    # split(64, 32, 4) (split(32, 64, 4) spilled 8–24 B packed with 3.6). float32
+    # (IEEE FMA dots; the 16-bit defaults spilled 2.4–11 KB) gets one candidate, split(16, 16, 2): the only
+    # tile of those tried (16 x 32, 32 x 16, 16 x 16 with 2 or 4 warps) that spilled at no head-dim chunk
+    # class, bucket and layout (batched / packed) with triton 3.6, and only 16 B at head dim 40 / 48 and
+    # N <= 16 with 3.8; the others spilled 4–550 B somewhere with both versions. Removing spills is a
+    # compiler fact; the speed of these lists is not measured (no GPU timing)
     width = block_d if width is None else width
-    if block_d <= 32 and bucket <= 64:
+    if dtype == torch.float32:
+        cands = [split(16, 16, 2)]
+    elif block_d <= 32 and bucket <= 64:
         cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4), fused(64, 4, 2, persist=2)]
     elif block_d <= 32 and bucket <= 128:
         cands = [fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4), fused(128, 8),
@@ -852,13 +876,17 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List
     elif block_d <= 32 and bucket <= 256:
         cands = [split(64, 64, 4), split(32, 64, 4), fused(16, 8), split(64, 64, 8)]
     elif block_d <= 64 and bucket <= 256:
-        cands = [split(64, 64, 4), fused(16, 8), split(64, 64, 8), split(32, 64, 4)]
+        cands = [split(64, 64, 4), split(64, 64, 8), split(32, 64, 4)]
     elif block_d <= 64:
         cands = [split(64, 64, 4), split(64, 64, 8), split(32, 64, 4), split(64, 32, 4)]
-    else:
+    elif width <= 80:
         cands = [split(64, 64, 4), split(64, 64, 8), split(64, 128, 8)]
-        if bucket <= 128 and width <= 80:
+        if bucket <= 128:
             cands.append(fused(128, 8))
+    elif width <= 96:
+        cands = [split(64, 64, 8)]
+    else:
+        cands = [split(64, 64, 8), split(64, 32, 4)]
     out: List[Dict] = []
     for d in cands:
         if d not in out:
@@ -866,10 +894,16 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None) -> List
     return out
 
 
-def _bwd_candidates(N: int, D: int, split: Optional[bool] = None) -> List[Dict]:
-    """The backward candidates for sequence length (or max_seqlen) ``N`` and head dim ``D``, with
-    the head dim split as ``split`` says (default: HEAD_DIM_SPLIT), as the launch plan sees them."""
-    return _bwd_configs(_pow2(N), _pow2(D), sum(_head_chunks(D, split)))
+def _fwd_candidates(N: int, D: int, split: Optional[bool] = None, dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
+    """The forward candidates for sequence length (or max_seqlen) ``N``, head dim ``D`` and input ``dtype``,
+    with the head dim split as ``split`` says (default: HEAD_DIM_SPLIT), as the launch plan sees them."""
+    return _fwd_configs(_pow2(N), _pow2(D), sum(_head_chunks(D, split)), dtype)
+
+
+def _bwd_candidates(N: int, D: int, split: Optional[bool] = None, dtype: torch.dtype = torch.bfloat16) -> List[Dict]:
+    """The backward candidates for sequence length (or max_seqlen) ``N``, head dim ``D`` and input ``dtype``,
+    with the head dim split as ``split`` says (default: HEAD_DIM_SPLIT), as the launch plan sees them."""
+    return _bwd_configs(_pow2(N), _pow2(D), sum(_head_chunks(D, split)), dtype)
 
 
 _TUNE_CACHE: Dict[Tuple, Dict] = {}
@@ -1214,8 +1248,8 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
                             torch.empty(p.lse_shape, dtype=torch.float32, device=q.device)])
         _attn_fwd_kernel[grid](q, k, v, scratch[0], scratch[1], cu_arg, *args, **kw)
 
-    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT), _fwd_configs(bucket, block_d), launch, q.is_cuda,
-                           traced)
+    cfg, ok = _pick_config("fwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT),
+                           _fwd_configs(bucket, block_d, bd0 + bd1, q.dtype), launch, q.is_cuda, traced)
     grid, p.fwd_args, p.fwd_kw = parts(cfg)
     p.fwd = _launcher(_attn_fwd_kernel, grid, traced)
     return p, ok
@@ -1266,8 +1300,8 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
             scratch.append(torch.empty(lse.shape, dtype=torch.float32, device=q.device))
         _run_bwd(parts(cfg), cu_arg, q, k, v, o, lse, do, scratch[:3], delta=scratch[3])
 
-    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT), _bwd_candidates(N, D), launch,
-                           q.is_cuda, traced)
+    cfg, ok = _pick_config("bwd", (bucket, D, q.dtype, varlen, HEAD_DIM_SPLIT),
+                           _bwd_candidates(N, D, dtype=q.dtype), launch, q.is_cuda, traced)
     return parts(cfg, traced), ok
 
 
