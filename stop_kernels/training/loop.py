@@ -392,9 +392,16 @@ def train(cfg: TrainConfig) -> List[float]:
         local_batch(cfg, info.world_size)  # before the data folder is read and the models are built
         _on_every_rank(check_init_from, cfg, info)  # (validate() leaves it here when there are several ranks)
         if cfg.benchmark:
-            return run_benchmark(cfg, info)
-        with out_lock(cfg.out, info):
-            return _train(cfg, info)
+            result = run_benchmark(cfg, info)
+        else:
+            with out_lock(cfg.out, info):
+                result = _train(cfg, info)
+        # every rank has finished before any destroys the process group: a rank that tore its gloo connections
+        # down while another was still finishing made that one abort at exit now and then ('terminate called
+        # without an active exception', SIGABRT after a complete run). On the success path only: after an
+        # error on one rank a barrier would wait for the others, which wait for it in their next collective
+        D.barrier(info)
+        return result
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingOutOfMemory(f"{out_of_memory_advice(cfg, info.world_size)}\n{e}") from e
     finally:
