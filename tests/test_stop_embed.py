@@ -212,12 +212,15 @@ def odd_case(device, case):
     elif case == "no-bias":
         b = None
         idx = torch.randint(0, P, (3, 4), generator=g)
+    elif case == "strided-bias":  # every other element of a buffer: the kernels read b[d] at unit stride
+        b = torch.randn(2 * D, generator=g)[::2].to(device)
+        idx = torch.randint(0, P, (3, 4), generator=g)
     return pos, idx.to(device), w, b
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["M=1", "rank1", "rank3", "rank4-int32", "noncontig-idx", "noncontig-weight-pos",
-                                  "strided-idx", "no-bias"])
+                                  "strided-idx", "no-bias", "strided-bias"])
 def test_odd_shapes_match_reference_backend(device, case):
     pos, idx, w, b = odd_case(device, case)
     out = stop_embed(pos, idx, w, b, noise_std=0.5, generator=gen(3), backend="triton")
