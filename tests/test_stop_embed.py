@@ -151,6 +151,28 @@ def test_each_gradient_alone_matches_reference_backend(device, leaf):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["column-strided", "broadcast-over-D"])
+def test_gradients_for_an_output_gradient_of_any_strides(device, layout):
+    """The output gradient reaches backward as autograd made it: a view with a column stride of 2, or expanded
+    over D (stride 0, as from a per-row broadcast). The dW kernel must read it with its D stride."""
+    P, D, E, shape = sizes(device)
+    pos, idx, w, b = inputs(device, P, D, E, shape, seed=8)
+    g = gen(9)
+    if layout == "column-strided":
+        go = torch.randn(shape + (2 * D,), generator=g)[..., ::2].to(device)
+    else:
+        go = torch.randn(shape + (1,), generator=g).to(device).expand(shape + (D,))
+    assert go.stride(-1) != 1
+    grads = {}
+    for be in ("triton", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (pos, w, b)]
+        out = stop_embed(leaves[0], idx, leaves[1], leaves[2], noise_std=0.3, generator=gen(10), backend=be)
+        grads[be] = torch.autograd.grad(out, leaves, go)
+    for name, got, want in zip(("pos_embed", "weight", "bias"), grads["triton"], grads["reference"]):
+        assert rel(got, want) <= 1e-5, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bf16_gradients(device):
     P, D, E, shape = sizes(device)
     pos, idx, w, b = inputs(device, P, D, E, shape)
