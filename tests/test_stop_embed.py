@@ -337,6 +337,9 @@ def _bad_cases():
     return {
         "idx-out-of-range": (dict(idx=idx + 10), ValueError, "idx"),
         "idx-negative": (dict(idx=idx - 11), ValueError, "idx"),
+        # the bounds themselves: P would read one row past ψ, -1 one row before it
+        "idx-equals-P": (dict(idx=torch.tensor([[3, 10, 0], [9, 1, 2]])), ValueError, "idx"),
+        "idx-minus-one": (dict(idx=torch.tensor([[3, -1, 0], [9, 1, 2]])), ValueError, "idx"),
         "idx-float": (dict(idx=idx.float()), TypeError, "idx"),
         "idx-scalar": (dict(idx=torch.tensor(1)), ValueError, "idx"),
         "weight-1d": (dict(weight=w[0]), ValueError, "weight"),
