@@ -197,6 +197,12 @@ def test_bf16_gradients_and_noncontiguous_inputs(device):
     assert not (ctx_nc.is_contiguous() or ctx_idx_nc.is_contiguous() or w_nc.is_contiguous())
     args = (ctx_nc, ctx_idx_nc, tgt_nc, w_nc, b, pos, mask)
     assert rel(run(args, "triton", "learned"), run(args, "reference", "learned")) <= 1e-5
+    # ctx as a column slice of a wider buffer: ctx.reshape(B·Nc, E) stays a view (the transposed ctx above is
+    # copied by it), so the context GEMM must read A with its own row and column strides
+    ctx_cols = torch.stack([ctx, ctx.flip(0)], -1).flatten(-2)[..., ::2]
+    assert ctx_cols.reshape(B * Nc, E).stride() == (2 * E, 2) and torch.equal(ctx_cols, ctx)
+    args_cols = (ctx_cols, ctx_idx_nc, tgt_nc, w_nc, b, pos, mask)
+    assert rel(run(args_cols, "triton", "learned"), run(args_cols, "reference", "learned")) <= 1e-5
     # bf16 (ψ stays fp32): every gradient within bf16 rounding of the float64 reference
     leaves = [ctx_nc.bfloat16(), w_nc.bfloat16(), b.bfloat16(), pos]
     leaves = [t.detach().clone() if i == 3 else t.detach() for i, t in enumerate(leaves)]
