@@ -299,6 +299,12 @@ def test_autocast_takes_ctx_weight_and_bias_in_its_dtype_on_every_backend(device
     want = assemble_predictor_input(ctx.bfloat16(), ctx_idx, tgt, w.bfloat16(), b.bfloat16(), pos,
                                     generator=gen(1), backend=backend)
     assert out.dtype == torch.float32 and rel(out, want) <= 1e-6
+    with torch.autocast(device, dtype=torch.bfloat16):  # mode "none": the mask token is taken in bf16 too
+        out = assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, noise_mode="none", mask_token=mask,
+                                       backend=backend)
+    want = assemble_predictor_input(ctx.bfloat16(), ctx_idx, tgt, w.bfloat16(), b.bfloat16(), pos, noise_mode="none",
+                                    mask_token=mask.bfloat16(), backend=backend)
+    assert out.dtype == torch.float32 and rel(out, want) <= 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
