@@ -525,6 +525,8 @@ def test_bad_cu_seqlens_kind():
         A.attention(q, q, q, cu_seqlens=torch.tensor([[0, 10]], dtype=torch.int32, device=DEV))
     with pytest.raises(ValueError, match="max_seqlen"):
         A.attention(q, q, q, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32, device=DEV), max_seqlen=4)
+    with pytest.raises(ValueError, match="max_seqlen"):  # one short of the sequence: its last row would be dropped
+        A.attention(q, q, q, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32, device=DEV), max_seqlen=9)
 
 
 def test_cu_seqlens_checked_again_after_in_place_change():
