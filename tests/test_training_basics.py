@@ -499,21 +499,28 @@ def test_step_averages_the_loss_over_ranks(tmp_path, cpu_train, monkeypatch):
 
 def test_logged_schedules_follow_the_step(tmp_path, cpu_train):
     """The JSONL log's lr, wd and momentum of step s (1-based) are the schedules of its index s - 1 (warm-up
-    counted in steps: warmup_epochs / epochs of the steps)."""
+    and the holds counted in steps: warmup_epochs, lr_hold_epoch and wd_hold_epoch / epochs of the steps).
+    The holds are checked here, through train(), as well: the schedule functions' own tests pass ``hold``
+    themselves, so a loop that dropped lr_hold_epoch (or handed the weight decay the lr's hold) passed them."""
     from stop_kernels.training.loop import train
     from _train_helpers import read_log
-    cfg = tiny(tmp_path, steps=6, epochs=2, warmup_epochs=0.5)  # warm-up: round(6 · 0.5 / 2) = 2 steps
+    # warm-up round(6 · 1 / 3) = 2 steps; lr held from step count 4, wd from 2 (two different holds: swapped, or
+    # one handed to both, they show)
+    cfg = tiny(tmp_path, steps=6, epochs=3, warmup_epochs=1.0, lr_hold_epoch=2.0, wd_hold_epoch=1.0)
     train(cfg)
     recs = [r for r in read_log(tmp_path) if "lr" in r]
     assert [r["step"] for r in recs] == list(range(1, 7))
+    lr_kw = dict(warmup=2, total=6, start_lr=cfg.start_lr, ref_lr=cfg.lr, final_lr=cfg.final_lr)
+    wd_kw = dict(total=6, ref_wd=cfg.weight_decay, final_wd=cfg.final_weight_decay)
     for r in recs:
         s = r["step"] - 1
-        assert r["lr"] == pytest.approx(lr_at(s, warmup=2, total=6, start_lr=cfg.start_lr, ref_lr=cfg.lr,
-                                              final_lr=cfg.final_lr), rel=1e-12), s
-        assert r["wd"] == pytest.approx(wd_at(s, total=6, ref_wd=cfg.weight_decay,
-                                              final_wd=cfg.final_weight_decay), rel=1e-12), s
+        assert r["lr"] == pytest.approx(lr_at(s, hold=4, **lr_kw), rel=1e-12), s
+        assert r["wd"] == pytest.approx(wd_at(s, hold=2, **wd_kw), rel=1e-12), s
         assert r["momentum"] == pytest.approx(momentum_at(s, total=6, start=cfg.ema_start, end=cfg.ema_end),
                                               rel=1e-12), s
+    # the holds changed the last steps' values (else the checks above could not tell a dropped hold)
+    assert recs[-1]["lr"] != pytest.approx(lr_at(5, **lr_kw), rel=1e-3)
+    assert recs[-1]["wd"] != pytest.approx(wd_at(5, **wd_kw), rel=1e-3)
 
 
 def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
