@@ -535,6 +535,23 @@ def test_collectives_skip_a_one_rank_group(monkeypatch):
     assert torch.equal(D.all_reduce_mean_(t, three), torch.tensor([2.0, 4.0]))  # ×3 summed, then / 3
 
 
+@pytest.mark.parametrize("problems, want", [
+    ([None, None, None], None),
+    (["disk full", None, None], "disk full (on rank 0 of 3)"),
+    ([None, "no such file", "also missing"], "no such file (on ranks 1, 2 of 3)"),
+])
+def test_agree_reports_the_first_failing_rank_whichever_it_is(monkeypatch, problems, want):
+    """agree() is what makes every rank stop together; outside the torchrun tests nothing checked it. Each rank
+    must get the first failing rank's message naming all failing ranks, rank 0 included (a check that skipped
+    rank 0 would let the others run on into a collective that rank 0, stopped, never joins)."""
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), problems))
+    for rank in range(3):  # every rank, whatever its own outcome, gets the same answer
+        info = D.DistInfo(rank, 3, rank, 3, torch.device("cpu"), "gloo", False)
+        assert D.agree(problems[rank], info) == want
+    assert D.agree("only mine", D.DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo", True)) == "only mine"
+
+
 # ------------------------------------------------------------------------------------------------
 # cuda_graphs.GraphedForward's bookkeeping, the CUDA graph calls stood in by a recording fake
 # ------------------------------------------------------------------------------------------------
