@@ -350,3 +350,25 @@ def test_resume_of_a_checkpoint_missing_a_ranks_rng_file_stops_before_training(t
     with pytest.raises(ConfigError, match=r"^resume: cannot read .*step_00000001/rng_rank0.pt, the RNG states"):
         loop.train(tiny(tmp_path, steps=2, resume=True))
     assert (tmp_path / "log.jsonl").read_text() == before
+
+
+def test_a_resume_on_another_world_size_reseeds_away_from_the_first_steps_noise(tmp_path, cpu_train, monkeypatch,
+                                                                                capsys):
+    """A checkpoint of another world size has no RNG file for this rank layout: the run re-seeds. The StoP noise
+    of the resumed steps must not replay the run's first steps' (a re-seed from the run's seed alone would hand
+    step k the noise of step 0 again), so the step after the resume starts from another stream than step 0."""
+    from stop_kernels.training import loop
+    states = []
+    real = loop.Trainer.step_micro
+
+    def recording(self, *a, **kw):  # the global generator the StoP noise of this step draws from
+        states.append(torch.get_rng_state())
+        return real(self, *a, **kw)
+    monkeypatch.setattr(loop.Trainer, "step_micro", recording)
+    loop.train(tiny(tmp_path, steps=1))
+    meta = tmp_path / "checkpoints" / "step_00000001" / "meta.json"
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), world_size=2)))  # as if written by 2 ranks
+    loop.train(tiny(tmp_path, steps=2, resume=True))
+    assert "RNG re-seeded: world size changed" in capsys.readouterr().out
+    assert len(states) == 2
+    assert not torch.equal(states[1], states[0]), "the resumed step replays the first step's noise"
