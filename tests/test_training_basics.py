@@ -323,18 +323,33 @@ def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, c
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train, grad_accum):
+def test_resume_in_one_process_is_bitwise(tmp_path, cpu_train, monkeypatch, grad_accum):
     """Also with gradient accumulation: the data position counts micro-batches, so a resumed run loads the
-    micro-batches the uninterrupted one would have."""
-    from stop_kernels.training.loop import train
-    full = train(tiny(tmp_path / "full", steps=5, grad_accum=grad_accum))
-    train(tiny(tmp_path / "part", steps=5, ckpt_every=2, keep_ckpts=5, grad_accum=grad_accum))
+    micro-batches the uninterrupted one would have. Three steps per epoch (12 images, batch 4): the resumed
+    checkpoint, step 4, lies inside the second epoch (a resume inside the first one passed with a loop that
+    restarted every later epoch at its first batch). And the uninterrupted run trains on each epoch's own
+    batches (a loop that fed every epoch the first one's order resumed bitwise just as well)."""
+    from stop_kernels.data.datasets import TrainData
+    from stop_kernels.training.loop import Trainer, train
+    small = dict(steps=6, synthetic_size=12, grad_accum=grad_accum)
+    fed, step_micro = [], Trainer.step_micro
+
+    def recording(self, micro, *a, **kw):
+        fed.append([imgs for imgs, _, _ in micro])
+        return step_micro(self, micro, *a, **kw)
+    monkeypatch.setattr(Trainer, "step_micro", recording)
+    full = train(tiny(tmp_path / "full", **small))
+    data = TrainData(tiny(tmp_path / "full", **small))
+    want = [[imgs for imgs, _, _ in micro] for epoch in (0, 1) for micro, _ in data.steps(epoch)]
+    assert len(fed) == len(want) == 6
+    assert all(torch.equal(g, w) for got, exp in zip(fed, want) for g, w in zip(got, exp))
+    train(tiny(tmp_path / "part", ckpt_every=2, keep_ckpts=5, **small))
     import shutil
     for d in (tmp_path / "part" / "checkpoints").iterdir():
-        if d.name != "step_00000002":
+        if d.name != "step_00000004":
             shutil.rmtree(d)
-    rest = train(tiny(tmp_path / "part", steps=5, resume=True, grad_accum=grad_accum))
-    assert rest == full[2:]
+    rest = train(tiny(tmp_path / "part", resume=True, **small))
+    assert rest == full[4:]
 
 
 @pytest.mark.parametrize("mode, shown", [("none", "noise none (mask token)) on"), ("isotropic", "noise isotropic σ=0.5) on")])
