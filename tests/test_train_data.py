@@ -91,6 +91,16 @@ def test_train_data_resumes_mid_epoch_with_the_same_batches():
         TrainData(TrainConfig(**dict(TINY, synthetic_size=4, batch_size=8)))
 
 
+def test_an_epoch_has_as_many_steps_as_iters_per_epoch_when_the_batch_does_not_divide_it():
+    """iters_per_epoch drops the last partial step (drop-last) and steps() yields exactly that many: the loop
+    numbers epochs by it (step // iters_per_epoch), so one step more than steps() yields left it asking the
+    same epoch for a step it never gets, for ever. 7 images per rank, batches of 2 micro-batches of 1."""
+    cfg = TrainConfig(**dict(TINY, synthetic_size=14, batch_size=4, grad_accum=2))
+    data = TrainData(cfg, rank=1, world_size=2)
+    assert (data.batch_size, data.micro_batch, data.iters_per_epoch) == (2, 1, 3)
+    assert len(list(data.steps(0))) == len(list(data.steps(1, first_step=1))) + 1 == data.iters_per_epoch
+
+
 def test_ranks_and_epochs_see_different_images_and_masks():
     """Two ranks of one epoch split the images and draw their own masks; the next epoch reshuffles."""
     cfg = TrainConfig(**dict(TINY, synthetic_size=48, batch_size=8))
