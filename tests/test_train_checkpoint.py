@@ -245,3 +245,20 @@ def test_load_restores_every_random_generator_the_save_captured(tmp_path):
     assert torch.equal(got[0], want[0])
     assert got[1] == want[1]
     assert np.array_equal(got[2], want[2])
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    """A step saved a second time (a re-run over a published step_N) replaces the first save: its folder is
+    published over the old one (which cannot take a rename onto it) and the load reads the new weights, with no
+    step_N.old left behind. Only the state between the two renames was tested, never the save itself."""
+    ck = Checkpointer(str(tmp_path), single(), keep=2)
+    m, opt = model_and_opt()
+    ck.save(1, m, opt, {"epoch": 0})
+    with torch.no_grad():
+        m[0].weight.add_(torch.randn(m[0].weight.shape))
+    second = snapshot(m)
+    ck.save(1, m, opt, {"epoch": 0})
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
+    m2, opt2 = model_and_opt(seed=4)
+    ck.load(latest_checkpoint(str(tmp_path)), m2, opt2)
+    assert all(torch.equal(v, second[k]) for k, v in snapshot(m2).items())
