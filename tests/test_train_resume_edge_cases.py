@@ -372,3 +372,24 @@ def test_a_resume_on_another_world_size_reseeds_away_from_the_first_steps_noise(
     assert "RNG re-seeded: world size changed" in capsys.readouterr().out
     assert len(states) == 2
     assert not torch.equal(states[1], states[0]), "the resumed step replays the first step's noise"
+
+
+def test_an_export_of_an_earlier_step_of_this_run_is_redone_after_a_kill(tmp_path, cpu_train, monkeypatch):
+    """A run exported at step 2, then continued to step 3 and killed while exporting: the export on disk is the
+    run's own, of step 2, and the requeued job must replace it with step 3's (export_complete compares the
+    step in the files' metadata: files of the same run that merely exist are not the export of this step)."""
+    from safetensors import safe_open
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2, export=True))
+    real_export = loop.export
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed while exporting")
+    monkeypatch.setattr(loop, "export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(tiny(tmp_path, steps=3, export=True, resume=True))
+    monkeypatch.setattr(loop, "export", real_export)
+    assert loop.train(tiny(tmp_path, steps=3, export=True, resume=True)) == []  # nothing to train: export only
+    for n in ("encoder", "target_encoder"):
+        with safe_open(str(tmp_path / "export" / f"{n}.safetensors"), "pt") as fh:
+            assert fh.metadata()["step"] == "3", n
