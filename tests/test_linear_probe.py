@@ -325,11 +325,14 @@ def test_probe_reports_val_accuracy_with_training_class_indices(setup, tmp_path,
     monkeypatch.setattr(lp, "accuracy", lambda *a, **k: scored.append(a[2]) or real_acc(*a, **k))
     out = tmp_path / "r.json"
     lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-             "--out", str(out), "--penalties", "1e-2,1e-4", "--max-iter", "50", "--heldout", "0.5", "--seed", "3",
+             "--out", str(out), "--penalties", "1e-4,1e-2", "--max-iter", "50", "--heldout", "0.5", "--seed", "3",
              "--quiet"])
     r = json.loads(out.read_text())
     assert (sweeps[0]["heldout"], sweeps[0]["seed"]) == (0.5, 3)
     assert fits[-1] == r["penalty"] and r["heldout_top1"][repr(r["penalty"])] == max(r["heldout_top1"].values())
+    # the penalties are given smallest first and the sweep's tie (every held-out image right) goes to the larger:
+    # a final fit that took the first listed penalty instead of the chosen one fails the check above
+    assert r["penalty"] == 1e-2
     va = torch.load(r["cache"]["val"], weights_only=True)
     # labels: the training split's class indices (class 0 is absent from val), in the sorted file order
     assert va["samples"] == sorted(va["samples"])
