@@ -9,7 +9,11 @@
 * ``count_calls(module, name)`` counts the calls of a module function for one test.
 * ``cpu_train``: the training tests' fast CPU setting (reference StoP path, one thread, the CPU even where a
   GPU is visible).
+* ``@pytest.mark.needs("PIL", ...)``: the test is skipped, naming the module, where one of these optional
+  packages (image files, torchvision transforms, safetensors exports) is not installed: a bare torch +
+  triton environment (such as a GPU image's) runs every other test instead of erroring on these.
 """
+import importlib.util
 import os
 import pathlib
 
@@ -28,6 +32,15 @@ def pytest_configure(config):
     failing with a TypeError from inside triton)."""
     if triton_interpreting() and triton_interpreter_problem():
         pytest.exit("tests need the Triton CPU interpreter, but " + triton_interpreter_problem(), returncode=4)
+    config.addinivalue_line("markers", "needs(*modules): skip unless these optional modules are importable")
+
+
+def pytest_runtest_setup(item):
+    """Skip a ``needs``-marked test before its fixtures run (a module-scoped fixture may write the images)."""
+    for mark in item.iter_markers("needs"):
+        missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
+        if missing:
+            pytest.skip(f"needs {', '.join(missing)}, not installed (optional)")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("STOP_KERNELS_FIXTURES", REPO.parent / "shared" / "fixtures"))

@@ -7,10 +7,19 @@ import pytest
 import torch
 
 from stop_kernels.data.datasets import ImageFolderDataset, ResumableDistributedSampler, SyntheticImages, TrainData
-from stop_kernels.data.transforms import make_transforms
 from stop_kernels.training.config import ConfigError, TrainConfig
 
 from _train_helpers import TINY
+
+# image folders need PIL to write and read the files and torchvision for the transforms (both optional:
+# the other tests of this file run without them)
+FOLDERS = pytest.mark.needs("PIL", "torchvision")
+
+
+def make_transforms(*args, **kwargs):
+    """stop_kernels.data.transforms.make_transforms, imported at the call (that module imports PIL and torchvision)."""
+    from stop_kernels.data.transforms import make_transforms as make
+    return make(*args, **kwargs)
 
 
 def make_folder(root, per_class=2, classes=("a", "b"), corrupt=True, size=40):
@@ -26,6 +35,7 @@ def make_folder(root, per_class=2, classes=("a", "b"), corrupt=True, size=40):
     return root
 
 
+@FOLDERS
 def test_corrupt_image_is_substituted_and_counted(tmp_path):
     root = make_folder(tmp_path / "imgs")
     ds = ImageFolderDataset(str(root), make_transforms(32, (0.3, 1.0), hflip=True, color_jitter=0.5,
@@ -40,6 +50,7 @@ def test_corrupt_image_is_substituted_and_counted(tmp_path):
     assert not torch.equal(ds[1][0], items[1][0])
 
 
+@FOLDERS
 def test_missing_or_empty_folder_fails_before_any_model(tmp_path, monkeypatch):
     from stop_kernels.training import loop
 
@@ -57,6 +68,7 @@ def test_missing_or_empty_folder_fails_before_any_model(tmp_path, monkeypatch):
         loop.train(TrainConfig(**dict(TINY, data=str(empty), out=str(tmp_path / "o"))))
 
 
+@FOLDERS
 def test_training_on_a_folder_with_a_corrupt_jpeg(tmp_path, cpu_train):
     from stop_kernels.training.loop import train
     root = make_folder(tmp_path / "imgs")
@@ -140,6 +152,7 @@ def test_build_dataset_synthetic_follows_the_seed():
     assert a.shape == (3, 32, 32) and not torch.equal(a, b)
 
 
+@FOLDERS
 def test_image_folder_layout_labels_and_train_subfolder(tmp_path):
     """Classes are the sorted sub-folders (of root/train when it exists) and each image's label is its
     folder's index."""
@@ -152,6 +165,7 @@ def test_image_folder_layout_labels_and_train_subfolder(tmp_path):
     assert [ds[i][1] for i in range(len(ds))] == list(range(5))
 
 
+@FOLDERS
 def test_corrupt_last_image_wraps_to_the_first_and_counts_every_skip(tmp_path):
     """Substitution runs modulo the length (the last sample falls back to the first), two consecutive
     unreadable files count 2, and the collate function sums the counts (not the samples that skipped)."""
@@ -173,6 +187,7 @@ def test_corrupt_last_image_wraps_to_the_first_and_counts_every_skip(tmp_path):
     assert out[0].shape == (3, 3, 16, 16) and out[3] == 3
 
 
+@FOLDERS
 def test_augmentation_seed_depends_on_the_index_and_leaves_the_global_rng(tmp_path):
     """Two copies of one file get different crops (the seed includes the index), and loading a sample
     does not move torch's global generator (the training RNG stream is not the loader's business)."""
@@ -186,6 +201,7 @@ def test_augmentation_seed_depends_on_the_index_and_leaves_the_global_rng(tmp_pa
     assert not torch.equal(x0, x1)
 
 
+@FOLDERS
 def test_train_data_redraws_folder_augmentations_each_epoch(tmp_path):
     """TrainData passes the epoch to the dataset: epoch 1's images are not a reordering of epoch 0's."""
     root = make_folder(tmp_path / "imgs", per_class=2, corrupt=False, size=48)
@@ -211,6 +227,7 @@ def _expected(img, size):
     return (torch.from_numpy(arr).permute(2, 0, 1) - mean) / std
 
 
+@FOLDERS
 def test_transform_crop_scale_flip_and_normalisation():
     """crop_scale (1, 1) keeps the whole image: the output is the resized image normalised with ImageNet's
     mean/std; without hflip it is never flipped, with it both orientations occur; the default scale crops."""
@@ -231,6 +248,7 @@ def test_transform_crop_scale_flip_and_normalisation():
     assert not torch.allclose(make_transforms(16)(img), want, atol=1e-2)
 
 
+@FOLDERS
 def test_optional_augmentations_follow_their_flags():
     """Each optional augmentation is present only when its flag (or the config's) asks for it, colour jitter
     with the official strengths and p 0.8; the blur's p and radius are honoured."""
@@ -285,6 +303,7 @@ def test_offline_driver_is_restored():
     assert driver._active is before
 
 
+@FOLDERS
 def test_a_step_of_micro_batches_counts_the_skips_of_all_of_them(tmp_path):
     """With grad_accum, a step's unreadable-image count is the sum over its micro-batches: over an epoch it
     is every broken file once, wherever the shuffle put them."""
@@ -299,6 +318,7 @@ def test_a_step_of_micro_batches_counts_the_skips_of_all_of_them(tmp_path):
         assert [s for _, s in steps] == [sum(per_micro)] == [2], (epoch, per_micro)
 
 
+@FOLDERS
 def test_loading_a_sample_leaves_the_device_generators_alone(tmp_path, monkeypatch):
     """Review finding: the per-sample augmentation seed went through torch.manual_seed, which reseeds every
     CUDA device's generator too, while fork_rng(devices=[]) restores only the CPU one: with num_workers 0 a
@@ -320,6 +340,7 @@ def test_loading_a_sample_leaves_the_device_generators_alone(tmp_path, monkeypat
         assert torch.equal(x, ds.transform(ds.load(ds.samples[1][0])))
 
 
+@FOLDERS
 def test_image_folder_refuses_out_of_range_indices(tmp_path):
     """Review finding: the substitution's wrap-around (i + k) mod n also served indices outside the dataset,
     ds[len(ds)] as ds[0] and ds[-1] as the last image, and iterating the dataset (the __getitem__ protocol,
@@ -359,6 +380,7 @@ def test_worker_random_streams_differ_across_ranks_and_epochs_and_repeat_across_
         assert not (r0e0[:, None] == other[None]).any()  # not one draw of any of the three generators repeats
 
 
+@FOLDERS
 def test_class_index_mapping_skips_hidden_folders_and_keeps_empty_classes(tmp_path):
     """What scan_image_folder's docstring states against torchvision's ImageFolder: a hidden folder is no
     class (labels do not shift after it), a class folder without images keeps its index."""
@@ -371,6 +393,7 @@ def test_class_index_mapping_skips_hidden_folders_and_keeps_empty_classes(tmp_pa
     assert [(p.split("/")[-2], label) for p, label in samples] == [("a", 0), ("c", 2)]
 
 
+@FOLDERS
 @pytest.mark.parametrize("kw, exc, name", [
     (dict(max_substitutions=0), ValueError, "max_substitutions"), (dict(max_substitutions=2.0), TypeError,
                                                                     "max_substitutions"),
@@ -386,6 +409,7 @@ def test_image_folder_names_a_bad_argument(tmp_path, kw, exc, name):
         ImageFolderDataset(str(root), **args)
 
 
+@FOLDERS
 def test_a_run_of_unreadable_images_names_the_first_file(tmp_path):
     """Review finding: when max_substitutions unreadable files in a row stopped the loader, the RuntimeError
     (all the main process sees of a worker's failure) named the folder only, not one of the files."""
