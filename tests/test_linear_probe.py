@@ -22,6 +22,8 @@ from stop_kernels.models.official import official_checkpoint, official_state_dic
 COLOURS = {"n00000001": (200, 40, 40), "n00000002": (40, 190, 60), "n00000003": (40, 60, 200),
            "n00000004": (210, 200, 40)}  # red, green, blue, yellow
 N_TRAIN, N_VAL = 10, 5
+# the image folders and the probe's eval transform (optional packages: the other tests run without them)
+IMAGES = pytest.mark.needs("PIL", "torchvision")
 
 
 def make_folder(root, n_train=N_TRAIN, n_val=N_VAL, seed=0):
@@ -72,6 +74,7 @@ def first_run(setup):
     return json.loads(out.read_text())
 
 
+@IMAGES
 def test_probe_separates_colour_classes(first_run):
     r = first_run
     assert r["top1"] >= 0.9, r
@@ -81,6 +84,7 @@ def test_probe_separates_colour_classes(first_run):
     assert not r["cache"]["train_hit"] and not r["cache"]["val_hit"]
 
 
+@IMAGES
 def test_features_are_cached_and_reused(setup, first_run, monkeypatch):
     root, data, ckpt, target = setup
     for split in ("train", "val"):
@@ -108,6 +112,7 @@ def test_features_are_cached_and_reused(setup, first_run, monkeypatch):
         lp.run_probe(str(ckpt), str(data), cache_dir=str(root / "cache"), device="cpu", last_k=2, verbose=False)
 
 
+@IMAGES
 def test_subset_file_is_honoured(setup):
     root, data, ckpt, _ = setup
     names = sorted(COLOURS)
@@ -127,6 +132,7 @@ def test_subset_file_is_honoured(setup):
         lp.run_probe(str(ckpt), str(data), subset=str(sub), cache_dir=str(root / "cache"), verbose=False)
 
 
+@pytest.mark.needs("PIL", "torchvision", "safetensors")
 def test_safetensors_encoder_gives_the_same_features(setup, tmp_path):
     from safetensors.torch import save_file
 
@@ -147,6 +153,7 @@ def test_safetensors_encoder_gives_the_same_features(setup, tmp_path):
         torch.testing.assert_close(feat.encode(enc, x, last_k=3), torch.stack(outs[-3:]).mean(0))
 
 
+@IMAGES
 def test_bad_inputs(setup, tmp_path):
     root, data, ckpt, _ = setup
     cache = str(root / "cache")
@@ -180,6 +187,7 @@ def test_bad_inputs(setup, tmp_path):
         lp.parse_penalties("1e-3,-1")
 
 
+@IMAGES
 def test_classifier_settings_are_checked_before_any_extraction(setup, tmp_path, monkeypatch):
     """Review findings: --heldout 1.5 was refused only after both splits' features were extracted (hours
     on ImageNet), and --max-iter 0 reported the all-zero classifier's accuracy as the result."""
@@ -203,6 +211,7 @@ def test_classifier_settings_are_checked_before_any_extraction(setup, tmp_path, 
         lp.fit_logistic_regression(torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1, max_iter=0)
 
 
+@IMAGES
 def test_cache_key_follows_the_image_files(setup, tmp_path, monkeypatch):
     """An image replaced under the same name (a regenerated folder) must not reuse the old features."""
     root, data, ckpt, _ = setup
@@ -268,6 +277,7 @@ def test_infer_encoder_sizes_every_preset(name, patch, img):
         feat.check_sizes(sizes, patch_size=patch + 2)
 
 
+@IMAGES
 def test_result_file_is_replaced_atomically(setup, tmp_path, monkeypatch):
     """A write that fails part-way (disk full) leaves the previous result, not a torn file."""
     import errno
@@ -291,6 +301,7 @@ def test_result_file_is_replaced_atomically(setup, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("res.json.*")), "a temporary file was left behind"
 
 
+@IMAGES
 # ----------------------------------------------------------------------------------------------
 # mutation audit: the classifier's maths, the split, the transform, the encoder choice, the cache key
 # ----------------------------------------------------------------------------------------------
@@ -434,6 +445,7 @@ def test_sweep_ties_go_to_the_largest_penalty(monkeypatch):
     torch.testing.assert_close(fitted[0].std(0, unbiased=False), torch.ones(4), rtol=0, atol=1e-5)
 
 
+@IMAGES
 def test_single_image_classes_are_refused_before_any_extraction(setup, tmp_path, monkeypatch):
     """A training split with one image per class leaves nothing to hold out for the sweep: refused up front,
     not after the features of both splits were extracted."""
@@ -453,6 +465,7 @@ def test_single_image_classes_are_refused_before_any_extraction(setup, tmp_path,
         lp.run_probe(str(ckpt), str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"), device="cpu", verbose=False)
 
 
+@IMAGES
 def test_eval_transform_resizes_crops_and_normalises_like_imagenet(tmp_path):
     """Short side to img·256/224 (bicubic), centre crop, ImageNet mean/std; a grayscale file gives 3 channels.
     The expected tensor is computed with PIL and the published ImageNet constants."""
@@ -514,6 +527,7 @@ def test_extract_features_builds_no_graph_and_keeps_the_order(tmp_path):
             feat.resolve_device("cuda")
 
 
+@IMAGES
 def test_cache_key_follows_the_checkpoint_and_the_labels(setup, tmp_path):
     """A checkpoint retrained in place keeps its size (same architecture) but not its mtime; a class index
     that changes (a class added to the training split) changes the key too, or stale labels are reused."""
@@ -604,6 +618,7 @@ def test_help_names_every_checkpoint_form():
     assert "training run" in text and "step_*" in text and ".safetensors" in text
 
 
+@IMAGES
 def test_a_training_split_of_one_class_is_refused_before_any_extraction(setup, tmp_path, monkeypatch):
     """Review finding: a training split (folder or --subset) whose images are all of one class gave a
     classifier that can only answer that class, and the probe wrote 'top-1 100.00%' for a one-class folder
@@ -630,6 +645,7 @@ def test_a_training_split_of_one_class_is_refused_before_any_extraction(setup, t
                      verbose=False)
 
 
+@IMAGES
 def test_a_run_folder_is_pinned_to_one_checkpoint_for_the_whole_probe(tmp_path, cpu_train, monkeypatch):
     """Review finding: a run folder was resolved to its newest checkpoint three times (the path check, the
     encoder, then each split's cache key). A checkpoint saved by the training run while the train features
@@ -793,6 +809,7 @@ def test_official_normalisation_is_the_scripts():
         lp.official_normalise(torch.cat([train[:, :4], torch.ones(13, 1)], 1), val)
 
 
+@pytest.mark.needs("torchvision")
 def test_official_transform_and_precision():
     """logistic_eval.py: Resize(256 if res == 224 else res) (bilinear, torchvision's default), CenterCrop(res);
     its features are fp32 even on a GPU."""
@@ -812,6 +829,7 @@ def test_official_transform_and_precision():
             call()
 
 
+@IMAGES
 def test_official_protocol_end_to_end(setup, first_run, tmp_path):
     """--protocol official: its own cache entries (another transform), fp32 features of the untouched 32 px
     images (its Resize(32) and CenterCrop(32) keep them), the fixed lambd / N without a held-out sweep, a
@@ -849,6 +867,7 @@ def test_official_protocol_end_to_end(setup, first_run, tmp_path):
     assert one["num_train"] == 4 and one["relative_gap_bound"] <= lp.OFFICIAL_RTOL
 
 
+@IMAGES
 def test_official_protocol_settings_are_checked_before_any_extraction(setup, tmp_path, monkeypatch):
     """--lambd belongs to --protocol official, --penalties and --heldout to --protocol project: each refused by
     name in the other protocol, as are an unknown protocol and a --lambd that is not a finite number > 0."""

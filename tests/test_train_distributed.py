@@ -163,6 +163,7 @@ def _run_with_cwd_per_rank(tmp_path, cwds, *args):
     return _run_with_prelude(tmp_path, f"os.chdir({[str(c) for c in cwds]!r}[int(os.environ['RANK'])])", *args)
 
 
+@pytest.mark.needs("safetensors")
 def test_an_export_that_fails_on_the_main_rank_stops_every_rank(tmp_path):
     """The main rank alone writes the export: when its first file fails (a full disk), every rank stops with the
     error naming the file. Rank 1 used to go on into the second file's gather and wait there for rank 0."""
@@ -297,7 +298,7 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank(tmp_path, rank, name, wh
     assert {"meta.json", ".metadata", "rng_rank0.pt", "rng_rank1.pt"} <= set(os.listdir(folder / "step_00000002"))
 
 
-@pytest.mark.parametrize("key", ["data", "init_from"])
+@pytest.mark.parametrize("key", [pytest.param("data", marks=pytest.mark.needs("PIL", "torchvision")), "init_from"])
 def test_a_path_one_rank_does_not_see_stops_every_rank(tmp_path, key):
     """A data folder or init_from file that one node does not see (a relative path, a node-local disk): every rank
     stops with the same ConfigError, naming the key and the rank, before any model is built. A rank that stopped

@@ -61,6 +61,7 @@ def test_mask_settings_are_validated_with_the_key_named(argv, key):
         parse_config(argv)
 
 
+@pytest.mark.needs("safetensors")
 def test_resume_after_a_kill_during_the_export_still_exports(tmp_path, cpu_train, monkeypatch):
     from stop_kernels.training import loop
     real_export = loop.export
@@ -77,6 +78,7 @@ def test_resume_after_a_kill_during_the_export_still_exports(tmp_path, cpu_train
     assert (tmp_path / "export" / "target_encoder.safetensors").is_file()
 
 
+@pytest.mark.needs("safetensors")
 def test_a_finished_runs_export_is_kept_on_resume(tmp_path, cpu_train):
     """The export carries its training step in the safetensors metadata: a requeued job of a run that already
     exported finds it complete and leaves it as it is (no second write of the encoders)."""
@@ -92,6 +94,7 @@ def test_a_finished_runs_export_is_kept_on_resume(tmp_path, cpu_train):
     assert [f.stat().st_mtime_ns for f in files] == written
 
 
+@pytest.mark.needs("PIL", "torchvision")
 def test_skipped_images_count_survives_a_resume(tmp_path, cpu_train):
     from stop_kernels.training.loop import train
     from test_train_data import make_folder
@@ -144,6 +147,7 @@ def test_first_step_after_a_checkpoint_is_untimed(tmp_path, cpu_train):
     assert all(r["images_per_s"] > 0 for r in recs if r["step"] in (2, 4))
 
 
+@pytest.mark.needs("safetensors")
 @pytest.mark.parametrize("steps_b", [3, 2])
 def test_an_earlier_runs_export_is_not_taken_for_this_runs(tmp_path, cpu_train, monkeypatch, steps_b):
     """Run A exports; run B (fresh, in the same --out; as long as A, or longer) dies at its own export

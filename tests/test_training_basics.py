@@ -268,6 +268,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, cpu_train):
     assert a == b
 
 
+@pytest.mark.needs("safetensors")
 def test_export_loads_into_an_encoder(tmp_path, cpu_train):
     from safetensors.torch import load_file
     from stop_kernels.models import vit_encoder
