@@ -104,8 +104,19 @@ def test_loader_takes_low_precision_checkpoints_as_float32(official_fixture):
             torch.testing.assert_close(t, sd[name].reshape(t.shape).float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world\n", b"not a checkpoint\n", "truncated"],
-                         ids=["empty", "text", "text2", "truncated"])
+NOT_CHECKPOINTS = pytest.mark.parametrize("content", [b"", b"hello world\n", b"not a checkpoint\n", "truncated"],
+                                          ids=["empty", "text", "text2", "truncated"])
+
+
+def _not_a_checkpoint(tmp_path, content) -> bytes:
+    """``content``, or for "truncated" the first 300 bytes of a torch.save file."""
+    if content == "truncated":
+        torch.save({"encoder": {"w": torch.zeros(1000)}}, tmp_path / "whole.pth.tar")
+        content = (tmp_path / "whole.pth.tar").read_bytes()[:300]
+    return content
+
+
+@NOT_CHECKPOINTS
 def test_a_file_that_is_no_checkpoint_is_a_named_error(tmp_path, content):
     """Review finding: a file torch.load cannot read (empty, text, a torch.save file cut short) escaped as pickle's
     KeyError 101 / EOFError / UnpicklingError (whose advice is to load with weights_only=False), naming neither the
@@ -113,18 +124,21 @@ def test_a_file_that_is_no_checkpoint_is_a_named_error(tmp_path, content):
     from stop_kernels.eval.features import load_encoder
     from stop_kernels.plots import predictor_tables_from_checkpoint
     path = tmp_path / "file.pth.tar"
-    if content == "truncated":
-        torch.save({"encoder": {"w": torch.zeros(1000)}}, path)
-        content = path.read_bytes()[:300]
-    path.write_bytes(content)
+    path.write_bytes(_not_a_checkpoint(tmp_path, content))
     with pytest.raises(ValueError, match=r"^ckpt: cannot read .*file\.pth\.tar as a torch checkpoint"):
         load_official_checkpoint(path)
     with pytest.raises(ValueError, match=r"^--checkpoint: cannot read .*file\.pth\.tar as a torch checkpoint"):
         load_encoder(str(path))
     with pytest.raises(ValueError, match=r"^--checkpoint: cannot read .*file\.pth\.tar as a torch checkpoint"):
         predictor_tables_from_checkpoint(str(path))
+
+
+@NOT_CHECKPOINTS
+@pytest.mark.needs("safetensors")  # (the torch files above need no optional package)
+def test_a_file_that_is_no_safetensors_file_is_a_named_error(tmp_path, content):
+    from stop_kernels.eval.features import load_encoder
     bad = tmp_path / "enc.safetensors"
-    bad.write_bytes(content)
+    bad.write_bytes(_not_a_checkpoint(tmp_path, content))
     with pytest.raises(ValueError, match=r"^--checkpoint: cannot read .*enc\.safetensors as a safetensors file"):
         load_encoder(str(bad))
 
