@@ -42,9 +42,14 @@ def _figure(width: int, height: int, dpi: int):
     return fig
 
 
-def _save(fig, out: str) -> str:
+def _check_out(out: str) -> None:
+    """Called before anything is read or drawn: a bad name is refused without the work (or matplotlib)."""
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out: expected a .png file name, got {out!r}")
+
+
+def _save(fig, out: str) -> str:
+    _check_out(out)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, format="png", dpi=fig.dpi)
     return out
@@ -96,6 +101,7 @@ def plot_curves(logs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
         labels: one legend label per log (default: the log's folder name).
     Returns ``out``, a ``width`` × ``height`` PNG.
     """
+    _check_out(out)
     if not logs:
         raise ValueError("logs: expected at least one JSONL log")
     if labels is not None and len(labels) != len(logs):
@@ -244,6 +250,7 @@ def plot_simmaps(out: str, *, checkpoint: Optional[str] = None, model: Optional[
     ``model`` / ``img_size`` / ``patch_size`` / ``pred_emb_dim`` (defaults :data:`FRESH_PREDICTOR`);
     with a checkpoint those are its own, and giving them is an error (they would be ignored).
     """
+    _check_out(out)
     fresh = dict(model=model, img_size=img_size, patch_size=patch_size, pred_emb_dim=pred_emb_dim)
     given = [k for k, v in fresh.items() if v is not None]
     if checkpoint and given:
@@ -364,6 +371,7 @@ def plot_bench(path: str, out: str, *, stat: str = "mean", baseline: str = "refe
     """One panel per benchmark group: a horizontal bar per op (``stat`` time with ± stddev) and its speed
     relative to the group's baseline (grey: the first entry whose label contains ``baseline``, else the
     slowest). Returns ``out``, a PNG of ``width`` × ``height`` pixels (default :func:`bench_size`)."""
+    _check_out(out)
     if not isinstance(ncols, int) or ncols < 1:
         raise ValueError(f"--cols: expected a positive integer, got {ncols!r}")
     benches = read_benchmarks(path)

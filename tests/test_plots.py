@@ -29,6 +29,7 @@ def write_log(path, n=20, loss0=1.0, extra_lines=()):
     return str(path)
 
 
+@pytest.mark.needs("matplotlib")
 # ----------------------------------------------------------------------------------------------
 # curves
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +63,20 @@ def test_curves_bad_inputs(tmp_path):
         plots.plot_curves([good], str(tmp_path / "x.jpg"))
 
 
+def test_a_bad_out_name_is_refused_before_anything_is_drawn(tmp_path, monkeypatch):
+    """Each plot refuses a non-PNG --out before it reads or draws anything: it used to draw the whole figure
+    first, and without matplotlib (optional: the torch 2.11 GPU venv) the bad name gave a ModuleNotFoundError."""
+    def no_figure(*a, **k):
+        raise AssertionError("a figure was drawn")
+    monkeypatch.setattr(plots, "_figure", no_figure)
+    bad = str(tmp_path / "x.jpg")
+    for call in (lambda: plots.plot_curves([str(tmp_path / "missing.jsonl")], bad),
+                 lambda: plots.plot_simmaps(bad, model="vit_tiny", img_size=32, patch_size=8, pred_emb_dim=64),
+                 lambda: plots.plot_bench(str(tmp_path / "none.json"), bad)):
+        with pytest.raises(ValueError, match=r"^--out: expected a \.png file name, got '.*x\.jpg'"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------------
 # similarity maps
 # ----------------------------------------------------------------------------------------------
@@ -84,6 +99,7 @@ def test_similarity_maps_math():
         plots.similarity_maps(psi, A.t(), qs)
 
 
+@pytest.mark.needs("matplotlib")
 def test_simmaps_png_fresh_and_from_checkpoint(tmp_path):
     out = tmp_path / "fresh.png"
     assert plots.main(["simmaps", "--model", "vit_tiny", "--img-size", "32", "--patch-size", "8",
@@ -162,6 +178,7 @@ def test_bench_grouping(tmp_path):
     assert (label, value) == ("fused", 1e-5) and lo == hi == pytest.approx(5e-7)
 
 
+@pytest.mark.needs("matplotlib")
 def test_bench_png(tmp_path):
     src = write_bench(tmp_path / "bench.json")
     out = tmp_path / "bench.png"
@@ -215,6 +232,7 @@ def drawn(monkeypatch):
     return figs
 
 
+@pytest.mark.needs("matplotlib")
 def test_curves_draw_each_log_against_its_steps(tmp_path, drawn):
     """Every panel draws each run's (step, value) pairs under that run's own label: logged every 10 steps,
     so an x axis of record indices would be wrong; a record without the field is left out."""
@@ -236,6 +254,7 @@ def test_curves_draw_each_log_against_its_steps(tmp_path, drawn):
                 assert label not in lines
 
 
+@pytest.mark.needs("matplotlib")
 def test_simmaps_draw_each_query_map_and_marker(tmp_path, drawn):
     """Column j shows query j's deterministic (row 1) and stochastic (row 2) map with a red cross at (col, row)
     of the image, on one colour scale from the lowest value of both rows to 1."""
@@ -279,6 +298,7 @@ def test_simmap_tables_from_a_flat_predictor_file_and_queries_on_the_edge(tmp_pa
             plots.parse_queries([bad], 4)
 
 
+@pytest.mark.needs("matplotlib")
 def test_bench_bars_speedups_and_baseline(tmp_path, drawn):
     """Bar lengths are the times in the panel's unit, the grey bar is the baseline (the label containing
     'reference' wherever it is listed, else the slowest), and each label reads baseline / time."""
