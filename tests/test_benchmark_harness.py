@@ -188,6 +188,36 @@ def test_gpu_script_header_names_its_sections_and_default():
     assert default == [s for s in listed if s not in left_out], (default, listed, left_out)
 
 
+def test_gpu_script_header_commands_parse(monkeypatch):
+    """The commands gpu_all.sh's header hands a GPU session (the two-call plan, the later sessions) name only
+    variables the script reads and flags and variant keys the step scripts and train.py take: a misspelt
+    variable silently runs the default, and a bad flag costs the call it is in."""
+    import re
+    import shlex
+    lines = (REPO / "benchmarks" / "gpu_all.sh").read_text().splitlines()[1:]
+    n = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    header = re.sub(r"\\\n\s*", " ", "\n".join(line[1:] for line in lines[:n]))  # joined at the backslashes
+    readers = "\n".join(lines[n:]) + (REPO / "benchmarks" / "_gpu_common.py").read_text()
+    names = set(re.findall(r"(?<![\w$])([A-Z][A-Z0-9_]*)=", header))
+    assert {"SEC_STOP", "SEC_E2E", "PROFILE_BASE"} <= names, names
+    assert not [v for v in names if not re.search(r"(\$\{?|environ\.get\(\")" + v + r"\b", readers)]
+
+    class Parsed(Exception):
+        pass
+
+    def parsed(args, *a, **k):  # the scripts' first step after their own checks: build each variant's config
+        for spec in args.variants.split(","):
+            v = profile_step.parse_variant(spec)
+            parse_config(profile_step.variant_argv(v, args.model, args.batch_size, "/tmp/unused") + args.extra.split())
+        raise Parsed
+    monkeypatch.setattr(profile_step, "run_variants", parsed)
+    commands = re.findall(r"python benchmarks/(e2e_step|profile_step)\.py (.*)", header)
+    assert len(commands) >= 2, header
+    for script, argv in commands:
+        with pytest.raises(Parsed):
+            {"e2e_step": e2e_step, "profile_step": profile_step}[script].main(shlex.split(argv.replace("$OUT", "/tmp")))
+
+
 def test_profile_report_reads_each_category_against_its_floor(capsys):
     import argparse
     r = {"name": "fast", "ms_per_step": 120.0, "host_ms_per_step": 40.0, "images_per_s": 533.3, "tflops": 360.0,
