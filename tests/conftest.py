@@ -12,6 +12,7 @@
 * ``@pytest.mark.needs("PIL", ...)``: the test is skipped, naming the module, where one of these optional
   packages (image files, torchvision transforms, safetensors exports) is not installed: a bare torch +
   triton environment (such as a GPU image's) runs every other test instead of erroring on these.
+  With ``STOP_KERNELS_REQUIRE_OPTIONAL=1`` (set by ``.ci/run``, which installs them) a missing one fails the test.
 """
 import importlib.util
 import os
@@ -39,8 +40,12 @@ def pytest_runtest_setup(item):
     """Skip a ``needs``-marked test before its fixtures run (a module-scoped fixture may write the images)."""
     for mark in item.iter_markers("needs"):
         missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
+        if missing and os.environ.get("STOP_KERNELS_REQUIRE_OPTIONAL") == "1":
+            # CI installs the dev extras: a skip there would hide the check instead of reporting a broken install
+            pytest.fail(f"needs {', '.join(missing)}, not installed, and STOP_KERNELS_REQUIRE_OPTIONAL=1")
         if missing:
             pytest.skip(f"needs {', '.join(missing)}, not installed (optional)")
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("STOP_KERNELS_FIXTURES", REPO.parent / "shared" / "fixtures"))
