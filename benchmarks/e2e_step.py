@@ -17,7 +17,7 @@ one GPU, one after the other, on the same synthetic images and mask batches:
 * ``fast_mixed``: ``fast`` with the Triton kernels inside the compiled blocks for the predictor's
   head dim 24 only (``attention_policy: compiled:24=triton``); the encoder's head dim 80 stays on
   SDPA. Run 2 measured the Triton kernels 1.14× faster than cuDNN forward+backward at the predictor's
-  N = 116–128 but 2–3× slower at the encoder's shapes (the best forced configs: 1.1–1.2× slower,
+  N = 116–128 but 2.0–3.3× slower at the encoder's shapes (the best forced configs: 1.1–1.2× slower,
   before the head-dim split), so this is the likeliest winner of the three.
 * ``fast_levers``: ``fast_mixed`` with the step levers that are opt-in until measured, all at once:
   combo kernels (a block's weight casts share launches), the residual stream in bf16, the target

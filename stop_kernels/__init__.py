@@ -1,7 +1,7 @@
 """stop_kernels: fused kernels and a training pipeline for I-JEPA with Stochastic Positional Embeddings.
 
 StoP replaces each masked token's position ψ_j in the I-JEPA predictor with ψ̂_j = A·n_j + ψ_j,
-n_j ~ N(0, σ I), A tied to the predictor's context projection.
+n_j ~ N(0, σ² I) (σ: ``noise_std``), A tied to the predictor's context projection.
 
 Public API:
     stop_embed, assemble_predictor_input   fused StoP ops (noise generated in registers)
