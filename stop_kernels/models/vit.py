@@ -45,6 +45,8 @@ ALIASES = {"vit_t": "vit_tiny", "vit_s": "vit_small", "vit_b": "vit_base", "vit_
 
 
 def resolve_model_name(name: str) -> str:
+    """The preset name of ``name``: an alias such as ``vit_h`` becomes ``vit_huge``; ``ValueError`` naming
+    ``model`` for a name that is neither a preset of :data:`VIT_PRESETS` nor an alias."""
     name = ALIASES.get(name, name)
     chk.choice("model", name, VIT_PRESETS)
     return name

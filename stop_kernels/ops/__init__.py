@@ -4,4 +4,5 @@
 * :mod:`.stop_embed`      ψ[idx] + A·n + b with n generated in registers
 * :mod:`.predictor_input` the I-JEPA+StoP predictor input assembly
 * :mod:`.attention`       flash attention for the encoder and predictor shapes
+* :mod:`.cuda_backend`    the CUDA C++ StoP kernels (``stop_kernels._C``), when built
 """

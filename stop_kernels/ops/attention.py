@@ -1879,6 +1879,8 @@ def _policy_key(mode, head_dim):
 
 
 def get_auto_policy() -> Dict:
+    """A copy of the current "auto" policy, keys ``mode`` or ``(mode, head_dim)`` → backend, as
+    :func:`set_auto_policy` takes it (:data:`DEFAULT_AUTO_POLICY` unless changed)."""
     return dict(_AUTO_POLICY)
 
 

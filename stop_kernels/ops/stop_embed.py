@@ -43,6 +43,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreting() -> bool:
+    """Triton kernels run through the CPU interpreter here (``TRITON_INTERPRET=1``)."""
     return triton_interpreting()
 
 
