@@ -79,3 +79,76 @@ def test_every_exported_function_and_class_has_a_docstring():
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and not (obj.__doc__ or "").strip():
                 missing.append(f"{name}.{attr}")
     assert not missing, missing
+
+
+class _Parsed(Exception):
+    """Raised by the stubs below once a command's arguments have been parsed and checked."""
+
+
+def doc_commands():
+    """Every shell command of the README's and docs' ```bash blocks, continuation lines joined, comments dropped."""
+    import shlex
+    cmds = []
+    for doc in ("README.md", "docs/training.md", "docs/evaluation.md"):
+        for block in re.findall(r"```bash\n(.*?)```", (REPO / doc).read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #", 1)[0].strip()
+                if line and not line.startswith("#"):
+                    cmds.append((doc, shlex.split(line)))
+    return cmds
+
+
+def test_every_documented_command_parses_with_its_programs_own_parser(monkeypatch):
+    """The commands shown in README.md, docs/training.md and docs/evaluation.md name only flags, choices and
+    values their program accepts: each goes through that program's parser (train.py's whole config
+    validation; the benchmark scripts' variant specs) with the work itself stubbed out. A renamed or removed
+    flag fails here instead of in a user's shell."""
+    import argparse
+
+    from _bench_scripts import import_bench_script
+    from stop_kernels import plots
+    from stop_kernels.eval import linear_probe
+    from stop_kernels.training import checkpoint
+    from stop_kernels.training.config import parse_config
+    profile_step = import_bench_script(monkeypatch, "profile_step")
+    e2e_step = import_bench_script(monkeypatch, "e2e_step")
+
+    def stub(*a, **k):
+        raise _Parsed
+
+    def variants_stub(args, json_name=None):  # what run_variants checks before it runs anything
+        for spec in args.variants.split(","):
+            v = profile_step.parse_variant(spec)
+            parse_config(profile_step.variant_argv(v, args.model, args.batch_size, "/nonexistent")
+                         + args.extra.split())
+        raise _Parsed
+
+    monkeypatch.setattr(linear_probe, "run_probe", stub)
+    monkeypatch.setattr(checkpoint, "to_official", stub)
+    monkeypatch.setattr(profile_step, "run_variants", variants_stub)
+    # argparse takes a unique prefix of a flag (--num-worker for --num-workers); the docs spell flags in full
+    monkeypatch.setattr(argparse.ArgumentParser, "_get_option_tuples", lambda self, option_string: [])
+    monkeypatch.chdir(REPO)  # --config configs/...
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mains = {"train.py": parse_config, "stop_kernels.eval.linear_probe": linear_probe.main,
+             "stop_kernels.training.checkpoint": checkpoint.main,
+             "stop_kernels.plots": lambda argv: plots.build_parser().parse_args(argv),
+             "benchmarks/profile_step.py": profile_step.main, "benchmarks/e2e_step.py": e2e_step.main}
+    seen = set()
+    for doc, argv in doc_commands():
+        if "train.py" in argv:  # python train.py … or torchrun … train.py …
+            prog, args = "train.py", argv[argv.index("train.py") + 1:]
+        elif argv[:2] == ["python", "-m"]:
+            prog, args = argv[2], argv[3:]
+        else:
+            prog, args = (argv[1], argv[2:]) if argv[0] == "python" and len(argv) > 1 else (None, None)
+        if prog not in mains:
+            continue  # pip, pytest, bash, python -c
+        try:
+            mains[prog](args)
+        except _Parsed:
+            pass
+        except SystemExit as e:  # argparse's verdict on a bad flag or choice
+            raise AssertionError(f"{doc}: {' '.join(argv)} exits {e.code}") from None
+        seen.add(prog)
+    assert seen == set(mains), seen  # the block parser found every program's commands
