@@ -332,7 +332,7 @@ def field_help() -> Dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train I-JEPA with Stochastic Positional Embeddings (StoP). Every "
                                 "TrainConfig key is a flag; the defaults shown are the embedded CPU-sized run, and "
-                                "--model vit_b, vit_l, vit_h or vit_g loads its paper recipe (configs/) for the keys "
+                                "--model vit_b, vit_l, vit_h or vit_g loads its recipe (configs/) for the keys "
                                 "not given. More: docs/training.md and the README's table of keys.")
     p.add_argument("--config", help="YAML recipe (keys as in TrainConfig), e.g. configs/vit_h14_224.yaml")
     helps = field_help()
