@@ -173,6 +173,47 @@ def test_gpu_script_returns_its_results_within_the_device_tools_limits(tmp_path)
     assert "=================== summary" in (out / "log.txt").read_text()
 
 
+def test_attention_rates_and_summary_from_the_timed_rows(monkeypatch):
+    """gpu_attention.py's timing rows → rates → summary: TFLOP/s and GB/s from the graph (GPU) time, from the
+    eager time only where the capture failed; bf16 bytes (fwd 4e, fwd+bwd 12e + 2·lse); per column the fastest
+    SDPA backend over Triton (× > 1: Triton faster); Triton's graph time over its byte floor at the card's TB/s."""
+    import gpu_attention as G
+    shape = (256, 16, 116, 24)
+    ms = {"triton": dict(fwd_eager_ms=0.09, fwdbwd_eager_ms=0.44, fwd_graph_ms=0.04, fwdbwd_graph_ms=0.30),
+          "sdpa-cudnn": dict(fwd_eager_ms=0.08, fwdbwd_eager_ms=0.36, fwd_graph_ms=0.05, fwdbwd_graph_ms=0.33),
+          # its forward+backward capture failed: those rates come from its eager time
+          "sdpa-flash": dict(fwd_eager_ms=0.12, fwdbwd_eager_ms=0.35, fwd_graph_ms=0.07,
+                             fwdbwd_graph_error="RuntimeError: capture failed")}
+    monkeypatch.setattr(G, "SHAPES", [shape])
+    monkeypatch.setattr(G, "_impls", lambda: {k: k for k in ms})
+    monkeypatch.setattr(G, "_time_impl", lambda f, *a, **k: dict(ms[f]))
+    monkeypatch.setattr(G, "PEAK_TBPS", 4.23)
+    monkeypatch.setitem(G.RESULTS, "timing", [])
+    monkeypatch.setitem(G.RESULTS, "errors", [])
+    G.timing(1e9)
+    assert G.RESULTS["errors"] == []
+    B, H, N, D = shape
+    e, lse = B * N * H * D * 2, B * N * H * 4
+    work = {"fwd": (4 * B * H * N * N * D, 4 * e), "fwdbwd": (3.5 * 4 * B * H * N * N * D, 12 * e + 2 * lse)}
+    by = {r["impl"]: r for r in G.RESULTS["timing"]}
+    for impl, mode, timer in (("triton", "fwd", "graph"), ("triton", "fwdbwd", "graph"),
+                              ("sdpa-flash", "fwd", "graph"), ("sdpa-flash", "fwdbwd", "eager")):
+        t_s = ms[impl][f"{mode}_{timer}_ms"] * 1e-3
+        flops, nbytes = work[mode]
+        r = by[impl]
+        assert r[f"{mode}_rates_from"] == timer, (impl, mode)
+        assert r[f"{mode}_tflops"] == round(flops / t_s / 1e12, 1), (impl, mode)
+        assert r[f"{mode}_gbps"] == round(nbytes / t_s / 1e9), (impl, mode)
+    (s,) = G._summary()
+    assert s["fwd_eager_ms"] == (0.08, "sdpa-cudnn", 0.09, pytest.approx(0.08 / 0.09))
+    assert s["fwdbwd_eager_ms"] == (0.35, "sdpa-flash", 0.44, pytest.approx(0.35 / 0.44))
+    assert s["fwd_graph_ms"] == (0.05, "sdpa-cudnn", 0.04, pytest.approx(1.25))
+    assert s["fwdbwd_graph_ms"] == (0.33, "sdpa-cudnn", 0.30, pytest.approx(1.1))  # flash's capture failed
+    for mode in ("fwd", "fwdbwd"):
+        floor_ms = work[mode][1] / 4.23e12 * 1e3
+        assert s[f"{mode}_vs_limit"] == pytest.approx(ms["triton"][f"{mode}_graph_ms"] / floor_ms), mode
+
+
 def test_gpu_script_header_names_its_sections_and_default():
     """gpu_all.sh's usage line lists every section it has (and no other), and what a call without
     arguments runs: the default list is the usage's, less the sections it says are left out."""
