@@ -410,6 +410,45 @@ def test_step_budget_counts_from_the_scripts_start(tmp_path, monkeypatch, capsys
     assert started == ["a", "b"]
 
 
+def test_step_timing_is_the_timed_steps_to_the_last_sync(cpu_train, tmp_path, monkeypatch):
+    """profile_step.run_variant on a clock that a queued step moves 1 s and a synchronisation 0.5 s (the GPU
+    finishing the queue): the time per step runs from after the warm-up's sync to after the last timed step's
+    sync, images/s is every timed image over it, TFLOP/s and MFU are the steps' FLOPs over it (MFU of the card's
+    peak), and the floors take the steps' mean token counts."""
+    import types
+    clock = [0.0]
+    monkeypatch.setattr(profile_step, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Timed(Trainer):
+        def step(self, *a, **k):
+            clock[0] += 1.0
+            return super().step(*a, **k)
+    monkeypatch.setattr(profile_step, "Trainer", Timed)
+    monkeypatch.setattr(profile_step, "_sync", lambda info: clock.__setitem__(0, clock[0] + 0.5))
+    lengths = iter([7.0, 3.0, 9.0, 5.0])  # context, target mean tokens of the first timed step, then the second's
+    monkeypatch.setattr(profile_step, "mean_tokens", lambda masks: next(lengths))
+    monkeypatch.setattr(profile_step, "step_flops", lambda cfg, batch, c, t: 1e12 * (c + t))
+    seen = {}
+
+    def floors(cfg, batch, n_ctx, n_tgt, **kw):
+        seen.update(batch=batch, n_ctx=n_ctx, n_tgt=n_tgt)
+        return {"matmul": 1.0}
+    monkeypatch.setattr(profile_step, "step_floors_ms", floors)
+    args = profile_step.build_parser().parse_args(["--model", "vit_tiny", "--batch-size", "4", "--steps", "2",
+                                                   "--warmup", "1", "--mask-batches", "1", "--profile-steps", "0",
+                                                   "--variants", "a:compile=0+input=unfused", "--extra", TINY_EXTRA,
+                                                   "--out", str(tmp_path)])
+    _, (r,) = profile_step.run_variants(args)
+    assert "error" not in r, r
+    dt = 2 * 1.0 + 0.5  # two queued steps, then the sync that waits for them
+    assert r["ms_per_step"] == 1e3 * dt / 2 and r["host_ms_per_step"] == 1e3 * 2.0 / 2
+    assert r["images_per_s"] == round(4 * 2 / dt, 1)
+    flops = 1e12 * (7 + 3 + 9 + 5)
+    assert r["tflops"] == round(flops / dt / 1e12, 1)
+    assert r["mfu"] == round(flops / dt / 1e12 / 989.0, 4)  # the datasheet peak (models.flops), not 707
+    assert seen == dict(batch=4, n_ctx=pytest.approx(8.0), n_tgt=pytest.approx(4.0))
+
+
 def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
     """images/s of each path over the reference's (a failed path is left out), the headline ratio being
     fast's; the variants passed on carry each path's keys and the compile flag."""
