@@ -581,6 +581,35 @@ def test_stop_embed_contenders_of_the_cuda_benchmarks(monkeypatch):
     assert calls == ["triton"]
 
 
+def test_stop_embed_rates_against_the_work_of_the_issue(monkeypatch):
+    """gpu_stop_embed.py's work and rates: forward 2·(B·Nc + npred·B·Nt)·E·D FLOPs, bf16 ctx + fp32 W + fp32
+    output bytes (ANCHORS.md at the ViT-H sizes: ≈ 15.2 GFLOP, ≈ 60 MB); the backward adds dctx and dW and
+    their traffic. A timed row's GB/s and TFLOP/s are those over its ms, and × roofline its time over the
+    larger of the byte and FLOP times at the card's ceilings."""
+    import gpu_stop_embed as G
+    B, NC, NT, NPRED, E, D = G.B, G.NC, G.NT, G.NPRED, G.E, G.D
+    rows, out = B * NC + NPRED * B * NT, NPRED * B * (NC + NT) * D * 4
+    fwd = (B * NC * E * 2 + D * E * 4 + out, 2 * rows * E * D)
+    bwd = (out + 2 * B * NC * E * 2 + 2 * D * E * 4, 2 * B * NC * E * D + 2 * rows * E * D)
+    assert G.work(False) == pytest.approx(fwd, rel=1e-12)
+    assert G.work(True) == pytest.approx((fwd[0] + bwd[0], fwd[1] + bwd[1]), rel=1e-12)
+    if (B, NC, NT, NPRED, E, D) == (64, 74, 42, 4, 1280, 384):  # not a rehearsal's toy sizes
+        assert fwd[1] == pytest.approx(15.2e9, rel=2e-3) and fwd[0] == pytest.approx(59.7e6, rel=2e-3)
+    monkeypatch.setitem(G.RESULTS, "timing", [])
+    monkeypatch.setattr(G, "PEAK_TBPS", 4.23)
+    monkeypatch.setattr(G, "PEAK_TFLOPS", 707.0)
+    for kind, bwd_too in (("forward", False), ("forward+backward", True)):
+        G._record("fused", kind, "cudagraph", 0.25)
+        r = G.RESULTS["timing"][-1]
+        nbytes, flops = G.work(bwd_too)
+        floor_s = max(nbytes / 4.23e12, flops / 707e12)
+        assert r["GB/s"] == pytest.approx(nbytes / 0.25e-3 / 1e9, rel=1e-12)
+        assert r["TFLOP/s"] == pytest.approx(flops / 0.25e-3 / 1e12, rel=1e-12)
+        assert r["bw_frac"] == pytest.approx(nbytes / 0.25e-3 / 4.23e12, rel=1e-12)
+        assert r["flop_frac"] == pytest.approx(flops / 0.25e-3 / 707e12, rel=1e-12)
+        assert r["x_roofline"] == pytest.approx(0.25e-3 / floor_s, rel=1e-12)
+
+
 @pytest.mark.parametrize("name", ["flash", "efficient", "cudnn", "math", None])
 def test_sdpa_fn_forces_its_backend_on_bnhd_inputs(name, monkeypatch):
     """[B, N, H, Dh] in and out (SDPA's [B, H, N, Dh] transposes around it), equal to the reference
