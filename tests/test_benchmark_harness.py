@@ -610,6 +610,35 @@ def test_stop_embed_rates_against_the_work_of_the_issue(monkeypatch):
         assert r["x_roofline"] == pytest.approx(0.25e-3 / floor_s, rel=1e-12)
 
 
+def test_official_predictor_input_is_the_official_codes(official_fixture, monkeypatch):
+    """benchmarks/_official_stop.py's baseline path builds the predictor input that the official StoP code
+    builds: on the official fixture's weights, encoder output, masks and drawn noise (n = σ·randn in the encoder
+    width), equal to the input of the predictor that reproduces the official outputs (test_official_fixtures):
+    rows k·B + b = context of image b (Linear + ψ[ctx_idx]), then its k-th target block (Linear(n) + ψ[tgt])."""
+    import _official_stop as O
+    from stop_kernels import load_official_checkpoint
+    case = official_fixture("official_stop_small.pt")
+    cfg = case["config"]
+    pred = load_official_checkpoint(case["checkpoint"], num_heads=cfg["heads"], noise_mode="learned",
+                                    noise_std=cfg["noise"]).predictor.eval()
+    ctx, (ctx_idx,), tgt, noise = case["encoder_out"], case["masks_enc"], case["masks_pred"], case["stop_noise"]
+    with torch.no_grad():
+        want = pred.assemble(ctx, [ctx_idx], tgt, noise=torch.stack(noise))
+    drawn = iter(noise)
+
+    def randn(*shape, **kw):  # the official draw, as σ·randn: hand back the fixture's n / σ
+        n = next(drawn)
+        assert tuple(shape) == tuple(n.shape), (shape, n.shape)
+        return n / cfg["noise"]
+    monkeypatch.setattr(torch, "randn", randn)
+    emb = pred.predictor_embed
+    with torch.no_grad():
+        got = O.official_predictor_input(ctx, ctx_idx, tgt, emb.weight, emb.bias,
+                                         pred.predictor_pos_embed.reshape(-1, emb.weight.shape[0]), cfg["noise"])
+    assert next(drawn, None) is None  # one draw per target block
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["flash", "efficient", "cudnn", "math", None])
 def test_sdpa_fn_forces_its_backend_on_bnhd_inputs(name, monkeypatch):
     """[B, N, H, Dh] in and out (SDPA's [B, H, N, Dh] transposes around it), equal to the reference
