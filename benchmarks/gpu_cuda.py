@@ -38,6 +38,7 @@ from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
 NPRED, B, NT, E, D, P = 4, 64, 42, 1280, 384, 256
 R = NPRED * B * NT
 SIGMA = 0.25
+FWD_FLOPS = 2 * R * E * D  # the forward's n·Wᵀ (ANCHORS.md: the noise's 10.6 GFLOP at these sizes)
 SOURCES = ["csrc/stop_embed.cu", "csrc/stop_embed_bwd.cu", "csrc/bindings.cpp"]
 CUDA_FLAGS = ["-O3", "-lineinfo", "-std=c++17"]  # -std replaced below by the one torch uses
 
@@ -153,7 +154,6 @@ def timings(report):
         report["compile_unavailable"] = repr(exc)
 
     rows = []
-    flop_fwd = 2 * R * E * D
     try:  # time the ops, not the host-syncing idx range check (inputs are valid by construction)
         from stop_kernels._checks import trusted_device_indices
     except ImportError:
@@ -161,7 +161,7 @@ def timings(report):
         trusted_device_indices = contextlib.nullcontext
     try:
         with trusted_device_indices():
-            _time_all(impls, rows, pos, idx, w, b, grad, flop_fwd)
+            _time_all(impls, rows, pos, idx, w, b, grad, FWD_FLOPS)
     finally:  # the section's time limit interrupts with SIGINT: the rows timed so far are kept
         _finish(report, rows, out_bytes)
 

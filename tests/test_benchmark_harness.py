@@ -688,6 +688,37 @@ def test_cuda_timings_keep_every_row_when_one_backward_fails(tmp_path):
     assert "| Triton | error: OutOfResources: shared memory |" in table and "| CUDA C++ (default when built) | 0.200 |" in table
 
 
+def test_cuda_timings_rates_and_peaks_beyond_the_inputs(monkeypatch):
+    """gpu_cuda.py's per-backend row on a simulated allocator: the forward's TFLOP/s is the n·Wᵀ FLOPs
+    (ANCHORS.md: 10.6 GFLOP at the ViT-H sizes) over its median time, and each peak is the most allocated
+    during the call minus what was allocated before it, the output kept (in MiB)."""
+    import gpu_cuda
+    assert gpu_cuda.FWD_FLOPS == 2 * 4 * 64 * 42 * 1280 * 384 == pytest.approx(10.6e9, rel=3e-3)
+    mib = 2 ** 20
+    mem = {"now": 100 * mib, "peak": 100 * mib}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: mem["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: mem["peak"])
+
+    def op(p, i, w, b):  # a transient 30 MiB (50 MiB with the backward's graph), then a 10 MiB output kept
+        mem["peak"] = max(mem["peak"], mem["now"] + (50 if torch.is_grad_enabled() else 30) * mib)
+        mem["now"] += 10 * mib
+        return p[i] + w.sum(1) * 0 + b  # [.., D], with a grad for p, w and b
+    times = iter([0.5, 1.5])  # the forward's median ms, then the forward+backward's
+    monkeypatch.setattr(gpu_cuda, "_bench", lambda fn: (fn(), next(times))[1])
+    g = torch.Generator().manual_seed(0)
+    pos, w, b = (torch.randn(*s_, generator=g).requires_grad_() for s_ in ((16, 8), (8, 12), (8,)))
+    idx = torch.randint(0, 16, (2, 3), generator=g)
+    rows = []
+    gpu_cuda._time_all({"cuda": op}, rows, pos, idx, w, b, torch.randn(2, 3, 8, generator=g), 1e9)
+    (r,) = rows
+    assert "error" not in r, r
+    assert (r["fwd_ms"], r["fwdbwd_ms"]) == (0.5, 1.5)
+    assert r["fwd_tflops"] == round(1e9 / 0.5e-3 / 1e12, 1)
+    assert (r["fwd_peak_extra_mib"], r["fwdbwd_peak_extra_mib"]) == (30.0, 50.0)
+
+
 def _gpu_only_tests(path):
     """The test ids of ``path`` that only a CUDA GPU runs: a test, or its "cuda" parameter, marked
     ``skipif(not <something about CUDA>)`` (a test that also runs on the Triton interpreter is not one)."""
