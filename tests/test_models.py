@@ -205,7 +205,8 @@ def _std(t):
 
 def test_official_initialisation():
     """Truncated-normal weights of std 0.02, zero biases, and block l's attn.proj and mlp.fc2 divided by
-    sqrt(2·l) (encoder and predictor); the mask token is drawn with std 0.02 too (not left at zero)."""
+    sqrt(2·l) (encoder and predictor); the mask token is drawn with std 0.02 too (not left at zero); every
+    LayerNorm starts as the identity map (unit weight, zero bias)."""
     from stop_kernels.models import VisionTransformer
     from stop_kernels.models.predictor import VisionTransformerPredictor
     torch.manual_seed(0)
@@ -223,6 +224,10 @@ def test_official_initialisation():
                 assert m.bias is None or torch.count_nonzero(m.bias) == 0
     # 128 samples: the std estimate is within ≈ 6 %
     assert _std(pred.mask_token) == pytest.approx(0.02, rel=0.3)
+    # init_weights resets every LayerNorm (also one it meets after others set its affine parameters)
+    norms = [m for model in (enc, pred) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * (2 * 3 + 1)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) and torch.count_nonzero(m.bias) == 0 for m in norms)
 
 
 def test_step_flops_by_component():
@@ -433,3 +438,48 @@ def test_checkpoint_size_settings_of_another_type_are_type_errors():
         with pytest.raises(TypeError, match=rf"^{name}: expected an integer"):
             check_sizes(sizes, **kw)
     assert check_sizes(sizes, img_size=224, patch_size=16) == 3
+
+
+def test_block_is_the_pre_norm_formula():
+    """A block is x + proj(attn(LN1(x))), then + fc2(GELU(fc1(LN2(x)))) with the exact (erf) GELU of the official
+    code: checked in float64 against that formula written out, every parameter redrawn so that no LayerNorm is
+    the identity. (The tanh GELU, or a block reading norm2 for its attention, stays within the official
+    fixtures' 1e-5 at their sizes.)"""
+    import torch.nn.functional as F
+    from stop_kernels.models.vit import Block
+    torch.manual_seed(0)
+    E, H = 16, 2
+    blk = Block(E, H, mlp_ratio=3.0).double()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+
+    def ln(norm, t):
+        return F.layer_norm(t, (E,), norm.weight, norm.bias, eps=1e-6)
+
+    qkv = F.linear(ln(blk.norm1, x), blk.attn.qkv.weight, blk.attn.qkv.bias)
+    q, k, v = qkv.unflatten(-1, (3, H, E // H)).unbind(-3)
+    y = x + F.linear(reference.attention(q, k, v, scale=(E // H) ** -0.5).flatten(-2), blk.attn.proj.weight,
+                     blk.attn.proj.bias)
+    hidden = F.gelu(F.linear(ln(blk.norm2, y), blk.mlp.fc1.weight, blk.mlp.fc1.bias), approximate="none")
+    want = y + F.linear(hidden, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_encoder_stacks_several_masks_in_the_official_order():
+    """enc(imgs, [m0, m1]) is [enc(imgs, [m0]); enc(imgs, [m1])]: each mask's kept patches through the encoder
+    alone, stacked mask-major (the official apply_masks order). Every other test passes one mask, where an
+    encoder that used the first mask only would give the same result."""
+    from stop_kernels.models import VisionTransformer
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=g)
+    m0, m1 = (torch.stack([torch.randperm(16, generator=g)[:5] for _ in range(2)]) for _ in range(2))
+    with torch.no_grad():
+        got = enc(x, [m0, m1])
+        assert got.shape == (4, 5, 32)
+        torch.testing.assert_close(got, torch.cat([enc(x, [m0]), enc(x, [m1])]), rtol=1e-12, atol=1e-12)
+
