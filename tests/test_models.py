@@ -483,3 +483,19 @@ def test_encoder_stacks_several_masks_in_the_official_order():
         assert got.shape == (4, 5, 32)
         torch.testing.assert_close(got, torch.cat([enc(x, [m0]), enc(x, [m1])]), rtol=1e-12, atol=1e-12)
 
+
+def test_num_heads_given_wins_over_the_models_preset():
+    """check_sizes takes the head count from num_heads, else from --model's preset, else from the preset of the
+    checkpoint's width (its docstring's order): a given num_heads is not overridden by --model."""
+    from stop_kernels.models.official import EncoderSizes, check_sizes
+    sizes = EncoderSizes(192, 12, 3, 4.0, 16, 224, 3)
+    assert check_sizes(sizes, model="vit_t", num_heads=6) == 6
+    assert check_sizes(sizes, model="vit_t") == 3 == check_sizes(sizes._replace(num_heads=None), model="vit_t")
+
+
+def test_peak_tflops_per_card():
+    """The MFU peak (benchmarks/profile_step.py) of the H100 and the H200 SXM: the same dense bf16 989 TFLOP/s
+    (the H200 adds memory and bandwidth, not tensor-core FLOPs); a card not in the table gets the caller's default."""
+    from stop_kernels.models.flops import peak_tflops
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 == peak_tflops("NVIDIA H200")
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", default=312.0) == 312.0
