@@ -5,6 +5,7 @@ import torch
 from stop_kernels import load_official_checkpoint, reference
 from stop_kernels.models import infer_encoder_sizes
 from stop_kernels.models.official import strip_prefix
+from stop_kernels.models.predictor import VisionTransformerPredictor
 from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 CASES = [("official_stop_small.pt", "learned"), ("official_ijepa_small.pt", "none")]
@@ -23,6 +24,12 @@ def test_reproduces_official_outputs(official_fixture, name, mode):
     assert (enc.img_size, enc.patch_size, enc.embed_dim, len(enc.blocks)) == (cfg["img"], cfg["patch"], cfg["dim"], cfg["depth"])
     # the fixed sin-cos tables are rebuilt exactly, not only loaded
     torch.testing.assert_close(enc.pos_embed, reference.sincos_pos_embed_2d(cfg["dim"], cfg["img"] // cfg["patch"]),
+                               rtol=0, atol=0)
+    # and the predictor's, as a new predictor builds it (the loaded one holds the checkpoint's table)
+    fresh = VisionTransformerPredictor(num_patches=enc.num_patches, embed_dim=cfg["dim"],
+                                       predictor_embed_dim=cfg["pdim"], depth=0, num_heads=cfg["heads"])
+    official = strip_prefix(case["checkpoint"]["predictor"])["predictor_pos_embed"]
+    torch.testing.assert_close(fresh.predictor_pos_embed, official.reshape(fresh.predictor_pos_embed.shape),
                                rtol=0, atol=0)
     noise = torch.stack(case["stop_noise"]) if case["stop_noise"] else None
     if mode == "learned":
