@@ -298,3 +298,24 @@ def test_packed_predictor_gradient_is_deterministic_on_cpu_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(x, grads[0]) for x in grads[1:])
+
+
+def test_packed_models_keep_the_bf16_residual_stream():
+    """residual_dtype (config key bf16_residual) reaches the packed path too: under autocast every block of the
+    encoder and of the predictor receives its residual stream in bf16, as in the rectangular path (the training
+    test of the key runs rectangular masks only). One model at a time: a bf16 context alone makes the packed
+    predictor's stream bf16."""
+    enc, pred = (m.float() for m in models("none"))
+    ctx = [torch.tensor([0, 1, 2, 5]), torch.tensor([3, 4, 8])]
+    tgt = [[torch.tensor([10, 11]), torch.tensor([12])]]
+    for name, model, blocks in (("encoder", enc, enc.blocks), ("predictor", pred, pred.predictor_blocks)):
+        enc.residual_dtype = pred.residual_dtype = None
+        model.residual_dtype = torch.bfloat16
+        seen = set()
+        hooks = [blk.register_forward_pre_hook(lambda m, a: seen.add(a[0].dtype)) for blk in blocks]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pred(enc(torch.randn(2, 3, 32, 32), [ctx]), [ctx], tgt)
+        for h in hooks:
+            h.remove()
+        assert seen == {torch.bfloat16}, name
+        assert out.shape == (3, 192) and torch.isfinite(out).all()
