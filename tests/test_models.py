@@ -499,3 +499,23 @@ def test_peak_tflops_per_card():
     from stop_kernels.models.flops import peak_tflops
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 == peak_tflops("NVIDIA H200")
     assert peak_tflops("NVIDIA A100-SXM4-80GB", default=312.0) == 312.0
+
+
+def test_cuda_input_backend_runs_the_other_noise_modes_as_auto(count_calls):
+    """input_backend "cuda" has a kernel for the learned StoP rows only; isotropic rows run as "auto" (the fused
+    assembly where Triton runs), not as "reference" (host Philox noise and separate ops), which gives the same
+    numbers and so showed in no output."""
+    from stop_kernels.ops import predictor_input
+    from stop_kernels.models.predictor import vit_predictor
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 32, generator=g)
+    ctx, tgt = torch.tensor([[0, 1, 2], [3, 4, 5]]), [torch.tensor([[6, 7], [8, 9]])]
+    out = {}
+    for backend in ("cuda", "auto"):
+        torch.manual_seed(0)
+        pred = vit_predictor(num_patches=16, embed_dim=32, num_heads=4, predictor_embed_dim=16, depth=1,
+                             noise_mode="isotropic", input_backend=backend)
+        calls = count_calls(predictor_input, "_assemble_op")
+        out[backend] = pred.assemble(x, [ctx], tgt, generator=torch.Generator().manual_seed(9))
+        assert len(calls) == 1, backend
+    torch.testing.assert_close(out["cuda"], out["auto"], rtol=0, atol=0)
