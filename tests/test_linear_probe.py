@@ -489,15 +489,19 @@ def test_eval_transform_resizes_crops_and_normalises_like_imagenet(tmp_path):
 
 
 def test_load_encoder_picks_the_requested_encoder(tmp_path):
-    """Target and context encoders with different weights, in the official layout and nested in a plain
-    encoder file: each request gets its own weights (the EMA target is I-JEPA's evaluation choice)."""
+    """Target and context encoders with different weights, in the official layout, nested in a plain encoder
+    file and flat with key prefixes: each request gets its own weights (the EMA target is I-JEPA's evaluation
+    choice)."""
     torch.manual_seed(0)
     ctx = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     tgt = vit_encoder("vit_tiny", img_size=32, patch_size=8)
     want = {"context": ctx.state_dict(), "target": tgt.state_dict()}
     files = {"official.pth.tar": {"encoder": official_state_dict(ctx), "target_encoder": official_state_dict(tgt),
                                   "predictor": {"module.predictor_embed.weight": torch.randn(4, 192)}},
-             "nested.pt": {"encoder": want["context"], "target_encoder": want["target"]}}
+             "nested.pt": {"encoder": want["context"], "target_encoder": want["target"]},
+             # flat, each key prefixed by its encoder's name (a DDP "module." before it is stripped first)
+             "prefixed.pt": {**{f"encoder.{k}": v for k, v in want["context"].items()},
+                             **{f"module.target_encoder.{k}": v for k, v in want["target"].items()}}}
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
         for which in ("target", "context"):
