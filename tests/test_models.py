@@ -163,6 +163,9 @@ def test_official_loader_takes_exact_shapes_and_hidden_sizes():
         load_official_checkpoint(bad, num_heads=4)
     with pytest.raises(TypeError, match="num_heads"):
         load_official_checkpoint(ck, num_heads=4.0)
+    # a width of no preset has no head count to read: asked for, not guessed from a nearby preset
+    with pytest.raises(ValueError, match="^num_heads: the checkpoint's width 176 matches no preset; pass num_heads"):
+        load_official_checkpoint(ck)
 
 
 # ------------------------------------------------------------------------------------------------ mutation audit
