@@ -300,22 +300,30 @@ def test_packed_predictor_gradient_is_deterministic_on_cpu_threads():
     assert all(torch.equal(x, grads[0]) for x in grads[1:])
 
 
-def test_packed_models_keep_the_bf16_residual_stream():
+@pytest.mark.parametrize("ragged", [True, False])
+def test_packed_models_keep_the_bf16_residual_stream(ragged):
     """residual_dtype (config key bf16_residual) reaches the packed path too: under autocast every block of the
     encoder and of the predictor receives its residual stream in bf16, as in the rectangular path (the training
-    test of the key runs rectangular masks only). One model at a time: a bf16 context alone makes the packed
-    predictor's stream bf16."""
+    test of the key runs rectangular masks only). One model at a time, and the other model's stream stays fp32
+    in both paths: the encoder's bf16 output does not make the predictor's stream bf16 (the packed path once
+    cast ψ to the context's dtype, where the rectangular one adds the fp32 table)."""
     enc, pred = (m.float() for m in models("none"))
-    ctx = [torch.tensor([0, 1, 2, 5]), torch.tensor([3, 4, 8])]
-    tgt = [[torch.tensor([10, 11]), torch.tensor([12])]]
-    for name, model, blocks in (("encoder", enc, enc.blocks), ("predictor", pred, pred.predictor_blocks)):
+    if ragged:  # the packed path
+        ctx = [torch.tensor([0, 1, 2, 5]), torch.tensor([3, 4, 8])]
+        tgt = [[torch.tensor([10, 11]), torch.tensor([12])]]
+    else:
+        ctx = torch.tensor([[0, 1, 2, 5], [3, 4, 8, 9]])
+        tgt = [torch.tensor([[10, 11], [12, 13]])]
+    for name, model in (("encoder", enc), ("predictor", pred)):
         enc.residual_dtype = pred.residual_dtype = None
         model.residual_dtype = torch.bfloat16
-        seen = set()
-        hooks = [blk.register_forward_pre_hook(lambda m, a: seen.add(a[0].dtype)) for blk in blocks]
+        seen = {"encoder": set(), "predictor": set()}
+        hooks = [blk.register_forward_pre_hook(lambda m, a, k=k: seen[k].add(a[0].dtype))
+                 for k, blocks in (("encoder", enc.blocks), ("predictor", pred.predictor_blocks)) for blk in blocks]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = pred(enc(torch.randn(2, 3, 32, 32), [ctx]), [ctx], tgt)
         for h in hooks:
             h.remove()
-        assert seen == {torch.bfloat16}, name
-        assert out.shape == (3, 192) and torch.isfinite(out).all()
+        other = "predictor" if name == "encoder" else "encoder"
+        assert seen[name] == {torch.bfloat16} and seen[other] == {torch.float32}, (name, seen)
+        assert out.shape[-1] == 192 and torch.isfinite(out).all()

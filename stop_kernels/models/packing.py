@@ -140,7 +140,9 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
         raise ValueError(f"ctx_masks: lengths {list(ctx_lengths)} differ from the packed context's sequences "
                          f"{list(ctx.lengths)} (the masks given to encode_packed)")
     emb, pos = predictor.predictor_embed, predictor.predictor_pos_embed
-    c = F.linear(ctx.tokens, emb.weight, emb.bias) + pos[ctx_idx].to(ctx.tokens.dtype)
+    # the rectangular path's context rows (ψ added in its own dtype: under autocast an fp32 table keeps the
+    # stream fp32 whatever the encoder's output dtype, unless residual_dtype says otherwise)
+    c = reference.context_rows(ctx.tokens, ctx_idx, emb.weight, emb.bias, pos)
     mode = predictor.noise_mode
     if mode == "learned":
         if noise is None and predictor.input_backend == "unfused":  # the official path: torch.randn noise
