@@ -59,8 +59,13 @@ PERSISTENT_FWD = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS
 PERSISTENT_BWD = dict(VARIANT="fused", BLOCK_N=128, num_warps=8, num_stages=2, PERSIST=1)
 
 
-def trace(N: int, D: int, varlen: bool, packed: bool = True, fwd_cfg=None, bwd_cfg=None):
+def trace(N: int, D: int, varlen: bool, packed: bool = True, fwd_cfg=None, bwd_cfg=None, symbolic_d=False):
+    """``symbolic_d``: the head dim a dynamic size too (torch.compile(dynamic=True) of a function of the
+    packed input itself); the kernels need it as a constant, so the ops specialise it (guard D == its value)."""
     shape_env, mode, sym, n = _symbolic_n(N)
+    if symbolic_d:
+        sym_d = shape_env.create_symbol(D, ConstantSource("D"), dynamic_dim=DimDynamic.DYNAMIC)
+        D = shape_env.create_symintnode(sym_d, hint=D)
     H, B = 4, 3
     graphs = []
 
@@ -101,7 +106,8 @@ def trace(N: int, D: int, varlen: bool, packed: bool = True, fwd_cfg=None, bwd_c
             aot_function(bwd, fw_compiler=grab, dynamic=True)(do, qkv, o, lse, *extra)
     (fl, fo), (bl, bo) = (_launches(g) for g in graphs)
     return {"fwd": fl, "bwd": bl, "other_ops": sorted(set(fo + bo)),
-            "guards": [str(g.expr).replace(str(sym), "N") for g in shape_env.guards],
+            "guards": [str(g.expr).replace(str(sym), "N").replace(str(sym_d) if symbolic_d else "\0", "D")
+                       for g in shape_env.guards],
             "shape": [str(s).replace(str(sym), "N") for s in o.shape]}
 
 
@@ -245,6 +251,7 @@ if __name__ == "__main__":
                                      (40, 24, True, True), (150, 24, False, False)]:
             name = f"{'qkv' if packed else 'q_k_v'}_N{N}_D{D}_{'varlen' if varlen else 'batched'}"
             res[name] = trace(N, D, varlen, packed)
+        res["qkv_N116_D24_batched_symbolic_d"] = trace(116, 24, False, True, symbolic_d=True)
         # the persistent forms read cu_seqlens inside their item helpers: still written only O, LSE, d(qkv)
         # (their grid asks for the SM count: answered as an H100's)
         _pretend_h100_for_inductor()

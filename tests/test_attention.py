@@ -129,8 +129,9 @@ def _bwd_cfg(variant: str, N: int) -> dict:
 BWD_VARIANTS = ["fused", "one_pass", "persistent", "split"]
 
 
-@pytest.mark.parametrize("variant", BWD_VARIANTS)
-@pytest.mark.parametrize("N", [33, 150])
+# the persistent one-pass form is a candidate only at N <= 128 (_bwd_configs); at N = 150 its forced
+# 256-key tile needs 263 KB of shared memory with 2 stages (H200: 227 KB), so it runs at 33 and 100
+@pytest.mark.parametrize("variant,N", [(v, n) for v in BWD_VARIANTS for n in ((33, 100) if v == "persistent" else (33, 150))])
 def test_both_backward_variants(variant, N):
     """The one-program-per-(sequence, head) backward (looping over key blocks, or in one pass) and the
     dQ + dK/dV pair agree with float64."""
@@ -158,6 +159,50 @@ def test_one_pass_backward_head_dim_80_and_varlen():
     for variant in ("one_pass", "persistent"):
         with A._force_config(bwd=_bwd_cfg(variant, max(lengths))):
             _check(q, k, v, None, torch.float16, cu_seqlens=cu, max_seqlen=max(lengths))
+
+
+# Every candidate config a launch plan may pick, run where it will run: the interpreter computes what
+# the kernel source says, the GPU what the compiler made of it. GPU run 4 found the one-tile forward
+# c(128, 128, 8) at head dim 80 (= 64 + 16) wrong in the second head-dim chunk on an H200 with
+# triton 3.6, while the interpreter passed it; no fixed-config test reached that pair. On CUDA the
+# sweep covers the ViT-H shapes (predictor head dim 24, encoder 80) in every N bucket they reach, and
+# the ViT-g encoder's 88 and a plain 64; the interpreter runs one small case (its numbers cannot differ
+# between configs, only the code paths).
+SWEEP = ([(80, 33), (80, 74), (80, 150), (24, 21), (24, 57), (24, 116), (24, 150), (88, 74), (64, 74)]
+         if CUDA else [(24, 21)])
+
+
+@pytest.mark.parametrize("D,N", SWEEP, ids=[f"D{d}-N{n}" for d, n in SWEEP])
+def test_every_candidate_config(D, N):
+    """Each forward candidate (``_fwd_candidates``) against float64, then each backward candidate
+    (``_bwd_candidates``) on the first correct forward; bf16. A candidate that fails to launch
+    (shared memory, registers) counts as a failure too: a compiled graph runs the first candidate
+    without the eager path's fall-through. All failures are listed at once."""
+    torch.manual_seed(7 * D + N)
+    dt = torch.bfloat16
+    fa, fr, ga, gr = TOL[dt]
+    B, H = (2, 3) if CUDA else (1, 1)
+    q, k, v, _ = _qkv(B, N, H, D, dt)
+    do = torch.randn(B, N, H, D, device=DEV, dtype=dt)
+    o_ref, *g_ref = _ref_grads(q, k, v, do)
+    bad, good_fwd = [], None
+    for cfg in A._fwd_candidates(N, D, dtype=dt):
+        try:
+            with A._force_config(fwd=cfg):
+                _close("o", A.attention(q, k, v), o_ref, fa, fr)
+            good_fwd = good_fwd or cfg
+        except Exception as e:  # AssertionError (wrong numbers) or a launch failure
+            bad.append(f"fwd {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    assert good_fwd is not None, "no forward candidate is correct:\n" + "\n".join(bad)
+    for cfg in A._bwd_candidates(N, D, dtype=dt):
+        try:
+            with A._force_config(fwd=good_fwd, bwd=cfg):
+                grads = torch.autograd.grad(A.attention(q, k, v), (q, k, v), do)
+            for name, g, r in zip(("dq", "dk", "dv"), grads, g_ref):
+                _close(name, g, r, ga * max(1.0, r.abs().max().item()), gr)
+        except Exception as e:
+            bad.append(f"bwd {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    assert not bad, f"{len(bad)} candidate(s) wrong or not launchable at D={D}, N={N}:\n" + "\n".join(bad)
 
 
 # the dK/dV kernel computes P = ∞ in the rows of the missing keys, which it never stores (by design,
@@ -1124,6 +1169,25 @@ def test_attention_qkv_vs_float64_and_unpacked(D, N, dtype, variant, varlen):
         _close(name, gi, r, ga * max(1.0, r.abs().max().item()), gr)
 
 
+def _same_as_eager(o_c, o_e, g_c, g_e, dtype, what=""):
+    """The compiled call against the eager one. On the CPU (aot_eager: the same kernels, launched the
+    same way) bit for bit. On CUDA Inductor compiles our Triton kernels itself, with its own argument
+    types and specialisation: in GPU run 4 it passed the scale as fp64, so the scores were computed in
+    fp64 and differed from eager by up to 2.4e-4 (o) and 4.9e-4 (d(qkv)) in fp16. The kernels now cast
+    it to fp32 (``_f32``); whether that makes the two bit-equal on the GPU is not measured yet, so
+    there they must agree within the dtype's forward tolerance, and the message (printed under -rA)
+    gives the largest differences."""
+    d_o, d_g = (o_c.double() - o_e.double()).abs().max().item(), (g_c.double() - g_e.double()).abs().max().item()
+    msg = f"{what}compiled vs eager: max |do| {d_o:.3e}, max |dg| {d_g:.3e}"
+    if not CUDA:
+        assert torch.equal(o_c, o_e) and torch.equal(g_c, g_e), msg
+        return
+    fa, fr, ga, gr = TOL[dtype]
+    assert torch.allclose(o_c, o_e, atol=fa, rtol=fr), msg
+    assert torch.allclose(g_c, g_e, atol=ga * max(1.0, g_e.abs().max().item()), rtol=gr), msg
+    print(msg)  # -rA / -s: the size of the difference, for the run's record
+
+
 def test_attention_qkv_compiled_and_custom_op_identical():
     """Under torch.compile the stop_kernels::flash_attn_qkv_* custom ops run: bit-equal to eager."""
     torch.manual_seed(17)
@@ -1136,7 +1200,7 @@ def test_attention_qkv_compiled_and_custom_op_identical():
     cf = torch.compile(A.attention_qkv, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     o_c = cf(qkv)
     (g_c,) = torch.autograd.grad(o_c, qkv, do)
-    assert torch.equal(o_e, o_c) and torch.equal(g_e, g_c)
+    _same_as_eager(o_c, o_e, g_c, g_e, dt)
     o_op, _ = torch.ops.stop_kernels.flash_attn_qkv_fwd(qkv, None, 21, 24 ** -0.5)
     (g_op,) = torch.autograd.grad(o_op, qkv, do)
     assert torch.equal(o_e, o_op) and torch.equal(g_e, g_op)
@@ -1148,10 +1212,13 @@ def test_attention_qkv_compiled_and_custom_op_identical():
 @pytest.mark.skipif(not (CUDA and A.INDUCTOR_LAUNCHES),
                     reason="Inductor emits the Triton launches itself only on CUDA (triton_op); on CPU the "
                            "trace is checked by test_attention_inductor_trace.py")
-def test_inductor_launches_the_kernels_itself():
+@pytest.mark.parametrize("D", [24, 80])
+def test_inductor_launches_the_kernels_itself(D):
     """torch.compile (Inductor, dynamic N): the generated code launches our kernels directly (no
-    stop_kernels op call left in it), equals the eager path bit for bit, and compiles once per N
-    bucket (N = 100 and 120 share the 128 bucket; 150 is a new one)."""
+    stop_kernels op call left in it), equals the eager path (see _same_as_eager), and compiles once
+    per N bucket (N = 100 and 120 share the 128 bucket; 150 is a new one). Head dims 24 (the
+    predictor's, one 16 + 8 split) and 80 (the encoder's, 64 + 16; GPU run 4 found Inductor's compile of
+    it failing where the eager launch compiled, so it is here too, at the encoder's N = 74 only)."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._inductor.utils import run_and_get_code
     torch.manual_seed(19)
@@ -1163,9 +1230,9 @@ def test_inductor_launches_the_kernels_itself():
         o = fn(qkv)
         return o, torch.autograd.grad(o, qkv, do)[0]
 
-    for i, N in enumerate((100, 120, 150)):
-        qkv = torch.randn(2, N, 3, 4, 24, device=DEV, dtype=torch.bfloat16, requires_grad=True)
-        do = torch.randn(2, N, 4, 24, device=DEV, dtype=torch.bfloat16)
+    for i, N in enumerate((100, 120, 150) if D == 24 else (74,)):
+        qkv = torch.randn(2, N, 3, 4, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn(2, N, 4, D, device=DEV, dtype=torch.bfloat16)
         if i == 0:
             (o_c, g_c), codes = run_and_get_code(step, cf, qkv, do)
             code = "\n".join(codes)
@@ -1174,7 +1241,7 @@ def test_inductor_launches_the_kernels_itself():
         else:
             o_c, g_c = step(cf, qkv, do)
         o_e, g_e = step(A.attention_qkv, qkv, do)
-        assert torch.equal(o_c, o_e) and torch.equal(g_c, g_e), N
+        _same_as_eager(o_c, o_e, g_c, g_e, torch.bfloat16, f"N={N}: ")
         assert cnt.frame_count == (1 if N <= 128 else 2), (N, cnt.frame_count)
 
 

@@ -85,6 +85,16 @@ def test_dynamic_in_the_sequence_length(traced, case, upper):
     assert any("N" in d for d in got["shape"])
 
 
+def test_a_symbolic_head_dim_is_specialised(traced):
+    """torch.compile(dynamic=True) of a function of the QKV buffer makes its head dim symbolic too: the
+    ops trace (GPU run 4: the config cache could not hash the SymInt) with a guard on the head dim
+    and the same launches as with a static one; N stays symbolic."""
+    got, static = traced["qkv_N116_D24_batched_symbolic_d"], traced["qkv_N116_D24_batched"]
+    assert got["fwd"] == static["fwd"] and got["bwd"] == static["bwd"]
+    assert "Eq(D, 24)" in got["guards"], got["guards"]
+    assert sorted(g for g in got["guards"] if "D" not in g) == sorted(static["guards"]), got["guards"]
+
+
 @pytest.fixture(scope="module")
 def inductor_code():
     env = dict(os.environ)
@@ -220,3 +230,24 @@ def test_bf16_residual_keeps_the_blocks_stream_in_bf16(inductor_code):
     assert bf16 and set(bf16.values()) == {"bfloat16"}, bf16
     ret = re.search(r"return \((buf\d+), \)", code).group(1)
     assert re.search(rf"{ret} = reinterpret_tensor\(buf\d+, \(4, s\d+, 384\)", code), code  # in place
+
+
+@pytest.fixture(scope="module")
+def fp64_scale():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "_compile_fp64_scale.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_compile_with_the_scale_as_inductor_types_it(fp64_scale):
+    """Inductor passes the softmax scale (a Python float) as an fp64 argument where Triton's launcher
+    passes fp32. Every kernel must still compile, with and without a key loop, and do its math in
+    fp32: no TTIR line touches f64 but the argument and its conversion (GPU run 4: the forward's key
+    loop failed to compile under torch.compile, and the loop-free kernels computed in fp64)."""
+    assert set(fp64_scale) == {"fwd one tile", "fwd key loop", "bwd fused loop", "bwd dq", "bwd dkdv"}
+    for name, r in fp64_scale.items():
+        assert r["compiled"], (name, r.get("error"))
+        assert r["f64_lines"] == [], (name, r["f64_lines"][:5])
