@@ -31,6 +31,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 # the start of the script, before torch and the pipeline are imported (seconds of a GPU session's section
 # limit, which --budget-s is sized against: gpu_all.sh's e2e section)
@@ -257,6 +258,14 @@ def run_header(gpu: str) -> dict:
             "env": {k: v for k, v in os.environ.items() if k.startswith("STOP_KERNELS_")}}
 
 
+def _clip(text: str, head: int = 400, tail: int = 1600) -> str:
+    """An error message short enough for a JSON record, keeping its start (the exception) and its end:
+    a compiler error (Inductor, Triton) names its cause in its last lines."""
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]} [... {len(text) - head - tail} characters ...] {text[-tail:]}"
+
+
 def run_variants(args, json_name: str = "profile_step.json"):
     """Run every variant of ``args.variants`` in this process; returns (device name, results), also
     written to ``<out>/<json_name>`` after each variant."""
@@ -279,7 +288,8 @@ def run_variants(args, json_name: str = "profile_step.json"):
             try:
                 r = run_variant(v, args, info)
             except Exception as e:  # keep the other variants' numbers
-                r = {**v, "error": f"{type(e).__name__}: {e}"[:500]}
+                traceback.print_exc()  # the whole of it in the log; the record keeps its two ends
+                r = {**v, "error": _clip(f"{type(e).__name__}: {e}")}
             results.append(r)
             print(json.dumps(r), flush=True)
             with open(os.path.join(args.out, json_name), "w") as fh:
