@@ -1064,7 +1064,11 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
                          ('{"BLOCK_M": 16, "BLOCK_N": 24, "num_warps": 2, "num_stages": 1}', "BLOCK_N must be"),
                          ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 3, "num_stages": 1}', "num_warps must be"),
                          ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 64, "num_stages": 1}', "num_warps must be"),
-                         ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 0}', "num_stages must be")]])
+                         ('{"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 0}', "num_stages must be")]]
+   # a config that computed wrong numbers on a GPU (run 4), as run 4's own tuned file named it
+   + [('[{"kind": "fwd", "bucket": 128, "head_dim": 80, "dtype": "bfloat16", "varlen": false, "split_d": true, '
+       '"config": {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1, "HEADS": 1}}]',
+       "computed wrong numbers on a GPU")])
 def test_tuned_configs_bad_files(monkeypatch, tmp_path, content, match):
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     path = tmp_path / "bad.json"

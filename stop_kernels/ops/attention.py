@@ -814,7 +814,9 @@ def _fwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
         if bucket <= 64:
             cands = [c(64, 64, 4), c(32, 64, 4), c(64, 64, 4, 1, 2), c(64, 64, 4, 2, persist=5)]
         elif bucket <= 128:
-            cands = [c(64, 64, 4, 2), c(128, 128, 8), c(64, 128, 4), c(64, 128, 4, 1, 2), c(32, 128, 4),
+            # GPU run 4 (H200, N = 116, forced configs, eager timer): 64x128 0.069 ms, 128x128 0.073,
+            # 64x64 0.075 (the former first), the persistent forms 0.090-0.105
+            cands = [c(64, 128, 4), c(128, 128, 8), c(64, 64, 4, 2), c(64, 128, 4, 1, 2), c(32, 128, 4),
                      c(128, 128, 8, 2, persist=1), c(64, 128, 4, 2, persist=2)]
         elif bucket <= 256:
             # (the one-tile c(64, 256, 8) measured 4x slower than the first in run 2 and spills: dropped)
@@ -849,15 +851,16 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
     """Backward candidates: VARIANT 'fused' (one program per (sequence, head), all queries in one
     tile, N <= 256) or 'split' (δ+dQ launch, then dK/dV launch). Heuristic default first.
 
-    ``width``: the head dim's register width BD0 + BD1 (default ``block_d``). The last candidates at
-    N <= 128 are one-pass fused configs (BLOCK_N = the bucket: every score of a (sequence, head) at
+    ``width``: the head dim's register width BD0 + BD1 (default ``block_d``). At N <= 128 the first
+    candidates are one-pass fused configs (BLOCK_N = the bucket: every score of a (sequence, head) at
     once, no loop, wgmma throughout, 11 barriers per program against 10 per 16-key step), kept only
     where ptxas shows no spill: head dim 24 (93 registers at N <= 64, 176 at N <= 128 with 8 warps)
-    and 80 = 64 + 16 (254 registers). After them, at head dim 24, the persistent one-pass form
+    and 80 = 64 + 16 (254 registers). Last, at head dim 24, the persistent one-pass form
     (``PERSIST`` programs per SM walking the (sequence, head) items, the next item's tiles loaded by
     the pipeliner during this one's math): 255 registers and 97 KB of shared memory with 8 warps at
     N <= 128 (one CTA per SM, as the one-pass kernel without it), 193 registers with 4 warps at
-    N <= 64 (two); at head dim 80 it spills, so it is not offered. Not yet timed on a GPU."""
+    N <= 64 (two); at head dim 80 it spills, so it is not offered. GPU run 4 (H200) timed the one-pass
+    form fastest at N <= 128 for head dims 24 and 80 (first now) and the persistent one slower (last)."""
     def fused(bn, w, st=1, persist=0):
         d = dict(VARIANT="fused", BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st)
         return dict(d, PERSIST=persist) if persist else d
@@ -887,7 +890,9 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
     elif block_d <= 32 and bucket <= 64:
         cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4), fused(64, 4, 2, persist=2)]
     elif block_d <= 32 and bucket <= 128:
-        cands = [fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4), fused(128, 8),
+        # GPU run 4 (H200, N = 116, forced, eager timer): the one-pass fused(128, 8) 0.151 ms, its
+        # persistent form 0.178, split(64, 64, 4) 0.197, fused(16, 4) (the former first) 0.206
+        cands = [fused(128, 8), fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4),
                  fused(128, 8, 2, persist=1)]
     elif block_d <= 32 and bucket <= 256:
         cands = [split(64, 64, 4), split(32, 64, 4), fused(16, 8), split(64, 64, 8)]
@@ -896,9 +901,9 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
     elif block_d <= 64:
         cands = [split(64, 64, 4), split(64, 64, 8), split(32, 64, 4), split(64, 32, 4)]
     elif width <= 80:
-        cands = [split(64, 64, 4), split(64, 64, 8), split(64, 128, 8)]
-        if bucket <= 128:
-            cands.append(fused(128, 8))
+        # GPU run 4 (H200, N = 74, forced, eager timer): the one-pass fused(128, 8) 0.087 ms against
+        # split(64, 64, 4) 0.139, split(64, 128, 8) 0.162, split(64, 64, 8) 0.169 (N <= 64: not timed)
+        cands = ([fused(128, 8)] if bucket <= 128 else []) + [split(64, 64, 4), split(64, 64, 8), split(64, 128, 8)]
     elif width <= 96:
         cands = [split(64, 64, 8)]
     else:
@@ -1101,6 +1106,16 @@ def save_tuned_configs(path: str, configs: Optional[Dict[Tuple, Dict]] = None) -
     return len(entries)
 
 
+# Configs that computed wrong numbers on a GPU (not merely slow ones), by (kind, bucket, head dim,
+# head-dim split): dropped from the candidate lists, and refused by load_tuned_configs, since a file
+# tuned before they were dropped may name them (run 4's own best_configs.json did).
+_KNOWN_WRONG = {
+    # GPU run 4, H200, triton 3.6: the one-tile forward at head dim 80 = 64 + 16 returned a wrong
+    # second head-dim chunk (the interpreter computes it right)
+    ("fwd", 128, 80, True): [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1, HEADS=1)],
+}
+
+
 def load_tuned_configs(path: str) -> int:
     """Use the kernel configs of a JSON file written by :func:`save_tuned_configs` (or by
     ``benchmarks/gpu_attention.py``: the fastest config it measured per shape) instead of the first
@@ -1148,6 +1163,9 @@ def load_tuned_configs(path: str) -> int:
         unused = {"fused": {"BLOCK_M"}, "split": {"PERSIST"}}.get(cfg.get("VARIANT"), set()) & set(cfg)
         if unused:
             raise ValueError(f"{where}: a {cfg['VARIANT']} backward config takes no {sorted(unused)}, got {cfg!r}")
+        if {"HEADS": 1, **cfg} in _KNOWN_WRONG.get((kind, e["bucket"], e["head_dim"], e["split_d"]), []):
+            raise ValueError(f"{where}: {kind} config {cfg!r} computed wrong numbers on a GPU at this shape "
+                             "(see _KNOWN_WRONG in stop_kernels/ops/attention.py); tune again or drop the entry")
         key = (kind, e["bucket"], e["head_dim"], _DTYPE_NAMES[e["dtype"]], e["varlen"], e["split_d"])
         if key in loaded:
             raise ValueError(f"{where}: a second config for {kind}, bucket {e['bucket']}, head dim {e['head_dim']}, "
