@@ -15,7 +15,9 @@
 # Before a GPU session: STOP_KERNELS_REHEARSE=1 bash benchmarks/gpu_all.sh stop attn runs those two sections
 # on the CPU at toy sizes (benchmarks/_gpu_common.py; tests/test_benchmark_harness.py does it in CI).
 #
-# What is unmeasured since GPU run 3, sized to a 15-minute device budget: one machine start (≈ 90 s)
+# Run 4 (2026-11-27, results/h200-run4/) ran the plan below; it found three attention bugs (fixed since) and
+# every e2e path host-bound, so the same two calls are the plan again. Unmeasured, sized to a 15-minute
+# device budget: one machine start (≈ 90 s)
 # and two calls, the second sent at once after the first (a warm machine is given back after 30 s
 # idle): 90 + 540 + 240 = 870 s, 30 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
 # ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
