@@ -39,14 +39,20 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.library, "triton_op"),
                                 reason=f"torch {torch.__version__} has no torch.library.triton_op")
 
 
-@pytest.fixture(scope="module")
-def traced():
+def _script_json(name: str, *args: str, timeout: int = 600):
+    """Run ``tests/<name>`` outside the Triton interpreter (real JITFunctions, an sm_90 target, no GPU)
+    and return the JSON line it prints last."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_trace_attention_ops.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, name), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return _script_json("_trace_attention_ops.py")
 
 
 def test_ops_are_triton_ops_outside_the_interpreter(traced):
@@ -96,12 +102,7 @@ def test_a_symbolic_head_dim_is_specialised(traced):
 
 @pytest.fixture(scope="module")
 def inductor_code():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_trace_attention_ops.py"), "--inductor"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _script_json("_trace_attention_ops.py", "--inductor", timeout=900)
 
 
 def _launch_lines(code: str):
@@ -233,12 +234,7 @@ def test_bf16_residual_keeps_the_blocks_stream_in_bf16(inductor_code):
 
 @pytest.fixture(scope="module")
 def fp64_scale():
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "_compile_fp64_scale.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _script_json("_compile_fp64_scale.py")
 
 
 def test_kernels_compile_with_the_scale_as_inductor_types_it(fp64_scale):
