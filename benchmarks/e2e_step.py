@@ -2,8 +2,9 @@
 """End-to-end I-JEPA+StoP training step: the project's reference path against its fast path (issue 8).
 
 Both paths are the training pipeline's own :class:`~stop_kernels.training.loop.Trainer` (fused AdamW,
-one foreach EMA, bf16 autocast over fp32 master weights, no FSDP on one GPU), run in one process on
-one GPU, one after the other, on the same synthetic images and mask batches:
+one foreach EMA, bf16 autocast over fp32 master weights, no FSDP on one GPU), run on one GPU one after
+the other, each in a fresh process (``--no-isolate``: all in one), on the same synthetic images and
+mask batches:
 
 * ``reference``: plain PyTorch — SDPA attention, the official unfused StoP input (torch.randn +
   Linear + gather + repeat + cat), per-block ``torch.compile``. The strongest baseline of

@@ -22,9 +22,10 @@
 # idle): 90 + 540 + 240 = 870 s, 30 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
 # ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
 # side-by-side ratios; say which card in the results README).
-#   1. (timeout_s 540) SEC_STOP=120 BUDGET_STOP=100 SEC_ATTN=120 BUDGET_ATTN=100 SEC_E2E=250 \
-#        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 120 + 120 + 250;
-#        the 30 s left cover each section's 10 s kill grace, process starts and the packing)
+#   1. (timeout_s 540) SEC_STOP=100 BUDGET_STOP=85 SEC_ATTN=100 BUDGET_ATTN=85 SEC_E2E=290 \
+#        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 100 + 100 + 290;
+#        the 30 s left cover each section's 10 s kill grace, process starts and the packing; run 4's stop and
+#        attn took 81 and 89 s, and e2e's paths now start a process each, ≈ 15 s more per path)
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
 #      sin/cos): GPU correctness first, then every forward/dW config's GPU time against its SASS loop
 #      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path. Attention per

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Where does a training step's time go? Times and profiles ``Trainer.step`` in several set-ups, one process.
+"""Where does a training step's time go? Times and profiles ``Trainer.step`` in several set-ups.
 
 Each variant builds the full pipeline (:class:`stop_kernels.training.loop.Trainer`: encoder, StoP
 predictor, target encoder, fused AdamW, EMA) at the given model and batch, runs warm-up steps, times
 ``--steps`` steps (wall clock, synchronised at both ends; the host time to *queue* them is reported
 too: when it is close to the wall time the step is host-bound), then profiles ``--profile-steps``
 steps with ``torch.profiler`` and prints the GPU time per step by kernel category and the top kernels
-and host ops.
+and host ops. Each variant runs in a fresh Python process (``--no-isolate``: all in this one), so none
+inherits another's torch.compile caches and guards.
 
     python benchmarks/profile_step.py --model vit_h --batch-size 64 --out DIR \
         --variants fsdp:sharding=full,none:sharding=none,sdpa:sharding=none+attention=sdpa
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the remaining variants once this many seconds have passed since the script started")
     p.add_argument("--out", default="/tmp/profile_step")
     p.add_argument("--extra", default="", help="more train.py flags for every variant, e.g. '--img-size 64'")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each variant in a fresh Python process (default). In one process a later variant "
+                        "inherits the earlier ones' torch.compile caches, guards and garbage: GPU run 4 timed "
+                        "the same configuration 163 ms third in one process and 135 ms alone, on the same GPU time")
     return p
 
 
@@ -266,13 +271,55 @@ def _clip(text: str, head: int = 400, tail: int = 1600) -> str:
     return f"{text[:head]} [... {len(text) - head - tail} characters ...] {text[-tail:]}"
 
 
+def _run_isolated(spec: str, v: dict, args) -> tuple:
+    """One variant in a child process (this script with ``--no-isolate``, the same flags, ``--out
+    <out>/variant_<name>``), its output echoed line by line; returns (device name or None, result).
+    A child that dies (a crash, an OOM kill) leaves an error result with the end of its output."""
+    import collections
+    import subprocess
+    out = os.path.join(args.out, "variant_" + re.sub(r"[^\w.-]", "_", v["name"]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--no-isolate", f"--model={args.model}",
+           f"--batch-size={args.batch_size}", f"--variants={spec}", f"--warmup={args.warmup}",
+           f"--mask-batches={args.mask_batches}", f"--steps={args.steps}", f"--profile-steps={args.profile_steps}",
+           f"--top={args.top}", f"--out={out}", f"--extra={args.extra}"]
+    tail = collections.deque(maxlen=80)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(f"  [{v['name']}] {line}")
+                tail.append(line)
+        except BaseException:  # the caller's time limit (gpu_all.sh: SIGINT to this process) or an error:
+            proc.kill()  # the variant must not outlive it and hold the GPU during the next section
+            raise
+    try:
+        with open(os.path.join(out, "profile_step.json")) as fh:
+            data = json.load(fh)
+        return data["gpu"], data["results"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None, {**v, "error": _clip(f"variant process exited with {proc.returncode}: " + "".join(tail))}
+
+
 def run_variants(args, json_name: str = "profile_step.json"):
-    """Run every variant of ``args.variants`` in this process; returns (device name, results), also
-    written to ``<out>/<json_name>`` after each variant."""
+    """Run every variant of ``args.variants``, each in its own process unless ``--no-isolate``;
+    returns (device name, results), also written to ``<out>/<json_name>`` after each variant."""
+    os.makedirs(args.out, exist_ok=True)
+    specs = args.variants.split(",")
+    variants = [parse_variant(s) for s in specs]
+    if getattr(args, "isolate", False):
+        gpu, results = None, []
+        for spec, v in zip(specs, variants):
+            if time.perf_counter() - T_START > args.budget_s:  # (as below)
+                print(f"[skip {v['name']}: budget]", flush=True)
+                continue
+            g, r = _run_isolated(spec, v, args)
+            gpu = gpu or g
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            with open(os.path.join(args.out, json_name), "w") as fh:
+                json.dump({**run_header(gpu or "unknown"), "results": results}, fh, indent=1)
+        return gpu or "unknown", results
     if not torch.cuda.is_available():
         print("no CUDA GPU: a CPU smoke run (timings say nothing about the GPU)", file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
-    variants = [parse_variant(s) for s in args.variants.split(",")]
     # one process group for every variant (a one-rank group serves FSDP2 and the unsharded runs alike)
     cfg0 = parse_config(["--model", args.model, "--sharding", "full"] + args.extra.split())
     info = D.init_distributed(cfg0)

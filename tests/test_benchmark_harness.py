@@ -102,6 +102,8 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     assert data["torch"] == torch.__version__ and isinstance(data["env"], dict)  # run_header: what ran
     res = data["results"]
     assert [r["name"] for r in res] == list(e2e_step.PATHS)
+    # each path ran in its own process (--isolate, the default), which wrote its own record
+    assert all((out / f"variant_{name}" / "profile_step.json").exists() for name in e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
     # run eagerly (--no-compile), fast_levers' combo kernels have nothing to act on: the path is refused by
     # name at its config check (its GPU-only keys are refused by the Trainer, test_training_speed), the
@@ -124,6 +126,57 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio_fast_mixed_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)
+
+
+def test_a_variant_process_that_dies_leaves_an_error_record(tmp_path, capsys):
+    """--isolate: a child that exits without its record (here: a train.py flag it refuses before any
+    variant runs) becomes an error result carrying the end of its output; the parent carries on."""
+    out = tmp_path / "p"
+    rc = profile_step.main(["--model", "vit_tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                            "--profile-steps", "0", "--variants", "a:compile=0,b:compile=0",
+                            "--extra=--no-such-flag", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "profile_step.json").read_text())["results"]
+    assert [r["name"] for r in res] == ["a", "b"]
+    assert all(r["error"].startswith("variant process exited with 2: ") and "--no-such-flag" in r["error"]
+               for r in res), res
+    assert "  [a] " in capsys.readouterr().out  # the child's output, echoed with its name
+
+
+def test_an_interrupted_run_leaves_no_variant_process(tmp_path):
+    """gpu_all.sh ends a section with SIGINT to the script: the variant's own process must end with it,
+    not run on (and hold the GPU) into the next section."""
+    import os
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "p"
+    parent = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--model=vit_tiny",
+                               "--batch-size=2", "--variants=a:compile=0", "--warmup=0", "--steps=100000",
+                               "--profile-steps=0", f"--extra={TINY_EXTRA}", f"--out={out}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def children():  # the variant process: the one whose command names its own output folder
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if f"--out={out}/variant_a".encode() in cmd:
+                found.append(int(pid))
+        return found
+    deadline = time.time() + 120
+    while not children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert children(), "the variant process never started"
+    time.sleep(2)  # inside its import or its steps
+    parent.send_signal(signal.SIGINT)
+    parent.communicate(timeout=60)
+    deadline = time.time() + 10
+    while children() and time.time() < deadline:
+        time.sleep(0.2)
+    assert children() == []
 
 
 def test_attention_sweep_writes_its_fastest_configs(tmp_path, monkeypatch):
@@ -402,7 +455,8 @@ def test_step_budget_counts_from_the_scripts_start(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(profile_step, "run_variant", run_variant)
     monkeypatch.setattr(profile_step, "T_START", time.perf_counter() - 30)  # the imports took 30 s
     args = profile_step.build_parser().parse_args(["--model", "vit_tiny", "--variants", "a:compile=0,b:compile=0",
-                                                   "--budget-s", "20", "--out", str(tmp_path), "--extra", "--device cpu"])
+                                                   "--budget-s", "20", "--out", str(tmp_path), "--extra", "--device cpu",
+                                                   "--no-isolate"])  # (run_variant patched in this process)
     profile_step.run_variants(args)
     assert started == [] and "[skip a: budget]" in capsys.readouterr().out
     monkeypatch.setattr(profile_step, "T_START", time.perf_counter())
@@ -437,7 +491,7 @@ def test_step_timing_is_the_timed_steps_to_the_last_sync(cpu_train, tmp_path, mo
     args = profile_step.build_parser().parse_args(["--model", "vit_tiny", "--batch-size", "4", "--steps", "2",
                                                    "--warmup", "1", "--mask-batches", "1", "--profile-steps", "0",
                                                    "--variants", "a:compile=0+input=unfused", "--extra", TINY_EXTRA,
-                                                   "--out", str(tmp_path)])
+                                                   "--out", str(tmp_path), "--no-isolate"])
     _, (r,) = profile_step.run_variants(args)
     assert "error" not in r, r
     dt = 2 * 1.0 + 0.5  # two queued steps, then the sync that waits for them
