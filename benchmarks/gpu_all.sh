@@ -19,7 +19,7 @@
 # every e2e path host-bound, so the same two calls are the plan again. Unmeasured, sized to a 15-minute
 # device budget: one machine start (≈ 90 s)
 # and two calls, the second sent at once after the first (a warm machine is given back after 30 s
-# idle): 90 + 540 + 240 = 870 s, 30 s to spare. Ask for kind nvidia-h200 in both calls: runs 1-3 and
+# idle): 90 + 540 + 270 = 900 s at the limits (run 4's call 1 ended at 355 of its 540 s). Ask for kind nvidia-h200 in both calls: runs 1-3 and
 # ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
 # side-by-side ratios; say which card in the results README).
 #   1. (timeout_s 540) SEC_STOP=100 BUDGET_STOP=85 SEC_ATTN=100 BUDGET_ATTN=85 SEC_E2E=290 \
@@ -45,9 +45,10 @@
 #      {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
 #      (stop_kernels/ops/attention.py). If fast_levers beats fast_mixed, the profile section of a
 #      later session says which lever to turn on by default.
-#   2. (timeout_s 240, sent at once) SEC_TESTS_NEW=85 SEC_BUILD=45 SEC_CUDA=90 \
-#        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 85 + 45 + 90;
-#        gpu_cuda.py took 59 s in run 2 with 11 fewer tests; an interrupt keeps the rows timed so far)
+#   2. (timeout_s 270, sent at once) SEC_TESTS_NEW=125 SEC_BUILD=45 SEC_CUDA=70 \
+#        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 125 + 45 + 70;
+#        run 4: tests-new was cut at 85 s, the build took 41 s, gpu_cuda.py 59 s; an interrupt keeps
+#        the rows timed so far; give tests-new whatever call 1 left unused)
 #      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
 #      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split, one-pass backward,
 #      and fast_levers' bf16 residual stream and combo kernels, whose GPU twins no other section runs;
