@@ -26,10 +26,12 @@ and a markdown table printed last.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -275,8 +277,6 @@ def _run_isolated(spec: str, v: dict, args) -> tuple:
     """One variant in a child process (this script with ``--no-isolate``, the same flags, ``--out
     <out>/variant_<name>``), its output echoed line by line; returns (device name or None, result).
     A child that dies (a crash, an OOM kill) leaves an error result with the end of its output."""
-    import collections
-    import subprocess
     out = os.path.join(args.out, "variant_" + re.sub(r"[^\w.-]", "_", v["name"]))
     cmd = [sys.executable, os.path.abspath(__file__), "--no-isolate", f"--model={args.model}",
            f"--batch-size={args.batch_size}", f"--variants={spec}", f"--warmup={args.warmup}",
@@ -305,45 +305,39 @@ def run_variants(args, json_name: str = "profile_step.json"):
     os.makedirs(args.out, exist_ok=True)
     specs = args.variants.split(",")
     variants = [parse_variant(s) for s in specs]
-    if getattr(args, "isolate", False):
-        gpu, results = None, []
-        for spec, v in zip(specs, variants):
-            if time.perf_counter() - T_START > args.budget_s:  # (as below)
-                print(f"[skip {v['name']}: budget]", flush=True)
-                continue
-            g, r = _run_isolated(spec, v, args)
-            gpu = gpu or g
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            with open(os.path.join(args.out, json_name), "w") as fh:
-                json.dump({**run_header(gpu or "unknown"), "results": results}, fh, indent=1)
-        return gpu or "unknown", results
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: a CPU smoke run (timings say nothing about the GPU)", file=sys.stderr)
-    # one process group for every variant (a one-rank group serves FSDP2 and the unsharded runs alike)
-    cfg0 = parse_config(["--model", args.model, "--sharding", "full"] + args.extra.split())
-    info = D.init_distributed(cfg0)
-    gpu = gpu_of(info)
+    isolate = getattr(args, "isolate", False)
+    info, gpu = None, None  # isolated: the children's process groups; the device name from their records
+    if not isolate:
+        if not torch.cuda.is_available():
+            print("no CUDA GPU: a CPU smoke run (timings say nothing about the GPU)", file=sys.stderr)
+        # one process group for every variant (a one-rank group serves FSDP2 and the unsharded runs alike)
+        info = D.init_distributed(parse_config(["--model", args.model, "--sharding", "full"] + args.extra.split()))
+        gpu = gpu_of(info)
     results = []
     try:
-        for v in variants:
+        for spec, v in zip(specs, variants):
             # counted from the script's start: its imports and the process group are part of the time the
             # caller's limit gives it (gpu_all.sh: a path starts only while 70 s of the section are left)
             if time.perf_counter() - T_START > args.budget_s:
                 print(f"[skip {v['name']}: budget]", flush=True)
                 continue
-            try:
-                r = run_variant(v, args, info)
-            except Exception as e:  # keep the other variants' numbers
-                traceback.print_exc()  # the whole of it in the log; the record keeps its two ends
-                r = {**v, "error": _clip(f"{type(e).__name__}: {e}")}
+            if isolate:
+                child_gpu, r = _run_isolated(spec, v, args)
+                gpu = gpu or child_gpu
+            else:
+                try:
+                    r = run_variant(v, args, info)
+                except Exception as e:  # keep the other variants' numbers
+                    traceback.print_exc()  # the whole of it in the log; the record keeps its two ends
+                    r = {**v, "error": _clip(f"{type(e).__name__}: {e}")}
             results.append(r)
             print(json.dumps(r), flush=True)
             with open(os.path.join(args.out, json_name), "w") as fh:
-                json.dump({**run_header(gpu), "results": results}, fh, indent=1)
+                json.dump({**run_header(gpu or "unknown"), "results": results}, fh, indent=1)
     finally:
-        D.shutdown(info)
-    return gpu, results
+        if info is not None:
+            D.shutdown(info)
+    return gpu or "unknown", results
 
 
 def print_report(gpu: str, args, results) -> None:
