@@ -291,10 +291,14 @@ def _time_impl(f, B, H, N, D, graphs=True):
     def fb():
         f(q, k, v).backward(do)
 
-    def fb_fresh():  # graph version: fresh views and grad per call (nothing stale across replays)
-        qkv.grad = None
-        q_, k_, v_ = qkv.unbind(2)
-        f(q_, k_, v_).backward(do)
+    def fb_fresh():
+        # graph version: a new leaf per call. The views q, k, v above keep qkv's gradient accumulator
+        # alive, and autograd recorded the default stream on it at the eager calls; under capture the
+        # backward then waits across the capture boundary and the capture fails (runs 2 and 4: "operation
+        # failed due to a previous error during capture"; pytorch/pytorch#180090). A leaf made inside the
+        # call gets its accumulator, and its stream, from the capture.
+        x = qkv.detach().requires_grad_()
+        f(*x.unbind(2)).backward(do)
 
     fwd()
     fb()  # compile / tune / probe support: all before any capture
