@@ -12,6 +12,10 @@ mask batches:
 * ``fast``: ``train.py``'s defaults — the fused StoP assembly (noise generated in registers), the
   attention backend "auto" picks (see ``stop_kernels.ops.attention.DEFAULT_AUTO_POLICY``),
   per-block ``torch.compile``.
+* ``fast_cpp``: ``fast`` with Inductor's host code in C++ (``cpp_wrapper``): every compiled path of GPU
+  run 4 was host-bound (host time = step time, 109 ms of GPU kernels against 129–170 ms steps), and the
+  compiled blocks' Python host code (allocations, size checks, one Python call per kernel launch) is
+  the largest host cost the profile names. Compiled only (the config refuses it on eager blocks).
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced inside the compiled blocks
   (``attention=triton``: Inductor launches them itself, see ``stop_kernels.ops.attention``), the
   candidate for the next "auto" default; run it with ``--paths reference,fast,fast_triton``.
@@ -50,6 +54,7 @@ import profile_step  # noqa: E402  (benchmarks/profile_step.py: runs Trainer var
 PATHS = {
     "reference": "attention=sdpa+input=unfused",
     "fast": "attention=auto+input=auto",
+    "fast_cpp": "attention=auto+input=auto+cppwrap=1",
     "fast_triton": "attention=triton+input=auto",
     "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
     "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+bf16res=1+graph=1+overlap=1",

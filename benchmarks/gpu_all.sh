@@ -16,7 +16,10 @@
 # on the CPU at toy sizes (benchmarks/_gpu_common.py; tests/test_benchmark_harness.py does it in CI).
 #
 # Run 4 (2026-11-27, results/h200-run4/) ran the plan below; it found three attention bugs (fixed since) and
-# every e2e path host-bound, so the same two calls are the plan again. Unmeasured, sized to a 15-minute
+# every e2e path host-bound, so the same two calls are the plan again, with a new e2e path (fast_cpp: the
+# compiled blocks' host code in C++, for the host-bound step) and the attention section's CUDA-graph timer
+# fixed (its forward+backward capture failed in runs 2 and 4 on a stale autograd stream: a harness bug, so
+# its kernel times are GPU times again). Unmeasured, sized to a 15-minute
 # device budget: one machine start (≈ 90 s)
 # and two calls, the second sent at once after the first (a warm machine is given back after 30 s
 # idle): 90 + 540 + 270 = 900 s at the limits (run 4's call 1 ended at 355 of its 540 s). Ask for kind nvidia-h200 in both calls: runs 1-3 and
@@ -33,13 +36,13 @@
 #      (PERSIST: forward and one-pass backward, N <= 128; if one wins at N = 116, move it first in
 #      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs; the e2e section
 #      already runs the fastest through $RES/attn/best_configs.json). The ViT-H step, in this
-#      order (the section's limit cuts the last): reference; fast_mixed (compiled, Inductor-launched
-#      Triton attention for the predictor's head dim 24, SDPA for the encoder's 80: the likeliest
-#      winner); fast (compiled, SDPA inside: the current default, 120.6 ms in run 3); fast_levers
-#      (fast_mixed + combo kernels + bf16 residual stream + CUDA-graphed target encoder on a second
-#      stream: the opt-in step levers together; after the three above, so a failed capture cannot
-#      cost them);
-#      fast_triton (Triton for every head dim). Each path also profiles 2 steps
+#      order (the section's limit cuts the last): reference; fast (compiled, SDPA inside: the current
+#      default, 120.6 ms in run 3); fast_cpp (fast with Inductor's C++ host code: if the host is what
+#      bounds the step, this is the path that moves it; if it wins, make cpp_wrapper the recipes'
+#      default); fast_mixed (Inductor-launched Triton attention for the predictor's head dim 24, SDPA
+#      for the encoder's 80); fast_levers (fast_mixed + combo kernels + bf16 residual stream +
+#      CUDA-graphed target encoder on a second stream: the opt-in step levers together; late, so a
+#      failed capture cannot cost the others); fast_triton (Triton for every head dim). Each path also profiles 2 steps
 #      (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's time
 #      goes, which decides the next lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY =
 #      {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
@@ -131,7 +134,7 @@ for s in $SECTIONS; do
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
            tests/test_philox.py tests/test_attention.py tests/test_fast_path_loss_curve.py tests/test_training_speed.py \
-           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (combo_kernels_equals_eager and cuda)" ;;
+           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda)" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
@@ -147,7 +150,7 @@ for s in $SECTIONS; do
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 70 )) \
-           --paths ${E2E_PATHS:-reference,fast_mixed,fast,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast,fast_cpp,fast_mixed,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

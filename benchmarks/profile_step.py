@@ -19,7 +19,8 @@ default|max-autotune-no-cudagraphs), ``combo`` (0|1: Inductor's horizontal fusio
 the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual stream in bf16,
 ``bf16_residual``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
-``overlap_target``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
+``overlap_target``), ``cppwrap`` (0|1: Inductor's host code of the compiled blocks in C++,
+``cpp_wrapper``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
 e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
 and a markdown table printed last.
 """
@@ -82,13 +83,16 @@ def _annotation(name: str) -> bool:
     return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))
 
 
-SWITCHES = ("compile", "graph", "combo", "bf16res", "overlap")  # the variant keys that take 0 or 1
+# the variant keys that take 0 or 1, and the train.py flag each turns on ("compile" is passed either way)
+LEVER_FLAGS = {"graph": "--cuda-graph-target", "combo": "--combo-kernels", "bf16res": "--bf16-residual",
+               "overlap": "--overlap-target", "cppwrap": "--cpp-wrapper"}
+SWITCHES = ("compile",) + tuple(LEVER_FLAGS)
 
 
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
-    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0", "graph": "0",
-         "mode": "default", "combo": "0", "bf16res": "0", "overlap": "0", "policy": ""}
+    v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0",
+         "mode": "default", "policy": "", **{k: "0" for k in LEVER_FLAGS}}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -120,10 +124,7 @@ def variant_argv(v: dict, model: str, batch_size: int, out: str) -> list:
     return (["--model", model, "--batch-size", str(batch_size), "--sharding", v["sharding"],
              "--attention", v["attention"], "--attention-policy", v["policy"], "--compile-mode", v["mode"],
              "--compile", "true" if v["compile"] == "1" else "false", "--out", out]
-            + (["--combo-kernels"] if v["combo"] == "1" else [])
-            + (["--bf16-residual"] if v["bf16res"] == "1" else [])
-            + (["--cuda-graph-target"] if v["graph"] == "1" else [])
-            + (["--overlap-target"] if v["overlap"] == "1" else []))
+            + [flag for k, flag in LEVER_FLAGS.items() if v[k] == "1"])
 
 
 def run_variant(v: dict, args, info) -> dict:

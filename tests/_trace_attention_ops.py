@@ -167,14 +167,14 @@ def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None):
 
 def _capture_wrapper_code(codes):
     """Make Inductor stop once a graph's host code exists, appending its ``call`` function to
-    ``codes``; returns the function that restores Inductor."""
+    ``codes`` (with ``cpp_wrapper``: the whole C++ source); returns the function that restores Inductor."""
     from torch._inductor import graph as ind_graph
 
     def stop_after_codegen(self):
-        code = self.codegen()
+        code = self.codegen_with_cpp_wrapper() if self.cpp_wrapper else self.codegen()
         code = code[0] if isinstance(code, tuple) else code
         code = getattr(code, "value", code)
-        codes.append(code[code.index("def call(self, args)"):code.index("runner = Runner")])
+        codes.append(code if self.cpp_wrapper else code[code.index("def call(self, args)"):code.index("runner = Runner")])
         raise _Stop()
 
     real = ind_graph.GraphLowering.compile_to_module
@@ -183,18 +183,22 @@ def _capture_wrapper_code(codes):
 
 
 def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool = False,
-                           x_dtype: torch.dtype = torch.float32):
+                           x_dtype: torch.dtype = torch.float32, cpp_wrapper: bool = False):
     """Inductor's host code for the forward of a whole compiled transformer block
     (``stop_kernels.models.vit.Block``: LayerNorm, QKV Linear, attention, projection, MLP) under bf16
     autocast with the Triton attention forced, a symbolic N: what a compiled block of the training
     step launches around the attention kernel. Forward only: tracing the backward runs the autograd
     engine, which needs a CUDA context (the attention backward ops alone: :func:`inductor_wrapper`).
     ``combo_kernels``: with Inductor's horizontal fusion (config key ``combo_kernels``); ``x_dtype``:
-    the residual stream's dtype (bf16: config key ``bf16_residual``)."""
+    the residual stream's dtype (bf16: config key ``bf16_residual``); ``cpp_wrapper``: the host code in
+    C++ (config key ``cpp_wrapper``; the C++ source is returned, Triton kernels compiled for sm_90 on the
+    way, nothing built or launched)."""
+    import functools
+
     import stop_kernels
     import torch._inductor.config as inductor_config
     from stop_kernels.models.vit import Block
-    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.compile_fx import compile_fx_inner, get_cpp_wrapper_config
     from torch._inductor.decomposition import select_decomp_table
 
     codes = []
@@ -217,8 +221,12 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
             with autocast, stop_kernels.use_attention_backend("triton"):
                 return (torch.func.functional_call(blk, dict(zip(names, ps)), (x,)),)
         try:
-            with mode, inductor_config.patch(combo_kernels=combo_kernels):
-                aot_function(fn, fw_compiler=compile_fx_inner, decompositions=select_decomp_table(),
+            # (torch.compile's options reach compile_fx_inner as this config and, for cpp_wrapper, its argument)
+            patches = {"combo_kernels": combo_kernels, **(dict(get_cpp_wrapper_config(), cpp_wrapper=True)
+                                                          if cpp_wrapper else {})}
+            inner = functools.partial(compile_fx_inner, cpp_wrapper=True) if cpp_wrapper else compile_fx_inner
+            with mode, inductor_config.patch(patches):
+                aot_function(fn, fw_compiler=inner, decompositions=select_decomp_table(),
                              dynamic=True)(x, *params)
         except _Stop:
             pass
@@ -241,6 +249,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         res.update({f"block_N{N}_W{W}": {"fwd": inductor_block_wrapper(N, W, 16)} for N, W in [(116, 384), (74, 1280)]})
         res["block_N116_W384_combo"] = {"fwd": inductor_block_wrapper(116, 384, 16, combo_kernels=True)}
         res["block_N116_W384_bf16res"] = {"fwd": inductor_block_wrapper(116, 384, 16, x_dtype=torch.bfloat16)}
+        res["block_N116_W384_cpp"] = {"fwd": inductor_block_wrapper(116, 384, 16, cpp_wrapper=True)}
         print(json.dumps(res))
     sys.exit(0)
 

@@ -210,6 +210,24 @@ def test_combo_kernels_launch_a_blocks_weight_casts_together(inductor_code):
     assert sum("_attn_fwd_kernel" in k for k in _launch_lines(combo_code)) == 1
 
 
+def _cpp_launches(code: str):
+    """The kernels the C++ host code's entry function launches, in order (``call_<kernel>(`` lines)."""
+    entry = code[code.index("void inductor_entry_impl("):]
+    return re.findall(r"^\s*call_(\w+)\(", entry, flags=re.M)
+
+
+def test_cpp_wrapper_block_launches_the_same_kernels_from_cpp(inductor_code):
+    """Config key ``cpp_wrapper`` (``e2e_step.py`` path fast_cpp): Inductor writes a compiled block's
+    host code in C++. It must launch the Python host code's kernels, the Triton attention (a
+    user-defined kernel of a ``triton_op``) among them, in the same order, and call cuBLAS for the same
+    4 GEMMs, with no Python left in the per-call path (GPU run 4: every compiled step host-bound)."""
+    py, cpp = inductor_code["block_N116_W384"]["fwd"], inductor_code["block_N116_W384_cpp"]["fwd"]
+    assert "def call(self, args)" not in cpp and ".run(" not in cpp
+    assert _cpp_launches(cpp) == _launch_lines(py), (_cpp_launches(cpp), _launch_lines(py))
+    assert _cpp_launches(cpp).count("_attn_fwd_kernel_0") == 1
+    assert len(re.findall(r"aoti_torch_cuda_addmm_out\(", cpp)) == len(re.findall(r"extern_kernels\.addmm\(", py)) == 4
+
+
 def _activation_buffers(code: str):
     """dtype of every [4·N, 384]-shaped activation buffer the block allocates, and of what it returns."""
     dtypes = re.findall(r"(buf\d+) = empty_strided_cuda\(\((?:4, s\d+|4\*s\d+), 384\), .*?, torch\.(\w+)\)", code)

@@ -49,8 +49,9 @@ def test_variant_keys_reach_the_config():
     _, cfg = _cfg("a:compile=0")
     assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == "" and not cfg.combo_kernels
     v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
-                  "+mode=max-autotune-no-cudagraphs")
+                  "+cppwrap=1+mode=max-autotune-no-cudagraphs")
     assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
+    assert cfg.cpp_wrapper and not _cfg("a:compile=1")[1].cpp_wrapper
     assert cfg.bf16_residual and not _cfg("a:compile=1")[1].bf16_residual
     assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
@@ -58,7 +59,7 @@ def test_variant_keys_reach_the_config():
     with pytest.raises(ValueError, match="unknown key"):
         profile_step.parse_variant("x:attn=sdpa")
     # a switch takes 0 or 1: "compile=true" once meant eager blocks, silently
-    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2"):
+    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2", "x:cppwrap=true"):
         with pytest.raises(ValueError, match="takes 0 or 1"):
             profile_step.parse_variant(spec)
     with pytest.raises(ValueError, match="input takes one of"):
@@ -105,10 +106,11 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # each path ran in its own process (--isolate, the default), which wrote its own record
     assert all((out / f"variant_{name}" / "profile_step.json").exists() for name in e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
-    # run eagerly (--no-compile), fast_levers' combo kernels have nothing to act on: the path is refused by
-    # name at its config check (its GPU-only keys are refused by the Trainer, test_training_speed), the
-    # others run
-    assert list(errors) == ["fast_levers"], errors
+    # run eagerly (--no-compile), fast_cpp's C++ host code and fast_levers' combo kernels have nothing to act
+    # on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
+    # the Trainer, test_training_speed), the others run
+    assert list(errors) == ["fast_cpp", "fast_levers"], errors
+    assert errors["fast_cpp"].startswith("ConfigError: cpp_wrapper: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
     res = [r for r in res if "error" not in r]
     by = {r["name"]: r for r in res}
@@ -392,15 +394,18 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
-    the head-dim-24 policy, and for fast_levers all four opt-in step levers (and only there)."""
-    levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target")
-    want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_triton": ("triton", "auto", ""),
-            "fast_mixed": ("auto", "auto", "compiled:24=triton"), "fast_levers": ("auto", "auto", "compiled:24=triton")}
+    the head-dim-24 policy, fast_cpp's C++ host code, and for fast_levers the four other opt-in step
+    levers (and each lever only there)."""
+    levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
+    want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_cpp": ("auto", "auto", ""),
+            "fast_triton": ("triton", "auto", ""), "fast_mixed": ("auto", "auto", "compiled:24=triton"),
+            "fast_levers": ("auto", "auto", "compiled:24=triton")}
     assert set(e2e_step.PATHS) == set(want)
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
-        assert [getattr(cfg, k) for k in levers] == [name == "fast_levers"] * 4, name
+        on = [name == "fast_levers"] * 4 + [name == "fast_cpp"]
+        assert [getattr(cfg, k) for k in levers] == on, name
 
 
 def test_every_bench_e2e_step_case_is_a_valid_config():

@@ -110,28 +110,38 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert seen and all(kw["mode"] is None for kw in seen)  # torch's default
     with pytest.raises(ConfigError, match="^compile_mode: expected one of"):
         parse_config(["--compile-mode", "fast"])
-    # combo_kernels: torch.compile takes a mode or options, so the mode travels as its options
-    for mode, want in (("default", {"combo_kernels": True}),
-                       ("max-autotune-no-cudagraphs", {"combo_kernels": True, "max_autotune": True})):
+    # combo_kernels, cpp_wrapper: torch.compile takes a mode or options, so the mode travels as its options
+    for mode, flags, want, shown in (
+            ("default", ["--combo-kernels"], {"combo_kernels": True}, ["combo kernels"]),
+            ("max-autotune-no-cudagraphs", ["--combo-kernels"], {"combo_kernels": True, "max_autotune": True},
+             ["combo kernels"]),
+            ("default", ["--cpp-wrapper"], {"cpp_wrapper": True}, ["C++ host code"]),
+            ("max-autotune-no-cudagraphs", ["--cpp-wrapper", "--combo-kernels"],
+             {"cpp_wrapper": True, "combo_kernels": True, "max_autotune": True}, ["combo kernels", "C++ host code"])):
         seen.clear()
-        cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", mode, "--combo-kernels"])
+        cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", mode] + flags)
         par.parallelize(build_models(cfg), cfg, None, "fp32")
         assert seen and all("mode" not in kw and want.items() <= kw["options"].items() for kw in seen), seen
-        assert "combo kernels" in par.describe(cfg, None, "fp32")
-    assert TrainConfig().combo_kernels is False  # opt-in until a GPU profile says it pays
-    for flags in (["--combo-kernels"], ["--compile-mode", "max-autotune-no-cudagraphs"]):  # no --compile
+        # a switch left off is not passed on (Inductor's own default stays in force)
+        assert all(k in want for kw in seen for k in ("combo_kernels", "cpp_wrapper") if k in kw["options"]), seen
+        assert all(s in par.describe(cfg, None, "fp32") for s in shown)
+    # opt-in until a GPU profile says they pay
+    assert TrainConfig().combo_kernels is False and TrainConfig().cpp_wrapper is False
+    for flags in (["--combo-kernels"], ["--cpp-wrapper"], ["--compile-mode", "max-autotune-no-cudagraphs"]):  # no --compile
         key = flags[0][2:].replace("-", "_")
         with pytest.raises(ConfigError, match=rf"^{key}: applies to compiled blocks only"):
             parse_config(["--model", "vit_tiny"] + flags)
 
 
+@pytest.mark.parametrize("lever", ["combo_kernels", "cpp_wrapper"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="Inductor's combo (Triton) kernels need a CUDA GPU"))])
-def test_compiled_block_with_combo_kernels_equals_eager(device):
-    """A block compiled with ``combo_kernels`` (dynamic N, as the encoder's and predictor's blocks are)
-    gives the eager block's output and gradients on fresh inputs: fp32 on the CPU (Inductor's C++
-    backend: the options reach the compiler), bf16 autocast on a GPU (the horizontally fused Triton
-    kernels themselves, the bf16 casts of the weights among them)."""
+    not torch.cuda.is_available(), reason="Inductor's Triton kernels and CUDA host code need a CUDA GPU"))])
+def test_compiled_block_with_lever_equals_eager(device, lever):
+    """A block compiled with ``combo_kernels`` or ``cpp_wrapper`` (dynamic N, as the encoder's and
+    predictor's blocks are) gives the eager block's output and gradients on fresh inputs: fp32 on the
+    CPU (Inductor's C++ backend: the options reach the compiler, and the C++ host code runs the
+    forward and the backward graph), bf16 autocast on a GPU (the horizontally fused Triton kernels,
+    the bf16 casts of the weights among them; the C++ host code launching Triton kernels and cuBLAS)."""
     from stop_kernels.models.vit import Block
     from stop_kernels.training.parallelize import apply_compile
     torch.manual_seed(11)
@@ -139,7 +149,7 @@ def test_compiled_block_with_combo_kernels_equals_eager(device):
     holder.blocks = torch.nn.ModuleList([Block(96, 4).to(device)])
     ref = Block(96, 4).to(device)
     ref.load_state_dict(holder.blocks[0].state_dict())
-    apply_compile(holder, dynamic=True, combo_kernels=True)
+    apply_compile(holder, dynamic=True, **{lever: True})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tol = 2e-2 if device == "cuda" else 1e-5  # norm-wise: bf16 rounds each op differently once fused
     for n in (13, 21):  # two lengths: one dynamic graph

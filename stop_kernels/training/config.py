@@ -104,6 +104,7 @@ class TrainConfig:
     compile: bool = False              # torch.compile each transformer block
     compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
+    cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
     bf16_residual: bool = False        # keep the blocks' residual stream in bf16 under autocast (models.vit.run_blocks)
     cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     overlap_target: bool = False       # run the target encoder's forward on a second CUDA stream (one GPU, no FSDP)
@@ -267,7 +268,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("ema_start", "ema_end"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")
-    for key, on in (("compile_mode", cfg.compile_mode != "default"), ("combo_kernels", cfg.combo_kernels)):
+    for key, on in (("compile_mode", cfg.compile_mode != "default"), ("combo_kernels", cfg.combo_kernels),
+                    ("cpp_wrapper", cfg.cpp_wrapper)):
         if on and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
             raise ConfigError(f"{key}: applies to compiled blocks only; add --compile (or drop {key})")
     if cfg.img_size % cfg.patch_size:

@@ -72,17 +72,24 @@ def apply_ac(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = "default",
-                  combo_kernels: bool = False) -> None:
+                  combo_kernels: bool = False, cpp_wrapper: bool = False) -> None:
     """``torch.compile`` every block (in place in its ModuleList) in Inductor ``mode``; FSDP2 hooks stay
-    outside the graphs. ``combo_kernels``: Inductor's horizontal fusion, which launches independent
-    small kernels together (a block's bf16 casts of its weights: 13 → 7 Triton launches per block
-    forward with torch 2.11, 13 → 9 with 2.14, read from the generated host code). torch.compile
-    takes either a mode or options, so the mode is passed as the options it stands for."""
+    outside the graphs.
+
+    ``combo_kernels``: Inductor's horizontal fusion, which launches independent small kernels together
+    (a block's bf16 casts of its weights: 13 → 7 Triton launches per block forward with torch 2.11,
+    13 → 9 with 2.14, read from the generated host code).
+    ``cpp_wrapper``: Inductor writes each graph's host code (buffer allocation, size checks, every
+    kernel launch) in C++ instead of Python; for a step whose host time exceeds its GPU time (GPU run 4:
+    every compiled ViT-H path), at the cost of a C++ compile per graph.
+    torch.compile takes either a mode or options, so with either switch the mode is passed as the
+    options it stands for."""
     _raise_recompile_limit()
     kw = {"mode": None if mode == "default" else mode}
-    if combo_kernels:
+    switches = {k: True for k, on in (("combo_kernels", combo_kernels), ("cpp_wrapper", cpp_wrapper)) if on}
+    if switches:
         from torch._inductor import list_mode_options
-        kw = {"options": {**list_mode_options(mode, dynamic), "combo_kernels": True}}
+        kw = {"options": {**list_mode_options(mode, dynamic), **switches}}
     blocks = block_list(model)
     for i, blk in enumerate(blocks):
         blocks[i] = torch.compile(blk, dynamic=dynamic, **kw)
@@ -128,9 +135,10 @@ def parallelize(models, cfg: TrainConfig, mesh, precision: str):
         # context and target-block lengths change every batch: compile those graphs with dynamic
         # shapes once instead of a static graph first and a dynamic one at the first change; the target
         # encoder always sees all patches of a fixed batch and gets a static graph
-        apply_compile(models.encoder, dynamic=True, mode=cfg.compile_mode, combo_kernels=cfg.combo_kernels)
-        apply_compile(models.predictor, dynamic=True, mode=cfg.compile_mode, combo_kernels=cfg.combo_kernels)
-        apply_compile(models.target_encoder, dynamic=False, mode=cfg.compile_mode, combo_kernels=cfg.combo_kernels)
+        kw = dict(mode=cfg.compile_mode, combo_kernels=cfg.combo_kernels, cpp_wrapper=cfg.cpp_wrapper)
+        apply_compile(models.encoder, dynamic=True, **kw)
+        apply_compile(models.predictor, dynamic=True, **kw)
+        apply_compile(models.target_encoder, dynamic=False, **kw)
     if mesh is not None:
         apply_fsdp(models.encoder, mesh, precision)
         apply_fsdp(models.predictor, mesh, precision)
@@ -171,7 +179,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
     parts.append(f"AC {cfg.ac}")
     if cfg.compile:
         extra = [m for m in (cfg.compile_mode if cfg.compile_mode != "default" else "",
-                             "combo kernels" if cfg.combo_kernels else "") if m]
+                             "combo kernels" if cfg.combo_kernels else "",
+                             "C++ host code" if cfg.cpp_wrapper else "") if m]
         parts.append("compiled blocks" + (f" ({', '.join(extra)})" if extra else ""))
     if cfg.bf16_residual:
         parts.append("bf16 residual stream")
