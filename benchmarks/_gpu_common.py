@@ -143,6 +143,24 @@ def peak_mib_beyond_inputs(fn) -> float:
     return peak / 2 ** 20
 
 
+def _annotation(name: str) -> bool:
+    """GPU-timeline ranges of host annotations (optimizer step, compiled-graph calls): not kernels."""
+    return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))
+
+
+def kernel_times(prof, iterations: int) -> dict:
+    """``{kernel name: (ms per iteration, launches per iteration)}`` from a ``torch.profiler`` run over
+    ``iterations`` iterations: the kernel (device) events themselves, grouped by name (an op's "device
+    time" would count its kernels a second time), host annotations left out."""
+    out: dict = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or _annotation(e.name):
+            continue
+        t, n = out.get(e.name, (0.0, 0))
+        out[e.name] = (t + e.time_range.elapsed_us() / 1e3 / iterations, n + 1)
+    return {k: (t, n // iterations) for k, (t, n) in out.items()}
+
+
 def sdpa_fn(backend_name: Optional[str]):
     """``f(q, k, v)`` for ``[B, N, H, Dh]`` inputs: ``F.scaled_dot_product_attention`` on transposed
     views with one SDPA backend forced: "flash", "efficient", "cudnn" or "math"; None: PyTorch's own

@@ -31,7 +31,9 @@
 #        attn took 81 and 89 s, and e2e's paths now start a process each, ≈ 15 s more per path)
 #      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
 #      sin/cos): GPU correctness first, then every forward/dW config's GPU time against its SASS loop
-#      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path. Attention per
+#      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path, and both
+#      forward+backwards kernel by kernel (run 4: the fused backward 0.40 ms against 0.18 unfused, its
+#      noise-dW kernel 0.08 of it; the breakdown says where the rest goes). Attention per
 #      shape, split vs unsplit head dim, the one-pass backward candidates and the persistent forms
 #      (PERSIST: forward and one-pass backward, N <= 128; if one wins at N = 116, move it first in
 #      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs; the e2e section

@@ -28,6 +28,8 @@ order 1, 2, 5, 3 + 4, the results written after each and when the time limit int
    dctx = gctx·W and dW (≈ 2·B·Nc·E·D + 2·(B·Nc + npred·B·Nt)·E·D) and g, dctx, dW traffic.
    Ceilings 4.23 TB/s and 707 TFLOP/s on an H200 (an H100: 2.95 TB/s, estimated;
    _gpu_common.card_limits); the roofline time is max(bytes/BW, FLOPs/peak).
+   Then the forward+backward of "fused-op" and "eager" profiled kernel by kernel (torch.profiler, GPU
+   ms per call and launches of each kernel): which part of a backward is slow.
 4. peak memory beyond the inputs (torch.cuda.max_memory_allocated minus the allocation before the
    call) of forward (output kept) and forward+backward, fused vs eager vs compiled.
    The autotuner's chosen configs are recorded.
@@ -58,7 +60,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import DEV, REHEARSE, bench_graph, make_section, peak_mib_beyond_inputs, record_env, sync  # noqa: E402
+from _gpu_common import (DEV, REHEARSE, bench_graph, kernel_times, make_section, peak_mib_beyond_inputs,  # noqa: E402
+                         record_env, sync)
 from _gpu_common import bench as _bench  # noqa: E402
 from _official_stop import B, D, E, NC, NPRED, NT, P, SIGMA  # noqa: E402
 from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
@@ -66,7 +69,9 @@ from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
 RESULTS: dict = {"env": {}, "correctness": [], "noise_worst": [], "timing": [], "memory": [], "configs": {},
-                 "config_sweep": [], "tests": {}, "errors": []}
+                 "config_sweep": [], "breakdown": {}, "tests": {}, "errors": []}
+BREAKDOWN = ("fused-op", "eager")  # the contenders whose forward+backward is profiled kernel by kernel
+BREAKDOWN_ITERS = 5
 
 
 def elapsed() -> float:
@@ -301,7 +306,31 @@ def timing(budget_s: float):
         finally:
             for l_ in leaves:
                 l_.grad = None
+    # pass 3: where the forward+backward's GPU time goes, kernel by kernel (run 4: the fused assembly's
+    # backward took 0.40 ms against the unfused path's 0.18 with its noise-dW kernel at 0.08 alone)
+    for name in BREAKDOWN:
+        if name in timed and elapsed() < budget_s - 5:
+            RESULTS["breakdown"][name] = kernel_breakdown(timed[name][1], leaves)
     _record_configs()
+
+
+def kernel_breakdown(fwd_bwd, leaves, top: int = 14) -> list:
+    """[[GPU ms per call, launches per call, kernel name]] of ``fwd_bwd`` over BREAKDOWN_ITERS calls
+    (torch.profiler's kernel events; a rehearsal has none), largest first; the sum comes first as
+    "all kernels"."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([] if REHEARSE else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        for _ in range(BREAKDOWN_ITERS):
+            fwd_bwd()
+            for l_ in leaves:
+                l_.grad = None
+        sync()
+    rows = sorted(([round(t, 4), n, k[:100]] for k, (t, n) in kernel_times(prof, BREAKDOWN_ITERS).items()), reverse=True)
+    total = [round(sum(r[0] for r in rows), 4), sum(r[1] for r in rows), "all kernels"]
+    for r in [total] + rows[:top]:
+        print(f"  {r[0]:8.4f} ms  x{r[1]:<3d} {r[2]}", flush=True)
+    return [total] + rows[:top]
 
 
 @section("per-config kernel times (stop_embed forward and dW at ViT-H sizes)")
@@ -406,6 +435,10 @@ def write(out_dir: str):
             ms = "skipped" if c["ms"] is None else f"{c['ms']:.4f}"
             lines.append(f"| {c['kernel']} | {c['config']} | {ms} | {c.get('timer', '')} | "
                          f"{c.get('rel_err_vs_first', float('nan')):.1e} |")
+    for impl, rows in RESULTS["breakdown"].items():
+        lines += ["", f"GPU time per kernel, {impl}, forward+backward (torch.profiler, {BREAKDOWN_ITERS} calls):", "",
+                  "| ms per call | launches | kernel |", "|---|---|---|"]
+        lines += [f"| {t:.4f} | {n} | `{k}` |" for t, n, k in rows]
     lines += ["", f"pytest rc: {RESULTS['tests'].get('rc', 'not run')}", f"errors: {len(RESULTS['errors'])} section(s)"]
     with open(os.path.join(out_dir, "gpu_stop_embed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -54,7 +54,7 @@ from stop_kernels.models.packing import mean_tokens  # noqa: E402
 from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import card_limits  # noqa: E402
+from _gpu_common import card_limits, kernel_times  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -76,11 +76,6 @@ def category(name: str) -> str:
         if re.search(pat, name):
             return cat
     return "other"
-
-
-def _annotation(name: str) -> bool:
-    """GPU-timeline ranges of host annotations (optimizer step, compiled-graph calls): not kernels."""
-    return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))
 
 
 # the variant keys that take 0 or 1, and the train.py flag each turns on ("compile" is passed either way)
@@ -193,19 +188,11 @@ def run_variant(v: dict, args, info) -> dict:
             for i in range(warm + args.steps, n_all):
                 tr.step(*batches[i], sched)
             _sync(info)
-        # GPU time: the kernel (device) events themselves, grouped by name (an op's "device time"
-        # would count its kernels a second time)
-        cats, per_kernel, host = {}, {}, []
-        for e in prof.events():
-            if e.device_type != torch.autograd.DeviceType.CUDA or _annotation(e.name):
-                continue
-            t, n = per_kernel.get(e.name, (0.0, 0))
-            per_kernel[e.name] = (t + e.time_range.elapsed_us() / 1e3 / args.profile_steps, n + 1)
-        kernels = []
-        for name, (t, n) in per_kernel.items():
+        cats, kernels, host = {}, [], []
+        for name, (t, n) in kernel_times(prof, args.profile_steps).items():
             c = category(name)
             cats[c] = cats.get(c, 0.0) + t
-            kernels.append((t, n // args.profile_steps, c, name[:110]))
+            kernels.append((t, n, c, name[:110]))
         for e in prof.key_averages():
             host.append((e.self_cpu_time_total / 1e3 / args.profile_steps, e.count // args.profile_steps, e.key[:90]))
         kernels.sort(reverse=True)

@@ -610,6 +610,26 @@ def test_peak_memory_beyond_inputs(monkeypatch):
     assert events[:4] == ["sync", "reset", "base", "fn"] and events[-1] == "peak"
 
 
+def test_kernel_times_counts_kernels_per_iteration_and_leaves_out_annotations():
+    """The profile aggregation of profile_step.py and gpu_stop_embed.py's breakdown: GPU ms and launches
+    per iteration of each kernel, from the device events only; host ops and the GPU-timeline ranges of
+    host annotations (compiled-graph calls, optimizer steps) are not kernels and would double-count."""
+    import types
+
+    import _gpu_common as G
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, us, dev=cuda):
+        return types.SimpleNamespace(name=name, device_type=dev,
+                                     time_range=types.SimpleNamespace(elapsed_us=lambda: us))
+    events = [ev("gemm_a", 30.0), ev("gemm_a", 50.0), ev("gemm_a", 40.0), ev("gemm_a", 80.0),
+              ev("_noise_weight_grad_kernel", 90.0), ev("_noise_weight_grad_kernel", 70.0),
+              ev("aten::mm", 500.0, cpu), ev("## Call CompiledFxGraph abc ##", 900.0),
+              ev("Optimizer.step#AdamW.step", 700.0), ev("ProfilerStep#3", 600.0)]
+    got = G.kernel_times(types.SimpleNamespace(events=lambda: events), 2)
+    assert got == {"gemm_a": (pytest.approx(0.1), 2), "_noise_weight_grad_kernel": (pytest.approx(0.08), 1)}
+
+
 def test_stop_embed_contenders_of_the_cuda_benchmarks(monkeypatch):
     """benchmarks/_official_stop.py's stop_embed peers, shared by gpu_cuda.py and bench_cuda.py: the unfused
     official rows ψ[idx] + n·Wᵀ + b (n from torch.randn), and the Triton backend by name, whose error is
