@@ -64,7 +64,7 @@
 #   After a run: unpack results.tar.gz into benchmarks/results/<card>-runN/ (with a README saying what ran), point the
 #   README's table markers at the new files and run `python benchmarks/readme_tables.py --write`.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
-#   (the step levers on top of the winning path: graph=1 (CUDA-graphed target), overlap=1 (target on a
+#   (the step levers on top of the winning path: cppwrap=1 (C++ host code), graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
 #   bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
@@ -146,7 +146,7 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,cppwrap:$PB+cppwrap=1,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table

@@ -314,6 +314,25 @@ def test_gpu_script_header_commands_parse(monkeypatch):
             {"e2e_step": e2e_step, "profile_step": profile_step}[script].main(shlex.split(argv.replace("$OUT", "/tmp")))
 
 
+def test_gpu_script_sections_name_valid_variants_and_paths():
+    """The step sections of gpu_all.sh itself (not the header): the e2e section's default paths are
+    e2e_step.py's, and every profile variant, on each PROFILE_BASE the header offers, builds a config the
+    trainer accepts; a misspelt key or path there costs the GPU call it runs in."""
+    import re
+    text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
+    paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
+    assert paths and set(paths) <= set(e2e_step.PATHS), paths
+    assert paths[:3] == ["reference", "fast", "fast_cpp"]  # the host-bound A/B first: a cut section keeps it
+    specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
+    bases = ("compile=1", "compile=1+policy=compiled:24=triton", "compile=1+attention=triton")  # the header's
+    assert all(b + " (" in text or b + ";" in text for b in bases)
+    for base in bases:
+        for spec in specs.replace("$PB", base).split(","):
+            v, cfg = _cfg(spec)
+            assert cfg.compile, spec
+    assert "cppwrap:$PB+cppwrap=1" in specs
+
+
 def test_profile_report_reads_each_category_against_its_floor(capsys):
     import argparse
     r = {"name": "fast", "ms_per_step": 120.0, "host_ms_per_step": 40.0, "images_per_s": 533.3, "tflops": 360.0,
