@@ -135,11 +135,25 @@ def _pretend_h100_for_inductor():
     cfx._check_triton_bf16_support = lambda graph: None
 
 
-def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None):
+def _inductor(cpp_wrapper: bool = False, **config):
+    """(compiler, config patch) of a graph compiled as torch.compile's Inductor backend compiles it:
+    ``config`` are Inductor options; ``cpp_wrapper`` (config key ``cpp_wrapper``) reaches the compiler as
+    its argument and as the options it implies."""
+    import functools
+
+    from torch._inductor.compile_fx import compile_fx_inner, get_cpp_wrapper_config
+    if cpp_wrapper:
+        return functools.partial(compile_fx_inner, cpp_wrapper=True), {**config, **get_cpp_wrapper_config(),
+                                                                       "cpp_wrapper": True}
+    return compile_fx_inner, config
+
+
+def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None, cpp_wrapper: bool = False):
     """Inductor's generated ``call`` (the host code of the compiled graph) for the packed forward op
     and for the packed backward op, with a symbolic N: which kernels it launches, which buffers it
-    allocates, and whether anything is copied around the launches."""
-    from torch._inductor.compile_fx import compile_fx_inner
+    allocates, and whether anything is copied around the launches. ``cpp_wrapper``: the C++ host code."""
+    import torch._inductor.config as inductor_config
+    inner, patches = _inductor(cpp_wrapper)
     codes = []
     restore = _capture_wrapper_code(codes)
     try:
@@ -156,8 +170,8 @@ def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None):
                    (do, qkv, o, lse))]
         for fn, args in graphs:
             try:
-                with mode, A._force_config(fwd=fwd_cfg, bwd=bwd_cfg):
-                    aot_function(fn, fw_compiler=compile_fx_inner, dynamic=True)(*args)
+                with mode, A._force_config(fwd=fwd_cfg, bwd=bwd_cfg), inductor_config.patch(patches):
+                    aot_function(fn, fw_compiler=inner, dynamic=True)(*args)
             except _Stop:
                 pass
     finally:
@@ -193,12 +207,9 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
     the residual stream's dtype (bf16: config key ``bf16_residual``); ``cpp_wrapper``: the host code in
     C++ (config key ``cpp_wrapper``; the C++ source is returned, Triton kernels compiled for sm_90 on the
     way, nothing built or launched)."""
-    import functools
-
     import stop_kernels
     import torch._inductor.config as inductor_config
     from stop_kernels.models.vit import Block
-    from torch._inductor.compile_fx import compile_fx_inner, get_cpp_wrapper_config
     from torch._inductor.decomposition import select_decomp_table
 
     codes = []
@@ -221,10 +232,7 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
             with autocast, stop_kernels.use_attention_backend("triton"):
                 return (torch.func.functional_call(blk, dict(zip(names, ps)), (x,)),)
         try:
-            # (torch.compile's options reach compile_fx_inner as this config and, for cpp_wrapper, its argument)
-            patches = {"combo_kernels": combo_kernels, **(dict(get_cpp_wrapper_config(), cpp_wrapper=True)
-                                                          if cpp_wrapper else {})}
-            inner = functools.partial(compile_fx_inner, cpp_wrapper=True) if cpp_wrapper else compile_fx_inner
+            inner, patches = _inductor(cpp_wrapper, combo_kernels=combo_kernels)
             with mode, inductor_config.patch(patches):
                 aot_function(fn, fw_compiler=inner, decompositions=select_decomp_table(),
                              dynamic=True)(x, *params)
@@ -245,6 +253,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         res = {f"N{N}_D{D}": inductor_wrapper(N, D) for N, D in [(116, 24), (150, 24), (74, 80)]}
         # the persistent forms: a fixed grid (SMs x PERSIST), N still symbolic inside
         res["N116_D24_persistent"] = inductor_wrapper(116, 24, PERSISTENT_FWD, PERSISTENT_BWD)
+        res.update({f"N{N}_D{D}_cpp": inductor_wrapper(N, D, cpp_wrapper=True) for N, D in [(116, 24), (150, 24)]})
         # the predictor's block (width 384, 16 heads of 24) and ViT-H's (1280, 16 heads of 80)
         res.update({f"block_N{N}_W{W}": {"fwd": inductor_block_wrapper(N, W, 16)} for N, W in [(116, 384), (74, 1280)]})
         res["block_N116_W384_combo"] = {"fwd": inductor_block_wrapper(116, 384, 16, combo_kernels=True)}

@@ -216,6 +216,16 @@ def _cpp_launches(code: str):
     return re.findall(r"^\s*call_(\w+)\(", entry, flags=re.M)
 
 
+@pytest.mark.parametrize("case", ["N116_D24", "N150_D24"])
+def test_cpp_wrapper_launches_the_attention_ops_from_cpp(inductor_code, case):
+    """The ops alone under ``cpp_wrapper``: the forward and the backward (one-pass at N <= 128, the
+    dQ and dK/dV launches above) are the same launches from C++ as from the Python host code."""
+    for kind in ("fwd", "bwd"):
+        py, cpp = inductor_code[case][kind], inductor_code[case + "_cpp"][kind]
+        assert "def call(self, args)" not in cpp
+        assert _cpp_launches(cpp) == _launch_lines(py), (kind, _cpp_launches(cpp), _launch_lines(py))
+
+
 def test_cpp_wrapper_block_launches_the_same_kernels_from_cpp(inductor_code):
     """Config key ``cpp_wrapper`` (``e2e_step.py`` path fast_cpp): Inductor writes a compiled block's
     host code in C++. It must launch the Python host code's kernels, the Triton attention (a
