@@ -298,6 +298,33 @@ def test_a_save_that_fails_on_one_rank_stops_every_rank(tmp_path, rank, name, wh
     assert {"meta.json", ".metadata", "rng_rank0.pt", "rng_rank1.pt"} <= set(os.listdir(folder / "step_00000002"))
 
 
+def test_out_of_memory_on_one_rank_stops_the_run_within_seconds(tmp_path):
+    """A step that runs out of GPU memory on rank 1 only (raised from its second step): that rank prints the
+    advice (grad_accum, ac) and exits, and the launcher stops the rank left waiting in its next collective.
+    Nothing waits for the collective timeout (1 minute here, 30 by default): an out-of-memory cannot be agreed
+    on before the collective it breaks, so the peers' "Connection closed by peer" is the expected way out."""
+    import time
+    prelude = ("if os.environ['RANK'] == '1':\n"
+               "    import torch\n"
+               "    import stop_kernels.training.loop as L\n"
+               "    real, calls = L.Trainer.step_micro, []\n\n"
+               "    def step_micro(self, *a, **k):\n"
+               "        calls.append(1)\n"
+               "        if len(calls) == 2:\n"
+               "            raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+               "        return real(self, *a, **k)\n"
+               "    L.Trainer.step_micro = step_micro\n")
+    t0 = time.monotonic()
+    proc = _run_with_prelude(tmp_path, prelude, *tiny_args(**dict(COMMON, out=str(tmp_path / "run"), steps=4,
+                                                                  ckpt_every=0)))
+    took = time.monotonic() - t0
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count("train.py: out of GPU memory with 4 images per micro-batch on each of 2 rank(s)") == 1, text[-4000:]
+    assert "try --grad-accum 2" in text and "Tried to allocate 2.00 GiB" in text, text[-4000:]
+    assert took < 45, took  # far below the 60 s collective timeout a waiting rank would need to give up
+
+
 @pytest.mark.parametrize("key", [pytest.param("data", marks=pytest.mark.needs("PIL", "torchvision")), "init_from"])
 def test_a_path_one_rank_does_not_see_stops_every_rank(tmp_path, key):
     """A data folder or init_from file that one node does not see (a relative path, a node-local disk): every rank
