@@ -561,6 +561,11 @@ def test_collectives_skip_a_one_rank_group(monkeypatch):
     assert D.broadcast_object("mine", three) == "rank 0's" and D.all_reduce_int(5, three) == 15
     t = torch.tensor([2.0, 4.0])
     assert torch.equal(D.all_reduce_mean_(t, three), torch.tensor([2.0, 4.0]))  # ×3 summed, then / 3
+    ops = []
+    monkeypatch.setattr(D.dist, "all_reduce", lambda t, op=None: ops.append(op) or t.mul_(3))
+    assert D.all_reduce_sum([1, 2.5], three) == [3.0, 7.5] and D.all_reduce_max([1.5], three) == [4.5]
+    assert ops == [D.dist.ReduceOp.SUM, D.dist.ReduceOp.MAX]  # the host helpers ask for their own reduction
+    assert D.all_reduce_max([1.5], one) == [1.5] and not ops[2:]  # one rank: no collective
 
 
 @pytest.mark.parametrize("problems, want", [

@@ -207,10 +207,19 @@ def all_reduce_int(value: int, info: DistInfo) -> int:
     return int(t.item())
 
 
-def all_reduce_sum(values, info: DistInfo) -> list:
-    """Element-wise sums over ranks of a list of host numbers, as float64 (host values; synchronises)."""
+def _all_reduce_host(values, info: DistInfo, op) -> list:
     if not info.distributed or info.world_size == 1:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+def all_reduce_sum(values, info: DistInfo) -> list:
+    """Element-wise sums over ranks of a list of host numbers, as float64 (host values; synchronises)."""
+    return _all_reduce_host(values, info, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values, info: DistInfo) -> list:
+    """Element-wise maxima over ranks of a list of host numbers, as float64 (host values; synchronises)."""
+    return _all_reduce_host(values, info, dist.ReduceOp.MAX)

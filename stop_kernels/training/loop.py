@@ -745,7 +745,9 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     ms = 1000.0 * dt / max(n, 1)
     tflops = flops / dt / 1e12
     peak = mfu_peak_tflops(cfg, info.device)
-    mem = peak_memory_gib(info.device)
+    mem = peak_memory_gib(info.device)  # the largest of the ranks' peaks: the memory a run must fit
+    if mem is not None:  # (None on every rank alike: the device type is the run's)
+        mem = D.all_reduce_max([mem], info)[0]
     n_ctx, n_tgt = (sum(pool_counts[i % pool][c] for i in range(warm, total)) / max(n * cfg.batch_size, 1)
                     for c in (0, 1))
     result = {
