@@ -6,6 +6,7 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input;
 * ``fast``: the Trainer's defaults (fused StoP input, attention "auto");
 * ``fast_cpp``: ``fast`` with Inductor's host code in C++ (``cpp_wrapper``);
+* ``fast_stack``: ``fast_cpp`` with each model's block stack compiled as one graph (``compile_scope: stack``);
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
 * ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks;
 * ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, bf16 residual stream, CUDA-graphed
@@ -13,7 +14,8 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except the paths with a
-lever of the compiled blocks (``fast_cpp``'s C++ host code, ``fast_levers``' combo kernels): the config refuses
+lever of the compiled blocks (``fast_cpp``'s C++ host code, ``fast_stack``'s compiled stacks, ``fast_levers``'
+combo kernels): the config refuses
 those on eager blocks, so they run compiled only. Each round is one
 optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
 runs once in the warm-up, so the rounds are the steady state (no first-time JIT or compile).
@@ -34,8 +36,15 @@ from e2e_step import PATHS  # noqa: E402  (path name -> "attention=...+input=...
 from profile_step import parse_variant, variant_argv  # noqa: E402
 
 POOL = 6
-# paths with a lever that "applies to compiled blocks only" (the config's ConfigError on eager blocks)
-COMPILED_ONLY = tuple(p for p in PATHS if any(parse_variant(f"{p}:{PATHS[p]}")[k] == "1" for k in ("combo", "cppwrap")))
+
+
+def _compiled_only(path: str) -> bool:
+    """A path with a lever that "applies to compiled blocks only" (the config's ConfigError on eager blocks)."""
+    v = parse_variant(f"{path}:{PATHS[path]}")
+    return v["combo"] == "1" or v["cppwrap"] == "1" or v["scope"] != "block"
+
+
+COMPILED_ONLY = tuple(p for p in PATHS if _compiled_only(p))
 CASES = [(path, compiled) for path in PATHS for compiled in (True, False) if compiled or path not in COMPILED_ONLY]
 
 

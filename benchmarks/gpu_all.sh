@@ -16,8 +16,9 @@
 # on the CPU at toy sizes (benchmarks/_gpu_common.py; tests/test_benchmark_harness.py does it in CI).
 #
 # Run 4 (2026-11-27, results/h200-run4/) ran the plan below; it found three attention bugs (fixed since) and
-# every e2e path host-bound, so the same two calls are the plan again, with a new e2e path (fast_cpp: the
-# compiled blocks' host code in C++, for the host-bound step) and the attention section's CUDA-graph timer
+# every e2e path host-bound, so the same two calls are the plan again, with two new e2e paths for the
+# host-bound step (fast_cpp: the compiled blocks' host code in C++; fast_stack: plus one compiled graph per
+# model's block stack) and the attention section's CUDA-graph timer
 # fixed (its forward+backward capture failed in runs 2 and 4 on a stale autograd stream: a harness bug, so
 # its kernel times are GPU times again). Unmeasured, sized to a 15-minute
 # device budget: one machine start (≈ 90 s)
@@ -41,7 +42,9 @@
 #      order (the section's limit cuts the last): reference; fast (compiled, SDPA inside: the current
 #      default, 120.6 ms in run 3); fast_cpp (fast with Inductor's C++ host code: if the host is what
 #      bounds the step, this is the path that moves it; if it wins, make cpp_wrapper the recipes'
-#      default); fast_mixed (Inductor-launched Triton attention for the predictor's head dim 24, SDPA
+#      default); fast_stack (fast_cpp with each model's block stack one compiled graph: the per-block
+#      Dynamo and AOTAutograd calls go too; its compile is new, so it may fail where fast_cpp runs);
+#      fast_mixed (Inductor-launched Triton attention for the predictor's head dim 24, SDPA
 #      for the encoder's 80); fast_levers (fast_mixed + combo kernels + bf16 residual stream +
 #      CUDA-graphed target encoder on a second stream: the opt-in step levers together; late, so a
 #      failed capture cannot cost the others); fast_triton (Triton for every head dim). Each path also profiles 2 steps
@@ -64,7 +67,8 @@
 #   After a run: unpack results.tar.gz into benchmarks/results/<card>-runN/ (with a README saying what ran), point the
 #   README's table markers at the new files and run `python benchmarks/readme_tables.py --write`.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
-#   (the step levers on top of the winning path: cppwrap=1 (C++ host code), graph=1 (CUDA-graphed target), overlap=1 (target on a
+#   (the step levers on top of the winning path: cppwrap=1 (C++ host code), scope=stack (one compiled
+#   graph per model's block stack), graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
 #   bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
@@ -136,7 +140,7 @@ for s in $SECTIONS; do
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
            tests/test_philox.py tests/test_attention.py tests/test_fast_path_loss_curve.py tests/test_training_speed.py \
-           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda)" ;;
+           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda)" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
@@ -146,13 +150,13 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,cppwrap:$PB+cppwrap=1,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,cppwrap:$PB+cppwrap=1,stack:$PB+scope=stack,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 70 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_cpp,fast_mixed,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast,fast_cpp,fast_stack,fast_mixed,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

@@ -15,7 +15,8 @@ inherits another's torch.compile caches and guards.
 A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; auto = none on one
 GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
 auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
-default|max-autotune-no-cudagraphs), ``combo`` (0|1: Inductor's horizontal fusion of small kernels in
+default|max-autotune-no-cudagraphs), ``scope`` (block|stack: one compiled graph per block or per
+model's block stack, ``compile_scope``), ``combo`` (0|1: Inductor's horizontal fusion of small kernels in
 the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual stream in bf16,
 ``bf16_residual``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
@@ -87,7 +88,7 @@ SWITCHES = ("compile",) + tuple(LEVER_FLAGS)
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0",
-         "mode": "default", "policy": "", **{k: "0" for k in LEVER_FLAGS}}
+         "mode": "default", "scope": "block", "policy": "", **{k: "0" for k in LEVER_FLAGS}}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -118,6 +119,7 @@ def variant_argv(v: dict, model: str, batch_size: int, out: str) -> list:
     """The train.py flags of a parsed variant (the predictor's ``input`` backend is set on the model)."""
     return (["--model", model, "--batch-size", str(batch_size), "--sharding", v["sharding"],
              "--attention", v["attention"], "--attention-policy", v["policy"], "--compile-mode", v["mode"],
+             "--compile-scope", v["scope"],
              "--compile", "true" if v["compile"] == "1" else "false", "--out", out]
             + [flag for k, flag in LEVER_FLAGS.items() if v[k] == "1"])
 

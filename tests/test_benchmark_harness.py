@@ -49,9 +49,10 @@ def test_variant_keys_reach_the_config():
     _, cfg = _cfg("a:compile=0")
     assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == "" and not cfg.combo_kernels
     v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
-                  "+cppwrap=1+mode=max-autotune-no-cudagraphs")
+                  "+cppwrap=1+scope=stack+mode=max-autotune-no-cudagraphs")
     assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
     assert cfg.cpp_wrapper and not _cfg("a:compile=1")[1].cpp_wrapper
+    assert cfg.compile_scope == "stack" and _cfg("a:compile=1")[1].compile_scope == "block"
     assert cfg.bf16_residual and not _cfg("a:compile=1")[1].bf16_residual
     assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
@@ -66,6 +67,8 @@ def test_variant_keys_reach_the_config():
         profile_step.parse_variant("x:input=fused")
     with pytest.raises(ConfigError, match="attention_policy"):
         _cfg("x:policy=compiled:24=cudnn")
+    with pytest.raises(ConfigError, match="^compile_scope: expected one of"):
+        _cfg("x:compile=1+scope=model")
 
 
 def test_trainer_applies_attention_policy_around_the_step(cpu_train, tmp_path):
@@ -109,8 +112,9 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # run eagerly (--no-compile), fast_cpp's C++ host code and fast_levers' combo kernels have nothing to act
     # on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
     # the Trainer, test_training_speed), the others run
-    assert list(errors) == ["fast_cpp", "fast_levers"], errors
+    assert list(errors) == ["fast_cpp", "fast_stack", "fast_levers"], errors
     assert errors["fast_cpp"].startswith("ConfigError: cpp_wrapper: applies to compiled blocks only"), errors
+    assert errors["fast_stack"].startswith("ConfigError: cpp_wrapper: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
     res = [r for r in res if "error" not in r]
     by = {r["name"]: r for r in res}
@@ -322,7 +326,7 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
-    assert paths[:3] == ["reference", "fast", "fast_cpp"]  # the host-bound A/B first: a cut section keeps it
+    assert paths[:4] == ["reference", "fast", "fast_cpp", "fast_stack"]  # the host levers first: a cut section keeps them
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
     bases = ("compile=1", "compile=1+policy=compiled:24=triton", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
@@ -330,7 +334,7 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
         for spec in specs.replace("$PB", base).split(","):
             v, cfg = _cfg(spec)
             assert cfg.compile, spec
-    assert "cppwrap:$PB+cppwrap=1" in specs
+    assert "cppwrap:$PB+cppwrap=1" in specs and "stack:$PB+scope=stack" in specs
 
 
 def test_profile_report_reads_each_category_against_its_floor(capsys):
@@ -417,14 +421,16 @@ def test_e2e_paths_turn_on_their_levers():
     levers (and each lever only there)."""
     levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_cpp": ("auto", "auto", ""),
+            "fast_stack": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_mixed": ("auto", "auto", "compiled:24=triton"),
             "fast_levers": ("auto", "auto", "compiled:24=triton")}
     assert set(e2e_step.PATHS) == set(want)
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
-        on = [name == "fast_levers"] * 4 + [name == "fast_cpp"]
+        on = [name == "fast_levers"] * 4 + [name in ("fast_cpp", "fast_stack")]
         assert [getattr(cfg, k) for k in levers] == on, name
+        assert cfg.compile_scope == ("stack" if name == "fast_stack" else "block"), name
 
 
 def test_every_bench_e2e_step_case_is_a_valid_config():

@@ -353,3 +353,87 @@ def test_a_resumed_log_keeps_only_the_steps_before_the_resume_step(tmp_path):
     MetricsLogger(cfg, torch.device("cpu"), 1, is_main=True, resume_step=2).close()
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]  # step_2's steps (1-based)
+
+
+# ------------------------------------------------------------------------------------------
+# compile_scope: stack — a model's whole block stack as one compiled graph
+# ------------------------------------------------------------------------------------------
+def test_compile_scope_stack_compiles_a_models_blocks_as_one_graph_equal_to_eager():
+    """``compile_scope: stack`` (training.parallelize.compile_stack): an encoder's block stack is one
+    compiled graph, the block a nested region (compiled once, not unrolled), traced without a graph
+    break, for every context length (dynamic) — and gives the eager model's output and gradients on
+    fresh inputs. The parameter names (checkpoints, the EMA pairing) do not change."""
+    from torch._dynamo.utils import counters
+
+    from stop_kernels.models.vit import VisionTransformer
+    from stop_kernels.training.parallelize import apply_compile
+    torch.manual_seed(5)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=4)
+    ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=4)
+    ref.load_state_dict(model.state_dict())
+    counters.clear()
+    apply_compile(model, dynamic=True, scope="stack")
+    assert list(model.state_dict()) == list(ref.state_dict())
+    assert all(type(b) is type(r) for b, r in zip(model.blocks, ref.blocks))  # the blocks themselves stay eager
+    runs, run = [], model.blocks.compiled_run
+    model.blocks.compiled_run = lambda *a: runs.append(1) or run(*a)
+    for k in (5, 11):  # two context lengths: one dynamic graph
+        imgs = torch.randn(2, 3, 32, 32)
+        masks = torch.stack([torch.randperm(16)[:k] for _ in range(2)])
+        g = torch.randn(2, k, 96)
+        outs = []
+        for m in (model, ref):
+            m.zero_grad()
+            y = m(imgs, masks)
+            y.backward(g)
+            outs.append((y, [p.grad.clone() for p in m.parameters()]))
+        (y1, g1), (y0, g0) = outs
+        errs = [rel_error(a, b) for a, b in zip([y1, *g1], [y0, *g0])]
+        assert max(errs) <= 1e-5, (k, errs)
+    assert len(runs) == 2  # one call of the stack per forward, not one per block
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compile_scope_is_refused_where_it_cannot_apply(tmp_path, cpu_train, monkeypatch):
+    """The stack's graph calls the blocks' forwards without their module hooks: FSDP2 (which gathers the
+    parameters in block hooks) and per-block activation checkpointing are refused by name, and so is
+    the key without --compile."""
+    from stop_kernels.training.parallelize import describe
+    assert TrainConfig().compile_scope == "block"
+    with pytest.raises(ConfigError, match=r"^compile_scope: applies to compiled blocks only"):
+        parse_config(["--model", "vit_tiny", "--compile-scope", "stack"])
+    with pytest.raises(ConfigError, match=r"^compile_scope: 'stack' runs each block's forward inside one compiled"):
+        parse_config(["--model", "vit_tiny", "--compile", "--compile-scope", "stack", "--ac", "block"])
+    with pytest.raises(ConfigError, match=r"^compile_scope: expected one of"):
+        parse_config(["--model", "vit_tiny", "--compile", "--compile-scope", "model"])
+    cfg = tiny(tmp_path, compile=True, compile_scope="stack")
+    assert "compiled block stacks" in describe(cfg, None, "fp32")
+    monkeypatch.setattr(D, "build_mesh", lambda sharding, info: object())  # as with FSDP2 on several ranks
+    with pytest.raises(ConfigError, match=r"^compile_scope: 'stack' calls the blocks' forwards .* got sharding"):
+        Trainer(cfg, D.init_distributed(cfg), None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GPU twin: Triton attention and bf16 inside the stacks"))])
+def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, cpu_train, device):
+    """Trainer steps with every model's block stack compiled as one graph (encoder, predictor, target
+    encoder; the context and target lengths change per batch) give the losses of eager blocks: fp32 on
+    the CPU (1e-5), bf16 autocast on a GPU (1e-3)."""
+    from stop_kernels.training.loop import synthetic_batches
+    losses = {}
+    for scope in ("eager", "stack"):
+        over = dict(compile=True, compile_scope="stack") if scope == "stack" else {}
+        cfg = TrainConfig(**dict(TINY, out=str(tmp_path / scope), seed=3, device=device, **over))
+        tr = Trainer(cfg, D.init_distributed(cfg), None)
+        batches = synthetic_batches(cfg, 2, cfg.batch_size, torch.device(device), seed=4)
+        torch.manual_seed(7)
+        sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+        losses[scope] = [float(tr.step(*batches[i % 2], sched)[0]) for i in range(3)]
+        if scope == "stack":
+            assert all(callable(getattr(m, name).compiled_run) for m, name in (
+                (tr.models.encoder, "blocks"), (tr.models.predictor, "predictor_blocks"),
+                (tr.models.target_encoder, "blocks")))
+    tol = 1e-5 if device == "cpu" else 1e-3
+    for a, b in zip(losses["stack"], losses["eager"]):
+        assert abs(a - b) <= tol * abs(b), losses

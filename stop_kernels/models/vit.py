@@ -177,6 +177,9 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, residual_dtype: Op
     compiled block's elementwise kernels move in the forward. Outside autocast it changes nothing."""
     if residual_dtype is not None and x.dtype != residual_dtype and torch.is_autocast_enabled(x.device.type):
         x = x.to(residual_dtype)
+    run = getattr(blocks, "compiled_run", None)  # the stack as one compiled graph (training.parallelize.compile_stack)
+    if run is not None:
+        return run(x, *args)
     for blk in blocks:
         x = blk(x, *args)
     return x

@@ -50,6 +50,9 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     # torch.compile modes for the blocks; "max-autotune-no-cudagraphs" lets Inductor time Triton GEMM
     # templates against cuBLAS and fuse epilogues (bias + GELU) into them, at minutes of compile time
     "compile_mode": ("default", "max-autotune-no-cudagraphs"),
+    # what one compiled graph holds: one block (its call per block), or a model's whole block stack (one call
+    # per model pass, the block compiled once as a nested region; one process without FSDP, no AC)
+    "compile_scope": ("block", "stack"),
 }
 
 
@@ -103,6 +106,7 @@ class TrainConfig:
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
     compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
+    compile_scope: str = "block"       # one compiled graph per block | per model's block stack (no FSDP, no AC)
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
     cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
     bf16_residual: bool = False        # keep the blocks' residual stream in bf16 under autocast (models.vit.run_blocks)
@@ -269,9 +273,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")
     for key, on in (("compile_mode", cfg.compile_mode != "default"), ("combo_kernels", cfg.combo_kernels),
-                    ("cpp_wrapper", cfg.cpp_wrapper)):
+                    ("cpp_wrapper", cfg.cpp_wrapper), ("compile_scope", cfg.compile_scope != "block")):
         if on and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
             raise ConfigError(f"{key}: applies to compiled blocks only; add --compile (or drop {key})")
+    if cfg.compile_scope == "stack" and cfg.ac != "none":
+        raise ConfigError("compile_scope: 'stack' runs each block's forward inside one compiled graph, where the "
+                          f"activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"img_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.img_size}")
     lo, hi = cfg.crop_scale

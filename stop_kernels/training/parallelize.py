@@ -72,9 +72,11 @@ def apply_ac(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = "default",
-                  combo_kernels: bool = False, cpp_wrapper: bool = False) -> None:
+                  combo_kernels: bool = False, cpp_wrapper: bool = False, scope: str = "block") -> None:
     """``torch.compile`` every block (in place in its ModuleList) in Inductor ``mode``; FSDP2 hooks stay
     outside the graphs.
+
+    ``scope="stack"``: one compiled graph for the whole block stack instead (:func:`compile_stack`).
 
     ``combo_kernels``: Inductor's horizontal fusion, which launches independent small kernels together
     (a block's bf16 casts of its weights: 13 → 7 Triton launches per block forward with torch 2.11,
@@ -91,8 +93,40 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
         from torch._inductor import list_mode_options
         kw = {"options": {**list_mode_options(mode, dynamic), **switches}}
     blocks = block_list(model)
+    if scope == "stack":
+        compile_stack(blocks, dynamic, **kw)
+        return
     for i, blk in enumerate(blocks):
         blocks[i] = torch.compile(blk, dynamic=dynamic, **kw)
+
+
+def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, **compile_kw) -> None:
+    """One compiled graph for ``blocks`` run in order (config key ``compile_scope: stack``), set as
+    ``blocks.compiled_run``, which :func:`stop_kernels.models.vit.run_blocks` calls instead of its loop.
+
+    With one compiled graph per block, every block call of a step pays Dynamo's guard check and
+    AOTAutograd's wrapper on the host, forward and backward (ViT-H: 76 forward and 44 backward calls per
+    step); with the stack compiled, each model pass pays them once. The block's forward is a nested
+    compile region, so Inductor compiles it once and the stack calls it per block, instead of unrolling
+    32 copies. The blocks' forwards are called directly, without their module hooks: no FSDP (its
+    all-gathers are block hooks) and no per-block activation checkpointing; the Trainer and the config
+    refuse those. Python floats (the blocks' scales and LayerNorm eps) are specialised while the stack is
+    traced: as symbolic floats they break the region's graph (torch 2.14)."""
+    kinds = {type(b) for b in blocks}
+    if len(kinds) != 1:
+        raise ValueError(f"compile_scope: 'stack' needs blocks of one class, got {sorted(k.__name__ for k in kinds)}")
+    region = torch.compiler.nested_compile_region(kinds.pop().forward)
+
+    def run(x, *args):
+        for blk in blocks:
+            x = region(blk, x, *args)
+        return x
+    compiled = torch.compile(run, dynamic=dynamic, **compile_kw)
+
+    def compiled_run(x, *args):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(x, *args)
+    blocks.compiled_run = compiled_run
 
 
 def mixed_precision(precision: str):
@@ -135,7 +169,8 @@ def parallelize(models, cfg: TrainConfig, mesh, precision: str):
         # context and target-block lengths change every batch: compile those graphs with dynamic
         # shapes once instead of a static graph first and a dynamic one at the first change; the target
         # encoder always sees all patches of a fixed batch and gets a static graph
-        kw = dict(mode=cfg.compile_mode, combo_kernels=cfg.combo_kernels, cpp_wrapper=cfg.cpp_wrapper)
+        kw = dict(mode=cfg.compile_mode, combo_kernels=cfg.combo_kernels, cpp_wrapper=cfg.cpp_wrapper,
+                  scope=cfg.compile_scope)
         apply_compile(models.encoder, dynamic=True, **kw)
         apply_compile(models.predictor, dynamic=True, **kw)
         apply_compile(models.target_encoder, dynamic=False, **kw)
@@ -181,7 +216,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
         extra = [m for m in (cfg.compile_mode if cfg.compile_mode != "default" else "",
                              "combo kernels" if cfg.combo_kernels else "",
                              "C++ host code" if cfg.cpp_wrapper else "") if m]
-        parts.append("compiled blocks" + (f" ({', '.join(extra)})" if extra else ""))
+        what = "compiled block stacks" if cfg.compile_scope == "stack" else "compiled blocks"
+        parts.append(what + (f" ({', '.join(extra)})" if extra else ""))
     if cfg.bf16_residual:
         parts.append("bf16 residual stream")
     if cfg.cuda_graph_target:
