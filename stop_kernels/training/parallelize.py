@@ -8,7 +8,8 @@ For each of the context encoder, the predictor and the target encoder:
 2. ``compile=True`` replaces every block by ``torch.compile(block)`` (one compiled graph per block
    kind and grad mode, reused by all blocks of a model: three graphs in all; the encoder's and the
    predictor's with dynamic shapes, since their sequence lengths change every batch, the target
-   encoder's static);
+   encoder's static); with ``compile_scope="stack"`` each model's block loop is one compiled graph
+   instead (:func:`compile_stack`; one process, no FSDP, no AC);
 3. FSDP2 ``fully_shard`` on every block, then on the model root, with a mixed-precision policy of
    bf16 parameters (gathered once per unshard) and fp32 gradient reduction; the sharded fp32 master
    weights and the optimizer state stay fp32.
@@ -28,7 +29,7 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, **compi
     all-gathers are block hooks) and no per-block activation checkpointing; the Trainer and the config
     refuse those. Python floats (the blocks' scales and LayerNorm eps) are specialised while the stack is
     traced: as symbolic floats they break the region's graph (torch 2.14)."""
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        raise ConfigError(f"compile_scope: 'stack' needs torch.compiler.nested_compile_region (torch >= 2.8), "
+                          f"this is torch {torch.__version__}; use compile_scope block")
     kinds = {type(b) for b in blocks}
     if len(kinds) != 1:
         raise ValueError(f"compile_scope: 'stack' needs blocks of one class, got {sorted(k.__name__ for k in kinds)}")
