@@ -127,8 +127,10 @@ def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, **compi
         return x
     compiled = torch.compile(run, dynamic=dynamic, **compile_kw)
 
+    specialise = {"specialize_float": True} if hasattr(torch._dynamo.config, "specialize_float") else {}
+
     def compiled_run(x, *args):
-        with torch._dynamo.config.patch(specialize_float=True):
+        with torch._dynamo.config.patch(**specialise):
             return compiled(x, *args)
     blocks.compiled_run = compiled_run
 
