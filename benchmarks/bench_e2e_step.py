@@ -6,7 +6,7 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input;
 * ``fast``: the Trainer's defaults (fused StoP input, attention "auto");
 * ``fast_cpp``: ``fast`` with Inductor's host code in C++ (``cpp_wrapper``);
-* ``fast_stack``: ``fast_cpp`` with each model's block stack compiled as one graph (``compile_scope: stack``);
+* ``fast_stack``: ``fast`` with each model's block stack compiled as one graph (``compile_scope: stack``);
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
 * ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks;
 * ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, bf16 residual stream, CUDA-graphed

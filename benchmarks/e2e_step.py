@@ -16,9 +16,11 @@ mask batches:
   run 4 was host-bound (host time = step time, 109 ms of GPU kernels against 129–170 ms steps), and the
   compiled blocks' Python host code (allocations, size checks, one Python call per kernel launch) is
   the largest host cost the profile names. Compiled only (the config refuses it on eager blocks).
-* ``fast_stack``: ``fast_cpp`` with each model's block stack compiled as one graph (``compile_scope:
+* ``fast_stack``: ``fast`` with each model's block stack compiled as one graph (``compile_scope:
   stack``): the per-block Dynamo guards and AOTAutograd wrappers (76 forward and 44 backward block calls
-  per ViT-H step) become one call per model pass. The two host levers together; compiled only.
+  per ViT-H step) become one call per model pass. The other host lever, apart: Inductor's C++ host code
+  cannot call the stack's nested block region (torch 2.14), so the config refuses the two together.
+  Compiled only.
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced inside the compiled blocks
   (``attention=triton``: Inductor launches them itself, see ``stop_kernels.ops.attention``), the
   candidate for the next "auto" default; run it with ``--paths reference,fast,fast_triton``.
@@ -58,7 +60,7 @@ PATHS = {
     "reference": "attention=sdpa+input=unfused",
     "fast": "attention=auto+input=auto",
     "fast_cpp": "attention=auto+input=auto+cppwrap=1",
-    "fast_stack": "attention=auto+input=auto+cppwrap=1+scope=stack",
+    "fast_stack": "attention=auto+input=auto+scope=stack",
     "fast_triton": "attention=triton+input=auto",
     "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
     "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+bf16res=1+graph=1+overlap=1",

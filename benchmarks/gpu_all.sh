@@ -17,8 +17,8 @@
 #
 # Run 4 (2026-11-27, results/h200-run4/) ran the plan below; it found three attention bugs (fixed since) and
 # every e2e path host-bound, so the same two calls are the plan again, with two new e2e paths for the
-# host-bound step (fast_cpp: the compiled blocks' host code in C++; fast_stack: plus one compiled graph per
-# model's block stack) and the attention section's CUDA-graph timer
+# host-bound step (fast_cpp: the compiled blocks' host code in C++; fast_stack: one compiled graph per
+# model's block stack; the two exclude each other) and the attention section's CUDA-graph timer
 # fixed (its forward+backward capture failed in runs 2 and 4 on a stale autograd stream: a harness bug, so
 # its kernel times are GPU times again). Unmeasured, sized to a 15-minute
 # device budget: one machine start (≈ 90 s)
@@ -42,8 +42,8 @@
 #      order (the section's limit cuts the last): reference; fast (compiled, SDPA inside: the current
 #      default, 120.6 ms in run 3); fast_cpp (fast with Inductor's C++ host code: if the host is what
 #      bounds the step, this is the path that moves it; if it wins, make cpp_wrapper the recipes'
-#      default); fast_stack (fast_cpp with each model's block stack one compiled graph: the per-block
-#      Dynamo and AOTAutograd calls go too; its compile is new, so it may fail where fast_cpp runs);
+#      default); fast_stack (fast with each model's block stack one compiled graph: the per-block
+#      Dynamo and AOTAutograd calls go; Inductor's C++ host code cannot call its nested region);
 #      fast_mixed (Inductor-launched Triton attention for the predictor's head dim 24, SDPA
 #      for the encoder's 80); fast_levers (fast_mixed + combo kernels + bf16 residual stream +
 #      CUDA-graphed target encoder on a second stream: the opt-in step levers together; late, so a

@@ -276,6 +276,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                     ("cpp_wrapper", cfg.cpp_wrapper), ("compile_scope", cfg.compile_scope != "block")):
         if on and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
             raise ConfigError(f"{key}: applies to compiled blocks only; add --compile (or drop {key})")
+    if cfg.compile_scope == "stack" and cfg.cpp_wrapper:  # torch 2.14: "codegen invoke_subgraph is not implemented
+        # for cpp wrapper", raised when the first step compiles
+        raise ConfigError("cpp_wrapper: Inductor's C++ host code cannot call the nested block region of "
+                          "compile_scope 'stack'; use one of the two")
     if cfg.compile_scope == "stack" and cfg.ac != "none":
         raise ConfigError("compile_scope: 'stack' runs each block's forward inside one compiled graph, where the "
                           f"activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
