@@ -8,8 +8,8 @@
 # A short table is printed last. Unpack with
 #   tar xzf <files_at>/results.tar.gz -C benchmarks/results/<card>-runN/
 #
-#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile e2e bench
-#                                                 (default: all but train-eager and profile, in that order)
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile host e2e bench
+#                                                 (default: all but train-eager, profile and host, in that order)
 # Each section runs under its own time limit (seconds, env SEC_<NAME>; SIGINT, then SIGKILL 10 s
 # later), so one failure or hang costs only its own slot.
 # Before a GPU session: STOP_KERNELS_REHEARSE=1 bash benchmarks/gpu_all.sh stop attn runs those two sections
@@ -75,6 +75,9 @@
 #   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
 #   that the earlier session measured fastest (keep that file with the run's results).
+#   Optional, with time left in a call: SEC_HOST=150 bash benchmarks/gpu_all.sh host (the host time per block of
+#   each compile set-up on the GPU machine, where the C++ host code also replaces the Triton launchers; the CPU
+#   numbers are in results/cpu-host/).
 #   Unmeasured since the twelfth session: what gradient accumulation costs per image (smaller GEMMs per
 #   micro-batch): python benchmarks/e2e_step.py --model vit_h --batch-size 128 --paths fast --extra '--grad-accum 2'
 #   against the same at --batch-size 64 without it (images/s should stay within a few %).
@@ -152,6 +155,7 @@ for s in $SECTIONS; do
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --variants "base:$PB,cppwrap:$PB+cppwrap=1,stack:$PB+scope=stack,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
+    host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
          # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
