@@ -114,8 +114,8 @@ def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, **compi
     refuse those. Python floats (the blocks' scales and LayerNorm eps) are specialised while the stack is
     traced: as symbolic floats they break the region's graph (torch 2.14)."""
     if not hasattr(torch.compiler, "nested_compile_region"):
-        raise ConfigError(f"compile_scope: 'stack' needs torch.compiler.nested_compile_region (torch >= 2.8), "
-                          f"this is torch {torch.__version__}; use compile_scope block")
+        raise ConfigError(f"compile_scope: 'stack' needs torch.compiler.nested_compile_region, which torch "
+                          f"{torch.__version__} lacks; use compile_scope block")
     kinds = {type(b) for b in blocks}
     if len(kinds) != 1:
         raise ValueError(f"compile_scope: 'stack' needs blocks of one class, got {sorted(k.__name__ for k in kinds)}")
