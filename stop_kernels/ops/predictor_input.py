@@ -86,10 +86,13 @@ def _assemble_backward(fctx, grad):
     gctx = g[:, :, :Nc].sum(0, dtype=torch.float32)                   # [B, Nc, D]: npred groups summed first
     gmask = grad.reshape(npred * B, Nc + Nt, D)[:, Nc:]               # [npred·B, Nt, D] view when possible
     dctx = dw = db = dpos = dmask = None
+    # cast once, contiguously, for both GEMMs; dW's operand is its transposed view (cuBLAS reads it as is:
+    # a transpose taken before the cast was a strided copy)
+    g_w = gctx.reshape(B * Nc, D).to(weight.dtype)  # (not -1: D or E may be 0)
     if need_ctx:  # the single dX GEMM
-        dctx = (gctx.to(weight.dtype) @ weight).to(ctx_dtype)
+        dctx = (g_w @ weight).reshape(B, Nc, E).to(ctx_dtype)
     if need_w:
-        dw = gctx.reshape(B * Nc, D).t().to(x.dtype) @ x.reshape(B * Nc, E)  # (not -1: D or E may be 0)
+        dw = g_w.t().to(x.dtype) @ x.reshape(B * Nc, E)
         if fctx.mode == "learned":
             dw = dw.float() + _noise_weight_grad_op(gmask, weight, seed, fctx.noise_std)
         dw = dw.to(weight.dtype)
