@@ -88,7 +88,7 @@ def _assemble_backward(fctx, grad):
     dctx = dw = db = dpos = dmask = None
     # cast once, contiguously, for both GEMMs; dW's operand is its transposed view (cuBLAS reads it as is:
     # a transpose taken before the cast was a strided copy)
-    g_w = gctx.reshape(B * Nc, D).to(weight.dtype)  # (not -1: D or E may be 0)
+    g_w = gctx.reshape(B * Nc, D).to(weight.dtype) if (need_ctx or need_w) else None  # (not -1: D may be 0)
     if need_ctx:  # the single dX GEMM
         dctx = (g_w @ weight).reshape(B, Nc, E).to(ctx_dtype)
     if need_w:

@@ -401,9 +401,9 @@ def train(cfg: TrainConfig) -> List[float]:
             with out_lock(cfg.out, info):
                 result = _train(cfg, info)
         # every rank has finished before any destroys the process group: a rank that tore its gloo connections
-        # down while another was still finishing made that one abort at exit now and then ('terminate called
-        # without an active exception', SIGABRT after a complete run). On the success path only: after an
-        # error on one rank a barrier would wait for the others, which wait for it in their next collective
+        # down while another was still finishing made that one abort now and then. (The abort seen since, in the
+        # interpreter's teardown after all this, is train.py's exit_worker's to avoid.) On the success path only:
+        # after an error on one rank a barrier would wait for the others, which wait for it in their next collective
         D.barrier(info)
         return result
     except torch.cuda.OutOfMemoryError as e:
