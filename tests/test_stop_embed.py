@@ -608,6 +608,34 @@ def test_every_weight_grad_config_matches_reference(device, i, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_weight_grad_kernel_reads_the_gradient_in_the_weight_dtype(device, monkeypatch):
+    """Under autocast the dW kernel gets the fp32 gradient of an fp32 output with a bf16 weight (the predictor
+    input's rows, a strided slice). The kernel multiplies in the weight's dtype either way. With fp32 g tiles its
+    main loop was 3x longer in SASS and ran 3.5x slower on an H200, so the launcher casts g first (contiguously).
+    Checked here: the launch sees a bf16 contiguous g; dW is the float64 product of the bf16 operands and equals,
+    bit for bit, the dW of the gradient cast by the caller."""
+    g = gen(31)
+    groups, G, Nc, D, E, seed, sigma = 3, 5, 4, 40, 72, 77, 0.3
+    w = (torch.randn(D, E, generator=g) * 0.1).to(device=device, dtype=torch.bfloat16)
+    full = torch.randn(groups, Nc + G, D, generator=g).to(device)  # fp32, like the predictor input's gradient
+    gmask = full[:, Nc:]                                             # the masked rows: a strided [groups, G, D] view
+    seen = []
+    real = se._launch
+
+    def spy(kernel, grid, args, kwargs, interp_meta, name):
+        seen.append((args[0].dtype, args[0].is_contiguous()))
+        return real(kernel, grid, args, kwargs, interp_meta, name)
+
+    monkeypatch.setattr(se, "_launch", spy)
+    got = se.noise_weight_grad(gmask, w, seed, sigma)
+    assert seen == [(torch.bfloat16, True)]
+    n = philox_normal(seed, groups * G, E, sigma).double().to(device)
+    want = gmask.bfloat16().double().reshape(-1, D).T @ n.bfloat16().double()
+    assert rel(got, want) <= 1e-2  # bf16 operands (the interpreter's in-kernel bf16 rounding is coarser than torch's)
+    assert torch.equal(got, se.noise_weight_grad(gmask.bfloat16(), w, seed, sigma))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("i", range(len(se._POS_CONFIGS)))
 def test_every_pos_config_matches_reference(device, i):
     """The ψ[idx] + σ·n kernel (isotropic rows) with each config pinned: D = 200 (D4 = 50) needs two column

@@ -510,6 +510,13 @@ def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_s
     R = g3.shape[0] * g3.shape[1]
     if R == 0 or noise_std == 0.0:
         return torch.zeros((D, E), dtype=torch.float32, device=weight.device)
+    if g3.dtype != weight.dtype:
+        # The kernel multiplies in the weight's dtype (it casts each loaded g tile), so casting first gives the same
+        # dW. It is a matter of speed: under autocast g is the fp32 gradient of the fp32 predictor input, and fp32 g
+        # tiles tripled the kernel's main loop in SASS (544 -> 1586 instructions, 148 -> 238 registers for the
+        # tuned config; benchmarks/NOTES.md). In the op it ran 0.29 ms against 0.08-0.09 for bf16 g in the config
+        # sweep (h200-run5). One cast over R·D costs a few microseconds.
+        g3 = g3.to(weight.dtype, memory_format=torch.contiguous_format)
     G, s_gg, s_gr, s_gd = _rows3(g3)
     E4 = quarter_width(E)
     split = _dw_splits(R, D, E4, _num_sms(weight.device))
