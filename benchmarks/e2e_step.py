@@ -7,16 +7,17 @@ the other, each in a fresh process (``--no-isolate``: all in one), on the same s
 mask batches:
 
 * ``reference``: plain PyTorch — SDPA attention, the official unfused StoP input (torch.randn +
-  Linear + gather + repeat + cat), per-block ``torch.compile``. The strongest baseline of
-  ANCHORS.md (510 images/s on an H200 for the official code), rebuilt inside the project.
+  Linear + gather + repeat + cat), per-block ``torch.compile`` with Inductor's Python host code. The
+  strongest baseline of ANCHORS.md (510 images/s on an H200 for the official code), rebuilt inside the
+  project.
 * ``fast``: ``train.py``'s defaults — the fused StoP assembly (noise generated in registers), the
   attention backend "auto" picks (see ``stop_kernels.ops.attention.DEFAULT_AUTO_POLICY``),
-  per-block ``torch.compile``.
-* ``fast_cpp``: ``fast`` with Inductor's host code in C++ (``cpp_wrapper``): every compiled path of GPU
-  run 4 was host-bound (host time = step time, 109 ms of GPU kernels against 129–170 ms steps), and the
-  compiled blocks' Python host code (allocations, size checks, one Python call per kernel launch) is
-  the largest host cost the profile names. Compiled only (the config refuses it on eager blocks).
-* ``fast_stack``: ``fast`` with each model's block stack compiled as one graph (``compile_scope:
+  per-block ``torch.compile``; at ViT-H the recipe's C++ host code of the compiled blocks
+  (``cpp_wrapper``: GPU run 5 measured the step host-bound, 121.5 ms/step with it against 141.5 ms
+  without).
+* ``fast_py``: ``fast`` with Inductor's Python host code (``cpp_wrapper`` off: the default before run 5),
+  so the C++ host code's share stays measured side by side.
+* ``fast_stack``: ``fast_py`` with each model's block stack compiled as one graph (``compile_scope:
   stack``): the per-block Dynamo guards and AOTAutograd wrappers (76 forward and 44 backward block calls
   per ViT-H step) become one call per model pass. The other host lever, apart: Inductor's C++ host code
   cannot call the stack's nested block region (torch 2.14), so the config refuses the two together.
@@ -26,9 +27,9 @@ mask batches:
   candidate for the next "auto" default; run it with ``--paths reference,fast,fast_triton``.
 * ``fast_mixed``: ``fast`` with the Triton kernels inside the compiled blocks for the predictor's
   head dim 24 only (``attention_policy: compiled:24=triton``); the encoder's head dim 80 stays on
-  SDPA. Run 2 measured the Triton kernels 1.14× faster than cuDNN forward+backward at the predictor's
-  N = 116–128 but 2.0–3.3× slower at the encoder's shapes (the best forced configs: 1.1–1.2× slower,
-  before the head-dim split), so this is the likeliest winner of the three.
+  SDPA. Run 5 measured the Triton kernels 1.46–1.70× faster than cuDNN forward+backward (GPU time) at
+  the predictor's N = 100–160; run 2 measured them slower at the encoder's shapes (before the head-dim
+  split), so this is the likeliest winner of the three.
 * ``fast_levers``: ``fast_mixed`` with the step levers that are opt-in until measured, all at once:
   combo kernels (a block's weight casts share launches), the residual stream in bf16, the target
   encoder replayed from a CUDA graph and run on a second stream (``combo_kernels``,
@@ -57,10 +58,10 @@ import profile_step  # noqa: E402  (benchmarks/profile_step.py: runs Trainer var
 
 
 PATHS = {
-    "reference": "attention=sdpa+input=unfused",
+    "reference": "attention=sdpa+input=unfused+cppwrap=0",
     "fast": "attention=auto+input=auto",
-    "fast_cpp": "attention=auto+input=auto+cppwrap=1",
-    "fast_stack": "attention=auto+input=auto+scope=stack",
+    "fast_py": "attention=auto+input=auto+cppwrap=0",
+    "fast_stack": "attention=auto+input=auto+scope=stack+cppwrap=0",
     "fast_triton": "attention=triton+input=auto",
     "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
     "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+bf16res=1+graph=1+overlap=1",

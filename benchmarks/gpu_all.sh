@@ -15,60 +15,42 @@
 # Before a GPU session: STOP_KERNELS_REHEARSE=1 bash benchmarks/gpu_all.sh stop attn runs those two sections
 # on the CPU at toy sizes (benchmarks/_gpu_common.py; tests/test_benchmark_harness.py does it in CI).
 #
-# Run 4 (2026-11-27, results/h200-run4/) ran the plan below; it found three attention bugs (fixed since) and
-# every e2e path host-bound, so the same two calls are the plan again, with two new e2e paths for the
-# host-bound step (fast_cpp: the compiled blocks' host code in C++; fast_stack: one compiled graph per
-# model's block stack; the two exclude each other) and the attention section's CUDA-graph timer
-# fixed (its forward+backward capture failed in runs 2 and 4 on a stale autograd stream: a harness bug, so
-# its kernel times are GPU times again). Unmeasured, sized to a 15-minute
-# device budget: one machine start (≈ 90 s)
-# and two calls, the second sent at once after the first (a warm machine is given back after 30 s
-# idle): 90 + 540 + 270 = 900 s at the limits (run 4's call 1 ended at 355 of its 540 s). Ask for kind nvidia-h200 in both calls: runs 1-3 and
-# ANCHORS.md are H200 numbers, and issue 8's 720 images/s is an H200 target (an H100 still gives valid
-# side-by-side ratios; say which card in the results README).
-#   1. (timeout_s 540) SEC_STOP=100 BUDGET_STOP=85 SEC_ATTN=100 BUDGET_ATTN=85 SEC_E2E=290 \
-#        bash benchmarks/gpu_all.sh env stop attn e2e                          (limits: 20 + 100 + 100 + 290;
-#        the 30 s left cover each section's 10 s kill grace, process starts and the packing; run 4's stop and
-#        attn took 81 and 89 s, and e2e's paths now start a process each, ≈ 15 s more per path)
-#      StoP kernels rebuilt from their SASS (benchmarks/NOTES.md: one K operand per step, SFU
-#      sin/cos): GPU correctness first, then every forward/dW config's GPU time against its SASS loop
-#      count in results/offline-sm90a/, then fwd / fwd+bwd against the unfused path, and both
-#      forward+backwards kernel by kernel (run 4: the fused backward 0.40 ms against 0.18 unfused, its
-#      noise-dW kernel 0.08 of it; the breakdown says where the rest goes). Attention per
-#      shape, split vs unsplit head dim, the one-pass backward candidates and the persistent forms
-#      (PERSIST: forward and one-pass backward, N <= 128; if one wins at N = 116, move it first in
-#      _fwd_configs / _bwd_configs, since without STOP_KERNELS_ATTN_TUNE the first runs; the e2e section
-#      already runs the fastest through $RES/attn/best_configs.json). The ViT-H step, in this
-#      order (the section's limit cuts the last): reference; fast (compiled, SDPA inside: the current
-#      default, 120.6 ms in run 3); fast_cpp (fast with Inductor's C++ host code: if the host is what
-#      bounds the step, this is the path that moves it; if it wins, make cpp_wrapper the recipes'
-#      default); fast_stack (fast with each model's block stack one compiled graph: the per-block
-#      Dynamo and AOTAutograd calls go; Inductor's C++ host code cannot call its nested region);
-#      fast_mixed (Inductor-launched Triton attention for the predictor's head dim 24, SDPA
-#      for the encoder's 80); fast_levers (fast_mixed + combo kernels + bf16 residual stream +
-#      CUDA-graphed target encoder on a second stream: the opt-in step levers together; late, so a
-#      failed capture cannot cost the others); fast_triton (Triton for every head dim). Each path also profiles 2 steps
-#      (E2E_PROFILE; GPU ms per kernel category, top kernels, host ops: where the compiled step's time
-#      goes, which decides the next lever). If fast_mixed wins, set DEFAULT_AUTO_POLICY =
-#      {"compiled": "sdpa", ("compiled", 24): "triton"}; if fast_triton wins, {}
-#      (stop_kernels/ops/attention.py). If fast_levers beats fast_mixed, the profile section of a
-#      later session says which lever to turn on by default.
-#   2. (timeout_s 270, sent at once) SEC_TESTS_NEW=125 SEC_BUILD=45 SEC_CUDA=70 \
-#        bash benchmarks/gpu_all.sh tests-new build cuda                       (limits: 125 + 45 + 70;
-#        run 4: tests-new was cut at 85 s, the build took 41 s, gpu_cuda.py 59 s; an interrupt keeps
-#        the rows timed so far; give tests-new whatever call 1 left unused)
-#      GPU unit tests of the paths only a GPU runs (SFU noise vs the float64 twin, triton_op under
-#      Inductor, CUDA-graphed target encoder, compiled loss curve, head-dim split, one-pass backward,
-#      and fast_levers' bf16 residual stream and combo kernels, whose GPU twins no other section runs;
-#      the loss-curve file before test_training_speed.py, so the limit cuts the levers' twins first);
-#      then the CUDA C++ StoP kernels against the rebuilt Triton ones and the unfused path:
-#      `stop_embed(backend="auto")` prefers CUDA when built (run 2); switch it to Triton if Triton now
-#      wins forward+backward.
+# Run 5 (2026-11-27, results/h200-run5/) ran run 4's plan: the C++ host code won the step (121.5 ms against
+# 141.5, now on in the ViT-H recipe), the attention times are GPU times again, the StoP backward's dW kernel ran
+# 3.5x slower in the op than in its sweep (an fp32 gradient; cast to bf16 since), and e2e's budget held only
+# 3 of its 7 paths (a compiled path takes 75-135 s: the C++ host code compiles for 100 s). So the next plan
+# gives e2e most of one call. Unmeasured, sized to a 15-minute device budget: one machine start (≈ 90 s) and
+# two calls, the second sent at once after the first (a warm machine is given back after 30 s idle):
+# 90 + 580 + 220 = 890 s at the limits. Ask for kind nvidia-h200 in both calls (runs 1-5 and ANCHORS.md are
+# H200 numbers; issue 8's 720 images/s is an H200 target).
+#   1. (timeout_s 580) SEC_STOP=100 BUDGET_STOP=85 SEC_E2E=450 bash benchmarks/gpu_all.sh env stop e2e
+#        (limits: 20 + 100 + 450; run 5's stop took 76 s)
+#      StoP: GPU correctness, the per-config sweep, fwd / fwd+bwd against the unfused path and both
+#      forward+backwards kernel by kernel: the fused backward's _noise_weight_grad_kernel took 0.29 ms in run 5
+#      (fp32 g; its sweep: 0.08 with bf16 g); with the gradient cast first it should take ≈ 0.08 and the
+#      fused forward+backward ≈ 0.35 ms against 0.41 unfused (predicted, not measured). The ViT-H step, in
+#      this order (a path starts only while 140 s of the limit are left): reference; fast (the defaults: the
+#      recipe's C++ host code, SDPA); fast_mixed (fast + Inductor-launched Triton attention for the
+#      predictor's head dim 24: run 5 timed it 1.5-1.7x faster than cuDNN forward+backward there); fast_py
+#      (fast without the C++ host code: run 5's comparison again, the check of the default it set); fast_stack
+#      (one compiled graph per model's block stack, Python host code); fast_levers; fast_triton. At run 5's
+#      path times the limit holds the first three; give e2e a call of its own to reach the rest. If fast_mixed wins, set
+#      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"} (stop_kernels/ops/attention.py).
+#      If fast_stack beats fast, the stack is the better host lever: weigh making it the recipe's.
+#   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=120 SEC_ATTN=90 BUDGET_ATTN=75 \
+#        bash benchmarks/gpu_all.sh tests-new attn
+#      GPU unit tests of the paths only a GPU runs, the step levers' twins first (the C++ host code is a
+#      default now: its CUDA twin did not run in run 5, cut by the limit), then the attention per shape: the
+#      predictor's N = 116 and 150, then the encoder's 74 and 256 (never timed as GPU times yet), then the
+#      other lengths, then the forced configs.
+#   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:
+#   `stop_embed(backend="auto")` prefers them when built; run 5: 0.63 ms fwd+bwd against Triton's 1.65 and
+#   unfused 0.47 (do_bench)). Re-run them after a change to csrc/.
 #   After a run: unpack results.tar.gz into benchmarks/results/<card>-runN/ (with a README saying what ran), point the
 #   README's table markers at the new files and run `python benchmarks/readme_tables.py --write`.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
-#   (the step levers on top of the winning path: cppwrap=1 (C++ host code), scope=stack (one compiled
-#   graph per model's block stack), graph=1 (CUDA-graphed target), overlap=1 (target on a
+#   (the step levers on top of the winning path, whose base has the ViT-H recipe's C++ host code: cppwrap=0
+#   (Python host code), scope=stack+cppwrap=0 (one compiled graph per model's block stack), graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
 #   bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
@@ -142,7 +124,7 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
-           tests/test_philox.py tests/test_attention.py tests/test_fast_path_loss_curve.py tests/test_training_speed.py \
+           tests/test_philox.py tests/test_training_speed.py tests/test_attention.py tests/test_fast_path_loss_curve.py \
            -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda)" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
@@ -153,14 +135,14 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,cppwrap:$PB+cppwrap=1,stack:$PB+scope=stack,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
-    e2e) # a path starts only while 70 s of the limit are left (one compiled ViT-H path takes about a
-         # minute): a path cut mid-way gives nothing, a skipped one leaves the others' ratios and table
+    e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the
+         # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
-           --budget-s $(( ${SEC_E2E:-300} - 70 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_cpp,fast_stack,fast_mixed,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --budget-s $(( ${SEC_E2E:-300} - 140 )) \
+           --paths ${E2E_PATHS:-reference,fast,fast_mixed,fast_py,fast_stack,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

@@ -21,9 +21,10 @@ the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual 
 ``bf16_residual``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
 ``overlap_target``), ``cppwrap`` (0|1: Inductor's host code of the compiled blocks in C++,
-``cpp_wrapper``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
+``cpp_wrapper``; the ViT-H recipe turns it on), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
 e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
-and a markdown table printed last.
+and a markdown table printed last. A 0|1 key left out takes the config's value (the model's recipe, else
+the default); the results record the values each variant ran with.
 """
 from __future__ import annotations
 
@@ -79,16 +80,22 @@ def category(name: str) -> str:
     return "other"
 
 
-# the variant keys that take 0 or 1, and the train.py flag each turns on ("compile" is passed either way)
+# the variant keys that take 0 or 1, and the train.py flag of each ("compile" is passed either way). A lever the
+# variant leaves out ("") is not passed: the config decides (vit_huge's recipe turns cpp_wrapper on)
 LEVER_FLAGS = {"graph": "--cuda-graph-target", "combo": "--combo-kernels", "bf16res": "--bf16-residual",
                "overlap": "--overlap-target", "cppwrap": "--cpp-wrapper"}
 SWITCHES = ("compile",) + tuple(LEVER_FLAGS)
 
 
+def lever_field(key: str) -> str:
+    """The config key of a lever's variant key (``cppwrap`` -> ``cpp_wrapper``)."""
+    return LEVER_FLAGS[key][2:].replace("-", "_")
+
+
 def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0",
-         "mode": "default", "scope": "block", "policy": "", **{k: "0" for k in LEVER_FLAGS}}
+         "mode": "default", "scope": "block", "policy": "", **{k: "" for k in LEVER_FLAGS}}
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
@@ -121,7 +128,7 @@ def variant_argv(v: dict, model: str, batch_size: int, out: str) -> list:
              "--attention", v["attention"], "--attention-policy", v["policy"], "--compile-mode", v["mode"],
              "--compile-scope", v["scope"],
              "--compile", "true" if v["compile"] == "1" else "false", "--out", out]
-            + [flag for k, flag in LEVER_FLAGS.items() if v[k] == "1"])
+            + [a for k, flag in LEVER_FLAGS.items() if v[k] for a in (flag, "true" if v[k] == "1" else "false")])
 
 
 def run_variant(v: dict, args, info) -> dict:
@@ -147,7 +154,8 @@ def run_variant(v: dict, args, info) -> dict:
     batches = synthetic_batches(cfg, pool, cfg.batch_size, info.device, cfg.seed)
     batches = [batches[i % pool] for i in range(n_all)]
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-    res = {**v, "build_s": round(build_s, 1)}
+    res = {**v, **{k: str(int(getattr(cfg, lever_field(k)))) for k in LEVER_FLAGS},  # what ran (the recipe's too)
+           "build_s": round(build_s, 1)}
     t0 = time.perf_counter()
     for i in range(warm):
         tr.step(*batches[i], sched)

@@ -18,7 +18,8 @@ Kinds:
   card's limit (max of FLOP time and byte time at the card's ceilings, ``_gpu_common.card_limits``).
 - ``attention``: best SDPA backend against the Triton kernels per shape, from ``gpu_attention.json``
   (``benchmarks/gpu_attention.py``); ``timer=graph`` takes the CUDA-graph (kernel) times instead of
-  the eager ones.
+  the eager ones. Where the run timed the models' path (Triton on the packed QKV buffer), a column of its
+  forward+backward follows.
 - ``step``: the training step, one row per source, written ``ROW=PATH`` with ROW one of
   :data:`STEP_ROWS` (the first row is the defaults, in bold). PATH is the output of
   ``train.py --benchmark`` (its last JSON line), or ``e2e_step.json#PATH_NAME`` for one path of
@@ -51,6 +52,8 @@ STOP_ROWS = {  # impl in gpu_cuda.json -> the README's label, in the README's or
 
 STEP_ROWS = {  # ROW of a step source -> the README's label
     "default": "this pipeline, the defaults: compiled blocks (SDPA inside), fused StoP input",
+    "default_cpp": "this pipeline, the defaults: compiled blocks (SDPA inside, Inductor's C++ host code), fused StoP input",
+    "python_host": "this pipeline, compiled blocks with Inductor's Python host code (`--cpp-wrapper false`)",
     "compiled_triton": "this pipeline, compiled blocks, Triton attention (`--attention triton`)",
     "eager_triton": "this pipeline, eager blocks, Triton attention (`--compile false`)",
     "compiled_mixed": "this pipeline, compiled blocks, Triton attention for the predictor's head dim 24 "
@@ -112,8 +115,11 @@ def attention_table(source: str, timer: str = "eager") -> str:
     if timer not in ("eager", "graph"):  # another name matches no column: every cell would say "not measured"
         raise ValueError(f"attention table: timer must be 'eager' or 'graph', got {timer!r}")
     d = _load(source)
-    lines = ["| shape (B, H, N, Dh) | fwd SDPA / Triton ms | × | fwd+bwd SDPA / Triton ms | × |",
-             "| --- | --- | --- | --- | --- |"]
+    # the models' path, Triton on the packed QKV buffer (attention_qkv), where the run timed it (run 6 on)
+    qkv = any(f"qkv_fwdbwd_{timer}_ms" in s for s in d["summary"])
+    lines = ["| shape (B, H, N, Dh) | fwd SDPA / Triton ms | × | fwd+bwd SDPA / Triton ms | × |"
+             + (" fwd+bwd SDPA / Triton on the QKV buffer ms | × |" if qkv else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- | --- |" if qkv else "")]
 
     def cells(s, col):
         if col not in s:
@@ -123,7 +129,7 @@ def attention_table(source: str, timer: str = "eager") -> str:
         sd = f"{best:.3f}" + ("" if name == "cudnn" else f" ({name})")
         return [f"{sd} / {tri:.3f}", f"{x:.2f}"]
     for s in d["summary"]:
-        row = cells(s, f"fwd_{timer}_ms") + cells(s, f"fwdbwd_{timer}_ms")
+        row = cells(s, f"fwd_{timer}_ms") + cells(s, f"fwdbwd_{timer}_ms") + (cells(s, f"qkv_fwdbwd_{timer}_ms") if qkv else [])
         lines.append(f"| {_shape_label(s['shape'])} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

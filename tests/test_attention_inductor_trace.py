@@ -227,7 +227,7 @@ def test_cpp_wrapper_launches_the_attention_ops_from_cpp(inductor_code, case):
 
 
 def test_cpp_wrapper_block_launches_the_same_kernels_from_cpp(inductor_code):
-    """Config key ``cpp_wrapper`` (``e2e_step.py`` path fast_cpp): Inductor writes a compiled block's
+    """Config key ``cpp_wrapper`` (on in the ViT-H recipe; ``e2e_step.py`` path fast, against fast_py): Inductor writes a compiled block's
     host code in C++. It must launch the Python host code's kernels, the Triton attention (a
     user-defined kernel of a ``triton_op``) among them, in the same order, and call cuBLAS for the same
     4 GEMMs, with no Python left in the per-call path (GPU run 4: every compiled step host-bound)."""

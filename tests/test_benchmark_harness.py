@@ -51,8 +51,11 @@ def test_variant_keys_reach_the_config():
     v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
                   "+cppwrap=1+mode=max-autotune-no-cudagraphs")
     assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
-    assert cfg.cpp_wrapper and not _cfg("a:compile=1")[1].cpp_wrapper
-    assert _cfg("a:compile=1+scope=stack")[1].compile_scope == "stack" and cfg.compile_scope == "block"
+    # cppwrap left out: the config decides (vit_huge's recipe turns the C++ host code on for compiled blocks only)
+    assert cfg.cpp_wrapper and not _cfg("a:compile=1+cppwrap=0")[1].cpp_wrapper
+    assert _cfg("a:compile=1")[1].cpp_wrapper and not _cfg("a:compile=0")[1].cpp_wrapper
+    assert not _cfg("a:compile=1", model="vit_small")[1].cpp_wrapper
+    assert _cfg("a:compile=1+scope=stack+cppwrap=0")[1].compile_scope == "stack" and cfg.compile_scope == "block"
     assert cfg.bf16_residual and not _cfg("a:compile=1")[1].bf16_residual
     assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
@@ -109,11 +112,10 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # each path ran in its own process (--isolate, the default), which wrote its own record
     assert all((out / f"variant_{name}" / "profile_step.json").exists() for name in e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
-    # run eagerly (--no-compile), fast_cpp's C++ host code and fast_levers' combo kernels have nothing to act
+    # run eagerly (--no-compile), fast_stack's compiled stacks and fast_levers' combo kernels have nothing to act
     # on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
     # the Trainer, test_training_speed), the others run
-    assert list(errors) == ["fast_cpp", "fast_stack", "fast_levers"], errors
-    assert errors["fast_cpp"].startswith("ConfigError: cpp_wrapper: applies to compiled blocks only"), errors
+    assert list(errors) == ["fast_stack", "fast_levers"], errors
     assert errors["fast_stack"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
     res = [r for r in res if "error" not in r]
@@ -239,6 +241,8 @@ def test_attention_rates_and_summary_from_the_timed_rows(monkeypatch):
     import gpu_attention as G
     shape = (256, 16, 116, 24)
     ms = {"triton": dict(fwd_eager_ms=0.09, fwdbwd_eager_ms=0.44, fwd_graph_ms=0.04, fwdbwd_graph_ms=0.30),
+          # the models' path: the QKV buffer's gradient written by the kernel (no stack of dq, dk, dv)
+          "triton-qkv": dict(fwd_eager_ms=0.09, fwdbwd_eager_ms=0.40, fwd_graph_ms=0.04, fwdbwd_graph_ms=0.25),
           "sdpa-cudnn": dict(fwd_eager_ms=0.08, fwdbwd_eager_ms=0.36, fwd_graph_ms=0.05, fwdbwd_graph_ms=0.33),
           # its forward+backward capture failed: those rates come from its eager time
           "sdpa-flash": dict(fwd_eager_ms=0.12, fwdbwd_eager_ms=0.35, fwd_graph_ms=0.07,
@@ -268,6 +272,7 @@ def test_attention_rates_and_summary_from_the_timed_rows(monkeypatch):
     assert s["fwdbwd_eager_ms"] == (0.35, "sdpa-flash", 0.44, pytest.approx(0.35 / 0.44))
     assert s["fwd_graph_ms"] == (0.05, "sdpa-cudnn", 0.04, pytest.approx(1.25))
     assert s["fwdbwd_graph_ms"] == (0.33, "sdpa-cudnn", 0.30, pytest.approx(1.1))  # flash's capture failed
+    assert s["qkv_fwdbwd_graph_ms"] == (0.33, "sdpa-cudnn", 0.25, pytest.approx(1.32))  # never an SDPA's own best
     for mode in ("fwd", "fwdbwd"):
         floor_ms = work[mode][1] / 4.23e12 * 1e3
         assert s[f"{mode}_vs_limit"] == pytest.approx(ms["triton"][f"{mode}_graph_ms"] / floor_ms), mode
@@ -326,7 +331,8 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
-    assert paths[:4] == ["reference", "fast", "fast_cpp", "fast_stack"]  # the host levers first: a cut section keeps them
+    # the baseline, the default, then the untried levers first: a cut section keeps them
+    assert paths[:4] == ["reference", "fast", "fast_mixed", "fast_py"], paths
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
     bases = ("compile=1", "compile=1+policy=compiled:24=triton", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
@@ -334,7 +340,7 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
         for spec in specs.replace("$PB", base).split(","):
             v, cfg = _cfg(spec)
             assert cfg.compile, spec
-    assert "cppwrap:$PB+cppwrap=1" in specs and "stack:$PB+scope=stack" in specs
+    assert "pyhost:$PB+cppwrap=0" in specs and "stack:$PB+scope=stack+cppwrap=0" in specs
 
 
 def test_profile_report_reads_each_category_against_its_floor(capsys):
@@ -417,10 +423,10 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
-    the head-dim-24 policy, fast_cpp's C++ host code, and for fast_levers the four other opt-in step
-    levers (and each lever only there)."""
+    the head-dim-24 policy, for fast_levers the four opt-in step levers (and each lever only there), and the
+    C++ host code of the ViT-H recipe everywhere but in the reference, fast_py and fast_stack."""
     levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
-    want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_cpp": ("auto", "auto", ""),
+    want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_mixed": ("auto", "auto", "compiled:24=triton"),
             "fast_levers": ("auto", "auto", "compiled:24=triton")}
@@ -428,7 +434,7 @@ def test_e2e_paths_turn_on_their_levers():
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
-        on = [name == "fast_levers"] * 4 + [name == "fast_cpp"]
+        on = [name == "fast_levers"] * 4 + [name not in ("reference", "fast_py", "fast_stack")]
         assert [getattr(cfg, k) for k in levers] == on, name
         assert cfg.compile_scope == ("stack" if name == "fast_stack" else "block"), name
 

@@ -162,6 +162,15 @@ def test_attention_table_cells(tmp_path):
     for opt in ("timr=graph", "graph"):
         with pytest.raises(ValueError, match=r"options are timer=eager\|graph"):
             readme_tables.render("attention", [str(f), opt])
+    # a run that timed the models' path (Triton on the packed QKV buffer) gets its forward+backward column
+    summary[0]["fwdbwd_graph_ms"] = [0.367, "sdpa-cudnn", 0.243, 1.51]
+    summary[0]["qkv_fwdbwd_graph_ms"] = [0.367, "sdpa-cudnn", 0.206, 1.78]
+    f.write_text(json.dumps({"summary": summary}))
+    graph = readme_tables.render("attention", [str(f), "timer=graph"]).splitlines()
+    assert graph[0].endswith("| fwd+bwd SDPA / Triton on the QKV buffer ms | × |") and graph[1].count("---") == 7
+    assert graph[2] == ("| predictor (256, 16, 116, 24) | 0.050 (efficient) / 0.040 | 1.25 | 0.367 / 0.243 | 1.51 | "
+                        "0.367 / 0.206 | 1.78 |")
+    assert graph[3] == "| encoder (64, 12, 196, 64) | not measured |  | not measured |  | not measured |  |"
 
 
 def test_step_rows_take_the_last_measurement(tmp_path):

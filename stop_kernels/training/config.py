@@ -9,6 +9,10 @@ Precedence (lowest first):
    ``configs/vit_h14_224.yaml``), for the keys that neither the file nor the command line set;
 4. explicit command-line flags.
 
+With ``compile`` off in the end, the settings of the compiled blocks (``COMPILED_BLOCK_SETTINGS``) that a recipe or
+the file holds are dropped: ``--model vit_h --compile false`` runs eager blocks without the recipe's
+``cpp_wrapper``, while ``--cpp-wrapper`` with ``--compile false`` on the command line is an error.
+
 Every field is a flag: ``noise_std`` is ``--noise-std``; pairs are written ``--pred-mask-scale 0.15,0.2``;
 booleans accept ``--compile`` (true), ``--compile false`` / ``0`` / ``no``.
 """
@@ -136,6 +140,12 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# the settings of the compiled blocks, each with its "off" value: refused without `compile` when the command line sets
+# them; a recipe's or a --config file's follow its `compile` (parse_config)
+COMPILED_BLOCK_SETTINGS: Dict[str, Any] = {"compile_mode": "default", "combo_kernels": False, "cpp_wrapper": False,
+                                           "compile_scope": "block"}
 
 
 def _field_types() -> Dict[str, Any]:
@@ -272,14 +282,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("ema_start", "ema_end"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")
-    for key, on in (("compile_mode", cfg.compile_mode != "default"), ("combo_kernels", cfg.combo_kernels),
-                    ("cpp_wrapper", cfg.cpp_wrapper), ("compile_scope", cfg.compile_scope != "block")):
-        if on and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
+    for key, off in COMPILED_BLOCK_SETTINGS.items():
+        if getattr(cfg, key) != off and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
             raise ConfigError(f"{key}: applies to compiled blocks only; add --compile (or drop {key})")
     if cfg.compile_scope == "stack" and cfg.cpp_wrapper:  # torch 2.14: "codegen invoke_subgraph is not implemented
         # for cpp wrapper", raised when the first step compiles
         raise ConfigError("cpp_wrapper: Inductor's C++ host code cannot call the nested block region of "
-                          "compile_scope 'stack'; use one of the two")
+                          "compile_scope 'stack'; use one of the two (--cpp-wrapper false turns the C++ host code "
+                          "off, which the ViT-H recipe turns on)")
     if cfg.compile_scope == "stack" and cfg.ac != "none":
         raise ConfigError("compile_scope: 'stack' runs each block's forward inside one compiled graph, where the "
                           f"activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
@@ -379,6 +389,12 @@ def parse_config(argv: Optional[Sequence[str]] = None, parser: Optional[argparse
     for k, v in preset.items():
         values.setdefault(k, v)
     values.update(cli)
+    if not _coerce("compile", values.get("compile", TrainConfig.compile)):
+        # `--compile false` on a recipe (vit_huge's turns on cpp_wrapper) turns its compiled-block settings off with
+        # it; one the command line itself sets is still refused without compile (validate)
+        for k in COMPILED_BLOCK_SETTINGS:
+            if k not in cli:
+                values.pop(k, None)
     return config_from_dict(values)
 
 
