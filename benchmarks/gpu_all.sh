@@ -28,7 +28,9 @@
 #      StoP: GPU correctness, the per-config sweep, fwd / fwd+bwd against the unfused path and both
 #      forward+backwards kernel by kernel: the fused backward's _noise_weight_grad_kernel took 0.29 ms in run 5
 #      (fp32 g; its sweep: 0.08 with bf16 g); with the gradient cast first it should take ≈ 0.08 and the
-#      fused forward+backward ≈ 0.35 ms against 0.41 unfused (predicted, not measured). The ViT-H step, in
+#      fused forward+backward ≈ 0.34 ms against 0.41 unfused (predicted, not measured). New in the sweep:
+#      each forward config with A read from memory (fwd_mem) and the Philox noise alone (philox), which split
+#      the forward's 0.122 ms (predicted 0.04-0.06) between the noise and the GEMM with its epilogue. The ViT-H step, in
 #      this order (a path starts only while 140 s of the limit are left): reference; fast (the defaults: the
 #      recipe's C++ host code, SDPA); fast_mixed (fast + Inductor-launched Triton attention for the
 #      predictor's head dim 24: run 5 timed it 1.5-1.7x faster than cuDNN forward+backward there); fast_py

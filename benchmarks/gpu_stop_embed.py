@@ -43,6 +43,7 @@ Writes DIR/gpu_stop_embed.json and DIR/gpu_stop_embed.md, and prints a short tab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -339,6 +340,7 @@ def config_sweep(budget_s: float):
     (R = npred·B·Nt rows, E → D, bf16): the measured side of the per-config SASS loop counts in
     benchmarks/results/offline-sm90a/ (predict, then measure)."""
     from stop_kernels.ops import stop_embed as se
+    from stop_kernels.ops.philox import philox_normal_triton
     R, dt = NPRED * B * NT, torch.bfloat16
     g = torch.Generator(device=DEV).manual_seed(5)
     w = (torch.randn(D, E, device=DEV, generator=g) * 0.02).to(dt)
@@ -347,27 +349,41 @@ def config_sweep(budget_s: float):
     idx = torch.randint(0, P, (R,), device=DEV, generator=g)
     out = torch.empty(1, R, D, device=DEV, dtype=dt)
     grad = torch.randn(1, R, D, device=DEV, generator=g).to(dt)
+    # the forward kernel with A read from memory instead of generated: the same GEMM, epilogue and stores without
+    # the Philox noise, so the two rows of a config split its time (run 5: 0.122 ms for every noise config
+    # against 0.04-0.06 predicted)
+    a_mem = (torch.randn(R, E, device=DEV, generator=g) * 0.2).to(dt)
     ref = {}
     timer = "graph"  # after a failed capture: eager do_bench for the rest (a broken capture must not
     # be retried before timing(), whose official path draws its noise from the CUDA RNG)
-    for kind, configs in (("fwd", se._FWD_CONFIGS), ("dw", se._DW_CONFIGS)):
+    for kind, configs in (("fwd", se._FWD_CONFIGS), ("dw", se._DW_CONFIGS), ("fwd_mem", se._FWD_CONFIGS),
+                          ("philox", [None])):
         for cfg in configs:
-            name = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f", w={cfg.num_warps}, s={cfg.num_stages}"
-            if not se._tiles_used(cfg.kwargs, D):
-                continue  # the tuner prunes it at this D
+            if cfg is None:  # the noise alone: Philox + Box-Muller of the R x E noise, stored as fp32 (55 MB at ViT-H)
+                name = "philox_normal_triton (BLOCK 32 x 32), fp32 store"
+            else:
+                name = ", ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f", w={cfg.num_warps}, s={cfg.num_stages}"
+                if not se._tiles_used(cfg.kwargs, D):
+                    continue  # the tuner prunes it at this D
             if elapsed() > budget_s - 15:
                 RESULTS["config_sweep"].append({"kernel": kind, "config": name, "ms": None, "note": "skipped: budget"})
                 continue
-            with se.pin_configs(**{kind: cfg}):
+            with (se.pin_configs(**{kind.replace("_mem", ""): cfg}) if cfg is not None else contextlib.nullcontext()):
                 if kind == "fwd":
                     def fn():
                         se.launch_project(out, idx, pos, w, bias, seed=1234, noise_std=0.2)
+                elif kind == "fwd_mem":
+                    def fn():
+                        se.launch_project(out, idx, pos, w, bias, a=a_mem)
+                elif kind == "philox":
+                    def fn():
+                        return philox_normal_triton(1234, R, E, 0.2, device=DEV)
                 else:
                     def fn():
                         return se.noise_weight_grad(grad, w, 1234, 0.2)
                 res = fn()
                 sync()
-                got = (out if kind == "fwd" else res).float().clone()
+                got = (out if kind.startswith("fwd") else res).float().clone()
                 if timer == "graph":
                     try:
                         ms = bench_graph(fn)
@@ -429,7 +445,8 @@ def write(out_dir: str):
         lines += ["", "autotuned configs:"] + [f"- {k}: {v}" for k, v in RESULTS["configs"].items()]
     if RESULTS["config_sweep"]:
         lines += ["", "Per-config time, masked-token problem alone (R = npred·B·Nt, bf16); timer graph = GPU time "
-                  "(CUDA graph), eager = with launch cost (after a failed capture):", "",
+                  "(CUDA graph), eager = with launch cost (after a failed capture). fwd: noise generated in the kernel; "
+                  "fwd_mem: the same config with A read from memory (no noise); philox: the noise alone, stored:", "",
                   "| kernel | config | ms | timer | rel err vs first config |", "|---|---|---|---|---|"]
         for c in RESULTS["config_sweep"]:
             ms = "skipped" if c["ms"] is None else f"{c['ms']:.4f}"
