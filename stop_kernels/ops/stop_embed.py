@@ -429,7 +429,8 @@ def _launch(kernel, grid, args, kwargs, interp_meta, name):
     """Launch an autotuned kernel, on the device of its first tensor argument.
 
     A config pinned with :func:`pin_configs` under ``name`` runs as is (interpreter or GPU); otherwise
-    under TRITON_INTERPRET=1 the plain jit function runs with ``interp_meta``, and on the GPU the autotuner picks.
+    under TRITON_INTERPRET=1 the plain jit function runs with ``interp_meta()`` (a function: the GPU path, which
+    the autotuner serves, never builds the interpreter's block sizes), and on the GPU the autotuner picks.
     """
     cfg = _PINNED.get(name)
     with on_device(next(a for a in args if isinstance(a, torch.Tensor))):
@@ -440,7 +441,8 @@ def _launch(kernel, grid, args, kwargs, interp_meta, name):
             else:
                 kernel.fn[grid(meta)](*args, **kwargs, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         elif interpreting():
-            kernel.fn[grid(interp_meta)](*args, **kwargs, **interp_meta)
+            meta = interp_meta()
+            kernel.fn[grid(meta)](*args, **kwargs, **meta)
         else:
             kernel[grid](*args, **kwargs)
 
@@ -478,8 +480,8 @@ def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tenso
     args = (a_arg, s_am, s_ak, idx, pos_embed, pos_embed.stride(0), pos_embed.stride(1),
             weight, weight.stride(0), weight.stride(1), bias if bias is not None else weight,
             out3, s_og, s_or, s_od, stride_copy, R, E, quarter_width(E), D, G, copies, key0, key1, float(noise_std))
-    interp = dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,
-                  BLOCK_K=_pow2(quarter_width(E), 16, 64))
+    interp = lambda: dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,  # noqa: E731
+                          BLOCK_K=_pow2(quarter_width(E), 16, 64))
     _launch(_project_kernel, grid, args, dict(NOISE=noise, HAS_BIAS=bias is not None,
                                               PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "fwd")
 
@@ -526,8 +528,8 @@ def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_s
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"] * meta["D_TILES"]), triton.cdiv(E4, meta["BLOCK_K"]),  # noqa: E731
                          split)
     args = (g3, s_gg, s_gr, s_gd, weight, partial, R, E, E4, D, G, rows_per_split, key0, key1, float(noise_std))
-    interp = dict(BLOCK_M=_pow2(rows_per_split, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,
-                  BLOCK_K=_pow2(E4, 16, 64))
+    interp = lambda: dict(BLOCK_M=_pow2(rows_per_split, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,  # noqa: E731
+                          BLOCK_K=_pow2(E4, 16, 64))
     _launch(_noise_weight_grad_kernel, grid, args,
             dict(PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "dw")
     return partial[0] if split == 1 else partial.sum(0)
@@ -550,7 +552,7 @@ def launch_pos_noise(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Ten
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(quarter_width(D), meta["BLOCK_K"]))  # noqa: E731
     args = (idx, pos_embed, pos_embed.stride(0), vec if vec is not None else pos_embed,
             out3, s_og, s_or, R, D, G, key0, key1, float(noise_std or 0.0))
-    interp = dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_K=_pow2(quarter_width(D), 16, 64))
+    interp = lambda: dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_K=_pow2(quarter_width(D), 16, 64))  # noqa: E731
     _launch(_pos_noise_kernel, grid, args, dict(NOISE=noise_std is not None, HAS_VEC=vec is not None), interp, "pos")
 
 
