@@ -651,6 +651,20 @@ def test_every_pos_config_matches_reference(device, i):
     assert rel(out[0], want) <= 1e-5  # the GPU's SFU sin/cos: within 1e-5·σ of the twin (test_philox)
 
 
+def test_gpu_autotuning_is_cached_on_disk():
+    """Each StoP kernel's autotuner keeps its timings in Triton's on-disk cache on the GPU, so a new process (a
+    resumed run, each e2e_step.py path) does not time every config again. The interpreter turns the cache off, so
+    this reads the autotuners of a fresh import without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from stop_kernels.ops import stop_embed as se; "
+            "print([k.cache_results for k in (se._project_kernel, se._noise_weight_grad_kernel, se._pos_noise_kernel)])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[True, True, True]", r.stdout + r.stderr
+
+
 def test_config_pruning_keeps_shared_memory_in_budget():
     class _W:  # only the element size is read
         def __init__(self, n):
