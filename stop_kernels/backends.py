@@ -36,6 +36,17 @@ def functorch_transforming() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def custom_op_bypass_ok(t) -> bool:
+    """True when a fused op may skip its ``torch.library`` registration and run its plain
+    ``torch.autograd.Function`` (same kernels, same results): ``t`` is a plain tensor, nothing is tracing
+    (torch.compile / export), no TorchDispatchMode is active (FakeTensorMode, make_fx, ...) and no functorch
+    transform runs. Otherwise the custom op (fake and autograd registrations) runs. Each dispatcher round trip of
+    a Python custom op costs tens of microseconds of host time (argument defaults, the autograd wrapper,
+    redispatch), which a host-bound training step pays directly."""
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
+
+
 def vmap_randomness_different() -> bool:
     """Whether a ``torch.func.vmap(..., randomness="different")`` is running, at any level of nested
     transforms (read from functorch's interpreter stack, as vmap itself does; checked with torch 2.11 and 2.14).

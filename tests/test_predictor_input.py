@@ -267,6 +267,34 @@ def test_seeds_reproduce_and_none_mode_draws_nothing(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_path_equals_the_custom_op_bit_for_bit(device, mode, monkeypatch):
+    """Eager calls skip the torch.library dispatch (its host cost, paid per step by a host-bound training step) and
+    run the same launches and backward through a plain autograd.Function; traced calls run the custom op. Both give
+    the same output and gradients bit for bit, and each call takes the path it should."""
+    from _op_paths import on_both_paths
+
+    from stop_kernels.ops import predictor_input as PI
+    calls = []
+    real_op, real_fn = PI._assemble_op, PI._AssembleFn.apply
+    monkeypatch.setattr(PI, "_assemble_op", lambda *a: calls.append("op") or real_op(*a))
+    monkeypatch.setattr(PI._AssembleFn, "apply", lambda *a: calls.append("fn") or real_fn(*a))
+    B, Nc, Nt, npred, E, D, P = sizes(device, 2)
+    args = make(device, B, Nc, Nt, npred, E, D, P, seed=5)
+
+    def call():
+        leaves, targs = leaves_of(args, torch.float32)
+        out = run(targs, "triton", mode, s=11)
+        go = torch.randn(out.shape, generator=gen(12)).to(device)
+        return out, torch.autograd.grad(out, leaves, go, allow_unused=True)
+    (o1, g1), (o2, g2) = on_both_paths(call)
+    assert calls == ["fn", "op"], calls
+    assert torch.equal(o1, o2)
+    for name, a, b in zip(("ctx", "weight", "bias", "pos_embed", "mask_token"), g1, g2):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_and_torch_compile(device):
     B, Nc, Nt, npred, E, D, P = sizes(device, 2) if device == "cpu" else (2, 5, 3, 2, 40, 24, 30)
     ctx, ctx_idx, tgt, w, b, pos, mask = make(device, B, Nc, Nt, npred, E, D, P, stacked=True)

@@ -651,6 +651,27 @@ def test_every_pos_config_matches_reference(device, i):
     assert rel(out[0], want) <= 1e-5  # the GPU's SFU sin/cos: within 1e-5·σ of the twin (test_philox)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_path_equals_the_custom_op_bit_for_bit(device, monkeypatch):
+    """Eager calls run the op's plain autograd.Function (no torch.library dispatch: its host cost), traced calls the
+    custom op: same output, dW, db and dψ bit for bit, each call on the path it should take."""
+    from _op_paths import on_both_paths
+    calls = []
+    real_op, real_fn = se._stop_embed_op, se._StopEmbedFn.apply
+    monkeypatch.setattr(se, "_stop_embed_op", lambda *a: calls.append("op") or real_op(*a))
+    monkeypatch.setattr(se._StopEmbedFn, "apply", lambda *a: calls.append("fn") or real_fn(*a))
+    pos, idx, w, b = inputs(device, 30, 24, 40, (2, 7))
+
+    def call():
+        leaves = [t.detach().requires_grad_() for t in (pos, w, b)]
+        out = stop_embed(leaves[0], idx, leaves[1], leaves[2], noise_std=0.3, generator=gen(3), backend="triton")
+        go = torch.randn(out.shape, generator=gen(4)).to(device)
+        return out, torch.autograd.grad(out, leaves, go)
+    (o1, g1), (o2, g2) = on_both_paths(call)
+    assert calls == ["fn", "op"], calls
+    assert torch.equal(o1, o2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
 def test_gpu_autotuning_is_cached_on_disk():
     """Each StoP kernel's autotuner keeps its timings in Triton's on-disk cache on the GPU, so a new process (a
     resumed run, each e2e_step.py path) does not time every config again. The interpreter turns the cache off, so

@@ -114,7 +114,7 @@ import triton.language as tl
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import functorch_transforming, on_device, sm_count, triton_interpreting
+from ..backends import custom_op_bypass_ok, functorch_transforming, on_device, sm_count, triton_interpreting
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_backend_problem", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
@@ -1678,14 +1678,6 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
     return cu_seqlens.to(device, non_blocking=True).contiguous(), int(max_seqlen)
 
 
-def _eager_ok(q) -> bool:
-    """True when :func:`attention` may bypass the torch.library ops: plain tensors, not under
-    torch.compile / export tracing, no TorchDispatchMode (FakeTensorMode, make_fx, ...) and no
-    functorch transform active. Otherwise the custom ops (fake + autograd registrations) run."""
-    return (not torch.compiler.is_compiling() and type(q) is torch.Tensor
-            and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
               cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None) -> torch.Tensor:
     """Non-causal softmax attention ``softmax(scale · q kᵀ) v`` with the Triton flash kernels.
@@ -1712,7 +1704,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     Both call the same kernels with the same configs (identical results).
     """
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
-    if _eager_ok(q):
+    if custom_op_bypass_ok(q):
         with on_device(q):
             plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
             if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -1785,7 +1777,7 @@ def attention_qkv(qkv: torch.Tensor, *, scale: Optional[float] = None, cu_seqlen
         chk.tensor("qkv", qkv, dtypes=KERNEL_DTYPES)
     _check_kernel_head_dim("qkv", qkv.shape[-1], "dispatch_attention_qkv")
     cu_seqlens, max_seqlen, scale = _prepare(q, k, v, scale, cu_seqlens, max_seqlen)
-    if _eager_ok(qkv):
+    if custom_op_bypass_ok(qkv):
         with on_device(qkv):
             plan = _get_plan(q, k, v, cu_seqlens, max_seqlen, scale)
             if torch.is_grad_enabled() and qkv.requires_grad:

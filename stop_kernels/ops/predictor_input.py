@@ -24,9 +24,10 @@ import torch
 
 from .. import _checks as chk
 from .. import reference
+from ..backends import custom_op_bypass_ok
 from .philox import check_generator, draw_seed, philox_normal
-from .stop_embed import (BACKENDS, _noise_weight_grad_op, _out_dtype, autocast_dtype, check_backend,
-                         launch_pos_noise, launch_project, scatter_rows)
+from .stop_embed import (BACKENDS, _out_dtype, autocast_dtype, check_backend, launch_pos_noise, launch_project,
+                         noise_weight_grad_in_backward, scatter_rows)
 
 ASSEMBLY_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # the CUDA C++ backend implements stop_embed only
 
@@ -38,10 +39,10 @@ def _views(out: torch.Tensor, npred: int, B: int, Nc: int, Nt: int):
     return out3[:B, :Nc], out3[:, Nc:]
 
 
-@torch.library.custom_op("stop_kernels::assemble_predictor_input", mutates_args=())
-def _assemble_op(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, weight: torch.Tensor,
-                 bias: Optional[torch.Tensor], pos_embed: torch.Tensor, mask_token: Optional[torch.Tensor],
-                 seed: torch.Tensor, noise_mode: str, noise_std: float) -> torch.Tensor:
+def _assemble(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor], pos_embed: torch.Tensor, mask_token: Optional[torch.Tensor],
+              seed: torch.Tensor, noise_mode: str, noise_std: float) -> torch.Tensor:
+    """The forward launches (the body of the custom op and of the eager :class:`_AssembleFn`)."""
     npred, B, Nt = tgt_idx.shape
     Nc, E = ctx.shape[1:]
     D = weight.shape[0]
@@ -58,6 +59,9 @@ def _assemble_op(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor
     else:
         launch_pos_noise(masked_rows, tgt, pos_embed.contiguous(), mask_token.reshape(D).contiguous())
     return out
+
+
+_assemble_op = torch.library.custom_op("stop_kernels::assemble_predictor_input", _assemble, mutates_args=())
 
 
 @_assemble_op.register_fake
@@ -94,7 +98,7 @@ def _assemble_backward(fctx, grad):
     if need_w:
         dw = g_w.t().to(x.dtype) @ x.reshape(B * Nc, E)
         if fctx.mode == "learned":
-            dw = dw.float() + _noise_weight_grad_op(gmask, weight, seed, fctx.noise_std)
+            dw = dw.float() + noise_weight_grad_in_backward(gmask, weight, seed, fctx.noise_std)
         dw = dw.to(weight.dtype)
     if need_b:
         db = gctx.sum((0, 1))
@@ -112,6 +116,23 @@ def _assemble_backward(fctx, grad):
 
 torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assemble_backward,
                                 setup_context=_assemble_setup)
+
+
+class _AssembleFn(torch.autograd.Function):
+    """The custom op's forward, backward and saved state without the torch.library dispatch: what eager calls run
+    (:func:`stop_kernels.backends.custom_op_bypass_ok`); compiled and traced calls run the custom op. Same
+    kernels, same results, bit for bit."""
+
+    @staticmethod
+    def forward(fctx, *inputs):
+        out = _assemble(*inputs)
+        _assemble_setup(fctx, inputs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable themselves
+    def backward(fctx, grad):
+        return _assemble_backward(fctx, grad)
 
 
 def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):
@@ -184,7 +205,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             n = n.to(device=weight.device, dtype=dtype).reshape(npred, B, Nt, width)
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
                                                   noise_std=noise_std, mask_token=mask_token, noise=n)
-    return _assemble_op(ctx, ctx_idx, tgt, weight, bias, pos_embed, mask_token, seed, noise_mode, float(noise_std))
+    args = (ctx, ctx_idx, tgt, weight, bias, pos_embed, mask_token, seed, noise_mode, float(noise_std))
+    return _AssembleFn.apply(*args) if custom_op_bypass_ok(ctx) else _assemble_op(*args)
 
 
 __all__ = ["assemble_predictor_input"]

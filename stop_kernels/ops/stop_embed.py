@@ -27,6 +27,7 @@ Kernels (every block shape a constexpr):
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import functorch_transforming, on_device, sm_count, triton_interpreting
+from ..backends import custom_op_bypass_ok, functorch_transforming, on_device, sm_count, triton_interpreting
 from .. import reference
 from .philox import check_generator, draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -497,6 +498,7 @@ def _num_sms(device: torch.device) -> int:
     return sm_count(device, 2)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of the shape, called every backward (≈ 40 µs of Python)
 def _dw_splits(R: int, D: int, E4: int, sms: int, max_split: int = 16) -> int:
     """Row splits of the dW grid. Cost of s splits: waves × row blocks per program, at a nominal
     program of all of D (≤ 512) × 16 quarter columns × 64 rows and one program per SM (the dW configs'
@@ -577,14 +579,17 @@ def _out_dtype(weight: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, pos_embed.dtype)
 
 
-@torch.library.custom_op("stop_kernels::stop_embed", mutates_args=())
-def _stop_embed_op(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   seed: torch.Tensor, noise_std: float) -> torch.Tensor:
+def _stop_embed_fwd(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    seed: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """The forward launch (the body of the custom op and of the eager :class:`_StopEmbedFn`)."""
     D = weight.shape[0]
     out = torch.empty(idx.shape + (D,), dtype=_out_dtype(weight, pos_embed), device=weight.device)
     launch_project(out.view(1, idx.numel(), D), idx.reshape(-1), pos_embed, weight, bias,
                    seed=int(seed), noise_std=noise_std)
     return out
+
+
+_stop_embed_op = torch.library.custom_op("stop_kernels::stop_embed", _stop_embed_fwd, mutates_args=())
 
 
 @_stop_embed_op.register_fake
@@ -603,6 +608,15 @@ def _(grad, weight, seed, noise_std):
     return weight.new_empty(weight.shape, dtype=torch.float32)
 
 
+def noise_weight_grad_in_backward(grad: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
+                                  noise_std: float) -> torch.Tensor:
+    """:func:`noise_weight_grad` inside an op's backward: the custom op where the backward is traced
+    (torch.compile), the launcher itself in eager, without the dispatcher round trip."""
+    if custom_op_bypass_ok(grad):
+        return noise_weight_grad(grad, weight, int(seed), noise_std)
+    return _noise_weight_grad_op(grad, weight, seed, noise_std)
+
+
 def _stop_setup(ctx, inputs, output):
     pos_embed, idx, weight, bias, seed, noise_std = inputs
     ctx.save_for_backward(idx, weight, seed)
@@ -617,7 +631,7 @@ def _stop_backward(ctx, grad):
     g = grad.reshape(idx.numel(), D)  # (not -1: D may be 0)
     dpos = dweight = dbias = None
     if ctx.needs_input_grad[2]:
-        dweight = _noise_weight_grad_op(g.unsqueeze(0), weight, seed, ctx.noise_std).to(weight.dtype)
+        dweight = noise_weight_grad_in_backward(g.unsqueeze(0), weight, seed, ctx.noise_std).to(weight.dtype)
     if ctx.needs_input_grad[3]:
         dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     if ctx.needs_input_grad[0]:
@@ -627,6 +641,23 @@ def _stop_backward(ctx, grad):
 
 
 torch.library.register_autograd("stop_kernels::stop_embed", _stop_backward, setup_context=_stop_setup)
+
+
+class _StopEmbedFn(torch.autograd.Function):
+    """The custom op's forward, backward and saved state without the torch.library dispatch: what eager calls run
+    (:func:`stop_kernels.backends.custom_op_bypass_ok`); compiled and traced calls run the custom op. Same
+    kernels, same results, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out = _stop_embed_fwd(*inputs)
+        _stop_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable themselves
+    def backward(ctx, grad):
+        return _stop_backward(ctx, grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,7 +811,8 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         noise = philox_normal(int(seed), idx.numel(), E, sigma).to(device=weight.device, dtype=weight.dtype)
         b = bias.to(weight.dtype) if bias is not None else None
         return reference.stop_embed(pos_embed, idx, weight, b, noise.reshape(idx.shape + (E,)))
-    return _stop_embed_op(pos_embed, idx, weight, bias, seed, sigma)
+    args = (pos_embed, idx, weight, bias, seed, sigma)
+    return _StopEmbedFn.apply(*args) if custom_op_bypass_ok(weight) else _stop_embed_op(*args)
 
 
 __all__ = ["stop_embed", "launch_project", "launch_pos_noise", "noise_weight_grad", "scatter_rows",
