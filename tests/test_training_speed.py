@@ -14,7 +14,7 @@ from stop_kernels.ops import attention as A
 from stop_kernels.training import distributed as D
 from stop_kernels.training.config import CONFIG_DIR, ConfigError, TrainConfig, parse_config
 from stop_kernels.training.ema import ema_update
-from stop_kernels.training.loop import Trainer, check_masks, train
+from stop_kernels.training.loop import Trainer, build_models, check_masks, train
 
 from _train_helpers import TINY
 
@@ -97,7 +97,6 @@ def test_paper_recipes_compile_their_blocks():
 
 def test_compile_mode_reaches_torch_compile(monkeypatch):
     from stop_kernels.training import parallelize as par
-    from stop_kernels.training.loop import build_models
     seen = []
     monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
     cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", "max-autotune-no-cudagraphs"])
@@ -131,6 +130,24 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
         key = flags[0][2:].replace("-", "_")
         with pytest.raises(ConfigError, match=rf"^{key}: applies to compiled blocks only"):
             parse_config(["--model", "vit_tiny"] + flags)
+
+
+def test_cpp_wrapper_without_a_cpp_compiler_is_refused_at_set_up(monkeypatch):
+    """The C++ host code needs a C++ compiler; without one the blocks are not wrapped and the error names the key and
+    the way out, before any step (Inductor would fail inside the first one)."""
+    import torch._inductor.cpp_builder as cb
+    from torch._inductor.exc import InvalidCxxCompiler
+    from stop_kernels.training import parallelize as par
+    cfg = parse_config(["--model", "vit_tiny", "--compile", "--cpp-wrapper"])
+    models = build_models(cfg)
+    par.check_cpp_compiler()  # this machine has one (the CPU tests compile C++ host code)
+
+    def missing():
+        raise InvalidCxxCompiler()
+    monkeypatch.setattr(cb, "get_cpp_compiler", missing)
+    with pytest.raises(ConfigError, match=r"^cpp_wrapper: .*needs a C\+\+ compiler.*--cpp-wrapper false"):
+        par.parallelize(models, cfg, None, "fp32")
+    assert not any(isinstance(b, torch._dynamo.eval_frame.OptimizedModule) for b in models.encoder.blocks)
 
 
 def test_vit_h_recipe_turns_the_cpp_host_code_on_for_compiled_blocks_only():

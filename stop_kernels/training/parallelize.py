@@ -88,6 +88,8 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
     torch.compile takes either a mode or options, so with either switch the mode is passed as the
     options it stands for."""
     _raise_recompile_limit()
+    if cpp_wrapper:
+        check_cpp_compiler()
     kw = {"mode": None if mode == "default" else mode}
     switches = {k: True for k, on in (("combo_kernels", combo_kernels), ("cpp_wrapper", cpp_wrapper)) if on}
     if switches:
@@ -99,6 +101,21 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
         return
     for i, blk in enumerate(blocks):
         blocks[i] = torch.compile(blk, dynamic=dynamic, **kw)
+
+
+def check_cpp_compiler() -> None:
+    """``cpp_wrapper`` compiles each graph's host code with the system C++ compiler (Inductor's search: the one
+    ``$CXX`` names, else g++). Without one, the first step would fail deep inside Inductor after the models were
+    built; this refuses at set-up instead, by name (the ViT-H recipe turns the key on)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: Inductor reports a missing compiler itself at the first step
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:
+        raise ConfigError("cpp_wrapper: Inductor's C++ host code needs a C++ compiler (g++, or the one $CXX names) "
+                          f"and found none ({type(e).__name__}); install one, or pass --cpp-wrapper false") from None
 
 
 def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, **compile_kw) -> None:
