@@ -42,7 +42,8 @@
 #   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=120 SEC_ATTN=90 BUDGET_ATTN=75 \
 #        bash benchmarks/gpu_all.sh tests-new attn
 #      GPU unit tests of the paths only a GPU runs, the step levers' twins first (the C++ host code is a
-#      default now: its CUDA twin did not run in run 5, cut by the limit), then the attention per shape: the
+#      default now: its CUDA twin did not run in run 5, cut by the limit), the fused StoP ops' eager path
+#      against their custom op bit for bit (new: eager calls skip the dispatcher), then the attention per shape: the
 #      predictor's N = 116 and 150, then the encoder's 74 and 256 (never timed as GPU times yet), then the
 #      other lengths, then the forced configs.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:
@@ -126,8 +127,9 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
-           tests/test_philox.py tests/test_training_speed.py tests/test_attention.py tests/test_fast_path_loss_curve.py \
-           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda)" ;;
+           tests/test_philox.py tests/test_training_speed.py tests/test_stop_embed.py tests/test_predictor_input.py \
+           tests/test_attention.py tests/test_fast_path_loss_curve.py \
+           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
