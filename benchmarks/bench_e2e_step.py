@@ -7,6 +7,7 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``fast``: the Trainer's defaults (fused StoP input, attention "auto"; compiled, the ViT-H recipe's C++ host code);
 * ``fast_py``: ``fast`` with Inductor's Python host code (``cpp_wrapper`` off);
 * ``fast_stack``: ``fast_py`` with each model's block stack compiled as one graph (``compile_scope: stack``);
+* ``fast_unrolled``: ``fast`` with each model's block stack one graph of inlined blocks (``compile_scope: unrolled``);
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
 * ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks;
 * ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, bf16 residual stream, CUDA-graphed
@@ -14,8 +15,8 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except the paths with a
-lever of the compiled blocks that the path itself turns on (``fast_stack``'s compiled stacks, ``fast_levers``'
-combo kernels): the config refuses those on eager blocks, so they run compiled only (the recipe's C++ host code
+lever of the compiled blocks that the path itself turns on (``fast_stack``'s and ``fast_unrolled``'s compiled
+stacks, ``fast_levers``' combo kernels): the config refuses those on eager blocks, so they run compiled only (the recipe's C++ host code
 goes off with eager blocks). Each round is one
 optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
 runs once in the warm-up, so the rounds are the steady state (no first-time JIT or compile).

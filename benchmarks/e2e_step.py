@@ -22,6 +22,9 @@ mask batches:
   per ViT-H step) become one call per model pass. The other host lever, apart: Inductor's C++ host code
   cannot call the stack's nested block region (torch 2.14), so the config refuses the two together.
   Compiled only.
+* ``fast_unrolled``: ``fast`` with each model's block stack one graph of every block inlined (``compile_scope:
+  unrolled``): both host levers at once, the C++ host code included. It compiles for longer (≈ 2 s per block
+  forward+backward on this CPU, linear in the depth: minutes at ViT-H, once). Compiled only.
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced inside the compiled blocks
   (``attention=triton``: Inductor launches them itself, see ``stop_kernels.ops.attention``), the
   candidate for the next "auto" default; run it with ``--paths reference,fast,fast_triton``.
@@ -62,6 +65,7 @@ PATHS = {
     "fast": "attention=auto+input=auto",
     "fast_py": "attention=auto+input=auto+cppwrap=0",
     "fast_stack": "attention=auto+input=auto+scope=stack+cppwrap=0",
+    "fast_unrolled": "attention=auto+input=auto+scope=unrolled",
     "fast_triton": "attention=triton+input=auto",
     "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
     "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+bf16res=1+graph=1+overlap=1",

@@ -35,8 +35,11 @@
 #      recipe's C++ host code, SDPA); fast_mixed (fast + Inductor-launched Triton attention for the
 #      predictor's head dim 24: run 5 timed it 1.5-1.7x faster than cuDNN forward+backward there); fast_py
 #      (fast without the C++ host code: run 5's comparison again, the check of the default it set); fast_stack
-#      (one compiled graph per model's block stack, Python host code); fast_levers; fast_triton. At run 5's
-#      path times the limit holds the first three; give e2e a call of its own to reach the rest. If fast_mixed wins, set
+#      (one compiled graph per model's block stack, Python host code); fast_levers; fast_triton; fast_unrolled
+#      (the stack as one graph of inlined blocks with the C++ host code: both host levers; it compiles for
+#      minutes, so it is last). At run 5's path times the limit holds the first three; give e2e a call of its
+#      own to reach the rest: E2E_PATHS=reference,fast,fast_unrolled SEC_E2E=560 (timeout_s 580) measures the
+#      two host levers together against the default. If fast_mixed wins, set
 #      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"} (stop_kernels/ops/attention.py).
 #      If fast_stack beats fast, the stack is the better host lever: weigh making it the recipe's.
 #   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=120 SEC_ATTN=90 BUDGET_ATTN=75 \
@@ -53,7 +56,8 @@
 #   README's table markers at the new files and run `python benchmarks/readme_tables.py --write`.
 #   Later session: SEC_PROFILE=500 PROFILE_BASE=<the e2e winner's keys> bash benchmarks/gpu_all.sh profile
 #   (the step levers on top of the winning path, whose base has the ViT-H recipe's C++ host code: cppwrap=0
-#   (Python host code), scope=stack+cppwrap=0 (one compiled graph per model's block stack), graph=1 (CUDA-graphed target), overlap=1 (target on a
+#   (Python host code), scope=stack+cppwrap=0 (one compiled graph per model's block stack), scope=unrolled
+#   (the stack inlined into one graph, with the C++ host code), graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
 #   bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
@@ -139,14 +143,14 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_mixed,fast_py,fast_stack,fast_levers,fast_triton} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast,fast_mixed,fast_py,fast_stack,fast_levers,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

@@ -6,7 +6,8 @@ A stack of ``--depth`` tiny transformer blocks (``--width``, 2 heads, 2 sequence
 shapes) runs forward+backward on fresh inputs; at these sizes the time is the host's: Dynamo's guard checks,
 AOTAutograd's wrappers, Inductor's host code, the autograd engine. Set-ups: eager, one compiled graph per
 block (``compile_scope: block``, the default), the same with Inductor's C++ host code (``cpp_wrapper``), one
-graph per stack (``compile_scope: stack``), and the stack with the C++ host code (which torch refuses).
+graph per stack (``compile_scope: stack``), the stack with the C++ host code (which torch refuses), and the
+stack unrolled into one graph (``compile_scope: unrolled``), with and without the C++ host code.
 
     python benchmarks/host_overhead.py [--device cpu] [--depth 32] [--passes 30] [--out DIR]
 
@@ -37,6 +38,8 @@ SETUPS = {  # name -> apply_compile arguments (None: eager)
     "block + C++ host code": dict(scope="block", cpp_wrapper=True),
     "stack": dict(scope="stack"),
     "stack + C++ host code": dict(scope="stack", cpp_wrapper=True),
+    "unrolled stack": dict(scope="unrolled"),
+    "unrolled stack + C++ host code": dict(scope="unrolled", cpp_wrapper=True),
 }
 
 

@@ -115,7 +115,8 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # run eagerly (--no-compile), fast_stack's compiled stacks and fast_levers' combo kernels have nothing to act
     # on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
     # the Trainer, test_training_speed), the others run
-    assert list(errors) == ["fast_stack", "fast_levers"], errors
+    assert list(errors) == ["fast_stack", "fast_unrolled", "fast_levers"], errors
+    assert errors["fast_unrolled"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_stack"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
     res = [r for r in res if "error" not in r]
@@ -341,6 +342,7 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
             v, cfg = _cfg(spec)
             assert cfg.compile, spec
     assert "pyhost:$PB+cppwrap=0" in specs and "stack:$PB+scope=stack+cppwrap=0" in specs
+    assert "unrolled:$PB+scope=unrolled" in specs
 
 
 def test_profile_report_reads_each_category_against_its_floor(capsys):
@@ -427,7 +429,7 @@ def test_e2e_paths_turn_on_their_levers():
     C++ host code of the ViT-H recipe everywhere but in the reference, fast_py and fast_stack."""
     levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
-            "fast_stack": ("auto", "auto", ""),
+            "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_mixed": ("auto", "auto", "compiled:24=triton"),
             "fast_levers": ("auto", "auto", "compiled:24=triton")}
     assert set(e2e_step.PATHS) == set(want)
@@ -436,7 +438,7 @@ def test_e2e_paths_turn_on_their_levers():
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
         on = [name == "fast_levers"] * 4 + [name not in ("reference", "fast_py", "fast_stack")]
         assert [getattr(cfg, k) for k in levers] == on, name
-        assert cfg.compile_scope == ("stack" if name == "fast_stack" else "block"), name
+        assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled"}.get(name, "block"), name
 
 
 def test_every_bench_e2e_step_case_is_a_valid_config():

@@ -394,13 +394,15 @@ def test_a_resumed_log_keeps_only_the_steps_before_the_resume_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# compile_scope: stack — a model's whole block stack as one compiled graph
+# compile_scope: stack / unrolled — a model's whole block stack as one compiled graph
 # ------------------------------------------------------------------------------------------
-def test_compile_scope_stack_compiles_a_models_blocks_as_one_graph_equal_to_eager():
-    """``compile_scope: stack`` (training.parallelize.compile_stack): an encoder's block stack is one
-    compiled graph, the block a nested region (compiled once, not unrolled), traced without a graph
-    break, for every context length (dynamic) — and gives the eager model's output and gradients on
-    fresh inputs. The parameter names (checkpoints, the EMA pairing) do not change."""
+@pytest.mark.parametrize("scope,cpp_wrapper", [("stack", False), ("unrolled", False), ("unrolled", True)])
+def test_compile_scope_stack_compiles_a_models_blocks_as_one_graph_equal_to_eager(scope, cpp_wrapper):
+    """``compile_scope: stack`` / ``unrolled`` (training.parallelize.compile_stack): an encoder's block stack is
+    one compiled graph (``stack``: the block a nested region, compiled once; ``unrolled``: every block inlined, also
+    with Inductor's C++ host code), traced without a graph break, for every context length (dynamic), and gives
+    the eager model's output and gradients on fresh inputs. The parameter names (checkpoints, the EMA pairing)
+    do not change."""
     from torch._dynamo.utils import counters
 
     from stop_kernels.models.vit import VisionTransformer
@@ -410,7 +412,7 @@ def test_compile_scope_stack_compiles_a_models_blocks_as_one_graph_equal_to_eage
     ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=3, num_heads=4)
     ref.load_state_dict(model.state_dict())
     counters.clear()
-    apply_compile(model, dynamic=True, scope="stack")
+    apply_compile(model, dynamic=True, scope=scope, cpp_wrapper=cpp_wrapper)
     assert list(model.state_dict()) == list(ref.state_dict())
     assert all(type(b) is type(r) for b, r in zip(model.blocks, ref.blocks))  # the blocks themselves stay eager
     runs, run = [], model.blocks.compiled_run
@@ -441,41 +443,49 @@ def test_compile_scope_is_refused_where_it_cannot_apply(tmp_path, cpu_train, mon
     assert TrainConfig().compile_scope == "block"
     with pytest.raises(ConfigError, match=r"^compile_scope: applies to compiled blocks only"):
         parse_config(["--model", "vit_tiny", "--compile-scope", "stack"])
-    with pytest.raises(ConfigError, match=r"^compile_scope: 'stack' runs each block's forward inside one compiled"):
-        parse_config(["--model", "vit_tiny", "--compile", "--compile-scope", "stack", "--ac", "block"])
+    for scope in ("stack", "unrolled"):
+        with pytest.raises(ConfigError, match=rf"^compile_scope: '{scope}' runs each block's forward inside one compiled"):
+            parse_config(["--model", "vit_tiny", "--compile", "--compile-scope", scope, "--ac", "block"])
     with pytest.raises(ConfigError, match=r"^compile_scope: expected one of"):
         parse_config(["--model", "vit_tiny", "--compile", "--compile-scope", "model"])
     # Inductor's C++ host code has no call for the nested block region (torch 2.14: NotImplementedError at the
     # first step's compile); refused together, each alone is fine
     with pytest.raises(ConfigError, match=r"^cpp_wrapper: Inductor's C\+\+ host code cannot call the nested block"):
         parse_config(["--model", "vit_tiny", "--compile", "--compile-scope", "stack", "--cpp-wrapper"])
+    # the unrolled stack has no nested region: it takes the C++ host code (the ViT-H recipe's default)
+    assert parse_config(["--model", "vit_h", "--compile-scope", "unrolled"]).cpp_wrapper
     cfg = tiny(tmp_path, compile=True, compile_scope="stack")
     assert "compiled block stacks" in describe(cfg, None, "fp32")
+    assert "compiled block stacks (unrolled)" in describe(tiny(tmp_path, compile=True, compile_scope="unrolled"),
+                                                          None, "fp32")
     monkeypatch.setattr(D, "build_mesh", lambda sharding, info: object())  # as with FSDP2 on several ranks
-    with pytest.raises(ConfigError, match=r"^compile_scope: 'stack' calls the blocks' forwards .* got sharding"):
-        Trainer(cfg, D.init_distributed(cfg), None)
+    for scope in ("stack", "unrolled"):
+        cfg = tiny(tmp_path, compile=True, compile_scope=scope)
+        with pytest.raises(ConfigError, match=rf"^compile_scope: '{scope}' calls the blocks' forwards .* got sharding"):
+            Trainer(cfg, D.init_distributed(cfg), None)
 
 
+@pytest.mark.parametrize("scope", ["stack", "unrolled"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the GPU twin: Triton attention and bf16 inside the stacks"))])
-def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, cpu_train, device):
+def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, cpu_train, device, scope):
     """Trainer steps with every model's block stack compiled as one graph (encoder, predictor, target
     encoder; the context and target lengths change per batch) give the losses of eager blocks: fp32 on
     the CPU (1e-5), bf16 autocast on a GPU (1e-3)."""
     from stop_kernels.training.loop import synthetic_batches
     losses = {}
-    for scope in ("eager", "stack"):
-        over = dict(compile=True, compile_scope="stack") if scope == "stack" else {}
-        cfg = TrainConfig(**dict(TINY, out=str(tmp_path / scope), seed=3, device=device, **over))
+    for run in ("eager", scope):
+        over = dict(compile=True, compile_scope=scope) if run == scope else {}
+        cfg = TrainConfig(**dict(TINY, out=str(tmp_path / run), seed=3, device=device, **over))
         tr = Trainer(cfg, D.init_distributed(cfg), None)
         batches = synthetic_batches(cfg, 2, cfg.batch_size, torch.device(device), seed=4)
         torch.manual_seed(7)
         sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-        losses[scope] = [float(tr.step(*batches[i % 2], sched)[0]) for i in range(3)]
-        if scope == "stack":
+        losses[run] = [float(tr.step(*batches[i % 2], sched)[0]) for i in range(3)]
+        if run == scope:
             assert all(callable(getattr(m, name).compiled_run) for m, name in (
                 (tr.models.encoder, "blocks"), (tr.models.predictor, "predictor_blocks"),
                 (tr.models.target_encoder, "blocks")))
     tol = 1e-5 if device == "cpu" else 1e-3
-    for a, b in zip(losses["stack"], losses["eager"]):
+    for a, b in zip(losses[scope], losses["eager"]):
         assert abs(a - b) <= tol * abs(b), losses

@@ -56,7 +56,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "compile_mode": ("default", "max-autotune-no-cudagraphs"),
     # what one compiled graph holds: one block (its call per block), or a model's whole block stack (one call
     # per model pass, the block compiled once as a nested region; one process without FSDP, no AC)
-    "compile_scope": ("block", "stack"),
+    "compile_scope": ("block", "stack", "unrolled"),
 }
 
 
@@ -110,7 +110,7 @@ class TrainConfig:
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
     compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
-    compile_scope: str = "block"       # one compiled graph per block | per model's block stack (no FSDP, no AC)
+    compile_scope: str = "block"       # one compiled graph per block | per block stack: stack, unrolled (no FSDP, AC)
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
     cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
     bf16_residual: bool = False        # keep the blocks' residual stream in bf16 under autocast (models.vit.run_blocks)
@@ -290,9 +290,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("cpp_wrapper: Inductor's C++ host code cannot call the nested block region of "
                           "compile_scope 'stack'; use one of the two (--cpp-wrapper false turns the C++ host code "
                           "off, which the ViT-H recipe turns on)")
-    if cfg.compile_scope == "stack" and cfg.ac != "none":
-        raise ConfigError("compile_scope: 'stack' runs each block's forward inside one compiled graph, where the "
-                          f"activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
+    if cfg.compile_scope != "block" and cfg.ac != "none":
+        raise ConfigError(f"compile_scope: {cfg.compile_scope!r} runs each block's forward inside one compiled graph, "
+                          f"where the activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"img_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.img_size}")
     lo, hi = cfg.crop_scale

@@ -235,8 +235,8 @@ class Trainer:
             _print(init_weights_from(models, cfg), info, stream)
         self.n_params = count_parameters([models.encoder, models.predictor])
         self.mesh = D.build_mesh(self.sharding, info)
-        if cfg.compile and cfg.compile_scope == "stack" and self.mesh is not None:
-            raise ConfigError(f"compile_scope: 'stack' calls the blocks' forwards inside one compiled graph, without "
+        if cfg.compile and cfg.compile_scope != "block" and self.mesh is not None:
+            raise ConfigError(f"compile_scope: {cfg.compile_scope!r} calls the blocks' forwards inside one compiled graph, without "
                               f"the per-block hooks FSDP2 gathers the parameters in; use sharding none (one "
                               f"process) or compile_scope block, got sharding {self.sharding!r}")
         self.models = parallelize(models, cfg, self.mesh, self.precision)

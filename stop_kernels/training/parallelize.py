@@ -8,8 +8,8 @@ For each of the context encoder, the predictor and the target encoder:
 2. ``compile=True`` replaces every block by ``torch.compile(block)`` (one compiled graph per block
    kind and grad mode, reused by all blocks of a model: three graphs in all; the encoder's and the
    predictor's with dynamic shapes, since their sequence lengths change every batch, the target
-   encoder's static); with ``compile_scope="stack"`` each model's block loop is one compiled graph
-   instead (:func:`compile_stack`; one process, no FSDP, no AC);
+   encoder's static); with ``compile_scope="stack"`` or ``"unrolled"`` each model's block loop is one
+   compiled graph instead (:func:`compile_stack`; one process, no FSDP, no AC);
 3. FSDP2 ``fully_shard`` on every block, then on the model root, with a mixed-precision policy of
    bf16 parameters (gathered once per unshard) and fp32 gradient reduction; the sharded fp32 master
    weights and the optimizer state stay fp32.
@@ -77,7 +77,7 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
     """``torch.compile`` every block (in place in its ModuleList) in Inductor ``mode``; FSDP2 hooks stay
     outside the graphs.
 
-    ``scope="stack"``: one compiled graph for the whole block stack instead (:func:`compile_stack`).
+    ``scope="stack"`` / ``"unrolled"``: one compiled graph for the whole block stack instead (:func:`compile_stack`).
 
     ``combo_kernels``: Inductor's horizontal fusion, which launches independent small kernels together
     (a block's bf16 casts of its weights: 13 → 7 Triton launches per block forward with torch 2.11,
@@ -96,8 +96,8 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
         from torch._inductor import list_mode_options
         kw = {"options": {**list_mode_options(mode, dynamic), **switches}}
     blocks = block_list(model)
-    if scope == "stack":
-        compile_stack(blocks, dynamic, **kw)
+    if scope != "block":
+        compile_stack(blocks, dynamic, nested=scope == "stack", **kw)
         return
     for i, blk in enumerate(blocks):
         blocks[i] = torch.compile(blk, dynamic=dynamic, **kw)
@@ -118,25 +118,31 @@ def check_cpp_compiler() -> None:
                           f"and found none ({type(e).__name__}); install one, or pass --cpp-wrapper false") from None
 
 
-def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, **compile_kw) -> None:
-    """One compiled graph for ``blocks`` run in order (config key ``compile_scope: stack``), set as
+def compile_stack(blocks: nn.ModuleList, dynamic: Optional[bool] = None, nested: bool = True, **compile_kw) -> None:
+    """One compiled graph for ``blocks`` run in order (config key ``compile_scope: stack`` or ``unrolled``), set as
     ``blocks.compiled_run``, which :func:`stop_kernels.models.vit.run_blocks` calls instead of its loop.
 
     With one compiled graph per block, every block call of a step pays Dynamo's guard check and
     AOTAutograd's wrapper on the host, forward and backward (ViT-H: 76 forward and 44 backward calls per
-    step); with the stack compiled, each model pass pays them once. The block's forward is a nested
-    compile region, so Inductor compiles it once and the stack calls it per block, instead of unrolling
-    32 copies. The blocks' forwards are called directly, without their module hooks: no FSDP (its
-    all-gathers are block hooks) and no per-block activation checkpointing; the Trainer and the config
-    refuse those. Python floats (the blocks' scales and LayerNorm eps) are specialised while the stack is
-    traced: as symbolic floats they break the region's graph (torch 2.14)."""
-    if not hasattr(torch.compiler, "nested_compile_region"):
+    step); with the stack compiled, each model pass pays them once.
+    - ``nested`` (``stack``): the block's forward is a nested compile region, so Inductor compiles it once
+      and the stack calls it per block. Inductor's C++ host code cannot call such a region (torch 2.14).
+    - not ``nested`` (``unrolled``): every block's forward is inlined into one graph, 32 copies at ViT-H. It
+      compiles for longer (the kernels are shared: same source), and the C++ host code can run it.
+
+    The blocks' forwards are called directly, without their module hooks: no FSDP (its all-gathers are block
+    hooks) and no per-block activation checkpointing; the Trainer and the config refuse those. Python floats
+    (the blocks' scales and LayerNorm eps) are specialised while the stack is traced: as symbolic floats they
+    break the region's graph (torch 2.14)."""
+    scope = "stack" if nested else "unrolled"
+    if nested and not hasattr(torch.compiler, "nested_compile_region"):
         raise ConfigError(f"compile_scope: 'stack' needs torch.compiler.nested_compile_region, which torch "
-                          f"{torch.__version__} lacks; use compile_scope block")
+                          f"{torch.__version__} lacks; use compile_scope unrolled or block")
     kinds = {type(b) for b in blocks}
     if len(kinds) != 1:
-        raise ValueError(f"compile_scope: 'stack' needs blocks of one class, got {sorted(k.__name__ for k in kinds)}")
-    region = torch.compiler.nested_compile_region(kinds.pop().forward)
+        raise ValueError(f"compile_scope: {scope!r} needs blocks of one class, got {sorted(k.__name__ for k in kinds)}")
+    forward = kinds.pop().forward
+    region = torch.compiler.nested_compile_region(forward) if nested else forward
 
     def run(x, *args):
         for blk in blocks:
@@ -239,7 +245,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
         extra = [m for m in (cfg.compile_mode if cfg.compile_mode != "default" else "",
                              "combo kernels" if cfg.combo_kernels else "",
                              "C++ host code" if cfg.cpp_wrapper else "") if m]
-        what = "compiled block stacks" if cfg.compile_scope == "stack" else "compiled blocks"
+        what = {"stack": "compiled block stacks", "unrolled": "compiled block stacks (unrolled)"}.get(cfg.compile_scope,
+                                                                                                   "compiled blocks")
         parts.append(what + (f" ({', '.join(extra)})" if extra else ""))
     if cfg.bf16_residual:
         parts.append("bf16 residual stream")
