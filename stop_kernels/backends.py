@@ -47,6 +47,21 @@ def custom_op_bypass_ok(t) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
 
 
+def eager_twin(name: str, forward, setup_context, backward) -> type:
+    """A plain ``torch.autograd.Function`` named ``name`` that runs a custom op's implementation ``forward(*inputs)``,
+    its ``setup_context(ctx, inputs, output)`` and its registered ``backward(ctx, grad)`` without the torch.library
+    dispatch: what an op's eager calls take when :func:`custom_op_bypass_ok` allows (same kernels, same results).
+    The backward is once-differentiable: the kernels' gradients are not differentiable themselves."""
+    def fwd(ctx, *inputs):
+        out = forward(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"Eager twin of a custom op: {forward.__name__} with its saved state and backward.",
+        "forward": staticmethod(fwd),
+        "backward": staticmethod(torch.autograd.function.once_differentiable(backward))})
+
+
 def vmap_randomness_different() -> bool:
     """Whether a ``torch.func.vmap(..., randomness="different")`` is running, at any level of nested
     transforms (read from functorch's interpreter stack, as vmap itself does; checked with torch 2.11 and 2.14).

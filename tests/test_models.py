@@ -518,7 +518,7 @@ def test_cuda_input_backend_runs_the_other_noise_modes_as_auto(count_calls):
         torch.manual_seed(0)
         pred = vit_predictor(num_patches=16, embed_dim=32, num_heads=4, predictor_embed_dim=16, depth=1,
                              noise_mode="isotropic", input_backend=backend)
-        calls = count_calls(predictor_input, "_assemble")  # the fused launches, on either path
+        calls = count_calls(predictor_input, "launch_pos_noise")  # the fused assembly's isotropic rows, either path
         out[backend] = pred.assemble(x, [ctx], tgt, generator=torch.Generator().manual_seed(9))
         assert len(calls) == 1, backend
     torch.testing.assert_close(out["cuda"], out["auto"], rtol=0, atol=0)

@@ -24,7 +24,7 @@ import torch
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import custom_op_bypass_ok
+from ..backends import custom_op_bypass_ok, eager_twin
 from .philox import check_generator, draw_seed, philox_normal
 from .stop_embed import (BACKENDS, _out_dtype, autocast_dtype, check_backend, launch_pos_noise, launch_project,
                          noise_weight_grad_in_backward, scatter_rows)
@@ -42,7 +42,7 @@ def _views(out: torch.Tensor, npred: int, B: int, Nc: int, Nt: int):
 def _assemble(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor], pos_embed: torch.Tensor, mask_token: Optional[torch.Tensor],
               seed: torch.Tensor, noise_mode: str, noise_std: float) -> torch.Tensor:
-    """The forward launches (the body of the custom op and of the eager :class:`_AssembleFn`)."""
+    """The forward launches (the body of the custom op and of its eager twin ``_AssembleFn``)."""
     npred, B, Nt = tgt_idx.shape
     Nc, E = ctx.shape[1:]
     D = weight.shape[0]
@@ -118,21 +118,8 @@ torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assem
                                 setup_context=_assemble_setup)
 
 
-class _AssembleFn(torch.autograd.Function):
-    """The custom op's forward, backward and saved state without the torch.library dispatch: what eager calls run
-    (:func:`stop_kernels.backends.custom_op_bypass_ok`); compiled and traced calls run the custom op. Same
-    kernels, same results, bit for bit."""
-
-    @staticmethod
-    def forward(fctx, *inputs):
-        out = _assemble(*inputs)
-        _assemble_setup(fctx, inputs, out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable themselves
-    def backward(fctx, grad):
-        return _assemble_backward(fctx, grad)
+# eager calls (custom_op_bypass_ok) run this twin of the custom op: no torch.library dispatch, bit for bit the same
+_AssembleFn = eager_twin("_AssembleFn", _assemble, _assemble_setup, _assemble_backward)
 
 
 def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import custom_op_bypass_ok, functorch_transforming, on_device, sm_count, triton_interpreting
+from ..backends import (custom_op_bypass_ok, eager_twin, functorch_transforming, on_device, sm_count,
+                        triton_interpreting)
 from .. import reference
 from .philox import check_generator, draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -581,7 +582,7 @@ def _out_dtype(weight: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
 
 def _stop_embed_fwd(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     seed: torch.Tensor, noise_std: float) -> torch.Tensor:
-    """The forward launch (the body of the custom op and of the eager :class:`_StopEmbedFn`)."""
+    """The forward launch (the body of the custom op and of its eager twin ``_StopEmbedFn``)."""
     D = weight.shape[0]
     out = torch.empty(idx.shape + (D,), dtype=_out_dtype(weight, pos_embed), device=weight.device)
     launch_project(out.view(1, idx.numel(), D), idx.reshape(-1), pos_embed, weight, bias,
@@ -643,21 +644,8 @@ def _stop_backward(ctx, grad):
 torch.library.register_autograd("stop_kernels::stop_embed", _stop_backward, setup_context=_stop_setup)
 
 
-class _StopEmbedFn(torch.autograd.Function):
-    """The custom op's forward, backward and saved state without the torch.library dispatch: what eager calls run
-    (:func:`stop_kernels.backends.custom_op_bypass_ok`); compiled and traced calls run the custom op. Same
-    kernels, same results, bit for bit."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = _stop_embed_fwd(*inputs)
-        _stop_setup(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable themselves
-    def backward(ctx, grad):
-        return _stop_backward(ctx, grad)
+# eager calls (custom_op_bypass_ok) run this twin of the custom op: no torch.library dispatch, bit for bit the same
+_StopEmbedFn = eager_twin("_StopEmbedFn", _stop_embed_fwd, _stop_setup, _stop_backward)
 
 
 # ----------------------------------------------------------------------------------------------
