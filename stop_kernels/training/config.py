@@ -54,8 +54,9 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     # torch.compile modes for the blocks; "max-autotune-no-cudagraphs" lets Inductor time Triton GEMM
     # templates against cuBLAS and fuse epilogues (bias + GELU) into them, at minutes of compile time
     "compile_mode": ("default", "max-autotune-no-cudagraphs"),
-    # what one compiled graph holds: one block (its call per block), or a model's whole block stack (one call
-    # per model pass, the block compiled once as a nested region; one process without FSDP, no AC)
+    # what one compiled graph holds: one block (a call per block), or a model's whole block stack (one call per
+    # model pass; one process without FSDP, no AC): "stack" with the block a nested region compiled once,
+    # "unrolled" with every block inlined (longer to compile; the only stack the C++ host code can run)
     "compile_scope": ("block", "stack", "unrolled"),
 }
 
@@ -142,10 +143,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# the settings of the compiled blocks, each with its "off" value: refused without `compile` when the command line sets
+# the settings of the compiled blocks, "off" at their defaults: refused without `compile` when the command line sets
 # them; a recipe's or a --config file's follow its `compile` (parse_config)
-COMPILED_BLOCK_SETTINGS: Dict[str, Any] = {"compile_mode": "default", "combo_kernels": False, "cpp_wrapper": False,
-                                           "compile_scope": "block"}
+COMPILED_BLOCK_SETTINGS: Tuple[str, ...] = ("compile_mode", "combo_kernels", "cpp_wrapper", "compile_scope")
 
 
 def _field_types() -> Dict[str, Any]:
@@ -282,8 +282,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("ema_start", "ema_end"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise ConfigError(f"{key}: expected a value in [0, 1], got {getattr(cfg, key)!r}")
-    for key, off in COMPILED_BLOCK_SETTINGS.items():
-        if getattr(cfg, key) != off and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
+    for key in COMPILED_BLOCK_SETTINGS:
+        if getattr(cfg, key) != getattr(TrainConfig, key) and not cfg.compile:  # a setting of the compiled blocks would silently do nothing
             raise ConfigError(f"{key}: applies to compiled blocks only; add --compile (or drop {key})")
     if cfg.compile_scope == "stack" and cfg.cpp_wrapper:  # torch 2.14: "codegen invoke_subgraph is not implemented
         # for cpp wrapper", raised when the first step compiles
