@@ -63,6 +63,9 @@ CATEGORIES = [
     # the fused StoP input: CUDA C++ stop_embed_* kernels, the Triton _project/_noise_weight_grad/_pos_noise
     # ones (before attention, whose "_fwd_kernel" also matches stop_embed_fwd_kernel)
     ("stop_input", r"stop_embed|stop_noise|predictor_input|_ctx_|philox|_project_kernel|_noise_weight_grad|_pos_noise"),
+    # cuDNN's convolution kernels (the patch embedding before it became a GEMM, run 5: 1.19 ms per step),
+    # before attention, whose "cudnn" matches them too; not "conv" alone (Inductor's convert_element_type)
+    ("conv", r"cutlass\w*(fprop|dgrad|wgrad)|implicit_gemm|convolution|conv2d|nchwToNhwc|nhwcToNchw"),
     ("attention", r"attn|flash|fmha|cudnn|sdpa|_fwd_kernel|_bwd_kernel|softmax"),
     ("matmul", r"gemm|xmma|cutlass|nvjet|sm90_|wgmma|matmul|_mm_"),
     ("layernorm", r"layer_norm|layernorm|LayerNorm"),

@@ -96,6 +96,12 @@ def test_profile_categories_name_the_projects_kernels():
         assert profile_step.category(name) == "stop_input", name
     for name in ("_attn_fwd_kernel", "_attn_bwd_fused_kernel", "cudnn_generated_fort_native_sdpa_sm90"):
         assert profile_step.category(name) == "attention", name
+    # run 5 counted the patch embedding's cuDNN convolution as attention (its name holds "cudnn")
+    conv = ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_128x128_32x5_nhwc_"
+            "align8>(cutl")
+    assert profile_step.category(conv) == "conv"
+    assert profile_step.category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert profile_step.category("triton_poi_fused_convert_element_type_3") == "elementwise"
 
 
 def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):

@@ -522,3 +522,30 @@ def test_cuda_input_backend_runs_the_other_noise_modes_as_auto(count_calls):
         out[backend] = pred.assemble(x, [ctx], tgt, generator=torch.Generator().manual_seed(9))
         assert len(calls) == 1, backend
     torch.testing.assert_close(out["cuda"], out["auto"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("patch,chans,img", [(14, 3, 28), (16, 1, 32), (5, 2, 15)])
+def test_patch_embed_is_the_strided_convolution(patch, chans, img):
+    """The patch embedding's GEMM (with K padded to a multiple of 8 where C·p·p is not one: 588, 25·2) equals
+    the official strided convolution in float64, forward and the kernel's and bias's gradients, on random
+    weights, bias and a channels-last image; under bf16 autocast it returns bf16 within bf16 rounding of it."""
+    from stop_kernels.models.vit import PatchEmbed
+    torch.manual_seed(patch)
+    pe = PatchEmbed(img, patch, chans, 24).double()
+    with torch.no_grad():
+        pe.proj.bias.normal_()
+    x = torch.randn(3, chans, img, img, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = pe(x)
+    ref = torch.nn.functional.conv2d(x, pe.proj.weight, pe.proj.bias, stride=patch).flatten(2).transpose(1, 2)
+    assert y.shape == (3, (img // patch) ** 2, 24)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [pe.proj.weight, pe.proj.bias], g)
+    want = torch.autograd.grad(ref, [pe.proj.weight, pe.proj.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    pe = pe.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = pe(x.float())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -69,7 +69,15 @@ def grid_size(img_size: int, patch_size: int, *, name: str = "img_size") -> int:
 # building blocks
 # ----------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
-    """Image ``[B, C, H, W]`` → patch tokens ``[B, (H/p)·(W/p), E]`` by a strided convolution."""
+    """Image ``[B, C, H, W]`` → patch tokens ``[B, (H/p)·(W/p), E]``: y = patches(x)·Wᵀ + b.
+
+    The patches do not overlap (kernel = stride = p), so the strided convolution of the official code is a
+    matrix product: each token is the ``C·p·p`` pixels of its patch in (c, i, j) order times the flattened
+    ``[E, C, p, p]`` kernel. Computed that way it runs as one GEMM over ``[B·N, C·p·p]``; cuDNN's
+    convolution took 0.59 ms per call at ViT-H/14, batch 64, on an H200 (GPU run 5), ≈ 17× the time of its
+    24.7 GFLOP at the card's matmul rate. The kernel stays an ``nn.Conv2d`` so the parameter names, shapes
+    and initialisation are the official ones (checkpoints load unchanged); only its forward is not called.
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
@@ -78,7 +86,20 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        B, C, H, W = x.shape
+        p = self.patch_size
+        gh, gw = H // p, W // p
+        k = C * p * p
+        # K padded with zeros to a multiple of 8 (p = 14: 588 → 592) so the bf16 rows are 16-byte aligned,
+        # as cuBLAS's TMA kernels need; one copy gathers the patches (and casts them, under autocast)
+        pad = -k % 8
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        patches = x.new_empty(B, gh * gw, k + pad, dtype=dt)
+        if pad:
+            patches[..., k:].zero_()
+        patches[..., :k].view(B, gh, gw, C, p, p).copy_(x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+        weight = nn.functional.pad(self.proj.weight.flatten(1), (0, pad))
+        return nn.functional.linear(patches, weight, self.proj.bias)
 
 
 class MLP(nn.Module):
