@@ -10,13 +10,13 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``fast_unrolled``: ``fast`` with each model's block stack one graph of inlined blocks (``compile_scope: unrolled``);
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
 * ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks;
-* ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, bf16 residual stream, CUDA-graphed
-  target encoder on a second stream).
+* ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, multi-kernel reductions, bf16
+  residual stream, CUDA-graphed target encoder on a second stream).
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except the paths with a
 lever of the compiled blocks that the path itself turns on (``fast_stack``'s and ``fast_unrolled``'s compiled
-stacks, ``fast_levers``' combo kernels): the config refuses those on eager blocks, so they run compiled only (the recipe's C++ host code
+stacks, ``fast_levers``' combo kernels and multi-kernel reductions): the config refuses those on eager blocks, so they run compiled only (the recipe's C++ host code
 goes off with eager blocks). Each round is one
 optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
 runs once in the warm-up, so the rounds are the steady state (no first-time JIT or compile).
@@ -42,7 +42,7 @@ POOL = 6
 def _compiled_only(path: str) -> bool:
     """A path with a lever that "applies to compiled blocks only" (the config's ConfigError on eager blocks)."""
     v = parse_variant(f"{path}:{PATHS[path]}")
-    return v["combo"] == "1" or v["cppwrap"] == "1" or v["scope"] != "block"
+    return "1" in (v["combo"], v["cppwrap"], v["mk"]) or v["scope"] != "block"
 
 
 COMPILED_ONLY = tuple(p for p in PATHS if _compiled_only(p))

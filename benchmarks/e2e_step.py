@@ -34,9 +34,10 @@ mask batches:
   the predictor's N = 100–160; run 2 measured them slower at the encoder's shapes (before the head-dim
   split), so this is the likeliest winner of the three.
 * ``fast_levers``: ``fast_mixed`` with the step levers that are opt-in until measured, all at once:
-  combo kernels (a block's weight casts share launches), the residual stream in bf16, the target
-  encoder replayed from a CUDA graph and run on a second stream (``combo_kernels``,
-  ``bf16_residual``, ``cuda_graph_target``, ``overlap_target``). Their sum in one path of the first
+  combo kernels (a block's weight casts share launches), multi-kernel reductions (ViT-H's LayerNorms
+  one-pass where that is faster), the residual stream in bf16, the target encoder replayed from a CUDA
+  graph and run on a second stream (``combo_kernels``, ``multi_kernel``, ``bf16_residual``,
+  ``cuda_graph_target``, ``overlap_target``). Their sum in one path of the first
   GPU run; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by lever. CUDA only: on the CPU the
   path reports the trainer's refusal.
 
@@ -68,7 +69,7 @@ PATHS = {
     "fast_unrolled": "attention=auto+input=auto+scope=unrolled",
     "fast_triton": "attention=triton+input=auto",
     "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
-    "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+bf16res=1+graph=1+overlap=1",
+    "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
 }
 
 

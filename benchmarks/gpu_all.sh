@@ -59,7 +59,7 @@
 #   (Python host code), scope=stack+cppwrap=0 (one compiled graph per model's block stack), scope=unrolled
 #   (the stack inlined into one graph, with the C++ host code), graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
-#   bf16res=1 (the blocks' residual stream in bf16),
+#   mk=1 (Inductor's multi-kernel reductions: ViT-H's LayerNorms one-pass where faster), bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
 #   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
@@ -143,7 +143,7 @@ for s in $SECTIONS; do
            --out "$RES/train-eager" ;;
     profile) PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,mk:$PB+mk=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the

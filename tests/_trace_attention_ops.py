@@ -14,6 +14,7 @@ CUDA tensors.
 """
 import json
 import os
+import re
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions: the objects Inductor traces
@@ -181,14 +182,19 @@ def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None, cpp_wrappe
 
 def _capture_wrapper_code(codes):
     """Make Inductor stop once a graph's host code exists, appending its ``call`` function to
-    ``codes`` (with ``cpp_wrapper``: the whole C++ source); returns the function that restores Inductor."""
+    ``codes`` (with ``cpp_wrapper``: the whole C++ source); returns the function that restores Inductor.
+    The ``call`` function comes after the definitions of the multi-kernels it calls (``multi_kernel_<i> =
+    async_compile.multi_kernel(...)``, the kernels each chooses from), where the config makes any."""
     from torch._inductor import graph as ind_graph
 
     def stop_after_codegen(self):
         code = self.codegen_with_cpp_wrapper() if self.cpp_wrapper else self.codegen()
         code = code[0] if isinstance(code, tuple) else code
         code = getattr(code, "value", code)
-        codes.append(code if self.cpp_wrapper else code[code.index("def call(self, args)"):code.index("runner = Runner")])
+        if not self.cpp_wrapper:
+            multi = re.findall(r"^multi_kernel_\d+ = async_compile\.multi_kernel\([^\]]*\]", code, flags=re.M)
+            code = "".join(m + "\n" for m in multi) + code[code.index("def call(self, args)"):code.index("runner = Runner")]
+        codes.append(code)
         raise _Stop()
 
     real = ind_graph.GraphLowering.compile_to_module
@@ -197,7 +203,7 @@ def _capture_wrapper_code(codes):
 
 
 def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool = False,
-                           x_dtype: torch.dtype = torch.float32, cpp_wrapper: bool = False):
+                           x_dtype: torch.dtype = torch.float32, cpp_wrapper: bool = False, multi_kernel: bool = False):
     """Inductor's host code for the forward of a whole compiled transformer block
     (``stop_kernels.models.vit.Block``: LayerNorm, QKV Linear, attention, projection, MLP) under bf16
     autocast with the Triton attention forced, a symbolic N: what a compiled block of the training
@@ -206,7 +212,8 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
     ``combo_kernels``: with Inductor's horizontal fusion (config key ``combo_kernels``); ``x_dtype``:
     the residual stream's dtype (bf16: config key ``bf16_residual``); ``cpp_wrapper``: the host code in
     C++ (config key ``cpp_wrapper``; the C++ source is returned, Triton kernels compiled for sm_90 on the
-    way, nothing built or launched)."""
+    way, nothing built or launched); ``multi_kernel``: with Inductor's ``triton.multi_kernel`` (config key
+    ``multi_kernel``)."""
     import stop_kernels
     import torch._inductor.config as inductor_config
     from stop_kernels.models.vit import Block
@@ -232,7 +239,8 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
             with autocast, stop_kernels.use_attention_backend("triton"):
                 return (torch.func.functional_call(blk, dict(zip(names, ps)), (x,)),)
         try:
-            inner, patches = _inductor(cpp_wrapper, combo_kernels=combo_kernels)
+            inner, patches = _inductor(cpp_wrapper, combo_kernels=combo_kernels,
+                                       **({"triton.multi_kernel": 1} if multi_kernel else {}))
             with mode, inductor_config.patch(patches):
                 aot_function(fn, fw_compiler=inner, decompositions=select_decomp_table(),
                              dynamic=True)(x, *params)
@@ -259,6 +267,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         res["block_N116_W384_combo"] = {"fwd": inductor_block_wrapper(116, 384, 16, combo_kernels=True)}
         res["block_N116_W384_bf16res"] = {"fwd": inductor_block_wrapper(116, 384, 16, x_dtype=torch.bfloat16)}
         res["block_N116_W384_cpp"] = {"fwd": inductor_block_wrapper(116, 384, 16, cpp_wrapper=True)}
+        res["block_N74_W1280_mk"] = {"fwd": inductor_block_wrapper(74, 1280, 16, multi_kernel=True)}
+        res["block_N116_W384_mk"] = {"fwd": inductor_block_wrapper(116, 384, 16, multi_kernel=True)}
         print(json.dumps(res))
     sys.exit(0)
 

@@ -274,3 +274,35 @@ def test_kernels_compile_with_the_scale_as_inductor_types_it(fp64_scale):
     for name, r in fp64_scale.items():
         assert r["compiled"], (name, r.get("error"))
         assert r["f64_lines"] == [], (name, r["f64_lines"][:5])
+
+
+def _layer_norm_launches(code: str):
+    """The kernels of a block forward that read a row of width W twice or once: [(name, kind)], kind
+    ``red`` (a looped reduction: the row's statistics in one loop, the normalisation in a second pass
+    over it) or ``per`` (persistent: the row held in registers, read once), or ``multi`` (a multi-kernel
+    choosing between the kernels listed after it)."""
+    return re.findall(r"\b(triton_(red|per)_fused\w*|multi_kernel_\d+)\.run\(", code)
+
+
+def test_multi_kernel_offers_vit_h_layer_norms_in_one_pass(inductor_code):
+    """Config key ``multi_kernel`` (Inductor's ``triton.multi_kernel``): at ViT-H's width (1280, above Inductor's
+    one-pass limit of 1024 features) both LayerNorms of a compiled block forward are looped reductions that read
+    the fp32 row twice (run 5: 5.9 ms of the step, 1.4–2.1× their byte floor). With the key each becomes a
+    multi-kernel over the looped kernel and a persistent one that reads the row once, timed on the first call.
+    The predictor's width (384) is one-pass without the key; with it, its LayerNorms are timed the same way."""
+    for width, kind in (("W1280", "red"), ("W384", "per")):
+        case = {"W1280": "block_N74_W1280", "W384": "block_N116_W384"}[width]
+        plain = _layer_norm_launches(inductor_code[case]["fwd"])
+        assert len(plain) == 2 and all(k == kind for _, k in plain), (width, plain)
+        mk_code = inductor_code[case + "_mk"]["fwd"]
+        launched = [name for name, _ in _layer_norm_launches(mk_code)]
+        assert len(launched) == 2 and all(n.startswith("multi_kernel_") for n in launched), (width, launched)
+        for name in launched:
+            choices = re.search(rf"^{name} = async_compile\.multi_kernel\('{name}', \[([^\]]*)\]", mk_code, re.M)
+            assert choices, mk_code
+            assert sorted(re.findall(r"triton_(red|per)_fused", choices.group(1))) == ["per", "red"], choices.group(1)
+        # the rest of the block is launched as before (kernel numbers aside)
+        def rest(code):
+            return [re.sub(r"_\d+$", "", n) for n in _launch_lines(code)
+                    if not re.match(r"multi_kernel_|triton_(red|per)_", n)]
+        assert rest(mk_code) == rest(inductor_code[case]["fwd"]), width

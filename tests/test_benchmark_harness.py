@@ -49,8 +49,9 @@ def test_variant_keys_reach_the_config():
     _, cfg = _cfg("a:compile=0")
     assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == "" and not cfg.combo_kernels
     v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
-                  "+cppwrap=1+mode=max-autotune-no-cudagraphs")
+                  "+cppwrap=1+mk=1+mode=max-autotune-no-cudagraphs")
     assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
+    assert cfg.multi_kernel and not _cfg("a:compile=1")[1].multi_kernel
     # cppwrap left out: the config decides (vit_huge's recipe turns the C++ host code on for compiled blocks only)
     assert cfg.cpp_wrapper and not _cfg("a:compile=1+cppwrap=0")[1].cpp_wrapper
     assert _cfg("a:compile=1")[1].cpp_wrapper and not _cfg("a:compile=0")[1].cpp_wrapper
@@ -63,7 +64,7 @@ def test_variant_keys_reach_the_config():
     with pytest.raises(ValueError, match="unknown key"):
         profile_step.parse_variant("x:attn=sdpa")
     # a switch takes 0 or 1: "compile=true" once meant eager blocks, silently
-    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2", "x:cppwrap=true"):
+    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2", "x:cppwrap=true", "x:mk=yes"):
         with pytest.raises(ValueError, match="takes 0 or 1"):
             profile_step.parse_variant(spec)
     with pytest.raises(ValueError, match="input takes one of"):
@@ -431,9 +432,9 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
-    the head-dim-24 policy, for fast_levers the four opt-in step levers (and each lever only there), and the
+    the head-dim-24 policy, for fast_levers the five opt-in step levers (and each lever only there), and the
     C++ host code of the ViT-H recipe everywhere but in the reference, fast_py and fast_stack."""
-    levers = ("combo_kernels", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
+    levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_mixed": ("auto", "auto", "compiled:24=triton"),
@@ -442,7 +443,7 @@ def test_e2e_paths_turn_on_their_levers():
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
-        on = [name == "fast_levers"] * 4 + [name not in ("reference", "fast_py", "fast_stack")]
+        on = [name == "fast_levers"] * 5 + [name not in ("reference", "fast_py", "fast_stack")]
         assert [getattr(cfg, k) for k in levers] == on, name
         assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled"}.get(name, "block"), name
 

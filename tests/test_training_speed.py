@@ -109,24 +109,27 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert seen and all(kw["mode"] is None for kw in seen)  # torch's default
     with pytest.raises(ConfigError, match="^compile_mode: expected one of"):
         parse_config(["--compile-mode", "fast"])
-    # combo_kernels, cpp_wrapper: torch.compile takes a mode or options, so the mode travels as its options
+    # combo_kernels, cpp_wrapper, multi_kernel: torch.compile takes a mode or options, so the mode travels as its options
     for mode, flags, want, shown in (
             ("default", ["--combo-kernels"], {"combo_kernels": True}, ["combo kernels"]),
             ("max-autotune-no-cudagraphs", ["--combo-kernels"], {"combo_kernels": True, "max_autotune": True},
              ["combo kernels"]),
             ("default", ["--cpp-wrapper"], {"cpp_wrapper": True}, ["C++ host code"]),
             ("max-autotune-no-cudagraphs", ["--cpp-wrapper", "--combo-kernels"],
-             {"cpp_wrapper": True, "combo_kernels": True, "max_autotune": True}, ["combo kernels", "C++ host code"])):
+             {"cpp_wrapper": True, "combo_kernels": True, "max_autotune": True}, ["combo kernels", "C++ host code"]),
+            ("default", ["--multi-kernel"], {"triton.multi_kernel": 1}, ["multi-kernel reductions"])):
         seen.clear()
         cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", mode] + flags)
         par.parallelize(build_models(cfg), cfg, None, "fp32")
         assert seen and all("mode" not in kw and want.items() <= kw["options"].items() for kw in seen), seen
         # a switch left off is not passed on (Inductor's own default stays in force)
-        assert all(k in want for kw in seen for k in ("combo_kernels", "cpp_wrapper") if k in kw["options"]), seen
+        assert all(k in want for kw in seen for k in ("combo_kernels", "cpp_wrapper", "triton.multi_kernel")
+                   if k in kw["options"]), seen
         assert all(s in par.describe(cfg, None, "fp32") for s in shown)
     # off in the embedded defaults (CPU-sized); cpp_wrapper is on in the ViT-H recipe only (test below)
-    assert TrainConfig().combo_kernels is False and TrainConfig().cpp_wrapper is False
-    for flags in (["--combo-kernels"], ["--cpp-wrapper"], ["--compile-mode", "max-autotune-no-cudagraphs"]):  # no --compile
+    assert TrainConfig().combo_kernels is False and TrainConfig().cpp_wrapper is False and not TrainConfig().multi_kernel
+    for flags in (["--combo-kernels"], ["--cpp-wrapper"], ["--multi-kernel"],
+                  ["--compile-mode", "max-autotune-no-cudagraphs"]):  # no --compile
         key = flags[0][2:].replace("-", "_")
         with pytest.raises(ConfigError, match=rf"^{key}: applies to compiled blocks only"):
             parse_config(["--model", "vit_tiny"] + flags)
@@ -171,28 +174,30 @@ def test_vit_h_recipe_turns_the_cpp_host_code_on_for_compiled_blocks_only():
     assert parse_config(["--model", "vit_h", "--compile-scope", "stack", "--cpp-wrapper", "false"]).compile_scope == "stack"
 
 
-@pytest.mark.parametrize("lever", ["combo_kernels", "cpp_wrapper"])
+@pytest.mark.parametrize("lever", ["combo_kernels", "cpp_wrapper", "multi_kernel"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="Inductor's Triton kernels and CUDA host code need a CUDA GPU"))])
 def test_compiled_block_with_lever_equals_eager(device, lever):
-    """A block compiled with ``combo_kernels`` or ``cpp_wrapper`` (dynamic N, as the encoder's and
-    predictor's blocks are) gives the eager block's output and gradients on fresh inputs: fp32 on the
+    """A block compiled with ``combo_kernels``, ``cpp_wrapper`` or ``multi_kernel`` (dynamic N, as the encoder's
+    and predictor's blocks are) gives the eager block's output and gradients on fresh inputs: fp32 on the
     CPU (Inductor's C++ backend: the options reach the compiler, and the C++ host code runs the
     forward and the backward graph), bf16 autocast on a GPU (the horizontally fused Triton kernels,
-    the bf16 casts of the weights among them; the C++ host code launching Triton kernels and cuBLAS)."""
+    the bf16 casts of the weights among them; the C++ host code launching Triton kernels and cuBLAS;
+    the LayerNorms over 1152 features, past Inductor's one-pass limit of 1024, as timed multi-kernels)."""
     from stop_kernels.models.vit import Block
     from stop_kernels.training.parallelize import apply_compile
     torch.manual_seed(11)
     holder = torch.nn.Module()
-    holder.blocks = torch.nn.ModuleList([Block(96, 4).to(device)])
-    ref = Block(96, 4).to(device)
+    width, heads = (1152, 12) if lever == "multi_kernel" else (96, 4)
+    holder.blocks = torch.nn.ModuleList([Block(width, heads).to(device)])
+    ref = Block(width, heads).to(device)
     ref.load_state_dict(holder.blocks[0].state_dict())
     apply_compile(holder, dynamic=True, **{lever: True})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tol = 2e-2 if device == "cuda" else 1e-5  # norm-wise: bf16 rounds each op differently once fused
     for n in (13, 21):  # two lengths: one dynamic graph
-        x = torch.randn(3, n, 96, device=device, requires_grad=True)
-        g = torch.randn(3, n, 96, device=device)
+        x = torch.randn(3, n, width, device=device, requires_grad=True)
+        g = torch.randn(3, n, width, device=device)
         outs = []
         for blk in (holder.blocks[0], ref):
             x.grad = None
