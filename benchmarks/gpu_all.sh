@@ -42,6 +42,10 @@
 #      two host levers together against the default. If fast_mixed wins, set
 #      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"} (stop_kernels/ops/attention.py).
 #      If fast_stack beats fast, the stack is the better host lever: weigh making it the recipe's.
+#      Since run 5 on every path: the patch embedding is one GEMM instead of cuDNN's convolution (run 5: 1.19 ms
+#      per step, counted as attention then); its profile category `conv` should be gone and matmul ≈ 0.2 ms
+#      larger. fast_levers now also has multi_kernel (ViT-H's LayerNorms one-pass where faster; the profile
+#      section's variant mk=1 splits it out).
 #   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=120 SEC_ATTN=90 BUDGET_ATTN=75 \
 #        bash benchmarks/gpu_all.sh tests-new attn
 #      GPU unit tests of the paths only a GPU runs, the step levers' twins first (the C++ host code is a
