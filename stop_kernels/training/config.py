@@ -114,7 +114,7 @@ class TrainConfig:
     compile_scope: str = "block"       # one compiled graph per block | per block stack: stack, unrolled (no FSDP, AC)
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
     cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
-    multi_kernel: bool = False         # Inductor's multi-kernel reductions: LayerNorm over > 1024 features one-pass too, timed
+    multi_kernel: bool = False         # Inductor's multi-kernel reductions: LayerNorms also compiled one-pass, the faster one timed in
     bf16_residual: bool = False        # keep the blocks' residual stream in bf16 under autocast (models.vit.run_blocks)
     cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     overlap_target: bool = False       # run the target encoder's forward on a second CUDA stream (one GPU, no FSDP)
