@@ -161,6 +161,15 @@ def kernel_times(prof, iterations: int) -> dict:
     return {k: (t, n // iterations) for k, (t, n) in out.items()}
 
 
+def host_op_times(prof, iterations: int) -> list:
+    """``[(self CPU ms per iteration, calls per iteration, op name)]`` of a ``torch.profiler`` run over
+    ``iterations`` iterations, largest first: where the host time went among what the profiler records
+    (aten ops, driver calls such as ``cuLaunchKernel``, ``record_function`` ranges). Python between them
+    is no event: a per-call host time above their sum is interpreter time."""
+    rows = [(e.self_cpu_time_total / 1e3 / iterations, e.count // iterations, e.key[:90]) for e in prof.key_averages()]
+    return sorted(rows, reverse=True)
+
+
 def sdpa_fn(backend_name: Optional[str]):
     """``f(q, k, v)`` for ``[B, N, H, Dh]`` inputs: ``F.scaled_dot_product_attention`` on transposed
     views with one SDPA backend forced: "flash", "efficient", "cudnn" or "math"; None: PyTorch's own

@@ -29,7 +29,8 @@ order 1, 2, 5, 3 + 4, the results written after each and when the time limit int
    Ceilings 4.23 TB/s and 707 TFLOP/s on an H200 (an H100: 2.95 TB/s, estimated;
    _gpu_common.card_limits); the roofline time is max(bytes/BW, FLOPs/peak).
    Then the forward+backward of "fused-op" and "eager" profiled kernel by kernel (torch.profiler, GPU
-   ms per call and launches of each kernel): which part of a backward is slow.
+   ms per call and launches of each kernel): which part of a backward is slow; and their host side (the
+   time to queue a call, and the top host ops): where an eager timing above the GPU time goes.
 4. peak memory beyond the inputs (torch.cuda.max_memory_allocated minus the allocation before the
    call) of forward (output kept) and forward+backward, fused vs eager vs compiled.
    The autotuner's chosen configs are recorded.
@@ -61,7 +62,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import (DEV, REHEARSE, bench_graph, kernel_times, make_section, peak_mib_beyond_inputs,  # noqa: E402
+from _gpu_common import (DEV, REHEARSE, bench_graph, host_op_times, kernel_times, make_section, peak_mib_beyond_inputs,  # noqa: E402
                          record_env, sync)
 from _gpu_common import bench as _bench  # noqa: E402
 from _official_stop import B, D, E, NC, NPRED, NT, P, SIGMA  # noqa: E402
@@ -70,7 +71,7 @@ from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
 RESULTS: dict = {"env": {}, "correctness": [], "noise_worst": [], "timing": [], "memory": [], "configs": {},
-                 "config_sweep": [], "breakdown": {}, "tests": {}, "errors": []}
+                 "config_sweep": [], "breakdown": {}, "breakdown_host": {}, "tests": {}, "errors": []}
 BREAKDOWN = ("fused-op", "eager")  # the contenders whose forward+backward is profiled kernel by kernel
 BREAKDOWN_ITERS = 5
 
@@ -309,29 +310,46 @@ def timing(budget_s: float):
                 l_.grad = None
     # pass 3: where the forward+backward's GPU time goes, kernel by kernel (run 4: the fused assembly's
     # backward took 0.40 ms against the unfused path's 0.18 with its noise-dW kernel at 0.08 alone)
+    # and its host side: run 5's eager timings (do_bench) put the fused forward at 0.72 ms and forward+backward at
+    # 2.8 ms against 0.16 / 0.56 ms of GPU time, and this CPU cannot say where a GPU machine's host time goes
     for name in BREAKDOWN:
         if name in timed and elapsed() < budget_s - 5:
-            RESULTS["breakdown"][name] = kernel_breakdown(timed[name][1], leaves)
+            RESULTS["breakdown"][name], RESULTS["breakdown_host"][name] = kernel_breakdown(timed[name][1], leaves)
     _record_configs()
 
 
-def kernel_breakdown(fwd_bwd, leaves, top: int = 14) -> list:
-    """[[GPU ms per call, launches per call, kernel name]] of ``fwd_bwd`` over BREAKDOWN_ITERS calls
-    (torch.profiler's kernel events; a rehearsal has none), largest first; the sum comes first as
-    "all kernels"."""
+def kernel_breakdown(fwd_bwd, leaves, top: int = 14):
+    """Where ``fwd_bwd``'s time goes, over BREAKDOWN_ITERS calls: ([[GPU ms per call, launches per call, kernel
+    name]] from torch.profiler's kernel events (a rehearsal has none), largest first, the sum first as "all
+    kernels"; {"host_ms_per_call": the time to queue one call, without the profiler and before the
+    synchronisation, "top_host_ops": [[self CPU ms per call, calls per call, op]] under the profiler, which
+    inflates each op by a few µs}). A queueing time above the GPU time makes the eager timing host-bound; one
+    above the host ops' sum is Python (the Triton launchers' among it)."""
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([] if REHEARSE else [ProfilerActivity.CUDA])
-    with profile(activities=acts) as prof:
+
+    def calls():
         for _ in range(BREAKDOWN_ITERS):
             fwd_bwd()
             for l_ in leaves:
                 l_.grad = None
+    sync()
+    t0 = time.perf_counter()
+    calls()
+    host_ms = (time.perf_counter() - t0) * 1e3 / BREAKDOWN_ITERS
+    sync()
+    acts = [ProfilerActivity.CPU] + ([] if REHEARSE else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        calls()
         sync()
     rows = sorted(([round(t, 4), n, k[:100]] for k, (t, n) in kernel_times(prof, BREAKDOWN_ITERS).items()), reverse=True)
     total = [round(sum(r[0] for r in rows), 4), sum(r[1] for r in rows), "all kernels"]
     for r in [total] + rows[:top]:
         print(f"  {r[0]:8.4f} ms  x{r[1]:<3d} {r[2]}", flush=True)
-    return [total] + rows[:top]
+    host_ops = [[round(t, 4), n, k] for t, n, k in host_op_times(prof, BREAKDOWN_ITERS)[:top]]
+    print(f"  host: {host_ms:.4f} ms per call to queue (no profiler); top host ops under the profiler:", flush=True)
+    for r in host_ops[:6]:
+        print(f"  {r[0]:8.4f} ms  x{r[1]:<3d} {r[2]}", flush=True)
+    return [total] + rows[:top], {"host_ms_per_call": round(host_ms, 4), "top_host_ops": host_ops}
 
 
 @section("per-config kernel times (stop_embed forward and dW at ViT-H sizes)")
@@ -456,6 +474,12 @@ def write(out_dir: str):
         lines += ["", f"GPU time per kernel, {impl}, forward+backward (torch.profiler, {BREAKDOWN_ITERS} calls):", "",
                   "| ms per call | launches | kernel |", "|---|---|---|"]
         lines += [f"| {t:.4f} | {n} | `{k}` |" for t, n, k in rows]
+        host = RESULTS["breakdown_host"].get(impl)
+        if host:
+            lines += ["", f"Host time of {impl}, forward+backward: {host['host_ms_per_call']:.4f} ms per call to queue "
+                      "(no profiler); self CPU time of the top host ops under the profiler:", "",
+                      "| ms per call | calls | host op |", "|---|---|---|"]
+            lines += [f"| {t:.4f} | {n} | `{k}` |" for t, n, k in host["top_host_ops"]]
     lines += ["", f"pytest rc: {RESULTS['tests'].get('rc', 'not run')}", f"errors: {len(RESULTS['errors'])} section(s)"]
     with open(os.path.join(out_dir, "gpu_stop_embed.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

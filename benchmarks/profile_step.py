@@ -57,7 +57,7 @@ from stop_kernels.models.packing import mean_tokens  # noqa: E402
 from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import card_limits, kernel_times  # noqa: E402
+from _gpu_common import card_limits, host_op_times, kernel_times  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -202,15 +202,13 @@ def run_variant(v: dict, args, info) -> dict:
             for i in range(warm + args.steps, n_all):
                 tr.step(*batches[i], sched)
             _sync(info)
-        cats, kernels, host = {}, [], []
+        cats, kernels = {}, []
         for name, (t, n) in kernel_times(prof, args.profile_steps).items():
             c = category(name)
             cats[c] = cats.get(c, 0.0) + t
             kernels.append((t, n, c, name[:110]))
-        for e in prof.key_averages():
-            host.append((e.self_cpu_time_total / 1e3 / args.profile_steps, e.count // args.profile_steps, e.key[:90]))
         kernels.sort(reverse=True)
-        host.sort(reverse=True)
+        host = host_op_times(prof, args.profile_steps)
         res["gpu_ms_per_step"] = round(sum(cats.values()), 2)
         res["categories_ms"] = {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])}
         res["top_kernels"] = [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]]
