@@ -32,7 +32,9 @@
 #      (fp32 g; its sweep: 0.08 with bf16 g); with the gradient cast first it should take ≈ 0.08 and the
 #      fused forward+backward ≈ 0.34 ms against 0.41 unfused (predicted, not measured). New in the sweep:
 #      each forward config with A read from memory (fwd_mem) and the Philox noise alone (philox), which split
-#      the forward's 0.122 ms (predicted 0.04-0.06) between the noise and the GEMM with its epilogue. The ViT-H step, in
+#      the forward's 0.122 ms (predicted 0.04-0.06) between the noise and the GEMM with its epilogue. New in the
+#      breakdown: the host side of fused-op's and eager's forward+backward (time to queue a call, top host ops),
+#      where run 5's eager timings (2.5-2.8 ms against 0.41-0.56 ms of GPU time) went. The ViT-H step, in
 #      this order (a path starts only while 140 s of the limit are left): reference; fast (the defaults: the
 #      recipe's C++ host code, SDPA); fast_mixed (fast + Inductor-launched Triton attention for the
 #      predictor's head dim 24: run 5 timed it 1.5-1.7x faster than cuDNN forward+backward there); fast_py
