@@ -95,10 +95,11 @@ class PatchEmbed(nn.Module):
         pad = -k % 8
         dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         patches = x.new_empty(B, gh * gw, k + pad, dtype=dt)
+        patches[..., :k].view(B, gh, gw, C, p, p).copy_(x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
+        weight = self.proj.weight.flatten(1)  # a view: no copy where K needs no padding (p = 16: 768)
         if pad:
             patches[..., k:].zero_()
-        patches[..., :k].view(B, gh, gw, C, p, p).copy_(x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
-        weight = nn.functional.pad(self.proj.weight.flatten(1), (0, pad))
+            weight = nn.functional.pad(weight, (0, pad))
         return nn.functional.linear(patches, weight, self.proj.bias)
 
 
