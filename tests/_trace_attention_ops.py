@@ -30,6 +30,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv  # noqa: 
 
 from stop_kernels.devtools import offline_driver  # noqa: E402
 from stop_kernels.ops import attention as A  # noqa: E402
+from stop_kernels.training.parallelize import inductor_switches  # noqa: E402
 
 
 def _launches(gm):
@@ -239,8 +240,9 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
             with autocast, stop_kernels.use_attention_backend("triton"):
                 return (torch.func.functional_call(blk, dict(zip(names, ps)), (x,)),)
         try:
-            inner, patches = _inductor(cpp_wrapper, combo_kernels=combo_kernels,
-                                       **({"triton.multi_kernel": 1} if multi_kernel else {}))
+            # the options the trainer's config keys pass (cpp_wrapper goes through _inductor's argument)
+            inner, patches = _inductor(cpp_wrapper, **inductor_switches(combo_kernels=combo_kernels,
+                                                                        multi_kernel=multi_kernel))
             with mode, inductor_config.patch(patches):
                 aot_function(fn, fw_compiler=inner, decompositions=select_decomp_table(),
                              dynamic=True)(x, *params)

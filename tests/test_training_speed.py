@@ -109,21 +109,26 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert seen and all(kw["mode"] is None for kw in seen)  # torch's default
     with pytest.raises(ConfigError, match="^compile_mode: expected one of"):
         parse_config(["--compile-mode", "fast"])
-    # combo_kernels, cpp_wrapper, multi_kernel: torch.compile takes a mode or options, so the mode travels as its options
+    # combo_kernels, cpp_wrapper, multi_kernel: torch.compile takes a mode or options, so the mode travels as its options.
+    # Combo kernels are asked for pointwise only (GPU run 6: combos of the backward's reductions ran 0.9 ms a block)
+    pw = {par.COMBO_POINTWISE_ONLY: True}
+    from torch._inductor import config as inductor_config
+    assert hasattr(inductor_config, par.COMBO_POINTWISE_ONLY)  # torch ≥ 2.11 has the switch: it must be passed
     for mode, flags, want, shown in (
-            ("default", ["--combo-kernels"], {"combo_kernels": True}, ["combo kernels"]),
-            ("max-autotune-no-cudagraphs", ["--combo-kernels"], {"combo_kernels": True, "max_autotune": True},
+            ("default", ["--combo-kernels"], {"combo_kernels": True, **pw}, ["combo kernels"]),
+            ("max-autotune-no-cudagraphs", ["--combo-kernels"], {"combo_kernels": True, "max_autotune": True, **pw},
              ["combo kernels"]),
             ("default", ["--cpp-wrapper"], {"cpp_wrapper": True}, ["C++ host code"]),
             ("max-autotune-no-cudagraphs", ["--cpp-wrapper", "--combo-kernels"],
-             {"cpp_wrapper": True, "combo_kernels": True, "max_autotune": True}, ["combo kernels", "C++ host code"]),
+             {"cpp_wrapper": True, "combo_kernels": True, "max_autotune": True, **pw}, ["combo kernels", "C++ host code"]),
             ("default", ["--multi-kernel"], {"triton.multi_kernel": 1}, ["multi-kernel reductions"])):
         seen.clear()
         cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", mode] + flags)
         par.parallelize(build_models(cfg), cfg, None, "fp32")
         assert seen and all("mode" not in kw and want.items() <= kw["options"].items() for kw in seen), seen
         # a switch left off is not passed on (Inductor's own default stays in force)
-        assert all(k in want for kw in seen for k in ("combo_kernels", "cpp_wrapper", "triton.multi_kernel")
+        assert all(k in want for kw in seen for k in ("combo_kernels", "cpp_wrapper", "triton.multi_kernel",
+                                                       par.COMBO_POINTWISE_ONLY)
                    if k in kw["options"]), seen
         assert all(s in par.describe(cfg, None, "fp32") for s in shown)
     # off in the embedded defaults (CPU-sized); cpp_wrapper is on in the ViT-H recipe only (test below)
