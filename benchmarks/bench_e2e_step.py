@@ -4,13 +4,14 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
     python -m pytest benchmarks/bench_e2e_step.py --benchmark-only --benchmark-json=out.json
 
 * ``reference``: the pipeline's Trainer with SDPA attention and the official unfused StoP input (Python host code);
-* ``fast``: the Trainer's defaults (fused StoP input, attention "auto"; compiled, the ViT-H recipe's C++ host code);
+* ``fast``: the Trainer's defaults (fused StoP input, attention "auto": in compiled blocks Triton at head dim 24,
+  SDPA at 80; compiled, the ViT-H recipe's C++ host code);
 * ``fast_py``: ``fast`` with Inductor's Python host code (``cpp_wrapper`` off);
 * ``fast_stack``: ``fast_py`` with each model's block stack compiled as one graph (``compile_scope: stack``);
 * ``fast_unrolled``: ``fast`` with each model's block stack one graph of inlined blocks (``compile_scope: unrolled``);
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
-* ``fast_mixed``: ``fast`` with the Triton kernels for the predictor's head dim only in compiled blocks;
-* ``fast_levers``: ``fast_mixed`` with the opt-in step levers (combo kernels, multi-kernel reductions, bf16
+* ``fast_sdpa``: ``fast`` with SDPA at every head dim in compiled blocks (the default before GPU run 6);
+* ``fast_levers``: ``fast`` with the opt-in step levers (combo kernels, multi-kernel reductions, bf16
   residual stream, CUDA-graphed target encoder on a second stream).
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 

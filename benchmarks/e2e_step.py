@@ -11,7 +11,8 @@ mask batches:
   strongest baseline of ANCHORS.md (510 images/s on an H200 for the official code), rebuilt inside the
   project.
 * ``fast``: ``train.py``'s defaults — the fused StoP assembly (noise generated in registers), the
-  attention backend "auto" picks (see ``stop_kernels.ops.attention.DEFAULT_AUTO_POLICY``),
+  attention backend "auto" picks (see ``stop_kernels.ops.attention.DEFAULT_AUTO_POLICY``: inside the
+  compiled blocks the Triton kernels at the predictor's head dim 24, SDPA at the encoders' 80; GPU run 6),
   per-block ``torch.compile``; at ViT-H the recipe's C++ host code of the compiled blocks
   (``cpp_wrapper``: GPU run 5 measured the step host-bound, 121.5 ms/step with it against 141.5 ms
   without).
@@ -28,18 +29,17 @@ mask batches:
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced inside the compiled blocks
   (``attention=triton``: Inductor launches them itself, see ``stop_kernels.ops.attention``), the
   candidate for the next "auto" default; run it with ``--paths reference,fast,fast_triton``.
-* ``fast_mixed``: ``fast`` with the Triton kernels inside the compiled blocks for the predictor's
-  head dim 24 only (``attention_policy: compiled:24=triton``); the encoder's head dim 80 stays on
-  SDPA. Run 5 measured the Triton kernels 1.46–1.70× faster than cuDNN forward+backward (GPU time) at
-  the predictor's N = 100–160; run 2 measured them slower at the encoder's shapes (before the head-dim
-  split), so this is the likeliest winner of the three.
-* ``fast_levers``: ``fast_mixed`` with the step levers that are opt-in until measured, all at once:
-  combo kernels (a block's weight casts share launches), multi-kernel reductions (ViT-H's LayerNorms
-  one-pass where that is faster), the residual stream in bf16, the target encoder replayed from a CUDA
-  graph and run on a second stream (``combo_kernels``, ``multi_kernel``, ``bf16_residual``,
-  ``cuda_graph_target``, ``overlap_target``). Their sum in one path of the first
-  GPU run; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by lever. CUDA only: on the CPU the
-  path reports the trainer's refusal.
+* ``fast_sdpa``: ``fast`` with SDPA at every head dim inside the compiled blocks (``attention_policy:
+  compiled:24=sdpa``), the default before GPU run 6, kept as the check of the current one. Run 6 (as
+  ``fast_mixed``, the present default then named apart): 118.3 ms/step with the Triton kernels at head dim
+  24 against 120.0 with SDPA everywhere, side by side.
+* ``fast_levers``: ``fast`` with the step levers that are opt-in until measured, all at once:
+  combo kernels (a block's weight casts share launches; pointwise kernels only since run 6, where combos
+  of the backward's reductions cost 35 ms a step), multi-kernel reductions (ViT-H's LayerNorms one-pass
+  where that is faster), the residual stream in bf16, the target encoder replayed from a CUDA graph and
+  run on a second stream (``combo_kernels``, ``multi_kernel``, ``bf16_residual``, ``cuda_graph_target``,
+  ``overlap_target``). Their sum in one path; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by
+  lever. CUDA only: on the CPU the path reports the trainer's refusal.
 
     python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out DIR
 
@@ -68,8 +68,8 @@ PATHS = {
     "fast_stack": "attention=auto+input=auto+scope=stack+cppwrap=0",
     "fast_unrolled": "attention=auto+input=auto+scope=unrolled",
     "fast_triton": "attention=triton+input=auto",
-    "fast_mixed": "attention=auto+input=auto+policy=compiled:24=triton",
-    "fast_levers": "attention=auto+input=auto+policy=compiled:24=triton+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
+    "fast_sdpa": "attention=auto+input=auto+policy=compiled:24=sdpa",
+    "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
 }
 
 

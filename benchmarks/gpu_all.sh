@@ -15,48 +15,29 @@
 # Before a GPU session: STOP_KERNELS_REHEARSE=1 bash benchmarks/gpu_all.sh stop attn runs those two sections
 # on the CPU at toy sizes (benchmarks/_gpu_common.py; tests/test_benchmark_harness.py does it in CI).
 #
-# Run 5 (2026-11-27, results/h200-run5/) ran run 4's plan: the C++ host code won the step (121.5 ms against
-# 141.5, now on in the ViT-H recipe), the attention times are GPU times again, the StoP backward's dW kernel ran
-# 3.5x slower in the op than in its sweep (an fp32 gradient; cast to bf16 since), and e2e's budget held only
-# 3 of its 7 paths (a compiled path takes 75-135 s: the C++ host code compiles for 100 s). So the next plan
-# gives e2e most of one call. Unmeasured, sized to a 15-minute device budget: one machine start (≈ 90 s) and
-# two calls, the second sent at once after the first (a warm machine is given back after 30 s idle):
-# 90 + 580 + 220 = 890 s at the limits. Ask for kind nvidia-h200 in both calls (runs 1-5 and ANCHORS.md are
-# H200 numbers; issue 8's 720 images/s is an H200 target).
-#   1. (timeout_s 580) SEC_STOP=155 BUDGET_STOP=140 SEC_E2E=405 bash benchmarks/gpu_all.sh env stop e2e
-#        (limits: 20 + 155 + 405; run 5's stop took 76 s, but its budget of 85 s skipped the compiled unfused
-#        peer, which issue 3 compares against and which starts only with 45 s of the budget left, after ≈ 85 s of
-#        correctness, sweep and eager timings; e2e at 405 s still holds the three paths that 450 s would)
-#      StoP: GPU correctness, the per-config sweep, fwd / fwd+bwd against the unfused path and both
-#      forward+backwards kernel by kernel: the fused backward's _noise_weight_grad_kernel took 0.29 ms in run 5
-#      (fp32 g; its sweep: 0.08 with bf16 g); with the gradient cast first it should take ≈ 0.08 and the
-#      fused forward+backward ≈ 0.34 ms against 0.41 unfused (predicted, not measured). New in the sweep:
-#      each forward config with A read from memory (fwd_mem) and the Philox noise alone (philox), which split
-#      the forward's 0.122 ms (predicted 0.04-0.06) between the noise and the GEMM with its epilogue. New in the
-#      breakdown: the host side of fused-op's and eager's forward+backward (time to queue a call, top host ops),
-#      where run 5's eager timings (2.5-2.8 ms against 0.41-0.56 ms of GPU time) went. The ViT-H step, in
-#      this order (a path starts only while 140 s of the limit are left): reference; fast (the defaults: the
-#      recipe's C++ host code, SDPA); fast_mixed (fast + Inductor-launched Triton attention for the
-#      predictor's head dim 24: run 5 timed it 1.5-1.7x faster than cuDNN forward+backward there); fast_py
-#      (fast without the C++ host code: run 5's comparison again, the check of the default it set); fast_stack
-#      (one compiled graph per model's block stack, Python host code); fast_levers; fast_triton; fast_unrolled
-#      (the stack as one graph of inlined blocks with the C++ host code: both host levers; it compiles for
-#      minutes, so it is last). At run 5's path times the limit holds the first three; give e2e a call of its
-#      own to reach the rest: E2E_PATHS=reference,fast,fast_unrolled SEC_E2E=560 (timeout_s 580) measures the
-#      two host levers together against the default. If fast_mixed wins, set
-#      DEFAULT_AUTO_POLICY = {"compiled": "sdpa", ("compiled", 24): "triton"} (stop_kernels/ops/attention.py).
-#      If fast_stack beats fast, the stack is the better host lever: weigh making it the recipe's.
-#      Since run 5 on every path: the patch embedding is one GEMM instead of cuDNN's convolution (run 5: 1.19 ms
-#      per step, counted as attention then); its profile category `conv` should be gone and matmul ≈ 0.2 ms
-#      larger. fast_levers now also has multi_kernel (ViT-H's LayerNorms one-pass where faster; the profile
-#      section's variant mk=1 splits it out).
-#   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=120 SEC_ATTN=90 BUDGET_ATTN=75 \
-#        bash benchmarks/gpu_all.sh tests-new attn
-#      GPU unit tests of the paths only a GPU runs, the step levers' twins first (the C++ host code is a
-#      default now: its CUDA twin did not run in run 5, cut by the limit), the fused StoP ops' eager path
-#      against their custom op bit for bit (new: eager calls skip the dispatcher), then the attention per shape: the
-#      predictor's N = 116 and 150, then the encoder's 74 and 256 (never timed as GPU times yet), then the
-#      other lengths, then the forced configs.
+# Run 6 (2026-11-27, results/h200-run6/) ran run 5's plan: the Triton attention kernels at the predictor's head
+# dim 24 inside the compiled blocks won the step (118.3 ms against 120.0 with SDPA there, side by side; now
+# DEFAULT_AUTO_POLICY, and the path that checks it is fast_sdpa, the old default). fast_levers, on the same
+# machine in the second call, took 141.1 ms: two combo kernels of the backward's reductions ran 35 ms a step;
+# combo kernels are asked for pointwise only since. The StoP dW kernel took 0.075 ms in the op (the bf16
+# gradient fix), and the forward's masked-token kernel 0.123 ms against 0.032 with A read from memory.
+# The next plan, unmeasured, sized to a 15-minute device budget: one machine start (≈ 90 s) and two calls,
+# the second sent at once after the first (a warm machine is given back after 30 s idle): 90 + 580 + 220 =
+# 890 s at the limits. Ask for kind nvidia-h200 in both calls (runs 1-6 and ANCHORS.md are H200 numbers;
+# issue 8's 720 images/s is an H200 target).
+#   1. (timeout_s 580) SEC_E2E=560 bash benchmarks/gpu_all.sh e2e
+#      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; run 6's paths
+#      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast (the defaults); fast_levers
+#      (the five opt-in levers at once, the combo kernels now pointwise only; in run 6 its layernorm category
+#      fell from 11.5 to 3.8 ms a step, but combo kernels, unnamed by op, may hold some LayerNorms); fast_sdpa
+#      (the old default, the check of the new one); then fast_py, fast_stack, fast_triton, fast_unrolled,
+#      which the limit does not reach. If fast_levers beats fast, the profile section splits it by lever.
+#   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=200 bash benchmarks/gpu_all.sh tests-new
+#      GPU unit tests of the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the
+#      quiet output did not say which): the step levers' twins first (the C++ host code's and the combo
+#      kernels'), the fused StoP ops' eager path against their custom op bit for bit, then the attention.
+#   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the encoder shapes' SDPA peers, never timed
+#   as GPU times: run 6's budget ended after Triton's side of N = 74), and the profile section below.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:
 #   `stop_embed(backend="auto")` prefers them when built; run 5: 0.63 ms fwd+bwd against Triton's 1.65 and
 #   unfused 0.47 (do_bench)). Re-run them after a change to csrc/.
@@ -69,7 +50,7 @@
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
 #   mk=1 (Inductor's multi-kernel reductions: ViT-H's LayerNorms one-pass where faster), bf16res=1 (the blocks' residual stream in bf16),
 #   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
-#   compile=1 (fast), compile=1+policy=compiled:24=triton (fast_mixed) or compile=1+attention=triton;
+#   compile=1 (fast), compile=1+policy=compiled:24=sdpa (fast_sdpa) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
 #   that the earlier session measured fastest (keep that file with the run's results).
 #   Optional, with time left in a call: SEC_HOST=150 bash benchmarks/gpu_all.sh host (the host time per block of
@@ -135,10 +116,10 @@ for s in $SECTIONS; do
     build) section build ${SEC_BUILD:-240} bash -c '[ -d /usr/local/cuda/include ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda};
            MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
            python -c "import stop_kernels; print(stop_kernels.backends())"' ;;
-    tests) section tests ${SEC_TESTS:-240} python -m pytest -q -p no:cacheprovider \
+    tests) section tests ${SEC_TESTS:-240} python -m pytest -v -p no:cacheprovider \
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
-    tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -q -p no:cacheprovider \
+    tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -v -p no:cacheprovider \
            tests/test_philox.py tests/test_training_speed.py tests/test_stop_embed.py tests/test_predictor_input.py \
            tests/test_attention.py tests/test_fast_path_loss_curve.py \
            -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit" ;;
@@ -158,7 +139,7 @@ for s in $SECTIONS; do
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_mixed,fast_py,fast_stack,fast_levers,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast,fast_levers,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

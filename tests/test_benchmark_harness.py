@@ -48,7 +48,7 @@ def test_variant_keys_reach_the_config():
     # compile=0 must mean eager even where the recipe (vit_h) turns compile on
     _, cfg = _cfg("a:compile=0")
     assert not cfg.compile and cfg.attention == "auto" and cfg.attention_policy == "" and not cfg.combo_kernels
-    v, cfg = _cfg(f"fast_mixed:{e2e_step.PATHS['fast_mixed']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
+    v, cfg = _cfg(f"fast_sdpa:{e2e_step.PATHS['fast_sdpa']}+compile=1+overlap=1+graph=1+combo=1+bf16res=1"
                   "+cppwrap=1+mk=1+mode=max-autotune-no-cudagraphs")
     assert v["input"] == "auto" and cfg.compile and cfg.overlap_target and cfg.cuda_graph_target and cfg.combo_kernels
     assert cfg.multi_kernel and not _cfg("a:compile=1")[1].multi_kernel
@@ -58,7 +58,7 @@ def test_variant_keys_reach_the_config():
     assert not _cfg("a:compile=1", model="vit_small")[1].cpp_wrapper
     assert _cfg("a:compile=1+scope=stack+cppwrap=0")[1].compile_scope == "stack" and cfg.compile_scope == "block"
     assert cfg.bf16_residual and not _cfg("a:compile=1")[1].bf16_residual
-    assert cfg.attention_policy == "compiled:24=triton" and cfg.compile_mode == "max-autotune-no-cudagraphs"
+    assert cfg.attention_policy == "compiled:24=sdpa" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
     assert cfg.attention == "sdpa"
     with pytest.raises(ValueError, match="unknown key"):
@@ -128,19 +128,19 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
     res = [r for r in res if "error" not in r]
     by = {r["name"]: r for r in res}
-    assert by["fast_mixed"]["policy"] == "compiled:24=triton" and by["reference"]["input"] == "unfused"
+    assert by["fast_sdpa"]["policy"] == "compiled:24=sdpa" and by["reference"]["input"] == "unfused"
     assert all(r["ms_per_step"] > 0 and r["compile"] == "0" for r in res)
     # every path is built from the same seed and runs the same batches: on the CPU (no compile) fast and
-    # fast_mixed run the same kernels, so their losses are equal unless the harness reseeds or reorders
+    # fast_sdpa run the same kernels, so their losses are equal unless the harness reseeds or reorders
     # between variants (the reference path draws its StoP noise from torch.randn, not the Philox stream)
     losses = {r["name"]: r["final_loss"] for r in res}
     assert all(0 < x < 10 for x in losses.values()), losses
-    assert abs(losses["fast"] - losses["fast_mixed"]) <= 1e-4 * losses["fast"], losses
+    assert abs(losses["fast"] - losses["fast_sdpa"]) <= 1e-4 * losses["fast"], losses
     # the card's floors that the profile's categories are read against
     assert all(set(r["floors_ms"]) == {"matmul", "attention", "optimizer"} and min(r["floors_ms"].values()) > 0
                for r in res)
     printed = capsys.readouterr().out
-    assert "ratio_fast_mixed_over_reference" in printed and "top host ops" in printed
+    assert "ratio_fast_sdpa_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)
 
 
@@ -312,7 +312,7 @@ def test_gpu_script_header_commands_parse(monkeypatch):
     header = re.sub(r"\\\n\s*", " ", "\n".join(line[1:] for line in lines[:n]))  # joined at the backslashes
     readers = "\n".join(lines[n:]) + (REPO / "benchmarks" / "_gpu_common.py").read_text()
     names = set(re.findall(r"(?<![\w$])([A-Z][A-Z0-9_]*)=", header))
-    assert {"SEC_STOP", "SEC_E2E", "PROFILE_BASE"} <= names, names
+    assert {"SEC_E2E", "SEC_TESTS_NEW", "PROFILE_BASE"} <= names, names
     assert not [v for v in names if not re.search(r"(\$\{?|environ\.get\(\")" + v + r"\b", readers)]
 
     class Parsed(Exception):
@@ -340,9 +340,9 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
     # the baseline, the default, then the untried levers first: a cut section keeps them
-    assert paths[:4] == ["reference", "fast", "fast_mixed", "fast_py"], paths
+    assert paths[:4] == ["reference", "fast", "fast_levers", "fast_sdpa"], paths
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
-    bases = ("compile=1", "compile=1+policy=compiled:24=triton", "compile=1+attention=triton")  # the header's
+    bases = ("compile=1", "compile=1+policy=compiled:24=sdpa", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
     for base in bases:
         for spec in specs.replace("$PB", base).split(","):
@@ -437,13 +437,13 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
-    the head-dim-24 policy, for fast_levers the five opt-in step levers (and each lever only there), and the
+    the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the five opt-in step levers (and each lever only there), and the
     C++ host code of the ViT-H recipe everywhere but in the reference, fast_py and fast_stack."""
     levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
-            "fast_triton": ("triton", "auto", ""), "fast_mixed": ("auto", "auto", "compiled:24=triton"),
-            "fast_levers": ("auto", "auto", "compiled:24=triton")}
+            "fast_triton": ("triton", "auto", ""), "fast_sdpa": ("auto", "auto", "compiled:24=sdpa"),
+            "fast_levers": ("auto", "auto", "")}
     assert set(e2e_step.PATHS) == set(want)
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
@@ -558,7 +558,7 @@ def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
     fast's; the variants passed on carry each path's keys and the compile flag."""
     seen = {}
     res = [{"name": "reference", "images_per_s": 400.0}, {"name": "fast", "images_per_s": 500.0},
-           {"name": "fast_mixed", "images_per_s": 450.0}, {"name": "fast_levers", "error": "RuntimeError: x"}]
+           {"name": "fast_sdpa", "images_per_s": 450.0}, {"name": "fast_levers", "error": "RuntimeError: x"}]
     for r in res[:3]:
         r.update(ms_per_step=1.0, tflops=1.0, mfu=0.1, peak_gib=1.0, final_loss=1.0)
 
@@ -566,13 +566,13 @@ def test_e2e_ratios_over_the_reference(tmp_path, monkeypatch, capsys):
         seen["variants"] = args.variants
         return "NVIDIA H200", [dict(r) for r in res]
     monkeypatch.setattr(profile_step, "run_variants", run_variants)
-    paths = ["reference", "fast", "fast_mixed", "fast_levers"]
+    paths = ["reference", "fast", "fast_sdpa", "fast_levers"]
     assert e2e_step.main(["--paths", ",".join(paths), "--out", str(tmp_path)]) == 0
     assert seen["variants"] == ",".join(f"{n}:{e2e_step.PATHS[n]}+compile=1" for n in paths)
     data = json.loads((tmp_path / "e2e_step.json").read_text())
     assert data["ratio"] == 1.25 and data["gpu"] == "NVIDIA H200"
     by = {r["name"]: r for r in data["results"]}
-    assert by["fast_mixed"]["ratio_over_reference"] == 1.125 and "ratio_over_reference" not in by["reference"]
+    assert by["fast_sdpa"]["ratio_over_reference"] == 1.125 and "ratio_over_reference" not in by["reference"]
     assert '{"ratio_fast_over_reference": 1.25}' in capsys.readouterr().out
     e2e_step.main(["--paths", "reference,fast", "--no-compile", "--out", str(tmp_path)])
     assert seen["variants"] == ",".join(f"{n}:{e2e_step.PATHS[n]}+compile=0" for n in ("reference", "fast"))

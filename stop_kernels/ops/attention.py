@@ -85,11 +85,11 @@ Host cost per call (the kernels at the model's sizes take tens of µs, so Python
   first candidate; the bucket comparisons are the graph's only guards on N). Under the Triton
   interpreter they are plain custom ops (opaque calls, the same plans). Same kernels and configs
   as the eager path, so the results are meant to be bit-identical (tested: on CPU through the
-  custom ops, on CUDA by ``test_inductor_launches_the_kernels_itself``, not yet run on a GPU). In GPU
-  run 3 (H200) the earlier custom-op version of these ops made the compiled ViT-H step host-bound
-  (141.7 against 120.6 ms/step with SDPA), which is why "auto" still picks SDPA under torch.compile
-  (:data:`DEFAULT_AUTO_POLICY`) until the Inductor-launched version is measured (``benchmarks/gpu_all.sh
-  e2e``, path ``fast_mixed``).
+  custom ops, on CUDA by ``test_inductor_launches_the_kernels_itself``). In GPU run 3 (H200) the
+  earlier custom-op version of these ops made the compiled ViT-H step host-bound (141.7 against 120.6
+  ms/step with SDPA). The Inductor-launched version was measured in the step in GPU run 6: with it
+  for the predictor's head dim 24 the step took 118.3 ms against 120.0 with SDPA everywhere, side by
+  side (:data:`DEFAULT_AUTO_POLICY`).
 
 Public API: :func:`attention`, :func:`attention_qkv`, :func:`dispatch_attention`,
 :func:`dispatch_attention_qkv`, :func:`set_attention_backend`,
@@ -1853,19 +1853,21 @@ def attention_backend_problem(name: str, device: torch.device) -> str:
 # Set it with set_auto_policy({...}), the environment, e.g.
 #   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"   (set but empty: Triton everywhere, compiled code too)
 # or, for a training run, the config key attention_policy (overrides on top of this policy, applied
-# around each step by use_auto_policy): --attention-policy "compiled:24=triton" keeps SDPA for the
-# encoder (head dim 80) and gives the predictor's head dim 24 to the Triton kernels.
+# around each step by use_auto_policy): --attention-policy "compiled:24=sdpa" gives the predictor's
+# head dim 24 back to SDPA in compiled blocks (the default before GPU run 6), "compiled:80=triton"
+# the encoders' head dim 80 to the Triton kernels.
 #
-# The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200
-# (benchmarks/results/h200-run3): eager blocks run the Triton kernels (their GPU time per step is
-# 17 ms against cuDNN's 25 ms, and the eager step is as fast or faster), but inside torch.compile'd
-# blocks SDPA won: 120.6 ms/step against 141.7 with the Triton custom ops, whose per-call host cost
-# (a Python op in the compiled graph) made the compiled step host-bound. The ops are now triton_ops
-# that Inductor launches itself (no per-call Python); until that version is measured in the step,
-# the default stays as measured.
+# The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200. Eager blocks run
+# the Triton kernels (run 3: their GPU time per step is 17 ms against cuDNN's 25 ms, and the eager step
+# is as fast or faster). Inside torch.compile'd blocks (benchmarks/results/h200-run6, e2e paths fast and
+# fast_mixed in one call): the predictor's head dim 24 goes to the Triton kernels, which Inductor
+# launches itself: 118.3 ms/step against 120.0 with SDPA there (attention 9.0 against 10.4 ms of GPU
+# time per step, the same loss at step 20); the encoders' head dim 80 stays on SDPA, where the kernels
+# were never measured faster in the step (run 2: slower at the encoder's shapes, before the head-dim
+# split; run 6 times the Triton side of N = 74 at 0.106 ms forward+backward, its cuDNN peer untimed).
 _AUTO_MODES = ("compiled", "fwd_only", "train")
 _AUTO_CHOICES = ("triton", "sdpa", "xformers")
-DEFAULT_AUTO_POLICY: Dict = {"compiled": "sdpa"}
+DEFAULT_AUTO_POLICY: Dict = {"compiled": "sdpa", ("compiled", 24): "triton"}
 _AUTO_POLICY: Dict = dict(DEFAULT_AUTO_POLICY)
 
 
@@ -2023,8 +2025,8 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     backend (None → the module default, see :func:`set_attention_backend`):
 
     * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton, unless the measured policy
-      (:data:`DEFAULT_AUTO_POLICY`: SDPA inside torch.compile'd code; :func:`set_auto_policy`, env
-      ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode ("compiled" / "fwd_only" /
+      (:data:`DEFAULT_AUTO_POLICY`: inside torch.compile'd code SDPA, except Triton at head dim 24;
+      :func:`set_auto_policy`, env ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode ("compiled" / "fwd_only" /
       "train") and head dim; CUDA otherwise, and inside ``torch.func`` transforms (grad, vmap, …,
       which the kernels' custom ops do not support) → torch SDPA; CPU → SDPA (fast
       for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
