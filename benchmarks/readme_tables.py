@@ -53,6 +53,10 @@ STOP_ROWS = {  # impl in gpu_cuda.json -> the README's label, in the README's or
 STEP_ROWS = {  # ROW of a step source -> the README's label
     "default": "this pipeline, the defaults: compiled blocks (SDPA inside), fused StoP input",
     "default_cpp": "this pipeline, the defaults: compiled blocks (SDPA inside, Inductor's C++ host code), fused StoP input",
+    "default_mixed": "this pipeline, the defaults: compiled blocks (Triton attention at the predictor's head dim 24, SDPA "
+                     "at the encoders' 80; Inductor's C++ host code), fused StoP input",
+    "compiled_sdpa": "this pipeline, compiled blocks with SDPA at every head dim (`--attention-policy compiled:24=sdpa`, "
+                     "the default before run 6)",
     "python_host": "this pipeline, compiled blocks with Inductor's Python host code (`--cpp-wrapper false`)",
     "compiled_triton": "this pipeline, compiled blocks, Triton attention (`--attention triton`)",
     "eager_triton": "this pipeline, eager blocks, Triton attention (`--compile false`)",
