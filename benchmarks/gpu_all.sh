@@ -130,9 +130,12 @@ for s in $SECTIONS; do
     train-eager) section train-eager ${SEC_TRAIN:-120} python -m torch.distributed.run --standalone --nproc_per_node=1 \
            train.py --model vit_h --batch-size 64 --benchmark ${TRAIN_STEPS:-20} --compile false \
            --out "$RES/train-eager" ;;
-    profile) PB=${PROFILE_BASE:-compile=1}
+    profile) # the levers one at a time on PROFILE_BASE, the unmeasured ones first (a variant takes 75-150 s:
+           # one call reaches the first four or five); a variant starts only while 140 s of the limit are left
+           PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
-           --variants "base:$PB,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,graph:$PB+graph=1,overlap:$PB+overlap=1,combo:$PB+combo=1,mk:$PB+mk=1,bf16res:$PB+bf16res=1,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --budget-s $(( ${SEC_PROFILE:-420} - 140 )) \
+           --variants "base:$PB,graph:$PB+graph=1,combo:$PB+combo=1,mk:$PB+mk=1,overlap:$PB+overlap=1,bf16res:$PB+bf16res=1,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the
