@@ -32,10 +32,14 @@
 #      fell from 11.5 to 3.8 ms a step, but combo kernels, unnamed by op, may hold some LayerNorms); fast_sdpa
 #      (the old default, the check of the new one); then fast_py, fast_stack, fast_triton, fast_unrolled,
 #      which the limit does not reach. If fast_levers beats fast, the profile section splits it by lever.
-#   2. (timeout_s 220, sent at once) SEC_TESTS_NEW=200 bash benchmarks/gpu_all.sh tests-new
-#      GPU unit tests of the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the
-#      quiet output did not say which): the step levers' twins first (the C++ host code's and the combo
-#      kernels'), the fused StoP ops' eager path against their custom op bit for bit, then the attention.
+#   2. (timeout_s 220, sent at once) SEC_STOP=100 BUDGET_STOP=85 SEC_TESTS_NEW=110 bash benchmarks/gpu_all.sh stop tests-new
+#      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
+#      transpose per step (sm_90a loop barriers 9 -> 3 and 8-18 -> 2, triton 3.6); predicted, unmeasured:
+#      sweep rows fwd 0.123 -> 0.07-0.09 ms and dw 0.075 -> 0.05-0.07 ms, the fused forward+backward 0.352 ->
+#      0.27-0.31 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
+#      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not
+#      say which): the step levers' twins first (the C++ host code's and the combo kernels'), the fused StoP
+#      ops' eager path against their custom op bit for bit, then the attention.
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the encoder shapes' SDPA peers, never timed
 #   as GPU times: run 6's budget ended after Triton's side of N = 74), and the profile section below.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:

@@ -212,8 +212,10 @@ def _quarter_cols(q0, E4, E, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _cat4(a0, a1, a2, a3):
-    """``[M, 4K]`` = ``[a0 | a1 | a2 | a3]`` (column ``j·K + k`` holds ``a_j[:, k]``), the order of :func:`_quarter_cols`.
+def _cat4(a0, a1, a2, a3, AXIS: tl.constexpr):
+    """The four quarter tiles of a K step as one operand, in the order of :func:`_quarter_cols`:
+    ``AXIS=1``: ``[M, K]`` tiles → ``[M, 4K]`` (column ``j·K + k`` holds ``a_j[:, k]``);
+    ``AXIS=0``: ``[K, M]`` tiles → ``[4K, M]`` (row ``j·K + k`` holds ``a_j[k, :]``).
 
     One ``[M, 4K]`` operand per K step means one MMA per accumulator per step. Four chained
     quarter MMAs into one accumulator made Triton give the chain two different wgmma layouts
@@ -221,9 +223,13 @@ def _cat4(a0, a1, a2, a3):
     fp32 accumulators between them through shared memory twice per D tile per step, with every
     wgmma waited on (TTGIR/SASS, sm_90a).
     """
-    t = tl.join(tl.join(a0, a1), tl.join(a2, a3))    # [M, K, 2, 2]: t[m, k, i, j] = a_{i+2j}[m, k]
-    t = tl.permute(t, (0, 3, 2, 1))                    # [M, 2, 2, K]: [m, j, i, k], block 2j + i
-    return tl.reshape(t, (t.shape[0], 4 * t.shape[3]))
+    t = tl.join(tl.join(a0, a1), tl.join(a2, a3))    # [.., .., 2, 2]: t[x, y, i, j] = a_{i+2j}[x, y]
+    if AXIS == 1:
+        t = tl.permute(t, (0, 3, 2, 1))                # [M, 2, 2, K]: [m, j, i, k], block 2j + i
+        return tl.reshape(t, (t.shape[0], 4 * t.shape[3]))
+    else:
+        t = tl.permute(t, (3, 2, 0, 1))                # [2, 2, K, M]: [j, i, k, m], block 2j + i
+        return tl.reshape(t, (4 * t.shape[2], t.shape[3]))
 
 
 @triton.jit
@@ -283,7 +289,16 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
             q = q0 + kk
             a0, a1, a2, a3 = normal_quarters(rows[None, :], q[:, None], key0, key1, sigma)  # [K, M] tiles
             dt = w_ptr.dtype.element_ty
-            a = _cat4(tl.trans(a0.to(dt)), tl.trans(a1.to(dt)), tl.trans(a2.to(dt)), tl.trans(a3.to(dt)))
+            if D_TILES > 1:
+                # the quarters stacked as one [4K, M] tile, then one transpose: the barriers of the
+                # main loop fall from 9 to 3 (triton 3.6) and from 29 to 3 (3.8), sm_90a SASS of the
+                # D_TILES = 3 configs; the shared-memory round trips of four transposes and _cat4's
+                # permute were most of the noise's cost in the loop (benchmarks/NOTES.md, GPU run 6)
+                a = tl.trans(_cat4(a0.to(dt), a1.to(dt), a2.to(dt), a3.to(dt), 0))
+            else:
+                # (one program per D tile: the same SASS either way in bf16, and the stacked form
+                # gives the fp32 configs a 264-344 B stack frame, triton 3.8)
+                a = _cat4(tl.trans(a0.to(dt)), tl.trans(a1.to(dt)), tl.trans(a2.to(dt)), tl.trans(a3.to(dt)), 1)
         else:
             # memory: the same columns of A (e.g. the context tokens)
             a = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e, e_ok)
@@ -359,14 +374,16 @@ def _noise_weight_grad_kernel(g_ptr, stride_gg, stride_gr, stride_gd, w_ptr, dw_
     r_end = tl.minimum(r_begin + rows_per_split, R)
     # reduction over this split's rows: regenerate the noise of a row block once as one
     # [BLOCK_M, 4·BLOCK_K] tile (columns q0 + k + j·E4), then load gᵀ [BLOCK_D, BLOCK_M] of every
-    # D tile and accumulate gᵀ·n
+    # D tile and accumulate gᵀ·n. The quarters are made as [K, M] tiles, stacked and transposed once:
+    # 2 barriers per step instead of 8-18 with [M, K] tiles joined side by side (sm_90a SASS, every
+    # config, triton 3.6 and 3.8)
     for m0 in range(r_begin, r_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < r_end
         r64 = rows.to(tl.int64)
         g_rows = g_ptr + ((r64 // G) * stride_gg + (r64 % G) * stride_gr)
-        n0, n1, n2, n3 = normal_quarters(rows[:, None], (q0 + tl.arange(0, BLOCK_K))[None, :], key0, key1, sigma)
-        n = _cat4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt))
+        n0, n1, n2, n3 = normal_quarters(rows[None, :], (q0 + tl.arange(0, BLOCK_K))[:, None], key0, key1, sigma)
+        n = tl.trans(_cat4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt), 0))
         acc0 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol0, D, n, acc0, w_ptr, PRECISION, UPCAST)
         if D_TILES > 1:
             acc1 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol1, D, n, acc1, w_ptr, PRECISION, UPCAST)
