@@ -253,6 +253,35 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
     return codes[0]
 
 
+def inductor_reductions_wrapper(N: int, **switches):
+    """Inductor's host code for what a block backward ends with: independent column sums of bf16 gradients in
+    fp32 (the bias gradients of a predictor-width block: ``[4·N, 384]`` and ``[4·N, 1536]``, symbolic N), under
+    the Inductor options ``switches``: how many kernels the reductions take, i.e. whether combo kernels merge them.
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+
+    codes = []
+    restore = _capture_wrapper_code(codes)
+    try:
+        _, mode, _, n = _symbolic_n(N)
+        with mode:
+            g1 = torch.empty(4 * n, 384, device="cuda", dtype=torch.bfloat16)
+            g2 = torch.empty(4 * n, 1536, device="cuda", dtype=torch.bfloat16)
+
+        def fn(a, b):
+            return a.float().sum(0), b.float().sum(0)
+        try:
+            inner, patches = _inductor(False, **switches)
+            with mode, inductor_config.patch(patches):
+                aot_function(fn, fw_compiler=inner, decompositions=select_decomp_table(), dynamic=True)(g1, g2)
+        except _Stop:
+            pass
+    finally:
+        restore()
+    return codes[0]
+
+
 class _Stop(BaseException):
     """Raised once the wrapper code exists (a BaseException, so Inductor's error wrapping lets it through)."""
 
@@ -271,6 +300,11 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         res["block_N116_W384_cpp"] = {"fwd": inductor_block_wrapper(116, 384, 16, cpp_wrapper=True)}
         res["block_N74_W1280_mk"] = {"fwd": inductor_block_wrapper(74, 1280, 16, multi_kernel=True)}
         res["block_N116_W384_mk"] = {"fwd": inductor_block_wrapper(116, 384, 16, multi_kernel=True)}
+        # a backward's independent reductions: plain, under the combo_kernels key's options, and under Inductor's
+        # combo kernels alone (what the key passed before GPU run 6, where such combos ran 0.9 ms per block)
+        res["reductions"] = {"fwd": inductor_reductions_wrapper(116)}
+        res["reductions_combo"] = {"fwd": inductor_reductions_wrapper(116, **inductor_switches(combo_kernels=True))}
+        res["reductions_combo_all"] = {"fwd": inductor_reductions_wrapper(116, combo_kernels=True)}
         print(json.dumps(res))
     sys.exit(0)
 

@@ -210,6 +210,19 @@ def test_combo_kernels_launch_a_blocks_weight_casts_together(inductor_code):
     assert sum("_attn_fwd_kernel" in k for k in _launch_lines(combo_code)) == 1
 
 
+def test_combo_kernels_key_keeps_reductions_apart(inductor_code):
+    """GPU run 6 (H200): with Inductor's combo kernels the backward's independent reductions (bias and
+    LayerNorm-weight gradients) were merged into one launch per block that ran 0.9 ms per ViT-H encoder block.
+    The config key ``combo_kernels`` therefore asks for pointwise combos only: two independent column sums
+    keep the launches they have without combo kernels, where combo kernels alone merge some of them."""
+    plain = _launch_lines(inductor_code["reductions"]["fwd"])
+    keyed = _launch_lines(inductor_code["reductions_combo"]["fwd"])
+    merged = _launch_lines(inductor_code["reductions_combo_all"]["fwd"])
+    assert len(plain) >= 2 and all(k.startswith(("triton_red", "triton_per")) for k in plain), plain
+    assert len(keyed) == len(plain), (plain, keyed)
+    assert len(merged) < len(plain), (plain, merged)  # the case shows the merge the key prevents
+
+
 def _cpp_launches(code: str):
     """The kernels the C++ host code's entry function launches, in order (``call_<kernel>(`` lines)."""
     entry = code[code.index("void inductor_entry_impl("):]

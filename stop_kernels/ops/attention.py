@@ -2026,10 +2026,10 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
 
     * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton, unless the measured policy
       (:data:`DEFAULT_AUTO_POLICY`: inside torch.compile'd code SDPA, except Triton at head dim 24;
-      :func:`set_auto_policy`, env ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode ("compiled" / "fwd_only" /
-      "train") and head dim; CUDA otherwise, and inside ``torch.func`` transforms (grad, vmap, …,
-      which the kernels' custom ops do not support) → torch SDPA; CPU → SDPA (fast
-      for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
+      :func:`set_auto_policy`, env ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode
+      ("compiled" / "fwd_only" / "train") and head dim; CUDA otherwise, and inside ``torch.func``
+      transforms (grad, vmap, …, which the kernels' custom ops do not support) → torch SDPA; CPU → SDPA
+      (fast for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
       ``STOP_KERNELS_CPU_AUTO=triton`` are both set (a test hook; not ``STOP_KERNELS_ATTENTION_BACKEND``, the
       default backend).
     * ``"triton"``: :func:`attention` (raises for unsupported head dims/dtypes).

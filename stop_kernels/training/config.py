@@ -111,7 +111,7 @@ class TrainConfig:
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
     compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
-    compile_scope: str = "block"       # one compiled graph per block | per block stack: stack, unrolled (no FSDP, AC)
+    compile_scope: str = "block"       # one compiled graph per block | per block stack: stack, unrolled (no FSDP, no AC)
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
     cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
     multi_kernel: bool = False         # Inductor's multi-kernel reductions: LayerNorms also compiled one-pass, the faster one timed in
