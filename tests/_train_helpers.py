@@ -64,3 +64,19 @@ def trained_run(tmp_path, steps=2, **over):
     tr.checkpointer.save(steps, tr.container, tr.opt, {"epoch": 0, "config": cfg.to_dict()})
     return cfg.out, {name: {k: v.clone() for k, v in getattr(tr.models, name).state_dict().items()}
                      for name in ("encoder", "predictor", "target_encoder")}
+
+
+def cuda_step_losses(out_dir, steps: int = 6, **over):
+    """Losses of ``steps`` Trainer steps of a small vit_small run on CUDA (same seeds and batches for
+    every call) and the Trainer; ``over``: TrainConfig keys to change."""
+    import torch
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.config import TrainConfig
+    from stop_kernels.training.loop import Trainer, synthetic_batches
+    cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
+                      min_keep=4, out=str(out_dir), seed=5, **over)
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
+    torch.manual_seed(6)
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+    return [float(tr.step(*batches[i % 3], sched)[0]) for i in range(steps)], tr

@@ -16,7 +16,7 @@ from stop_kernels.training.config import CONFIG_DIR, ConfigError, TrainConfig, p
 from stop_kernels.training.ema import ema_update
 from stop_kernels.training.loop import Trainer, build_models, check_masks, train
 
-from _train_helpers import TINY
+from _train_helpers import TINY, cuda_step_losses
 
 
 def tiny(tmp_path, **over):
@@ -131,10 +131,21 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
                                                        par.COMBO_POINTWISE_ONLY)
                    if k in kw["options"]), seen
         assert all(s in par.describe(cfg, None, "fp32") for s in shown)
+    # reduce-overhead: the mode itself, or with a switch its options, which turn Inductor's CUDA graphs on
+    seen.clear()
+    cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", "reduce-overhead"])
+    par.parallelize(build_models(cfg), cfg, None, "fp32")
+    assert seen and all(kw["mode"] == "reduce-overhead" for kw in seen), seen
+    assert inductor_config.triton.cudagraph_dynamic_shape_warn_limit is None  # a recording per length is the design
+    seen.clear()
+    cfg = parse_config(["--model", "vit_tiny", "--compile", "--compile-mode", "reduce-overhead", "--combo-kernels"])
+    par.parallelize(build_models(cfg), cfg, None, "fp32")
+    assert seen and all(kw["options"]["triton.cudagraphs"] is True and kw["options"]["combo_kernels"] for kw in seen)
+    assert "compiled blocks (reduce-overhead, combo kernels)" in par.describe(cfg, None, "fp32")
     # off in the embedded defaults (CPU-sized); cpp_wrapper is on in the ViT-H recipe only (test below)
     assert TrainConfig().combo_kernels is False and TrainConfig().cpp_wrapper is False and not TrainConfig().multi_kernel
     for flags in (["--combo-kernels"], ["--cpp-wrapper"], ["--multi-kernel"],
-                  ["--compile-mode", "max-autotune-no-cudagraphs"]):  # no --compile
+                  ["--compile-mode", "max-autotune-no-cudagraphs"], ["--compile-mode", "reduce-overhead"]):  # no --compile
         key = flags[0][2:].replace("-", "_")
         with pytest.raises(ConfigError, match=rf"^{key}: applies to compiled blocks only"):
             parse_config(["--model", "vit_tiny"] + flags)
@@ -283,25 +294,12 @@ def test_graphed_target_encoder_equals_eager_and_follows_the_ema(compiled):
     assert gf.captures == 2
 
 
-def _cuda_step_losses(out_dir, steps: int = 6, **over):
-    """Losses of ``steps`` Trainer steps of a small vit_small run on CUDA (same seeds and batches for
-    every call) and the Trainer; ``over``: TrainConfig keys to change."""
-    from stop_kernels.training.loop import synthetic_batches
-    cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=2, pred_emb_dim=192, batch_size=8,
-                      min_keep=4, out=str(out_dir), seed=5, **over)
-    tr = Trainer(cfg, D.init_distributed(cfg), None)
-    batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
-    torch.manual_seed(6)
-    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-    return [float(tr.step(*batches[i % 3], sched)[0]) for i in range(steps)], tr
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_target_trains_like_eager(tmp_path):
     """Trainer steps with the graphed target encoder give the losses of the plain one."""
-    plain, tr = _cuda_step_losses(tmp_path / "plain")
+    plain, tr = cuda_step_losses(tmp_path / "plain")
     assert tr.target_forward is None
-    graphed, tr = _cuda_step_losses(tmp_path / "graphed", cuda_graph_target=True)
+    graphed, tr = cuda_step_losses(tmp_path / "graphed", cuda_graph_target=True)
     assert tr.target_forward is not None
     for a, b in zip(graphed, plain):
         assert abs(a - b) <= 1e-3 * abs(b), (graphed, plain)
@@ -322,9 +320,9 @@ def test_overlap_target_needs_one_cuda_device(tmp_path, cpu_train):
 def test_overlapped_target_trains_like_serial(tmp_path, graphed):
     """Trainer steps with the target branch on a side stream give the losses of the serial step (a missing
     wait or a buffer reused too early would show as a different loss), also with the CUDA-graphed target."""
-    serial, tr = _cuda_step_losses(tmp_path / "serial", cuda_graph_target=graphed)
+    serial, tr = cuda_step_losses(tmp_path / "serial", cuda_graph_target=graphed)
     assert tr.side_stream is None
-    overlapped, tr = _cuda_step_losses(tmp_path / "overlap", cuda_graph_target=graphed, overlap_target=True)
+    overlapped, tr = cuda_step_losses(tmp_path / "overlap", cuda_graph_target=graphed, overlap_target=True)
     assert tr.side_stream is not None
     for a, b in zip(overlapped, serial):
         assert abs(a - b) <= 1e-4 * abs(b), (overlapped, serial)
@@ -372,8 +370,8 @@ def test_bf16_residual_runs_every_block_in_bf16_and_trains_alike(tmp_path, cpu_t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast on a GPU")
 def test_bf16_residual_losses_match_the_fp32_streams_on_cuda(tmp_path):
     """The GPU twin of the CPU check above (bf16 autocast is the default precision there)."""
-    plain, _ = _cuda_step_losses(tmp_path / "fp32_stream")
-    low, tr = _cuda_step_losses(tmp_path / "bf16_stream", bf16_residual=True)
+    plain, _ = cuda_step_losses(tmp_path / "fp32_stream")
+    low, tr = cuda_step_losses(tmp_path / "bf16_stream", bf16_residual=True)
     assert tr.models.encoder.residual_dtype == torch.bfloat16
     for a, b in zip(low, plain):
         assert abs(a - b) <= 5e-3 * abs(b), (low, plain)
@@ -499,3 +497,4 @@ def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, cpu_train, devic
     tol = 1e-5 if device == "cpu" else 1e-3
     for a, b in zip(losses[scope], losses["eager"]):
         assert abs(a - b) <= tol * abs(b), losses
+

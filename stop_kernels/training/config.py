@@ -52,8 +52,10 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "ac": ("none", "block"),
     "attention": ("auto", "triton", "sdpa", "xformers", "reference"),
     # torch.compile modes for the blocks; "max-autotune-no-cudagraphs" lets Inductor time Triton GEMM
-    # templates against cuBLAS and fuse epilogues (bias + GELU) into them, at minutes of compile time
-    "compile_mode": ("default", "max-autotune-no-cudagraphs"),
+    # templates against cuBLAS and fuse epilogues (bias + GELU) into them, at minutes of compile time;
+    # "reduce-overhead" replays every compiled block, forward and backward, from CUDA graphs (Inductor's
+    # CUDA-graph trees: one recording per sequence length), for a step whose host time is its bound
+    "compile_mode": ("default", "max-autotune-no-cudagraphs", "reduce-overhead"),
     # what one compiled graph holds: one block (a call per block), or a model's whole block stack (one call per
     # model pass; one process without FSDP, no AC): "stack" with the block a nested region compiled once,
     # "unrolled" with every block inlined (longer to compile; the only stack the C++ host code can run)
@@ -110,7 +112,7 @@ class TrainConfig:
     sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)
     compile: bool = False              # torch.compile each transformer block
-    compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs
+    compile_mode: str = "default"      # torch.compile mode of the blocks: default | max-autotune-no-cudagraphs | reduce-overhead
     compile_scope: str = "block"       # one compiled graph per block | per block stack: stack, unrolled (no FSDP, no AC)
     combo_kernels: bool = False        # Inductor's horizontal fusion in the compiled blocks (fewer small launches)
     cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
@@ -291,6 +293,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("cpp_wrapper: Inductor's C++ host code cannot call the nested block region of "
                           "compile_scope 'stack'; use one of the two (--cpp-wrapper false turns the C++ host code "
                           "off, which the ViT-H recipe turns on)")
+    if uses_cuda_graph_trees(cfg):
+        check_cuda_graph_trees(cfg)
     if cfg.compile_scope != "block" and cfg.ac != "none":
         raise ConfigError(f"compile_scope: {cfg.compile_scope!r} runs each block's forward inside one compiled graph, "
                           f"where the activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
@@ -321,6 +325,37 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"pred_emb_dim: the predictor uses the encoder's {heads} heads, so its width must be a "
                           f"multiple of {heads}; got {cfg.pred_emb_dim}")
     return cfg
+
+
+def uses_cuda_graph_trees(cfg: TrainConfig) -> bool:
+    """Whether the compiled blocks replay from Inductor's CUDA-graph trees (``compile_mode: reduce-overhead``)."""
+    return cfg.compile and cfg.compile_mode == "reduce-overhead"
+
+
+def check_cuda_graph_trees(cfg: TrainConfig) -> None:
+    """Refuse, by key, what cannot share a step with the CUDA-graph trees of ``compile_mode: reduce-overhead``.
+
+    - ``cpp_wrapper``: a replay runs no host code at all, so the C++ host code would only cost its compile,
+      and Inductor drops CUDA graphs for C++ host code under its graph partitions (on by default, torch 2.11
+      and 2.14).
+    - ``ac: block``: checkpointing re-runs each block's forward inside the backward, a forward call where the
+      tree expects the backward's graphs.
+    - ``cuda_graph_target`` / ``overlap_target``: the target encoder's blocks are then replayed by the tree
+      already (a capture around them would nest two captures), and its graphs run on the step's stream.
+    FSDP2 sharding (parameters gathered into new memory at every step, not static graph inputs) is refused
+    by the Trainer, which knows the rank count."""
+    for key, bad, why in (
+            ("cpp_wrapper", cfg.cpp_wrapper, "the replays run no host code, and Inductor does not graph C++ host "
+                                             "code under its graph partitions; add --cpp-wrapper false (the ViT-H "
+                                             "recipe turns it on)"),
+            ("ac", cfg.ac != "none", "activation checkpointing re-runs each block's forward inside the backward, "
+                                     "where the CUDA-graph tree expects the backward's graphs; use ac none"),
+            ("cuda_graph_target", cfg.cuda_graph_target, "the tree replays the target encoder's blocks already; "
+                                                         "drop --cuda-graph-target"),
+            ("overlap_target", cfg.overlap_target, "the tree replays the graphs on the step's own stream; drop "
+                                                   "--overlap-target")):
+        if bad:
+            raise ConfigError(f"{key}: does not combine with compile_mode 'reduce-overhead': {why}")
 
 
 def local_batch(cfg: TrainConfig, world_size: int) -> int:

@@ -39,11 +39,11 @@ from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
-from .config import ConfigError, TrainConfig, check_init_from, local_batch, validate
+from .config import ConfigError, TrainConfig, check_init_from, local_batch, uses_cuda_graph_trees, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, step_flops
-from .parallelize import count_parameters, describe, paired_parameters, parallelize
+from .parallelize import count_parameters, cudagraph_skips, describe, paired_parameters, parallelize
 from .schedules import lr_at, momentum_at, wd_at
 
 
@@ -239,9 +239,20 @@ class Trainer:
             raise ConfigError(f"compile_scope: {cfg.compile_scope!r} calls the blocks' forwards inside one compiled graph, without "
                               f"the per-block hooks FSDP2 gathers the parameters in; use sharding none (one "
                               f"process) or compile_scope block, got sharding {self.sharding!r}")
+        self.cuda_graph_trees = uses_cuda_graph_trees(cfg)
+        if self.cuda_graph_trees and self.mesh is not None:
+            raise ConfigError(f"compile_mode: 'reduce-overhead' replays graphs that read the parameters at fixed "
+                              f"addresses, and FSDP2 gathers them into new memory every step; use sharding none (one "
+                              f"process), got sharding {self.sharding!r}")
         self.models = parallelize(models, cfg, self.mesh, self.precision)
         self.container = JEPAContainer(self.models)
         self.opt = build_optimizer(self.models, cfg, self.device)
+        # A replayed backward writes its gradients into the tree's memory, which the next micro-batch's replay
+        # overwrites: with several micro-batches each gradient moves to a buffer of its own once (_own_grads) and
+        # is zeroed, not freed, after each step. One micro-batch per step needs none: AdamW reads its gradients
+        # before the next replay.
+        self.stable_grads = self.cuda_graph_trees and cfg.grad_accum > 1
+        self._owned_grads: set = set()
         self.ema_target, self.ema_online = paired_parameters(self.models.target_encoder, self.models.encoder)
         for key in ("cuda_graph_target", "overlap_target"):
             if getattr(cfg, key) and (self.device.type != "cuda" or self.mesh is not None):
@@ -279,14 +290,18 @@ class Trainer:
             loss = None
             for i, (imgs, masks_enc, masks_pred) in enumerate(micro):
                 self._gradient_sync(i == k - 1)
+                if self.cuda_graph_trees:  # a new generation of the tree: last micro-batch's activations are done
+                    torch.compiler.cudagraph_mark_step_begin()
                 part = jepa_step_loss(self.models, imgs, masks_enc, masks_pred, self.autocast, self.target_forward,
                                       self.side_stream)
                 if k > 1:
                     part = part / k
                 part.backward()
+                if self.stable_grads:
+                    self._own_grads()
                 loss = part.detach() if loss is None else loss + part.detach()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.stable_grads)
         ema_update(self.ema_target, self.ema_online, momentum)
         W = self.info.world_size
         # float64: the summed counts (tokens, FLOPs) stay exact integers far beyond float32's 2**24
@@ -296,6 +311,17 @@ class Trainer:
             torch.distributed.all_reduce(stats)
             stats[0].div_(W)
         return stats
+
+    def _own_grads(self) -> None:
+        """Give every gradient that has none yet a buffer of its own (a copy of the one the backward returned, which
+        may live in the CUDA-graph tree's memory), kept for the rest of the run: the next micro-batches add into it.
+        A parameter that gets no gradient (the predictor's unused ``mask_token`` in the StoP modes) keeps none, so
+        AdamW skips it as it does with ``set_to_none``."""
+        for m in (self.models.encoder, self.models.predictor):
+            for p in m.parameters():
+                if p.grad is not None and id(p) not in self._owned_grads:
+                    p.grad = p.grad.clone()
+                    self._owned_grads.add(id(p))
 
     def _gradient_sync(self, on: bool) -> None:
         """FSDP2 reduces gradients only when ``on`` (the last micro-batch): the others accumulate the
@@ -683,6 +709,18 @@ def synthetic_batches(cfg: TrainConfig, n: int, batch: int, device: torch.device
     return out
 
 
+# Inductor's CUDA-graph trees run a new sequence length once as it is (its warm-up), record it at the second
+# call and replay it from the third on
+CUDA_GRAPH_TREE_PASSES = 3
+
+
+def warmup_steps(cfg: TrainConfig, warmup: int, pool: int) -> int:
+    """Untimed steps before a timing that cycles through ``pool`` mask batches: at least ``warmup``, and enough that
+    every batch's lengths are past their first-time costs (a Triton JIT, a compiled graph; under ``compile_mode:
+    reduce-overhead`` also the CUDA graph's warm-up and recording, :data:`CUDA_GRAPH_TREE_PASSES` calls)."""
+    return max(warmup, pool * (CUDA_GRAPH_TREE_PASSES if uses_cuda_graph_trees(cfg) else 1))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -695,16 +733,16 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
 
     It measures the steady state of training: the steps cycle through ``cfg.benchmark_batches``
     mask batches (their context and target lengths differ, as in training), and the warm-up
-    (``max(benchmark_warmup, benchmark_batches)`` steps) runs each of them at least once, so the
-    timed steps never include a first-time cost — a Triton JIT compile for a new sequence-length
-    bucket, a torch.compile graph — that a long run pays once."""
+    (:func:`warmup_steps`) runs each of them at least once (three times under ``compile_mode:
+    reduce-overhead``), so the timed steps never include a first-time cost — a Triton JIT compile for a
+    new sequence-length bucket, a torch.compile graph, a CUDA-graph recording — that a long run pays once."""
     stream = sys.stderr
     local = local_batch(cfg, info.world_size)
     tr = Trainer(cfg, info, None, stream)
     torch.manual_seed(cfg.seed + 1_000_003 * info.rank)
     n = cfg.benchmark
     pool = min(cfg.benchmark_batches, n)
-    warm = max(cfg.benchmark_warmup, pool)
+    warm = warmup_steps(cfg, cfg.benchmark_warmup, pool)
     _print(f"benchmark: {cfg.model} img {cfg.img_size}/{cfg.patch_size}, {batch_text(cfg, info.world_size)}, "
            f"{info.world_size} × {gpu_name(info.device)} [{describe(cfg, tr.mesh, tr.precision)}; attention "
            f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} "
@@ -759,7 +797,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         "grad_accum": cfg.grad_accum,
         "world_size": info.world_size, "gpu": gpu_name(info.device), "precision": tr.precision,
         "sharding": tr.sharding, "ac": cfg.ac, "compile": cfg.compile, "attention": cfg.attention,
-        "attention_policy": cfg.attention_policy, "packed": cfg.packed,
+        "attention_policy": cfg.attention_policy, "packed": cfg.packed, "compile_mode": cfg.compile_mode,
         "steps": n, "warmup": warm, "mask_batches": pool,
         "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
         "tflops": round(tflops, 2), "mfu": None if peak is None else round(tflops / (peak * info.world_size), 4),
@@ -768,6 +806,8 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         "loss_first": values[0] if values else None, "loss_last": values[-1] if values else None,
         "torch": torch.__version__,
     }
+    if tr.cuda_graph_trees:  # graphs run without CUDA graphs (all of them on a CPU): the mode did not apply there
+        result["cudagraph_skips"] = cudagraph_skips()
     if not all(math.isfinite(v) for v in values):
         result["warning"] = "non-finite loss during the benchmark"
     if info.is_main:
@@ -783,4 +823,4 @@ __all__ = ["JEPAModels", "JEPAContainer", "Trainer", "TrainingDiverged", "Traini
            "init_weights_from", "build_models", "build_optimizer", "check_masks", "check_resumable",
            "parameters_finite", "micro_batches",
            "param_groups", "set_schedules", "schedule_lengths", "jepa_step_loss", "train", "run_benchmark",
-           "resolve_precision"]
+           "resolve_precision", "warmup_steps"]
