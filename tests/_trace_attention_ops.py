@@ -181,14 +181,32 @@ def inductor_wrapper(N: int, D: int = 24, fwd_cfg=None, bwd_cfg=None, cpp_wrappe
     return {"fwd": codes[0], "bwd": codes[1]}
 
 
+# per graph whose host code was captured, in order: why Inductor would run it without CUDA graphs (``compile_mode:
+# reduce-overhead``), empty when nothing stops it
+CUDAGRAPH_BLOCKERS = []
+
+
+def _cudagraph_blockers(graph) -> list:
+    """The reasons Inductor's lowering of ``graph`` would give to skip CUDA graphs: a reason set while lowering, a
+    CPU or second device, an op a CUDA graph cannot hold (a host synchronisation, a ``cudagraph_unsafe`` tag, data-
+    dependent output sizes). The run-time checks (inputs mutated outside the graph's pool) need a GPU."""
+    from torch._inductor.cudagraph_utils import check_multiple_devices_or_any_cpu_nodes
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+    node = get_first_incompatible_cudagraph_node(graph.orig_gm)
+    return [r for r in (graph.disable_cudagraphs_reason, check_multiple_devices_or_any_cpu_nodes(graph.device_node_mapping),
+                        node is not None and f"incompatible op {node.target}") if r]
+
+
 def _capture_wrapper_code(codes):
     """Make Inductor stop once a graph's host code exists, appending its ``call`` function to
-    ``codes`` (with ``cpp_wrapper``: the whole C++ source); returns the function that restores Inductor.
+    ``codes`` (with ``cpp_wrapper``: the whole C++ source) and its :func:`_cudagraph_blockers` to
+    ``CUDAGRAPH_BLOCKERS``; returns the function that restores Inductor.
     The ``call`` function comes after the definitions of the multi-kernels it calls (``multi_kernel_<i> =
     async_compile.multi_kernel(...)``, the kernels each chooses from), where the config makes any."""
     from torch._inductor import graph as ind_graph
 
     def stop_after_codegen(self):
+        CUDAGRAPH_BLOCKERS.append(_cudagraph_blockers(self))
         code = self.codegen_with_cpp_wrapper() if self.cpp_wrapper else self.codegen()
         code = code[0] if isinstance(code, tuple) else code
         code = getattr(code, "value", code)
@@ -305,6 +323,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         res["reductions"] = {"fwd": inductor_reductions_wrapper(116)}
         res["reductions_combo"] = {"fwd": inductor_reductions_wrapper(116, **inductor_switches(combo_kernels=True))}
         res["reductions_combo_all"] = {"fwd": inductor_reductions_wrapper(116, combo_kernels=True)}
+        res["cudagraph_blockers"] = CUDAGRAPH_BLOCKERS
         print(json.dumps(res))
     sys.exit(0)
 

@@ -319,3 +319,16 @@ def test_multi_kernel_offers_vit_h_layer_norms_in_one_pass(inductor_code):
             return [re.sub(r"_\d+$", "", n) for n in _launch_lines(code)
                     if not re.match(r"multi_kernel_|triton_(red|per)_", n)]
         assert rest(mk_code) == rest(inductor_code[case]["fwd"]), width
+
+
+def test_no_traced_graph_would_run_without_cuda_graphs(inductor_code):
+    """``compile_mode: reduce-overhead`` replays the compiled blocks from CUDA graphs only where Inductor's lowering
+    finds nothing a CUDA graph cannot hold. Every graph traced here (the attention ops forward and backward, the
+    predictor's and ViT-H's block forwards with each lever, the backward's reductions) lowers without such a
+    reason: no host synchronisation, no CPU tensor, no op tagged cudagraph-unsafe, no data-dependent size. The
+    run-time checks (inputs mutated outside the tree's memory) are the GPU test's
+    (``test_reduce_overhead_replays_train_like_default_compiled_blocks``: no graph skipped)."""
+    blockers = inductor_code["cudagraph_blockers"]
+    n_graphs = sum(len(v) for k, v in inductor_code.items() if isinstance(v, dict) and k != "cudagraph_blockers")
+    assert len(blockers) == n_graphs >= 20, (len(blockers), n_graphs)
+    assert not any(blockers), [b for b in blockers if b]
