@@ -12,15 +12,18 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
 * ``fast_sdpa``: ``fast`` with SDPA at every head dim in compiled blocks (the default before GPU run 6);
 * ``fast_levers``: ``fast`` with the opt-in step levers (combo kernels, multi-kernel reductions, bf16
-  residual stream, CUDA-graphed target encoder on a second stream).
+  residual stream, CUDA-graphed target encoder on a second stream);
+* ``fast_cg``: ``fast`` with every compiled block replayed from CUDA graphs (``compile_mode: reduce-overhead``,
+  Python host code); ``fast_cg_levers``: with combo kernels, multi-kernel reductions and the bf16 residual stream.
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except the paths with a
 lever of the compiled blocks that the path itself turns on (``fast_stack``'s and ``fast_unrolled``'s compiled
-stacks, ``fast_levers``' combo kernels and multi-kernel reductions): the config refuses those on eager blocks, so they run compiled only (the recipe's C++ host code
-goes off with eager blocks). Each round is one
-optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch
-runs once in the warm-up, so the rounds are the steady state (no first-time JIT or compile).
+stacks, ``fast_levers``' combo kernels and multi-kernel reductions, the CUDA-graph paths' compile mode): the config
+refuses those on eager blocks, so they run compiled only (the recipe's C++ host code goes off with eager blocks). Each
+round is one optimizer step (forward, backward, fused AdamW, EMA) on one of 6 mask batches, cycled; every batch runs
+in the warm-up (three times under CUDA-graph trees: warm-up, recording, replay), so the rounds are the steady state
+(no first-time JIT, compile or recording).
 extra_info: GPU, images/s, TFLOP/s (analytic matmul FLOPs of that step), peak memory.
 """
 import itertools
@@ -43,7 +46,7 @@ POOL = 6
 def _compiled_only(path: str) -> bool:
     """A path with a lever that "applies to compiled blocks only" (the config's ConfigError on eager blocks)."""
     v = parse_variant(f"{path}:{PATHS[path]}")
-    return "1" in (v["combo"], v["cppwrap"], v["mk"]) or v["scope"] != "block"
+    return "1" in (v["combo"], v["cppwrap"], v["mk"]) or v["scope"] != "block" or v["mode"] != "default"
 
 
 COMPILED_ONLY = tuple(p for p in PATHS if _compiled_only(p))
@@ -56,7 +59,7 @@ def test_train_step_speed(benchmark, path, compiled, tmp_path):
     os.environ.pop("TRITON_INTERPRET", None)
     from stop_kernels.training import distributed as D
     from stop_kernels.training.config import parse_config
-    from stop_kernels.training.loop import Trainer, synthetic_batches
+    from stop_kernels.training.loop import Trainer, synthetic_batches, warmup_steps
     from stop_kernels.training.metrics import step_flops
 
     v = parse_variant(f"{path}:{PATHS[path]}+compile={int(compiled)}")
@@ -68,8 +71,8 @@ def test_train_step_speed(benchmark, path, compiled, tmp_path):
     tr.models.predictor.input_backend = v["input"]
     batches = synthetic_batches(cfg, POOL, cfg.batch_size, info.device, cfg.seed)
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-    for b in batches:  # warm-up: every mask batch once (JIT, cuDNN plans, compiled graphs)
-        tr.step(*b, sched)
+    for i in range(warmup_steps(cfg, 0, POOL)):  # every mask batch (JIT, cuDNN plans, compiled graphs, recordings)
+        tr.step(*batches[i % POOL], sched)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     cycle = itertools.cycle(batches)

@@ -40,6 +40,12 @@ mask batches:
   run on a second stream (``combo_kernels``, ``multi_kernel``, ``bf16_residual``, ``cuda_graph_target``,
   ``overlap_target``). Their sum in one path; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by
   lever. CUDA only: on the CPU the path reports the trainer's refusal.
+* ``fast_cg``: ``fast`` with every compiled block replayed from CUDA graphs (``compile_mode: reduce-overhead``,
+  Inductor's CUDA-graph trees; the C++ host code off, which a replay never runs): the host work of the
+  trained blocks too, not only the target encoder's, leaves the step — run 6 measured every path host-bound.
+  Its warm-up runs each mask batch three times (warm-up, recording, replay). ``fast_cg_levers``: with the
+  levers that act on GPU time and combine with it (``combo_kernels``, ``multi_kernel``, ``bf16_residual``),
+  which a host-bound step cannot show. Compiled only.
 
     python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out DIR
 
@@ -70,6 +76,8 @@ PATHS = {
     "fast_triton": "attention=triton+input=auto",
     "fast_sdpa": "attention=auto+input=auto+policy=compiled:24=sdpa",
     "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
+    "fast_cg": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0",
+    "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1",
 }
 
 

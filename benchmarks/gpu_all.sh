@@ -27,12 +27,17 @@
 # issue 8's 720 images/s is an H200 target).
 #   1. (timeout_s 580) SEC_E2E=560 bash benchmarks/gpu_all.sh e2e
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; run 6's paths
-#      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast (the defaults); fast_levers
-#      (the five opt-in levers at once, the combo kernels now pointwise only; in run 6 its layernorm category
-#      fell from 11.5 to 3.8 ms a step, but combo kernels, unnamed by op, may hold some LayerNorms); fast_sdpa
-#      (the old default, the check of the new one); then fast_py, fast_stack, fast_triton, fast_unrolled,
-#      which the limit does not reach. If fast_levers beats fast, the profile section splits it by lever.
+#      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast (the defaults); fast_cg
+#      (every compiled block replayed from Inductor's CUDA-graph trees, compile_mode reduce-overhead, since the
+#      twenty-second session: the lever for the host-bound step; its warm-up runs 18 steps, recording each
+#      length; predicted 106-112 ms/step against fast's 118, NOTES.md); fast_cg_levers (with the three levers
+#      that act on GPU time, which the host bound hid: combo kernels, multi-kernel reductions, bf16 residual
+#      stream; predicted 98-106 ms); fast_levers (the five opt-in levers at once, the combo kernels now pointwise
+#      only; in run 6 its layernorm category fell from 11.5 to 3.8 ms a step); then fast_sdpa, fast_py,
+#      fast_stack, fast_triton, fast_unrolled, which the limit does not reach. Read each path's cudagraph_skips
+#      (0 expected on the GPU) and peak GiB (issue 8: no more than the reference's).
 #   2. (timeout_s 220, sent at once) SEC_STOP=100 BUDGET_STOP=85 SEC_TESTS_NEW=110 bash benchmarks/gpu_all.sh stop tests-new
+#      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
 #      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
 #      transpose per step (sm_90a loop barriers 9 -> 3 and 8-18 -> 2, triton 3.6); predicted, unmeasured:
 #      sweep rows fwd 0.123 -> 0.07-0.09 ms and dw 0.075 -> 0.05-0.07 ms, the fused forward+backward 0.352 ->
@@ -124,9 +129,9 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -v -p no:cacheprovider \
-           tests/test_philox.py tests/test_training_speed.py tests/test_stop_embed.py tests/test_predictor_input.py \
+           tests/test_training_reduce_overhead.py tests/test_philox.py tests/test_training_speed.py tests/test_stop_embed.py tests/test_predictor_input.py \
            tests/test_attention.py tests/test_fast_path_loss_curve.py \
-           -k "every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit" ;;
+           -k "reduce_overhead_replays or every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
@@ -139,14 +144,14 @@ for s in $SECTIONS; do
            PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --budget-s $(( ${SEC_PROFILE:-420} - 140 )) \
-           --variants "base:$PB,graph:$PB+graph=1,combo:$PB+combo=1,mk:$PB+mk=1,overlap:$PB+overlap=1,bf16res:$PB+bf16res=1,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,cg:$PB+mode=reduce-overhead+cppwrap=0,graph:$PB+graph=1,combo:$PB+combo=1,mk:$PB+mk=1,overlap:$PB+overlap=1,bf16res:$PB+bf16res=1,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_levers,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast,fast_cg,fast_cg_levers,fast_levers,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

@@ -15,7 +15,7 @@ inherits another's torch.compile caches and guards.
 A variant is ``name:key=value+key=value``; keys: ``sharding`` (auto|full|none; auto = none on one
 GPU), ``attention`` (auto|triton|sdpa), ``input`` (the predictor input backend:
 auto|triton|cuda|unfused), ``compile`` (0|1), ``mode`` (the blocks' torch.compile mode:
-default|max-autotune-no-cudagraphs), ``scope`` (block|stack: one compiled graph per block or per
+default|max-autotune-no-cudagraphs|reduce-overhead), ``scope`` (block|stack: one compiled graph per block or per
 model's block stack, ``compile_scope``), ``combo`` (0|1: Inductor's horizontal fusion of small kernels in
 the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual stream in bf16,
 ``bf16_residual``), ``graph`` (0|1: the target encoder replayed from a CUDA graph,
@@ -50,11 +50,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stop_kernels.training import distributed as D  # noqa: E402
 from stop_kernels.training.config import parse_config  # noqa: E402
-from stop_kernels.training.loop import Trainer, synthetic_batches  # noqa: E402
+from stop_kernels.training.loop import Trainer, synthetic_batches, warmup_steps  # noqa: E402
 from stop_kernels.models.flops import peak_tflops  # noqa: E402
 from stop_kernels.models.predictor import INPUT_BACKENDS  # noqa: E402
 from stop_kernels.models.packing import mean_tokens  # noqa: E402
 from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
+from stop_kernels.training.parallelize import cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_common import card_limits, host_op_times, kernel_times  # noqa: E402
@@ -153,7 +154,7 @@ def run_variant(v: dict, args, info) -> dict:
     # a pool of mask batches cycled through, each seen in the warm-up: the timed steps measure the
     # steady state (no first-time Triton JIT or torch.compile cost), as train.py --benchmark does
     pool = max(1, args.mask_batches)
-    warm = max(args.warmup, pool)
+    warm = warmup_steps(cfg, args.warmup, pool)
     n_all = warm + args.steps + args.profile_steps
     batches = synthetic_batches(cfg, pool, cfg.batch_size, info.device, cfg.seed)
     batches = [batches[i % pool] for i in range(n_all)]
@@ -216,6 +217,8 @@ def run_variant(v: dict, args, info) -> dict:
     if v["compile"] == "1":
         from torch._dynamo.utils import counters
         res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
+        if tr.cuda_graph_trees:  # 0 when every compiled graph ran from CUDA graphs
+            res["cudagraph_skips"] = cudagraph_skips()
     del tr, batches
     gc.collect()
     if cuda:
