@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Host time of a block stack's forward+backward per compile set-up: what the step levers ``compile_scope``
-and ``cpp_wrapper`` act on, measured where the kernels cost nothing.
+"""Host time of a block stack's forward+backward per compile set-up: what the step levers ``compile_scope``,
+``cpp_wrapper`` and ``compile_mode: reduce-overhead`` act on, measured where the kernels cost nothing.
 
 A stack of ``--depth`` tiny transformer blocks (``--width``, 2 heads, 2 sequences of 5 or 7 tokens, dynamic
 shapes) runs forward+backward on fresh inputs; at these sizes the time is the host's: Dynamo's guard checks,
 AOTAutograd's wrappers, Inductor's host code, the autograd engine. Set-ups: eager, one compiled graph per
 block (``compile_scope: block``, the default), the same with Inductor's C++ host code (``cpp_wrapper``), one
 graph per stack (``compile_scope: stack``), the stack with the C++ host code (which torch refuses), and the
-stack unrolled into one graph (``compile_scope: unrolled``), with and without the C++ host code.
+stack unrolled into one graph (``compile_scope: unrolled``), with and without the C++ host code, and the block and
+the stack replayed from Inductor's CUDA-graph trees (``compile_mode: reduce-overhead``; on a CPU they run as
+compiled, so only a GPU run tells them apart).
 
     python benchmarks/host_overhead.py [--device cpu] [--depth 32] [--passes 30] [--out DIR]
 
@@ -40,6 +42,9 @@ SETUPS = {  # name -> apply_compile arguments (None: eager)
     "stack + C++ host code": dict(scope="stack", cpp_wrapper=True),
     "unrolled stack": dict(scope="unrolled"),
     "unrolled stack + C++ host code": dict(scope="unrolled", cpp_wrapper=True),
+    # compile_mode reduce-overhead: replays from Inductor's CUDA-graph trees (on a CPU the graphs run as compiled)
+    "block + CUDA graphs": dict(scope="block", mode="reduce-overhead"),
+    "stack + CUDA graphs": dict(scope="stack", mode="reduce-overhead"),
 }
 
 
@@ -52,9 +57,13 @@ def time_setup(kw, depth: int, width: int, passes: int, device: str) -> float:
         apply_compile(holder, dynamic=True, **kw)
     xs = [torch.randn(2, n, width, device=device) for n in (5, 7)]
 
+    graphs = kw is not None and kw.get("mode") == "reduce-overhead"
+
     def one(i):
+        if graphs:  # each pass a new generation of the tree (as the Trainer marks each micro-batch)
+            torch.compiler.cudagraph_mark_step_begin()
         run_blocks(holder.blocks, xs[i % 2].clone().requires_grad_()).sum().backward()
-    for i in range(4):
+    for i in range(4):  # each length twice: under CUDA-graph trees its warm-up and its recording
         one(i)
     if device == "cuda":
         torch.cuda.synchronize()
