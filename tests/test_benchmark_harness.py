@@ -61,6 +61,13 @@ def test_variant_keys_reach_the_config():
     assert cfg.attention_policy == "compiled:24=sdpa" and cfg.compile_mode == "max-autotune-no-cudagraphs"
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
     assert cfg.attention == "sdpa"
+    # the CUDA-graph trees' paths turn the recipe's C++ host code off, which the mode refuses
+    for name in ("fast_cg", "fast_cg_levers"):
+        _, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
+        assert cfg.compile_mode == "reduce-overhead" and not cfg.cpp_wrapper, name
+    assert cfg.combo_kernels and cfg.multi_kernel and cfg.bf16_residual and not cfg.cuda_graph_target
+    with pytest.raises(ConfigError, match="^cpp_wrapper: does not combine with compile_mode 'reduce-overhead'"):
+        _cfg("x:compile=1+mode=reduce-overhead")
     with pytest.raises(ValueError, match="unknown key"):
         profile_step.parse_variant("x:attn=sdpa")
     # a switch takes 0 or 1: "compile=true" once meant eager blocks, silently
@@ -119,10 +126,12 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # each path ran in its own process (--isolate, the default), which wrote its own record
     assert all((out / f"variant_{name}" / "profile_step.json").exists() for name in e2e_step.PATHS)
     errors = {r["name"]: r["error"] for r in res if "error" in r}
-    # run eagerly (--no-compile), fast_stack's compiled stacks and fast_levers' combo kernels have nothing to act
-    # on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
+    # run eagerly (--no-compile), fast_stack's compiled stacks, fast_levers' combo kernels and fast_cg's CUDA-graph
+    # trees have nothing to act on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
     # the Trainer, test_training_speed), the others run
-    assert list(errors) == ["fast_stack", "fast_unrolled", "fast_levers"], errors
+    assert list(errors) == ["fast_stack", "fast_unrolled", "fast_levers", "fast_cg", "fast_cg_levers"], errors
+    assert all(errors[n].startswith("ConfigError: compile_mode: applies to compiled blocks only")
+               for n in ("fast_cg", "fast_cg_levers")), errors
     assert errors["fast_unrolled"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_stack"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
@@ -340,7 +349,7 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
     # the baseline, the default, then the untried levers first: a cut section keeps them
-    assert paths[:4] == ["reference", "fast", "fast_levers", "fast_sdpa"], paths
+    assert paths[:5] == ["reference", "fast", "fast_cg", "fast_cg_levers", "fast_levers"], paths
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
     bases = ("compile=1", "compile=1+policy=compiled:24=sdpa", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
@@ -349,6 +358,7 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
             v, cfg = _cfg(spec)
             assert cfg.compile, spec
     assert "pyhost:$PB+cppwrap=0" in specs and "stack:$PB+scope=stack+cppwrap=0" in specs
+    assert "cg:$PB+mode=reduce-overhead+cppwrap=0" in specs
     assert "unrolled:$PB+scope=unrolled" in specs
 
 
@@ -437,20 +447,25 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
-    the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the five opt-in step levers (and each lever only there), and the
-    C++ host code of the ViT-H recipe everywhere but in the reference, fast_py and fast_stack."""
+    the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the five opt-in step levers (and
+    each lever only there, but for the three GPU-time levers in fast_cg_levers), the CUDA-graph trees in fast_cg and
+    fast_cg_levers only, and the C++ host code of the ViT-H recipe everywhere but in the reference, fast_py,
+    fast_stack and the CUDA-graph paths."""
     levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_sdpa": ("auto", "auto", "compiled:24=sdpa"),
-            "fast_levers": ("auto", "auto", "")}
+            "fast_levers": ("auto", "auto", ""), "fast_cg": ("auto", "auto", ""), "fast_cg_levers": ("auto", "auto", "")}
     assert set(e2e_step.PATHS) == set(want)
+    graphs = ("fast_cg", "fast_cg_levers")
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
-        on = [name == "fast_levers"] * 5 + [name not in ("reference", "fast_py", "fast_stack")]
+        on = ([name in ("fast_levers", "fast_cg_levers")] * 3 + [name == "fast_levers"] * 2
+              + [name not in ("reference", "fast_py", "fast_stack") + graphs])
         assert [getattr(cfg, k) for k in levers] == on, name
         assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled"}.get(name, "block"), name
+        assert (cfg.compile_mode == "reduce-overhead") is (name in graphs), name
 
 
 def test_every_bench_e2e_step_case_is_a_valid_config():

@@ -110,7 +110,8 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
     _raise_recompile_limit()
     if mode == "reduce-overhead":
         from torch._inductor import config as inductor_config
-        inductor_config.triton.cudagraph_dynamic_shape_warn_limit = None  # read when a call records, not compiles
+        if hasattr(inductor_config.triton, "cudagraph_dynamic_shape_warn_limit"):  # (read when a call records)
+            inductor_config.triton.cudagraph_dynamic_shape_warn_limit = None
     if cpp_wrapper:
         check_cpp_compiler()
     kw = {"mode": None if mode == "default" else mode}
