@@ -14,7 +14,8 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``fast_levers``: ``fast`` with the opt-in step levers (combo kernels, multi-kernel reductions, bf16
   residual stream, CUDA-graphed target encoder on a second stream);
 * ``fast_cg``: ``fast`` with every compiled block replayed from CUDA graphs (``compile_mode: reduce-overhead``,
-  Python host code); ``fast_cg_levers``: with combo kernels, multi-kernel reductions and the bf16 residual stream.
+  Python host code); ``fast_cg_levers``: with combo kernels, multi-kernel reductions and the bf16 residual stream;
+  ``fast_cg_stack``: with each model's block stack one graph.
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except the paths with a

@@ -45,7 +45,9 @@ mask batches:
   trained blocks too, not only the target encoder's, leaves the step — run 6 measured every path host-bound.
   Its warm-up runs each mask batch three times (warm-up, recording, replay). ``fast_cg_levers``: with the
   levers that act on GPU time and combine with it (``combo_kernels``, ``multi_kernel``, ``bf16_residual``),
-  which a host-bound step cannot show. Compiled only.
+  which a host-bound step cannot show. ``fast_cg_stack``: ``fast_cg`` with each model's block stack one graph
+  (``compile_scope: stack``): 5 replayed graph calls per step instead of ≈ 120, the least host work the pipeline
+  offers. Compiled only.
 
     python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out DIR
 
@@ -78,6 +80,7 @@ PATHS = {
     "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
     "fast_cg": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0",
     "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1",
+    "fast_cg_stack": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+scope=stack",
 }
 
 

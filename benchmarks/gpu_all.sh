@@ -33,8 +33,9 @@
 #      length; predicted 106-112 ms/step against fast's 118, NOTES.md); fast_cg_levers (with the three levers
 #      that act on GPU time, which the host bound hid: combo kernels, multi-kernel reductions, bf16 residual
 #      stream; predicted 98-106 ms); fast_levers (the five opt-in levers at once, the combo kernels now pointwise
-#      only; in run 6 its layernorm category fell from 11.5 to 3.8 ms a step); then fast_sdpa, fast_py,
-#      fast_stack, fast_triton, fast_unrolled, which the limit does not reach. Read each path's cudagraph_skips
+#      only; in run 6 its layernorm category fell from 11.5 to 3.8 ms a step); then fast_cg_stack (the trees over
+#      one graph per model's block stack), fast_sdpa, fast_py, fast_stack, fast_triton, fast_unrolled, which the
+#      limit does not reach. Read each path's cudagraph_skips
 #      (0 expected on the GPU) and peak GiB (issue 8: no more than the reference's).
 #   2. (timeout_s 220, sent at once) SEC_STOP=100 BUDGET_STOP=85 SEC_TESTS_NEW=110 bash benchmarks/gpu_all.sh stop tests-new
 #      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
@@ -151,7 +152,7 @@ for s in $SECTIONS; do
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_cg,fast_cg_levers,fast_levers,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast,fast_cg,fast_cg_levers,fast_levers,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

@@ -62,7 +62,7 @@ def test_variant_keys_reach_the_config():
     _, cfg = _cfg(f"r:{e2e_step.PATHS['reference']}")
     assert cfg.attention == "sdpa"
     # the CUDA-graph trees' paths turn the recipe's C++ host code off, which the mode refuses
-    for name in ("fast_cg", "fast_cg_levers"):
+    for name in ("fast_cg", "fast_cg_stack", "fast_cg_levers"):  # (the last one read below)
         _, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert cfg.compile_mode == "reduce-overhead" and not cfg.cpp_wrapper, name
     assert cfg.combo_kernels and cfg.multi_kernel and cfg.bf16_residual and not cfg.cuda_graph_target
@@ -129,9 +129,11 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # run eagerly (--no-compile), fast_stack's compiled stacks, fast_levers' combo kernels and fast_cg's CUDA-graph
     # trees have nothing to act on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
     # the Trainer, test_training_speed), the others run
-    assert list(errors) == ["fast_stack", "fast_unrolled", "fast_levers", "fast_cg", "fast_cg_levers"], errors
+    assert list(errors) == ["fast_stack", "fast_unrolled", "fast_levers", "fast_cg", "fast_cg_levers",
+                            "fast_cg_stack"], errors
     assert all(errors[n].startswith("ConfigError: compile_mode: applies to compiled blocks only")
                for n in ("fast_cg", "fast_cg_levers")), errors
+    assert errors["fast_cg_stack"].startswith("ConfigError: compile_"), errors
     assert errors["fast_unrolled"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_stack"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
@@ -448,23 +450,25 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
     the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the five opt-in step levers (and
-    each lever only there, but for the three GPU-time levers in fast_cg_levers), the CUDA-graph trees in fast_cg and
-    fast_cg_levers only, and the C++ host code of the ViT-H recipe everywhere but in the reference, fast_py,
+    each lever only there, but for the three GPU-time levers in fast_cg_levers), the CUDA-graph trees in the fast_cg
+    paths only, and the C++ host code of the ViT-H recipe everywhere but in the reference, fast_py,
     fast_stack and the CUDA-graph paths."""
     levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_sdpa": ("auto", "auto", "compiled:24=sdpa"),
-            "fast_levers": ("auto", "auto", ""), "fast_cg": ("auto", "auto", ""), "fast_cg_levers": ("auto", "auto", "")}
+            "fast_levers": ("auto", "auto", ""), "fast_cg": ("auto", "auto", ""), "fast_cg_levers": ("auto", "auto", ""),
+            "fast_cg_stack": ("auto", "auto", "")}
     assert set(e2e_step.PATHS) == set(want)
-    graphs = ("fast_cg", "fast_cg_levers")
+    graphs = ("fast_cg", "fast_cg_levers", "fast_cg_stack")
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
         on = ([name in ("fast_levers", "fast_cg_levers")] * 3 + [name == "fast_levers"] * 2
               + [name not in ("reference", "fast_py", "fast_stack") + graphs])
         assert [getattr(cfg, k) for k in levers] == on, name
-        assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled"}.get(name, "block"), name
+        assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled",
+                                     "fast_cg_stack": "stack"}.get(name, "block"), name
         assert (cfg.compile_mode == "reduce-overhead") is (name in graphs), name
 
 
