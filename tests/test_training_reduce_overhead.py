@@ -47,7 +47,7 @@ def test_reduce_overhead_warms_up_each_mask_batch_three_times():
     assert warmup_steps(TrainConfig(compile=False, compile_mode="reduce-overhead"), 1, 6) == 6
 
 
-def test_reduce_overhead_steps_mark_each_micro_batch_and_keep_stable_grads(tmp_path, cpu_train, monkeypatch):
+def test_reduce_overhead_steps_mark_each_micro_batch_and_keep_stable_grads(tmp_path, cpu_train, monkeypatch, capsys):
     """Each micro-batch starts a new generation of the tree (``cudagraph_mark_step_begin``); with several
     micro-batches the gradients accumulate into .grad buffers of their own, made once from the first backward's (a
     replayed backward's outputs are overwritten by the next replay) and zeroed, not freed, after each step; a
@@ -65,6 +65,8 @@ def test_reduce_overhead_steps_mark_each_micro_batch_and_keep_stable_grads(tmp_p
         cfg = TrainConfig(**dict(TINY, out=str(tmp_path / run), seed=3, grad_accum=2, **over))
         tr = Trainer(cfg, D.init_distributed(cfg), None)
         assert tr.cuda_graph_trees is (run != "eager") and tr.stable_grads is (run != "eager")
+        said = "compile_mode: 'reduce-overhead' has no CUDA graphs on cpu" in capsys.readouterr().out
+        assert said is (run != "eager")  # the CPU runs the graphs as compiled, and says so
         params = [p for m in (tr.models.encoder, tr.models.predictor) for p in m.parameters() if p.requires_grad]
         batches = synthetic_batches(cfg, 4, cfg.batch_size // 2, torch.device("cpu"), seed=4)
         torch.manual_seed(7)

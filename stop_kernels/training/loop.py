@@ -240,6 +240,9 @@ class Trainer:
                               f"the per-block hooks FSDP2 gathers the parameters in; use sharding none (one "
                               f"process) or compile_scope block, got sharding {self.sharding!r}")
         self.cuda_graph_trees = uses_cuda_graph_trees(cfg)
+        if self.cuda_graph_trees and self.device.type != "cuda":
+            _print(f"compile_mode: 'reduce-overhead' has no CUDA graphs on {self.device.type}: the compiled blocks run "
+                   f"as in mode 'default'", info, stream)
         if self.cuda_graph_trees and self.mesh is not None:
             raise ConfigError(f"compile_mode: 'reduce-overhead' replays graphs that read the parameters at fixed "
                               f"addresses, and FSDP2 gathers them into new memory every step; use sharding none (one "
