@@ -336,8 +336,8 @@ def check_cuda_graph_trees(cfg: TrainConfig) -> None:
     """Refuse, by key, what cannot share a step with the CUDA-graph trees of ``compile_mode: reduce-overhead``.
 
     - ``cpp_wrapper``: a replay runs no host code at all, so the C++ host code would only cost its compile,
-      and Inductor drops CUDA graphs for C++ host code under its graph partitions (on by default, torch 2.11
-      and 2.14).
+      and Inductor turns CUDA graphs off for C++ host code (torch 2.11, the GPU image's: always; torch 2.14:
+      under its graph partitions, on by default).
     - ``ac: block``: checkpointing re-runs each block's forward inside the backward, a forward call where the
       tree expects the backward's graphs.
     - ``cuda_graph_target`` / ``overlap_target``: the target encoder's blocks are then replayed by the tree
@@ -345,9 +345,9 @@ def check_cuda_graph_trees(cfg: TrainConfig) -> None:
     FSDP2 sharding (parameters gathered into new memory at every step, not static graph inputs) is refused
     by the Trainer, which knows the rank count."""
     for key, bad, why in (
-            ("cpp_wrapper", cfg.cpp_wrapper, "the replays run no host code, and Inductor does not graph C++ host "
-                                             "code under its graph partitions; add --cpp-wrapper false (the ViT-H "
-                                             "recipe turns it on)"),
+            ("cpp_wrapper", cfg.cpp_wrapper, "the replays run no host code, and Inductor turns CUDA graphs off for "
+                                             "C++ host code; add --cpp-wrapper false (the ViT-H recipe turns it "
+                                             "on)"),
             ("ac", cfg.ac != "none", "activation checkpointing re-runs each block's forward inside the backward, "
                                      "where the CUDA-graph tree expects the backward's graphs; use ac none"),
             ("cuda_graph_target", cfg.cuda_graph_target, "the tree replays the target encoder's blocks already; "
