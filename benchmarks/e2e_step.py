@@ -84,6 +84,13 @@ PATHS = {
 }
 
 
+def graphs_cell(r: dict) -> str:
+    """The table's CUDA-graph cell of a path: recorded / skipped, empty where the path does not use the trees."""
+    if "cudagraph_skips" not in r:
+        return ""
+    return f"{r.get('cudagraph_recordings')} / {r['cudagraph_skips']}"
+
+
 def main(argv=None) -> int:
     p = profile_step.build_parser()
     p.description = __doc__.split("\n\n")[0]
@@ -113,8 +120,8 @@ def main(argv=None) -> int:
         profile_step.print_report(gpu, args, results)
     with open(os.path.join(args.out, "e2e_step.json"), "w") as fh:
         json.dump({**profile_step.run_header(gpu), "results": results, "ratio": ratio}, fh, indent=1)
-    # graphs skipped: under compile_mode reduce-overhead, the compiled graphs Inductor ran without CUDA graphs
-    print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB | last loss | graphs skipped |  ({gpu}, "
+    # CUDA graphs: under compile_mode reduce-overhead, the graphs recorded / the compiled graphs run without them
+    print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB | last loss | CUDA graphs / skipped |  ({gpu}, "
           f"{args.model}, batch {args.batch_size}, compile={not args.no_compile})")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
             print(f"| {r['name']} | error: {r['error'][:150]} | | | | | | |")
         else:
             print(f"| {r['name']} | {r['ms_per_step']} | {r['images_per_s']} | {r['tflops']} | {r['mfu']:.1%} | "
-                  f"{r['peak_gib']} | {r['final_loss']} | {r.get('cudagraph_skips', '')} |")
+                  f"{r['peak_gib']} | {r['final_loss']} | {graphs_cell(r)} |")
     return 0
 
 

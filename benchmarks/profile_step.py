@@ -55,7 +55,7 @@ from stop_kernels.models.flops import peak_tflops  # noqa: E402
 from stop_kernels.models.predictor import INPUT_BACKENDS  # noqa: E402
 from stop_kernels.models.packing import mean_tokens  # noqa: E402
 from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
-from stop_kernels.training.parallelize import cudagraph_skips  # noqa: E402
+from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_common import card_limits, host_op_times, kernel_times  # noqa: E402
@@ -217,8 +217,9 @@ def run_variant(v: dict, args, info) -> dict:
     if v["compile"] == "1":
         from torch._dynamo.utils import counters
         res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
-        if tr.cuda_graph_trees:  # 0 when every compiled graph ran from CUDA graphs
+        if tr.cuda_graph_trees:  # skips 0 when every compiled graph ran from CUDA graphs; recordings > 0 on a GPU
             res["cudagraph_skips"] = cudagraph_skips()
+            res["cudagraph_recordings"] = cudagraph_recordings(info.device)
     del tr, batches
     gc.collect()
     if cuda:

@@ -93,13 +93,35 @@ def test_reduce_overhead_steps_mark_each_micro_batch_and_keep_stable_grads(tmp_p
 def test_reduce_overhead_replays_train_like_default_compiled_blocks(tmp_path, grad_accum):
     """Trainer steps with every compiled block replayed from CUDA graphs give the losses of the default mode over
     three passes of three mask batches (warm-up, recording, replay of each length): a replay reading a stale input,
-    or gradients overwritten between micro-batches, would show as another loss. No graph ran without CUDA graphs."""
+    or gradients overwritten between micro-batches, would show as another loss. The tree recorded graphs (the
+    mode took effect) and no graph ran without CUDA graphs."""
     from torch._dynamo.utils import counters
-    from stop_kernels.training.parallelize import cudagraph_skips
+    from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips
     base, _ = cuda_step_losses(tmp_path / "default", steps=9, compile=True, grad_accum=grad_accum)
+    before = cudagraph_recordings(torch.device("cuda"))  # (the tree is the process's: an earlier case's stay)
     counters.clear()
     graphed, tr = cuda_step_losses(tmp_path / "graphs", steps=9, compile=True, compile_mode="reduce-overhead",
                                     grad_accum=grad_accum)
     assert tr.cuda_graph_trees and cudagraph_skips() == 0
+    # encoder, predictor and target encoder blocks, forward (and backward for the trained ones), per length
+    assert cudagraph_recordings(torch.device("cuda")) >= before + 3 * 2, (before, cudagraph_recordings(torch.device("cuda")))
     for a, b in zip(graphed, base):
         assert abs(a - b) <= 1e-3 * abs(b), (graphed, base)
+
+
+def test_cudagraph_recordings_counts_every_node_of_the_tree(monkeypatch):
+    """The positive check that the trees took effect counts the recorded graphs of Inductor's tree on the device,
+    roots and their descendants (a fake tree here: a CPU has none), 0 off CUDA or before any recording, and None
+    where the tree's internals are not the ones it reads."""
+    import types
+
+    from torch._inductor import cudagraph_trees
+    from stop_kernels.training.parallelize import cudagraph_recordings
+
+    def node(*children):
+        return types.SimpleNamespace(children={"f": list(children)})
+    tree = types.SimpleNamespace(roots={"a": [node(node(), node(node()))], "b": [node()]})
+    assert cudagraph_recordings(torch.device("cpu")) == 0
+    for manager, want in ((tree, 5), (None, 0), (types.SimpleNamespace(roots=None), 0), (object(), None)):
+        monkeypatch.setattr(cudagraph_trees, "get_manager", lambda index, create_if_none_exists=True, m=manager: m)
+        assert cudagraph_recordings(torch.device("cuda", 0)) == want, manager

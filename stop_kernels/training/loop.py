@@ -43,7 +43,8 @@ from .config import ConfigError, TrainConfig, check_init_from, local_batch, uses
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, step_flops
-from .parallelize import count_parameters, cudagraph_skips, describe, paired_parameters, parallelize
+from .parallelize import (count_parameters, cudagraph_recordings, cudagraph_skips, describe, paired_parameters,
+                          parallelize)
 from .schedules import lr_at, momentum_at, wd_at
 
 
@@ -809,8 +810,9 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         "loss_first": values[0] if values else None, "loss_last": values[-1] if values else None,
         "torch": torch.__version__,
     }
-    if tr.cuda_graph_trees:  # graphs run without CUDA graphs (all of them on a CPU): the mode did not apply there
+    if tr.cuda_graph_trees:  # graphs run without CUDA graphs (all of them on a CPU), and the graphs recorded
         result["cudagraph_skips"] = cudagraph_skips()
+        result["cudagraph_recordings"] = cudagraph_recordings(info.device)
     if not all(math.isfinite(v) for v in values):
         result["warning"] = "non-finite loss during the benchmark"
     if info.is_main:

@@ -146,6 +146,28 @@ def cudagraph_skips() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
+def cudagraph_recordings(device: torch.device) -> Optional[int]:
+    """How many CUDA graphs Inductor's CUDA-graph tree on ``device`` holds (one per compiled graph call and length
+    recorded): the positive check that ``compile_mode: reduce-overhead`` took effect, next to
+    :func:`cudagraph_skips`. 0 off CUDA or before any recording; None where the tree's internals (read here, not a
+    public API) are not the ones of torch 2.11–2.14."""
+    if device.type != "cuda":
+        return 0
+    try:
+        from torch._inductor import cudagraph_trees
+        manager = cudagraph_trees.get_manager(device.index or 0, create_if_none_exists=False)
+        if manager is None or manager.roots is None:
+            return 0
+        count, nodes = 0, [node for group in manager.roots.values() for node in group]
+        while nodes:
+            node = nodes.pop()
+            count += 1
+            nodes.extend(child for group in node.children.values() for child in group)
+        return count
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
 def check_cpp_compiler() -> None:
     """``cpp_wrapper`` compiles each graph's host code with the system C++ compiler (Inductor's search: the one
     ``$CXX`` names, else g++). Without one, the first step would fail deep inside Inductor after the models were
@@ -302,4 +324,5 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
 
 
 __all__ = ["parallelize", "apply_ac", "apply_compile", "apply_fsdp", "clean_name", "block_list",
-           "paired_parameters", "mixed_precision", "count_parameters", "describe", "cudagraph_skips"]
+           "paired_parameters", "mixed_precision", "count_parameters", "describe", "cudagraph_skips",
+           "cudagraph_recordings"]
