@@ -35,8 +35,8 @@
 #      stream; predicted 98-106 ms); fast_levers (the five opt-in levers at once, the combo kernels now pointwise
 #      only; in run 6 its layernorm category fell from 11.5 to 3.8 ms a step); then fast_cg_stack (the trees over
 #      one graph per model's block stack), fast_sdpa, fast_py, fast_stack, fast_triton, fast_unrolled, which the
-#      limit does not reach. Read each path's cudagraph_skips
-#      (0 expected on the GPU) and peak GiB (issue 8: no more than the reference's).
+#      limit does not reach. Read the table's "CUDA graphs / skipped" column (recordings > 0 and 0 skipped
+#      expected on the GPU) and each path's peak GiB (issue 8: no more than the reference's).
 #   2. (timeout_s 220, sent at once) SEC_STOP=100 BUDGET_STOP=85 SEC_TESTS_NEW=110 bash benchmarks/gpu_all.sh stop tests-new
 #      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
 #      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
