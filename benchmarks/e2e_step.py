@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "e2e_step.json"), "w") as fh:
         json.dump({**profile_step.run_header(gpu), "results": results, "ratio": ratio}, fh, indent=1)
     # CUDA graphs: under compile_mode reduce-overhead, the graphs recorded / the compiled graphs run without them
-    print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB | last loss | CUDA graphs / skipped |  ({gpu}, "
+    print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB (reserved) | last loss | CUDA graphs / skipped |  ({gpu}, "
           f"{args.model}, batch {args.batch_size}, compile={not args.no_compile})")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
             print(f"| {r['name']} | error: {r['error'][:150]} | | | | | | |")
         else:
             print(f"| {r['name']} | {r['ms_per_step']} | {r['images_per_s']} | {r['tflops']} | {r['mfu']:.1%} | "
-                  f"{r['peak_gib']} | {r['final_loss']} | {graphs_cell(r)} |")
+                  f"{r['peak_gib']} ({r.get('peak_reserved_gib')}) | {r['final_loss']} | {graphs_cell(r)} |")
     return 0
 
 

@@ -147,6 +147,7 @@ def run_variant(v: dict, args, info) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
+    base_reserved = torch.cuda.memory_reserved() if cuda else 0
     t_build = time.perf_counter()
     tr = Trainer(cfg, info, None, sys.stderr)
     tr.models.predictor.input_backend = v["input"]
@@ -187,7 +188,9 @@ def run_variant(v: dict, args, info) -> dict:
     res.update(ms_per_step=round(1e3 * dt / args.steps, 2), host_ms_per_step=round(1e3 * t_queued / args.steps, 2),
                images_per_s=round(cfg.batch_size * args.steps / dt, 1), tflops=round(flops / dt / 1e12, 1),
                mfu=round(flops / dt / 1e12 / peak_tflops(gpu_of(info)), 4),
-               peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None)
+               peak_gib=round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 2) if cuda else None,
+               # CUDA-graph replays allocate nothing: their buffers (the graphs' pool) show in the reserved peak only
+               peak_reserved_gib=round((torch.cuda.max_memory_reserved() - base_reserved) / 2 ** 30, 2) if cuda else None)
     # what the profile's categories are measured against (the card's ceilings; no floor for elementwise work)
     m = tr.models
     # (the floors use the timed steps' mean lengths; the profiled steps cycle the same pool of batches)

@@ -368,9 +368,11 @@ def test_benchmark_prints_one_json_line(tmp_path, cpu_train, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1
     rec = json.loads(lines[0])
-    for key in ("images_per_s", "ms_per_step", "tflops", "mfu", "peak_mem_gib", "model", "batch", "gpu"):
+    for key in ("images_per_s", "ms_per_step", "tflops", "mfu", "peak_mem_gib", "peak_reserved_gib", "model", "batch",
+                "gpu"):
         assert key in rec
     assert rec["model"] == "vit_tiny" and rec["batch"] == 4 and rec["gpu"] == "cpu" and rec["images_per_s"] > 0
+    assert rec["peak_mem_gib"] is None and rec["peak_reserved_gib"] is None  # a CPU has no allocator peaks to read
     assert json.loads((tmp_path / "benchmark.json").read_text()) == rec
 
 

@@ -42,7 +42,8 @@ from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
 from .config import ConfigError, TrainConfig, check_init_from, local_batch, uses_cuda_graph_trees, validate
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
-from .metrics import LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, step_flops
+from .metrics import (LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, peak_reserved_gib,
+                      step_flops)
 from .parallelize import (count_parameters, cudagraph_recordings, cudagraph_skips, describe, paired_parameters,
                           parallelize)
 from .schedules import lr_at, momentum_at, wd_at
@@ -792,8 +793,9 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     tflops = flops / dt / 1e12
     peak = mfu_peak_tflops(cfg, info.device)
     mem = peak_memory_gib(info.device)  # the largest of the ranks' peaks: the memory a run must fit
+    reserved = peak_reserved_gib(info.device)  # (CUDA-graph replays' buffers are reserved, never allocated)
     if mem is not None:  # (None on every rank alike: the device type is the run's)
-        mem = D.all_reduce_max([mem], info)[0]
+        mem, reserved = D.all_reduce_max([mem, reserved], info)
     n_ctx, n_tgt = (sum(pool_counts[i % pool][c] for i in range(warm, total)) / max(n * cfg.batch_size, 1)
                     for c in (0, 1))
     result = {
@@ -806,6 +808,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         "ms_per_step": round(ms, 3), "images_per_s": round(cfg.batch_size * n / dt, 2),
         "tflops": round(tflops, 2), "mfu": None if peak is None else round(tflops / (peak * info.world_size), 4),
         "peak_mem_gib": None if mem is None else round(mem, 2),
+        "peak_reserved_gib": None if reserved is None else round(reserved, 2),
         "mean_ctx_tokens": round(n_ctx, 1), "mean_tgt_tokens": round(n_tgt, 1),
         "loss_first": values[0] if values else None, "loss_last": values[-1] if values else None,
         "torch": torch.__version__,

@@ -55,6 +55,15 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
     return None
 
 
+def peak_reserved_gib(device: torch.device) -> Optional[float]:
+    """The allocator's peak of reserved memory. Next to :func:`peak_memory_gib` for CUDA-graph replays: a replay
+    allocates nothing, so its buffers (the graphs' private pool, reserved at recording) show here and not in the
+    allocated peak of the replayed steps."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2 ** 30
+    return None
+
+
 def mfu_peak_tflops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
     """The per-device peak TFLOP/s that MFU divides by: ``cfg.peak_tflops`` when given (> 0); else (0, the default)
     the H100/H200 dense bf16 peak on a GPU, and None on a CPU: no MFU, since a GPU's peak says nothing of a CPU
