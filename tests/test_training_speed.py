@@ -497,4 +497,3 @@ def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, cpu_train, devic
     tol = 1e-5 if device == "cpu" else 1e-3
     for a, b in zip(losses[scope], losses["eager"]):
         assert abs(a - b) <= tol * abs(b), losses
-
