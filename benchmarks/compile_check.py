@@ -19,7 +19,8 @@ compiles, ~70 s of two cores; CI_STOP_CASES / CI_ATTN_CASES say why each case is
   kernel's own prune (``_prune_fwd`` / ``_prune_dw``: configs too big for the call's dtype, or whose
   last D tile lies beyond D), at E = 1280 and D = 384 (the predictor's; D = 512 for the D_TILES = 4
   configs), for the noise (StoP) and the memory operand (the predictor input's context projection).
-  Sizes change nothing else: E and D only enter through Triton's 16-divisibility specialisation.
+  Sizes change nothing else: E and D only enter through Triton's 16-divisibility specialisation. dW also
+  with the context rows of the predictor input's backward in the same launch (``HAS_CTX``).
 * ``_pos_noise_kernel``: both autotune configs, isotropic noise (no vector) and mask token (no noise).
 * ``_philox_normal_kernel``: its one launch (the tests' materialised noise).
 * attention: the forward and backward candidates (``_fwd_candidates`` / ``_bwd_candidates``: what the
@@ -154,6 +155,10 @@ def stop_specs(scope: str = "ci") -> List[Spec]:
                     out4[:1], idx, pos, w, bias, a=ctx, copies=4, stride_copy=out4.stride(0)))
         if call == "dw":
             autotuned("_noise_weight_grad_kernel", label, lambda: S.noise_weight_grad(out, w, SEED, 0.2))
+            # the predictor input's backward: the context rows (read from memory) in the same launch
+            ctx, gctx = torch.empty(R, E, dtype=wdt), torch.empty(R, width, dtype=wdt)
+            autotuned("_noise_weight_grad_kernel", f"{label}, context rows", lambda: S.noise_weight_grad(
+                out, w, SEED, 0.2, ctx_grad=gctx, ctx=ctx))
         elif call == "pos":
             autotuned("_pos_noise_kernel", f"isotropic, {label}", lambda: S.launch_pos_noise(
                 out, idx, pos, None, seed=SEED, noise_std=0.2))

@@ -433,7 +433,7 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
     assert {r_["impl"] for r_ in stop["timing"]} == {"fused", "fused-trusted", "fused-op", "eager"}
     assert [c for c in stop["config_sweep"] if c["ms"] is not None]
     # the breakdown's host side: the time to queue a call, and the host ops under the profiler (aten ops on the CPU)
-    assert set(stop["breakdown_host"]) == {"fused-op", "eager"}, stop["breakdown_host"]
+    assert set(stop["breakdown_host"]) == {"fused-trusted", "fused-op", "eager"}, stop["breakdown_host"]
     for host in stop["breakdown_host"].values():
         assert host["host_ms_per_call"] > 0 and host["top_host_ops"], host
         assert all(t >= 0 and n >= 0 and isinstance(k, str) for t, n, k in host["top_host_ops"]), host

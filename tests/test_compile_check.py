@@ -45,6 +45,9 @@ def test_ci_scope_covers_every_kernel_and_every_config(check_module):
     # (D_TILES = 4 at D = 512: the prune drops it at the predictor's D = 384)
     assert configs("_project_kernel", "noise, bf16") == all_of(S._FWD_CONFIGS)
     assert configs("_noise_weight_grad_kernel", "bf16") == all_of(S._DW_CONFIGS)
+    # dW with the predictor input's context rows in the same launch (HAS_CTX): every config too
+    assert sorted({str(s.config) for s in specs if s.kernel == "_noise_weight_grad_kernel"
+                   and s.label.startswith("bf16") and s.label.endswith("context rows")}) == all_of(S._DW_CONFIGS)
     assert configs("_project_kernel", "context, W bf16") == all_of(S._FWD_CONFIGS[:-1])
     assert configs("_pos_noise_kernel", "mask token, W bf16") == all_of(S._POS_CONFIGS)
     # float32 W: its own lists (the 16-bit tiles spilled registers with fp32 operands)

@@ -605,6 +605,17 @@ def test_every_weight_grad_config_matches_reference(device, i, monkeypatch):
         got2 = se.noise_weight_grad(go.view(3, R // 3, D), w, seed, sigma)
     tol = 1e-5 if w.dtype == torch.float32 else 1e-2
     assert rel(got, want) <= tol and rel(got2, want) <= tol, cfg
+    # context rows read from memory in the same launch (RC = 37: 4 splits of 10, 10, 10, 7 rows), x a strided
+    # column slice; alone (σ = 0: the noise rows add nothing) and with the noise rows
+    g = gen(12)
+    RC = 37
+    gc = torch.randn(RC, D, generator=g).to(device, w.dtype)
+    x = torch.randn(RC, 2 * E, generator=g).to(device, w.dtype)[:, ::2]
+    ctx_part = gc.double().T @ x.double()
+    with se.pin_configs(dw=cfg):
+        got_ctx = se.noise_weight_grad(go.view(3, R // 3, D), w, seed, 0.0, ctx_grad=gc, ctx=x)
+        got_both = se.noise_weight_grad(go.view(3, R // 3, D), w, seed, sigma, ctx_grad=gc, ctx=x)
+    assert rel(got_ctx, ctx_part) <= tol and rel(got_both, want + ctx_part) <= tol, cfg
 
 
 @pytest.mark.parametrize("device", DEVICES)

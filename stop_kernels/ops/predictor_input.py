@@ -39,10 +39,20 @@ def _views(out: torch.Tensor, npred: int, B: int, Nc: int, Nt: int):
     return out3[:B, :Nc], out3[:, Nc:]
 
 
+def _in_dtype(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    return t if t is None or dtype is None else t.to(dtype)
+
+
 def _assemble(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor], pos_embed: torch.Tensor, mask_token: Optional[torch.Tensor],
-              seed: torch.Tensor, noise_mode: str, noise_std: float) -> torch.Tensor:
-    """The forward launches (the body of the custom op and of its eager twin ``_AssembleFn``)."""
+              seed: torch.Tensor, noise_mode: str, noise_std: float, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The forward launches (the body of the custom op and of its eager twin ``_AssembleFn``).
+
+    ``compute_dtype`` (the autocast dtype, or None) is the dtype W, b and the mask token are taken in. They
+    are cast here, where autograd does not see it, so their gradients come back in the parameters' own dtypes
+    without an autograd cast node per parameter and step.
+    """
+    weight, bias, mask_token = (_in_dtype(t, compute_dtype) for t in (weight, bias, mask_token))
     npred, B, Nt = tgt_idx.shape
     Nc, E = ctx.shape[1:]
     D = weight.shape[0]
@@ -65,53 +75,56 @@ _assemble_op = torch.library.custom_op("stop_kernels::assemble_predictor_input",
 
 
 @_assemble_op.register_fake
-def _(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, mask_token, seed, noise_mode, noise_std):
+def _(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, mask_token, seed, noise_mode, noise_std, compute_dtype):
     npred, B, Nt = tgt_idx.shape
-    return weight.new_empty((npred * B, ctx.shape[1] + Nt, weight.shape[0]), dtype=_out_dtype(weight, pos_embed))
+    return weight.new_empty((npred * B, ctx.shape[1] + Nt, weight.shape[0]),
+                            dtype=torch.promote_types(compute_dtype or weight.dtype, pos_embed.dtype))
 
 
 def _assemble_setup(ctx, inputs, output):
     """Save what backward needs: the context tokens (for dW), indices, W and the seed (never the noise)."""
-    x, ctx_idx, tgt_idx, weight, bias, pos_embed, mask_token, seed, noise_mode, noise_std = inputs
+    x, ctx_idx, tgt_idx, weight, bias, pos_embed, mask_token, seed, noise_mode, noise_std, compute_dtype = inputs
     ctx.save_for_backward(x, ctx_idx, tgt_idx, weight, seed)
-    ctx.mode, ctx.noise_std = noise_mode, noise_std
+    ctx.mode, ctx.noise_std, ctx.compute_dtype = noise_mode, noise_std, compute_dtype
     ctx.meta = (x.dtype, bias.dtype if bias is not None else None, pos_embed.shape[0], pos_embed.dtype,
                 None if mask_token is None else (mask_token.shape, mask_token.dtype))
 
 
 def _assemble_backward(fctx, grad):
+    """Gradients in few launches (each costs host time in an eager, host-bound step; benchmarks/NOTES.md):
+    one cast of g to the GEMMs' dtype, one sum of its npred context groups, dctx = gctx·W (cuBLAS), and one
+    Triton launch for all of dW = gctxᵀ·x + Σ g_maskedᵀ·n (fp32 sums over row splits); db from g in fp32."""
     x, ctx_idx, tgt_idx, weight, seed = fctx.saved_tensors
     ctx_dtype, bias_dtype, P, pos_dtype, mask_meta = fctx.meta
     need_ctx, _, _, need_w, need_b, need_pos, need_mask = fctx.needs_input_grad[:7]
+    learned = fctx.mode == "learned"
     npred, B, Nt = tgt_idx.shape
     Nc, E = x.shape[1:]
     D = weight.shape[0]
     g = grad.reshape(npred, B, Nc + Nt, D)
-    gctx = g[:, :, :Nc].sum(0, dtype=torch.float32)                   # [B, Nc, D]: npred groups summed first
-    gmask = grad.reshape(npred * B, Nc + Nt, D)[:, Nc:]               # [npred·B, Nt, D] view when possible
     dctx = dw = db = dpos = dmask = None
-    # cast once, contiguously, for both GEMMs; dW's operand is its transposed view (cuBLAS reads it as is:
-    # a transpose taken before the cast was a strided copy)
-    g_w = gctx.reshape(B * Nc, D).to(weight.dtype) if (need_ctx or need_w) else None  # (not -1: D may be 0)
-    if need_ctx:  # the single dX GEMM
-        dctx = (g_w @ weight).reshape(B, Nc, E).to(ctx_dtype)
-    if need_w:
-        dw = g_w.t().to(x.dtype) @ x.reshape(B * Nc, E)
-        if fctx.mode == "learned":
-            dw = dw.float() + noise_weight_grad_in_backward(gmask, weight, seed, fctx.noise_std)
-        dw = dw.to(weight.dtype)
-    if need_b:
-        db = gctx.sum((0, 1))
-        if fctx.mode == "learned":
-            db = db + gmask.sum((0, 1), dtype=torch.float32)
-        db = db.to(bias_dtype)
+    if need_ctx or need_w:
+        wc = _in_dtype(weight, fctx.compute_dtype)  # the W the forward multiplied with
+        # g in the GEMMs' dtype (cast once: the dW kernel reads its masked rows too), npred context groups summed
+        # (each element rounded to that dtype first, then summed in fp32, as cuBLAS would read a cast g)
+        gc = g.to(wc.dtype) if (need_w and learned) else g[:, :, :Nc].to(wc.dtype)
+        gctx = gc[:, :, :Nc].sum(0).reshape(B * Nc, D)             # (not -1: D may be 0)
+        if need_ctx:  # the single dX GEMM
+            dctx = (gctx @ wc).reshape(B, Nc, E).to(ctx_dtype)
+        if need_w:  # one launch: context rows from memory, masked rows from the regenerated noise
+            gmask = gc.reshape(npred * B, Nc + Nt, D)[:, Nc:] if learned else gctx[None, :0]  # (no noise rows)
+            dw = noise_weight_grad_in_backward(gmask, wc, seed, fctx.noise_std if learned else 0.0,
+                                               ctx_grad=gctx, ctx=x.reshape(B * Nc, E).to(wc.dtype))
+            dw = dw.to(weight.dtype)
+    if need_b:  # Σ of the rows b reached, in fp32: every row (learned), else the context rows of every group
+        db = (g if learned else g[:, :, :Nc]).sum((0, 1, 2), dtype=torch.float32).to(bias_dtype)
     if need_mask and fctx.mode == "none":
         shape, dtype = mask_meta
-        dmask = gmask.sum((0, 1), dtype=torch.float32).reshape(shape).to(dtype)
+        dmask = g[:, :, Nc:].sum((0, 1, 2), dtype=torch.float32).reshape(shape).to(dtype)
     if need_pos:
-        dpos = scatter_rows(gctx, ctx_idx, P)
-        dpos = scatter_rows(gmask, tgt_idx, P, out=dpos).to(pos_dtype)
-    return dctx, None, None, dw, db, dpos, dmask, None, None, None
+        dpos = scatter_rows(g[:, :, :Nc].sum(0, dtype=torch.float32), ctx_idx, P)
+        dpos = scatter_rows(g[:, :, Nc:], tgt_idx, P, out=dpos).to(pos_dtype)
+    return dctx, None, None, dw, db, dpos, dmask, None, None, None, None
 
 
 torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assemble_backward,
@@ -176,13 +189,13 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
                               generator)
     amp = autocast_dtype(weight.device)
     if amp is not None:
-        ctx, weight = ctx.to(amp), weight.to(amp)
-        bias = bias.to(amp) if bias is not None else None
-        mask_token = mask_token.to(amp) if mask_token is not None else None
-    dtypes = [t.dtype for t in (ctx, weight, bias, pos_embed, mask_token) if t is not None]
+        ctx = ctx.to(amp)
+    params = (weight, bias, mask_token)
+    dtypes = [ctx.dtype, pos_embed.dtype] + [amp or t.dtype for t in params if t is not None]
     resolved = check_backend(backend, weight.device, dtypes)
     npred, B, Nt = tgt.shape
     if resolved == "reference":
+        weight, bias, mask_token = (_in_dtype(t, amp) for t in params)
         if noise_mode == "none":
             n = None
         else:
@@ -192,7 +205,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             n = n.to(device=weight.device, dtype=dtype).reshape(npred, B, Nt, width)
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
                                                   noise_std=noise_std, mask_token=mask_token, noise=n)
-    args = (ctx, ctx_idx, tgt, weight, bias, pos_embed, mask_token, seed, noise_mode, float(noise_std))
+    # the kernels take W, b and the mask token as they are and cast them themselves (to ``amp``)
+    args = (ctx, ctx_idx, tgt, weight, bias, pos_embed, mask_token, seed, noise_mode, float(noise_std), amp)
     return _AssembleFn.apply(*args) if custom_op_bypass_ok(ctx) else _assemble_op(*args)
 
 

@@ -332,10 +332,24 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
 
 
 @triton.jit
-def _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol, D, n, acc, w_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc ``[BLOCK_D, 4·BLOCK_K]`` + gᵀ·n for one row block and one D tile (n: the concatenated noise tile)."""
+def _dw_step(g_rows, stride_gd, row_ok, dcol, D, a, acc, w_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc ``[BLOCK_D, 4·BLOCK_K]`` + gᵀ·a for one row block and one D tile (a: the row block's A tile)."""
     g = tl.load(g_rows[:, None] + dcol[None, :] * stride_gd, mask=row_ok[:, None] & (dcol < D)[None, :], other=0.0)
-    return _mma(tl.trans(g.to(w_ptr.dtype.element_ty)), n, acc, w_ptr, PRECISION, UPCAST)
+    return _mma(tl.trans(g.to(w_ptr.dtype.element_ty)), a, acc, w_ptr, PRECISION, UPCAST)
+
+
+@triton.jit
+def _dw_steps(g_rows, stride_gd, row_ok, dcol0, D, a, acc0, acc1, acc2, acc3, w_ptr, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr):
+    """gᵀ·a of one row block into each of the program's D_TILES accumulators (a: ``[BLOCK_M, 4·BLOCK_K]``)."""
+    acc0 = _dw_step(g_rows, stride_gd, row_ok, dcol0, D, a, acc0, w_ptr, PRECISION, UPCAST)
+    if D_TILES > 1:
+        acc1 = _dw_step(g_rows, stride_gd, row_ok, dcol0 + BLOCK_D, D, a, acc1, w_ptr, PRECISION, UPCAST)
+    if D_TILES > 2:
+        acc2 = _dw_step(g_rows, stride_gd, row_ok, dcol0 + 2 * BLOCK_D, D, a, acc2, w_ptr, PRECISION, UPCAST)
+    if D_TILES > 3:
+        acc3 = _dw_step(g_rows, stride_gd, row_ok, dcol0 + 3 * BLOCK_D, D, a, acc3, w_ptr, PRECISION, UPCAST)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -344,24 +358,26 @@ def _dw_store(base, dcol, D, E, e, e_ok, acc):
     tl.store(base + dcol[:, None] * E + e[None, :], acc, mask=(dcol < D)[:, None] & e_ok[None, :])
 
 
-@triton.autotune(configs=_DW_CONFIGS + _DW_CONFIGS_FP32, key=["E", "D"], prune_configs_by={"early_config_prune": _prune_dw},
-                 cache_results=True)
-@triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "rows_per_split"])
+@triton.autotune(configs=_DW_CONFIGS + _DW_CONFIGS_FP32, key=["E", "D", "HAS_CTX"],
+                 prune_configs_by={"early_config_prune": _prune_dw}, cache_results=True)
+@triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "rows_per_split", "RC", "ctx_rows_per_split"])
 def _noise_weight_grad_kernel(g_ptr, stride_gg, stride_gr, stride_gd, w_ptr, dw_ptr,
                               R, E, E4, D, G, rows_per_split, key0, key1, sigma,
-                              PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                              gc_ptr, stride_gcm, stride_gcd, x_ptr, stride_xm, stride_xk, RC, ctx_rows_per_split,
+                              HAS_CTX: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr,
                               BLOCK_K: tl.constexpr):
-    """partial[s, d, q + j·E4] = Σ_{r in split s} g[r, d]·n[r, q + j·E4], q in [q0, q0 + BLOCK_K), j = 0..3.
+    """partial[s, d, e] = Σ_{r in split s} g[r, d]·n[r, e] (+ Σ_{c in split s} gc[c, d]·x[c, e] with HAS_CTX)
+    for the columns e = q + j·E4, q in [q0, q0 + BLOCK_K), j = 0..3.
 
-    One program: D_TILES [BLOCK_D, 4·BLOCK_K] tiles; the noise of a row block is regenerated once and
-    reduced into all D_TILES (≤ 4) D tiles.
+    One program: D_TILES [BLOCK_D, 4·BLOCK_K] tiles. With HAS_CTX the split first reduces its share of the RC
+    rows of a second product read from memory (the predictor input's context rows: gradient ``gc``
+    ``[RC, D]``, tokens ``x`` ``[RC, E]``) into the same accumulators, so dW of the whole predictor input is one
+    fp32 sum of the splits. The noise of a row block is regenerated once and reduced into all D_TILES (≤ 4)
+    D tiles.
     """
     tl.static_assert(D_TILES >= 1 and D_TILES <= 4)
     dcol0 = tl.program_id(0) * (BLOCK_D * D_TILES) + tl.arange(0, BLOCK_D)
-    dcol1 = dcol0 + BLOCK_D
-    dcol2 = dcol0 + 2 * BLOCK_D
-    dcol3 = dcol0 + 3 * BLOCK_D
     q0 = tl.program_id(1) * BLOCK_K
     split = tl.program_id(2)
     dt = w_ptr.dtype.element_ty
@@ -370,36 +386,40 @@ def _noise_weight_grad_kernel(g_ptr, stride_gg, stride_gr, stride_gd, w_ptr, dw_
     acc1 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_D, 4 * BLOCK_K], dtype=tl.float32)
+    if HAS_CTX:
+        # the context rows of this split: A = x[rows, e] from memory, gradient rows gc[rows]
+        c_begin = split * ctx_rows_per_split
+        c_end = tl.minimum(c_begin + ctx_rows_per_split, RC)
+        for m0 in range(c_begin, c_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < c_end
+            a = _load_a(x_ptr, stride_xm, stride_xk, rows, row_ok, e, e_ok).to(dt)
+            acc0, acc1, acc2, acc3 = _dw_steps(gc_ptr + rows.to(tl.int64) * stride_gcm, stride_gcd, row_ok, dcol0, D,
+                                               a, acc0, acc1, acc2, acc3, w_ptr, PRECISION, UPCAST, BLOCK_D, D_TILES)
     r_begin = split * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, R)
-    # reduction over this split's rows: regenerate the noise of a row block once as one
-    # [BLOCK_M, 4·BLOCK_K] tile (columns q0 + k + j·E4), then load gᵀ [BLOCK_D, BLOCK_M] of every
-    # D tile and accumulate gᵀ·n. The quarters are made as [K, M] tiles, stacked and transposed once:
-    # 2 barriers per step instead of 8-18 with [M, K] tiles joined side by side (sm_90a SASS, every
-    # config, triton 3.6 and 3.8)
+    # the masked rows of this split: regenerate the noise of a row block once as one [BLOCK_M, 4·BLOCK_K] tile
+    # (columns q0 + k + j·E4), then load gᵀ [BLOCK_D, BLOCK_M] of every D tile and accumulate gᵀ·n. The
+    # quarters are made as [K, M] tiles, stacked and transposed once: 2 barriers per step instead of 8-18
+    # with [M, K] tiles joined side by side (sm_90a SASS, every config, triton 3.6 and 3.8)
     for m0 in range(r_begin, r_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < r_end
         r64 = rows.to(tl.int64)
-        g_rows = g_ptr + ((r64 // G) * stride_gg + (r64 % G) * stride_gr)
         n0, n1, n2, n3 = normal_quarters(rows[None, :], (q0 + tl.arange(0, BLOCK_K))[:, None], key0, key1, sigma)
         n = tl.trans(_cat4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt), 0))
-        acc0 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol0, D, n, acc0, w_ptr, PRECISION, UPCAST)
-        if D_TILES > 1:
-            acc1 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol1, D, n, acc1, w_ptr, PRECISION, UPCAST)
-        if D_TILES > 2:
-            acc2 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol2, D, n, acc2, w_ptr, PRECISION, UPCAST)
-        if D_TILES > 3:
-            acc3 = _dw_step(g_ptr, stride_gd, g_rows, row_ok, dcol3, D, n, acc3, w_ptr, PRECISION, UPCAST)
+        acc0, acc1, acc2, acc3 = _dw_steps(g_ptr + ((r64 // G) * stride_gg + (r64 % G) * stride_gr), stride_gd,
+                                           row_ok, dcol0, D, n, acc0, acc1, acc2, acc3, w_ptr, PRECISION, UPCAST,
+                                           BLOCK_D, D_TILES)
     # store this split's fp32 partial [D, E] at the step's columns (padded columns masked)
     base = dw_ptr + split.to(tl.int64) * D * E
     _dw_store(base, dcol0, D, E, e, e_ok, acc0)
     if D_TILES > 1:
-        _dw_store(base, dcol1, D, E, e, e_ok, acc1)
+        _dw_store(base, dcol0 + BLOCK_D, D, E, e, e_ok, acc1)
     if D_TILES > 2:
-        _dw_store(base, dcol2, D, E, e, e_ok, acc2)
+        _dw_store(base, dcol0 + 2 * BLOCK_D, D, E, e, e_ok, acc2)
     if D_TILES > 3:
-        _dw_store(base, dcol3, D, E, e, e_ok, acc3)
+        _dw_store(base, dcol0 + 3 * BLOCK_D, D, E, e, e_ok, acc3)
 
 
 @triton.jit
@@ -532,13 +552,21 @@ def _dw_splits(R: int, D: int, E4: int, sms: int, max_split: int = 16) -> int:
     return min(s for s, c in costs.items() if c <= 1.1 * best)
 
 
-def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_std: float) -> torch.Tensor:
-    """``dW = Σ_r g[r]ᵀ n[r]`` (fp32 ``[D, E]``) with n regenerated; ``g3`` is ``[groups, G, D]`` (any strides)."""
+def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_std: float, *,
+                      ctx_grad: Optional[torch.Tensor] = None, ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dW = Σ_r g[r]ᵀ n[r]`` (fp32 ``[D, E]``) with n regenerated; ``g3`` is ``[groups, G, D]`` (any strides).
+
+    With ``ctx_grad`` (``[RC, D]``) and ``ctx`` (``[RC, E]``) the same launch adds ``ctx_gradᵀ·ctx``: the dW of a
+    projection whose other rows read their input from memory (the predictor input's context rows), accumulated
+    in the same fp32 sums, so no second GEMM, cast or add runs. Their tiles are multiplied in the weight's
+    dtype, as the noise's.
+    """
     D, E = weight.shape
-    R = g3.shape[0] * g3.shape[1]
-    if R == 0 or noise_std == 0.0:
+    R = g3.shape[0] * g3.shape[1] if noise_std != 0.0 else 0  # σ = 0: the noise rows add nothing
+    RC = 0 if ctx is None else ctx.shape[0]
+    if (R == 0 and RC == 0) or D == 0 or E == 0:
         return torch.zeros((D, E), dtype=torch.float32, device=weight.device)
-    if g3.dtype != weight.dtype:
+    if R and g3.dtype != weight.dtype:
         # The kernel multiplies in the weight's dtype (it casts each loaded g tile), so casting first gives the same
         # dW. It is a matter of speed: under autocast g is the fp32 gradient of the fp32 predictor input, and fp32 g
         # tiles tripled the kernel's main loop in SASS (544 -> 1586 instructions, 148 -> 238 registers for the
@@ -547,17 +575,20 @@ def noise_weight_grad(g3: torch.Tensor, weight: torch.Tensor, seed: int, noise_s
         g3 = g3.to(weight.dtype, memory_format=torch.contiguous_format)
     G, s_gg, s_gr, s_gd = _rows3(g3)
     E4 = quarter_width(E)
-    split = _dw_splits(R, D, E4, _num_sms(weight.device))
-    rows_per_split = triton.cdiv(R, split)
+    split = _dw_splits(R + RC, D, E4, _num_sms(weight.device))
+    rows_per_split, ctx_rows_per_split = triton.cdiv(R, split), triton.cdiv(RC, split)
     partial = torch.empty((split, D, E), dtype=torch.float32, device=weight.device)
     key0, key1 = seed_key_args(seed)
     grid = lambda meta: (triton.cdiv(D, meta["BLOCK_D"] * meta["D_TILES"]), triton.cdiv(E4, meta["BLOCK_K"]),  # noqa: E731
                          split)
-    args = (g3, s_gg, s_gr, s_gd, weight, partial, R, E, E4, D, G, rows_per_split, key0, key1, float(noise_std))
-    interp = lambda: dict(BLOCK_M=_pow2(rows_per_split, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,  # noqa: E731
-                          BLOCK_K=_pow2(E4, 16, 64))
+    has_ctx = RC > 0
+    gc, x = (ctx_grad, ctx) if has_ctx else (weight, weight)
+    args = (g3, s_gg, s_gr, s_gd, weight, partial, R, E, E4, D, G, rows_per_split, key0, key1, float(noise_std),
+            gc, gc.stride(0), gc.stride(1), x, x.stride(0), x.stride(1), RC, ctx_rows_per_split)
+    interp = lambda: dict(BLOCK_M=_pow2(max(rows_per_split, ctx_rows_per_split), 16, 1024),  # noqa: E731
+                          BLOCK_D=_pow2(D, 16, 128), D_TILES=1, BLOCK_K=_pow2(E4, 16, 64))
     _launch(_noise_weight_grad_kernel, grid, args,
-            dict(PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "dw")
+            dict(HAS_CTX=has_ctx, PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "dw")
     return partial[0] if split == 1 else partial.sum(0)
 
 
@@ -616,23 +647,25 @@ def _(pos_embed, idx, weight, bias, seed, noise_std):
 
 
 @torch.library.custom_op("stop_kernels::noise_weight_grad", mutates_args=())
-def _noise_weight_grad_op(grad: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, noise_std: float) -> torch.Tensor:
-    """fp32 ``[D, E]`` = Σ_r grad[r]ᵀ n[r]; ``grad`` is ``[groups, G, D]`` (rows r = group·G + i)."""
-    return noise_weight_grad(grad, weight, int(seed), noise_std)
+def _noise_weight_grad_op(grad: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, noise_std: float,
+                          ctx_grad: Optional[torch.Tensor], ctx: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 ``[D, E]`` = Σ_r grad[r]ᵀ n[r] (+ ctx_gradᵀ·ctx); ``grad`` is ``[groups, G, D]`` (rows r = group·G + i)."""
+    return noise_weight_grad(grad, weight, int(seed), noise_std, ctx_grad=ctx_grad, ctx=ctx)
 
 
 @_noise_weight_grad_op.register_fake
-def _(grad, weight, seed, noise_std):
+def _(grad, weight, seed, noise_std, ctx_grad, ctx):
     return weight.new_empty(weight.shape, dtype=torch.float32)
 
 
-def noise_weight_grad_in_backward(grad: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor,
-                                  noise_std: float) -> torch.Tensor:
+def noise_weight_grad_in_backward(grad: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, noise_std: float, *,
+                                  ctx_grad: Optional[torch.Tensor] = None,
+                                  ctx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`noise_weight_grad` inside an op's backward: the custom op where the backward is traced
     (torch.compile), the launcher itself in eager, without the dispatcher round trip."""
     if custom_op_bypass_ok(grad):
-        return noise_weight_grad(grad, weight, int(seed), noise_std)
-    return _noise_weight_grad_op(grad, weight, seed, noise_std)
+        return noise_weight_grad(grad, weight, int(seed), noise_std, ctx_grad=ctx_grad, ctx=ctx)
+    return _noise_weight_grad_op(grad, weight, seed, noise_std, ctx_grad, ctx)
 
 
 def _stop_setup(ctx, inputs, output):
