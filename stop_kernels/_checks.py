@@ -81,6 +81,12 @@ def trusted_device_indices() -> Iterator[None]:
 def index_tensor(name: str, t, *, upper: int, what: str = "", **kw) -> torch.Tensor:
     """Check an integer index tensor whose values must lie in [0, upper)."""
     tensor(name, t, dtypes=INDEX_DTYPES, **kw)
+    return index_range(name, t, upper=upper, what=what)
+
+
+def index_range(name: str, t: torch.Tensor, *, upper: int, what: str = "") -> torch.Tensor:
+    """The value part of :func:`index_tensor` (``t`` already checked as an index tensor): ``0 <= t < upper``,
+    read back to the host for CPU tensors always and for device tensors unless :func:`trusted_device_indices`."""
     if t.numel() > 0 and (_DEVICE_RANGE_CHECKS or t.device.type == "cpu") and t.device.type != "meta":
         values = t
         if torch._C._are_functorch_transforms_active():
@@ -94,6 +100,53 @@ def index_tensor(name: str, t, *, upper: int, what: str = "", **kw) -> torch.Ten
             extra = f" ({what})" if what else ""
             raise ValueError(f"{name}: values must lie in [0, {upper}){extra}, got {bad}")
     return t
+
+
+def signature(values) -> Optional[tuple]:
+    """Hashable metadata of ``values`` (a tuple) for remembering checks that read nothing else: a tensor's
+    type, shape, strides, dtype and device; a list or tuple element-wise; None, str, bool, int and float as they
+    are. None when a value is of any other kind (such a call is always checked in full)."""
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append((type(v), v.shape, v.stride(), v.dtype, v.device))
+        elif isinstance(v, (list, tuple)):
+            sub = signature(v)
+            if sub is None:
+                return None
+            out.append((type(v), sub))
+        elif v is None or isinstance(v, (str, bool, int, float)):
+            out.append((type(v), v))
+        else:
+            return None
+    return tuple(out)
+
+
+class CheckedSignatures:
+    """The signatures (:func:`signature`) of argument sets that passed a metadata-only check, so a call repeating
+    one (every training step repeats a handful) skips the check's Python, tens of microseconds of host time
+    per call. Bounded: cleared past ``limit`` entries. Not used while tracing or inside functorch transforms,
+    whose wrapped tensors' metadata is per sample."""
+
+    def __init__(self, limit: int = 512):
+        self.limit, self.seen = limit, set()
+
+    def key(self, values) -> Optional[tuple]:
+        """The signature of ``values``, or None where it cannot stand in for the check (traced code never
+        reads or fills the set)."""
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return None
+        return signature(values)
+
+    def add(self, key: Optional[tuple]) -> None:
+        if key is None:
+            return
+        if len(self.seen) >= self.limit:
+            self.seen.clear()
+        self.seen.add(key)
+
+    def __contains__(self, key) -> bool:
+        return key is not None and key in self.seen
 
 
 def same_device(**named: Optional[torch.Tensor]) -> torch.device:

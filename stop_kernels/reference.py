@@ -27,23 +27,26 @@ TargetIndices = Union[torch.Tensor, Sequence[torch.Tensor]]
 # ----------------------------------------------------------------------------------------------
 # token gathering (the official `apply_masks`)
 # ----------------------------------------------------------------------------------------------
-def stack_target_indices(tgt_idx: TargetIndices, name: str = "tgt_idx") -> torch.Tensor:
+def stack_target_indices(tgt_idx: TargetIndices, name: str = "tgt_idx", *, checked: bool = False) -> torch.Tensor:
     """Normalise target indices to one ``[npred, B, Nt]`` tensor.
 
     Accepts the official layout (a list of ``npred`` tensors ``[B, Nt]``) or an already stacked
-    ``[npred, B, Nt]`` tensor.
+    ``[npred, B, Nt]`` tensor. ``checked``: the caller has already validated this layout (no checks).
     """
     if isinstance(tgt_idx, torch.Tensor):
-        chk.tensor(name, tgt_idx, ndim=3, dtypes=chk.INDEX_DTYPES)
+        if not checked:
+            chk.tensor(name, tgt_idx, ndim=3, dtypes=chk.INDEX_DTYPES)
         return tgt_idx
-    if not isinstance(tgt_idx, (list, tuple)) or len(tgt_idx) == 0:
-        raise TypeError(f"{name}: expected a non-empty list of [B, Nt] index tensors or a [npred, B, Nt] tensor")
-    for i, t in enumerate(tgt_idx):
-        chk.tensor(f"{name}[{i}]", t, ndim=2, dtypes=chk.INDEX_DTYPES)
-        if t.shape != tgt_idx[0].shape:
-            raise ValueError(f"{name}[{i}]: expected shape {tuple(tgt_idx[0].shape)} like {name}[0], got {tuple(t.shape)}")
-        if t.device != tgt_idx[0].device:
-            raise ValueError(f"{name}[{i}]: expected device {tgt_idx[0].device} like {name}[0], got {t.device}")
+    if not checked:
+        if not isinstance(tgt_idx, (list, tuple)) or len(tgt_idx) == 0:
+            raise TypeError(f"{name}: expected a non-empty list of [B, Nt] index tensors or a [npred, B, Nt] tensor")
+        for i, t in enumerate(tgt_idx):
+            chk.tensor(f"{name}[{i}]", t, ndim=2, dtypes=chk.INDEX_DTYPES)
+            if t.shape != tgt_idx[0].shape:
+                raise ValueError(f"{name}[{i}]: expected shape {tuple(tgt_idx[0].shape)} like {name}[0], got "
+                                 f"{tuple(t.shape)}")
+            if t.device != tgt_idx[0].device:
+                raise ValueError(f"{name}[{i}]: expected device {tgt_idx[0].device} like {name}[0], got {t.device}")
     return torch.stack(list(tgt_idx), 0)
 
 
@@ -126,11 +129,40 @@ def check_isotropic_noise(noise: torch.Tensor, shape, pos_embed: torch.Tensor) -
                          f"noise_mode='isotropic', got {tuple(noise.shape)}")
 
 
+_ASSEMBLY_CHECKED = chk.CheckedSignatures()
+
+
 def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token):
     """Validate the arguments of :func:`assemble_predictor_input` (shared with the fused op).
 
-    Returns the stacked ``[npred, B, Nt]`` target indices.
+    Returns the stacked ``[npred, B, Nt]`` target indices. The checks of kinds, shapes, dtypes and devices run
+    once per distinct signature of the arguments (``chk.CheckedSignatures``: a training step repeats a few); the
+    index values are checked on every call (unless ``trusted_device_indices`` for device tensors).
     """
+    autocast = torch.is_autocast_enabled(ctx.device.type) if isinstance(ctx, torch.Tensor) else None
+    key = _ASSEMBLY_CHECKED.key((ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
+                                 autocast))
+    known = key in _ASSEMBLY_CHECKED
+    if not known:
+        _check_assembly_metadata(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
+                                 autocast)
+    tgt = stack_target_indices(tgt_idx, checked=known)
+    if not known:
+        chk.tensor("tgt_idx", tgt, dtypes=chk.INDEX_DTYPES)
+        if tgt.shape[1] != ctx.shape[0]:
+            raise ValueError(f"tgt_idx: expected batch size {ctx.shape[0]} (ctx.shape[0]), got shape {tuple(tgt.shape)}")
+        chk.same_device(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=weight, bias=bias, pos_embed=pos_embed,
+                        mask_token=mask_token)
+    P = pos_embed.shape[0]
+    chk.index_range("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows")
+    chk.index_range("tgt_idx", tgt, upper=P, what=f"pos_embed has {P} rows")
+    _ASSEMBLY_CHECKED.add(key)
+    return tgt
+
+
+def _check_assembly_metadata(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
+                             autocast):
+    """The checks of :func:`check_assembly_args` that read kinds, shapes, dtypes and values other than indices."""
     chk.float_tensor("ctx", ctx, ndim=3)
     chk.float_tensor("weight", weight, ndim=2)
     chk.position_table("pos_embed", pos_embed)
@@ -138,21 +170,16 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     chk.non_negative("noise_std", noise_std)
     B, Nc, E = ctx.shape
     D = weight.shape[0]
-    P = pos_embed.shape[0]
-    if ctx.dtype != weight.dtype and not torch.is_autocast_enabled(ctx.device.type):  # autocast casts both
+    if ctx.dtype != weight.dtype and not autocast:  # autocast casts both
         raise TypeError(f"ctx: expected the dtype of weight ({weight.dtype}) for the context projection, got {ctx.dtype}")
     if bias is not None:
         chk.float_tensor("bias", bias, ndim=1)
     chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", E=E, E_from="ctx.shape[-1]",
                           bias=bias)
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
-    chk.index_tensor("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows", ndim=2)
+    chk.tensor("ctx_idx", ctx_idx, dtypes=chk.INDEX_DTYPES, ndim=2)
     if tuple(ctx_idx.shape) != (B, Nc):
         raise ValueError(f"ctx_idx: expected shape {(B, Nc)} (ctx.shape[:2]), got {tuple(ctx_idx.shape)}")
-    tgt = stack_target_indices(tgt_idx)
-    chk.index_tensor("tgt_idx", tgt, upper=P, what=f"pos_embed has {P} rows")
-    if tgt.shape[1] != B:
-        raise ValueError(f"tgt_idx: expected batch size {B} (ctx.shape[0]), got shape {tuple(tgt.shape)}")
     if bias is not None:
         chk.dim_equals("bias", bias, 0, D, "predictor width D")
     if noise_mode == "none" and mask_token is None:
@@ -161,9 +188,6 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
         chk.float_tensor("mask_token", mask_token)
         if mask_token.numel() != D:
             raise ValueError(f"mask_token: expected {D} elements (predictor width), got shape {tuple(mask_token.shape)}")
-    chk.same_device(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=weight, bias=bias, pos_embed=pos_embed,
-                    mask_token=mask_token)
-    return tgt
 
 
 def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: TargetIndices,

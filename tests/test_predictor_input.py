@@ -412,3 +412,37 @@ def test_backward_runs_few_tensor_ops(mode):
     assert work == want, work
     assert all(t.grad is not None for t in leaves[:3])
 
+
+def test_argument_checks_run_once_per_signature_and_index_values_every_call(monkeypatch):
+    """The kind/shape/dtype/device checks are remembered per signature of the arguments (a training step repeats
+    a few); the index values, which a signature does not capture, are checked on every call, and so is any call
+    whose signature differs in anything the checks read (the autocast state included)."""
+    from stop_kernels import _checks as chk
+    seen = []
+    real = reference._check_assembly_metadata
+    monkeypatch.setattr(reference, "_check_assembly_metadata", lambda *a: seen.append(1) or real(*a))
+    monkeypatch.setattr(reference, "_ASSEMBLY_CHECKED", chk.CheckedSignatures())
+    ctx, ctx_idx, tgt, w, b, pos, mask = make("cpu", *sizes("cpu", 2))
+    P = pos.shape[0]
+
+    def call(*changes, **kw):
+        a = dict(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=w, bias=b, pos_embed=pos)
+        a.update(*changes)
+        return assemble_predictor_input(a.pop("ctx"), a.pop("ctx_idx"), a.pop("tgt_idx"), a.pop("weight"),
+                                        a.pop("bias"), a.pop("pos_embed"), **kw)
+    call(), call(), call(dict(tgt_idx=[t.flip(1) for t in tgt]))
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match=r"^tgt_idx: values must lie in \[0, %d\)" % P):
+        call(dict(tgt_idx=[t + P for t in tgt]))
+    with pytest.raises(ValueError, match=r"^ctx_idx: values must lie"):
+        call(dict(ctx_idx=ctx_idx - P))
+    assert len(seen) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        call(dict(ctx=ctx.bfloat16()))  # ctx bf16 with an fp32 W: fine under autocast
+    assert len(seen) == 2
+    with pytest.raises(TypeError, match=r"^ctx:"):  # the same tensors without autocast: refused
+        call(dict(ctx=ctx.bfloat16()))
+    with pytest.raises(ValueError, match=r"^weight:"):
+        call(dict(weight=w[:, :-1]))
+    call(dict(tgt_idx=tgt[:1]))  # another npred: another signature, checked
+    assert len(seen) == 5
