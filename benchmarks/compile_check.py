@@ -153,6 +153,10 @@ def stop_specs(scope: str = "ci") -> List[Spec]:
                 ctx, out4 = torch.empty(R, E, dtype=wdt), torch.empty(4, R, width, dtype=odt)
                 autotuned("_project_kernel", f"context, {tag}", lambda: S.launch_project(
                     out4[:1], idx, pos, w, bias, a=ctx, copies=4, stride_copy=out4.stride(0)))
+                # and the StoP rows in the same launch (the op's learned mode)
+                autotuned("_project_kernel", f"context + noise rows, {tag}", lambda: S.launch_project(
+                    out4[:1], idx, pos, w, bias, a=ctx, copies=4, stride_copy=out4.stride(0), seed=SEED,
+                    noise_std=0.2, noise_rows=(out, idx)))
         if call == "dw":
             autotuned("_noise_weight_grad_kernel", label, lambda: S.noise_weight_grad(out, w, SEED, 0.2))
             # the predictor input's backward: the context rows (read from memory) in the same launch

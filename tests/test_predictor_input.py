@@ -134,6 +134,15 @@ def test_launchers_fill_every_slot_of_a_poisoned_output():
     assert torch.isnan(out[:, Nc:]).all() and torch.isfinite(out[:, :Nc]).all()
     se.launch_project(out3[:, Nc:], tgt.reshape(-1), pos, w, b, seed=5, noise_std=0.3)
     assert torch.isfinite(out).all()
+    # the context and masked rows in one launch (what the op runs for StoP): the same values
+    both = torch.full_like(out, float("nan"))
+    both3 = both.view(npred * B, Nc + Nt, D)
+    se.launch_project(both3[:B, :Nc], ctx_idx.reshape(-1), pos, w, b, a=ctx.reshape(-1, E), copies=npred,
+                      stride_copy=B * (Nc + Nt) * D, seed=5, noise_std=0.3, noise_rows=(both3[:, Nc:], tgt.reshape(-1)))
+    assert torch.isfinite(both).all() and rel(both, out) <= 1e-6
+    with pytest.raises(ValueError, match="^noise_rows:"):
+        se.launch_project(both3[:, Nc:], tgt.reshape(-1), pos, w, b, seed=5, noise_std=0.3,
+                          noise_rows=(both3[:, Nc:], tgt.reshape(-1)))
     out[:, Nc:] = float("nan")
     se.launch_pos_noise(out3[:, Nc:], tgt.reshape(-1), pos, mask.reshape(-1))
     assert torch.equal(out[:, Nc:], (pos[tgt] + mask.reshape(-1)).reshape(npred * B, Nt, D))

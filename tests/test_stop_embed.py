@@ -586,6 +586,16 @@ def test_every_forward_config_matches_reference(device, i):
         se.launch_project(mem[0].view(2, R // 2, D), idx, pos, w, b, a=a, copies=2, stride_copy=R * D)
     assert rel(out[0], ref_noise) <= tol, cfg
     assert rel(mem[0], ref_mem) <= tol and torch.equal(mem[0], mem[1]), cfg
+    # both in one launch: the memory rows (R - 13 of them, 2 copies) and then R noise rows (the predictor input's
+    # context and masked rows), every slot of a poisoned output written; the noise rows are the stream's rows 0..R
+    both = torch.full((2, R, D), float("nan"), device=device)
+    noise_out = torch.full((R, D), float("nan"), device=device)
+    with se.pin_configs(fwd=cfg):
+        se.launch_project(both[0, :R - 13].view(1, R - 13, D), idx[:R - 13], pos, w, b, a=a[:R - 13], copies=2,
+                          stride_copy=R * D, seed=seed, noise_std=sigma, noise_rows=(noise_out.view(3, R // 3, D), idx))
+    assert rel(both[:, :R - 13], ref_mem[None, :R - 13].expand(2, -1, -1)) <= tol, cfg
+    assert torch.isnan(both[:, R - 13:]).all(), cfg  # nothing written past the memory rows
+    assert rel(noise_out, ref_noise) <= tol, cfg
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -58,15 +58,16 @@ def _assemble(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, w
     D = weight.shape[0]
     out = torch.empty((npred * B, Nc + Nt, D), dtype=_out_dtype(weight, pos_embed), device=weight.device)
     ctx_rows, masked_rows = _views(out, npred, B, Nc, Nt)
-    # context: one GEMM ctx·Wᵀ + b + ψ[ctx_idx], its epilogue stores every row into the npred groups
-    launch_project(ctx_rows, ctx_idx.reshape(-1), pos_embed, weight, bias, a=ctx.reshape(B * Nc, E),
-                   copies=npred, stride_copy=B * (Nc + Nt) * D)
+    # context: one GEMM ctx·Wᵀ + b + ψ[ctx_idx], its epilogue stores every row into the npred groups; StoP: the
+    # noise GEMM's rows in the same launch (programs after the context's), written straight into the masked slots
     tgt = tgt_idx.reshape(-1)
-    if noise_mode == "learned":  # StoP: the noise GEMM writes straight into the masked slots
-        launch_project(masked_rows, tgt, pos_embed, weight, bias, seed=int(seed), noise_std=noise_std)
-    elif noise_mode == "isotropic":
+    learned = noise_mode == "learned"
+    launch_project(ctx_rows, ctx_idx.reshape(-1), pos_embed, weight, bias, a=ctx.reshape(B * Nc, E),
+                   copies=npred, stride_copy=B * (Nc + Nt) * D, seed=int(seed), noise_std=noise_std,
+                   noise_rows=(masked_rows, tgt) if learned else None)
+    if noise_mode == "isotropic":
         launch_pos_noise(masked_rows, tgt, pos_embed.contiguous(), None, seed=int(seed), noise_std=noise_std)
-    else:
+    elif noise_mode == "none":
         launch_pos_noise(masked_rows, tgt, pos_embed.contiguous(), mask_token.reshape(D).contiguous())
     return out
 

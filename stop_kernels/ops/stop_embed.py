@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -249,24 +249,23 @@ def _project_epilogue(acc, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row
         out_ptrs += stride_oc
 
 
-@triton.autotune(configs=_FWD_CONFIGS + _FWD_CONFIGS_FP32, key=["E", "D", "NOISE"], prune_configs_by={"early_config_prune": _prune_fwd},
-                 cache_results=True)
-@triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "N_COPIES"])
-def _project_kernel(a_ptr, stride_am, stride_ak,
-                    idx_ptr, pos_ptr, stride_pp, stride_pd,
-                    w_ptr, stride_wd, stride_we, b_ptr,
-                    out_ptr, stride_og, stride_or, stride_od, stride_oc,
-                    R, E, E4, D, G, N_COPIES, key0, key1, sigma,
-                    NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[r, d] = Σ_e A[r, e]·W[d, e] + b[d] + ψ[idx[r], d] for a [BLOCK_M, D_TILES·BLOCK_D] output tile.
+@triton.jit
+def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
+                  idx_ptr, pos_ptr, stride_pp, stride_pd,
+                  w_ptr, stride_wd, stride_we, b_ptr,
+                  out_ptr, stride_og, stride_or, stride_od, stride_oc,
+                  R, E, E4, D, G, N_COPIES, key0, key1, sigma,
+                  NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[r, d] = Σ_e A[r, e]·W[d, e] + b[d] + ψ[idx[r], d] for the [BLOCK_M, D_TILES·BLOCK_D] output tile
+    (pid_m, pid_d) of one row segment.
 
     The A tiles of a K step (Philox noise or memory) are produced once and multiplied into the
     D_TILES accumulators (1 ≤ D_TILES ≤ 4), so the noise is generated once per row block.
     """
     tl.static_assert(D_TILES >= 1 and D_TILES <= 4)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dcol0 = tl.program_id(1) * (BLOCK_D * D_TILES) + tl.arange(0, BLOCK_D)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcol0 = pid_d * (BLOCK_D * D_TILES) + tl.arange(0, BLOCK_D)
     dcol1 = dcol0 + BLOCK_D
     dcol2 = dcol0 + 2 * BLOCK_D
     dcol3 = dcol0 + 3 * BLOCK_D
@@ -329,6 +328,45 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
     if D_TILES > 3:
         _project_epilogue(acc3, dcol3, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
                           stride_oc, N_COPIES, HAS_BIAS)
+
+
+@triton.autotune(configs=_FWD_CONFIGS + _FWD_CONFIGS_FP32, key=["E", "D", "NOISE", "NOISE_ROWS"],
+                 prune_configs_by={"early_config_prune": _prune_fwd}, cache_results=True)
+@triton.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G", "N_COPIES", "R2", "G2"])
+def _project_kernel(a_ptr, stride_am, stride_ak,
+                    idx_ptr, pos_ptr, stride_pp, stride_pd,
+                    w_ptr, stride_wd, stride_we, b_ptr,
+                    out_ptr, stride_og, stride_or, stride_od, stride_oc,
+                    R, E, E4, D, G, N_COPIES, key0, key1, sigma,
+                    idx2_ptr, out2_ptr, stride_og2, stride_or2, stride_od2, R2, G2,
+                    NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """One or two row segments of ``A·Wᵀ + b + ψ[idx]`` (:func:`_project_rows`), one program per output tile.
+
+    The first R rows take A from memory or the noise (NOISE); with NOISE_ROWS the programs past their
+    row blocks write R2 more rows of Philox noise (rows numbered from 0, as a launch of their own would),
+    indices ``idx2``, stored once into ``out2``: the predictor input's context and masked rows in one launch.
+    """
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    if NOISE_ROWS:
+        first = tl.cdiv(R, BLOCK_M)
+        if pid_m >= first:
+            _project_rows(pid_m - first, pid_d, a_ptr, 0, 0, idx2_ptr, pos_ptr, stride_pp, stride_pd,
+                          w_ptr, stride_wd, stride_we, b_ptr, out2_ptr, stride_og2, stride_or2, stride_od2, 0,
+                          R2, E, E4, D, G2, 1, key0, key1, sigma,
+                          True, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K)
+        else:
+            _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak, idx_ptr, pos_ptr, stride_pp, stride_pd,
+                          w_ptr, stride_wd, stride_we, b_ptr, out_ptr, stride_og, stride_or, stride_od, stride_oc,
+                          R, E, E4, D, G, N_COPIES, key0, key1, sigma,
+                          NOISE, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K)
+    else:
+        _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak, idx_ptr, pos_ptr, stride_pp, stride_pd,
+                      w_ptr, stride_wd, stride_we, b_ptr, out_ptr, stride_og, stride_or, stride_od, stride_oc,
+                      R, E, E4, D, G, N_COPIES, key0, key1, sigma,
+                      NOISE, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K)
 
 
 @triton.jit
@@ -503,31 +541,42 @@ def _rows3(t: torch.Tensor):
 
 def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tensor, weight: torch.Tensor,
                    bias: Optional[torch.Tensor], *, a: Optional[torch.Tensor] = None, seed: int = 0,
-                   noise_std: float = 0.0, copies: int = 1, stride_copy: int = 0) -> None:
+                   noise_std: float = 0.0, copies: int = 1, stride_copy: int = 0,
+                   noise_rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Write ``A·Wᵀ + b + ψ[idx]`` into the rows of ``out3`` (``[groups, G, D]``, any strides).
 
     A is ``a`` (``[R, E]``) when given, else the Philox noise of ``seed`` scaled by ``noise_std``.
     ``idx`` is a flat ``[R]`` index tensor, ``R = groups·G``. With ``copies > 1`` every row is also
-    stored at ``+c·stride_copy`` elements (c < copies).
+    stored at ``+c·stride_copy`` elements (c < copies). ``noise_rows = (out3_n, idx_n)`` (with ``a``): the same
+    launch also writes the noise rows ``n·Wᵀ + b + ψ[idx_n]`` of ``seed`` and ``noise_std`` into ``out3_n``, as a
+    launch of their own would (one Triton launch less per call: host time in an eager step).
     """
     R = idx.numel()
     D, E = weight.shape
-    if R == 0 or D == 0:
+    R2 = 0 if noise_rows is None else noise_rows[1].numel()
+    if (R == 0 and R2 == 0) or D == 0:
         return
     idx = idx.reshape(-1).contiguous()
     bias = bias.contiguous() if bias is not None else None  # the kernels read b[d] at unit stride
     G, s_og, s_or, s_od = _rows3(out3)
     noise = a is None
+    if noise_rows is not None and noise:
+        raise ValueError("noise_rows: the second row segment needs memory rows (a) before it")
+    out2, idx2 = noise_rows if noise_rows is not None else (out3, idx)
+    idx2 = idx2.reshape(-1).contiguous()
+    G2, s_og2, s_or2, s_od2 = _rows3(out2)
     a_arg = weight if noise else a
     s_am, s_ak = (0, 0) if noise else a.stride()
     key0, key1 = seed_key_args(seed)
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(D, meta["BLOCK_D"] * meta["D_TILES"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]) + triton.cdiv(R2, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(D, meta["BLOCK_D"] * meta["D_TILES"]))
     args = (a_arg, s_am, s_ak, idx, pos_embed, pos_embed.stride(0), pos_embed.stride(1),
             weight, weight.stride(0), weight.stride(1), bias if bias is not None else weight,
-            out3, s_og, s_or, s_od, stride_copy, R, E, quarter_width(E), D, G, copies, key0, key1, float(noise_std))
-    interp = lambda: dict(BLOCK_M=_pow2(R, 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,  # noqa: E731
+            out3, s_og, s_or, s_od, stride_copy, R, E, quarter_width(E), D, G, copies, key0, key1, float(noise_std),
+            idx2, out2, s_og2, s_or2, s_od2, R2, G2)
+    interp = lambda: dict(BLOCK_M=_pow2(max(R, R2), 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,  # noqa: E731
                           BLOCK_K=_pow2(quarter_width(E), 16, 64))
-    _launch(_project_kernel, grid, args, dict(NOISE=noise, HAS_BIAS=bias is not None,
+    _launch(_project_kernel, grid, args, dict(NOISE=noise, NOISE_ROWS=noise_rows is not None, HAS_BIAS=bias is not None,
                                               PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "fwd")
 
 
