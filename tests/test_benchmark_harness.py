@@ -946,3 +946,27 @@ def test_host_overhead_script_times_each_setup_and_reports_refusals(tmp_path):
     assert "torch " + torch.__version__ in md and "--depth 2" in md and "| stack + C++ host code | fails:" in md
     with pytest.raises(SystemExit):
         host_overhead.main(["--setups", "eager,jit", "--out", str(tmp_path)])
+
+
+def test_stop_host_script_counts_each_paths_ops_and_leaves_the_library_as_it_was(tmp_path):
+    """benchmarks/stop_host.py (the StoP predictor input's host cost per eager call, results/cpu-host/): the fused
+    path's aten ops and Triton launches per call and the official path's, a time per call for each, and every
+    stand-in (stubbed launches, trusted index values, TRITON_INTERPRET) undone afterwards."""
+    import os
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import stop_host
+
+    from stop_kernels import _checks as chk
+    from stop_kernels.ops import stop_embed as se
+    before = (se._launch, chk.index_range, os.environ.get("TRITON_INTERPRET"))
+    assert stop_host.main(["--calls", "3", "--out", str(tmp_path)]) == 0
+    assert (se._launch, chk.index_range, os.environ.get("TRITON_INTERPRET")) == before
+    rows = {(r["path"], r["kind"]): r for r in json.loads((tmp_path / "stop_host.json").read_text())["rows"]}
+    fused, official = rows[("fused", "forward+backward")], rows[("official", "forward+backward")]
+    # one Triton launch forward (context and StoP rows together), one backward (all of dW)
+    assert rows[("fused", "forward")]["triton_launches"] == 1 and fused["triton_launches"] == 2
+    assert official["triton_launches"] == 0 and official["ops"].count("randn") == stop_host.NPRED
+    assert fused["aten_ops"] == len(fused["ops"]) < official["aten_ops"] / 2
+    assert all(r["us_per_call"] > 0 for r in rows.values())
+    md = (tmp_path / "stop_host.md").read_text()
+    assert "torch" in md and "| fused | forward+backward |" in md
