@@ -12,9 +12,12 @@ Row ``k·B + b`` of the output (k < npred target blocks, b < B images) holds
 Noise row r runs over the masked tokens flattened row-major over ``[npred, B, Nt]``:
 ``n = philox_normal(seed, npred·B·Nt, E or D, σ)`` with the seed drawn from the CPU generator.
 
-Backward (g = ∂L/∂out): the npred context-row groups are summed first, ``gctx = Σ_k g[k, :, :Nc]``,
-then ``dctx = gctx·W`` (one GEMM), ``dW = gctxᵀ·ctx + Σ_r g_masked[r]ᵀ n[r]`` (noise regenerated),
-``db = Σ gctx + Σ g_masked``, ``d mask_token = Σ g_masked``, ``dψ`` scatter-added by the indices.
+Forward (learned): one Triton launch writes the context rows and then the StoP rows. Backward (g = ∂L/∂out): the
+npred context-row groups are summed first, ``gctx = Σ_k g[k, :, :Nc]``, then ``dctx = gctx·W`` (one GEMM),
+``dW = gctxᵀ·ctx + Σ_r g_masked[r]ᵀ n[r]`` (one Triton launch, noise regenerated), ``db = Σ gctx + Σ g_masked``,
+``d mask_token = Σ g_masked``, ``dψ`` scatter-added by the indices. Under autocast the op casts W, b and the mask
+token itself, so their gradients come back in their own dtypes without autograd cast nodes: each eager op is host
+time, which the eager timings of issue 3 measure (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -173,7 +176,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             "reference" (same seed and Philox noise); the CUDA C++ backend ("cuda") has no kernel for it.
     Returns:
         ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under autocast (CUDA or CPU)
-        ctx, W, b (and mask_token) are taken in the autocast dtype.
+        ctx, W, b (and mask_token) are taken in the autocast dtype, and the gradients of W, b and mask_token come
+        back in their own dtypes (fp32 sums on the Triton backend).
     Under ``torch.compile``: one graph break per call, as :func:`stop_kernels.stop_embed` (the seed is drawn
     eagerly); ``fullgraph=True`` refuses it.
     """

@@ -14,11 +14,13 @@ Kernels (every block shape a constexpr):
   4·BLOCK_K]`` operand (:func:`_cat4`) and multiplies it with the Wᵀ rows of the same columns on
   tensor cores (fp32 accumulation), one MMA per D tile per step. Output rows
   are addressed as ``(r // G)·stride_og + (r % G)·stride_or`` and stored ``N_COPIES`` times, so the
-  predictor input is written in place without concatenation or repetition.
+  predictor input is written in place without concatenation or repetition. With ``NOISE_ROWS`` one launch
+  holds two row segments (the predictor input's context rows from memory, then its StoP rows).
 * :func:`_noise_weight_grad_kernel` ``dW[:, e] = Σ_r g[r]ᵀ n[r, e]``: a grid over D tiles × quarter
   column tiles × row splits; each program regenerates its noise tiles (again one concatenated
-  ``[BLOCK_M, 4·BLOCK_K]`` operand) and reduces its rows; the
-  per-split fp32 partials are summed afterwards (deterministic, no atomics).
+  ``[BLOCK_M, 4·BLOCK_K]`` operand) and reduces its rows (with ``HAS_CTX`` first rows read from memory:
+  the predictor input's context rows); the per-split fp32 partials are summed afterwards (deterministic,
+  no atomics).
 * :func:`_pos_noise_kernel` ``out[r] = ψ[idx[r]] + v + σ·n_D[r]`` (isotropic / mask-token modes of
   the predictor input; noise in width D).
 
