@@ -510,12 +510,33 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+# The autotuner's pick per (kernel, its key's values, the tensor arguments' dtypes), read back after the autotuner ran
+# a call with that key: later calls launch the JIT function with the config directly. Autotuner.run rebuilds its key
+# from every argument on every call (dicts over the kernel's ~40 arguments, a list scan per name: 11 µs per launch
+# on this project's CPU), host time that an eager step pays per launch. The key here is at least as fine as the
+# autotuner's (the same values and dtypes), so a call gets the config the autotuner would give it.
+_PICKED: dict = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _key_slots(kernel) -> Tuple[int, ...]:
+    """Positions in ``kernel.arg_names`` of the autotuner's key arguments."""
+    return tuple(kernel.arg_names.index(k) for k in kernel.keys)
+
+
+def _pick_key(kernel, args, kwargs) -> tuple:
+    names = kernel.arg_names
+    values = tuple(args[i] if i < len(args) else kwargs[names[i]] for i in _key_slots(kernel))
+    return kernel, values, tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+
+
 def _launch(kernel, grid, args, kwargs, interp_meta, name):
     """Launch an autotuned kernel, on the device of its first tensor argument.
 
     A config pinned with :func:`pin_configs` under ``name`` runs as is (interpreter or GPU); otherwise
     under TRITON_INTERPRET=1 the plain jit function runs with ``interp_meta()`` (a function: the GPU path, which
-    the autotuner serves, never builds the interpreter's block sizes), and on the GPU the autotuner picks.
+    the autotuner serves, never builds the interpreter's block sizes), and on the GPU the autotuner picks, once per
+    key (``_PICKED``).
     """
     cfg = _PINNED.get(name)
     with on_device(next(a for a in args if isinstance(a, torch.Tensor))):
@@ -529,7 +550,13 @@ def _launch(kernel, grid, args, kwargs, interp_meta, name):
             meta = interp_meta()
             kernel.fn[grid(meta)](*args, **kwargs, **meta)
         else:
-            kernel[grid](*args, **kwargs)
+            key = _pick_key(kernel, args, kwargs)
+            picked = _PICKED.get(key)
+            if picked is None:
+                kernel[grid](*args, **kwargs)  # the autotuner: times the configs on its first call for the key
+                _PICKED[key] = kernel.best_config
+            else:
+                kernel.fn[grid](*args, **kwargs, **picked.all_kwargs())
 
 
 def _precision(dtype: torch.dtype) -> str:
