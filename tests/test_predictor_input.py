@@ -317,13 +317,18 @@ def test_opcheck_and_torch_compile(device):
     def f(g):
         return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, generator=g).square().sum()
 
-    compiled = torch.compile(f, backend="aot_eager" if device == "cpu" else "inductor")
-    eager = f(gen(4))
-    (ge,) = torch.autograd.grad(eager, w)
-    for _ in range(2):
-        got = compiled(gen(4))
-        (gc,) = torch.autograd.grad(got, w)
-        assert rel(got, eager) <= 1e-5 and rel(gc, ge) <= 1e-5
+    def f_autocast(g):  # the op then gets fp32 W and b with the autocast dtype, and returns dW in fp32
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return f(g)
+
+    for fn in (f, f_autocast):
+        compiled = torch.compile(fn, backend="aot_eager" if device == "cpu" else "inductor")
+        eager = fn(gen(4))
+        (ge,) = torch.autograd.grad(eager, w)
+        for _ in range(2):
+            got = compiled(gen(4))
+            (gc,) = torch.autograd.grad(got, w)
+            assert rel(got, eager) <= 1e-5 and rel(gc, ge) <= 1e-5 and gc.dtype == torch.float32
 
 
 @pytest.mark.parametrize("device", DEVICES)
