@@ -87,14 +87,20 @@ _FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
                 _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]
+                # 16 warps (4 warp groups split D): twice the warps to hide the Philox chain's latency, 128 registers,
+                # and with triton 3.6 (the GPU image) the wgmmas stay asynchronous (wait ≤ 7 groups), where the
+                # 8-warp configs get ptxas's C7515 serialization (a wait 0 after each of the 12 wgmmas per step)
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
+                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]  # (last: D = 512 only)
 _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
                _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=64, w=8, s=2),
                # noise regenerated once per row block, reduced into all D tiles
                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
-               _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]
+               _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2),
+               # 16 warps: 96 registers, half the loop instructions per warp (529 against 951, sm_90a)
+               _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2)]
 # float32 W: see above (registers per config, sm_90a, triton 3.8: forward 108–212, dW 97–126; the
 # forward's 64 x 128 x (4·16) spilled 24 B with a bf16 ψ)
 _FWD_CONFIGS_FP32 = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=8, w=8, s=2),
