@@ -22,10 +22,10 @@
 # combo kernels are asked for pointwise only since. The StoP dW kernel took 0.075 ms in the op (the bf16
 # gradient fix), and the forward's masked-token kernel 0.123 ms against 0.032 with A read from memory.
 # The next plan, unmeasured, sized to a 15-minute device budget: one machine start (≈ 90 s) and two calls,
-# the second sent at once after the first (a warm machine is given back after 30 s idle): 90 + 560 + 240 =
+# the second sent at once after the first (a warm machine is given back after 30 s idle): 90 + 540 + 260 =
 # 890 s at the limits. Ask for kind nvidia-h200 in both calls (runs 1-6 and ANCHORS.md are H200 numbers;
 # issue 8's 720 images/s is an H200 target).
-#   1. (timeout_s 560) SEC_E2E=540 bash benchmarks/gpu_all.sh e2e
+#   1. (timeout_s 540) SEC_E2E=520 bash benchmarks/gpu_all.sh e2e
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; run 6's paths
 #      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast (the defaults); fast_cg
 #      (every compiled block replayed from Inductor's CUDA-graph trees, compile_mode reduce-overhead, since the
@@ -37,14 +37,16 @@
 #      one graph per model's block stack), fast_sdpa, fast_py, fast_stack, fast_triton, fast_unrolled, which the
 #      limit does not reach. Read the table's "CUDA graphs / skipped" column (recordings > 0 and 0 skipped
 #      expected on the GPU) and each path's peak GiB (issue 8: no more than the reference's).
-#   2. (timeout_s 240, sent at once) SEC_STOP=125 BUDGET_STOP=110 SEC_TESTS_NEW=105 bash benchmarks/gpu_all.sh stop tests-new
+#   2. (timeout_s 260, sent at once) SEC_STOP=150 BUDGET_STOP=135 SEC_TESTS_NEW=100 bash benchmarks/gpu_all.sh stop tests-new
 #      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
 #      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
 #      transpose per step (sm_90a loop barriers 9 -> 3 and 8-18 -> 2, triton 3.6); predicted, unmeasured:
 #      sweep rows fwd 0.123 -> 0.07-0.09 ms and dw 0.075 -> 0.05-0.07 ms. Since the twenty-third session the
 #      op is one Triton launch forward (context and StoP rows) and 7 ops backward (all of dW in one launch),
 #      casts W and b itself and asks the autotuner once per key (more configs to tune on the first call: the
-#      merged forward and dW with context rows, hence the longer SEC_STOP). Predicted: fused-trusted eager
+#      merged forward and dW with context rows, and a 16-warp config in both lists, whose forward keeps its
+#      wgmmas asynchronous under triton 3.6 where the 8-warp ones are serialized (C7515): hence the longer
+#      SEC_STOP; predicted for the sweep's fwd row with it ≈ 0.06-0.09 ms). Predicted: fused-trusted eager
 #      (do_bench) forward+backward 1.73 -> 1.0-1.3 ms (its host ms per call is now in the breakdown), GPU time
 #      (cudagraph) 0.352 -> 0.22-0.31 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
 #      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not
