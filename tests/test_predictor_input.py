@@ -460,3 +460,21 @@ def test_argument_checks_run_once_per_signature_and_index_values_every_call(monk
         call(dict(weight=w[:, :-1]))
     call(dict(tgt_idx=tgt[:1]))  # another npred: another signature, checked
     assert len(seen) == 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,Nc,Nt", [(2, 0, 3), (2, 5, 0), (1, 1, 1)])
+def test_no_context_or_no_target_rows_match_reference(B, Nc, Nt, mode):
+    """One launch writes the context rows and then the StoP rows (and one dW launch reduces both): either
+    segment may be empty, and a single token of each is the smallest case."""
+    device = DEVICES[0]
+    args = make(device, B, Nc, Nt, 3, 40, 24, 30, seed=Nc + Nt)
+    got_leaves, got_args = leaves_of(args, torch.float32)
+    want_leaves, want_args = leaves_of(args, torch.float64)
+    out, ref = run(got_args, "triton", mode), run(want_args, "reference", mode)
+    assert out.shape == (3 * B, Nc + Nt, 24) and rel(out, ref) <= 1e-5
+    go = torch.randn(out.shape, generator=gen(Nc)).to(device)
+    got = torch.autograd.grad(out, got_leaves, go, allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(ref, want_leaves, go.double(), allow_unused=True, materialize_grads=True)
+    for name, g, w in zip(("ctx", "weight", "bias", "pos_embed", "mask_token"), got, want):
+        assert g.shape == w.shape and rel(g, w) <= 1e-5, name
