@@ -156,7 +156,8 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     P = pos_embed.shape[0]
     chk.index_range("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows")
     chk.index_range("tgt_idx", tgt, upper=P, what=f"pos_embed has {P} rows")
-    _ASSEMBLY_CHECKED.add(key)
+    if not known:
+        _ASSEMBLY_CHECKED.add(key)
     return tgt
 
 
