@@ -47,7 +47,7 @@
 #      merged forward and dW with context rows, and a 16-warp config in both lists, whose forward keeps its
 #      wgmmas asynchronous under triton 3.6 where the 8-warp ones are serialized (C7515): hence the longer
 #      SEC_STOP; predicted for the sweep's fwd row with it ≈ 0.06-0.09 ms). Predicted: fused-trusted eager
-#      (do_bench) forward+backward 1.73 -> 1.0-1.3 ms (its host ms per call is now in the breakdown), GPU time
+#      (do_bench) forward+backward 1.73 -> 1.0-1.45 ms (its host ms per call is now in the breakdown), GPU time
 #      (cudagraph) 0.352 -> 0.22-0.31 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
 #      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not
 #      say which): the step levers' twins first (the C++ host code's and the combo kernels'), the fused StoP
