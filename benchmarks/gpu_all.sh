@@ -51,7 +51,9 @@
 #      (cudagraph) 0.352 -> 0.22-0.31 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
 #      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not
 #      say which): the step levers' twins first (the C++ host code's and the combo kernels'), the fused StoP
-#      ops' eager path against their custom op bit for bit, then the attention.
+#      ops' eager path against their custom op bit for bit and (twenty-third session) the op's own casts under
+#      autocast (bit for bit against explicit casts, gradients in fp32) and its empty row segments, then the
+#      attention. The stop section before it leaves the kernels compiled and tuned on disk.
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the encoder shapes' SDPA peers, never timed
 #   as GPU times: run 6's budget ended after Triton's side of N = 74), and the profile section below.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:
@@ -138,7 +140,7 @@ for s in $SECTIONS; do
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -v -p no:cacheprovider \
            tests/test_training_reduce_overhead.py tests/test_philox.py tests/test_training_speed.py tests/test_stop_embed.py tests/test_predictor_input.py \
            tests/test_attention.py tests/test_fast_path_loss_curve.py \
-           -k "reduce_overhead_replays or every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit" ;;
+           -k "reduce_overhead_replays or every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit or cuda_autocast or autocast_gradients or no_context_or_no_target" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;
     cuda) section cuda ${SEC_CUDA:-150} python benchmarks/gpu_cuda.py --out "$RES/cuda" ;;
