@@ -15,6 +15,7 @@ from _train_helpers import TINY, cuda_step_losses
 def tiny(tmp_path, **over):
     return TrainConfig(**dict(TINY, out=str(tmp_path), **over))
 
+
 def test_reduce_overhead_is_refused_where_it_cannot_apply(tmp_path, cpu_train, monkeypatch):
     """What cannot share a step with the CUDA-graph trees is refused by key, with the way out: the C++ host code
     (the ViT-H recipe's; a replay runs no host code), per-block activation checkpointing, the target encoder's own
