@@ -17,6 +17,7 @@ import torch.nn as nn
 from .. import _checks as chk
 from .. import reference
 from ..ops.attention import dispatch_attention_qkv
+from ..ops.linear_gelu import linear_gelu, records_grad
 
 LN_EPS = 1e-6
 INIT_STD = 0.02
@@ -104,14 +105,34 @@ class PatchEmbed(nn.Module):
 
 
 class MLP(nn.Module):
+    """``fc2(GELU(fc1(x)))``, the official block's MLP (exact GELU).
+
+    ``gelu_epilogue`` (False; config key ``fused_target_gelu`` sets it in the target encoder's blocks): where
+    autograd records nothing (no grad mode, or no tensor of the call requiring grad), ``fc1``, its bias and a
+    tanh-form GELU run as one GEMM (:func:`stop_kernels.ops.linear_gelu.linear_gelu`: the activation is not read
+    back by an elementwise kernel; the tanh form differs from the exact one by far less than bf16 rounding). Calls
+    that autograd records keep the exact path."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
+        self.gelu_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_epilogue and not records_grad(x, self.fc1.weight, self.fc1.bias):
+            return self.fc2(linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+
+def use_gelu_epilogue(model: nn.Module, on: bool = True) -> nn.Module:
+    """Set :attr:`MLP.gelu_epilogue` in every MLP of ``model`` (the training loop: the target encoder's, config key
+    ``fused_target_gelu``); returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, MLP):
+            m.gelu_epilogue = bool(on)
+    return model
 
 
 class Attention(nn.Module):
