@@ -44,10 +44,13 @@ mask batches:
   Inductor's CUDA-graph trees; the C++ host code off, which a replay never runs): the host work of the
   trained blocks too, not only the target encoder's, leaves the step — run 6 measured every path host-bound.
   Its warm-up runs each mask batch three times (warm-up, recording, replay). ``fast_cg_levers``: with the
-  levers that act on GPU time and combine with it (``combo_kernels``, ``multi_kernel``, ``bf16_residual``),
-  which a host-bound step cannot show. ``fast_cg_stack``: ``fast_cg`` with each model's block stack one graph
+  levers that act on GPU time and combine with it (``combo_kernels``, ``multi_kernel``, ``bf16_residual``,
+  ``fused_target_gelu``), which a host-bound step cannot show. ``fast_cg_stack``: ``fast_cg`` with each model's block stack one graph
   (``compile_scope: stack``): 5 replayed graph calls per step instead of ≈ 120, the least host work the pipeline
   offers. Compiled only.
+* ``fast_tgelu``: ``fast`` with the target encoder's fc1, bias and GELU as one cuBLASLt GEMM (``fused_target_gelu``:
+  the tanh form of GELU, which differs from the exact one far below bf16 rounding; see
+  ``stop_kernels.ops.linear_gelu``): the lever alone, its GELU kernels gone from 32 of the step's 76 MLPs.
 
     python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 --out DIR
 
@@ -79,8 +82,9 @@ PATHS = {
     "fast_sdpa": "attention=auto+input=auto+policy=compiled:24=sdpa",
     "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
     "fast_cg": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0",
-    "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1",
+    "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1+tgelu=1",
     "fast_cg_stack": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+scope=stack",
+    "fast_tgelu": "attention=auto+input=auto+tgelu=1",
 }
 
 

@@ -22,7 +22,8 @@ the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual 
 ``cuda_graph_target``), ``overlap`` (0|1: the target encoder on a second CUDA stream,
 ``overlap_target``), ``cppwrap`` (0|1: Inductor's host code of the compiled blocks in C++,
 ``cpp_wrapper``; the ViT-H recipe turns it on), ``mk`` (0|1: Inductor's multi-kernel reductions, LayerNorms
-over more than 1024 features compiled one-pass too and timed, ``multi_kernel``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
+over more than 1024 features compiled one-pass too and timed, ``multi_kernel``), ``tgelu`` (0|1: the target
+encoder's fc1, bias and GELU (tanh form) as one cuBLASLt GEMM, ``fused_target_gelu``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
 e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
 and a markdown table printed last. A 0|1 key left out takes the config's value (the model's recipe, else
 the default); the results record the values each variant ran with.
@@ -88,7 +89,8 @@ def category(name: str) -> str:
 # the variant keys that take 0 or 1, and the train.py flag of each ("compile" is passed either way). A lever the
 # variant leaves out ("") is not passed: the config decides (vit_huge's recipe turns cpp_wrapper on)
 LEVER_FLAGS = {"graph": "--cuda-graph-target", "combo": "--combo-kernels", "bf16res": "--bf16-residual",
-               "overlap": "--overlap-target", "cppwrap": "--cpp-wrapper", "mk": "--multi-kernel"}
+               "overlap": "--overlap-target", "cppwrap": "--cpp-wrapper", "mk": "--multi-kernel",
+               "tgelu": "--fused-target-gelu"}
 SWITCHES = ("compile",) + tuple(LEVER_FLAGS)
 
 

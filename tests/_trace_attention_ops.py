@@ -222,7 +222,8 @@ def _capture_wrapper_code(codes):
 
 
 def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool = False,
-                           x_dtype: torch.dtype = torch.float32, cpp_wrapper: bool = False, multi_kernel: bool = False):
+                           x_dtype: torch.dtype = torch.float32, cpp_wrapper: bool = False, multi_kernel: bool = False,
+                           gelu_epilogue: bool = False):
     """Inductor's host code for the forward of a whole compiled transformer block
     (``stop_kernels.models.vit.Block``: LayerNorm, QKV Linear, attention, projection, MLP) under bf16
     autocast with the Triton attention forced, a symbolic N: what a compiled block of the training
@@ -232,7 +233,8 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
     the residual stream's dtype (bf16: config key ``bf16_residual``); ``cpp_wrapper``: the host code in
     C++ (config key ``cpp_wrapper``; the C++ source is returned, Triton kernels compiled for sm_90 on the
     way, nothing built or launched); ``multi_kernel``: with Inductor's ``triton.multi_kernel`` (config key
-    ``multi_kernel``)."""
+    ``multi_kernel``); ``gelu_epilogue``: the MLP's fc1 and GELU as one GEMM (config key ``fused_target_gelu``, the
+    target encoder's blocks; the traced graph records no gradient, as the target's forward)."""
     import stop_kernels
     import torch._inductor.config as inductor_config
     from stop_kernels.models.vit import Block
@@ -243,6 +245,7 @@ def inductor_block_wrapper(N: int, width: int, heads: int, combo_kernels: bool =
     try:
         _, mode, _, n = _symbolic_n(N)
         blk = Block(width, heads)
+        blk.mlp.gelu_epilogue = gelu_epilogue
         names = [name for name, _ in blk.named_parameters()]
         with mode:
             params = [torch.empty(p.shape, device="cuda") for p in blk.parameters()]  # fp32 master weights
@@ -318,6 +321,11 @@ if __name__ == "__main__" and sys.argv[1:] == ["--inductor"]:
         res["block_N116_W384_cpp"] = {"fwd": inductor_block_wrapper(116, 384, 16, cpp_wrapper=True)}
         res["block_N74_W1280_mk"] = {"fwd": inductor_block_wrapper(74, 1280, 16, multi_kernel=True)}
         res["block_N116_W384_mk"] = {"fwd": inductor_block_wrapper(116, 384, 16, multi_kernel=True)}
+        # the target encoder's block (ViT-H, 256 tokens) with its MLP's GELU in fc1's GEMM, in Python and C++ host code
+        res["block_N256_W1280"] = {"fwd": inductor_block_wrapper(256, 1280, 16)}
+        res["block_N256_W1280_gelu"] = {"fwd": inductor_block_wrapper(256, 1280, 16, gelu_epilogue=True)}
+        res["block_N256_W1280_gelu_cpp"] = {"fwd": inductor_block_wrapper(256, 1280, 16, gelu_epilogue=True,
+                                                                          cpp_wrapper=True)}
         # a backward's independent reductions: plain, under the combo_kernels key's options, and under Inductor's
         # combo kernels alone (what the key passed before GPU run 6, where such combos ran 0.9 ms per block)
         res["reductions"] = {"fwd": inductor_reductions_wrapper(116)}

@@ -273,6 +273,25 @@ def test_bf16_residual_keeps_the_blocks_stream_in_bf16(inductor_code):
     assert re.search(rf"{ret} = reinterpret_tensor\(buf\d+, \(4, s\d+, 384\)", code), code  # in place
 
 
+def test_fused_target_gelu_leaves_no_gelu_kernel(inductor_code):
+    """Config key ``fused_target_gelu`` (``models.vit.MLP.gelu_epilogue``, the target encoder's blocks, ViT-H's
+    256 tokens): fc1 becomes one ``aten._addmm_activation`` call (cuBLASLt with bias and GELU in the epilogue),
+    whose output fc2's GEMM reads directly; the elementwise GELU kernel, which read and wrote the [T, 5120]
+    activation after the GEMM, is gone. The other 3 GEMMs and every other launch stay; the C++ host code calls
+    the op through its C shim (no Python)."""
+    plain, fused = inductor_code["block_N256_W1280"]["fwd"], inductor_code["block_N256_W1280_gelu"]["fwd"]
+    assert "_addmm_activation" not in plain and len(re.findall(r"extern_kernels\.addmm\(", plain)) == 4
+    calls = re.findall(r"(buf\d+) = torch\.ops\.aten\._addmm_activation\.default\(.*use_gelu=True\)", fused)
+    assert len(calls) == 1 and len(re.findall(r"extern_kernels\.addmm\(", fused)) == 3, fused
+    fc2 = re.findall(r"extern_kernels\.addmm\(buf\d+, (buf\d+), ", fused)  # the one GEMM fed by an activation as is
+    alias = dict(re.findall(r"^\s*(buf\d+) = (buf\d+)$", fused, flags=re.M))  # (torch 2.11 names the output twice)
+    assert [alias.get(b, b) for b in fc2] == calls, (fc2, calls)
+    assert len(_launch_lines(fused)) == len(_launch_lines(plain)) - 1, (_launch_lines(plain), _launch_lines(fused))
+    cpp = inductor_code["block_N256_W1280_gelu_cpp"]["fwd"]
+    assert len(re.findall(r"aoti_torch_cuda__addmm_activation\(", cpp)) == 1
+    assert len(re.findall(r"aoti_torch_cuda_addmm_out\(", cpp)) == 3 and "def call(self, args)" not in cpp
+
+
 @pytest.fixture(scope="module")
 def fp64_scale():
     return _script_json("_compile_fp64_scale.py")

@@ -65,13 +65,15 @@ def test_variant_keys_reach_the_config():
     for name in ("fast_cg", "fast_cg_stack", "fast_cg_levers"):  # (the last one read below)
         _, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert cfg.compile_mode == "reduce-overhead" and not cfg.cpp_wrapper, name
-    assert cfg.combo_kernels and cfg.multi_kernel and cfg.bf16_residual and not cfg.cuda_graph_target
+    assert cfg.combo_kernels and cfg.multi_kernel and cfg.bf16_residual and cfg.fused_target_gelu
+    assert not cfg.cuda_graph_target
     with pytest.raises(ConfigError, match="^cpp_wrapper: does not combine with compile_mode 'reduce-overhead'"):
         _cfg("x:compile=1+mode=reduce-overhead")
     with pytest.raises(ValueError, match="unknown key"):
         profile_step.parse_variant("x:attn=sdpa")
     # a switch takes 0 or 1: "compile=true" once meant eager blocks, silently
-    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2", "x:cppwrap=true", "x:mk=yes"):
+    for spec in ("x:compile=true", "x:graph=yes", "x:overlap", "x:combo=on", "x:bf16res=2", "x:cppwrap=true", "x:mk=yes",
+                 "x:tgelu=true"):
         with pytest.raises(ValueError, match="takes 0 or 1"):
             profile_step.parse_variant(spec)
     with pytest.raises(ValueError, match="input takes one of"):
@@ -450,22 +452,23 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
     the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the five opt-in step levers (and
-    each lever only there, but for the three GPU-time levers in fast_cg_levers), the CUDA-graph trees in the fast_cg
-    paths only, and the C++ host code of the ViT-H recipe everywhere but in the reference, fast_py,
-    fast_stack and the CUDA-graph paths."""
-    levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target", "cpp_wrapper")
+    each lever only there, but for the three GPU-time levers in fast_cg_levers), the target encoder's fused GELU in
+    fast_tgelu and fast_cg_levers only, the CUDA-graph trees in the fast_cg paths only, and the C++ host code of the
+    ViT-H recipe everywhere but in the reference, fast_py, fast_stack and the CUDA-graph paths."""
+    levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target",
+              "fused_target_gelu", "cpp_wrapper")
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_sdpa": ("auto", "auto", "compiled:24=sdpa"),
             "fast_levers": ("auto", "auto", ""), "fast_cg": ("auto", "auto", ""), "fast_cg_levers": ("auto", "auto", ""),
-            "fast_cg_stack": ("auto", "auto", "")}
+            "fast_cg_stack": ("auto", "auto", ""), "fast_tgelu": ("auto", "auto", "")}
     assert set(e2e_step.PATHS) == set(want)
     graphs = ("fast_cg", "fast_cg_levers", "fast_cg_stack")
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
         on = ([name in ("fast_levers", "fast_cg_levers")] * 3 + [name == "fast_levers"] * 2
-              + [name not in ("reference", "fast_py", "fast_stack") + graphs])
+              + [name in ("fast_tgelu", "fast_cg_levers")] + [name not in ("reference", "fast_py", "fast_stack") + graphs])
         assert [getattr(cfg, k) for k in levers] == on, name
         assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled",
                                      "fast_cg_stack": "stack"}.get(name, "block"), name

@@ -390,7 +390,9 @@ def find_checkpoint(path: str, step: Optional[int] = None) -> str:
 def load_run_models(path: str, step: Optional[int] = None):
     """The encoder, predictor and target encoder of a training checkpoint (found by :func:`find_checkpoint`),
     whole and float32 on the CPU, built from the run's own config; returns ``(JEPAModels, meta)``. Any world
-    size, sharding, AC or compile setting of the run: the checkpoint's names are free of wrappers."""
+    size, sharding, AC or compile setting of the run: the checkpoint's names are free of wrappers. The models
+    compute as the official ones do: the run's numerics levers (``bf16_residual``, ``fused_target_gelu``) were
+    settings of its steps, not of its weights, and stay behind."""
     from .config import config_from_dict
     from .loop import JEPAContainer, build_models
     ckpt = find_checkpoint(path, step)
@@ -398,7 +400,7 @@ def load_run_models(path: str, step: Optional[int] = None):
         saved = json.load(fh)["config"]
     # init_from only seeded the run's first step (its weights are in the checkpoint now): validating it would
     # refuse a run whose source file has since moved, or was named relative to another working directory
-    cfg = config_from_dict(dict(saved, init_from=""))
+    cfg = config_from_dict(dict(saved, init_from="", bf16_residual=False, fused_target_gelu=False))
     with torch.device("meta"):  # no random initialisation: every tensor is read from the checkpoint
         models = build_models(cfg)
     container = JEPAContainer(models).to_empty(device="cpu")  # (moves the modules that models holds)

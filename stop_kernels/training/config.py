@@ -118,6 +118,7 @@ class TrainConfig:
     cpp_wrapper: bool = False          # Inductor's host code of the compiled blocks in C++ (launches without Python)
     multi_kernel: bool = False         # Inductor's multi-kernel reductions: LayerNorms also compiled one-pass, the faster one timed in
     bf16_residual: bool = False        # keep the blocks' residual stream in bf16 under autocast (models.vit.run_blocks)
+    fused_target_gelu: bool = False    # the target encoder's fc1 + bias + GELU (tanh form) as one GEMM (models.vit.MLP)
     cuda_graph_target: bool = False    # replay the target encoder's forward from a CUDA graph (one GPU, no FSDP)
     overlap_target: bool = False       # run the target encoder's forward on a second CUDA stream (one GPU, no FSDP)
     attention: str = "auto"            # attention backend of the models: auto (Triton on CUDA) | triton | sdpa | xformers | reference

@@ -35,6 +35,7 @@ from .. import _checks as chk
 from .. import reference
 from ..data.datasets import TrainData
 from ..models import predictor_for, vit_encoder
+from ..models.vit import use_gelu_epilogue
 from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
@@ -86,6 +87,8 @@ def build_models(cfg: TrainConfig) -> JEPAModels:
     target = copy.deepcopy(encoder)
     for p in target.parameters():
         p.requires_grad_(False)
+    if cfg.fused_target_gelu:  # see models.vit.MLP: forward only, so the target encoder's MLPs alone
+        use_gelu_epilogue(target)
     return JEPAModels(encoder, predictor, target)
 
 

@@ -316,6 +316,8 @@ def describe(cfg: TrainConfig, mesh, precision: str) -> str:
         parts.append(what + (f" ({', '.join(extra)})" if extra else ""))
     if cfg.bf16_residual:
         parts.append("bf16 residual stream")
+    if cfg.fused_target_gelu:
+        parts.append("target encoder's GELU in its fc1 GEMM (tanh form)")
     if cfg.cuda_graph_target:
         parts.append("CUDA-graphed target encoder")
     if cfg.overlap_target:
