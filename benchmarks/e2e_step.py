@@ -37,8 +37,8 @@ mask batches:
   combo kernels (a block's weight casts share launches; pointwise kernels only since run 6, where combos
   of the backward's reductions cost 35 ms a step), multi-kernel reductions (ViT-H's LayerNorms one-pass
   where that is faster), the residual stream in bf16, the target encoder replayed from a CUDA graph and
-  run on a second stream (``combo_kernels``, ``multi_kernel``, ``bf16_residual``, ``cuda_graph_target``,
-  ``overlap_target``). Their sum in one path; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by
+  run on a second stream, its GELU in its fc1 GEMM (``combo_kernels``, ``multi_kernel``, ``bf16_residual``,
+  ``cuda_graph_target``, ``overlap_target``, ``fused_target_gelu``; the last one since the twenty-fourth session). Their sum in one path; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by
   lever. CUDA only: on the CPU the path reports the trainer's refusal.
 * ``fast_cg``: ``fast`` with every compiled block replayed from CUDA graphs (``compile_mode: reduce-overhead``,
   Inductor's CUDA-graph trees; the C++ host code off, which a replay never runs): the host work of the
@@ -80,7 +80,7 @@ PATHS = {
     "fast_unrolled": "attention=auto+input=auto+scope=unrolled",
     "fast_triton": "attention=triton+input=auto",
     "fast_sdpa": "attention=auto+input=auto+policy=compiled:24=sdpa",
-    "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1",
+    "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1+tgelu=1",
     "fast_cg": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0",
     "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1+tgelu=1",
     "fast_cg_stack": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+scope=stack",

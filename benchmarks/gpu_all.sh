@@ -33,8 +33,8 @@
 #      length; predicted 106-112 ms/step against fast's 118, NOTES.md); fast_cg_levers (with the four levers
 #      that act on GPU time, which the host bound hid: combo kernels, multi-kernel reductions, bf16 residual
 #      stream and, since the twenty-fourth session, the target encoder's GELU in its fc1 GEMM; predicted 96-104 ms,
-#      its GELU kernels 44 a step instead of 76); fast_levers (the five opt-in levers at once, the combo kernels now pointwise
-#      only; in run 6 its layernorm category fell from 11.5 to 3.8 ms a step); then fast_cg_stack (the trees over
+#      its GELU kernels 44 a step instead of 76); fast_levers (the six opt-in levers at once, the combo kernels now
+#      pointwise only; in run 6, with five, its layernorm category fell from 11.5 to 3.8 ms a step); then fast_cg_stack (the trees over
 #      one graph per model's block stack), fast_sdpa, fast_py, fast_stack, fast_triton, fast_unrolled, fast_tgelu
 #      (the GELU lever alone), which the limit does not reach. Read the table's "CUDA graphs / skipped" column (recordings > 0 and 0 skipped
 #      expected on the GPU) and each path's peak GiB (issue 8: no more than the reference's).
