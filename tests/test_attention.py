@@ -119,14 +119,16 @@ def test_forward_backward_vs_float64(D, N, dtype):
 def _bwd_cfg(variant: str, N: int) -> dict:
     """A forced backward config: 'fused' (16-key steps), 'one_pass' (fused, every key in one block:
     no loop), 'persistent' (one pass, a fixed grid of 4 "SMs" × 1 program in the interpreter
-    walking the (sequence, head) items) or 'split'."""
+    walking the (sequence, head) items), 'keys' (every key in one block, 16-query steps) or 'split'."""
+    if variant == "keys":
+        return dict(VARIANT="keys", BLOCK_M=16, BLOCK_N=A._pow2(N), num_warps=4, num_stages=1)
     bn = {"fused": 16, "one_pass": A._pow2(N), "persistent": A._pow2(N), "split": 32}[variant]
     cfg = dict(VARIANT="split" if variant == "split" else "fused", BLOCK_M=32, BLOCK_N=bn, num_warps=4,
                num_stages=1)
     return dict(cfg, num_stages=2, PERSIST=1) if variant == "persistent" else cfg
 
 
-BWD_VARIANTS = ["fused", "one_pass", "persistent", "split"]
+BWD_VARIANTS = ["fused", "one_pass", "persistent", "keys", "split"]
 
 
 # the persistent one-pass form is a candidate only at N <= 128 (_bwd_configs); at N = 150 its forced
@@ -147,16 +149,18 @@ def test_both_backward_variants(variant, N):
 
 def test_one_pass_backward_head_dim_80_and_varlen():
     """The one-pass fused backward with the head dim in two chunks (80 = 64 + 16, the encoder's), and
-    packed sequences of different lengths (each shorter than the block), also in the persistent form."""
+    packed sequences of different lengths (each shorter than the block), also in the persistent and the
+    key-stationary forms."""
     torch.manual_seed(80)
     q, k, v, _ = _qkv(1, 74, 2, 80, torch.bfloat16)
-    with A._force_config(bwd=_bwd_cfg("one_pass", 74)):
-        _check(q, k, v, None, torch.bfloat16)
+    for variant in ("one_pass", "keys"):
+        with A._force_config(bwd=_bwd_cfg(variant, 74)):
+            _check(q, k, v, None, torch.bfloat16)
     lengths = [5, 61, 1, 33]
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=DEV)
     qkv = torch.randn(cu[-1].item(), 3, 2, 24, device=DEV, dtype=torch.float16).requires_grad_()
     q, k, v = qkv.unbind(1)
-    for variant in ("one_pass", "persistent"):
+    for variant in ("one_pass", "persistent", "keys"):
         with A._force_config(bwd=_bwd_cfg(variant, max(lengths))):
             _check(q, k, v, None, torch.float16, cu_seqlens=cu, max_seqlen=max(lengths))
 
@@ -1055,7 +1059,16 @@ def test_tuned_configs_round_trip_and_use(monkeypatch, tmp_path):
    # a fused backward for N > 256 would silently run the split kernels with default tiles
    + [('[{"kind": "bwd", "bucket": 512, "head_dim": 24, "dtype": "float32", "varlen": false, "split_d": true, '
        '"config": {"VARIANT": "fused", "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "PERSIST": 4}}]',
-       "fused backward holds every query in one tile")]
+       "fused backward holds every query in one tile"),
+      ('[{"kind": "bwd", "bucket": 512, "head_dim": 24, "dtype": "bfloat16", "varlen": false, "split_d": true, '
+       '"config": {"VARIANT": "keys", "BLOCK_M": 32, "BLOCK_N": 512, "num_warps": 4, "num_stages": 1}}]',
+       "keys backward holds every key in one tile")]
+   # a keys backward whose key tile is not the whole bucket, or without smaller query blocks
+   + [(f'[{{"kind": "bwd", "bucket": 128, "head_dim": 24, "dtype": "bfloat16", "varlen": false, "split_d": true, '
+       f'"config": {cfg}}}]', "a keys backward config holds every key in one tile")
+      for cfg in ('{"VARIANT": "keys", "BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}',
+                  '{"VARIANT": "keys", "BLOCK_N": 128, "num_warps": 4, "num_stages": 1}',
+                  '{"VARIANT": "keys", "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1}')]
    + [('[{"kind": "fwd", "bucket": 16, "head_dim": 16, "dtype": "float16", "varlen": false, "split_d": "yes", '
        '"config": {}}]', "split_d must be")]
    # the same key twice: which one applies would depend on the order

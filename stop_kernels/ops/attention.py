@@ -49,7 +49,11 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
 * backward, small head dim and N ≤ 256 (the predictor): ``_attn_bwd_fused_kernel``, one program per
   (sequence, head) that keeps all queries (Q, dO, δ, lse and the dQ accumulator) in registers and
   walks the keys in blocks of ``BLOCK_N``, producing dK, dV per key block and dQ at the end —
-  one launch, no atomics, deterministic, δ computed in-kernel.
+  one launch, no atomics, deterministic, δ computed in-kernel. Its key-stationary form (VARIANT
+  ``keys``) keeps every key (K, V and the dK, dV accumulators) instead and walks the queries in blocks
+  of ``BLOCK_M``: each block's dQ is complete in one step (every key is in the tile), so it is stored
+  at once, still without atomics; the score tiles are ``[N, BLOCK_M]`` instead of ``[N, N]``, so fewer
+  registers and more programs per SM than the one-pass kernel.
 * backward, general (the encoder's Dh = 80, long sequences): ``_attn_bwd_dq_kernel`` (one program per
   query block; computes δ from O, dO, stores it, accumulates dQ over key blocks) then
   ``_attn_bwd_dkdv_kernel`` (one program per key block; accumulates dK, dV over query blocks). Two
@@ -582,18 +586,92 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
 
 
 @triton.jit
+def _bwd_keys_query_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, q_base, DO, O, DQ, LSE, rows, start, seqlen, orow0,
+                          l_base, sqn, n_ok, h, so, scale, scale_log2,
+                          HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, PREC: tl.constexpr,
+                          UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+    """One query block ``rows`` of the key-stationary backward (K, V of every key of the sequence given): load Q,
+    dO, O [BLOCK_Q, BD] and lse, δ = rowsum(dO ∘ O); Pᵀ = exp2(s·K Qᵀ·log2e − lse) [BLOCK_N, BLOCK_Q];
+    dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK += dSᵀ Q; dQ = s·dS K is this block's whole dQ (every key is in
+    the tile): stored here, no accumulation across programs. Returns dK, dV (chunks)."""
+    m_ok = rows < seqlen
+    rows_m = (start + rows).to(tl.int64)
+    q0, q1 = _load_tile(q_base, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
+    do0, do1, delta = _load_do_delta(DO, O, _row_offsets(orow0, rows, so, h, HEAD_DIM), m_ok, HEAD_DIM, BD0, BD1)
+    lse2 = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    # (keys masked: dQ sums over them, see _bwd_p; a missing query adds 0 to dK, dV through its zero dO, dS)
+    pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True, True)
+    ptc = pt.to(do0.dtype)
+    dst = _bwd_ds(pt, _dot_d(v0, v1, tl.trans(do0), tl.trans(do1), BD1, PREC, UPCAST), delta, q0, True)
+    dv0 += _dot(ptc, do0, PREC, UPCAST)
+    dk0 += _dot(dst, q0, PREC, UPCAST)
+    dq0 = _dot(tl.trans(dst), k0, PREC, UPCAST)
+    dq1 = dq0
+    if BD1 > 0:
+        dv1 += _dot(ptc, do1, PREC, UPCAST)
+        dk1 += _dot(dst, q1, PREC, UPCAST)
+        dq1 = _dot(tl.trans(dst), k1, PREC, UPCAST)
+    g_dq = _row_offsets(orow0, rows, GRAD_GROUP * so, h, HEAD_DIM)
+    _store_tile(DQ, g_dq, m_ok, dq0 * scale, dq1 * scale, HEAD_DIM, BD0, BD1)
+    return dk0, dk1, dv0, dv1
+
+
+@triton.jit
+def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                   sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                   HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+    """dQ, dK, dV of head ``h`` of sequence ``b`` with every key in one tile (seqlen <= BLOCK_N), the queries
+    in blocks of BLOCK_Q: each block's tiles are half or a quarter of the one-pass kernel's [N, N] scores, so
+    fewer registers and more programs per SM; K, V and every query row are still read once."""
+    so = H * HEAD_DIM
+    scale = _f32(scale)  # (see _f32)
+    scale_log2 = scale * 1.4426950408889634
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_q = tl.arange(0, BLOCK_Q)
+    n_ok = offs_n < seqlen
+    rows_n = (start + offs_n).to(tl.int64)
+
+    # stage 1: load every key's K, V [BLOCK_N, BD] once; dK, dV accumulate in registers.
+    k0, k1 = _load_tile(K + b * skb + h * skh, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+    v0, v1 = _load_tile(V + b * svb + h * svh, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+    dk0, dk1 = _zeros_tile(BLOCK_N, BD0, BD1)
+    dv0, dv1 = _zeros_tile(BLOCK_N, BD0, BD1)
+    q_base = Q + b * sqb + h * sqh
+    l_base = lbase + h * NT
+
+    # stage 2: per query block (_bwd_keys_query_block) its dQ stored, dK, dV accumulated.
+    for m0 in range(0, seqlen, BLOCK_Q):
+        dk0, dk1, dv0, dv1 = _bwd_keys_query_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, q_base, DO, O, DQ, LSE,
+                                                   m0 + offs_q, start, seqlen, orow0, l_base, sqn, n_ok, h, so,
+                                                   scale, scale_log2, HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP)
+
+    # stage 3: store dK = s·Σ dSᵀ Q and dV [BLOCK_N, HEAD_DIM].
+    g_rows = _row_offsets(orow0, offs_n, GRAD_GROUP * so, h, HEAD_DIM)
+    _store_tile(DK, g_rows, n_ok, dk0 * scale, dk1 * scale, HEAD_DIM, BD0, BD1)
+    _store_tile(DV, g_rows, n_ok, dv0, dv1, HEAD_DIM, BD0, BD1)
+
+
+@triton.jit
 def _bwd_fused_item(item, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                     NT, H, scale, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
                     UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
-    """Work item ``item`` of the fused backward: (head, sequence), head index fastest."""
+    """Work item ``item`` of the fused backward: (head, sequence), head index fastest. BLOCK_Q < BLOCK_N: the
+    key-stationary form (every key in one tile, query blocks of BLOCK_Q); else every query in one tile (BLOCK_Q
+    the bucket), key blocks of BLOCK_N."""
     h = item % H
     b = (item // H).to(tl.int64)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
-    _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
-                    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
-                    HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+    if BLOCK_Q < BLOCK_N:
+        _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                       sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                       HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+    else:
+        _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
+                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
+                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
 
 
 @triton.jit
@@ -605,7 +683,8 @@ def _attn_bwd_fused_kernel(
     PERSISTENT: tl.constexpr, ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
     UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
 ):
-    """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q): one
+    """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q), or with every key
+    in one tile and BLOCK_Q-query blocks (VARIANT 'keys': BLOCK_Q < BLOCK_N, needs N <= BLOCK_N): one
     (sequence, head) per program, or PERSISTENT: a fixed grid of programs walking the H·NB of them
     (with one pass, BLOCK_N >= BLOCK_Q, the item loop is the only loop and Triton's pipeliner loads
     the next item's tiles during this one's math; see the forward).
@@ -860,13 +939,27 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
     the pipeliner during this one's math): 255 registers and 97 KB of shared memory with 8 warps at
     N <= 128 (one CTA per SM, as the one-pass kernel without it), 193 registers with 4 warps at
     N <= 64 (two); at head dim 80 it spills, so it is not offered. GPU run 4 (H200) timed the one-pass
-    form fastest at N <= 128 for head dims 24 and 80 (first now) and the persistent one slower (last)."""
+    form fastest at N <= 128 for head dims 24 and 80 (first now) and the persistent one slower (last).
+
+    VARIANT 'keys' (``keys(bm, w)``, last at head dim 24, N <= 256): the key-stationary form of the fused
+    kernel, every key in one tile (BLOCK_N = the bucket) and query blocks of BLOCK_M, each block's dQ
+    stored when it is done. At N = 116 (sm_90a, triton 3.6) the one-pass fused(128, 8) holds 176 registers
+    (one CTA of 8 warps per SM, 1160 SASS instructions per warp); keys(32, 8) 128 registers (two CTAs,
+    4 × 340), keys(16, 4) 148 (three CTAs of 4 warps, 8 × 278), keys(32, 4) 197 (two, 4 × 452). keys(64, 4)
+    spilled (100 B) and is not offered; at head dim 80 every keys tile tried spilled (48–1220 B). Not timed
+    on a GPU yet."""
     def fused(bn, w, st=1, persist=0):
         d = dict(VARIANT="fused", BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st)
         return dict(d, PERSIST=persist) if persist else d
 
     def split(bm, bn, w, st=2):
         return dict(VARIANT="split", BLOCK_M=min(bm, bucket), BLOCK_N=min(bn, bucket), num_warps=w, num_stages=st)
+
+    def keys(bm, w, st=1, persist=0):
+        if bm >= bucket:  # every query in the one block too: the one-pass kernel
+            return fused(bucket, w, st, persist)
+        d = dict(VARIANT="keys", BLOCK_M=bm, BLOCK_N=bucket, num_warps=w, num_stages=st)
+        return dict(d, PERSIST=persist) if persist else d
     # no candidate spills registers at the ViT-H/14 shapes (ptxas, sm_90a, head dim split in chunks:
     # `benchmarks/ptxas_report.py`, kept so by tests/test_ptxas_report.py); fused(32, 4) at N <= 128,
     # fused(16, 4) at N <= 256 and split(32, 64, 4) / split(64, 32, 4) at head dim 80 did (20–380 B);
@@ -888,14 +981,15 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
     if dtype == torch.float32:
         cands = [split(16, 16, 2)]
     elif block_d <= 32 and bucket <= 64:
-        cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4), fused(64, 4, 2, persist=2)]
+        cands = [fused(16, 4), fused(32, 4), split(64, 64, 4), fused(64, 4), fused(64, 4, 2, persist=2), keys(32, 4)]
     elif block_d <= 32 and bucket <= 128:
         # GPU run 4 (H200, N = 116, forced, eager timer): the one-pass fused(128, 8) 0.151 ms, its
         # persistent form 0.178, split(64, 64, 4) 0.197, fused(16, 4) (the former first) 0.206
         cands = [fused(128, 8), fused(16, 4), fused(64, 8), split(64, 64, 4), split(32, 64, 4),
-                 fused(128, 8, 2, persist=1)]
+                 fused(128, 8, 2, persist=1), keys(64, 8), keys(32, 8), keys(32, 4), keys(16, 4)]
     elif block_d <= 32 and bucket <= 256:
-        cands = [split(64, 64, 4), split(32, 64, 4), fused(16, 8), split(64, 64, 8)]
+        cands = [split(64, 64, 4), split(32, 64, 4), fused(16, 8), split(64, 64, 8), keys(32, 8), keys(16, 8),
+                 keys(16, 4)]
     elif block_d <= 64 and bucket <= 256:
         cands = [split(64, 64, 4), split(64, 64, 8), split(32, 64, 4)]
     elif block_d <= 64:
@@ -1081,7 +1175,7 @@ def _config_value_problem(name: str, v) -> str:
     """What a config value must be, '' when ``v`` is fine (the kernels' tiles are powers of two, a dot
     needs at least 16 rows and columns, a persistent grid SMs × PERSIST programs)."""
     if name == "VARIANT":
-        return "" if v in ("fused", "split") else "'fused' or 'split'"
+        return "" if v in ("fused", "keys", "split") else "'fused', 'keys' or 'split'"
     if name in ("BLOCK_M", "BLOCK_N"):
         return "" if _is_pow2(v, 16) else "a power of two >= 16"
     if name == "num_warps":
@@ -1157,9 +1251,14 @@ def load_tuned_configs(path: str) -> int:
                 raise ValueError(f"{where}: config {name} must be {why}, got {v!r}")
         # keys a backward variant would silently ignore: the fused kernel tiles keys only, the split
         # kernels have no persistent form
-        if cfg.get("VARIANT") == "fused" and e["bucket"] > _FUSED_BWD_MAX_N:  # it would run as the split kernels
-            raise ValueError(f"{where}: the fused backward holds every query in one tile, N <= {_FUSED_BWD_MAX_N}; "
-                             f"bucket {e['bucket']} needs a split config")
+        if cfg.get("VARIANT") in ("fused", "keys") and e["bucket"] > _FUSED_BWD_MAX_N:  # it would run as split
+            what = "query" if cfg["VARIANT"] == "fused" else "key"
+            raise ValueError(f"{where}: the {cfg['VARIANT']} backward holds every {what} in one tile, "
+                             f"N <= {_FUSED_BWD_MAX_N}; bucket {e['bucket']} needs a split config")
+        if cfg.get("VARIANT") == "keys" and not (cfg.get("BLOCK_N") == e["bucket"] and cfg.get("BLOCK_M", e["bucket"])
+                                                  < e["bucket"]):
+            raise ValueError(f"{where}: a keys backward config holds every key in one tile (BLOCK_N = the bucket, "
+                             f"{e['bucket']}) and loops over smaller query blocks (BLOCK_M < BLOCK_N), got {cfg!r}")
         unused = {"fused": {"BLOCK_M"}, "split": {"PERSIST"}}.get(cfg.get("VARIANT"), set()) & set(cfg)
         if unused:
             raise ValueError(f"{where}: a {cfg['VARIANT']} backward config takes no {sorted(unused)}, got {cfg!r}")
@@ -1302,17 +1401,22 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
 
     def parts(cfg, traced_=False) -> _BwdPlan:
         bp = _BwdPlan()
-        if cfg["VARIANT"] == "fused" and bucket <= _FUSED_BWD_MAX_N:
-            # one launch, one program per (sequence, head), all queries in one tile
+        if cfg["VARIANT"] in ("fused", "keys") and bucket <= _FUSED_BWD_MAX_N:
+            # one launch, one program per (sequence, head): every query in one tile and key blocks of BLOCK_N
+            # ('fused'), or every key in one tile and query blocks of BLOCK_M ('keys'); both: one pass
+            if cfg["VARIANT"] == "keys":
+                block_q, block_n = min(cfg["BLOCK_M"], bucket), bucket
+            else:
+                block_q, block_n = bucket, cfg["BLOCK_N"]
             bp.fused = True
             persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form (see the forward's)
             grid = (_num_sms(q.device) * persist,) if persist else (H * B,)
             bp.launch1 = _launcher(_attn_bwd_fused_kernel, grid, traced_)
             bp.args1 = (*strides, NT, H, B, scale)
             bp.launch2, bp.args2 = None, None
-            bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_Q=bucket, BLOCK_N=cfg["BLOCK_N"],
-                         PERSISTENT=bool(persist), ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast,
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_Q=block_q, BLOCK_N=block_n, PERSISTENT=bool(persist),
+                         ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"])
             return bp
         bm = cfg.get("BLOCK_M", 64)
         bn = cfg.get("BLOCK_N", 64)
