@@ -22,10 +22,10 @@
 # combo kernels are asked for pointwise only since. The StoP dW kernel took 0.075 ms in the op (the bf16
 # gradient fix), and the forward's masked-token kernel 0.123 ms against 0.032 with A read from memory.
 # The next plan, unmeasured, sized to a 15-minute device budget: one machine start (≈ 90 s) and two calls,
-# the second sent at once after the first (a warm machine is given back after 30 s idle): 90 + 540 + 260 =
+# the second sent at once after the first (a warm machine is given back after 30 s idle): 90 + 470 + 330 =
 # 890 s at the limits. Ask for kind nvidia-h200 in both calls (runs 1-6 and ANCHORS.md are H200 numbers;
 # issue 8's 720 images/s is an H200 target).
-#   1. (timeout_s 540) SEC_E2E=520 bash benchmarks/gpu_all.sh e2e
+#   1. (timeout_s 470) SEC_E2E=450 bash benchmarks/gpu_all.sh e2e
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; run 6's paths
 #      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast (the defaults); fast_cg
 #      (every compiled block replayed from Inductor's CUDA-graph trees, compile_mode reduce-overhead, since the
@@ -38,8 +38,11 @@
 #      one graph per model's block stack), fast_sdpa, fast_py, fast_stack, fast_triton, fast_unrolled, fast_tgelu
 #      (the GELU lever alone), which the limit does not reach. Read the table's "CUDA graphs / skipped" column (recordings > 0 and 0 skipped
 #      expected on the GPU) and each path's peak GiB (issue 8: no more than the reference's).
-#   2. (timeout_s 260, sent at once) SEC_STOP=140 BUDGET_STOP=125 SEC_TESTS_NEW=85 SEC_BENCH=30
-#      BENCH_FILES=benchmarks/bench_linear_gelu.py bash benchmarks/gpu_all.sh stop tests-new bench
+#   2. (timeout_s 330, sent at once) SEC_STOP=130 BUDGET_STOP=115 SEC_ATTN=100 BUDGET_ATTN=85 SEC_TESTS_NEW=70
+#      SEC_BENCH=25 BENCH_FILES=benchmarks/bench_linear_gelu.py bash benchmarks/gpu_all.sh stop attn tests-new bench
+#      (attn since the twenty-fourth session: its forced-config rows at N = 116 and 150 time the key-stationary
+#      backward, VARIANT keys, predicted 0.09-0.12 ms at N = 116 against the one-pass kernel's 0.146; issue 4's
+#      forward+backward target there is 0.185 ms on the models' path, run 6: 0.208)
 #      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
 #      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
 #      transpose per step (sm_90a loop barriers 9 -> 3 and 8-18 -> 2, triton 3.6); predicted, unmeasured:
