@@ -48,6 +48,13 @@ def test_twin_and_cpu_path_equal_the_tanh_formula(lead, E, D, with_bias):
         assert (exact - want).abs().max() > 1e-6
 
 
+def test_meta_tensors_give_the_shape():
+    """A model on the meta device (shape inference) runs the MLP's epilogue path too: the twin's shapes."""
+    x, w, b = (torch.empty(*s, device="meta") for s in ((3, 4, 8), (5, 8), (5,)))
+    out = linear_gelu(x, w, b)
+    assert out.shape == (3, 4, 5) and out.device.type == "meta"
+
+
 def test_non_contiguous_input_and_cpu_autocast():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 40, generator=g)[:, ::2]  # strided view, E = 20
@@ -123,6 +130,20 @@ def test_mlp_takes_the_epilogue_only_where_autograd_records_nothing():
     assert not torch.equal(fused, exact)
     mlp.requires_grad_(False)  # the target encoder's parameters: grad mode on, still nothing recorded
     torch.testing.assert_close(mlp(x), fused)
+
+
+def test_the_epilogue_path_compiles_in_one_graph():
+    """The target encoder's blocks are torch.compile'd: the path (its checks, the autocast queries) must trace
+    without a graph break (torch 2.11's Dynamo could not trace torch.amp.is_autocast_available, so the op reads
+    the device types once at import), under autocast too."""
+    torch.manual_seed(0)
+    mlp = MLP(8, 32).requires_grad_(False)
+    mlp.gelu_epilogue = True
+    x = torch.randn(2, 3, 8)
+    compiled = torch.compile(mlp, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), mlp(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compiled(x).dtype == torch.bfloat16
 
 
 def test_config_key_sets_the_target_encoders_mlps_only(tmp_path):
