@@ -162,6 +162,13 @@ def _f32(x):
 
 
 @triton.jit
+def _bwd_scales(scale):
+    """The backward's score scale s and s·log2e (its exponent-2 form), both float32 (see _f32)."""
+    scale = _f32(scale)
+    return scale, scale * 1.4426950408889634
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with float32 accumulation (UPCAST: widen bf16 operands first, interpreter only)."""
     if UPCAST:
@@ -552,8 +559,7 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
     """dQ, dK, dV of head ``h`` of sequence ``b`` (its rows ``start`` … ``start + seqlen``), every
     query in one tile; DK, DV already point at their slots (see the kernel)."""
     so = H * HEAD_DIM
-    scale = _f32(scale)  # (see _f32)
-    scale_log2 = scale * 1.4426950408889634
+    scale, scale_log2 = _bwd_scales(scale)
     offs_q = tl.arange(0, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     q_ok = offs_q < seqlen
@@ -625,8 +631,7 @@ def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, 
     in blocks of BLOCK_Q: each block's tiles are half or a quarter of the one-pass kernel's [N, N] scores, so
     fewer registers and more programs per SM; K, V and every query row are still read once."""
     so = H * HEAD_DIM
-    scale = _f32(scale)  # (see _f32)
-    scale_log2 = scale * 1.4426950408889634
+    scale, scale_log2 = _bwd_scales(scale)
     offs_n = tl.arange(0, BLOCK_N)
     offs_q = tl.arange(0, BLOCK_Q)
     n_ok = offs_n < seqlen
@@ -725,8 +730,7 @@ def _attn_bwd_dq_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
-    scale = _f32(scale)  # (see _f32)
-    scale_log2 = scale * 1.4426950408889634
+    scale, scale_log2 = _bwd_scales(scale)
     h, mb, b = _bwd_program(H, NUM_M)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
@@ -784,8 +788,7 @@ def _attn_bwd_dkdv_kernel(
     if GRAD_GROUP == 3:
         DV = _grad_slot(DK, 2, H, HEAD_DIM, GRAD_GROUP)
         DK = _grad_slot(DK, 1, H, HEAD_DIM, GRAD_GROUP)
-    scale = _f32(scale)  # (see _f32)
-    scale_log2 = scale * 1.4426950408889634
+    scale, scale_log2 = _bwd_scales(scale)
     h, nb, b = _bwd_program(H, NUM_N)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
