@@ -27,17 +27,19 @@
 # issue 8's 720 images/s is an H200 target).
 #   1. (timeout_s 470) SEC_E2E=450 bash benchmarks/gpu_all.sh e2e
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; run 6's paths
-#      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast (the defaults); fast_cg
-#      (every compiled block replayed from Inductor's CUDA-graph trees, compile_mode reduce-overhead, since the
-#      twenty-second session: the lever for the host-bound step; its warm-up runs 18 steps, recording each
-#      length; predicted 106-112 ms/step against fast's 118, NOTES.md); fast_cg_levers (with the four levers
-#      that act on GPU time, which the host bound hid: combo kernels, multi-kernel reductions, bf16 residual
-#      stream and, since the twenty-fourth session, the target encoder's GELU in its fc1 GEMM; predicted 96-104 ms,
-#      its GELU kernels 44 a step instead of 76); fast_levers (the six opt-in levers at once, the combo kernels now
-#      pointwise only; in run 6, with five, its layernorm category fell from 11.5 to 3.8 ms a step); then fast_cg_stack (the trees over
-#      one graph per model's block stack), fast_sdpa, fast_py, fast_stack, fast_triton, fast_unrolled, fast_tgelu
-#      (the GELU lever alone), which the limit does not reach. Read the table's "CUDA graphs / skipped" column (recordings > 0 and 0 skipped
-#      expected on the GPU) and each path's peak GiB (issue 8: no more than the reference's).
+#      took 75-150 s, the C++ host code compiling 75-120 s of it): reference; fast_cg_levers (every compiled
+#      block replayed from Inductor's CUDA-graph trees, compile_mode reduce-overhead, since the twenty-second
+#      session, with the four levers that act on GPU time, which the host bound hid: combo kernels, multi-kernel
+#      reductions, bf16 residual stream and, since the twenty-fourth session, the target encoder's GELU in its
+#      fc1 GEMM; the candidate fast path, first so that the limit reaches it; predicted 96-104 ms/step, its GELU
+#      kernels 44 a step instead of 76); fast_cg (the trees alone: the host lever's share; its warm-up runs 18
+#      steps, recording each length; predicted 106-112 ms/step against fast's 118, NOTES.md); fast (the
+#      defaults, run 6: 118.3 ms), which the limit may not reach; then fast_levers (the six opt-in levers at
+#      once, the combo kernels now pointwise only; in run 6, with five, its layernorm category fell from 11.5 to
+#      3.8 ms a step), fast_cg_stack (the trees over one graph per model's block stack), fast_sdpa, fast_py,
+#      fast_stack, fast_triton, fast_unrolled, fast_tgelu (the GELU lever alone). Read the table's "CUDA graphs
+#      / skipped" column (recordings > 0 and 0 skipped expected on the GPU) and each path's peak GiB (issue 8:
+#      no more than the reference's).
 #   2. (timeout_s 330, sent at once) SEC_STOP=130 BUDGET_STOP=115 SEC_ATTN=100 BUDGET_ATTN=85 SEC_TESTS_NEW=70
 #      SEC_BENCH=25 BENCH_FILES=benchmarks/bench_linear_gelu.py bash benchmarks/gpu_all.sh stop attn tests-new bench
 #      (attn since the twenty-fourth session: its forced-config rows at N = 116 and 150 time the key-stationary
@@ -168,7 +170,7 @@ for s in $SECTIONS; do
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast,fast_cg,fast_cg_levers,fast_levers,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast_cg_levers,fast_cg,fast,fast_levers,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled,fast_tgelu} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest ${BENCH_FILES:-benchmarks/} --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;
