@@ -59,6 +59,7 @@ def _symbolic_n(N: int):
 
 PERSISTENT_FWD = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEADS=1, PERSIST=1)
 PERSISTENT_BWD = dict(VARIANT="fused", BLOCK_N=128, num_warps=8, num_stages=2, PERSIST=1)
+KEYS_BWD = dict(VARIANT="keys", BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=1)  # every key, 32-query blocks
 
 
 def trace(N: int, D: int, varlen: bool, packed: bool = True, fwd_cfg=None, bwd_cfg=None, symbolic_d=False):
@@ -343,6 +344,7 @@ if __name__ == "__main__":
             name = f"{'qkv' if packed else 'q_k_v'}_N{N}_D{D}_{'varlen' if varlen else 'batched'}"
             res[name] = trace(N, D, varlen, packed)
         res["qkv_N116_D24_batched_symbolic_d"] = trace(116, 24, False, True, symbolic_d=True)
+        res["qkv_N116_D24_batched_keys"] = trace(116, 24, False, True, bwd_cfg=KEYS_BWD)
         # the persistent forms read cu_seqlens inside their item helpers: still written only O, LSE, d(qkv)
         # (their grid asks for the SM count: answered as an H100's)
         _pretend_h100_for_inductor()

@@ -61,6 +61,7 @@ def test_ops_are_triton_ops_outside_the_interpreter(traced):
 
 @pytest.mark.parametrize("case, fwd, bwd", [
     ("qkv_N116_D24_batched", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
+    ("qkv_N116_D24_batched_keys", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
     ("qkv_N150_D24_batched", [["_attn_fwd_kernel", ["LSE", "O"]]],
      [["_attn_bwd_dq_kernel", ["DELTA", "DQ"]], ["_attn_bwd_dkdv_kernel", ["DK"]]]),
     ("qkv_N74_D80_batched", [["_attn_fwd_kernel", ["LSE", "O"]]], [["_attn_bwd_fused_kernel", ["DQ"]]]),
@@ -81,7 +82,7 @@ def test_only_outputs_are_written(traced, case, fwd, bwd):
 
 
 @pytest.mark.parametrize("case, upper", [("qkv_N116_D24_batched", 128), ("qkv_N150_D24_batched", 256),
-                                         ("qkv_N40_D24_varlen", 64)])
+                                         ("qkv_N40_D24_varlen", 64), ("qkv_N116_D24_batched_keys", 128)])
 def test_dynamic_in_the_sequence_length(traced, case, upper):
     """Only bucket-bound guards: N stays symbolic (no Eq(N, ...) specialisation)."""
     got = traced[case]
