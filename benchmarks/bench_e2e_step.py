@@ -12,10 +12,11 @@ fast path, ViT-H/14 at 224, batch 64, 4 target blocks, bf16 autocast, one GPU (i
 * ``fast_triton``: ``fast`` with the Triton attention kernels forced (also inside compiled blocks);
 * ``fast_sdpa``: ``fast`` with SDPA at every head dim in compiled blocks (the default before GPU run 6);
 * ``fast_levers``: ``fast`` with the opt-in step levers (combo kernels, multi-kernel reductions, bf16
-  residual stream, CUDA-graphed target encoder on a second stream);
+  residual stream, CUDA-graphed target encoder on a second stream, the target's GELU in its fc1 GEMM);
 * ``fast_cg``: ``fast`` with every compiled block replayed from CUDA graphs (``compile_mode: reduce-overhead``,
-  Python host code); ``fast_cg_levers``: with combo kernels, multi-kernel reductions and the bf16 residual stream;
-  ``fast_cg_stack``: with each model's block stack one graph.
+  Python host code); ``fast_cg_levers``: with combo kernels, multi-kernel reductions, the bf16 residual stream and
+  the fused target GELU; ``fast_cg_stack``: with each model's block stack one graph;
+* ``fast_tgelu``: ``fast`` with the target encoder's fc1, bias and GELU as one cuBLASLt GEMM.
 The paths are ``e2e_step.PATHS`` (one definition for both harnesses).
 
 Each with per-block ``torch.compile`` (the recipe default) and with eager blocks, except the paths with a
