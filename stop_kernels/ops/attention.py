@@ -1005,6 +1005,8 @@ def _bwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
         cands = [split(64, 64, 8)]
     else:
         cands = [split(64, 64, 8), split(64, 32, 4)]
+    if width == 16 and bucket > 64:  # 16-key steps over a width-16 head keep a stack frame (8-104 B, both Tritons)
+        cands = [d for d in cands if not (d["VARIANT"] == "fused" and d["BLOCK_N"] == 16)]
     out: List[Dict] = []
     for d in cands:
         if d not in out:
