@@ -898,8 +898,10 @@ def _fwd_configs(bucket: int, block_d: int, width: Optional[int] = None,
         elif bucket <= 128:
             # GPU run 4 (H200, N = 116, forced configs, eager timer): 64x128 0.069 ms, 128x128 0.073,
             # 64x64 0.075 (the former first), the persistent forms 0.090-0.105
+            # (last, untimed: fewer SASS instructions per query than the first's 62 per warp, sm_90a, triton
+            # 3.6: 64 x 128 with 2 warps (mma.sync, 5 CTAs per SM) 54.5, 128 x 128 with 4 warps (2 CTAs) 52)
             cands = [c(64, 128, 4), c(128, 128, 8), c(64, 64, 4, 2), c(64, 128, 4, 1, 2), c(32, 128, 4),
-                     c(128, 128, 8, 2, persist=1), c(64, 128, 4, 2, persist=2)]
+                     c(128, 128, 8, 2, persist=1), c(64, 128, 4, 2, persist=2), c(64, 128, 2), c(128, 128, 4)]
         elif bucket <= 256:
             # (the one-tile c(64, 256, 8) measured 4x slower than the first in run 2 and spills: dropped)
             cands = [c(64, 32, 4, 3), c(64, 64, 4, 2), c(64, 64, 4, 2, 2), c(128, 64, 8, 2)]
