@@ -40,11 +40,13 @@
 #      fast_stack, fast_triton, fast_unrolled, fast_tgelu (the GELU lever alone). Read the table's "CUDA graphs
 #      / skipped" column (recordings > 0 and 0 skipped expected on the GPU) and each path's peak GiB (issue 8:
 #      no more than the reference's).
-#   2. (timeout_s 330, sent at once) SEC_STOP=130 BUDGET_STOP=115 SEC_ATTN=100 BUDGET_ATTN=85 SEC_TESTS_NEW=70
+#   2. (timeout_s 330, sent at once) SEC_STOP=130 BUDGET_STOP=115 SEC_ATTN=115 BUDGET_ATTN=100 SEC_TESTS_NEW=55
 #      SEC_BENCH=25 BENCH_FILES=benchmarks/bench_linear_gelu.py bash benchmarks/gpu_all.sh stop attn tests-new bench
 #      (attn since the twenty-fourth session: its forced-config rows at N = 116 and 150 time the key-stationary
 #      backward, VARIANT keys, predicted 0.09-0.12 ms at N = 116 against the one-pass kernel's 0.146; issue 4's
-#      forward+backward target there is 0.185 ms on the models' path, run 6: 0.208)
+#      forward+backward target there is 0.185 ms on the models' path, run 6: 0.208; and two forward candidates
+#      at N <= 128. The variants section gets what correctness, host and timing leave of the budget (at least
+#      30 %), and N = 116 now has 9 forward and 10 backward candidates: hence the larger BUDGET_ATTN)
 #      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
 #      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
 #      transpose per step (sm_90a loop barriers 9 -> 3 and 8-18 -> 2, triton 3.6); predicted, unmeasured:
