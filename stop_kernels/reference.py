@@ -147,8 +147,7 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
         _check_assembly_metadata(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
                                  autocast)
     tgt = stack_target_indices(tgt_idx, checked=known)
-    if not known:
-        chk.tensor("tgt_idx", tgt, dtypes=chk.INDEX_DTYPES)
+    if not known:  # (stack_target_indices checked the kind and dtype)
         if tgt.shape[1] != ctx.shape[0]:
             raise ValueError(f"tgt_idx: expected batch size {ctx.shape[0]} (ctx.shape[0]), got shape {tuple(tgt.shape)}")
         chk.same_device(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=weight, bias=bias, pos_embed=pos_embed,
