@@ -56,6 +56,11 @@ def _cfg(**kw):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
+def _fwd(swap_ab=False, **kw):
+    """A forward config; ``swap_ab``: the accumulators hold ``W·Aᵀ`` (see :func:`_project_rows`)."""
+    return _cfg(SWAP_AB=swap_ab, **kw)
+
+
 # Autotune lists for the GPU. D_TILES Wᵀ column tiles of width BLOCK_D are covered by one program
 # (forward: the A / noise tile of a K step is generated once and multiplied into D_TILES
 # accumulators; dW: the noise tile of a row block is regenerated once and reduced into all D
@@ -79,19 +84,28 @@ def _cfg(**kw):
 # Triton's version, the GPU target, the kernel's source, the tuning key and the config list), so a new process,
 # a resumed run or each path of benchmarks/e2e_step.py does not compile and time every config again (part of the
 # fused path's longer warm-up in run 5: 57 s against the reference path's 39).
-_FWD_CONFIGS = [_cfg(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=4, s=3),
-                _cfg(BLOCK_M=64, BLOCK_D=256, D_TILES=1, BLOCK_K=32, w=8, s=2),
-                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
+_FWD_CONFIGS = [_fwd(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
+                _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=4, s=3),
+                _fwd(BLOCK_M=64, BLOCK_D=256, D_TILES=1, BLOCK_K=32, w=8, s=2),
+                _fwd(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
                 # all of D ≤ 384 (3 × 128) / ≤ 512 (2 × 256, 4 × 128) in one program
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
-                _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
+                _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
+                _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
+                _fwd(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 # 16 warps (4 warp groups split D): twice the warps to hide the Philox chain's latency, 128 registers,
                 # and with triton 3.6 (the GPU image) the wgmmas stay asynchronous (wait ≤ 7 groups), where the
                 # 8-warp configs get ptxas's C7515 serialization (a wait 0 after each of the 12 wgmmas per step)
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
-                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]  # (last: D = 512 only)
+                _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
+                # SWAP_AB: each D tile computed as W·nᵀ, so the noise is the MMA's second operand and lies in shared
+                # memory, and the wgmmas stay asynchronous: sm_90a SASS, triton 3.6 and 3.8, one wgmma wait per D
+                # tile and step (3) instead of one per wgmma (12, C7515 above). BLOCK_M = 32 keeps wgmma here (the
+                # rows are the MMA's N) and fits two CTAs per SM (113 registers, 100 KB, 8 warps) or three (166,
+                # 74 KB, 4 warps with BLOCK_K = 8), so one CTA's Philox overlaps another's MMAs
+                _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
+                _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
+                _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
+                _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=8, w=4, s=3),
+                _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]  # (last: D = 512 only)
 _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
                _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=64, w=8, s=2),
@@ -103,11 +117,11 @@ _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2)]
 # float32 W: see above (registers per config, sm_90a, triton 3.8: forward 108–212, dW 97–126; the
 # forward's 64 x 128 x (4·16) spilled 24 B with a bf16 ψ)
-_FWD_CONFIGS_FP32 = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=8, w=8, s=2),
-                     _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=8, w=4, s=2),
-                     _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=16, w=8, s=2),
+_FWD_CONFIGS_FP32 = [_fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=8, w=8, s=2),
+                     _fwd(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=8, w=4, s=2),
+                     _fwd(BLOCK_M=32, BLOCK_D=128, D_TILES=1, BLOCK_K=16, w=8, s=2),
                      # all of D ≤ 384 in one program (the noise generated once per row block)
-                     _cfg(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=4, w=8, s=2)]
+                     _fwd(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=4, w=8, s=2)]
 _DW_CONFIGS_FP32 = [_cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=8, w=4, s=2),
                     _cfg(BLOCK_M=16, BLOCK_D=128, D_TILES=1, BLOCK_K=16, w=8, s=2),
                     _cfg(BLOCK_M=32, BLOCK_D=64, D_TILES=3, BLOCK_K=8, w=8, s=2),
@@ -207,6 +221,17 @@ def _mma(a, b, acc, like_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _mma_wt(a, wt, acc, like_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One K step of a D tile: ``acc + a·wt`` (``a`` [M, K], ``wt`` [K, BLOCK_D]), or with SWAP_AB its
+    transpose ``acc + wtᵀ·a`` (``a`` [K, M], ``acc`` [BLOCK_D, M])."""
+    if SWAP_AB:
+        acc = _mma(tl.trans(wt), a, acc, like_ptr, PRECISION, UPCAST)
+    else:
+        acc = _mma(a, wt, acc, like_ptr, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def _quarter_cols(q0, E4, E, BLOCK_K: tl.constexpr):
     """The E columns of a concatenated K step: column ``c = j·BLOCK_K + k`` is ``e = q0 + k + j·E4``.
 
@@ -242,8 +267,11 @@ def _cat4(a0, a1, a2, a3, AXIS: tl.constexpr):
 
 @triton.jit
 def _project_epilogue(acc, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                      stride_oc, N_COPIES, HAS_BIAS: tl.constexpr):
-    """acc + b + ψ[p] stored at ``out_rows + dcol·stride_od`` (N_COPIES times, stride_oc apart)."""
+                      stride_oc, N_COPIES, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr):
+    """acc + b + ψ[p] stored at ``out_rows + dcol·stride_od`` (N_COPIES times, stride_oc apart); ``acc`` is
+    ``[BLOCK_M, BLOCK_D]``, or its transpose with SWAP_AB."""
+    if SWAP_AB:
+        acc = tl.trans(acc)
     d_ok = dcol < D
     if HAS_BIAS:
         acc += tl.load(b_ptr + dcol, mask=d_ok, other=0.0).to(tl.float32)[None, :]
@@ -264,12 +292,16 @@ def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
                   out_ptr, stride_og, stride_or, stride_od, stride_oc,
                   R, E, E4, D, G, N_COPIES, key0, key1, sigma,
                   NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr, BLOCK_K: tl.constexpr,
+                  SWAP_AB: tl.constexpr):
     """out[r, d] = Σ_e A[r, e]·W[d, e] + b[d] + ψ[idx[r], d] for the [BLOCK_M, D_TILES·BLOCK_D] output tile
     (pid_m, pid_d) of one row segment.
 
     The A tiles of a K step (Philox noise or memory) are produced once and multiplied into the
-    D_TILES accumulators (1 ≤ D_TILES ≤ 4), so the noise is generated once per row block.
+    D_TILES accumulators (1 ≤ D_TILES ≤ 4), so the noise is generated once per row block. With SWAP_AB
+    each accumulator holds the transposed tile ``[BLOCK_D, BLOCK_M] = W·Aᵀ``: A's tile is then the MMA's
+    second operand, which the tensor cores read from shared memory (on sm_90 a first operand made in
+    registers stays in registers, and ptxas serialized those wgmmas).
     """
     tl.static_assert(D_TILES >= 1 and D_TILES <= 4)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -279,10 +311,16 @@ def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
     dcol3 = dcol0 + 3 * BLOCK_D
     kk = tl.arange(0, BLOCK_K)
     row_ok = rows < R
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SWAP_AB:
+        acc0 = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+    else:
+        acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # main loop over quarter columns q0: the A tile [BLOCK_M, 4·BLOCK_K] of a step holds the columns
     # q0 + k + j·E4 (j = 0..3, _quarter_cols), multiplied with the Wᵀ rows of the same columns
     for q0 in range(0, E4, BLOCK_K):
@@ -296,7 +334,11 @@ def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
             q = q0 + kk
             a0, a1, a2, a3 = normal_quarters(rows[None, :], q[:, None], key0, key1, sigma)  # [K, M] tiles
             dt = w_ptr.dtype.element_ty
-            if D_TILES > 1:
+            if SWAP_AB:
+                # the quarters stacked as the [4K, M] second operand: no transpose, and the MMA reads the
+                # tile from shared memory, where the first operand (W's tile) also lies
+                a = _cat4(a0.to(dt), a1.to(dt), a2.to(dt), a3.to(dt), 0)
+            elif D_TILES > 1:
                 # the quarters stacked as one [4K, M] tile, then one transpose: the barriers of the
                 # main loop fall from 9 to 3 (triton 3.6) and from 29 to 3 (3.8), sm_90a SASS of the
                 # D_TILES = 3 configs; the shared-memory round trips of four transposes and _cat4's
@@ -309,33 +351,35 @@ def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
         else:
             # memory: the same columns of A (e.g. the context tokens)
             a = _load_a(a_ptr, stride_am, stride_ak, rows, row_ok, e, e_ok)
-        acc0 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol0, dcol0 < D), acc0, w_ptr,
-                    PRECISION, UPCAST)
+            if SWAP_AB:
+                a = tl.trans(a)
+        acc0 = _mma_wt(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol0, dcol0 < D), acc0, w_ptr,
+                       PRECISION, UPCAST, SWAP_AB)
         if D_TILES > 1:
-            acc1 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol1, dcol1 < D), acc1, w_ptr,
-                        PRECISION, UPCAST)
+            acc1 = _mma_wt(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol1, dcol1 < D), acc1, w_ptr,
+                           PRECISION, UPCAST, SWAP_AB)
         if D_TILES > 2:
-            acc2 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol2, dcol2 < D), acc2, w_ptr,
-                        PRECISION, UPCAST)
+            acc2 = _mma_wt(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol2, dcol2 < D), acc2, w_ptr,
+                           PRECISION, UPCAST, SWAP_AB)
         if D_TILES > 3:
-            acc3 = _mma(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol3, dcol3 < D), acc3, w_ptr,
-                        PRECISION, UPCAST)
+            acc3 = _mma_wt(a, _load_wt(w_ptr, stride_wd, stride_we, e, e_ok, dcol3, dcol3 < D), acc3, w_ptr,
+                           PRECISION, UPCAST, SWAP_AB)
     # epilogue: + bias + ψ[idx[r]] (gathered), in fp32; row r lands at (r // G)·stride_og + (r % G)·stride_or,
     # N_COPIES times stride_oc apart
     p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     r64 = rows.to(tl.int64)
     out_rows = out_ptr + ((r64 // G) * stride_og + (r64 % G) * stride_or)
     _project_epilogue(acc0, dcol0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                      stride_oc, N_COPIES, HAS_BIAS)
+                      stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
     if D_TILES > 1:
         _project_epilogue(acc1, dcol1, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                          stride_oc, N_COPIES, HAS_BIAS)
+                          stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
     if D_TILES > 2:
         _project_epilogue(acc2, dcol2, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                          stride_oc, N_COPIES, HAS_BIAS)
+                          stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
     if D_TILES > 3:
         _project_epilogue(acc3, dcol3, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                          stride_oc, N_COPIES, HAS_BIAS)
+                          stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
 
 
 @triton.autotune(configs=_FWD_CONFIGS + _FWD_CONFIGS_FP32, key=["E", "D", "NOISE", "NOISE_ROWS"],
@@ -349,7 +393,7 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
                     idx2_ptr, out2_ptr, stride_og2, stride_or2, stride_od2, R2, G2,
                     NOISE: tl.constexpr, NOISE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D_TILES: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr):
     """One or two row segments of ``A·Wᵀ + b + ψ[idx]`` (:func:`_project_rows`), one program per output tile.
 
     The first R rows take A from memory or the noise (NOISE); with NOISE_ROWS the programs past their
@@ -364,17 +408,17 @@ def _project_kernel(a_ptr, stride_am, stride_ak,
             _project_rows(pid_m - first, pid_d, a_ptr, 0, 0, idx2_ptr, pos_ptr, stride_pp, stride_pd,
                           w_ptr, stride_wd, stride_we, b_ptr, out2_ptr, stride_og2, stride_or2, stride_od2, 0,
                           R2, E, E4, D, G2, 1, key0, key1, sigma,
-                          True, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K)
+                          True, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K, SWAP_AB)
         else:
             _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak, idx_ptr, pos_ptr, stride_pp, stride_pd,
                           w_ptr, stride_wd, stride_we, b_ptr, out_ptr, stride_og, stride_or, stride_od, stride_oc,
                           R, E, E4, D, G, N_COPIES, key0, key1, sigma,
-                          NOISE, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K)
+                          NOISE, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K, SWAP_AB)
     else:
         _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak, idx_ptr, pos_ptr, stride_pp, stride_pd,
                       w_ptr, stride_wd, stride_we, b_ptr, out_ptr, stride_og, stride_or, stride_od, stride_oc,
                       R, E, E4, D, G, N_COPIES, key0, key1, sigma,
-                      NOISE, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K)
+                      NOISE, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_D, D_TILES, BLOCK_K, SWAP_AB)
 
 
 @triton.jit
@@ -610,7 +654,7 @@ def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tenso
             out3, s_og, s_or, s_od, stride_copy, R, E, quarter_width(E), D, G, copies, key0, key1, float(noise_std),
             idx2, out2, s_og2, s_or2, s_od2, R2, G2)
     interp = lambda: dict(BLOCK_M=_pow2(max(R, R2), 16, 1024), BLOCK_D=_pow2(D, 16, 128), D_TILES=1,  # noqa: E731
-                          BLOCK_K=_pow2(quarter_width(E), 16, 64))
+                          BLOCK_K=_pow2(quarter_width(E), 16, 64), SWAP_AB=False)
     _launch(_project_kernel, grid, args, dict(NOISE=noise, NOISE_ROWS=noise_rows is not None, HAS_BIAS=bias is not None,
                                               PRECISION=_precision(weight.dtype), UPCAST=interpreting()), interp, "fwd")
 
