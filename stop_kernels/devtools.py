@@ -113,7 +113,8 @@ def sass_loop_stats(sass: str) -> Dict:
     """Static size of the kernel's main loop in SASS (``nvdisasm -c`` text): the longest span between a
     label and a backward branch to it. ``loop_instrs`` is the instruction count of one iteration (slow
     paths inside it included), ``loop_bar`` / ``loop_local`` its barriers and local-memory accesses
-    (LDL/STL: spills or stack arrays); all None without SASS. A kernel without a loop (only the
+    (LDL/STL: spills or stack arrays), ``loop_wgmma_wait`` its waits for wgmma groups
+    (``WARPGROUP.DEPBAR``: one per wgmma when ptxas serialises them); all None without SASS. A kernel without a loop (only the
     one-instruction ``BRA`` to itself that ends every kernel) gets the counts of the whole kernel
     and ``has_loop`` False."""
     lines = sass.splitlines()
@@ -124,12 +125,13 @@ def sass_loop_stats(sass: str) -> Dict:
         if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
             best = (labels[m.group(1)], i)
     if not any(_SASS_OP.match(line) for line in lines):
-        return {"loop_instrs": None, "loop_bar": None, "loop_local": None, "has_loop": None}
+        return {"loop_instrs": None, "loop_bar": None, "loop_local": None, "loop_wgmma_wait": None, "has_loop": None}
     span = lines[best[0]:best[1] + 1] if best else []
     has_loop = sum(bool(_SASS_OP.match(line)) for line in span) > 1
     ops = [m.group(1) for line in (span if has_loop else lines) if (m := _SASS_OP.match(line))]
     return {"loop_instrs": len(ops), "loop_bar": sum(op.startswith("BAR") for op in ops),
-            "loop_local": sum(op.startswith(("LDL", "STL")) for op in ops), "has_loop": has_loop}
+            "loop_local": sum(op.startswith(("LDL", "STL")) for op in ops),
+            "loop_wgmma_wait": sum(op.startswith("WARPGROUP.DEPBAR") for op in ops), "has_loop": has_loop}
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -49,6 +49,12 @@ def test_kernel_configs_do_not_spill(tmp_path):
     for r in full_d:
         if r["config"]["BLOCK_M"] == 64:
             assert r["loop_bar"] <= 48 and r["loop_instrs"] <= 1200, r
+    # SWAP_AB keeps the noise in the MMA's shared-memory operand, so ptxas does not serialise its wgmmas: at most
+    # one wait per D tile's dot and K step (the noise-first configs wait after each of their 12 wgmmas)
+    swapped = [r for r in full_d if r["config"]["SWAP_AB"]]
+    assert swapped, full_d
+    for r in swapped:
+        assert r["wgmma"] > 0 and r["loop_wgmma_wait"] <= r["config"]["D_TILES"], r
 
 
 _LOOP_SASS = """
@@ -56,6 +62,7 @@ _LOOP_SASS = """
 .L_x_0:
         /*0010*/                   FFMA R2, R2, R3, R4 ;
         /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0028*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0030*/               @P0 BRA `(.L_x_0) ;
         /*0040*/                   EXIT ;
 .L_x_1:
@@ -67,9 +74,11 @@ def test_sass_loop_stats_loop_and_loopless():
     """The main loop is the longest backward branch; a kernel with only the end-of-kernel BRA to itself
     has no loop and reports the whole kernel."""
     from stop_kernels.devtools import sass_loop_stats
-    assert sass_loop_stats(_LOOP_SASS) == {"loop_instrs": 3, "loop_bar": 1, "loop_local": 0, "has_loop": True}
+    assert sass_loop_stats(_LOOP_SASS) == {"loop_instrs": 4, "loop_bar": 1, "loop_local": 0, "loop_wgmma_wait": 1,
+                                           "has_loop": True}
     loopless = _LOOP_SASS.replace("@P0 BRA `(.L_x_0) ;", "STL [R1], R2 ;")
-    assert sass_loop_stats(loopless) == {"loop_instrs": 6, "loop_bar": 1, "loop_local": 1, "has_loop": False}
+    assert sass_loop_stats(loopless) == {"loop_instrs": 7, "loop_bar": 1, "loop_local": 1, "loop_wgmma_wait": 1,
+                                         "has_loop": False}
     assert sass_loop_stats("")["loop_instrs"] is None
 
 
