@@ -92,9 +92,9 @@ _FWD_CONFIGS = [_fwd(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
                 _fwd(BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
-                # 16 warps (4 warp groups split D): twice the warps to hide the Philox chain's latency, 128 registers,
-                # and with triton 3.6 (the GPU image) the wgmmas stay asynchronous (wait ≤ 7 groups), where the
-                # 8-warp configs get ptxas's C7515 serialization (a wait 0 after each of the 12 wgmmas per step)
+                # 16 warps (4 warp groups split D): twice the warps to hide the Philox chain's latency, 116 registers;
+                # like the 8-warp configs its wgmmas are serialised by ptxas (C7515: a wait 0 after each of the 12
+                # wgmmas per step, the noise being their register operand), which SWAP_AB below avoids
                 _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
                 # SWAP_AB: each D tile computed as W·nᵀ, so the noise is the MMA's second operand and lies in shared
                 # memory, and the wgmmas stay asynchronous: sm_90a SASS, triton 3.6 and 3.8, one wgmma wait per D
