@@ -105,6 +105,10 @@ _FWD_CONFIGS = [_fwd(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=8, w=4, s=3),
+                # all of D ≤ 512 in one dot per step (a quarter of its MMA wasted at D = 384): one wgmma wait per
+                # step instead of three (64-row tiles spilled in the epilogue's transpose)
+                _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=512, D_TILES=1, BLOCK_K=16, w=8, s=2),
+                _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=512, D_TILES=1, BLOCK_K=8, w=8, s=3),
                 _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]  # (last: D = 512 only)
 _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
