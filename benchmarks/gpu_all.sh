@@ -53,11 +53,14 @@
 #      sweep rows fwd 0.123 -> 0.07-0.09 ms and dw 0.075 -> 0.05-0.07 ms. Since the twenty-third session the
 #      op is one Triton launch forward (context and StoP rows) and 7 ops backward (all of dW in one launch),
 #      casts W and b itself and asks the autotuner once per key (more configs to tune on the first call: the
-#      merged forward and dW with context rows, and a 16-warp config in both lists, whose forward keeps its
-#      wgmmas asynchronous under triton 3.6 where the 8-warp ones are serialized (C7515): hence the longer
-#      SEC_STOP; predicted for the sweep's fwd row with it ≈ 0.06-0.09 ms). Predicted: fused-trusted eager
+#      merged forward and dW with context rows, and a 16-warp config in both lists). Since the twenty-fifth
+#      session six SWAP_AB forward configs (each D tile computed as W·nᵀ, so the noise is the wgmma's
+#      shared-memory operand: 1-3 wgmma waits per K step against 12 in every other config, whose register operand
+#      ptxas serializes, C7515, the 16-warp one included); predicted: the sweep's fwd row 0.123 -> 0.045-0.07 ms
+#      for the best swap config, the tuner picking one; a sweep config that disagrees with the first one now fails
+#      the section's correctness. Predicted: fused-trusted eager
 #      (do_bench) forward+backward 1.73 -> 1.0-1.45 ms (its host ms per call is now in the breakdown), GPU time
-#      (cudagraph) 0.352 -> 0.22-0.31 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
+#      (cudagraph) 0.352 -> 0.20-0.28 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
 #      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not
 #      say which): the step levers' twins first (the C++ host code's and the combo kernels'), the fused StoP
 #      ops' eager path against their custom op bit for bit and (twenty-third session) the op's own casts under
