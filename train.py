@@ -12,6 +12,7 @@ see docs/training.md.
 import logging
 import os
 import sys
+import time
 
 from stop_kernels.training.checkpoint import CheckpointError
 from stop_kernels.training.config import ConfigError, parse_config
@@ -38,17 +39,28 @@ def main(argv=None) -> int:
     return 0
 
 
+FAILED_EXIT_GRACE_S = 3.0
+
+
 def exit_worker(code: int) -> None:
     """Leave a torchrun worker (several ranks) without the interpreter's teardown. The run is over and
     everything is written and closed (checkpoints atomically, logs closed, the process group destroyed), but
     the teardown's C++ static destructors of the collective backend aborted a rank now and then after a
     complete run ("terminate called without an active exception", SIGABRT with no Python frame left, so the
     launcher reported a failure): 1 of 20 two-rank runs under load on two CPU cores before, none of about 50
-    after. One process alone exits normally."""
+    after. One process alone exits normally.
+
+    A rank that fails waits ``FAILED_EXIT_GRACE_S`` first. torchrun stops every other worker as soon as one exits
+    with an error, and an error the ranks agreed on (a checkpoint that failed on one rank, a path one node does not
+    see) is reported by each of them: the rank that reached its exit first got the others killed before they
+    printed theirs (seen in CI under load: one of the two messages missing). Peers that are stuck in a collective
+    instead are stopped that much later."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        if code != 0:
+            time.sleep(FAILED_EXIT_GRACE_S)
         os._exit(code)
     sys.exit(code)
 
