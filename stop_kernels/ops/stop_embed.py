@@ -106,9 +106,12 @@ _FWD_CONFIGS = [_fwd(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=8, w=4, s=3),
                 # all of D ≤ 512 in one dot per step (a quarter of its MMA wasted at D = 384): one wgmma wait per
-                # step instead of three (64-row tiles spilled in the epilogue's transpose)
+                # step instead of three; 118-148 registers (BLOCK_M 32, the BLOCK_K 8 one two CTAs per SM) and 117
+                # (BLOCK_M 64, 16 warps: W read once per 64 rows)
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=512, D_TILES=1, BLOCK_K=16, w=8, s=2),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=512, D_TILES=1, BLOCK_K=8, w=8, s=3),
+                _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=512, D_TILES=1, BLOCK_K=16, w=16, s=2),
+                _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=512, D_TILES=1, BLOCK_K=8, w=16, s=3),
                 _fwd(BLOCK_M=64, BLOCK_D=128, D_TILES=4, BLOCK_K=16, w=8, s=2)]  # (last: D = 512 only)
 _DW_CONFIGS = [_cfg(BLOCK_M=64, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                _cfg(BLOCK_M=64, BLOCK_D=64, D_TILES=1, BLOCK_K=32, w=4, s=2),
@@ -290,6 +293,24 @@ def _project_epilogue(acc, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row
 
 
 @triton.jit
+def _halves(acc):
+    """The first and the second half of the rows of ``acc`` ``[2H, M]``: two ``[H, M]`` tiles."""
+    return tl.split(tl.permute(tl.reshape(acc, (2, acc.shape[0] // 2, acc.shape[1])), (1, 2, 0)))
+
+
+@triton.jit
+def _project_epilogue_halves(acc, dcol0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                             stride_oc, N_COPIES, HAS_BIAS: tl.constexpr):
+    """:func:`_project_epilogue` of a transposed tile ``[2H, M]`` (columns ``dcol0 + [0, 2H)``) in two halves."""
+    lo, hi = _halves(acc)
+    dcol = dcol0 + tl.arange(0, acc.shape[0] // 2)
+    _project_epilogue(lo, dcol, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                      stride_oc, N_COPIES, HAS_BIAS, True)
+    _project_epilogue(hi, dcol + acc.shape[0] // 2, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows,
+                      stride_od, stride_oc, N_COPIES, HAS_BIAS, True)
+
+
+@triton.jit
 def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
                   idx_ptr, pos_ptr, stride_pp, stride_pd,
                   w_ptr, stride_wd, stride_we, b_ptr,
@@ -373,8 +394,24 @@ def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
     p = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     r64 = rows.to(tl.int64)
     out_rows = out_ptr + ((r64 // G) * stride_og + (r64 % G) * stride_or)
-    _project_epilogue(acc0, dcol0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                      stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
+    if SWAP_AB and BLOCK_D == 512:
+        # in 64-column parts: the epilogue of a whole [512, BLOCK_M] tile held [BLOCK_M, 512] pointer and ψ tiles beside
+        # it, and the 64-row configs spilled (sm_90a, triton 3.6 and 3.8; 128-column parts still did with an fp32 ψ)
+        d0 = pid_d * BLOCK_D
+        lo, hi = _halves(acc0)
+        t0, t1 = _halves(lo)
+        t2, t3 = _halves(hi)
+        _project_epilogue_halves(t0, d0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                                 stride_oc, N_COPIES, HAS_BIAS)
+        _project_epilogue_halves(t1, d0 + 128, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                                 stride_oc, N_COPIES, HAS_BIAS)
+        _project_epilogue_halves(t2, d0 + 256, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                                 stride_oc, N_COPIES, HAS_BIAS)
+        _project_epilogue_halves(t3, d0 + 384, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                                 stride_oc, N_COPIES, HAS_BIAS)
+    else:
+        _project_epilogue(acc0, dcol0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
+                          stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
     if D_TILES > 1:
         _project_epilogue(acc1, dcol1, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
                           stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
