@@ -54,7 +54,7 @@
 #      op is one Triton launch forward (context and StoP rows) and 7 ops backward (all of dW in one launch),
 #      casts W and b itself and asks the autotuner once per key (more configs to tune on the first call: the
 #      merged forward and dW with context rows, and a 16-warp config in both lists). Since the twenty-fifth
-#      session six SWAP_AB forward configs (each D tile computed as W·nᵀ, so the noise is the wgmma's
+#      session eight SWAP_AB forward configs (each D tile computed as W·nᵀ, so the noise is the wgmma's
 #      shared-memory operand: 1-3 wgmma waits per K step against 12 in every other config, whose register operand
 #      ptxas serializes, C7515, the 16-warp one included); predicted: the sweep's fwd row 0.123 -> 0.045-0.07 ms
 #      for the best swap config, the tuner picking one; a sweep config that disagrees with the first one now fails

@@ -106,7 +106,7 @@ _FWD_CONFIGS = [_fwd(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=2),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=128, D_TILES=3, BLOCK_K=8, w=4, s=3),
                 # all of D ≤ 512 in one dot per step (a quarter of its MMA wasted at D = 384): one wgmma wait per
-                # step instead of three; 118-148 registers (BLOCK_M 32, the BLOCK_K 8 one two CTAs per SM) and 117
+                # step instead of three; 110-151 registers (BLOCK_M 32, the BLOCK_K 8 one two CTAs per SM) and 109-117
                 # (BLOCK_M 64, 16 warps: W read once per 64 rows)
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=512, D_TILES=1, BLOCK_K=16, w=8, s=2),
                 _fwd(swap_ab=True, BLOCK_M=32, BLOCK_D=512, D_TILES=1, BLOCK_K=8, w=8, s=3),
