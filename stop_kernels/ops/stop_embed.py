@@ -12,7 +12,8 @@ Kernels (every block shape a constexpr):
   Its K loop walks the quarter columns ``q`` of E in steps of ``BLOCK_K``; each step produces the
   four ``[BLOCK_M, BLOCK_K]`` tiles at columns ``q, q+E4, q+2E4, q+3E4`` as one ``[BLOCK_M,
   4·BLOCK_K]`` operand (:func:`_cat4`) and multiplies it with the Wᵀ rows of the same columns on
-  tensor cores (fp32 accumulation), one MMA per D tile per step. Output rows
+  tensor cores (fp32 accumulation), one MMA per D tile per step; the ``SWAP_AB`` configs compute each tile
+  transposed (W·Aᵀ), so the noise is the MMA's shared-memory operand. Output rows
   are addressed as ``(r // G)·stride_og + (r % G)·stride_or`` and stored ``N_COPIES`` times, so the
   predictor input is written in place without concatenation or repetition. With ``NOISE_ROWS`` one launch
   holds two row segments (the predictor input's context rows from memory, then its StoP rows).
@@ -401,14 +402,15 @@ def _project_rows(pid_m, pid_d, a_ptr, stride_am, stride_ak,
         lo, hi = _halves(acc0)
         t0, t1 = _halves(lo)
         t2, t3 = _halves(hi)
+        QD: tl.constexpr = BLOCK_D // 4
         _project_epilogue_halves(t0, d0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
                                  stride_oc, N_COPIES, HAS_BIAS)
-        _project_epilogue_halves(t1, d0 + 128, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                                 stride_oc, N_COPIES, HAS_BIAS)
-        _project_epilogue_halves(t2, d0 + 256, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                                 stride_oc, N_COPIES, HAS_BIAS)
-        _project_epilogue_halves(t3, d0 + 384, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
-                                 stride_oc, N_COPIES, HAS_BIAS)
+        _project_epilogue_halves(t1, d0 + QD, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows,
+                                 stride_od, stride_oc, N_COPIES, HAS_BIAS)
+        _project_epilogue_halves(t2, d0 + 2 * QD, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows,
+                                 stride_od, stride_oc, N_COPIES, HAS_BIAS)
+        _project_epilogue_halves(t3, d0 + 3 * QD, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows,
+                                 stride_od, stride_oc, N_COPIES, HAS_BIAS)
     else:
         _project_epilogue(acc0, dcol0, D, b_ptr, p, pos_ptr, stride_pp, stride_pd, row_ok, out_rows, stride_od,
                           stride_oc, N_COPIES, HAS_BIAS, SWAP_AB)
