@@ -58,7 +58,8 @@
 #      shared-memory operand: 1-3 wgmma waits per K step against 12 in every other config, whose register operand
 #      ptxas serializes, C7515, the 16-warp one included); predicted: the sweep's fwd row 0.123 -> 0.045-0.07 ms
 #      for the best swap config, the tuner picking one; a sweep config that disagrees with the first one now fails
-#      the section's correctness. Predicted: fused-trusted eager
+#      the section's correctness; the sweep times the swap configs first and stops 25 s before the budget, which
+#      the timing pass (the issue's ratios) needs. Predicted: fused-trusted eager
 #      (do_bench) forward+backward 1.73 -> 1.0-1.45 ms (its host ms per call is now in the breakdown), GPU time
 #      (cudagraph) 0.352 -> 0.20-0.28 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
 #      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not

@@ -730,6 +730,17 @@ def test_stop_embed_contenders_of_the_cuda_benchmarks(monkeypatch):
     assert calls == ["triton"]
 
 
+def test_stop_embed_sweep_times_the_untimed_swap_configs_first():
+    """gpu_stop_embed.py's config sweep (cut by the section's budget, which keeps TIMING_RESERVE_S for the timing
+    pass) takes the forward's SWAP_AB configs first and then the others, each group in the autotune list's order."""
+    import gpu_stop_embed as G
+    from stop_kernels.ops import stop_embed as se
+    order = G._sweep_order(se._FWD_CONFIGS)
+    swapped = [c for c in se._FWD_CONFIGS if c.kwargs["SWAP_AB"]]
+    assert swapped and order == swapped + [c for c in se._FWD_CONFIGS if not c.kwargs["SWAP_AB"]]
+    assert 0 < G.TIMING_RESERVE_S < 60
+
+
 def test_stop_embed_rates_against_the_work_of_the_issue(monkeypatch):
     """gpu_stop_embed.py's work and rates: forward 2·(B·Nc + npred·B·Nt)·E·D FLOPs, bf16 ctx + fp32 W + fp32
     output bytes (ANCHORS.md at the ViT-H sizes: ≈ 15.2 GFLOP, ≈ 60 MB); the backward adds dctx and dW and
