@@ -55,8 +55,8 @@
 #      casts W and b itself and asks the autotuner once per key (more configs to tune on the first call: the
 #      merged forward and dW with context rows, and a 16-warp config in both lists). Since the twenty-fifth
 #      session eight SWAP_AB forward configs (each D tile computed as W·nᵀ, so the noise is the wgmma's
-#      shared-memory operand: 1-3 wgmma waits per K step against 12 in every other config, whose register operand
-#      ptxas serializes, C7515, the 16-warp one included); predicted: the sweep's fwd row 0.123 -> 0.045-0.07 ms
+#      shared-memory operand: 1-3 wgmma waits per K step against one per wgmma (8-16) in every other config, whose
+#      register operand ptxas serializes, C7515, the 16-warp one included); predicted: the sweep's fwd row 0.123 -> 0.045-0.07 ms
 #      for the best swap config, the tuner picking one; a sweep config that disagrees with the first one now fails
 #      the section's correctness; the sweep times the swap configs first and stops 25 s before the budget, which
 #      the timing pass (the ratios) needs. Predicted: fused-trusted eager

@@ -114,9 +114,9 @@ def sass_loop_stats(sass: str) -> Dict:
     label and a backward branch to it. ``loop_instrs`` is the instruction count of one iteration (slow
     paths inside it included), ``loop_bar`` / ``loop_local`` its barriers and local-memory accesses
     (LDL/STL: spills or stack arrays), ``loop_wgmma_wait`` its waits for wgmma groups
-    (``WARPGROUP.DEPBAR``: one per wgmma when ptxas serialises them); all None without SASS. A kernel without a loop (only the
-    one-instruction ``BRA`` to itself that ends every kernel) gets the counts of the whole kernel
-    and ``has_loop`` False."""
+    (``WARPGROUP.DEPBAR``: one per wgmma when ptxas serialises them); all None without SASS. A kernel
+    without a loop (only the one-instruction ``BRA`` to itself that ends every kernel) gets the counts of
+    the whole kernel and ``has_loop`` False."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\.L_x_\d+):", line.strip()))}
     best = None

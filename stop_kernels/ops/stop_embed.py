@@ -100,7 +100,7 @@ _FWD_CONFIGS = [_fwd(BLOCK_M=128, BLOCK_D=128, D_TILES=1, BLOCK_K=32, w=8, s=3),
                 # SWAP_AB: each D tile computed as W·nᵀ, so the noise is the MMA's second operand and lies in shared
                 # memory, and the wgmmas stay asynchronous: sm_90a SASS, triton 3.6 and 3.8, one wgmma wait per D
                 # tile and step (3) instead of one per wgmma (12, C7515 above). BLOCK_M = 32 keeps wgmma here (the
-                # rows are the MMA's N) and fits two CTAs per SM (113 registers, 100 KB, 8 warps) or three (166,
+                # rows are the MMA's N) and fits two CTAs per SM (113 registers, 100 KB, 8 warps) or three (168,
                 # 74 KB, 4 warps with BLOCK_K = 8), so one CTA's Philox overlaps another's MMAs
                 _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=8, s=3),
                 _fwd(swap_ab=True, BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16, w=16, s=2),
