@@ -69,7 +69,7 @@ class VisionTransformerPredictor(nn.Module):
             [Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LN_EPS)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
-        init_weights(self, self.predictor_blocks)
+        init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
 
     def assemble(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,

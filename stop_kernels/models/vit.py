@@ -94,7 +94,7 @@ class PatchEmbed(nn.Module):
         # K padded with zeros to a multiple of 8 (p = 14: 588 → 592) so the bf16 rows are 16-byte aligned,
         # as cuBLAS's TMA kernels need; one copy gathers the patches (and casts them, under autocast)
         pad = -k % 8
-        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dt = torch.get_autocast_dtype(x.device.type) if chk.autocast_on(x.device.type) else x.dtype
         patches = x.new_empty(B, gh * gw, k + pad, dtype=dt)
         patches[..., :k].view(B, gh, gw, C, p, p).copy_(x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
         weight = self.proj.weight.flatten(1)  # a view: no copy where K needs no padding (p = 16: 768)
@@ -175,9 +175,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def init_weights(module: nn.Module, blocks: Sequence[Block]) -> None:
-    """The official initialisation: truncated normal (std 0.02) weights, zero biases, unit LayerNorm,
-    and each block's output projections scaled by 1/sqrt(2·layer)."""
+def init_weights(module: nn.Module) -> None:
+    """The official training's initialisation: truncated normal (std 0.02) Linear and Conv2d weights, zero
+    biases, unit LayerNorm.
+
+    The official ``vision_transformer.py`` constructors also divide each block's ``attn.proj`` and ``mlp.fc2``
+    weights by sqrt(2·layer), but both official trainers (I-JEPA's ``src/helper.py:init_model``, StoP's
+    ``main.py``) re-initialise every ``nn.Linear`` with std 0.02 right after building the models, which undoes
+    that rescale: their runs start from this."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=INIT_STD)
@@ -186,10 +191,6 @@ def init_weights(module: nn.Module, blocks: Sequence[Block]) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        for layer_id, blk in enumerate(blocks, start=1):
-            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, residual_dtype: Op
     and every residual add then stays in bf16, as the encoders' stream already does where FSDP2
     gathers bf16 parameters (several GPUs): ≈ 8 of the ≈ 42 bytes per token and width that a
     compiled block's elementwise kernels move in the forward. Outside autocast it changes nothing."""
-    if residual_dtype is not None and x.dtype != residual_dtype and torch.is_autocast_enabled(x.device.type):
+    if residual_dtype is not None and x.dtype != residual_dtype and chk.autocast_on(x.device.type):
         x = x.to(residual_dtype)
     run = getattr(blocks, "compiled_run", None)  # the stack as one compiled graph (training.parallelize.compile_stack)
     if run is not None:
@@ -251,7 +252,7 @@ class VisionTransformer(nn.Module):
         self.register_buffer("pos_embed", reference.sincos_pos_embed_2d(embed_dim, g))
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        init_weights(self, self.blocks)
+        init_weights(self)
 
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         chk.float_tensor("imgs", imgs, ndim=4)
