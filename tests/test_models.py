@@ -391,8 +391,15 @@ def test_official_loader_reads_and_checks_every_size():
     assert m.encoder.blocks[0].attn.num_heads == 3 and m.predictor.predictor_blocks[0].attn.num_heads == 3
     assert m.predictor.predictor_blocks[0].mlp.fc1.out_features == 144
     assert (m.predictor.noise_mode, m.predictor.noise_std, m.epoch) == ("learned", 0.25, None)
-    m2 = load_official_checkpoint(ck, noise_mode="isotropic", noise_std=0.2)
-    assert (m2.predictor.noise_mode, m2.predictor.noise_std) == ("isotropic", 0.2)
+    m2 = load_official_checkpoint(ck, noise_mode="isotropic", noise_std=0.3)
+    assert (m2.predictor.noise_mode, m2.predictor.noise_std) == ("isotropic", 0.3)
+    # σ by default: StoP's recipe for the width, 0.2 from ViT-H's 1280 up (read on meta weights: no memory)
+    from stop_kernels.models.official import stop_noise_std
+    assert (stop_noise_std(768), stop_noise_std(1024), stop_noise_std(1280), stop_noise_std(1408)) == \
+        (0.25, 0.25, 0.2, 0.2)
+    huge = VisionTransformer(img_size=28, patch_size=14, embed_dim=1280, depth=1, num_heads=16, mlp_ratio=0.25)
+    hpred = VisionTransformerPredictor(num_patches=4, embed_dim=1280, predictor_embed_dim=64, depth=1, num_heads=4)
+    assert load_official_checkpoint(official_checkpoint(huge, hpred, None)).predictor.noise_std == 0.2
     x, ctx, tgt = torch.randn(2, 3, 32, 32), torch.tensor([[0, 1], [2, 3]]), [torch.tensor([[2], [0]])]
     noise = torch.randn(1, 2, 1, 192)
     with torch.no_grad():

@@ -180,17 +180,27 @@ def load_torch_file(path: Union[str, os.PathLike], name: str, *, map_location="c
         raise ValueError(f"{name}: cannot read {os.fspath(path)} as a torch checkpoint: {why}") from e
 
 
+def stop_noise_std(embed_dim: int) -> float:
+    """σ of StoP's recipes for an encoder of width ``embed_dim``: 0.25 (ViT-B/16, ViT-L/16) and 0.2 for ViT-H
+    (width 1280; StoP's ``configs/pretrain`` ``var``); the wider ViT-g takes ViT-H's, as ``configs/`` does."""
+    return 0.2 if embed_dim >= 1280 else 0.25
+
+
 def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: Optional[str] = None,
                              num_heads: Optional[int] = None, patch_size: Optional[int] = None,
                              img_size: Optional[int] = None, noise_mode: str = "learned",
-                             noise_std: float = 0.25, map_location="cpu") -> OfficialModels:
+                             noise_std: Optional[float] = None, map_location="cpu") -> OfficialModels:
     """Build the project's encoder, predictor and target encoder from an official checkpoint.
 
     Args:
         ckpt: path to a ``.pth.tar`` / ``.pt`` file or an already loaded dict.
         model, num_heads, patch_size, img_size: optional; inferred from the weights when omitted
             and checked against them when given (a contradiction is a ``ValueError``).
-        noise_mode, noise_std: the predictor's StoP setting (not stored in official checkpoints).
+        noise_mode, noise_std: the predictor's setting, which official checkpoints do not store. StoP's
+            checkpoints: ``"learned"`` (the default). I-JEPA's, trained with mask tokens: pass ``"none"`` (the
+            predictor then uses the checkpoint's ``mask_token``; the StoP modes keep it unused).
+            ``noise_std`` None: StoP's recipe for the checkpoint's width (:func:`stop_noise_std`: 0.2 for
+            ViT-H and wider, 0.25 below).
     """
     if isinstance(ckpt, (str, os.PathLike)):
         if not os.path.isfile(ckpt):
@@ -222,7 +232,7 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
             num_patches=(sizes.img_size // sizes.patch_size) ** 2, embed_dim=sizes.embed_dim, predictor_embed_dim=D,
             depth=_depth(pred_sd, "predictor_blocks"), num_heads=heads,
             mlp_ratio=mlp_ratio_for(_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0], D),
-            noise_mode=noise_mode, noise_std=noise_std)
+            noise_mode=noise_mode, noise_std=stop_noise_std(sizes.embed_dim) if noise_std is None else noise_std)
     load_exact(pred, pred_sd, "predictor")
     # the encoder before the target: the sizes come from the encoder, so a mismatch there is the encoder's
     encoder = build_encoder(sizes, heads, enc_sd, "encoder")
