@@ -10,13 +10,15 @@ Public API:
     get_attention_backend, set_attention_backend  read / set the default backend of dispatch_attention
     attention_qkv, dispatch_attention_qkv  the same over a packed [B, N, 3, H, Dh] QKV buffer (one dqkv written)
     reference                              pure-PyTorch twins of every op
+    models, data                           the ViT / predictor presets (models.packing: packed forwards), the
+                                           datasets and the multi-block mask collator
     load_official_checkpoint               official I-JEPA / StoP checkpoints → project models
     save_official_checkpoint               project models → a checkpoint in the official layout
     trusted_device_indices                 skip the host-syncing index range checks in hot loops
     backends()                             which backends (reference, triton, cuda, xformers) are usable here
     __version__                            the package version
 """
-from . import reference
+from . import data, models, reference
 from ._checks import trusted_device_indices
 from .backends import backends
 from .models import load_official_checkpoint, save_official_checkpoint
@@ -27,7 +29,7 @@ from .ops.stop_embed import stop_embed
 
 __version__ = "0.1.0"
 
-__all__ = ["reference", "trusted_device_indices", "backends", "load_official_checkpoint", "save_official_checkpoint",
+__all__ = ["data", "models", "reference", "trusted_device_indices", "backends", "load_official_checkpoint", "save_official_checkpoint",
            "assemble_predictor_input",
            "stop_embed", "attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv",
            "get_attention_backend", "set_attention_backend",

@@ -45,6 +45,36 @@ def test_use_in_your_own_model_runs_as_written(tmp_path, monkeypatch):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_every_dotted_name_in_the_readme_resolves_after_a_plain_import():
+    """Each ``stop_kernels.a.b`` the README names (``stop_kernels.data.MultiBlockMaskCollator``,
+    ``stop_kernels.models.flops.jepa_step_floors_ms``, …) is reachable after ``import stop_kernels`` alone, in a
+    fresh interpreter (in this one the tests have imported the submodules already). Names of modules (run with
+    ``python -m`` or imported by path) only need to exist; ``stop_kernels._C``, the optional CUDA extension, is
+    left out."""
+    import subprocess
+    import sys
+    text = (REPO / "README.md").read_text()
+    names = sorted(set(re.findall(r"\bstop_kernels(?:\.[A-Za-z_]\w*)+", text)) - {"stop_kernels._C"})
+    assert "stop_kernels.data.MultiBlockMaskCollator" in names and len(names) > 10, names
+    probe = ("import functools, importlib.util, stop_kernels\n"
+             "def is_module(name):\n"
+             "    try:\n"
+             "        return importlib.util.find_spec(name) is not None\n"
+             "    except ImportError:\n"
+             "        return False\n"
+             "missing = []\n"
+             f"for name in {names!r}:\n"
+             "    try:\n"
+             "        functools.reduce(getattr, name.split('.')[1:], stop_kernels)\n"
+             "    except AttributeError:\n"
+             "        if not is_module(name):\n"
+             "            missing.append(name)\n"
+             "print(missing)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"README names not reachable from `import stop_kernels`: {out.stdout}"
+
+
 def test_public_api_is_listed_and_documented():
     """Every name of ``stop_kernels.__all__`` is in the package docstring's "Public API" list and has a docstring;
     each op's states its math and the shape it returns."""

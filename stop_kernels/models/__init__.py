@@ -1,4 +1,6 @@
-"""Models: the ViT encoder presets, the StoP predictor, and the official-checkpoint loader and writer."""
+"""Models: the ViT encoder presets, the StoP predictor, their packed (varlen) forwards (``packing``), FLOP counts
+(``flops``), and the official-checkpoint loader and writer."""
+from . import flops, packing
 from .official import (OfficialModels, infer_encoder_sizes, load_official_checkpoint, official_checkpoint,
                        official_state_dict, save_official_checkpoint)
 from .predictor import VisionTransformerPredictor, predictor_for, vit_predictor
