@@ -16,10 +16,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from stop_kernels.backends import triton_interpreting  # noqa: E402
+
 from stop_kernels.ops.philox import (SEED_BITS, draw_seed, philox4x32, philox_normal,  # noqa: E402
                                      philox_normal_triton, quarter_width, seed_key_args)
 
-DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + \
+DEVICES = (["cpu"] if triton_interpreting() else []) + \
           (["cuda"] if torch.cuda.is_available() else [])
 
 

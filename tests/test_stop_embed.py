@@ -12,13 +12,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from stop_kernels.backends import triton_interpreting  # noqa: E402
+
 from stop_kernels import reference  # noqa: E402
 from stop_kernels.ops import stop_embed as se  # noqa: E402
 from stop_kernels.ops.philox import draw_seed, philox_normal  # noqa: E402
 from stop_kernels.ops.stop_embed import stop_embed  # noqa: E402
 from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+INTERP = triton_interpreting()  # read as Triton reads it (1/true/on/yes/y)
 DEVICES = (["cpu"] if INTERP else []) + (["cuda"] if torch.cuda.is_available() else [])
 pytestmark = pytest.mark.skipif(not DEVICES, reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 
