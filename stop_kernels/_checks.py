@@ -2,7 +2,7 @@
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape, range or
 value) with a message that names the argument and says what was expected, so a user sees
-``ValueError: idx: values must lie in [0, 256) (pos_embed has 256 rows), got max 300`` rather than
+``ValueError: idx: values must lie in [0, 256) (pos_embed has 256 rows), got 300`` rather than
 a CUDA assert or a silently wrong result.
 """
 from __future__ import annotations
@@ -286,3 +286,14 @@ def run_command(main, prog: str) -> None:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         status = 2
     sys.exit(status)
+
+
+# the device types autocast knows, read once here: torch 2.11's Dynamo cannot trace is_autocast_available, and
+# is_autocast_enabled raises for the others (meta tensors: shape inference)
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia")
+                              if torch.amp.is_autocast_available(d))
+
+
+def autocast_on(device_type: str) -> bool:
+    """Autocast is enabled for ``device_type`` (False for a device autocast does not know, e.g. meta)."""
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)

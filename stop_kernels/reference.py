@@ -51,7 +51,7 @@ def stack_target_indices(tgt_idx: TargetIndices, name: str = "tgt_idx", *, check
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Gather tokens per sample: ``x[B, N, C]``, ``idx[..., B, K]`` → ``[prod(...)·B, K, C]``.
+    """Gather tokens per sample: ``x[B, N, C]``, ``idx[B, K]`` or ``[npred, B, K]`` → ``[npred·B, K, C]``.
 
     With ``idx`` of shape ``[npred, B, K]`` block k of sample b lands at row ``k·B + b``: the
     official ``apply_masks``.
@@ -95,7 +95,7 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     if noise.shape[:-1] != idx.shape or noise.shape[-1] != E:
         raise ValueError(f"noise: expected shape {tuple(idx.shape) + (E,)} (idx shape + encoder width), got {tuple(noise.shape)}")
-    if noise.dtype != weight.dtype and not torch.is_autocast_enabled(noise.device.type):  # autocast casts both
+    if noise.dtype != weight.dtype and not chk.autocast_on(noise.device.type):  # autocast casts both
         raise TypeError(f"noise: expected the dtype of weight ({weight.dtype}) for n·Wᵀ, got {noise.dtype}")
     if bias is not None:
         chk.dim_equals("bias", bias, 0, D, "predictor width D")
@@ -106,6 +106,8 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
 def draw_noise(shape, *, noise_std: float, dtype, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """n ~ N(0, noise_std² I) of the given shape (the official ``torch.randn(...) * std``), drawn on the
     generator's device (a CPU generator with CUDA tensors: drawn on the host, then moved)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     where = generator.device if generator is not None else device
     n = torch.randn(shape, dtype=dtype, device=where, generator=generator) * noise_std
     return n.to(device)
@@ -139,7 +141,7 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     once per distinct signature of the arguments (``chk.CheckedSignatures``: a training step repeats a few); the
     index values are checked on every call (unless ``trusted_device_indices`` for device tensors).
     """
-    autocast = torch.is_autocast_enabled(ctx.device.type) if isinstance(ctx, torch.Tensor) else None
+    autocast = chk.autocast_on(ctx.device.type) if isinstance(ctx, torch.Tensor) else None
     key = _ASSEMBLY_CHECKED.key((ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
                                  autocast))
     known = key in _ASSEMBLY_CHECKED
@@ -270,6 +272,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
               else "[B, N, H, Dh] (or [T, H, Dh] with cu_seqlens)")
     if q.dim() != (3 if cu_seqlens is not None else 4) or q.shape[-1] == 0:
         raise ValueError(f"q: expected {layout} with a head dim Dh >= 1, got shape {tuple(q.shape)}")
+    if cu_seqlens is not None and k.shape[0] != q.shape[0]:  # one cu_seqlens bounds the queries and the keys
+        raise ValueError(f"k, v: packed sequences share q's token count T = {q.shape[0]} (one cu_seqlens bounds "
+                         f"both), got k {tuple(k.shape)}, v {tuple(v.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if cu_seqlens is not None:

@@ -106,6 +106,15 @@ def test_reference_assembly_with_bf16_weights_and_fp32_positions(mode):
     ref = sk.reference.assemble_predictor_input(*args, noise_mode=mode, generator=_gen())
     out = sk.assemble_predictor_input(*args, noise_mode=mode, generator=_gen(), backend="reference")
     assert ref.dtype == out.dtype == torch.float32 and ref.shape == out.shape
+    # the context rows draw no noise: the two paths agree exactly, and with the formula (the projection in
+    # bf16, ψ added in fp32) to bf16's rounding of the projection
+    ctx, ci, ti, w, b, pos = args
+    npred, B, Nc = ti.shape[0], ci.shape[0], ci.shape[1]
+    rows = lambda t: t.view(npred, B, -1, w.shape[0])[:, :, :Nc]  # noqa: E731
+    assert torch.equal(rows(ref), rows(out))
+    proj = ctx.double() @ w.double().T + b.double()
+    want = (proj + pos[ci].double()).expand(npred, *proj.shape)
+    torch.testing.assert_close(rows(out).double(), want, rtol=0, atol=float(proj.abs().max()) * 2 ** -8)
 
 
 # (no float64 bias on the triton backend: the Triton kernels take 16/32-bit floats, float64 goes to the reference)
@@ -119,6 +128,64 @@ def test_assembly_bias_of_another_dtype_is_cast_on_every_backend(backend, dtype_
     out = sk.assemble_predictor_input(*args, generator=_gen(), backend=backend)
     want = sk.assemble_predictor_input(*cast, generator=_gen(), backend=backend)
     torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bias_is_taken_in_the_weights_dtype(backend):
+    """An fp32 bias beside a bf16 weight is rounded to bf16 on every backend, as the reference twin takes it.
+    ψ in fp32 makes the output fp32, and σ = 0 leaves ψ[idx] + b: the kernels add the bias in fp32, so
+    before the launcher cast it they kept the unrounded bias (up to 0.25 off at |b| ≈ 100) while the
+    reference rounded it. The masked rows of the assembly come from the same launch."""
+    torch.manual_seed(7)
+    P, D, E = 12, 8, 6
+    pos = torch.randn(P, D)
+    w = torch.randn(D, E).bfloat16()
+    b = torch.randn(D) * 100  # not representable in bf16
+    assert not torch.equal(b.bfloat16().float(), b)
+    idx = torch.randint(0, P, (2, 5))
+    want = pos[idx] + b.bfloat16().float()
+    out = sk.stop_embed(pos, idx, w, b, noise_std=0.0, generator=_gen(), backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    ctx, ci, ti = torch.randn(2, 3, E).bfloat16(), torch.randint(0, P, (2, 3)), torch.randint(0, P, (3, 2, 4))
+    got = sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, noise_std=0.0, generator=_gen(), backend=backend)
+    torch.testing.assert_close(got.view(3, 2, 7, D)[:, :, 3:], pos[ti] + b.bfloat16().float(), rtol=0, atol=1e-5)
+
+
+def test_triton_dtype_refusal_names_the_argument_and_meta_tensors_are_named():
+    """A dtype the Triton kernels do not take is a TypeError naming that tensor (not ``backend``); the mask token
+    counts only where it is used (noise_mode 'none'). Meta tensors: 'auto' takes the reference path (shapes only),
+    'triton' is a ValueError naming the device; the assembly's autocast query no longer raises for them."""
+    ctx, ci, ti, w, b, pos = _assembly_inputs()
+    with pytest.raises(TypeError, match="^mask_token: the triton backend takes"):
+        sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, noise_mode="none", mask_token=torch.randn(w.shape[0]).double(),
+                                    generator=_gen(), backend="triton")
+    out = sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, mask_token=torch.randn(w.shape[0]).double(),
+                                      generator=_gen(), backend="triton")  # learned: the mask token is unused
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    meta = [t.to("meta") for t in (ctx, ci, ti, w, b, pos)]
+    out = sk.assemble_predictor_input(*meta, generator=_gen())
+    assert out.device.type == "meta" and out.shape == (ti.shape[0] * ti.shape[1], ci.shape[1] + ti.shape[2], w.shape[0])
+    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors"):
+        sk.assemble_predictor_input(*meta, generator=_gen(), backend="triton")
+    assert sk.stop_embed(meta[5], meta[2][0], meta[3], meta[4], generator=_gen()).shape == (ti.shape[1], ti.shape[2],
+                                                                                          w.shape[0])
+    q = torch.randn(1, 5, 2, 16, device="meta")
+    with pytest.raises(ValueError, match="^q: the Triton attention kernel needs CUDA tensors"):
+        sk.attention(q, q, q)
+
+
+def test_packed_reference_attention_refuses_another_key_count():
+    """reference.attention with cu_seqlens sliced k and v by q's bounds: keys of another token count were
+    silently dropped or ignored. One cu_seqlens bounds both, so the counts must agree."""
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    for T in (8, 12):
+        kv = torch.randn(T, 2, 16)
+        with pytest.raises(ValueError, match="^k, v: packed sequences share q's token count"):
+            sk.reference.attention(q, kv, kv, cu_seqlens=cu)
+    with pytest.raises(TypeError, match="^generator"):
+        sk.reference.assemble_predictor_input(*_assembly_inputs(), generator=3)
 
 
 def test_explicit_noise_and_generator_arguments_are_checked():
@@ -165,17 +232,22 @@ def test_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
 
 @pytest.mark.parametrize("scale,exc", [(0.0, ValueError), (-0.5, ValueError), (float("inf"), ValueError),
                                        (float("nan"), ValueError), (True, TypeError)])
-def test_attention_kernel_needs_a_positive_scale_and_auto_falls_back(scale, exc):
+def test_attention_kernel_needs_a_positive_scale_and_auto_falls_back(scale, exc, monkeypatch):
     """The Triton forward takes the running max of the unscaled scores, valid for a positive scale only:
     attention() refuses other scales by name (a bool is no number: TypeError, as the other backends say);
-    dispatch_attention("auto") routes them to SDPA."""
+    dispatch_attention("auto") routes them to SDPA (on the CPU with the interpreter's Triton branch live, else
+    "auto" would take SDPA there whatever the scale)."""
     from stop_kernels.backends import triton_interpreting
-    from stop_kernels.ops.attention import _resolve_auto
+    from stop_kernels.ops import attention as A
     q = torch.randn(1, 5, 2, 16, device=DEV, dtype=torch.float16 if DEV == "cuda" else torch.float32)
     if DEV == "cuda" or triton_interpreting():  # where the kernel path can run at all (CI: the interpreter)
         with pytest.raises(exc, match="^scale: "):
             sk.attention(q, q, q, scale=scale)
-    assert _resolve_auto(q, q, q, scale) == "sdpa"
+    if DEV == "cpu":
+        monkeypatch.setenv("STOP_KERNELS_CPU_AUTO", "triton")
+        monkeypatch.setattr(A, "_INTERPRET", True)
+    assert A._resolve_auto(q, q, q) == "triton"  # the branch under test is live
+    assert A._resolve_auto(q, q, q, scale) == "sdpa"
 
 
 def test_launches_go_to_the_tensors_device(monkeypatch):

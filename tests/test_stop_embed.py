@@ -391,8 +391,10 @@ def test_reference_backend_runs_without_triton_and_float64():
     out = stop_embed(pos, idx, w, b, noise_std=0.2, generator=gen(1), backend="auto")
     n = philox_normal(seed_of(1), 6, 24, 0.2).reshape(2, 3, 24)
     assert torch.allclose(out, reference.stop_embed(pos, idx, w, b, n), rtol=0, atol=1e-12)
-    with pytest.raises(TypeError, match="backend"):
+    with pytest.raises(TypeError, match="^pos_embed: the triton backend takes"):  # the first fp64 argument
         stop_embed(pos, idx, w, b, backend="triton")
+    with pytest.raises(TypeError, match="^bias: the triton backend takes"):
+        stop_embed(pos.float(), idx, w.float(), b, backend="triton")
 
 
 def test_cuda_backend_is_optional():

@@ -190,7 +190,7 @@ def isotropic_positions(pos: torch.Tensor, idx: torch.Tensor, weight_dtype: torc
     seed = draw_seed(generator)
     R, D = idx.numel(), pos.shape[1]
     dtype = torch.promote_types(weight_dtype, pos.dtype)
-    if check_backend(backend, pos.device, [pos.dtype]) != "reference" and not pos.requires_grad:
+    if check_backend(backend, pos.device, {"pos_embed": pos.dtype}) != "reference" and not pos.requires_grad:
         out = torch.empty((R, D), dtype=dtype, device=pos.device)
         launch_pos_noise(out.view(1, R, D), idx, pos.contiguous(), None, seed=seed, noise_std=float(noise_std))
         return out

@@ -1741,13 +1741,13 @@ def _check_qkv(q, k, v, varlen: bool) -> None:
             and q.dim() == (3 if varlen else 4) and k.shape == q.shape and v.shape == q.shape
             and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and _kernel_head_dim(q.shape[-1])
-            and (q.is_cuda or _INTERPRET) and k.device == q.device and v.device == q.device):
+            and (q.is_cuda or (_INTERPRET and q.device.type == "cpu")) and k.device == q.device and v.device == q.device):
         return
     _check_qkv_layout(q, k, v, varlen, KERNEL_DTYPES)
     _check_kernel_head_dim("q", q.shape[-1], "dispatch_attention")
-    if q.device.type != "cuda" and not _INTERPRET:
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
         raise ValueError(f"q: the Triton attention kernel needs CUDA tensors (got {q.device}); set "
-                         "TRITON_INTERPRET=1 before importing stop_kernels to run it on CPU, or use "
+                         "TRITON_INTERPRET=1 before importing stop_kernels to run it on CPU tensors, or use "
                          "dispatch_attention()")
 
 
@@ -2093,8 +2093,8 @@ def _resolve_auto(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional
         if not (q.dtype in (torch.float16, torch.bfloat16) and attention_supported(q)):
             return "sdpa"
         return _auto_policy_choice(q, k, v)
-    if _INTERPRET and os.environ.get("STOP_KERNELS_CPU_AUTO") == "triton" and attention_supported(q) \
-            and q.dtype != torch.float64:
+    if _INTERPRET and q.device.type == "cpu" and os.environ.get("STOP_KERNELS_CPU_AUTO") == "triton" \
+            and attention_supported(q) and q.dtype != torch.float64:
         return "triton"
     return "sdpa"
 

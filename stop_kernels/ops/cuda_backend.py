@@ -193,6 +193,8 @@ def _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator):
     if amp is not None:
         weight = weight.to(amp)
         bias = bias.to(amp) if bias is not None else None
+    if bias is not None:  # taken in W's dtype, as the reference twin and the Triton kernels take it
+        bias = bias.to(weight.dtype)
     out_dtype = torch.promote_types(weight.dtype, pos_embed.dtype)
     dtype = _compute_dtype(pos_embed, weight, bias)
     pe, w = pos_embed.to(dtype), weight.to(dtype)

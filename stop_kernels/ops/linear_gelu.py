@@ -41,17 +41,6 @@ def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# the device types autocast knows, read once here: torch 2.11's Dynamo cannot trace is_autocast_available, and
-# is_autocast_enabled raises for the others (meta tensors: shape inference)
-_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia")
-                              if torch.amp.is_autocast_available(d))
-
-
-def _autocast_on(device_type: str) -> bool:
-    """Autocast is enabled for ``device_type`` (False for a device autocast does not know, e.g. meta)."""
-    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
-
-
 def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The twin: ``F.gelu(F.linear(x, weight, bias), approximate="tanh")``, differentiable, any device and dtype."""
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
@@ -69,7 +58,7 @@ def _check(x, weight, bias) -> None:
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x: expected last dim {weight.shape[1]} (weight's [D, E] = {list(weight.shape)}), "
                          f"got shape {tuple(x.shape)}")
-    if not _autocast_on(x.device.type):
+    if not chk.autocast_on(x.device.type):
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and t.dtype != x.dtype:
                 raise TypeError(f"{name}: expected dtype {str(x.dtype).replace('torch.', '')} (that of x; outside "
@@ -89,7 +78,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     _check(x, weight, bias)
     if x.device.type != "cuda":
         return linear_gelu_reference(x, weight, bias)
-    if _autocast_on("cuda"):
+    if chk.autocast_on("cuda"):
         dt = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)

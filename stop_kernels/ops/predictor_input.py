@@ -196,7 +196,10 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
     if amp is not None:
         ctx = ctx.to(amp)
     params = (weight, bias, mask_token)
-    dtypes = [ctx.dtype, pos_embed.dtype] + [amp or t.dtype for t in params if t is not None]
+    # (the mask token only where it is used: the StoP modes ignore it)
+    used = {"weight": weight, "bias": bias, "mask_token": mask_token if noise_mode == "none" else None}
+    dtypes = {"ctx": ctx.dtype, "pos_embed": pos_embed.dtype,
+              **{arg: amp or t.dtype for arg, t in used.items() if t is not None}}
     resolved = check_backend(backend, weight.device, dtypes)
     npred, B, Nt = tgt.shape
     if resolved == "reference":

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -679,7 +679,9 @@ def launch_project(out3: torch.Tensor, idx: torch.Tensor, pos_embed: torch.Tenso
     if (R == 0 and R2 == 0) or D == 0:
         return
     idx = idx.reshape(-1).contiguous()
-    bias = bias.contiguous() if bias is not None else None  # the kernels read b[d] at unit stride
+    # the kernels read b[d] at unit stride, in W's dtype: a bias of another dtype is rounded to it first, as the
+    # reference twin takes it (the kernels add it in fp32, so an fp32 bias would otherwise skip that rounding)
+    bias = bias.to(weight.dtype).contiguous() if bias is not None else None
     G, s_og, s_or, s_od = _rows3(out3)
     noise = a is None
     if noise_rows is not None and noise:
@@ -872,19 +874,23 @@ _StopEmbedFn = eager_twin("_StopEmbedFn", _stop_embed_fwd, _stop_setup, _stop_ba
 # ----------------------------------------------------------------------------------------------
 # public function
 # ----------------------------------------------------------------------------------------------
-def check_backend(backend: str, device: torch.device, dtypes, name: str = "backend") -> str:
-    """Resolve ``backend`` to "triton", "reference" or "cuda"."""
+def check_backend(backend: str, device: torch.device, dtypes: Dict[str, torch.dtype], name: str = "backend") -> str:
+    """Resolve ``backend`` to "triton", "reference" or "cuda". ``dtypes``: the dtype each tensor argument reaches
+    the kernels in, by argument name (a dtype the kernels do not take sends "auto" to the reference, and makes
+    "triton" a ``TypeError`` naming that argument)."""
     chk.choice(name, backend, BACKENDS)
-    supported = all(d in TRITON_DTYPES for d in dtypes)
+    unsupported = {arg: d for arg, d in dtypes.items() if d not in TRITON_DTYPES}
     if backend == "auto":  # (the custom op has no torch.func rules: reference under a transform, same noise)
-        triton_ok = (device.type == "cuda" or interpreting()) and supported and not functorch_transforming()
+        triton_ok = (device.type == "cuda" or (interpreting() and device.type == "cpu")) and not unsupported \
+            and not functorch_transforming()
         return "triton" if triton_ok else "reference"
     if backend == "triton":
-        if not supported:
-            raise TypeError(f"{name}: the triton backend takes float16, bfloat16 or float32 tensors, got "
-                            f"{sorted({str(d).replace('torch.', '') for d in dtypes})}")
-        if device.type != "cuda" and not interpreting():
-            raise ValueError(f"{name}: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+        for arg, d in unsupported.items():
+            raise TypeError(f"{arg}: the triton backend takes float16, bfloat16 or float32 tensors, got "
+                            f"{str(d).replace('torch.', '')} ({name}='triton'; 'reference' takes any float dtype)")
+        if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
+            raise ValueError(f"{name}: 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got "
+                             f"device {device}")
     return backend
 
 
@@ -1013,7 +1019,9 @@ def stop_embed(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     if amp is not None:
         weight = weight.to(amp)
         bias = bias.to(amp) if bias is not None else None
-    dtypes = [pos_embed.dtype, weight.dtype] + ([bias.dtype] if bias is not None else [])
+    dtypes = {"pos_embed": pos_embed.dtype, "weight": weight.dtype}
+    if bias is not None:
+        dtypes["bias"] = bias.dtype
     resolved = check_backend(backend, weight.device, dtypes)
     if resolved == "reference":
         E = weight.shape[1]
