@@ -250,6 +250,11 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_number(v) -> bool:
+    """A real number (numpy scalars too) and not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def int_at_least(name: str, value, lo: int) -> int:
     """An int (not a bool, not 2.5) >= ``lo``."""
     if not is_int(value):
@@ -261,7 +266,7 @@ def int_at_least(name: str, value, lo: int) -> int:
 
 def non_negative(name: str, value: float) -> float:
     """A finite real number >= 0 (numpy scalars too), as a Python float."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if not is_number(value):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not 0 <= value < float("inf"):  # also rejects NaN
         raise ValueError(f"{name}: expected a finite value >= 0, got {value}")

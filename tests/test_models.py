@@ -507,6 +507,7 @@ def test_peak_tflops_per_card():
     (the H200 adds memory and bandwidth, not tensor-core FLOPs); a card not in the table gets the caller's default."""
     from stop_kernels.models.flops import peak_tflops
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 == peak_tflops("NVIDIA H200")
+    assert (peak_tflops("NVIDIA H100 PCIe"), peak_tflops("NVIDIA H100 NVL")) == (756.0, 835.0)
     assert peak_tflops("NVIDIA A100-SXM4-80GB", default=312.0) == 312.0
 
 
@@ -555,3 +556,40 @@ def test_patch_embed_is_the_strided_convolution(patch, chans, img):
         y16 = pe(x.float())
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_public_constructors_and_forwards_name_a_bad_argument():
+    """Bad values that crashed with an unnamed error (or, num_classes=2.5, gave labels like 0.5) are a
+    TypeError/ValueError naming the argument: the encoder's images of another dtype outside autocast, the
+    predictor's x of another width (the op's check blamed predictor_embed's weight), the datasets', transforms'
+    and mask collator's arguments."""
+    from stop_kernels.data import MultiBlockMaskCollator, SyntheticImages
+    from stop_kernels.data.datasets import ImageFolderDataset
+    from stop_kernels.data.transforms import make_transforms
+    from stop_kernels.models import vit_encoder
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=8)
+    with pytest.raises(TypeError, match="^imgs: expected the encoder's dtype float32"):
+        enc(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the patches: accepted, float64 is not
+        assert enc(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)).shape == (1, 16, 192)
+        with pytest.raises(TypeError, match="^imgs: expected the encoder's dtype float32"):
+            enc(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    pred = VisionTransformerPredictor(num_patches=16, embed_dim=64, predictor_embed_dim=32, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match="^x: expected the encoder's width 64"):
+        pred(torch.randn(2, 3, 48), torch.randint(0, 16, (2, 3)), [torch.randint(0, 16, (2, 2))])
+    for kw, name in ((dict(num_classes=2.5), "num_classes"), (dict(seed=1.5), "seed"), (dict(img_size=8.0), "img_size"),
+                     (dict(length="10"), "length")):
+        with pytest.raises(TypeError, match=f"^{name}: expected an integer"):
+            SyntheticImages(**kw)
+    with pytest.raises(TypeError, match="^root: expected a folder path"):
+        ImageFolderDataset(None, lambda x: x)
+    with pytest.raises(ValueError, match="^root: folder .* does not exist"):
+        ImageFolderDataset("/nonexistent/imagenet", lambda x: x)
+    for kw, name in ((dict(color_jitter=-1), "color_jitter"), (dict(color_jitter=100), "color_jitter"),
+                     (dict(crop_scale=(1.0, 0.3)), "crop_scale"), (dict(img_size=0), "img_size")):
+        with pytest.raises(ValueError, match=f"^{name}: expected"):
+            make_transforms(**kw)
+    with pytest.raises(TypeError, match="^enc_mask_scale: expected a pair of numbers"):
+        MultiBlockMaskCollator(enc_mask_scale=(0.85, "x"))
+

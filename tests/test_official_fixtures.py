@@ -1,4 +1,7 @@
-"""The project reproduces the official StoP and I-JEPA code on their own weights and inputs (≤ 1e-5, float32)."""
+"""The project reproduces the official StoP and I-JEPA code on their own weights and inputs (≤ 1e-5, float32).
+
+Checked at ``TOL`` = 2e-6 relative: the measured errors are ≈ 1e-7 to 2.3e-7 (float32 summation order), and 1e-5
+let a model with the tanh form of GELU pass (7e-6 off)."""
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from stop_kernels.models.predictor import VisionTransformerPredictor
 from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 CASES = [("official_stop_small.pt", "learned"), ("official_ijepa_small.pt", "none")]
+TOL = 2e-6
 
 
 @pytest.mark.parametrize("name, mode", CASES)
@@ -36,13 +40,13 @@ def test_reproduces_official_outputs(official_fixture, name, mode):
         assert noise is not None and noise.shape[-1] == cfg["dim"]
     with torch.no_grad():
         z = enc(case["imgs"], case["masks_enc"])
-        assert rel(z, case["encoder_out"]) <= 1e-5
+        assert rel(z, case["encoder_out"]) <= TOL
         p = pred(z, case["masks_enc"], case["masks_pred"], noise=noise)
-        assert rel(p, case["predictor_out"]) <= 1e-5
+        assert rel(p, case["predictor_out"]) <= TOL
         h = reference.target_features(tgt(case["imgs"]), case["masks_pred"])
-        assert rel(h, case["target_out"]) <= 1e-5
+        assert rel(h, case["target_out"]) <= TOL
         loss = reference.jepa_loss(p, h)
-    assert abs(loss.item() - case["loss"].item()) <= 1e-5 * case["loss"].item()
+    assert abs(loss.item() - case["loss"].item()) <= TOL * case["loss"].item()
 
 
 def test_stop_noise_matters(official_fixture):
@@ -190,4 +194,4 @@ def test_training_step_loss_is_the_official_loss(official_fixture, ragged):
         masks_enc, masks_pred = ([list(x) for x in masks] for masks in (masks_enc, masks_pred))
     with torch.no_grad():
         loss = jepa_step_loss(models, case["imgs"], masks_enc, masks_pred, nullcontext())
-    assert abs(loss.item() - case["loss"].item()) <= 1e-5 * case["loss"].item()
+    assert abs(loss.item() - case["loss"].item()) <= TOL * case["loss"].item()

@@ -49,12 +49,10 @@ class SyntheticImages(Dataset):
     ``[0, num_classes)``; image i is a deterministic function of ``(seed, i)``."""
 
     def __init__(self, length: int = 10_000, img_size: int = 224, num_classes: int = 10, seed: int = 0):
-        if length < 1:
-            raise ValueError(f"length: expected >= 1, got {length}")
-        if img_size < 1:
-            raise ValueError(f"img_size: expected >= 1, got {img_size}")
-        if num_classes < 1:  # labels are i % num_classes
-            raise ValueError(f"num_classes: expected >= 1, got {num_classes}")
+        for name, value in (("length", length), ("img_size", img_size), ("num_classes", num_classes)):
+            chk.int_at_least(name, value, 1)  # (labels are i % num_classes: 2.5 gave labels like 0.5)
+        if not chk.is_int(seed):
+            raise TypeError(f"seed: expected an integer, got {seed!r}")
         self.length, self.img_size, self.num_classes, self.seed = length, img_size, num_classes, seed
 
     def __len__(self) -> int:
@@ -89,18 +87,21 @@ def _config_error(msg: str) -> Exception:
     return ConfigError(msg)
 
 
-def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
-    """``(samples, classes)`` of an ImageNet-layout folder, sorted; errors name the path.
+def scan_image_folder(root: str, name: str = "data") -> Tuple[List[Tuple[str, int]], List[str]]:
+    """``(samples, classes)`` of an ImageNet-layout folder, sorted; errors name the argument (``name``: the
+    config key ``data``, or ``root`` of :class:`ImageFolderDataset`) and the path.
 
     ``classes`` are the sorted sub-folder names and a sample's label is its folder's index in them, as
     in torchvision's ``ImageFolder`` (the official loader) with two differences: hidden folders
     (``.name``, e.g. ``.ipynb_checkpoints``) are not classes (``ImageFolder`` would shift every label
     after one), and a class folder without images keeps its index instead of being an error."""
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"{name}: expected a folder path, got {type(root).__name__}")
     if not os.path.exists(root):
-        raise _config_error(f"data: folder {root!r} does not exist (expected an ImageNet-layout folder with one "
-                            "subfolder per class, or 'synthetic')")
+        raise _config_error(f"{name}: folder {root!r} does not exist (expected an ImageNet-layout folder with one "
+                            "subfolder per class" + (", or 'synthetic')" if name == "data" else ")"))
     if not os.path.isdir(root):
-        raise _config_error(f"data: {root!r} is not a folder")
+        raise _config_error(f"{name}: {root!r} is not a folder")
     base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     with os.scandir(base) as it:
         classes = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
@@ -112,7 +113,7 @@ def scan_image_folder(root: str) -> Tuple[List[Tuple[str, int]], List[str]]:
                 if f.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(dirpath, f), ci))
     if not samples:
-        raise _config_error(f"data: folder {base!r} holds no images (expected <class>/<image> files with extensions "
+        raise _config_error(f"{name}: folder {base!r} holds no images (expected <class>/<image> files with extensions "
                             f"{', '.join(IMG_EXTENSIONS)})")
     return samples, classes
 
@@ -124,7 +125,9 @@ class ImageFolderDataset(Dataset):
     files substituted for this sample (see the module docstring).
     """
 
-    def __init__(self, root: str, transform: Callable, seed: int = 0, max_substitutions: int = 64):
+    def __init__(self, root: str, transform: Callable, seed: int = 0, max_substitutions: int = 64, *,
+                 name: str = "root"):
+        """``name``: what errors about ``root`` call it (:func:`build_dataset`: the config key ``data``)."""
         # checked here: a bad value otherwise surfaced at the first sample, max_substitutions=0 as a RuntimeError
         # about "0 consecutive unreadable images" and seed=1.5 silently as seed 1
         if not callable(transform):
@@ -133,7 +136,7 @@ class ImageFolderDataset(Dataset):
             raise TypeError(f"seed: expected an integer, got {seed!r}")
         chk.int_at_least("max_substitutions", max_substitutions, 1)
         self.root = root
-        self.samples, self.classes = scan_image_folder(root)
+        self.samples, self.classes = scan_image_folder(root, name)
         self.transform, self.seed, self.epoch = transform, int(seed), 0
         self.max_substitutions = max_substitutions
 
@@ -232,7 +235,7 @@ def build_dataset(cfg) -> Dataset:
     if cfg.data == "synthetic":
         return SyntheticImages(cfg.synthetic_size, cfg.img_size, seed=cfg.seed)
     from .transforms import transforms_from_config
-    return ImageFolderDataset(cfg.data, transforms_from_config(cfg), seed=cfg.seed)
+    return ImageFolderDataset(cfg.data, transforms_from_config(cfg), seed=cfg.seed, name="data")
 
 
 class TrainData:

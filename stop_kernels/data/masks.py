@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def _check_range(name: str, value: Sequence[float], lo: float, hi: float) -> Tuple[float, float]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name}: expected a pair (min, max), got {value!r}")
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(chk.is_number(v) for v in value):
+        raise TypeError(f"{name}: expected a pair of numbers (min, max), got {value!r}")
     a, b = float(value[0]), float(value[1])
     if not (lo <= a <= b <= hi):
         raise ValueError(f"{name}: expected {lo} <= min <= max <= {hi}, got {value!r}")

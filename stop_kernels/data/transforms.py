@@ -23,6 +23,7 @@ import torch
 from PIL import ImageFilter
 from torchvision import transforms as T
 
+from .. import _checks as chk
 from .datasets import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -42,9 +43,29 @@ class RandomGaussianBlur:
         return f"{type(self).__name__}(p={self.p}, radius=({self.radius_min}, {self.radius_max}))"
 
 
+def check_transform_args(img_size, crop_scale, color_jitter) -> None:
+    """The values :func:`make_transforms` takes (the training config checks its keys with it): ``img_size`` an
+    integer >= 1, ``crop_scale`` a pair ``0 < min <= max <= 1`` (RandomResizedCrop's area range), ``color_jitter``
+    a strength in [0, 2.5] (the hue jitter 0.2·s must stay <= 0.5). Errors name the argument."""
+    chk.int_at_least("img_size", img_size, 1)
+    if not isinstance(crop_scale, (tuple, list)) or len(crop_scale) != 2 or \
+            not all(chk.is_number(v) for v in crop_scale):
+        raise TypeError(f"crop_scale: expected a pair of numbers (min, max), got {crop_scale!r}")
+    lo, hi = crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"crop_scale: expected 0 < min <= max <= 1, got {tuple(crop_scale)!r}")
+    if not chk.is_number(color_jitter):
+        raise TypeError(f"color_jitter: expected a number, got {color_jitter!r}")
+    if not 0.0 <= color_jitter <= 2.5:
+        raise ValueError(f"color_jitter: expected a value in [0, 2.5] (the hue jitter 0.2·s must stay <= 0.5), got "
+                         f"{color_jitter!r}")
+
+
 def make_transforms(img_size: int = 224, crop_scale: Tuple[float, float] = (0.3, 1.0), *, hflip: bool = False,
                     color_jitter: float = 0.0, gaussian_blur: bool = False, grayscale: bool = False) -> Callable:
-    """The I-JEPA training transform: PIL image → normalised ``[3, img_size, img_size]`` float tensor."""
+    """The I-JEPA training transform: PIL image → normalised ``[3, img_size, img_size]`` float tensor (arguments
+    checked by :func:`check_transform_args`)."""
+    check_transform_args(img_size, crop_scale, color_jitter)
     ops = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale))]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
@@ -64,4 +85,4 @@ def transforms_from_config(cfg) -> Callable:
                            gaussian_blur=cfg.gaussian_blur, grayscale=cfg.grayscale)
 
 
-__all__ = ["make_transforms", "transforms_from_config", "RandomGaussianBlur"]
+__all__ = ["make_transforms", "check_transform_args", "transforms_from_config", "RandomGaussianBlur"]

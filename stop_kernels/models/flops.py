@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from typing import Dict
 
-# dense bf16 tensor-core peak of the H100 / H200 SXM (datasheet); MFU is quoted against it
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# dense bf16 tensor-core peak by device name (datasheets), MFU is quoted against it; the most specific name
+# first: "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are H100s with lower clocks and fewer SMs than the SXM's
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0}
 
 
 def peak_tflops(device_name: str, default: float = 989.0) -> float:
+    """The dense bf16 peak (TFLOP/s) of the card named ``device_name`` (``torch.cuda.get_device_name``); the first
+    key of :data:`PEAK_BF16_TFLOPS` it contains, else ``default``."""
     for key, value in PEAK_BF16_TFLOPS.items():
         if key in device_name:
             return value

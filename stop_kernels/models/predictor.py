@@ -77,6 +77,10 @@ class VisionTransformerPredictor(nn.Module):
         """The predictor's input ``[npred·B, Nc+Nt, D]`` (see the module docstring)."""
         from ..ops.predictor_input import assemble_predictor_input
 
+        chk.float_tensor("x", x, ndim=3)
+        if x.shape[-1] != self.embed_dim:  # (checked here: the op's check would blame predictor_embed's weight)
+            raise ValueError(f"x: expected the encoder's width {self.embed_dim} in the last dim, got shape "
+                             f"{tuple(x.shape)}")
         ctx_idx = masks_x
         if not isinstance(masks_x, torch.Tensor):
             if len(masks_x) != 1:
@@ -127,8 +131,7 @@ class VisionTransformerPredictor(nn.Module):
         if isinstance(x, Packed):
             ctx_masks = masks_x[0] if len(masks_x) == 1 and isinstance(masks_x[0], (list, tuple)) else masks_x
             return predict_packed(self, x, ctx_masks, masks, noise=noise, generator=generator)
-        chk.float_tensor("x", x, ndim=3)
-        n_ctx = x.shape[1]
+        n_ctx = x.shape[1] if isinstance(x, torch.Tensor) else None  # (assemble checks x)
         z = self.assemble(x, masks_x, masks, noise=noise, generator=generator)
         z = self.predictor_norm(run_blocks(self.predictor_blocks, z, residual_dtype=self.residual_dtype))
         return self.predictor_proj(z[:, n_ctx:])

@@ -260,6 +260,11 @@ class VisionTransformer(nn.Module):
         if (H, W) != (self.img_size, self.img_size) or C != self.patch_embed.proj.in_channels:
             raise ValueError(f"imgs: expected [B, {self.patch_embed.proj.in_channels}, {self.img_size}, "
                              f"{self.img_size}], got {tuple(imgs.shape)}")
+        w_dtype = self.patch_embed.proj.weight.dtype
+        # autocast casts the patches, not the position table added to them: a float64 image still fails there
+        if imgs.dtype != w_dtype and (not chk.autocast_on(imgs.device.type) or imgs.dtype == torch.float64):
+            raise TypeError(f"imgs: expected the encoder's dtype {str(w_dtype).replace('torch.', '')} (under "
+                            f"autocast, any 16- or 32-bit float), got {str(imgs.dtype).replace('torch.', '')}")
         return self.patch_embed(imgs) + self.pos_embed.to(imgs.dtype)
 
     def forward(self, imgs: torch.Tensor, masks: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None):
