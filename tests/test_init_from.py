@@ -109,3 +109,23 @@ def test_resume_takes_precedence_over_init_from(tmp_path, cpu_train):
         shutil.copytree(run, out)
         losses[name] = train(TrainConfig(**dict(TINY, out=str(out), steps=3, resume=True, **extra)))
     assert len(losses["plain"]) == 1 and losses["init"] == losses["plain"]
+
+
+def test_a_restart_does_not_need_the_init_from_source_once_it_has_a_checkpoint(tmp_path, cpu_train, monkeypatch):
+    """With --resume and a checkpoint of its own, a restarted job continues it without checking or reading
+    init_from: the seed file may have been purged since (it stopped with "init_from: no such file"), and at ViT-H
+    reading it again only to overwrite it costs gigabytes. Without a checkpoint, init_from still applies."""
+    from stop_kernels.training import loop
+    from stop_kernels.training.config import init_from_applies
+    path, _ = official_file(tmp_path)
+    out = tmp_path / "run"
+    cfg = TrainConfig(**dict(TINY, out=str(out), steps=2, ckpt_every=1, resume=True, init_from=path))
+    assert init_from_applies(cfg)  # nothing to resume yet
+    train(cfg)
+    os.unlink(path)
+    assert not init_from_applies(cfg)
+    monkeypatch.setattr(loop, "init_weights_from", lambda *a: pytest.fail("init_from read on a resume"))
+    assert len(train(TrainConfig(**dict(TINY, out=str(out), steps=3, resume=True, init_from=path)))) == 1
+    with pytest.raises(ConfigError, match="^init_from: no such file"):  # a fresh run in another folder needs it
+        train(TrainConfig(**dict(TINY, out=str(tmp_path / "other"), steps=1, resume=True, init_from=path)))
+

@@ -171,25 +171,31 @@ def test_a_kill_while_pruning_never_leaves_a_complete_looking_checkpoint(tmp_pat
 
 
 def test_a_failed_save_names_the_folder_and_free_space_and_removes_its_partial_files(tmp_path, monkeypatch):
-    """A full disk during DCP's write (which reports it as "unexpected pos …") is a RuntimeError naming the
-    checkpoint folder and the space left; the partial .tmp- folder is gone, the previous checkpoint loads."""
+    """A full disk during DCP's write is a RuntimeError naming the checkpoint folder and the space left; the partial
+    .tmp- folder is gone, the previous checkpoint loads. The failure is raised inside DCP's own writer (the sync of
+    a shard file), so DCP wraps it as it wraps a real one: in its CheckpointException, which derives from
+    BaseException (an ``except Exception`` let it through as a raw traceback, with the .tmp- folder left)."""
     import errno
-    import torch.distributed.checkpoint as dcp
     ck = Checkpointer(str(tmp_path), single(), keep=2)
     m, opt = model_and_opt()
     ck.save(1, m, opt, {"epoch": 0})
     good = snapshot(m)
-    real = dcp.save
+    real_fsync = os.fsync
+    failed = []
 
-    def fill_the_disk(state, checkpoint_id):
-        real(state, checkpoint_id=checkpoint_id)  # some shards reach the disk, then the space runs out
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def fsync_full_disk(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".distcp"):  # a shard of the save under test
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
 
-    monkeypatch.setattr(dcp, "save", fill_the_disk)
+    monkeypatch.setattr(os, "fsync", fsync_full_disk)
     with torch.no_grad():
         m[0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match=r"saving step 2 into .* failed \(.*GiB free.*No space left"):
         ck.save(2, m, opt, {"epoch": 0})
+    assert failed, "the save never synced a shard: the failure was not injected inside DCP"
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert sorted(os.listdir(tmp_path)) == ["step_00000001"]
     m2, opt2 = model_and_opt(seed=1)
     assert ck.load(latest_checkpoint(str(tmp_path)), m2, opt2)["step"] == 1

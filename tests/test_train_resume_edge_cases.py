@@ -240,6 +240,41 @@ def test_resume_with_other_model_settings_names_the_key(tmp_path, cpu_train, ove
     assert loop.train(tiny(tmp_path, steps=2, resume=True, noise_mode="isotropic"))  # same parameters: resumes
 
 
+def test_resume_with_another_global_batch_is_refused(tmp_path, cpu_train):
+    """The data position (epoch, batch in epoch) and the schedules are counted in steps of the global batch: a
+    resume with another batch_size skipped the rest of the epoch (and logged images_seen wrong), so it is a
+    ConfigError naming the key; another grad_accum (the same global batch) resumes."""
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=1, batch_size=4))
+    with pytest.raises(ConfigError, match=r"^batch_size: the checkpoint to resume, .* batch_size=4, this run has 8"):
+        loop.train(tiny(tmp_path, steps=2, resume=True, batch_size=8))
+    assert len(loop.train(tiny(tmp_path, steps=2, resume=True, batch_size=4, grad_accum=2))) == 1
+
+
+@pytest.mark.parametrize("damage", ["shard-garbage", "shard-truncated", "metadata-garbage", "meta-json-garbage"])
+def test_a_damaged_checkpoint_is_a_config_error_naming_it(tmp_path, cpu_train, damage):
+    """A damaged shard, ``.metadata`` or meta.json gave DCP's or json's raw traceback on --resume (EOFError, a zip
+    reader error, "metadata is None"); it is a ConfigError naming the checkpoint with the remedy, and converting
+    the run to the official layout is an error naming it too (exit 2) where the damage reaches the models."""
+    from stop_kernels.training import checkpoint as C
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=1))
+    ck = tmp_path / "checkpoints" / "step_00000001"
+    if damage.startswith("shard"):
+        shard = sorted(ck.glob("*.distcp"))[0]
+        data = shard.read_bytes()
+        shard.write_bytes(b"\x00garbage" * 50 if damage == "shard-garbage" else data[:len(data) // 2])
+    else:
+        (ck / (".metadata" if damage == "metadata-garbage" else "meta.json")).write_bytes(b"\x00garbage{")
+    with pytest.raises(ConfigError, match=r"^resume: (checkpoint: )?cannot read .*step_00000001.*move .* aside"):
+        loop.train(tiny(tmp_path, steps=2, resume=True))
+    if damage == "shard-truncated":  # (the models' tensors, which to-official reads, may all lie in the kept half)
+        return
+    with pytest.raises(SystemExit) as e:
+        C.main(["to-official", str(tmp_path), str(tmp_path / "official.pth.tar")])
+    assert e.value.code == 2
+
+
 def test_a_resume_killed_while_it_rewrites_the_log_keeps_the_earlier_records(tmp_path, cpu_train, monkeypatch):
     """A resumed run rewrites log.jsonl to the steps before its own. Killed right after it opens the log for
     writing, the earlier records must still be there: open(path, "w") had already emptied the file."""

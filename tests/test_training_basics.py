@@ -131,6 +131,29 @@ def test_config_overrides(tmp_path):
         parse_config(["--batch-size", "many"])
 
 
+@pytest.mark.parametrize("content, why", [(b"lr: [\n", "ParserError"), (b"\xff\xfe", "UnicodeDecodeError"),
+                                          (None, "a folder")])
+def test_a_config_file_that_is_no_yaml_is_a_config_error(tmp_path, content, why):
+    """A malformed recipe (or a folder given as --config) is a ConfigError naming the file: train.py prints it and
+    exits 2, where a YAML parser's or decoder's traceback came out before."""
+    f = tmp_path / "c.yaml"
+    if content is None:
+        f.mkdir()
+    else:
+        f.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^config: .*{why}"):
+        parse_config(["--config", str(f)])
+
+
+@pytest.mark.parametrize("flag", ["--wd", "--warmup", "--grad"])
+def test_a_prefix_of_a_flag_is_not_taken_for_it(flag, capsys):
+    """argparse's prefix matching took --wd for --wd-hold-epoch (the progress line calls weight decay "wd"),
+    --warmup for --warmup-epochs and --grad for --grad-accum, silently; a flag must be spelled out."""
+    with pytest.raises(SystemExit) as e:
+        parse_config([flag, "1"])
+    assert e.value.code == 2 and f"unrecognized arguments: {flag} 1" in capsys.readouterr().err
+
+
 def test_model_name_picks_its_recipe():
     cfg = parse_config(["--model", "vit_h", "--batch-size", "64", "--benchmark", "20"])
     assert (cfg.model, cfg.img_size, cfg.patch_size, cfg.pred_depth, cfg.pred_emb_dim) == ("vit_huge", 224, 14, 12, 384)

@@ -125,6 +125,25 @@ def _dcp_state(container: nn.Module, optimizer: Optional[torch.optim.Optimizer])
     return {"model": msd, "optim": osd}
 
 
+def _dcp_errors() -> Tuple[type, ...]:
+    """What a DCP save or load raises: its ``CheckpointException`` (one rank's failure, reported on every rank)
+    derives from ``BaseException``, so ``except Exception`` alone lets it through as a raw traceback."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    return (Exception, CheckpointException)
+
+
+def _dcp_cause(e: BaseException) -> Tuple[str, BaseException]:
+    """``(where, error)`` for a message: the first rank's own error inside DCP's ``CheckpointException`` (whose
+    text is every rank's whole traceback), ``("", e)`` for any other error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        cause = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        ranks = ", ".join(str(r) for r in sorted(failures))
+        return f"rank{'s' if len(failures) > 1 else ''} {ranks}: ", cause
+    return "", e
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns that it 'assumes a single process' when no process group exists: that is intended here."""
@@ -203,6 +222,11 @@ def out_lock(out: str, info: DistInfo):
             fh.close()
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint's file (meta.json, ``.metadata``, a shard) is missing, damaged or truncated: the message names
+    the checkpoint and the file or rank."""
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; raised on every rank alike, the message names what failed and where."""
 
@@ -237,8 +261,8 @@ class Checkpointer:
         try:
             with _quiet_single_process():  # collective: DCP raises a failure of any rank on every rank
                 dcp.save(_dcp_state(container, optimizer), checkpoint_id=tmp)
-        except Exception as e:  # e.g. a full disk: DCP reports it as "unexpected pos …", naming no cause
-            failed = ("", e)
+        except _dcp_errors() as e:  # e.g. a full disk: DCP reports it as "unexpected pos …", naming no cause
+            failed = _dcp_cause(e)
         else:
             try:
                 with open(rng_file, "wb") as fh:  # synced like the shards
@@ -328,10 +352,12 @@ class Checkpointer:
         ``rng_rank<N>.pt``: one that is missing or unreadable on any rank is a :class:`ConfigError` on every rank
         (agreed before the collective load, so none waits in it for a rank that stopped), nothing loaded."""
         from .config import ConfigError
-        with open(os.path.join(path, "meta.json")) as fh:
-            same_world = json.load(fh).get("world_size") == self.info.world_size
+        state, problem, same_world = None, None, False
+        try:
+            same_world = read_meta(path).get("world_size") == self.info.world_size
+        except CheckpointReadError as e:
+            problem = f"resume: {e}; move {path} aside to resume from the checkpoint before it"
         rng_file = os.path.join(path, f"rng_rank{self.info.rank}.pt")
-        state, problem = None, None
         if same_world:
             try:
                 state = torch.load(rng_file, weights_only=False)  # our own file: python/numpy states are tuples
@@ -343,23 +369,47 @@ class Checkpointer:
         problem = agree(problem, self.info)
         if problem:
             raise ConfigError(problem)
-        meta = load_state(path, container, optimizer)
+        try:  # (DCP reports a damaged shard on every rank: no agreement needed)
+            meta = load_state(path, container, optimizer)
+        except CheckpointReadError as e:
+            raise ConfigError(f"resume: {e}; move {path} aside to resume from the checkpoint before it") from e
         if state is not None:
             set_rng_state(state)
         meta["rng_restored"] = state is not None
         return meta
 
 
+def read_meta(path: str) -> Dict[str, Any]:
+    """The checkpoint's ``meta.json`` as a dict; one that is missing, unreadable or not a JSON object is a
+    :class:`CheckpointReadError` naming it."""
+    file = os.path.join(path, "meta.json")
+    try:
+        with open(file) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise CheckpointReadError(f"checkpoint: cannot read {file} ({type(e).__name__}: {e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointReadError(f"checkpoint: {file} holds {type(meta).__name__}, not the checkpoint's JSON object")
+    return meta
+
+
 def load_state(path: str, container: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
     """Load the models (and the optimizer, when given) of the checkpoint ``path`` into ``container``;
-    return its meta.json. Every tensor of ``container`` must be in the checkpoint."""
+    return its meta.json. Every tensor of ``container`` must be in the checkpoint. A damaged or truncated
+    file of the checkpoint (meta.json, ``.metadata``, a shard) is a :class:`CheckpointReadError` naming it, not
+    DCP's raw traceback."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-    with open(os.path.join(path, "meta.json")) as fh:
-        meta = json.load(fh)
+    meta = read_meta(path)
     state = _dcp_state(container, optimizer)
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path)
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path)
+    except _dcp_errors() as e:
+        where, cause = _dcp_cause(e)
+        raise CheckpointReadError(f"checkpoint: cannot read {path} ({where}{type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else 'no message'}); a file of it is damaged, "
+                         f"truncated or missing") from e
     if optimizer is None:
         set_model_state_dict(container, state["model"])
     else:
@@ -396,8 +446,7 @@ def load_run_models(path: str, step: Optional[int] = None):
     from .config import config_from_dict
     from .loop import JEPAContainer, build_models
     ckpt = find_checkpoint(path, step)
-    with open(os.path.join(ckpt, "meta.json")) as fh:
-        saved = json.load(fh)["config"]
+    saved = read_meta(ckpt).get("config") or {}
     # init_from only seeded the run's first step (its weights are in the checkpoint now): validating it would
     # refuse a run whose source file has since moved, or was named relative to another working directory
     cfg = config_from_dict(dict(saved, init_from="", bf16_residual=False, fused_target_gelu=False))

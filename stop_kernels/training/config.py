@@ -193,9 +193,14 @@ def _coerce(name: str, value: Any) -> Any:
 
 def load_yaml(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"config: no such file: {path}")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        raise ConfigError(f"config: {'a folder, not a YAML file' if os.path.isdir(path) else 'no such file'}: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"config: cannot read {path} as YAML ({type(e).__name__}: "
+                          f"{' '.join(line.strip() for line in first[:4])})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of keys to values")
     known = _field_types()
@@ -236,12 +241,23 @@ def several_ranks() -> bool:
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
+def init_from_applies(cfg: TrainConfig) -> bool:
+    """Whether ``init_from`` seeds this run: it is set, and the run does not continue a checkpoint of its own
+    (``resume`` with a complete one in ``<out>/checkpoints``). A requeued job then neither reads the seed again
+    (gigabytes at ViT-H, overwritten by the resume) nor needs it to still exist."""
+    if not cfg.init_from:
+        return False
+    from .checkpoint import latest_checkpoint
+    return not (cfg.resume and latest_checkpoint(os.path.join(cfg.out, "checkpoints")) is not None)
+
+
 def check_init_from(cfg: TrainConfig) -> None:
-    """``init_from`` names an existing file or folder. A path seen from this process only: under torchrun with
-    several ranks :func:`stop_kernels.training.loop.train` checks it once the process group exists, with
-    every rank's result shared, since a rank on a node that does not see the file and stopped here, before
-    ``init_process_group``, would leave the other nodes waiting for it for the whole collective timeout."""
-    if cfg.init_from and not os.path.exists(cfg.init_from):
+    """``init_from`` names an existing file or folder where it applies (:func:`init_from_applies`). A path seen
+    from this process only: under torchrun with several ranks :func:`stop_kernels.training.loop.train` checks
+    it once the process group exists, with every rank's result shared, since a rank on a node that does not
+    see the file and stopped here, before ``init_process_group``, would leave the other nodes waiting for it
+    for the whole collective timeout."""
+    if init_from_applies(cfg) and not os.path.exists(cfg.init_from):
         raise ConfigError(f"init_from: no such file or folder: {cfg.init_from}")
 
 
@@ -272,9 +288,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if 0 < cfg.lr_hold_epoch < cfg.warmup_epochs:
         raise ConfigError(f"lr_hold_epoch: {cfg.lr_hold_epoch} falls inside the warm-up ({cfg.warmup_epochs} epochs); "
                           f"the learning rate is held on its cosine, after the warm-up")
-    if cfg.color_jitter > 2.5:
-        raise ConfigError(f"color_jitter: expected a value in [0, 2.5] (the hue jitter 0.2·s must stay <= 0.5), got "
-                          f"{cfg.color_jitter!r}")
     if not cfg.out.strip():
         raise ConfigError("out: expected an output folder, got an empty string")
     if not several_ranks():  # (with several, train() checks it on all ranks at once)
@@ -301,9 +314,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"where the activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"img_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.img_size}")
-    lo, hi = cfg.crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"crop_scale: expected 0 < min <= max <= 1, got {cfg.crop_scale!r}")
+    from ..data.transforms import check_transform_args  # (the transforms' own rule for crop_scale, color_jitter)
+    try:
+        check_transform_args(cfg.img_size, cfg.crop_scale, cfg.color_jitter)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     from ..ops.attention import parse_auto_policy
     try:
         parse_auto_policy(cfg.attention_policy)
@@ -393,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train I-JEPA with Stochastic Positional Embeddings (StoP). Every "
                                 "TrainConfig key is a flag; the defaults shown are the embedded CPU-sized run, and "
                                 "--model vit_b, vit_l, vit_h or vit_g loads its recipe (configs/) for the keys "
-                                "not given. More: docs/training.md and the README's table of keys.")
+                                "not given. More: docs/training.md and the README's table of keys.",
+                                allow_abbrev=False)  # (a prefix of one key was taken as it: --wd set wd_hold_epoch)
     p.add_argument("--config", help="YAML recipe (keys as in TrainConfig), e.g. configs/vit_h14_224.yaml")
     helps = field_help()
     for f in fields(TrainConfig):

@@ -40,7 +40,8 @@ from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
-from .config import ConfigError, TrainConfig, check_init_from, local_batch, uses_cuda_graph_trees, validate
+from .config import (ConfigError, TrainConfig, check_init_from, init_from_applies, local_batch, uses_cuda_graph_trees,
+                     validate)
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import (LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, peak_reserved_gib,
@@ -103,7 +104,7 @@ def init_weights_from(models: JEPAModels, cfg: TrainConfig) -> str:
     not match the config are a :class:`ConfigError` naming ``init_from``.
     """
     from ..models.official import load_official_checkpoint
-    from .checkpoint import load_run_models
+    from .checkpoint import CheckpointReadError, load_run_models
     path = cfg.init_from
     try:
         if os.path.isdir(path):
@@ -118,6 +119,8 @@ def init_weights_from(models: JEPAModels, cfg: TrainConfig) -> str:
                        "target_encoder": m.target_encoder if m.target_encoder is not None else m.encoder}
         for name, src_module in sources.items():
             getattr(models, name).load_state_dict(src_module.state_dict(), strict=True)
+    except CheckpointReadError as e:  # damaged, not a mismatch
+        raise ConfigError(f"init_from: {e}") from None
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:  # (a ConfigError is a ValueError)
         raise ConfigError(f"init_from: {path} does not fit this config ({cfg.model}, img {cfg.img_size}, patch "
                           f"{cfg.patch_size}, predictor depth {cfg.pred_depth} width {cfg.pred_emb_dim}): {e}") from None
@@ -236,7 +239,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
         with torch.device(self.device):
             models = build_models(cfg)
-        if cfg.init_from:  # before FSDP2 shards them: every rank loads the whole tensors
+        if init_from_applies(cfg):  # before FSDP2 shards them: every rank loads the whole tensors
             _print(init_weights_from(models, cfg), info, stream)
         self.n_params = count_parameters([models.encoder, models.predictor])
         self.mesh = D.build_mesh(self.sharding, info)
@@ -469,15 +472,18 @@ _MODEL_KEYS = ("model", "img_size", "patch_size", "pred_depth", "pred_emb_dim")
 def check_resumable(path: str, cfg: TrainConfig) -> None:
     """:class:`ConfigError` naming the first key whose value in the checkpoint ``path`` (its meta.json's
     config) gives models or an optimizer other than ``cfg``'s: DCP's own error for a missing key or a
-    size mismatch names no setting. Other keys (batch, schedules, sharding, ...) may change on resume.
+    size mismatch names no setting; or another global ``batch_size``, in whose steps the data position and
+    the schedules are counted. Other keys (grad_accum, schedules, sharding, ...) may change on resume.
     Also a :class:`ConfigError` when this rank cannot read the checkpoint's ``meta.json`` (the main rank chose
     ``path``; a node whose ``--out`` is not the shared folder does not see it)."""
+    from .checkpoint import CheckpointReadError, read_meta
     try:
-        with open(os.path.join(path, "meta.json")) as fh:
-            saved = json.load(fh).get("config") or {}
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"resume: cannot read the checkpoint {path}/meta.json ({type(e).__name__}: {e}); every "
-                          f"rank must see the run's --out (a folder shared by all nodes)") from None
+        saved = read_meta(path).get("config") or {}
+    except CheckpointReadError as e:
+        advice = ("every rank must see the run's --out (a folder shared by all nodes)"
+                  if isinstance(e.__cause__, FileNotFoundError) else
+                  f"move {path} aside to resume from the checkpoint before it")
+        raise ConfigError(f"resume: {e}; {advice}") from None
     changed = [k for k in _MODEL_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if "noise_mode" in saved and (saved["noise_mode"] == "none") != (cfg.noise_mode == "none"):
         changed.append("noise_mode")
@@ -486,6 +492,14 @@ def check_resumable(path: str, cfg: TrainConfig) -> None:
         raise ConfigError(f"{key}: the checkpoint to resume, {path}, was written with {key}={saved[key]!r}, this "
                           f"run has {getattr(cfg, key)!r}; resume with the run's own settings, or start a new "
                           f"run in another --out")
+    # the global batch: the data position (epoch, batch in epoch) and the schedules are counted in its steps, so
+    # another one would skip or repeat data and reshape the schedules (grad_accum and the rank count may change)
+    if "batch_size" in saved and saved["batch_size"] != cfg.batch_size:
+        raise ConfigError(f"batch_size: the checkpoint to resume, {path}, was written with batch_size="
+                          f"{saved['batch_size']!r}, this run has {cfg.batch_size!r}: the run's position in the data "
+                          f"and its schedules are counted in steps of that global batch. Resume with batch_size "
+                          f"{saved['batch_size']!r} (--grad-accum changes the per-step memory instead), or start a "
+                          f"new run in another --out")
 
 
 def out_of_memory_advice(cfg: TrainConfig, world_size: int) -> str:
