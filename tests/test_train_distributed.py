@@ -359,12 +359,13 @@ def test_a_checkpoint_one_rank_does_not_see_stops_every_rank(tmp_path):
     collective load. Rank 1 used to raise alone (FileNotFoundError) while rank 0 waited for it in DCP's load."""
     seen, blind = tmp_path / "node0", tmp_path / "node1"
     blind.mkdir()
-    trained_run(seen, steps=1)  # seen/run/checkpoints/step_00000001
+    trained_run(seen, steps=1, batch_size=COMMON["batch_size"])  # seen/run/checkpoints/step_00000001, resumable
     proc = _run_with_cwd_per_rank(tmp_path, (seen, blind),
                                   *tiny_args(**dict(COMMON, out="run", steps=2, resume=True)))
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    want = "train.py: error: resume: cannot read the checkpoint run/checkpoints/step_00000001/meta.json (FileNotFoundError"
+    want = ("train.py: error: resume: checkpoint: cannot read run/checkpoints/step_00000001/meta.json "
+            "(FileNotFoundError")
     assert text.count(want) == 2 and text.count("(on rank 1 of 2)") == 2, text[-4000:]
     assert "Connection closed by peer" not in text and "]: Traceback" not in text, text[-4000:]
 
