@@ -103,6 +103,37 @@ def test_a_whole_batch_cut_into_micro_batches_steps_like_the_whole_batch(tmp_pat
                          whole, k)
 
 
+@pytest.mark.parametrize("batch, world, grad_accum, micro, want", [
+    (2048, 8, 1, 64, 4),    # the ViT-H recipe on one node: 4 micro-batches of 64 per rank
+    (2048, 1, 1, 64, 32),
+    (64, 1, 1, 64, 1),      # issue 8's benchmark setting: one micro-batch
+    (32, 1, 1, 64, 1),      # a rank's batch below micro_batch: one
+    (96, 1, 1, 64, 2),      # 96 = 2 × 48: the smallest count whose micro-batches hold at most 64
+    (256, 1, 8, 64, 8),     # an explicit larger grad_accum (memory) is kept
+    (256, 1, 2, 0, 2),      # micro_batch 0: off
+])
+def test_micro_batch_raises_grad_accum_to_fit(batch, world, grad_accum, micro, want):
+    """micro_batch caps the images per micro-batch: the mask collator truncates over each micro-batch, and the
+    official StoP code truncates over each GPU's 64 images, so a recipe's global batch on fewer GPUs would keep
+    less context. grad_accum becomes the smallest count >= its own that splits the rank's batch evenly."""
+    from stop_kernels.training.config import with_micro_batch
+    cfg = TrainConfig(**dict(TINY, batch_size=batch, grad_accum=grad_accum, micro_batch=micro))
+    assert with_micro_batch(cfg, world).grad_accum == want
+
+
+def test_the_recipes_collate_as_the_official_code_and_train_runs_the_micro_batches(tmp_path, cpu_train, capsys):
+    """The StoP recipes cap micro-batches at the official 64 images per GPU (vit_g at I-JEPA's 128), and train()
+    applies it: a tiny run with micro_batch 4 and batch 8 takes 2 micro-batches per step, as --grad-accum 2 does."""
+    from stop_kernels.training.loop import train
+    assert [parse_config(["--model", m]).micro_batch for m in ("vit_b", "vit_l", "vit_h", "vit_g")] == [64, 64, 64, 128]
+    from _train_helpers import REPO
+    assert parse_config(["--config", str(REPO / "configs" / "vit_h16_448.yaml")]).micro_batch == 64
+    capped = train(tiny(tmp_path / "capped", steps=2, batch_size=8, micro_batch=4))
+    explicit = train(tiny(tmp_path / "explicit", steps=2, batch_size=8, grad_accum=2))
+    assert capped == explicit
+    assert "global batch 8 (2 micro-batches of 4 per rank)" in capsys.readouterr().out
+
+
 def test_training_loads_each_micro_batch_with_its_own_masks(tmp_path):
     """TrainData with k = 2 and a per-rank batch of 8: each step is two loader batches of 4, exactly the
     batches (images and masks) of a k = 1 run with batch 4, paired; a resumed epoch starts at the right pair."""

@@ -96,6 +96,7 @@ class TrainConfig:
     # ---- optimisation -----------------------------------------------------------------------
     batch_size: int = 16               # global batch (split evenly over the ranks)
     grad_accum: int = 1                # micro-batches per optimizer step and rank (each collated on its own, averaged like ranks)
+    micro_batch: int = 0               # at most this many images per micro-batch, grad_accum raised to fit (0: off)
     epochs: int = 1                    # epochs when steps is 0
     steps: int = 60                    # total optimizer steps; 0 = epochs × iterations per epoch
     warmup_epochs: float = 0.1         # warm-up length in epochs (as a fraction of `epochs` when steps is set)
@@ -272,7 +273,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(cfg, key)!r}")
-    for key in ("steps", "num_workers", "ckpt_every", "benchmark", "benchmark_warmup", "min_keep"):
+    for key in ("steps", "num_workers", "ckpt_every", "benchmark", "benchmark_warmup", "min_keep", "micro_batch"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: expected an integer >= 0, got {getattr(cfg, key)!r}")
     for key in ("noise_std", "warmup_epochs", "start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay",
@@ -372,6 +373,23 @@ def check_cuda_graph_trees(cfg: TrainConfig) -> None:
                                                    "--overlap-target")):
         if bad:
             raise ConfigError(f"{key}: does not combine with compile_mode 'reduce-overhead': {why}")
+
+
+def with_micro_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` with ``grad_accum`` raised to the smallest count >= its own that splits each rank's batch evenly
+    into micro-batches of at most ``micro_batch`` images (unchanged when ``micro_batch`` is 0).
+
+    Why: every micro-batch is collated on its own, and the mask collator truncates each mask to the shortest of
+    its micro-batch, as the official code does over each GPU's loader batch (64 images in every StoP recipe). A
+    recipe's global batch split over fewer GPUs would otherwise truncate over more images and keep less context
+    (ViT-H/14, mean context tokens kept per image: ≈ 75 at 64, 68 at 256, 57 at 2048). The recipes set
+    ``micro_batch: 64``: on 8 GPUs the global 2048 is 4 micro-batches of 64 per rank; a rank's batch of 64 or
+    less is one."""
+    if not cfg.micro_batch:
+        return cfg
+    local = local_batch(cfg, world_size)
+    k = next(k for k in range(cfg.grad_accum, local + 1) if local % k == 0 and local // k <= cfg.micro_batch)
+    return cfg if k == cfg.grad_accum else dataclasses.replace(cfg, grad_accum=k)
 
 
 def local_batch(cfg: TrainConfig, world_size: int) -> int:

@@ -41,7 +41,7 @@ from ..ops.attention import attention_backend_problem, parse_auto_policy, use_at
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
 from .config import (ConfigError, TrainConfig, check_init_from, init_from_applies, local_batch, uses_cuda_graph_trees,
-                     validate)
+                     validate, with_micro_batch)
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import (LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, peak_reserved_gib,
@@ -430,6 +430,7 @@ def train(cfg: TrainConfig) -> List[float]:
     validate(cfg)
     info = D.init_distributed(cfg)
     try:
+        cfg = with_micro_batch(cfg, info.world_size)  # (the rank count is known from here)
         local_batch(cfg, info.world_size)  # before the data folder is read and the models are built
         _on_every_rank(check_init_from, cfg, info)  # (validate() leaves it here when there are several ranks)
         if cfg.benchmark:
