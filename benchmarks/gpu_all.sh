@@ -40,14 +40,17 @@
 #      fast_stack, fast_triton, fast_unrolled, fast_tgelu (the GELU lever alone). Read the table's "CUDA graphs
 #      / skipped" column (recordings > 0 and 0 skipped expected on the GPU) and each path's peak GiB (issue 8:
 #      no more than the reference's).
-#   2. (timeout_s 330, sent at once) SEC_STOP=130 BUDGET_STOP=115 SEC_ATTN=115 BUDGET_ATTN=100 SEC_TESTS_NEW=55
-#      SEC_BENCH=25 BENCH_FILES=benchmarks/bench_linear_gelu.py bash benchmarks/gpu_all.sh stop attn tests-new bench
+#   2. (timeout_s 330, sent at once) SEC_STOP=120 BUDGET_STOP=105 SEC_ATTN=105 BUDGET_ATTN=90 SEC_TESTS_NEW=80
+#      SEC_BENCH=20 BENCH_FILES=benchmarks/bench_linear_gelu.py bash benchmarks/gpu_all.sh stop attn tests-new bench
 #      (attn since the twenty-fourth session: its forced-config rows at N = 116 and 150 time the key-stationary
 #      backward, VARIANT keys, predicted 0.09-0.12 ms at N = 116 against the one-pass kernel's 0.146; issue 4's
 #      forward+backward target there is 0.185 ms on the models' path, run 6: 0.208; and two forward candidates
 #      at N <= 128. The variants section gets what correctness, host and timing leave of the budget (at least
 #      30 %), and N = 116 now has 9 forward and 10 backward candidates: hence the larger BUDGET_ATTN)
-#      (tests-new starts with the CUDA-graph trees' GPU test: replayed steps against the default mode's losses)
+#      (tests-new, ordered since the twenty-sixth session by cost: linear_gelu's quick CUDA checks, the StoP ops',
+#      the attention's, then the compiled-step tests, the CUDA-graph trees' first: replayed steps against the default
+#      mode's losses. Its filter selects 173 tests, and the trees' test alone compiles vit_small twice per case, so
+#      55 s would have ended inside it; pytest -v names each result, so a cut keeps what ran)
 #      StoP first: since run 6 the forward (D_TILES > 1) and dW kernels build the noise operand with one
 #      transpose per step (sm_90a loop barriers 9 -> 3 and 8-18 -> 2, triton 3.6); predicted, unmeasured:
 #      sweep rows fwd 0.123 -> 0.07-0.09 ms and dw 0.075 -> 0.05-0.07 ms. Since the twenty-third session the
@@ -62,12 +65,13 @@
 #      the timing pass (the issue's ratios) needs. Predicted: fused-trusted eager
 #      (do_bench) forward+backward 1.73 -> 1.0-1.45 ms (its host ms per call is now in the breakdown), GPU time
 #      (cudagraph) 0.352 -> 0.20-0.28 ms (the budget skips the compiled peer, timed in run 6: 0.255). Then the GPU unit tests of
-#      the paths only a GPU runs (now listed by name, -v: run 6's 110 s passed 17 and the quiet output did not
-#      say which): the step levers' twins first (the C++ host code's and the combo kernels'), the fused StoP
-#      ops' eager path against their custom op bit for bit and (twenty-third session) the op's own casts under
-#      autocast (bit for bit against explicit casts, gradients in fp32) and its empty row segments, then the
-#      attention. The stop section before it leaves the kernels compiled and tuned on disk. Second in the file list
-#      (twenty-fourth session): linear_gelu's epilogue against float64, one kernel per call, the lever's losses.
+#      the paths only a GPU runs (listed by name, -v: run 6's 110 s passed 17 and the quiet output did not say which):
+#      linear_gelu's epilogue against float64, one kernel per call, the lever's losses (twenty-fourth session); the
+#      fused StoP ops' eager path against their custom op bit for bit, the op's own casts under autocast (bit for bit
+#      against explicit casts, gradients in fp32) and its empty row segments (twenty-third session); the attention;
+#      then the compiled step's twins (the CUDA-graph trees, the C++ host code, the combo kernels, the block stacks:
+#      its GPU case no longer hides the GPU behind cpu_train, which made it fail). The stop section before it leaves
+#      the kernels compiled and tuned on disk.
 #      Last, bench over bench_linear_gelu.py alone: the fused fc1 + GELU against the unfused exact and tanh forms
 #      at the target encoder's shape (predicted: ≈ 0.06 ms less than the unfused tanh call).
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the encoder shapes' SDPA peers, never timed
@@ -154,8 +158,9 @@ for s in $SECTIONS; do
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -v -p no:cacheprovider \
-           tests/test_training_reduce_overhead.py tests/test_linear_gelu.py tests/test_philox.py tests/test_training_speed.py tests/test_stop_embed.py tests/test_predictor_input.py \
-           tests/test_attention.py tests/test_fast_path_loss_curve.py \
+           tests/test_linear_gelu.py tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py \
+           tests/test_attention.py tests/test_training_reduce_overhead.py tests/test_training_speed.py \
+           tests/test_fast_path_loss_curve.py \
            -k "reduce_overhead_replays or every_candidate or twin or qkv or policy or trains_like or inductor_launches or head_dim or graph or very_negative or one_pass or persistent or inference or bf16_residual_losses or (lever_equals_eager and cuda) or (stack_steps_equal and cuda) or bit_for_bit or cuda_autocast or autocast_gradients or no_context_or_no_target or cuda_epilogue or one_kernel or fused_target_gelu_losses" ;;
     stop) section stop ${SEC_STOP:-200} python benchmarks/gpu_stop_embed.py --out "$RES/stop" --budget-s ${BUDGET_STOP:-170} ;;
     attn) section attn ${SEC_ATTN:-240} python benchmarks/gpu_attention.py --out "$RES/attn" --budget-s ${BUDGET_ATTN:-200} ;;

@@ -64,6 +64,17 @@ STEP_ROWS = {  # ROW of a step source -> the README's label
                       "(`--attention-policy compiled:24=triton`)",
     "reference": "this pipeline's reference path: SDPA, unfused StoP input, per-block compile "
                  "(the strongest official baseline, rebuilt)",
+    # e2e_step.py's paths since the twenty-second session (labels ready for the run that measures them)
+    "cuda_graph_trees": "this pipeline, the defaults with the compiled blocks replayed from CUDA-graph trees "
+                        "(`--compile-mode reduce-overhead --cpp-wrapper false`)",
+    "cuda_graph_trees_levers": "this pipeline, CUDA-graph trees plus combo kernels, multi-kernel reductions, the bf16 "
+                               "residual stream and the target encoder's GELU in its fc1 GEMM "
+                               "(`--combo-kernels --multi-kernel --bf16-residual --fused-target-gelu`)",
+    "cuda_graph_trees_stack": "this pipeline, CUDA-graph trees over one compiled graph per block stack "
+                              "(`--compile-scope stack`)",
+    "levers": "this pipeline, the defaults plus the six opt-in levers (combo kernels, multi-kernel reductions, bf16 "
+              "residual stream, graphed target encoder on a second stream, fused target GELU)",
+    "target_gelu": "this pipeline, the defaults with the target encoder's GELU in its fc1 GEMM (`--fused-target-gelu`)",
 }
 
 # ANCHORS.md (../shared), "Training step" table, one NVIDIA H200: (label, ms/step, images/s, peak GiB).

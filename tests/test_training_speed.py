@@ -476,11 +476,14 @@ def test_compile_scope_is_refused_where_it_cannot_apply(tmp_path, cpu_train, mon
 @pytest.mark.parametrize("scope", ["stack", "unrolled"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the GPU twin: Triton attention and bf16 inside the stacks"))])
-def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, cpu_train, device, scope):
+def test_compile_scope_stack_steps_equal_eager_blocks(tmp_path, request, device, scope):
     """Trainer steps with every model's block stack compiled as one graph (encoder, predictor, target
     encoder; the context and target lengths change per batch) give the losses of eager blocks: fp32 on
-    the CPU (1e-5), bf16 autocast on a GPU (1e-3)."""
+    the CPU (1e-5), bf16 autocast on a GPU (1e-3). (``cpu_train``, which hides the GPU, for the CPU case only:
+    the GPU twin stopped at ``device: 'cuda' requested but no CUDA GPU is visible``.)"""
     from stop_kernels.training.loop import synthetic_batches
+    if device == "cpu":
+        request.getfixturevalue("cpu_train")
     losses = {}
     for run in ("eager", scope):
         over = dict(compile=True, compile_scope=scope) if run == scope else {}
