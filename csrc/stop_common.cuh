@@ -260,6 +260,12 @@ inline int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
+// Whether `bytes` of dynamic shared memory fit one block on `device` (its opt-in limit: 227 KB on Hopper and
+// A100, 99 KB on sm_86 / sm_89, where the widest fp32 tiles do not fit and a narrower one is launched instead).
+inline bool smem_fits(int bytes, int device) {
+  return bytes <= device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+}
+
 inline void check_device(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, t.get_device());

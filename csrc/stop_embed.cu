@@ -243,9 +243,12 @@ template <class AT>
 void dispatch_fwd_fn(const at::Tensor& pos, const at::Tensor& idx, const at::Tensor& w, const at::Tensor* bias,
                      at::Tensor& out, int64_t R, int D, int E, uint32_t k0, uint32_t k1, float sigma,
                      cudaStream_t stream) {
-  // BN = 64·FN: one column block up to D = 384 (each noise value generated once), tiles beyond.
+  // BN = 64·FN: one column block up to D = 384 (each noise value generated once), tiles beyond. The fp32 FN = 6
+  // tile (117 KB) exceeds sm_86 / sm_89's 99 KB per block: there, two column blocks of FN = 4.
+  using S6 = FwdSmem<typename OpFor<AT>::type, 6>;
   if (D <= 128) launch_fwd<AT, 2>(pos, idx, w, bias, out, R, D, E, k0, k1, sigma, stream);
-  else if (D <= 256) launch_fwd<AT, 4>(pos, idx, w, bias, out, R, D, E, k0, k1, sigma, stream);
+  else if (D <= 256 || !smem_fits(S6::BYTES, w.get_device()))
+    launch_fwd<AT, 4>(pos, idx, w, bias, out, R, D, E, k0, k1, sigma, stream);
   else launch_fwd<AT, 6>(pos, idx, w, bias, out, R, D, E, k0, k1, sigma, stream);
 }
 
@@ -306,7 +309,7 @@ at::Tensor stop_embed_fwd_cuda(const at::Tensor& pos_embed, const at::Tensor& id
 at::Tensor stop_noise_cuda(int64_t seed, int64_t rows, int64_t E64, double noise_std, int64_t row_start,
                            int64_t device_index) {
   TORCH_CHECK(rows >= 0 && E64 >= 0 && row_start >= 0, "rows, E, row_start: expected non-negative values");
-  TORCH_CHECK(row_start + rows <= (int64_t(1) << 32), "rows: the Philox row counter is 32-bit");
+  TORCH_CHECK(rows <= (int64_t(1) << 32) - row_start, "rows: the Philox row counter is 32-bit");  // (no overflow)
   TORCH_CHECK(E64 < (int64_t(1) << 30), "E: expected fewer than 2^30 columns (the kernels index E in int)");
   TORCH_CHECK(noise_std >= 0.0, "noise_std: expected a value >= 0");
   const at::Device dev(at::kCUDA, static_cast<c10::DeviceIndex>(device_index));

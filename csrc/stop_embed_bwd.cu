@@ -1,6 +1,8 @@
 // Backward of the StoP op: dW[d, c] = Σ_r g[r, d] · n[r, c] with n regenerated in registers from the
 // Philox stream (philox.cuh) and never written to memory; db = Σ_r g and dψ = index_add(g) with ATen
 // reductions (memory bound, cheap). See stop_embed.cu for the quarter-column K layout.
+#include <ATen/Context.h>
+
 #include "stop_common.cuh"
 
 namespace stop_kernels {
@@ -191,8 +193,9 @@ void launch_dw(const at::Tensor& g, at::Tensor& dw32, int64_t R, int D, int E, u
 template <class AT>
 void dispatch_dw_fm(const at::Tensor& g, at::Tensor& dw32, int64_t R, int D, int E, uint32_t k0, uint32_t k1,
                     float sigma, cudaStream_t stream) {
+  using S6 = BwdSmem<typename OpFor<AT>::type, 6>;  // (fp32: 106 KB, over sm_86 / sm_89's 99 KB per block)
   if (D <= 128) launch_dw<AT, 2>(g, dw32, R, D, E, k0, k1, sigma, stream);
-  else if (D <= 256) launch_dw<AT, 4>(g, dw32, R, D, E, k0, k1, sigma, stream);
+  else if (D <= 256 || !smem_fits(S6::BYTES, g.get_device())) launch_dw<AT, 4>(g, dw32, R, D, E, k0, k1, sigma, stream);
   else launch_dw<AT, 6>(g, dw32, R, D, E, k0, k1, sigma, stream);
 }
 
@@ -222,6 +225,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stop_embed_bwd_cuda(const at::Ten
   if (need_dweight) {
     at::Tensor dw32 = at::zeros({D64, E64}, g.options().dtype(at::kFloat));
     if (R > 0 && D > 0 && E > 0 && noise_std != 0) {
+      // the row splits add their partial sums into dW with fp32 atomics, in an order that varies between runs
+      // (the Triton backend sums its partials in a fixed order instead): say so under deterministic algorithms
+      at::globalContext().alertNotDeterministic("stop_kernels_cuda::stop_embed_bwd (dweight, fp32 atomic adds)");
       uint32_t k0, k1;
       seed_to_key(static_cast<uint64_t>(seed), &k0, &k1);
       const float sigma = static_cast<float>(noise_std);

@@ -709,6 +709,9 @@ def test_auto_asks_one_kernel_dtype_of_the_calls_own_tensors(monkeypatch):
     assert not se._cuda_extension_preferred(pos, w, torch.empty(4, dtype=F32))
     assert not se._cuda_extension_preferred(pos.float(), w, None)
     assert not se._cuda_extension_preferred(pos, torch.empty(4, 6, dtype=BF16), None)  # a CPU weight
+    # deterministic algorithms: the CUDA dW's fp32 atomics would be refused, Triton's fixed-order sums are not
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not se._cuda_extension_preferred(pos, w, None)
 
 
 @pytest.mark.parametrize("mode", ["learned", "isotropic"])

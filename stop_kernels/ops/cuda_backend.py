@@ -7,6 +7,10 @@ in an ``autograd.Function`` and validates arguments like every other public func
 The noise is the stream of :mod:`stop_kernels.ops.philox` (same seed ⇒ same noise as the Triton
 kernel and as :func:`~stop_kernels.ops.philox.philox_normal`); it never exists in GPU memory: the
 forward kernel generates it tile by tile in registers and the backward kernel regenerates it.
+
+dW is not bitwise reproducible here: the backward's row splits add their partial sums with fp32 atomics, in an
+order that varies between runs, and the op says so to ``torch.use_deterministic_algorithms`` (which then refuses
+it). ``stop_embed(backend="auto")`` takes the Triton kernels, whose sums run in a fixed order, in that mode.
 """
 from __future__ import annotations
 

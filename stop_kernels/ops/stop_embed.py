@@ -906,10 +906,12 @@ def _cuda_extension_preferred(pos_embed: torch.Tensor, weight: torch.Tensor, bia
     forward+backward (what training runs) is the default; both draw the same noise.
     """
     global _CUDA_EXT_OK
-    # read before the arguments are checked: a non-tensor ψ or b goes on to the checks, which name it
+    # read before the arguments are checked: a non-tensor ψ or b goes on to the checks, which name it.
+    # Under torch.use_deterministic_algorithms the Triton kernels (fixed-order sums): the CUDA dW adds its row
+    # splits with fp32 atomics, which that mode refuses
     if not (isinstance(weight, torch.Tensor) and isinstance(pos_embed, torch.Tensor)
             and (bias is None or isinstance(bias, torch.Tensor))) or weight.device.type != "cuda" \
-            or functorch_transforming():
+            or functorch_transforming() or torch.are_deterministic_algorithms_enabled():
         return False
     if not _one_kernel_dtype(pos_embed.dtype, weight.dtype, None if bias is None else bias.dtype,
                              autocast_dtype(weight.device)):
