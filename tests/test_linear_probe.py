@@ -207,8 +207,30 @@ def test_classifier_settings_are_checked_before_any_extraction(setup, tmp_path, 
     for bad in (1.5, True):  # acted as last_k=1
         with pytest.raises(TypeError, match="--last-k: expected an integer"):
             lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, last_k=bad)
+    (tmp_path / "a-file").write_text("")  # a --cache-dir that cannot be a folder failed with a bare [Errno 17]
+    with pytest.raises(ValueError, match="^--cache-dir: cannot create"):
+        lp.run_probe(str(ckpt), str(data), cache_dir=str(tmp_path / "a-file"), verbose=False)
     with pytest.raises(ValueError, match="max-iter"):
         lp.fit_logistic_regression(torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2]), 3, 0.1, max_iter=0)
+
+
+@IMAGES
+def test_a_cache_that_cannot_be_written_keeps_the_extracted_features(setup, tmp_path, monkeypatch, capsys):
+    """A full disk (or a quota) when the features are stored: the probe aborted right after extracting a split,
+    losing the features and the result. It warns, goes on with the features in memory, and gives the result a
+    writable cache gives."""
+    import errno
+    from stop_kernels import _checks as chk
+    root, data, ckpt, _ = setup
+    kw = dict(device="cpu", penalties=(1e-2,), max_iter=50, verbose=False)
+    want = lp.run_probe(str(ckpt), str(data), cache_dir=str(tmp_path / "ok"), **kw)
+
+    def disk_full(path, write, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(chk, "write_atomic", disk_full)
+    got = lp.run_probe(str(ckpt), str(data), cache_dir=str(tmp_path / "full"), **kw)
+    assert got["top1"] == pytest.approx(want["top1"]) and not got["cache"]["train_hit"]
+    assert capsys.readouterr().err.count("warning: --cache-dir: could not store") == 2  # train and val
 
 
 @IMAGES

@@ -112,9 +112,10 @@ def test_find_checkpoint_takes_a_run_its_checkpoints_or_one_step(tmp_path, cpu_t
 
 
 
-def test_to_official_into_a_folder_is_an_error_naming_it(tmp_path, cpu_train, capsys):
+def test_to_official_into_a_folder_is_an_error_naming_it(tmp_path, cpu_train, capsys, monkeypatch):
     """An output path that is a folder: save_official_checkpoint raises a ValueError naming path (os.replace of
-    its temporary file onto the folder raised IsADirectoryError), and the CLI says it in one line, status 2."""
+    its temporary file onto the folder raised IsADirectoryError), and the CLI says it in one line, status 2, naming
+    its argument out, before it loads anything (a missing folder too)."""
     run, _ = trained_run(tmp_path, steps=1)
     folder = tmp_path / "exports"
     folder.mkdir()
@@ -122,9 +123,14 @@ def test_to_official_into_a_folder_is_an_error_naming_it(tmp_path, cpu_train, ca
     pred = predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=96, depth=1)
     with pytest.raises(ValueError, match="^path: .*exports is a folder"):
         save_official_checkpoint(folder, enc, pred)
-    with pytest.raises(SystemExit) as e:
-        C.main(["to-official", run, str(folder)])
-    assert e.value.code == 2 and "error: path: " in capsys.readouterr().err
+    # the CLI names its own argument, out, and checks it before it reads the run's three models
+    loaded = []
+    monkeypatch.setattr(C, "load_run_models", lambda *a: loaded.append(a))
+    for out in (folder, tmp_path / "no-such-folder" / "off.pth.tar"):
+        with pytest.raises(SystemExit) as e:
+            C.main(["to-official", run, str(out)])
+        assert e.value.code == 2 and "error: out: " in capsys.readouterr().err
+    assert loaded == []
     assert os.listdir(folder) == [] and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
@@ -189,3 +195,28 @@ def test_official_state_dict_refuses_a_sharded_model(tmp_path, cpu_train):
             official_state_dict(tr.models.encoder, what="encoder")
     finally:
         D.shutdown(info)
+
+
+def test_a_compiled_or_checkpoint_wrapped_model_saves_and_loads_under_the_plain_names(tmp_path):
+    """--compile wraps each block in torch.compile (and --ac block in a checkpoint wrapper): the state dict names
+    ``blocks.0._orig_mod.norm1.weight`` and the like. save_official_checkpoint wrote those keys, which
+    load_official_checkpoint refused and the official logistic_eval.py (strict=False) would have skipped,
+    evaluating a mostly random encoder. The keys are written and read under the plain module's names."""
+    from stop_kernels.models.official import strip_prefix
+    from stop_kernels.training.parallelize import apply_ac, apply_compile
+    torch.manual_seed(0)
+    enc = vit_encoder("vit_tiny", img_size=32, patch_size=16)
+    pred = predictor_for(enc, img_size=32, patch_size=16, predictor_embed_dim=48, depth=1)
+    plain = {"module." + k for k in enc.state_dict()}
+    apply_compile(enc)  # (compiles lazily: nothing runs here)
+    apply_ac(pred)
+    assert any("_orig_mod." in k for k in enc.state_dict())
+    assert any("_checkpoint_wrapped_module." in n for n, _ in pred.named_parameters())  # (its state_dict hides it)
+    sd = official_state_dict(enc)
+    assert set(sd) == plain
+    path = save_official_checkpoint(tmp_path / "c.pth.tar", enc, pred, enc, epoch=1)
+    m = load_official_checkpoint(path)
+    for k, v in strip_prefix(sd).items():
+        want = v[0] if k.endswith("pos_embed") else v
+        torch.testing.assert_close(m.encoder.state_dict()[k], want, rtol=0, atol=0)
+    assert strip_prefix({"module.blocks.0._orig_mod.norm1.weight": 0}) == {"blocks.0.norm1.weight": 0}

@@ -429,7 +429,7 @@ def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: 
     key = cache_key(checkpoint, split_dir, samples, {**settings, "split": split, "last_k": last_k,
                                                      "img_size": img_size,
                                                      **({} if protocol == "project" else {"protocol": protocol})})
-    os.makedirs(cache_dir, exist_ok=True)
+    check_cache_dir(cache_dir)
     path = os.path.join(cache_dir, f"{split}-{key[:20]}.pt")
     if os.path.isfile(path):
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -442,5 +442,20 @@ def cached_features(encoder_fn: Callable[[], VisionTransformer], *, checkpoint: 
                                      workers=workers, desc=f"{split} features", progress=progress,
                                      protocol=protocol)
     record = {"key": key, "features": feats, "labels": labels, "samples": [s for s, _ in samples]}
-    chk.write_atomic(path, lambda fh: torch.save(record, fh))
+    try:
+        chk.write_atomic(path, lambda fh: torch.save(record, fh))
+    except OSError as e:  # a full disk or a quota: the features were extracted, so the probe goes on without a cache
+        print(f"warning: --cache-dir: could not store the {split} features in {path} ({e}); continuing with them "
+              f"in memory (the next run extracts them again)", file=sys.stderr, flush=True)
     return feats, labels, path, False
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    """The feature cache folder exists (created) and is writable; ``ValueError`` naming ``--cache-dir`` before
+    any extraction otherwise (a path that is a file, or a folder this user cannot write)."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--cache-dir: cannot create {cache_dir} ({e.strerror or e})") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--cache-dir: {cache_dir} is not writable")

@@ -350,6 +350,7 @@ def run_probe(checkpoint: str, data: str, *, subset: Optional[str] = None, model
     dev = feat.resolve_device(device)
     workers = (min(8, os.cpu_count() or 1) if dev.type == "cuda" else 0) if workers is None else workers
     cache_dir = cache_dir or feat.default_cache_dir()
+    feat.check_cache_dir(cache_dir)  # before the encoder is loaded and any split extracted
 
     # The encoder is built (and its flags checked) up front: a wrong flag fails before any work,
     # and a cache hit still proves that the checkpoint matches the flags.

@@ -42,8 +42,20 @@ class EncoderSizes(NamedTuple):
     in_chans: int
 
 
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the AC / compile / FSDP1 wrapper components (``blocks.0._orig_mod.norm1.weight``
+    → ``blocks.0.norm1.weight``): the name of the plain module, the one checkpoints store."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str = "module.") -> Dict[str, torch.Tensor]:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    """``state`` with the DDP ``prefix`` and the wrapper components (:func:`clean_name`) removed from its keys."""
+    return {clean_name(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
 def _depth(state: Mapping[str, torch.Tensor], prefix: str) -> int:
@@ -255,6 +267,7 @@ def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dic
         if hasattr(v, "device_mesh"):
             raise ValueError(f"{what}: holds sharded (FSDP2) tensors ({k}); convert the run's checkpoint with "
                              f"python -m stop_kernels.training.checkpoint to-official")
+        k = clean_name(k)  # (a compiled or checkpoint-wrapped block's keys hold _orig_mod. and the like)
         out["module." + k] = v.detach()[None] if k.endswith("pos_embed") else v.detach()
     return out
 
@@ -286,12 +299,19 @@ def save_official_checkpoint(path: Union[str, os.PathLike], encoder: torch.nn.Mo
     previous file, never a torn one); returns the path. ``load_official_checkpoint(path)`` gives the
     models back exactly."""
     ck = official_checkpoint(encoder, predictor, target_encoder, epoch=epoch)
+    path = check_output_file(path, "path")
+    chk.write_atomic(path, lambda fh: torch.save(ck, fh))
+    return path
+
+
+def check_output_file(path: Union[str, os.PathLike], name: str) -> str:
+    """``path`` as a string, checked as the name of a file to write (atomically): its folder exists and it is no
+    folder itself. Errors name the argument ``name`` (``to-official`` checks its ``out`` before loading a run)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"path: no such folder: {folder}")
+        raise FileNotFoundError(f"{name}: no such folder: {folder}")
     if os.path.isdir(path):  # os.replace of the temporary file onto it would fail with IsADirectoryError
-        raise ValueError(f"path: {path} is a folder; expected the name of the file to write, e.g. "
+        raise ValueError(f"{name}: {path} is a folder; expected the name of the file to write, e.g. "
                          f"{os.path.join(path, 'checkpoint.pth.tar')}")
-    chk.write_atomic(path, lambda fh: torch.save(ck, fh))
     return path

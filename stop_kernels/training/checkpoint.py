@@ -461,7 +461,8 @@ def load_run_models(path: str, step: Optional[int] = None):
 def to_official(path: str, out: str, step: Optional[int] = None) -> Dict[str, Any]:
     """Convert a training checkpoint to the official I-JEPA / StoP layout at ``out`` (a ``.pth.tar`` that the
     official code and :func:`stop_kernels.load_official_checkpoint` read); returns the checkpoint's meta.json."""
-    from ..models.official import save_official_checkpoint
+    from ..models.official import check_output_file, save_official_checkpoint
+    check_output_file(out, "out")  # before the run's three models are read
     models, meta = load_run_models(path, step)
     save_official_checkpoint(out, models.encoder, models.predictor, models.target_encoder, epoch=int(meta["epoch"]))
     return meta

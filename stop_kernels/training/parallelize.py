@@ -29,19 +29,10 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.official import clean_name
 from .config import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
-
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name without the AC / compile / FSDP1 wrapper components."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
-
 
 def block_list(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of an encoder (``blocks``) or a predictor (``predictor_blocks``)."""
