@@ -61,8 +61,9 @@ CARD_LIMITS = {"H200": (707.0, 4.23), "H100": (707.0, 4.23 / 4.8 * 3.35)}
 def card_limits(gpu_name: str, strict: bool = False):
     """(TFLOP/s, TB/s) for ``gpu_name`` (H200 or H100; others get the H200's, with a warning, or a
     ``ValueError`` when ``strict``: a published table must not quote another card's limits)."""
+    # (not the PCIe and NVL H100s: fewer SMs, lower clocks and, on PCIe, HBM2e: their limits are not these)
     for key, lim in CARD_LIMITS.items():
-        if key in gpu_name:
+        if key in gpu_name and not any(v in gpu_name for v in ("PCIe", "NVL")):
             return lim
     if strict:
         raise ValueError(f"no card limits for {gpu_name!r} (benchmarks/_gpu_common.py CARD_LIMITS)")

@@ -613,6 +613,9 @@ def test_card_limits_per_card():
     assert tflops == 707.0 and tbps == pytest.approx(4.23 * 3.35 / 4.8, rel=1e-12)
     with pytest.raises(ValueError, match="'NVIDIA A100-SXM4-80GB'"):
         G.card_limits("NVIDIA A100-SXM4-80GB", strict=True)
+    for name in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL"):  # other SM counts, clocks and memory than the SXM's
+        with pytest.raises(ValueError, match=name):
+            G.card_limits(name, strict=True)
     assert G.card_limits("NVIDIA A100-SXM4-80GB") == (707.0, 4.23)
 
 

@@ -589,7 +589,7 @@ def test_train_py_exit_codes(tmp_path, cpu_train, capsys, monkeypatch):
     assert err.startswith("train.py: out of GPU memory with 4 images per micro-batch") and "Tried to allocate" in err
 
 
-def test_cpu_runs_report_no_mfu_unless_a_peak_is_given(tmp_path, cpu_train, capsys):
+def test_cpu_runs_report_no_mfu_unless_a_peak_is_given(tmp_path, cpu_train, capsys, monkeypatch):
     """MFU divides by a GPU's peak (989 TFLOP/s by default): on the CPU it printed "MFU 0.0%" and logged ~1e-6,
     a fraction of a peak the machine does not have. With peak_tflops left at 0 (auto) a CPU run prints "MFU n/a"
     and logs null (TFLOP/s still measured), as does --benchmark; a peak given explicitly is used on the CPU too."""
@@ -599,6 +599,10 @@ def test_cpu_runs_report_no_mfu_unless_a_peak_is_given(tmp_path, cpu_train, caps
     assert TrainConfig().peak_tflops == 0.0
     assert mfu_peak_tflops(TrainConfig(), torch.device("cpu")) is None
     assert mfu_peak_tflops(TrainConfig(), torch.device("cuda")) == 989.0  # auto on a GPU: the H100/H200 peak
+    with monkeypatch.context() as m:  # by the card's name: an H100 PCIe's own peak
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+        assert mfu_peak_tflops(TrainConfig(), torch.device("cuda")) == 756.0
     assert mfu_peak_tflops(TrainConfig(peak_tflops=2.5), torch.device("cpu")) == 2.5
 
     train(tiny(tmp_path / "auto", steps=3, log_every=1))

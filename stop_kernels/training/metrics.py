@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, TextIO
 import torch
 
 from .._checks import write_atomic
-from ..models.flops import PEAK_BF16_TFLOPS, jepa_step_flops, jepa_step_floors_ms
+from ..models.flops import jepa_step_flops, jepa_step_floors_ms, peak_tflops
 from ..models.vit import VIT_PRESETS, resolve_model_name
 from .config import TrainConfig
 
@@ -66,11 +66,14 @@ def peak_reserved_gib(device: torch.device) -> Optional[float]:
 
 def mfu_peak_tflops(cfg: TrainConfig, device: torch.device) -> Optional[float]:
     """The per-device peak TFLOP/s that MFU divides by: ``cfg.peak_tflops`` when given (> 0); else (0, the default)
-    the H100/H200 dense bf16 peak on a GPU, and None on a CPU: no MFU, since a GPU's peak says nothing of a CPU
-    (its MFU read 0.0%)."""
+    the dense bf16 peak of the GPU by its name (:func:`~stop_kernels.models.flops.peak_tflops`: an H100 PCIe is
+    not an SXM; unknown cards get the H100/H200's), and None on a CPU: no MFU, since a GPU's peak says nothing of
+    a CPU (its MFU read 0.0%)."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops
-    return PEAK_BF16_TFLOPS["H100"] if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    return peak_tflops(torch.cuda.get_device_name(device) if torch.cuda.is_available() else "")
 
 
 class LogWriteError(RuntimeError):
