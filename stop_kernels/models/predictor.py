@@ -131,8 +131,8 @@ class VisionTransformerPredictor(nn.Module):
         if isinstance(x, Packed):
             ctx_masks = masks_x[0] if len(masks_x) == 1 and isinstance(masks_x[0], (list, tuple)) else masks_x
             return predict_packed(self, x, ctx_masks, masks, noise=noise, generator=generator)
-        n_ctx = x.shape[1] if isinstance(x, torch.Tensor) else None  # (assemble checks x)
-        z = self.assemble(x, masks_x, masks, noise=noise, generator=generator)
+        z = self.assemble(x, masks_x, masks, noise=noise, generator=generator)  # (checks x)
+        n_ctx = x.shape[1]
         z = self.predictor_norm(run_blocks(self.predictor_blocks, z, residual_dtype=self.residual_dtype))
         return self.predictor_proj(z[:, n_ctx:])
 

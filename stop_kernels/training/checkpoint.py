@@ -407,9 +407,10 @@ def load_state(path: str, container: nn.Module, optimizer: Optional[torch.optim.
             dcp.load(state, checkpoint_id=path)
     except _dcp_errors() as e:
         where, cause = _dcp_cause(e)
-        raise CheckpointReadError(f"checkpoint: cannot read {path} ({where}{type(cause).__name__}: "
-                         f"{str(cause).splitlines()[0] if str(cause) else 'no message'}); a file of it is damaged, "
-                         f"truncated or missing") from e
+        first = str(cause).splitlines()[0] if str(cause) else "no message"
+        raise CheckpointReadError(f"checkpoint: cannot read {path} ({where}{type(cause).__name__}: {first}); a file "
+                                  f"of it is damaged, truncated or missing, or it holds other tensors than these "
+                                  f"models") from e
     if optimizer is None:
         set_model_state_dict(container, state["model"])
     else:
