@@ -115,7 +115,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "triton>=3.2", "numpy", "torchvision", "pyyaml"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "matplotlib"],
+        "dev": ["pytest>=7.3", "pytest-benchmark", "hypothesis", "safetensors", "matplotlib"],
         "xformers": ["xformers"],
     },
     ext_modules=ext_modules,
