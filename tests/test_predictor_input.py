@@ -282,8 +282,9 @@ def test_seeds_reproduce_and_none_mode_draws_nothing(device):
 def test_eager_path_equals_the_custom_op_bit_for_bit(device, mode, monkeypatch):
     """Eager calls skip the torch.library dispatch (its host cost, paid per step by a host-bound training step) and
     run the same launches and backward through a plain autograd.Function; traced calls run the custom op. Both give
-    the same output and gradients bit for bit, and each call takes the path it should."""
-    from _op_paths import on_both_paths
+    the same output and gradients bit for bit (dψ on CUDA: see ``assert_same_results``), and each call takes the
+    path it should."""
+    from _op_paths import assert_same_results, on_both_paths
 
     from stop_kernels.ops import predictor_input as PI
     calls = []
@@ -300,9 +301,7 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(device, mode, monkeypatch):
         return out, torch.autograd.grad(out, leaves, go, allow_unused=True)
     (o1, g1), (o2, g2) = on_both_paths(call)
     assert calls == ["fn", "op"], calls
-    assert torch.equal(o1, o2)
-    for name, a, b in zip(("ctx", "weight", "bias", "pos_embed", "mask_token"), g1, g2):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert_same_results((o1, *g1), (o2, *g2), ("out", "ctx", "weight", "bias", "pos_embed", "mask_token"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -135,7 +135,7 @@ torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assem
                                 setup_context=_assemble_setup)
 
 
-# eager calls (custom_op_bypass_ok) run this twin of the custom op: no torch.library dispatch, bit for bit the same
+# eager calls (custom_op_bypass_ok) run this twin of the custom op: no torch.library dispatch, the same launches
 _AssembleFn = eager_twin("_AssembleFn", _assemble, _assemble_setup, _assemble_backward)
 
 

@@ -867,7 +867,7 @@ def _stop_backward(ctx, grad):
 torch.library.register_autograd("stop_kernels::stop_embed", _stop_backward, setup_context=_stop_setup)
 
 
-# eager calls (custom_op_bypass_ok) run this twin of the custom op: no torch.library dispatch, bit for bit the same
+# eager calls (custom_op_bypass_ok) run this twin of the custom op: no torch.library dispatch, the same launches
 _StopEmbedFn = eager_twin("_StopEmbedFn", _stop_embed_fwd, _stop_setup, _stop_backward)
 
 
