@@ -4,6 +4,7 @@ config key reaches the models, the benchmark times the steady state (every mask 
 warm-up), the paper recipes compile their blocks, and the EMA as one lerp keeps its definition."""
 import contextlib
 import json
+import os
 
 import pytest
 import torch
@@ -199,32 +200,50 @@ def test_compiled_block_with_lever_equals_eager(device, lever):
     CPU (Inductor's C++ backend: the options reach the compiler, and the C++ host code runs the
     forward and the backward graph), bf16 autocast on a GPU (the horizontally fused Triton kernels,
     the bf16 casts of the weights among them; the C++ host code launching Triton kernels and cuBLAS;
-    the LayerNorms over 1152 features, past Inductor's one-pass limit of 1024, as timed multi-kernels)."""
+    the LayerNorms over 1152 features, past Inductor's one-pass limit of 1024, as timed multi-kernels).
+    Two blocks, each compiled alone as in the models: the second one's graphs come from Inductor's FX-graph cache,
+    where multi-kernels with the Python host code failed on the GPU (run 7) until ``apply_compile`` set
+    ``TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE``."""
     from stop_kernels.models.vit import Block
+    from stop_kernels.training.parallelize import NO_MULTI_KERNEL_PICK_CACHE as NO_PICK_CACHE
     from stop_kernels.training.parallelize import apply_compile
     torch.manual_seed(11)
     holder = torch.nn.Module()
     width, heads = (1152, 12) if lever == "multi_kernel" else (96, 4)
-    holder.blocks = torch.nn.ModuleList([Block(width, heads).to(device)])
+    holder.blocks = torch.nn.ModuleList([Block(width, heads).to(device) for _ in range(2)])
     ref = Block(width, heads).to(device)
     ref.load_state_dict(holder.blocks[0].state_dict())
-    apply_compile(holder, dynamic=True, **{lever: True})
+    holder.blocks[1].load_state_dict(ref.state_dict())
+    prior = os.environ.pop(NO_PICK_CACHE, None)
+    try:
+        apply_compile(holder, dynamic=True, **{lever: True})
+        assert (os.environ.get(NO_PICK_CACHE) == "1") == (lever == "multi_kernel")
+        run_and_compare(holder.blocks, ref, width, device)
+    finally:
+        os.environ.pop(NO_PICK_CACHE, None)
+        if prior is not None:
+            os.environ[NO_PICK_CACHE] = prior
+
+
+def run_and_compare(blocks, ref, width, device):
+    """Each compiled block against the eager ``ref`` at two sequence lengths (one dynamic graph)."""
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tol = 2e-2 if device == "cuda" else 1e-5  # norm-wise: bf16 rounds each op differently once fused
     for n in (13, 21):  # two lengths: one dynamic graph
         x = torch.randn(3, n, width, device=device, requires_grad=True)
         g = torch.randn(3, n, width, device=device)
         outs = []
-        for blk in (holder.blocks[0], ref):
+        for blk in (*blocks, ref):
             x.grad = None
             blk.zero_grad()
             with amp:
                 y = blk(x)
             y.float().backward(g)
             outs.append((y.float(), x.grad.clone(), [p.grad.clone() for p in blk.parameters()]))
-        (y1, dx1, dp1), (y0, dx0, dp0) = outs
-        errs = [rel_error(a, b) for a, b in zip([y1, dx1, *dp1], [y0, dx0, *dp0])]
-        assert max(errs) <= tol, (n, errs)
+        (y0, dx0, dp0) = outs[-1]
+        for i, (y1, dx1, dp1) in enumerate(outs[:-1]):
+            errs = [rel_error(a, b) for a, b in zip([y1, dx1, *dp1], [y0, dx0, *dp0])]
+            assert max(errs) <= tol, (i, n, errs)
 
 
 def test_ema_lerp_matches_definition_and_momentum_one_is_exact():

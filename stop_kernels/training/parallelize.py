@@ -24,6 +24,7 @@ code that walks ``named_parameters()``.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -66,6 +67,7 @@ def apply_ac(model: nn.Module) -> None:
 # Inductor's switch that keeps reductions out of combo kernels (torch 2.11 on; absent before, where combo
 # kernels take reductions in and the switch cannot be asked for).
 COMBO_POINTWISE_ONLY = "combo_kernels_pointwise_only"
+NO_MULTI_KERNEL_PICK_CACHE = "TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE"
 
 
 def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = "default",
@@ -105,6 +107,11 @@ def apply_compile(model: nn.Module, dynamic: Optional[bool] = None, mode: str = 
             inductor_config.triton.cudagraph_dynamic_shape_warn_limit = None
     if cpp_wrapper:
         check_cpp_compiler()
+    if multi_kernel:
+        # A graph Inductor loads from its FX-graph cache builds its multi-kernels afresh, and each one's lookup of its
+        # saved pick hashes Triton's JITFunction, whose lock is None there with torch 2.11 + triton 3.6 (GPU run 7:
+        # TypeError, the path stopped). Without the saved pick the first call times the kernels again, as when new.
+        os.environ.setdefault(NO_MULTI_KERNEL_PICK_CACHE, "1")
     kw = {"mode": None if mode == "default" else mode}
     switches = inductor_switches(combo_kernels, cpp_wrapper, multi_kernel)
     if switches:
