@@ -352,9 +352,10 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
-    # the baseline, then the candidate fast path and its host lever alone, then the default: a section cut by
-    # its limit (a compiled ViT-H path takes 75-150 s) keeps the untried ones
-    assert paths[:5] == ["reference", "fast_cg_levers", "fast_cg", "fast", "fast_levers"], paths
+    # the baseline, then the two paths no GPU has timed (the trees with the GPU-time levers, the levers with the C++
+    # host code), then run 7's trees and the default again: a section cut by its limit (a compiled ViT-H path takes
+    # 75-150 s) keeps the untried ones
+    assert paths[:5] == ["reference", "fast_cg_levers", "fast_levers", "fast_cg", "fast"], paths
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
     bases = ("compile=1", "compile=1+policy=compiled:24=sdpa", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
@@ -741,7 +742,8 @@ def test_stop_embed_sweep_times_the_untimed_swap_configs_first():
     order = G._sweep_order(se._FWD_CONFIGS)
     swapped = [c for c in se._FWD_CONFIGS if c.kwargs["SWAP_AB"]]
     assert swapped and order == swapped + [c for c in se._FWD_CONFIGS if not c.kwargs["SWAP_AB"]]
-    assert 0 < G.TIMING_RESERVE_S < 60
+    # the timing pass's contenders (≈ 15 s) and then the compiled peer, which needs 45 s of the budget, fit
+    assert 45 + 15 <= G.TIMING_RESERVE_S < 120
 
 
 def test_stop_embed_rates_against_the_work_of_the_issue(monkeypatch):
