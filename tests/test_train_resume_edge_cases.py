@@ -118,7 +118,7 @@ def test_benchmark_honours_packed(tmp_path, cpu_train, monkeypatch):
 
     def fake_step(self, micro, lr_wd_mom, skipped=0):
         seen.extend(is_ragged(masks_enc) and is_ragged(masks_pred) for _, masks_enc, masks_pred in micro)
-        return torch.zeros(6)  # [loss, skipped, ctx tokens, tgt tokens, FLOPs, log write failed]
+        return torch.zeros(7)  # [loss, skipped, ctx tokens, tgt tokens, FLOPs, log write failed, nonfinite]
 
     monkeypatch.setattr(loop.Trainer, "step_micro", fake_step)
     values = loop.train(tiny(tmp_path, packed=True, img_size=64, min_keep=2, benchmark=1, benchmark_warmup=0,
@@ -180,7 +180,7 @@ def test_cpu_steps_are_timed_one_step_each(tmp_path, cpu_train, monkeypatch):
 
     def slow_step(self, *a, **k):
         time.sleep(0.25)
-        return torch.zeros(6)  # [loss, skipped, ctx tokens, tgt tokens, FLOPs, log write failed]
+        return torch.zeros(7)  # [loss, skipped, ctx tokens, tgt tokens, FLOPs, log write failed, nonfinite]
 
     monkeypatch.setattr(loop.Trainer, "step_micro", slow_step)
     loop.train(tiny(tmp_path, steps=5, ckpt_every=2))

@@ -325,25 +325,91 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, 
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
-def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, cpu_train, monkeypatch):
-    """A term of value 0 with an infinite gradient (review repro): the loss stays finite, AdamW writes
-    NaN weights, and the next save must refuse them and name the previous checkpoint."""
-    from stop_kernels.training import loop
-    from stop_kernels.training.checkpoint import list_checkpoints
+def _poison_step(loop, monkeypatch, poisoned_calls):
+    """jepa_step_loss with, at the calls in ``poisoned_calls`` (1-based), a term of value 0 whose gradient is
+    infinite (d/dw sqrt(|w - w|) = inf at 0): the loss stays finite, one gradient does not."""
     real, calls = loop.jepa_step_loss, []
 
     def poisoned(models, *args, **kw):
         calls.append(1)
         loss = real(models, *args, **kw)
-        if len(calls) == 4:  # step 4: d/dw sqrt(|w − w|) = inf at 0
+        if len(calls) in poisoned_calls:
             w = models.encoder.norm.weight
             loss = loss + (w - w.detach()).abs().sqrt().sum()
         return loss
-
     monkeypatch.setattr(loop, "jepa_step_loss", poisoned)
+
+
+def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, cpu_train, monkeypatch):
+    """A term of value 0 with an infinite gradient (review repro): the loss stays finite, AdamW writes
+    NaN weights, and the next save must refuse them and name the previous checkpoint."""
+    from stop_kernels.training import loop
+    from stop_kernels.training.checkpoint import list_checkpoints
+    _poison_step(loop, monkeypatch, {4})
     with pytest.raises(loop.TrainingDiverged, match=r"parameters are not finite after step 4.*step_00000002"):
         loop.train(tiny(tmp_path, steps=8, ckpt_every=2))
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2]
+
+
+def _check_a_skipped_step(tmp_path, monkeypatch, device):
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training import loop
+    from stop_kernels.training.loop import Trainer, synthetic_batches
+    _poison_step(loop, monkeypatch, {2})
+    cfg = TrainConfig(**dict(TINY, out=str(tmp_path / "run"), steps=3, skip_nonfinite_grads=True, device=device))
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    assert tr.opt.defaults["fused"], "only the fused AdamW takes found_inf"
+    batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device(device), 0)
+    sched = (cfg.lr, cfg.weight_decay, 0.5)  # a momentum that visibly moves the target
+    assert tr.step(*batches[0], sched)[-1].item() == 0.0
+
+    def snapshot():
+        online = {n: p.detach().clone() for m in (tr.models.encoder, tr.models.predictor)
+                  for n, p in m.named_parameters()}
+        state = {id(p): {k: v.clone() for k, v in st.items()} for p, st in tr.opt.state.items()}
+        target = [p.detach().clone() for p in tr.models.target_encoder.parameters()]
+        return online, state, target
+    online, state, target = snapshot()
+    stats = tr.step(*batches[1], sched)
+    assert stats[-1].item() == 1.0 and torch.isfinite(stats[0])
+    online2, state2, target2 = snapshot()
+    assert all(torch.equal(online[n], online2[n]) for n in online)
+    assert state.keys() == state2.keys() and all(torch.equal(state[i][k], state2[i][k]) for i in state for k in state[i])
+    assert any(not torch.equal(a, b) for a, b in zip(target, target2)), "the EMA goes on"
+    assert tr.step(*batches[2], sched)[-1].item() == 0.0
+    online3, state3, _ = snapshot()
+    assert any(not torch.equal(online2[n], online3[n]) for n in online2)
+    assert all(torch.isfinite(p).all() for p in online3.values())
+    assert all(torch.equal(st["step"], state[i]["step"] + 1) for i, st in state3.items())
+
+
+def test_skip_nonfinite_grads_leaves_weights_and_adamw_state_as_they_were(tmp_path, cpu_train, monkeypatch):
+    """skip_nonfinite_grads: the poisoned step changes no online weight and no AdamW state (moments, step count),
+    reports itself in the step's stats, and the EMA still moves the target; the next clean step updates as usual."""
+    _check_a_skipped_step(tmp_path, monkeypatch, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AdamW's fused CUDA kernel and its found_inf need a GPU")
+def test_skip_nonfinite_grads_on_cuda(tmp_path, monkeypatch):
+    """The same on the GPU: the fused CUDA AdamW under bf16 autocast, the flag never read on the host."""
+    _check_a_skipped_step(tmp_path, monkeypatch, "cuda")
+
+
+def test_skip_nonfinite_grads_trains_through_and_reports_the_step(tmp_path, cpu_train, monkeypatch, capsys):
+    """The run that stops without the key (the test above it) trains to its end with it: the skipped step is
+    reported, its count is in the checkpoint's metadata and the done line, and every checkpoint is written."""
+    from stop_kernels.training import loop
+    from stop_kernels.training.checkpoint import list_checkpoints
+    _poison_step(loop, monkeypatch, {4})
+    losses = loop.train(tiny(tmp_path, steps=6, ckpt_every=2, skip_nonfinite_grads=True))
+    out = capsys.readouterr().out
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert "step 4: a gradient is not finite" in out and "AdamW skipped the step" in out
+    assert "1 steps skipped for non-finite gradients" in out
+    steps = [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))]
+    assert steps[-1] == 6
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000006" / "meta.json").read_text())
+    assert meta["nonfinite_steps_skipped"] == 1
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

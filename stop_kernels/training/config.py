@@ -109,6 +109,7 @@ class TrainConfig:
     wd_hold_epoch: float = 0.0         # > 0: the same for the weight decay
     ema_start: float = 0.996           # EMA momentum of the target encoder at the start (linear schedule)
     ema_end: float = 1.0               # EMA momentum at the end
+    skip_nonfinite_grads: bool = False  # a step whose gradients hold inf/NaN (finite loss) leaves weights and AdamW as they were, as the official GradScaler does; off: the run stops at the next save
     # ---- parallelism and speed --------------------------------------------------------------
     sharding: str = "auto"             # auto (full on several ranks, none on one) | full | hybrid | none
     ac: str = "none"                   # activation checkpointing: none | block (every encoder/predictor block)

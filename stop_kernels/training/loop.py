@@ -15,7 +15,8 @@ asynchronous all-reduce) is read on the host while step i+1 is already queued, t
 logged. A non-finite loss stops training with :class:`TrainingDiverged` before any further
 checkpoint is written (pending losses are always checked before a save), and so do non-finite
 parameters at save time (a non-finite gradient with a finite loss), so the last checkpoint on
-disk is the last good one.
+disk is the last good one. With ``skip_nonfinite_grads`` such a gradient makes AdamW skip the step instead
+(its fused kernel's ``found_inf``, set on the device: still no host synchronisation).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -145,8 +146,9 @@ def param_groups(*modules: torch.nn.Module, skip=()) -> List[Dict]:
 
 
 def build_optimizer(models: JEPAModels, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.999 as I-JEPA): fused kernel on CUDA, foreach (multi-tensor) on CPU."""
-    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """AdamW (betas 0.9/0.999 as I-JEPA): fused kernel on CUDA, foreach (multi-tensor) on CPU. With
+    ``skip_nonfinite_grads`` the fused kernel on the CPU too: only it takes the ``found_inf`` flag."""
+    kw = {"fused": True} if device.type == "cuda" or cfg.skip_nonfinite_grads else {"foreach": True}
     unused = [models.predictor.mask_token] if cfg.noise_mode != "none" else []  # only read by noise_mode 'none'
     return torch.optim.AdamW(param_groups(models.encoder, models.predictor, skip=unused), lr=cfg.start_lr, **kw)
 
@@ -288,9 +290,10 @@ class Trainer:
         one micro-batch on each of N·k ranks. Each loss is scaled by 1/k before its backward, so the
         gradients add up to that mean's. Under FSDP2 they are reduced once, after the last micro-batch.
 
-        Returns ``[loss averaged over ranks, unreadable images skipped on all ranks, *summed]`` as one
+        Returns ``[loss averaged over ranks, unreadable images skipped on all ranks, *summed, nonfinite]`` as one
         float64 tensor still on the device, each of ``summed`` (host values of this rank, such as
         :func:`step_counts`) summed over ranks: one asynchronous all-reduce; the caller reads it later.
+        ``nonfinite`` is > 0 where ``skip_nonfinite_grads`` found an inf or NaN gradient and AdamW skipped the step.
         """
         _, _, momentum = lr_wd_mom
         k = len(micro)
@@ -311,13 +314,17 @@ class Trainer:
                 if self.stable_grads:
                     self._own_grads()
                 loss = part.detach() if loss is None else loss + part.detach()
+        nonfinite = loss.new_zeros((), dtype=torch.float64)
+        if self.cfg.skip_nonfinite_grads:  # AdamW's fused kernel skips its update where found_inf is 1
+            self.opt.found_inf = gradients_nonfinite(self.opt, self.info)
+            nonfinite = self.opt.found_inf.double()
         self.opt.step()
         self.opt.zero_grad(set_to_none=not self.stable_grads)
         ema_update(self.ema_target, self.ema_online, momentum)
         W = self.info.world_size
         # float64: the summed counts (tokens, FLOPs) stay exact integers far beyond float32's 2**24
         stats = torch.stack([loss.detach().double()] + [loss.new_full((), float(v), dtype=torch.float64)
-                                                        for v in (skipped, *summed)])
+                                                        for v in (skipped, *summed)] + [nonfinite])
         if self.info.distributed and W > 1:
             torch.distributed.all_reduce(stats)
             stats[0].div_(W)
@@ -347,17 +354,31 @@ class Trainer:
         return move_batch(imgs, masks_enc, masks_pred, self.device)
 
 
-def parameters_finite(models: "JEPAModels", info: D.DistInfo) -> bool:
-    """Whether every parameter of the three models (the local shards under FSDP2) is finite, on all
-    ranks: one max-abs norm per tensor, one host read (checkpoint time only)."""
-    local = [(p.to_local() if hasattr(p, "to_local") else p).detach()
-             for m in (models.encoder, models.predictor, models.target_encoder) for p in m.parameters()]
+def all_finite(tensors: Iterable[torch.Tensor], info: D.DistInfo) -> torch.Tensor:
+    """1.0 where every element of ``tensors`` (the local shards of DTensors) is finite on every rank, else 0.0: a
+    device scalar, one max-abs norm per tensor and a MIN all-reduce, no host read."""
+    local = [(t.to_local() if hasattr(t, "to_local") else t).detach() for t in tensors]
     local = [t for t in local if t.numel()]
     ok = torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all().float() if local else \
         torch.ones((), device=info.device)
     if info.distributed and info.world_size > 1:
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return bool(ok.item())
+    return ok
+
+
+def parameters_finite(models: "JEPAModels", info: D.DistInfo) -> bool:
+    """Whether every parameter of the three models (the local shards under FSDP2) is finite, on all
+    ranks: one host read (checkpoint time only)."""
+    return bool(all_finite((p for m in (models.encoder, models.predictor, models.target_encoder)
+                            for p in m.parameters()), info).item())
+
+
+def gradients_nonfinite(opt: torch.optim.Optimizer, info: D.DistInfo) -> torch.Tensor:
+    """AdamW's ``found_inf``: 1.0 where a gradient it would apply holds an inf or NaN on any rank, else 0.0 (a
+    float32 scalar on the parameters' device, the shape of AdamW's step counts, from which the fused step subtracts
+    it), with no host read: every rank skips the same steps."""
+    grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+    return (1.0 - all_finite(grads, info)).float()
 
 
 def micro_batches(imgs, masks_enc, masks_pred, parts: int):
@@ -533,7 +554,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     tr = Trainer(cfg, info, data, stream)
     ckpt = tr.checkpointer
 
-    start_step, skipped_before = 0, 0
+    start_step, skipped_before, nonfinite_before = 0, 0, 0
     if cfg.resume:
         path = ckpt.latest()
         if path is None:
@@ -545,6 +566,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
             meta = ckpt.load(path, tr.container, tr.opt)
             start_step = int(meta["step"])
             skipped_before = int(meta.get("skipped_images", 0))
+            nonfinite_before = int(meta.get("nonfinite_steps_skipped", 0))
             _print(f"resumed from {path} (step {start_step}"
                    + ("" if meta["rng_restored"] else "; RNG re-seeded: world size changed") + ")", info, stream)
             if not meta["rng_restored"]:
@@ -587,16 +609,18 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
            f" for {total} steps ({ipe} per epoch), {batch_text(cfg, info.world_size)}, data {cfg.data}", info, stream)
 
     losses: List[float] = []
+    nonfinite_steps = nonfinite_before  # steps AdamW skipped for non-finite gradients (skip_nonfinite_grads), cumulative
     last_saved = start_step if cfg.resume and start_step > 0 else -1
     # (step, epoch, stats tensor, lr, wd, mom, time the step was queued)
     pending = None
 
     def finish(p) -> None:
+        nonlocal nonfinite_steps
         # (step: the step's 0-based index; logged and named as step + 1, the steps completed, as its checkpoint)
         step, epoch, stats, lr, wd, mom, t_done = p
         # (the counts of every rank: step_counts; log_failed: rank 0 could not write log.jsonl, up to the step
-        # before this one was queued)
-        value, skipped, ctx_tokens, tgt_tokens, flops, log_failed = stats.tolist()
+        # before this one was queued; nonfinite: AdamW skipped the step, skip_nonfinite_grads)
+        value, skipped, ctx_tokens, tgt_tokens, flops, log_failed, nonfinite = stats.tolist()
         if log_failed:  # seen by every rank in the same step: the message is rank 0's
             raise LogWriteError(D.agree(metrics.failed, info))
         metrics.skipped_images += int(round(skipped))
@@ -606,6 +630,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 f"loss is {value} at step {step + 1} (epoch {epoch}, lr {lr:.3g}); stopping. "
                 + (f"The last good checkpoint is {good} (continue with --resume, e.g. after lowering --lr)."
                    if good else "No checkpoint was written before it."))
+        if nonfinite:
+            nonfinite_steps += 1
+            _print(f"step {step + 1}: a gradient is not finite (loss {value:.4g}); AdamW skipped the step "
+                   f"(skip_nonfinite_grads; {nonfinite_steps} so far)", info, stream)
         losses.append(value)
         metrics.record(step + 1, epoch, value, lr, wd, mom, ctx_tokens / cfg.batch_size, tgt_tokens / cfg.batch_size,
                        cfg.batch_size, total, t_done, flops=flops)
@@ -623,7 +651,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 f"checkpoint not written. " + (f"The last good checkpoint is {good} (continue with --resume, e.g. "
                                                f"after lowering --lr)." if good else "No checkpoint was written before it."))
         meta = {"epoch": step // ipe, "batch_in_epoch": step % ipe, "images_seen": step * cfg.batch_size,
-                "skipped_images": metrics.skipped_images, "config": cfg.to_dict()}
+                "skipped_images": metrics.skipped_images, "nonfinite_steps_skipped": nonfinite_steps,
+                "config": cfg.to_dict()}
         path = ckpt.save(step, tr.container, tr.opt, meta)
         last_saved = step
         _print(f"checkpoint {path}", info, stream)
@@ -675,7 +704,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     n = max(1, min(10, len(losses) // 4))
     if losses:
         _print(f"done: mean loss of the first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps "
-               f"{sum(losses[-n:]) / n:.4f}; {metrics.skipped_images} unreadable images skipped", info, stream)
+               f"{sum(losses[-n:]) / n:.4f}; {metrics.skipped_images} unreadable images skipped"
+               + (f"; {nonfinite_steps} steps skipped for non-finite gradients" if cfg.skip_nonfinite_grads else ""),
+               info, stream)
     return losses
 
 
