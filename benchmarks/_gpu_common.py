@@ -144,6 +144,60 @@ def peak_mib_beyond_inputs(fn) -> float:
     return peak / 2 ** 20
 
 
+def allocations_at_peak(trace: list, min_bytes: int = 2 ** 19) -> dict:
+    """The CUDA caching allocator's trace of one device (``torch.cuda.memory._snapshot()["device_traces"][i]``)
+    replayed: ``{"peak_MiB": the most bytes live at once beyond those live before the trace,
+    "live_at_peak": [[MiB, "file:line function" of the innermost frame outside torch, that is the allocating
+    line of ours], ...] largest first, those of at least ``min_bytes``}``. Frees count when requested (the
+    caching allocator's accounting, ``memory_allocated``, drops then); blocks freed in the trace but allocated
+    before it are skipped."""
+    live, cur, peak, at_peak = {}, 0, 0, {}
+    for e in trace:
+        action, addr, size = e.get("action"), e.get("addr"), int(e.get("size", 0))
+        if action == "alloc":
+            live[addr] = (size, _our_frame(e.get("frames") or []))
+            cur += size
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif action == "free_requested" and addr in live:
+            cur -= live.pop(addr)[0]
+    rows = sorted(([round(sz / 2 ** 20, 2), where] for sz, where in at_peak.values() if sz >= min_bytes), reverse=True)
+    return {"peak_MiB": round(peak / 2 ** 20, 2), "live_at_peak": rows}
+
+
+def _our_frame(frames: list) -> str:
+    """The first frame of a recorded stack (innermost first) outside torch's and triton's own files."""
+    for f in frames:
+        name = f.get("filename", "")
+        if name and "/torch/" not in name and "/triton/" not in name and not name.startswith("??"):
+            return f"{os.path.basename(name)}:{f.get('line')} {f.get('name', '')}"
+    return "?"
+
+
+def allocations_during(fn) -> dict:
+    """:func:`allocations_at_peak` of ``fn()`` on the GPU (torch's memory history, Python stacks, kept on for the
+    call only); ``{}`` in a rehearsal or where the history cannot be recorded."""
+    if REHEARSE:
+        fn()
+        return {}
+    sync()
+    try:
+        torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
+    except Exception:
+        fn()
+        return {}
+    try:
+        keep = fn()
+        sync()
+        snap = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    del keep
+    dev = torch.cuda.current_device()
+    traces = snap.get("device_traces", [])
+    return allocations_at_peak(traces[dev] if dev < len(traces) else [])
+
+
 def _annotation(name: str) -> bool:
     """GPU-timeline ranges of host annotations (optimizer step, compiled-graph calls): not kernels."""
     return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))

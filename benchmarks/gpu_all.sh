@@ -44,7 +44,9 @@
 #      and every philox test), the multi-kernel cache fix among them (test_compiled_block_with_lever_equals_eager
 #      now compiles two blocks, the second from the cache; skip_nonfinite_grads' fused CUDA AdamW skip, new in the
 #      twenty-seventh session); then the StoP section with 70 s of its budget kept from
-#      the sweep for the timing pass, so the compiled unfused peer (the issue's 3x) is timed side by side at last.
+#      the sweep for the timing pass, so the compiled unfused peer (the issue's 3x) is timed side by side at last,
+#      and with what is live at the fused op's forward+backward peak, by allocating line (run 7: 170.5 MiB against
+#      run 6's 99.6, untraced; the md's "Live at the ... peak" table).
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the rest of the attention sweep), and the
 #   profile section below; a GEMM-in-graph check of the trees' slowdown (NOTES.md, GPU run 7).
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:

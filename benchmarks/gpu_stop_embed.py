@@ -62,8 +62,8 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import (DEV, REHEARSE, bench_graph, host_op_times, kernel_times, make_section, peak_mib_beyond_inputs,  # noqa: E402
-                         record_env, sync)
+from _gpu_common import (DEV, REHEARSE, allocations_during, bench_graph, host_op_times, kernel_times,  # noqa: E402
+                         make_section, peak_mib_beyond_inputs, record_env, sync)
 from _gpu_common import bench as _bench  # noqa: E402
 from _official_stop import B, D, E, NC, NPRED, NT, P, SIGMA  # noqa: E402
 from _official_stop import fused, fused_trusted, make_inputs, official  # noqa: E402
@@ -71,11 +71,13 @@ from stop_kernels.devtools import rel_error as rel  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
 RESULTS: dict = {"env": {}, "correctness": [], "noise_worst": [], "timing": [], "memory": [], "configs": {},
-                 "config_sweep": [], "breakdown": {}, "breakdown_host": {}, "tests": {}, "errors": []}
+                 "config_sweep": [], "breakdown": {}, "breakdown_host": {}, "memory_trace": {}, "tests": {}, "errors": []}
 # the contenders whose forward+backward is profiled kernel by kernel, with their host time per call: the public
 # function (what training calls) beside the bare op and the official path
 BREAKDOWN = ("fused-trusted", "fused-op", "eager")
 BREAKDOWN_ITERS = 20  # (run 6 timed 5: its host ms per call disagreed with do_bench by 0.9 ms)
+# the contenders whose forward+backward peak is traced allocation by allocation (_gpu_common.allocations_during)
+MEMORY_TRACED = ("fused-trusted", "eager")
 
 
 def elapsed() -> float:
@@ -289,6 +291,10 @@ def timing(budget_s: float):
                 l_.grad = None
             RESULTS["memory"].append({"impl": name, "forward_MiB": m_f, "forward+backward_MiB": m_fb,
                                       "output_MiB": out_mib})
+            if name in MEMORY_TRACED:  # what is live at the peak, by allocating line (run 7: 170.5 MiB, untraced)
+                RESULTS["memory_trace"][name] = allocations_during(lambda: fwd_bwd() or [l_.grad for l_ in leaves])
+                for l_ in leaves:
+                    l_.grad = None
             print(f"{name:14s} peak beyond inputs: forward {m_f:.1f} MiB, forward+backward {m_fb:.1f} MiB "
                   f"(output {out_mib:.1f} MiB)", flush=True)
             timed[name] = (fwd, fwd_bwd)
@@ -469,6 +475,11 @@ def write(out_dir: str):
     lines += ["", "| impl | peak fwd MiB | peak fwd+bwd MiB | output MiB |", "|---|---|---|---|"]
     for m in RESULTS["memory"]:
         lines.append(f"| {m['impl']} | {m['forward_MiB']:.1f} | {m['forward+backward_MiB']:.1f} | {m['output_MiB']:.1f} |")
+    for impl, t in RESULTS["memory_trace"].items():
+        if t:
+            lines += ["", f"Live at the forward+backward peak of {impl} ({t['peak_MiB']:.1f} MiB beyond what was live "
+                      f"before; CUDA memory history), by allocating line:", "", "| MiB | allocated at |", "|---|---|"]
+            lines += [f"| {mib:.2f} | `{where}` |" for mib, where in t["live_at_peak"]]
     lines += ["", "| correctness check | rel err | tol | ok |", "|---|---|---|---|"]
     for c in RESULTS["correctness"]:
         lines.append(f"| {c['check']} | {c['rel_err']:.3g} | {c['tol']:g} | {c['ok']} |")

@@ -990,3 +990,26 @@ def test_stop_host_script_counts_each_paths_ops_and_leaves_the_library_as_it_was
     assert all(r["us_per_call"] > 0 for r in rows.values())
     md = (tmp_path / "stop_host.md").read_text()
     assert "torch" in md and "| fused | forward+backward |" in md
+
+
+def test_allocations_at_peak_replays_the_allocator_trace():
+    """_gpu_common.allocations_at_peak (gpu_stop_embed.py's trace of what is live at a forward+backward's peak, run 7's
+    untraced 170.5 MiB): frees count when requested, blocks allocated before the trace are skipped, the live set is the
+    one at the highest point, named by the innermost frame outside torch and triton."""
+    from _gpu_common import allocations_at_peak
+
+    def frames(*names):
+        return [{"filename": f, "line": i + 1, "name": "fn"} for i, f in enumerate(names)]
+    MiB = 2 ** 20
+    trace = [
+        {"action": "free_requested", "addr": 9, "size": 64 * MiB},                      # allocated before the trace
+        {"action": "alloc", "addr": 1, "size": 40 * MiB, "frames": frames("/x/torch/nn/f.py", "/r/ops/a.py")},
+        {"action": "alloc", "addr": 2, "size": 20 * MiB, "frames": frames("/r/ops/b.py")},
+        {"action": "alloc", "addr": 3, "size": 2 ** 10, "frames": frames("/r/ops/c.py")},  # under min_bytes
+        {"action": "free_requested", "addr": 2, "size": 20 * MiB},
+        {"action": "free_completed", "addr": 2, "size": 20 * MiB},
+        {"action": "alloc", "addr": 4, "size": 10 * MiB, "frames": frames("/y/triton/k.py", "/r/ops/d.py")},
+    ]
+    got = allocations_at_peak(trace)
+    assert got["peak_MiB"] == 60.0
+    assert got["live_at_peak"] == [[40.0, "a.py:2 fn"], [20.0, "b.py:1 fn"]]
