@@ -8,8 +8,8 @@
 # A short table is printed last. Unpack with
 #   tar xzf <files_at>/results.tar.gz -C benchmarks/results/<card>-runN/
 #
-#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile host e2e bench
-#                                                 (default: all but train-eager, profile and host, in that order)
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile host gemm e2e bench
+#                                                 (default: all but train-eager, profile, host and gemm, in that order)
 # TESTS_NEW_FILES narrows tests-new to some of its files (a later call resumes where a cut one ended), E2E_PATHS
 # the e2e section to some of its paths.
 # Each section runs under its own time limit (seconds, env SEC_<NAME>; SIGINT, then SIGKILL 10 s
@@ -47,8 +47,11 @@
 #      the sweep for the timing pass, so the compiled unfused peer (the issue's 3x) is timed side by side at last,
 #      and with what is live at the fused op's forward+backward peak, by allocating line (run 7: 170.5 MiB against
 #      run 6's 99.6, untraced; the md's "Live at the ... peak" table).
+#   With time left in call 2 (or a later session): SEC_GEMM=120 bash benchmarks/gpu_all.sh gemm, the step's GEMMs
+#   eagerly, replayed from a torch.cuda.graph and from Inductor's trees, with the cuBLAS kernel each runs: the check
+#   of the trees' 5.4 ms GEMM slowdown (benchmarks/gemm_in_graph.py; NOTES.md, GPU run 7).
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the rest of the attention sweep), and the
-#   profile section below; a GEMM-in-graph check of the trees' slowdown (NOTES.md, GPU run 7).
+#   profile section below.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:
 #   `stop_embed(backend="auto")` prefers them when built; run 5: 0.63 ms fwd+bwd against Triton's 1.65 and
 #   unfused 0.47 (do_bench)). Re-run them after a change to csrc/.
@@ -150,6 +153,7 @@ for s in $SECTIONS; do
            --variants "base:$PB,cg:$PB+mode=reduce-overhead+cppwrap=0,tgelu:$PB+tgelu=1,graph:$PB+graph=1,combo:$PB+combo=1,mk:$PB+mk=1,overlap:$PB+overlap=1,bf16res:$PB+bf16res=1,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
+    gemm) section gemm ${SEC_GEMM:-120} python benchmarks/gemm_in_graph.py --out "$RES/gemm" --budget-s $(( ${SEC_GEMM:-120} - 40 )) ;;
     e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \

@@ -1013,3 +1013,17 @@ def test_allocations_at_peak_replays_the_allocator_trace():
     got = allocations_at_peak(trace)
     assert got["peak_MiB"] == 60.0
     assert got["live_at_peak"] == [[40.0, "a.py:2 fn"], [20.0, "b.py:1 fn"]]
+
+
+def test_gpu_section_gemm_rehearses_on_the_cpu(tmp_path):
+    """gpu_all.sh's `gemm` section (benchmarks/gemm_in_graph.py: the step's GEMMs eagerly and from CUDA graphs, the
+    check of run 7's slower GEMMs under the trees) with STOP_KERNELS_REHEARSE=1: every row timed, none failed."""
+    import tarfile
+    out, _ = _gpu_all(tmp_path, "gemm", STOP_KERNELS_REHEARSE="1", SEC_GEMM="120")
+    assert "gemm: rc=0" in (out / "summary.txt").read_text()
+    res = tmp_path / "res"
+    with tarfile.open(out / "results.tar.gz") as tar:
+        tar.extractall(res, filter="data")
+    rows = json.loads((res / "gemm" / "gemm_in_graph.json").read_text())["rows"]
+    assert len(rows) == 9 and all(r["eager_ms"] > 0 and "error" not in r for r in rows), rows
+    assert (res / "gemm" / "gemm_in_graph.md").read_text().count("\n| target ") == 9
