@@ -325,23 +325,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, 
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward; its backward multiplies the gradient by inf: every gradient upstream is inf or NaN."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
 def _poison_step(loop, monkeypatch, poisoned_calls):
-    """jepa_step_loss with, at the calls in ``poisoned_calls`` (1-based), a term of value 0 whose gradient is
-    infinite (d/dw sqrt(|w - w|) = inf at 0): the loss stays finite, one gradient does not."""
+    """jepa_step_loss whose loss, at the calls in ``poisoned_calls`` (1-based), keeps its finite value and gets
+    non-finite gradients (the weights are not touched, so this works on FSDP2's sharded parameters too)."""
     real, calls = loop.jepa_step_loss, []
 
     def poisoned(models, *args, **kw):
         calls.append(1)
         loss = real(models, *args, **kw)
-        if len(calls) in poisoned_calls:
-            w = models.encoder.norm.weight
-            loss = loss + (w - w.detach()).abs().sqrt().sum()
-        return loss
+        return _InfiniteGradient.apply(loss) if len(calls) in poisoned_calls else loss
     monkeypatch.setattr(loop, "jepa_step_loss", poisoned)
 
 
 def test_non_finite_gradient_with_a_finite_loss_writes_no_checkpoint(tmp_path, cpu_train, monkeypatch):
-    """A term of value 0 with an infinite gradient (review repro): the loss stays finite, AdamW writes
+    """A finite loss with infinite gradients (review repro: a term of value 0 whose gradient is inf): AdamW writes
     NaN weights, and the next save must refuse them and name the previous checkpoint."""
     from stop_kernels.training import loop
     from stop_kernels.training.checkpoint import list_checkpoints
@@ -472,6 +480,18 @@ def test_fsdp2_on_one_rank_matches_no_fsdp(tmp_path, cpu_train):
     plain = train(tiny(tmp_path / "plain", steps=4, sharding="none"))
     fsdp = train(tiny(tmp_path / "fsdp", steps=4, sharding="full"))
     assert fsdp == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
+def test_skip_nonfinite_grads_under_fsdp2_matches_no_fsdp(tmp_path, cpu_train, monkeypatch):
+    """skip_nonfinite_grads with FSDP2's DTensor parameters and gradients (one-rank mesh): the fused AdamW takes
+    the plain found_inf flag beside them, and the run with a skipped step trains as the plain modules do."""
+    from stop_kernels.training import loop
+    runs = {}
+    for sharding in ("none", "full"):
+        _poison_step(loop, monkeypatch, {2})
+        runs[sharding] = loop.train(tiny(tmp_path / sharding, steps=4, sharding=sharding, skip_nonfinite_grads=True))
+        monkeypatch.undo()
+    assert len(runs["full"]) == 4 and runs["full"] == pytest.approx(runs["none"], rel=1e-5, abs=1e-6)
 
 
 def test_packed_training_keeps_every_patch(tmp_path, cpu_train):
