@@ -486,12 +486,33 @@ def test_skip_nonfinite_grads_under_fsdp2_matches_no_fsdp(tmp_path, cpu_train, m
     """skip_nonfinite_grads with FSDP2's DTensor parameters and gradients (one-rank mesh): the fused AdamW takes
     the plain found_inf flag beside them, and the run with a skipped step trains as the plain modules do."""
     from stop_kernels.training import loop
-    runs = {}
-    for sharding in ("none", "full"):
+    real, runs = loop.jepa_step_loss, {}
+    for sharding in ("none", "full"):  # (not monkeypatch.undo(): it would also undo cpu_train's patches)
+        monkeypatch.setattr(loop, "jepa_step_loss", real)
         _poison_step(loop, monkeypatch, {2})
         runs[sharding] = loop.train(tiny(tmp_path / sharding, steps=4, sharding=sharding, skip_nonfinite_grads=True))
-        monkeypatch.undo()
     assert len(runs["full"]) == 4 and runs["full"] == pytest.approx(runs["none"], rel=1e-5, abs=1e-6)
+
+
+def test_skip_nonfinite_grads_can_be_turned_on_or_off_at_a_resume(tmp_path, cpu_train, monkeypatch):
+    """The optimizer's kernel choice is the resumed run's, not the checkpoint's: a CPU run saved with the foreach
+    AdamW resumes with the key on (the fused AdamW, which alone takes found_inf; the checkpoint's groups made it
+    foreach and its first step failed) and skips a poisoned step; resumed with the key off again, it is foreach."""
+    from stop_kernels.training import loop
+    seen = []
+    real_build = loop.build_optimizer
+
+    def build(*a, **k):
+        seen.append(real_build(*a, **k))
+        return seen[-1]
+    monkeypatch.setattr(loop, "build_optimizer", build)
+    loop.train(tiny(tmp_path, steps=2))
+    _poison_step(loop, monkeypatch, {1})
+    losses = loop.train(tiny(tmp_path, steps=4, resume=True, skip_nonfinite_grads=True))
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert all(g["fused"] and not g["foreach"] for g in seen[-1].param_groups)
+    loop.train(tiny(tmp_path, steps=5, resume=True))
+    assert all(g["foreach"] and not g["fused"] for g in seen[-1].param_groups)
 
 
 def test_packed_training_keeps_every_patch(tmp_path, cpu_train):

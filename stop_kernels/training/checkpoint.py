@@ -393,6 +393,10 @@ def read_meta(path: str) -> Dict[str, Any]:
     return meta
 
 
+# param-group keys that choose how an optimizer computes, not what it has learned
+OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_state(path: str, container: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
     """Load the models (and the optimizer, when given) of the checkpoint ``path`` into ``container``;
     return its meta.json. Every tensor of ``container`` must be in the checkpoint. A damaged or truncated
@@ -414,7 +418,12 @@ def load_state(path: str, container: nn.Module, optimizer: Optional[torch.optim.
     if optimizer is None:
         set_model_state_dict(container, state["model"])
     else:
+        # the groups' kernel choice is this run's, not the checkpoint's: a CPU run saved with the foreach AdamW and
+        # resumed with skip_nonfinite_grads needs the fused one (the only one that takes found_inf)
+        kernels = [{k: g[k] for k in OPTIMIZER_IMPLEMENTATION if k in g} for g in optimizer.param_groups]
         set_state_dict(container, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for group, kept in zip(optimizer.param_groups, kernels):
+            group.update(kept)
     return meta
 
 

@@ -319,6 +319,7 @@ class Trainer:
             self.opt.found_inf = gradients_nonfinite(self.opt, self.info)
             nonfinite = self.opt.found_inf.double()
         self.opt.step()
+        self.opt.found_inf = None  # (read by this step only: another opt.step() must not skip with it)
         self.opt.zero_grad(set_to_none=not self.stable_grads)
         ema_update(self.ema_target, self.ema_online, momentum)
         W = self.info.world_size
@@ -360,7 +361,7 @@ def all_finite(tensors: Iterable[torch.Tensor], info: D.DistInfo) -> torch.Tenso
     local = [(t.to_local() if hasattr(t, "to_local") else t).detach() for t in tensors]
     local = [t for t in local if t.numel()]
     ok = torch.stack(torch._foreach_norm(local, float("inf"))).isfinite().all().float() if local else \
-        torch.ones((), device=info.device)
+        torch.ones((), dtype=torch.float32, device=info.device)
     if info.distributed and info.world_size > 1:
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return ok
