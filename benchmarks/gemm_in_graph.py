@@ -7,22 +7,25 @@ cuBLAS kernels for the same shapes (``nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA
 against 118). Two suspects are a smaller cuBLAS(Lt) workspace under stream capture and the graph pool's pointer
 alignment. Neither is checked yet (benchmarks/NOTES.md, GPU run 7).
 
-This script takes each linear layer of the step at its token count: the encoders' qkv, proj, fc1 and fc2 at
-the target's 64·256 and the context's 64·74 tokens, and the predictor's at 256·116. Each layer is run three
-ways:
+This script takes the blocks' linear layers (qkv, proj, fc1, fc2) at the step's token counts: the target
+encoder's forward at 64·256 tokens (it has no backward), then the context encoder's at 64·74 and the predictor's
+at 256·116, each with its two backward products, dX = dY·W and dW = dYᵀ·X. The forward is ``F.linear`` with bias,
+all bf16. Each GEMM runs three ways:
 
-- its forward (``F.linear`` with bias, bf16) and its two backward products: dX = dY·W and dW = dYᵀ·X;
 - eagerly;
 - captured in a ``torch.cuda.graph`` and replayed;
-- replayed from Inductor's CUDA-graph trees (``torch.compile(mode="reduce-overhead")`` of the same function).
+- replayed from Inductor's CUDA-graph trees (``torch.compile(mode="reduce-overhead")`` of the same function, its
+  inputs marked static as parameters and tree-owned activations are, so the replay copies nothing in).
 
-For each it records the median GPU time (``do_bench`` eager, ``do_bench_cudagraph`` for a graph's replay) and the
-kernels the profiler sees. A kernel that differs between eager and graph, with a slower time, confirms the
-suspicion; the same kernels and times clear it.
+For each it records the median time (``do_bench`` eager, ``do_bench_cudagraph`` for a graph) and, for all three,
+the kernels the profiler sees with their GPU time per call. A kernel that differs between eager and graph, with
+a slower time, confirms the suspicion; the same kernels and times clear it. Rows are written as they finish, so
+a section cut by its limit keeps them.
 
     python benchmarks/gemm_in_graph.py --out DIR [--budget-s 100]
 
-Rehearsal (``STOP_KERNELS_REHEARSE=1``): toy sizes on the CPU, no graphs, to check the script.
+Rehearsal (``STOP_KERNELS_REHEARSE=1``): one layer at toy sizes on the CPU, to check the script: no CUDA graph,
+the reduce-overhead compile running without one.
 """
 from __future__ import annotations
 
@@ -42,22 +45,28 @@ import torch.nn.functional as F  # noqa: E402
 
 T0 = time.time()
 # (name, tokens, in features, out features): the step's linear layers per block
-LAYERS = [(f"{who} {layer}", tokens, k, n)
-          for who, tokens, width in (("target", 64 * 256, 1280), ("context", 64 * 74, 1280), ("predictor", 256 * 116, 384))
+# (name, tokens, in features, out features, GEMMs): the step's linear layers per block, the largest first
+LAYERS = [(f"{who} {layer}", tokens, k, n, gemms)
+          for who, tokens, width, gemms in (("target", 64 * 256, 1280, ("fwd",)),
+                                            ("context", 64 * 74, 1280, ("fwd", "dx", "dw")),
+                                            ("predictor", 256 * 116, 384, ("fwd", "dx", "dw")))
           for layer, k, n in (("qkv", width, 3 * width), ("proj", width, width), ("fc1", width, 4 * width),
                               ("fc2", 4 * width, width))]
 if REHEARSE:
-    LAYERS = [(name, 16, k // 64, n // 64) for name, _, k, n in LAYERS[:3]]
+    LAYERS = [(name, 16, k // 64, n // 64, gemms) for name, _, k, n, gemms in LAYERS[4:5]]
 
 
 def products(tokens: int, k: int, n: int):
-    """The forward and the two backward GEMMs of one layer, each as a no-argument function on fixed inputs."""
+    """The forward and the two backward GEMMs of one layer, each as a no-argument function on fixed inputs
+    (marked static for the trees: a parameter's address, or an activation the tree itself allocated)."""
     dt = torch.float32 if REHEARSE else torch.bfloat16
     g = torch.Generator(DEV).manual_seed(0)
     x = torch.randn(tokens, k, device=DEV, dtype=dt, generator=g)
     w = torch.randn(n, k, device=DEV, dtype=dt, generator=g) / k ** 0.5
     b = torch.randn(n, device=DEV, dtype=dt, generator=g)
     dy = torch.randn(tokens, n, device=DEV, dtype=dt, generator=g)
+    for t in (x, w, b, dy):
+        torch._dynamo.mark_static_address(t)
     return {"fwd": lambda: F.linear(x, w, b), "dx": lambda: dy @ w, "dw": lambda: dy.t() @ x}
 
 
@@ -91,7 +100,10 @@ def graphed(fn):
 
 
 def tree(fn):
-    """``fn`` under torch.compile's reduce-overhead mode: Inductor's CUDA-graph trees, as the step's blocks."""
+    """``fn`` under torch.compile's reduce-overhead mode: Inductor's CUDA-graph trees, as the step's blocks. Dynamo
+    starts afresh for each: the three lambdas of :func:`products` are one code object per kind, whose recompiles
+    for every layer's sizes would pass Dynamo's limit and run eagerly."""
+    torch._dynamo.reset()
     compiled = torch.compile(fn, mode="reduce-overhead")
 
     def call():
@@ -102,10 +114,12 @@ def tree(fn):
     return call
 
 
-def measure(budget_s: float) -> list:
-    rows = []
-    for name, tokens, k, n in LAYERS:
+def measure(budget_s: float, rows: list, flush) -> None:
+    """Append one row per GEMM to ``rows``, calling ``flush()`` after each."""
+    for name, tokens, k, n, gemms in LAYERS:
         for kind, fn in products(tokens, k, n).items():
+            if kind not in gemms:
+                continue
             if time.time() - T0 > budget_s:
                 rows.append({"layer": name, "gemm": kind, "note": "skipped: budget"})
                 continue
@@ -114,18 +128,19 @@ def measure(budget_s: float) -> list:
             try:
                 row["eager_ms"] = bench(fn)
                 row["eager_kernels"], row["eager_kernel_ms"] = kernels(fn)
-                if not REHEARSE:
+                if not REHEARSE:  # (no CUDA graph on the CPU)
                     row["graph_ms"] = bench_graph(fn)
                     row["graph_kernels"], row["graph_kernel_ms"] = kernels(graphed(fn))
-                    row["trees_kernels"], row["trees_kernel_ms"] = kernels(tree(fn))
+                # the trees on the CPU: Inductor compiles and runs the call, without a graph (the rehearsal's check)
+                row["trees_kernels"], row["trees_kernel_ms"] = kernels(tree(fn))
             except Exception:
                 row["error"] = traceback.format_exc()[-1500:]
             rows.append(row)
             print(json.dumps({k_: v for k_, v in row.items() if not k_.endswith("kernels")}), flush=True)
-    return rows
+            flush()
 
 
-def write(out: str, env: dict, rows: list) -> None:
+def write(out: str, env: dict, rows: list, quiet: bool = True) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gemm_in_graph.json"), "w") as fh:
         json.dump({"env": env, "rows": rows}, fh, indent=1)
@@ -137,19 +152,22 @@ def write(out: str, env: dict, rows: list) -> None:
              "graph kernel | trees kernel |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        if "eager_ms" not in r:
-            lines.append(f"| {r['layer']} | {r['gemm']} | | | | | {r.get('note', r.get('error', '')[-80:])} | |")
+        if "eager_ms" not in r or "error" in r:
+            text = " ".join(str(r.get("note", r.get("error", ""))).split()).replace("|", "\\|")[-90:]
+            lines.append(f"| {r['layer']} | {r['gemm']} | {r.get('gflop', '')} | | | | {text} | | |")
             continue
         ek = r.get("eager_kernels", [])
         fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-        names = [("*" if r.get(f"{m}_kernels") and r[f"{m}_kernels"] != ek else "") + ", ".join(r.get(f"{m}_kernels", []))[:70]
+        names = [("*" if r.get(f"{m}_kernels") and r[f"{m}_kernels"] != ek else "")
+                 + ", ".join(f"`{x[:70]}`" for x in r.get(f"{m}_kernels", []))
                  for m in ("eager", "graph", "trees")]
         kms = " / ".join(fmt(r.get(f"{m}_kernel_ms")) for m in ("eager", "graph", "trees"))
         lines.append(f"| {r['layer']} | {r['gemm']} | {r['gflop']} | {fmt(r.get('eager_ms'))} | {fmt(r.get('graph_ms'))} "
                      f"| {kms} | " + " | ".join(names) + " |")
     with open(os.path.join(out, "gemm_in_graph.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    if not quiet:
+        print("\n".join(lines), flush=True)
 
 
 def main(argv=None) -> int:
@@ -162,8 +180,11 @@ def main(argv=None) -> int:
         return 1
     results: dict = {}
     env = record_env(results)
-    rows = measure(a.budget_s)
-    write(a.out, env, rows)
+    rows: list = []
+    try:  # (the section's limit sends SIGINT: what finished is written all the same)
+        measure(a.budget_s, rows, lambda: write(a.out, env, rows))
+    finally:
+        write(a.out, env, rows, quiet=False)
     return 0 if not any("error" in r for r in rows) else 1
 
 

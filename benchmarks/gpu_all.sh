@@ -27,29 +27,29 @@
 # GPU tests: 92 passed, 4 failed on two wrong test claims (a cuBLASLt memset counted as a kernel; dψ's index_add_
 # atomics compared bit for bit), both fixed since; the run ended inside test_attention.py.
 # The next plan, unmeasured, sized to a 15-minute device budget: one machine start (≈ 90 s) and two calls, the second
-# sent at once after the first (a warm machine is given back after 30 s idle): 90 + 470 + 330 = 890 s at the
+# sent at once after the first (a warm machine is given back after 30 s idle): 90 + 440 + 360 = 890 s at the
 # limits. Ask for kind nvidia-h200 in both calls (runs 1-7 and ANCHORS.md are H200 numbers).
-#   1. (timeout_s 470) SEC_E2E=450 bash benchmarks/gpu_all.sh e2e
+#   1. (timeout_s 440) SEC_E2E=420 bash benchmarks/gpu_all.sh e2e
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; runs 6 and 7's paths
 #      took 75-150 s): reference; fast_cg_levers (the trees with the GPU-time levers, the multi-kernel fix; predicted
 #      100-108 ms/step: the levers' GPU savings on top of run 7's 115.1 ms of kernels); fast_levers (the six opt-in
 #      levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise only); fast_cg (run 7: 114.74,
 #      to see the trees' GEMM slowdown again side by side); fast, fast_tgelu, then the rest, which the limit will not
 #      reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's).
-#   2. (timeout_s 330, sent at once) SEC_TESTS_NEW=170 TESTS_NEW_FILES="tests/test_linear_gelu.py
+#   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=140 TESTS_NEW_FILES="tests/test_linear_gelu.py
 #      tests/test_predictor_input.py tests/test_stop_embed.py tests/test_training_reduce_overhead.py
-#      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py" SEC_STOP=140 BUDGET_STOP=125
-#      bash benchmarks/gpu_all.sh tests-new stop
+#      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py" SEC_STOP=130
+#      BUDGET_STOP=115 SEC_GEMM=80 bash benchmarks/gpu_all.sh tests-new stop gemm
 #      The GPU tests run 7 failed (fixed since) or did not reach (run 7 passed the attention's up to test_auto_policy,
 #      and every philox test), the multi-kernel cache fix among them (test_compiled_block_with_lever_equals_eager
 #      now compiles two blocks, the second from the cache; skip_nonfinite_grads' fused CUDA AdamW skip, new in the
 #      twenty-seventh session); then the StoP section with 70 s of its budget kept from
 #      the sweep for the timing pass, so the compiled unfused peer (the issue's 3x) is timed side by side at last,
 #      and with what is live at the fused op's forward+backward peak, by allocating line (run 7: 170.5 MiB against
-#      run 6's 99.6, untraced; the md's "Live at the ... peak" table).
-#   With time left in call 2 (or a later session): SEC_GEMM=120 bash benchmarks/gpu_all.sh gemm, the step's GEMMs
-#   eagerly, replayed from a torch.cuda.graph and from Inductor's trees, with the cuBLAS kernel each runs: the check
-#   of the trees' 5.4 ms GEMM slowdown (benchmarks/gemm_in_graph.py; NOTES.md, GPU run 7).
+#      run 6's 99.6, untraced; the md's "Live at the ... peak" table). Last, gemm: the step's GEMMs eagerly, replayed
+#      from a torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's
+#      forward GEMMs first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of
+#      the trees' 5.4 ms GEMM slowdown (benchmarks/gemm_in_graph.py, rows written as they finish; NOTES.md, run 7).
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the rest of the attention sweep), and the
 #   profile section below.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:

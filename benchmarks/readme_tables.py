@@ -113,7 +113,7 @@ def stop_table(source: str) -> str:
             lines.append(f"| {label} | not run | | | |")
             continue
         if "fwdbwd_ms" not in r:
-            lines.append(f"| {label} | error: {str(r.get('error', 'no forward+backward time'))[:80]} | | | |")
+            lines.append(f"| {label} | error: {_cell(r.get('error', 'no forward+backward time'))} | | | |")
             continue
         lines.append(f"| {label} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_peak_extra_mib']:.1f} MiB | "
                      f"{r['fwdbwd_ms'] / limit_ms:.0f}× |")
@@ -149,6 +149,11 @@ def attention_table(source: str, timer: str = "eager") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(text, width: int = 80) -> str:
+    """``text`` made fit for one Markdown table cell: one line, no column separator, at most ``width`` characters."""
+    return " ".join(str(text).split()).replace("|", "\\|")[:width]
+
+
 def _step_result(path: str) -> dict:
     """One measured step: ``FILE#NAME`` (a path of e2e_step.json) or the last JSON line of FILE."""
     path, _, name = path.partition("#")
@@ -166,7 +171,7 @@ def _step_result(path: str) -> dict:
 
 def step_table(*sources: str) -> str:
     """The training step per configuration (train.py --benchmark JSON lines), then the anchors."""
-    lines = ["| configuration | ms/step | images/s | TFLOP/s | MFU (of 989) | peak GiB |",
+    lines = ["| configuration | ms/step | images/s | TFLOP/s | MFU (of 989) | peak GiB allocated (reserved) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for i, spec in enumerate(sources):
         row, sep, path = spec.partition("=")
@@ -175,10 +180,9 @@ def step_table(*sources: str) -> str:
         r = _step_result(path)
         if "H200" not in str(r.get("gpu")):  # the anchor rows below are H200 numbers
             raise ValueError(f"step table: {path} ran on {r.get('gpu')!r}; the anchor rows are an H200's (ANCHORS.md)")
-        # a path replayed from CUDA graphs allocates in the graphs' private pools, which the allocator's peak after
-        # warm-up leaves out (run 7: 10.4 GiB against 29.6 reserved): its reserved peak stands in for it
-        peak = (f"{r['peak_reserved_gib']:.1f} (reserved)" if r.get("cudagraph_recordings")
-                else f"{r['peak_mem_gib']:.1f}")
+        # both peaks, where the source has both: a path replayed from CUDA graphs allocates in the graphs' private
+        # pools, which the allocator's peak after warm-up leaves out (run 7: 10.4 GiB against 29.6 reserved)
+        peak = f"{r['peak_mem_gib']:.1f}" + (f" ({r['peak_reserved_gib']:.1f})" if r.get("peak_reserved_gib") else "")
         cells = [STEP_ROWS[row], f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.1f}", f"{r['tflops']:.1f}",
                  f"{100 * r['mfu']:.1f} %", peak]
         if i == 0:

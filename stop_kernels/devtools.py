@@ -89,7 +89,7 @@ def ptxas_report(kernel, args, kwargs, arch: int = 90) -> Dict:
         src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(src, "w") as fh:
             fh.write(ptx)
-        log = subprocess.run([os.path.join(bin_dir, "ptxas"), f"-arch=sm_{arch}a", "-v", src, "-o", cubin],
+        log = subprocess.run([os.path.join(bin_dir, "ptxas"), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", src, "-o", cubin],
                              capture_output=True, text=True, check=True).stderr
         nvdisasm = os.path.join(bin_dir, "nvdisasm")
         sass = (subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout

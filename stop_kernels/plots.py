@@ -107,6 +107,7 @@ def plot_curves(logs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
     if labels is not None and len(labels) != len(logs):
         raise ValueError(f"--labels: expected one label per log ({len(logs)}), got {len(labels)}")
     runs = [read_log(p) for p in logs]
+    legend = len(runs) > 1 or labels is not None  # (one run named by nobody needs no legend)
     labels = list(labels) if labels is not None else [os.path.basename(os.path.dirname(os.path.abspath(p))) or p
                                                       for p in logs]
     fig = _figure(width, height, dpi)
@@ -126,7 +127,7 @@ def plot_curves(logs: Sequence[str], out: str, *, labels: Optional[Sequence[str]
         ax.grid(alpha=0.3)
         if field == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-    if len(runs) > 1 or labels:
+    if legend:
         axes[0].legend(fontsize=9)
     if title:
         fig.suptitle(title)

@@ -190,3 +190,21 @@ def test_step_rows_take_the_last_measurement(tmp_path):
     table = readme_tables.step_table(f"default={f}#fast", f"eager_triton={out}")
     assert table.splitlines()[3] == ("| this pipeline, eager blocks, Triton attention (`--compile false`) | 150.0 | "
                                      "426.7 | 294.0 | 29.7 % | 24.6 |")
+
+
+def test_step_rows_show_both_peaks_and_cells_stay_one_line(tmp_path):
+    """A step row shows the allocated peak with the reserved one beside it, where the source has both: a path
+    replayed from CUDA graphs allocates in pools the allocated peak leaves out (run 7: 10.4 against 29.6 GiB), so
+    the allocated figure alone would flatter it. An error text becomes one table cell: one line, no column
+    separator (a CUDA error spans lines)."""
+    common = {"tflops": 370.0, "mfu": 0.37, "ms_per_step": 117.0, "images_per_s": 547.0}
+    src = tmp_path / "e2e_step.json"
+    src.write_text(json.dumps({"gpu": "NVIDIA H200", "results": [
+        {"name": "fast", "peak_gib": 23.86, "peak_reserved_gib": 27.78, **common},
+        {"name": "fast_cg", "peak_gib": 10.4, "peak_reserved_gib": 29.57, "cudagraph_recordings": 560, **common},
+        {"name": "old", "peak_gib": 23.9, **common}]}))
+    table = readme_tables.step_table(f"default={src}#fast", f"cuda_graph_trees={src}#fast_cg", f"reference={src}#old")
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "ANCHORS" not in ln][2:]
+    assert [r.rstrip(" |").rsplit("| ", 1)[1] for r in rows] == ["**23.9 (27.8)**", "10.4 (29.6)", "23.9"]
+    assert readme_tables._cell("CUDA error: an illegal | access\nCUDA kernel errors might be") == \
+        "CUDA error: an illegal \\| access CUDA kernel errors might be"
