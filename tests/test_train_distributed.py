@@ -695,3 +695,31 @@ def test_graphed_forward_captures_in_thread_local_mode(monkeypatch):
     with torch.no_grad():
         gf(torch.randn(4, 5).as_subclass(_CudaLike))
     assert fakes.capture_kwargs == [{"capture_error_mode": "thread_local"}]
+
+
+def test_a_group_the_caller_started_keeps_its_ranks_and_device(monkeypatch):
+    """A process group started by the caller (mp.spawn + init_process_group, no torchrun variables): the ranks are
+    the group's, the GPU is the caller's current device (its set_device, not cuda:0 for every rank), and hybrid
+    sharding, which needs the GPUs per node, asks for LOCAL_WORLD_SIZE. WORLD_SIZE alone names what is missing."""
+    for k in _TORCHRUN_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(D.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(D.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    info = D.init_distributed(TrainConfig(device="auto"))
+    assert info == D.DistInfo(3, 4, 3, 4, torch.device("cuda", 3), "nccl", False) and chosen == [torch.device("cuda", 3)]
+    with pytest.raises(ConfigError, match="^sharding: 'hybrid' needs LOCAL_WORLD_SIZE"):
+        D.init_distributed(TrainConfig(device="auto", sharding="hybrid"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.init_distributed(TrainConfig(device="auto", sharding="hybrid")).local_rank == 1
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="^WORLD_SIZE=2 without RANK and MASTER_ADDR: launch with torchrun"):
+        D.init_distributed(TrainConfig(device="cpu"))

@@ -11,7 +11,7 @@ from stop_kernels.training.config import ConfigError, TrainConfig, parse_config
 from stop_kernels.training.ema import ema_update
 from stop_kernels.training.schedules import lr_at, momentum_at, wd_at
 
-from _train_helpers import TINY
+from _train_helpers import TINY, read_log
 
 
 def tiny(tmp_path, **over):
@@ -418,6 +418,7 @@ def test_skip_nonfinite_grads_trains_through_and_reports_the_step(tmp_path, cpu_
     assert steps[-1] == 6
     meta = json.loads((tmp_path / "checkpoints" / "step_00000006" / "meta.json").read_text())
     assert meta["nonfinite_steps_skipped"] == 1
+    assert [r["nonfinite_steps_skipped"] for r in read_log(tmp_path)] == [0, 0, 0, 1, 1, 1]  # cumulative, per step
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -105,6 +105,8 @@ def _free_port() -> int:
 
 def init_distributed(cfg: TrainConfig) -> DistInfo:
     """Start the process group when launched by torchrun (or when FSDP is requested in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return _callers_group(cfg)
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -114,22 +116,37 @@ def init_distributed(cfg: TrainConfig) -> DistInfo:
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=_env_timeout_min())
-    if dist.is_available() and dist.is_initialized():  # the caller set it up
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device,
-                        dist.get_backend(), False)
     sharding = resolve_sharding(cfg, world)
     if launched_by_torchrun():
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timeout, **kw)
         return DistInfo(rank, world, local_rank, local_world, device, backend, True)
     if world != 1:
-        raise ConfigError(f"WORLD_SIZE={world} without MASTER_ADDR: launch with torchrun")
+        missing = [v for v in ("RANK", "MASTER_ADDR") if v not in os.environ]
+        raise ConfigError(f"WORLD_SIZE={world} without {' and '.join(missing)}: launch with torchrun")
     if sharding == "none":
         return DistInfo(0, 1, 0, 1, device, None, False)
     # FSDP requested in a plain single process: a one-rank group on a free local port
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                             timeout=timeout)
     return DistInfo(0, 1, 0, 1, device, backend, True)
+
+
+def _callers_group(cfg: TrainConfig) -> DistInfo:
+    """A process group the caller started (``mp.spawn`` and ``init_process_group``, a notebook): the ranks are the
+    group's; this process's GPU is LOCAL_RANK's where that is set, else the caller's current CUDA device (its own
+    ``torch.cuda.set_device``, which is kept); the GPUs per node are LOCAL_WORLD_SIZE, without which hybrid
+    sharding cannot be laid out."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_gpu = resolve_device(cfg, 0).type == "cuda"
+    local_rank = _env_int("LOCAL_RANK", torch.cuda.current_device() if on_gpu else 0)
+    if "LOCAL_WORLD_SIZE" not in os.environ and resolve_sharding(cfg, world) == "hybrid":
+        raise ConfigError("sharding: 'hybrid' needs LOCAL_WORLD_SIZE (the GPUs per node) in the environment when "
+                          "the process group was started by the caller")
+    device = resolve_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank, _env_int("LOCAL_WORLD_SIZE", world), device, dist.get_backend(), False)
 
 
 def shutdown(info: DistInfo) -> None:

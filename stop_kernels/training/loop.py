@@ -610,13 +610,12 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
            f" for {total} steps ({ipe} per epoch), {batch_text(cfg, info.world_size)}, data {cfg.data}", info, stream)
 
     losses: List[float] = []
-    nonfinite_steps = nonfinite_before  # steps AdamW skipped for non-finite gradients (skip_nonfinite_grads), cumulative
+    metrics.nonfinite_steps = nonfinite_before  # (cumulative across resumes, as skipped_images)
     last_saved = start_step if cfg.resume and start_step > 0 else -1
     # (step, epoch, stats tensor, lr, wd, mom, time the step was queued)
     pending = None
 
     def finish(p) -> None:
-        nonlocal nonfinite_steps
         # (step: the step's 0-based index; logged and named as step + 1, the steps completed, as its checkpoint)
         step, epoch, stats, lr, wd, mom, t_done = p
         # (the counts of every rank: step_counts; log_failed: rank 0 could not write log.jsonl, up to the step
@@ -632,9 +631,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 + (f"The last good checkpoint is {good} (continue with --resume, e.g. after lowering --lr)."
                    if good else "No checkpoint was written before it."))
         if nonfinite:
-            nonfinite_steps += 1
+            metrics.nonfinite_steps += 1
             _print(f"step {step + 1}: a gradient is not finite (loss {value:.4g}); AdamW skipped the step "
-                   f"(skip_nonfinite_grads; {nonfinite_steps} so far)", info, stream)
+                   f"(skip_nonfinite_grads; {metrics.nonfinite_steps} so far)", info, stream)
         losses.append(value)
         metrics.record(step + 1, epoch, value, lr, wd, mom, ctx_tokens / cfg.batch_size, tgt_tokens / cfg.batch_size,
                        cfg.batch_size, total, t_done, flops=flops)
@@ -652,7 +651,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                 f"checkpoint not written. " + (f"The last good checkpoint is {good} (continue with --resume, e.g. "
                                                f"after lowering --lr)." if good else "No checkpoint was written before it."))
         meta = {"epoch": step // ipe, "batch_in_epoch": step % ipe, "images_seen": step * cfg.batch_size,
-                "skipped_images": metrics.skipped_images, "nonfinite_steps_skipped": nonfinite_steps,
+                "skipped_images": metrics.skipped_images, "nonfinite_steps_skipped": metrics.nonfinite_steps,
                 "config": cfg.to_dict()}
         path = ckpt.save(step, tr.container, tr.opt, meta)
         last_saved = step
@@ -706,7 +705,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     if losses:
         _print(f"done: mean loss of the first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps "
                f"{sum(losses[-n:]) / n:.4f}; {metrics.skipped_images} unreadable images skipped"
-               + (f"; {nonfinite_steps} steps skipped for non-finite gradients" if cfg.skip_nonfinite_grads else ""),
+               + (f"; {metrics.nonfinite_steps} steps skipped for non-finite gradients" if cfg.skip_nonfinite_grads
+                  else ""),
                info, stream)
     return losses
 

@@ -105,6 +105,7 @@ class MetricsLogger:
         self._t_last: Optional[float] = None
         self.images = 0
         self.skipped_images = 0
+        self.nonfinite_steps = 0  # steps AdamW skipped for a non-finite gradient (skip_nonfinite_grads), cumulative
         self.failed: Optional[str] = None
         if not is_main:
             return
@@ -178,6 +179,7 @@ class MetricsLogger:
             "peak_mem_gib": peak_memory_gib(self.device),
             "ctx_tokens": n_ctx, "tgt_tokens": n_tgt,
             "skipped_images": self.skipped_images,
+            "nonfinite_steps_skipped": self.nonfinite_steps,
         }
         if not self.is_main:
             return rec
@@ -225,6 +227,8 @@ def format_progress(rec: Dict[str, Any], total: int, has_mfu: bool = True) -> st
         line += f"  mem {mem:.1f} GiB"
     if rec.get("skipped_images"):
         line += f"  skipped {rec['skipped_images']} img"
+    if rec.get("nonfinite_steps_skipped"):
+        line += f"  skipped {rec['nonfinite_steps_skipped']} non-finite steps"
     return line
 
 
