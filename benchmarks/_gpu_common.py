@@ -198,6 +198,13 @@ def allocations_during(fn) -> dict:
     return allocations_at_peak(traces[dev] if dev < len(traces) else [])
 
 
+def md_cell(text, width: int = 80, tail: bool = False) -> str:
+    """``text`` made fit for one Markdown table cell: one line, no column separator, at most ``width`` characters,
+    its first ones (its last with ``tail``: a traceback's last line says the most)."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text[-width:] if tail else text[:width]
+
+
 def _annotation(name: str) -> bool:
     """GPU-timeline ranges of host annotations (optimizer step, compiled-graph calls): not kernels."""
     return name.startswith("##") or "#" in name or name.startswith(("Optimizer.", "ProfilerStep"))

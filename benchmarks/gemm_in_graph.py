@@ -38,7 +38,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import DEV, REHEARSE, bench, bench_graph, kernel_times, record_env, sync  # noqa: E402
+from _gpu_common import DEV, REHEARSE, bench, bench_graph, kernel_times, md_cell, record_env, sync  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -153,7 +153,7 @@ def write(out: str, env: dict, rows: list, quiet: bool = True) -> None:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "eager_ms" not in r or "error" in r:
-            text = " ".join(str(r.get("note", r.get("error", ""))).split()).replace("|", "\\|")[-90:]
+            text = md_cell(r.get("note", r.get("error", "")), 90, tail=True)
             lines.append(f"| {r['layer']} | {r['gemm']} | {r.get('gflop', '')} | | | | {text} | | |")
             continue
         ek = r.get("eager_kernels", [])

@@ -39,7 +39,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
-from _gpu_common import card_limits  # noqa: E402
+from _gpu_common import card_limits, md_cell  # noqa: E402
 
 MARKER = re.compile(r"^<!-- table: (\w+)((?: \S+)*) -->\n(.*?)^<!-- /table -->\n", re.M | re.S)
 
@@ -113,7 +113,7 @@ def stop_table(source: str) -> str:
             lines.append(f"| {label} | not run | | | |")
             continue
         if "fwdbwd_ms" not in r:
-            lines.append(f"| {label} | error: {_cell(r.get('error', 'no forward+backward time'))} | | | |")
+            lines.append(f"| {label} | error: {md_cell(r.get('error', 'no forward+backward time'))} | | | |")
             continue
         lines.append(f"| {label} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {r['fwdbwd_peak_extra_mib']:.1f} MiB | "
                      f"{r['fwdbwd_ms'] / limit_ms:.0f}× |")
@@ -147,11 +147,6 @@ def attention_table(source: str, timer: str = "eager") -> str:
         row = cells(s, f"fwd_{timer}_ms") + cells(s, f"fwdbwd_{timer}_ms") + (cells(s, f"qkv_fwdbwd_{timer}_ms") if qkv else [])
         lines.append(f"| {_shape_label(s['shape'])} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _cell(text, width: int = 80) -> str:
-    """``text`` made fit for one Markdown table cell: one line, no column separator, at most ``width`` characters."""
-    return " ".join(str(text).split()).replace("|", "\\|")[:width]
 
 
 def _step_result(path: str) -> dict:

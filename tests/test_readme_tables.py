@@ -206,5 +206,5 @@ def test_step_rows_show_both_peaks_and_cells_stay_one_line(tmp_path):
     table = readme_tables.step_table(f"default={src}#fast", f"cuda_graph_trees={src}#fast_cg", f"reference={src}#old")
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and "ANCHORS" not in ln][2:]
     assert [r.rstrip(" |").rsplit("| ", 1)[1] for r in rows] == ["**23.9 (27.8)**", "10.4 (29.6)", "23.9"]
-    assert readme_tables._cell("CUDA error: an illegal | access\nCUDA kernel errors might be") == \
+    assert readme_tables.md_cell("CUDA error: an illegal | access\nCUDA kernel errors might be") == \
         "CUDA error: an illegal \\| access CUDA kernel errors might be"
