@@ -15,6 +15,12 @@ work: the host's share of an eager call, which issue 3's ratios against the eage
   or the Triton launchers' own Python, so these are not GPU host times. Run 6's GPU host was ~8× slower per
   call than this machine on both paths alike (official path: 2.18 ms there, 0.26 ms here).
 
+* **memory per call** (``stop_kernels.devtools.AllocationTrace``): the peak of the tensors each path allocates,
+  forward and forward+backward (the output kept through the backward, as ``gpu_stop_embed.py`` measures it),
+  at the ViT-H/14 shapes of issue 3, launches stubbed and dW's row splits as on an H200 (132 SMs): what a GPU's
+  caching allocator counts for the same calls, less what libraries allocate outside the dispatcher (cuBLAS's
+  workspace) and the allocator's 512 B rounding.
+
     python benchmarks/stop_host.py [--calls 3000] [--out DIR]
 
 Writes ``DIR/stop_host.json`` and ``.md`` (machine and versions) and prints the table.
@@ -95,14 +101,55 @@ def ops_of(fn) -> list:
                 self.names.append(func.overloadpacket.__name__)
             return func(*args, **(kwargs or {}))
 
+    def count():
+        with Ops() as ops:
+            fn()
+        return ops.names
+    return with_eager_twins(count)
+
+
+def with_eager_twins(fn):
+    """``fn()`` with the fused ops' eager twins forced: an active TorchDispatchMode turns
+    ``backends.custom_op_bypass_ok`` off, and the custom op it would run instead is one opaque op to the mode."""
     bypass = (PI.custom_op_bypass_ok, se.custom_op_bypass_ok)
     PI.custom_op_bypass_ok = se.custom_op_bypass_ok = lambda t: True
     try:
-        with Ops() as ops:
-            fn()
+        return fn()
     finally:
         PI.custom_op_bypass_ok, se.custom_op_bypass_ok = bypass
-    return ops.names
+
+
+def allocation_rows() -> list:
+    """Peak MiB beyond the inputs of each path at the ViT-H/14 shapes (``_official_stop.make_inputs``' sizes, bf16
+    autocast), forward (output kept) and forward+backward (as ``gpu_stop_embed.py``'s ``peak_mib_beyond_inputs``),
+    with the tensors live at the forward+backward peak. Call with the launches stubbed (``main``)."""
+    from stop_kernels.devtools import AllocationTrace
+    sizes = dict(B=64, npred=4, Nc=74, Nt=42, E=1280, D=384, P=256)
+    B, npred, Nc, Nt, E, D, P = sizes.values()
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(B, Nc, E, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(D, E, generator=g) / E ** 0.5).requires_grad_()
+    b = torch.randn(D, generator=g).requires_grad_()
+    pos = torch.randn(P, D, generator=g)
+    ctx_idx = torch.randint(0, P, (B, Nc), generator=g)
+    tgt = [torch.randint(0, P, (B, Nt), generator=g) for _ in range(npred)]
+    go = torch.randn(npred * B, Nc + Nt, D, generator=g)
+    rows = []
+    for name, (fwd, fwd_bwd) in paths((ctx, ctx_idx, tgt, w, b, pos), go).items():
+        fwd_bwd()  # warm (the argument checks' signature cache)
+        with AllocationTrace() as f:
+            out = fwd()
+        del out
+        with AllocationTrace() as fb:
+            fwd().backward(go)
+        for t in (ctx, w, b):
+            t.grad = None
+        rows.append(dict(path=name, forward_MiB=round(f.peak_bytes / 2 ** 20, 2),
+                         forward_backward_MiB=round(fb.peak_bytes / 2 ** 20, 2),
+                         output_MiB=round(npred * B * (Nc + Nt) * D * 4 / 2 ** 20, 2), sizes=sizes,
+                         live_at_peak=[[round(n / 2 ** 20, 2), op, list(shape), str(dt).replace("torch.", "")]
+                                       for n, op, shape, dt in fb.live_at_peak if n >= 2 ** 19]))
+    return rows
 
 
 def time_us(fn, calls: int) -> float:
@@ -132,6 +179,7 @@ def main(argv=None) -> int:
     # the CPU); a training step's are device tensors it trusts (trusted_device_indices), so the stand-in skips it
     se._launch = lambda kernel, *rest: launches.append(kernel.fn.__name__)
     chk.index_range = lambda name, t, **kw: t
+    real_sms, se._num_sms = se._num_sms, lambda device: 132  # dW's row splits as on an H200
     rows = []
     try:
         args, go = make_inputs()
@@ -143,8 +191,9 @@ def main(argv=None) -> int:
                     ops = ops_of(fn)
                     rows.append(dict(path=name, kind=kind, aten_ops=len(ops), triton_launches=len(launches),
                                      us_per_call=round(time_us(fn, a.calls), 1), ops=ops))
+            memory = with_eager_twins(allocation_rows)
     finally:
-        se._launch, chk.index_range = real_launch, real_range
+        se._launch, chk.index_range, se._num_sms = real_launch, real_range, real_sms
         torch.set_num_threads(threads)
         if interpret is None:
             os.environ.pop("TRITON_INTERPRET")
@@ -154,11 +203,18 @@ def main(argv=None) -> int:
                torch=torch.__version__, threads=1, calls=a.calls, sizes=dict(B=B, npred=NPRED, Nc=NC, Nt=NT, E=E, D=D, P=P))
     lines = ["| path | call | aten ops | Triton launches | µs per call (this CPU) |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['path']} | {r['kind']} | {r['aten_ops']} | {r['triton_launches']} | {r['us_per_call']} |" for r in rows]
+    mem = ["| path | peak forward MiB | peak forward+backward MiB | output MiB |", "| --- | --- | --- | --- |"]
+    mem += [f"| {r['path']} | {r['forward_MiB']} | {r['forward_backward_MiB']} | {r['output_MiB']} |" for r in memory]
+    for r in memory:
+        mem += ["", f"Live at the forward+backward peak of {r['path']} (MiB, allocating op, shape, dtype):", ""]
+        mem += [f"- {n} `{op}` {shape} {dt}" for n, op, shape, dt in r["live_at_peak"]]
+    lines += ["", "Tensor memory per call at the ViT-H/14 shapes (B 64, npred 4, Nc 74, Nt 42, E 1280, D 384, bf16 "
+              "autocast; AllocationTrace, launches stubbed, dW split as on 132 SMs):", ""] + mem
     print("\n".join(lines))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "stop_host.json"), "w") as fh:
-            json.dump(dict(env=env, rows=rows), fh, indent=1)
+            json.dump(dict(env=env, rows=rows, memory=memory), fh, indent=1)
         with open(os.path.join(a.out, "stop_host.md"), "w") as fh:
             fh.write(f"# Host cost of the StoP predictor input per eager call (CPU, kernels stubbed)\n\n"
                      f"`python benchmarks/stop_host.py --out {a.out}`; {env}\n\n" + "\n".join(lines) + "\n")

@@ -11,8 +11,9 @@ launches nothing, so that
   tensors they write (``tests/_trace_attention_ops.py``).
 
 The kernels must have been decorated without ``TRITON_INTERPRET=1`` (import stop_kernels with it unset).
-Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share, and
-:func:`cuda_autocast_flags`, CUDA autocast switched on without a device.
+Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share,
+:func:`cuda_autocast_flags`, CUDA autocast switched on without a device, and :class:`AllocationTrace`, the
+tensor memory a piece of code allocates, counted op by op on any device.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, Iterator
+import weakref
+from typing import Dict, Iterator, List, Tuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class OfflineDriver:
@@ -154,3 +157,55 @@ def cuda_autocast_flags(dtype: torch.dtype) -> Iterator[None]:
     finally:
         torch.set_autocast_enabled("cuda", old[0])
         torch.set_autocast_dtype("cuda", old[1])
+
+
+class AllocationTrace(TorchDispatchMode):
+    """The tensor memory that the code run under it allocates, op by op, on any device: what the CUDA caching
+    allocator's ``max_memory_allocated`` would count for the same torch calls, without a GPU.
+
+    Every op whose result is new memory (its schema's return aliases no input: views, in-place and ``out=`` ops
+    are skipped) adds its result's storage bytes; the bytes leave when the storage is freed (a finalizer on the
+    storage, which torch keeps as one Python object while it lives). Memory allocated before the trace began
+    (inputs, parameters) is not counted, even where the trace frees it. ``peak_bytes`` is the most bytes live at
+    once; ``live_at_peak`` lists them, largest first, as ``(bytes, op, shape, dtype)``; ``allocations`` lists
+    every counted allocation in that form, in order.
+
+    What it cannot see: memory allocated outside the dispatcher (a library's workspace, such as cuBLAS's on a
+    GPU; Triton's scratch), tensors an op's kernel allocates inside itself (``sum(x, dtype=...)`` casts x
+    first, a transient that the trace misses; a ``torch.library`` custom op is such an op, so trace the eager
+    path of the fused ops, see ``backends.custom_op_bypass_ok``, which an active mode turns off), and the
+    allocator's rounding of block sizes (512 B on CUDA). Kernels may be stubbed
+    (launches replaced by no-ops): the allocations stay the same, so ViT-size shapes trace in milliseconds.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.live_at_peak: List[Tuple[int, str, tuple, torch.dtype]] = []
+        self.allocations: List[Tuple[int, str, tuple, torch.dtype]] = []
+        self._live: Dict[int, Tuple[int, str, tuple, torch.dtype]] = {}
+
+    def _freed(self, key: int) -> None:
+        self.current_bytes -= self._live.pop(key)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if returns and returns[0].alias_info is not None:  # a view of, or a write into, memory counted elsewhere
+            return out
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in self._live:
+                continue
+            self._live[key] = (storage.nbytes(), func.overloadpacket.__name__, tuple(t.shape), t.dtype)
+            self.allocations.append(self._live[key])
+            self.current_bytes += storage.nbytes()
+            weakref.finalize(storage, self._freed, key)
+            if self.current_bytes > self.peak_bytes:
+                self.peak_bytes = self.current_bytes
+                self.live_at_peak = sorted(self._live.values(), key=lambda r: -r[0])
+        return out

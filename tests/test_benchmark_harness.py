@@ -970,17 +970,28 @@ def test_host_overhead_script_times_each_setup_and_reports_refusals(tmp_path):
 
 def test_stop_host_script_counts_each_paths_ops_and_leaves_the_library_as_it_was(tmp_path):
     """benchmarks/stop_host.py (the StoP predictor input's host cost per eager call, results/cpu-host/): the fused
-    path's aten ops and Triton launches per call and the official path's, a time per call for each, and every
-    stand-in (stubbed launches, trusted index values, TRITON_INTERPRET) undone afterwards."""
+    path's aten ops and Triton launches per call and the official path's, a time per call for each, the tensor
+    memory of each at the ViT-H shapes, and every stand-in (stubbed launches, trusted index values, the SM count,
+    the eager twins, TRITON_INTERPRET) undone afterwards."""
     import os
     sys.path.insert(0, str(REPO / "benchmarks"))
     import stop_host
 
     from stop_kernels import _checks as chk
     from stop_kernels.ops import stop_embed as se
-    before = (se._launch, chk.index_range, os.environ.get("TRITON_INTERPRET"))
+    from stop_kernels.ops import predictor_input as pi
+    state = lambda: (se._launch, chk.index_range, se._num_sms, se.custom_op_bypass_ok, pi.custom_op_bypass_ok,  # noqa: E731
+                     os.environ.get("TRITON_INTERPRET"))
+    before = state()
     assert stop_host.main(["--calls", "3", "--out", str(tmp_path)]) == 0
-    assert (se._launch, chk.index_range, os.environ.get("TRITON_INTERPRET")) == before
+    assert state() == before
+    memory = {r["path"]: r for r in json.loads((tmp_path / "stop_host.json").read_text())["memory"]}
+    # the fused forward allocates its output and W's bf16 copy; its backward g's masked rows, the context groups'
+    # sum, dW's partials (6 splits of fp32 D x E on 132 SMs) and their sum: tests/test_predictor_input.py
+    assert memory["fused"]["output_MiB"] == 43.5 and 44.4 < memory["fused"]["forward_MiB"] < 44.6
+    assert 68.9 < memory["fused"]["forward_backward_MiB"] < 69.1
+    assert any(op == "empty" and shape == [6, 384, 1280] for _, op, shape, _ in memory["fused"]["live_at_peak"])
+    assert memory["official"]["forward_MiB"] > 3 * memory["official"]["output_MiB"]
     rows = {(r["path"], r["kind"]): r for r in json.loads((tmp_path / "stop_host.json").read_text())["rows"]}
     fused, official = rows[("fused", "forward+backward")], rows[("official", "forward+backward")]
     # one Triton launch forward (context and StoP rows together), one backward (all of dW)

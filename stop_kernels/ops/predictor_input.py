@@ -96,8 +96,10 @@ def _assemble_setup(ctx, inputs, output):
 
 def _assemble_backward(fctx, grad):
     """Gradients in few launches (each costs host time in an eager, host-bound step; benchmarks/NOTES.md):
-    one cast of g to the GEMMs' dtype, one sum of its npred context groups, dctx = gctx·W (cuBLAS), and one
-    Triton launch for all of dW = gctxᵀ·x + Σ g_maskedᵀ·n (fp32 sums over row splits); db from g in fp32."""
+    one sum of g's npred context groups in the GEMMs' dtype, one cast of its masked rows, one Triton launch for
+    all of dW = gctxᵀ·x + Σ g_maskedᵀ·n (fp32 sums over row splits), dctx = gctx·W (cuBLAS); db from g in fp32.
+    No copy of all of g is made, and dW's transients are freed before dctx is allocated: the backward's peak
+    is the output, g's masked rows in that dtype and dW's partials (69 MiB at ViT-H, ``AllocationTrace``)."""
     x, ctx_idx, tgt_idx, weight, seed = fctx.saved_tensors
     ctx_dtype, bias_dtype, P, pos_dtype, mask_meta = fctx.meta
     need_ctx, _, _, need_w, need_b, need_pos, need_mask = fctx.needs_input_grad[:7]
@@ -109,17 +111,20 @@ def _assemble_backward(fctx, grad):
     dctx = dw = db = dpos = dmask = None
     if need_ctx or need_w:
         wc = _in_dtype(weight, fctx.compute_dtype)  # the W the forward multiplied with
-        # g in the GEMMs' dtype (cast once: the dW kernel reads its masked rows too), npred context groups summed
-        # (each element rounded to that dtype first, then summed in fp32, as cuBLAS would read a cast g)
-        gc = g.to(wc.dtype) if (need_w and learned) else g[:, :, :Nc].to(wc.dtype)
-        gctx = gc[:, :, :Nc].sum(0).reshape(B * Nc, D)             # (not -1: D may be 0)
+        # the npred context groups summed, each element rounded to the GEMMs' dtype first (as cuBLAS would read a
+        # cast g), then summed in fp32; sum's dtype casts these rows only for the sum's duration
+        gctx = g[:, :, :Nc].sum(0, dtype=wc.dtype).reshape(B * Nc, D)  # (not -1: D may be 0)
+        noise_rows = learned and fctx.noise_std != 0.0
+        if need_w:  # one launch: context rows from memory, masked rows from the regenerated noise. Before dctx's
+            # GEMM, so that the masked rows' cast and the fp32 split partials are freed before dctx is allocated
+            gmask = (g[:, :, Nc:].to(wc.dtype).reshape(npred * B, Nt, D) if noise_rows
+                     else gctx[None, :0])  # (no noise rows)
+            dw = noise_weight_grad_in_backward(gmask, wc, seed, fctx.noise_std if noise_rows else 0.0,
+                                               ctx_grad=gctx, ctx=x.reshape(B * Nc, E).to(wc.dtype))
+            del gmask
+            dw = dw.to(weight.dtype)
         if need_ctx:  # the single dX GEMM
             dctx = (gctx @ wc).reshape(B, Nc, E).to(ctx_dtype)
-        if need_w:  # one launch: context rows from memory, masked rows from the regenerated noise
-            gmask = gc.reshape(npred * B, Nc + Nt, D)[:, Nc:] if learned else gctx[None, :0]  # (no noise rows)
-            dw = noise_weight_grad_in_backward(gmask, wc, seed, fctx.noise_std if learned else 0.0,
-                                               ctx_grad=gctx, ctx=x.reshape(B * Nc, E).to(wc.dtype))
-            dw = dw.to(weight.dtype)
     if need_b:  # Σ of the rows b reached, in fp32: every row (learned), else the context rows of every group
         db = (g if learned else g[:, :, :Nc]).sum((0, 1, 2), dtype=torch.float32).to(bias_dtype)
     if need_mask and fctx.mode == "none":
