@@ -17,6 +17,9 @@ from setuptools.command.build_py import build_py
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# setuptools takes the packages and the extension's sources relative to the working directory (and refuses
+# absolute source paths), so `python /elsewhere/stop_kernels/setup.py ...` builds from the checkout too
+os.chdir(HERE)
 # The kernels need bf16 / tf32 tensor cores (WMMA, sm_80+): nvcc stops at wmma::precision::tf32 for an older
 # target (csrc/stop_common.cuh), and the launchers refuse older GPUs at run time anyway.
 MIN_CAPABILITY = (8, 0)
