@@ -36,3 +36,18 @@ def assert_same_results(first, second, names, scattered=("pos_embed",)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
         else:
             assert torch.equal(a, b), name
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool, monkeypatch):
+    """``torch.use_deterministic_algorithms(on)`` for the block, the previous setting restored after. cuBLAS
+    refuses the mode unless ``CUBLAS_WORKSPACE_CONFIG`` names a fixed workspace, so it is set for the block too."""
+    import torch
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -677,11 +677,12 @@ def test_every_pos_config_matches_reference(device, i):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eager_path_equals_the_custom_op_bit_for_bit(device, monkeypatch):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_eager_path_equals_the_custom_op_bit_for_bit(device, deterministic, monkeypatch):
     """Eager calls run the op's plain autograd.Function (no torch.library dispatch: its host cost), traced calls the
     custom op: same output, dW, db and dψ bit for bit (dψ on CUDA: see ``assert_same_results``), each call on the
     path it should take."""
-    from _op_paths import assert_same_results, on_both_paths
+    from _op_paths import assert_same_results, deterministic_algorithms, on_both_paths
     calls = []
     real_op, real_fn = se._stop_embed_op, se._StopEmbedFn.apply
     monkeypatch.setattr(se, "_stop_embed_op", lambda *a: calls.append("op") or real_op(*a))
@@ -693,9 +694,10 @@ def test_eager_path_equals_the_custom_op_bit_for_bit(device, monkeypatch):
         out = stop_embed(leaves[0], idx, leaves[1], leaves[2], noise_std=0.3, generator=gen(3), backend="triton")
         go = torch.randn(out.shape, generator=gen(4)).to(device)
         return out, torch.autograd.grad(out, leaves, go)
-    (o1, g1), (o2, g2) = on_both_paths(call)
+    with deterministic_algorithms(deterministic, monkeypatch):  # (dψ's scatter then bit for bit on CUDA too)
+        (o1, g1), (o2, g2) = on_both_paths(call)
+        assert_same_results((o1, *g1), (o2, *g2), ("out", "pos_embed", "weight", "bias"))
     assert calls == ["fn", "op"], calls
-    assert_same_results((o1, *g1), (o2, *g2), ("out", "pos_embed", "weight", "bias"))
 
 
 def test_gpu_autotuning_is_cached_on_disk():
