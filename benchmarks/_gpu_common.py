@@ -223,6 +223,70 @@ def kernel_times(prof, iterations: int) -> dict:
     return {k: (t, n // iterations) for k, (t, n) in out.items()}
 
 
+def idle_by_range(busy, ranges, long_gap_us: float = 50.0) -> dict:
+    """Where the GPU waited, by what the host was doing: ``{range name: [idle µs, idle µs in gaps ≥ long_gap_us]}``.
+
+    ``busy``: ``(start, end)`` µs of every kernel, copy and memset on the GPU timeline; ``ranges``:
+    ``(start, end, name)`` µs of the host's named ranges (the step's phases), which nest. Each stretch between two
+    busy stretches (from the first kernel's start to the last one's end) is cut at the ranges' edges, and each piece
+    goes to the innermost range open at that time (the latest-starting of those that cover it), or to
+    ``"outside the ranges"``. Short gaps are launch latency between kernels the host issued in time; a long one
+    (``long_gap_us`` or more) is the GPU waiting for the host, or for a synchronisation."""
+    merged = []
+    for a, b in sorted(busy):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out: dict = {}
+    for (_, a), (b, _) in zip(merged, merged[1:]):  # each gap [a, b)
+        cuts = sorted({a, b, *(t for s, e, _ in ranges for t in (s, e) if a < t < b)})
+        for lo, hi in zip(cuts, cuts[1:]):  # (no range edge inside [lo, hi): the one open at lo covers it)
+            row = out.setdefault(innermost_range(lo, ranges), [0.0, 0.0])
+            row[0] += hi - lo
+            if b - a >= long_gap_us:
+                row[1] += hi - lo
+    return out
+
+
+# host calls that wait for the GPU: a synchronisation drains the launch queue, and the GPU then idles while the host
+# issues the next kernels; "Command Buffer Full" is the host waiting for room in a full launch queue (the GPU behind)
+HOST_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "Command Buffer Full")
+
+
+def innermost_range(t: float, ranges) -> str:
+    """The name of the innermost (latest-starting) of ``ranges`` (``(start, end, name)``) open at time ``t``, or
+    ``"outside the ranges"``."""
+    open_ = [(s, name) for s, e, name in ranges if s <= t < e]
+    return max(open_)[1] if open_ else "outside the ranges"
+
+
+def gpu_idle_by_phase(prof, iterations: int, prefix: str) -> dict:
+    """:func:`idle_by_range` of a ``torch.profiler`` run over ``iterations`` iterations, the host ranges those named
+    ``prefix…`` (the step's phases: ``stop_kernels.training.metrics.step_phase``), per iteration and in ms, with the
+    host's waits for the GPU (:data:`HOST_WAITS`) each phase made: ``{phase: {"idle_ms": ..., "long_gaps_ms": ...,
+    "waits": {call: [calls, ms]}}}``, largest idle first, the name's prefix and closing ``##`` cut."""
+    busy, ranges, waits = [], [], []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            if not _annotation(e.name):
+                busy.append((e.time_range.start, e.time_range.end))
+        elif e.name.startswith(prefix):
+            ranges.append((e.time_range.start, e.time_range.end, e.name[len(prefix):].rstrip("# ").strip()))
+        elif e.name in HOST_WAITS:
+            waits.append(e)
+    out = {name: {"idle_ms": round(t / 1e3 / iterations, 3), "long_gaps_ms": round(g / 1e3 / iterations, 3),
+                  "waits": {}} for name, (t, g) in idle_by_range(busy, ranges).items()}
+    for e in waits:
+        row = out.setdefault(innermost_range(e.time_range.start, ranges),
+                             {"idle_ms": 0.0, "long_gaps_ms": 0.0, "waits": {}})["waits"].setdefault(e.name, [0, 0.0])
+        row[0] += 1
+        row[1] += e.time_range.elapsed_us() / 1e3
+    for row in out.values():
+        row["waits"] = {k: [n / iterations, round(ms / iterations, 3)] for k, (n, ms) in row["waits"].items()}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["idle_ms"]))
+
+
 def host_op_times(prof, iterations: int) -> list:
     """``[(self CPU ms per iteration, calls per iteration, op name)]`` of a ``torch.profiler`` run over
     ``iterations`` iterations, largest first: where the host time went among what the profiler records

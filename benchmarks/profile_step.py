@@ -5,8 +5,10 @@ Each variant builds the full pipeline (:class:`stop_kernels.training.loop.Traine
 predictor, target encoder, fused AdamW, EMA) at the given model and batch, runs warm-up steps, times
 ``--steps`` steps (wall clock, synchronised at both ends; the host time to *queue* them is reported
 too: when it is close to the wall time the step is host-bound), then profiles ``--profile-steps``
-steps with ``torch.profiler`` and prints the GPU time per step by kernel category and the top kernels
-and host ops. Each variant runs in a fresh Python process (``--no-isolate``: all in this one), so none
+steps with ``torch.profiler`` and prints the GPU time per step by kernel category, the top kernels
+and host ops, and how long the GPU waited in each phase of the step (the phases marked as ranges:
+``stop_kernels.training.metrics.step_phase``; long gaps of 50 µs or more apart from launch latency), with the host's
+waits for the GPU in each phase (synchronisations, a full launch queue). Each variant runs in a fresh Python process (``--no-isolate``: all in this one), so none
 inherits another's torch.compile caches and guards.
 
     python benchmarks/profile_step.py --model vit_h --batch-size 64 --out DIR \
@@ -55,11 +57,12 @@ from stop_kernels.training.loop import Trainer, synthetic_batches, warmup_steps 
 from stop_kernels.models.flops import peak_tflops  # noqa: E402
 from stop_kernels.models.predictor import INPUT_BACKENDS  # noqa: E402
 from stop_kernels.models.packing import mean_tokens  # noqa: E402
-from stop_kernels.training.metrics import step_flops, step_floors_ms  # noqa: E402
+from stop_kernels.training.metrics import (STEP_PHASE_PREFIX, annotate_step_phases, step_flops,  # noqa: E402
+                                           step_floors_ms)
 from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import card_limits, host_op_times, kernel_times  # noqa: E402
+from _gpu_common import card_limits, gpu_idle_by_phase, host_op_times, kernel_times  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -204,10 +207,14 @@ def run_variant(v: dict, args, info) -> dict:
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            for i in range(warm + args.steps, n_all):
-                tr.step(*batches[i], sched)
-            _sync(info)
+        annotate_step_phases(True)  # the phases as ranges, for the profiled steps only (a few µs of host each)
+        try:
+            with profile(activities=acts) as prof:
+                for i in range(warm + args.steps, n_all):
+                    tr.step(*batches[i], sched)
+                _sync(info)
+        finally:
+            annotate_step_phases(False)
         cats, kernels = {}, []
         for name, (t, n) in kernel_times(prof, args.profile_steps).items():
             c = category(name)
@@ -219,6 +226,7 @@ def run_variant(v: dict, args, info) -> dict:
         res["categories_ms"] = {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])}
         res["top_kernels"] = [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]]
         res["top_host_ops"] = [[round(t, 3), n, k] for t, n, k in host[:args.top]]
+        res["gpu_idle_ms"] = gpu_idle_by_phase(prof, args.profile_steps, STEP_PHASE_PREFIX)
     if v["compile"] == "1":
         from torch._dynamo.utils import counters
         res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
@@ -360,6 +368,12 @@ def print_report(gpu: str, args, results) -> None:
             print(f"--- {r['name']}: top host ops (self CPU ms/step)")
             for t, n, k in r["top_host_ops"][:8]:
                 print(f"{t:8.3f} {n:5d} {k}")
+            idle = r.get("gpu_idle_ms", {})
+            print(f"--- {r['name']}: GPU idle by step phase (ms/step; in gaps of 50 µs or more), "
+                  f"{round(sum(x['idle_ms'] for x in idle.values()), 2)} in all")
+            for name, x in idle.items():
+                waits = ", ".join(f"{k} {n:g}x {ms} ms" for k, (n, ms) in x["waits"].items())
+                print(f"{x['idle_ms']:8.3f} {x['long_gaps_ms']:8.3f} {name}" + (f" (host waits: {waits})" if waits else ""))
     cats = sorted({c for r in results for c in r.get("categories_ms", {})})
     print(f"\n{gpu}, {args.model}, batch {args.batch_size}")
     print("| variant | ms/step | host ms | img/s | TFLOP/s | peak GiB | GPU ms | " + " | ".join(cats) + " |")

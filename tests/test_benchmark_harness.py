@@ -114,6 +114,75 @@ def test_profile_categories_name_the_projects_kernels():
     assert profile_step.category("triton_poi_fused_convert_element_type_3") == "elementwise"
 
 
+def test_idle_by_range_gives_each_gpu_gap_to_the_innermost_host_range():
+    """_gpu_common.idle_by_range (profile_step.py's "GPU idle by step phase"): the gaps between merged busy stretches,
+    cut at the ranges' edges, each piece to the innermost open range (else "outside the ranges"), the pieces of gaps
+    of 50 µs or more counted again as long gaps; nothing before the first kernel or after the last."""
+    from _gpu_common import idle_by_range
+    busy = [(10, 20), (15, 30), (31, 40), (200, 260), (300, 310)]  # overlapping kernels merge: 10-30
+    ranges = [(0, 1000, "step"), (100, 250, "predictor"), (220, 400, "loss")]
+    got = idle_by_range(busy, ranges)
+    # gaps: 30-31 (1 µs, step), 40-200 (160 µs: 60 step, 100 predictor), 260-300 (40 µs: loss, the innermost)
+    assert got == {"step": [61.0, 60.0], "predictor": [100.0, 100.0], "loss": [40.0, 0.0]}
+    assert idle_by_range(busy, []) == {"outside the ranges": [201.0, 160.0]}
+    assert idle_by_range([(0, 5)], ranges) == {} and idle_by_range([], ranges) == {}
+
+
+def test_gpu_idle_by_phase_reads_a_profile_and_places_the_hosts_waits():
+    """_gpu_common.gpu_idle_by_phase: kernels (GPU-timeline annotations left out) against the step's phase ranges, per
+    iteration, and each host wait for the GPU (a synchronisation, a full launch queue) counted in the phase it ran
+    in: where a profile says the GPU idled, and which host call drained it."""
+    from types import SimpleNamespace
+
+    from _gpu_common import gpu_idle_by_phase
+    CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, start, end, device=CPU):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(
+            start=start, end=end, elapsed_us=lambda: end - start))
+    events = [ev("## step: predictor ##", 0, 1000), ev("## step: predictor ##", 0, 1000, CUDA),  # its GPU twin
+              ev("k1", 0, 100, CUDA), ev("k2", 400, 500, CUDA), ev("## step: loss ##", 1000, 2000),
+              ev("k3", 1600, 1700, CUDA), ev("cudaDeviceSynchronize", 1100, 1500), ev("cuLaunchKernel", 1550, 1560),
+              ev("Command Buffer Full", 200, 300)]
+    got = gpu_idle_by_phase(SimpleNamespace(events=lambda: events), 2, "## step: ")
+    # gaps 100-400 and 500-1000 in the predictor (0.8 ms over 2 iterations), 1000-1600 in the loss (0.6 ms)
+    assert got == {"predictor": {"idle_ms": 0.4, "long_gaps_ms": 0.4, "waits": {"Command Buffer Full": [0.5, 0.05]}},
+                   "loss": {"idle_ms": 0.3, "long_gaps_ms": 0.3, "waits": {"cudaDeviceSynchronize": [0.5, 0.2]}}}, got
+    assert list(got) == ["predictor", "loss"]  # largest idle first
+
+
+def test_step_phases_are_profiler_ranges_only_when_asked(cpu_train, tmp_path):
+    """metrics.step_phase: each phase of a training step is a record_function range named for profile_step.py's
+    GPU-idle attribution while annotate_step_phases is on, and no range (no host cost) otherwise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from _train_helpers import tiny_args
+    from stop_kernels.training import metrics
+    cfg = parse_config(tiny_args(out=str(tmp_path)))
+    info = D.init_distributed(cfg)
+    tr = Trainer(cfg, info, None)
+    imgs, me, mp = synthetic_batches(cfg, 1, cfg.batch_size, info.device, cfg.seed)[0]
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+
+    def phases():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            tr.step(imgs, me, mp, sched)
+        return [e.name for e in prof.events() if e.name.startswith(metrics.STEP_PHASE_PREFIX)]
+    assert phases() == []
+    metrics.annotate_step_phases(True)
+    try:
+        names = phases()
+    finally:
+        metrics.annotate_step_phases(False)
+    assert sorted(names) == sorted(f"{metrics.STEP_PHASE_PREFIX}{p} ##" for p in metrics.STEP_PHASES), names
+    with pytest.raises(ValueError, match="^name: a step phase is one of"):
+        metrics.annotate_step_phases(True)
+        try:
+            metrics.step_phase("forward")
+        finally:
+            metrics.annotate_step_phases(False)
+
+
 def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # the interpreter as conftest sets it: the fast_triton path forces the Triton kernels
     out = tmp_path / "e2e"
@@ -155,6 +224,8 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ratio_fast_sdpa_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)
+    # no GPU timeline on the CPU: no gap to attribute, but the section is there
+    assert all(r["gpu_idle_ms"] == {} for r in res) and "GPU idle by step phase" in printed
 
 
 def test_a_variant_process_that_dies_leaves_an_error_record(tmp_path, capsys):

@@ -46,7 +46,7 @@ from .config import (ConfigError, TrainConfig, check_init_from, init_from_applie
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import (LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, peak_reserved_gib,
-                      step_flops)
+                      step_flops, step_phase)
 from .parallelize import (count_parameters, cudagraph_recordings, cudagraph_skips, describe, paired_parameters,
                           parallelize)
 from .schedules import lr_at, momentum_at, wd_at
@@ -196,15 +196,19 @@ def jepa_step_loss(models: JEPAModels, imgs: torch.Tensor, masks_enc, masks_pred
     with autocast:
         if side_stream is not None:
             side_stream.wait_stream(main)  # the images, and the last step's EMA update of the target weights
-        with torch.no_grad(), (torch.cuda.stream(side_stream) if side_stream is not None else nullcontext()):
+        with torch.no_grad(), (torch.cuda.stream(side_stream) if side_stream is not None else nullcontext()), \
+                step_phase("target encoder"):
             h = (target_forward or models.target_encoder)(imgs)
             h = packed_targets(h, masks_pred) if packed else reference.target_features(h, masks_pred)
-        z = models.encoder(imgs, masks_enc)
-        z = models.predictor(z, masks_enc, masks_pred)
-        if side_stream is not None:
-            main.wait_stream(side_stream)
-            h.record_stream(main)  # made on the side stream, read here: not reused before this stream is done
-        return reference.jepa_loss(z.float(), h.float())
+        with step_phase("context encoder"):
+            z = models.encoder(imgs, masks_enc)
+        with step_phase("predictor"):
+            z = models.predictor(z, masks_enc, masks_pred)
+        with step_phase("loss"):
+            if side_stream is not None:
+                main.wait_stream(side_stream)
+                h.record_stream(main)  # made on the side stream, read here: not reused before this stream is done
+            return reference.jepa_loss(z.float(), h.float())
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -310,18 +314,21 @@ class Trainer:
                                       self.side_stream)
                 if k > 1:
                     part = part / k
-                part.backward()
+                with step_phase("backward"):
+                    part.backward()
                 if self.stable_grads:
                     self._own_grads()
                 loss = part.detach() if loss is None else loss + part.detach()
-        nonfinite = loss.new_zeros((), dtype=torch.float64)
-        if self.cfg.skip_nonfinite_grads:  # AdamW's fused kernel skips its update where found_inf is 1
-            self.opt.found_inf = gradients_nonfinite(self.opt, self.info)
-            nonfinite = self.opt.found_inf.double()
-        self.opt.step()
-        self.opt.found_inf = None  # (read by this step only: another opt.step() must not skip with it)
-        self.opt.zero_grad(set_to_none=not self.stable_grads)
-        ema_update(self.ema_target, self.ema_online, momentum)
+        with step_phase("optimizer"):
+            nonfinite = loss.new_zeros((), dtype=torch.float64)
+            if self.cfg.skip_nonfinite_grads:  # AdamW's fused kernel skips its update where found_inf is 1
+                self.opt.found_inf = gradients_nonfinite(self.opt, self.info)
+                nonfinite = self.opt.found_inf.double()
+            self.opt.step()
+            self.opt.found_inf = None  # (read by this step only: another opt.step() must not skip with it)
+            self.opt.zero_grad(set_to_none=not self.stable_grads)
+        with step_phase("ema"):
+            ema_update(self.ema_target, self.ema_online, momentum)
         W = self.info.world_size
         # float64: the summed counts (tokens, FLOPs) stay exact integers far beyond float32's 2**24
         stats = torch.stack([loss.detach().double()] + [loss.new_full((), float(v), dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Training metrics: analytic FLOP count, throughput / MFU, peak memory, the JSONL log and TensorBoard.
+"""Training metrics: analytic FLOP count, throughput / MFU, peak memory, the JSONL log and TensorBoard, and the
+step's phases as profiler ranges (:func:`step_phase`).
 
 FLOPs are counted analytically from the model sizes and the mask lengths of each step
 (:mod:`stop_kernels.models.flops`: matrix multiplies and attention, 2 FLOP per multiply-add; for
@@ -6,12 +7,13 @@ ViT-H/14 at 224, B 64, Nc 74, Nt 42 ≈ 43 TFLOP per step, the figure of ``ANCHO
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, ContextManager, Dict, Optional, TextIO
 
 import torch
 
@@ -19,6 +21,28 @@ from .._checks import write_atomic
 from ..models.flops import jepa_step_flops, jepa_step_floors_ms, peak_tflops
 from ..models.vit import VIT_PRESETS, resolve_model_name
 from .config import TrainConfig
+
+
+STEP_PHASE_PREFIX = "## step: "  # (a "##" name: the profile readers take its GPU-timeline twin for no kernel)
+STEP_PHASES = ("target encoder", "context encoder", "predictor", "loss", "backward", "optimizer", "ema")
+_phase_ranges = {"on": False}
+
+
+def annotate_step_phases(on: bool) -> None:
+    """Mark the training step's phases (:data:`STEP_PHASES`) as ``torch.profiler.record_function`` ranges named
+    ``## step: <phase> ##``, so that a profile can say what the host was doing while the GPU waited
+    (``benchmarks/profile_step.py``). Off by default: each range costs a dispatcher call on the host."""
+    _phase_ranges["on"] = bool(on)
+
+
+def step_phase(name: str) -> ContextManager:
+    """The profiler range of step phase ``name`` (one of :data:`STEP_PHASES`) while :func:`annotate_step_phases`
+    is on; a no-op context otherwise."""
+    if not _phase_ranges["on"]:
+        return contextlib.nullcontext()
+    if name not in STEP_PHASES:
+        raise ValueError(f"name: a step phase is one of {STEP_PHASES}, got {name!r}")
+    return torch.profiler.record_function(f"{STEP_PHASE_PREFIX}{name} ##")
 
 
 def _step_sizes(cfg: TrainConfig, batch: int, n_ctx: float, n_tgt: float) -> Dict[str, Any]:
