@@ -12,11 +12,14 @@ and peak memory are stand-ins). It checks the scripts, never the kernels' speed:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
+import subprocess
 import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 REHEARSE = os.environ.get("STOP_KERNELS_REHEARSE") == "1"
 if REHEARSE:  # before anything imports triton (the scripts import stop_kernels after this module)
@@ -221,6 +224,61 @@ def kernel_times(prof, iterations: int) -> dict:
         t, n = out.get(e.name, (0.0, 0))
         out[e.name] = (t + e.time_range.elapsed_us() / 1e3 / iterations, n + 1)
     return {k: (t, n // iterations) for k, (t, n) in out.items()}
+
+
+CLOCK_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu")
+
+
+def clock_summary(lines) -> dict:
+    """``{"samples": n, "sm_mhz_mean", "sm_mhz_min", "mem_mhz_mean", "power_w_mean", "power_w_max", "temp_c_max"}``
+    of ``nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader,nounits``
+    lines; lines that do not parse (a "[N/A]" field, a warning) are skipped; ``{}`` when none parses."""
+    rows = []
+    for line in lines:
+        try:
+            sm, mem, power, temp = (float(x) for x in line.split(","))
+        except ValueError:
+            continue
+        rows.append((sm, mem, power, temp))
+    if not rows:
+        return {}
+    col = list(zip(*rows))
+    mean = lambda xs: round(sum(xs) / len(xs), 1)  # noqa: E731
+    return {"samples": len(rows), "sm_mhz_mean": mean(col[0]), "sm_mhz_min": min(col[0]), "mem_mhz_mean": mean(col[1]),
+            "power_w_mean": mean(col[2]), "power_w_max": max(col[2]), "temp_c_max": max(col[3])}
+
+
+@contextlib.contextmanager
+def gpu_clocks(device_index: int, period_ms: int = 100) -> Iterator[dict]:
+    """Sample the GPU's SM and memory clocks, power draw and temperature every ``period_ms`` while the block runs
+    (``nvidia-smi -lms`` in the background); the yielded dict is filled with :func:`clock_summary` on exit, or with
+    ``{"error": why}`` where nvidia-smi is missing or fails. The check of whether a busier GPU (no idle gaps between
+    kernels, as under CUDA graphs) ran its kernels at lower clocks (its power limit) than a gappy one.
+    ``device_index`` is nvidia-smi's, which is torch's unless ``CUDA_VISIBLE_DEVICES`` renumbers the GPUs."""
+    out: dict = {}
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        out["error"] = "nvidia-smi not found"
+        yield out
+        return
+    cmd = [exe, f"--query-gpu={','.join(CLOCK_FIELDS)}", "--format=csv,noheader,nounits", "-lms", str(period_ms),
+           "-i", str(device_index)]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        yield out
+        return
+    try:
+        yield out
+    finally:
+        proc.terminate()
+        try:
+            text, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            text, _ = proc.communicate()
+        out.update(clock_summary(text.splitlines()) or {"error": "no sample parsed"})
 
 
 def idle_by_range(busy, ranges, long_gap_us: float = 50.0) -> dict:

@@ -95,6 +95,14 @@ def graphs_cell(r: dict) -> str:
     return f"{r.get('cudagraph_recordings')} / {r['cudagraph_skips']}"
 
 
+def clocks_cell(r: dict) -> str:
+    """The table's clock cell of a path: the SM clock's mean (min) and the mean power while its steps were timed."""
+    c = r.get("gpu_clocks") or {}
+    if "sm_mhz_mean" not in c:
+        return c.get("error", "")
+    return f"{c['sm_mhz_mean']:.0f} ({c['sm_mhz_min']:.0f}), {c['power_w_mean']:.0f}"
+
+
 def main(argv=None) -> int:
     p = profile_step.build_parser()
     p.description = __doc__.split("\n\n")[0]
@@ -125,15 +133,16 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "e2e_step.json"), "w") as fh:
         json.dump({**profile_step.run_header(gpu), "results": results, "ratio": ratio}, fh, indent=1)
     # CUDA graphs: under compile_mode reduce-overhead, the graphs recorded / the compiled graphs run without them
-    print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB (reserved) | last loss | CUDA graphs / skipped |  ({gpu}, "
-          f"{args.model}, batch {args.batch_size}, compile={not args.no_compile})")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB (reserved) | last loss | CUDA graphs / skipped | "
+          f"SM MHz mean (min), W mean |  ({gpu}, {args.model}, batch {args.batch_size}, compile={not args.no_compile})")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | error: {r['error'][:150]} | | | | | | |")
+            print(f"| {r['name']} | error: {r['error'][:150]} | | | | | | | |")
         else:
             print(f"| {r['name']} | {r['ms_per_step']} | {r['images_per_s']} | {r['tflops']} | {r['mfu']:.1%} | "
-                  f"{r['peak_gib']} ({r.get('peak_reserved_gib')}) | {r['final_loss']} | {graphs_cell(r)} |")
+                  f"{r['peak_gib']} ({r.get('peak_reserved_gib')}) | {r['final_loss']} | {graphs_cell(r)} | "
+                  f"{clocks_cell(r)} |")
     return 0
 
 

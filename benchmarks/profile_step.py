@@ -2,14 +2,16 @@
 """Where does a training step's time go? Times and profiles ``Trainer.step`` in several set-ups.
 
 Each variant builds the full pipeline (:class:`stop_kernels.training.loop.Trainer`: encoder, StoP
-predictor, target encoder, fused AdamW, EMA) at the given model and batch, runs warm-up steps, times
-``--steps`` steps (wall clock, synchronised at both ends; the host time to *queue* them is reported
-too: when it is close to the wall time the step is host-bound), then profiles ``--profile-steps``
-steps with ``torch.profiler`` and prints the GPU time per step by kernel category, the top kernels
-and host ops, and how long the GPU waited in each phase of the step (the phases marked as ranges:
-``stop_kernels.training.metrics.step_phase``; long gaps of 50 µs or more apart from launch latency), with the host's
-waits for the GPU in each phase (synchronisations, a full launch queue). Each variant runs in a fresh Python process (``--no-isolate``: all in this one), so none
-inherits another's torch.compile caches and guards.
+predictor, target encoder, fused AdamW, EMA) at the given model and batch, runs warm-up steps, and times
+``--steps`` steps (wall clock, synchronised at both ends). The host time to *queue* them is reported too: the
+host's lead over the GPU when the steps end is ``--steps`` × the difference, and a full launch queue keeps the two
+close in a GPU-bound step as well, so read them with the profile's waits. Meanwhile ``nvidia-smi`` samples the
+GPU's SM clock and power. Then ``--profile-steps`` steps run under ``torch.profiler``, which prints the GPU time
+per step by kernel category, the top kernels and host ops, and how long the GPU waited in each phase of the step
+(the phases marked as ranges: ``stop_kernels.training.metrics.step_phase``; long gaps of 50 µs or more apart
+from launch latency), with the host's waits for the GPU in each phase (synchronisations, a full launch queue).
+Each variant runs in a fresh Python process (``--no-isolate``: all in this one), so none inherits another's
+torch.compile caches and guards.
 
     python benchmarks/profile_step.py --model vit_h --batch-size 64 --out DIR \
         --variants fsdp:sharding=full,none:sharding=none,sdpa:sharding=none+attention=sdpa
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gc
 import json
 import os
@@ -62,7 +65,7 @@ from stop_kernels.training.metrics import (STEP_PHASE_PREFIX, annotate_step_phas
 from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import card_limits, gpu_idle_by_phase, host_op_times, kernel_times  # noqa: E402
+from _gpu_common import card_limits, gpu_clocks, gpu_idle_by_phase, host_op_times, kernel_times  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -174,19 +177,23 @@ def run_variant(v: dict, args, info) -> dict:
     res["warmup_s"] = round(time.perf_counter() - t0, 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    flops = 0.0
-    n_ctx = n_tgt = 0.0
-    stats = None
-    for i in range(warm, warm + args.steps):
-        imgs, me, mp = batches[i]
-        stats = tr.step(imgs, me, mp, sched)
-        c_len, t_len = mean_tokens(me), mean_tokens(mp)
-        flops += step_flops(cfg, cfg.batch_size, c_len, t_len)
-        n_ctx, n_tgt = n_ctx + c_len / args.steps, n_tgt + t_len / args.steps
-    t_queued = time.perf_counter() - t0
-    _sync(info)
-    dt = time.perf_counter() - t0
+    # the GPU's clocks and power while the timed steps run (nvidia-smi in the background): whether a path that keeps
+    # the GPU busier (CUDA graphs: no gaps between kernels) runs them at lower clocks, at its power limit
+    with (gpu_clocks(info.device.index or 0) if cuda else contextlib.nullcontext({})) as clocks:
+        t0 = time.perf_counter()
+        flops = 0.0
+        n_ctx = n_tgt = 0.0
+        stats = None
+        for i in range(warm, warm + args.steps):
+            imgs, me, mp = batches[i]
+            stats = tr.step(imgs, me, mp, sched)
+            c_len, t_len = mean_tokens(me), mean_tokens(mp)
+            flops += step_flops(cfg, cfg.batch_size, c_len, t_len)
+            n_ctx, n_tgt = n_ctx + c_len / args.steps, n_tgt + t_len / args.steps
+        t_queued = time.perf_counter() - t0
+        _sync(info)
+        dt = time.perf_counter() - t0
+    res["gpu_clocks"] = clocks
     # the last timed step's loss (read after the clock stops): every variant runs the same seeds and
     # batches, so the paths' losses agree up to bf16 noise and the StoP noise stream they draw from
     res["final_loss"] = round(float(stats[0]), 5) if stats is not None else None

@@ -4,7 +4,9 @@ StoP and attention scripts rehearsed at toy sizes. Timings here mean nothing; wh
 the GPU session measures the configurations it names and brings its results back; and the host-side
 arithmetic of the harness (e2e ratios, card limits, median timers, peak memory, forced SDPA backends)."""
 import json
+import os
 import sys
+import time
 
 import pytest
 import torch
@@ -151,6 +153,35 @@ def test_gpu_idle_by_phase_reads_a_profile_and_places_the_hosts_waits():
     assert list(got) == ["predictor", "loss"]  # largest idle first
 
 
+def test_gpu_clocks_samples_nvidia_smi_while_the_block_runs(tmp_path, monkeypatch):
+    """_gpu_common.gpu_clocks (profile_step.py's clocks and power during the timed steps: did the busier CUDA-graph
+    path run its kernels at lower clocks?): nvidia-smi in the background with the query it parses, every sample
+    summarised, unparsable lines skipped; without nvidia-smi the reason, never an exception."""
+    from _gpu_common import CLOCK_FIELDS, gpu_clocks
+    fake = tmp_path / "nvidia-smi"
+    log = tmp_path / "argv"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" > {log}
+echo "1980, 2619, 650.5, 60"
+echo "[N/A], [N/A], [N/A], [N/A]"
+echo "1755, 2619, 699.5, 66"
+exec sleep 30
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with gpu_clocks(3, period_ms=50) as clocks:
+        time.sleep(0.5)
+        assert clocks == {}  # filled on exit
+    assert clocks == {"samples": 2, "sm_mhz_mean": 1867.5, "sm_mhz_min": 1755.0, "mem_mhz_mean": 2619.0,
+                      "power_w_mean": 675.0, "power_w_max": 699.5, "temp_c_max": 66.0}
+    assert log.read_text().split() == [f"--query-gpu={','.join(CLOCK_FIELDS)}", "--format=csv,noheader,nounits",
+                                       "-lms", "50", "-i", "3"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with gpu_clocks(0) as clocks:
+        pass
+    assert clocks == {"error": "nvidia-smi not found"}
+
+
 def test_step_phases_are_profiler_ranges_only_when_asked(cpu_train, tmp_path):
     """metrics.step_phase: each phase of a training step is a record_function range named for profile_step.py's
     GPU-idle attribution while annotate_step_phases is on, and no range (no host cost) otherwise."""
@@ -226,6 +257,7 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     assert all(r["top_host_ops"] for r in res)
     # no GPU timeline on the CPU: no gap to attribute, but the section is there
     assert all(r["gpu_idle_ms"] == {} for r in res) and "GPU idle by step phase" in printed
+    assert all(r["gpu_clocks"] == {} for r in res) and "SM MHz mean (min), W mean" in printed  # (no GPU to sample)
 
 
 def test_a_variant_process_that_dies_leaves_an_error_record(tmp_path, capsys):
