@@ -35,7 +35,10 @@
 #      100-108 ms/step: the levers' GPU savings on top of run 7's 115.1 ms of kernels); fast_levers (the six opt-in
 #      levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise only); fast_cg (run 7: 114.74,
 #      to see the trees' GEMM slowdown again side by side); fast, fast_tgelu, then the rest, which the limit will not
-#      reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's).
+#      reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's),
+#      and, new since run 7, its GPU idle by step phase (short gaps against long ones, with the host's waits) and its
+#      SM clock and power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the
+#      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
 #   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=140 TESTS_NEW_FILES="tests/test_linear_gelu.py
 #      tests/test_predictor_input.py tests/test_stop_embed.py tests/test_training_reduce_overhead.py
 #      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py" SEC_STOP=130
@@ -46,7 +49,9 @@
 #      twenty-seventh session); then the StoP section with 70 s of its budget kept from
 #      the sweep for the timing pass, so the compiled unfused peer (the issue's 3x) is timed side by side at last,
 #      and with what is live at the fused op's forward+backward peak, by allocating line (run 7: 170.5 MiB against
-#      run 6's 99.6, untraced; the md's "Live at the ... peak" table). Last, gemm: the step's GEMMs eagerly, replayed
+#      run 6's 99.6; the md's "Live at the ... peak" table). The op's own tensors now peak at 69.0 MiB (94.3 before the
+#      twenty-eighth session; devtools.AllocationTrace on the CPU, results/cpu-host/), so the rest is what cuBLAS or
+#      the dW launch allocate below the dispatcher (~76 MiB in run 7). Last, gemm: the step's GEMMs eagerly, replayed
 #      from a torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's
 #      forward GEMMs first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of
 #      the trees' 5.4 ms GEMM slowdown (benchmarks/gemm_in_graph.py, rows written as they finish; NOTES.md, run 7).
