@@ -48,6 +48,10 @@ mask batches:
   ``fused_target_gelu``), which a host-bound step cannot show. ``fast_cg_stack``: ``fast_cg`` with each model's block stack one graph
   (``compile_scope: stack``): 5 replayed graph calls per step instead of ≈ 120, the least host work the pipeline
   offers. Compiled only.
+* ``fast_overlap``: ``fast`` with the target encoder's forward on a second CUDA stream (``overlap_target``), the
+  lever alone. Run 7's defaults were GPU-bound with ≈ 10 ms of gaps per step between kernels
+  (``benchmarks/NOTES.md``); a second stream's kernels can run in the first one's gaps and partial last waves.
+  CUDA only: on the CPU the path reports the trainer's refusal.
 * ``fast_tgelu``: ``fast`` with the target encoder's fc1, bias and GELU as one cuBLASLt GEMM (``fused_target_gelu``:
   the tanh form of GELU, which differs from the exact one far below bf16 rounding; see
   ``stop_kernels.ops.linear_gelu``): the lever alone, its GELU kernels gone from 32 of the step's 76 MLPs.
@@ -85,6 +89,7 @@ PATHS = {
     "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1+tgelu=1",
     "fast_cg_stack": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+scope=stack",
     "fast_tgelu": "attention=auto+input=auto+tgelu=1",
+    "fast_overlap": "attention=auto+input=auto+overlap=1",
 }
 
 

@@ -33,9 +33,10 @@
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; runs 6 and 7's paths
 #      took 75-150 s): reference; fast_cg_levers (the trees with the GPU-time levers, the multi-kernel fix; predicted
 #      100-108 ms/step: the levers' GPU savings on top of run 7's 115.1 ms of kernels); fast_levers (the six opt-in
-#      levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise only); fast_cg (run 7: 114.74,
-#      to see the trees' GEMM slowdown again side by side); fast, fast_tgelu, then the rest, which the limit will not
-#      reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's),
+#      levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise only); fast_overlap (the target
+#      encoder on a second stream alone: its kernels can fill the ~10 ms of gaps per step between the defaults'
+#      kernels, NOTES.md); fast_cg (run 7: 114.74, to see the trees' GEMM slowdown again side by side); fast,
+#      fast_tgelu, then the rest, which the limit will not reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's),
 #      and, new since run 7, its GPU idle by step phase (short gaps against long ones, with the host's waits) and its
 #      SM clock and power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the
 #      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
@@ -163,7 +164,7 @@ for s in $SECTIONS; do
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast_cg_levers,fast_levers,fast_cg,fast,fast_tgelu,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast_cg_levers,fast_levers,fast_overlap,fast_cg,fast,fast_tgelu,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest ${BENCH_FILES:-benchmarks/} --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

@@ -232,13 +232,14 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     # trees have nothing to act on: those paths are refused by name at their config check (fast_levers' GPU-only keys are refused by
     # the Trainer, test_training_speed), the others run
     assert list(errors) == ["fast_stack", "fast_unrolled", "fast_levers", "fast_cg", "fast_cg_levers",
-                            "fast_cg_stack"], errors
+                            "fast_cg_stack", "fast_overlap"], errors
     assert all(errors[n].startswith("ConfigError: compile_mode: applies to compiled blocks only")
                for n in ("fast_cg", "fast_cg_levers")), errors
     assert errors["fast_cg_stack"].startswith("ConfigError: compile_"), errors
     assert errors["fast_unrolled"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_stack"].startswith("ConfigError: compile_scope: applies to compiled blocks only"), errors
     assert errors["fast_levers"].startswith("ConfigError: combo_kernels: applies to compiled blocks only"), errors
+    assert errors["fast_overlap"].startswith("ConfigError: overlap_target:"), errors
     res = [r for r in res if "error" not in r]
     by = {r["name"]: r for r in res}
     assert by["fast_sdpa"]["policy"] == "compiled:24=sdpa" and by["reference"]["input"] == "unfused"
@@ -455,10 +456,10 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
-    # the baseline, then the two paths no GPU has timed (the trees with the GPU-time levers, the levers with the C++
-    # host code), then run 7's trees and the default again: a section cut by its limit (a compiled ViT-H path takes
-    # 75-150 s) keeps the untried ones
-    assert paths[:5] == ["reference", "fast_cg_levers", "fast_levers", "fast_cg", "fast"], paths
+    # the baseline, then the paths no GPU has timed (the trees with the GPU-time levers, the levers with the C++ host
+    # code, the second stream alone), then run 7's trees and the default again: a section cut by its limit (a
+    # compiled ViT-H path takes 75-150 s) keeps the untried ones
+    assert paths[:6] == ["reference", "fast_cg_levers", "fast_levers", "fast_overlap", "fast_cg", "fast"], paths
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
     bases = ("compile=1", "compile=1+policy=compiled:24=sdpa", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
