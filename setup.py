@@ -17,9 +17,12 @@ from setuptools.command.build_py import build_py
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# setuptools takes the packages and the extension's sources relative to the working directory (and refuses
-# absolute source paths), so `python /elsewhere/stop_kernels/setup.py ...` builds from the checkout too
-os.chdir(HERE)
+# setuptools finds the packages and the extension's sources from the working directory (and refuses absolute
+# source paths): run from elsewhere, it would build a package without its modules. pip and PEP 517 builds run here.
+# (Changing into this folder instead would move every relative path on the command line, such as `-d dist`.)
+if os.path.realpath(os.getcwd()) != os.path.realpath(HERE):
+    sys.exit(f"setup.py: run it from its own folder: cd {os.path.realpath(HERE)} && python setup.py ... "
+             f"(or pip install {os.path.realpath(HERE)})")
 # The kernels need bf16 / tf32 tensor cores (WMMA, sm_80+): nvcc stops at wmma::precision::tf32 for an older
 # target (csrc/stop_common.cuh), and the launchers refuse older GPUs at run time anyway.
 MIN_CAPABILITY = (8, 0)

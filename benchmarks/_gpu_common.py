@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import time
 import traceback
 from typing import Callable, Iterator, Optional
@@ -249,67 +250,41 @@ def clock_summary(lines) -> dict:
 
 
 @contextlib.contextmanager
-def gpu_clocks(device_index: int, period_ms: int = 100) -> Iterator[dict]:
-    """Sample the GPU's SM and memory clocks, power draw and temperature every ``period_ms`` while the block runs
-    (``nvidia-smi -lms`` in the background); the yielded dict is filled with :func:`clock_summary` on exit, or with
-    ``{"error": why}`` where nvidia-smi is missing or fails. The check of whether a busier GPU (no idle gaps between
-    kernels, as under CUDA graphs) ran its kernels at lower clocks (its power limit) than a gappy one.
-    ``device_index`` is nvidia-smi's, which is torch's unless ``CUDA_VISIBLE_DEVICES`` renumbers the GPUs."""
+def gpu_clocks(device_index: int, period_ms: int = 200) -> Iterator[dict]:
+    """Sample the GPU's SM and memory clocks, power draw and temperature about every ``period_ms`` while the block
+    runs (a background thread calling ``nvidia-smi --query-gpu`` once per sample, so no output waits in a pipe's
+    buffer); the yielded dict is filled with :func:`clock_summary` on exit, or with ``{"error": why}`` where
+    nvidia-smi is missing or fails. The check of whether a busier GPU (no idle gaps between kernels, as under CUDA
+    graphs) ran its kernels at lower clocks (its power limit) than a gappy one. ``device_index`` is nvidia-smi's,
+    which is torch's unless ``CUDA_VISIBLE_DEVICES`` renumbers the GPUs."""
     out: dict = {}
     exe = shutil.which("nvidia-smi")
     if exe is None:
         out["error"] = "nvidia-smi not found"
         yield out
         return
-    cmd = [exe, f"--query-gpu={','.join(CLOCK_FIELDS)}", "--format=csv,noheader,nounits", "-lms", str(period_ms),
-           "-i", str(device_index)]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    except OSError as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        yield out
-        return
+    cmd = [exe, f"--query-gpu={','.join(CLOCK_FIELDS)}", "--format=csv,noheader,nounits", "-i", str(device_index)]
+    lines: list = []
+    errors: list = []
+    stop = threading.Event()
+
+    def sample():
+        while True:
+            try:
+                lines.extend(subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.splitlines())
+            except (OSError, subprocess.SubprocessError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            if stop.wait(period_ms / 1e3):
+                return
+    sampler = threading.Thread(target=sample, name="gpu_clocks", daemon=True)
+    sampler.start()
     try:
         yield out
     finally:
-        proc.terminate()
-        try:
-            text, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            text, _ = proc.communicate()
-        out.update(clock_summary(text.splitlines()) or {"error": "no sample parsed"})
-
-
-def idle_by_range(busy, ranges, long_gap_us: float = 50.0) -> dict:
-    """Where the GPU waited, by what the host was doing: ``{range name: [idle µs, idle µs in gaps ≥ long_gap_us]}``.
-
-    ``busy``: ``(start, end)`` µs of every kernel, copy and memset on the GPU timeline; ``ranges``:
-    ``(start, end, name)`` µs of the host's named ranges (the step's phases), which nest. Each stretch between two
-    busy stretches (from the first kernel's start to the last one's end) is cut at the ranges' edges, and each piece
-    goes to the innermost range open at that time (the latest-starting of those that cover it), or to
-    ``"outside the ranges"``. Short gaps are launch latency between kernels the host issued in time; a long one
-    (``long_gap_us`` or more) is the GPU waiting for the host, or for a synchronisation."""
-    merged = []
-    for a, b in sorted(busy):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    out: dict = {}
-    for (_, a), (b, _) in zip(merged, merged[1:]):  # each gap [a, b)
-        cuts = sorted({a, b, *(t for s, e, _ in ranges for t in (s, e) if a < t < b)})
-        for lo, hi in zip(cuts, cuts[1:]):  # (no range edge inside [lo, hi): the one open at lo covers it)
-            row = out.setdefault(innermost_range(lo, ranges), [0.0, 0.0])
-            row[0] += hi - lo
-            if b - a >= long_gap_us:
-                row[1] += hi - lo
-    return out
-
-
-# host calls that wait for the GPU: a synchronisation drains the launch queue, and the GPU then idles while the host
-# issues the next kernels; "Command Buffer Full" is the host waiting for room in a full launch queue (the GPU behind)
-HOST_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "Command Buffer Full")
+        stop.set()
+        sampler.join(timeout=15)
+        out.update(clock_summary(list(lines)) or {"error": errors[0] if errors else "no sample parsed"})
 
 
 def innermost_range(t: float, ranges) -> str:
@@ -319,25 +294,65 @@ def innermost_range(t: float, ranges) -> str:
     return max(open_)[1] if open_ else "outside the ranges"
 
 
+def idle_by_launch(kernels, ranges) -> dict:
+    """Where the GPU waited, charged to the step phase that launched the work it waited for.
+
+    ``kernels``: ``(start, end, launch)`` µs of every kernel, copy and memset on the GPU timeline, ``launch`` the host
+    time of the runtime call that queued it (None where the profile does not link the two); ``ranges``: the host's
+    named ranges ``(start, end, name)``, which nest. Busy stretches merge (kernels overlapping on several streams),
+    and each gap between two of them goes to the phase open on the host when the kernel that ends the gap was
+    launched: the innermost range then, ``"outside the ranges"`` where none was open, ``"launch unknown"`` without a
+    link. Where that launch came after the GPU went idle, the GPU waited for the host (``host_us``); otherwise the
+    work was queued and the gap is the GPU's own (launch latency between kernels, a wait on another stream).
+    Returns ``{phase: {"idle_us": ..., "host_us": ...}}`` (``host_us`` None for ``"launch unknown"``)."""
+    merged = []  # [start, end, launch of the work that opens the stretch]
+    for a, b, launch in sorted(kernels, key=lambda k: (k[0], k[1])):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b, launch])
+    out: dict = {}
+    for (_, gap_start, _), (gap_end, _, launch) in zip(merged, merged[1:]):
+        name = "launch unknown" if launch is None else innermost_range(launch, ranges)
+        row = out.setdefault(name, {"idle_us": 0.0, "host_us": None if launch is None else 0.0})
+        row["idle_us"] += gap_end - gap_start
+        if launch is not None and launch >= gap_start:
+            row["host_us"] += gap_end - gap_start
+    return out
+
+
+# host calls that wait for the GPU: a synchronisation drains the launch queue, and the GPU then idles while the host
+# issues the next kernels; "Command Buffer Full" is the host waiting for room in a full launch queue (the GPU behind)
+HOST_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "Command Buffer Full")
+
+
 def gpu_idle_by_phase(prof, iterations: int, prefix: str) -> dict:
-    """:func:`idle_by_range` of a ``torch.profiler`` run over ``iterations`` iterations, the host ranges those named
+    """:func:`idle_by_launch` of a ``torch.profiler`` run over ``iterations`` iterations, the host ranges those named
     ``prefix…`` (the step's phases: ``stop_kernels.training.metrics.step_phase``), per iteration and in ms, with the
-    host's waits for the GPU (:data:`HOST_WAITS`) each phase made: ``{phase: {"idle_ms": ..., "long_gaps_ms": ...,
-    "waits": {call: [calls, ms]}}}``, largest idle first, the name's prefix and closing ``##`` cut."""
-    busy, ranges, waits = [], [], []
+    host's waits for the GPU (:data:`HOST_WAITS`) made in each phase: ``{phase: {"idle_ms": ..., "host_ms": ...,
+    "waits": {call: [calls, ms]}}}``, largest idle first, the name's prefix and closing ``##`` cut.
+
+    A kernel is linked to its launch by the CUDA correlation id that the profiler gives both the kernel and the
+    runtime or driver call that queued it (``cudaLaunchKernel``, ``cuLaunchKernelEx``, ``cudaMemsetAsync``,
+    ``cudaGraphLaunch``, ...: the host events named ``cu…``)."""
+    device, ranges, waits, launches = [], [], [], {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             if not _annotation(e.name):
-                busy.append((e.time_range.start, e.time_range.end))
+                device.append(e)
         elif e.name.startswith(prefix):
             ranges.append((e.time_range.start, e.time_range.end, e.name[len(prefix):].rstrip("# ").strip()))
         elif e.name in HOST_WAITS:
             waits.append(e)
-    out = {name: {"idle_ms": round(t / 1e3 / iterations, 3), "long_gaps_ms": round(g / 1e3 / iterations, 3),
-                  "waits": {}} for name, (t, g) in idle_by_range(busy, ranges).items()}
+        elif e.name.startswith("cu"):  # a runtime / driver call; its id is the CUDA correlation id
+            launches[e.id] = e.time_range.start
+    kernels = [(e.time_range.start, e.time_range.end, launches.get(e.id)) for e in device]
+    out = {name: {"idle_ms": round(r["idle_us"] / 1e3 / iterations, 3),
+                  "host_ms": None if r["host_us"] is None else round(r["host_us"] / 1e3 / iterations, 3), "waits": {}}
+           for name, r in idle_by_launch(kernels, ranges).items()}
     for e in waits:
         row = out.setdefault(innermost_range(e.time_range.start, ranges),
-                             {"idle_ms": 0.0, "long_gaps_ms": 0.0, "waits": {}})["waits"].setdefault(e.name, [0, 0.0])
+                             {"idle_ms": 0.0, "host_ms": 0.0, "waits": {}})["waits"].setdefault(e.name, [0, 0.0])
         row[0] += 1
         row[1] += e.time_range.elapsed_us() / 1e3
     for row in out.values():

@@ -37,7 +37,8 @@
 #      encoder on a second stream alone: its kernels can fill the ~10 ms of gaps per step between the defaults'
 #      kernels, NOTES.md); fast_cg (run 7: 114.74, to see the trees' GEMM slowdown again side by side); fast,
 #      fast_tgelu, then the rest, which the limit will not reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's),
-#      and, new since run 7, its GPU idle by step phase (short gaps against long ones, with the host's waits) and its
+#      and, new since run 7, its GPU idle before each step phase's work (queued gaps against waits for the host, with
+#      the host's waits) and its
 #      SM clock and power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the
 #      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
 #   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=140 TESTS_NEW_FILES="tests/test_linear_gelu.py

@@ -7,9 +7,12 @@ predictor, target encoder, fused AdamW, EMA) at the given model and batch, runs 
 host's lead over the GPU when the steps end is ``--steps`` × the difference, and a full launch queue keeps the two
 close in a GPU-bound step as well, so read them with the profile's waits. Meanwhile ``nvidia-smi`` samples the
 GPU's SM clock and power. Then ``--profile-steps`` steps run under ``torch.profiler``, which prints the GPU time
-per step by kernel category, the top kernels and host ops, and how long the GPU waited in each phase of the step
-(the phases marked as ranges: ``stop_kernels.training.metrics.step_phase``; long gaps of 50 µs or more apart
-from launch latency), with the host's waits for the GPU in each phase (synchronisations, a full launch queue).
+per step by kernel category, the top kernels and host ops, and how long the GPU waited for the work of each phase
+of the step (the phases marked as ranges: ``stop_kernels.training.metrics.step_phase``; each gap charged to the phase
+that launched the kernel ending it, and the part where that kernel was not yet queued, the GPU waiting for the
+host, apart), with the host's waits for the GPU in each phase (synchronisations, a full launch queue). One step
+runs unprofiled between the timed ones (which end synchronised) and the profiled ones, so that these start with
+the launch queue as full as in the steady state.
 Each variant runs in a fresh Python process (``--no-isolate``: all in this one), so none inherits another's
 torch.compile caches and guards.
 
@@ -164,7 +167,8 @@ def run_variant(v: dict, args, info) -> dict:
     # steady state (no first-time Triton JIT or torch.compile cost), as train.py --benchmark does
     pool = max(1, args.mask_batches)
     warm = warmup_steps(cfg, args.warmup, pool)
-    n_all = warm + args.steps + args.profile_steps
+    lead_in = 1 if args.profile_steps else 0  # (an unprofiled step: the profiled ones start with the queue filled)
+    n_all = warm + args.steps + lead_in + args.profile_steps
     batches = synthetic_batches(cfg, pool, cfg.batch_size, info.device, cfg.seed)
     batches = [batches[i % pool] for i in range(n_all)]
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
@@ -216,8 +220,11 @@ def run_variant(v: dict, args, info) -> dict:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         annotate_step_phases(True)  # the phases as ranges, for the profiled steps only (a few µs of host each)
         try:
+            # the timed steps ended with a synchronisation: one step unprofiled, so that the profiled ones find the
+            # host as far ahead of the GPU as in the steady state, not an empty launch queue
+            tr.step(*batches[warm + args.steps], sched)
             with profile(activities=acts) as prof:
-                for i in range(warm + args.steps, n_all):
+                for i in range(warm + args.steps + lead_in, n_all):
                     tr.step(*batches[i], sched)
                 _sync(info)
         finally:
@@ -376,11 +383,12 @@ def print_report(gpu: str, args, results) -> None:
             for t, n, k in r["top_host_ops"][:8]:
                 print(f"{t:8.3f} {n:5d} {k}")
             idle = r.get("gpu_idle_ms", {})
-            print(f"--- {r['name']}: GPU idle by step phase (ms/step; in gaps of 50 µs or more), "
-                  f"{round(sum(x['idle_ms'] for x in idle.values()), 2)} in all")
+            print(f"--- {r['name']}: GPU idle before the work of each step phase (ms/step; of which waiting for the "
+                  f"host), {round(sum(x['idle_ms'] for x in idle.values()), 2)} in all")
             for name, x in idle.items():
                 waits = ", ".join(f"{k} {n:g}x {ms} ms" for k, (n, ms) in x["waits"].items())
-                print(f"{x['idle_ms']:8.3f} {x['long_gaps_ms']:8.3f} {name}" + (f" (host waits: {waits})" if waits else ""))
+                host = "?" if x["host_ms"] is None else f"{x['host_ms']:.3f}"
+                print(f"{x['idle_ms']:8.3f} {host:>8s} {name}" + (f" (host waits: {waits})" if waits else ""))
     cats = sorted({c for r in results for c in r.get("categories_ms", {})})
     print(f"\n{gpu}, {args.model}, batch {args.batch_size}")
     print("| variant | ms/step | host ms | img/s | TFLOP/s | peak GiB | GPU ms | " + " | ".join(cats) + " |")

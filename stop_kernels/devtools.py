@@ -163,12 +163,14 @@ class AllocationTrace(TorchDispatchMode):
     """The tensor memory that the code run under it allocates, op by op, on any device: what the CUDA caching
     allocator's ``max_memory_allocated`` would count for the same torch calls, without a GPU.
 
-    Every op whose result is new memory (its schema's return aliases no input: views, in-place and ``out=`` ops
-    are skipped) adds its result's storage bytes; the bytes leave when the storage is freed (a finalizer on the
-    storage, which torch keeps as one Python object while it lives). Memory allocated before the trace began
-    (inputs, parameters) is not counted, even where the trace frees it. ``peak_bytes`` is the most bytes live at
-    once; ``live_at_peak`` lists them, largest first, as ``(bytes, op, shape, dtype)``; ``allocations`` lists
-    every counted allocation in that form, in order.
+    Every result of an op that is new memory adds its storage's bytes: not a view, nor an in-place or ``out=``
+    op's result (the schema's alias annotations), nor any result that shares an input's storage (``_unsafe_view``,
+    which has no annotation). An in-place or ``out=`` op that grows a storage (``resize_``, an ``out=`` tensor too
+    small) adds the growth. The bytes leave when the storage is freed (a finalizer on the storage, which torch keeps
+    as one Python object while it lives). Memory allocated before the trace began (inputs, parameters) is not
+    counted, even where the trace frees it. ``peak_bytes`` is the most bytes live at once; ``live_at_peak`` lists
+    them, largest first, as ``(bytes, op, shape, dtype)``; ``allocations`` lists every counted allocation (or
+    growth) in that form, in order.
 
     What it cannot see: memory allocated outside the dispatcher (a library's workspace, such as cuBLAS's on a
     GPU; Triton's scratch), tensors an op's kernel allocates inside itself (``sum(x, dtype=...)`` casts x
@@ -189,11 +191,38 @@ class AllocationTrace(TorchDispatchMode):
     def _freed(self, key: int) -> None:
         self.current_bytes -= self._live.pop(key)[0]
 
+    def _add(self, storage, nbytes: int, op: str, t: torch.Tensor) -> None:
+        key = id(storage)
+        if key in self._live:  # (a storage grown in place)
+            self._live[key] = (self._live[key][0] + nbytes, *self._live[key][1:])
+        else:
+            self._live[key] = (nbytes, op, tuple(t.shape), t.dtype)
+            weakref.finalize(storage, self._freed, key)
+        self.allocations.append((nbytes, op, tuple(t.shape), t.dtype))
+        self.current_bytes += nbytes
+        if self.current_bytes > self.peak_bytes:
+            self.peak_bytes = self.current_bytes
+            self.live_at_peak = sorted(self._live.values(), key=lambda r: -r[0])
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+        inputs = {id(t.untyped_storage()): t.untyped_storage().nbytes()
+                  for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
-        if returns and returns[0].alias_info is not None:  # a view of, or a write into, memory counted elsewhere
-            return out
+        writes = bool(returns) and returns[0].alias_info is not None  # a view of, or a write into, an input
+        op = func.overloadpacket.__name__
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in inputs:  # an input's memory: counted only where the op grew it
+                if writes and storage.nbytes() > inputs[key]:
+                    self._add(storage, storage.nbytes() - inputs[key], op, t)
+            elif not writes and key not in self._live:
+                self._add(storage, storage.nbytes(), op, t)
+        return out
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if not isinstance(t, torch.Tensor):
                 continue

@@ -116,66 +116,80 @@ def test_profile_categories_name_the_projects_kernels():
     assert profile_step.category("triton_poi_fused_convert_element_type_3") == "elementwise"
 
 
-def test_idle_by_range_gives_each_gpu_gap_to_the_innermost_host_range():
-    """_gpu_common.idle_by_range (profile_step.py's "GPU idle by step phase"): the gaps between merged busy stretches,
-    cut at the ranges' edges, each piece to the innermost open range (else "outside the ranges"), the pieces of gaps
-    of 50 µs or more counted again as long gaps; nothing before the first kernel or after the last."""
-    from _gpu_common import idle_by_range
-    busy = [(10, 20), (15, 30), (31, 40), (200, 260), (300, 310)]  # overlapping kernels merge: 10-30
-    ranges = [(0, 1000, "step"), (100, 250, "predictor"), (220, 400, "loss")]
-    got = idle_by_range(busy, ranges)
-    # gaps: 30-31 (1 µs, step), 40-200 (160 µs: 60 step, 100 predictor), 260-300 (40 µs: loss, the innermost)
-    assert got == {"step": [61.0, 60.0], "predictor": [100.0, 100.0], "loss": [40.0, 0.0]}
-    assert idle_by_range(busy, []) == {"outside the ranges": [201.0, 160.0]}
-    assert idle_by_range([(0, 5)], ranges) == {} and idle_by_range([], ranges) == {}
+def test_idle_by_launch_charges_each_gap_to_the_phase_that_launched_the_work_after_it():
+    """_gpu_common.idle_by_launch (profile_step.py's "GPU idle before the work of each step phase"): the gaps between
+    merged busy stretches, each charged to the innermost host range open when the kernel that ends the gap was
+    launched (not the range the host is in while the GPU idles: a host ahead of the GPU is in later phases by then),
+    and counted as waiting for the host where that kernel was launched after the GPU went idle; nothing before the
+    first kernel or after the last."""
+    from _gpu_common import idle_by_launch
+    ranges = [(0, 100, "A"), (100, 200, "B"), (200, 1000, "optimizer")]  # the host issues A then B, then moves on
+    # the GPU runs A's kernels later (300-335; the last two overlap, one busy stretch), then B's two, launched at 150
+    # and 160, long before the GPU reached them, then one kernel without a link to its launch
+    kernels = [(300, 310, 10), (315, 330, 20), (325, 335, 30), (340, 345, 150), (700, 710, 160), (720, 730, None)]
+    got = idle_by_launch(kernels, ranges)
+    # gaps: 310-315 (ended by A's kernel launched at 20), 335-340 and 345-700 (by B's), 710-720 (no link); all queued
+    assert got == {"A": {"idle_us": 5.0, "host_us": 0.0}, "B": {"idle_us": 360.0, "host_us": 0.0},
+                   "launch unknown": {"idle_us": 10.0, "host_us": None}}, got
+    late = [(0, 10, 0), (50, 60, 5), (70, 80, 65)]  # the second queued before the GPU idled (at 10), the third after
+    assert idle_by_launch(late, [(0, 100, "predictor")]) == {"predictor": {"idle_us": 50.0, "host_us": 10.0}}
+    assert idle_by_launch(late, []) == {"outside the ranges": {"idle_us": 50.0, "host_us": 10.0}}
+    assert idle_by_launch([(0, 5, 0)], ranges) == {} and idle_by_launch([], ranges) == {}
 
 
-def test_gpu_idle_by_phase_reads_a_profile_and_places_the_hosts_waits():
-    """_gpu_common.gpu_idle_by_phase: kernels (GPU-timeline annotations left out) against the step's phase ranges, per
-    iteration, and each host wait for the GPU (a synchronisation, a full launch queue) counted in the phase it ran
-    in: where a profile says the GPU idled, and which host call drained it."""
+def test_gpu_idle_by_phase_links_kernels_to_their_launches_and_places_the_hosts_waits():
+    """_gpu_common.gpu_idle_by_phase: kernels (GPU-timeline annotations left out) linked to the runtime calls that
+    launched them by their correlation id, against the step's phase ranges, per iteration; each host wait for the
+    GPU (a synchronisation, a full launch queue) counted in the phase it ran in."""
     from types import SimpleNamespace
 
     from _gpu_common import gpu_idle_by_phase
     CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 
-    def ev(name, start, end, device=CPU):
-        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(
+    def ev(name, start, end, device=CPU, id=0):
+        return SimpleNamespace(name=name, device_type=device, id=id, time_range=SimpleNamespace(
             start=start, end=end, elapsed_us=lambda: end - start))
     events = [ev("## step: predictor ##", 0, 1000), ev("## step: predictor ##", 0, 1000, CUDA),  # its GPU twin
-              ev("k1", 0, 100, CUDA), ev("k2", 400, 500, CUDA), ev("## step: loss ##", 1000, 2000),
-              ev("k3", 1600, 1700, CUDA), ev("cudaDeviceSynchronize", 1100, 1500), ev("cuLaunchKernel", 1550, 1560),
-              ev("Command Buffer Full", 200, 300)]
+              ev("## step: loss ##", 1000, 2000),
+              ev("cuLaunchKernel", 10, 12, id=7), ev("k1", 100, 200, CUDA, id=7),
+              ev("cudaLaunchKernel", 20, 22, id=8), ev("k2", 400, 500, CUDA, id=8),  # queued: a GPU-side gap
+              ev("cuLaunchKernelEx", 1200, 1210, id=9), ev("k3", 1600, 1700, CUDA, id=9),  # after the GPU idled
+              ev("aten::mm", 5, 30, id=9),  # an op whose id equals a correlation id: not a launch
+              ev("cudaDeviceSynchronize", 1100, 1500), ev("Command Buffer Full", 200, 300)]
     got = gpu_idle_by_phase(SimpleNamespace(events=lambda: events), 2, "## step: ")
-    # gaps 100-400 and 500-1000 in the predictor (0.8 ms over 2 iterations), 1000-1600 in the loss (0.6 ms)
-    assert got == {"predictor": {"idle_ms": 0.4, "long_gaps_ms": 0.4, "waits": {"Command Buffer Full": [0.5, 0.05]}},
-                   "loss": {"idle_ms": 0.3, "long_gaps_ms": 0.3, "waits": {"cudaDeviceSynchronize": [0.5, 0.2]}}}, got
-    assert list(got) == ["predictor", "loss"]  # largest idle first
+    # gaps: 200-400 ended by k2 (launched at 20 in the predictor: queued), 500-1600 by k3 (launched at 1200 in the
+    # loss, after the GPU went idle at 500: the GPU waited for the host)
+    assert got == {"loss": {"idle_ms": 0.55, "host_ms": 0.55, "waits": {"cudaDeviceSynchronize": [0.5, 0.2]}},
+                   "predictor": {"idle_ms": 0.1, "host_ms": 0.0, "waits": {"Command Buffer Full": [0.5, 0.05]}}}, got
+    assert list(got) == ["loss", "predictor"]  # largest idle first
 
 
 def test_gpu_clocks_samples_nvidia_smi_while_the_block_runs(tmp_path, monkeypatch):
     """_gpu_common.gpu_clocks (profile_step.py's clocks and power during the timed steps: did the busier CUDA-graph
-    path run its kernels at lower clocks?): nvidia-smi in the background with the query it parses, every sample
-    summarised, unparsable lines skipped; without nvidia-smi the reason, never an exception."""
+    path run its kernels at lower clocks?): nvidia-smi called with the query it parses, again and again while the
+    block runs and never after, every sample summarised, unparsable lines skipped; without nvidia-smi the reason,
+    never an exception."""
     from _gpu_common import CLOCK_FIELDS, gpu_clocks
     fake = tmp_path / "nvidia-smi"
-    log = tmp_path / "argv"
+    log = tmp_path / "calls"
     fake.write_text(f"""#!/bin/sh
-echo "$@" > {log}
+echo "$@" >> {log}
 echo "1980, 2619, 650.5, 60"
 echo "[N/A], [N/A], [N/A], [N/A]"
 echo "1755, 2619, 699.5, 66"
-exec sleep 30
 """)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    with gpu_clocks(3, period_ms=50) as clocks:
+    with gpu_clocks(3, period_ms=20) as clocks:
         time.sleep(0.5)
         assert clocks == {}  # filled on exit
-    assert clocks == {"samples": 2, "sm_mhz_mean": 1867.5, "sm_mhz_min": 1755.0, "mem_mhz_mean": 2619.0,
+    calls = log.read_text().splitlines()
+    assert len(calls) >= 2 and all(c.split() == [f"--query-gpu={','.join(CLOCK_FIELDS)}", "--format=csv,noheader,nounits",
+                                                 "-i", "3"] for c in calls), calls
+    assert clocks == {"samples": 2 * len(calls), "sm_mhz_mean": 1867.5, "sm_mhz_min": 1755.0, "mem_mhz_mean": 2619.0,
                       "power_w_mean": 675.0, "power_w_max": 699.5, "temp_c_max": 66.0}
-    assert log.read_text().split() == [f"--query-gpu={','.join(CLOCK_FIELDS)}", "--format=csv,noheader,nounits",
-                                       "-lms", "50", "-i", "3"]
+    time.sleep(0.2)
+    assert len(log.read_text().splitlines()) == len(calls)  # the sampler stopped with the block
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with gpu_clocks(0) as clocks:
         pass
@@ -257,7 +271,7 @@ def test_e2e_paths_run_a_step_on_cpu(tmp_path, capsys):
     assert "ratio_fast_sdpa_over_reference" in printed and "top host ops" in printed
     assert all(r["top_host_ops"] for r in res)
     # no GPU timeline on the CPU: no gap to attribute, but the section is there
-    assert all(r["gpu_idle_ms"] == {} for r in res) and "GPU idle by step phase" in printed
+    assert all(r["gpu_idle_ms"] == {} for r in res) and "GPU idle before the work of each step phase" in printed
     assert all(r["gpu_clocks"] == {} for r in res) and "SM MHz mean (min), W mean" in printed  # (no GPU to sample)
 
 

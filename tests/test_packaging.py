@@ -27,9 +27,13 @@ def test_built_package_carries_the_recipes(tmp_path):
     pytest.importorskip("setuptools", reason="setuptools (setup.py build_py) is not installed")
     lib = tmp_path / "lib"
     env = dict(os.environ, STOP_KERNELS_NO_CUDA="1")  # the pure-Python build: no CUDA probing
-    # run from another folder: setup.py finds the packages and recipes from its own location
-    subprocess.run([sys.executable, str(REPO / "setup.py"), "-q", "build_py", "-d", str(lib)], cwd=tmp_path, env=env,
-                   check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(lib)], cwd=REPO, env=env, check=True,
+                   capture_output=True, text=True)
+    # run from another folder, setuptools would find no package there: setup.py refuses, saying where to run it
+    other = subprocess.run([sys.executable, str(REPO / "setup.py"), "-q", "build_py", "-d", str(tmp_path / "x")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert other.returncode != 0 and f"run it from its own folder: cd {REPO}" in other.stderr, other.stderr
+    assert not (tmp_path / "x").exists()
     recipes = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
     assert recipes and sorted(os.listdir(lib / "stop_kernels" / "configs")) == recipes
     assert all(filecmp.cmp(REPO / "configs" / n, lib / "stop_kernels" / "configs" / n, shallow=False) for n in recipes)

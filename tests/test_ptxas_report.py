@@ -135,3 +135,32 @@ def test_unknown_kernel_family_is_refused_before_any_compile(report_module, monk
         report_module.main(["--kernels", "stop,attn"])
     assert e.value.code == 2 and not ran
     assert "--kernels: unknown ['attn']; choose from ['attention', 'stop']" in capsys.readouterr().err
+
+
+def test_allocation_trace_counts_new_memory_and_its_frees():
+    """devtools.AllocationTrace (the StoP op's memory test and benchmarks/stop_host.py count with it): new results
+    count until their storage is freed, once per storage (a view or a second result of it adds nothing); memory that
+    existed before the trace counts only where an op grows it (``out=``, ``resize_``), never where an op returns it
+    under another name (``_unsafe_view``, which has no alias annotation); results nested in lists count."""
+    import torch
+
+    from stop_kernels.devtools import AllocationTrace
+    pre = torch.randn(8, 1024)
+    with AllocationTrace() as t:
+        a = torch.randn(1000)              # 4000 B
+        b = a * 2                          # 4000 B, then freed
+        v = b.view(10, 100)                # a view: nothing
+        del b
+        peak_with_b = t.peak_bytes
+        del v                              # the storage is freed with its last view
+        torch.ops.aten._unsafe_view(pre, (8, -1))
+        parts = torch.ops.aten.split_with_sizes_copy(pre, [3, 5])  # a list of new tensors: 3 and 5 rows
+    assert peak_with_b == 8000 and t.current_bytes == 4000 + 8 * 1024 * 4
+    assert [n for n, *_ in t.allocations] == [4000, 4000, 3 * 1024 * 4, 5 * 1024 * 4], t.allocations
+    o = torch.empty(0)
+    with AllocationTrace() as t:
+        torch.add(pre, 1, out=o)           # o grows from 0 to 32 KiB
+        x = torch.empty(10)
+        x.resize_(1000)                    # 40 B grown to 4000 B
+    assert [(n, op) for n, op, *_ in t.allocations] == [(32768, "add"), (40, "empty"), (3960, "resize_")]
+    assert t.current_bytes == 32768 + 4000 and len(parts) == 2 and a.numel() == 1000
