@@ -223,18 +223,3 @@ class AllocationTrace(TorchDispatchMode):
             elif not writes and key not in self._live:
                 self._add(storage, storage.nbytes(), op, t)
         return out
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = id(storage)
-            if key in self._live:
-                continue
-            self._live[key] = (storage.nbytes(), func.overloadpacket.__name__, tuple(t.shape), t.dtype)
-            self.allocations.append(self._live[key])
-            self.current_bytes += storage.nbytes()
-            weakref.finalize(storage, self._freed, key)
-            if self.current_bytes > self.peak_bytes:
-                self.peak_bytes = self.current_bytes
-                self.live_at_peak = sorted(self._live.values(), key=lambda r: -r[0])
-        return out

@@ -30,8 +30,9 @@ _phase_ranges = {"on": False}
 
 def annotate_step_phases(on: bool) -> None:
     """Mark the training step's phases (:data:`STEP_PHASES`) as ``torch.profiler.record_function`` ranges named
-    ``## step: <phase> ##``, so that a profile can say what the host was doing while the GPU waited
-    (``benchmarks/profile_step.py``). Off by default: each range costs a dispatcher call on the host."""
+    ``## step: <phase> ##``, so that a profile can say which phase's work the GPU waited for, and where the host
+    waited for the GPU (``benchmarks/profile_step.py``). Off by default: each range costs a dispatcher call on the
+    host."""
     _phase_ranges["on"] = bool(on)
 
 
