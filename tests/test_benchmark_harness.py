@@ -572,8 +572,8 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
     the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the six opt-in step levers (and
-    each lever only there, but for the four GPU-time levers in fast_cg_levers and the target encoder's fused GELU in
-    fast_tgelu), the CUDA-graph trees in the fast_cg paths only, and the C++ host code of the
+    each lever only there, but for the four GPU-time levers in fast_cg_levers, the target encoder's fused GELU in
+    fast_tgelu and its second stream in fast_overlap), the CUDA-graph trees in the fast_cg paths only, and the C++ host code of the
     ViT-H recipe everywhere but in the reference, fast_py, fast_stack and the CUDA-graph paths."""
     levers = ("combo_kernels", "multi_kernel", "bf16_residual", "cuda_graph_target", "overlap_target",
               "fused_target_gelu", "cpp_wrapper")
@@ -581,13 +581,14 @@ def test_e2e_paths_turn_on_their_levers():
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_sdpa": ("auto", "auto", "compiled:24=sdpa"),
             "fast_levers": ("auto", "auto", ""), "fast_cg": ("auto", "auto", ""), "fast_cg_levers": ("auto", "auto", ""),
-            "fast_cg_stack": ("auto", "auto", ""), "fast_tgelu": ("auto", "auto", "")}
+            "fast_cg_stack": ("auto", "auto", ""), "fast_tgelu": ("auto", "auto", ""),
+            "fast_overlap": ("auto", "auto", "")}
     assert set(e2e_step.PATHS) == set(want)
     graphs = ("fast_cg", "fast_cg_levers", "fast_cg_stack")
     for name, (attention, inp, policy) in want.items():
         v, cfg = _cfg(f"{name}:{e2e_step.PATHS[name]}+compile=1")
         assert (cfg.attention, v["input"], cfg.attention_policy) == (attention, inp, policy), name
-        on = ([name in ("fast_levers", "fast_cg_levers")] * 3 + [name == "fast_levers"] * 2
+        on = ([name in ("fast_levers", "fast_cg_levers")] * 3 + [name == "fast_levers", name in ("fast_levers", "fast_overlap")]
               + [name in ("fast_tgelu", "fast_cg_levers", "fast_levers")] + [name not in ("reference", "fast_py", "fast_stack") + graphs])
         assert [getattr(cfg, k) for k in levers] == on, name
         assert cfg.compile_scope == {"fast_stack": "stack", "fast_unrolled": "unrolled",
