@@ -44,7 +44,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 T0 = time.time()
-# (name, tokens, in features, out features): the step's linear layers per block
 # (name, tokens, in features, out features, GEMMs): the step's linear layers per block, the largest first
 LAYERS = [(f"{who} {layer}", tokens, k, n, gemms)
           for who, tokens, width, gemms in (("target", 64 * 256, 1280, ("fwd",)),

@@ -206,8 +206,8 @@ class AllocationTrace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_leaves
-        inputs = {id(t.untyped_storage()): t.untyped_storage().nbytes()
-                  for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        inputs = {id(st): st.nbytes() for st in (t.untyped_storage() for t in tree_leaves((args, kwargs))
+                                                if isinstance(t, torch.Tensor))}
         out = func(*args, **(kwargs or {}))
         returns = func._schema.returns
         writes = bool(returns) and returns[0].alias_info is not None  # a view of, or a write into, an input

@@ -386,7 +386,7 @@ def gradients_nonfinite(opt: torch.optim.Optimizer, info: D.DistInfo) -> torch.T
     float32 scalar on the parameters' device, the shape of AdamW's step counts, from which the fused step subtracts
     it), with no host read: every rank skips the same steps."""
     grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-    return (1.0 - all_finite(grads, info)).float()
+    return 1.0 - all_finite(grads, info)
 
 
 def micro_batches(imgs, masks_enc, masks_pred, parts: int):
