@@ -12,9 +12,8 @@ The masked rows alone, ``stop_embed``'s unfused peer (:func:`official_stop_embed
 and the Triton ``stop_embed`` forced by name (:func:`triton_stop_embed`), for the ``stop_embed`` benchmarks
 (``benchmarks/gpu_cuda.py``, ``bench_cuda.py``).
 
-Also the setup both fused-op benchmarks share: the ViT-H/14 sizes, :func:`make_inputs` and the
-contenders (:func:`official` at ``SIGMA``, :func:`fused`, :func:`fused_trusted`; the last two
-import stop_kernels when called).
+Also the setup the fused-op benchmarks share: the ViT-H/14 sizes (``SIZES``, issue 3's), :func:`make_inputs`
+and the contenders (:func:`official` at ``SIGMA``, :func:`fused`, :func:`fused_trusted`).
 
 Imported by ``benchmarks/gpu_stop_embed.py``, ``bench_stop_embed.py``, ``gpu_cuda.py`` and ``bench_cuda.py``.
 """
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from _gpu_common import DEV, REHEARSE
+from stop_kernels.devtools import VIT_H14_STOP_SIZES, predictor_input_case
 
 
 def official_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: Sequence[torch.Tensor],
@@ -60,22 +60,17 @@ def triton_stop_embed(pos, idx, weight, bias, noise_std: float = 0.25) -> torch.
     return stop_embed(pos, idx, weight, bias, noise_std=noise_std, backend="triton")
 
 
-# ViT-H/14 sizes of the benchmarks: batch, target blocks, context / target tokens, encoder and
-# predictor widths, positions; the noise std. A rehearsal (_gpu_common) runs toy sizes on the CPU.
-B, NPRED, NC, NT, E, D, P = (2, 2, 5, 3, 40, 24, 16) if REHEARSE else (64, 4, 74, 42, 1280, 384, 256)
+# ViT-H/14 sizes of the benchmarks (issue 3's: batch, target blocks, context / target tokens, encoder and
+# predictor widths, positions); the noise std. A rehearsal (_gpu_common) runs toy sizes on the CPU.
+SIZES = dict(B=2, npred=2, Nc=5, Nt=3, E=40, D=24, P=16) if REHEARSE else VIT_H14_STOP_SIZES
+B, NPRED, NC, NT, E, D, P = SIZES.values()
 SIGMA = 0.25
 
 
 def make_inputs(seed=0):
-    """ViT-H inputs on DEV (the GPU; the CPU in a rehearsal): ctx bf16 (encoder output under autocast), W, b, ψ fp32; random indices."""
-    g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(B, NC, E, generator=g).to(DEV).bfloat16().requires_grad_()
-    w = (torch.randn(D, E, generator=g) / E ** 0.5).to(DEV).requires_grad_()
-    b = (0.1 * torch.randn(D, generator=g)).to(DEV).requires_grad_()
-    pos = torch.randn(P, D, generator=g).to(DEV)
-    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:NC] for _ in range(B)]).to(DEV)
-    tgt = [torch.randint(0, P, (B, NT), generator=g).to(DEV) for _ in range(NPRED)]
-    return ctx, ctx_idx, tgt, w, b, pos
+    """``(ctx, ctx_idx, tgt, w, b, pos)`` at :data:`SIZES` on DEV (the GPU; the CPU in a rehearsal):
+    ``stop_kernels.devtools.predictor_input_case``."""
+    return predictor_input_case(**SIZES, seed=seed, device=DEV)
 
 
 def official(ctx, ctx_idx, tgt, w, b, pos):

@@ -19,13 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _official_stop import B, D, E, NPRED, NT, P, SIGMA  # noqa: E402  (issue 3's ViT-H/14 sizes)
 from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
 from stop_kernels._checks import trusted_device_indices  # noqa: E402
 from stop_kernels.ops import cuda_backend as cb  # noqa: E402
 
-NPRED, B, NT, E, D, P = 4, 64, 42, 1280, 384, 256
 R = NPRED * B * NT
-SIGMA = 0.25
 DTYPE = torch.bfloat16
 
 if not torch.cuda.is_available():

@@ -33,11 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from _gpu_common import bench  # noqa: E402
+from _official_stop import B, D, E, NPRED, NT, P, SIGMA  # noqa: E402  (issue 3's ViT-H/14 sizes)
 from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
 
-NPRED, B, NT, E, D, P = 4, 64, 42, 1280, 384, 256
 R = NPRED * B * NT
-SIGMA = 0.25
 FWD_FLOPS = 2 * R * E * D  # the forward's n·Wᵀ (ANCHORS.md: the noise's 10.6 GFLOP at these sizes)
 SOURCES = ["csrc/stop_embed.cu", "csrc/stop_embed_bwd.cu", "csrc/bindings.cpp"]
 CUDA_FLAGS = ["-O3", "-lineinfo", "-std=c++17"]  # -std replaced below by the one torch uses

@@ -41,23 +41,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from stop_kernels import trusted_device_indices  # noqa: E402
 from stop_kernels import _checks as chk  # noqa: E402
+from stop_kernels.devtools import VIT_H14_STOP_SIZES, predictor_input_case  # noqa: E402
 from stop_kernels.ops import predictor_input as PI  # noqa: E402
 from stop_kernels.ops import stop_embed as se  # noqa: E402
 
 # toy sizes: the host cost does not depend on them; 4 target blocks as at ViT-H
-B, NPRED, NC, NT, E, D, P = 2, 4, 5, 3, 16, 8, 16
+TOY_SIZES = dict(B=2, npred=4, Nc=5, Nt=3, E=16, D=8, P=16)
 
 
-def make_inputs():
-    g = torch.Generator().manual_seed(0)
-    ctx = torch.randn(B, NC, E, generator=g).bfloat16().requires_grad_()
-    w = torch.randn(D, E, generator=g).requires_grad_()
-    b = torch.randn(D, generator=g).requires_grad_()
-    pos = torch.randn(P, D, generator=g)
-    ctx_idx = torch.randint(0, P, (B, NC), generator=g)
-    tgt = [torch.randint(0, P, (B, NT), generator=g) for _ in range(NPRED)]
-    go = torch.randn(NPRED * B, NC + NT, D, generator=g)
-    return (ctx, ctx_idx, tgt, w, b, pos), go
+def make_inputs(sizes=TOY_SIZES):
+    """The op's inputs at ``sizes`` (``devtools.predictor_input_case``) and an upstream gradient of its output."""
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(sizes["npred"] * sizes["B"], sizes["Nc"] + sizes["Nt"], sizes["D"], generator=g)
+    return predictor_input_case(**sizes), go
 
 
 def paths(args, go):
@@ -120,22 +116,16 @@ def with_eager_twins(fn):
 
 
 def allocation_rows() -> list:
-    """Peak MiB beyond the inputs of each path at the ViT-H/14 shapes (``_official_stop.make_inputs``' sizes, bf16
+    """Peak MiB beyond the inputs of each path at the ViT-H/14 shapes (``devtools.VIT_H14_STOP_SIZES``, bf16
     autocast), forward (output kept) and forward+backward (as ``gpu_stop_embed.py``'s ``peak_mib_beyond_inputs``),
     with the tensors live at the forward+backward peak. Call with the launches stubbed (``main``)."""
     from stop_kernels.devtools import AllocationTrace
-    sizes = dict(B=64, npred=4, Nc=74, Nt=42, E=1280, D=384, P=256)
-    B, npred, Nc, Nt, E, D, P = sizes.values()
-    g = torch.Generator().manual_seed(0)
-    ctx = torch.randn(B, Nc, E, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(D, E, generator=g) / E ** 0.5).requires_grad_()
-    b = torch.randn(D, generator=g).requires_grad_()
-    pos = torch.randn(P, D, generator=g)
-    ctx_idx = torch.randint(0, P, (B, Nc), generator=g)
-    tgt = [torch.randint(0, P, (B, Nt), generator=g) for _ in range(npred)]
-    go = torch.randn(npred * B, Nc + Nt, D, generator=g)
+    sizes = VIT_H14_STOP_SIZES
+    npred, B, Nc, Nt, D = (sizes[k] for k in ("npred", "B", "Nc", "Nt", "D"))
+    args, go = make_inputs(sizes)
+    ctx, w, b = args[0], args[3], args[4]
     rows = []
-    for name, (fwd, fwd_bwd) in paths((ctx, ctx_idx, tgt, w, b, pos), go).items():
+    for name, (fwd, fwd_bwd) in paths(args, go).items():
         fwd_bwd()  # warm (the argument checks' signature cache)
         with AllocationTrace() as f:
             out = fwd()
@@ -200,7 +190,7 @@ def main(argv=None) -> int:
         else:
             os.environ["TRITON_INTERPRET"] = interpret
     env = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), python=platform.python_version(),
-               torch=torch.__version__, threads=1, calls=a.calls, sizes=dict(B=B, npred=NPRED, Nc=NC, Nt=NT, E=E, D=D, P=P))
+               torch=torch.__version__, threads=1, calls=a.calls, sizes=TOY_SIZES)
     lines = ["| path | call | aten ops | Triton launches | µs per call (this CPU) |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['path']} | {r['kind']} | {r['aten_ops']} | {r['triton_launches']} | {r['us_per_call']} |" for r in rows]
     mem = ["| path | peak forward MiB | peak forward+backward MiB | output MiB |", "| --- | --- | --- | --- |"]
@@ -208,7 +198,8 @@ def main(argv=None) -> int:
     for r in memory:
         mem += ["", f"Live at the forward+backward peak of {r['path']} (MiB, allocating op, shape, dtype):", ""]
         mem += [f"- {n} `{op}` {shape} {dt}" for n, op, shape, dt in r["live_at_peak"]]
-    lines += ["", "Tensor memory per call at the ViT-H/14 shapes (B 64, npred 4, Nc 74, Nt 42, E 1280, D 384, bf16 "
+    shapes = ", ".join(f"{k} {v}" for k, v in VIT_H14_STOP_SIZES.items() if k != "P")
+    lines += ["", f"Tensor memory per call at the ViT-H/14 shapes ({shapes}, bf16 "
               "autocast; AllocationTrace, launches stubbed, dW split as on 132 SMs):", ""] + mem
     print("\n".join(lines))
     if a.out:

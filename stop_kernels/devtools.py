@@ -12,8 +12,9 @@ launches nothing, so that
 
 The kernels must have been decorated without ``TRITON_INTERPRET=1`` (import stop_kernels with it unset).
 Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share,
-:func:`cuda_autocast_flags`, CUDA autocast switched on without a device, and :class:`AllocationTrace`, the
-tensor memory a piece of code allocates, counted op by op on any device.
+:func:`cuda_autocast_flags`, CUDA autocast switched on without a device, :class:`AllocationTrace`, the
+tensor memory a piece of code allocates, counted op by op on any device, and :func:`predictor_input_case`, the
+StoP op's inputs at given sizes (``VIT_H14_STOP_SIZES``: issue 3's).
 """
 from __future__ import annotations
 
@@ -142,6 +143,29 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     CPU (0 when both are zero): the error measure of the kernels' tests and GPU checks."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# Issue 3's shapes: ViT-H/14 I-JEPA+StoP, batch 64, 4 target blocks, 74 context and 42 target tokens, encoder
+# width 1280 projected to the predictor's 384, 256 positions. The StoP benchmarks and the op's memory test use them.
+VIT_H14_STOP_SIZES = dict(B=64, npred=4, Nc=74, Nt=42, E=1280, D=384, P=256)
+
+
+def predictor_input_case(B: int, npred: int, Nc: int, Nt: int, E: int, D: int, P: int, *, seed: int = 0,
+                         device="cpu") -> Tuple:
+    """Fresh random inputs of ``assemble_predictor_input`` as the predictor gets them under bf16 autocast:
+    ``(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed)`` with ctx ``[B, Nc, E]`` bf16 (the encoder's output),
+    weight ``[D, E]`` (scaled by 1/√E), bias ``[D]`` and ψ ``[P, D]`` fp32, ctx, weight and bias requiring grad;
+    ctx_idx ``[B, Nc]`` distinct positions per image (Nc ≤ P), tgt_idx a list of npred ``[B, Nt]``. Drawn on
+    the CPU from ``seed`` (the same values on every device), then moved to ``device``. The one builder of these
+    cases for the StoP benchmarks (``benchmarks/_official_stop.py``, ``stop_host.py``) and the op's memory test."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(B, Nc, E, generator=g).to(device).bfloat16().requires_grad_()
+    w = (torch.randn(D, E, generator=g) / E ** 0.5).to(device).requires_grad_()
+    b = (0.1 * torch.randn(D, generator=g)).to(device).requires_grad_()
+    pos = torch.randn(P, D, generator=g).to(device)
+    ctx_idx = torch.stack([torch.randperm(P, generator=g)[:Nc] for _ in range(B)]).to(device)
+    tgt = [torch.randint(0, P, (B, Nt), generator=g).to(device) for _ in range(npred)]
+    return ctx, ctx_idx, tgt, w, b, pos
 
 
 @contextlib.contextmanager

@@ -1115,7 +1115,7 @@ def test_stop_host_script_counts_each_paths_ops_and_leaves_the_library_as_it_was
     fused, official = rows[("fused", "forward+backward")], rows[("official", "forward+backward")]
     # one Triton launch forward (context and StoP rows together), one backward (all of dW)
     assert rows[("fused", "forward")]["triton_launches"] == 1 and fused["triton_launches"] == 2
-    assert official["triton_launches"] == 0 and official["ops"].count("randn") == stop_host.NPRED
+    assert official["triton_launches"] == 0 and official["ops"].count("randn") == stop_host.TOY_SIZES["npred"]
     assert fused["aten_ops"] == len(fused["ops"]) < official["aten_ops"] / 2
     assert all(r["us_per_call"] > 0 for r in rows.values())
     md = (tmp_path / "stop_host.md").read_text()

@@ -444,22 +444,16 @@ def test_allocations_at_vit_h_shapes_hold_no_noise_buffer(monkeypatch):
       fp32 split partials and their sum, and W's bf16 copy: 69.0 MiB (GPU run 7 measured 170.5 MiB of CUDA
       memory, before the backward stopped casting all of g and ran dW before dctx: benchmarks/NOTES.md)."""
     from stop_kernels import _checks as chk
-    from stop_kernels.devtools import AllocationTrace
-    B, npred, Nc, Nt, E, D, P = 64, 4, 74, 42, 1280, 384, 256
+    from stop_kernels.devtools import VIT_H14_STOP_SIZES, AllocationTrace, predictor_input_case
+    B, npred, Nc, Nt, E, D, P = VIT_H14_STOP_SIZES.values()
     monkeypatch.setattr(se, "_launch", lambda *a, **k: None)
     monkeypatch.setattr(se, "_num_sms", lambda device: 132)  # an H200's, so dW splits its rows as there
     monkeypatch.setattr(chk, "index_range", lambda name, t, **kw: t)  # (a host read of the values: no allocation)
     from stop_kernels.ops import predictor_input as pi  # the eager twins, as outside a trace: a custom op would be
     for module in (pi, se):                             # one op to the trace, its allocations inside it unseen
         monkeypatch.setattr(module, "custom_op_bypass_ok", lambda t: True)
-    g = gen(0)
-    ctx = torch.randn(B, Nc, E, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(D, E, generator=g) / math.sqrt(E)).requires_grad_()
-    b = torch.randn(D, generator=g).requires_grad_()
-    pos = torch.randn(P, D, generator=g)
-    ctx_idx = torch.randint(0, P, (B, Nc), generator=g)
-    tgt = torch.randint(0, P, (npred, B, Nt), generator=g)
-    go = torch.randn(npred * B, Nc + Nt, D, generator=g)
+    ctx, ctx_idx, tgt, w, b, pos = predictor_input_case(**VIT_H14_STOP_SIZES)
+    go = torch.randn(npred * B, Nc + Nt, D, generator=gen(0))
 
     def forward():
         with torch.autocast("cpu", dtype=torch.bfloat16):
