@@ -38,14 +38,18 @@ mask batches:
   of the backward's reductions cost 35 ms a step), multi-kernel reductions (ViT-H's LayerNorms one-pass
   where that is faster), the residual stream in bf16, the target encoder replayed from a CUDA graph and
   run on a second stream, its GELU in its fc1 GEMM (``combo_kernels``, ``multi_kernel``, ``bf16_residual``,
-  ``cuda_graph_target``, ``overlap_target``, ``fused_target_gelu``; the last one since the twenty-fourth session). Their sum in one path; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by
+  ``cuda_graph_target``, ``overlap_target``, ``fused_target_gelu``; the last one since the twenty-fourth session),
+  and the Triton attention kernels for the context encoder's head dim 80, which trains (``attention_policy:
+  compiled_train:80=triton``; GPU run 7 timed them at N = 74 on the QKV buffer at 0.107 ms forward+backward against
+  cuDNN's 0.146 on q, k, v, while their forward alone, all the target encoder runs, is slower: 0.80× at N = 256;
+  the step's attention category shows it). Their sum in one path; ``profile_step.py`` (gpu_all.sh ``profile``) splits it by
   lever. CUDA only: on the CPU the path reports the trainer's refusal.
 * ``fast_cg``: ``fast`` with every compiled block replayed from CUDA graphs (``compile_mode: reduce-overhead``,
   Inductor's CUDA-graph trees; the C++ host code off, which a replay never runs): the host work of the
   trained blocks too, not only the target encoder's, leaves the step — run 6 measured every path host-bound.
   Its warm-up runs each mask batch three times (warm-up, recording, replay). ``fast_cg_levers``: with the
   levers that act on GPU time and combine with it (``combo_kernels``, ``multi_kernel``, ``bf16_residual``,
-  ``fused_target_gelu``), which a host-bound step cannot show. ``fast_cg_stack``: ``fast_cg`` with each model's block stack one graph
+  ``fused_target_gelu``, the context encoder's Triton attention), which a host-bound step cannot show. ``fast_cg_stack``: ``fast_cg`` with each model's block stack one graph
   (``compile_scope: stack``): 5 replayed graph calls per step instead of ≈ 120, the least host work the pipeline
   offers. Compiled only.
 * ``fast_overlap``: ``fast`` with the target encoder's forward on a second CUDA stream (``overlap_target``), the
@@ -84,9 +88,11 @@ PATHS = {
     "fast_unrolled": "attention=auto+input=auto+scope=unrolled",
     "fast_triton": "attention=triton+input=auto",
     "fast_sdpa": "attention=auto+input=auto+policy=compiled:24=sdpa",
-    "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1+tgelu=1",
+    "fast_levers": "attention=auto+input=auto+combo=1+mk=1+bf16res=1+graph=1+overlap=1+tgelu=1"
+                   "+policy=compiled_train:80=triton",
     "fast_cg": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0",
-    "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1+tgelu=1",
+    "fast_cg_levers": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+combo=1+mk=1+bf16res=1+tgelu=1"
+                      "+policy=compiled_train:80=triton",
     "fast_cg_stack": "attention=auto+input=auto+mode=reduce-overhead+cppwrap=0+scope=stack",
     "fast_tgelu": "attention=auto+input=auto+tgelu=1",
     "fast_overlap": "attention=auto+input=auto+overlap=1",

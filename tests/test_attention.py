@@ -699,6 +699,42 @@ def test_auto_policy_compiled_mode(monkeypatch):
     A.set_auto_policy(None)
 
 
+def test_auto_policy_compiled_train_and_fwd_only(monkeypatch):
+    """"compiled_train" / "compiled_fwd_only" split compiled calls by the grad mode (the context encoder trains
+    at head dim 80, the target encoder only runs forward there). Lookup under compile: (compiled_<m>, Dh),
+    (compiled, Dh), compiled_<m>, compiled; checked by a real torch.compile trace, which must read the grad
+    mode and requires_grad as eager code does and give each its own graph."""
+    monkeypatch.setattr(A, "_AUTO_POLICY", {})
+    A.set_auto_policy(A.parse_auto_policy("compiled=sdpa,compiled:24=triton,compiled_train:80=triton,"
+                                          "compiled_fwd_only=xformers,compiled_fwd_only:24=sdpa"))
+    q24, q80 = (_t(1, 8, 2, d, device="cpu", dtype=torch.float32) for d in (24, 80))
+    q24g, q80g = q24.clone().requires_grad_(), q80.clone().requires_grad_()
+    assert A._auto_policy_choice(q80g) == A._auto_policy_choice(q80) == "triton"  # eager: no compiled key applies
+    picks = []
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def block(x):
+        pick = A._auto_policy_choice(x)
+        picks.append(pick)  # (runs while dynamo traces, once per graph)
+        return x * 2
+    torch._dynamo.reset()
+    block(q80g)                                  # (compiled_train, 80)
+    block(q24g)                                  # (compiled, 24): no (compiled_train, 24)
+    with torch.no_grad():
+        block(q80g)                              # no_grad: compiled_fwd_only, before plain compiled
+        block(q24g)                              # (compiled_fwd_only, 24)
+    assert picks == ["triton", "triton", "xformers", "sdpa"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert A._auto_policy_choice(q80) == "xformers"        # no tensor requires grad: forward only
+    assert A._auto_policy_choice(q80, q80, q80g) == "triton"
+    A.set_auto_policy({"compiled": "sdpa", "compiled_train": "triton"})
+    assert A._auto_policy_choice(q24g) == "triton" and A._auto_policy_choice(q24) == "sdpa"
+    assert A.parse_auto_policy("compiled_train:80=triton") == {("compiled_train", 80): "triton"}
+    with pytest.raises(ValueError, match="^policy"):
+        A.parse_auto_policy("compiled_eval=sdpa")
+    A.set_auto_policy(None)
+
+
 def test_use_auto_policy_overrides_and_restores(monkeypatch):
     """The trainer's per-step policy (config key attention_policy): overrides on top of the current
     policy, restored on exit, also after an error; empty leaves the policy alone."""

@@ -571,7 +571,8 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_e2e_paths_turn_on_their_levers():
     """Each e2e path is the configuration its docstring names: the attention backend, the StoP input,
-    the head-dim-24 policy (fast_sdpa's, the default before run 6), for fast_levers the six opt-in step levers (and
+    the head-dim-24 policy (fast_sdpa's, the default before run 6), the context encoder's Triton attention
+    (compiled_train:80, in the two levers paths), for fast_levers the six opt-in step levers (and
     each lever only there, but for the four GPU-time levers in fast_cg_levers, the target encoder's fused GELU in
     fast_tgelu and its second stream in fast_overlap), the CUDA-graph trees in the fast_cg paths only, and the C++ host code of the
     ViT-H recipe everywhere but in the reference, fast_py, fast_stack and the CUDA-graph paths."""
@@ -580,7 +581,8 @@ def test_e2e_paths_turn_on_their_levers():
     want = {"reference": ("sdpa", "unfused", ""), "fast": ("auto", "auto", ""), "fast_py": ("auto", "auto", ""),
             "fast_stack": ("auto", "auto", ""), "fast_unrolled": ("auto", "auto", ""),
             "fast_triton": ("triton", "auto", ""), "fast_sdpa": ("auto", "auto", "compiled:24=sdpa"),
-            "fast_levers": ("auto", "auto", ""), "fast_cg": ("auto", "auto", ""), "fast_cg_levers": ("auto", "auto", ""),
+            "fast_levers": ("auto", "auto", "compiled_train:80=triton"), "fast_cg": ("auto", "auto", ""),
+            "fast_cg_levers": ("auto", "auto", "compiled_train:80=triton"),
             "fast_cg_stack": ("auto", "auto", ""), "fast_tgelu": ("auto", "auto", ""),
             "fast_overlap": ("auto", "auto", "")}
     assert set(e2e_step.PATHS) == set(want)

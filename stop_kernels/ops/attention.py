@@ -1957,16 +1957,20 @@ def attention_backend_problem(name: str, device: torch.device) -> str:
 
 # "auto" policy: which backend "auto" uses on CUDA for shapes the Triton kernel supports (16-bit,
 # head dim a multiple of 8 up to 128), set from measurements. Keys: a mode, or (mode, head dim) to
-# override one head dim; the mode is "compiled" (the call is being traced by torch.compile), else
-# "fwd_only" (no gradient needed: no_grad / inference / the EMA target encoder) or "train" (q, k or
-# v requires grad under grad mode). Values: "triton", "sdpa" or "xformers". Lookup order: under
-# torch.compile ("compiled", Dh), then "compiled"; then (mode, Dh), then mode, then "triton".
+# override one head dim. A call is "train" (q, k or v requires grad under grad mode) or "fwd_only" (no
+# gradient needed: no_grad / inference / the EMA target encoder); traced by torch.compile it is also
+# "compiled", and "compiled_train" or "compiled_fwd_only" tell those two apart there (the encoders'
+# head dim 80 runs both: the context encoder trains, the target encoder only runs forward, and the
+# kernels' forward and backward compare differently with cuDNN's, GPU run 7). Values: "triton", "sdpa"
+# or "xformers". Lookup order: under torch.compile ("compiled_<m>", Dh), ("compiled", Dh),
+# "compiled_<m>", "compiled"; then (m, Dh), then m, then "triton" (m: "train" or "fwd_only").
 # Set it with set_auto_policy({...}), the environment, e.g.
 #   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"   (set but empty: Triton everywhere, compiled code too)
 # or, for a training run, the config key attention_policy (overrides on top of this policy, applied
 # around each step by use_auto_policy): --attention-policy "compiled:24=sdpa" gives the predictor's
 # head dim 24 back to SDPA in compiled blocks (the default before GPU run 6), "compiled:80=triton"
-# the encoders' head dim 80 to the Triton kernels.
+# the encoders' head dim 80 to the Triton kernels, "compiled_train:80=triton" only the context
+# encoder's (e2e path fast_levers).
 #
 # The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200. Eager blocks run
 # the Triton kernels (run 3: their GPU time per step is 17 ms against cuDNN's 25 ms, and the eager step
@@ -1976,7 +1980,7 @@ def attention_backend_problem(name: str, device: torch.device) -> str:
 # time per step, the same loss at step 20); the encoders' head dim 80 stays on SDPA, where the kernels
 # were never measured faster in the step (run 2: slower at the encoder's shapes, before the head-dim
 # split; run 6 times the Triton side of N = 74 at 0.106 ms forward+backward, its cuDNN peer untimed).
-_AUTO_MODES = ("compiled", "fwd_only", "train")
+_AUTO_MODES = ("compiled", "compiled_train", "compiled_fwd_only", "fwd_only", "train")
 _AUTO_CHOICES = ("triton", "sdpa", "xformers")
 DEFAULT_AUTO_POLICY: Dict = {"compiled": "sdpa", ("compiled", 24): "triton"}
 _AUTO_POLICY: Dict = dict(DEFAULT_AUTO_POLICY)
@@ -2076,12 +2080,13 @@ def _auto_policy_choice(q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Op
     if not _AUTO_POLICY:
         return "triton"
     dh = q.shape[-1]
-    if torch.compiler.is_compiling():
-        pick = _AUTO_POLICY.get(("compiled", dh), _AUTO_POLICY.get("compiled"))
-        if pick is not None:
-            return pick
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
     mode = "train" if grad else "fwd_only"
+    if torch.compiler.is_compiling():
+        for key in (("compiled_" + mode, dh), ("compiled", dh), "compiled_" + mode, "compiled"):
+            pick = _AUTO_POLICY.get(key)
+            if pick is not None:
+                return pick
     return _AUTO_POLICY.get((mode, dh), _AUTO_POLICY.get(mode, "triton"))
 
 
@@ -2138,7 +2143,7 @@ def dispatch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     * ``"auto"``: CUDA + fp16/bf16 + supported head dim → Triton, unless the measured policy
       (:data:`DEFAULT_AUTO_POLICY`: inside torch.compile'd code SDPA, except Triton at head dim 24;
       :func:`set_auto_policy`, env ``STOP_KERNELS_ATTN_AUTO``) names another backend for this mode
-      ("compiled" / "fwd_only" / "train") and head dim; CUDA otherwise, and inside ``torch.func``
+      ("compiled", "compiled_train", "compiled_fwd_only", "fwd_only", "train") and head dim; CUDA otherwise, and inside ``torch.func``
       transforms (grad, vmap, …, which the kernels' custom ops do not support) → torch SDPA; CPU → SDPA
       (fast for tests), except the Triton interpreter when ``TRITON_INTERPRET=1`` and
       ``STOP_KERNELS_CPU_AUTO=triton`` are both set (a test hook; not ``STOP_KERNELS_ATTENTION_BACKEND``, the
