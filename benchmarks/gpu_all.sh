@@ -35,8 +35,9 @@
 #      100-108 ms/step: the levers' GPU savings on top of run 7's 115.1 ms of kernels); fast_levers (the six opt-in
 #      levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise only). Both levers paths now
 #      also send the context encoder's head dim 80 to the Triton attention (policy compiled_train:80=triton; run 7's
-#      microbenchmark: 0.107 against 0.146 ms forward+backward at N = 74, so ~1.2 ms less attention per step over
-#      32 blocks, predicted, read from the attention category); fast_overlap (the target
+#      microbenchmark: 0.107 against 0.146 ms forward+backward at N = 74, so up to ~1.2 ms less attention per step
+#      over 32 blocks; in run 7's step cuDNN's context calls took ~0.094 ms each, so the saving may be smaller:
+#      read it from the attention category); fast_overlap (the target
 #      encoder on a second stream alone: its kernels can fill the ~10 ms of gaps per step between the defaults'
 #      kernels, NOTES.md); fast_cg (run 7: 114.74, to see the trees' GEMM slowdown again side by side); fast,
 #      fast_tgelu, then the rest, which the limit will not reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's),
