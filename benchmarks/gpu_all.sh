@@ -74,7 +74,8 @@
 #   (the stack inlined into one graph, with the C++ host code), graph=1 (CUDA-graphed target), overlap=1 (target on a
 #   second stream), combo=1 (Inductor's combo kernels: a block's weight casts share launches),
 #   mk=1 (Inductor's multi-kernel reductions: ViT-H's LayerNorms one-pass where faster), bf16res=1 (the blocks' residual stream in bf16),
-#   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates)); PROFILE_BASE is
+#   mode=max-autotune-no-cudagraphs (Inductor's GEMM templates), enc80 (policy compiled_train:80=triton: the Triton
+#   attention for the context encoder, which trains, alone, so that its share of the levers paths is read apart)); PROFILE_BASE is
 #   compile=1 (fast), compile=1+policy=compiled:24=sdpa (fast_sdpa) or compile=1+attention=triton;
 #   ATTN_CONFIGS=benchmarks/results/<card>-runN/attn/best_configs.json gives it the attention configs
 #   that the earlier session measured fastest (keep that file with the run's results).
@@ -161,7 +162,7 @@ for s in $SECTIONS; do
            PB=${PROFILE_BASE:-compile=1}
            section profile ${SEC_PROFILE:-420} env $(attn_configs) python benchmarks/profile_step.py --model vit_h --batch-size 64 \
            --budget-s $(( ${SEC_PROFILE:-420} - 140 )) \
-           --variants "base:$PB,cg:$PB+mode=reduce-overhead+cppwrap=0,tgelu:$PB+tgelu=1,graph:$PB+graph=1,combo:$PB+combo=1,mk:$PB+mk=1,overlap:$PB+overlap=1,bf16res:$PB+bf16res=1,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,autotune:$PB+mode=max-autotune-no-cudagraphs" \
+           --variants "base:$PB,cg:$PB+mode=reduce-overhead+cppwrap=0,enc80:$PB+policy=compiled_train:80=triton,tgelu:$PB+tgelu=1,graph:$PB+graph=1,combo:$PB+combo=1,mk:$PB+mk=1,overlap:$PB+overlap=1,bf16res:$PB+bf16res=1,pyhost:$PB+cppwrap=0,stack:$PB+scope=stack+cppwrap=0,unrolled:$PB+scope=unrolled,autotune:$PB+mode=max-autotune-no-cudagraphs" \
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     gemm) section gemm ${SEC_GEMM:-120} python benchmarks/gemm_in_graph.py --out "$RES/gemm" --budget-s $(( ${SEC_GEMM:-120} - 40 )) ;;

@@ -31,7 +31,8 @@ the compiled blocks, ``combo_kernels``), ``bf16res`` (0|1: the blocks' residual 
 ``cpp_wrapper``; the ViT-H recipe turns it on), ``mk`` (0|1: Inductor's multi-kernel reductions, LayerNorms
 over more than 1024 features compiled one-pass too and timed, ``multi_kernel``), ``tgelu`` (0|1: the target
 encoder's fc1, bias and GELU (tanh form) as one cuBLASLt GEMM, ``fused_target_gelu``), ``policy`` (overrides of the "auto" attention policy, items separated by ``;``,
-e.g. ``policy=compiled:24=triton``: config key ``attention_policy``). Results: ``<out>/profile_step.json``
+e.g. ``policy=compiled:24=triton``: config key ``attention_policy``; given twice, as a base's and a lever's, both apply).
+Any other key given twice is refused. Results: ``<out>/profile_step.json``
 and a markdown table printed last. A 0|1 key left out takes the config's value (the model's recipe, else
 the default); the results record the values each variant ran with.
 """
@@ -112,10 +113,16 @@ def parse_variant(spec: str) -> dict:
     name, _, body = spec.partition(":")
     v = {"name": name, "sharding": "auto", "attention": "auto", "input": "auto", "compile": "0",
          "mode": "default", "scope": "block", "policy": "", **{k: "" for k in LEVER_FLAGS}}
+    seen = set()
     for kv in filter(None, body.split("+")):
         k, _, val = kv.partition("=")
         if k not in v or k == "name":
             raise ValueError(f"--variants: unknown key {k!r} in {spec!r}")
+        if k == "policy" and v["policy"] and val:  # a base's policy and a lever's: both apply (a key set in
+            val = f"{v['policy']};{val}"            # both is refused when the trainer reads the policy)
+        elif k in seen:  # a later value would silently replace the base's
+            raise ValueError(f"--variants: {k} is set twice in {spec!r}")
+        seen.add(k)
         # a switch only reaches the trainer as "1" (variant_argv): "true" or "yes" would silently run it off
         if k in SWITCHES and val not in ("0", "1"):
             raise ValueError(f"--variants: {k} takes 0 or 1, got {val!r} in {spec!r}")

@@ -84,6 +84,15 @@ def test_variant_keys_reach_the_config():
         _cfg("x:policy=compiled:24=cudnn")
     with pytest.raises(ConfigError, match="^compile_scope: expected one of"):
         _cfg("x:compile=1+scope=model")
+    # a base's policy and a lever's both apply (gpu_all.sh's enc80 on the fast_sdpa base); a key in both is
+    # refused where the trainer reads it; any other key given twice is refused by the parser, not replaced
+    _, cfg = _cfg("x:compile=1+policy=compiled:24=sdpa+policy=compiled_train:80=triton")
+    assert cfg.attention_policy == "compiled:24=sdpa;compiled_train:80=triton"
+    with pytest.raises(ConfigError, match="attention_policy"):
+        _cfg("x:compile=1+policy=compiled:24=sdpa+policy=compiled:24=triton")
+    for spec in ("x:compile=1+compile=0", "x:attention=sdpa+attention=triton", "x:cppwrap=1+cppwrap=0"):
+        with pytest.raises(ValueError, match="set twice"):
+            profile_step.parse_variant(spec)
 
 
 def test_trainer_applies_attention_policy_around_the_step(cpu_train, tmp_path):
@@ -484,6 +493,9 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     assert "pyhost:$PB+cppwrap=0" in specs and "stack:$PB+scope=stack+cppwrap=0" in specs
     assert "cg:$PB+mode=reduce-overhead+cppwrap=0" in specs
     assert "unrolled:$PB+scope=unrolled" in specs
+    assert "enc80:$PB+policy=compiled_train:80=triton" in specs
+    _, cfg = _cfg("enc80:compile=1+policy=compiled:24=sdpa+policy=compiled_train:80=triton")
+    assert cfg.attention_policy == "compiled:24=sdpa;compiled_train:80=triton"  # the base's policy kept
 
 
 def test_profile_report_reads_each_category_against_its_floor(capsys):
