@@ -15,7 +15,8 @@ and the Triton ``stop_embed`` forced by name (:func:`triton_stop_embed`), for th
 Also the setup the fused-op benchmarks share: the ViT-H/14 sizes (``SIZES``, issue 3's), :func:`make_inputs`
 and the contenders (:func:`official` at ``SIGMA``, :func:`fused`, :func:`fused_trusted`).
 
-Imported by ``benchmarks/gpu_stop_embed.py``, ``bench_stop_embed.py``, ``gpu_cuda.py`` and ``bench_cuda.py``.
+Imported by ``benchmarks/gpu_stop_embed.py``, ``bench_stop_embed.py``, ``gpu_cuda.py``, ``bench_cuda.py`` and
+``stop_host.py``.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def triton_stop_embed(pos, idx, weight, bias, noise_std: float = 0.25) -> torch.
 
 # ViT-H/14 sizes of the benchmarks (issue 3's: batch, target blocks, context / target tokens, encoder and
 # predictor widths, positions); the noise std. A rehearsal (_gpu_common) runs toy sizes on the CPU.
-SIZES = dict(B=2, npred=2, Nc=5, Nt=3, E=40, D=24, P=16) if REHEARSE else VIT_H14_STOP_SIZES
+SIZES = dict(B=2, npred=2, Nc=5, Nt=3, E=40, D=24, P=16) if REHEARSE else dict(VIT_H14_STOP_SIZES)
 B, NPRED, NC, NT, E, D, P = SIZES.values()
 SIGMA = 0.25
 

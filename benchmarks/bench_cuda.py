@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _official_stop import B, D, E, NPRED, NT, P, SIGMA  # noqa: E402  (issue 3's ViT-H/14 sizes)
-from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
+from _official_stop import SIGMA, official_stop_embed, triton_stop_embed  # noqa: E402
+from stop_kernels.devtools import VIT_H14_STOP_SIZES  # noqa: E402
 from stop_kernels._checks import trusted_device_indices  # noqa: E402
 from stop_kernels.ops import cuda_backend as cb  # noqa: E402
 
+B, NPRED, _, NT, E, D, P = VIT_H14_STOP_SIZES.values()  # issue 3's ViT-H/14 sizes (CUDA only: never toy ones)
 R = NPRED * B * NT
 DTYPE = torch.bfloat16
 

@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from _gpu_common import bench  # noqa: E402
-from _official_stop import B, D, E, NPRED, NT, P, SIGMA  # noqa: E402  (issue 3's ViT-H/14 sizes)
-from _official_stop import official_stop_embed, triton_stop_embed  # noqa: E402
+from _official_stop import SIGMA, official_stop_embed, triton_stop_embed  # noqa: E402
+from stop_kernels.devtools import VIT_H14_STOP_SIZES  # noqa: E402
 
+B, NPRED, _, NT, E, D, P = VIT_H14_STOP_SIZES.values()  # issue 3's ViT-H/14 sizes (CUDA only: never toy ones)
 R = NPRED * B * NT
 FWD_FLOPS = 2 * R * E * D  # the forward's n·Wᵀ (ANCHORS.md: the noise's 10.6 GFLOP at these sizes)
 SOURCES = ["csrc/stop_embed.cu", "csrc/stop_embed_bwd.cu", "csrc/bindings.cpp"]

@@ -158,6 +158,8 @@ def predictor_input_case(B: int, npred: int, Nc: int, Nt: int, E: int, D: int, P
     ctx_idx ``[B, Nc]`` distinct positions per image (Nc ≤ P), tgt_idx a list of npred ``[B, Nt]``. Drawn on
     the CPU from ``seed`` (the same values on every device), then moved to ``device``. The one builder of these
     cases for the StoP benchmarks (``benchmarks/_official_stop.py``, ``stop_host.py``) and the op's memory test."""
+    if not 1 <= Nc <= P:
+        raise ValueError(f"Nc: {Nc} context positions per image need 1 <= Nc <= P = {P}")
     g = torch.Generator().manual_seed(seed)
     ctx = torch.randn(B, Nc, E, generator=g).to(device).bfloat16().requires_grad_()
     w = (torch.randn(D, E, generator=g) / E ** 0.5).to(device).requires_grad_()

@@ -700,10 +700,11 @@ def test_auto_policy_compiled_mode(monkeypatch):
 
 
 def test_auto_policy_compiled_train_and_fwd_only(monkeypatch):
-    """"compiled_train" / "compiled_fwd_only" split compiled calls by the grad mode (the context encoder trains
-    at head dim 80, the target encoder only runs forward there). Lookup under compile: (compiled_<m>, Dh),
-    (compiled, Dh), compiled_<m>, compiled; checked by a real torch.compile trace, which must read the grad
-    mode and requires_grad as eager code does and give each its own graph."""
+    """"compiled_train" / "compiled_fwd_only" split compiled calls by whether a gradient is needed (the context
+    encoder trains at head dim 80, the target encoder only runs forward there). Lookup under compile:
+    (compiled_<m>, Dh), (compiled, Dh), compiled_<m>, compiled: a head-dim key wins over a mode-wide one. Checked
+    by a real torch.compile trace, which must read the grad mode and requires_grad as eager code does and give
+    each case its own graph."""
     monkeypatch.setattr(A, "_AUTO_POLICY", {})
     A.set_auto_policy(A.parse_auto_policy("compiled=sdpa,compiled:24=triton,compiled_train:80=triton,"
                                           "compiled_fwd_only=xformers,compiled_fwd_only:24=sdpa"))
@@ -714,21 +715,27 @@ def test_auto_policy_compiled_train_and_fwd_only(monkeypatch):
 
     @torch.compile(backend="eager", fullgraph=True)
     def block(x):
-        pick = A._auto_policy_choice(x)
-        picks.append(pick)  # (runs while dynamo traces, once per graph)
+        picks.append(A._auto_policy_choice(x))  # (dynamo replays the append after each call: one entry per call)
         return x * 2
     torch._dynamo.reset()
     block(q80g)                                  # (compiled_train, 80)
     block(q24g)                                  # (compiled, 24): no (compiled_train, 24)
+    block(q80)                                   # grad mode on, nothing requires grad: compiled_fwd_only
     with torch.no_grad():
         block(q80g)                              # no_grad: compiled_fwd_only, before plain compiled
         block(q24g)                              # (compiled_fwd_only, 24)
-    assert picks == ["triton", "triton", "xformers", "sdpa"]
+    assert picks == ["triton", "triton", "xformers", "xformers", "sdpa"]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert A._auto_policy_choice(q80) == "xformers"        # no tensor requires grad: forward only
     assert A._auto_policy_choice(q80, q80, q80g) == "triton"
     A.set_auto_policy({"compiled": "sdpa", "compiled_train": "triton"})
     assert A._auto_policy_choice(q24g) == "triton" and A._auto_policy_choice(q24) == "sdpa"
+    # a head-dim key wins over a mode-wide one: the default's (compiled, 24) keeps the predictor's attention
+    # where it is when an override names compiled_train for every head dim
+    A.set_auto_policy({**A.DEFAULT_AUTO_POLICY, "compiled_train": "sdpa"})
+    assert A._auto_policy_choice(q24g) == "triton" and A._auto_policy_choice(q80g) == "sdpa"
+    A.set_auto_policy({("compiled", 80): "sdpa", "compiled_train": "triton"})
+    assert A._auto_policy_choice(q80g) == "sdpa" and A._auto_policy_choice(q24g) == "triton"
     assert A.parse_auto_policy("compiled_train:80=triton") == {("compiled_train", 80): "triton"}
     with pytest.raises(ValueError, match="^policy"):
         A.parse_auto_policy("compiled_eval=sdpa")

@@ -1963,14 +1963,15 @@ def attention_backend_problem(name: str, device: torch.device) -> str:
 # head dim 80 runs both: the context encoder trains, the target encoder only runs forward, and the
 # kernels' forward and backward compare differently with cuDNN's, GPU run 7). Values: "triton", "sdpa"
 # or "xformers". Lookup order: under torch.compile ("compiled_<m>", Dh), ("compiled", Dh),
-# "compiled_<m>", "compiled"; then (m, Dh), then m, then "triton" (m: "train" or "fwd_only").
+# "compiled_<m>", "compiled"; then (m, Dh), then m, then "triton" (m: "train" or "fwd_only"). A head-dim
+# key wins over a mode-wide one, so "compiled_train=sdpa" leaves the default's ("compiled", 24) in place.
 # Set it with set_auto_policy({...}), the environment, e.g.
 #   STOP_KERNELS_ATTN_AUTO="fwd_only=sdpa,train:80=sdpa"   (set but empty: Triton everywhere, compiled code too)
 # or, for a training run, the config key attention_policy (overrides on top of this policy, applied
 # around each step by use_auto_policy): --attention-policy "compiled:24=sdpa" gives the predictor's
 # head dim 24 back to SDPA in compiled blocks (the default before GPU run 6), "compiled:80=triton"
 # the encoders' head dim 80 to the Triton kernels, "compiled_train:80=triton" only the context
-# encoder's (e2e path fast_levers).
+# encoder's (e2e paths fast_levers and fast_cg_levers).
 #
 # The default, DEFAULT_AUTO_POLICY, comes from the ViT-H/14 training step on an H200. Eager blocks run
 # the Triton kernels (run 3: their GPU time per step is 17 ms against cuDNN's 25 ms, and the eager step
