@@ -78,6 +78,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profile_step  # noqa: E402  (benchmarks/profile_step.py: runs Trainer variants)
+from _gpu_common import md_cell  # noqa: E402
 
 
 PATHS = {
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | error: {r['error'][:150]} | | | | | | | |")
+            print(f"| {r['name']} | error: {md_cell(r['error'], 150)} | | | | | | | |")
         else:
             print(f"| {r['name']} | {r['ms_per_step']} | {r['images_per_s']} | {r['tflops']} | {r['mfu']:.1%} | "
                   f"{r['peak_gib']} ({r.get('peak_reserved_gib')}) | {r['final_loss']} | {graphs_cell(r)} | "

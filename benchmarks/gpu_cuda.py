@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from _gpu_common import bench  # noqa: E402
+from _gpu_common import bench, md_cell  # noqa: E402
 from _official_stop import SIGMA, official_stop_embed, triton_stop_embed  # noqa: E402
 from stop_kernels.devtools import VIT_H14_STOP_SIZES  # noqa: E402
 
@@ -228,7 +228,7 @@ def write(report, out_dir):
                   "|---|---|---|---|---|---|---|---|"]
         for r in tm["rows"]:
             if "error" in r:
-                lines.append(f"| {r['impl']} | error: {r['error'][:80]} | | | | | | |")
+                lines.append(f"| {r['impl']} | error: {md_cell(r['error'], 80)} | | | | | | |")
             else:
                 lines.append(f"| {r['impl']} | {r['fwd_ms']:.4f} | {r['fwdbwd_ms']:.4f} | {r['fwd_tflops']} | "
                              f"{r['fwd_peak_extra_mib']} | {r['fwdbwd_peak_extra_mib']} | "

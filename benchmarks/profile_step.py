@@ -69,7 +69,7 @@ from stop_kernels.training.metrics import (STEP_PHASE_PREFIX, annotate_step_phas
 from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import card_limits, gpu_clocks, gpu_idle_by_phase, host_op_times, kernel_times  # noqa: E402
+from _gpu_common import card_limits, gpu_clocks, gpu_idle_by_phase, host_op_times, kernel_times, md_cell  # noqa: E402
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -402,7 +402,7 @@ def print_report(gpu: str, args, results) -> None:
     print("| --- " * (7 + len(cats)) + "|")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | error: {r['error'][:150]} |")
+            print(f"| {r['name']} | error: {md_cell(r['error'], 150)} |")
             continue
         c = r.get("categories_ms", {})
         print(f"| {r['name']} | {r['ms_per_step']} | {r['host_ms_per_step']} | {r['images_per_s']} | {r['tflops']} | "

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from stop_kernels import trusted_device_indices  # noqa: E402
 from stop_kernels import _checks as chk  # noqa: E402
-from stop_kernels.devtools import VIT_H14_STOP_SIZES, predictor_input_case  # noqa: E402
+from stop_kernels.devtools import VIT_H14_STOP_SIZES, predictor_input_case, trace_forward_backward  # noqa: E402
 from stop_kernels.ops import predictor_input as PI  # noqa: E402
 from stop_kernels.ops import stop_embed as se  # noqa: E402
 
@@ -119,21 +119,13 @@ def allocation_rows() -> list:
     """Peak MiB beyond the inputs of each path at the ViT-H/14 shapes (``devtools.VIT_H14_STOP_SIZES``, bf16
     autocast), forward (output kept) and forward+backward (as ``gpu_stop_embed.py``'s ``peak_mib_beyond_inputs``),
     with the tensors live at the forward+backward peak. Call with the launches stubbed (``main``)."""
-    from stop_kernels.devtools import AllocationTrace
     sizes = VIT_H14_STOP_SIZES
     npred, B, Nc, Nt, D = (sizes[k] for k in ("npred", "B", "Nc", "Nt", "D"))
     args, go = make_inputs(sizes)
     ctx, w, b = args[0], args[3], args[4]
     rows = []
-    for name, (fwd, fwd_bwd) in paths(args, go).items():
-        fwd_bwd()  # warm (the argument checks' signature cache)
-        with AllocationTrace() as f:
-            out = fwd()
-        del out
-        with AllocationTrace() as fb:
-            fwd().backward(go)
-        for t in (ctx, w, b):
-            t.grad = None
+    for name, (fwd, _) in paths(args, go).items():
+        f, fb = trace_forward_backward(fwd, go, leaves=(ctx, w, b))
         rows.append(dict(path=name, forward_MiB=round(f.peak_bytes / 2 ** 20, 2),
                          forward_backward_MiB=round(fb.peak_bytes / 2 ** 20, 2),
                          output_MiB=round(npred * B * (Nc + Nt) * D * 4 / 2 ** 20, 2), sizes=sizes,

@@ -13,7 +13,8 @@ launches nothing, so that
 The kernels must have been decorated without ``TRITON_INTERPRET=1`` (import stop_kernels with it unset).
 Also here: :func:`rel_error`, the error measure that the tests and the GPU checks share,
 :func:`cuda_autocast_flags`, CUDA autocast switched on without a device, :class:`AllocationTrace`, the
-tensor memory a piece of code allocates, counted op by op on any device, and :func:`predictor_input_case`, the
+tensor memory a piece of code allocates, counted op by op on any device (:func:`trace_forward_backward`: of a
+forward and a forward+backward), and :func:`predictor_input_case`, the
 StoP op's inputs at given sizes (``VIT_H14_STOP_SIZES``: issue 3's).
 """
 from __future__ import annotations
@@ -249,3 +250,20 @@ class AllocationTrace(TorchDispatchMode):
             elif not writes and key not in self._live:
                 self._add(storage, storage.nbytes(), op, t)
         return out
+
+
+def trace_forward_backward(forward, grad: torch.Tensor, leaves=()) -> Tuple[AllocationTrace, AllocationTrace]:
+    """:class:`AllocationTrace` of ``forward()`` (its output kept until the trace ends) and of
+    ``forward().backward(grad)`` (the output alive through the backward, as a benchmark that measures the peak
+    of a forward+backward call holds it), after one untraced forward+backward to warm caches (argument checks,
+    autotuning). The ``leaves``' gradients are cleared after that, so the traced backward makes them as a first
+    one does; they are left as it made them."""
+    forward().backward(grad)
+    for t in leaves:
+        t.grad = None
+    with AllocationTrace() as fwd:
+        out = forward()
+    del out
+    with AllocationTrace() as both:
+        forward().backward(grad)
+    return fwd, both

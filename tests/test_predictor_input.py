@@ -444,7 +444,7 @@ def test_allocations_at_vit_h_shapes_hold_no_noise_buffer(monkeypatch):
       fp32 split partials and their sum, and W's bf16 copy: 69.0 MiB (GPU run 7 measured 170.5 MiB of CUDA
       memory, before the backward stopped casting all of g and ran dW before dctx: benchmarks/NOTES.md)."""
     from stop_kernels import _checks as chk
-    from stop_kernels.devtools import VIT_H14_STOP_SIZES, AllocationTrace, predictor_input_case
+    from stop_kernels.devtools import VIT_H14_STOP_SIZES, predictor_input_case, trace_forward_backward
     B, npred, Nc, Nt, E, D, P = VIT_H14_STOP_SIZES.values()
     monkeypatch.setattr(se, "_launch", lambda *a, **k: None)
     monkeypatch.setattr(se, "_num_sms", lambda device: 132)  # an H200's, so dW splits its rows as there
@@ -459,13 +459,7 @@ def test_allocations_at_vit_h_shapes_hold_no_noise_buffer(monkeypatch):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return assemble_predictor_input(ctx, ctx_idx, tgt, w, b, pos, generator=gen(1), backend="triton")
 
-    forward().backward(go)  # warm: the argument checks' signature cache
-    ctx.grad = w.grad = b.grad = None
-    with AllocationTrace() as fwd:
-        out = forward()
-    del out
-    with AllocationTrace() as both:  # as the benchmark measures it: the output lives until the backward ends
-        forward().backward(go)
+    fwd, both = trace_forward_backward(forward, go, leaves=(ctx, w, b))  # (the output alive through the backward)
     out_bytes = npred * B * (Nc + Nt) * D * 4
     noise_elems = npred * B * Nt * E
     for trace in (fwd, both):
