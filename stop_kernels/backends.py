@@ -10,6 +10,7 @@ compiled extension ``stop_kernels._C``) and looks at the environment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -36,6 +37,23 @@ def functorch_transforming() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def functorch_differentiating() -> bool:
+    """Whether a ``torch.func`` transform that differentiates (grad, vjp, jacrev, jvp, jacfwd, hessian …) is
+    running, at any level of nested transforms. Those refuse the fused ops' autograd registrations with a
+    RuntimeError about an autograd.Function's ``setup_context`` that names no argument; vmap runs them (per sample).
+    An explicitly requested kernel backend is refused under them by name instead (:func:`refuse_under_func_grad`)."""
+    ft = torch._C._functorch
+    return any(i.key() in (ft.TransformType.Grad, ft.TransformType.Jvp) for i in ft.get_interpreter_stack() or ())
+
+
+def refuse_under_func_grad(arg: str, kernels: str, fallback: str) -> None:
+    """``NotImplementedError`` naming ``arg`` when a differentiating ``torch.func`` transform runs (see
+    :func:`functorch_differentiating`): ``kernels`` cannot run there, ``fallback`` says what can."""
+    if functorch_differentiating():
+        raise NotImplementedError(f"{arg}: torch.func's differentiating transforms (grad, vjp, jacrev, jvp, …) cannot "
+                                  f"run {kernels}; {fallback}")
+
+
 def custom_op_bypass_ok(t) -> bool:
     """True when a fused op may skip its ``torch.library`` registration and run its plain
     ``torch.autograd.Function`` (same kernels, same results): ``t`` is a plain tensor, nothing is tracing
@@ -47,11 +65,40 @@ def custom_op_bypass_ok(t) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0 and not torch._C._are_functorch_transforms_active())
 
 
+def first_order_backward(backward):
+    """``backward(ctx, *grads)`` of a fused op whose gradients its kernels compute: first order only, and made to
+    say so. ``torch.autograd.function.once_differentiable`` marks the returned gradients only when an incoming
+    gradient requires grad. When none does (a loss linear in the op's output, ``out.sum()``), the gradients come
+    back as constants although they depend on the op's inputs (dq on k and v; the predictor input's dctx on W), so a
+    second derivative through them (``create_graph=True``: a gradient penalty) would be silently zero. Under
+    ``create_graph=True`` (grad mode on inside the backward) this wrapper gives every returned gradient a node that
+    raises when it is differentiated, whatever the incoming gradient; first-order calls run the backward as it is.
+    For an ``autograd.Function``'s backward and for a ``torch.library`` registration's. Traced tensors (fake and
+    functional ones: torch.compile, make_fx) are left to the tracer."""
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        plain = all(type(g) is torch.Tensor for g in grads if g is not None) and not torch.compiler.is_compiling()
+        if not (torch.is_grad_enabled() and plain):
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        outs = out if isinstance(out, tuple) else (out,)
+        err = torch._C._functions.DelayedError(
+            b"stop_kernels: the fused kernels' gradients are first order: differentiating them (a second "
+            b"derivative through attention / assemble_predictor_input) is not supported; use backend='reference' "
+            b"(or 'sdpa' for attention)", len(outs))
+        marked = err(*[None if g is None else g.detach().requires_grad_() for g in outs])
+        marked = marked if isinstance(marked, tuple) else (marked,)
+        return marked if isinstance(out, tuple) else marked[0]
+    return wrapped
+
+
 def eager_twin(name: str, forward, setup_context, backward) -> type:
     """A plain ``torch.autograd.Function`` named ``name`` that runs a custom op's implementation ``forward(*inputs)``,
     its ``setup_context(ctx, inputs, output)`` and its registered ``backward(ctx, grad)`` without the torch.library
     dispatch: what an op's eager calls take when :func:`custom_op_bypass_ok` allows (same kernels, same results).
-    The backward is once-differentiable: the kernels' gradients are not differentiable themselves."""
+    ``backward`` is the registration's, already :func:`first_order_backward` (the kernels' gradients are not
+    differentiable themselves)."""
     def fwd(ctx, *inputs):
         out = forward(*inputs)
         setup_context(ctx, inputs, out)
@@ -59,7 +106,7 @@ def eager_twin(name: str, forward, setup_context, backward) -> type:
     return type(name, (torch.autograd.Function,), {
         "__doc__": f"Eager twin of a custom op: {forward.__name__} with its saved state and backward.",
         "forward": staticmethod(fwd),
-        "backward": staticmethod(torch.autograd.function.once_differentiable(backward))})
+        "backward": staticmethod(backward)})
 
 
 def vmap_randomness_different() -> bool:

@@ -1,6 +1,8 @@
 """Argument checks shared by the ops: strided bias, layout and cu_seqlens checks of every attention backend, dtype
 checks of the explicit-noise assembly, mixed dtypes on the reference path, unused arguments still checked."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -421,3 +423,95 @@ def test_assembly_transposed_weight_is_named_with_its_shape(backend):
     a = sk.assemble_predictor_input(ctx, ci, ti, strided, b, pos, generator=_gen(), backend=backend)
     r = sk.assemble_predictor_input(ctx, ci, ti, w, b, pos, generator=_gen(), backend=backend)
     torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def _second_order_cases():
+    """(name, build) of every fused op: ``build()`` gives (output, the input to differentiate, the other leaf)."""
+    def attn():
+        q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+        return sk.attention(q, k, v), q, v
+
+    def attn_qkv():
+        qkv = torch.randn(1, 5, 3, 2, 8, requires_grad=True)
+        return sk.attention_qkv(qkv), qkv, qkv
+
+    def assemble():
+        ctx, W = torch.randn(2, 3, 6, requires_grad=True), torch.randn(8, 6, requires_grad=True)
+        out = sk.assemble_predictor_input(ctx, torch.randint(0, 16, (2, 3)), torch.randint(0, 16, (2, 2, 4)),
+                                                    W, None, torch.randn(16, 8), noise_std=0.3, backend="triton")
+        return out, ctx, W
+
+    def stop():
+        pos, W = torch.randn(16, 8, requires_grad=True), torch.randn(8, 6, requires_grad=True)
+        return sk.stop_embed(pos, torch.randint(0, 16, (2, 5)), W, None, backend="triton"), W, pos
+    return [("attention", attn), ("attention_qkv", attn_qkv), ("assemble_predictor_input", assemble),
+            ("stop_embed", stop)]
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+@pytest.mark.parametrize("name,build", _second_order_cases(), ids=[c[0] for c in _second_order_cases()])
+def test_second_derivative_through_a_fused_op_raises_instead_of_being_dropped(name, build, path):
+    """The kernels' gradients are first order. With a loss linear in the op's output, the incoming gradient is a
+    constant and torch's once_differentiable let the gradients through as constants, although dq depends on k and
+    v and the predictor input's dctx on W: a gradient penalty through them came out silently zero (audit, session
+    30). Under create_graph=True the gradients must now raise when differentiated, on the eager twin and on the
+    custom op (what tracing or a dispatch mode gets); create_graph without differentiating them still works."""
+    from _op_paths import PassThrough
+    mode = PassThrough() if path == "custom_op" else contextlib.nullcontext()
+    with mode:
+        torch.manual_seed(0)
+        out, x, other = build()
+        g, = torch.autograd.grad(out.sum(), x, create_graph=True)
+        assert g.requires_grad, "the gradient must carry the node that refuses differentiation"
+        with pytest.raises(RuntimeError, match="first order"):  # a penalty term's backward
+            (g.pow(2).sum() + other.sum()).backward()
+        # the values are the first-order backward's (same inputs, same noise seed)
+        torch.manual_seed(0)
+        out, x, other = build()
+        g1, = torch.autograd.grad(out.sum(), x)
+        assert torch.equal(g.detach(), g1)
+
+
+def _func_grad_cases():
+    pos, idx = torch.randn(16, 8), torch.tensor([1, 2])
+    return [("attention", "q, k, v", lambda a: sk.attention(a, a, a), (1, 4, 2, 8)),
+            ("dispatch_attention", "q, k, v", lambda a: sk.dispatch_attention(a, a, a, backend="triton"), (1, 4, 2, 8)),
+            ("attention_qkv", "qkv", lambda a: sk.attention_qkv(a), (1, 4, 3, 2, 8)),
+            ("stop_embed", "backend", lambda w: sk.stop_embed(pos, idx, w, None, backend="triton"), (8, 6)),
+            ("assemble_predictor_input", "backend",
+             lambda w: sk.assemble_predictor_input(torch.randn(1, 2, 6), torch.tensor([[0, 1]]), torch.tensor([[[2, 3]]]),
+                                                   w, None, pos, backend="triton"), (8, 6))]
+
+
+@pytest.mark.parametrize("name,arg,fn,shape", _func_grad_cases(), ids=[c[0] for c in _func_grad_cases()])
+def test_explicit_kernel_backend_under_func_grad_is_refused_by_name(name, arg, fn, shape):
+    """torch.func.grad (and vjp, jacrev, jvp …) cannot run the kernels' autograd registrations; an explicitly asked-for
+    kernel backend used to fail with torch's internal 'must override the setup_context staticmethod' (audit, session
+    30). It is refused by name now, saying what runs instead; "auto" still takes the PyTorch paths and vmap the
+    kernels."""
+    x = torch.randn(shape)
+    with pytest.raises(NotImplementedError, match=f"{arg}.*torch.func.*'auto'"):
+        torch.func.grad(lambda a: fn(a).sum())(x)
+    with pytest.raises(NotImplementedError, match=f"{arg}.*torch.func"):
+        torch.func.jvp(lambda a: fn(a).sum(), (x,), (torch.ones_like(x),))
+    auto = {"attention": lambda a: sk.dispatch_attention(a, a, a), "dispatch_attention": lambda a: sk.dispatch_attention(a, a, a),
+            "attention_qkv": lambda a: sk.dispatch_attention_qkv(a)}.get(name)
+    if auto is not None:  # the same call with "auto" differentiates (SDPA under the transform)
+        torch.testing.assert_close(torch.func.grad(lambda a: auto(a).sum())(x),
+                                   torch.func.grad(lambda a: auto(a).sum())(x))
+    batched = torch.randn(2, *shape)
+    torch.manual_seed(1)
+    mapped = torch.func.vmap(fn, randomness="same")(batched)[0]  # (one noise seed per call: the StoP ops)
+    torch.manual_seed(1)
+    torch.testing.assert_close(mapped, fn(batched[0]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "reference", "triton"])
+def test_empty_head_dim_is_refused_by_every_backend(backend):
+    """A head dim of 0 was an empty result on sdpa/"auto" and an error on the reference and Triton (audit, session
+    30): every backend refuses it now, naming q."""
+    q = torch.randn(2, 5, 2, 0)
+    with pytest.raises(ValueError, match=r"q: .*Dh >= 1"):
+        sk.dispatch_attention(q, q, q, backend=backend)
+    with pytest.raises(ValueError, match=r"max_seqlen"):  # (True == 1 == N: a bool is not a length)
+        sk.dispatch_attention(*(torch.randn(1, 1, 2, 8) for _ in range(3)), max_seqlen=True, backend=backend)

@@ -118,7 +118,8 @@ import triton.language as tl
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import custom_op_bypass_ok, functorch_transforming, on_device, sm_count, triton_interpreting
+from ..backends import (custom_op_bypass_ok, first_order_backward, functorch_transforming, on_device,
+                        refuse_under_func_grad, sm_count, triton_interpreting)
 
 __all__ = ["attention", "attention_qkv", "dispatch_attention", "dispatch_attention_qkv", "set_attention_backend", "get_attention_backend",
            "use_attention_backend", "attention_backend_problem", "attention_supported", "set_auto_policy", "get_auto_policy", "use_auto_policy",
@@ -1562,7 +1563,7 @@ class _FlashAttnFn(torch.autograd.Function):
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _bwd(do, q, k, v, o, lse, ctx.cu, ctx.max_seqlen, ctx.scale, ctx.plan)
@@ -1582,7 +1583,7 @@ class _FlashAttnQKVFn(torch.autograd.Function):
         return o
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_backward
     def backward(ctx, do):
         qkv, o, lse = ctx.saved_tensors
         dqkv = _bwd(do, *qkv.unbind(-3), o, lse, ctx.cu, ctx.max_seqlen, ctx.scale, ctx.plan, qkv_grad=True)
@@ -1654,6 +1655,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scale = scale
 
 
+@first_order_backward
 def _backward(ctx, do, dlse):
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = _flash_attn_bwd(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
@@ -1694,6 +1696,7 @@ def _setup_context_qkv(ctx, inputs, output):
     ctx.scale = scale
 
 
+@first_order_backward
 def _backward_qkv(ctx, do, dlse):
     qkv, o, lse, cu_seqlens = ctx.saved_tensors
     return _flash_attn_qkv_bwd(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale), None, None, None
@@ -1716,7 +1719,7 @@ def _check_qkv_layout(q, k, v, varlen: bool, dtypes=chk.FLOAT_DTYPES) -> None:
     nd = 3 if varlen else 4
     # fast accept (every call): the same conditions as below, without the messages
     if (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and q.dim() == nd and k.shape == q.shape and v.shape == q.shape
+            and q.dim() == nd and q.shape[-1] >= 1 and k.shape == q.shape and v.shape == q.shape
             and q.dtype in dtypes and k.dtype == q.dtype and v.dtype == q.dtype
             and k.device == q.device and v.device == q.device):
         return
@@ -1725,6 +1728,8 @@ def _check_qkv_layout(q, k, v, varlen: bool, dtypes=chk.FLOAT_DTYPES) -> None:
         chk.tensor(name, t, dtypes=dtypes)
         if t.dim() != nd:
             raise ValueError(f"{name}: expected layout {layout}, got shape {tuple(t.shape)}")
+    if q.shape[-1] < 1:  # (every backend refuses it, as the reference does: an empty head is a bug upstream)
+        raise ValueError(f"q: expected {layout} with a head dim Dh >= 1, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
@@ -1830,6 +1835,8 @@ def _prepare(q, k, v, scale, cu_seqlens, max_seqlen) -> Tuple[Optional[torch.Ten
     max_seqlen, scale as a float)."""
     varlen = cu_seqlens is not None
     _check_qkv(q, k, v, varlen)
+    refuse_under_func_grad("q, k, v (qkv)", "the Triton attention kernels",
+                           "use dispatch_attention(..., backend='auto') (SDPA under a transform), 'sdpa' or 'reference'")
     if fwAD._current_level >= 0 and any(fwAD.unpack_dual(t).tangent is not None for t in (q, k, v)):
         # the kernels have no forward-mode formula: refuse instead of returning a primal without tangent
         raise NotImplementedError("q, k, v: forward-mode AD (dual tensors) is not supported by the Triton attention "
@@ -1857,7 +1864,7 @@ def _kernel_scale_ok(scale) -> bool:
 
 
 def _check_batched_max_seqlen(max_seqlen, N: int) -> None:
-    if max_seqlen is not None and max_seqlen != N:
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or max_seqlen != N):  # (True == 1)
         raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {N}")
 
 

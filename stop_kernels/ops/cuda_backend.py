@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _checks as chk
+from ..backends import first_order_backward
 from .philox import draw_seed
 
 _OPS_NAMESPACE = "stop_kernels_cuda"
@@ -104,7 +105,7 @@ class _StopEmbedCuda(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the C++ gradients are not differentiable themselves
+    @first_order_backward  # the C++ gradients are not differentiable themselves
     def backward(ctx, grad_out):
         (idx,) = ctx.saved_tensors
         need_dpos, _, need_dw, need_db = ctx.needs_input_grad[:4]

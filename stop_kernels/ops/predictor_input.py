@@ -27,7 +27,7 @@ import torch
 
 from .. import _checks as chk
 from .. import reference
-from ..backends import custom_op_bypass_ok, eager_twin
+from ..backends import custom_op_bypass_ok, eager_twin, first_order_backward
 from .philox import check_generator, draw_seed, philox_normal
 from .stop_embed import (BACKENDS, _out_dtype, autocast_dtype, check_backend, launch_pos_noise, launch_project,
                          noise_weight_grad_in_backward, scatter_rows)
@@ -94,6 +94,7 @@ def _assemble_setup(ctx, inputs, output):
                 None if mask_token is None else (mask_token.shape, mask_token.dtype))
 
 
+@first_order_backward
 def _assemble_backward(fctx, grad):
     """Gradients in few launches (each costs host time in an eager, host-bound step; benchmarks/NOTES.md):
     one sum of g's npred context groups in the GEMMs' dtype, one cast of its masked rows, one Triton launch for

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import (custom_op_bypass_ok, eager_twin, functorch_transforming, on_device, sm_count,
-                        triton_interpreting)
+from ..backends import (custom_op_bypass_ok, eager_twin, first_order_backward, functorch_transforming, on_device,
+                        refuse_under_func_grad, sm_count, triton_interpreting)
 from .. import reference
 from .philox import check_generator, draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -849,6 +849,7 @@ def _stop_setup(ctx, inputs, output):
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
+@first_order_backward
 def _stop_backward(ctx, grad):
     idx, weight, seed = ctx.saved_tensors
     D = weight.shape[0]
@@ -884,6 +885,9 @@ def check_backend(backend: str, device: torch.device, dtypes: Dict[str, torch.dt
         triton_ok = (device.type == "cuda" or (interpreting() and device.type == "cpu")) and not unsupported \
             and not functorch_transforming()
         return "triton" if triton_ok else "reference"
+    if backend != "reference":
+        refuse_under_func_grad(name, f"the {backend} backend's kernels",
+                               f"use {name}='auto' (the reference ops under a transform, same noise) or 'reference'")
     if backend == "triton":
         for arg, d in unsupported.items():
             raise TypeError(f"{arg}: the triton backend takes float16, bfloat16 or float32 tensors, got "
