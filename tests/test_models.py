@@ -593,3 +593,19 @@ def test_public_constructors_and_forwards_name_a_bad_argument():
     with pytest.raises(TypeError, match="^enc_mask_scale: expected a pair of numbers"):
         MultiBlockMaskCollator(enc_mask_scale=(0.85, "x"))
 
+
+
+def test_constructors_name_their_bad_arguments():
+    """Audit, session 30: bools were taken as image and patch sizes, a non-string preset name raised an unhashable
+    TypeError naming nothing, and predictor_for(None) an AttributeError."""
+    from stop_kernels.models import predictor_for, vit_encoder
+    with pytest.raises(ValueError, match="img_size"):
+        vit_encoder("vit_tiny", img_size=True, patch_size=1)
+    with pytest.raises(ValueError, match="patch_size"):
+        vit_encoder("vit_tiny", img_size=32, patch_size=True)
+    with pytest.raises(TypeError, match="model"):
+        vit_encoder(["vit_tiny"], img_size=32, patch_size=8)
+    with pytest.raises(TypeError, match="encoder"):
+        predictor_for(None, img_size=32, patch_size=8)
+    enc = vit_encoder("vit_t", img_size=32, patch_size=8)  # the good calls still build
+    assert predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=48, depth=1).num_patches == 16

@@ -152,6 +152,9 @@ def predictor_for(encoder, *, img_size: int, patch_size: int, **kw) -> VisionTra
     ``patch_size`` must give the encoder's patch grid (else every position would be placed wrong). Width and
     depth are the official defaults whatever the encoder (``predictor_embed_dim`` 384, ``depth`` 12: for a
     small encoder, pass smaller ones, e.g. 96 and 2 for ``vit_tiny``)."""
+    if not all(hasattr(encoder, a) for a in ("num_patches", "embed_dim", "num_heads", "img_size", "patch_size")):
+        raise TypeError(f"encoder: expected an encoder built by vit_encoder (a VisionTransformer), got "
+                        f"{type(encoder).__name__}")
     num_patches = grid_size(img_size, patch_size) ** 2
     if num_patches != encoder.num_patches:
         raise ValueError(f"img_size: {img_size} px with patch {patch_size} gives {num_patches} patches, but the encoder "

@@ -48,6 +48,8 @@ ALIASES = {"vit_t": "vit_tiny", "vit_s": "vit_small", "vit_b": "vit_base", "vit_
 def resolve_model_name(name: str) -> str:
     """The preset name of ``name``: an alias such as ``vit_h`` becomes ``vit_huge``; ``ValueError`` naming
     ``model`` for a name that is neither a preset of :data:`VIT_PRESETS` nor an alias."""
+    if not isinstance(name, str):
+        raise TypeError(f"model: expected a preset name such as 'vit_huge' or 'vit_h', got {type(name).__name__}")
     name = ALIASES.get(name, name)
     chk.choice("model", name, VIT_PRESETS)
     return name
@@ -57,10 +59,9 @@ def grid_size(img_size: int, patch_size: int, *, name: str = "img_size") -> int:
     """Patches per side; validates that the image size is a positive multiple of the patch size.
 
     ``name`` is the caller's name of the image-size argument, used in the error messages."""
-    if not isinstance(img_size, int) or img_size <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {img_size!r}")
-    if not isinstance(patch_size, int) or patch_size <= 0:
-        raise ValueError(f"patch_size: expected a positive integer, got {patch_size!r}")
+    for arg, v in ((name, img_size), ("patch_size", patch_size)):
+        if not chk.is_int(v) or v <= 0:  # (a bool is an int in Python, never a size)
+            raise ValueError(f"{arg}: expected a positive integer, got {v!r}")
     if img_size % patch_size:
         raise ValueError(f"{name}: expected a multiple of patch_size={patch_size}, got {img_size}")
     return img_size // patch_size
