@@ -432,3 +432,50 @@ def test_an_export_of_an_earlier_step_of_this_run_is_redone_after_a_kill(tmp_pat
     for n in ("encoder", "target_encoder"):
         with safe_open(str(tmp_path / "export" / f"{n}.safetensors"), "pt") as fh:
             assert fh.metadata()["step"] == "3", n
+
+
+@pytest.mark.parametrize("over, key", [(dict(seed=1), "seed"), (dict(synthetic_size=48), "synthetic_size")])
+def test_resume_with_another_seed_or_dataset_is_refused(tmp_path, cpu_train, over, key):
+    """The seed orders the epoch (the sampler's shuffle, the masks, the synthetic images) and the dataset's size sets
+    its length: a resume with another one continued at step k of another order, so the rest of the epoch repeated
+    some images and skipped others (audit, session 30: 12 distinct images of 16). Refused by name, nothing moved."""
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=1))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=f"^{key}: the checkpoint to resume"):
+        loop.train(tiny(tmp_path, steps=2, resume=True, **over))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert len(loop.train(tiny(tmp_path, steps=2, resume=True))) == 1
+
+
+@pytest.mark.needs("safetensors")
+def test_a_fresh_run_without_export_sets_the_earlier_export_aside(tmp_path, cpu_train):
+    """Run A exports; run B starts fresh in the same --out with --export false, finishes, and is resumed with
+    --export true ("nothing to do"): the export must be B's. B left A's export in place, and the resume found it
+    complete at the same step and kept it (audit, session 30)."""
+    from safetensors.torch import load_file
+    from stop_kernels.training import loop
+    from stop_kernels.training.checkpoint import load_run_models
+    loop.train(tiny(tmp_path, steps=2, export=True, lr=1e-3))          # run A
+    loop.train(tiny(tmp_path, steps=2, export=False, lr=5e-3))         # run B, fresh: A's export moves aside now
+    assert not (tmp_path / "export").exists() and list(tmp_path.glob("export.replaced-*"))
+    assert loop.train(tiny(tmp_path, steps=2, export=True, lr=5e-3, resume=True)) == []
+    exported = load_file(str(tmp_path / "export" / "encoder.safetensors"))
+    ours = load_run_models(str(tmp_path))[0].encoder.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in exported.items())
+
+
+def test_an_incomplete_old_step_folder_is_pruned(tmp_path, cpu_train):
+    """A step saved again over an incomplete step_N, killed between _finalize's renames, left an incomplete
+    step_N.old that no later save or prune removed (a checkpoint's worth of disk; audit, session 30)."""
+    from stop_kernels.training import loop
+    loop.train(tiny(tmp_path, steps=2))
+    ck = tmp_path / "checkpoints"
+    stale = ck / "step_00000001.old"
+    stale.mkdir()
+    (stale / "junk").write_bytes(b"x" * 100)                  # no meta.json: no checkpoint
+    shadowed = ck / "step_00000002.old"
+    shadowed.mkdir()                                          # beside a complete step_2: stale too
+    assert [s for s, _ in list_checkpoints(str(ck))] == [2]
+    loop.train(tiny(tmp_path, steps=3, resume=True, keep_ckpts=2))
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000002", "step_00000003"]

@@ -323,12 +323,15 @@ class Checkpointer:
         _fsync_dir(self.folder)
 
     def prune(self) -> None:
-        """Delete complete checkpoints beyond the newest ``keep`` and stale temporary folders."""
+        """Delete complete checkpoints beyond the newest ``keep``, stale temporary folders, and ``step_N.old``
+        folders that are no checkpoint (:meth:`_finalize` killed between its renames, over a ``step_N`` that was
+        incomplete, or shadowed by a complete ``step_N``): a whole checkpoint's worth of disk each."""
         found = list_checkpoints(self.folder)
         for _, path in found[:-self.keep]:
             _delete(path)
+        live = {os.path.basename(path) for _, path in found}
         for name in os.listdir(self.folder):
-            if name.startswith(_TMP_PREFIX):
+            if name.startswith(_TMP_PREFIX) or (name.endswith(".old") and _NAME.match(name) and name not in live):
                 shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
 
     def set_aside_previous_run(self) -> Optional[str]:

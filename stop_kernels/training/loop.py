@@ -499,16 +499,19 @@ def _on_every_rank(check, cfg: TrainConfig, info: D.DistInfo):
 _MODEL_KEYS = ("model", "img_size", "patch_size", "pred_depth", "pred_emb_dim")
 
 
-def check_resumable(path: str, cfg: TrainConfig) -> None:
+def check_resumable(path: str, cfg: TrainConfig, dataset_size: Optional[int] = None) -> None:
     """:class:`ConfigError` naming the first key whose value in the checkpoint ``path`` (its meta.json's
     config) gives models or an optimizer other than ``cfg``'s: DCP's own error for a missing key or a
     size mismatch names no setting; or another global ``batch_size``, in whose steps the data position and
-    the schedules are counted. Other keys (grad_accum, schedules, sharding, ...) may change on resume.
+    the schedules are counted; or another ``seed`` or dataset (``dataset_size`` images against the checkpoint's),
+    which reorder the epoch the run is in the middle of. Other keys (grad_accum, schedules, sharding, the data
+    folder's path, ...) may change on resume.
     Also a :class:`ConfigError` when this rank cannot read the checkpoint's ``meta.json`` (the main rank chose
     ``path``; a node whose ``--out`` is not the shared folder does not see it)."""
     from .checkpoint import CheckpointReadError, read_meta
     try:
-        saved = read_meta(path).get("config") or {}
+        meta = read_meta(path)
+        saved = meta.get("config") or {}
     except CheckpointReadError as e:
         advice = ("every rank must see the run's --out (a folder shared by all nodes)"
                   if isinstance(e.__cause__, FileNotFoundError) else
@@ -530,6 +533,20 @@ def check_resumable(path: str, cfg: TrainConfig) -> None:
                           f"and its schedules are counted in steps of that global batch. Resume with batch_size "
                           f"{saved['batch_size']!r} (--grad-accum changes the per-step memory instead), or start a "
                           f"new run in another --out")
+    # the seed orders each epoch (the sampler's shuffle) and draws the masks and the synthetic images: the resumed
+    # run skips the first steps' worth of another order, so some images of the epoch come twice and others never
+    if "seed" in saved and saved["seed"] != cfg.seed:
+        raise ConfigError(f"seed: the checkpoint to resume, {path}, was written with seed={saved['seed']!r}, this run "
+                          f"has {cfg.seed!r}: the seed orders the data of the epoch the run is in, so the rest of it "
+                          f"would repeat some images and skip others. Resume with seed {saved['seed']!r}, or start a "
+                          f"new run in another --out")
+    # likewise another dataset (another synthetic_size, or a folder with other contents; a moved one is fine)
+    was = meta.get("dataset_size")
+    if dataset_size is not None and was is not None and was != dataset_size:
+        key = "synthetic_size" if cfg.data == "synthetic" else "data"
+        raise ConfigError(f"{key}: the checkpoint to resume, {path}, was written over a dataset of {was} images, this "
+                          f"run's has {dataset_size}: the position in the epoch and the epoch's length would not "
+                          f"carry over. Resume over the same images, or start a new run in another --out")
 
 
 def out_of_memory_advice(cfg: TrainConfig, world_size: int) -> str:
@@ -570,7 +587,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         else:
             # on every rank, all stopping together: a rank that cannot read it would stop alone and leave the
             # others waiting for it in the collective load
-            _on_every_rank(lambda c: check_resumable(path, c), cfg, info)
+            _on_every_rank(lambda c: check_resumable(path, c, len(data.dataset)), cfg, info)
             meta = ckpt.load(path, tr.container, tr.opt)
             start_step = int(meta["step"])
             skipped_before = int(meta.get("skipped_images", 0))
@@ -594,7 +611,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                    f"this run's checkpoints are its own; delete it when no longer needed", info, stream)
         # an earlier run's export, too: a resume of this run after a kill during its own export would
         # otherwise find files of the same step and keep them (export_complete compares steps only)
-        moved = set_aside(os.path.join(cfg.out, "export"), info) if cfg.export else None
+        # (whether this run exports or not: a later resume with --export would find them complete)
+        moved = set_aside(os.path.join(cfg.out, "export"), info)
         if moved:
             _print(f"{cfg.out}/export held an earlier run's export: moved to {moved}", info, stream)
         # and its step log and TensorBoard events, which this run would truncate or interleave with its own
@@ -659,7 +677,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
                                                f"after lowering --lr)." if good else "No checkpoint was written before it."))
         meta = {"epoch": step // ipe, "batch_in_epoch": step % ipe, "images_seen": step * cfg.batch_size,
                 "skipped_images": metrics.skipped_images, "nonfinite_steps_skipped": metrics.nonfinite_steps,
-                "config": cfg.to_dict()}
+                "dataset_size": len(data.dataset), "config": cfg.to_dict()}
         path = ckpt.save(step, tr.container, tr.opt, meta)
         last_saved = step
         _print(f"checkpoint {path}", info, stream)
