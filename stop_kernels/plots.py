@@ -27,6 +27,7 @@ CURVE_FIELDS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "ima
 CURVES_SIZE = (1500, 450)
 SIMMAP_SIZE = (1200, 620)
 BENCH_PANEL = (420, 340)  # per subplot; see bench_size
+BENCH_BAR_PX = 22  # per bar of a panel, at least (an 8-pt label's line)
 
 
 def _figure(width: int, height: int, dpi: int):
@@ -327,7 +328,10 @@ def group_benchmarks(benches: Sequence[Mapping[str, Any]], stat: str = "mean"
                      ) -> Dict[str, List[Tuple[str, float, float, float]]]:
     """``{group: [(label, value s, error below s, error above s), …]}``. The group is the benchmark's
     ``group`` field, else its name before ``[`` (parametrised tests), else its name up to the last
-    ``_``; the label is the parameter id or the rest of the name. Error bars: ± stddev for the mean,
+    ``_``; the label is the parameter id or the rest of the name. A test parametrised by ``impl`` (this project's
+    suites) is one workload per value of its other parameters: the group is the name with those values (shape, forward
+    or forward+backward, eager or graph), the label the ``impl``, so a speed-up compares one workload's
+    implementations only (a forward's bar was set against a forward+backward's). Error bars: ± stddev for the mean,
     quartiles for the median, none otherwise."""
     if stat not in BENCH_STATS:
         raise ValueError(f"--stat: expected one of {list(BENCH_STATS)} (a time), got {stat!r}")
@@ -340,7 +344,11 @@ def group_benchmarks(benches: Sequence[Mapping[str, Any]], stat: str = "mean"
             raise ValueError(f"--stat: benchmark {name} has {stat} = {b['stats'][stat]!r}; expected a time > 0")
         base, _, param = name.partition("[")
         param = param.rstrip("]")
-        if b.get("group"):
+        params = b.get("params") or {}
+        if not b.get("group") and isinstance(params, dict) and "impl" in params:
+            rest = ", ".join(f"{k}={v}" for k, v in params.items() if k != "impl")
+            group, label = (f"{base} [{rest}]" if rest else base), str(params["impl"])
+        elif b.get("group"):
             group, label = str(b["group"]), (param or base)
         elif param:
             group, label = base, param
@@ -351,12 +359,14 @@ def group_benchmarks(benches: Sequence[Mapping[str, Any]], stat: str = "mean"
     return groups
 
 
-def bench_size(n_groups: int, ncols: int = 3) -> Tuple[int, int]:
-    """Default figure size in pixels for ``n_groups`` panels (at most ``ncols`` per row), at least two
-    panels wide: the one-line title does not fit over a single panel."""
+def bench_size(n_groups: int, ncols: int = 3, bars: int = 0) -> Tuple[int, int]:
+    """Default figure size in pixels for ``n_groups`` panels (at most ``ncols`` per row) of up to ``bars`` bars,
+    at least two panels wide (the one-line title does not fit over a single panel), and tall enough for a
+    readable label per bar (:data:`BENCH_BAR_PX`)."""
     cols = min(ncols, n_groups)
     rows = math.ceil(n_groups / cols)
-    return BENCH_PANEL[0] * max(cols, 2), BENCH_PANEL[1] * rows + 50
+    panel_h = max(BENCH_PANEL[1], BENCH_BAR_PX * bars + 120)
+    return BENCH_PANEL[0] * max(cols, 2), panel_h * rows + 50
 
 
 def _unit(seconds: float) -> Tuple[str, float]:
@@ -377,7 +387,7 @@ def plot_bench(path: str, out: str, *, stat: str = "mean", baseline: str = "refe
         raise ValueError(f"--cols: expected a positive integer, got {ncols!r}")
     benches = read_benchmarks(path)
     groups = group_benchmarks(benches, stat)
-    dw, dh = bench_size(len(groups), ncols)
+    dw, dh = bench_size(len(groups), ncols, max(len(items) for items in groups.values()))
     fig = _figure(width or dw, height or dh, dpi)
     cols = min(ncols, len(groups))
     rows = math.ceil(len(groups) / cols)

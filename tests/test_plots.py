@@ -353,3 +353,22 @@ def test_command_line_user_errors_are_one_line(module, argv):
     r = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"python -m {module}: error: --") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_groups_one_workload_per_panel_by_its_impl_parameter(tmp_path):
+    """The project's suites parametrise ``impl`` beside the workload (shape, forward or forward+backward, eager or
+    graph) and set no group: every bar of a test went into one panel, a forward's speed-up was taken against a
+    forward+backward bar, and bench_attention's 140 bars shared one 340-px panel (audit, session 30)."""
+    entries = []
+    for wb, t in (("False", 1.0), ("True", 3.0)):
+        for impl, f in (("gemm", 1.0), ("conv", 2.0)):
+            e = bench_entry(f"test_patch_embed[{'forward+backward' if wb == 'True' else 'forward'}-{impl}]", t * f * 1e-3)
+            e["params"] = {"impl": impl, "with_backward": wb == "True"}
+            entries.append(e)
+    groups = plots.group_benchmarks(entries)
+    assert sorted(groups) == ["test_patch_embed [with_backward=False]", "test_patch_embed [with_backward=True]"]
+    for items in groups.values():
+        assert [it[0] for it in items] == ["gemm", "conv"]
+        assert items[1][1] / items[0][1] == pytest.approx(2.0)   # each panel's speed-up is its own workload's
+    tall = plots.bench_size(2, 3, bars=140)[1]
+    assert tall >= 140 * plots.BENCH_BAR_PX and plots.bench_size(2, 3, bars=2) == plots.bench_size(2)
