@@ -916,3 +916,18 @@ def test_official_protocol_settings_are_checked_before_any_extraction(setup, tmp
             lp.run_probe(str(ckpt), str(data), cache_dir=cache, verbose=False, **kw)
     with pytest.raises(SystemExit):  # argparse's choices
         lp.main(["--checkpoint", str(ckpt), "--data", str(data), "--protocol", "offical"])
+
+
+def test_sweep_scores_each_penalty_as_the_final_refit_fits_it():
+    """The sweep warm-started each penalty from the previous one while the final refit starts from zero: a weak
+    penalty that does not converge within max_iter scored what the refit does not reach (audit, session 30: 0.140
+    warm against 0.150 cold). Each sweep score is now that of a fit from zero on the same split."""
+    from stop_kernels.eval import linear_probe as LP
+    g = torch.Generator().manual_seed(1)  # (a case where the warm start's score differs: 0.136 against 0.111)
+    x, y = torch.randn(400, 64, generator=g), torch.randint(0, 10, (400,), generator=g)
+    _, scores = LP.sweep_logistic_regression(x, y, 10, (1.0, 0.0), max_iter=5, log=lambda m: None)
+    fit_idx, held_idx = LP.stratified_split(y, 0.2, 0)
+    xf, xh = LP.standardise(x[fit_idx], x[held_idx])
+    for lam in (1.0, 0.0):
+        W, b = LP.fit_logistic_regression(xf, y[fit_idx], 10, lam, max_iter=5)
+        assert scores[repr(lam)] == LP.accuracy(W, b, xh, y[held_idx])

@@ -250,8 +250,11 @@ def sweep_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int
                               max_iter: int = 200, seed: int = 0, log=print) -> Tuple[float, Dict[str, float]]:
     """Choose the L2 penalty on a stratified held-out part of ``(x [N, E], y [N])``.
 
-    Penalties are tried from the largest to the smallest, each warm-started from the previous
-    solution. Returns ``(best penalty, {str(penalty): held-out accuracy})``; ties go to the larger penalty.
+    Each penalty's classifier is fitted from zero, as the final refit on all the training features is: a penalty's
+    held-out score is then that of the procedure that makes the probe's classifier. (Warm-started along the
+    penalties, a weak penalty's fit had the stronger ones' iterations behind it and scored what the refit from
+    zero, within ``max_iter``, does not reach.) Returns ``(best penalty, {str(penalty): held-out accuracy})``; ties
+    go to the larger penalty.
     """
     check_labelled_features(x, y, num_classes)
     check_classifier_settings(penalties=penalties)
@@ -260,10 +263,9 @@ def sweep_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int
     xf, xh = standardise(x[fit_idx], x[held_idx])
     yf, yh = y[fit_idx], y[held_idx]
     scores: Dict[str, float] = {}
-    best, best_acc, init = None, -1.0, None
+    best, best_acc = None, -1.0
     for lam in sorted(penalties, reverse=True):
-        W, b = fit_logistic_regression(xf, yf, num_classes, lam, max_iter=max_iter, init=init)
-        init = (W, b)
+        W, b = fit_logistic_regression(xf, yf, num_classes, lam, max_iter=max_iter)
         acc = accuracy(W, b, xh, yh)
         scores[repr(float(lam))] = acc
         log(f"  penalty {lam:g}: held-out top-1 {100 * acc:.2f}% ({len(held_idx)} images)")
