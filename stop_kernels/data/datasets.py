@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import _checks as chk
+from .streams import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class SyntheticImages(Dataset):
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} synthetic images")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(stream_seed("synthetic", self.seed, i))
         label = i % self.num_classes
         s = self.img_size
         yy, xx = torch.meshgrid(torch.linspace(0, 1, s), torch.linspace(0, 1, s), indexing="ij")
@@ -147,7 +148,7 @@ class ImageFolderDataset(Dataset):
         self.epoch = int(epoch)
 
     def _sample_seed(self, i: int) -> int:
-        return ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + i) & (2 ** 63 - 1)
+        return stream_seed("augment", self.seed, self.epoch, i)
 
     @staticmethod
     def load(path: str):
@@ -289,8 +290,7 @@ class TrainData:
         # the loader draws the workers' base seed (their torch, random and numpy seeds) from this generator, not
         # the global one (left untouched): one per (seed, rank, epoch), so workers differ across ranks and epochs
         # as well as among themselves (a fixed seed gave every rank and every epoch the same worker streams)
-        base = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.rank) * 1_000_000_007 + epoch
-                                             & (2 ** 63 - 1))
+        base = torch.Generator().manual_seed(stream_seed("workers", self.cfg.seed, self.rank, epoch))
         loader = DataLoader(self.dataset, batch_size=self.micro_batch, sampler=self.sampler, drop_last=True,
                             collate_fn=self.collator, num_workers=workers, pin_memory=self.pin_memory,
                             generator=base, persistent_workers=False, prefetch_factor=4 if workers > 0 else None)

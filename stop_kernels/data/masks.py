@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import default_collate, get_worker_info
 
 from .. import _checks as chk
+from .streams import stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,7 @@ class MultiBlockMaskCollator:
         return start + info.id + local * info.num_workers
 
     def generator_for(self, batch_index: int) -> torch.Generator:
-        g = torch.Generator()
-        # mix (seed, epoch, batch) into one 63-bit seed
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + batch_index & (2 ** 63 - 1))
-        return g
+        return torch.Generator().manual_seed(stream_seed("masks", self.seed, self.epoch, batch_index))
 
     # -- the official sampling -----------------------------------------------------------------
     def _block_size(self, rand: float, scale, aspect_ratio_scale) -> Tuple[int, int]:

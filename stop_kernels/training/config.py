@@ -383,7 +383,7 @@ def with_micro_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
     Why: every micro-batch is collated on its own, and the mask collator truncates each mask to the shortest of
     its micro-batch, as the official code does over each GPU's loader batch (64 images in every StoP recipe). A
     recipe's global batch split over fewer GPUs would otherwise truncate over more images and keep less context
-    (ViT-H/14, mean context tokens kept per image: ≈ 75 at 64, 68 at 256, 57 at 2048). The recipes set
+    (ViT-H/14, mean context tokens kept per image: ≈ 72 at 64, 66 at 256, 57 at 2048). The recipes set
     ``micro_batch: 64``: on 8 GPUs the global 2048 is 4 micro-batches of 64 per rank; a rank's batch of 64 or
     less is one."""
     if not cfg.micro_batch:
