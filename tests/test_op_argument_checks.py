@@ -515,3 +515,15 @@ def test_empty_head_dim_is_refused_by_every_backend(backend):
         sk.dispatch_attention(q, q, q, backend=backend)
     with pytest.raises(ValueError, match=r"max_seqlen"):  # (True == 1 == N: a bool is not a length)
         sk.dispatch_attention(*(torch.randn(1, 1, 2, 8) for _ in range(3)), max_seqlen=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mode", ["learned", "isotropic", "none"])
+def test_the_mask_token_is_an_input_only_where_it_is_read(backend, mode):
+    """The StoP modes ignore the mask token; the Triton path still handed it to autograd, so its output required
+    grad where the reference's did not (audit, session 30)."""
+    mt = torch.randn(1, 1, 8, requires_grad=True)
+    out = sk.assemble_predictor_input(torch.randn(1, 2, 6), torch.tensor([[0, 1]]), torch.tensor([[[2, 3]]]),
+                                      torch.randn(8, 6), None, torch.randn(16, 8), noise_mode=mode, mask_token=mt,
+                                      backend=backend)
+    assert out.requires_grad == (mode == "none")

@@ -223,7 +223,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
                                                   noise_std=noise_std, mask_token=mask_token, noise=n)
     # the kernels take W, b and the mask token as they are and cast them themselves (to ``amp``)
-    args = (ctx, ctx_idx, tgt, weight, bias, pos_embed, mask_token, seed, noise_mode, float(noise_std), amp)
+    # (the mask token only in mode "none", the one that reads it: a StoP output never requires its gradient)
+    args = (ctx, ctx_idx, tgt, weight, bias, pos_embed, used["mask_token"], seed, noise_mode, float(noise_std), amp)
     return _AssembleFn.apply(*args) if custom_op_bypass_ok(ctx) else _assemble_op(*args)
 
 
