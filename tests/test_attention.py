@@ -1010,12 +1010,13 @@ def test_eager_path_and_compiled_path_identical():
     with torch.no_grad():
         o_ng = f(qkv)
     assert o_ng.grad_fn is None and torch.equal(o_e, o_ng)
-    # first-order only, like the custom op: a second backward raises (once_differentiable) instead of treating
-    # the first gradient as a constant. The incoming gradient must carry a graph for that check to apply; with
-    # a constant one, g1 has no graph at all and any backward through it fails for that unrelated reason.
-    with pytest.raises(RuntimeError, match="differentiate twice .*@once_differentiable"):
-        g1 = torch.autograd.grad(f(qkv), qkv, do.clone().requires_grad_(), create_graph=True)[0]
-        g1.sum().backward()
+    # first-order only, like the custom op: a second backward raises instead of treating the first gradient as a
+    # constant, whether the incoming gradient carries a graph or is a constant (backends.first_order_backward;
+    # test_op_argument_checks.py has every op on both paths)
+    for incoming in (do.clone().requires_grad_(), do):
+        with pytest.raises(RuntimeError, match="first order"):
+            g1 = torch.autograd.grad(f(qkv), qkv, incoming, create_graph=True)[0]
+            g1.sum().backward()
 
 
 def test_launch_plans_cached_per_signature():
