@@ -42,6 +42,8 @@ def functorch_differentiating() -> bool:
     running, at any level of nested transforms. Those refuse the fused ops' autograd registrations with a
     RuntimeError about an autograd.Function's ``setup_context`` that names no argument; vmap runs them (per sample).
     An explicitly requested kernel backend is refused under them by name instead (:func:`refuse_under_func_grad`)."""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the interpreter stack; it handles transforms itself)
+        return False
     ft = torch._C._functorch
     return any(i.key() in (ft.TransformType.Grad, ft.TransformType.Jvp) for i in ft.get_interpreter_stack() or ())
 
