@@ -1,4 +1,6 @@
 """Encoder presets, predictor shapes and model-level bad input."""
+import os
+
 import pytest
 import torch
 
@@ -609,3 +611,74 @@ def test_constructors_name_their_bad_arguments():
         predictor_for(None, img_size=32, patch_size=8)
     enc = vit_encoder("vit_t", img_size=32, patch_size=8)  # the good calls still build
     assert predictor_for(enc, img_size=32, patch_size=8, predictor_embed_dim=48, depth=1).num_patches == 16
+
+
+def test_float64_model_under_autocast_stays_float64():
+    """The patch embedding built its patches in the autocast dtype for a float64 model, which autocast never
+    casts: bf16 patches against a float64 weight (audit, session 30)."""
+    from stop_kernels.models.vit import VisionTransformer
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = enc(x)
+    assert y.dtype == torch.float64 and torch.equal(y, enc(x))
+    enc32 = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 model still runs its patches in bf16
+        assert enc32.patch_embed(x.float()).dtype == torch.bfloat16
+
+
+def test_official_round_trip_of_models_the_constructors_accept(tmp_path):
+    """save/load_official_checkpoint gave back other models, or failed, for a predictor with other heads than the
+    encoder's, a depth-0 encoder or predictor, and blocks without a qkv bias; a DDP-wrapped model was written with
+    module.module. keys (audit, session 30)."""
+    from stop_kernels.models import official
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    from stop_kernels.models.vit import VisionTransformer
+    torch.manual_seed(0)
+    h, ci, ti = torch.randn(2, 4, 32), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), [torch.tensor([[8, 9], [10, 11]])]
+    n = torch.randn(1, 2, 2, 32)
+    for enc_kw, pred_kw, load_kw in ((dict(depth=1), dict(depth=1, num_heads=4), dict(predictor_num_heads=4)),
+                                     (dict(depth=0), dict(depth=0), {}),
+                                     (dict(depth=1, qkv_bias=False), dict(depth=1, qkv_bias=False), {})):
+        enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, num_heads=2, **enc_kw)
+        pred = VisionTransformerPredictor(num_patches=16, embed_dim=32, predictor_embed_dim=16, **{"num_heads": 2, **pred_kw})
+        with torch.no_grad():
+            for p in pred.parameters():
+                p.normal_(0, 0.5)
+        path = official.save_official_checkpoint(tmp_path / "c.pth.tar", enc, pred)
+        m = official.load_official_checkpoint(path, num_heads=2, **load_kw)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(m.encoder(x), enc(x))
+        assert torch.equal(m.predictor(h, ci, ti, noise=n), pred(h, ci, ti, noise=n))
+    with pytest.raises(ValueError, match="predictor_num_heads"):
+        official.load_official_checkpoint(path, num_heads=2, predictor_num_heads=0)
+
+
+def test_official_checkpoint_of_a_ddp_wrapped_model_loads(tmp_path):
+    """DDP's own ``module.`` prefix was kept under the official one (``module.module.pos_embed``), a file that no
+    loader reads (audit, session 30). Run in a subprocess: DDP needs a process group."""
+    import subprocess
+    import sys
+    code = f"""
+import os, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from stop_kernels.models import official
+from stop_kernels.models.predictor import VisionTransformerPredictor
+from stop_kernels.models.vit import VisionTransformer
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
+enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+pred = VisionTransformerPredictor(num_patches=16, embed_dim=32, predictor_embed_dim=16, depth=1, num_heads=2)
+ck = official.official_checkpoint(DDP(enc), DDP(pred, find_unused_parameters=True))
+assert all(k.startswith("module.") and not k.startswith("module.module.") for k in ck["encoder"]), list(ck["encoder"])[:3]
+m = official.load_official_checkpoint(ck, num_heads=2)
+x = torch.randn(1, 3, 32, 32)
+assert torch.equal(m.encoder(x), enc(x))
+dist.destroy_process_group()
+print("ok")
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -40,6 +40,7 @@ class EncoderSizes(NamedTuple):
     patch_size: int
     img_size: int
     in_chans: int
+    qkv_bias: bool = True
 
 
 _WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -130,9 +131,11 @@ def infer_encoder_sizes(state: Mapping[str, torch.Tensor]) -> EncoderSizes:
     E, C, p, _ = w.shape
     P = _require(state, "pos_embed", "encoder").reshape(-1, E).shape[0]
     g = int(round(P ** 0.5))
-    hidden = _require(state, "blocks.0.mlp.fc1.weight", "encoder").shape[0]
-    return EncoderSizes(embed_dim=E, depth=_depth(state, "blocks"), num_heads=heads_for_width(E),
-                        mlp_ratio=hidden / E, patch_size=p, img_size=g * p, in_chans=C)
+    depth = _depth(state, "blocks")
+    # (a depth-0 encoder has no block to read them from: the defaults, which no weight depends on)
+    hidden = _require(state, "blocks.0.mlp.fc1.weight", "encoder").shape[0] if depth else 4 * E
+    return EncoderSizes(embed_dim=E, depth=depth, num_heads=heads_for_width(E), mlp_ratio=hidden / E, patch_size=p,
+                        img_size=g * p, in_chans=C, qkv_bias=not depth or "blocks.0.attn.qkv.bias" in state)
 
 
 def mlp_ratio_for(hidden: int, dim: int) -> float:
@@ -169,7 +172,8 @@ def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch
     with torch.device("meta"):
         enc = VisionTransformer(img_size=sizes.img_size, patch_size=sizes.patch_size, in_chans=sizes.in_chans,
                                 embed_dim=sizes.embed_dim, depth=sizes.depth, num_heads=num_heads,
-                                mlp_ratio=mlp_ratio_for(round(sizes.mlp_ratio * sizes.embed_dim), sizes.embed_dim))
+                                mlp_ratio=mlp_ratio_for(round(sizes.mlp_ratio * sizes.embed_dim), sizes.embed_dim),
+                                qkv_bias=sizes.qkv_bias)
     return load_exact(enc, state, what)
 
 
@@ -201,7 +205,8 @@ def stop_noise_std(embed_dim: int) -> float:
 def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: Optional[str] = None,
                              num_heads: Optional[int] = None, patch_size: Optional[int] = None,
                              img_size: Optional[int] = None, noise_mode: str = "learned",
-                             noise_std: Optional[float] = None, map_location="cpu") -> OfficialModels:
+                             noise_std: Optional[float] = None, predictor_num_heads: Optional[int] = None,
+                             map_location="cpu") -> OfficialModels:
     """Build the project's encoder, predictor and target encoder from an official checkpoint.
 
     Args:
@@ -213,7 +218,11 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
             predictor then uses the checkpoint's ``mask_token``; the StoP modes keep it unused).
             ``noise_std`` None: StoP's recipe for the checkpoint's width (:func:`stop_noise_std`: 0.2 for
             ViT-H and wider, 0.25 below).
+        predictor_num_heads: the predictor's heads, which the weights do not show; None: the encoder's, as every
+            official predictor has (and this project's training).
     """
+    if predictor_num_heads is not None and (not chk.is_int(predictor_num_heads) or predictor_num_heads < 1):
+        raise ValueError(f"predictor_num_heads: expected a positive integer, got {predictor_num_heads!r}")
     if isinstance(ckpt, (str, os.PathLike)):
         if not os.path.isfile(ckpt):
             raise FileNotFoundError(f"ckpt: no such file: {os.fspath(ckpt)}")
@@ -239,11 +248,14 @@ def load_official_checkpoint(ckpt: Union[str, os.PathLike, Mapping], *, model: O
     heads = check_sizes(sizes, model=model, num_heads=num_heads, patch_size=patch_size, img_size=img_size)
     pred_sd = strip_prefix(ckpt["predictor"])
     D = _require(pred_sd, "predictor_embed.weight", "predictor").shape[0]
+    pdepth = _depth(pred_sd, "predictor_blocks")
     with torch.device("meta"):
         pred = VisionTransformerPredictor(
             num_patches=(sizes.img_size // sizes.patch_size) ** 2, embed_dim=sizes.embed_dim, predictor_embed_dim=D,
-            depth=_depth(pred_sd, "predictor_blocks"), num_heads=heads,
-            mlp_ratio=mlp_ratio_for(_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0], D),
+            depth=pdepth, num_heads=predictor_num_heads or heads,
+            mlp_ratio=(mlp_ratio_for(_require(pred_sd, "predictor_blocks.0.mlp.fc1.weight", "predictor").shape[0], D)
+                       if pdepth else 4.0),
+            qkv_bias=not pdepth or "predictor_blocks.0.attn.qkv.bias" in pred_sd,
             noise_mode=noise_mode, noise_std=stop_noise_std(sizes.embed_dim) if noise_std is None else noise_std)
     load_exact(pred, pred_sd, "predictor")
     # the encoder before the target: the sizes come from the encoder, so a mismatch there is the encoder's
@@ -262,6 +274,8 @@ def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dic
     (``python -m stop_kernels.training.checkpoint to-official``)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"{what}: expected a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):  # its own "module." is the official one
+        module = module.module
     out = {}
     for k, v in module.state_dict().items():
         if hasattr(v, "device_mesh"):
@@ -297,7 +311,8 @@ def save_official_checkpoint(path: Union[str, os.PathLike], encoder: torch.nn.Mo
                              epoch: Optional[int] = None) -> str:
     """Write :func:`official_checkpoint` to ``path`` with ``torch.save``, atomically (a crash leaves the
     previous file, never a torn one); returns the path. ``load_official_checkpoint(path)`` gives the
-    models back exactly."""
+    models back exactly, in float32 (pass it the predictor's ``noise_mode`` and ``noise_std``, and its
+    ``predictor_num_heads`` where they are not the encoder's: the official layout stores none of them)."""
     ck = official_checkpoint(encoder, predictor, target_encoder, epoch=epoch)
     path = check_output_file(path, "path")
     chk.write_atomic(path, lambda fh: torch.save(ck, fh))

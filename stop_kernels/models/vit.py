@@ -95,7 +95,9 @@ class PatchEmbed(nn.Module):
         # K padded with zeros to a multiple of 8 (p = 14: 588 → 592) so the bf16 rows are 16-byte aligned,
         # as cuBLAS's TMA kernels need; one copy gathers the patches (and casts them, under autocast)
         pad = -k % 8
-        dt = torch.get_autocast_dtype(x.device.type) if chk.autocast_on(x.device.type) else x.dtype
+        # (autocast never casts float64: a float64 model stays float64 under it, as its Linear would)
+        amp = chk.autocast_on(x.device.type) and self.proj.weight.dtype != torch.float64
+        dt = torch.get_autocast_dtype(x.device.type) if amp else x.dtype
         patches = x.new_empty(B, gh * gw, k + pad, dtype=dt)
         patches[..., :k].view(B, gh, gw, C, p, p).copy_(x.view(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5))
         weight = self.proj.weight.flatten(1)  # a view: no copy where K needs no padding (p = 16: 768)
