@@ -327,3 +327,26 @@ def test_packed_models_keep_the_bf16_residual_stream(ragged):
         other = "predictor" if name == "encoder" else "encoder"
         assert seen[name] == {torch.bfloat16} and seen[other] == {torch.float32}, (name, seen)
         assert out.shape[-1] == 192 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_mask_tokens_under_autocast_packed_equals_rectangular(backend, monkeypatch):
+    """noise_mode none under bf16 autocast: the rectangular (fused) path rounded the mask token to bf16 before ψ +
+    mask_token, the packed path (and the official model) add it in fp32: the two predictors differed by a bf16 ulp
+    (audit, session 30). Both add it uncast now."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from stop_kernels.models.predictor import VisionTransformerPredictor
+    from stop_kernels.models.vit import VisionTransformer
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    pred = VisionTransformerPredictor(num_patches=16, embed_dim=32, predictor_embed_dim=16, depth=1, num_heads=2,
+                                      noise_mode="none", input_backend=backend)
+    imgs = torch.randn(2, 3, 32, 32)
+    ci, ti = torch.tensor([[0, 3, 5, 7], [1, 2, 4, 6]]), [torch.tensor([[9, 10], [11, 12]])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rect = pred(enc(imgs, ci), ci, ti)
+        packed = pred(enc(imgs, [list(ci)]), [list(ci)], [list(ti[0])])
+        rows = pred.assemble(enc(imgs, ci), ci, ti)[:, 4:]
+    assert torch.equal(rect.reshape(-1, 32), packed)
+    assert torch.equal(rows, pred.predictor_pos_embed[ti[0]] + pred.mask_token.reshape(-1))

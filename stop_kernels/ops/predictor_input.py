@@ -15,9 +15,10 @@ Noise row r runs over the masked tokens flattened row-major over ``[npred, B, Nt
 Forward (learned): one Triton launch writes the context rows and then the StoP rows. Backward (g = ∂L/∂out): the
 npred context-row groups are summed first, ``gctx = Σ_k g[k, :, :Nc]``, then ``dctx = gctx·W`` (one GEMM),
 ``dW = gctxᵀ·ctx + Σ_r g_masked[r]ᵀ n[r]`` (one Triton launch, noise regenerated), ``db = Σ gctx + Σ g_masked``,
-``d mask_token = Σ g_masked``, ``dψ`` scatter-added by the indices. Under autocast the op casts W, b and the mask
-token itself, so their gradients come back in their own dtypes without autograd cast nodes: each eager op is host
-time, which the eager timings of issue 3 measure (benchmarks/NOTES.md).
+``d mask_token = Σ g_masked``, ``dψ`` scatter-added by the indices. Under autocast the op casts W and b itself, so
+their gradients come back in their own dtypes without autograd cast nodes: each eager op is host time, which the
+eager timings of issue 3 measure (benchmarks/NOTES.md). The mask token is added as it is (fp32 under autocast), as
+the official code and the packed predictor add it.
 """
 from __future__ import annotations
 
@@ -51,11 +52,12 @@ def _assemble(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, w
               seed: torch.Tensor, noise_mode: str, noise_std: float, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
     """The forward launches (the body of the custom op and of its eager twin ``_AssembleFn``).
 
-    ``compute_dtype`` (the autocast dtype, or None) is the dtype W, b and the mask token are taken in. They
-    are cast here, where autograd does not see it, so their gradients come back in the parameters' own dtypes
-    without an autograd cast node per parameter and step.
+    ``compute_dtype`` (the autocast dtype, or None) is the dtype W and b are taken in. They are cast here, where
+    autograd does not see it, so their gradients come back in the parameters' own dtypes without an autograd cast
+    node per parameter and step. The mask token is not cast: ψ + mask_token is an addition, which autocast leaves
+    in fp32 in the official model (and in the packed path, ``models.packing``).
     """
-    weight, bias, mask_token = (_in_dtype(t, compute_dtype) for t in (weight, bias, mask_token))
+    weight, bias = (_in_dtype(t, compute_dtype) for t in (weight, bias))
     npred, B, Nt = tgt_idx.shape
     Nc, E = ctx.shape[1:]
     D = weight.shape[0]
@@ -182,8 +184,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             "reference" (same seed and Philox noise); the CUDA C++ backend ("cuda") has no kernel for it.
     Returns:
         ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under autocast (CUDA or CPU)
-        ctx, W, b (and mask_token) are taken in the autocast dtype, and the gradients of W, b and mask_token come
-        back in their own dtypes (fp32 sums on the Triton backend). Rounding: the Triton kernels add b and ψ to
+        ctx, W and b are taken in the autocast dtype (the mask token as it is, as autocast leaves an addition), and
+        the gradients of W, b and mask_token come back in their own dtypes (fp32 sums on the Triton backend). Rounding: the Triton kernels add b and ψ to
         the fp32 accumulator and round once, into the output dtype; the reference rounds ``x·Wᵀ + b`` to W's dtype
         first, as the official bf16 Linear does, so with bf16 weights and an fp32 ψ the two differ by bf16's
         rounding of the projection.
@@ -204,15 +206,14 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
     amp = autocast_dtype(weight.device)
     if amp is not None:
         ctx = ctx.to(amp)
-    params = (weight, bias, mask_token)
-    # (the mask token only where it is used: the StoP modes ignore it)
+    # (the mask token only where it is used: the StoP modes ignore it; it is added uncast)
     used = {"weight": weight, "bias": bias, "mask_token": mask_token if noise_mode == "none" else None}
     dtypes = {"ctx": ctx.dtype, "pos_embed": pos_embed.dtype,
-              **{arg: amp or t.dtype for arg, t in used.items() if t is not None}}
+              **{arg: (t.dtype if arg == "mask_token" else amp or t.dtype) for arg, t in used.items() if t is not None}}
     resolved = check_backend(backend, weight.device, dtypes)
     npred, B, Nt = tgt.shape
     if resolved == "reference":
-        weight, bias, mask_token = (_in_dtype(t, amp) for t in params)
+        weight, bias = (_in_dtype(t, amp) for t in (weight, bias))
         if noise_mode == "none":
             n = None
         else:
@@ -222,7 +223,7 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
             n = n.to(device=weight.device, dtype=dtype).reshape(npred, B, Nt, width)
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
                                                   noise_std=noise_std, mask_token=mask_token, noise=n)
-    # the kernels take W, b and the mask token as they are and cast them themselves (to ``amp``)
+    # the kernels take W and b as they are and cast them themselves (to ``amp``)
     # (the mask token only in mode "none", the one that reads it: a StoP output never requires its gradient)
     args = (ctx, ctx_idx, tgt, weight, bias, pos_embed, used["mask_token"], seed, noise_mode, float(noise_std), amp)
     return _AssembleFn.apply(*args) if custom_op_bypass_ok(ctx) else _assemble_op(*args)
