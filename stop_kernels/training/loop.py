@@ -828,9 +828,10 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
            f"{cfg.attention}{' ' + cfg.attention_policy if cfg.attention_policy else ''}]: {warm} warm-up + {n} "
            f"timed steps over {pool} mask batches", info, stream)
     ignored = [k for k, on in (("resume", cfg.resume), ("data", cfg.data != "synthetic")) if on]
-    if ignored:  # the step alone is timed: fresh models, synthetic batches, nothing read or written
-        _print(f"benchmark: ignores {' and '.join('--' + k for k in ignored)} (fresh models on synthetic "
-               f"batches)", info, stream)
+    if ignored:  # the step alone is timed: the models as built (--init-from's weights where given), synthetic
+        # batches, no checkpoint read or written
+        _print(f"benchmark: ignores {' and '.join('--' + k for k in ignored)} (the models as built"
+               f"{', from --init-from' if cfg.init_from else ''}, on synthetic batches)", info, stream)
     k = cfg.grad_accum  # each step: k micro-batches with masks of their own, as training loads them
     micro = synthetic_batches(cfg, pool * k, local // k, info.device, cfg.seed + 7919 * info.rank)
     steps = [micro[j * k:(j + 1) * k] for j in range(pool)]
