@@ -80,8 +80,9 @@ def test_init_from_a_file_that_is_no_checkpoint_names_the_key(tmp_path, cpu_trai
     path = tmp_path / "not_a_checkpoint.pth.tar"
     path.write_bytes(content)
     cfg = tiny(tmp_path, init_from=str(path))
-    with pytest.raises(ConfigError, match=r"^init_from: .*cannot read .* as a torch checkpoint"):
+    with pytest.raises(ConfigError, match=r"^init_from: .*cannot read .* as a torch checkpoint") as e:
         Trainer(cfg, D.init_distributed(cfg), None)
+    assert "does not fit" not in str(e.value)  # (not a mismatch of sizes: no checkpoint at all; audit, session 30)
 
 
 def test_a_run_started_from_a_file_that_is_gone_still_loads(tmp_path, cpu_train, capsys):

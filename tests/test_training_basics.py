@@ -727,3 +727,26 @@ def test_cpu_runs_report_no_mfu_unless_a_peak_is_given(tmp_path, cpu_train, caps
 
     train(tiny(tmp_path / "bench", benchmark=1, benchmark_warmup=1))
     assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["mfu"] is None
+
+
+def test_config_parsing_keeps_large_ints_and_refuses_bools_in_pairs(tmp_path):
+    """Audit, session 30: an int flag went through a float, so a seed above 2**53 was silently another seed; a YAML
+    bool inside a pair (crop_scale: [0.3, true]) was read as 1.0."""
+    from stop_kernels.training.config import ConfigError, parse_config
+    assert parse_config(["--seed", "9007199254740993"]).seed == 9007199254740993
+    assert parse_config(["--steps", "1e3"]).steps == 1000
+    for bad in ("1e30", "2.5"):
+        with pytest.raises(ConfigError, match="steps: cannot read"):
+            parse_config(["--steps", bad])
+    (tmp_path / "c.yaml").write_text("crop_scale: [0.3, true]\n")
+    with pytest.raises(ConfigError, match="crop_scale: cannot read"):
+        parse_config(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_data_keys_a_run_does_not_read_are_named():
+    """Audit, session 30: augmentation keys on synthetic data (and synthetic_size with a folder) were ignored
+    without a word; the run now names them at its start."""
+    from stop_kernels.training.config import TrainConfig, unused_data_keys
+    assert unused_data_keys(TrainConfig()) == []
+    assert unused_data_keys(TrainConfig(hflip=True, grayscale=True, synthetic_size=64)) == ["hflip", "grayscale"]
+    assert unused_data_keys(TrainConfig(data="/some/folder", hflip=True, synthetic_size=64)) == ["synthetic_size"]

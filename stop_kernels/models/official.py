@@ -177,10 +177,14 @@ def build_encoder(sizes: EncoderSizes, num_heads: int, state: Mapping[str, torch
     return load_exact(enc, state, what)
 
 
+class UnreadableCheckpoint(ValueError):
+    """A file :func:`load_torch_file` cannot read as a checkpoint at all (as opposed to one of other sizes)."""
+
+
 def load_torch_file(path: Union[str, os.PathLike], name: str, *, map_location="cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` (memory-mapped when ``mmap`` and the file allows it). A file it
     cannot read (empty, truncated, not written by ``torch.save``, or holding objects other than tensors and
-    plain containers) is a ``ValueError`` naming ``name`` and the file, not pickle's bare ``KeyError`` /
+    plain containers) is an :class:`UnreadableCheckpoint` (a ``ValueError``) naming ``name`` and the file, not pickle's bare ``KeyError`` /
     ``EOFError`` / ``UnpicklingError`` (whose advice, ``weights_only=False``, would run code from the file)."""
     if mmap:
         try:
@@ -193,7 +197,7 @@ def load_torch_file(path: Union[str, os.PathLike], name: str, *, map_location="c
         why = ("the file ends early (empty or truncated)" if isinstance(e, EOFError) else
                "not a torch.save file, or it holds objects other than tensors and plain containers"
                if isinstance(e, (pickle.UnpicklingError, KeyError)) else str(e).splitlines()[0])
-        raise ValueError(f"{name}: cannot read {os.fspath(path)} as a torch checkpoint: {why}") from e
+        raise UnreadableCheckpoint(f"{name}: cannot read {os.fspath(path)} as a torch checkpoint: {why}") from e
 
 
 def stop_noise_std(embed_dim: int) -> float:

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -79,12 +79,12 @@ class TrainConfig:
     noise_std: float = 0.25            # σ of the StoP noise (0.2 for ViT-H)
     # ---- data -------------------------------------------------------------------------------
     data: str = "synthetic"            # 'synthetic' or an ImageNet-layout folder (class subfolders; root/train/ if present)
-    synthetic_size: int = 2048         # images in the synthetic dataset
-    crop_scale: Tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area range
-    hflip: bool = False                # random horizontal flip
-    color_jitter: float = 0.0          # colour-jitter strength s (ColorJitter(0.8s,0.8s,0.8s,0.2s) with p 0.8); 0 = off
-    gaussian_blur: bool = False        # random Gaussian blur (p 0.5, radius 0.1–2)
-    grayscale: bool = False            # random grayscale (p 0.2)
+    synthetic_size: int = 2048         # images in the synthetic dataset (data: synthetic only)
+    crop_scale: Tuple[float, float] = (0.3, 1.0)  # RandomResizedCrop area range (image folders; synthetic images take no augmentation)
+    hflip: bool = False                # random horizontal flip (image folders)
+    color_jitter: float = 0.0          # colour-jitter strength s (ColorJitter(0.8s,0.8s,0.8s,0.2s) with p 0.8); 0 = off (image folders)
+    gaussian_blur: bool = False        # random Gaussian blur (p 0.5, radius 0.1–2) (image folders)
+    grayscale: bool = False            # random grayscale (p 0.2) (image folders)
     num_workers: int = 0               # DataLoader worker processes per rank
     pin_memory: bool = True            # pinned host memory for batches (only used on CUDA)
     # ---- masks ------------------------------------------------------------------------------
@@ -139,11 +139,11 @@ class TrainConfig:
     out: str = "runs/default"          # output folder (log.jsonl, checkpoints, export, tensorboard)
     log_every: int = 10                # progress line every N steps (the JSONL log has every step)
     tensorboard: bool = True           # also write TensorBoard scalars when tensorboard is installed
-    peak_tflops: float = 0.0           # per-device peak TFLOP/s for MFU; 0: 989 (H100/H200 dense bf16) on a GPU, no MFU on a CPU
+    peak_tflops: float = 0.0           # per-device peak TFLOP/s for MFU; 0: the card's dense bf16 peak by name (989 H100/H200 SXM, 835 NVL, 756 H100 PCIe; 989 others) on a GPU, no MFU on a CPU
     # ---- benchmark --------------------------------------------------------------------------
     benchmark: int = 0                 # N > 0: time N steps on synthetic data after warm-up, print one JSON line
     benchmark_warmup: int = 10         # warm-up steps before timing (compilation, autotuning); at least one per mask batch
-    benchmark_batches: int = 8         # distinct synthetic mask batches the benchmark cycles through
+    benchmark_batches: int = 8         # distinct synthetic mask batches the benchmark cycles through (at most benchmark of them)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,6 +170,8 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, str):
                 value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")
                          if v.strip()]
+            if any(isinstance(v, bool) for v in value):  # YAML `crop_scale: [0.3, true]` (float(True) = 1.0)
+                raise ValueError
             value = tuple(type(default[0])(v) for v in value)
             if len(value) != len(default):
                 raise ValueError
@@ -186,7 +188,13 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ValueError
         if isinstance(default, int) and isinstance(value, str):
-            return int(float(value)) if float(value).is_integer() else int(value)
+            try:  # exactly, first: through a float, an int above 2**53 was rounded (another seed, silently)
+                return int(value)
+            except ValueError:  # "1e3": an integral float form, which must convert back exactly
+                f = float(value)
+                if not f.is_integer() or abs(f) > 2 ** 53:
+                    raise
+                return int(f)
         return type(default)(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}"
@@ -236,6 +244,17 @@ def _check_types(cfg: TrainConfig) -> None:
             what = f"a tuple of {len(default)} {kind.__name__}s" if isinstance(default, tuple) else \
                 "a finite float" if kind is float else f"a {kind.__name__}"
             raise ConfigError(f"{f.name}: expected {what}, got {value!r}")
+
+
+AUGMENTATION_KEYS = ("crop_scale", "hflip", "color_jitter", "gaussian_blur", "grayscale")
+
+
+def unused_data_keys(cfg: TrainConfig) -> List[str]:
+    """The data keys ``cfg`` sets away from their defaults that its data does not read: the augmentations on
+    synthetic images (which take none), ``synthetic_size`` with an image folder. A run says so at its start."""
+    defaults = TrainConfig()
+    unused = AUGMENTATION_KEYS if cfg.data == "synthetic" else ("synthetic_size",)
+    return [k for k in unused if getattr(cfg, k) != getattr(defaults, k)]
 
 
 def several_ranks() -> bool:

@@ -41,8 +41,8 @@ from ..models.packing import is_ragged, mean_tokens, packed_targets
 from ..ops.attention import attention_backend_problem, parse_auto_policy, use_attention_backend, use_auto_policy
 from . import distributed as D
 from .checkpoint import Checkpointer, export_safetensors, out_lock, set_aside
-from .config import (ConfigError, TrainConfig, check_init_from, init_from_applies, local_batch, uses_cuda_graph_trees,
-                     validate, with_micro_batch)
+from .config import (ConfigError, TrainConfig, check_init_from, init_from_applies, local_batch, unused_data_keys,
+                     uses_cuda_graph_trees, validate, with_micro_batch)
 from .cuda_graphs import GraphedForward
 from .ema import ema_update
 from .metrics import (LogWriteError, MetricsLogger, gpu_name, mfu_peak_tflops, peak_memory_gib, peak_reserved_gib,
@@ -104,7 +104,7 @@ def init_weights_from(models: JEPAModels, cfg: TrainConfig) -> str:
     (``--resume`` of this run's own checkpoints takes precedence, as it loads after this). Sizes that do
     not match the config are a :class:`ConfigError` naming ``init_from``.
     """
-    from ..models.official import load_official_checkpoint
+    from ..models.official import UnreadableCheckpoint, load_official_checkpoint
     from .checkpoint import CheckpointReadError, load_run_models
     path = cfg.init_from
     try:
@@ -120,7 +120,7 @@ def init_weights_from(models: JEPAModels, cfg: TrainConfig) -> str:
                        "target_encoder": m.target_encoder if m.target_encoder is not None else m.encoder}
         for name, src_module in sources.items():
             getattr(models, name).load_state_dict(src_module.state_dict(), strict=True)
-    except CheckpointReadError as e:  # damaged, not a mismatch
+    except (CheckpointReadError, UnreadableCheckpoint) as e:  # damaged, or no checkpoint at all: not a mismatch
         raise ConfigError(f"init_from: {e}") from None
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:  # (a ConfigError is a ValueError)
         raise ConfigError(f"init_from: {path} does not fit this config ({cfg.model}, img {cfg.img_size}, patch "
@@ -578,6 +578,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     total, warmup, lr_hold, wd_hold = schedule_lengths(cfg, ipe)
     tr = Trainer(cfg, info, data, stream)
     ckpt = tr.checkpointer
+    unused = unused_data_keys(cfg)
+    if unused:  # (set by a recipe or the command line; never silently)
+        _print(f"note: {', '.join(unused)} set but unused: "
+               + ("synthetic images take no augmentation (they apply to --data folders)" if cfg.data == "synthetic"
+                  else f"the data is the folder {cfg.data}"), info, stream)
 
     start_step, skipped_before, nonfinite_before = 0, 0, 0
     if cfg.resume:
