@@ -116,3 +116,21 @@ def test_seed_key_args_are_int32_bit_patterns(seed):
     k0, k1 = seed_key_args(seed)
     assert -2 ** 31 <= k0 < 2 ** 31 and -2 ** 31 <= k1 < 2 ** 31
     assert k0 & 0xFFFFFFFF == seed & 0xFFFFFFFF and k1 & 0xFFFFFFFF == (seed >> 32) & 0xFFFFFFFF
+
+
+def test_row_counter_limits_are_kept_by_every_path():
+    """The row counter is 32-bit: the Triton test helper failed to compile a start past 2**31 (audit, session 30),
+    and the Triton / reference StoP ops accepted 2**32 rows, past which the noise repeats from row 0 (the CUDA C++
+    op refuses them)."""
+    import stop_kernels as sk
+    from stop_kernels.ops.philox import philox_normal, philox_normal_triton
+    for start in (2 ** 31 - 1, 2 ** 31 + 5, 2 ** 32 - 2):
+        torch.testing.assert_close(philox_normal_triton(77, 3, 5, row_start=start).double(),
+                                   philox_normal(77, 3, 5, row_start=start), atol=1e-6, rtol=0)
+    huge = torch.zeros(1, dtype=torch.int64).expand(2 ** 32)  # (no memory: one element, stride 0)
+    with pytest.raises(ValueError, match=r"idx: at most 2\*\*32 - 1"):
+        sk.stop_embed(torch.randn(4, 8), huge, torch.randn(8, 6), backend="reference")
+    tgt = torch.zeros(1, dtype=torch.int64).expand(1, 1, 2 ** 32)
+    with pytest.raises(ValueError, match=r"tgt_idx: at most 2\*\*32 - 1"):
+        sk.assemble_predictor_input(torch.randn(1, 2, 6), torch.tensor([[0, 1]]), tgt, torch.randn(8, 6), None,
+                                    torch.randn(4, 8), backend="reference")

@@ -230,6 +230,8 @@ def philox_normal_triton(seed: int, rows: int, E: int, noise_std: float = 1.0, r
     BLOCK_M, BLOCK_K = 32, 32
     key0, key1 = seed_key_args(seed)
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(E4, BLOCK_K))
+    # (the row counter is 32-bit, as philox_normal's: a start past 2**31 goes in as its int32 bit pattern)
+    row_start = ((row_start & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000
     _philox_normal_kernel[grid](out, rows, E, E4, row_start, key0, key1, float(noise_std),
                                 BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return out
