@@ -245,6 +245,12 @@ def write_json_atomic(path: str, obj) -> None:
     write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), mode="w")
 
 
+# Rows one StoP call may draw (positions of stop_embed, masked tokens of the predictor input): the Philox row counter
+# is 32-bit, and the Triton kernels index rows in int32 (a last row block past 2**31 would wrap); the margin covers
+# the largest row block. Every backend refuses more.
+MAX_NOISE_ROWS = 2 ** 31 - 2 ** 16
+
+
 def is_int(v) -> bool:
     """An int and not a bool (``True`` is an int in Python, never a size)."""
     return isinstance(v, int) and not isinstance(v, bool)

@@ -527,3 +527,12 @@ def test_the_mask_token_is_an_input_only_where_it_is_read(backend, mode):
                                       torch.randn(8, 6), None, torch.randn(16, 8), noise_mode=mode, mask_token=mt,
                                       backend=backend)
     assert out.requires_grad == (mode == "none")
+
+
+def test_a_launch_past_cudas_grid_limit_is_refused_by_name():
+    """131 072 one-token packed sequences beside one of 65 536 tokens (16 heads) gave the backward a grid of
+    2 147 500 032 programs, which Triton's launcher refused with a bare OverflowError (audit, session 30)."""
+    from stop_kernels.ops import attention as A
+    with pytest.raises(ValueError, match=r"cu_seqlens: 131073 sequences of up to 65536 tokens need 2147500032"):
+        A._grid_size(16 * 1024 * 131073, 131073, 65536)
+    assert A._grid_size(2 ** 31 - 1, 1, 1) == 2 ** 31 - 1

@@ -120,17 +120,21 @@ def test_seed_key_args_are_int32_bit_patterns(seed):
 
 def test_row_counter_limits_are_kept_by_every_path():
     """The row counter is 32-bit: the Triton test helper failed to compile a start past 2**31 (audit, session 30),
-    and the Triton / reference StoP ops accepted 2**32 rows, past which the noise repeats from row 0 (the CUDA C++
-    op refuses them)."""
+    and the Triton / reference StoP ops accepted 2**32 rows, past which the noise repeats from row 0, and 2**31,
+    where the Triton kernels' int32 row index wraps. Every backend refuses more than chk.MAX_NOISE_ROWS, and a W
+    the kernels cannot address."""
     import stop_kernels as sk
     from stop_kernels.ops.philox import philox_normal, philox_normal_triton
     for start in (2 ** 31 - 1, 2 ** 31 + 5, 2 ** 32 - 2):
         torch.testing.assert_close(philox_normal_triton(77, 3, 5, row_start=start).double(),
                                    philox_normal(77, 3, 5, row_start=start), atol=1e-6, rtol=0)
-    huge = torch.zeros(1, dtype=torch.int64).expand(2 ** 32)  # (no memory: one element, stride 0)
-    with pytest.raises(ValueError, match=r"idx: at most 2\*\*32 - 1"):
+    huge = torch.zeros(1, dtype=torch.int64).expand(2 ** 31)  # (no memory: one element, stride 0)
+    with pytest.raises(ValueError, match=r"idx: at most 2147418112 positions"):
         sk.stop_embed(torch.randn(4, 8), huge, torch.randn(8, 6), backend="reference")
-    tgt = torch.zeros(1, dtype=torch.int64).expand(1, 1, 2 ** 32)
-    with pytest.raises(ValueError, match=r"tgt_idx: at most 2\*\*32 - 1"):
+    tgt = torch.zeros(1, dtype=torch.int64).expand(1, 1, 2 ** 31)
+    with pytest.raises(ValueError, match=r"tgt_idx: at most 2147418112 masked tokens"):
         sk.assemble_predictor_input(torch.randn(1, 2, 6), torch.tensor([[0, 1]]), tgt, torch.randn(8, 6), None,
                                     torch.randn(4, 8), backend="reference")
+    wide = torch.zeros(1).expand(2, 2 ** 30)  # (2**31 elements, stride 0)
+    with pytest.raises(ValueError, match=r"weight: at most 2\*\*31 - 1 elements"):
+        sk.stop_embed(torch.randn(4, 2), torch.tensor([0]), wide, backend="reference")

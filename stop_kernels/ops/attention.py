@@ -325,6 +325,16 @@ def _unaligned_strides(sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN: tl.co
             svb * ALIGN, svn * ALIGN, svh * ALIGN)
 
 
+def _grid_size(programs, sequences, longest):
+    """``programs`` (one per head, block and sequence), refused by name past CUDA's 2**31 − 1 (Triton's launcher
+    would raise an OverflowError): many short packed sequences beside a long one reach it while the token count
+    stays small (131 072 one-token sequences beside one of 65 536 tokens, 16 heads, in the backward)."""
+    if isinstance(programs, int) and programs > 2 ** 31 - 1:  # (a traced size is symbolic: nothing to check)
+        raise ValueError(f"cu_seqlens: {sequences} sequences of up to {longest} tokens need {programs} programs in one "
+                         f"launch, past CUDA's 2**31 - 1; split them over several calls")
+    return programs
+
+
 @triton.jit
 def _bwd_program(H, NUM_BLOCKS):
     """Stage 0 of the two general backward kernels: the (head, block, sequence) of this program,
@@ -420,9 +430,9 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
     for g in tl.static_range(HEADS):
         h = hg * HEADS + g
         # stage 1: load the Q tile [BLOCK_M, BD0 (+ BD1)] of head h (masked rows/cols read as 0).
-        q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
+        q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
+        k_base = K + b * skb + h.to(tl.int64) * skh
+        v_base = V + b * svb + h.to(tl.int64) * svh
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -452,7 +462,7 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
         _store_tile(O + h * HEAD_DIM, orows_m * so, m_ok, acc0 * inv_l[:, None], acc1 * inv_l[:, None],
                     HEAD_DIM, BD0, BD1)
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(LSE + lbase + h * NT + offs_m, lse, mask=m_ok)
+        tl.store(LSE + lbase + h.to(tl.int64) * NT + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -569,12 +579,12 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
 
     # stage 1: load every query row: Q, dO, O [BLOCK_Q, BD] and lse [BLOCK_Q];
     # δ = rowsum(dO ∘ O) in float32 (the preprocess, fused here).
-    q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False)
+    q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False)
     do0, do1, delta = _load_do_delta(DO, O, g_q, q_ok, HEAD_DIM, BD0, BD1)
-    lse2 = tl.load(LSE + lbase + h * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + lbase + h.to(tl.int64) * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
     dq0, dq1 = _zeros_tile(BLOCK_Q, BD0, BD1)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + h.to(tl.int64) * skh
+    v_base = V + b * svb + h.to(tl.int64) * svh
 
     # stage 2: per key block (_bwd_fused_key_block) dK, dV stored, dQ += dS K accumulated in registers.
     if BLOCK_N >= BLOCK_Q:  # one pass: every key in one block, no loop (see the one-pass candidates)
@@ -639,12 +649,12 @@ def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, 
     rows_n = (start + offs_n).to(tl.int64)
 
     # stage 1: load every key's K, V [BLOCK_N, BD] once; dK, dV accumulate in registers.
-    k0, k1 = _load_tile(K + b * skb + h * skh, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
-    v0, v1 = _load_tile(V + b * svb + h * svh, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+    k0, k1 = _load_tile(K + b * skb + h.to(tl.int64) * skh, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+    v0, v1 = _load_tile(V + b * svb + h.to(tl.int64) * svh, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
     dk0, dk1 = _zeros_tile(BLOCK_N, BD0, BD1)
     dv0, dv1 = _zeros_tile(BLOCK_N, BD0, BD1)
-    q_base = Q + b * sqb + h * sqh
-    l_base = lbase + h * NT
+    q_base = Q + b * sqb + h.to(tl.int64) * sqh
+    l_base = lbase + h.to(tl.int64) * NT
 
     # stage 2: per query block (_bwd_keys_query_block) its dQ stored, dK, dV accumulated.
     for m0 in range(0, seqlen, BLOCK_Q):
@@ -739,16 +749,16 @@ def _attn_bwd_dq_kernel(
         return
     offs_m, offs_n, m_ok, rows_m = _bwd_tile(mb, start, seqlen, BLOCK_M, BLOCK_N)
     g_m = _row_offsets(orow0, offs_m, so, h, HEAD_DIM)
-    l_m = lbase + h * NT + offs_m
+    l_m = lbase + h.to(tl.int64) * NT + offs_m
 
     # stage 1: load Q, dO, O [BLOCK_M, BD], lse; compute δ = rowsum(dO ∘ O), store it for the
     # dK/dV launch.
-    q0, q1 = _load_tile(Q + b * sqb + h * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
+    q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
     do0, do1, delta = _load_do_delta(DO, O, g_m, m_ok, HEAD_DIM, BD0, BD1)
     tl.store(DELTA + l_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + l_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + h.to(tl.int64) * skh
+    v_base = V + b * svb + h.to(tl.int64) * svh
     dq0, dq1 = _zeros_tile(BLOCK_M, BD0, BD1)
 
     # stage 2: per key block load Kᵀ, Vᵀ [BD, BLOCK_N]; P = exp2(s·Q Kᵀ·log2e − lse),
@@ -798,11 +808,11 @@ def _attn_bwd_dkdv_kernel(
     offs_n, offs_m, n_ok, rows_n = _bwd_tile(nb, start, seqlen, BLOCK_N, BLOCK_M)
 
     # stage 1: load this block's K, V [BLOCK_N, BD].
-    k0, k1 = _load_tile(K + b * skb + h * skh, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
-    v0, v1 = _load_tile(V + b * svb + h * svh, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
-    q_base = Q + b * sqb + h * sqh
+    k0, k1 = _load_tile(K + b * skb + h.to(tl.int64) * skh, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+    v0, v1 = _load_tile(V + b * svb + h.to(tl.int64) * svh, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+    q_base = Q + b * sqb + h.to(tl.int64) * sqh
     do_base = DO + orow0 * so + h * HEAD_DIM
-    l_base = lbase + h * NT
+    l_base = lbase + h.to(tl.int64) * NT
     dk0, dk1 = _zeros_tile(BLOCK_N, BD0, BD1)
     dv0, dv1 = _zeros_tile(BLOCK_N, BD0, BD1)
 
@@ -1375,7 +1385,7 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
         persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form; 0: one program per item
         # a fixed grid for the persistent form (no min() with the item count: that would put a guard
         # on a symbolic N into a compiled graph; surplus programs run no iteration)
-        grid = (_num_sms(q.device) * persist,) if persist else (H // heads * num_m * B,)
+        grid = (_num_sms(q.device) * persist,) if persist else (_grid_size(H // heads * num_m * B, B, N),)
         args = (*strides, NT, H, num_m, B, scale_log2)
         kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
                   ONE_TILE=cfg["BLOCK_N"] >= bucket, PERSISTENT=bool(persist), ALIGN=al, VARLEN=varlen,
@@ -1432,9 +1442,9 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
         num_n = triton.cdiv(N, bn)
         bp.fused = False
         # launch 1: δ and dQ per query block; launch 2: dK, dV per key block (reads δ)
-        bp.launch1 = _launcher(_attn_bwd_dq_kernel, (H * num_m * B,), traced_)
+        bp.launch1 = _launcher(_attn_bwd_dq_kernel, (_grid_size(H * num_m * B, B, N),), traced_)
         bp.args1 = (*strides, NT, H, num_m, scale)
-        bp.launch2 = _launcher(_attn_bwd_dkdv_kernel, (H * num_n * B,), traced_)
+        bp.launch2 = _launcher(_attn_bwd_dkdv_kernel, (_grid_size(H * num_n * B, B, N),), traced_)
         bp.args2 = (*strides, NT, H, num_n, scale)
         bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
                      UPCAST=upcast, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))

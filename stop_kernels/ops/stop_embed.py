@@ -964,9 +964,11 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
     chk.position_table("pos_embed", pos_embed)
     chk.float_tensor("weight", weight, ndim=2)
     chk.tensor("idx", idx, min_ndim=1, dtypes=chk.INDEX_DTYPES)
-    if idx.numel() >= 2 ** 32:  # (the CUDA C++ op refuses the same: past it the noise would repeat from row 0)
-        raise ValueError(f"idx: at most 2**32 - 1 positions per call (the Philox row counter is 32-bit), got "
-                         f"{idx.numel()}")
+    if idx.numel() > chk.MAX_NOISE_ROWS:
+        raise ValueError(f"idx: at most {chk.MAX_NOISE_ROWS} positions per call (2**31 - 2**16: the kernels count noise "
+                         f"rows in 32 bits), got {idx.numel()}; split the call")
+    if weight.numel() >= 2 ** 31:  # (the Triton kernels address W in int32)
+        raise ValueError(f"weight: at most 2**31 - 1 elements, got shape {tuple(weight.shape)}")
     if bias is not None:
         chk.float_tensor("bias", bias, ndim=1)
     chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", bias=bias)
