@@ -36,6 +36,8 @@ import sys
 import time
 import traceback
 
+T0 = time.time()  # the budget counts from the start: the imports below take seconds on a cold machine
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _gpu_common import DEV, REHEARSE, bench, bench_graph, kernel_times, md_cell, record_env, sync  # noqa: E402
@@ -43,7 +45,6 @@ from _gpu_common import DEV, REHEARSE, bench, bench_graph, kernel_times, md_cell
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-T0 = time.time()
 # (name, tokens, in features, out features, GEMMs): the step's linear layers per block, the largest first
 LAYERS = [(f"{who} {layer}", tokens, k, n, gemms)
           for who, tokens, width, gemms in (("target", 64 * 256, 1280, ("fwd",)),

@@ -355,7 +355,7 @@ def run_variants(args, json_name: str = "profile_step.json"):
     try:
         for spec, v in zip(specs, variants):
             # counted from the script's start: its imports and the process group are part of the time the
-            # caller's limit gives it (gpu_all.sh: a path starts only while 70 s of the section are left)
+            # caller's limit gives it (gpu_all.sh: a path starts only while 140 s of the section are left)
             if time.perf_counter() - T_START > args.budget_s:
                 print(f"[skip {v['name']}: budget]", flush=True)
                 continue

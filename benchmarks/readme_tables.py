@@ -68,12 +68,14 @@ STEP_ROWS = {  # ROW of a step source -> the README's label
     "cuda_graph_trees": "this pipeline, the defaults with the compiled blocks replayed from CUDA-graph trees "
                         "(`--compile-mode reduce-overhead --cpp-wrapper false`)",
     "cuda_graph_trees_levers": "this pipeline, CUDA-graph trees plus combo kernels, multi-kernel reductions, the bf16 "
-                               "residual stream and the target encoder's GELU in its fc1 GEMM "
-                               "(`--combo-kernels --multi-kernel --bf16-residual --fused-target-gelu`)",
+                               "residual stream, the target encoder's GELU in its fc1 GEMM and the Triton attention "
+                               "for the context encoder (`--combo-kernels --multi-kernel --bf16-residual "
+                               "--fused-target-gelu --attention-policy compiled_train:80=triton`)",
     "cuda_graph_trees_stack": "this pipeline, CUDA-graph trees over one compiled graph per block stack "
                               "(`--compile-scope stack`)",
-    "levers": "this pipeline, the defaults plus the six opt-in levers (combo kernels, multi-kernel reductions, bf16 "
-              "residual stream, graphed target encoder on a second stream, fused target GELU)",
+    "levers": "this pipeline, the defaults plus the opt-in levers (combo kernels, multi-kernel reductions, bf16 "
+              "residual stream, graphed target encoder on a second stream, fused target GELU, Triton attention for "
+              "the context encoder: `--attention-policy compiled_train:80=triton`)",
     "target_gelu": "this pipeline, the defaults with the target encoder's GELU in its fc1 GEMM (`--fused-target-gelu`)",
 }
 
