@@ -78,7 +78,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profile_step  # noqa: E402  (benchmarks/profile_step.py: runs Trainer variants)
-from _gpu_common import md_cell  # noqa: E402
+from _gpu_common import md_cell, write_json  # noqa: E402
 
 
 PATHS = {
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
         ratio = by.get("fast", {}).get("ratio_over_reference")
     if args.profile_steps:  # where each path's GPU and host time goes
         profile_step.print_report(gpu, args, results)
-    with open(os.path.join(args.out, "e2e_step.json"), "w") as fh:
-        json.dump({**profile_step.run_header(gpu), "results": results, "ratio": ratio}, fh, indent=1)
+    write_json(os.path.join(args.out, "e2e_step.json"), {**profile_step.run_header(gpu), "results": results, "ratio": ratio})
     # CUDA graphs: under compile_mode reduce-overhead, the graphs recorded / the compiled graphs run without them
     print(f"\n| path | ms/step | images/s | TFLOP/s | MFU | peak GiB (reserved) | last loss | CUDA graphs / skipped | "
           f"SM MHz mean (min), W mean |  ({gpu}, {args.model}, batch {args.batch_size}, compile={not args.no_compile})")

@@ -40,7 +40,8 @@ T0 = time.time()  # the budget counts from the start: the imports below take sec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import DEV, REHEARSE, bench, bench_graph, kernel_times, md_cell, record_env, sync  # noqa: E402
+from _gpu_common import (DEV, REHEARSE, bench, bench_graph, kernel_times, md_cell, record_env, sync,  # noqa: E402
+                         write_json)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -142,8 +143,7 @@ def measure(budget_s: float, rows: list, flush) -> None:
 
 def write(out: str, env: dict, rows: list, quiet: bool = True) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "gemm_in_graph.json"), "w") as fh:
-        json.dump({"env": env, "rows": rows}, fh, indent=1)
+    write_json(os.path.join(out, "gemm_in_graph.json"), {"env": env, "rows": rows})
     lines = [f"# The step's GEMMs eagerly and from CUDA graphs on {env.get('gpu', '?')} (torch {env.get('torch')})", "",
              "ms: medians (eager: do_bench; graph: do_bench_cudagraph). Kernel ms: the profiler's GPU time per call of "
              "the kernels of an eager call, a torch.cuda.graph replay and a reduce-overhead call (Inductor's trees). "

@@ -111,14 +111,16 @@ MAX_PACK=$((15 * 1024 * 1024))  # a returned file is at most 16 MiB
 pack() {  # every result so far -> $OUT/results.tar.gz (renamed into place: never half-written); the
   # training runs' checkpoints and exports (also set-aside ones: checkpoints.replaced-*) stay behind. Its own
   # temporary name: the background packer of a running section and the pack after it may overlap
-  local tmp=$OUT/.results.tar.gz.tmp.$BASHPID
+  local tmp=$OUT/.results.tar.gz.tmp.$BASHPID quiet=${1:-}  # quiet: the background packer (no summary lines)
+  # (tar's status 1 is "a file changed as we read it", which a running section's files do; 2 and more: no archive)
   tar czf "$tmp" -C "$RES" --exclude='checkpoints*' --exclude='export*' --exclude='*.safetensors' \
-      --exclude='*.distcp' --exclude='*.pt' .
+      --exclude='*.distcp' --exclude='*.pt' . ; [ $? -le 1 ] || { rm -f "$tmp"; return; }
   if [ "$(stat -c%s "$tmp")" -gt "$MAX_PACK" ]; then  # too big to come back: keep the text results only
-    echo "pack: archive over 15 MiB; kept only JSON/MD/log/txt files under 4 MiB" | tee -a "$SUMMARY"
+    [ -n "$quiet" ] || echo "pack: archive over 15 MiB; kept only JSON/MD/log/txt files under 4 MiB" | tee -a "$SUMMARY"
     # (-size -4096k: find rounds -4M up to whole MiB, so it meant "3 MiB or less")
     (cd "$RES" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \
-       -o -name '*.txt' -o -name '*.out' \) -size -4096k -print0 | tar czf "$tmp" --null -T -)
+       -o -name '*.txt' -o -name '*.out' \) -size -4096k -print0 | tar czf "$tmp" --null -T -) \
+      || { rm -f "$tmp"; return; }
   fi
   mv -f "$tmp" "$OUT/results.tar.gz"
   cp -f "$SUMMARY" "$OUT/summary.txt"
@@ -131,7 +133,7 @@ section() {  # section NAME LIMIT COMMAND...
   echo "=================== $name (limit ${limit}s)"
   # packed every 20 s while it runs too: the scripts write rows as they finish, and a call cut off by the device
   # tool's limit (not by this section's) still brings back what the section had written by then
-  ( while sleep 20; do pack; done ) > /dev/null 2>&1 &
+  ( trap 'exit 0' TERM; while sleep 20; do pack quiet; done ) > /dev/null 2>&1 &
   local packer=$!
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RES/$name.log"
   local rc=${PIPESTATUS[0]}

@@ -63,7 +63,8 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _gpu_common import DEV, REHEARSE, bench, bench_graph, make_section, record_env, sdpa_fn, sync  # noqa: E402
+from _gpu_common import (DEV, REHEARSE, bench, bench_graph, make_section, record_env, sdpa_fn, sync,  # noqa: E402
+                         write_json)
 from stop_kernels.models.flops import attention_cost  # noqa: E402
 
 PEAK_TFLOPS, PEAK_TBPS = 707.0, 4.23  # an H200's; env() sets the card's (_gpu_common.card_limits)
@@ -542,8 +543,7 @@ def write(out):
         A.save_tuned_configs(os.path.join(out, "best_configs.json"), best)
     summary = _summary()
     RESULTS["summary"] = summary
-    with open(os.path.join(out, "gpu_attention.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
+    write_json(os.path.join(out, "gpu_attention.json"), RESULTS)
     lines = [f"# Triton attention on {RESULTS['env'].get('gpu', '?')}", "",
              " ".join(f"{k}={v}" for k, v in RESULTS["env"].items()), "",
              f"correctness: {sum(bool(r['ok']) for r in RESULTS['correctness'])}/{len(RESULTS['correctness'])} pass", ""]

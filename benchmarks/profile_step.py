@@ -69,7 +69,8 @@ from stop_kernels.training.metrics import (STEP_PHASE_PREFIX, annotate_step_phas
 from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import card_limits, gpu_clocks, gpu_idle_by_phase, host_op_times, kernel_times, md_cell  # noqa: E402
+from _gpu_common import (card_limits, gpu_clocks, gpu_idle_by_phase, host_op_times, kernel_times, md_cell,  # noqa: E402
+                         write_json)
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -370,8 +371,7 @@ def run_variants(args, json_name: str = "profile_step.json"):
                     r = {**v, "error": _clip(f"{type(e).__name__}: {e}")}
             results.append(r)
             print(json.dumps(r), flush=True)
-            with open(os.path.join(args.out, json_name), "w") as fh:
-                json.dump({**run_header(gpu or "unknown"), "results": results}, fh, indent=1)
+            write_json(os.path.join(args.out, json_name), {**run_header(gpu or "unknown"), "results": results})
     finally:
         if info is not None:
             D.shutdown(info)

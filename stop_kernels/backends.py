@@ -42,8 +42,8 @@ def functorch_differentiating() -> bool:
     running, at any level of nested transforms. Those refuse the fused ops' autograd registrations with a
     RuntimeError about an autograd.Function's ``setup_context`` that names no argument; vmap runs them (per sample).
     An explicitly requested kernel backend is refused under them by name instead (:func:`refuse_under_func_grad`)."""
-    if torch.compiler.is_compiling():  # (dynamo cannot trace the interpreter stack; it handles transforms itself)
-        return False
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():  # (dynamo cannot trace
+        return False  # the interpreter stack, and handles transforms itself; the second test is the cheap one)
     ft = torch._C._functorch
     return any(i.key() in (ft.TransformType.Grad, ft.TransformType.Jvp) for i in ft.get_interpreter_stack() or ())
 
@@ -79,8 +79,8 @@ def first_order_backward(backward):
     functional ones: torch.compile, make_fx) are left to the tracer."""
     @functools.wraps(backward)
     def wrapped(ctx, *grads):
-        plain = all(type(g) is torch.Tensor for g in grads if g is not None) and not torch.compiler.is_compiling()
-        if not (torch.is_grad_enabled() and plain):
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() \
+                or not all(type(g) is torch.Tensor for g in grads if g is not None):  # (every first-order call)
             return backward(ctx, *grads)
         with torch.no_grad():
             out = backward(ctx, *grads)

@@ -670,11 +670,12 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
 dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
 enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
 pred = VisionTransformerPredictor(num_patches=16, embed_dim=32, predictor_embed_dim=16, depth=1, num_heads=2)
-ck = official.official_checkpoint(DDP(enc), DDP(pred, find_unused_parameters=True))
-assert all(k.startswith("module.") and not k.startswith("module.module.") for k in ck["encoder"]), list(ck["encoder"])[:3]
-m = official.load_official_checkpoint(ck, num_heads=2)
-x = torch.randn(1, 3, 32, 32)
-assert torch.equal(m.encoder(x), enc(x))
+for wrap in (DDP, lambda m, **k: torch.compile(DDP(m, **k)), lambda m, **k: DDP(torch.compile(m), **k)):
+    ck = official.official_checkpoint(wrap(enc), wrap(pred, find_unused_parameters=True))
+    assert all(k.startswith("module.") and not k.startswith("module.module.") for k in ck["encoder"]), list(ck["encoder"])[:3]
+    m = official.load_official_checkpoint(ck, num_heads=2)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(m.encoder(x), enc(x))
 dist.destroy_process_group()
 print("ok")
 """

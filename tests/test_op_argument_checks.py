@@ -428,22 +428,25 @@ def test_assembly_transposed_weight_is_named_with_its_shape(backend):
 def _second_order_cases():
     """(name, build) of every fused op: ``build()`` gives (output, the input to differentiate, the other leaf)."""
     def attn():
-        q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+        q, k, v = (torch.randn(1, 5, 2, 8, device=DEV, requires_grad=True) for _ in range(3))
         return sk.attention(q, k, v), q, v
 
     def attn_qkv():
-        qkv = torch.randn(1, 5, 3, 2, 8, requires_grad=True)
+        qkv = torch.randn(1, 5, 3, 2, 8, device=DEV, requires_grad=True)
         return sk.attention_qkv(qkv), qkv, qkv
 
     def assemble():
-        ctx, W = torch.randn(2, 3, 6, requires_grad=True), torch.randn(8, 6, requires_grad=True)
-        out = sk.assemble_predictor_input(ctx, torch.randint(0, 16, (2, 3)), torch.randint(0, 16, (2, 2, 4)),
-                                                    W, None, torch.randn(16, 8), noise_std=0.3, backend="triton")
+        ctx = torch.randn(2, 3, 6, device=DEV, requires_grad=True)
+        W = torch.randn(8, 6, device=DEV, requires_grad=True)
+        out = sk.assemble_predictor_input(ctx, torch.randint(0, 16, (2, 3), device=DEV),
+                                          torch.randint(0, 16, (2, 2, 4), device=DEV), W, None,
+                                          torch.randn(16, 8, device=DEV), noise_std=0.3, backend="triton")
         return out, ctx, W
 
     def stop():
-        pos, W = torch.randn(16, 8, requires_grad=True), torch.randn(8, 6, requires_grad=True)
-        return sk.stop_embed(pos, torch.randint(0, 16, (2, 5)), W, None, backend="triton"), W, pos
+        pos = torch.randn(16, 8, device=DEV, requires_grad=True)
+        W = torch.randn(8, 6, device=DEV, requires_grad=True)
+        return sk.stop_embed(pos, torch.randint(0, 16, (2, 5), device=DEV), W, None, backend="triton"), W, pos
     return [("attention", attn), ("attention_qkv", attn_qkv), ("assemble_predictor_input", assemble),
             ("stop_embed", stop)]
 
@@ -473,14 +476,15 @@ def test_second_derivative_through_a_fused_op_raises_instead_of_being_dropped(na
 
 
 def _func_grad_cases():
-    pos, idx = torch.randn(16, 8), torch.tensor([1, 2])
+    pos, idx = torch.randn(16, 8, device=DEV), torch.tensor([1, 2], device=DEV)
     return [("attention", "q, k, v", lambda a: sk.attention(a, a, a), (1, 4, 2, 8)),
             ("dispatch_attention", "q, k, v", lambda a: sk.dispatch_attention(a, a, a, backend="triton"), (1, 4, 2, 8)),
             ("attention_qkv", "qkv", lambda a: sk.attention_qkv(a), (1, 4, 3, 2, 8)),
             ("stop_embed", "backend", lambda w: sk.stop_embed(pos, idx, w, None, backend="triton"), (8, 6)),
             ("assemble_predictor_input", "backend",
-             lambda w: sk.assemble_predictor_input(torch.randn(1, 2, 6), torch.tensor([[0, 1]]), torch.tensor([[[2, 3]]]),
-                                                   w, None, pos, backend="triton"), (8, 6))]
+             lambda w: sk.assemble_predictor_input(torch.randn(1, 2, 6, device=DEV), torch.tensor([[0, 1]], device=DEV),
+                                                   torch.tensor([[[2, 3]]], device=DEV), w, None, pos, backend="triton"),
+             (8, 6))]
 
 
 @pytest.mark.parametrize("name,arg,fn,shape", _func_grad_cases(), ids=[c[0] for c in _func_grad_cases()])
@@ -489,17 +493,18 @@ def test_explicit_kernel_backend_under_func_grad_is_refused_by_name(name, arg, f
     kernel backend used to fail with torch's internal 'must override the setup_context staticmethod' (audit, session
     30). It is refused by name now, saying what runs instead; "auto" still takes the PyTorch paths and vmap the
     kernels."""
-    x = torch.randn(shape)
+    x = torch.randn(shape, device=DEV)
     with pytest.raises(NotImplementedError, match=f"{arg}.*torch.func.*'auto'"):
         torch.func.grad(lambda a: fn(a).sum())(x)
     with pytest.raises(NotImplementedError, match=f"{arg}.*torch.func"):
         torch.func.jvp(lambda a: fn(a).sum(), (x,), (torch.ones_like(x),))
     auto = {"attention": lambda a: sk.dispatch_attention(a, a, a), "dispatch_attention": lambda a: sk.dispatch_attention(a, a, a),
             "attention_qkv": lambda a: sk.dispatch_attention_qkv(a)}.get(name)
-    if auto is not None:  # the same call with "auto" differentiates (SDPA under the transform)
-        torch.testing.assert_close(torch.func.grad(lambda a: auto(a).sum())(x),
-                                   torch.func.grad(lambda a: auto(a).sum())(x))
-    batched = torch.randn(2, *shape)
+    if auto is not None:  # the same call with "auto" differentiates (SDPA under the transform), as autograd does
+        want = x.double().requires_grad_()
+        auto(want).sum().backward()
+        torch.testing.assert_close(torch.func.grad(lambda a: auto(a).sum())(x.double()), want.grad)
+    batched = torch.randn(2, *shape, device=DEV)
     torch.manual_seed(1)
     mapped = torch.func.vmap(fn, randomness="same")(batched)[0]  # (one noise seed per call: the StoP ops)
     torch.manual_seed(1)
@@ -514,7 +519,8 @@ def test_empty_head_dim_is_refused_by_every_backend(backend):
     with pytest.raises(ValueError, match=r"q: .*Dh >= 1"):
         sk.dispatch_attention(q, q, q, backend=backend)
     with pytest.raises(ValueError, match=r"max_seqlen"):  # (True == 1 == N: a bool is not a length)
-        sk.dispatch_attention(*(torch.randn(1, 1, 2, 8) for _ in range(3)), max_seqlen=True, backend=backend)
+        sk.dispatch_attention(*(torch.randn(1, 1, 2, 8, device=DEV, dtype=torch.float16) for _ in range(3)),
+                              max_seqlen=True, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -522,10 +528,10 @@ def test_empty_head_dim_is_refused_by_every_backend(backend):
 def test_the_mask_token_is_an_input_only_where_it_is_read(backend, mode):
     """The StoP modes ignore the mask token; the Triton path still handed it to autograd, so its output required
     grad where the reference's did not (audit, session 30)."""
-    mt = torch.randn(1, 1, 8, requires_grad=True)
-    out = sk.assemble_predictor_input(torch.randn(1, 2, 6), torch.tensor([[0, 1]]), torch.tensor([[[2, 3]]]),
-                                      torch.randn(8, 6), None, torch.randn(16, 8), noise_mode=mode, mask_token=mt,
-                                      backend=backend)
+    mt = torch.randn(1, 1, 8, device=DEV, requires_grad=True)
+    out = sk.assemble_predictor_input(torch.randn(1, 2, 6, device=DEV), torch.tensor([[0, 1]], device=DEV),
+                                      torch.tensor([[[2, 3]]], device=DEV), torch.randn(8, 6, device=DEV), None,
+                                      torch.randn(16, 8, device=DEV), noise_mode=mode, mask_token=mt, backend=backend)
     assert out.requires_grad == (mode == "none")
 
 
@@ -533,6 +539,6 @@ def test_a_launch_past_cudas_grid_limit_is_refused_by_name():
     """131 072 one-token packed sequences beside one of 65 536 tokens (16 heads) gave the backward a grid of
     2 147 500 032 programs, which Triton's launcher refused with a bare OverflowError (audit, session 30)."""
     from stop_kernels.ops import attention as A
-    with pytest.raises(ValueError, match=r"cu_seqlens: 131073 sequences of up to 65536 tokens need 2147500032"):
+    with pytest.raises(ValueError, match=r"cu_seqlens \(or q.s batch\): 131073 sequences of up to 65536 tokens need 2147500032"):
         A._grid_size(16 * 1024 * 131073, 131073, 65536)
     assert A._grid_size(2 ** 31 - 1, 1, 1) == 2 ** 31 - 1

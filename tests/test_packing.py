@@ -330,12 +330,13 @@ def test_packed_models_keep_the_bf16_residual_stream(ragged):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
-def test_mask_tokens_under_autocast_packed_equals_rectangular(backend, monkeypatch):
+def test_mask_tokens_under_autocast_packed_equals_rectangular(backend):
     """noise_mode none under bf16 autocast: the rectangular (fused) path rounded the mask token to bf16 before ψ +
     mask_token, the packed path (and the official model) add it in fp32: the two predictors differed by a bf16 ulp
     (audit, session 30). Both add it uncast now."""
-    if backend == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from stop_kernels.backends import triton_interpreting
+    if backend == "triton" and not triton_interpreting():  # (CPU models: the kernels run in the interpreter only;
+        pytest.skip("the Triton kernels on CPU tensors need TRITON_INTERPRET=1 (CI sets it)")  # GPU: test_predictor_input)
     from stop_kernels.models.predictor import VisionTransformerPredictor
     from stop_kernels.models.vit import VisionTransformer
     torch.manual_seed(0)

@@ -125,9 +125,10 @@ def test_row_counter_limits_are_kept_by_every_path():
     the kernels cannot address."""
     import stop_kernels as sk
     from stop_kernels.ops.philox import philox_normal, philox_normal_triton
-    for start in (2 ** 31 - 1, 2 ** 31 + 5, 2 ** 32 - 2):
-        torch.testing.assert_close(philox_normal_triton(77, 3, 5, row_start=start).double(),
-                                   philox_normal(77, 3, 5, row_start=start), atol=1e-6, rtol=0)
+    for device in DEVICES:  # (the Triton kernel: the interpreter's CPU tensors, or CUDA ones)
+        for start in (2 ** 31 - 1, 2 ** 31 + 5, 2 ** 32 - 2):
+            torch.testing.assert_close(philox_normal_triton(77, 3, 5, row_start=start, device=device).double().cpu(),
+                                       philox_normal(77, 3, 5, row_start=start), atol=1e-6, rtol=0)
     huge = torch.zeros(1, dtype=torch.int64).expand(2 ** 31)  # (no memory: one element, stride 0)
     with pytest.raises(ValueError, match=r"idx: at most 2147418112 positions"):
         sk.stop_embed(torch.randn(4, 8), huge, torch.randn(8, 6), backend="reference")

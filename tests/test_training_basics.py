@@ -735,7 +735,8 @@ def test_config_parsing_keeps_large_ints_and_refuses_bools_in_pairs(tmp_path):
     from stop_kernels.training.config import ConfigError, parse_config
     assert parse_config(["--seed", "9007199254740993"]).seed == 9007199254740993
     assert parse_config(["--steps", "1e3"]).steps == 1000
-    for bad in ("1e30", "2.5"):
+    assert parse_config(["--seed", "1e16"]).seed == 10 ** 16  # (exact: the decimal number written)
+    for bad in ("2.5", "0x10", "ten", "nan", "inf", ""):
         with pytest.raises(ConfigError, match="steps: cannot read"):
             parse_config(["--steps", bad])
     (tmp_path / "c.yaml").write_text("crop_scale: [0.3, true]\n")

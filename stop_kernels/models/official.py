@@ -278,8 +278,10 @@ def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dic
     (``python -m stop_kernels.training.checkpoint to-official``)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"{what}: expected a torch.nn.Module, got {type(module).__name__}")
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel):  # its own "module." is the official one
-        module = module.module
+    # DDP's own "module." is the official one, under or over torch.compile's wrapper (whose _orig_mod. clean_name
+    # drops): torch.compile(DDP(m)) is the order PyTorch recommends
+    while isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch._dynamo.eval_frame.OptimizedModule)):
+        module = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module._orig_mod
     out = {}
     for k, v in module.state_dict().items():
         if hasattr(v, "device_mesh"):

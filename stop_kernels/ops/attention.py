@@ -330,8 +330,8 @@ def _grid_size(programs, sequences, longest):
     would raise an OverflowError): many short packed sequences beside a long one reach it while the token count
     stays small (131 072 one-token sequences beside one of 65 536 tokens, 16 heads, in the backward)."""
     if isinstance(programs, int) and programs > 2 ** 31 - 1:  # (a traced size is symbolic: nothing to check)
-        raise ValueError(f"cu_seqlens: {sequences} sequences of up to {longest} tokens need {programs} programs in one "
-                         f"launch, past CUDA's 2**31 - 1; split them over several calls")
+        raise ValueError(f"cu_seqlens (or q's batch): {sequences} sequences of up to {longest} tokens need {programs} "
+                         f"programs in one launch, past CUDA's 2**31 - 1; split them over several calls")
     return programs
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import decimal
 import math
 import os
 from dataclasses import dataclass, fields
@@ -188,13 +189,15 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ValueError
         if isinstance(default, int) and isinstance(value, str):
-            try:  # exactly, first: through a float, an int above 2**53 was rounded (another seed, silently)
-                return int(value)
-            except ValueError:  # "1e3": an integral float form, which must convert back exactly
-                f = float(value)
-                if not f.is_integer() or abs(f) > 2 ** 53:
-                    raise
-                return int(f)
+            # exactly: through a float, an int above 2**53 was rounded (another seed, silently); "1e3" is taken as
+            # the decimal number it writes, which must be integral
+            try:
+                d = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:  # ("0x10", "ten": an ArithmeticError, not a ValueError)
+                raise ValueError from None
+            if not d.is_finite() or d != d.to_integral_value():
+                raise ValueError
+            return int(d)
         return type(default)(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}"

@@ -836,7 +836,7 @@ def run_benchmark(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
     if ignored:  # the step alone is timed: the models as built (--init-from's weights where given), synthetic
         # batches, no checkpoint read or written
         _print(f"benchmark: ignores {' and '.join('--' + k for k in ignored)} (the models as built"
-               f"{', from --init-from' if cfg.init_from else ''}, on synthetic batches)", info, stream)
+               f"{', from --init-from' if init_from_applies(cfg) else ''}, on synthetic batches)", info, stream)
     k = cfg.grad_accum  # each step: k micro-batches with masks of their own, as training loads them
     micro = synthetic_batches(cfg, pool * k, local // k, info.device, cfg.seed + 7919 * info.rank)
     steps = [micro[j * k:(j + 1) * k] for j in range(pool)]
