@@ -540,8 +540,9 @@ def test_every_config_key_has_a_help_line(capsys, monkeypatch):
         build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]  # past the usage
     assert "--grad-accum GRAD_ACCUM micro-batches per optimizer step and rank" in text
-    assert "--crop-scale CROP_SCALE RandomResizedCrop area range (default '0.3,1.0')" in text
-    assert "--hflip [BOOL] random horizontal flip (default false)" in text
+    assert ("--crop-scale CROP_SCALE RandomResizedCrop area range (image folders; synthetic images take no "
+            "augmentation) (default '0.3,1.0')") in text
+    assert "--hflip [BOOL] random horizontal flip (image folders) (default false)" in text
     for key in CHOICES:  # each choice is named in the key's help
         line = text.split("--" + key.replace("_", "-") + " ", 1)[1].split(" --", 1)[0]
         assert all(c in line for c in CHOICES[key]), key
