@@ -34,10 +34,8 @@ DEV = "cpu" if REHEARSE else "cuda"
 def write_json(path: str, obj) -> None:
     """``obj`` as JSON at ``path``, atomically (a temporary file renamed over it): gpu_all.sh packs the results while
     a section still runs, and a call cut right after a pack must not bring back a half-written file."""
-    import json
-
-    from stop_kernels import _checks
-    _checks.write_atomic(path, lambda fh: json.dump(obj, fh, indent=1, default=str), mode="w")
+    from stop_kernels import _checks  # (imported here: the scripts import stop_kernels after this module)
+    _checks.write_json_atomic(path, obj, default=str)
 
 
 def sync() -> None:

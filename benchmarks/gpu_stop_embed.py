@@ -305,9 +305,8 @@ def timing(budget_s: float):
             RESULTS["errors"].append({"section": f"timing {name}", "traceback": tb})
     # pass 2: CUDA-graph timing (GPU time only), the op's own rows first (the headline GPU times; pass 1 timed the
     # issue's peers early for their budget gates); the first failed capture ends the pass
-    order = [n for n in ("fused-trusted", "fused-op") if n in timed] + [n for n in timed if n not in ("fused-trusted",
-                                                                                               "fused-op")]
-    for name, (fwd, fwd_bwd) in ((n, timed[n]) for n in order):
+    for name in sorted(timed, key=lambda n: n not in ("fused-trusted", "fused-op")):  # (stable: pass 1's order else)
+        fwd, fwd_bwd = timed[name]
         if not graph_ok.get(name, True) or elapsed() > budget_s - 5:
             continue
         try:

@@ -239,16 +239,27 @@ def write_atomic(path: str, write, mode: str = "wb") -> None:
         raise
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """``obj`` as JSON at ``path``, written atomically (:func:`write_atomic`)."""
+def write_json_atomic(path: str, obj, default=None) -> None:
+    """``obj`` as JSON at ``path``, written atomically (:func:`write_atomic`); ``default`` as ``json.dump``'s."""
     import json
-    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1), mode="w")
+    write_atomic(path, lambda fh: json.dump(obj, fh, indent=1, default=default), mode="w")
 
 
 # Rows one StoP call may draw (positions of stop_embed, masked tokens of the predictor input): the Philox row counter
 # is 32-bit, and the Triton kernels index rows in int32 (a last row block past 2**31 would wrap); the margin covers
 # the largest row block. Every backend refuses more.
 MAX_NOISE_ROWS = 2 ** 31 - 2 ** 16
+
+
+def kernel_sizes(rows_name: str, rows: int, what: str, weight) -> None:
+    """The StoP ops' size limits (``ValueError`` naming the argument): at most :data:`MAX_NOISE_ROWS` rows (``what``
+    they are) and a W the Triton kernels can address with int32 offsets (fewer than 2**31 elements)."""
+    if rows > MAX_NOISE_ROWS:
+        raise ValueError(f"{rows_name}: at most {MAX_NOISE_ROWS} {what} per call (2**31 - 2**16: the kernels count "
+                         f"rows in 32 bits), got {rows}; split the call")
+    if weight.numel() >= 2 ** 31:
+        raise ValueError(f"weight: at most 2**31 - 1 elements (the kernels address it in 32 bits), got shape "
+                         f"{tuple(weight.shape)}")
 
 
 def is_int(v) -> bool:

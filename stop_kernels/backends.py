@@ -87,8 +87,8 @@ def first_order_backward(backward):
         outs = out if isinstance(out, tuple) else (out,)
         err = torch._C._functions.DelayedError(
             b"stop_kernels: the fused kernels' gradients are first order: differentiating them (a second "
-            b"derivative through attention / assemble_predictor_input) is not supported; use backend='reference' "
-            b"(or 'sdpa' for attention)", len(outs))
+            b"derivative through attention, stop_embed or assemble_predictor_input) is not supported; use "
+            b"backend='reference' (or 'sdpa' for attention)", len(outs))
         marked = err(*[None if g is None else g.detach().requires_grad_() for g in outs])
         marked = marked if isinstance(marked, tuple) else (marked,)
         return marked if isinstance(out, tuple) else marked[0]

@@ -154,11 +154,7 @@ def check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
             raise ValueError(f"tgt_idx: expected batch size {ctx.shape[0]} (ctx.shape[0]), got shape {tuple(tgt.shape)}")
         chk.same_device(ctx=ctx, ctx_idx=ctx_idx, tgt_idx=tgt, weight=weight, bias=bias, pos_embed=pos_embed,
                         mask_token=mask_token)
-        if tgt.numel() > chk.MAX_NOISE_ROWS:  # one row per masked token (a noise row, in the StoP modes)
-            raise ValueError(f"tgt_idx: at most {chk.MAX_NOISE_ROWS} masked tokens per call (2**31 - 2**16: the kernels "
-                             f"count rows in 32 bits), got {tgt.numel()}; split the call")
-        if weight.numel() >= 2 ** 31:  # (the Triton kernels address W in int32)
-            raise ValueError(f"weight: at most 2**31 - 1 elements, got shape {tuple(weight.shape)}")
+        chk.kernel_sizes("tgt_idx", tgt.numel(), "masked tokens", weight)  # (one noise row per masked token)
     P = pos_embed.shape[0]
     chk.index_range("ctx_idx", ctx_idx, upper=P, what=f"pos_embed has {P} rows")
     chk.index_range("tgt_idx", tgt, upper=P, what=f"pos_embed has {P} rows")

@@ -184,8 +184,9 @@ class UnreadableCheckpoint(ValueError):
 def load_torch_file(path: Union[str, os.PathLike], name: str, *, map_location="cpu", mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` (memory-mapped when ``mmap`` and the file allows it). A file it
     cannot read (empty, truncated, not written by ``torch.save``, or holding objects other than tensors and
-    plain containers) is an :class:`UnreadableCheckpoint` (a ``ValueError``) naming ``name`` and the file, not pickle's bare ``KeyError`` /
-    ``EOFError`` / ``UnpicklingError`` (whose advice, ``weights_only=False``, would run code from the file)."""
+    plain containers) is an :class:`UnreadableCheckpoint` (a ``ValueError``) naming ``name`` and the file, not
+    pickle's bare ``KeyError`` / ``EOFError`` / ``UnpicklingError`` (whose advice, ``weights_only=False``, would run
+    code from the file)."""
     if mmap:
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)

@@ -185,10 +185,10 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
     Returns:
         ``[npred·B, Nc+Nt, D]`` in ``promote(weight.dtype, pos_embed.dtype)``; under autocast (CUDA or CPU)
         ctx, W and b are taken in the autocast dtype (the mask token as it is, as autocast leaves an addition), and
-        the gradients of W, b and mask_token come back in their own dtypes (fp32 sums on the Triton backend). Rounding: the Triton kernels add b and ψ to
-        the fp32 accumulator and round once, into the output dtype; the reference rounds ``x·Wᵀ + b`` to W's dtype
-        first, as the official bf16 Linear does, so with bf16 weights and an fp32 ψ the two differ by bf16's
-        rounding of the projection.
+        the gradients of W, b and mask_token come back in their own dtypes (fp32 sums on the Triton backend).
+        Rounding: the Triton kernels add b and ψ to the fp32 accumulator and round once, into the output dtype; the
+        reference rounds ``x·Wᵀ + b`` to W's dtype first, as the official bf16 Linear does, so with bf16 weights and
+        an fp32 ψ the two differ by bf16's rounding of the projection.
     Under ``torch.compile``: one graph break per call, as :func:`stop_kernels.stop_embed` (the seed is drawn
     eagerly); ``fullgraph=True`` refuses it.
     """

@@ -964,11 +964,7 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
     chk.position_table("pos_embed", pos_embed)
     chk.float_tensor("weight", weight, ndim=2)
     chk.tensor("idx", idx, min_ndim=1, dtypes=chk.INDEX_DTYPES)
-    if idx.numel() > chk.MAX_NOISE_ROWS:
-        raise ValueError(f"idx: at most {chk.MAX_NOISE_ROWS} positions per call (2**31 - 2**16: the kernels count noise "
-                         f"rows in 32 bits), got {idx.numel()}; split the call")
-    if weight.numel() >= 2 ** 31:  # (the Triton kernels address W in int32)
-        raise ValueError(f"weight: at most 2**31 - 1 elements, got shape {tuple(weight.shape)}")
+    chk.kernel_sizes("idx", idx.numel(), "positions", weight)
     if bias is not None:
         chk.float_tensor("bias", bias, ndim=1)
     chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", bias=bias)
