@@ -268,3 +268,30 @@ def test_saving_a_step_again_replaces_it(tmp_path):
     m2, opt2 = model_and_opt(seed=4)
     ck.load(latest_checkpoint(str(tmp_path)), m2, opt2)
     assert all(torch.equal(v, second[k]) for k, v in snapshot(m2).items())
+
+
+def test_the_log_reaches_the_disk_before_each_checkpoint_that_ends_its_steps(tmp_path, monkeypatch):
+    """A crash of the machine after a checkpoint must not leave a log without that checkpoint's steps (a resume
+    keeps the records up to the checkpoint's step and rewrites the rest): log.jsonl is fsynced before every
+    checkpoint's first file, and at the end of the run, not only flushed into the page cache."""
+    from _train_helpers import TINY
+    from stop_kernels.training.config import TrainConfig
+    from stop_kernels.training.loop import train
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to name the fsynced files")
+    synced = []
+    real = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "run"
+    train(TrainConfig(**dict(TINY, out=str(out), steps=4, ckpt_every=2)))
+    log = str(out / "log.jsonl")
+    order = [("log" if p == log else p.rsplit(os.sep, 2)[-2]) for p in synced
+             if p == log or ".tmp-step_" in p]
+    first = {name: order.index(name) for name in (".tmp-step_00000002", ".tmp-step_00000004")}
+    assert "log" in order[:first[".tmp-step_00000002"]], order
+    assert "log" in order[first[".tmp-step_00000002"]:first[".tmp-step_00000004"]], order
+    assert order.count("log") >= 2, order

@@ -683,6 +683,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         meta = {"epoch": step // ipe, "batch_in_epoch": step % ipe, "images_seen": step * cfg.batch_size,
                 "skipped_images": metrics.skipped_images, "nonfinite_steps_skipped": metrics.nonfinite_steps,
                 "dataset_size": len(data.dataset), "config": cfg.to_dict()}
+        metrics.sync()  # the log's records of these steps are on disk before the checkpoint that ends them
         path = ckpt.save(step, tr.container, tr.opt, meta)
         last_saved = step
         _print(f"checkpoint {path}", info, stream)
@@ -723,6 +724,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> List[float]:
         if pending is not None:
             finish(pending)
             pending = None
+        metrics.sync()
         problem = D.agree(metrics.failed, info)  # the last steps' records: no later step carries the flag
         if problem:
             raise LogWriteError(problem)
