@@ -49,6 +49,23 @@ def sm80_arch_list(arch_list, capabilities):
     return [a for a in archs if new_enough(a)], [a for a in archs if not new_enough(a)]
 
 
+def nvcc_major_mismatch(cuda_home, torch_cuda):
+    """Why the extension cannot be built with CUDA_HOME's nvcc for a torch built with CUDA ``torch_cuda``
+    ("13.0"), or None. torch's BuildExtension refuses another major version with a RuntimeError (a system
+    nvcc 12.x beside a cu13x wheel is common), which would fail the install instead of skipping the extension."""
+    import subprocess
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None  # torch's own check decides
+    found = re.search(r"release (\d+)\.(\d+)", text)
+    if found is None or found.group(1) == torch_cuda.split(".")[0]:
+        return None
+    return (f"{nvcc} is CUDA {found.group(1)}.{found.group(2)} but torch was built with CUDA {torch_cuda} (the "
+            f"major versions must match; point CUDA_HOME at a CUDA {torch_cuda.split('.')[0]}.x toolkit)")
+
+
 def cuda_extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
     if os.environ.get("STOP_KERNELS_NO_CUDA") == "1":
@@ -67,6 +84,9 @@ def cuda_extensions():
         return [], {}, "this torch has no CUDA"
     if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
         return [], {}, "nvcc not found"
+    mismatch = nvcc_major_mismatch(CUDA_HOME, torch.version.cuda)
+    if mismatch:  # torch's BuildExtension would raise on it and fail the whole install
+        return [], {}, mismatch
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return [], {}, "no GPU visible and TORCH_CUDA_ARCH_LIST unset"
     # A pre-sm_80 target (a T4 / V100 machine, or a container's TORCH_CUDA_ARCH_LIST such as

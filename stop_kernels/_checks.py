@@ -251,15 +251,31 @@ def write_json_atomic(path: str, obj, default=None) -> None:
 MAX_NOISE_ROWS = 2 ** 31 - 2 ** 16
 
 
+# The widest D or E the StoP kernels launch for. Their grids put column tiles on grid.y, which CUDA caps at 65535:
+# the Triton kernels' narrowest tiles (32 columns of E or D in quarter-width blocks of 8) reach it past 2**21, the
+# CUDA extension's (256 columns of D) past 2**24; past the cap a launch fails with "invalid configuration
+# argument", which names nothing. Every backend refuses wider W here, far above any ViT (D, E ≤ 8192).
+MAX_KERNEL_WIDTH = 2 ** 20
+
+
+def kernel_widths(weight) -> None:
+    """``weight`` ``[D, E]``: both at most :data:`MAX_KERNEL_WIDTH` (``ValueError`` naming it)."""
+    if max(weight.shape) > MAX_KERNEL_WIDTH:
+        raise ValueError(f"weight: D and E at most 2**20 = {MAX_KERNEL_WIDTH} (the kernels' launch grids tile them on "
+                         f"CUDA's grid.y, capped at 65535 blocks), got shape {tuple(weight.shape)}")
+
+
 def kernel_sizes(rows_name: str, rows: int, what: str, weight) -> None:
     """The StoP ops' size limits (``ValueError`` naming the argument): at most :data:`MAX_NOISE_ROWS` rows (``what``
-    they are) and a W the Triton kernels can address with int32 offsets (fewer than 2**31 elements)."""
+    they are), a W the Triton kernels can address with int32 offsets (fewer than 2**31 elements) and
+    :func:`kernel_widths`."""
     if rows > MAX_NOISE_ROWS:
         raise ValueError(f"{rows_name}: at most {MAX_NOISE_ROWS} {what} per call (2**31 - 2**16: the kernels count "
                          f"rows in 32 bits), got {rows}; split the call")
     if weight.numel() >= 2 ** 31:
         raise ValueError(f"weight: at most 2**31 - 1 elements (the kernels address it in 32 bits), got shape "
                          f"{tuple(weight.shape)}")
+    kernel_widths(weight)
 
 
 def is_int(v) -> bool:

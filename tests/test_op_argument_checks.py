@@ -542,3 +542,22 @@ def test_a_launch_past_cudas_grid_limit_is_refused_by_name():
     with pytest.raises(ValueError, match=r"cu_seqlens \(or q.s batch\): 131073 sequences of up to 65536 tokens need 2147500032"):
         A._grid_size(16 * 1024 * 131073, 131073, 65536)
     assert A._grid_size(2 ** 31 - 1, 1, 1) == 2 ** 31 - 1
+
+
+@pytest.mark.parametrize("wide", ["D", "E"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
+def test_a_weight_wider_than_the_kernels_launch_grids_is_refused_by_name(backend, wide):
+    """D or E past 2**20: the kernels tile them on CUDA's grid.y (at most 65535 blocks), so a launch failed with
+    "invalid configuration argument", naming nothing (the CUDA extension from D ≈ 2.5e7, the Triton dW from E ≈ 2**21;
+    audit, session 31). Every backend refuses it by name, the assembly too; 2**20 itself is accepted."""
+    from stop_kernels import _checks as chk
+    big = chk.MAX_KERNEL_WIDTH + 1
+    D, E = (big, 2) if wide == "D" else (2, big)
+    w = torch.randn(D, E, device=DEV)
+    with pytest.raises(ValueError, match=r"weight: D and E at most 2\*\*20"):
+        sk.stop_embed(torch.randn(4, D, device=DEV), torch.tensor([1, 3], device=DEV), w, backend=backend)
+    with pytest.raises(ValueError, match=r"weight: D and E at most 2\*\*20"):
+        sk.assemble_predictor_input(torch.randn(1, 2, E, device=DEV), torch.tensor([[0, 1]], device=DEV),
+                                    torch.tensor([[[2, 3]]], device=DEV), w, None, torch.randn(4, D, device=DEV),
+                                    backend=backend)
+    chk.kernel_widths(torch.empty(chk.MAX_KERNEL_WIDTH, 1, device="meta"))  # the limit itself passes

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import _checks as chk
-from ..backends import first_order_backward
+from ..backends import first_order_backward, functorch_transforming
 from .philox import draw_seed
 
 _OPS_NAMESPACE = "stop_kernels_cuda"
@@ -152,6 +152,7 @@ def check_args(pos_embed, idx, weight, bias, noise_std):
     if dev.type != "cuda":
         raise ValueError(f"pos_embed: the CUDA backend needs CUDA tensors, got device {dev}")
     chk.projection_weight("weight", weight, pos_embed.shape[1], "pos_embed.shape[1]", bias=bias)
+    chk.kernel_widths(weight)
     D, E = weight.shape
     chk.dim_equals("pos_embed", pos_embed, 1, D, "predictor width D = weight.shape[0]")
     if bias is not None:
@@ -188,6 +189,11 @@ def stop_embed_cuda(pos_embed: torch.Tensor, idx: torch.Tensor, weight: torch.Te
 
 def _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator):
     noise_std = check_args(pos_embed, idx, weight, bias, noise_std)
+    if functorch_transforming():  # the extension's ops have no functorch rules (vmap's nor grad's): refused by
+        # name here, where torch would raise about an autograd.Function's setup_context, which names nothing
+        raise NotImplementedError(
+            "backend: torch.func transforms (grad, vmap, jvp, …) cannot run the cuda backend's kernels; use "
+            "stop_embed(..., backend='auto'), which takes the reference op under a transform (same noise)")
     _ops()  # fail early with the load reason
     seed = draw_seed(generator)
     # As the Triton op: under CUDA autocast weight and bias are taken in the autocast dtype and nothing
