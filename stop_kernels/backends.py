@@ -21,12 +21,33 @@ from typing import Dict, Tuple
 import torch
 
 
-def triton_interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET`` read as Triton reads it
-    (``1``/``true``/``on``/``yes``/``y``, any case; checked against triton 3.6 and 3.8), so every module of
-    the library agrees with Triton. Plain ``os.environ`` (not ``triton.knobs``, which calls into C++):
-    torch.compile traces it without a graph break, and the value is read per call (tests switch it)."""
+def interpret_flag() -> bool:
+    """``TRITON_INTERPRET`` read as Triton reads it (``1``/``true``/``on``/``yes``/``y``, any case; checked against
+    triton 3.6 and 3.8). Plain ``os.environ`` (not ``triton.knobs``, which calls into C++): torch.compile traces it
+    without a graph break."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
+# Triton makes a kernel interpreted when ``@triton.jit`` defines it, i.e. when stop_kernels is imported (this module
+# is imported with the package, before the ops define their kernels): the flag at that moment decides for good.
+_INTERPRETED_AT_IMPORT = interpret_flag()
+
+
+def triton_interpreting() -> bool:
+    """Whether the library's Triton kernels run in Triton's CPU interpreter: the flag was set when stop_kernels was
+    imported (the kernels were defined interpreted) and still is, read per call (tests switch it off for the
+    reference paths). Set only after the import, the kernels are compiled ones, which cannot take CPU tensors
+    (:func:`interpreter_set_after_import`)."""
+    return _INTERPRETED_AT_IMPORT and interpret_flag()
+
+
+def interpreter_set_after_import() -> bool:
+    """``TRITON_INTERPRET`` is on now but was off when stop_kernels was imported: the kernels are not interpreted."""
+    return interpret_flag() and not _INTERPRETED_AT_IMPORT
+
+
+INTERPRET_LATE = ("TRITON_INTERPRET was set after stop_kernels was imported, but Triton makes a kernel interpreted "
+                  "when it is defined, at import: set it before importing stop_kernels")
 
 
 def functorch_transforming() -> bool:
@@ -178,6 +199,8 @@ def _triton() -> Tuple[bool, str]:
         importlib.import_module("triton")
     except Exception as exc:  # a broken install
         return False, f"triton fails to import: {type(exc).__name__}: {exc}"
+    if interpreter_set_after_import() and not torch.cuda.is_available():
+        return False, INTERPRET_LATE
     if triton_interpreting():
         problem = triton_interpreter_problem()
         if problem:

@@ -227,9 +227,30 @@ def test_zero_width_output(backend):
 @pytest.mark.parametrize("value", ["1", "true", "On", "yes", "y", "0", "false", "", " 1", "t"])
 def test_interpreter_flag_is_read_as_triton_reads_it(value, monkeypatch):
     from triton import knobs
-    from stop_kernels.backends import triton_interpreting
+    from stop_kernels.backends import interpret_flag
     monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert triton_interpreting() == bool(knobs.runtime.interpret)
+    assert interpret_flag() == bool(knobs.runtime.interpret)
+
+
+def test_the_interpreter_flag_set_after_import_is_said_and_not_followed(monkeypatch):
+    """Triton makes a kernel interpreted when it is defined, at import: TRITON_INTERPRET set afterwards left the
+    kernels compiled ones, yet backends() reported triton usable and stop_embed's "auto" launched them on CPU
+    tensors ("0 active drivers"; audit, session 31). Now "auto" takes the reference and "triton" says why."""
+    import importlib
+    bk = importlib.import_module("stop_kernels.backends")  # the module (the package exports a function of that name)
+    monkeypatch.setattr(bk, "_INTERPRETED_AT_IMPORT", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not bk.triton_interpreting() and bk.interpreter_set_after_import()
+    ok, why = bk._triton()
+    assert not ok and "before importing stop_kernels" in why
+    pos, w, idx = torch.randn(6, 4), torch.randn(4, 5), torch.tensor([[1, 5, 0]])
+    got = sk.stop_embed(pos, idx, w, generator=_gen())
+    torch.testing.assert_close(got, sk.stop_embed(pos, idx, w, generator=_gen(), backend="reference"))
+    with pytest.raises(ValueError, match="backend: 'triton' needs CUDA tensors.*before importing stop_kernels"):
+        sk.stop_embed(pos, idx, w, generator=_gen(), backend="triton")
+    monkeypatch.setattr(bk, "_INTERPRETED_AT_IMPORT", True)
+    assert bk.triton_interpreting() and not bk.interpreter_set_after_import()
 
 
 @pytest.mark.parametrize("scale,exc", [(0.0, ValueError), (-0.5, ValueError), (float("inf"), ValueError),

@@ -219,7 +219,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, residual_dtype: Op
     ``residual_dtype``: under autocast the stream stays in fp32 (the embeddings' fp32 positions and
     the fp32 residual adds make it so), so each block's LayerNorms and residual adds read and write
     4 bytes per element. Given ``torch.bfloat16`` the stream is cast once, before the first block,
-    and every residual add then stays in bf16, as the encoders' stream already does where FSDP2
+    and every residual add then stays in bf16, as every model's stream already does where FSDP2
     gathers bf16 parameters (several GPUs): ≈ 8 of the ≈ 42 bytes per token and width that a
     compiled block's elementwise kernels move in the forward. Outside autocast it changes nothing."""
     if residual_dtype is not None and x.dtype != residual_dtype and chk.autocast_on(x.device.type):

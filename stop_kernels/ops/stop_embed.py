@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .. import _checks as chk
-from ..backends import (custom_op_bypass_ok, eager_twin, first_order_backward, functorch_transforming, on_device,
-                        refuse_under_func_grad, sm_count, triton_interpreting)
+from ..backends import (INTERPRET_LATE, custom_op_bypass_ok, eager_twin, first_order_backward, functorch_transforming,
+                        interpreter_set_after_import, on_device, refuse_under_func_grad, sm_count, triton_interpreting)
 from .. import reference
 from .philox import check_generator, draw_seed, normal_quarters, philox_normal, quarter_width, seed_key_args
 
@@ -894,7 +894,7 @@ def check_backend(backend: str, device: torch.device, dtypes: Dict[str, torch.dt
                             f"{str(d).replace('torch.', '')} ({name}='triton'; 'reference' takes any float dtype)")
         if device.type != "cuda" and not (interpreting() and device.type == "cpu"):
             raise ValueError(f"{name}: 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got "
-                             f"device {device}")
+                             f"device {device}" + (f" ({INTERPRET_LATE})" if interpreter_set_after_import() else ""))
     return backend
 
 
