@@ -9,7 +9,7 @@ Public API:
     use_attention_backend, use_auto_policy force a backend / adjust what "auto" picks per head dim
     get_attention_backend, set_attention_backend  read / set the default backend of dispatch_attention
     attention_qkv, dispatch_attention_qkv  the same over a packed [B, N, 3, H, Dh] QKV buffer (one dqkv written)
-    reference                              pure-PyTorch twins of every op
+    reference                              pure-PyTorch twins of the fused ops (linear_gelu's: in its module)
     models, data                           the ViT / predictor presets (models.packing: packed forwards), the
                                            datasets and the multi-block mask collator
     load_official_checkpoint               official I-JEPA / StoP checkpoints → project models

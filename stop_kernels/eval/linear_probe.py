@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help=f"feature cache (default $STOP_KERNELS_CACHE or {feat.default_cache_dir()})")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, help="data-loader workers (default 8 on GPU, 0 on CPU)")
+    p.add_argument("--workers", type=int, help="data-loader workers (default min(8, CPU cores) on GPU, 0 on CPU)")
     p.add_argument("--protocol", default="project", choices=feat.PROTOCOLS,
                    help="project (default): this project's evaluation; official: StoP's logistic_eval.py (its "
                         "transform, fp32 features, per-split standardisation and PCA rotation, cyanure's objective "
