@@ -86,9 +86,12 @@ def test_attention_speed(benchmark, shape, impl, mode, launch):
                 qkv.grad = None
                 f(*args).backward(do)
 
+    peer = not impl.startswith("triton")  # only a peer's refusal of a shape is a skip: our kernels' errors fail
     try:
         calls()  # compile / tune, and probe that the backend supports the shape
     except RuntimeError as e:
+        if not peer:
+            raise
         pytest.skip(f"{impl} does not run at {shape}: {str(e).splitlines()[0][:200]}")
     torch.cuda.synchronize()
     if launch == "graph":
@@ -102,6 +105,8 @@ def test_attention_speed(benchmark, shape, impl, mode, launch):
             with torch.cuda.graph(g):
                 calls()
         except RuntimeError as e:
+            if not peer:
+                raise
             pytest.skip(f"{impl} does not capture in a CUDA graph at {shape}: {str(e).splitlines()[0][:200]}")
 
         def run():

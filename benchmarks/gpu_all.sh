@@ -156,9 +156,11 @@ for s in $SECTIONS; do
          python -c "import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__,
            torch.cuda.get_device_name() if torch.cuda.is_available() else \"no CUDA device\")"' ;;
     build) section build ${SEC_BUILD:-240} bash -c '[ -d /usr/local/cuda/include ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda};
-           MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20;
+           set -o pipefail; MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace 2>&1 | tail -20 || exit 1;
            python -c "import stop_kernels; print(stop_kernels.backends())"' ;;
-    tests) section tests ${SEC_TESTS:-240} python -m pytest -v -p no:cacheprovider \
+    # (a call that builds the extension needs it: its tests fail instead of skipping when it did not build)
+    tests) case " $SECTIONS " in *" build "*) export STOP_KERNELS_REQUIRE_CUDA_EXT=1 ;; esac
+           section tests ${SEC_TESTS:-240} python -m pytest -v -p no:cacheprovider \
            tests/test_philox.py tests/test_stop_embed.py tests/test_predictor_input.py tests/test_attention.py \
            tests/test_cuda_backend.py ;;
     tests-new) section tests-new ${SEC_TESTS_NEW:-260} python -m pytest -v -p no:cacheprovider \

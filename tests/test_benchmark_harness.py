@@ -1019,16 +1019,36 @@ def test_cuda_timings_rates_and_peaks_beyond_the_inputs(monkeypatch):
 
 def _gpu_only_tests(path):
     """The test ids of ``path`` that only a CUDA GPU runs: a test, or its "cuda" parameter, marked
-    ``skipif(not <something about CUDA>)`` (a test that also runs on the Triton interpreter is not one)."""
+    ``skipif(<a condition with a "not <something about CUDA>">)``, written out or through a module-level name
+    (``cuda = pytest.mark.skipif(not torch.cuda.is_available(), ...)``, ``needs_cuda = pytest.mark.skipif(
+    bool(GPU_REASON), ...)`` where GPU_REASON holds ``... if not HAS_GPU``). The module-level names a condition uses
+    are read as what they were assigned (three levels); ``skipif(CUDA)`` (a CPU-only test) has no such "not", and a
+    condition that mentions the Triton interpreter (a test that also runs there) is not GPU-only either."""
     import ast
+    tree = ast.parse(path.read_text())
+    assigned = {n.targets[0].id: n.value for n in tree.body
+                if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)}
+
+    def expanded(node, depth=3) -> str:
+        text = ast.unparse(node)
+        names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id in assigned}
+        return text + "".join(" " + expanded(assigned[n], depth - 1) for n in sorted(names)) if depth else text
+
+    def not_cuda(node, depth=3) -> bool:  # a "not <about CUDA>" in node or in what the names it uses hold
+        if any(isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not) and "cuda" in expanded(n.operand).lower()
+               for n in ast.walk(node)):
+            return True
+        return depth > 0 and any(not_cuda(assigned[n.id], depth - 1) for n in ast.walk(node)
+                                 if isinstance(n, ast.Name) and n.id in assigned)
 
     def gpu_only(mark) -> bool:
+        if isinstance(mark, ast.Name) and mark.id in assigned:  # an alias of a mark
+            mark = assigned[mark.id]
         if not (isinstance(mark, ast.Call) and ast.unparse(mark.func).endswith("mark.skipif") and mark.args):
             return False
-        cond = mark.args[0]
-        return isinstance(cond, ast.UnaryOp) and isinstance(cond.op, ast.Not) and "cuda" in ast.unparse(cond).lower()
+        return not_cuda(mark.args[0]) and "interpret" not in expanded(mark.args[0]).lower()
     ids = []
-    for fn in ast.parse(path.read_text()).body:
+    for fn in tree.body:
         if not (isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")):
             continue
         if any(gpu_only(d) for d in fn.decorator_list):
@@ -1050,7 +1070,7 @@ def test_gpu_script_runs_every_gpu_only_test():
     text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
 
     def arm(name):
-        return re.search(rf"^    {name}\) section {name} .*?;;", text, re.M | re.S).group(0)
+        return re.search(rf"^    {name}\) (?:[^\n]*\n\s*)?section {name} .*?;;", text, re.M | re.S).group(0)
     full = set(re.findall(r"tests/\w+\.py", arm("tests")))
     new_arm = arm("tests-new")
     new = set(re.findall(r"tests/\w+\.py", new_arm))

@@ -36,7 +36,13 @@ def _interpreted() -> bool:
     return isinstance(A._attn_fwd_kernel, InterpretedFunction)
 
 
-def _losses(path: str, cfg: TrainConfig, steps: int, batches) -> list:
+def _losses(path: str, cfg: TrainConfig, steps: int, batches, count_calls) -> list:
+    """The losses of ``steps`` steps on ``path``, checked to have run that path's kernels (the fast path's Triton
+    attention over the QKV buffer and its fused predictor input) or not (the reference): equal losses alone would
+    also hold for two runs of the reference (audit, session 31)."""
+    from stop_kernels.ops import attention as A
+    from stop_kernels.ops import predictor_input as PI
+    attn, assembly = count_calls(A, "attention_qkv"), count_calls(PI, "launch_project")
     torch.manual_seed(cfg.seed)
     attention, input_backend = {"fast": ("triton", "triton"), "reference": ("sdpa", "reference")}[path]
     cfg = TrainConfig(**{**cfg.to_dict(), "attention": attention})
@@ -46,13 +52,16 @@ def _losses(path: str, cfg: TrainConfig, steps: int, batches) -> list:
     torch.manual_seed(cfg.seed + 1)  # the StoP noise stream: the same for both paths
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
     out = [tr.step(*batches[i % len(batches)], sched)[0] for i in range(steps)]
+    ran = (len(attn) > 0, len(assembly) > 0)
+    assert ran == ((True, True) if path == "fast" else (False, False)), \
+        f"{path} path: Triton attention ran {ran[0]}, fused predictor input ran {ran[1]}"
     return [float(x) for x in out]
 
 
 @pytest.mark.skipif(not CUDA and not _interpreted(),
                     reason="no CUDA and the Triton kernels were imported before TRITON_INTERPRET=1 was set")
 @pytest.mark.parametrize("compiled", [False, True] if CUDA else [False], ids=lambda c: "compiled" if c else "eager")
-def test_fast_path_trains_like_the_reference(tmp_path, compiled):
+def test_fast_path_trains_like_the_reference(tmp_path, compiled, count_calls):
     if CUDA:
         cfg = TrainConfig(model="vit_small", img_size=64, patch_size=8, pred_depth=4, pred_emb_dim=192,
                           batch_size=32, min_keep=4, out=str(tmp_path), lr=5e-4, seed=3, compile=compiled)
@@ -62,8 +71,8 @@ def test_fast_path_trains_like_the_reference(tmp_path, compiled):
                           batch_size=2, min_keep=0, out=str(tmp_path), lr=5e-4, seed=3, device="cpu")
         steps, dev = 20, torch.device("cpu")
     batches = synthetic_batches(cfg, 8, cfg.batch_size, dev, seed=11)
-    fast = _losses("fast", cfg, steps, batches)
-    ref = _losses("reference", cfg, steps, batches)
+    fast = _losses("fast", cfg, steps, batches, count_calls)
+    ref = _losses("reference", cfg, steps, batches, count_calls)
     assert all(map(lambda v: v == v and abs(v) < 1e3, fast + ref)), "non-finite loss"
     if CUDA:
         for w in range(0, steps, 20):

@@ -252,3 +252,113 @@ def test_a_block_keeping_exactly_min_keep_is_refused_for_20_draws(caplog, monkey
         idx, _ = c._sample_block_mask(torch.Generator().manual_seed(0), (7, 7), [centre])
     assert len(idx) == 49 and len(draws) == 2 * 21
     assert sum("dropping an acceptable region [1]" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- block sizing: the sizes sample_masks places are the per-batch draws of the official collator ----------
+
+def _official_block_size(r, scale, aspect_ratio, grid):
+    """The official I-JEPA ``_sample_block_size`` for the uniform draw ``r`` (written out here, independent of
+    the module's ``_block_size``): scale and aspect ratio (h / w) both linear in the one draw, h and w capped
+    below the grid side."""
+    keep = int(grid * grid * (scale[0] + r * (scale[1] - scale[0])))
+    ar = aspect_ratio[0] + r * (aspect_ratio[1] - aspect_ratio[0])
+    h, w = int(round(math.sqrt(keep * ar))), int(round(math.sqrt(keep / ar)))
+    while h >= grid:
+        h -= 1
+    while w >= grid:
+        w -= 1
+    return h, w
+
+
+def _replayed_sizes(c, batch_index, grid):
+    """(target size, context size) of batch ``batch_index``: the first two uniform draws of the collator's
+    generator for that batch, target first (the official order)."""
+    g = c.generator_for(batch_index)
+    r_pred = torch.rand(1, generator=g).item()
+    r_enc = torch.rand(1, generator=g).item()
+    return (_official_block_size(r_pred, c.pred_mask_scale, c.aspect_ratio, grid),
+            _official_block_size(r_enc, c.enc_mask_scale, (1.0, 1.0), grid))
+
+
+def _rect(idx, grid):
+    """(h, w) of the block whose patch indices are ``idx``; asserts the indices fill that rectangle exactly."""
+    idx = sorted(int(i) for i in idx)
+    rows, cols = [i // grid for i in idx], [i % grid for i in idx]
+    top, left = min(rows), min(cols)
+    h, w = max(rows) - top + 1, max(cols) - left + 1
+    assert idx == [(top + i) * grid + left + j for i in range(h) for j in range(w)], "not a full rectangle"
+    return h, w
+
+
+# wide context scale range and a 14x14 grid: the context size varies from batch to batch (with the default
+# (0.85, 1.0) every context block is 13x13 on this grid, so a pinned scale would not show)
+_SIZING = dict(input_size=224, patch_size=16, enc_mask_scale=(0.25, 0.9), pred_mask_scale=(0.1, 0.25),
+               aspect_ratio=(0.5, 2.0), allow_overlap=True, truncate=False, min_keep=4)
+
+
+@pytest.mark.parametrize("seed, nenc, npred", [(0, 1, 4), (11, 2, 3)])
+def test_block_sizes_are_the_replayed_per_batch_draws(seed, nenc, npred):
+    """Every target block is p_size and every context block e_size (uncut: overlap allowed), where p_size and
+    e_size are the first two draws of the batch's seeded generator passed through the official formula; the
+    collator's own numbering (``__call__``) and ``sample_masks`` on ``generator_for(b)`` agree."""
+    grid = 14
+    c = MultiBlockMaskCollator(seed=seed, nenc=nenc, npred=npred, **_SIZING)
+    ref = MultiBlockMaskCollator(seed=seed, nenc=nenc, npred=npred, **_SIZING)
+    for b in range(25):
+        p_size, e_size = _replayed_sizes(ref, b, grid)
+        _, enc, pred = c(batch(4, 8))
+        assert len(enc) == nenc and len(pred) == npred
+        for k in range(npred):
+            for img in range(4):
+                assert _rect(pred[k][img], grid) == p_size, (b, k, img)
+        for j in range(nenc):
+            for img in range(4):
+                assert _rect(enc[j][img], grid) == e_size, (b, j, img)
+        enc_s, pred_s = ref.sample_masks(4, ref.generator_for(b))
+        assert all(_rect(m, grid) == p_size for masks in pred_s for m in masks)
+        assert all(_rect(m, grid) == e_size for masks in enc_s for m in masks)
+
+
+def test_one_context_size_and_one_target_size_per_batch():
+    """The official collator draws both block sizes once per batch: within a batch every image has the same
+    context extent and the same target extent, while the sizes change between batches."""
+    grid, bs = 14, 8
+    c = MultiBlockMaskCollator(seed=5, **_SIZING)
+    ctx_sizes, tgt_sizes = set(), set()
+    for b in range(20):
+        enc, pred = c.sample_masks(bs, c.generator_for(b))
+        ctx = {_rect(img[0], grid) for img in enc}
+        tgt = {_rect(m, grid) for img in pred for m in img}
+        assert len(ctx) == 1, f"batch {b}: context sizes {ctx}"
+        assert len(tgt) == 1, f"batch {b}: target sizes {tgt}"
+        ctx_sizes |= ctx
+        tgt_sizes |= tgt
+    assert len(ctx_sizes) > 3 and len(tgt_sizes) > 3
+
+
+def test_targets_use_the_aspect_ratio_and_the_context_the_whole_scale_range():
+    """Across batches: target blocks come both taller than wide and wider than tall (aspect_ratio (0.5, 2)
+    straddles 1), and the context blocks (square) reach both ends of enc_mask_scale: some within the lowest
+    fifth of the possible side lengths, some within the highest fifth."""
+    grid = 14
+    c = MultiBlockMaskCollator(seed=2, **_SIZING)
+    lo_side = _official_block_size(0.0, c.enc_mask_scale, (1.0, 1.0), grid)[0]   # 7 (int(0.25·196) = 49)
+    hi_side = _official_block_size(1.0, c.enc_mask_scale, (1.0, 1.0), grid)[0]   # 13 (int(0.9·196) = 176)
+    assert hi_side - lo_side >= 5
+    tall = wide = 0
+    sides = []
+    for b in range(60):
+        enc, pred = c.sample_masks(2, c.generator_for(b))
+        h, w = _rect(pred[0][0], grid)
+        tall += h > w
+        wide += h < w
+        eh, ew = _rect(enc[0][0], grid)
+        assert eh == ew and lo_side <= eh <= hi_side
+        sides.append(eh)
+    assert tall >= 5 and wide >= 5, (tall, wide)
+    span = hi_side - lo_side
+    assert min(sides) <= lo_side + 0.2 * span and max(sides) >= hi_side - 0.2 * span, sorted(sides)
+    # and the default aspect ratio (0.75, 1.5) also gives non-square targets
+    d = MultiBlockMaskCollator(input_size=224, patch_size=16, seed=0, allow_overlap=True)
+    shapes = {_rect(d.sample_masks(1, d.generator_for(b))[1][0][0], 14) for b in range(30)}
+    assert any(h != w for h, w in shapes), shapes

@@ -52,7 +52,8 @@ def inputs(device, P, D, E, idx_shape, dtype=torch.float32, seed=0):
 # exactness against the reference
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)])
+# (the output's rounding: ≤ 2**-9 relative in bf16, 2**-12 in fp16, in norm at most that; the bounds are 5x and 8x it)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_zero_noise_equals_reference(device, dtype, tol):
     P, D, E, shape = sizes(device)
     pos, idx, w, b = inputs(device, P, D, E, shape, dtype)
@@ -72,7 +73,9 @@ def test_mixed_dtypes_promote_like_reference(device):
     assert out.dtype == torch.float32  # bf16 projection + fp32 ψ, as in the official code
     ref = reference.stop_embed(pos, idx, w.bfloat16().float(), b.bfloat16().float(),
                                torch.zeros(shape + (E,), device=device))
-    assert rel(out, ref) <= 1e-2
+    # ψ[idx] + b in float32 on both sides (b exact in bf16): measured 2.6e-8. A bf16 rounding of the sum (of the
+    # projection before ψ is added) would be ≈ 2e-3 (audit, session 31: 1e-2 let it through)
+    assert rel(out, ref) <= 1e-5
 
 
 def recover_noise(device, P, E, shape, s, dtype=torch.float32):
