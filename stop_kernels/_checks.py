@@ -86,8 +86,12 @@ def index_tensor(name: str, t, *, upper: int, what: str = "", **kw) -> torch.Ten
 
 def index_range(name: str, t: torch.Tensor, *, upper: int, what: str = "") -> torch.Tensor:
     """The value part of :func:`index_tensor` (``t`` already checked as an index tensor): ``0 <= t < upper``,
-    read back to the host for CPU tensors always and for device tensors unless :func:`trusted_device_indices`."""
-    if t.numel() > 0 and (_DEVICE_RANGE_CHECKS or t.device.type == "cpu") and t.device.type != "meta":
+    read back to the host for CPU tensors always and for device tensors unless :func:`trusted_device_indices`.
+    Not while torch.compile traces: the values are data the graph cannot read without a break per check (and
+    ``fullgraph=True`` or ``torch.export`` refused the model); the indexing ops themselves still fail on a
+    wrong index."""
+    if t.numel() > 0 and (_DEVICE_RANGE_CHECKS or t.device.type == "cpu") and t.device.type != "meta" \
+            and not torch.compiler.is_compiling():
         values = t
         if torch._C._are_functorch_transforms_active():
             # inside torch.func.vmap the tensor is a per-sample view whose min() is batched and int() refuses

@@ -683,3 +683,124 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+# -- an outside user's model code (audit, session 31) --------------------------------------------------------
+
+def _small_predictor(**kw):
+    from stop_kernels.models.predictor import vit_predictor
+    return vit_predictor(num_patches=16, embed_dim=192, num_heads=3, predictor_embed_dim=48, depth=1, **kw)
+
+
+def _pred_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 6, 192, generator=g), torch.randint(0, 16, (2, 6), generator=g),
+            [torch.randint(0, 16, (2, 3), generator=g)])
+
+
+def test_predictor_embed_is_refused_where_it_would_be_ignored_and_parametrizations_work():
+    """The predictor reads predictor_embed's weight and bias (the fused StoP op multiplies by them in its kernels)
+    and never calls it: a subclass's forward or a forward hook there was silently ignored. Both are refused by
+    name; a parametrization of the weight acts through .weight and changes the output."""
+    import torch.nn as nn
+    from torch.nn.utils import parametrize
+    x, ci, ti = _pred_inputs()
+    p = _small_predictor(input_backend="reference")
+    base = p(x, ci, ti, generator=torch.Generator().manual_seed(1))
+    hook = p.predictor_embed.register_forward_pre_hook(lambda *a: None)
+    with pytest.raises(TypeError, match="predictor_embed: forward hooks"):
+        p(x, ci, ti)
+    hook.remove()
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+    parametrize.register_parametrization(p.predictor_embed, "weight", Doubled())
+    doubled = p(x, ci, ti, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(doubled, base)
+    with parametrize.cached():  # the same as a plain Linear holding the doubled weight
+        q = _small_predictor(input_backend="reference")
+        q.load_state_dict({k.replace("parametrizations.weight.original", "weight"): v
+                           for k, v in p.state_dict().items()})
+        with torch.no_grad():
+            q.predictor_embed.weight.mul_(2)
+        torch.testing.assert_close(q(x, ci, ti, generator=torch.Generator().manual_seed(1)), doubled)
+
+    class MyLinear(nn.Linear):
+        def forward(self, t):
+            return super().forward(t) * 0
+    p.predictor_embed = MyLinear(192, 48)
+    with pytest.raises(TypeError, match="predictor_embed: expected a plain nn.Linear, got MyLinear"):
+        p(x, ci, ti)
+
+
+def test_models_compile_with_fullgraph_and_export_with_masks():
+    """The index checks read mask values back to the host, which a traced graph cannot: an encoder given masks
+    refused fullgraph=True and torch.export, and the I-JEPA predictor (mode "none", nothing random) refused
+    fullgraph=True at its seed draw. Neither reads values while tracing now; the results equal eager."""
+    enc = vit_tiny(img_size=32, patch_size=8)
+    imgs, ci = torch.randn(2, 3, 32, 32), torch.randint(0, 16, (2, 6))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(enc, fullgraph=True, backend="eager")(imgs, [ci]), enc(imgs, [ci]))
+    exported = torch.export.export(enc, (imgs, [ci]))
+    torch.testing.assert_close(exported.module()(imgs, [ci]), enc(imgs, [ci]))
+    x, ci, ti = _pred_inputs()
+    for kw in (dict(noise_mode="none"), dict(noise_std=0.0)):
+        p = _small_predictor(**kw)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(p, fullgraph=True, backend="eager")(x, ci, ti), p(x, ci, ti))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="masks: values must lie in"):  # eager calls still check the values
+        enc(imgs, [ci + 16])
+
+
+def test_calls_that_draw_no_noise_leave_the_global_generator_alone():
+    """σ = 0 (and mode "none") draws no seed: the global CPU stream (a user's augmentation) is left as it was.
+    A noisy call advances it, in eval() too (as the official code draws noise whatever the mode), unless it
+    gets a generator."""
+    import stop_kernels as sk
+    x, ci, ti = _pred_inputs()
+    pos, w, idx = torch.randn(16, 48), torch.randn(48, 192), torch.randint(0, 16, (2, 3))
+
+    def advances(fn):
+        state = torch.random.get_rng_state()
+        fn()
+        return not torch.equal(state, torch.random.get_rng_state())
+    for backend in ("reference", "auto"):
+        assert not advances(lambda: sk.stop_embed(pos, idx, w, noise_std=0.0, backend=backend))
+        assert advances(lambda: sk.stop_embed(pos, idx, w, noise_std=0.1, backend=backend))
+        assert not advances(lambda: sk.stop_embed(pos, idx, w, noise_std=0.1, backend=backend,
+                                                  generator=torch.Generator().manual_seed(0)))
+    for kw, draws in ((dict(noise_std=0.0), False), (dict(noise_mode="none"), False),
+                      (dict(noise_mode="isotropic", noise_std=0.0), False), (dict(), True)):
+        p = _small_predictor(**kw).eval()
+        with torch.no_grad():
+            assert advances(lambda: p(x, ci, ti)) == draws, kw
+    p = _small_predictor().eval()
+    with torch.no_grad():  # noise in eval: two calls differ
+        assert not torch.allclose(p(x, ci, ti), p(x, ci, ti))
+
+
+def test_models_built_on_the_meta_device_initialise_with_reset_parameters():
+    """to_empty() gives a meta-built model storage holding whatever was there, the sin-cos tables included (nothing
+    recomputed them); reset_parameters() initialises everything as the constructors do."""
+    torch.manual_seed(3)
+    enc, pred = vit_tiny(img_size=32, patch_size=8), _small_predictor()
+    with torch.device("meta"):
+        enc_m, pred_m = vit_tiny(img_size=32, patch_size=8), _small_predictor()
+    enc_m.to_empty(device="cpu")
+    pred_m.to_empty(device="cpu")
+    for t in (enc_m.pos_embed, pred_m.predictor_pos_embed):
+        t.fill_(float("nan"))  # (what to_empty may leave)
+    torch.manual_seed(3)
+    enc_m.reset_parameters()
+    pred_m.reset_parameters()
+    for a, b in ((enc, enc_m), (pred, pred_m)):  # (the constructors' default layer inits draw too: not seed-equal)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if k.endswith("pos_embed") or k.endswith("bias") or ".norm" in k or k.startswith("norm") \
+                    or "predictor_norm" in k:
+                assert torch.equal(sa[k], sb[k]), k  # the tables, zero biases, unit LayerNorms
+            else:  # truncated-normal weights and mask token: std 0.02
+                assert sb[k].isfinite().all() and 0.012 < sb[k].std() < 0.028, (k, sb[k].std())

@@ -139,7 +139,7 @@ def predict_packed(predictor, ctx: Packed, ctx_masks: Sequence[torch.Tensor],
     if ctx.lengths is not None and tuple(ctx.lengths) != ctx_lengths:  # same total, other split: rows of wrong images
         raise ValueError(f"ctx_masks: lengths {list(ctx_lengths)} differ from the packed context's sequences "
                          f"{list(ctx.lengths)} (the masks given to encode_packed)")
-    emb, pos = predictor.predictor_embed, predictor.predictor_pos_embed
+    emb, pos = predictor.embed_linear(), predictor.predictor_pos_embed
     # the rectangular path's context rows (ψ added in its own dtype: under autocast an fp32 table keeps the
     # stream fp32 whatever the encoder's output dtype, unless residual_dtype says otherwise)
     c = reference.context_rows(ctx.tokens, ctx_idx, emb.weight, emb.bias, pos)

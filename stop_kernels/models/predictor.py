@@ -23,6 +23,11 @@ from .. import reference
 from .vit import LN_EPS, INIT_STD, Block, check_transformer_sizes, grid_size, init_weights, run_blocks
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _parametrized(module: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+    return parametrize.is_parametrized(module)
 # "unfused" is the official code's path (torch.randn noise + Linear + gather + repeat + cat); "cuda" draws the
 # StoP rows with the CUDA C++ stop_embed (it has no assembly kernel) and joins them to the context rows as the
 # official code does (the other noise modes run as "auto"); the others select the backend of the fused op
@@ -69,8 +74,32 @@ class VisionTransformerPredictor(nn.Module):
             [Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=LN_EPS)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the official trainer does (:func:`~stop_kernels.models.vit.init_weights`,
+        then the mask token) and recompute the sin-cos position table: also for a model built on the meta
+        device and then given storage (``to_empty``), whose buffers hold whatever that memory held."""
+        with torch.no_grad():
+            self.predictor_pos_embed.copy_(reference.sincos_pos_embed_2d(self.predictor_pos_embed.shape[1],
+                                                                          int(round(self.num_patches ** 0.5))))
         init_weights(self)
         nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
+
+    def embed_linear(self) -> nn.Linear:
+        """``predictor_embed``, checked to be a plain ``nn.Linear`` without forward hooks: every input path reads its
+        ``weight`` and ``bias`` (the fused StoP op multiplies by them inside its kernels) and never calls it, so a
+        subclass's ``forward``, a wrapper (LoRA, quantisation) or a hook would be silently ignored. Parametrizations
+        (``torch.nn.utils.parametrize``) are honoured: they act through ``.weight``."""
+        emb = self.predictor_embed
+        if type(emb) is not nn.Linear and not (isinstance(emb, nn.Linear) and _parametrized(emb)):
+            raise TypeError(f"predictor_embed: expected a plain nn.Linear, got {type(emb).__name__}: the predictor reads "
+                            f"its weight and bias and never calls it, so its forward would be ignored (parametrize "
+                            f"the weight instead, torch.nn.utils.parametrize)")
+        if emb._forward_hooks or emb._forward_pre_hooks:  # (global module hooks only observe: not refused)
+            raise TypeError("predictor_embed: forward hooks on it would never run: the predictor reads its weight "
+                            "and bias and never calls it")
+        return emb
 
     def assemble(self, x: torch.Tensor, masks_x: Masks, masks: Masks, *, noise: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -89,7 +118,7 @@ class VisionTransformerPredictor(nn.Module):
         tgt = [masks] if isinstance(masks, torch.Tensor) and masks.dim() == 2 else masks
         if isinstance(noise, (list, tuple)):  # the official per-block list of [B, Nt, width]
             noise = torch.stack(list(noise))
-        emb = self.predictor_embed
+        emb = self.embed_linear()
         args = (x, ctx_idx, tgt, emb.weight, emb.bias, self.predictor_pos_embed)
         kw = dict(noise_mode=self.noise_mode, noise_std=self.noise_std, mask_token=self.mask_token, noise=noise,
                   generator=generator)
@@ -116,7 +145,7 @@ class VisionTransformerPredictor(nn.Module):
         from ..ops.stop_embed import autocast_dtype, stop_embed
 
         backend = "auto" if self.input_backend == "unfused" else self.input_backend
-        pos, emb = self.predictor_pos_embed, self.predictor_embed
+        pos, emb = self.predictor_pos_embed, self.embed_linear()
         amp = autocast_dtype(torch.device("cuda")) if backend == "cuda" else None  # "cuda" takes CUDA tensors only
         return stop_embed(pos if amp is None else pos.to(amp), idx, emb.weight, emb.bias, noise_std=self.noise_std,
                           generator=generator, backend=backend)

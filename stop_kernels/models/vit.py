@@ -257,6 +257,14 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
         init_weights(self)
 
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does (:func:`init_weights`) and recompute the sin-cos
+        position table: for a model built on the meta device and then given storage (``to_empty``), whose
+        buffers hold whatever that memory held."""
+        with torch.no_grad():
+            self.pos_embed.copy_(reference.sincos_pos_embed_2d(self.embed_dim, self.grid))
+        init_weights(self)
+
     def embed(self, imgs: torch.Tensor) -> torch.Tensor:
         chk.float_tensor("imgs", imgs, ndim=4)
         C, H, W = imgs.shape[1:]

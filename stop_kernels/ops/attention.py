@@ -143,7 +143,8 @@ def _kernel_head_dim(D) -> bool:
 def _check_kernel_head_dim(name: str, D, dispatcher: str) -> None:
     if not _kernel_head_dim(D):
         raise ValueError(f"{name}: head dim {D} unsupported by the Triton attention kernel (needs a multiple of 8 "
-                         f"in [8, {MAX_HEAD_DIM}]); use {dispatcher}(), which falls back to SDPA")
+                         f"in [8, {MAX_HEAD_DIM}]); use {dispatcher}() with backend 'auto' (the default), which "
+                         f"falls back to SDPA")
 
 
 _LOG2E = 1.4426950408889634
@@ -1763,7 +1764,7 @@ def _check_qkv(q, k, v, varlen: bool) -> None:
     if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
         raise ValueError(f"q: the Triton attention kernel needs CUDA tensors (got {q.device}); set "
                          "TRITON_INTERPRET=1 before importing stop_kernels to run it on CPU tensors, or use "
-                         "dispatch_attention()")
+                         "dispatch_attention() with backend 'auto' (the default)")
 
 
 def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: Optional[int]) -> Tuple[torch.Tensor, int]:

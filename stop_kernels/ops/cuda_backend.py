@@ -195,7 +195,7 @@ def _stop_embed_cuda_eager(pos_embed, idx, weight, bias, noise_std, generator):
             "backend: torch.func transforms (grad, vmap, jvp, …) cannot run the cuda backend's kernels; use "
             "stop_embed(..., backend='auto'), which takes the reference op under a transform (same noise)")
     _ops()  # fail early with the load reason
-    seed = draw_seed(generator)
+    seed = draw_seed(generator) if noise_std > 0 else 0  # (σ = 0: zero noise, the generator left as it was)
     # As the Triton op: under CUDA autocast weight and bias are taken in the autocast dtype and nothing
     # else changes, so autocast is the same call with W and b cast (an fp32 ψ is not rounded to bf16
     # with the sum). Output dtype promote(weight, pos_embed); the kernel runs in one dtype, the

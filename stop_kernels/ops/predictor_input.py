@@ -147,11 +147,18 @@ torch.library.register_autograd("stop_kernels::assemble_predictor_input", _assem
 _AssembleFn = eager_twin("_AssembleFn", _assemble, _assemble_setup, _assemble_backward)
 
 
+def _draws_seed(noise_mode, noise_std) -> bool:
+    """Whether a call draws a Philox seed: noise of a StoP mode with σ ≠ 0 (a σ of the wrong type draws, and its
+    check then names it)."""
+    return noise_mode in ("learned", "isotropic") and not (chk.is_number(noise_std) and noise_std == 0)
+
+
 def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):
-    """Validate (eagerly, also under torch.compile) and draw the seed as a CPU int64 scalar tensor."""
+    """Validate and draw the seed as a CPU int64 scalar tensor (0, the generator untouched, when no noise is drawn:
+    :func:`_draws_seed`)."""
     tgt = reference.check_assembly_args(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std,
                                         mask_token)
-    if noise_mode in ("learned", "isotropic"):
+    if _draws_seed(noise_mode, noise_std):
         seed = draw_seed(generator)
     else:  # no seed is drawn, but a bad argument is never ignored
         check_generator(generator)
@@ -159,7 +166,18 @@ def _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mo
     return tgt, torch.tensor(seed, dtype=torch.int64, device="cpu")
 
 
-_checked_seed = chk.eager_under_compile(_checked_seed_eager)
+_checked_seed_disabled = chk.eager_under_compile(_checked_seed_eager)
+
+
+def _checked_seed(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token, generator):
+    """:func:`_checked_seed_eager`, run eagerly under torch.compile (a graph break) only when it draws a seed from
+    the generator: traced otherwise (I-JEPA's mode "none", or σ = 0), so such a model compiles with
+    ``fullgraph=True`` (the index values are then checked by eager calls only, as every op checks them)."""
+    if torch.compiler.is_compiling() and not _draws_seed(noise_mode, noise_std):
+        return _checked_seed_eager(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
+                                   generator)
+    return _checked_seed_disabled(ctx, ctx_idx, tgt_idx, weight, bias, pos_embed, noise_mode, noise_std, mask_token,
+                                  generator)
 
 
 def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, weight: torch.Tensor,
@@ -219,7 +237,8 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
         else:
             width = weight.shape[1] if noise_mode == "learned" else weight.shape[0]
             dtype = weight.dtype if noise_mode == "learned" else _out_dtype(weight, pos_embed)
-            n = philox_normal(int(seed), npred * B * Nt, width, float(noise_std))
+            n = philox_normal(int(seed), npred * B * Nt, width, float(noise_std)) if _draws_seed(noise_mode, noise_std) \
+                else torch.zeros(npred * B * Nt, width)  # (σ = 0: no seed, zero noise)
             n = n.to(device=weight.device, dtype=dtype).reshape(npred, B, Nt, width)
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
                                                   noise_std=noise_std, mask_token=mask_token, noise=n)

@@ -981,9 +981,10 @@ def check_stop_args(pos_embed, idx, weight, bias, noise_std, generator) -> float
 
 
 def _checked_seed_eager(pos_embed, idx, weight, bias, noise_std, generator):
-    """Validate, then draw the call's seed as a CPU int64 scalar tensor."""
+    """Validate, then draw the call's seed as a CPU int64 scalar tensor (none when σ = 0: the noise is zero, and
+    the generator is left as it was)."""
     sigma = check_stop_args(pos_embed, idx, weight, bias, noise_std, generator)
-    return sigma, torch.tensor(draw_seed(generator), dtype=torch.int64, device="cpu")
+    return sigma, torch.tensor(draw_seed(generator) if sigma > 0 else 0, dtype=torch.int64, device="cpu")
 
 
 _checked_seed = chk.eager_under_compile(_checked_seed_eager)
