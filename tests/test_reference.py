@@ -374,3 +374,15 @@ def test_assembly_gradients_match_official_formulation(mode):
             assert a is None, name
         else:
             torch.testing.assert_close(a, w, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_official_paths_noise_is_randn_times_sigma_on_the_generator():
+    """The unfused (official) path's StoP noise: ``torch.randn(shape, generator=g) * σ`` exactly, as the official
+    code draws it (mutation run, session 31: σ·1.01 there passed every test)."""
+    from stop_kernels import reference as R
+    g, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    n = R.draw_noise((3, 4, 7), noise_std=0.25, dtype=torch.float64, device="cpu", generator=g)
+    torch.testing.assert_close(n, torch.randn((3, 4, 7), dtype=torch.float64, generator=g2) * 0.25, rtol=0, atol=0)
+    big = R.draw_noise((200_000,), noise_std=0.2, dtype=torch.float64, device="cpu",
+                       generator=torch.Generator().manual_seed(6))
+    assert abs(big.std().item() - 0.2) < 4 * 0.2 / (2 * 200_000) ** 0.5  # (std of a sample std: σ/sqrt(2n))

@@ -295,3 +295,15 @@ def test_the_log_reaches_the_disk_before_each_checkpoint_that_ends_its_steps(tmp
     assert "log" in order[:first[".tmp-step_00000002"]], order
     assert "log" in order[first[".tmp-step_00000002"]:first[".tmp-step_00000004"]], order
     assert order.count("log") >= 2, order
+
+
+def test_a_checkpoint_and_its_old_copy_list_as_the_plain_one(tmp_path):
+    """step_N beside step_N.old (a kill while a save replaced step N): the plain folder is the checkpoint, whichever
+    os.listdir returns first (mutation run, session 31: the .old one winning passed every test)."""
+    for name in ("step_00000003", "step_00000003.old", "step_00000002.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text("{}")
+        (tmp_path / name / ".metadata").write_bytes(b"")
+    assert list_checkpoints(str(tmp_path)) == [(2, str(tmp_path / "step_00000002.old")),
+                                               (3, str(tmp_path / "step_00000003"))]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_00000003")

@@ -420,3 +420,46 @@ def test_a_run_of_unreadable_images_names_the_first_file(tmp_path):
     ds = ImageFolderDataset(str(root), make_transforms(8, (1.0, 1.0)), max_substitutions=2)
     with pytest.raises(RuntimeError, match=r"2 consecutive unreadable images from index 1 .*the first \S*1\.JPEG \("):
         ds[1]
+
+
+@FOLDERS
+def test_augmentations_are_the_official_recipes_parameters():
+    """The pipeline's parameters, as the official I-JEPA / StoP code sets them (mutation run, session 31: grayscale
+    p 0.5, blur p 1.0 or another jitter passed every test): RandomResizedCrop over crop_scale, the flip, ColorJitter
+    (0.8s, 0.8s, 0.8s, 0.2s) applied with p 0.8, RandomGrayscale p 0.2, the blur with p 0.5 and radius 0.1–2,
+    then ImageNet normalisation."""
+    import torchvision.transforms as T
+    from stop_kernels.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomGaussianBlur
+    ops = make_transforms(96, (0.3, 1.0), hflip=True, color_jitter=0.5, grayscale=True, gaussian_blur=True).transforms
+    crop, flip, jitter, gray, blur, to_tensor, norm = ops
+    assert isinstance(crop, T.RandomResizedCrop) and crop.size == (96, 96) and crop.scale == (0.3, 1.0)
+    assert isinstance(flip, T.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(jitter, T.RandomApply) and jitter.p == 0.8
+    (cj,) = jitter.transforms
+    assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
+    assert isinstance(gray, T.RandomGrayscale) and gray.p == 0.2
+    assert isinstance(blur, RandomGaussianBlur) and (blur.p, blur.radius_min, blur.radius_max) == (0.5, 0.1, 2.0)
+    assert isinstance(to_tensor, T.ToTensor) and isinstance(norm, T.Normalize)
+    assert tuple(norm.mean) == tuple(IMAGENET_MEAN) == (0.485, 0.456, 0.406)
+    assert tuple(norm.std) == tuple(IMAGENET_STD) == (0.229, 0.224, 0.225)
+    plain = make_transforms(96, (0.3, 1.0)).transforms  # the flags off: crop, tensor, normalisation only
+    assert [type(t) for t in plain] == [T.RandomResizedCrop, T.ToTensor, T.Normalize]
+
+
+@FOLDERS
+@pytest.mark.parametrize("error", [ValueError, SyntaxError, OSError])
+def test_every_kind_of_unreadable_image_is_substituted(tmp_path, monkeypatch, error):
+    """PIL reports a broken file as OSError, but also as ValueError or SyntaxError (and DecompressionBombError):
+    each is skipped and counted like an unreadable file (mutation run, session 31: catching OSError alone passed)."""
+    root = make_folder(tmp_path / "imgs", corrupt=False)
+    ds = ImageFolderDataset(str(root), transform=make_transforms(32, (0.3, 1.0)))
+    real = ds.load
+    bad = ds.samples[0][0]
+
+    def load(path):
+        if path == bad:
+            raise error("broken image")
+        return real(path)
+    monkeypatch.setattr(ds, "load", load)
+    img, label, skipped = ds[0]
+    assert skipped == 1 and img.shape == (3, 32, 32) and label == ds.samples[1][1]

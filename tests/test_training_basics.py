@@ -168,6 +168,19 @@ def test_model_name_picks_its_recipe():
     assert default == TrainConfig(sharding="auto")  # the embedded default is untouched
 
 
+def test_the_command_lines_model_picks_the_recipe_over_a_config_files(tmp_path):
+    """``--config f.yaml --model vit_h`` where the file names another model: the command line's model picks the
+    recipe whose values fill the keys the file leaves unset (mutation run, session 31: the file's model picking
+    it passed every test)."""
+    f = tmp_path / "mine.yaml"
+    f.write_text("model: vit_small\nlr: 0.0005\n")
+    cfg = parse_config(["--config", str(f), "--model", "vit_h"])
+    assert (cfg.model, cfg.patch_size, cfg.noise_std, cfg.lr) == ("vit_huge", 14, 0.2, 0.0005)
+    cfg = parse_config(["--config", str(f)])
+    assert (cfg.model, cfg.patch_size, cfg.noise_std, cfg.lr) == ("vit_small", TrainConfig.patch_size,
+                                                                  TrainConfig.noise_std, 0.0005)
+
+
 def test_bool_flags_and_validation():
     cfg = parse_config(["--compile", "--resume", "--export", "false", "--attention-policy", "compiled:24=triton"])
     assert cfg.compile and cfg.resume and not cfg.export and cfg.attention_policy == "compiled:24=triton"
@@ -303,7 +316,8 @@ def test_export_loads_into_an_encoder(tmp_path, cpu_train):
         enc.load_state_dict(sd, strict=True)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, monkeypatch):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, monkeypatch, bad):
     from stop_kernels.training import loop
     from stop_kernels.training.checkpoint import list_checkpoints
     real, calls = loop.jepa_step_loss, []
@@ -311,10 +325,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cpu_train, 
     def poisoned(*args, **kw):
         calls.append(1)
         loss = real(*args, **kw)
-        return loss * float("nan") if len(calls) == 4 else loss  # step 4 diverges
+        return loss + float(bad) if len(calls) == 4 else loss  # step 4 diverges (an infinite loss too)
 
     monkeypatch.setattr(loop, "jepa_step_loss", poisoned)
-    with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 4.*step_00000002"):
+    with pytest.raises(loop.TrainingDiverged, match=rf"loss is {bad} at step 4.*step_00000002"):
         loop.train(tiny(tmp_path, steps=8, ckpt_every=2))
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [2]
     recs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -408,6 +422,7 @@ def test_skip_nonfinite_grads_trains_through_and_reports_the_step(tmp_path, cpu_
     reported, its count is in the checkpoint's metadata and the done line, and every checkpoint is written."""
     from stop_kernels.training import loop
     from stop_kernels.training.checkpoint import list_checkpoints
+    real = loop.jepa_step_loss
     _poison_step(loop, monkeypatch, {4})
     losses = loop.train(tiny(tmp_path, steps=6, ckpt_every=2, skip_nonfinite_grads=True))
     out = capsys.readouterr().out
@@ -419,6 +434,33 @@ def test_skip_nonfinite_grads_trains_through_and_reports_the_step(tmp_path, cpu_
     meta = json.loads((tmp_path / "checkpoints" / "step_00000006" / "meta.json").read_text())
     assert meta["nonfinite_steps_skipped"] == 1
     assert [r["nonfinite_steps_skipped"] for r in read_log(tmp_path)] == [0, 0, 0, 1, 1, 1]  # cumulative, per step
+    # the count is cumulative across a resume (a clean continuation keeps the earlier skip)
+    monkeypatch.setattr(loop, "jepa_step_loss", real)
+    loop.train(tiny(tmp_path, steps=8, ckpt_every=2, skip_nonfinite_grads=True, resume=True))
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000008" / "meta.json").read_text())
+    assert meta["nonfinite_steps_skipped"] == 1
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["nonfinite_steps_skipped"] == 1
+
+
+def test_skip_nonfinite_grads_sees_a_non_finite_gradient_in_any_parameter_group(tmp_path, cpu_train):
+    """found_inf is taken over every parameter group's gradients: an infinite gradient in the last group's last
+    parameter alone skips the step (mutation run, session 31: reading the first group only passed the tests,
+    whose poisoned loss made every gradient infinite)."""
+    from stop_kernels.training import distributed as D
+    from stop_kernels.training.loop import Trainer, synthetic_batches
+    cfg = TrainConfig(**dict(TINY, out=str(tmp_path / "run"), steps=2, skip_nonfinite_grads=True, device="cpu"))
+    tr = Trainer(cfg, D.init_distributed(cfg), None)
+    assert len(tr.opt.param_groups) > 1
+    last = tr.opt.param_groups[-1]["params"][-1]
+    batches = synthetic_batches(cfg, 2, cfg.batch_size, torch.device("cpu"), 0)
+    sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
+    assert tr.step(*batches[0], sched)[-1].item() == 0.0
+    before = [p.detach().clone() for g in tr.opt.param_groups for p in g["params"]]
+    hook = last.register_hook(lambda g: g * float("inf"))
+    assert tr.step(*batches[1], sched)[-1].item() == 1.0
+    hook.remove()
+    after = [p.detach() for g in tr.opt.param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
