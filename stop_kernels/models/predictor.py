@@ -93,9 +93,9 @@ class VisionTransformerPredictor(nn.Module):
         (``torch.nn.utils.parametrize``) are honoured: they act through ``.weight``."""
         emb = self.predictor_embed
         if type(emb) is not nn.Linear and not (isinstance(emb, nn.Linear) and _parametrized(emb)):
-            raise TypeError(f"predictor_embed: expected a plain nn.Linear, got {type(emb).__name__}: the predictor reads "
-                            f"its weight and bias and never calls it, so its forward would be ignored (parametrize "
-                            f"the weight instead, torch.nn.utils.parametrize)")
+            raise TypeError(f"predictor_embed: expected a plain nn.Linear, got {type(emb).__name__}: the predictor "
+                            f"reads its weight and bias and never calls it, so its forward would be ignored "
+                            f"(parametrize the weight instead, torch.nn.utils.parametrize)")
         if emb._forward_hooks or emb._forward_pre_hooks:  # (global module hooks only observe: not refused)
             raise TypeError("predictor_embed: forward hooks on it would never run: the predictor reads its weight "
                             "and bias and never calls it")

@@ -237,8 +237,10 @@ def assemble_predictor_input(ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx, 
         else:
             width = weight.shape[1] if noise_mode == "learned" else weight.shape[0]
             dtype = weight.dtype if noise_mode == "learned" else _out_dtype(weight, pos_embed)
-            n = philox_normal(int(seed), npred * B * Nt, width, float(noise_std)) if _draws_seed(noise_mode, noise_std) \
-                else torch.zeros(npred * B * Nt, width)  # (σ = 0: no seed, zero noise)
+            if _draws_seed(noise_mode, noise_std):
+                n = philox_normal(int(seed), npred * B * Nt, width, float(noise_std))
+            else:  # σ = 0: no seed, zero noise
+                n = torch.zeros(npred * B * Nt, width)
             n = n.to(device=weight.device, dtype=dtype).reshape(npred, B, Nt, width)
         return reference.assemble_predictor_input(ctx, ctx_idx, tgt, weight, bias, pos_embed, noise_mode=noise_mode,
                                                   noise_std=noise_std, mask_token=mask_token, noise=n)
