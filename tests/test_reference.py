@@ -386,3 +386,22 @@ def test_the_official_paths_noise_is_randn_times_sigma_on_the_generator():
     big = R.draw_noise((200_000,), noise_std=0.2, dtype=torch.float64, device="cpu",
                        generator=torch.Generator().manual_seed(6))
     assert abs(big.std().item() - 0.2) < 4 * 0.2 / (2 * 200_000) ** 0.5  # (std of a sample std: σ/sqrt(2n))
+
+
+def test_the_twins_dtypes_follow_the_fused_ops_with_mixed_inputs():
+    """Mixed dtypes on the twins (mutation runs, session 31: both casts could be dropped without a failing test):
+    ``stop_embed`` takes the bias in W's dtype, as the fused ops do (an fp32 b with bf16 W is rounded to bf16
+    first); ``join_predictor_rows`` returns x's dtype whatever the masked rows' (no promotion to fp32)."""
+    from stop_kernels import reference as R
+    g = torch.Generator().manual_seed(4)
+    pos, w = torch.randn(6, 8, generator=g), torch.randn(8, 5, generator=g).bfloat16()
+    b, idx = torch.randn(8, generator=g) * 3, torch.tensor([[0, 5, 2]])
+    noise = torch.randn(1, 3, 5, generator=g).bfloat16()
+    got = R.stop_embed(pos, idx, w, b, noise)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, R.stop_embed(pos, idx, w, b.bfloat16(), noise))
+    assert not torch.equal(b.bfloat16().float(), b)  # (the rounding is visible)
+    x, masked = torch.randn(2, 3, 4, generator=g).bfloat16(), torch.randn(2, 2, 1, 4, generator=g)
+    joined = R.join_predictor_rows(x, masked)
+    assert joined.dtype == torch.bfloat16 and joined.shape == (4, 4, 4)
+    assert torch.equal(joined[3, 3], masked[1, 1, 0].bfloat16()) and torch.equal(joined[3, :3], x[1])
