@@ -405,3 +405,27 @@ def test_the_twins_dtypes_follow_the_fused_ops_with_mixed_inputs():
     joined = R.join_predictor_rows(x, masked)
     assert joined.dtype == torch.bfloat16 and joined.shape == (4, 4, 4)
     assert torch.equal(joined[3, 3], masked[1, 1, 0].bfloat16()) and torch.equal(joined[3, :3], x[1])
+
+
+def test_sincos_table_of_a_rectangular_grid_is_row_major():
+    """A grid of 2 rows and 3 columns: row r·3 + c encodes column c in the first half and row r in the second
+    (mutation run, session 31: a meshgrid over (w, h) passed, since every other test used a square grid)."""
+    from stop_kernels import reference as R
+    t = R.sincos_pos_embed_2d(8, 2, 3)
+    assert t.shape == (6, 8)
+    one = lambda v: R.sincos_pos_embed_1d(4, torch.tensor([float(v)], dtype=torch.float64)).float()[0]  # noqa: E731
+    for r in range(2):
+        for c in range(3):
+            torch.testing.assert_close(t[r * 3 + c], torch.cat([one(c), one(r)]), rtol=0, atol=1e-7)
+
+
+def test_the_peak_table_names_each_card():
+    """The MFU divisor by card name: an NVL or PCIe card must not match the SXM's shorter key first (mutation run,
+    session 31: the H200 NVL's 835 changed to 989 passed every test)."""
+    from stop_kernels.models.flops import PEAK_BF16_TFLOPS, peak_tflops
+    assert peak_tflops("NVIDIA H200 NVL") == 835.0 and peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("Some GPU") == 989.0
+    keys = list(PEAK_BF16_TFLOPS)
+    assert all(not (a in b) for i, a in enumerate(keys) for b in keys[i + 1:]), "a shorter key before a longer one"
