@@ -54,6 +54,31 @@ import traceback
 # limit, which --budget-s is sized against: gpu_all.sh's e2e section)
 T_START = time.perf_counter()
 
+# set in a variant's process by the script that started it (``_run_isolated``): its pid
+PARENT_PID_ENV = "PROFILE_STEP_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """In a variant's process: have Linux kill it (SIGKILL) when the script that started it ends, however
+    that ends. The parent's own ``proc.kill()`` on an exception cannot cover it all: a SIGINT landing inside
+    ``Popen()`` or just after it (the child exec'd, ``proc`` not yet in the ``try``) skips it, and a SIGKILL
+    (``timeout -s KILL``) skips any Python. A child left alive there holds the GPU into the next section for
+    all its ``--steps``. Called before torch is imported, so the import is covered too."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        print("profile_step: prctl(PR_SET_PDEATHSIG) failed; this variant may outlive its parent",
+              file=sys.stderr)
+    if os.getppid() != int(parent):  # the parent ended before the signal was armed
+        os._exit(1)
+
+
+die_with_parent()
+
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -322,7 +347,9 @@ def _run_isolated(spec: str, v: dict, args) -> tuple:
            f"--mask-batches={args.mask_batches}", f"--steps={args.steps}", f"--profile-steps={args.profile_steps}",
            f"--top={args.top}", f"--out={out}", f"--extra={args.extra}"]
     tail = collections.deque(maxlen=80)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env=env) as proc:
         try:
             for line in proc.stdout:
                 sys.stdout.write(f"  [{v['name']}] {line}")

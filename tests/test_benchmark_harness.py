@@ -299,10 +299,15 @@ def test_a_variant_process_that_dies_leaves_an_error_record(tmp_path, capsys):
     assert "  [a] " in capsys.readouterr().out  # the child's output, echoed with its name
 
 
-def test_an_interrupted_run_leaves_no_variant_process(tmp_path):
-    """gpu_all.sh ends a section with SIGINT to the script: the variant's own process must end with it,
-    not run on (and hold the GPU) into the next section."""
+@pytest.mark.parametrize("when", ["import", "steps"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_run_leaves_no_variant_process(tmp_path, sig, when):
+    """gpu_all.sh ends a section with SIGINT to the script (and ``timeout`` may send SIGKILL): the variant's own
+    process must end with it, not run on (and hold the GPU) into the next section. SIGKILL runs none of the
+    parent's Python, so only the kernel's parent-death signal can end the variant there; in its steps the variant
+    prints nothing, so no broken pipe ends it either (a variant left so ran for 25 minutes once)."""
     import os
+    import select
     import signal
     import subprocess
     import time
@@ -310,7 +315,7 @@ def test_an_interrupted_run_leaves_no_variant_process(tmp_path):
     parent = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--model=vit_tiny",
                                "--batch-size=2", "--variants=a:compile=0", "--warmup=0", "--steps=100000",
                                "--profile-steps=0", f"--extra={TINY_EXTRA}", f"--out={out}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def children():  # the variant process: the one whose command names its own output folder
         found = []
@@ -326,8 +331,18 @@ def test_an_interrupted_run_leaves_no_variant_process(tmp_path):
     while not children() and time.time() < deadline:
         time.sleep(0.2)
     assert children(), "the variant process never started"
-    time.sleep(2)  # inside its import or its steps
-    parent.send_signal(signal.SIGINT)
+    if when == "import":
+        time.sleep(0.5)
+    else:  # the variant's last line before its (silent) steps, echoed by the parent
+        seen, deadline = b"", time.time() + 120
+        while b"no CUDA GPU" not in seen and time.time() < deadline:
+            if select.select([parent.stdout], [], [], 1.0)[0]:
+                chunk = os.read(parent.stdout.fileno(), 65536)
+                assert chunk, f"the parent ended before the variant's steps: {seen.decode()[-2000:]}"
+                seen += chunk
+        assert b"no CUDA GPU" in seen, seen.decode()[-2000:]
+        time.sleep(1.0)
+    parent.send_signal(getattr(signal, sig))
     parent.communicate(timeout=60)
     deadline = time.time() + 10
     while children() and time.time() < deadline:
