@@ -13,6 +13,8 @@
   packages (image files, torchvision transforms, safetensors exports) is not installed: a bare torch +
   triton environment (such as a GPU image's) runs every other test instead of erroring on these.
   With ``STOP_KERNELS_REQUIRE_OPTIONAL=1`` (set by ``.ci/run``, which installs them) a missing one fails the test.
+  A module that imports one (hypothesis) calls ``skip_unless_installed(..., module_level=True)`` at its top.
+* The hypothesis profile of the property tests (``tests/test_properties_*.py``): fixed examples, no deadline.
 """
 import importlib.util
 import os
@@ -36,15 +38,35 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "needs(*modules): skip unless these optional modules are importable")
 
 
+def skip_unless_installed(*modules, module_level: bool = False) -> None:
+    """Skip (naming them) unless these optional modules are importable; with ``STOP_KERNELS_REQUIRE_OPTIONAL=1``
+    fail instead: CI installs the dev extras, and a skip there would hide the check, not report a broken install.
+    ``module_level``: called at a test module's top (a module that imports the package itself, e.g. hypothesis)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing and os.environ.get("STOP_KERNELS_REQUIRE_OPTIONAL") == "1":
+        pytest.fail(f"needs {', '.join(missing)}, not installed, and STOP_KERNELS_REQUIRE_OPTIONAL=1", pytrace=False)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}, not installed (optional)", allow_module_level=module_level)
+
+
 def pytest_runtest_setup(item):
     """Skip a ``needs``-marked test before its fixtures run (a module-scoped fixture may write the images)."""
     for mark in item.iter_markers("needs"):
-        missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
-        if missing and os.environ.get("STOP_KERNELS_REQUIRE_OPTIONAL") == "1":
-            # CI installs the dev extras: a skip there would hide the check instead of reporting a broken install
-            pytest.fail(f"needs {', '.join(missing)}, not installed, and STOP_KERNELS_REQUIRE_OPTIONAL=1")
-        if missing:
-            pytest.skip(f"needs {', '.join(missing)}, not installed (optional)")
+        skip_unless_installed(*mark.args)
+
+
+# The property tests (tests/test_properties_*.py, hypothesis): the same examples on every run and no example
+# database, so CI is reproducible; no deadline, since an example runs kernels in the Triton interpreter (0.05–3 s,
+# with the shape and the machine's load); a test's first example pays torch's warm-up (too_slow), and the autouse
+# fixtures hold for every example of a test (function_scoped_fixture). `STOP_KERNELS_HYPOTHESIS=explore` draws
+# fresh examples on each run instead, to look for failures beyond the fixed ones.
+if importlib.util.find_spec("hypothesis") is not None:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("stop_kernels", deadline=None, derandomize=True, database=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    settings.register_profile("explore", settings.get_profile("stop_kernels"), derandomize=False)
+    settings.load_profile(os.environ.get("STOP_KERNELS_HYPOTHESIS", "stop_kernels"))
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
