@@ -1425,6 +1425,11 @@ def test_dispatch_names_bad_arguments_under_auto():
     for backend in ("triton", "sdpa"):
         with pytest.raises(TypeError, match="^max_seqlen: expected an int"):
             A.dispatch_attention(x[0], x[0], x[0], cu_seqlens=cu, max_seqlen="4", backend=backend)
+        # batched (N = 4) as packed: a float, a bool or a tensor equal to N was accepted there
+        for bad in (4.0, True, torch.tensor(4)):
+            with pytest.raises(TypeError, match="^max_seqlen: expected an int"):
+                A.dispatch_attention(x, x, x, max_seqlen=bad, backend=backend)
+    A.dispatch_attention(x, x, x, max_seqlen=4)  # the batched N itself stays valid
 
 
 @pytest.mark.parametrize("backend", _available_backends())

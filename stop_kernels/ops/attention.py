@@ -1796,10 +1796,9 @@ def _check_cu_seqlens(cu_seqlens, total: int, device: torch.device, max_seqlen: 
                 cu_seqlens._stop_kernels_checked = (tag, true_max)
             except Exception:
                 pass
+    _check_max_seqlen_type(max_seqlen)
     if max_seqlen is None:
         max_seqlen = true_max
-    elif not chk.is_int(max_seqlen):
-        raise TypeError(f"max_seqlen: expected an int or None, got {type(max_seqlen).__name__}")
     elif max_seqlen < true_max:
         raise ValueError(f"max_seqlen: {max_seqlen} is smaller than the longest sequence in cu_seqlens ({true_max})")
     return cu_seqlens.to(device, non_blocking=True).contiguous(), int(max_seqlen)
@@ -1815,11 +1814,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
             ``cu_seqlens`` is given. Same shape, dtype and device.
             dtype float16/bfloat16 (fp32 accumulation) or float32 (the fp32 path: IEEE fp32 dots).
             ``Dh`` a multiple of 8 in [8, 128] (otherwise ``ValueError``; the dispatcher falls back).
-        scale: softmax scale, default ``Dh ** -0.5``.
+        scale: softmax scale, default ``Dh ** -0.5``; any finite value > 0. The output stays accurate at any
+            scale, but dq and dk lose accuracy as the scores ``scale · q·k`` grow to tens and beyond: softmax's
+            gradient is ill-conditioned there, and the backward's ``δ = rowsum(dO ∘ O)`` reads O rounded to q's
+            dtype (as every flash backward does). At 100× the default, bf16 dq errs by about half its norm.
         cu_seqlens: int32/int64 ``[n + 1]`` offsets (0 = first, last = T, non-decreasing) of the
             packed sequences; on q's device or the CPU, any stride. Bad values raise ``ValueError``
             in eager calls; under torch.compile they are not checked (a host sync).
-        max_seqlen: longest packed sequence (computed from cu_seqlens when omitted).
+        max_seqlen: a Python int (packed: at least the longest sequence, computed when omitted; batched: N).
 
     Returns:
         ``[B, N, H, Dh]`` (or ``[T, H, Dh]``), contiguous, dtype of q. Differentiable in q, k, v
@@ -1874,8 +1876,15 @@ def _kernel_scale_ok(scale) -> bool:
     return isinstance(scale, numbers.Real) and not isinstance(scale, bool) and 0 < scale < float("inf")
 
 
+def _check_max_seqlen_type(max_seqlen) -> None:
+    """``max_seqlen`` is a Python int or None, packed or batched alike (a float, a bool or a tensor is refused)."""
+    if max_seqlen is not None and not chk.is_int(max_seqlen):
+        raise TypeError(f"max_seqlen: expected an int or None, got {type(max_seqlen).__name__}")
+
+
 def _check_batched_max_seqlen(max_seqlen, N: int) -> None:
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or max_seqlen != N):  # (True == 1)
+    _check_max_seqlen_type(max_seqlen)
+    if max_seqlen is not None and max_seqlen != N:
         raise ValueError(f"max_seqlen: only meaningful with cu_seqlens; got {max_seqlen} with N = {N}")
 
 
