@@ -460,6 +460,15 @@ def _gather(x, idx):
     return torch.take_along_dim(x, idx[:, :, None, None], dim=1)
 
 
+def _permutation_problem(args):
+    """(case, π, forward over 16-key blocks?, q, k, v, dO): fresh leaves from the case's seed."""
+    case, perm, loop = args
+    torch.manual_seed(case.seed)
+    q, k, v, _ = _qkv(case.B, case.N, case.H, case.D, case.dtype)
+    q, k, v = _leaves(q, k, v)
+    return case, perm, loop, q, k, v, torch.randn(q.shape, device=DEV, dtype=case.dtype)
+
+
 @settings(max_examples=5)
 @given(args=permuted_cases())
 def test_permuting_keys_and_values_together_changes_nothing(args):
@@ -467,11 +476,7 @@ def test_permuting_keys_and_values_together_changes_nothing(args):
     element), ``A(q, k[π], v[π]) = A(q, k, v)``, and the gradients follow: dq unchanged,
     ``dk' = dk[π]``, ``dv' = dv[π]``. Up to rounding: the keys meet in another order (other key blocks of the
     online softmax, another running maximum), so the dtype's ``TOL``, not bit equality."""
-    case, perm, loop = args
-    torch.manual_seed(case.seed)
-    q, k, v, _ = _qkv(case.B, case.N, case.H, case.D, case.dtype)
-    q, k, v = _leaves(q, k, v)
-    do = torch.randn(q.shape, device=DEV, dtype=case.dtype)
+    case, perm, loop, q, k, v, do = _permutation_problem(args)
     with A._force_config(fwd=FWD_LOOP if loop else None):
         o, dq, dk, dv = _run(q, k, v, do)
         kp, vp = _leaves(_gather(k, perm), _gather(v, perm))
@@ -488,11 +493,7 @@ def test_permuting_queries_permutes_outputs(args):
     """Each query row is computed on its own: for a permutation π of the queries (per batch element),
     ``A(q[π], k, v) = A(q, k, v)[π]``; with dO permuted alike, ``dq' = dq[π]`` while dk and dv (sums over the
     queries) are unchanged. Up to rounding (query blocks hold other rows; dk, dv add them in another order)."""
-    case, perm, loop = args
-    torch.manual_seed(case.seed)
-    q, k, v, _ = _qkv(case.B, case.N, case.H, case.D, case.dtype)
-    q, k, v = _leaves(q, k, v)
-    do = torch.randn(q.shape, device=DEV, dtype=case.dtype)
+    case, perm, loop, q, k, v, do = _permutation_problem(args)
     with A._force_config(fwd=FWD_LOOP if loop else None):
         o, dq, dk, dv = _run(q, k, v, do)
         (qp,) = _leaves(_gather(q, perm))
