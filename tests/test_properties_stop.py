@@ -210,7 +210,22 @@ def grads_of(out: torch.Tensor, inputs: dict, go: torch.Tensor) -> dict:
 # stop_embed
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class StopCase:
+class _Draws:
+    """What both ops' cases draw alike: σ, the seeds of the data and of the noise's generator, pinned configs."""
+    noise_std: float
+    data_seed: int
+    gen_seed: int
+    fwd_pin: Optional[int]
+    dw_pin: Optional[int]
+
+
+def _draws(draw) -> dict:
+    return dict(noise_std=draw(noise_stds), data_seed=draw(seeds), gen_seed=draw(seeds),
+                fwd_pin=_pin(draw, FWD_PINS), dw_pin=_pin(draw, DW_PINS))
+
+
+@dataclasses.dataclass(frozen=True)
+class StopCase(_Draws):
     P: int
     D: int
     E: int
@@ -222,11 +237,6 @@ class StopCase:
     weight_layout: str
     bias_layout: Optional[str]  # None: no bias
     grad_layout: str
-    noise_std: float
-    data_seed: int
-    gen_seed: int
-    fwd_pin: Optional[int]
-    dw_pin: Optional[int]
 
     @property
     def rows(self) -> int:
@@ -245,9 +255,7 @@ def stop_cases(draw) -> StopCase:
     return StopCase(P=P, D=draw(st.integers(1, 96)), E=draw(st.integers(1, 96)), idx_shape=idx_shape,
                     distinct=draw(st.integers(1, P)), idx_dtype=draw(index_dtypes), idx_layout=draw(layouts),
                     pos_layout=draw(layouts), weight_layout=draw(layouts),
-                    bias_layout=draw(optional_layouts), grad_layout=draw(layouts),
-                    noise_std=draw(noise_stds), data_seed=draw(seeds), gen_seed=draw(seeds),
-                    fwd_pin=_pin(draw, FWD_PINS), dw_pin=_pin(draw, DW_PINS))
+                    bias_layout=draw(optional_layouts), grad_layout=draw(layouts), **_draws(draw))
 
 
 def stop_problem(case: StopCase, device):
@@ -315,7 +323,7 @@ def test_stop_embed_forward_and_backward_match_the_float64_twin(device, case):
 # assemble_predictor_input
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class AssemblyCase:
+class AssemblyCase(_Draws):
     mode: str
     npred: int
     B: int
@@ -336,11 +344,6 @@ class AssemblyCase:
     mask_shape: Optional[Tuple[int, ...]]  # None: no mask token ([D] or the official [1, 1, D])
     mask_layout: str
     grad_layout: str
-    noise_std: float
-    data_seed: int
-    gen_seed: int
-    fwd_pin: Optional[int]
-    dw_pin: Optional[int]
     pos_pin: Optional[int]
 
     @property
@@ -371,8 +374,7 @@ def assembly_cases(draw, mode: str) -> AssemblyCase:
         bias_layout=draw(optional_layouts), pos_layout=draw(layouts),
         mask_shape=draw(mask) if mode == "none" or not draw(st.booleans()) else None,
         mask_layout=draw(st.sampled_from(("contiguous", "strided", "expanded"))), grad_layout=draw(layouts),
-        noise_std=draw(noise_stds), data_seed=draw(seeds), gen_seed=draw(seeds),
-        fwd_pin=_pin(draw, FWD_PINS), dw_pin=_pin(draw, DW_PINS), pos_pin=_pin(draw, POS_PINS))
+        **_draws(draw), pos_pin=_pin(draw, POS_PINS))
 
 
 def assembly_problem(case: AssemblyCase, device):
