@@ -167,6 +167,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError
         if isinstance(value, bool) != isinstance(default, bool) and not isinstance(value, str):
             raise ValueError  # YAML `batch_size: true` (int(True) = 1) or `compile: 2` (bool(2) = True)
+        if isinstance(value, (list, dict)) and not isinstance(default, tuple):
+            raise ValueError  # YAML `out: [runs, a]`: str() would make the folder "['runs', 'a']"
         if isinstance(default, tuple):
             if isinstance(value, str):
                 value = [v for v in value.replace("(", "").replace(")", "").replace("[", "").replace("]", "").split(",")
@@ -199,8 +201,9 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError
             return int(d)
         return type(default)(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {value!r} as {type(default).__name__}"
+    except (TypeError, ValueError, OverflowError):  # (OverflowError: an int beyond a float's range, lr: 1e400 written out)
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(f"{name}: cannot read {shown} as {type(default).__name__}"
                           + (f" of {len(default)}" if isinstance(default, tuple) else "")) from None
 
 
@@ -338,6 +341,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"where the activation checkpointing of each block cannot wrap it; use ac none (got {cfg.ac!r})")
     if cfg.img_size % cfg.patch_size:
         raise ConfigError(f"img_size: expected a multiple of patch_size={cfg.patch_size}, got {cfg.img_size}")
+    if cfg.img_size < 2 * cfg.patch_size:  # (the mask collator would say so naming its own input_size)
+        raise ConfigError(f"img_size: expected at least 2 patches per side (2 x patch_size = {2 * cfg.patch_size}) to "
+                          f"place mask blocks, got {cfg.img_size}")
     from ..data.transforms import check_transform_args  # (the transforms' own rule for crop_scale, color_jitter)
     try:
         check_transform_args(cfg.img_size, cfg.crop_scale, cfg.color_jitter)
