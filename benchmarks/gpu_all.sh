@@ -47,24 +47,28 @@
 #      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
 #   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=110 TESTS_NEW_FILES="tests/test_linear_gelu.py
 #      tests/test_predictor_input.py tests/test_stop_embed.py tests/test_training_reduce_overhead.py
-#      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py" SEC_STOP=160
-#      BUDGET_STOP=145 SEC_GEMM=80 bash benchmarks/gpu_all.sh tests-new stop gemm
-#      (Thirtieth session: the tests' -k no longer selects the three CPU-only compile tests of the block stack, ~70 s
-#      of CPU Inductor that CI runs anyway, so tests-new gives 30 s to stop, whose timing pass now times the issue's
-#      three (fused, eager, compiled) first: runs 5 and 7 reached the compiled peer past its start gate. Every
-#      section is packed every 20 s while it runs, so a call the device tool cuts still brings back its rows.)
-#      The GPU tests run 7 failed (fixed since) or did not reach (run 7 passed the attention's up to test_auto_policy,
-#      and every philox test), the multi-kernel cache fix among them (test_compiled_block_with_lever_equals_eager
-#      now compiles two blocks, the second from the cache; skip_nonfinite_grads' fused CUDA AdamW skip, new in the
-#      twenty-seventh session); then the StoP section with 70 s of its budget kept from
-#      the sweep for the timing pass, so the compiled unfused peer (the issue's 3x) is timed side by side at last,
-#      and with what is live at the fused op's forward+backward peak, by allocating line (run 7: 170.5 MiB against
-#      run 6's 99.6; the md's "Live at the ... peak" table). The op's own tensors now peak at 69.0 MiB (94.3 before the
-#      twenty-eighth session; devtools.AllocationTrace on the CPU, results/cpu-host/), so the rest is what cuBLAS or
-#      the dW launch allocate below the dispatcher (~76 MiB in run 7). Last, gemm: the step's GEMMs eagerly, replayed
-#      from a torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's
-#      forward GEMMs first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of
-#      the trees' 5.4 ms GEMM slowdown (benchmarks/gemm_in_graph.py, rows written as they finish; NOTES.md, run 7).
+#      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py
+#      tests/test_attention.py::test_key_mask_in_the_dot_equals_the_select_bit_for_bit
+#      tests/test_attention.py::test_flat_grid_equals_the_3d_grid_bit_for_bit" SEC_ATTN=100 BUDGET_ATTN=85
+#      SEC_STOP=150 BUDGET_STOP=135 bash benchmarks/gpu_all.sh tests-new attn stop
+#      The GPU tests run 7 failed (fixed since) or did not reach, the multi-kernel cache fix among them
+#      (test_compiled_block_with_lever_equals_eager now compiles two blocks, the second from the cache;
+#      skip_nonfinite_grads' fused CUDA AdamW skip), and, new in the thirty-third session, the attention's key mask in
+#      the dot and its 3-D grids, bit for bit against the select and the flat grid on the hardware (the -k filter's
+#      "bit_for_bit" selects them). Then attn: issue 4's timings at the predictor and encoder shapes against every SDPA
+#      backend, and first in its variants the predictor's default forward and backward with the key mask in the dot
+#      and without (rows with dot_mask; NOTES.md predicts the forward 0.0606 -> 0.052-0.057 ms). Last, the StoP
+#      section with 70 s of its budget kept from the sweep for the timing pass, so the compiled unfused peer (the
+#      issue's 3x) is timed side by side at last, and with what is live at the fused op's forward+backward peak, by
+#      allocating line (run 7: 170.5 MiB against run 6's 99.6; the md's "Live at the ... peak" table). The op's own
+#      tensors now peak at 69.0 MiB (94.3 before the twenty-eighth session; devtools.AllocationTrace on the CPU,
+#      results/cpu-host/), so the rest is what cuBLAS or the dW launch allocate below the dispatcher (~76 MiB in run
+#      7). (Every section is packed every 20 s while it runs, so a call the device tool cuts still brings back its
+#      rows.)
+#   Later session: SEC_GEMM=80 bash benchmarks/gpu_all.sh gemm: the step's GEMMs eagerly, replayed from a
+#   torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's forward GEMMs
+#   first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of the trees' 5.4 ms
+#   GEMM slowdown (benchmarks/gemm_in_graph.py, rows written as they finish; NOTES.md, run 7).
 #   Later session: SEC_ATTN=240 bash benchmarks/gpu_all.sh attn (the rest of the attention sweep), and the
 #   profile section below.
 #   Not in the plan (measured in runs 2, 4 and 5, unchanged since): build and cuda (the CUDA C++ StoP kernels:

@@ -32,9 +32,11 @@ at its share of ``--budget-s``):
 5. variants: every forward/backward candidate, graph-timed (kernel time), with and without the
    head-dim split where it applies (80 = 64 + 16; ``STOP_KERNELS_ATTN_SPLIT_D``), side by side at N = 116,
    150 and the encoder shapes, so the default order in ``_fwd_configs`` / ``_bwd_configs`` can be
-   fixed from one run. The fastest per shape is written to DIR/best_configs.json, for batched and
-   packed inputs alike (``stop_kernels.ops.attention.load_tuned_configs``;
-   ``STOP_KERNELS_ATTN_CONFIGS=path`` makes a later process, compiled graphs included, run them).
+   fixed from one run. First, at head dim 24, the default configs with the key mask in the dot and
+   without it (``STOP_KERNELS_ATTN_DOT_MASK``; the off rows are never a best config). The fastest per
+   shape is written to DIR/best_configs.json, for batched and packed inputs alike
+   (``stop_kernels.ops.attention.load_tuned_configs``; ``STOP_KERNELS_ATTN_CONFIGS=path`` makes a later
+   process, compiled graphs included, run them).
 6. ``--pytest``: tests/test_attention.py on CUDA, only with the time left in the budget.
 
 Writes DIR/gpu_attention.json and DIR/gpu_attention.md, and prints a short summary table last.
@@ -429,6 +431,7 @@ def variants(budget_s):
         splits = [True, False] if A._head_chunks(D, True)[1] else [A.HEAD_DIM_SPLIT]
         default_split = A.HEAD_DIM_SPLIT
         try:
+            _dot_mask_ab(A, (B, H, N, D), sweeps, budget_s)
             for split, (kind, configs_for, fn, moved) in ((sp, sw) for sp in splits for sw in sweeps):
                 A.HEAD_DIM_SPLIT = split
                 chosen = A._TUNE_CACHE.get((kind, bucket, D, torch.bfloat16, False, split))
@@ -454,6 +457,35 @@ def variants(budget_s):
                     print(json.dumps(row, default=str), flush=True)
         finally:
             A.HEAD_DIM_SPLIT = default_split
+
+
+def _dot_mask_ab(A, shape, sweeps, budget_s):
+    """Where the key mask goes into the dot (a head dim with a padding column: 24), the default forward and
+    backward configs timed with it on and off, side by side, before the sweep (rows with ``dot_mask``; the off
+    rows never become a best config)."""
+    D = shape[3]
+    if not A._dot_mask(D, sum(A._head_chunks(D)), torch.bfloat16):
+        return
+    default = A.DOT_MASK
+    try:
+        for kind, configs_for, fn, moved in sweeps:
+            cfg = configs_for(A.HEAD_DIM_SPLIT)[0]
+            for on in (True, False):
+                if elapsed() > budget_s:
+                    return
+                A.DOT_MASK = on
+                row = {"shape": list(shape), "kind": kind, "config": cfg, "split_d": A.HEAD_DIM_SPLIT,
+                       "dot_mask": on, "tuned_pick": False}
+                try:
+                    with A._force_config(**{kind: cfg}):
+                        t = bench_graph(fn, rep=10) if GRAPHS else bench(fn)
+                    row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0), timer="graph" if GRAPHS else "eager")
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                RESULTS["variants"].append(row)
+                print(json.dumps(row, default=str), flush=True)
+    finally:
+        A.DOT_MASK = default
 
 
 @section("pytest")
@@ -524,7 +556,7 @@ def best_configs():
     from stop_kernels.ops import attention as A
     best = {}
     for r in RESULTS["variants"]:
-        if "ms" not in r:
+        if "ms" not in r or r.get("dot_mask") is False:  # (the dot mask's off rows: the switch, not a config)
             continue
         N, D = r["shape"][2], r["shape"][3]
         key = (r["kind"], A._pow2(N), D, torch.bfloat16, False, r["split_d"])
@@ -587,10 +619,11 @@ def write(out):
                      f"{cell(s, 'fwdbwd_eager_ms')} | {cell(s, 'fwdbwd_graph_ms')} | {cell(s, 'qkv_fwdbwd_graph_ms')} | "
                      f"{lim[0]} | {lim[1]} |")
     lines += ["", "## Config variants (forced; timer graph = kernel time, eager = after a failed capture)", "",
-              "| shape | kind | config | head dim split | ms | timer | GB/s | tuner pick |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| shape | kind | config | head dim split | key mask in the dot | ms | timer | GB/s | tuner pick |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in RESULTS["variants"]:
         lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r.get('split_d', '')} | "
+                     f"{r.get('dot_mask', '')} | "
                      f"{r.get('ms', r.get('error'))} | {r.get('timer', '')} | {r.get('gbps', '')} | "
                      f"{'*' if r['tuned_pick'] else ''} |")
     if RESULTS.get("pytest"):

@@ -26,16 +26,21 @@ from stop_kernels.ops import attention as A  # noqa: E402
 _PTRS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "DV": "*bf16", "LSE": "*fp32", "DELTA": "*fp32", "CU": "*i32"}
 _FLOATS = ("scale", "scale_log2")
-_COMMON = dict(HEAD_DIM=80, BD0=64, BD1=16, ALIGN=8, VARLEN=False, PREC="tf32", UPCAST=False)
-CASES = {  # name: (kernel, constexprs): the encoder's head dim 80, with and without a key loop
+_COMMON = dict(HEAD_DIM=80, BD0=64, BD1=16, ALIGN=8, VARLEN=False, DOT_MASK=False, PREC="tf32", UPCAST=False)
+_DH24 = dict(_COMMON, HEAD_DIM=24, BD0=32, BD1=0, DOT_MASK=True)  # the predictor's: the key mask in the dot
+CASES = {  # name: (kernel, constexprs): the encoder's head dim 80, with and without a key loop, and head dim 24
     "fwd one tile": (A._attn_fwd_kernel, dict(_COMMON, BLOCK_M=128, BLOCK_N=128, HEADS=1, ONE_TILE=True,
-                                               PERSISTENT=False)),
+                                               PERSISTENT=False, GRID3=True)),
     "fwd key loop": (A._attn_fwd_kernel, dict(_COMMON, BLOCK_M=128, BLOCK_N=64, HEADS=1, ONE_TILE=False,
-                                               PERSISTENT=False)),
+                                               PERSISTENT=False, GRID3=False)),
+    "fwd one tile dot mask": (A._attn_fwd_kernel, dict(_DH24, BLOCK_M=64, BLOCK_N=128, HEADS=1, ONE_TILE=True,
+                                                        PERSISTENT=False, GRID3=True)),
     "bwd fused loop": (A._attn_bwd_fused_kernel, dict(_COMMON, BLOCK_Q=128, BLOCK_N=64, PERSISTENT=False,
-                                                       GRAD_GROUP=3)),
-    "bwd dq": (A._attn_bwd_dq_kernel, dict(_COMMON, BLOCK_M=64, BLOCK_N=64, GRAD_GROUP=3)),
-    "bwd dkdv": (A._attn_bwd_dkdv_kernel, dict(_COMMON, BLOCK_M=64, BLOCK_N=64, GRAD_GROUP=3)),
+                                                       GRID2=True, GRAD_GROUP=3)),
+    "bwd one pass dot mask": (A._attn_bwd_fused_kernel, dict(_DH24, BLOCK_Q=128, BLOCK_N=128, PERSISTENT=False,
+                                                              GRID2=False, GRAD_GROUP=3)),
+    "bwd dq": (A._attn_bwd_dq_kernel, dict(_COMMON, BLOCK_M=64, BLOCK_N=64, GRID3=True, GRAD_GROUP=3)),
+    "bwd dkdv": (A._attn_bwd_dkdv_kernel, dict(_COMMON, BLOCK_M=64, BLOCK_N=64, GRID3=False, GRAD_GROUP=3)),
 }
 
 

@@ -1023,6 +1023,105 @@ def test_head_dim_split_matches_unsplit(monkeypatch, variant):
     torch.testing.assert_close(outs[True][1], outs[False][1], atol=2e-2, rtol=2e-2)
 
 
+# one (forward, backward) config per kernel form: one-tile forward / one-pass backward; key loop with two heads per
+# program / one-query-tile backward over key blocks; persistent forward / key-stationary backward; key loop / the
+# split backward, whose dQ kernel masks keys in every block. N = 37 and the packed lengths leave every form keys
+# to mask.
+_KERNEL_FORMS = [
+    (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, HEADS=1), dict(VARIANT="fused", BLOCK_N=64, num_warps=4,
+                                                                            num_stages=1)),
+    (dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, HEADS=2), dict(VARIANT="fused", BLOCK_N=16, num_warps=4,
+                                                                            num_stages=1)),
+    (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, HEADS=1, PERSIST=1),
+     dict(VARIANT="keys", BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)),
+    (dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, HEADS=1),
+     dict(VARIANT="split", BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+]
+
+
+def _every_kernel_form(qkv, do, **kw):
+    """[(o, d(qkv))] of ``attention_qkv(qkv, **kw)`` in each of _KERNEL_FORMS."""
+    out = []
+    for fwd, bwd in _KERNEL_FORMS:
+        with A._force_config(fwd=fwd, bwd=bwd):
+            o = A.attention_qkv(qkv, **kw)
+            (g,) = torch.autograd.grad(o, qkv, do)
+        out.append((o, g))
+    return out
+
+
+def _packed_case(D, dtype, lens=(1, 37, 5), H=2, seed=0):
+    """(qkv, do, kwargs): packed sequences of ``lens`` (None: one batch of two sequences of 37 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    if lens is None:
+        qkv = torch.randn(2, 37, 3, H, D, generator=g).to(DEV, dtype).requires_grad_()
+        kw = {}
+    else:
+        qkv = torch.randn(sum(lens), 3, H, D, generator=g).to(DEV, dtype).requires_grad_()
+        kw = dict(cu_seqlens=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEV),
+                  max_seqlen=max(lens))
+    do = torch.randn(qkv.shape[:-3] + qkv.shape[-2:], generator=g).to(DEV, dtype)
+    return qkv, do, kw
+
+
+@pytest.mark.parametrize("lens", [None, (1, 37, 5)], ids=["batched", "packed"])
+@pytest.mark.parametrize("dtype,D", [(torch.bfloat16, 24), (torch.bfloat16, 40), (torch.float32, 24)],
+                         ids=["bf16-24", "bf16-40", "fp32-24"])
+def test_key_mask_in_the_dot_equals_the_select_bit_for_bit(monkeypatch, dtype, D, lens):
+    """DOT_MASK (on by default where the head dim has a padding column, bf16 and fp32): a missing key scores
+    the −3e38 of Kᵀ's padding column against Q's 1 there, instead of a −inf select per score. The scores of
+    present keys gain only exact zeros, so every output and gradient equals the select's bit for bit, in every
+    kernel form (the key-stationary backward, the persistent one-pass backward and fp16 keep the select); the plans
+    say which way each one ran."""
+    assert A._dot_mask(D, sum(A._head_chunks(D)), dtype)
+    qkv, do, kw = _packed_case(D, dtype, lens)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(A, "DOT_MASK", on)
+        runs[on] = _every_kernel_form(qkv, do, **kw)
+        q, k, v = qkv.detach().unbind(-3)
+        N = kw.get("max_seqlen", q.shape[1])
+        cu = kw.get("cu_seqlens")
+        for fwd, bwd in _KERNEL_FORMS:
+            with A._force_config(fwd=fwd, bwd=bwd):
+                plan, _ = A._make_plan(q, k, v, cu, cu is not None, N, D ** -0.5)
+                bplan, _ = A._make_bwd_plan(q, k, v, cu, cu is not None, N, D ** -0.5, q, q, q)
+            assert plan.fwd_kw["DOT_MASK"] is on, fwd
+            assert bplan.kw["DOT_MASK"] is (on and bwd["VARIANT"] != "keys"), bwd  # (keys: always the select)
+    for form, ((o1, g1), (o0, g0)) in enumerate(zip(runs[True], runs[False])):
+        assert torch.equal(o1, o0) and torch.equal(g1, g0), _KERNEL_FORMS[form]
+
+
+def test_key_mask_in_the_dot_only_where_it_is_exact():
+    """The dot mask needs a padding column (none at head dims 16, 32, 48 = 32 + 16, 64, 80 = 64 + 16, 128) and a
+    dtype in which −3e38 is below every finite score: fp16's range ends at 65504, so fp16 keeps the select."""
+    for D in (16, 32, 48, 64, 80, 96, 128):
+        assert not A._dot_mask(D, sum(A._head_chunks(D)), torch.bfloat16), D
+    for D in (8, 24, 40, 56, 72, 88, 104, 112, 120):
+        assert A._dot_mask(D, sum(A._head_chunks(D)), torch.bfloat16), D
+    assert not A._dot_mask(24, 32, torch.float16)
+
+
+@pytest.mark.parametrize("lens", [None, (1, 37, 5)], ids=["batched", "packed"])
+def test_flat_grid_equals_the_3d_grid_bit_for_bit(monkeypatch, lens):
+    """Within CUDA's grid limits the kernels take (head, block, sequence) from a 3-D grid; past them (more than
+    65535 sequences or query blocks) from one flat program id, decoded with divisions. Both give the same bits
+    in every kernel form (the limit lowered to 1 forces the flat grid here)."""
+    qkv, do, kw = _packed_case(24, torch.bfloat16, lens, seed=1)
+    q = qkv.detach().unbind(-3)[0]
+    runs = {}
+    for limit in (A._GRID_YZ_MAX, 1):
+        monkeypatch.setattr(A, "_GRID_YZ_MAX", limit)
+        A.clear_caches()
+        runs[limit] = _every_kernel_form(qkv, do, **kw)
+        cu = kw.get("cu_seqlens")
+        plan, _ = A._make_plan(q, q, q, cu, cu is not None, kw.get("max_seqlen", q.shape[1]), 0.2)
+        assert plan.fwd_kw["GRID3"] is (limit > 1)
+    A.clear_caches()
+    for form, ((o1, g1), (o0, g0)) in enumerate(zip(*runs.values())):
+        assert torch.equal(o1, o0) and torch.equal(g1, g0), _KERNEL_FORMS[form]
+
+
 # ------------------------------------------------------------------------------------------
 # torch.library op and torch.compile
 # ------------------------------------------------------------------------------------------

@@ -303,7 +303,8 @@ def test_kernels_compile_with_the_scale_as_inductor_types_it(fp64_scale):
     passes fp32. Every kernel must still compile, with and without a key loop, and do its math in
     fp32: no TTIR line touches f64 but the argument and its conversion (GPU run 4: the forward's key
     loop failed to compile under torch.compile, and the loop-free kernels computed in fp64)."""
-    assert set(fp64_scale) == {"fwd one tile", "fwd key loop", "bwd fused loop", "bwd dq", "bwd dkdv"}
+    assert set(fp64_scale) == {"fwd one tile", "fwd key loop", "fwd one tile dot mask", "bwd fused loop",
+                               "bwd one pass dot mask", "bwd dq", "bwd dkdv"}
     for name, r in fp64_scale.items():
         assert r["compiled"], (name, r.get("error"))
         assert r["f64_lines"] == [], (name, r["f64_lines"][:5])

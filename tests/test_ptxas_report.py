@@ -46,6 +46,12 @@ def test_kernel_configs_do_not_spill(tmp_path):
     # the one-tile 128 x 128 computed wrong numbers on the GPU) runs two CTAs per SM
     ctx = [r for r in attn if r["kernel"] == "attn fwd encoder ctx N=74 Dh=80"][0]
     assert (ctx["config"]["BLOCK_M"], ctx["config"]["BLOCK_N"]) == (128, 64) and ctx["ctas_per_sm"] >= 2, ctx
+    # the predictor's default forward (N = 116, head dim 24: one 64 x 128 tile, no key loop) scores the missing keys
+    # in the dot (DOT_MASK): no select per score nor the compares feeding it, ~770 SASS instructions per warp (936
+    # with the select, triton 3.8), and four CTAs per SM by registers
+    pred = [r for r in attn if r["kernel"] == "attn fwd predictor N=116 Dh=24"][0]
+    assert (pred["config"]["BLOCK_M"], pred["config"]["BLOCK_N"]) == (64, 128) and not pred["has_loop"], pred
+    assert pred["loop_instrs"] <= 850 and pred["ctas_per_sm"] >= 4, pred
     for r in full_d:
         if r["config"]["BLOCK_M"] == 64:
             assert r["loop_bar"] <= 48 and r["loop_instrs"] <= 1200, r

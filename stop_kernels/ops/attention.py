@@ -58,6 +58,17 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   query block; computes δ from O, dO, stores it, accumulates dQ over key blocks) then
   ``_attn_bwd_dkdv_kernel`` (one program per key block; accumulates dK, dV over query blocks). Two
   launches, no atomics, deterministic.
+* the key mask in the dot (``DOT_MASK``): keys past a sequence's end must score −inf, which took a select
+  per score and the per-column compares feeding it, a sixth of the one-tile forward's instructions. Where the
+  head dim has a padding column (``Dh < BD0 + BD1``: 24 of 32, the predictor's) that column of Q reads 1.0 and
+  that of K reads −3e38 for a missing key and 0 for a present one (``tl.load``'s ``other``, ``_pad_value``),
+  so the QKᵀ dot itself scores a missing key −3e38 and a present one exactly as before (the added terms are
+  exact zeros): outputs bit-identical to the select's, exp2 of −3e38 times the scale is 0, and −3e38 is below
+  every finite bf16 / fp32 score (fp16, whose range ends at 65504, keeps the select).
+  ``STOP_KERNELS_ATTN_DOT_MASK=0`` turns it off. With a 3-D grid (head, block, sequence) instead of a
+  flat program id decoded by integer divisions, the one-tile forward at N = 116 went from 992 to 768 SASS
+  instructions per warp (119 → 114 registers, four CTAs per SM) and the one-pass backward from 1160 to 1096
+  (sm_90a, triton 3.6; GPU time not yet measured).
 * config choice: a short candidate list per (kernel, N bucket = next_pow2(max_seqlen), Dh, dtype,
   varlen), ordered by the forced-config timings of GPU run 2 (H200, benchmarks/results/h200-run2):
   the first candidate is the one measured fastest at the model's shapes (head dim 24 at N = 116 and
@@ -204,18 +215,45 @@ def _cols(base, row_off, row_ok, cols, HEAD_DIM: tl.constexpr, TRANS: tl.constex
 
 @triton.jit
 def _load_tile(base, row_off, row_ok, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-               TRANS: tl.constexpr):
+               TRANS: tl.constexpr, PAD: tl.constexpr = 0):
     """Load the head-dim chunks of a tile of rows: columns [0, BD0) and [BD0, BD0 + BD1) of the rows
     at ``base + row_off`` (``row_off``: [R] element offsets), zero outside ``row_ok`` and beyond
-    HEAD_DIM: (x0 [R, BD0], x1 [R, BD1]), or transposed ([BD, R]) with TRANS. BD1 = 0: the head dim
-    is one chunk and x1 repeats x0 (never used)."""
-    ptrs, mask = _cols(base, row_off, row_ok, tl.arange(0, BD0), HEAD_DIM, TRANS)
-    x0 = tl.load(ptrs, mask=mask, other=0.0)
+    HEAD_DIM (but for the dot mask's padding column, PAD: _pad_value): (x0 [R, BD0], x1 [R, BD1]), or
+    transposed ([BD, R]) with TRANS. BD1 = 0: the head dim is one chunk and x1 repeats x0 (never used)."""
+    cols = tl.arange(0, BD0)
+    ptrs, mask = _cols(base, row_off, row_ok, cols, HEAD_DIM, TRANS)
+    x0 = tl.load(ptrs, mask=mask, other=_pad_value(cols, row_ok, HEAD_DIM, TRANS, PAD))
     x1 = x0
     if BD1 > 0:
-        ptrs, mask = _cols(base, row_off, row_ok, BD0 + tl.arange(0, BD1), HEAD_DIM, TRANS)
-        x1 = tl.load(ptrs, mask=mask, other=0.0)
+        cols = BD0 + tl.arange(0, BD1)
+        ptrs, mask = _cols(base, row_off, row_ok, cols, HEAD_DIM, TRANS)
+        x1 = tl.load(ptrs, mask=mask, other=_pad_value(cols, row_ok, HEAD_DIM, TRANS, PAD))
     return x0, x1
+
+
+# the tile loads' PAD: what the head dim's first padding column reads under the dot mask (_pad_value)
+PAD_ZERO = tl.constexpr(0)   # zeros (no dot mask, or V, dO, O)
+PAD_QUERY = tl.constexpr(1)  # Q: 1.0 in every row
+PAD_KEY = tl.constexpr(2)    # K: −3e38 in the rows of missing keys, 0 in the others
+
+
+@triton.jit
+def _pad_value(cols, row_ok, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, PAD: tl.constexpr):
+    """The value a masked element of a tile reads (``tl.load``'s ``other``): 0, except in column HEAD_DIM, the
+    head dim's first padding column, under the dot mask (``DOT_MASK``, module docstring): PAD_QUERY 1.0 in every
+    row, PAD_KEY −3e38 in the rows of missing keys. Given at the load, not by a select after it: a select on the
+    Q tile cost the N = 116 one-tile forward 28 registers (142: three CTAs per SM instead of four; sm_90a,
+    triton 3.6)."""
+    if PAD == PAD_QUERY:
+        v = (cols == HEAD_DIM).to(tl.float32)
+        return v[:, None] if TRANS else v[None, :]
+    elif PAD == PAD_KEY:
+        if TRANS:
+            return ((cols == HEAD_DIM)[:, None] & (row_ok == 0)[None, :]).to(tl.float32) * -3.0e38
+        else:
+            return ((row_ok == 0)[:, None] & (cols == HEAD_DIM)[None, :]).to(tl.float32) * -3.0e38
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -243,7 +281,8 @@ def _bwd_p(s, lse2, key_ok, scale_log2, TRANS: tl.constexpr, MASK: tl.constexpr)
     MASK=False: a missing key's rows are never stored. Missing *queries* need no mask anywhere:
     their Q, dO, lse and δ load as 0, so P = 1, dS = 1·(0 − 0) = 0 and P·dO = 0. (Masking only a
     peeled last key block cut the dQ loop by 10–25 % more in SASS but raised registers enough to
-    lose a CTA per SM in several configs: not done.)"""
+    lose a CTA per SM in several configs: not done.) With DOT_MASK the missing keys' scores are −3e38 from the
+    dot (module docstring), so P is 0 there without the mask."""
     if TRANS:
         p = tl.math.exp2(s * scale_log2 - lse2[None, :])
         if MASK:
@@ -337,9 +376,12 @@ def _grid_size(programs, sequences, longest):
 
 
 @triton.jit
-def _bwd_program(H, NUM_BLOCKS):
+def _bwd_program(H, NUM_BLOCKS, GRID3: tl.constexpr):
     """Stage 0 of the two general backward kernels: the (head, block, sequence) of this program,
-    head index fastest: (h, blk, b); blk is the query block (dQ launch) or the key block (dK/dV launch)."""
+    head index fastest: (h, blk, b); blk is the query block (dQ launch) or the key block (dK/dV launch).
+    GRID3: the grid's three axes; else decoded from a flat program id."""
+    if GRID3:
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     pid = tl.program_id(0)
     h = pid % H
     rest = pid // H
@@ -387,28 +429,39 @@ def _row_offsets(row0, offs, row_stride, h, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _fwd_key_block(q0, q1, k_base, v_base, start, cols, seqlen, skn, svn, m_i, l_i, acc0, acc1, scale_log2,
                    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, MASK: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   FIRST: tl.constexpr, DOT_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One key block of the forward's online softmax: load Kᵀ [BD, BLOCK_N] and V [BLOCK_N, BD] (per
     chunk) of the keys ``cols``, S = Q Kᵀ, update the running max ``m_i`` (log2 units) and sum ``l_i``,
     rescale and accumulate P V. The scale is applied inside the exponent, P = exp2(S·scale·log2e − m):
     one FFMA per score instead of a multiply before the max and a subtraction after it (the max of S·c
     is max(S)·c for the positive scale the wrapper guarantees). MASK: the block runs past the sequence
-    end, so its missing keys get −inf (the full blocks skip that select)."""
+    end, so its missing keys must score −inf (the full blocks skip that): the dot does it with DOT_MASK (Q's
+    padding column was loaded as 1, this Kᵀ's as −3e38 for the missing keys: see the module docstring), else a
+    select. FIRST: the first block, whose running max, sum and accumulator are still empty (−inf, 0, 0): no
+    rescaling."""
     n_ok = cols < seqlen
     rows_n = (start + cols).to(tl.int64)
-    kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
+    kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True,
+                          PAD_KEY if MASK and DOT_MASK else PAD_ZERO)
     s = _dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST)
-    if MASK:
+    if MASK and not DOT_MASK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
     v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
+    m_blk = tl.max(s, 1) * scale_log2
+    m_new = m_blk if FIRST else tl.maximum(m_i, m_blk)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     pv = p.to(v0.dtype)
-    acc0 = acc0 * alpha[:, None] + _dot(pv, v0, PREC, UPCAST)
-    if BD1 > 0:
-        acc1 = acc1 * alpha[:, None] + _dot(pv, v1, PREC, UPCAST)
+    if FIRST:
+        l_i = tl.sum(p, 1)
+        acc0 = _dot(pv, v0, PREC, UPCAST)
+        if BD1 > 0:
+            acc1 = _dot(pv, v1, PREC, UPCAST)
+    else:
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc0 = acc0 * alpha[:, None] + _dot(pv, v0, PREC, UPCAST)
+        if BD1 > 0:
+            acc1 = acc1 * alpha[:, None] + _dot(pv, v1, PREC, UPCAST)
     return m_new, l_i, acc0, acc1
 
 
@@ -416,8 +469,8 @@ def _fwd_key_block(q0, q1, k_base, v_base, start, cols, seqlen, skn, svn, m_i, l
 def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
               HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, PREC: tl.constexpr,
-              UPCAST: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, DOT_MASK: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     """O and LSE of query block ``mb`` of the HEADS heads of group ``hg`` of sequence ``b`` (rows
     beyond ``seqlen`` masked). ONE_TILE: BLOCK_N covers every sequence, so the keys are one masked
     block and there is no key loop."""
@@ -430,8 +483,10 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
 
     for g in tl.static_range(HEADS):
         h = hg * HEADS + g
-        # stage 1: load the Q tile [BLOCK_M, BD0 (+ BD1)] of head h (masked rows/cols read as 0).
-        q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
+        # stage 1: load the Q tile [BLOCK_M, BD0 (+ BD1)] of head h (masked rows/cols read as 0; with
+        # DOT_MASK the padding column reads 1).
+        q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False,
+                            PAD_QUERY if DOT_MASK else PAD_ZERO)
         k_base = K + b * skb + h.to(tl.int64) * skh
         v_base = V + b * svb + h.to(tl.int64) * svh
 
@@ -443,7 +498,7 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
         if ONE_TILE:
             m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, offs_n, seqlen, skn, svn,
                                                   m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
-                                                  True, PREC, UPCAST)
+                                                  True, True, DOT_MASK, PREC, UPCAST)
         else:
             # a persistent program's query block past its sequence's end (packed) has no keys to
             # visit: its loop bound drops to 0 instead of a branch around the loop
@@ -452,11 +507,11 @@ def _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
             for n0 in range(0, n_full, BLOCK_N):
                 m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n0 + offs_n, seqlen, skn,
                                                       svn, m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
-                                                      False, PREC, UPCAST)
+                                                      False, False, DOT_MASK, PREC, UPCAST)
             if n_full < n_end:
                 m_i, l_i, acc0, acc1 = _fwd_key_block(q0, q1, k_base, v_base, start, n_full + offs_n, seqlen, skn,
                                                       svn, m_i, l_i, acc0, acc1, scale_log2, HEAD_DIM, BD0, BD1,
-                                                      True, PREC, UPCAST)
+                                                      True, False, DOT_MASK, PREC, UPCAST)
 
         # stage 3: normalise and store O [BLOCK_M, HEAD_DIM] and the natural-log LSE [BLOCK_M].
         inv_l = 1.0 / l_i
@@ -476,7 +531,7 @@ def _fwd_decode(item, n_groups, NUM_M):
 def _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M, scale_log2,
               HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HEADS: tl.constexpr, ONE_TILE: tl.constexpr, VARLEN: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              DOT_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One trip of the persistent loop: work item ``item``. A query block past its sequence's end
     (packed sequences shorter than the longest) runs with every row masked and, with a key loop, no
     key block: the loop body stays free of branches, which the pipeliner needs."""
@@ -485,7 +540,7 @@ def _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn,
                                               b, NT, H, VARLEN)
     _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
-              HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+              HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, DOT_MASK, PREC, UPCAST)
 
 
 @triton.jit
@@ -495,7 +550,7 @@ def _attn_fwd_kernel(
     NT, H, NUM_M, NB, scale_log2,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr, ONE_TILE: tl.constexpr, PERSISTENT: tl.constexpr, ALIGN: tl.constexpr,
-    VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_MASK: tl.constexpr, GRID3: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """O and LSE for one query block of HEADS consecutive heads of one sequence (a work item):
     one item per program, or PERSISTENT: a fixed grid of programs each walking the items
@@ -518,34 +573,38 @@ def _attn_fwd_kernel(
         # this one computes.
         for item in tl.range(tl.program_id(0), (H // HEADS) * NUM_M * NB, tl.num_programs(0)):
             _fwd_item(item, Q, K, V, O, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, NUM_M,
-                      scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, PREC, UPCAST)
+                      scale_log2, HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, VARLEN, DOT_MASK, PREC, UPCAST)
     else:
         # stage 0: this program's item; a query block past its sequence's end returns at once (an
         # early return: wrapping the rest in an `if` instead costs the N = 74, Dh 80 default 8
         # registers and its second CTA per SM, ptxas sm_90a)
-        hg, mb, b = _fwd_decode(tl.program_id(0), H // HEADS, NUM_M)
+        if GRID3:  # the grid is (head group, query block, sequence): no divisions
+            hg, mb, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        else:
+            hg, mb, b = _fwd_decode(tl.program_id(0), H // HEADS, NUM_M)
         start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b,
                                                   tl.load(CU + b + 1) if VARLEN else b, b, NT, H, VARLEN)
         if mb * BLOCK_M >= seqlen:
             return
         _fwd_rows(Q, K, V, O, LSE, b, hg, mb, start, seqlen, orow0, lbase,
                   sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale_log2,
-                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, PREC, UPCAST)
+                  HEAD_DIM, BD0, BD1, BLOCK_M, BLOCK_N, HEADS, ONE_TILE, DOT_MASK, PREC, UPCAST)
 
 
 @triton.jit
 def _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base, DK, DV, start, orow0, cols,
                          seqlen, skn, svn, h, so, scale, scale_log2,
-                         HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, PREC: tl.constexpr,
-                         UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, DOT_MASK: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
     """One key block ``cols`` of the fused backward: load K, V [BLOCK_N, BD]; recompute
     Pᵀ = exp2(s·K Qᵀ·log2e − lse) [BLOCK_N, BLOCK_Q]; dV = Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ),
     dK = s·dSᵀ Q, stored for this block's rows; returns dQ (chunks) + dS K."""
     n_ok = cols < seqlen
     rows_n = (start + cols).to(tl.int64)
-    k0, k1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False)
+    k0, k1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, False, PAD_KEY if DOT_MASK else PAD_ZERO)
     v0, v1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, False)
-    pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True, True)
+    pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True,
+                not DOT_MASK)
     ptc = pt.to(do0.dtype)
     dst = _bwd_ds(pt, _dot_d(v0, v1, tl.trans(do0), tl.trans(do1), BD1, PREC, UPCAST), delta, q0, True)
     dv0 = _dot(ptc, do0, PREC, UPCAST)
@@ -567,7 +626,8 @@ def _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base
 def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
                     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
                     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                    GRAD_GROUP: tl.constexpr):
     """dQ, dK, dV of head ``h`` of sequence ``b`` (its rows ``start`` … ``start + seqlen``), every
     query in one tile; DK, DV already point at their slots (see the kernel)."""
     so = H * HEAD_DIM
@@ -580,7 +640,8 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
 
     # stage 1: load every query row: Q, dO, O [BLOCK_Q, BD] and lse [BLOCK_Q];
     # δ = rowsum(dO ∘ O) in float32 (the preprocess, fused here).
-    q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False)
+    q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False,
+                        PAD_QUERY if DOT_MASK else PAD_ZERO)
     do0, do1, delta = _load_do_delta(DO, O, g_q, q_ok, HEAD_DIM, BD0, BD1)
     lse2 = tl.load(LSE + lbase + h.to(tl.int64) * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
     dq0, dq1 = _zeros_tile(BLOCK_Q, BD0, BD1)
@@ -591,12 +652,12 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
     if BLOCK_N >= BLOCK_Q:  # one pass: every key in one block, no loop (see the one-pass candidates)
         dq0, dq1 = _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base, DK, DV,
                                         start, orow0, offs_n, seqlen, skn, svn, h, so, scale, scale_log2,
-                                        HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP)
+                                        HEAD_DIM, BD0, BD1, DOT_MASK, PREC, UPCAST, GRAD_GROUP)
     else:
         for n0 in range(0, seqlen, BLOCK_N):
             dq0, dq1 = _bwd_fused_key_block(q0, q1, do0, do1, delta, lse2, dq0, dq1, k_base, v_base, DK, DV,
                                             start, orow0, n0 + offs_n, seqlen, skn, svn, h, so, scale,
-                                            scale_log2, HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP)
+                                            scale_log2, HEAD_DIM, BD0, BD1, DOT_MASK, PREC, UPCAST, GRAD_GROUP)
 
     # stage 3: store dQ = s · Σ dS K [BLOCK_Q, HEAD_DIM].
     g_dq = _row_offsets(orow0, offs_q, GRAD_GROUP * so, h, HEAD_DIM)
@@ -670,15 +731,19 @@ def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, 
 
 
 @triton.jit
-def _bwd_fused_item(item, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
+def _bwd_fused_item(item, b2, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                     NT, H, scale, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
-                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
-                    UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+                    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, DOT_MASK: tl.constexpr,
+                    GRID2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
     """Work item ``item`` of the fused backward: (head, sequence), head index fastest. BLOCK_Q < BLOCK_N: the
     key-stationary form (every key in one tile, query blocks of BLOCK_Q); else every query in one tile (BLOCK_Q
     the bucket), key blocks of BLOCK_N."""
-    h = item % H
-    b = (item // H).to(tl.int64)
+    if GRID2:  # a (head, sequence) grid: no division
+        h = item
+        b = b2.to(tl.int64)
+    else:
+        h = item % H
+        b = (item // H).to(tl.int64)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
     if BLOCK_Q < BLOCK_N:
@@ -688,7 +753,7 @@ def _bwd_fused_item(item, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, sk
     else:
         _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
                         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
-                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, DOT_MASK, PREC, UPCAST, GRAD_GROUP)
 
 
 @triton.jit
@@ -697,8 +762,8 @@ def _attn_bwd_fused_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, NB, scale,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    PERSISTENT: tl.constexpr, ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
-    UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
+    PERSISTENT: tl.constexpr, ALIGN: tl.constexpr, VARLEN: tl.constexpr, DOT_MASK: tl.constexpr, GRID2: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
 ):
     """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q), or with every key
     in one tile and BLOCK_Q-query blocks (VARIANT 'keys': BLOCK_Q < BLOCK_N, needs N <= BLOCK_N): one
@@ -719,12 +784,13 @@ def _attn_bwd_fused_kernel(
         DV = _grad_slot(DQ, 2, H, HEAD_DIM, GRAD_GROUP)
     if PERSISTENT:
         for item in tl.range(tl.program_id(0), H * NB, tl.num_programs(0)):
-            _bwd_fused_item(item, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
-                            NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, PREC, UPCAST, GRAD_GROUP)
+            _bwd_fused_item(item, 0, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn,
+                            svh, NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, DOT_MASK, False, PREC,
+                            UPCAST, GRAD_GROUP)
     else:
-        _bwd_fused_item(tl.program_id(0), Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb,
-                        svn, svh, NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, PREC, UPCAST,
-                        GRAD_GROUP)
+        _bwd_fused_item(tl.program_id(0), tl.program_id(1), Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb,
+                        skn, skh, svb, svn, svh, NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, DOT_MASK,
+                        GRID2, PREC, UPCAST, GRAD_GROUP)
 
 
 @triton.jit
@@ -733,8 +799,8 @@ def _attn_bwd_dq_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, NUM_M, scale,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    GRAD_GROUP: tl.constexpr,
+    ALIGN: tl.constexpr, VARLEN: tl.constexpr, DOT_MASK: tl.constexpr, GRID3: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
 ):
     """δ and dQ for one query block of one head (general backward, first launch; dQ rows of
     GRAD_GROUP·H·HEAD_DIM elements, head-dim chunks BD0 + BD1, as in the fused kernel)."""
@@ -743,7 +809,7 @@ def _attn_bwd_dq_kernel(
         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, ALIGN)
     so = H * HEAD_DIM
     scale, scale_log2 = _bwd_scales(scale)
-    h, mb, b = _bwd_program(H, NUM_M)
+    h, mb, b = _bwd_program(H, NUM_M, GRID3)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
     if mb * BLOCK_M >= seqlen:
@@ -754,7 +820,8 @@ def _attn_bwd_dq_kernel(
 
     # stage 1: load Q, dO, O [BLOCK_M, BD], lse; compute δ = rowsum(dO ∘ O), store it for the
     # dK/dV launch.
-    q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
+    q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False,
+                        PAD_QUERY if DOT_MASK else PAD_ZERO)
     do0, do1, delta = _load_do_delta(DO, O, g_m, m_ok, HEAD_DIM, BD0, BD1)
     tl.store(DELTA + l_m, delta, mask=m_ok)
     lse2 = tl.load(LSE + l_m, mask=m_ok, other=0.0) * 1.4426950408889634
@@ -768,9 +835,9 @@ def _attn_bwd_dq_kernel(
         cols = n0 + offs_n
         n_ok = cols < seqlen
         rows_n = (start + cols).to(tl.int64)
-        kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True)
+        kt0, kt1 = _load_tile(k_base, rows_n * skn, n_ok, HEAD_DIM, BD0, BD1, True, PAD_KEY if DOT_MASK else PAD_ZERO)
         vt0, vt1 = _load_tile(v_base, rows_n * svn, n_ok, HEAD_DIM, BD0, BD1, True)
-        p = _bwd_p(_dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST), lse2, n_ok, scale_log2, False, True)
+        p = _bwd_p(_dot_d(q0, q1, kt0, kt1, BD1, PREC, UPCAST), lse2, n_ok, scale_log2, False, not DOT_MASK)
         ds = _bwd_ds(p, _dot_d(do0, do1, vt0, vt1, BD1, PREC, UPCAST), delta, q0, False)
         dq0 += _dot(ds, tl.trans(kt0), PREC, UPCAST)
         if BD1 > 0:
@@ -787,11 +854,12 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
     NT, H, NUM_N, scale,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ALIGN: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    GRAD_GROUP: tl.constexpr,
+    ALIGN: tl.constexpr, VARLEN: tl.constexpr, DOT_MASK: tl.constexpr, GRID3: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
 ):
     """dK, dV for one key block of one head (general backward, second launch; reads δ; dK, dV rows
-    of GRAD_GROUP·H·HEAD_DIM elements, head-dim chunks BD0 + BD1, as in the fused kernel)."""
+    of GRAD_GROUP·H·HEAD_DIM elements, head-dim chunks BD0 + BD1, as in the fused kernel). DOT_MASK is
+    the dQ launch's (both take one set of constexprs); this kernel masks no key (stage 2)."""
     # stage 0: (head, key block, sequence), head fastest; strides arrive divided by ALIGN; with
     # GRAD_GROUP = 3 DK is the base of d(qkv) and dK, dV are its slots 1 and 2.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
@@ -801,7 +869,7 @@ def _attn_bwd_dkdv_kernel(
         DV = _grad_slot(DK, 2, H, HEAD_DIM, GRAD_GROUP)
         DK = _grad_slot(DK, 1, H, HEAD_DIM, GRAD_GROUP)
     scale, scale_log2 = _bwd_scales(scale)
-    h, nb, b = _bwd_program(H, NUM_N)
+    h, nb, b = _bwd_program(H, NUM_N, GRID3)
     start, seqlen, orow0, lbase = _seq_bounds(tl.load(CU + b) if VARLEN else b, tl.load(CU + b + 1) if VARLEN else b,
                                               b, NT, H, VARLEN)
     if nb * BLOCK_N >= seqlen:
@@ -862,6 +930,20 @@ def _pow2(x, lo: int = 16) -> int:
 # of two, and 24 (16 + 16 is no narrower than 32), stay one chunk (BD1 = 0).
 # STOP_KERNELS_ATTN_SPLIT_D=0 turns the split off (one chunk of next_pow2(Dh)) for A/B timing.
 HEAD_DIM_SPLIT = os.environ.get("STOP_KERNELS_ATTN_SPLIT_D", "1") != "0"
+
+# The key mask folded into the QKᵀ dot (module docstring) where the head dim has a padding column (24 of 32):
+# STOP_KERNELS_ATTN_DOT_MASK=0 turns it off (a select per score, as before) for A/B timing.
+DOT_MASK = os.environ.get("STOP_KERNELS_ATTN_DOT_MASK", "1") != "0"
+# CUDA's limit on a grid's y and z dimensions: within it the kernels take (head, block, sequence) from a 3-D
+# grid; beyond it (more sequences or blocks) from a flat program id, decoded with integer divisions
+_GRID_YZ_MAX = 65535
+
+
+def _dot_mask(D: int, width: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels fold the key mask into the QKᵀ dot: the head dim has a padding column (D < width
+    = BD0 + BD1) and the dtype keeps the −3e38 sentinel finite (bf16, fp32; fp16 ends at 65504, where a real
+    score could lie below a representable sentinel)."""
+    return DOT_MASK and D < width and dtype in (torch.bfloat16, torch.float32)
 
 
 def _head_chunks(D: int, split: Optional[bool] = None) -> Tuple[int, int]:
@@ -1299,7 +1381,7 @@ def _plan_key(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple:
     # a plan (launches go to the current device, which attention() makes q's). Packed: the number of
     # sequences (cu_seqlens length) sets the grid, their lengths are read in-kernel.
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, None if cu is None else cu.shape[0],
-            max_seqlen, scale, _FORCED_KEY, HEAD_DIM_SPLIT)
+            max_seqlen, scale, _FORCED_KEY, HEAD_DIM_SPLIT, DOT_MASK)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -1386,10 +1468,17 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
         persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form; 0: one program per item
         # a fixed grid for the persistent form (no min() with the item count: that would put a guard
         # on a symbolic N into a compiled graph; surplus programs run no iteration)
-        grid = (_num_sms(q.device) * persist,) if persist else (_grid_size(H // heads * num_m * B, B, N),)
+        grid3 = not persist and num_m <= _GRID_YZ_MAX and B <= _GRID_YZ_MAX
+        if persist:
+            grid = (_num_sms(q.device) * persist,)
+        elif grid3:
+            grid = (H // heads, num_m, B)
+        else:
+            grid = (_grid_size(H // heads * num_m * B, B, N),)
         args = (*strides, NT, H, num_m, B, scale_log2)
         kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEADS=heads,
                   ONE_TILE=cfg["BLOCK_N"] >= bucket, PERSISTENT=bool(persist), ALIGN=al, VARLEN=varlen,
+                  DOT_MASK=_dot_mask(D, bd0 + bd1, q.dtype), GRID3=grid3,
                   PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return grid, args, kw
 
@@ -1429,13 +1518,17 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
                 block_q, block_n = bucket, cfg["BLOCK_N"]
             bp.fused = True
             persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form (see the forward's)
-            grid = (_num_sms(q.device) * persist,) if persist else (H * B,)
+            grid2 = not persist and B <= _GRID_YZ_MAX
+            grid = (_num_sms(q.device) * persist,) if persist else ((H, B) if grid2 else (H * B,))
             bp.launch1 = _launcher(_attn_bwd_fused_kernel, grid, traced_)
             bp.args1 = (*strides, NT, H, B, scale)
             bp.launch2, bp.args2 = None, None
             bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_Q=block_q, BLOCK_N=block_n, PERSISTENT=bool(persist),
-                         ALIGN=al, VARLEN=varlen, PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"])
+                         ALIGN=al, VARLEN=varlen, GRID2=grid2,
+                         # (not the persistent form: there the −3e38 K tile cost ptxas 8 B of spills, triton 3.6;
+                         # the key-stationary form has no dot mask)
+                         DOT_MASK=_dot_mask(D, bd0 + bd1, q.dtype) and not persist and cfg["VARIANT"] == "fused",
+                         PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return bp
         bm = cfg.get("BLOCK_M", 64)
         bn = cfg.get("BLOCK_N", 64)
@@ -1443,12 +1536,16 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
         num_n = triton.cdiv(N, bn)
         bp.fused = False
         # launch 1: δ and dQ per query block; launch 2: dK, dV per key block (reads δ)
-        bp.launch1 = _launcher(_attn_bwd_dq_kernel, (_grid_size(H * num_m * B, B, N),), traced_)
+        grid3 = max(num_m, num_n) <= _GRID_YZ_MAX and B <= _GRID_YZ_MAX
+        bp.launch1 = _launcher(_attn_bwd_dq_kernel, (H, num_m, B) if grid3 else (_grid_size(H * num_m * B, B, N),),
+                               traced_)
         bp.args1 = (*strides, NT, H, num_m, scale)
-        bp.launch2 = _launcher(_attn_bwd_dkdv_kernel, (_grid_size(H * num_n * B, B, N),), traced_)
+        bp.launch2 = _launcher(_attn_bwd_dkdv_kernel, (H, num_n, B) if grid3 else (_grid_size(H * num_n * B, B, N),),
+                               traced_)
         bp.args2 = (*strides, NT, H, num_n, scale)
-        bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen, PREC=prec,
-                     UPCAST=upcast, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
+        bp.kw = dict(HEAD_DIM=D, BD0=bd0, BD1=bd1, BLOCK_M=bm, BLOCK_N=bn, ALIGN=al, VARLEN=varlen,
+                     DOT_MASK=_dot_mask(D, bd0 + bd1, q.dtype), GRID3=grid3, PREC=prec, UPCAST=upcast,
+                     num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 1))
         return bp
 
     scratch: List[torch.Tensor] = []
