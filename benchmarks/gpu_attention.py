@@ -439,24 +439,29 @@ def variants(budget_s):
                     if elapsed() > budget_s:
                         print("variants: time budget reached, rest skipped")
                         return
-                    row = {"shape": [B, H, N, D], "kind": kind, "config": cfg, "split_d": split,
-                           "tuned_pick": cfg == chosen}
-                    try:
-                        with A._force_config(**{kind: cfg}):
-                            if GRAPHS:
-                                try:
-                                    t = bench_graph(fn, rep=10)
-                                except Exception as e:
-                                    _graphs_off(e)
-                            if not GRAPHS:
-                                t = bench(fn)
-                        row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0), timer="graph" if GRAPHS else "eager")
-                    except Exception as e:
-                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                    RESULTS["variants"].append(row)
-                    print(json.dumps(row, default=str), flush=True)
+                    _time_forced(A, {"shape": [B, H, N, D], "kind": kind, "config": cfg, "split_d": split,
+                                     "tuned_pick": cfg == chosen}, fn, moved)
         finally:
             A.HEAD_DIM_SPLIT = default_split
+
+
+def _time_forced(A, row, fn, moved):
+    """Time ``fn`` with ``row``'s config forced for its kind (CUDA-graph replays; eager after a failed capture),
+    record the row in the variants and print it."""
+    try:
+        with A._force_config(**{row["kind"]: row["config"]}):
+            if GRAPHS:
+                try:
+                    t = bench_graph(fn, rep=10)
+                except Exception as e:
+                    _graphs_off(e)
+            if not GRAPHS:
+                t = bench(fn)
+        row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0), timer="graph" if GRAPHS else "eager")
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    RESULTS["variants"].append(row)
+    print(json.dumps(row, default=str), flush=True)
 
 
 def _dot_mask_ab(A, shape, sweeps, budget_s):
@@ -474,16 +479,8 @@ def _dot_mask_ab(A, shape, sweeps, budget_s):
                 if elapsed() > budget_s:
                     return
                 A.DOT_MASK = on
-                row = {"shape": list(shape), "kind": kind, "config": cfg, "split_d": A.HEAD_DIM_SPLIT,
-                       "dot_mask": on, "tuned_pick": False}
-                try:
-                    with A._force_config(**{kind: cfg}):
-                        t = bench_graph(fn, rep=10) if GRAPHS else bench(fn)
-                    row.update(ms=round(t, 4), gbps=round(moved / t / 1e6, 0), timer="graph" if GRAPHS else "eager")
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-                RESULTS["variants"].append(row)
-                print(json.dumps(row, default=str), flush=True)
+                _time_forced(A, {"shape": list(shape), "kind": kind, "config": cfg, "split_d": A.HEAD_DIM_SPLIT,
+                                 "dot_mask": on, "tuned_pick": False}, fn, moved)
     finally:
         A.DOT_MASK = default
 

@@ -588,6 +588,9 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
         assert all(t >= 0 and n >= 0 and isinstance(k, str) for t, n, k in host["top_host_ops"]), host
     assert any(r_["impl"] == "triton" and "error" not in r_ for r_ in attn["timing"])
     assert {v["kind"] for v in attn["variants"] if "ms" in v} == {"fwd", "bwd"}
+    # the key mask in the dot timed on and off at head dim 24 (the rehearsal's (2, 2, 20, 24)), before the sweep
+    ab = {(v["kind"], v["dot_mask"]) for v in attn["variants"] if "dot_mask" in v and "ms" in v}
+    assert ab == {("fwd", True), ("fwd", False), ("bwd", True), ("bwd", False)}, attn["variants"]
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     monkeypatch.setattr(A, "_PLANS", {})
     assert A.load_tuned_configs(str(res / "attn" / "best_configs.json")) > 0
