@@ -284,13 +284,29 @@ def official_state_dict(module: torch.nn.Module, *, what: str = "module") -> Dic
     while isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch._dynamo.eval_frame.OptimizedModule)):
         module = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module._orig_mod
     out = {}
-    for k, v in module.state_dict().items():
+    for k, v in _unparametrized_state(module).items():
         if hasattr(v, "device_mesh"):
             raise ValueError(f"{what}: holds sharded (FSDP2) tensors ({k}); convert the run's checkpoint with "
                              f"python -m stop_kernels.training.checkpoint to-official")
         k = clean_name(k)  # (a compiled or checkpoint-wrapped block's keys hold _orig_mod. and the like)
         out["module." + k] = v.detach()[None] if k.endswith("pos_embed") else v.detach()
     return out
+
+
+def _unparametrized_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``module.state_dict()`` with each parametrized tensor (``torch.nn.utils.parametrize``, e.g. a constrained
+    ``predictor_embed.weight``, which the predictor supports) under its own name and with the value the model
+    computes with, in place of the ``<name>.parametrizations.<tensor>.original`` entries no official loader reads."""
+    from torch.nn.utils import parametrize
+    state = module.state_dict()
+    for prefix, sub in module.named_modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        dot = prefix + "." if prefix else ""
+        for tensor in sub.parametrizations:
+            state = {k: v for k, v in state.items() if not k.startswith(f"{dot}parametrizations.{tensor}.")}
+            state[f"{dot}{tensor}"] = getattr(sub, tensor)
+    return state
 
 
 def official_checkpoint(encoder: torch.nn.Module, predictor: torch.nn.Module,

@@ -210,6 +210,9 @@ def check_transformer_sizes(width_name: str, width, depth, num_heads, mlp_ratio)
         raise ValueError(f"num_heads: expected a divisor of {width_name}={width}, got {num_heads}")
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
         raise ValueError(f"mlp_ratio: expected a positive finite number, got {mlp_ratio!r}")
+    if int(width * mlp_ratio) < 1:  # (the MLP of hidden width int(width · ratio) 0 that mlp_ratio 0 would build)
+        raise ValueError(f"mlp_ratio: expected at least one hidden unit, int({width_name}={width} x {mlp_ratio!r}) "
+                         f"= 0")
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, residual_dtype: Optional[torch.dtype] = None):
