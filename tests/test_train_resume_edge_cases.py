@@ -52,12 +52,12 @@ def test_fresh_run_in_an_out_folder_with_checkpoints_keeps_its_own_checkpoint(tm
     (["--aspect-ratio", "0,1"], "aspect_ratio"),             # ratio 0
     (["--min-keep", "64"], "min_keep"),                      # 8x8 grid: the collator needs min_keep < 64
     (["--min-keep", "9"], "min_keep"),                       # the smallest target block (3x3) keeps 9 <= 9
-    (["--img-size", "8", "--patch-size", "8"], "input_size"),  # a 1x1 grid has no room to place a block
+    (["--img-size", "8", "--patch-size", "8"], "img_size"),  # a 1x1 grid has no room to place a block
     (["--warmup-epochs", "5", "--epochs", "2"], "warmup_epochs"),  # lr would never reach its peak
     (["--color-jitter", "3"], "color_jitter"),                # torchvision's hue jitter must stay <= 0.5
 ])
 def test_mask_settings_are_validated_with_the_key_named(argv, key):
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=f"^{key}: "):
         parse_config(argv)
 
 
