@@ -67,7 +67,7 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   every finite bf16 / fp32 score (fp16, whose range ends at 65504, keeps the select).
   ``STOP_KERNELS_ATTN_DOT_MASK=0`` turns it off. With a 3-D grid (head, block, sequence) instead of a
   flat program id decoded by integer divisions, the one-tile forward at N = 116 went from 992 to 768 SASS
-  instructions per warp (119 → 114 registers, four CTAs per SM) and the one-pass backward from 1160 to 1096
+  instructions per warp (119 → 110 registers, four CTAs per SM) and the one-pass backward from 1160 to 1096
   (sm_90a, triton 3.6; GPU time not yet measured).
 * config choice: a short candidate list per (kernel, N bucket = next_pow2(max_seqlen), Dh, dtype,
   varlen), ordered by the forced-config timings of GPU run 2 (H200, benchmarks/results/h200-run2):
