@@ -36,9 +36,9 @@ CASES = {  # name: (kernel, constexprs): the encoder's head dim 80, with and wit
     "fwd one tile dot mask": (A._attn_fwd_kernel, dict(_DH24, BLOCK_M=64, BLOCK_N=128, HEADS=1, ONE_TILE=True,
                                                         PERSISTENT=False, GRID3=True)),
     "bwd fused loop": (A._attn_bwd_fused_kernel, dict(_COMMON, BLOCK_Q=128, BLOCK_N=64, PERSISTENT=False,
-                                                       GRID2=True, GRAD_GROUP=3)),
+                                                       GRID2=True, GRAD_GROUP=3, THREADS=256)),
     "bwd one pass dot mask": (A._attn_bwd_fused_kernel, dict(_DH24, BLOCK_Q=128, BLOCK_N=128, PERSISTENT=False,
-                                                              GRID2=False, GRAD_GROUP=3)),
+                                                              GRID2=False, GRAD_GROUP=3, THREADS=256)),
     "bwd dq": (A._attn_bwd_dq_kernel, dict(_COMMON, BLOCK_M=64, BLOCK_N=64, GRID3=True, GRAD_GROUP=3)),
     "bwd dkdv": (A._attn_bwd_dkdv_kernel, dict(_COMMON, BLOCK_M=64, BLOCK_N=64, GRID3=False, GRAD_GROUP=3)),
 }

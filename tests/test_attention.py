@@ -1103,6 +1103,31 @@ def test_key_mask_in_the_dot_only_where_it_is_exact():
 
 
 @pytest.mark.parametrize("lens", [None, (1, 37, 5)], ids=["batched", "packed"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_column_vector_loads_equal_the_plain_load_bit_for_bit(monkeypatch, dtype, lens):
+    """COLUMN_LOADS (on by default): the fused backward loads lse, which it broadcasts over the query columns of Pᵀ,
+    as THREADS // L identical columns reduced by a max (``_load_column_vector``), so that Triton keeps one load per
+    thread instead of one per column a thread holds. The max of equal values is the value: every output and
+    gradient equals the plain load's bit for bit, in every kernel form (2 copies of the one-pass kernels' 64
+    queries, 8 of the key-stationary form's 16 at 4 warps); the plans say which way each one ran."""
+    qkv, do, kw = _packed_case(24, dtype, lens, seed=3)
+    q, k, v = qkv.detach().unbind(-3)
+    N, cu = kw.get("max_seqlen", q.shape[1]), kw.get("cu_seqlens")
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(A, "COLUMN_LOADS", on)
+        runs[on] = _every_kernel_form(qkv, do, **kw)
+        for fwd, bwd in _KERNEL_FORMS:
+            with A._force_config(fwd=fwd, bwd=bwd):
+                bplan, _ = A._make_bwd_plan(q, k, v, cu, cu is not None, N, 24 ** -0.5, q, q, q)
+            # (the split kernels load lse and δ as before: THREADS is the fused kernel's)
+            assert bplan.kw.get("THREADS") == (None if bwd["VARIANT"] == "split" else 32 * bwd["num_warps"] if on
+                                               else 0), bwd
+    for form, ((o1, g1), (o0, g0)) in enumerate(zip(runs[True], runs[False])):
+        assert torch.equal(o1, o0) and torch.equal(g1, g0), _KERNEL_FORMS[form]
+
+
+@pytest.mark.parametrize("lens", [None, (1, 37, 5)], ids=["batched", "packed"])
 def test_flat_grid_equals_the_3d_grid_bit_for_bit(monkeypatch, lens):
     """Within CUDA's grid limits the kernels take (head, block, sequence) from a 3-D grid; past them (more than
     65535 sequences or query blocks) from one flat program id, decoded with divisions. Both give the same bits

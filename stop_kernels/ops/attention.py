@@ -69,6 +69,14 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   flat program id decoded by integer divisions, the one-tile forward at N = 116 went from 992 to 768 SASS
   instructions per warp (119 → 110 registers, four CTAs per SM) and the one-pass backward from 1160 to 1096
   (sm_90a, triton 3.6; GPU time not yet measured).
+* lse once per thread (``COLUMN_LOADS``): the fused backward broadcasts lse over Pᵀ's query columns, and Triton's
+  layout pass re-issues a load of fewer elements than the CTA has threads in its consumer's layout: one predicated
+  load per column a thread holds (32 of them at N = 116). ``_load_column_vector`` loads it as identical columns,
+  one element per thread, reduced by a max (the same bits) and moved to the tile's layout through shared memory
+  once: the one-pass backward at N = 116 went from 1096 to 984 SASS instructions per warp (173 → 184 registers,
+  still one CTA per SM; sm_90a, triton 3.6; GPU time not yet measured). ``STOP_KERNELS_ATTN_COLUMN_LOADS=0``
+  turns it off. The split dK/dV kernel loads lse and δ per column in its query loop too, but keeps the plain loads
+  there (benchmarks/NOTES.md: more barriers per iteration, and a paired load crashed triton 3.8's compiler).
 * config choice: a short candidate list per (kernel, N bucket = next_pow2(max_seqlen), Dh, dtype,
   varlen), ordered by the forced-config timings of GPU run 2 (H200, benchmarks/results/h200-run2):
   the first candidate is the one measured fastest at the model's shapes (head dim 24 at N = 116 and
@@ -254,6 +262,27 @@ def _pad_value(cols, row_ok, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, PAD: t
             return ((row_ok == 0)[:, None] & (cols == HEAD_DIM)[None, :]).to(tl.float32) * -3.0e38
     else:
         return 0.0
+
+
+@triton.jit
+def _load_column_vector(ptrs, ok, THREADS: tl.constexpr):
+    """``tl.load(ptrs, mask=ok, other=0)`` of a vector [L] that the kernel broadcasts over the *columns* of a
+    transposed tile (lse against Pᵀ: queries as columns). With THREADS > L it is loaded as THREADS // L
+    identical columns [L, THREADS // L] and reduced back to [L] (the max of equal values: the value itself,
+    bit for bit).
+
+    Why: Triton's layout pass (RemoveLayoutConversions, ``isExpensiveLoadOrStore``) counts a load of fewer
+    elements than the CTA has threads as cheap and re-issues it in its consumer's layout. For a vector
+    broadcast over the columns of a wgmma tile that is one predicated 4-byte load, with its own address and
+    compare, per column a thread holds: 32 per thread in the one-pass backward at N = 116 (8 warps, 128
+    queries). A load of THREADS elements keeps its blocked layout, one element per thread, and reaches the
+    tile's layout through shared memory once. THREADS = 0: the plain load (COLUMN_LOADS off)."""
+    L: tl.constexpr = ptrs.shape[0]
+    if THREADS <= L:
+        return tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        copies = tl.zeros([1, THREADS // L], tl.int32)
+        return tl.max(tl.load(ptrs[:, None] + copies, mask=ok[:, None], other=0.0), 1)
 
 
 @triton.jit
@@ -627,7 +656,7 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
                     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
                     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                    GRAD_GROUP: tl.constexpr):
+                    GRAD_GROUP: tl.constexpr, THREADS: tl.constexpr):
     """dQ, dK, dV of head ``h`` of sequence ``b`` (its rows ``start`` … ``start + seqlen``), every
     query in one tile; DK, DV already point at their slots (see the kernel)."""
     so = H * HEAD_DIM
@@ -643,7 +672,7 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
     q0, q1 = _load_tile(Q + b * sqb + h.to(tl.int64) * sqh, rows_q * sqn, q_ok, HEAD_DIM, BD0, BD1, False,
                         PAD_QUERY if DOT_MASK else PAD_ZERO)
     do0, do1, delta = _load_do_delta(DO, O, g_q, q_ok, HEAD_DIM, BD0, BD1)
-    lse2 = tl.load(LSE + lbase + h.to(tl.int64) * NT + offs_q, mask=q_ok, other=0.0) * 1.4426950408889634
+    lse2 = _load_column_vector(LSE + lbase + h.to(tl.int64) * NT + offs_q, q_ok, THREADS) * 1.4426950408889634
     dq0, dq1 = _zeros_tile(BLOCK_Q, BD0, BD1)
     k_base = K + b * skb + h.to(tl.int64) * skh
     v_base = V + b * svb + h.to(tl.int64) * svh
@@ -668,7 +697,7 @@ def _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0,
 def _bwd_keys_query_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, q_base, DO, O, DQ, LSE, rows, start, seqlen, orow0,
                           l_base, sqn, n_ok, h, so, scale, scale_log2,
                           HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, PREC: tl.constexpr,
-                          UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+                          UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr, THREADS: tl.constexpr):
     """One query block ``rows`` of the key-stationary backward (K, V of every key of the sequence given): load Q,
     dO, O [BLOCK_Q, BD] and lse, δ = rowsum(dO ∘ O); Pᵀ = exp2(s·K Qᵀ·log2e − lse) [BLOCK_N, BLOCK_Q];
     dV += Pᵀ dO, dSᵀ = Pᵀ ∘ (V dOᵀ − δ), dK += dSᵀ Q; dQ = s·dS K is this block's whole dQ (every key is in
@@ -677,7 +706,7 @@ def _bwd_keys_query_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, q_base, DO, O, DQ,
     rows_m = (start + rows).to(tl.int64)
     q0, q1 = _load_tile(q_base, rows_m * sqn, m_ok, HEAD_DIM, BD0, BD1, False)
     do0, do1, delta = _load_do_delta(DO, O, _row_offsets(orow0, rows, so, h, HEAD_DIM), m_ok, HEAD_DIM, BD0, BD1)
-    lse2 = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse2 = _load_column_vector(LSE + l_base + rows, m_ok, THREADS) * 1.4426950408889634
     # (keys masked: dQ sums over them, see _bwd_p; a missing query adds 0 to dK, dV through its zero dO, dS)
     pt = _bwd_p(_dot_d(k0, k1, tl.trans(q0), tl.trans(q1), BD1, PREC, UPCAST), lse2, n_ok, scale_log2, True, True)
     ptc = pt.to(do0.dtype)
@@ -699,7 +728,8 @@ def _bwd_keys_query_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, q_base, DO, O, DQ,
 def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
                    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
                    HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
+                   THREADS: tl.constexpr):
     """dQ, dK, dV of head ``h`` of sequence ``b`` with every key in one tile (seqlen <= BLOCK_N), the queries
     in blocks of BLOCK_Q: each block's tiles are half or a quarter of the one-pass kernel's [N, N] scores, so
     fewer registers and more programs per SM; K, V and every query row are still read once."""
@@ -722,7 +752,8 @@ def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, 
     for m0 in range(0, seqlen, BLOCK_Q):
         dk0, dk1, dv0, dv1 = _bwd_keys_query_block(k0, k1, v0, v1, dk0, dk1, dv0, dv1, q_base, DO, O, DQ, LSE,
                                                    m0 + offs_q, start, seqlen, orow0, l_base, sqn, n_ok, h, so,
-                                                   scale, scale_log2, HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP)
+                                                   scale, scale_log2, HEAD_DIM, BD0, BD1, PREC, UPCAST, GRAD_GROUP,
+                                                   THREADS)
 
     # stage 3: store dK = s·Σ dSᵀ Q and dV [BLOCK_N, HEAD_DIM].
     g_rows = _row_offsets(orow0, offs_n, GRAD_GROUP * so, h, HEAD_DIM)
@@ -734,7 +765,8 @@ def _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, 
 def _bwd_fused_item(item, b2, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh,
                     NT, H, scale, HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, DOT_MASK: tl.constexpr,
-                    GRID2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr):
+                    GRID2: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
+                    THREADS: tl.constexpr):
     """Work item ``item`` of the fused backward: (head, sequence), head index fastest. BLOCK_Q < BLOCK_N: the
     key-stationary form (every key in one tile, query blocks of BLOCK_Q); else every query in one tile (BLOCK_Q
     the bucket), key blocks of BLOCK_N."""
@@ -749,11 +781,11 @@ def _bwd_fused_item(item, b2, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh
     if BLOCK_Q < BLOCK_N:
         _bwd_keys_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
-                       HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP)
+                       HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, PREC, UPCAST, GRAD_GROUP, THREADS)
     else:
         _bwd_fused_head(Q, K, V, O, DO, DQ, DK, DV, LSE, h, b, start, seqlen, orow0, lbase,
                         sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, NT, H, scale,
-                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, DOT_MASK, PREC, UPCAST, GRAD_GROUP)
+                        HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, DOT_MASK, PREC, UPCAST, GRAD_GROUP, THREADS)
 
 
 @triton.jit
@@ -763,7 +795,7 @@ def _attn_bwd_fused_kernel(
     NT, H, NB, scale,
     HEAD_DIM: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     PERSISTENT: tl.constexpr, ALIGN: tl.constexpr, VARLEN: tl.constexpr, DOT_MASK: tl.constexpr, GRID2: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, GRAD_GROUP: tl.constexpr, THREADS: tl.constexpr,
 ):
     """dQ, dK, dV of one (sequence, head) with every query in one tile (needs N <= BLOCK_Q), or with every key
     in one tile and BLOCK_Q-query blocks (VARIANT 'keys': BLOCK_Q < BLOCK_N, needs N <= BLOCK_N): one
@@ -774,7 +806,8 @@ def _attn_bwd_fused_kernel(
     O and dO are contiguous [rows, H, HEAD_DIM] (the wrapper makes dO so); dQ, dK, dV are rows of
     GRAD_GROUP·H·HEAD_DIM elements (1: three contiguous tensors; 3: the q, k, v slots of one
     contiguous [rows, 3, H, HEAD_DIM] gradient of a packed QKV buffer); q/k/v strides arrive
-    divided by ALIGN and the head dim is in chunks BD0 + BD1, as in the forward.
+    divided by ALIGN and the head dim is in chunks BD0 + BD1, as in the forward. THREADS: the CTA's thread count
+    (32 · num_warps), with which lse is loaded one element per thread (_load_column_vector), or 0.
     """
     # stage 0: with GRAD_GROUP = 3 DQ is the base of d(qkv) and dK, dV are its other slots.
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh = _unaligned_strides(
@@ -786,11 +819,11 @@ def _attn_bwd_fused_kernel(
         for item in tl.range(tl.program_id(0), H * NB, tl.num_programs(0)):
             _bwd_fused_item(item, 0, Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb, skn, skh, svb, svn,
                             svh, NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, DOT_MASK, False, PREC,
-                            UPCAST, GRAD_GROUP)
+                            UPCAST, GRAD_GROUP, THREADS)
     else:
         _bwd_fused_item(tl.program_id(0), tl.program_id(1), Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sqb, sqn, sqh, skb,
                         skn, skh, svb, svn, svh, NT, H, scale, HEAD_DIM, BD0, BD1, BLOCK_Q, BLOCK_N, VARLEN, DOT_MASK,
-                        GRID2, PREC, UPCAST, GRAD_GROUP)
+                        GRID2, PREC, UPCAST, GRAD_GROUP, THREADS)
 
 
 @triton.jit
@@ -937,6 +970,18 @@ DOT_MASK = os.environ.get("STOP_KERNELS_ATTN_DOT_MASK", "1") != "0"
 # CUDA's limit on a grid's y and z dimensions: within it the kernels take (head, block, sequence) from a 3-D
 # grid; beyond it (more sequences or blocks) from a flat program id, decoded with integer divisions
 _GRID_YZ_MAX = 65535
+
+
+# The fused backward's lse against Pᵀ loaded one element per thread and moved to the tile's layout through shared
+# memory (_load_column_vector); STOP_KERNELS_ATTN_COLUMN_LOADS=0 turns it off (Triton's own choice: one load per
+# column a thread holds) for A/B timing.
+COLUMN_LOADS = os.environ.get("STOP_KERNELS_ATTN_COLUMN_LOADS", "1") != "0"
+
+
+def _column_load_threads(num_warps: int) -> int:
+    """The fused backward's THREADS constexpr (_load_column_vector): the CTA's thread count, or 0 with COLUMN_LOADS
+    off."""
+    return 32 * num_warps if COLUMN_LOADS else 0
 
 
 def _dot_mask(D: int, width: int, dtype: torch.dtype) -> bool:
@@ -1381,7 +1426,7 @@ def _plan_key(q, k, v, cu, max_seqlen: int, scale: float) -> Tuple:
     # a plan (launches go to the current device, which attention() makes q's). Packed: the number of
     # sequences (cu_seqlens length) sets the grid, their lengths are read in-kernel.
     return (q.shape, q.stride(), k.stride(), v.stride(), q.dtype, None if cu is None else cu.shape[0],
-            max_seqlen, scale, _FORCED_KEY, HEAD_DIM_SPLIT, DOT_MASK)
+            max_seqlen, scale, _FORCED_KEY, HEAD_DIM_SPLIT, DOT_MASK, COLUMN_LOADS)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -1528,7 +1573,8 @@ def _make_bwd_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float, o, 
                          # (not the persistent form: there the −3e38 K tile cost ptxas 8 B of spills, triton 3.6;
                          # the key-stationary form has no dot mask)
                          DOT_MASK=_dot_mask(D, bd0 + bd1, q.dtype) and not persist and cfg["VARIANT"] == "fused",
-                         PREC=prec, UPCAST=upcast, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                         PREC=prec, UPCAST=upcast, THREADS=_column_load_threads(cfg["num_warps"]),
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             return bp
         bm = cfg.get("BLOCK_M", 64)
         bn = cfg.get("BLOCK_N", 64)
