@@ -49,7 +49,8 @@
 #      tests/test_predictor_input.py tests/test_stop_embed.py tests/test_training_reduce_overhead.py
 #      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py
 #      tests/test_attention.py::test_key_mask_in_the_dot_equals_the_select_bit_for_bit
-#      tests/test_attention.py::test_flat_grid_equals_the_3d_grid_bit_for_bit" SEC_ATTN=100 BUDGET_ATTN=85
+#      tests/test_attention.py::test_flat_grid_equals_the_3d_grid_bit_for_bit
+#      tests/test_attention.py::test_column_vector_loads_equal_the_plain_load_bit_for_bit" SEC_ATTN=100 BUDGET_ATTN=85
 #      SEC_STOP=145 BUDGET_STOP=130 bash benchmarks/gpu_all.sh tests-new attn stop (5 s of the 360 left for packing)
 #      The GPU tests run 7 failed (fixed since) or did not reach, the multi-kernel cache fix among them
 #      (test_compiled_block_with_lever_equals_eager now compiles two blocks, the second from the cache;
@@ -57,7 +58,9 @@
 #      the dot and its 3-D grids, bit for bit against the select and the flat grid on the hardware (the -k filter's
 #      "bit_for_bit" selects them). Then attn: issue 4's timings at the predictor and encoder shapes against every SDPA
 #      backend, and first in its variants the predictor's default forward and backward with the key mask in the dot
-#      and without (rows with dot_mask; NOTES.md predicts the forward 0.0606 -> 0.052-0.057 ms). Last, the StoP
+#      and without (rows with dot_mask; NOTES.md predicts the forward 0.0606 -> 0.052-0.057 ms), then the default
+#      backward (the one-pass kernel at N = 116 and 74) with the lse loads of the thirty-fourth session and without
+#      (rows with column_loads). Last, the StoP
 #      section with 70 s of its budget kept from the sweep for the timing pass, so the compiled unfused peer (the
 #      issue's 3x) is timed side by side at last, and with what is live at the fused op's forward+backward peak, by
 #      allocating line (run 7: 170.5 MiB against run 6's 99.6; the md's "Live at the ... peak" table). The op's own

@@ -414,24 +414,19 @@ def timing(budget_s):
 
 @section("variants")
 def variants(budget_s):
-    """Every candidate config forced and graph-timed (kernel time: what the config choice is about)."""
+    """Every candidate config forced and graph-timed (kernel time: what the config choice is about). First, at every
+    shape, the kernels' A/B switches (SWITCHES: each default config with a switch on and off), so that a budget cut
+    short by the sweeps still brings back every side-by-side pair; then the sweeps, shape by shape."""
     from stop_kernels.ops import attention as A
+    for shape in SWEEP_SHAPES:
+        _switches_ab(A, shape, _shape_sweeps(A, shape), budget_s)
     for (B, H, N, D) in SWEEP_SHAPES:
-        qkv = make_qkv(B, H, N, D, seed=2)
-        q, k, v = (t.detach() for t in qkv.unbind(2))
-        do = randn(B, N, H, D, dtype=torch.bfloat16)
+        sweeps = _shape_sweeps(A, (B, H, N, D))
         bucket = A._pow2(N)
-        # backward alone: the launch wrapper called directly on one saved forward
-        o, lse = A._fwd(q, k, v, None, N, D ** -0.5)
-        # (the candidate lists per head-dim split: the one-pass backward configs depend on it)
-        sweeps = [("fwd", lambda sp: A._fwd_candidates(N, D, sp), lambda: A.attention(q, k, v), cost(B, H, N, D, "fwd")[1]),
-                  ("bwd", lambda sp: A._bwd_candidates(N, D, sp),
-                   lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), cost(B, H, N, D, "bwd")[1])]
         # head dims that the kernels split in two chunks (80 = 64 + 16) are timed both ways
         splits = [True, False] if A._head_chunks(D, True)[1] else [A.HEAD_DIM_SPLIT]
         default_split = A.HEAD_DIM_SPLIT
         try:
-            _dot_mask_ab(A, (B, H, N, D), sweeps, budget_s)
             for split, (kind, configs_for, fn, moved) in ((sp, sw) for sp in splits for sw in sweeps):
                 A.HEAD_DIM_SPLIT = split
                 chosen = A._TUNE_CACHE.get((kind, bucket, D, torch.bfloat16, False, split))
@@ -443,6 +438,20 @@ def variants(budget_s):
                                      "tuned_pick": cfg == chosen}, fn, moved)
         finally:
             A.HEAD_DIM_SPLIT = default_split
+
+
+def _shape_sweeps(A, shape):
+    """[(kind, configs_for(split), fn, bytes moved)] of the forward and the backward at ``shape`` (B, H, N, D) on
+    fresh inputs: ``fn`` runs the forward op, or the backward's launch wrapper on one saved forward."""
+    B, H, N, D = shape
+    qkv = make_qkv(B, H, N, D, seed=2)
+    q, k, v = (t.detach() for t in qkv.unbind(2))
+    do = randn(B, N, H, D, dtype=torch.bfloat16)
+    o, lse = A._fwd(q, k, v, None, N, D ** -0.5)
+    # (the candidate lists per head-dim split: the one-pass backward configs depend on it)
+    return [("fwd", lambda sp: A._fwd_candidates(N, D, sp), lambda: A.attention(q, k, v), cost(B, H, N, D, "fwd")[1]),
+            ("bwd", lambda sp: A._bwd_candidates(N, D, sp),
+             lambda: A._bwd(do, q, k, v, o, lse, None, N, D ** -0.5), cost(B, H, N, D, "bwd")[1])]
 
 
 def _time_forced(A, row, fn, moved):
@@ -464,25 +473,43 @@ def _time_forced(A, row, fn, moved):
     print(json.dumps(row, default=str), flush=True)
 
 
-def _dot_mask_ab(A, shape, sweeps, budget_s):
-    """Where the key mask goes into the dot (a head dim with a padding column: 24), the default forward and
-    backward configs timed with it on and off, side by side, before the sweep (rows with ``dot_mask``; the off
-    rows never become a best config)."""
-    D = shape[3]
-    if not A._dot_mask(D, sum(A._head_chunks(D)), torch.bfloat16):
-        return
-    default = A.DOT_MASK
-    try:
-        for kind, configs_for, fn, moved in sweeps:
-            cfg = configs_for(A.HEAD_DIM_SPLIT)[0]
-            for on in (True, False):
-                if elapsed() > budget_s:
-                    return
-                A.DOT_MASK = on
-                _time_forced(A, {"shape": list(shape), "kind": kind, "config": cfg, "split_d": A.HEAD_DIM_SPLIT,
-                                 "dot_mask": on, "tuned_pick": False}, fn, moved)
-    finally:
-        A.DOT_MASK = default
+# The kernels' A/B switches (module flags of stop_kernels.ops.attention, each in the plan key): (flag, row field,
+# kinds of launch it changes, whether it applies at (N, head dim) in bf16)
+SWITCHES = [
+    ("DOT_MASK", "dot_mask", ("fwd", "bwd"), lambda A, N, D: A._dot_mask(D, sum(A._head_chunks(D)), torch.bfloat16)),
+    # the fused backward's lse loaded one element per thread (_load_column_vector): its one-pass and keys forms
+    ("COLUMN_LOADS", "column_loads", ("bwd",),
+     lambda A, N, D: A._bwd_candidates(N, D)[0]["VARIANT"] in ("fused", "keys")),
+]
+
+
+def _switches_ab(A, shape, sweeps, budget_s):
+    """Each switch of SWITCHES that applies at this shape: the default configs of the kinds it changes timed with it
+    on and off, side by side, before the sweep (rows with the switch's field, e.g. ``dot_mask``; the off rows never
+    become a best config)."""
+    N, D = shape[2], shape[3]
+    for flag, field, kinds, applies in SWITCHES:
+        if not applies(A, N, D):
+            continue
+        default = getattr(A, flag)
+        try:
+            for kind, configs_for, fn, moved in sweeps:
+                if kind not in kinds:
+                    continue
+                cfg = configs_for(A.HEAD_DIM_SPLIT)[0]
+                for on in (True, False):
+                    if elapsed() > budget_s:
+                        return
+                    setattr(A, flag, on)
+                    _time_forced(A, {"shape": list(shape), "kind": kind, "config": cfg, "split_d": A.HEAD_DIM_SPLIT,
+                                     field: on, "tuned_pick": False}, fn, moved)
+        finally:
+            setattr(A, flag, default)
+
+
+def _switch_cell(r) -> str:
+    """The variants table's switch column: ``dot_mask on`` / ``column_loads off`` ... (empty for a sweep row)."""
+    return ", ".join(f"{field} {'on' if r[field] else 'off'}" for _, field, _, _ in SWITCHES if field in r)
 
 
 @section("pytest")
@@ -553,7 +580,7 @@ def best_configs():
     from stop_kernels.ops import attention as A
     best = {}
     for r in RESULTS["variants"]:
-        if "ms" not in r or r.get("dot_mask") is False:  # (the dot mask's off rows: the switch, not a config)
+        if "ms" not in r or any(r.get(field) is False for _, field, _, _ in SWITCHES):  # (a switch's off rows)
             continue
         N, D = r["shape"][2], r["shape"][3]
         key = (r["kind"], A._pow2(N), D, torch.bfloat16, False, r["split_d"])
@@ -616,11 +643,11 @@ def write(out):
                      f"{cell(s, 'fwdbwd_eager_ms')} | {cell(s, 'fwdbwd_graph_ms')} | {cell(s, 'qkv_fwdbwd_graph_ms')} | "
                      f"{lim[0]} | {lim[1]} |")
     lines += ["", "## Config variants (forced; timer graph = kernel time, eager = after a failed capture)", "",
-              "| shape | kind | config | head dim split | key mask in the dot | ms | timer | GB/s | tuner pick |",
+              "| shape | kind | config | head dim split | switch (A/B) | ms | timer | GB/s | tuner pick |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in RESULTS["variants"]:
         lines.append(f"| {tuple(r['shape'])} | {r['kind']} | {r['config']} | {r.get('split_d', '')} | "
-                     f"{r.get('dot_mask', '')} | "
+                     f"{_switch_cell(r)} | "
                      f"{r.get('ms', r.get('error'))} | {r.get('timer', '')} | {r.get('gbps', '')} | "
                      f"{'*' if r['tuned_pick'] else ''} |")
     if RESULTS.get("pytest"):

@@ -591,6 +591,9 @@ def test_gpu_sections_stop_and_attn_rehearse_on_the_cpu(tmp_path, monkeypatch):
     # the key mask in the dot timed on and off at head dim 24 (the rehearsal's (2, 2, 20, 24)), before the sweep
     ab = {(v["kind"], v["dot_mask"]) for v in attn["variants"] if "dot_mask" in v and "ms" in v}
     assert ab == {("fwd", True), ("fwd", False), ("bwd", True), ("bwd", False)}, attn["variants"]
+    # and the fused backward's lse loads (one element per thread, or one per column), backward only
+    ab = {(v["kind"], v["column_loads"]) for v in attn["variants"] if "column_loads" in v and "ms" in v}
+    assert ab == {("bwd", True), ("bwd", False)}, attn["variants"]
     monkeypatch.setattr(A, "_TUNE_CACHE", {})
     monkeypatch.setattr(A, "_PLANS", {})
     assert A.load_tuned_configs(str(res / "attn" / "best_configs.json")) > 0
