@@ -61,6 +61,14 @@ def test_kernel_configs_do_not_spill(tmp_path):
     for r in full_d:
         if r["config"]["BLOCK_M"] == 64:
             assert r["loop_bar"] <= 48 and r["loop_instrs"] <= 1200, r
+    # dW's main loop addresses a contiguous g's rows without a division (_group_rows, GROUPED off): the all-of-D
+    # configs' loops stay near 784 (8 warps) and 452 (16 warps) SASS instructions, 951 and 529 with a 64-bit
+    # division routine called per row (triton 3.8; 3.6 alike)
+    dw_all_d = [r for r in rows if r["kernel"] == "stop dw" and r["config"]["D_TILES"] * r["config"]["BLOCK_D"] == 384
+                and r["config"]["BLOCK_M"] == 64]
+    assert {r["config"]["w"] for r in dw_all_d} >= {8, 16}, dw_all_d
+    for r in dw_all_d:
+        assert r["loop_instrs"] <= (840 if r["config"]["w"] == 8 else 480), r
     # SWAP_AB keeps the noise in the MMA's shared-memory operand, so ptxas does not serialise its wgmmas: at most
     # one wait per D tile's dot and K step (the noise-first configs wait after each wgmma with triton 3.6)
     swapped = [r for r in fwd if r["config"]["SWAP_AB"]]
