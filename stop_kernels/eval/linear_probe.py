@@ -58,10 +58,14 @@ def check_classifier_settings(*, heldout: Optional[float] = None, max_iter: Opti
     """The classifier settings that are given, each refused by its flag's name: ``heldout`` in (0, 1),
     ``max_iter`` >= 1 (0 iterations return the all-zero classifier), one or more finite penalties >= 0.
     :func:`run_probe` checks them all before any extraction; the functions below check theirs."""
+    if heldout is not None and not chk.is_number(heldout):
+        raise TypeError(f"--heldout: expected a number, got {heldout!r}")
     if heldout is not None and not 0 < heldout < 1:
         raise ValueError(f"--heldout: expected a fraction in (0, 1), got {heldout}")
     if max_iter is not None and (not chk.is_int(max_iter) or max_iter < 1):
         raise ValueError(f"--max-iter: expected an integer >= 1, got {max_iter!r}")
+    if penalties is not None and not all(chk.is_number(p) for p in penalties):
+        raise TypeError(f"--penalties: expected numbers, got {list(penalties)!r}")
     if penalties is not None and (not penalties or not all(0 <= p < math.inf for p in penalties)):
         raise ValueError(f"--penalties: expected one or more finite values >= 0, got {list(penalties)}")
 
@@ -88,6 +92,7 @@ def logistic_objective(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: Opt
 
     Where ``W`` (``b``) requires grad, ``∇f`` is accumulated into its ``.grad``, one backward per chunk (the
     graph of a whole split is never held). Returns ``f``."""
+    chk.int_at_least("chunk", chunk, 1)  # (a chunk below 1 would sum no row: f would be the penalty alone)
     N = x.shape[0]
     total = 0.0
     for s in range(0, N, chunk):
@@ -107,6 +112,8 @@ def relative_gap_bound(x: torch.Tensor, y: torch.Tensor, W: torch.Tensor, penalt
     """An upper bound on ``(f(W) − f*) / f(W)`` for :func:`logistic_objective` without an intercept and with
     ``penalty`` > 0: ``f`` is then ``penalty``-strongly convex, so ``f(W) − f* ≤ ‖∇f(W)‖²_F / (2·penalty)``.
     (The same relative suboptimality that cyanure's ``tol`` bounds with its duality gap.)"""
+    if not (chk.is_number(penalty) and penalty > 0):
+        raise ValueError(f"penalty: the bound needs a penalty > 0 (strong convexity), got {penalty!r}")
     Wg = W.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         f = logistic_objective(x, y, Wg, None, penalty, chunk=chunk)
@@ -136,6 +143,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     """
     check_labelled_features(x, y, num_classes)
     check_classifier_settings(max_iter=max_iter, penalties=[penalty])
+    chk.int_at_least("chunk", chunk, 1)
     if rtol is not None and (fit_intercept or not penalty > 0 or not 0 < rtol < 1):
         raise ValueError(f"rtol: needs fit_intercept=False and penalty > 0 (the bound needs strong convexity in "
                          f"every parameter) and a value in (0, 1); got rtol={rtol}, penalty={penalty}, "
@@ -218,6 +226,7 @@ def official_normalise(train: torch.Tensor, val: torch.Tensor) -> Tuple[torch.Te
 def accuracy(W: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> float:
     """Top-1 accuracy of the linear classifier ``x Wᵀ + b`` (``W [C, E]``, ``b [C]``) on ``(x [N, E], y [N])``."""
     check_labelled_features(x, y)
+    chk.int_at_least("chunk", chunk, 1)
     if W.dim() != 2 or W.shape[1] != x.shape[1] or tuple(b.shape) != (W.shape[0],):
         raise ValueError(f"W, b: expected [C, {x.shape[1]}] and [C] (x has {x.shape[1]} features), got "
                          f"{tuple(W.shape)} and {tuple(b.shape)}")
