@@ -874,7 +874,7 @@ def test_check_cache_dir_creates_the_folder_and_refuses_a_file(parts):
 
 @settings(max_examples=40)
 @given(gpu=st.booleans(), index=st.integers(0, 7), protocol=st.sampled_from(["project", "official"]),
-       bad=st.sampled_from(["gpu", "cuda:x", "bogus", "", "CPU:"]))
+       bad=st.sampled_from(["gpu", "cuda:x", "bogus", "", "CPU:", "meta", "cpu:1"]))
 def test_resolve_device_and_feature_precision(gpu, index, protocol, bad):
     with mock.patch.object(torch.cuda, "is_available", lambda: gpu):
         assert feat.resolve_device("auto") == torch.device("cuda" if gpu else "cpu")
@@ -1371,3 +1371,13 @@ def test_classifier_settings_of_the_wrong_type_are_named():
     for kw, flag in ((dict(heldout="0.2"), "--heldout"), (dict(penalties=["0.1"]), "--penalties")):
         with pytest.raises((TypeError, ValueError), match=f"^{flag}: "):
             lp.check_classifier_settings(**kw)
+
+
+def test_stratified_split_refuses_a_seed_that_is_no_integer_by_name():
+    """A float seed reached torch's Generator.manual_seed and its raw RuntimeError (a numpy int its TypeError "an
+    integer is required"): a non-integer is refused by name, and a numpy int is the same seed as the Python int."""
+    y = torch.tensor([0, 0, 1, 1, 1])
+    with pytest.raises(TypeError, match="^seed: "):
+        lp.stratified_split(y, 0.5, seed=1.5)
+    assert [t.tolist() for t in lp.stratified_split(y, 0.5, seed=np.int64(3))] == \
+        [t.tolist() for t in lp.stratified_split(y, 0.5, seed=3)]

@@ -331,6 +331,9 @@ def resolve_device(device: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        # (meta tensors hold no values to extract; there is one CPU device)
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: 'cuda' requested but no CUDA GPU is visible")
     return dev

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -240,7 +241,9 @@ def stratified_split(y: torch.Tensor, frac: float, seed: int = 0) -> Tuple[torch
     """Indices ``(fit, heldout)``: from every class with ≥ 2 samples, ``max(1, round(frac·n))`` (and
     fewer than n) are held out at random."""
     check_classifier_settings(heldout=frac)
-    g = torch.Generator().manual_seed(seed)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # (numpy ints too)
+        raise TypeError(f"seed: expected an integer, got {seed!r}")
+    g = torch.Generator().manual_seed(int(seed))
     fit, held = [], []
     for c in torch.unique(y.cpu()).tolist():
         idx = torch.nonzero(y.cpu() == c).flatten()
