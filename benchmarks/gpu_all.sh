@@ -66,8 +66,9 @@
 #      allocating line (run 7: 170.5 MiB against run 6's 99.6; the md's "Live at the ... peak" table). The op's own
 #      tensors now peak at 69.0 MiB (94.3 before the twenty-eighth session; devtools.AllocationTrace on the CPU,
 #      results/cpu-host/), so the rest is what cuBLAS or the dW launch allocate below the dispatcher (~76 MiB in run
-#      7). (Every section is packed every 20 s while it runs, so a call the device tool cuts still brings back its
-#      rows.)
+#      7). Its op timings now include the dW loop without a division per row (thirty-fourth session: 13-18 % fewer
+#      SASS instructions in the loop; NOTES.md predicts 5-12 us off run 7's 0.088 ms dW). (Every section is packed
+#      every 20 s while it runs, so a call the device tool cuts still brings back its rows.)
 #   Later session: SEC_GEMM=80 bash benchmarks/gpu_all.sh gemm: the step's GEMMs eagerly, replayed from a
 #   torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's forward GEMMs
 #   first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of the trees' 5.4 ms
