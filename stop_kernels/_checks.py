@@ -307,7 +307,11 @@ def non_negative(name: str, value: float) -> float:
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not 0 <= value < float("inf"):  # also rejects NaN
         raise ValueError(f"{name}: expected a finite value >= 0, got {value}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int or Fraction beyond a float's range passes the comparison above
+        raise ValueError(f"{name}: expected a finite value >= 0, got one beyond a float's range "
+                         f"({str(value)[:40]}...)") from None
 
 
 def choice(name: str, value, options: Iterable) -> None:
