@@ -418,10 +418,10 @@ def variants(budget_s):
     shape, the kernels' A/B switches (SWITCHES: each default config with a switch on and off), so that a budget cut
     short by the sweeps still brings back every side-by-side pair; then the sweeps, shape by shape."""
     from stop_kernels.ops import attention as A
-    for shape in SWEEP_SHAPES:
-        _switches_ab(A, shape, _shape_sweeps(A, shape), budget_s)
-    for (B, H, N, D) in SWEEP_SHAPES:
-        sweeps = _shape_sweeps(A, (B, H, N, D))
+    per_shape = [(shape, _shape_sweeps(A, shape)) for shape in SWEEP_SHAPES]  # (inputs made once, kept for both passes)
+    for shape, sweeps in per_shape:
+        _switches_ab(A, shape, sweeps, budget_s)
+    for (B, H, N, D), sweeps in per_shape:
         bucket = A._pow2(N)
         # head dims that the kernels split in two chunks (80 = 64 + 16) are timed both ways
         splits = [True, False] if A._head_chunks(D, True)[1] else [A.HEAD_DIM_SPLIT]
