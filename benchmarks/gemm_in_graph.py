@@ -38,6 +38,8 @@ import traceback
 
 T0 = time.time()  # the budget counts from the start: the imports below take seconds on a cold machine
 
+# the checkout's stop_kernels (write_json imports it) also where it is not installed, as the other GPU scripts find it
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _gpu_common import (DEV, REHEARSE, bench, bench_graph, kernel_times, md_cell, record_env, sync,  # noqa: E402
