@@ -23,6 +23,9 @@ import sys
 import pytest
 import torch
 
+# stop_kernels from the checkout also where it is not installed: pytest puts only this folder on the path, and
+# without CUDA the module must get as far as its skip
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _gpu_common import card_limits, sdpa_fn  # noqa: E402
