@@ -8,8 +8,8 @@
 # A short table is printed last. Unpack with
 #   tar xzf <files_at>/results.tar.gz -C benchmarks/results/<card>-runN/
 #
-#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile host gemm e2e bench
-#                                                 (default: all but train-eager, profile, host and gemm, in that order)
+#   bash benchmarks/gpu_all.sh [sections...]     sections: env build tests-new tests stop attn cuda train train-eager profile host gemm gluon e2e bench
+#                                                 (default: all but train-eager, profile, host, gemm and gluon, in that order)
 # TESTS_NEW_FILES narrows tests-new to some of its files (a later call resumes where a cut one ended), E2E_PATHS
 # the e2e section to some of its paths.
 # Each section runs under its own time limit (seconds, env SEC_<NAME>; SIGINT, then SIGKILL 10 s
@@ -45,13 +45,14 @@
 #      the host's waits) and its
 #      SM clock and power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the
 #      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
-#   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=110 TESTS_NEW_FILES="tests/test_linear_gelu.py
+#   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=100 TESTS_NEW_FILES="tests/test_linear_gelu.py
 #      tests/test_predictor_input.py tests/test_stop_embed.py tests/test_training_reduce_overhead.py
 #      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py
 #      tests/test_attention.py::test_key_mask_in_the_dot_equals_the_select_bit_for_bit
 #      tests/test_attention.py::test_flat_grid_equals_the_3d_grid_bit_for_bit
-#      tests/test_attention.py::test_column_vector_loads_equal_the_plain_load_bit_for_bit" SEC_ATTN=100 BUDGET_ATTN=85
-#      SEC_STOP=145 BUDGET_STOP=130 bash benchmarks/gpu_all.sh tests-new attn stop (5 s of the 360 left for packing)
+#      tests/test_attention.py::test_column_vector_loads_equal_the_plain_load_bit_for_bit" SEC_ATTN=95 BUDGET_ATTN=80
+#      SEC_STOP=125 BUDGET_STOP=110 SEC_GLUON=35 bash benchmarks/gpu_all.sh tests-new attn stop gluon (5 s of the 360
+#      left for packing)
 #      The GPU tests run 7 failed (fixed since) or did not reach, the multi-kernel cache fix among them
 #      (test_compiled_block_with_lever_equals_eager now compiles two blocks, the second from the cache;
 #      skip_nonfinite_grads' fused CUDA AdamW skip), and, new in the thirty-third session, the attention's key mask in
@@ -67,8 +68,13 @@
 #      tensors now peak at 69.0 MiB (94.3 before the twenty-eighth session; devtools.AllocationTrace on the CPU,
 #      results/cpu-host/), so the rest is what cuBLAS or the dW launch allocate below the dispatcher (~76 MiB in run
 #      7). Its op timings now include the dW loop without a division per row (thirty-fourth session: 13-18 % fewer
-#      SASS instructions in the loop; NOTES.md predicts 5-12 us off run 7's 0.088 ms dW). (Every section is packed
-#      every 20 s while it runs, so a call the device tool cuts still brings back its rows.)
+#      SASS instructions in the loop; NOTES.md predicts 5-12 us off run 7's 0.088 ms dW). Last, gluon
+#      (thirty-fifth session): the StoP noise rows with each step's noise generated while the previous step's wgmmas
+#      run (benchmarks/gluon_stop_forward.py, a Gluon kernel that no GPU has run yet): its output against float64
+#      and against the library kernel, then its GPU time beside the library kernel's 0.1075 ms (run 7), configs in
+#      order while 25 s of the script's budget last (after stop, so the library kernel's build is in Triton's cache;
+#      NOTES.md predicts 0.035-0.06 ms if it is right). (Every section is packed every 20 s while it runs, so a call
+#      the device tool cuts still brings back its rows.)
 #   Later session: SEC_GEMM=80 bash benchmarks/gpu_all.sh gemm: the step's GEMMs eagerly, replayed from a
 #   torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's forward GEMMs
 #   first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of the trees' 5.4 ms
@@ -192,6 +198,8 @@ for s in $SECTIONS; do
            --warmup 8 --mask-batches 6 --steps 10 --profile-steps 2 --top 25 --out "$RES/profile" ;;
     host) section host ${SEC_HOST:-150} python benchmarks/host_overhead.py --device cuda --out "$RES/host" ;;
     gemm) section gemm ${SEC_GEMM:-120} python benchmarks/gemm_in_graph.py --out "$RES/gemm" --budget-s $(( ${SEC_GEMM:-120} - 40 )) ;;
+    gluon) section gluon ${SEC_GLUON:-60} python benchmarks/gluon_stop_forward.py --out "$RES/gluon" \
+           --budget-s $(( ${SEC_GLUON:-60} - 10 )) ;;
     e2e) # a path starts only while 140 s of the limit are left (a compiled ViT-H path takes 75-135 s in run 5, the
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \

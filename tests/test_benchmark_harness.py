@@ -1214,3 +1214,46 @@ def test_gpu_section_gemm_rehearses_on_the_cpu(tmp_path):
     assert all(r["eager_ms"] > 0 and "error" not in r and "trees_kernels" in r for r in rows), rows
     md = (res / "gemm" / "gemm_in_graph.md").read_text()
     assert md.count("\n| context qkv ") == 3 and all(ln.count(" | ") == 8 for ln in md.splitlines() if ln.startswith("| "))
+
+
+def test_gluon_experiment_checks_each_config_and_times_only_the_right_ones(tmp_path):
+    """benchmarks/gluon_stop_forward.py's GPU run, its logic on the CPU (Gluon has no interpreter, so the Gluon launch
+    is a stand-in; the library's Triton kernel runs in the interpreter at run 7's tuned config): the library's output
+    is the reference, a config equal to float64 is timed, one that leaves rows unwritten, raises or is wrong is
+    reported and not timed, and the rows are written as they finish."""
+    import gluon_stop_forward as G
+    from stop_kernels.ops.philox import philox_normal
+    sizes = dict(R=70, E=64, D=48, P=16)
+    tried = []
+
+    def run(out, idx, pos, w, b, seed, cfg):
+        tried.append(cfg)
+        n = philox_normal(seed, sizes["R"], sizes["E"], G.SIGMA)
+        exact = n.to(torch.bfloat16).double() @ w.double().t() + b.double() + pos.double()[idx]
+        k = G.CONFIGS.index(cfg)
+        if k == 0:
+            out[0] = exact.float()
+        elif k == 1:
+            out[0, :5] = exact[:5].float()  # the other rows left unwritten (NaN)
+        elif k == 2:
+            raise RuntimeError("stand-in launch failure")
+        else:
+            out[0] = 1.5 * exact.float()
+
+    rows = G.gpu_run(str(tmp_path), 1e9, sizes=sizes, device="cpu", run=run, timer=lambda fn: (fn(), 1.25)[1])
+    lib, right, unwritten, failed, wrong = rows
+    assert lib["rel_err_vs_f64"] < 1e-3 and lib["ms"] == 1.25 and "rel_err_vs_triton" not in lib
+    assert right["rel_err_vs_f64"] < 1e-5 and right["rel_err_vs_triton"] < 1e-3 and right["ms"] == 1.25
+    assert unwritten["unwritten"] == (sizes["R"] - 5) * sizes["D"] and "ms" not in unwritten
+    assert "stand-in launch failure" in failed["error"] and "ms" not in failed
+    assert wrong["rel_err_vs_f64"] > 0.1 and "ms" not in wrong
+    assert tried == G.CONFIGS[:1] * 2 + G.CONFIGS[1:]  # each config launched, the right one again by its timer
+    saved = json.loads((tmp_path / "gluon_stop_forward.json").read_text())
+    assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in rows] and saved["env"]["sizes"] == sizes
+    assert (tmp_path / "gluon_stop_forward.md").read_text().count("\n| gluon ") == len(G.CONFIGS)
+    with pytest.raises(TypeError, match="weight"):
+        G.check_args(torch.empty(1, 4, 8), torch.zeros(4, dtype=torch.int64), torch.empty(4, 8),
+                     torch.empty(8, 64), None)
+    with pytest.raises(ValueError, match="weight: E a multiple of 32"):
+        G.check_args(torch.empty(1, 4, 8), torch.zeros(4, dtype=torch.int64), torch.empty(4, 8),
+                     torch.empty(8, 40, dtype=torch.bfloat16), None)

@@ -47,6 +47,7 @@ COMMANDS = {
     "compile_check_list": (["benchmarks/compile_check.py", "--list"], {}, True),
     "readme_tables": (["benchmarks/readme_tables.py"], {}, True),
     "ptxas_report_help": (["benchmarks/ptxas_report.py", "--help"], {}, True),
+    "gluon_compile": (["benchmarks/gluon_stop_forward.py", "--compile-only"], {"TRITON_INTERPRET": "1"}, True),
     "gpu_stop_embed_help": (["benchmarks/gpu_stop_embed.py", "--help"], {}, True),
     "e2e_step_help": (["benchmarks/e2e_step.py", "--help"], {}, True),
     "train_help": (["train.py", "--help"], {}, True),
@@ -204,3 +205,18 @@ def test_training_and_evaluation_entry_points_start(runs):
     assert all(f in out for f in ("--noise-mode", "--attention-policy", "--compile-mode", "--benchmark", "--init-from"))
     out, _ = _done(runs, "linear_probe_help")
     assert all(f in out for f in ("--checkpoint", "--subset", "--protocol", "--lambd", "--cache-dir"))
+
+
+@uses("gluon_compile")
+def test_gluon_experiment_builds_with_overlapped_wgmmas(runs):
+    """`python benchmarks/gluon_stop_forward.py --compile-only` (no GPU; here with TRITON_INTERPRET exported, which the
+    script drops before the kernels are defined): every config builds for sm_90a without spills, fits an SM's
+    shared memory, and its main loop waits for wgmma groups once per K step, not once per wgmma (ptxas serialises
+    them, C7515, when the accumulators are written between a wgmma and its wait: with triton 3.6 a runtime trip
+    count did that, 12 waits per step)."""
+    out, _ = _done(runs, "gluon_compile")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| gluon {")]
+    assert len(rows) == 4, out
+    for cells in rows:
+        regs, spills, smem, instrs, bars, waits = (int(c.strip(" |")) for c in cells[1:7])
+        assert spills == 0 and smem <= 227 * 1024 and waits == 1 and 0 < instrs < 1000, cells
