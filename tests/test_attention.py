@@ -1147,6 +1147,16 @@ def test_flat_grid_equals_the_3d_grid_bit_for_bit(monkeypatch, lens):
         assert torch.equal(o1, o0) and torch.equal(g1, g0), _KERNEL_FORMS[form]
 
 
+def test_forward_takes_the_3d_grid_only_for_one_chunk_head_dims():
+    """The forward's 3-D grid is for head dims of one chunk (the predictor's 24): with two chunks (the encoders' 80 =
+    64 + 16) it cost triton 3.6 six registers and the context encoder's default forward its second CTA per SM
+    (tests/test_ptxas_report.py under triton 3.6 holds that occupancy), so those keep the flat program id."""
+    for D, grid3 in ((24, True), (32, True), (80, False), (48, False)):
+        q = torch.randn(2, 37, 2, D).to(DEV, torch.bfloat16)
+        plan, _ = A._make_plan(q, q, q, None, False, 37, 0.2)
+        assert plan.fwd_kw["GRID3"] is grid3, D
+
+
 # ------------------------------------------------------------------------------------------
 # torch.library op and torch.compile
 # ------------------------------------------------------------------------------------------

@@ -1513,7 +1513,9 @@ def _make_plan(q, k, v, cu, varlen: bool, max_seqlen: int, scale: float,
         persist = cfg.get("PERSIST", 0)  # programs per SM of the persistent form; 0: one program per item
         # a fixed grid for the persistent form (no min() with the item count: that would put a guard
         # on a symbolic N into a compiled graph; surplus programs run no iteration)
-        grid3 = not persist and num_m <= _GRID_YZ_MAX and B <= _GRID_YZ_MAX
+        # the 3-D grid where the head dim is one chunk: with two (80 = 64 + 16) it cost triton 3.6 registers, and the
+        # context encoder's default forward (N = 74) its second CTA per SM (128 -> 134 registers, ptxas sm_90a)
+        grid3 = not persist and bd1 == 0 and num_m <= _GRID_YZ_MAX and B <= _GRID_YZ_MAX
         if persist:
             grid = (_num_sms(q.device) * persist,)
         elif grid3:
