@@ -201,12 +201,15 @@ def test_compiled_block_with_lever_equals_eager(device, lever):
     forward and the backward graph), bf16 autocast on a GPU (the horizontally fused Triton kernels,
     the bf16 casts of the weights among them; the C++ host code launching Triton kernels and cuBLAS;
     the LayerNorms over 1152 features, past Inductor's one-pass limit of 1024, as timed multi-kernels).
-    Two blocks, each compiled alone as in the models: the second one's graphs come from Inductor's FX-graph cache,
-    where multi-kernels with the Python host code failed on the GPU (run 7) until ``apply_compile`` set
-    ``TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE``."""
+    Two blocks, each compiled alone as in the models; block 0 runs once and Dynamo is reset, so that every graph
+    after it comes from Inductor's FX-graph cache, where multi-kernels with the Python host code failed on the GPU
+    (run 7) until ``apply_compile`` set ``TORCHINDUCTOR_DISABLE_MULTI_KERNEL_CACHE``. (Without the reset the second
+    block reuses the first one's Dynamo graph and the cache is never read: a review found that the test then passed
+    whether or not the fix worked.)"""
     from stop_kernels.models.vit import Block
     from stop_kernels.training.parallelize import NO_MULTI_KERNEL_PICK_CACHE as NO_PICK_CACHE
     from stop_kernels.training.parallelize import apply_compile
+    from torch._dynamo.utils import counters
     torch.manual_seed(11)
     holder = torch.nn.Module()
     width, heads = (1152, 12) if lever == "multi_kernel" else (96, 4)
@@ -218,18 +221,22 @@ def test_compiled_block_with_lever_equals_eager(device, lever):
     try:
         apply_compile(holder, dynamic=True, **{lever: True})
         assert (os.environ.get(NO_PICK_CACHE) == "1") == (lever == "multi_kernel")
+        run_and_compare(holder.blocks[:1], ref, width, device, lengths=(13,))  # compiled and written to the cache
+        torch._dynamo.reset()
+        counters.clear()
         run_and_compare(holder.blocks, ref, width, device)
+        assert counters["inductor"]["fxgraph_cache_hit"] > 0, dict(counters["inductor"])
     finally:
         os.environ.pop(NO_PICK_CACHE, None)
         if prior is not None:
             os.environ[NO_PICK_CACHE] = prior
 
 
-def run_and_compare(blocks, ref, width, device):
-    """Each compiled block against the eager ``ref`` at two sequence lengths (one dynamic graph)."""
+def run_and_compare(blocks, ref, width, device, lengths=(13, 21)):
+    """Each compiled block against the eager ``ref`` at each sequence length (two by default: one dynamic graph)."""
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     tol = 2e-2 if device == "cuda" else 1e-5  # norm-wise: bf16 rounds each op differently once fused
-    for n in (13, 21):  # two lengths: one dynamic graph
+    for n in lengths:
         x = torch.randn(3, n, width, device=device, requires_grad=True)
         g = torch.randn(3, n, width, device=device)
         outs = []
