@@ -45,36 +45,40 @@
 #      the host's waits) and its
 #      SM clock and power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the
 #      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
-#   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=100 TESTS_NEW_FILES="tests/test_linear_gelu.py
-#      tests/test_predictor_input.py tests/test_stop_embed.py tests/test_training_reduce_overhead.py
-#      tests/test_training_speed.py tests/test_fast_path_loss_curve.py tests/test_training_basics.py
+#   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=70 TESTS_NEW_FILES="
 #      tests/test_attention.py::test_key_mask_in_the_dot_equals_the_select_bit_for_bit
 #      tests/test_attention.py::test_flat_grid_equals_the_3d_grid_bit_for_bit
-#      tests/test_attention.py::test_column_vector_loads_equal_the_plain_load_bit_for_bit" SEC_ATTN=95 BUDGET_ATTN=80
-#      SEC_STOP=125 BUDGET_STOP=110 SEC_GLUON=35 bash benchmarks/gpu_all.sh tests-new attn stop gluon (5 s of the 360
-#      left for packing)
-#      The GPU tests run 7 failed (fixed since) or did not reach, the multi-kernel cache fix among them
-#      (test_compiled_block_with_lever_equals_eager now compiles two blocks, the second from the cache;
-#      skip_nonfinite_grads' fused CUDA AdamW skip), and, new in the thirty-third session, the attention's key mask in
-#      the dot and its 3-D grids, bit for bit against the select and the flat grid on the hardware (the -k filter's
-#      "bit_for_bit" selects them). Then attn: issue 4's timings at the predictor and encoder shapes against every SDPA
-#      backend, and first in its variants the predictor's default forward and backward with the key mask in the dot
-#      and without (rows with dot_mask; NOTES.md predicts the forward 0.0606 -> 0.052-0.057 ms), then the default
-#      backward (the one-pass kernel at N = 116 and 74) with the lse loads of the thirty-fourth session and without
-#      (rows with column_loads). Last, the StoP
-#      section with 70 s of its budget kept from the sweep for the timing pass, so the compiled unfused peer (the
-#      issue's 3x) is timed side by side at last, and with what is live at the fused op's forward+backward peak, by
-#      allocating line (run 7: 170.5 MiB against run 6's 99.6; the md's "Live at the ... peak" table). The op's own
-#      tensors now peak at 69.0 MiB (94.3 before the twenty-eighth session; devtools.AllocationTrace on the CPU,
-#      results/cpu-host/), so the rest is what cuBLAS or the dW launch allocate below the dispatcher (~76 MiB in run
-#      7). Its op timings now include the dW loop without a division per row (thirty-fourth session: 13-18 % fewer
-#      SASS instructions in the loop; NOTES.md predicts 5-12 us off run 7's 0.088 ms dW). Last, gluon
-#      (thirty-fifth session): the StoP noise rows with each step's noise generated while the previous step's wgmmas
-#      run (benchmarks/gluon_stop_forward.py, a Gluon kernel that no GPU has run yet): its output against float64
-#      and against the library kernel, then its GPU time beside the library kernel's 0.1075 ms (run 7), configs in
-#      order while 25 s of the script's budget last (after stop, so the library kernel's build is in Triton's cache;
-#      NOTES.md predicts 0.035-0.06 ms if it is right). (Every section is packed every 20 s while it runs, so a call
-#      the device tool cuts still brings back its rows.)
+#      tests/test_attention.py::test_column_vector_loads_equal_the_plain_load_bit_for_bit
+#      tests/test_training_basics.py::test_skip_nonfinite_grads_on_cuda
+#      tests/test_training_speed.py::test_compiled_block_with_lever_equals_eager
+#      tests/test_predictor_input.py::test_eager_path_equals_the_custom_op_bit_for_bit
+#      tests/test_stop_embed.py::test_eager_path_equals_the_custom_op_bit_for_bit
+#      tests/test_linear_gelu.py::test_cuda_autocast_casts_like_linear_and_runs_one_kernel
+#      tests/test_training_reduce_overhead.py tests/test_fast_path_loss_curve.py" SEC_STOP=145 BUDGET_STOP=130
+#      SEC_GLUON=45 SEC_ATTN=95 BUDGET_ATTN=80 bash benchmarks/gpu_all.sh tests-new stop gluon attn (5 s of the 360
+#      left for packing). The tests in that order, the ones no GPU has passed first: run 7's call 2 reached 31 tests
+#      in 73 s (pytest runs a file at its first mention, so no file is named twice).
+#      The GPU tests: the attention's key mask in the dot, its 3-D grids and its lse column loads, bit for bit against
+#      the select, the flat grid and the plain load on the hardware (thirty-third and thirty-fourth sessions);
+#      skip_nonfinite_grads' fused CUDA AdamW skip; the multi-kernel cache fix (the second block's graphs now really
+#      come from Inductor's FX-graph cache, a review found they did not); the two tests run 7 failed (fixed since).
+#      Then stop, with 70 s of its budget kept from the sweep for the timing pass, so the compiled unfused peer (the
+#      issue's 3x) is timed side by side at last (BUDGET_STOP 130: its untimed correctness part took ~70 s in run 7,
+#      and the peer starts only before budget - 45 s), and with what is live at the fused op's forward+backward peak,
+#      by allocating line (run 7: 170.5 MiB against run 6's 99.6; the md's "Live at the ... peak" table). The op's own
+#      tensors now peak at 69.0 MiB (devtools.AllocationTrace on the CPU, results/cpu-host/), so the rest is what
+#      cuBLAS or the dW launch allocate below the dispatcher (~76 MiB in run 7). Its op timings include the dW loop
+#      without a division per row (thirty-fourth session; NOTES.md predicts 5-12 us off run 7's 0.088 ms dW). Then
+#      gluon (thirty-fifth session): the StoP noise rows with each step's noise generated while the previous step's
+#      wgmmas run (benchmarks/gluon_stop_forward.py, a Gluon kernel no GPU has run yet): its output against float64
+#      and against the library kernel, then its GPU time beside the library kernel's (run 7: 0.1075 ms), configs in
+#      order while 35 s of the script's budget last (after stop, whose builds leave the library kernel in Triton's
+#      cache; NOTES.md predicts 0.035-0.06 ms if it is right). Last, attn: issue 4's timings at the predictor and
+#      encoder shapes against every SDPA backend, and first in its variants the predictor's default forward and
+#      backward with the key mask in the dot and without (rows with dot_mask; NOTES.md predicts the forward 0.0606 ->
+#      0.052-0.057 ms), then the default backward (the one-pass kernel at N = 116 and 74) with the lse loads of the
+#      thirty-fourth session and without (rows with column_loads). (Every section is packed every 20 s while it runs,
+#      so a call the device tool cuts still brings back its rows.)
 #   Later session: SEC_GEMM=80 bash benchmarks/gpu_all.sh gemm: the step's GEMMs eagerly, replayed from a
 #   torch.cuda.graph and from Inductor's trees, with the cuBLAS kernels each runs, the target encoder's forward GEMMs
 #   first (the 256x128 bias kernel ran 172 times per step under the trees against 118): the check of the trees' 5.4 ms
@@ -147,11 +151,14 @@ section() {  # section NAME LIMIT COMMAND...
   echo "=================== $name (limit ${limit}s)"
   # packed every 20 s while it runs too: the scripts write rows as they finish, and a call cut off by the device
   # tool's limit (not by this section's) still brings back what the section had written by then
-  ( trap 'exit 0' TERM; while sleep 20; do pack quiet; done ) > /dev/null 2>&1 &
+  # (the sleep runs in the background and the loop waits for it: a TERM then ends the loop at once, where a
+  # foreground sleep would hold the trap for up to 20 s unless pkill, which an image may lack, killed it)
+  ( s=; trap '[ -n "$s" ] && kill $s; exit 0' TERM; while :; do sleep 20 & s=$!; wait $s; pack quiet; done ) \
+    > /dev/null 2>&1 &
   local packer=$!
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$RES/$name.log"
   local rc=${PIPESTATUS[0]}
-  pkill -TERM -P "$packer" 2> /dev/null; kill "$packer" 2> /dev/null; wait "$packer" 2> /dev/null
+  kill "$packer" 2> /dev/null; wait "$packer" 2> /dev/null
   rm -f "$OUT"/.results.tar.gz.tmp.*  # (a background pack cut mid-way: never returned as a file of its own)
   echo "$name: rc=$rc, $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
   pack
