@@ -308,6 +308,8 @@ def gpu_run(out_dir, budget_s: float, *, sizes=VITH, device="cuda", run=None, ti
                 row["rel_err_vs_triton"] = (out.double() - ref.double()).nan_to_num(1e30).abs().max().item() / scale
             if not row["unwritten"] and row["rel_err_vs_f64"] < 2e-2:  # (a wrong kernel's time means nothing)
                 row["ms"] = timer(lambda: fn(out, idx, pos, w, b, seed, cfg))
+            else:  # where it is wrong, so that one GPU call says what to fix
+                row["diagnosis"] = diagnose(out[0], exact[0], (b.double() + pos.double()[idx]), scale)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             write_json(os.path.join(out_dir, "gluon_stop_forward.json"), dict(env=env, rows=rows))
@@ -317,10 +319,26 @@ def gpu_run(out_dir, budget_s: float, *, sizes=VITH, device="cuda", run=None, ti
     return rows
 
 
+def diagnose(out: torch.Tensor, exact: torch.Tensor, epilogue: torch.Tensor, scale: float) -> dict:
+    """Where a wrong ``out`` (``[R, D]``) departs from ``exact``: the largest error per D tile and per block of 64
+    rows (the first 8), the share of wrong elements, and whether out is ``epilogue`` (b + ψ[idx]) alone, the GEMM
+    part missing, or the GEMM part alone, the epilogue missing."""
+    err = (out.double() - exact).nan_to_num(1e30).abs() / scale
+    D = out.shape[1]
+    gemm = exact - epilogue
+    close = lambda a, b: (a - b).nan_to_num(1e30).abs().max().item() / scale < 1e-2  # noqa: E731
+    return dict(max_by_dtile=[round(err[:, t:t + BLOCK_D].max().item(), 4) for t in range(0, D, BLOCK_D)],
+                max_by_rowblock=[round(err[r:r + 64].max().item(), 4) for r in range(0, min(len(out), 512), 64)],
+                frac_wrong=round((err > 1e-2).double().mean().item(), 4),
+                gemm_missing=close(out.double(), epilogue), epilogue_missing=close(out.double(), gemm),
+                nan=int(out.isnan().sum().item()))
+
+
 def _table(rows) -> str:
     rows = [dict(r, impl=r.get("impl", f"gluon {r.get('config')}")) for r in rows]
     keys = [k for k in ("impl", "ms", "rel_err_vs_f64", "rel_err_vs_triton", "unwritten", "regs", "spill_stores",
-                        "smem", "loop_instrs", "loop_bar", "loop_wgmma_wait", "error") if any(k in r for r in rows)]
+                        "smem", "loop_instrs", "loop_bar", "loop_wgmma_wait", "error", "diagnosis")
+            if any(k in r for r in rows)]
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]

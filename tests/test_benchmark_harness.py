@@ -1245,8 +1245,12 @@ def test_gluon_experiment_checks_each_config_and_times_only_the_right_ones(tmp_p
     assert lib["rel_err_vs_f64"] < 1e-3 and lib["ms"] == 1.25 and "rel_err_vs_triton" not in lib
     assert right["rel_err_vs_f64"] < 1e-5 and right["rel_err_vs_triton"] < 1e-3 and right["ms"] == 1.25
     assert unwritten["unwritten"] == (sizes["R"] - 5) * sizes["D"] and "ms" not in unwritten
-    assert "stand-in launch failure" in failed["error"] and "ms" not in failed
-    assert wrong["rel_err_vs_f64"] > 0.1 and "ms" not in wrong
+    assert unwritten["diagnosis"]["nan"] == unwritten["unwritten"]
+    assert "stand-in launch failure" in failed["error"] and "ms" not in failed and "diagnosis" not in failed
+    assert wrong["rel_err_vs_f64"] > 0.1 and "ms" not in wrong and "diagnosis" not in right
+    d = wrong["diagnosis"]  # 1.5 × everything: every tile and row block wrong, neither part simply missing
+    assert len(d["max_by_dtile"]) == 1 and min(d["max_by_rowblock"]) > 0.01 and d["frac_wrong"] > 0.5, d
+    assert not d["gemm_missing"] and not d["epilogue_missing"], d
     assert tried == G.CONFIGS[:1] * 2 + G.CONFIGS[1:]  # each config launched, the right one again by its timer
     saved = json.loads((tmp_path / "gluon_stop_forward.json").read_text())
     assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in rows] and saved["env"]["sizes"] == sizes
