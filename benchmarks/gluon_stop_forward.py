@@ -13,10 +13,13 @@ wgmmas run, and the weight tiles arrive by ``cp.async`` into a ring of STAGES bu
 (``philox.normal_quarters``, called from Gluon), same sums, same epilogue (+ b + ψ[idx], rows r at
 ``(r // G)·stride_og + (r % G)·stride_or``): its output equals the Triton kernel's up to the fp32 summation order.
 
+The backward's dW kernel has the same serialised structure (run 7: 0.088 ms); ``gluon_stop_dw.py`` is its
+overlapped twin, and this script builds, checks and times both.
+
 It is an experiment, not a library op: bf16 W (and b), D ≤ 384 (three 128-row D tiles), E a multiple of 32
 (16-byte ``cp.async`` of the quarter chunks). Gluon has no CPU interpreter, so it is checked on the GPU
-against the Triton kernel and float64, and offline by compiling it for sm_90a (registers, shared memory, and the
-main loop's SASS: its ``WARPGROUP.DEPBAR`` waits must not be one per wgmma).
+against the library's Triton kernels and float64, and offline by compiling it for sm_90a (registers, shared memory,
+and the main loop's SASS: its ``WARPGROUP.DEPBAR`` waits must not be one per wgmma).
 
     python benchmarks/gluon_stop_forward.py --compile-only          # no GPU: sm_90a build of each config, SASS stats
     python benchmarks/gluon_stop_forward.py --out DIR [--budget-s 60]   # GPU: correctness, then timings
@@ -227,14 +230,26 @@ def compile_only() -> list:
     R, E, D, P = (VITH[k] for k in "REDP")
     w, b = torch.empty(D, E, dtype=torch.bfloat16), torch.empty(D, dtype=torch.bfloat16)
     pos, idx, out = torch.empty(P, D), torch.zeros(R, dtype=torch.int64), torch.empty(1, R, D)
+    import gluon_stop_dw as DW
+    g = torch.empty(R, D, dtype=torch.bfloat16)
+    builds = [(f"gluon {c}", stop_noise_rows_kernel, launch(out, idx, pos, w, b, seed=1234, noise_std=SIGMA,
+                                                             warmup=True, **c)) for c in CONFIGS]
+    builds += [(f"gluon dW {c}", DW.noise_weight_grad_kernel, DW.launch(g, w, seed=1234, noise_std=SIGMA,
+                                                                         splits=dw_splits(), warmup=True, **c))
+               for c in DW.CONFIGS]
     rows = []
-    for cfg in CONFIGS:
-        args, meta = launch(out, idx, pos, w, b, seed=1234, noise_std=SIGMA, warmup=True, **cfg)
+    for name, kernel, (args, meta) in builds:
         try:
-            rows.append(dict(config=cfg, **ptxas_report(stop_noise_rows_kernel, args, meta)))
+            rows.append(dict(impl=name, **ptxas_report(kernel, args, meta)))
         except Exception as exc:  # a config that does not build is a result, reported by name
-            rows.append(dict(config=cfg, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
+            rows.append(dict(impl=name, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"))
     return rows
+
+
+def dw_splits(sms: int = 132) -> int:
+    """The library's row splits of dW at the ViT-H rows on an H200's 132 SMs (6: one wave of 20 × 6 programs)."""
+    from stop_kernels.ops import stop_embed as S
+    return S._dw_splits(VITH["R"], VITH["D"], (VITH["E"] + 3) // 4, sms)
 
 
 def case(sizes, device, seed=1234):
@@ -248,53 +263,91 @@ def case(sizes, device, seed=1234):
     return w, b, pos, idx
 
 
-def library_config():
-    """The library kernel's config that the tuner picked in GPU run 7 for these rows (pinned: tuning times all)."""
+def library_configs():
+    """The library kernels' configs that the tuner picked in GPU run 7 for these rows (pinned: tuning times all):
+    ``(forward, dW)``."""
     from stop_kernels.ops import stop_embed as S
-    return next(c for c in S._FWD_CONFIGS if c.num_warps == 16 and c.num_stages == 2 and c.kwargs == dict(
-        SWAP_AB=True, BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16))
+    tile = dict(BLOCK_M=64, BLOCK_D=128, D_TILES=3, BLOCK_K=16)
+    fwd = next(c for c in S._FWD_CONFIGS if (c.num_warps, c.num_stages) == (16, 2) and c.kwargs == dict(
+        SWAP_AB=True, **tile))
+    dw = next(c for c in S._DW_CONFIGS if (c.num_warps, c.num_stages) == (8, 2) and c.kwargs == tile)
+    return fwd, dw
+
+
+def _contenders(sizes, device, run):
+    """``[(kind, name, cfg, produce)]`` in the order to run them, and per kind ``(exact, scale, epilogue)``:
+    ``produce()`` returns a fresh output (NaN where the kernel writes), ``exact`` the float64 result. The forward: the
+    library's kernel, then each Gluon config; dW (noise rows, the library's row splits): the same."""
+    import gluon_stop_dw as DW
+    from stop_kernels.ops import stop_embed as S
+    from stop_kernels.ops.philox import philox_normal
+    R, E, D = sizes["R"], sizes["E"], sizes["D"]
+    w, b, pos, idx = case(sizes, device)
+    g = (torch.randn(R, D, generator=torch.Generator().manual_seed(7)) * 1e-3).to(device, torch.bfloat16)
+    seed = 987654321
+    n = philox_normal(seed, R, E, SIGMA).to(device).to(torch.bfloat16).double()  # as the kernels round it
+    epilogue = b.double() + pos.double()[idx]
+    exact = {"forward": n @ w.double().t() + epilogue, "dW": g.double().t() @ n}
+    splits = S._dw_splits(R, D, (E + 3) // 4, S._num_sms(w.device))
+    fwd_cfg, dw_cfg = library_configs()
+
+    def fwd_library(cfg):
+        out = torch.full((1, R, D), float("nan"), device=device)
+        with S.pin_configs(fwd=fwd_cfg):
+            S.launch_project(out, idx, pos, w, b, seed=seed, noise_std=SIGMA)
+        return out[0]
+
+    def fwd_gluon(cfg):
+        out = torch.full((1, R, D), float("nan"), device=device)
+        (run or {}).get("forward", lambda *a: launch(*a[:5], seed=seed, noise_std=SIGMA, **cfg))(
+            out, idx, pos, w, b, seed, cfg)
+        return out[0]
+
+    def dw_library(cfg):
+        with S.pin_configs(dw=dw_cfg):
+            return S.noise_weight_grad(g[None], w, seed, SIGMA)
+
+    def dw_gluon(cfg):
+        partial = torch.full((splits, D, E), float("nan"), device=device)
+        if run and "dW" in run:
+            run["dW"](partial, g, w, seed, cfg)
+        else:
+            DW.launch(g, w, seed=seed, noise_std=SIGMA, splits=splits, partial=partial, **cfg)
+        return partial.sum(0)
+
+    order = [("forward", f"triton (library, run 7's config: {fwd_cfg})", None, fwd_library)]
+    order += [("forward", f"gluon {c}", c, fwd_gluon) for c in CONFIGS]
+    order += [("dW", f"triton dW (library, run 7's config: {dw_cfg}; {splits} splits)", None, dw_library)]
+    order += [("dW", f"gluon dW {c}", c, dw_gluon) for c in DW.CONFIGS]
+    scales = {k: v.abs().max().item() for k, v in exact.items()}
+    return order, {k: (exact[k], scales[k], epilogue if k == "forward" else None) for k in exact}
 
 
 def gpu_run(out_dir, budget_s: float, *, sizes=VITH, device="cuda", run=None, timer=None) -> list:
-    """The library's Triton kernel, then each config: its output against float64 and against the Triton kernel
-    (the same noise), and its GPU time (CUDA graph) when it is right; rows written as they finish, each config
-    only while the budget lasts (counted from the script's start). ``run(out, idx, pos, w, b, seed, cfg)`` and
-    ``timer(fn)`` are the launch and the timer (stand-ins for tests of this logic without a GPU)."""
-    from stop_kernels.ops import stop_embed as S
-    from stop_kernels.ops.philox import philox_normal
+    """Forward, then dW: the library's Triton kernel, then each Gluon config, each output against float64 and against
+    the library's (the same noise), and its GPU time (CUDA graph) when it is right; a wrong one gets a diagnosis.
+    Rows are written as they finish, each only while the budget lasts (counted from the script's start). ``run``
+    (``{"forward": fn(out, idx, pos, w, b, seed, cfg), "dW": fn(partial, g, w, seed, cfg)}``) and ``timer(fn)``
+    stand in for the Gluon launches and the timer in tests of this logic without a GPU."""
     from _gpu_common import write_json
     if timer is None:
         from triton.testing import do_bench_cudagraph
         timer = lambda fn: do_bench_cudagraph(fn, rep=100)  # noqa: E731
-    if run is None:
-        def run(out, idx, pos, w, b, seed, cfg):
-            launch(out, idx, pos, w, b, seed=seed, noise_std=SIGMA, **cfg)
-    tuned = library_config()
-
-    def run_library(out, idx, pos, w, b, seed, cfg):
-        with S.pin_configs(fwd=tuned):
-            S.launch_project(out, idx, pos, w, b, seed=seed, noise_std=SIGMA)
-
-    R, E, D = sizes["R"], sizes["E"], sizes["D"]
-    w, b, pos, idx = case(sizes, device)
-    seed = 987654321
-    n = philox_normal(seed, R, E, SIGMA).to(device)  # float64, rounded to bf16 as the kernels round it
-    exact = (n.to(torch.bfloat16).double() @ w.double().t() + b.double() + pos.double()[idx])[None]
-    scale = exact.abs().max().item()
+    order, truth = _contenders(sizes, device, run)
+    fwd_cfg, dw_cfg = library_configs()
     env = dict(gpu=torch.cuda.get_device_name() if device == "cuda" else device, torch=torch.__version__,
-               triton=triton.__version__, sizes=sizes, sigma=SIGMA, dtype="bf16 W and b, fp32 ψ and out",
-               library_config=str(tuned))
-    rows, ref = [], None
-    for name, cfg, fn in [("triton (library, run 7's tuned config)", None, run_library)] + \
-            [(f"gluon {c}", c, run) for c in CONFIGS]:
-        row = dict(impl=name, **({"config": cfg} if cfg else {}))
+               triton=triton.__version__, sizes=sizes, sigma=SIGMA,
+               dtype="bf16 W, b and g; fp32 ψ, out and dW", library_configs=[str(fwd_cfg), str(dw_cfg)])
+    rows, ref = [], {}
+    for kind, name, cfg, produce in order:
+        row = dict(kind=kind, impl=name, **({"config": cfg} if cfg else {}))
         rows.append(row)
+        exact, scale, epilogue = truth[kind]
         if time.time() - T0 > budget_s:
             row["error"] = "skipped (budget)"
             continue
-        out = torch.full((1, R, D), float("nan"), device=device)
         try:
-            fn(out, idx, pos, w, b, seed, cfg)
+            out = produce(cfg)
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as exc:  # a config that fails to build or launch is a result, reported by name
@@ -302,36 +355,36 @@ def gpu_run(out_dir, budget_s: float, *, sizes=VITH, device="cuda", run=None, ti
         else:
             row["unwritten"] = int(out.isnan().sum().item())
             row["rel_err_vs_f64"] = (out.double() - exact).nan_to_num(1e30).abs().max().item() / scale
-            if ref is None:
-                ref = out
+            if kind in ref:
+                row["rel_err_vs_triton"] = (out.double() - ref[kind].double()).nan_to_num(1e30).abs().max().item() / scale
             else:
-                row["rel_err_vs_triton"] = (out.double() - ref.double()).nan_to_num(1e30).abs().max().item() / scale
+                ref[kind] = out
             if not row["unwritten"] and row["rel_err_vs_f64"] < 2e-2:  # (a wrong kernel's time means nothing)
-                row["ms"] = timer(lambda: fn(out, idx, pos, w, b, seed, cfg))
+                row["ms"] = timer(lambda: produce(cfg))
             else:  # where it is wrong, so that one GPU call says what to fix
-                row["diagnosis"] = diagnose(out[0], exact[0], (b.double() + pos.double()[idx]), scale)
+                row["diagnosis"] = diagnose(out, exact, epilogue, scale)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             write_json(os.path.join(out_dir, "gluon_stop_forward.json"), dict(env=env, rows=rows))
             with open(os.path.join(out_dir, "gluon_stop_forward.md"), "w") as fh:
-                fh.write(f"# StoP noise rows: Gluon (asynchronous wgmma) against the Triton kernel\n\n"
+                fh.write(f"# StoP noise rows and dW: Gluon (asynchronous wgmma) against the Triton kernels\n\n"
                          f"`python benchmarks/gluon_stop_forward.py --out DIR`; {env}\n\n{_table(rows)}\n")
     return rows
 
 
-def diagnose(out: torch.Tensor, exact: torch.Tensor, epilogue: torch.Tensor, scale: float) -> dict:
-    """Where a wrong ``out`` (``[R, D]``) departs from ``exact``: the largest error per D tile and per block of 64
-    rows (the first 8), the share of wrong elements, and whether out is ``epilogue`` (b + ψ[idx]) alone, the GEMM
-    part missing, or the GEMM part alone, the epilogue missing."""
+def diagnose(out: torch.Tensor, exact: torch.Tensor, epilogue, scale: float) -> dict:
+    """Where a wrong ``out`` departs from ``exact``: the largest error per block of 128 columns (the forward's D
+    tiles; dW's are its rows) and per block of 64 rows (the first 8), the share of wrong elements, and for the
+    forward whether out is ``epilogue`` (b + ψ[idx]) alone, the GEMM part missing, or the GEMM part alone."""
     err = (out.double() - exact).nan_to_num(1e30).abs() / scale
     D = out.shape[1]
-    gemm = exact - epilogue
     close = lambda a, b: (a - b).nan_to_num(1e30).abs().max().item() / scale < 1e-2  # noqa: E731
-    return dict(max_by_dtile=[round(err[:, t:t + BLOCK_D].max().item(), 4) for t in range(0, D, BLOCK_D)],
-                max_by_rowblock=[round(err[r:r + 64].max().item(), 4) for r in range(0, min(len(out), 512), 64)],
-                frac_wrong=round((err > 1e-2).double().mean().item(), 4),
-                gemm_missing=close(out.double(), epilogue), epilogue_missing=close(out.double(), gemm),
-                nan=int(out.isnan().sum().item()))
+    found = dict(max_by_dtile=[round(err[:, t:t + BLOCK_D].max().item(), 4) for t in range(0, D, BLOCK_D)],
+                 max_by_rowblock=[round(err[r:r + 64].max().item(), 4) for r in range(0, min(len(out), 512), 64)],
+                 frac_wrong=round((err > 1e-2).double().mean().item(), 4), nan=int(out.isnan().sum().item()))
+    if epilogue is not None:
+        found.update(gemm_missing=close(out.double(), epilogue), epilogue_missing=close(out.double(), exact - epilogue))
+    return found
 
 
 def _table(rows) -> str:

@@ -55,7 +55,7 @@
 #      tests/test_stop_embed.py::test_eager_path_equals_the_custom_op_bit_for_bit
 #      tests/test_linear_gelu.py::test_cuda_autocast_casts_like_linear_and_runs_one_kernel
 #      tests/test_training_reduce_overhead.py tests/test_fast_path_loss_curve.py" SEC_STOP=145 BUDGET_STOP=130
-#      SEC_GLUON=45 SEC_ATTN=95 BUDGET_ATTN=80 bash benchmarks/gpu_all.sh tests-new stop gluon attn (5 s of the 360
+#      SEC_GLUON=55 SEC_ATTN=85 BUDGET_ATTN=70 bash benchmarks/gpu_all.sh tests-new stop gluon attn (5 s of the 360
 #      left for packing). The tests in that order, the ones no GPU has passed first: run 7's call 2 reached 31 tests
 #      in 73 s (pytest runs a file at its first mention, so no file is named twice).
 #      The GPU tests: the attention's key mask in the dot, its 3-D grids and its lse column loads, bit for bit against
@@ -69,12 +69,13 @@
 #      tensors now peak at 69.0 MiB (devtools.AllocationTrace on the CPU, results/cpu-host/), so the rest is what
 #      cuBLAS or the dW launch allocate below the dispatcher (~76 MiB in run 7). Its op timings include the dW loop
 #      without a division per row (thirty-fourth session; NOTES.md predicts 5-12 us off run 7's 0.088 ms dW). Then
-#      gluon (thirty-fifth session): the StoP noise rows with each step's noise generated while the previous step's
-#      wgmmas run (benchmarks/gluon_stop_forward.py, a Gluon kernel no GPU has run yet): its output against float64
-#      and against the library kernel, then its GPU time beside the library kernel's (run 7: 0.1075 ms), configs in
-#      order while 35 s of the script's budget last (after stop, whose builds leave the library kernel in Triton's
-#      cache; NOTES.md predicts 0.035-0.06 ms if it is right). Last, attn: issue 4's timings at the predictor and
-#      encoder shapes against every SDPA backend, and first in its variants the predictor's default forward and
+#      gluon (thirty-fifth session): the StoP noise rows' forward and dW with each step's noise generated while the
+#      previous step's wgmmas run (benchmarks/gluon_stop_forward.py and gluon_stop_dw.py, Gluon kernels no GPU has
+#      run yet): each output against float64 and against the library kernel, then its GPU time beside the library
+#      kernel's (run 7: 0.1075 ms forward, 0.088 dW), configs in order while 45 s of the script's budget last (after
+#      stop, whose builds leave the library kernels in Triton's cache; NOTES.md predicts 0.035-0.06 ms forward and
+#      0.025-0.045 dW if they are right; a wrong one gets a diagnosis). Last, attn: issue 4's timings at the
+#      predictor and encoder shapes against every SDPA backend, and first in its variants the predictor's default forward and
 #      backward with the key mask in the dot and without (rows with dot_mask; NOTES.md predicts the forward 0.0606 ->
 #      0.052-0.057 ms), then the default backward (the one-pass kernel at N = 116 and 74) with the lse loads of the
 #      thirty-fourth session and without (rows with column_loads). (Every section is packed every 20 s while it runs,

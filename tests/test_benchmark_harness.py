@@ -1217,19 +1217,22 @@ def test_gpu_section_gemm_rehearses_on_the_cpu(tmp_path):
 
 
 def test_gluon_experiment_checks_each_config_and_times_only_the_right_ones(tmp_path):
-    """benchmarks/gluon_stop_forward.py's GPU run, its logic on the CPU (Gluon has no interpreter, so the Gluon launch
-    is a stand-in; the library's Triton kernel runs in the interpreter at run 7's tuned config): the library's output
-    is the reference, a config equal to float64 is timed, one that leaves rows unwritten, raises or is wrong is
-    reported and not timed, and the rows are written as they finish."""
+    """benchmarks/gluon_stop_forward.py's GPU run, its logic on the CPU (Gluon has no interpreter, so the Gluon launches
+    are stand-ins; the library's Triton kernels run in the interpreter at run 7's tuned configs): forward, then dW,
+    each against float64 and the library's output; a config equal to float64 is timed, one that leaves elements
+    unwritten, raises or is wrong is reported with a diagnosis and not timed; the rows are written as they finish."""
+    import gluon_stop_dw as DW
     import gluon_stop_forward as G
     from stop_kernels.ops.philox import philox_normal
     sizes = dict(R=70, E=64, D=48, P=16)
     tried = []
 
-    def run(out, idx, pos, w, b, seed, cfg):
-        tried.append(cfg)
-        n = philox_normal(seed, sizes["R"], sizes["E"], G.SIGMA)
-        exact = n.to(torch.bfloat16).double() @ w.double().t() + b.double() + pos.double()[idx]
+    def noise(seed):
+        return philox_normal(seed, sizes["R"], sizes["E"], G.SIGMA).to(torch.bfloat16).double()
+
+    def forward(out, idx, pos, w, b, seed, cfg):
+        tried.append(("forward", cfg))
+        exact = noise(seed) @ w.double().t() + b.double() + pos.double()[idx]
         k = G.CONFIGS.index(cfg)
         if k == 0:
             out[0] = exact.float()
@@ -1240,9 +1243,20 @@ def test_gluon_experiment_checks_each_config_and_times_only_the_right_ones(tmp_p
         else:
             out[0] = 1.5 * exact.float()
 
-    rows = G.gpu_run(str(tmp_path), 1e9, sizes=sizes, device="cpu", run=run, timer=lambda fn: (fn(), 1.25)[1])
-    lib, right, unwritten, failed, wrong = rows
-    assert lib["rel_err_vs_f64"] < 1e-3 and lib["ms"] == 1.25 and "rel_err_vs_triton" not in lib
+    def dw(partial, g, w, seed, cfg):
+        tried.append(("dW", cfg))
+        exact = g.double().t() @ noise(seed)
+        partial.zero_()
+        partial[0] = exact.float() if cfg == DW.CONFIGS[0] else -exact.float()
+
+    rows = G.gpu_run(str(tmp_path), 1e9, sizes=sizes, device="cpu", run={"forward": forward, "dW": dw},
+                     timer=lambda fn: (fn(), 1.25)[1])
+    assert [r["kind"] for r in rows] == ["forward"] * 5 + ["dW"] * 3
+    lib, right, unwritten, failed, wrong, dw_lib, dw_right, dw_wrong = rows
+    # (the kernels round their fp32 noise to bf16, float64 its own: an element on a rounding boundary goes either
+    # way, one bf16 step, and dW's 70-row sums at these toy sizes cancel down to a small scale)
+    for r, tol in ((lib, 1e-3), (dw_lib, 1e-2)):
+        assert r["rel_err_vs_f64"] < tol and r["ms"] == 1.25 and "rel_err_vs_triton" not in r, r
     assert right["rel_err_vs_f64"] < 1e-5 and right["rel_err_vs_triton"] < 1e-3 and right["ms"] == 1.25
     assert unwritten["unwritten"] == (sizes["R"] - 5) * sizes["D"] and "ms" not in unwritten
     assert unwritten["diagnosis"]["nan"] == unwritten["unwritten"]
@@ -1251,10 +1265,14 @@ def test_gluon_experiment_checks_each_config_and_times_only_the_right_ones(tmp_p
     d = wrong["diagnosis"]  # 1.5 × everything: every tile and row block wrong, neither part simply missing
     assert len(d["max_by_dtile"]) == 1 and min(d["max_by_rowblock"]) > 0.01 and d["frac_wrong"] > 0.5, d
     assert not d["gemm_missing"] and not d["epilogue_missing"], d
-    assert tried == G.CONFIGS[:1] * 2 + G.CONFIGS[1:]  # each config launched, the right one again by its timer
+    assert dw_right["rel_err_vs_f64"] < 1e-5 and dw_right["rel_err_vs_triton"] < 1e-2 and dw_right["ms"] == 1.25
+    assert dw_wrong["rel_err_vs_f64"] > 1 and "ms" not in dw_wrong and "gemm_missing" not in dw_wrong["diagnosis"]
+    # each config launched, the right ones again by their timers
+    assert tried == ([("forward", G.CONFIGS[0])] * 2 + [("forward", c) for c in G.CONFIGS[1:]]
+                     + [("dW", DW.CONFIGS[0])] * 2 + [("dW", c) for c in DW.CONFIGS[1:]]), tried
     saved = json.loads((tmp_path / "gluon_stop_forward.json").read_text())
     assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in rows] and saved["env"]["sizes"] == sizes
-    assert (tmp_path / "gluon_stop_forward.md").read_text().count("\n| gluon ") == len(G.CONFIGS)
+    assert (tmp_path / "gluon_stop_forward.md").read_text().count("\n| gluon ") == len(G.CONFIGS) + len(DW.CONFIGS)
     with pytest.raises(TypeError, match="weight"):
         G.check_args(torch.empty(1, 4, 8), torch.zeros(4, dtype=torch.int64), torch.empty(4, 8),
                      torch.empty(8, 64), None)
