@@ -303,8 +303,10 @@ def _contenders(sizes, device, run):
 
     def fwd_gluon(cfg, poison=True):
         out = fresh((1, R, D), poison)
-        (run or {}).get("forward", lambda *a: launch(*a[:5], seed=seed, noise_std=SIGMA, **cfg))(
-            out, idx, pos, w, b, seed, cfg)
+        if run and "forward" in run:
+            run["forward"](out, idx, pos, w, b, seed, cfg)
+        else:
+            launch(out, idx, pos, w, b, seed=seed, noise_std=SIGMA, **cfg)
         return out[0]
 
     def dw_library(cfg, poison=True):  # (its partials are the library's own)
