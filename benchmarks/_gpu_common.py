@@ -301,6 +301,27 @@ def innermost_range(t: float, ranges) -> str:
     return max(open_)[1] if open_ else "outside the ranges"
 
 
+def busy_stretches(kernels) -> list:
+    """``[[start, end, launch]]``: the stretches of the GPU timeline where at least one of ``kernels`` (``(start, end,
+    launch)``, any streams) runs, in order; ``launch`` is that of the kernel that opens the stretch."""
+    merged = []
+    for a, b, launch in sorted(kernels, key=lambda k: (k[0], k[1])):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b, launch])
+    return merged
+
+
+def gpu_busy_ms(prof, iterations: int) -> float:
+    """ms per iteration during which the GPU runs at least one kernel, copy or memset, from a ``torch.profiler`` run
+    over ``iterations`` iterations. Unlike the sum of the kernels' times (:func:`kernel_times`), kernels running at
+    once on two streams (``overlap_target``) count once."""
+    kernels = [(e.time_range.start, e.time_range.end, None) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not _annotation(e.name)]
+    return sum(b - a for a, b, _ in busy_stretches(kernels)) / 1e3 / iterations
+
+
 def idle_by_launch(kernels, ranges) -> dict:
     """Where the GPU waited, charged to the step phase that launched the work it waited for.
 
@@ -312,12 +333,7 @@ def idle_by_launch(kernels, ranges) -> dict:
     link. Where that launch came after the GPU went idle, the GPU waited for the host (``host_us``); otherwise the
     work was queued and the gap is the GPU's own (launch latency between kernels, a wait on another stream).
     Returns ``{phase: {"idle_us": ..., "host_us": ...}}`` (``host_us`` None for ``"launch unknown"``)."""
-    merged = []  # [start, end, launch of the work that opens the stretch]
-    for a, b, launch in sorted(kernels, key=lambda k: (k[0], k[1])):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b, launch])
+    merged = busy_stretches(kernels)
     out: dict = {}
     for (_, gap_start, _), (gap_end, _, launch) in zip(merged, merged[1:]):
         name = "launch unknown" if launch is None else innermost_range(launch, ranges)

@@ -32,36 +32,44 @@
 #   1. (timeout_s 440) SEC_E2E=420 bash benchmarks/gpu_all.sh e2e
 #      The ViT-H step, in this order (a path starts only while 140 s of the limit are left; runs 6 and 7's paths
 #      took 75-150 s): reference; fast_cg_levers (the trees with the GPU-time levers, the multi-kernel fix; predicted
-#      100-108 ms/step: the levers' GPU savings on top of run 7's 115.1 ms of kernels); fast_levers (the six opt-in
-#      levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise only). Both levers paths now
-#      also send the context encoder's head dim 80 to the Triton attention (policy compiled_train:80=triton; run 7's
-#      microbenchmark: 0.107 against 0.146 ms forward+backward at N = 74, so up to ~1.2 ms less attention per step
-#      over 32 blocks; in run 7's step cuDNN's context calls took ~0.094 ms each, so the saving may be smaller:
-#      read it from the attention category); fast_overlap (the target
+#      100-108 ms/step: the levers' GPU savings on top of run 7's 115.1 ms of kernels); fast_overlap (the target
 #      encoder on a second stream alone: its kernels can fill the ~10 ms of gaps per step between the defaults'
-#      kernels, NOTES.md); fast_cg (run 7: 114.74, to see the trees' GEMM slowdown again side by side); fast,
-#      fast_tgelu, then the rest, which the limit will not reach. Read each path's GPU ms, its matmul category and its reserved peak (issue 8: no more than the reference's),
-#      and, new since run 7, its GPU idle before each step phase's work (queued gaps against waits for the host, with
-#      the host's waits) and its
-#      SM clock and power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the
-#      host ~30 ms ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace).
+#      kernels, NOTES.md; before fast_levers, whose warm-up took 121 s in run 6, so that the limit reaches it);
+#      fast_levers (the six opt-in levers with the C++ host code; run 6 lost 35 ms to combo kernels now pointwise
+#      only). Both levers paths also send the context encoder's head dim 80 to the Triton attention (policy
+#      compiled_train:80=triton; run 7's microbenchmark: 0.107 against 0.146 ms forward+backward at N = 74, so up to
+#      ~1.2 ms less attention per step over 32 blocks; in run 7's step cuDNN's context calls took ~0.094 ms each, so
+#      the saving may be smaller: read it from the attention category); fast_cg (run 7: 114.74, to see the trees'
+#      GEMM slowdown again side by side); fast, fast_tgelu, then the rest, which the limit will not reach. Read each
+#      path's GPU ms (and the busy ms in brackets: the figure for fast_overlap, whose two streams' kernels overlap),
+#      its matmul category, its reserved peak (issue 8: no more than the reference's), its last loss against the
+#      reference's (the attention kernels of the thirty-third and thirty-fourth sessions run first here, before call
+#      2's bit-for-bit tests: a difference past 2e-3 is flagged), the graphed target's replays, its GPU idle before
+#      each step phase's work (queued gaps against waits for the host, with the host's waits) and its SM clock and
+#      power while timed (the e2e table's last column): run 7's defaults idled ~10 ms per step with the host ~30 ms
+#      ahead, and the trees ran every category slower (clocks at the power limit, or cuBLAS's workspace). A path
+#      whose profile fails keeps its timing (profile_error).
 #   2. (timeout_s 360, sent at once) SEC_TESTS_NEW=70 TESTS_NEW_FILES="
 #      tests/test_attention.py::test_key_mask_in_the_dot_equals_the_select_bit_for_bit
 #      tests/test_attention.py::test_flat_grid_equals_the_3d_grid_bit_for_bit
 #      tests/test_attention.py::test_column_vector_loads_equal_the_plain_load_bit_for_bit
 #      tests/test_training_basics.py::test_skip_nonfinite_grads_on_cuda
 #      tests/test_training_speed.py::test_compiled_block_with_lever_equals_eager
+#      tests/test_training_speed.py::test_overlapped_target_trains_like_serial
+#      tests/test_training_speed.py::test_cuda_graph_target_trains_like_eager
 #      tests/test_predictor_input.py::test_eager_path_equals_the_custom_op_bit_for_bit
 #      tests/test_stop_embed.py::test_eager_path_equals_the_custom_op_bit_for_bit
 #      tests/test_linear_gelu.py::test_cuda_autocast_casts_like_linear_and_runs_one_kernel
 #      tests/test_training_reduce_overhead.py tests/test_fast_path_loss_curve.py" SEC_STOP=145 BUDGET_STOP=130
 #      SEC_GLUON=55 SEC_ATTN=85 BUDGET_ATTN=70 bash benchmarks/gpu_all.sh tests-new stop gluon attn (5 s of the 360
 #      left for packing). The tests in that order, the ones no GPU has passed first: run 7's call 2 reached 31 tests
-#      in 73 s (pytest runs a file at its first mention, so no file is named twice).
+#      in 73 s (pytest runs a file's tests together, at the file's first mention).
 #      The GPU tests: the attention's key mask in the dot, its 3-D grids and its lse column loads, bit for bit against
 #      the select, the flat grid and the plain load on the hardware (thirty-third and thirty-fourth sessions);
 #      skip_nonfinite_grads' fused CUDA AdamW skip; the multi-kernel cache fix (the second block's graphs now really
-#      come from Inductor's FX-graph cache, a review found they did not); the two tests run 7 failed (fixed since).
+#      come from Inductor's FX-graph cache, a review found they did not); the two tests run 7 failed (fixed since);
+#      the target encoder on a second stream and CUDA-graphed against the serial step (no GPU has run them; their
+#      losses are now read after all steps are queued, so a missing stream wait shows).
 #      Then stop, with 70 s of its budget kept from the sweep for the timing pass, so the compiled unfused peer (the
 #      issue's 3x) is timed side by side at last (BUDGET_STOP 130: its untimed correctness part took ~70 s in run 7,
 #      and the peer starts only before budget - 45 s), and with what is live at the fused op's forward+backward peak,
@@ -212,7 +220,7 @@ for s in $SECTIONS; do
          # C++ host code's the longest): a path cut mid-way gives nothing, a skipped one leaves the others' table
          section e2e ${SEC_E2E:-300} env $(attn_configs) python benchmarks/e2e_step.py --model vit_h --batch-size 64 --steps 20 \
            --budget-s $(( ${SEC_E2E:-300} - 140 )) \
-           --paths ${E2E_PATHS:-reference,fast_cg_levers,fast_levers,fast_overlap,fast_cg,fast,fast_tgelu,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
+           --paths ${E2E_PATHS:-reference,fast_cg_levers,fast_overlap,fast_levers,fast_cg,fast,fast_tgelu,fast_cg_stack,fast_sdpa,fast_py,fast_stack,fast_triton,fast_unrolled} --profile-steps ${E2E_PROFILE:-2} --top 25 \
            --out "$RES/e2e" ;;
     bench) section bench ${SEC_BENCH:-420} python -m pytest ${BENCH_FILES:-benchmarks/} --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/bench_e2e_step.py \
            --benchmark-json "$RES/pytest_benchmark.json" --benchmark-min-rounds 20 --benchmark-max-time 0.5 ;;

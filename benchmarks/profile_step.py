@@ -94,8 +94,8 @@ from stop_kernels.training.metrics import (STEP_PHASE_PREFIX, annotate_step_phas
 from stop_kernels.training.parallelize import cudagraph_recordings, cudagraph_skips  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import (card_limits, gpu_clocks, gpu_idle_by_phase, host_op_times, kernel_times, md_cell,  # noqa: E402
-                         write_json)
+from _gpu_common import (card_limits, gpu_busy_ms, gpu_clocks, gpu_idle_by_phase, host_op_times,  # noqa: E402
+                         kernel_times, md_cell, write_json)
 
 # kernel name -> category, first match wins
 CATEGORIES = [
@@ -212,6 +212,7 @@ def run_variant(v: dict, args, info) -> dict:
         tr.step(*batches[i], sched)
     _sync(info)
     res["warmup_s"] = round(time.perf_counter() - t0, 1)
+    res["warmup_steps"] = warm
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     # the GPU's clocks and power while the timed steps run (nvidia-smi in the background): whether a path that keeps
@@ -248,32 +249,13 @@ def run_variant(v: dict, args, info) -> dict:
         cfg, cfg.batch_size, n_ctx, n_tgt, tflops=tflops_lim, tbps=tbps_lim,
         trainable_params=sum(p.numel() for mod in (m.encoder, m.predictor) for p in mod.parameters() if p.requires_grad),
         ema_params=sum(p.numel() for p in m.target_encoder.parameters())).items()}
+    if tr.target_forward is not None:  # whether the graphed target replayed (it falls back to eager without a word)
+        res["target_graph"] = {"captures": tr.target_forward.captures, "replays": tr.target_forward.replays}
     if args.profile_steps:
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        annotate_step_phases(True)  # the phases as ranges, for the profiled steps only (a few µs of host each)
         try:
-            # the timed steps ended with a synchronisation: one step unprofiled, so that the profiled ones find the
-            # host as far ahead of the GPU as in the steady state, not an empty launch queue
-            tr.step(*batches[warm + args.steps], sched)
-            with profile(activities=acts) as prof:
-                for i in range(warm + args.steps + lead_in, n_all):
-                    tr.step(*batches[i], sched)
-                _sync(info)
-        finally:
-            annotate_step_phases(False)
-        cats, kernels = {}, []
-        for name, (t, n) in kernel_times(prof, args.profile_steps).items():
-            c = category(name)
-            cats[c] = cats.get(c, 0.0) + t
-            kernels.append((t, n, c, name[:110]))
-        kernels.sort(reverse=True)
-        host = host_op_times(prof, args.profile_steps)
-        res["gpu_ms_per_step"] = round(sum(cats.values()), 2)
-        res["categories_ms"] = {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])}
-        res["top_kernels"] = [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]]
-        res["top_host_ops"] = [[round(t, 3), n, k] for t, n, k in host[:args.top]]
-        res["gpu_idle_ms"] = gpu_idle_by_phase(prof, args.profile_steps, STEP_PHASE_PREFIX)
+            res.update(profiled(tr, batches, sched, warm, args, info, cuda))
+        except Exception as exc:  # the timing above stands: a failing profile costs its own rows only
+            res["profile_error"] = _clip(f"{type(exc).__name__}: {exc}")
     if v["compile"] == "1":
         from torch._dynamo.utils import counters
         res["dynamo"] = {k: dict(counters[k]) for k in ("stats", "recompiles") if k in counters}
@@ -285,6 +267,39 @@ def run_variant(v: dict, args, info) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+def profiled(tr, batches, sched, warm: int, args, info, cuda: bool) -> dict:
+    """The profiled steps (after one unprofiled step): GPU ms per step by kernel category and its sum, the GPU's busy
+    ms per step (the union of the kernels' intervals: two streams' overlapping kernels count once), the top kernels
+    and host ops, and the GPU's idle time by step phase."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    n_all = len(batches)
+    annotate_step_phases(True)  # the phases as ranges, for the profiled steps only (a few µs of host each)
+    try:
+        # the timed steps ended with a synchronisation: one step unprofiled, so that the profiled ones find the
+        # host as far ahead of the GPU as in the steady state, not an empty launch queue
+        tr.step(*batches[warm + args.steps], sched)
+        with profile(activities=acts) as prof:
+            for i in range(warm + args.steps + 1, n_all):
+                tr.step(*batches[i], sched)
+            _sync(info)
+    finally:
+        annotate_step_phases(False)
+    cats, kernels = {}, []
+    for name, (t, n) in kernel_times(prof, args.profile_steps).items():
+        c = category(name)
+        cats[c] = cats.get(c, 0.0) + t
+        kernels.append((t, n, c, name[:110]))
+    kernels.sort(reverse=True)
+    host = host_op_times(prof, args.profile_steps)
+    return {"gpu_ms_per_step": round(sum(cats.values()), 2),
+            "gpu_busy_ms_per_step": round(gpu_busy_ms(prof, args.profile_steps), 2),
+            "categories_ms": {k: round(x, 2) for k, x in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [[round(t, 3), n, c, k] for t, n, c, k in kernels[:args.top]],
+            "top_host_ops": [[round(t, 3), n, k] for t, n, k in host[:args.top]],
+            "gpu_idle_ms": gpu_idle_by_phase(prof, args.profile_steps, STEP_PHASE_PREFIX)}
 
 
 def _count(minimum: int):
@@ -425,15 +440,19 @@ def print_report(gpu: str, args, results) -> None:
                 print(f"{x['idle_ms']:8.3f} {host:>8s} {name}" + (f" (host waits: {waits})" if waits else ""))
     cats = sorted({c for r in results for c in r.get("categories_ms", {})})
     print(f"\n{gpu}, {args.model}, batch {args.batch_size}")
-    print("| variant | ms/step | host ms | img/s | TFLOP/s | peak GiB | GPU ms | " + " | ".join(cats) + " |")
+    print("| variant | ms/step | host ms | img/s | TFLOP/s | peak GiB | GPU ms (busy) | " + " | ".join(cats) + " |")
     print("| --- " * (7 + len(cats)) + "|")
     for r in results:
         if "error" in r:
             print(f"| {r['name']} | error: {md_cell(r['error'], 150)} |")
             continue
         c = r.get("categories_ms", {})
+        # the kernels' summed time, and in brackets the time the GPU ran any (kernels on two streams at once count
+        # once there: the figure to set against ms/step for overlap_target)
+        gpu_ms = (f"{r['gpu_ms_per_step']} ({r.get('gpu_busy_ms_per_step')})" if "gpu_ms_per_step" in r
+                  else f"profile error: {md_cell(r['profile_error'], 120)}" if "profile_error" in r else "")
         print(f"| {r['name']} | {r['ms_per_step']} | {r['host_ms_per_step']} | {r['images_per_s']} | {r['tflops']} | "
-              f"{r['peak_gib']} | {r.get('gpu_ms_per_step', '')} | " + " | ".join(str(c.get(k, 0)) for k in cats) + " |")
+              f"{r['peak_gib']} | {gpu_ms} | " + " | ".join(str(c.get(k, 0)) for k in cats) + " |")
         floors = r.get("floors_ms", {})
         if floors and c:  # the card's floor of each category that has one, and how far the variant is from it
             print(f"| {r['name']}: floor (×) | | | | | | {round(sum(floors.values()), 2)} | " + " | ".join(

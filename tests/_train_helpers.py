@@ -79,4 +79,7 @@ def cuda_step_losses(out_dir, steps: int = 6, **over):
     batches = synthetic_batches(cfg, 3, cfg.batch_size, torch.device("cuda"), seed=2)
     torch.manual_seed(6)
     sched = (cfg.lr, cfg.weight_decay, cfg.ema_start)
-    return [float(tr.step(*batches[i % 3], sched)[0]) for i in range(steps)], tr
+    # every step queued before any loss is read: a read per step would synchronise the host each time, which orders
+    # one step's work after the previous one's whatever the streams do (a missing wait_stream would go unseen)
+    losses = [tr.step(*batches[i % 3], sched)[0] for i in range(steps)]
+    return [float(x) for x in losses], tr

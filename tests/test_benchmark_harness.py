@@ -146,6 +146,53 @@ def test_idle_by_launch_charges_each_gap_to_the_phase_that_launched_the_work_aft
     assert idle_by_launch([(0, 5, 0)], ranges) == {} and idle_by_launch([], ranges) == {}
 
 
+def test_gpu_busy_time_counts_kernels_on_two_streams_once():
+    """_gpu_common.gpu_busy_ms (profile_step.py's busy ms, beside the kernels' summed "GPU ms"): the union of the
+    kernels' intervals per iteration. With overlap_target the target encoder's kernels run beside the main stream's,
+    and their summed time (1.6 ms here) exceeds the time the GPU was busy (1.0 ms); annotations are left out."""
+    from types import SimpleNamespace
+    from _gpu_common import gpu_busy_ms, kernel_times
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, start, end, device=cuda):
+        return SimpleNamespace(name=name, device_type=device, id=0,
+                               time_range=SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start))
+    events = [ev("main_gemm", 0, 1000), ev("side_gemm", 100, 700), ev("late", 1500, 1600),
+              ev("## step: loss ##", 0, 2000), ev("cudaLaunchKernel", 0, 5, cpu)]
+    prof = SimpleNamespace(events=lambda: events)
+    assert round(sum(t for t, _ in kernel_times(prof, 1).values()), 6) == 1.7
+    assert gpu_busy_ms(prof, 1) == 1.1 and gpu_busy_ms(prof, 2) == 0.55
+
+
+def test_a_failing_profile_keeps_the_paths_timing(tmp_path, monkeypatch):
+    """profile_step.py: an exception in the profiled steps' analysis (after the timed steps) is recorded as the path's
+    profile_error beside its ms/step, images/s and peaks; it replaced the whole record, so a 75-150 s ViT-H path was
+    lost after its timing had succeeded (a review before run 8)."""
+    def boom(*a, **k):
+        raise RuntimeError("stand-in failure in the profile's analysis")
+    monkeypatch.setattr(profile_step, "gpu_idle_by_phase", boom)
+    args = profile_step.build_parser().parse_args([
+        "--model", "vit_tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--mask-batches", "1",
+        "--profile-steps", "1", "--no-isolate", "--variants", "a:compile=0",
+        "--extra", "--img-size 32 --patch-size 8 --min-keep 0 --pred-depth 1 --pred-emb-dim 96 --tensorboard false "
+                   "--device cpu", "--out", str(tmp_path)])
+    _, (res,) = profile_step.run_variants(args)
+    assert "error" not in res and res["ms_per_step"] > 0 and res["images_per_s"] > 0 and res["warmup_steps"] >= 1
+    assert "stand-in failure" in res["profile_error"] and "gpu_ms_per_step" not in res
+
+
+def test_e2e_loss_cell_flags_a_path_that_trains_differently():
+    """e2e_step.py's last-loss column: each path's relative difference from the reference's, flagged past
+    LOSS_AGREEMENT (a kernel computing wrong in the step), and "n/a" where the warm-ups differ in length (the CUDA-graph
+    trees take three passes per batch: run 7's fast_cg ended at 0.0108 against 0.0386 for that reason alone)."""
+    ref = dict(final_loss=0.03864, warmup_steps=8)
+    assert e2e_step.loss_cell(ref, ref) == "0.03864"
+    assert e2e_step.loss_cell(dict(final_loss=0.03867, warmup_steps=8), ref) == "0.03867 (+7.8e-04)"
+    assert e2e_step.loss_cell(dict(final_loss=0.0395, warmup_steps=8), ref).endswith("(+2.2e-02 **differs**)")
+    assert "n/a: 18 warm-up steps against 8" in e2e_step.loss_cell(dict(final_loss=0.0108, warmup_steps=18), ref)
+    assert e2e_step.loss_cell(dict(final_loss=0.04), None) == "0.04"
+
+
 def test_gpu_idle_by_phase_links_kernels_to_their_launches_and_places_the_hosts_waits():
     """_gpu_common.gpu_idle_by_phase: kernels (GPU-timeline annotations left out) linked to the runtime calls that
     launched them by their correlation id, against the step's phase ranges, per iteration; each host wait for the
@@ -494,10 +541,11 @@ def test_gpu_script_sections_name_valid_variants_and_paths():
     text = (REPO / "benchmarks" / "gpu_all.sh").read_text()
     paths = re.search(r"--paths \$\{E2E_PATHS:-([\w,]+)\}", text).group(1).split(",")
     assert paths and set(paths) <= set(e2e_step.PATHS), paths
-    # the baseline, then the paths no GPU has timed (the trees with the GPU-time levers, the levers with the C++ host
-    # code, the second stream alone), then run 7's trees and the default again: a section cut by its limit (a
-    # compiled ViT-H path takes 75-150 s) keeps the untried ones
-    assert paths[:6] == ["reference", "fast_cg_levers", "fast_levers", "fast_overlap", "fast_cg", "fast"], paths
+    # the baseline, then the paths no GPU has timed (the trees with the GPU-time levers, the second stream alone, the
+    # levers with the C++ host code: fast_overlap before fast_levers, whose warm-up took 121 s in run 6), then run 7's
+    # trees and the default again: a section cut by its limit (a compiled ViT-H path takes 75-150 s) keeps the
+    # untried ones
+    assert paths[:6] == ["reference", "fast_cg_levers", "fast_overlap", "fast_levers", "fast_cg", "fast"], paths
     specs = re.search(r'profile\).*?--variants "([^"]+)"', text, re.S).group(1)
     bases = ("compile=1", "compile=1+policy=compiled:24=sdpa", "compile=1+attention=triton")  # the header's
     assert all(b + " (" in text or b + ";" in text for b in bases)
