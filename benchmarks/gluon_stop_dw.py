@@ -20,8 +20,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
-from gluon_stop_forward import BLOCK_D, BLOCK_K, D_TILES, NUM_WARPS, _cp_async, _cta_barrier, _stack4
+from gluon_stop_forward import BLOCK_D, BLOCK_K, D_TILES, NUM_WARPS, _cp_async, _cta_barrier
 from stop_kernels.ops.philox import normal_quarters, quarter_width, seed_key_args
+from stop_kernels.ops.stop_embed import _cat4
 
 CONFIGS = [dict(BLOCK_M=64, STAGES=3), dict(BLOCK_M=64, STAGES=4)]
 
@@ -98,7 +99,7 @@ def noise_weight_grad_kernel(g_ptr, stride_gr, dw_ptr, R, D, key0, key1, sigma,
         _cta_barrier()
         dt: gl.constexpr = g_ptr.dtype.element_ty
         n_buf = n_smem.index(s % 2)
-        n_buf.store(_stack4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt)))  # [4·BLOCK_K, BLOCK_M]: nᵀ
+        n_buf.store(_cat4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt), 0))  # [4·BLOCK_K, BLOCK_M]: nᵀ
         # stage 3: g of step s + STAGES - 2 into the buffers step s - 2 read; then wait for step s's g
         nxt = s + STAGES - 2
         if nxt < n_steps:

@@ -40,7 +40,6 @@ if __name__ == "__main__" and "--compile-only" in sys.argv:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.experimental import gluon  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared,  # noqa: E402
@@ -50,6 +49,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from stop_kernels.ops.philox import normal_quarters, seed_key_args  # noqa: E402
+from stop_kernels.ops.stop_embed import _cat4  # noqa: E402  (the quarters stacked as the library stacks them)
 
 # Gluon is experimental and renamed these between triton 3.6 (the GPU image) and 3.8 (CI)
 _cp_async = getattr(async_copy, "async_copy_global_to_shared", None) or async_copy.async_load
@@ -100,15 +100,6 @@ def _epilogue_tile(acc, t, rows, row_ok, out_rows, b_ptr, idx_ptr, pos_ptr, stri
     gl.store(out_rows[None, :] + d[:, None], val.to(out_rows.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _stack4(a0, a1, a2, a3):
-    """Four ``[K, M]`` tiles stacked into ``[4K, M]`` (rows ``jK + k`` hold ``a_j[k]``): join, permute, reshape,
-    no data movement (as ``stop_embed._cat4(..., 0)``)."""
-    t = tl.join(tl.join(a0, a1), tl.join(a2, a3))  # [K, M, 2, 2]: t[k, m, i, j] = a_{i + 2j}[k, m]
-    t = tl.permute(t, (3, 2, 0, 1))  # [j, i, k, m]: block 2j + i
-    return tl.reshape(t, (4 * t.shape[2], t.shape[3]))
-
-
 @gluon.jit(do_not_specialize=["key0", "key1", "sigma", "R", "G"])
 def stop_noise_rows_kernel(w_ptr, stride_wd, b_ptr, idx_ptr, pos_ptr, stride_pp, out_ptr, stride_og, stride_or,
                            R, D, G, key0, key1, sigma, E: gl.constexpr,
@@ -153,7 +144,7 @@ def stop_noise_rows_kernel(w_ptr, stride_wd, b_ptr, idx_ptr, pos_ptr, stride_pp,
         _cta_barrier()
         dt: gl.constexpr = w_ptr.dtype.element_ty
         n_buf = n_smem.index(s % 2)
-        n_buf.store(_stack4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt)))  # one store: [4·BLOCK_K, BLOCK_M]
+        n_buf.store(_cat4(n0.to(dt), n1.to(dt), n2.to(dt), n3.to(dt), 0))  # one store: [4·BLOCK_K, BLOCK_M]
         # stage 3: W of step s + STAGES - 2 into the buffer step s - 2 read; then wait for step s's W
         nxt = s + STAGES - 2
         if nxt < n_steps:

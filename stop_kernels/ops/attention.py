@@ -68,7 +68,8 @@ Kernel design (see ``_fwd_configs`` / ``_bwd_configs``):
   ``STOP_KERNELS_ATTN_DOT_MASK=0`` turns it off. With a 3-D grid (head, block, sequence) instead of a
   flat program id decoded by integer divisions, the one-tile forward at N = 116 went from 992 to 768 SASS
   instructions per warp (119 → 110 registers, four CTAs per SM) and the one-pass backward from 1160 to 1096
-  (sm_90a, triton 3.6; GPU time not yet measured).
+  (sm_90a, triton 3.6; GPU time not yet measured). The forward takes the 3-D grid only where the head dim is one
+  chunk: at 80 = 64 + 16 it cost triton 3.6 six registers and the context encoder's forward a CTA per SM.
 * lse once per thread (``COLUMN_LOADS``): the fused backward broadcasts lse over Pᵀ's query columns, and Triton's
   layout pass re-issues a load of fewer elements than the CTA has threads in its consumer's layout: one predicated
   load per column a thread holds (32 of them at N = 116). ``_load_column_vector`` loads it as identical columns,
